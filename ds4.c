@@ -6,21 +6,23 @@
  *   1. The ground floor: errors, clocks, memory, a thread pool.
  *   2. GGUF: the bytes of the model file, read over mmap with every offset
  *      checked before it is touched.
- *   3. Quant blocks: how a row of weights is packed (F16, Q8_0, Q2_K, Q4_K,
- *      IQ2_XXS, ...) and how we take dot products against it.
+ *   3. Quantized blocks: how a row of weights is packed (F16, Q8_0, Q2_K,
+ *      Q4_K, IQ2_XXS, ...) and how we take dot products against it.
  *   4. The model's shape and weights: metadata -> config, tensor names ->
  *      views into the mapped file, every shape validated.
- *   5. Numeric primitives of V4: RMSNorm, interleaved tail RoPE with YaRN,
- *      the FP8 and FP4 round trips, the Hadamard rotation.
- *   6. The forward pass: hyper-connections (mHC) with Sinkhorn, attention
+ *   5. JSON: chat messages, API requests and the oracle vectors arrive so.
+ *   6. Text: the byte-level BPE tokenizer, the V4 chat template, and the
+ *      parser for the DSML tool calls the model writes.
+ *   7. Numeric primitives of V4: RMSNorm, interleaved tail RoPE with YaRN,
+ *      the FP8 and FP4 round trips, the Hadamard rotation, top-k.
+ *   8. The forward pass: hyper-connections (mHC) with Sinkhorn, attention
  *      with one shared K=V head, the sliding window, the compressors and the
  *      indexer, the mixture of experts, the output head, the MTP block.
- *   7. Sessions: the state a conversation carries from token to token, and
- *      the one long story function that advances it by a chunk of tokens.
- *   8. Sampling.
- *   9. JSON.
- *  10. Tools built on the engine: the oracle-vector checker and the bench.
- *  11. The command line and main().
+ *   9. The story: the one function that advances a session by a chunk of
+ *      tokens, for prefill and decode alike.
+ *  10. Sampling.
+ *  11. Tools built on the engine: the oracle-vector checker and the bench.
+ *  12. The command line, the interactive chat, and main().
  *
  * The CPU path in this file is the source of truth. Every GPU kernel that
  * exists elsewhere mirrors a function here.
@@ -675,10 +677,1579 @@ static bool gguf_open(struct gguf *g, const char *path, struct ds4_error *e) {
     return true;
 }
 
-/* ============================================================================
- * Chapter 3. Quant blocks
- * ============================================================================ */
-#include "staging/quant.c"
+/* =========================================================================
+ * Chapter 3. Quantized blocks
+ * =========================================================================
+ *
+ * Format: [GGML] block layouts, see docs/dsv4-format.md §2.
+ * CPU: dequant_row_ref(), vec_dot_ref() (the definitions);
+ *      dequant_row(), vec_dot() (the fast paths used by the engine).
+ * Tests: tests/test_quant.c.
+ *
+ * The GGUF file stores most of DeepSeek V4 Flash's weights not as floats but
+ * as *quantized blocks*: a run of 32 or 256 consecutive values of one
+ * weight row, squeezed into a few bytes that hold small integers plus one or
+ * two shared scale factors. The routed experts of the "q2" file cost about
+ * 2.25 bits per weight instead of 16 (80.8 GiB instead of roughly seven
+ * times that, docs/dsv4-format.md §1.4), which is what lets the model fit
+ * on one machine. This chapter is the only place that knows what those
+ * bytes mean.
+ *
+ * Five formats appear in the model, all byte-compatible with GGML so that
+ * files made by existing tools load unchanged:
+ *
+ *     type      values/block  bytes/block  bits/weight  where
+ *     F16             1            2          16        embeddings, HC, router,
+ *                                                       compressor, indexer
+ *     Q8_0           32           34           8.5      attention, shared expert,
+ *                                                       output head
+ *     Q2_K          256           84           2.625    routed down (q2 file)
+ *     Q4_K          256          144           4.5      routed experts (q4 file)
+ *     IQ2_XXS       256           66           2.0625   routed gate/up (q2 file)
+ *
+ * plus F32 (norms, biases), BF16 (not used by the released files, accepted
+ * for home-made conversions) and I32 (the hash-routing table; not a weight).
+ *
+ * HOW TO READ THIS CHAPTER
+ *
+ * Every format is defined twice. The *reference* functions (5.5) decode one
+ * value at a time in plain C: they are the specification, short enough to
+ * check against the byte tables below by eye. The *fast* functions (5.7 for
+ * x86-64 AVX2, 5.8 for arm64 NEON) decode eight or four values per
+ * instruction and are tested against the reference (tests/test_quant.c).
+ * Nothing else in the engine looks inside a block.
+ *
+ * WHY ACTIVATIONS STAY FLOAT
+ *
+ * GGML and the original ds4 quantize the *activation* vector too (to "Q8_K",
+ * 8-bit with one scale per 256) so the inner loop can be an integer dot
+ * product. We do not: the weights are decoded to float in registers and
+ * multiplied with the float32 activations. It costs some speed, but then
+ * vec_dot() differs from "dequantize the row, then an ordinary float dot
+ * product" only by float rounding (the order of the additions, 5.6), so the
+ * whole engine can be checked against one obvious definition, to about 1e-5
+ * relative, with no second source of error.
+ *
+ * CONVENTIONS
+ *
+ * - All multi-byte fields are little-endian; every supported target is
+ *   little-endian, so blocks are read through C structs whose layout (no
+ *   padding) is checked at compile time.
+ * - `n` is always the number of *values* (not blocks or bytes) and must be a
+ *   multiple of the type's block size. type_row_bytes() returns 0 when it is
+ *   not, so the loader can reject such a tensor; kernels do not check.
+ * - Kernels hold no state. The only global state is the IQ2_XXS float tables
+ *   (5.4), built once by quant_tables_init() before any thread starts.
+ */
+
+/* ---- 3.1 Types and their sizes ------------------------------------------ */
+
+/* Type ids are GGML's `ggml_type` numbers, as written in the GGUF tensor
+ * table. Only the ones this engine can read are listed. */
+enum tensor_type {
+    TYPE_F32 = 0,
+    TYPE_F16 = 1,
+    TYPE_Q8_0 = 8,
+    TYPE_Q2_K = 10,
+    TYPE_Q4_K = 12,
+    TYPE_IQ2_XXS = 16,
+    TYPE_I32 = 26,
+    TYPE_BF16 = 30
+};
+
+/* What the loader needs to know about a type: a name for messages and the
+ * size of one block. A row of `n` values takes n / block_values blocks. */
+struct type_traits {
+    const char *name;
+    int block_values;   /* values per block */
+    int block_bytes;    /* bytes per block */
+};
+
+static const struct type_traits quant_type_table[] = {
+    [TYPE_F32]     = { "f32",      1,   4 },
+    [TYPE_F16]     = { "f16",      1,   2 },
+    [TYPE_Q8_0]    = { "q8_0",    32,  34 },
+    [TYPE_Q2_K]    = { "q2_K",   256,  84 },
+    [TYPE_Q4_K]    = { "q4_K",   256, 144 },
+    [TYPE_IQ2_XXS] = { "iq2_xxs", 256,  66 },
+    [TYPE_I32]     = { "i32",      1,   4 },
+    [TYPE_BF16]    = { "bf16",     1,   2 },
+};
+
+/* Returns NULL for a type id this engine does not support (the table has
+ * holes: those entries have a NULL name). */
+static const struct type_traits *type_traits_of(uint32_t type) {
+    size_t count = sizeof(quant_type_table) / sizeof(quant_type_table[0]);
+    if (type >= count || quant_type_table[type].name == NULL) return NULL;
+    return &quant_type_table[type];
+}
+
+/* Bytes of one row of `n_values`. Returns 0 for an unsupported type or a
+ * length that is not a whole number of blocks, so the loader can report it. */
+static uint64_t type_row_bytes(uint32_t type, uint64_t n_values) {
+    const struct type_traits *t = type_traits_of(type);
+    if (t == NULL || n_values % (uint64_t)t->block_values != 0) return 0;
+    return n_values / (uint64_t)t->block_values * (uint64_t)t->block_bytes;
+}
+
+/* Reaching a kernel with a type the loader should have rejected is a bug in
+ * the engine, not bad input: say which and stop. */
+static void quant_die_unsupported(const char *fn, uint32_t type) {
+    fprintf(stderr, "ds4: %s: unsupported tensor type %u\n", fn, (unsigned)type);
+    abort();
+}
+
+/* ---- 3.2 Half and bfloat16 floats --------------------------------------- */
+
+/* Two 16-bit float formats appear: IEEE binary16 ("half", F16), used for
+ * whole tensors and for every block scale below, and bfloat16, which is
+ * simply the top half of a float32.
+ *
+ *     bit   15    14..10      9..0          half:  (-1)^s * 2^(e-15) * 1.m
+ *     half  sign  exponent e  mantissa m           e = 0:  (-1)^s * 2^-14 * 0.m
+ *                                                  e = 31: inf (m = 0) or nan
+ *     bit   15    14..7       6..0
+ *     bf16  sign  exponent    mantissa      bf16 = float32 bits >> 16
+ *
+ * These are the portable versions; the fast paths use the hardware
+ * conversion (F16C `vcvtph2ps`, NEON `fcvtl`), which gives the same results. */
+
+static float quant_f32_from_bits(uint32_t u) {
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static uint32_t quant_bits_from_f32(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    return u;
+}
+
+/* Half to float is exact: every half is a float. A normal half moves its
+ * exponent from bias 15 to bias 127 (add 112) and its mantissa from 10 to 23
+ * bits. A subnormal half is m * 2^-24, which float32 holds exactly. */
+static float f16_to_f32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16;
+    uint32_t exponent = (h >> 10) & 31;
+    uint32_t mantissa = h & 0x3ff;
+    if (exponent == 31) return quant_f32_from_bits(sign | 0x7f800000 | (mantissa << 13));
+    if (exponent != 0)
+        return quant_f32_from_bits(sign | ((exponent + 112) << 23) | (mantissa << 13));
+    float magnitude = (float)mantissa * (1.0f / 16777216.0f);   /* m * 2^-24 */
+    return sign ? -magnitude : magnitude;
+}
+
+/* Keep the top `kept` bits of `value` (dropping the low `dropped` bits),
+ * rounding to nearest with ties going to an even result. A carry out of the
+ * mantissa correctly bumps the exponent, up to infinity. */
+static uint32_t quant_round_shift(uint32_t value, int dropped) {
+    uint32_t kept = value >> dropped;
+    uint32_t rest = value & ((1u << dropped) - 1);
+    uint32_t half = 1u << (dropped - 1);
+    if (rest > half || (rest == half && (kept & 1))) kept++;
+    return kept;
+}
+
+/* Float to half, rounding to nearest even. Three ranges:
+ *
+ *     |f| >= 65520        -> inf  (65504 is the largest half; the rounding
+ *                                  carry produces inf for the upper part)
+ *     2^-14 <= |f|        -> normal half, mantissa rounded from 23 to 10 bits
+ *     |f| < 2^-14         -> subnormal half m * 2^-24, m rounded; values up
+ *                            to 2^-25 (a tie) round to zero
+ *
+ * Nan stays nan (quiet bit set, so a payload that shifts away stays nan). */
+static uint16_t f32_to_f16(float f) {
+    uint32_t x = quant_bits_from_f32(f);
+    uint16_t sign = (uint16_t)((x >> 16) & 0x8000);
+    uint32_t exponent = (x >> 23) & 0xff;
+    uint32_t mantissa = x & 0x7fffff;
+    if (exponent == 0xff)
+        return sign | 0x7c00 | (mantissa ? 0x200 | (mantissa >> 13) : 0);
+    int e = (int)exponent - 127 + 15;              /* half exponent field */
+    if (e >= 31) return sign | 0x7c00;
+    if (e >= 1)
+        return sign | (uint16_t)quant_round_shift(((uint32_t)e << 23) | mantissa, 13);
+    if (e < -10) return sign;                      /* below 2^-25: zero */
+    /* Subnormal: restore the implicit 1 and shift so one unit is 2^-24. */
+    return sign | (uint16_t)quant_round_shift(mantissa | 0x800000, 14 - e);
+}
+
+static float bf16_to_f32(uint16_t h) {
+    return quant_f32_from_bits((uint32_t)h << 16);
+}
+
+/* Float to bfloat16 rounds to nearest even by adding 0x7fff plus the lowest
+ * kept bit before truncating. Nan must be handled first: the addition could
+ * carry a nan's payload into the exponent and turn it into infinity. */
+static uint16_t f32_to_bf16(float f) {
+    uint32_t x = quant_bits_from_f32(f);
+    if ((x & 0x7fffffff) > 0x7f800000) return (uint16_t)((x >> 16) | 0x40);
+    return (uint16_t)((x + 0x7fff + ((x >> 16) & 1)) >> 16);
+}
+
+/* ---- 3.3 Block layouts --------------------------------------------------- */
+
+/* Q8_0: 32 values, 34 bytes.  y[i] = d * qs[i]
+ *
+ *     OFFSET  SIZE  DESCRIPTION
+ *        0      2   d, half: the block scale, max|x| / 127
+ *        2     32   qs[32], int8: the values in units of d
+ */
+struct block_q8_0 {
+    uint16_t d;
+    int8_t qs[32];
+};
+
+/* Q2_K: 256 values ("super-block"), 84 bytes, 16 sub-blocks of 16 values.
+ * Each sub-block k has its own 4-bit scale and 4-bit min:
+ *
+ *     y = d * sc[k] * q  -  dmin * m[k]          q in 0..3
+ *
+ *     OFFSET  SIZE  DESCRIPTION
+ *        0     16   scales[16]: low nibble sc[k], high nibble m[k]
+ *       16     64   qs[64]: four 2-bit q per byte
+ *       80      2   d, half: scale of the sub-block scales
+ *       82      2   dmin, half: scale of the sub-block mins
+ *
+ * The 2-bit values are not stored in order. Value e (0..255) lives at
+ *
+ *     h = e / 128, j = (e % 128) / 32, l = e % 32
+ *     q = (qs[32*h + l] >> (2*j)) & 3,    sub-block k = e / 16
+ *
+ * i.e. each 128-value half uses 32 bytes, and bit pair j of byte l holds
+ * value 32*j + l. This interleaving lets a SIMD decoder get 32 consecutive
+ * values with one shift and one mask of a 32-byte register. */
+struct block_q2_k {
+    uint8_t scales[16];
+    uint8_t qs[64];
+    uint16_t d;
+    uint16_t dmin;
+};
+
+/* Q4_K: 256 values, 144 bytes, 8 sub-blocks of 32 values, each with a 6-bit
+ * scale and a 6-bit min:
+ *
+ *     y = d * sc[k] * q  -  dmin * m[k]          q in 0..15
+ *
+ *     OFFSET  SIZE  DESCRIPTION
+ *        0      2   d, half
+ *        2      2   dmin, half
+ *        4     12   scales[12]: eight 6-bit sc and eight 6-bit m, packed
+ *       16    128   qs[128]: two 4-bit q per byte
+ *
+ * The 16 six-bit numbers are packed into 12 bytes as follows (k = 0..3):
+ *
+ *     scales[k]   = sc[k]  | (sc[k+4] >> 4) << 6
+ *     scales[k+4] = m[k]   | (m[k+4]  >> 4) << 6
+ *     scales[k+8] = (sc[k+4] & 15) | (m[k+4] & 15) << 4
+ *
+ * Values come in four chunks of 64; chunk c uses bytes qs[32c .. 32c+31]:
+ * the low nibbles are values 64c + l (sub-block 2c), the high nibbles are
+ * values 64c + 32 + l (sub-block 2c+1). So sub-block k is the low (k even)
+ * or high (k odd) nibbles of the 32 bytes at qs[32 * (k/2)]. */
+struct block_q4_k {
+    uint16_t d;
+    uint16_t dmin;
+    uint8_t scales[12];
+    uint8_t qs[128];
+};
+
+/* IQ2_XXS: 256 values, 66 bytes, 8 groups of 32 values, each made of four
+ * 8-value pieces drawn from a fixed codebook (5.4):
+ *
+ *     OFFSET  SIZE  DESCRIPTION
+ *        0      2   d, half
+ *        2     64   qs: 8 groups x 8 bytes, each read as two u32 a0, a1
+ *
+ *     a0: bits 8t..8t+7    grid index g[t] of piece t (t = 0..3)
+ *     a1: bits 7t..7t+6    sign index s[t] of piece t
+ *         bits 28..31      group scale ls
+ *
+ *     db = d * (0.5 + ls) / 4
+ *     y[8t + j] = db * grid[g[t]][j] * (bit j of signs(s[t]) ? -1 : +1)
+ *
+ * Only 7 signs per piece are stored; the 8th is chosen so that every piece
+ * has an even number of minus signs (5.4 explains). */
+struct block_iq2_xxs {
+    uint16_t d;
+    uint16_t qs[32];
+};
+
+_Static_assert(sizeof(struct block_q8_0) == 34, "Q8_0 block is 34 bytes");
+_Static_assert(sizeof(struct block_q2_k) == 84, "Q2_K block is 84 bytes");
+_Static_assert(sizeof(struct block_q4_k) == 144, "Q4_K block is 144 bytes");
+_Static_assert(sizeof(struct block_iq2_xxs) == 66, "IQ2_XXS block is 66 bytes");
+
+/* Unpack sub-block k's 6-bit scale and min from Q4_K's 12 scale bytes (the
+ * inverse of the packing drawn above). */
+static void quant_q4_k_scale_min(const uint8_t *scales, int k, int *sc, int *m) {
+    if (k < 4) {
+        *sc = scales[k] & 63;
+        *m = scales[k + 4] & 63;
+    } else {
+        *sc = (scales[k + 4] & 15) | ((scales[k - 4] >> 6) << 4);
+        *m = (scales[k + 4] >> 4) | ((scales[k] >> 6) << 4);
+    }
+}
+
+/* ---- 3.4 The IQ2_XXS codebook -------------------------------------------- */
+
+/* HOW IT WORKS
+ *
+ * IQ2_XXS spends 16 bits on 8 weights: 8 bits choose one of 256 magnitude
+ * patterns, 7 bits choose signs, and the remaining bit is a share of the
+ * group scale. The magnitudes in a pattern are each one of only three
+ * levels, 8, 25 and 43 (roughly 1 : 3 : 5), and the 256 patterns are the
+ * ones that best cover the 8-dimensional points real weight vectors fall
+ * on. They were found by training, not by a rule, so the table below is a
+ * fact that has to be copied rather than computed.
+ *
+ * Each u64 holds a pattern's 8 bytes; byte j (least significant first) is
+ * the magnitude of value j of the piece.
+ *
+ * WHY ONLY SEVEN SIGNS
+ *
+ * Storing 8 signs would cost one more bit per 8 weights. Instead the encoder
+ * promises an even number of minus signs, and the decoder recovers the 8th
+ * sign as the parity of the other 7:
+ *
+ *     signs(s) = s | (popcount(s) & 1) << 7        s = 0..127
+ *
+ * When a piece's weights have an odd number of negatives, the encoder flips
+ * the sign of the one with the smallest magnitude, where the damage is least.
+ *
+ * Source: `iq2xxs_grid` in ggml/src/ggml-common.h of GGML / llama.cpp,
+ * Copyright (c) 2023-2024 The ggml authors, MIT License. Reproduced as data;
+ * tests/test_quant.c checks that it has 256 distinct entries made only of
+ * the bytes 0x08, 0x19, 0x2b. */
+static const uint64_t quant_iq2_xxs_grid[256] = {
+    0x0808080808080808, 0x080808080808082b, 0x0808080808081919, 0x0808080808082b08,
+    0x0808080808082b2b, 0x0808080808190819, 0x0808080808191908, 0x08080808082b0808,
+    0x08080808082b082b, 0x08080808082b2b08, 0x08080808082b2b2b, 0x0808080819080819,
+    0x0808080819081908, 0x0808080819190808, 0x0808080819192b08, 0x08080808192b0819,
+    0x08080808192b1908, 0x080808082b080808, 0x080808082b08082b, 0x080808082b082b2b,
+    0x080808082b2b082b, 0x0808081908080819, 0x0808081908081908, 0x0808081908190808,
+    0x0808081908191919, 0x0808081919080808, 0x080808192b081908, 0x080808192b192b08,
+    0x0808082b08080808, 0x0808082b0808082b, 0x0808082b082b082b, 0x0808082b2b08082b,
+    0x0808190808080819, 0x0808190808081908, 0x0808190808190808, 0x08081908082b0819,
+    0x08081908082b1908, 0x0808190819080808, 0x080819081908082b, 0x0808190819082b08,
+    0x08081908192b0808, 0x080819082b080819, 0x080819082b081908, 0x080819082b190808,
+    0x080819082b2b1908, 0x0808191908080808, 0x080819190808082b, 0x0808191908082b08,
+    0x08081919082b0808, 0x080819191908192b, 0x08081919192b2b19, 0x080819192b080808,
+    0x080819192b190819, 0x0808192b08082b19, 0x0808192b08190808, 0x0808192b19080808,
+    0x0808192b2b081908, 0x0808192b2b2b1908, 0x08082b0808080808, 0x08082b0808081919,
+    0x08082b0808082b08, 0x08082b0808191908, 0x08082b08082b2b08, 0x08082b0819080819,
+    0x08082b0819081908, 0x08082b0819190808, 0x08082b081919082b, 0x08082b082b082b08,
+    0x08082b1908081908, 0x08082b1919080808, 0x08082b2b0808082b, 0x08082b2b08191908,
+    0x0819080808080819, 0x0819080808081908, 0x0819080808190808, 0x08190808082b0819,
+    0x0819080819080808, 0x08190808192b0808, 0x081908082b081908, 0x081908082b190808,
+    0x081908082b191919, 0x0819081908080808, 0x0819081908082b08, 0x08190819082b0808,
+    0x0819081919190808, 0x0819081919192b2b, 0x081908192b080808, 0x0819082b082b1908,
+    0x0819082b19081919, 0x0819190808080808, 0x0819190808082b08, 0x08191908082b0808,
+    0x08191908082b1919, 0x0819190819082b19, 0x081919082b080808, 0x0819191908192b08,
+    0x08191919192b082b, 0x0819192b08080808, 0x0819192b0819192b, 0x08192b0808080819,
+    0x08192b0808081908, 0x08192b0808190808, 0x08192b0819080808, 0x08192b082b080819,
+    0x08192b1908080808, 0x08192b1908081919, 0x08192b192b2b0808, 0x08192b2b19190819,
+    0x082b080808080808, 0x082b08080808082b, 0x082b080808082b2b, 0x082b080819081908,
+    0x082b0808192b0819, 0x082b08082b080808, 0x082b08082b08082b, 0x082b0819082b2b19,
+    0x082b081919082b08, 0x082b082b08080808, 0x082b082b0808082b, 0x082b190808080819,
+    0x082b190808081908, 0x082b190808190808, 0x082b190819080808, 0x082b19081919192b,
+    0x082b191908080808, 0x082b191919080819, 0x082b1919192b1908, 0x082b192b2b190808,
+    0x082b2b0808082b08, 0x082b2b08082b0808, 0x082b2b082b191908, 0x082b2b2b19081908,
+    0x1908080808080819, 0x1908080808081908, 0x1908080808190808, 0x1908080808192b08,
+    0x19080808082b0819, 0x19080808082b1908, 0x1908080819080808, 0x1908080819082b08,
+    0x190808081919192b, 0x19080808192b0808, 0x190808082b080819, 0x190808082b081908,
+    0x190808082b190808, 0x1908081908080808, 0x19080819082b0808, 0x19080819192b0819,
+    0x190808192b080808, 0x190808192b081919, 0x1908082b08080819, 0x1908082b08190808,
+    0x1908082b19082b08, 0x1908082b1919192b, 0x1908082b192b2b08, 0x1908190808080808,
+    0x1908190808082b08, 0x19081908082b0808, 0x190819082b080808, 0x190819082b192b19,
+    0x190819190819082b, 0x19081919082b1908, 0x1908192b08080808, 0x19082b0808080819,
+    0x19082b0808081908, 0x19082b0808190808, 0x19082b0819080808, 0x19082b0819081919,
+    0x19082b1908080808, 0x19082b1919192b08, 0x19082b19192b0819, 0x19082b192b08082b,
+    0x19082b2b19081919, 0x19082b2b2b190808, 0x1919080808080808, 0x1919080808082b08,
+    0x1919080808190819, 0x1919080808192b19, 0x19190808082b0808, 0x191908082b080808,
+    0x191908082b082b08, 0x1919081908081908, 0x191908191908082b, 0x191908192b2b1908,
+    0x1919082b2b190819, 0x191919082b190808, 0x191919082b19082b, 0x1919191908082b2b,
+    0x1919192b08080819, 0x1919192b19191908, 0x19192b0808080808, 0x19192b0808190819,
+    0x19192b0808192b19, 0x19192b08192b1908, 0x19192b1919080808, 0x19192b2b08082b08,
+    0x192b080808081908, 0x192b080808190808, 0x192b080819080808, 0x192b0808192b2b08,
+    0x192b081908080808, 0x192b081919191919, 0x192b082b08192b08, 0x192b082b192b0808,
+    0x192b190808080808, 0x192b190808081919, 0x192b191908190808, 0x192b19190819082b,
+    0x192b19192b081908, 0x192b2b081908082b, 0x2b08080808080808, 0x2b0808080808082b,
+    0x2b08080808082b2b, 0x2b08080819080819, 0x2b0808082b08082b, 0x2b08081908081908,
+    0x2b08081908192b08, 0x2b08081919080808, 0x2b08082b08190819, 0x2b08190808080819,
+    0x2b08190808081908, 0x2b08190808190808, 0x2b08190808191919, 0x2b08190819080808,
+    0x2b081908192b0808, 0x2b08191908080808, 0x2b0819191908192b, 0x2b0819192b191908,
+    0x2b08192b08082b19, 0x2b08192b19080808, 0x2b08192b192b0808, 0x2b082b080808082b,
+    0x2b082b1908081908, 0x2b082b2b08190819, 0x2b19080808081908, 0x2b19080808190808,
+    0x2b190808082b1908, 0x2b19080819080808, 0x2b1908082b2b0819, 0x2b1908190819192b,
+    0x2b1908192b080808, 0x2b19082b19081919, 0x2b19190808080808, 0x2b191908082b082b,
+    0x2b19190819081908, 0x2b19191919190819, 0x2b192b082b080819, 0x2b192b19082b0808,
+    0x2b2b08080808082b, 0x2b2b080819190808, 0x2b2b08082b081919, 0x2b2b081908082b19,
+    0x2b2b082b08080808, 0x2b2b190808192b08, 0x2b2b2b0819190808, 0x2b2b2b1908081908,
+};
+
+/* Magnitude j (0..7) of codebook entry g. */
+static int quant_iq2_grid_byte(int g, int j) {
+    return (int)((quant_iq2_xxs_grid[g] >> (8 * j)) & 0xff);
+}
+
+/* The 8 sign bits of a piece from its 7 stored ones: bit j set means value
+ * j is negative, and bit 7 restores an even count. */
+static int quant_iq2_signs(int s7) {
+    int odd = __builtin_popcount((unsigned)s7) & 1;
+    return s7 | (odd << 7);
+}
+
+/* The fast decoders want the codebook in a form a vector load can use
+ * directly, instead of unpacking bytes and computing parities per piece:
+ *
+ *     quant_iq2_grid_f32[g][j]  = grid magnitude as a float      [256][8]  8 KB
+ *     quant_iq2_sign_bits[s][j] = 0x80000000 if value j negative [128][8]  4 KB
+ *
+ * A piece is then load(grid) XOR load(sign): flipping a float's sign bit
+ * negates it exactly. Both tables fit in L1 next to the activations.
+ * (The original ds4 instead expands a 256 KB int8 table [256][128][8] with
+ * the signs applied; 12 KB suits a float kernel better.)
+ *
+ * THREADS: quant_tables_init() must run once, before any thread calls a fast
+ * kernel; the engine calls it at start-up. After that the tables are only
+ * read, so no locking is needed. Calling it again is harmless but must not
+ * race with readers. The reference functions do not use these tables. */
+static _Alignas(32) float quant_iq2_grid_f32[256][8];
+static _Alignas(32) uint32_t quant_iq2_sign_bits[128][8];
+static bool quant_tables_ready;
+
+static void quant_tables_init(void) {
+    for (int g = 0; g < 256; g++)
+        for (int j = 0; j < 8; j++)
+            quant_iq2_grid_f32[g][j] = (float)quant_iq2_grid_byte(g, j);
+    for (int s = 0; s < 128; s++) {
+        int signs = quant_iq2_signs(s);
+        for (int j = 0; j < 8; j++)
+            quant_iq2_sign_bits[s][j] = (signs >> j) & 1 ? 0x80000000u : 0;
+    }
+    quant_tables_ready = true;
+}
+
+/* A fast IQ2_XXS kernel reading all-zero tables would silently return zero;
+ * make the missing start-up call loud instead. */
+static void quant_require_tables(void) {
+    if (quant_tables_ready) return;
+    fprintf(stderr, "ds4: quant_tables_init() was not called before an IQ2_XXS kernel\n");
+    abort();
+}
+
+/* ---- 3.5 Reference decoders: the definition of each format --------------- */
+
+/* One function per type, each decoding `nb` consecutive blocks into
+ * y[nb * block_values]. The loops follow the formulas of 5.3 literally and
+ * use no tables other than the codebook. */
+
+/* y[i] = d * qs[i] */
+static void quant_dequant_q8_0_ref(const struct block_q8_0 *b, float *y, int64_t nb) {
+    for (int64_t i = 0; i < nb; i++, b++) {
+        float d = f16_to_f32(b->d);
+        for (int l = 0; l < 32; l++) *y++ = d * (float)b->qs[l];
+    }
+}
+
+/* y[e] = d * sc[k] * q[e] - dmin * m[k],   k = e / 16 */
+static void quant_dequant_q2_k_ref(const struct block_q2_k *b, float *y, int64_t nb) {
+    for (int64_t i = 0; i < nb; i++, b++, y += 256) {
+        float d = f16_to_f32(b->d), dmin = f16_to_f32(b->dmin);
+        for (int e = 0; e < 256; e++) {
+            int h = e / 128, j = (e % 128) / 32, l = e % 32, k = e / 16;
+            int q = (b->qs[32 * h + l] >> (2 * j)) & 3;
+            y[e] = d * (float)(b->scales[k] & 15) * (float)q
+                 - dmin * (float)(b->scales[k] >> 4);
+        }
+    }
+}
+
+/* y[e] = d * sc[k] * q[e] - dmin * m[k],   k = e / 32 */
+static void quant_dequant_q4_k_ref(const struct block_q4_k *b, float *y, int64_t nb) {
+    for (int64_t i = 0; i < nb; i++, b++, y += 256) {
+        float d = f16_to_f32(b->d), dmin = f16_to_f32(b->dmin);
+        for (int e = 0; e < 256; e++) {
+            int c = e / 64, k = e / 32, sc, m;
+            int byte = b->qs[32 * c + e % 32];
+            int q = k % 2 == 0 ? byte & 15 : byte >> 4;
+            quant_q4_k_scale_min(b->scales, k, &sc, &m);
+            y[e] = d * (float)sc * (float)q - dmin * (float)m;
+        }
+    }
+}
+
+/* The two 32-bit words of IQ2_XXS group `group` (0..7). qs is only
+ * 2-byte aligned, hence memcpy. */
+static void quant_iq2_group_words(const struct block_iq2_xxs *b, int group,
+                                  uint32_t *a0, uint32_t *a1) {
+    memcpy(a0, &b->qs[4 * group], 4);
+    memcpy(a1, &b->qs[4 * group + 2], 4);
+}
+
+/* db = d * (0.5 + ls) / 4, ls = the top 4 bits of a1 */
+static float quant_iq2_group_scale(float d, uint32_t a1) {
+    return d * (0.5f + (float)(a1 >> 28)) * 0.25f;
+}
+
+/* y[32*g + 8*t + j] = db * grid[g_t][j] * sign_t(j) */
+static void quant_dequant_iq2_xxs_ref(const struct block_iq2_xxs *b, float *y, int64_t nb) {
+    for (int64_t i = 0; i < nb; i++, b++) {
+        float d = f16_to_f32(b->d);
+        for (int group = 0; group < 8; group++) {
+            uint32_t a0, a1;
+            quant_iq2_group_words(b, group, &a0, &a1);
+            float db = quant_iq2_group_scale(d, a1);
+            for (int t = 0; t < 4; t++) {
+                int g = (a0 >> (8 * t)) & 255;
+                int signs = quant_iq2_signs((a1 >> (7 * t)) & 127);
+                for (int j = 0; j < 8; j++) {
+                    float v = db * (float)quant_iq2_grid_byte(g, j);
+                    *y++ = (signs >> j) & 1 ? -v : v;
+                }
+            }
+        }
+    }
+}
+
+/* Decode a row of `n` values of any supported type into floats. I32 is
+ * converted value by value (exact below 2^24), so that a table such as the
+ * hash-routing ids can be inspected with the same function. */
+static void dequant_row_ref(uint32_t type, const void *src, float *dst, int64_t n) {
+    const uint16_t *h = src;
+    switch (type) {
+    case TYPE_F32: memcpy(dst, src, (size_t)n * sizeof(float)); break;
+    case TYPE_F16: for (int64_t i = 0; i < n; i++) dst[i] = f16_to_f32(h[i]); break;
+    case TYPE_BF16: for (int64_t i = 0; i < n; i++) dst[i] = bf16_to_f32(h[i]); break;
+    case TYPE_I32: for (int64_t i = 0; i < n; i++) dst[i] = (float)((const int32_t *)src)[i]; break;
+    case TYPE_Q8_0: quant_dequant_q8_0_ref(src, dst, n / 32); break;
+    case TYPE_Q2_K: quant_dequant_q2_k_ref(src, dst, n / 256); break;
+    case TYPE_Q4_K: quant_dequant_q4_k_ref(src, dst, n / 256); break;
+    case TYPE_IQ2_XXS: quant_dequant_iq2_xxs_ref(src, dst, n / 256); break;
+    default: quant_die_unsupported("dequant_row_ref", type);
+    }
+}
+
+/* The reference dot product of a weight row with float activations:
+ *
+ *     sum = sum_i w[i] * x[i],   w = dequant_row_ref(row),  i in order
+ *
+ * accumulated in float, one term at a time. Decoding goes through a 256-value
+ * stack buffer (one super-block, or eight 32-blocks) rather than a
+ * whole-row allocation; the order of the additions is the same. */
+enum { QUANT_REF_CHUNK = 256 };
+
+static float vec_dot_ref(uint32_t type, const void *w, const float *x, int64_t n) {
+    float chunk[QUANT_REF_CHUNK];
+    const uint8_t *row = w;
+    float sum = 0.0f;
+    for (int64_t start = 0; start < n; start += QUANT_REF_CHUNK) {
+        int64_t len = n - start < QUANT_REF_CHUNK ? n - start : QUANT_REF_CHUNK;
+        dequant_row_ref(type, row + type_row_bytes(type, (uint64_t)start), chunk, len);
+        for (int64_t i = 0; i < len; i++) sum += chunk[i] * x[start + i];
+    }
+    return sum;
+}
+
+/* ---- 3.6 Fast paths: the plan -------------------------------------------- */
+
+/* Decoding a token multiplies every active weight once, so this is the hot
+ * loop of the whole engine. Each SIMD section below provides the same four
+ * entry points, and 5.9 dispatches to them:
+ *
+ *     quant_fast_dot_f32(a, b, n)        sum a[i]*b[i]
+ *     quant_fast_axpy_f32(y, a, x, n)    y[i] += a*x[i]
+ *     quant_fast_vec_dot(type, w, x, n)  vec_dot_ref, rearranged
+ *     quant_fast_dequant(type, w, y, n)  dequant_row_ref, vectorized
+ *
+ * ONE SHAPE FOR EVERY QUANTIZED TYPE
+ *
+ * Seen from far enough, all four block formats say the same thing: inside
+ * sub-block k (16 or 32 values; a whole block for Q8_0, a group for IQ2_XXS)
+ *
+ *     w[i] = scale_k * q[i] - min_k
+ *
+ * where q[i] is a small integer (for IQ2_XXS a signed grid magnitude) and
+ * min_k is zero for Q8_0 and IQ2_XXS. So each type gets a *decoder* that
+ * turns one sub-block of bytes into its q values as float registers, and
+ * the scale and min are two scalars computed beside it. Dequantizing is
+ * then one fused multiply-subtract per register and a store.
+ *
+ * The dot product rearranges the sum over a sub-block:
+ *
+ *     sum_i w[i] * x[i]  =  scale_k * sum_i q[i] * x[i]  -  min_k * sum_i x[i]
+ *
+ * Per 8 weights this costs one FMA (q*x) and one add (x), instead of
+ * forming w (one FMA) and then w*x (another FMA); the scale and min are
+ * applied once per sub-block. On the x86 test machine (a shared AMD EPYC
+ * VM) this took Q4_K from 6.5 to 10.4 billion weights per second per core.
+ *
+ * WHAT THE REARRANGEMENT COSTS IN ACCURACY
+ *
+ * vec_dot differs from vec_dot_ref only in float rounding: the order of the
+ * additions, and the distributive law above. The second's error is about
+ * 1e-7 of sum_i (|scale*q[i]| + |min|) * |x[i]|, which can be a few times
+ * sum |w*x| when a sub-block's min is large. The tests hold vec_dot to 1e-5
+ * of sum |w*x| and measure about 1e-7.
+ *
+ * Each sum is kept in a few separate registers ("accumulators") that are
+ * added together at the end: an FMA's result arrives about 4 cycles after
+ * it starts, so a single running sum would make every step wait for the
+ * previous one. */
+
+/* ---- 3.7 x86-64: AVX2, FMA and F16C -------------------------------------- */
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+
+/* All three extensions arrived together (Intel Haswell 2013, AMD Zen), so
+ * they are one requirement. Build with -march=native or -mavx2 -mfma -mf16c. */
+
+static float quant_avx2_hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+static float quant_avx2_half(uint16_t h) {
+    return _cvtsh_ss(h);
+}
+
+static float quant_avx2_sum4(const __m256 acc[4]) {
+    return quant_avx2_hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]),
+                                         _mm256_add_ps(acc[2], acc[3])));
+}
+
+/* Dense rows. F16 converts 8 halves with one instruction (vcvtph2ps); BF16
+ * widens 8 values to 32 bits and shifts them into the top half. Each dot
+ * takes 32 values per step into four sums, then 8 at a time, then finishes
+ * the last n % 8 in scalar code. */
+static __m256 quant_avx2_load_f16(const uint16_t *h) {
+    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)h));
+}
+
+static __m256 quant_avx2_load_bf16(const uint16_t *h) {
+    __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)h));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
+
+static float quant_avx2_dot_f32(const float *a, const float *b, int64_t n) {
+    __m256 acc[4] = { _mm256_setzero_ps(), _mm256_setzero_ps(),
+                      _mm256_setzero_ps(), _mm256_setzero_ps() };
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32)
+        for (int r = 0; r < 4; r++)
+            acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8 * r),
+                                     _mm256_loadu_ps(b + i + 8 * r), acc[r]);
+    for (; i + 8 <= n; i += 8)
+        acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc[0]);
+    float sum = quant_avx2_sum4(acc);
+    for (; i < n; i++) sum += a[i] * b[i];
+    return sum;
+}
+
+static float quant_avx2_dot_f16(const uint16_t *w, const float *x, int64_t n) {
+    __m256 acc[4] = { _mm256_setzero_ps(), _mm256_setzero_ps(),
+                      _mm256_setzero_ps(), _mm256_setzero_ps() };
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32)
+        for (int r = 0; r < 4; r++)
+            acc[r] = _mm256_fmadd_ps(quant_avx2_load_f16(w + i + 8 * r),
+                                     _mm256_loadu_ps(x + i + 8 * r), acc[r]);
+    for (; i + 8 <= n; i += 8)
+        acc[0] = _mm256_fmadd_ps(quant_avx2_load_f16(w + i), _mm256_loadu_ps(x + i), acc[0]);
+    float sum = quant_avx2_sum4(acc);
+    for (; i < n; i++) sum += f16_to_f32(w[i]) * x[i];
+    return sum;
+}
+
+static float quant_avx2_dot_bf16(const uint16_t *w, const float *x, int64_t n) {
+    __m256 acc[4] = { _mm256_setzero_ps(), _mm256_setzero_ps(),
+                      _mm256_setzero_ps(), _mm256_setzero_ps() };
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32)
+        for (int r = 0; r < 4; r++)
+            acc[r] = _mm256_fmadd_ps(quant_avx2_load_bf16(w + i + 8 * r),
+                                     _mm256_loadu_ps(x + i + 8 * r), acc[r]);
+    for (; i + 8 <= n; i += 8)
+        acc[0] = _mm256_fmadd_ps(quant_avx2_load_bf16(w + i), _mm256_loadu_ps(x + i), acc[0]);
+    float sum = quant_avx2_sum4(acc);
+    for (; i < n; i++) sum += bf16_to_f32(w[i]) * x[i];
+    return sum;
+}
+
+static void quant_avx2_axpy_f32(float *y, float a, const float *x, int64_t n) {
+    __m256 va = _mm256_set1_ps(a);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, _mm256_loadu_ps(x + i),
+                                                _mm256_loadu_ps(y + i)));
+    for (; i < n; i++) y[i] += a * x[i];
+}
+
+static void quant_avx2_dequant_f16(const uint16_t *h, float *y, int64_t n) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, quant_avx2_load_f16(h + i));
+    for (; i < n; i++) y[i] = f16_to_f32(h[i]);
+}
+
+/* 16 bytes to 16 floats in two registers, unsigned or signed. */
+static void quant_avx2_u8x16(__m128i bytes, __m256 q[2]) {
+    q[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes));
+    q[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(bytes, bytes)));
+}
+
+static void quant_avx2_i8x16(__m128i bytes, __m256 q[2]) {
+    q[0] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes));
+    q[1] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(bytes, bytes)));
+}
+
+/* Decoders: the q values of one sub-block, in order, as floats.
+ *
+ * Q8_0 block: 32 signed bytes, 4 registers. */
+static void quant_avx2_q8_0(const struct block_q8_0 *b, __m256 q[4]) {
+    quant_avx2_i8x16(_mm_loadu_si128((const __m128i *)b->qs), q);
+    quant_avx2_i8x16(_mm_loadu_si128((const __m128i *)(b->qs + 16)), q + 2);
+}
+
+/* Q2_K sub-block k: 16 values, 2 registers. They are bit pair j of the 16
+ * bytes at qs[32h + 16*(k%2)] (5.3), so one shift and one mask give all 16. */
+static void quant_avx2_q2_k(const struct block_q2_k *b, int k, __m256 q[2]) {
+    int h = k / 8, j = (k % 8) / 2;
+    __m128i packed = _mm_loadu_si128((const __m128i *)(b->qs + 32 * h + 16 * (k % 2)));
+    __m128i bits = _mm_srl_epi16(packed, _mm_cvtsi32_si128(2 * j));
+    quant_avx2_u8x16(_mm_and_si128(bits, _mm_set1_epi8(3)), q);
+}
+
+/* Q4_K sub-block k: 32 values, 4 registers; the low (k even) or high (k
+ * odd) nibbles of the 32 bytes at qs[32 * (k/2)]. */
+static void quant_avx2_q4_k(const struct block_q4_k *b, int k, __m256 q[4]) {
+    const uint8_t *qs = b->qs + 32 * (k / 2);
+    __m128i shift = _mm_cvtsi32_si128(4 * (k % 2)), low4 = _mm_set1_epi8(15);
+    __m128i lo = _mm_srl_epi16(_mm_loadu_si128((const __m128i *)qs), shift);
+    __m128i hi = _mm_srl_epi16(_mm_loadu_si128((const __m128i *)(qs + 16)), shift);
+    quant_avx2_u8x16(_mm_and_si128(lo, low4), q);
+    quant_avx2_u8x16(_mm_and_si128(hi, low4), q + 2);
+}
+
+/* IQ2_XXS group: 32 values, 4 registers; piece t is its grid entry with
+ * the sign bits XORed in (5.4). */
+static void quant_avx2_iq2_xxs(uint32_t a0, uint32_t a1, __m256 q[4]) {
+    for (int t = 0; t < 4; t++) {
+        __m256 grid = _mm256_load_ps(quant_iq2_grid_f32[(a0 >> (8 * t)) & 255]);
+        __m256i sign = _mm256_load_si256(
+            (const __m256i *)quant_iq2_sign_bits[(a1 >> (7 * t)) & 127]);
+        q[t] = _mm256_xor_ps(grid, _mm256_castsi256_ps(sign));
+    }
+}
+
+/* The two things done with decoded registers.
+ *
+ *     store:  y[8r + l] = scale * q[r][l] - min
+ *     dot:    acc[0] += scale * sum_r q[r] * x[8r ..]    (lane-wise)
+ *             acc[1] += min   * sum_r x[8r ..]
+ *
+ * so that the dot over a row is hsum(acc[0] - acc[1]). */
+static void quant_avx2_store(float *y, const __m256 *q, int count, float scale, float min) {
+    __m256 s = _mm256_set1_ps(scale), m = _mm256_set1_ps(min);
+    for (int r = 0; r < count; r++) _mm256_storeu_ps(y + 8 * r, _mm256_fmsub_ps(q[r], s, m));
+}
+
+static void quant_avx2_dot(const __m256 *q, int count, float scale, float min,
+                           const float *x, __m256 acc[2]) {
+    __m256 qx = _mm256_mul_ps(q[0], _mm256_loadu_ps(x));
+    __m256 xs = _mm256_loadu_ps(x);
+    for (int r = 1; r < count; r++) {
+        qx = _mm256_fmadd_ps(q[r], _mm256_loadu_ps(x + 8 * r), qx);
+        xs = _mm256_add_ps(xs, _mm256_loadu_ps(x + 8 * r));
+    }
+    acc[0] = _mm256_fmadd_ps(_mm256_set1_ps(scale), qx, acc[0]);
+    if (min != 0.0f) acc[1] = _mm256_fmadd_ps(_mm256_set1_ps(min), xs, acc[1]);
+}
+
+/* The row loops: one dot and one dequant per type. Sub-blocks alternate
+ * between two accumulator pairs so consecutive ones do not wait on each
+ * other. */
+static float quant_avx2_finish(const __m256 acc[4]) {
+    return quant_avx2_hsum(_mm256_sub_ps(_mm256_add_ps(acc[0], acc[2]),
+                                         _mm256_add_ps(acc[1], acc[3])));
+}
+
+static float quant_avx2_dot_q8_0(const struct block_q8_0 *b, const float *x, int64_t nb) {
+    __m256 acc[4] = { _mm256_setzero_ps(), _mm256_setzero_ps(),
+                      _mm256_setzero_ps(), _mm256_setzero_ps() }, q[4];
+    for (int64_t i = 0; i < nb; i++, x += 32) {
+        quant_avx2_q8_0(b + i, q);
+        quant_avx2_dot(q, 4, quant_avx2_half(b[i].d), 0.0f, x, acc + 2 * (i % 2));
+    }
+    return quant_avx2_finish(acc);
+}
+
+static void quant_avx2_dequant_q8_0(const struct block_q8_0 *b, float *y, int64_t nb) {
+    __m256 q[4];
+    for (int64_t i = 0; i < nb; i++, y += 32) {
+        quant_avx2_q8_0(b + i, q);
+        quant_avx2_store(y, q, 4, quant_avx2_half(b[i].d), 0.0f);
+    }
+}
+
+static float quant_avx2_dot_q2_k(const struct block_q2_k *b, const float *x, int64_t nb) {
+    __m256 acc[4] = { _mm256_setzero_ps(), _mm256_setzero_ps(),
+                      _mm256_setzero_ps(), _mm256_setzero_ps() }, q[2];
+    for (int64_t i = 0; i < nb; i++, b++) {
+        float d = quant_avx2_half(b->d), dmin = quant_avx2_half(b->dmin);
+        for (int k = 0; k < 16; k++, x += 16) {
+            quant_avx2_q2_k(b, k, q);
+            quant_avx2_dot(q, 2, d * (float)(b->scales[k] & 15),
+                           dmin * (float)(b->scales[k] >> 4), x, acc + 2 * (k % 2));
+        }
+    }
+    return quant_avx2_finish(acc);
+}
+
+static void quant_avx2_dequant_q2_k(const struct block_q2_k *b, float *y, int64_t nb) {
+    __m256 q[2];
+    for (int64_t i = 0; i < nb; i++, b++) {
+        float d = quant_avx2_half(b->d), dmin = quant_avx2_half(b->dmin);
+        for (int k = 0; k < 16; k++, y += 16) {
+            quant_avx2_q2_k(b, k, q);
+            quant_avx2_store(y, q, 2, d * (float)(b->scales[k] & 15),
+                             dmin * (float)(b->scales[k] >> 4));
+        }
+    }
+}
+
+static float quant_avx2_dot_q4_k(const struct block_q4_k *b, const float *x, int64_t nb) {
+    __m256 acc[4] = { _mm256_setzero_ps(), _mm256_setzero_ps(),
+                      _mm256_setzero_ps(), _mm256_setzero_ps() }, q[4];
+    for (int64_t i = 0; i < nb; i++, b++) {
+        float d = quant_avx2_half(b->d), dmin = quant_avx2_half(b->dmin);
+        for (int k = 0; k < 8; k++, x += 32) {
+            int sc, m;
+            quant_q4_k_scale_min(b->scales, k, &sc, &m);
+            quant_avx2_q4_k(b, k, q);
+            quant_avx2_dot(q, 4, d * (float)sc, dmin * (float)m, x, acc + 2 * (k % 2));
+        }
+    }
+    return quant_avx2_finish(acc);
+}
+
+static void quant_avx2_dequant_q4_k(const struct block_q4_k *b, float *y, int64_t nb) {
+    __m256 q[4];
+    for (int64_t i = 0; i < nb; i++, b++) {
+        float d = quant_avx2_half(b->d), dmin = quant_avx2_half(b->dmin);
+        for (int k = 0; k < 8; k++, y += 32) {
+            int sc, m;
+            quant_q4_k_scale_min(b->scales, k, &sc, &m);
+            quant_avx2_q4_k(b, k, q);
+            quant_avx2_store(y, q, 4, d * (float)sc, dmin * (float)m);
+        }
+    }
+}
+
+static float quant_avx2_dot_iq2_xxs(const struct block_iq2_xxs *b, const float *x, int64_t nb) {
+    __m256 acc[4] = { _mm256_setzero_ps(), _mm256_setzero_ps(),
+                      _mm256_setzero_ps(), _mm256_setzero_ps() }, q[4];
+    for (int64_t i = 0; i < nb; i++, b++) {
+        float d = quant_avx2_half(b->d);
+        for (int group = 0; group < 8; group++, x += 32) {
+            uint32_t a0, a1;
+            quant_iq2_group_words(b, group, &a0, &a1);
+            quant_avx2_iq2_xxs(a0, a1, q);
+            quant_avx2_dot(q, 4, quant_iq2_group_scale(d, a1), 0.0f, x, acc + 2 * (group % 2));
+        }
+    }
+    return quant_avx2_finish(acc);
+}
+
+static void quant_avx2_dequant_iq2_xxs(const struct block_iq2_xxs *b, float *y, int64_t nb) {
+    __m256 q[4];
+    for (int64_t i = 0; i < nb; i++, b++) {
+        float d = quant_avx2_half(b->d);
+        for (int group = 0; group < 8; group++, y += 32) {
+            uint32_t a0, a1;
+            quant_iq2_group_words(b, group, &a0, &a1);
+            quant_avx2_iq2_xxs(a0, a1, q);
+            quant_avx2_store(y, q, 4, quant_iq2_group_scale(d, a1), 0.0f);
+        }
+    }
+}
+
+static float quant_fast_dot_f32(const float *a, const float *b, int64_t n) {
+    return quant_avx2_dot_f32(a, b, n);
+}
+
+static void quant_fast_axpy_f32(float *y, float a, const float *x, int64_t n) {
+    quant_avx2_axpy_f32(y, a, x, n);
+}
+
+static float quant_fast_vec_dot(uint32_t type, const void *w, const float *x, int64_t n) {
+    switch (type) {
+    case TYPE_F32: return quant_avx2_dot_f32(w, x, n);
+    case TYPE_F16: return quant_avx2_dot_f16(w, x, n);
+    case TYPE_BF16: return quant_avx2_dot_bf16(w, x, n);
+    case TYPE_Q8_0: return quant_avx2_dot_q8_0(w, x, n / 32);
+    case TYPE_Q2_K: return quant_avx2_dot_q2_k(w, x, n / 256);
+    case TYPE_Q4_K: return quant_avx2_dot_q4_k(w, x, n / 256);
+    case TYPE_IQ2_XXS: return quant_avx2_dot_iq2_xxs(w, x, n / 256);
+    default: return vec_dot_ref(type, w, x, n);
+    }
+}
+
+static void quant_fast_dequant(uint32_t type, const void *src, float *y, int64_t n) {
+    switch (type) {
+    case TYPE_F16: quant_avx2_dequant_f16(src, y, n); break;
+    case TYPE_Q8_0: quant_avx2_dequant_q8_0(src, y, n / 32); break;
+    case TYPE_Q2_K: quant_avx2_dequant_q2_k(src, y, n / 256); break;
+    case TYPE_Q4_K: quant_avx2_dequant_q4_k(src, y, n / 256); break;
+    case TYPE_IQ2_XXS: quant_avx2_dequant_iq2_xxs(src, y, n / 256); break;
+    default: dequant_row_ref(type, src, y, n);
+    }
+}
+
+/* ---- 3.8 arm64: NEON ----------------------------------------------------- */
+
+#elif defined(__ARM_NEON) && defined(__aarch64__)
+
+/* The same decoders and loops with 4-lane registers: a sub-block of 16
+ * values is four float32x4_t instead of two __m256. NEON is part of every
+ * arm64 CPU, and arm64 (unlike 32-bit ARM) has the half conversion, fused
+ * multiply-add and across-vector add used here. Tested under qemu-aarch64. */
+
+static float32x4_t quant_neon_zero(void) {
+    return vdupq_n_f32(0.0f);
+}
+
+static float quant_neon_sum4(const float32x4_t acc[4]) {
+    return vaddvq_f32(vaddq_f32(vaddq_f32(acc[0], acc[1]), vaddq_f32(acc[2], acc[3])));
+}
+
+static float32x4_t quant_neon_load_f16(const uint16_t *h) {
+    return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(h)));
+}
+
+static float32x4_t quant_neon_load_bf16(const uint16_t *h) {
+    return vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(h), 16));
+}
+
+/* Dense rows, 16 values per step in four sums, then the tail in scalar. */
+static float quant_neon_dot_f32(const float *a, const float *b, int64_t n) {
+    float32x4_t acc[4] = { quant_neon_zero(), quant_neon_zero(),
+                           quant_neon_zero(), quant_neon_zero() };
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        for (int r = 0; r < 4; r++)
+            acc[r] = vfmaq_f32(acc[r], vld1q_f32(a + i + 4 * r), vld1q_f32(b + i + 4 * r));
+    float sum = quant_neon_sum4(acc);
+    for (; i < n; i++) sum += a[i] * b[i];
+    return sum;
+}
+
+static float quant_neon_dot_f16(const uint16_t *w, const float *x, int64_t n) {
+    float32x4_t acc[4] = { quant_neon_zero(), quant_neon_zero(),
+                           quant_neon_zero(), quant_neon_zero() };
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        for (int r = 0; r < 4; r++)
+            acc[r] = vfmaq_f32(acc[r], quant_neon_load_f16(w + i + 4 * r),
+                               vld1q_f32(x + i + 4 * r));
+    float sum = quant_neon_sum4(acc);
+    for (; i < n; i++) sum += f16_to_f32(w[i]) * x[i];
+    return sum;
+}
+
+static float quant_neon_dot_bf16(const uint16_t *w, const float *x, int64_t n) {
+    float32x4_t acc[4] = { quant_neon_zero(), quant_neon_zero(),
+                           quant_neon_zero(), quant_neon_zero() };
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        for (int r = 0; r < 4; r++)
+            acc[r] = vfmaq_f32(acc[r], quant_neon_load_bf16(w + i + 4 * r),
+                               vld1q_f32(x + i + 4 * r));
+    float sum = quant_neon_sum4(acc);
+    for (; i < n; i++) sum += bf16_to_f32(w[i]) * x[i];
+    return sum;
+}
+
+static void quant_neon_axpy_f32(float *y, float a, const float *x, int64_t n) {
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4)
+        vst1q_f32(y + i, vfmaq_n_f32(vld1q_f32(y + i), vld1q_f32(x + i), a));
+    for (; i < n; i++) y[i] += a * x[i];
+}
+
+static void quant_neon_dequant_f16(const uint16_t *h, float *y, int64_t n) {
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4) vst1q_f32(y + i, quant_neon_load_f16(h + i));
+    for (; i < n; i++) y[i] = f16_to_f32(h[i]);
+}
+
+/* 16 bytes to 16 floats in four registers, unsigned or signed. */
+static void quant_neon_u8x16(uint8x16_t bytes, float32x4_t q[4]) {
+    uint16x8_t lo = vmovl_u8(vget_low_u8(bytes)), hi = vmovl_high_u8(bytes);
+    q[0] = vcvtq_f32_u32(vmovl_u16(vget_low_u16(lo)));
+    q[1] = vcvtq_f32_u32(vmovl_high_u16(lo));
+    q[2] = vcvtq_f32_u32(vmovl_u16(vget_low_u16(hi)));
+    q[3] = vcvtq_f32_u32(vmovl_high_u16(hi));
+}
+
+static void quant_neon_i8x16(int8x16_t bytes, float32x4_t q[4]) {
+    int16x8_t lo = vmovl_s8(vget_low_s8(bytes)), hi = vmovl_high_s8(bytes);
+    q[0] = vcvtq_f32_s32(vmovl_s16(vget_low_s16(lo)));
+    q[1] = vcvtq_f32_s32(vmovl_high_s16(lo));
+    q[2] = vcvtq_f32_s32(vmovl_s16(vget_low_s16(hi)));
+    q[3] = vcvtq_f32_s32(vmovl_high_s16(hi));
+}
+
+/* Decoders, as in 5.7. A vshlq by a negative count shifts right. */
+static void quant_neon_q8_0(const struct block_q8_0 *b, float32x4_t q[8]) {
+    quant_neon_i8x16(vld1q_s8(b->qs), q);
+    quant_neon_i8x16(vld1q_s8(b->qs + 16), q + 4);
+}
+
+static void quant_neon_q2_k(const struct block_q2_k *b, int k, float32x4_t q[4]) {
+    int h = k / 8, j = (k % 8) / 2;
+    uint8x16_t packed = vld1q_u8(b->qs + 32 * h + 16 * (k % 2));
+    uint8x16_t bits = vshlq_u8(packed, vdupq_n_s8((int8_t)(-2 * j)));
+    quant_neon_u8x16(vandq_u8(bits, vdupq_n_u8(3)), q);
+}
+
+static void quant_neon_q4_k(const struct block_q4_k *b, int k, float32x4_t q[8]) {
+    const uint8_t *qs = b->qs + 32 * (k / 2);
+    int8x16_t shift = vdupq_n_s8((int8_t)(-4 * (k % 2)));
+    uint8x16_t low4 = vdupq_n_u8(15);
+    quant_neon_u8x16(vandq_u8(vshlq_u8(vld1q_u8(qs), shift), low4), q);
+    quant_neon_u8x16(vandq_u8(vshlq_u8(vld1q_u8(qs + 16), shift), low4), q + 4);
+}
+
+static void quant_neon_iq2_xxs(uint32_t a0, uint32_t a1, float32x4_t q[8]) {
+    for (int t = 0; t < 4; t++) {
+        const float *grid = quant_iq2_grid_f32[(a0 >> (8 * t)) & 255];
+        const uint32_t *sign = quant_iq2_sign_bits[(a1 >> (7 * t)) & 127];
+        for (int half = 0; half < 2; half++) {
+            uint32x4_t bits = veorq_u32(vreinterpretq_u32_f32(vld1q_f32(grid + 4 * half)),
+                                        vld1q_u32(sign + 4 * half));
+            q[2 * t + half] = vreinterpretq_f32_u32(bits);
+        }
+    }
+}
+
+/* store: y = scale*q - min;  dot: acc[0] += scale*sum q*x, acc[1] += min*sum x */
+static void quant_neon_store(float *y, const float32x4_t *q, int count, float scale, float min) {
+    float32x4_t neg_min = vdupq_n_f32(-min);
+    for (int r = 0; r < count; r++) vst1q_f32(y + 4 * r, vfmaq_n_f32(neg_min, q[r], scale));
+}
+
+static void quant_neon_dot(const float32x4_t *q, int count, float scale, float min,
+                           const float *x, float32x4_t acc[2]) {
+    float32x4_t qx = vmulq_f32(q[0], vld1q_f32(x));
+    float32x4_t xs = vld1q_f32(x);
+    for (int r = 1; r < count; r++) {
+        qx = vfmaq_f32(qx, q[r], vld1q_f32(x + 4 * r));
+        xs = vaddq_f32(xs, vld1q_f32(x + 4 * r));
+    }
+    acc[0] = vfmaq_n_f32(acc[0], qx, scale);
+    if (min != 0.0f) acc[1] = vfmaq_n_f32(acc[1], xs, min);
+}
+
+static float quant_neon_finish(const float32x4_t acc[4]) {
+    return vaddvq_f32(vsubq_f32(vaddq_f32(acc[0], acc[2]), vaddq_f32(acc[1], acc[3])));
+}
+
+static float quant_neon_dot_q8_0(const struct block_q8_0 *b, const float *x, int64_t nb) {
+    float32x4_t acc[4] = { quant_neon_zero(), quant_neon_zero(),
+                           quant_neon_zero(), quant_neon_zero() }, q[8];
+    for (int64_t i = 0; i < nb; i++, x += 32) {
+        quant_neon_q8_0(b + i, q);
+        quant_neon_dot(q, 8, f16_to_f32(b[i].d), 0.0f, x, acc + 2 * (i % 2));
+    }
+    return quant_neon_finish(acc);
+}
+
+static void quant_neon_dequant_q8_0(const struct block_q8_0 *b, float *y, int64_t nb) {
+    float32x4_t q[8];
+    for (int64_t i = 0; i < nb; i++, y += 32) {
+        quant_neon_q8_0(b + i, q);
+        quant_neon_store(y, q, 8, f16_to_f32(b[i].d), 0.0f);
+    }
+}
+
+static float quant_neon_dot_q2_k(const struct block_q2_k *b, const float *x, int64_t nb) {
+    float32x4_t acc[4] = { quant_neon_zero(), quant_neon_zero(),
+                           quant_neon_zero(), quant_neon_zero() }, q[4];
+    for (int64_t i = 0; i < nb; i++, b++) {
+        float d = f16_to_f32(b->d), dmin = f16_to_f32(b->dmin);
+        for (int k = 0; k < 16; k++, x += 16) {
+            quant_neon_q2_k(b, k, q);
+            quant_neon_dot(q, 4, d * (float)(b->scales[k] & 15),
+                           dmin * (float)(b->scales[k] >> 4), x, acc + 2 * (k % 2));
+        }
+    }
+    return quant_neon_finish(acc);
+}
+
+static void quant_neon_dequant_q2_k(const struct block_q2_k *b, float *y, int64_t nb) {
+    float32x4_t q[4];
+    for (int64_t i = 0; i < nb; i++, b++) {
+        float d = f16_to_f32(b->d), dmin = f16_to_f32(b->dmin);
+        for (int k = 0; k < 16; k++, y += 16) {
+            quant_neon_q2_k(b, k, q);
+            quant_neon_store(y, q, 4, d * (float)(b->scales[k] & 15),
+                             dmin * (float)(b->scales[k] >> 4));
+        }
+    }
+}
+
+static float quant_neon_dot_q4_k(const struct block_q4_k *b, const float *x, int64_t nb) {
+    float32x4_t acc[4] = { quant_neon_zero(), quant_neon_zero(),
+                           quant_neon_zero(), quant_neon_zero() }, q[8];
+    for (int64_t i = 0; i < nb; i++, b++) {
+        float d = f16_to_f32(b->d), dmin = f16_to_f32(b->dmin);
+        for (int k = 0; k < 8; k++, x += 32) {
+            int sc, m;
+            quant_q4_k_scale_min(b->scales, k, &sc, &m);
+            quant_neon_q4_k(b, k, q);
+            quant_neon_dot(q, 8, d * (float)sc, dmin * (float)m, x, acc + 2 * (k % 2));
+        }
+    }
+    return quant_neon_finish(acc);
+}
+
+static void quant_neon_dequant_q4_k(const struct block_q4_k *b, float *y, int64_t nb) {
+    float32x4_t q[8];
+    for (int64_t i = 0; i < nb; i++, b++) {
+        float d = f16_to_f32(b->d), dmin = f16_to_f32(b->dmin);
+        for (int k = 0; k < 8; k++, y += 32) {
+            int sc, m;
+            quant_q4_k_scale_min(b->scales, k, &sc, &m);
+            quant_neon_q4_k(b, k, q);
+            quant_neon_store(y, q, 8, d * (float)sc, dmin * (float)m);
+        }
+    }
+}
+
+static float quant_neon_dot_iq2_xxs(const struct block_iq2_xxs *b, const float *x, int64_t nb) {
+    float32x4_t acc[4] = { quant_neon_zero(), quant_neon_zero(),
+                           quant_neon_zero(), quant_neon_zero() }, q[8];
+    for (int64_t i = 0; i < nb; i++, b++) {
+        float d = f16_to_f32(b->d);
+        for (int group = 0; group < 8; group++, x += 32) {
+            uint32_t a0, a1;
+            quant_iq2_group_words(b, group, &a0, &a1);
+            quant_neon_iq2_xxs(a0, a1, q);
+            quant_neon_dot(q, 8, quant_iq2_group_scale(d, a1), 0.0f, x, acc + 2 * (group % 2));
+        }
+    }
+    return quant_neon_finish(acc);
+}
+
+static void quant_neon_dequant_iq2_xxs(const struct block_iq2_xxs *b, float *y, int64_t nb) {
+    float32x4_t q[8];
+    for (int64_t i = 0; i < nb; i++, b++) {
+        float d = f16_to_f32(b->d);
+        for (int group = 0; group < 8; group++, y += 32) {
+            uint32_t a0, a1;
+            quant_iq2_group_words(b, group, &a0, &a1);
+            quant_neon_iq2_xxs(a0, a1, q);
+            quant_neon_store(y, q, 8, quant_iq2_group_scale(d, a1), 0.0f);
+        }
+    }
+}
+
+static float quant_fast_dot_f32(const float *a, const float *b, int64_t n) {
+    return quant_neon_dot_f32(a, b, n);
+}
+
+static void quant_fast_axpy_f32(float *y, float a, const float *x, int64_t n) {
+    quant_neon_axpy_f32(y, a, x, n);
+}
+
+static float quant_fast_vec_dot(uint32_t type, const void *w, const float *x, int64_t n) {
+    switch (type) {
+    case TYPE_F32: return quant_neon_dot_f32(w, x, n);
+    case TYPE_F16: return quant_neon_dot_f16(w, x, n);
+    case TYPE_BF16: return quant_neon_dot_bf16(w, x, n);
+    case TYPE_Q8_0: return quant_neon_dot_q8_0(w, x, n / 32);
+    case TYPE_Q2_K: return quant_neon_dot_q2_k(w, x, n / 256);
+    case TYPE_Q4_K: return quant_neon_dot_q4_k(w, x, n / 256);
+    case TYPE_IQ2_XXS: return quant_neon_dot_iq2_xxs(w, x, n / 256);
+    default: return vec_dot_ref(type, w, x, n);
+    }
+}
+
+static void quant_fast_dequant(uint32_t type, const void *src, float *y, int64_t n) {
+    switch (type) {
+    case TYPE_F16: quant_neon_dequant_f16(src, y, n); break;
+    case TYPE_Q8_0: quant_neon_dequant_q8_0(src, y, n / 32); break;
+    case TYPE_Q2_K: quant_neon_dequant_q2_k(src, y, n / 256); break;
+    case TYPE_Q4_K: quant_neon_dequant_q4_k(src, y, n / 256); break;
+    case TYPE_IQ2_XXS: quant_neon_dequant_iq2_xxs(src, y, n / 256); break;
+    default: dequant_row_ref(type, src, y, n);
+    }
+}
+
+/* ---- 3.8' Any other CPU: the reference ----------------------------------- */
+
+#else
+
+/* Without a known vector unit the fast paths are the reference itself, plus
+ * a four-way split of the float dot so the compiler can still vectorize it. */
+
+static float quant_fast_dot_f32(const float *a, const float *b, int64_t n) {
+    float acc[4] = { 0, 0, 0, 0 };
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4)
+        for (int r = 0; r < 4; r++) acc[r] += a[i + r] * b[i + r];
+    float sum = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+    for (; i < n; i++) sum += a[i] * b[i];
+    return sum;
+}
+
+static void quant_fast_axpy_f32(float *y, float a, const float *x, int64_t n) {
+    for (int64_t i = 0; i < n; i++) y[i] += a * x[i];
+}
+
+static float quant_fast_vec_dot(uint32_t type, const void *w, const float *x, int64_t n) {
+    if (type == TYPE_F32) return quant_fast_dot_f32(w, x, n);
+    return vec_dot_ref(type, w, x, n);
+}
+
+static void quant_fast_dequant(uint32_t type, const void *src, float *y, int64_t n) {
+    dequant_row_ref(type, src, y, n);
+}
+
+#endif
+
+/* ---- 3.9 The kernels the engine calls ------------------------------------ */
+
+/* Decode a row of `n` values of any type into floats (5.5 gives the meaning).
+ * The IQ2_XXS table check is made here, on every build, so a missing
+ * quant_tables_init() fails the same way on a machine without SIMD. */
+static void dequant_row(uint32_t type, const void *src, float *dst, int64_t n) {
+    if (type == TYPE_IQ2_XXS) quant_require_tables();
+    quant_fast_dequant(type, src, dst, n);
+}
+
+/* Dot product of one weight row of any type with float32 activations x[n].
+ * Equal to vec_dot_ref() up to the order of the float additions. */
+static float vec_dot(uint32_t type, const void *w, const float *x, int64_t n) {
+    if (type == TYPE_IQ2_XXS) quant_require_tables();
+    return quant_fast_vec_dot(type, w, x, n);
+}
+
+static float dot_f32(const float *a, const float *b, int64_t n) {
+    return quant_fast_dot_f32(a, b, n);
+}
+
+/* y[i] += a * x[i] */
+static void axpy_f32(float *y, float a, const float *x, int64_t n) {
+    quant_fast_axpy_f32(y, a, x, n);
+}
+
+/* ---- 3.10 Encoders -------------------------------------------------------- */
+
+/* The engine only reads quantized weights; these encoders exist for the
+ * converter and for the tests, which need blocks with known content. They
+ * aim to be simple and reasonable, not to match GGML's quantizers bit for
+ * bit: any block they write is valid and decodes by 5.5, which is all the
+ * format promises. Rounding is always roundf(), i.e. to nearest with ties
+ * away from zero. */
+
+static int quant_clamp_round(float v, int lo, int hi) {
+    int r = (int)roundf(v);
+    return r < lo ? lo : r > hi ? hi : r;
+}
+
+static float quant_max_abs(const float *x, int n) {
+    float m = 0.0f;
+    for (int i = 0; i < n; i++) m = fmaxf(m, fabsf(x[i]));
+    return m;
+}
+
+/* Q8_0:  d = max|x| / 127,  qs[i] = round(x[i] / d)
+ *
+ * d is rounded to half *before* dividing by it, so that qs fits the scale
+ * that is actually stored: every value then decodes within d/2 of x (the
+ * clamp can cost at most 127 * d * 2^-11, about 0.06 d, for the largest). */
+static void quant_quantize_q8_0(const float *x, struct block_q8_0 *b, int64_t nb) {
+    for (int64_t i = 0; i < nb; i++, b++, x += 32) {
+        b->d = f32_to_f16(quant_max_abs(x, 32) / 127.0f);
+        float d = f16_to_f32(b->d), inv = d > 0.0f ? 1.0f / d : 0.0f;
+        for (int l = 0; l < 32; l++) b->qs[l] = (int8_t)quant_clamp_round(x[l] * inv, -127, 127);
+    }
+}
+
+/* K-QUANT SUB-BLOCKS: FITTING  x ~ scale * q - offset
+ *
+ * Q2_K and Q4_K describe each sub-block of n values by q[i] in 0..qmax and
+ *
+ *     x[i] ~ scale * q[i] - offset,      scale >= 0, offset >= 0
+ *
+ * (offset >= 0 because the min is stored unsigned: the grid always reaches
+ * down to 0 or below). The obvious fit spreads q over [lo, hi] =
+ * [min(0, min x), max x], but for 2-bit q that wastes levels on the extreme
+ * values. So we try a few grids: for each candidate step
+ *
+ *     step = (hi - lo) / (qmax + t/10),  t = -10..10
+ *
+ * assign q[i] = round((x[i] - lo) / step), then, holding q fixed, solve the
+ * least-squares line x ~ a*q + b exactly:
+ *
+ *     a = (n*Sqx - Sq*Sx) / (n*Sqq - Sq*Sq),   b = (Sx - a*Sq) / n
+ *
+ * (if b > 0 the offset would be negative: pin b = 0 and a = Sqx / Sqq), and
+ * keep the candidate with the smallest squared error. 21 tries is a small
+ * search. Measured on normal data (tests/test_quant.c), it lowers the RMS
+ * error of Q2_K from 0.286 to 0.269 and of Q4_K from 0.075 to 0.071 compared
+ * with the single least-squares fit at t = 0; 41 tries gain nothing more. */
+enum { QUANT_FIT_TRIES = 10 };
+
+struct quant_fit {
+    float scale, offset, err;
+};
+
+/* Squared error of x against a*q - offset with q assigned from grid `step`. */
+static struct quant_fit quant_fit_grid(const float *x, int n, int qmax, float lo, float step) {
+    float sq = 0, sx = 0, sqq = 0, sqx = 0;
+    uint8_t q[32];
+    for (int i = 0; i < n; i++) {
+        q[i] = (uint8_t)quant_clamp_round((x[i] - lo) / step, 0, qmax);
+        sq += q[i];
+        sx += x[i];
+        sqq += (float)(q[i] * q[i]);
+        sqx += q[i] * x[i];
+    }
+    /* All q equal (det = 0): only the offset can be fitted, to the mean. */
+    float det = n * sqq - sq * sq;
+    float a = det > 0 ? (n * sqx - sq * sx) / det : 0.0f;
+    float b = det > 0 ? (sx - a * sq) / n : sx / n;
+    if (b > 0) {
+        b = 0;
+        a = sqq > 0 ? sqx / sqq : 0.0f;
+    }
+    if (a < 0) a = 0;
+    struct quant_fit fit = { a, -b, 0 };
+    for (int i = 0; i < n; i++) {
+        float r = a * q[i] + b - x[i];
+        fit.err += r * r;
+    }
+    return fit;
+}
+
+static struct quant_fit quant_fit_affine(const float *x, int n, int qmax) {
+    float lo = 0.0f, hi = 0.0f;
+    for (int i = 0; i < n; i++) lo = fminf(lo, x[i]), hi = fmaxf(hi, x[i]);
+    if (hi == lo) return (struct quant_fit){ 0.0f, -lo, 0.0f };
+    struct quant_fit best = { (hi - lo) / qmax, -lo, INFINITY };
+    for (int t = -QUANT_FIT_TRIES; t <= QUANT_FIT_TRIES; t++) {
+        struct quant_fit fit = quant_fit_grid(x, n, qmax, lo, (hi - lo) / (qmax + 0.1f * t));
+        if (fit.err < best.err) best = fit;
+    }
+    return best;
+}
+
+/* From per-sub-block (scale, offset) to the stored form: two halves d and
+ * dmin, and integer sc[k], m[k] of `bits` bits each:
+ *
+ *     d = max_k scale[k] / (2^bits - 1),   sc[k] = round(scale[k] / d)
+ *
+ * and the same for the offsets. Then every q is re-chosen against the
+ * rounded values actually stored, q = round((x + dmin*m) / (d*sc)). */
+static void quant_k_scales(const struct quant_fit *fit, int count, int bits,
+                           uint16_t *d_half, uint16_t *dmin_half, int *sc, int *m) {
+    int top = (1 << bits) - 1;
+    float max_scale = 0, max_offset = 0;
+    for (int k = 0; k < count; k++)
+        max_scale = fmaxf(max_scale, fit[k].scale), max_offset = fmaxf(max_offset, fit[k].offset);
+    *d_half = f32_to_f16(max_scale / top);
+    *dmin_half = f32_to_f16(max_offset / top);
+    float d = f16_to_f32(*d_half), dmin = f16_to_f32(*dmin_half);
+    for (int k = 0; k < count; k++) {
+        sc[k] = d > 0 ? quant_clamp_round(fit[k].scale / d, 0, top) : 0;
+        m[k] = dmin > 0 ? quant_clamp_round(fit[k].offset / dmin, 0, top) : 0;
+    }
+}
+
+/* q for one value, given its sub-block's stored scale and offset. */
+static int quant_k_value(float x, float scale, float offset, int qmax) {
+    return scale > 0 ? quant_clamp_round((x + offset) / scale, 0, qmax) : 0;
+}
+
+static void quant_quantize_q2_k(const float *x, struct block_q2_k *b, int64_t nb) {
+    for (int64_t i = 0; i < nb; i++, b++, x += 256) {
+        struct quant_fit fit[16];
+        int sc[16], m[16];
+        for (int k = 0; k < 16; k++) fit[k] = quant_fit_affine(x + 16 * k, 16, 3);
+        quant_k_scales(fit, 16, 4, &b->d, &b->dmin, sc, m);
+        float d = f16_to_f32(b->d), dmin = f16_to_f32(b->dmin);
+        memset(b->qs, 0, sizeof b->qs);
+        for (int k = 0; k < 16; k++) b->scales[k] = (uint8_t)(sc[k] | m[k] << 4);
+        for (int e = 0; e < 256; e++) {
+            int h = e / 128, j = (e % 128) / 32, l = e % 32, k = e / 16;
+            int q = quant_k_value(x[e], d * sc[k], dmin * m[k], 3);
+            b->qs[32 * h + l] |= (uint8_t)(q << (2 * j));
+        }
+    }
+}
+
+static void quant_pack_q4_k_scales(const int *sc, const int *m, uint8_t scales[12]) {
+    for (int k = 0; k < 4; k++) {
+        scales[k] = (uint8_t)(sc[k] | (sc[k + 4] >> 4) << 6);
+        scales[k + 4] = (uint8_t)(m[k] | (m[k + 4] >> 4) << 6);
+        scales[k + 8] = (uint8_t)((sc[k + 4] & 15) | (m[k + 4] & 15) << 4);
+    }
+}
+
+static void quant_quantize_q4_k(const float *x, struct block_q4_k *b, int64_t nb) {
+    for (int64_t i = 0; i < nb; i++, b++, x += 256) {
+        struct quant_fit fit[8];
+        int sc[8], m[8];
+        for (int k = 0; k < 8; k++) fit[k] = quant_fit_affine(x + 32 * k, 32, 15);
+        quant_k_scales(fit, 8, 6, &b->d, &b->dmin, sc, m);
+        quant_pack_q4_k_scales(sc, m, b->scales);
+        float d = f16_to_f32(b->d), dmin = f16_to_f32(b->dmin);
+        memset(b->qs, 0, sizeof b->qs);
+        for (int e = 0; e < 256; e++) {
+            int c = e / 64, k = e / 32;
+            int q = quant_k_value(x[e], d * sc[k], dmin * m[k], 15);
+            b->qs[32 * c + e % 32] |= (uint8_t)(k % 2 == 0 ? q : q << 4);
+        }
+    }
+}
+
+/* IQ2_XXS ENCODER
+ *
+ * For each super-block:
+ *
+ * 1. d from the max: the largest |x| should be reachable with the largest
+ *    group scale (ls = 15, db = d * 15.5/4) and the largest magnitude (43):
+ *
+ *        d = max|x| / (43 * 15.5 / 4)
+ *
+ *    Trying smaller d as well (max|x| mapped to 41, 39, ... 25) was measured
+ *    and changed the RMS error on normal data from 0.3273 to 0.3269: the
+ *    per-group scale in step 3 already absorbs it, so we do not search.
+ *
+ * 2. Each 8-value piece gets its signs from x: bit j set when x[j] < 0. If
+ *    that gives an odd number of negatives, the smallest |x[j]| has its sign
+ *    bit flipped (5.4). With the signs fixed, piece value j is
+ *    sign[j] * db * grid[g][j], so its squared error is
+ *
+ *        err(g) = sum_j (db * grid[g][j] - a[j])^2,    a[j] = sign[j] * x[j]
+ *               = db^2 * G2[g] - 2 db * A[g] + sum_j a[j]^2
+ *
+ *    with G2[g] = sum_j grid[g][j]^2 and A[g] = sum_j grid[g][j] * a[j].
+ *    A[g] is computed once per piece; then trying every grid entry g for a
+ *    given db costs one multiply-add each.
+ *
+ * 3. Each 32-value group tries all 16 scales ls, picks for each its best g
+ *    per piece by brute force over the 256 entries, and keeps the ls with
+ *    the smallest total error.
+ *
+ * Cost: about 100 multiply-adds per value. This is fine for tests and for
+ * occasional conversions; the released IQ2_XXS files were made with GGML's
+ * slower, importance-weighted search, so the engine never needs to beat it. */
+
+struct quant_iq2_piece {
+    int sign7;          /* the 7 stored sign bits */
+    float a2;           /* sum_j a[j]^2 */
+    float dots[256];    /* A[g] */
+};
+
+static void quant_iq2_prepare_piece(const float *x, struct quant_iq2_piece *p) {
+    int signs = 0, smallest = 0;
+    for (int j = 0; j < 8; j++) {
+        if (x[j] < 0) signs |= 1 << j;
+        if (fabsf(x[j]) < fabsf(x[smallest])) smallest = j;
+    }
+    if (__builtin_popcount((unsigned)signs) & 1) signs ^= 1 << smallest;
+    float a[8];
+    p->a2 = 0;
+    for (int j = 0; j < 8; j++) {
+        a[j] = (signs >> j) & 1 ? -x[j] : x[j];
+        p->a2 += a[j] * a[j];
+    }
+    for (int g = 0; g < 256; g++) {
+        float dot = 0;
+        for (int j = 0; j < 8; j++) dot += (float)quant_iq2_grid_byte(g, j) * a[j];
+        p->dots[g] = dot;
+    }
+    p->sign7 = signs & 127;
+}
+
+/* Best grid entry for one piece at scale db; returns its squared error. */
+static float quant_iq2_best_entry(const struct quant_iq2_piece *p, const float *grid_sq,
+                                  float db, int *best_g) {
+    float best = INFINITY;
+    for (int g = 0; g < 256; g++) {
+        float err = db * db * grid_sq[g] - 2 * db * p->dots[g];
+        if (err < best) {
+            best = err;
+            *best_g = g;
+        }
+    }
+    return best + p->a2;
+}
+
+/* Encode one 32-value group with super-block scale d; writes its 8 bytes. */
+static void quant_iq2_encode_group(const float *x, float d, const float *grid_sq,
+                                   uint16_t qs[4]) {
+    struct quant_iq2_piece piece[4];
+    for (int t = 0; t < 4; t++) quant_iq2_prepare_piece(x + 8 * t, &piece[t]);
+    float best_err = INFINITY;
+    uint32_t best_a0 = 0, best_a1 = 0;
+    for (int ls = 0; ls < 16; ls++) {
+        float db = d * (0.5f + ls) * 0.25f, err = 0;
+        uint32_t a0 = 0, a1 = (uint32_t)ls << 28;
+        for (int t = 0; t < 4; t++) {
+            int g = 0;
+            err += quant_iq2_best_entry(&piece[t], grid_sq, db, &g);
+            a0 |= (uint32_t)g << (8 * t);
+            a1 |= (uint32_t)piece[t].sign7 << (7 * t);
+        }
+        if (err < best_err) {
+            best_err = err;
+            best_a0 = a0;
+            best_a1 = a1;
+        }
+    }
+    memcpy(&qs[0], &best_a0, 4);
+    memcpy(&qs[2], &best_a1, 4);
+}
+
+static void quant_quantize_iq2_xxs(const float *x, struct block_iq2_xxs *b, int64_t nb) {
+    float grid_sq[256];
+    for (int g = 0; g < 256; g++) {
+        grid_sq[g] = 0;
+        for (int j = 0; j < 8; j++)
+            grid_sq[g] += (float)(quant_iq2_grid_byte(g, j) * quant_iq2_grid_byte(g, j));
+    }
+    for (int64_t i = 0; i < nb; i++, b++, x += 256) {
+        b->d = f32_to_f16(quant_max_abs(x, 256) / (43.0f * 15.5f * 0.25f));
+        float d = f16_to_f32(b->d);
+        for (int group = 0; group < 8; group++)
+            quant_iq2_encode_group(x + 32 * group, d, grid_sq, &b->qs[4 * group]);
+    }
+}
+
+/* Encode a row of `n` floats as `type`. */
+static void quantize_row(uint32_t type, const float *src, void *dst, int64_t n) {
+    uint16_t *h = dst;
+    switch (type) {
+    case TYPE_F32: memcpy(dst, src, (size_t)n * sizeof(float)); break;
+    case TYPE_F16: for (int64_t i = 0; i < n; i++) h[i] = f32_to_f16(src[i]); break;
+    case TYPE_BF16: for (int64_t i = 0; i < n; i++) h[i] = f32_to_bf16(src[i]); break;
+    case TYPE_Q8_0: quant_quantize_q8_0(src, dst, n / 32); break;
+    case TYPE_Q2_K: quant_quantize_q2_k(src, dst, n / 256); break;
+    case TYPE_Q4_K: quant_quantize_q4_k(src, dst, n / 256); break;
+    case TYPE_IQ2_XXS: quant_quantize_iq2_xxs(src, dst, n / 256); break;
+    default: quant_die_unsupported("quantize_row", type);
+    }
+}
 
 /* A tensor's size in bytes, or ok=false when the type is unknown or its rows
  * are not a whole number of blocks. Rows are never split across blocks. */
@@ -1165,8 +2736,3269 @@ static bool model_load(struct model *m, const char *path, const char *mtp_path,
     return true;
 }
 
+/* =========================================================================
+ * Chapter 5. JSON: a strict RFC 8259 reader and a small writer
+ * =========================================================================
+ *
+ * Spec: [RFC8259] The JavaScript Object Notation (JSON) Data Interchange
+ * Format, and [UNICODE §3.9 table 3-7] for well-formed UTF-8.
+ * Reader: json_parse(), json_free(), json_get() and friends.
+ * Writer: struct strbuf, json_write_string(), json_write_number(), json_write().
+ * Tests: tests/test_json.c.
+ *
+ * Three parts of ds4 read JSON, and they pull in different directions:
+ *
+ * - the vector checker reads a few megabytes of float arrays, so the reader
+ *   must be linear and cheap per number;
+ * - chat-message files are small but full of escapes and non-ASCII text;
+ * - the HTTP server reads request bodies written by strangers, so every input,
+ *   however hostile, must end in either a tree or a one-line error, never in a
+ *   crash, a stack overflow, or time that grows faster than the input.
+ *
+ * The answer is one small recursive-descent reader that builds a read-only
+ * tree (a "DOM") and is strict about everything RFC 8259 allows it to be
+ * strict about. There are no extensions: no comments, no trailing commas, no
+ * single quotes, no NaN, no byte order mark. Anything the grammar does not
+ * allow is an error that names the byte offset (counted from 0) and what was
+ * expected there:
+ *
+ *     JSON error at byte 123: expected ',' or ']', found '}'
+ *
+ * The tree. Every value is a `struct json`. Scalars use `number` or
+ * `string`/`len`. An array keeps its elements in `items[0..count)`. An object
+ * keeps its values in `items` too, with `keys[i]`/`key_lens[i]` naming
+ * `items[i]`, in document order. Strings are decoded (escapes resolved) UTF-8,
+ * NUL-terminated for convenience, but `len` is the truth, because `\u0000` is
+ * legal JSON and puts a NUL inside the string.
+ *
+ * Duplicate keys. RFC 8259 says names "SHOULD be unique" and leaves the
+ * meaning of duplicates open. We keep every member, in order, and json_get()
+ * returns the first match. Keeping them costs nothing and hides nothing.
+ *
+ * Memory. All nodes and strings of one document live in one arena (see "The arena"),
+ * so json_free() is a handful of free() calls, whatever the tree's shape, and
+ * a failed parse can drop everything at once without walking a half-built
+ * tree. The price: the tree is read-only, and json_free() must be given the
+ * root that json_parse() returned, never an inner node.
+ *
+ * Limits, each chosen so a hostile body cannot hurt the server:
+ *
+ * - nesting depth: the caller's max_depth, clamped to JSON_DEPTH_CEILING,
+ *   because the reader recurses on every level and the stack is finite;
+ * - a number token longer than JSON_NUMBER_MAX_CHARS characters is refused
+ *   (no double needs that many), and one that overflows a double is refused
+ *   ("number out of range"); underflow quietly becomes 0 or a subnormal;
+ * - input size is the caller's business (the server caps the body first).
+ *   The finished tree takes at most about 32 times the input, since a
+ *   two-byte element such as `0,` becomes one 64-byte node; during the
+ *   parse the pending stack (below) can briefly hold as much again. A small
+ *   request costs about 84 KB: the first arena chunk plus the stacks.
+ *
+ * Numbers are converted by strtod(), which reads the decimal point of the
+ * current locale. ds4 never calls setlocale(), so it runs in the "C" locale
+ * where the point is '.', exactly as JSON wants. The grammar itself is
+ * checked by our own scanner first, so strtod() only ever sees a valid
+ * JSON number, copied into a small NUL-terminated buffer.
+ *
+ * This chapter uses vsnprintf() and va_list, so ds4.c must include
+ * <stdarg.h> alongside the other standard headers.
+ */
+
+enum json_kind { JSON_NULL, JSON_FALSE, JSON_TRUE, JSON_NUMBER, JSON_STRING, JSON_ARRAY, JSON_OBJECT };
+
+struct json {
+    enum json_kind kind;
+    double number;            /* JSON_NUMBER */
+    char *string; size_t len; /* JSON_STRING: decoded UTF-8, NUL-terminated, len excludes NUL (may contain \u0000) */
+    struct json *items;       /* JSON_ARRAY elements / JSON_OBJECT values, count of them: */
+    char **keys; size_t *key_lens; /* JSON_OBJECT keys (decoded, NUL-terminated), parallel to items */
+    size_t count;
+};
+
+/* The reader recurses through json_parse_value() once per nesting level,
+ * about 180 bytes of stack per level with gcc -O2 on x86-64. 256 levels
+ * (under 100 KB) stay well below the 512 KB that macOS gives a secondary
+ * thread, and no real request nests that deep. */
+#define JSON_DEPTH_CEILING 256
+
+/* The longest number token we hand to strtod(). Seventeen significant
+ * digits identify any double; the rest of the budget is for zeros and the
+ * exponent, e.g. 0.000...0001 written out in full. */
+#define JSON_NUMBER_MAX_CHARS 256
+
+/* Arena chunks start at 64 KB and double up to 16 MB, so a small request
+ * body costs one chunk and a 6 MB vector file (19 MB of nodes) ten. */
+#define JSON_CHUNK_FIRST (64 * 1024)
+#define JSON_CHUNK_LARGEST (16 * 1024 * 1024)
+
+/* Initial entries in each pending stack (see "HOW CONTAINERS ARE BUILT"). */
+#define JSON_STACK_FIRST 256
+
+/* ---- The arena ------------------------------------------------------------ */
+
+/* An arena is a list of chunks; allocation bumps `used` in the newest chunk
+ * and opens a new chunk when it is full. Nothing is freed on its own: the
+ * whole list goes at once. Every size is rounded up to 8 bytes so that the
+ * doubles and pointers inside `struct json` stay aligned (malloc() aligns the
+ * chunk, and the header below is 24 bytes, itself a multiple of 8).
+ *
+ *     chunk:  [ next | used | cap ][ data: used bytes in use ... cap bytes ]
+ */
+struct json_chunk {
+    struct json_chunk *next;
+    size_t used, cap;
+};
+
+struct json_arena {
+    struct json_chunk *newest;
+    size_t next_cap;
+};
+
+static void json_arena_free(struct json_chunk *chunk) {
+    while (chunk) {
+        struct json_chunk *next = chunk->next;
+        free(chunk);
+        chunk = next;
+    }
+}
+
+static struct json_chunk *json_arena_grow(struct json_arena *a, size_t need) {
+    size_t cap = a->next_cap > need ? a->next_cap : need;
+    if (cap > SIZE_MAX - sizeof(struct json_chunk)) return NULL;
+    struct json_chunk *chunk = malloc(sizeof(*chunk) + cap);
+    if (chunk == NULL) return NULL;
+    chunk->next = a->newest;
+    chunk->used = 0;
+    chunk->cap = cap;
+    a->newest = chunk;
+    if (a->next_cap < JSON_CHUNK_LARGEST) a->next_cap *= 2;
+    return chunk;
+}
+
+static void *json_arena_alloc(struct json_arena *a, size_t size) {
+    if (size > SIZE_MAX - 7) return NULL;
+    size = (size + 7) & ~(size_t)7;
+    struct json_chunk *chunk = a->newest;
+    if (chunk == NULL || chunk->cap - chunk->used < size) {
+        chunk = json_arena_grow(a, size);
+        if (chunk == NULL) return NULL;
+    }
+    void *p = (char *)(chunk + 1) + chunk->used;
+    chunk->used += size;
+    return p;
+}
+
+/* What json_parse() hands out is the address of `root`. Because `root` is the
+ * first member, json_free() can turn that address back into the document
+ * and find the arena (C11 §6.7.2.1: a pointer to a struct, suitably
+ * converted, points to its first member, and back). */
+struct json_document {
+    struct json root;
+    struct json_chunk *chunks;
+};
+
+/* ---- The reader's state and its errors ------------------------------------ */
+
+/* HOW CONTAINERS ARE BUILT. When the reader meets `[`, it cannot know how many
+ * elements follow, and it does not want to scan ahead (that would make
+ * nested input quadratic). So elements are pushed on one growable stack
+ * shared by the whole parse; when `]` arrives, the top `count` entries are
+ * copied into an exactly-sized array in the arena and popped. A nested array
+ * pushes and pops above its parent's entries and leaves the stack as it
+ * found it. Objects do the same with a second, parallel stack for keys.
+ * Each value is copied twice in total, so the work stays linear. */
+struct json_parser {
+    const char *text;
+    size_t len;
+    size_t pos;                  /* next byte to read */
+    int depth, max_depth;        /* open containers, and how many are allowed */
+    struct json_arena arena;
+    struct json *values;         /* [values_cap] pending container elements */
+    size_t values_len, values_cap;
+    char **keys;                 /* [keys_cap] pending object keys ... */
+    size_t *key_lens;            /* ... and their lengths */
+    size_t keys_len, keys_cap;
+    char *err;
+    size_t errlen;
+    bool failed;
+};
+
+/* Record the first error, with its byte offset, and return false so callers
+ * can write `return json_fail(...)`. Later errors are consequences of the
+ * first one and are dropped. */
+static bool json_fail(struct json_parser *p, size_t at, const char *fmt, ...) {
+    if (!p->failed && p->err != NULL && p->errlen > 0) {
+        char what[160];
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(what, sizeof(what), fmt, ap);
+        va_end(ap);
+        snprintf(p->err, p->errlen, "JSON error at byte %zu: %s", at, what);
+    }
+    p->failed = true;
+    return false;
+}
+
+/* "expected X, found Y", where Y is the byte at the current position,
+ * shown as a character when it is printable. */
+static bool json_fail_expected(struct json_parser *p, const char *expected) {
+    if (p->pos >= p->len)
+        return json_fail(p, p->pos, "expected %s, found end of input", expected);
+    unsigned char c = (unsigned char)p->text[p->pos];
+    if (c >= 0x20 && c < 0x7f)
+        return json_fail(p, p->pos, "expected %s, found '%c'", expected, c);
+    return json_fail(p, p->pos, "expected %s, found byte 0x%02x", expected, c);
+}
+
+static bool json_out_of_memory(struct json_parser *p) {
+    return json_fail(p, p->pos, "out of memory");
+}
+
+/* The next byte, or -1 at the end of the input. */
+static int json_peek(const struct json_parser *p) {
+    return p->pos < p->len ? (unsigned char)p->text[p->pos] : -1;
+}
+
+/* RFC 8259 whitespace is exactly these four bytes. */
+static void json_skip_space(struct json_parser *p) {
+    while (p->pos < p->len) {
+        char c = p->text[p->pos];
+        if (c != ' ' && c != '\t' && c != '\n' && c != '\r') break;
+        p->pos++;
+    }
+}
+
+/* ---- Growing the pending stacks ------------------------------------------- */
+
+/* The stacks start with JSON_STACK_FIRST entries (allocated by json_parse(),
+ * so they are never NULL) and double when full. They are bounded by the
+ * input length (every pending element consumed at least one byte), so the
+ * doubling cannot overflow for any input that fits in memory; the check is
+ * belt and braces. Returns the grown array, or NULL with `data` untouched. */
+static void *json_grow(void *data, size_t cap, size_t elem_size) {
+    if (cap > SIZE_MAX / 2 / elem_size) return NULL;
+    return realloc(data, cap * 2 * elem_size);
+}
+
+static bool json_push_value(struct json_parser *p, const struct json *v) {
+    if (p->values_len == p->values_cap) {
+        struct json *grown = json_grow(p->values, p->values_cap, sizeof(struct json));
+        if (grown == NULL) return json_out_of_memory(p);
+        p->values = grown;
+        p->values_cap *= 2;
+    }
+    p->values[p->values_len++] = *v;
+    return true;
+}
+
+/* The key stack is two arrays (pointers and lengths) grown in step. If the
+ * second realloc() fails, the first array is merely larger than needed. */
+static bool json_push_key(struct json_parser *p, char *key, size_t key_len) {
+    if (p->keys_len == p->keys_cap) {
+        char **keys = json_grow(p->keys, p->keys_cap, sizeof(char *));
+        if (keys == NULL) return json_out_of_memory(p);
+        p->keys = keys;
+        size_t *lens = json_grow(p->key_lens, p->keys_cap, sizeof(size_t));
+        if (lens == NULL) return json_out_of_memory(p);
+        p->key_lens = lens;
+        p->keys_cap *= 2;
+    }
+    p->keys[p->keys_len] = key;
+    p->key_lens[p->keys_len] = key_len;
+    p->keys_len++;
+    return true;
+}
+
+/* Copy `n` elements from the top of a pending stack into the arena. An empty
+ * container gets NULL, so callers must look at `count`, not at the pointer. */
+static void *json_arena_copy(struct json_parser *p, const void *src, size_t n, size_t elem_size) {
+    if (n == 0) return NULL;
+    void *dst = json_arena_alloc(&p->arena, n * elem_size);
+    if (dst != NULL) memcpy(dst, src, n * elem_size);
+    return dst;
+}
+
+/* ---- UTF-8 ---------------------------------------------------------------- */
+
+/* The length of the well-formed UTF-8 sequence at s[0..avail), or 0 if the
+ * bytes there are not one. This is table 3-7 of the Unicode standard, which
+ * excludes overlong forms (C0, C1, E0 80..9F, F0 80..8F), the UTF-16
+ * surrogates (ED A0..BF) and code points above U+10FFFF (F4 90.., F5..FF):
+ *
+ *     U+0000..U+007F      00..7F
+ *     U+0080..U+07FF      C2..DF  80..BF
+ *     U+0800..U+0FFF      E0      A0..BF  80..BF
+ *     U+1000..U+CFFF      E1..EC  80..BF  80..BF
+ *     U+D000..U+D7FF      ED      80..9F  80..BF
+ *     U+E000..U+FFFF      EE..EF  80..BF  80..BF
+ *     U+10000..U+3FFFF    F0      90..BF  80..BF  80..BF
+ *     U+40000..U+FFFFF    F1..F3  80..BF  80..BF  80..BF
+ *     U+100000..U+10FFFF  F4      80..8F  80..BF  80..BF
+ *
+ * Only the second byte has a lead-dependent range; the others are always
+ * 80..BF. The reader uses this to reject bad input, the writer to replace
+ * bad bytes with U+FFFD. */
+static size_t json_utf8_length(const unsigned char *s, size_t avail) {
+    unsigned char lead = s[0], lo = 0x80, hi = 0xBF;
+    size_t need;
+    if (lead < 0x80) return 1;
+    else if (lead >= 0xC2 && lead <= 0xDF) need = 2;
+    else if (lead == 0xE0) { need = 3; lo = 0xA0; }
+    else if (lead == 0xED) { need = 3; hi = 0x9F; }
+    else if (lead >= 0xE1 && lead <= 0xEF) need = 3;
+    else if (lead == 0xF0) { need = 4; lo = 0x90; }
+    else if (lead >= 0xF1 && lead <= 0xF3) need = 4;
+    else if (lead == 0xF4) { need = 4; hi = 0x8F; }
+    else return 0;
+    if (avail < need || s[1] < lo || s[1] > hi) return 0;
+    for (size_t i = 2; i < need; i++)
+        if (s[i] < 0x80 || s[i] > 0xBF) return 0;
+    return need;
+}
+
+/* Encode one code point (at most U+10FFFF, never a surrogate) and return the
+ * number of bytes written, 1 to 4. */
+static size_t json_utf8_encode(char *out, uint32_t cp) {
+    if (cp < 0x80) {
+        out[0] = (char)cp;
+        return 1;
+    }
+    if (cp < 0x800) {
+        out[0] = (char)(0xC0 | (cp >> 6));
+        out[1] = (char)(0x80 | (cp & 0x3F));
+        return 2;
+    }
+    if (cp < 0x10000) {
+        out[0] = (char)(0xE0 | (cp >> 12));
+        out[1] = (char)(0x80 | ((cp >> 6) & 0x3F));
+        out[2] = (char)(0x80 | (cp & 0x3F));
+        return 3;
+    }
+    out[0] = (char)(0xF0 | (cp >> 18));
+    out[1] = (char)(0x80 | ((cp >> 12) & 0x3F));
+    out[2] = (char)(0x80 | ((cp >> 6) & 0x3F));
+    out[3] = (char)(0x80 | (cp & 0x3F));
+    return 4;
+}
+
+/* ---- Strings -------------------------------------------------------------- */
+
+/* A string is read in two passes over the same bytes. The first finds the
+ * closing quote (skipping the byte after every backslash), which bounds the
+ * second pass and sizes the output: decoding never makes a string longer,
+ * because every escape is at least as long as what it stands for:
+ *
+ *     \n        2 bytes  ->  1 byte
+ *     \u00e9    6 bytes  ->  2 bytes (C3 A9)
+ *     \ud83d\ude00  12   ->  4 bytes (F0 9F 98 80)
+ *     \ud800    6 bytes  ->  3 bytes (U+FFFD, a lone surrogate)
+ *
+ * Returns the offset of the closing quote, or p->len if there is none. */
+static size_t json_string_end(const struct json_parser *p, size_t from) {
+    size_t i = from;
+    while (i < p->len) {
+        char c = p->text[i];
+        if (c == '"') return i;
+        i += (c == '\\') ? 2 : 1;
+    }
+    return p->len;
+}
+
+/* Four hex digits as a number 0..0xFFFF, or -1 if any is not a hex digit. */
+static long json_hex4(const char *s) {
+    long v = 0;
+    for (int i = 0; i < 4; i++) {
+        char c = s[i];
+        int d;
+        if (c >= '0' && c <= '9') d = c - '0';
+        else if (c >= 'a' && c <= 'f') d = c - 'a' + 10;
+        else if (c >= 'A' && c <= 'F') d = c - 'A' + 10;
+        else return -1;
+        v = v * 16 + d;
+    }
+    return v;
+}
+
+/* If a `\uDC00`..`\uDFFF` escape starts at `at` (before `end`), its value;
+ * otherwise -1. */
+static long json_low_surrogate_at(const struct json_parser *p, size_t at, size_t end) {
+    if (end - at < 6 || p->text[at] != '\\' || p->text[at + 1] != 'u') return -1;
+    long lo = json_hex4(p->text + at + 2);
+    return (lo >= 0xDC00 && lo <= 0xDFFF) ? lo : -1;
+}
+
+/* `\uXXXX`. Characters outside the Basic Multilingual Plane arrive as a
+ * UTF-16 surrogate pair, a high half D800..DBFF then a low half DC00..DFFF:
+ *
+ *     cp = 0x10000 + (high - 0xD800) * 0x400 + (low - 0xDC00)
+ *
+ * A half without its partner cannot be written in UTF-8 at all. Rejecting it
+ * would refuse text that JavaScript produces when it cuts a string in the
+ * middle of an emoji, so instead the half becomes U+FFFD, the replacement
+ * character, and whatever followed it is read on its own. */
+static bool json_decode_unicode_escape(struct json_parser *p, size_t end, char *dst, size_t *n) {
+    size_t at = p->pos;
+    long cp = end - at >= 6 ? json_hex4(p->text + at + 2) : -1;
+    if (cp < 0) return json_fail(p, at, "\\u must be followed by four hex digits");
+    p->pos += 6;
+    if (cp >= 0xD800 && cp <= 0xDBFF) {
+        long low = json_low_surrogate_at(p, p->pos, end);
+        if (low >= 0) {
+            cp = 0x10000 + (cp - 0xD800) * 0x400 + (low - 0xDC00);
+            p->pos += 6;
+        } else {
+            cp = 0xFFFD;
+        }
+    } else if (cp >= 0xDC00 && cp <= 0xDFFF) {
+        cp = 0xFFFD;
+    }
+    *n += json_utf8_encode(dst + *n, (uint32_t)cp);
+    return true;
+}
+
+/* One backslash escape. The first pass guarantees a byte after the
+ * backslash before `end`. */
+static bool json_decode_escape(struct json_parser *p, size_t end, char *dst, size_t *n) {
+    char c;
+    switch (p->text[p->pos + 1]) {
+    case '"':  c = '"';  break;
+    case '\\': c = '\\'; break;
+    case '/':  c = '/';  break;
+    case 'b':  c = '\b'; break;
+    case 'f':  c = '\f'; break;
+    case 'n':  c = '\n'; break;
+    case 'r':  c = '\r'; break;
+    case 't':  c = '\t'; break;
+    case 'u':  return json_decode_unicode_escape(p, end, dst, n);
+    default:   return json_fail(p, p->pos, "invalid escape sequence");
+    }
+    dst[(*n)++] = c;
+    p->pos += 2;
+    return true;
+}
+
+/* Raw bytes 80..FF must form well-formed UTF-8; they are copied unchanged.
+ * The closing quote is ASCII, so a sequence cut short by it fails the check
+ * like one cut short by the end of the input. */
+static bool json_copy_utf8(struct json_parser *p, size_t end, char *dst, size_t *n) {
+    size_t k = json_utf8_length((const unsigned char *)p->text + p->pos, end - p->pos);
+    if (k == 0) return json_fail(p, p->pos, "invalid UTF-8 in string");
+    memcpy(dst + *n, p->text + p->pos, k);
+    *n += k;
+    p->pos += k;
+    return true;
+}
+
+/* string = '"' *char '"', where a char is an escape, or any well-formed UTF-8
+ * except '"', '\' and the control characters 00..1F, which must be escaped. */
+static bool json_parse_string(struct json_parser *p, char **out, size_t *out_len) {
+    size_t open = p->pos++;
+    size_t end = json_string_end(p, p->pos);
+    if (end == p->len) return json_fail(p, open, "unterminated string");
+    char *dst = json_arena_alloc(&p->arena, end - p->pos + 1);
+    if (dst == NULL) return json_out_of_memory(p);
+    size_t n = 0;
+    while (p->pos < end) {
+        unsigned char c = (unsigned char)p->text[p->pos];
+        bool ok = true;
+        if (c == '\\') ok = json_decode_escape(p, end, dst, &n);
+        else if (c < 0x20)
+            return json_fail(p, p->pos, "control character 0x%02x in string must be escaped", c);
+        else if (c >= 0x80) ok = json_copy_utf8(p, end, dst, &n);
+        else { dst[n++] = (char)c; p->pos++; }
+        if (!ok) return false;
+    }
+    p->pos++;
+    dst[n] = '\0';
+    *out = dst;
+    *out_len = n;
+    return true;
+}
+
+/* ---- Numbers and literals ------------------------------------------------- */
+
+/* The number grammar of RFC 8259 §6, checked byte by byte:
+ *
+ *     number = [ "-" ] int [ frac ] [ exp ]
+ *     int    = "0" / ( digit1-9 *DIGIT )
+ *     frac   = "." 1*DIGIT
+ *     exp    = ( "e" / "E" ) [ "-" / "+" ] 1*DIGIT
+ *
+ * So "01", "1.", ".5", "+1", "1e" and "0x10" are all errors, and strtod(),
+ * which would accept most of them, only sees what passed. */
+static bool json_is_digit(int c) {
+    return c >= '0' && c <= '9';
+}
+
+static bool json_skip_digits(struct json_parser *p) {
+    size_t start = p->pos;
+    while (json_is_digit(json_peek(p))) p->pos++;
+    return p->pos > start;
+}
+
+static bool json_scan_number(struct json_parser *p) {
+    if (json_peek(p) == '-') p->pos++;
+    if (json_peek(p) == '0') {
+        p->pos++;
+        if (json_is_digit(json_peek(p)))
+            return json_fail(p, p->pos - 1, "leading zeros are not allowed");
+    } else if (!json_skip_digits(p)) {
+        return json_fail_expected(p, "a digit");
+    }
+    if (json_peek(p) == '.') {
+        p->pos++;
+        if (!json_skip_digits(p)) return json_fail_expected(p, "a digit after '.'");
+    }
+    if (json_peek(p) == 'e' || json_peek(p) == 'E') {
+        p->pos++;
+        if (json_peek(p) == '+' || json_peek(p) == '-') p->pos++;
+        if (!json_skip_digits(p)) return json_fail_expected(p, "a digit in the exponent");
+    }
+    return true;
+}
+
+static bool json_parse_number(struct json_parser *p, struct json *out) {
+    size_t start = p->pos;
+    if (!json_scan_number(p)) return false;
+    size_t n = p->pos - start;
+    if (n > JSON_NUMBER_MAX_CHARS)
+        return json_fail(p, start, "number longer than %d characters", JSON_NUMBER_MAX_CHARS);
+    char copy[JSON_NUMBER_MAX_CHARS + 1];
+    memcpy(copy, p->text + start, n);
+    copy[n] = '\0';
+    double v = strtod(copy, NULL);
+    if (isinf(v)) return json_fail(p, start, "number out of range for a double");
+    out->kind = JSON_NUMBER;
+    out->number = v;
+    return true;
+}
+
+static bool json_parse_literal(struct json_parser *p, const char *word, enum json_kind kind,
+                               struct json *out) {
+    size_t n = strlen(word);
+    if (p->len - p->pos < n || memcmp(p->text + p->pos, word, n) != 0)
+        return json_fail(p, p->pos, "invalid literal, expected '%s'", word);
+    p->pos += n;
+    out->kind = kind;
+    return true;
+}
+
+/* ---- Arrays, objects, values ---------------------------------------------- */
+
+/* The three functions below call each other, which is the one place this
+ * chapter needs a forward declaration. */
+static bool json_parse_value(struct json_parser *p, struct json *out);
+
+static bool json_enter(struct json_parser *p) {
+    if (p->depth >= p->max_depth)
+        return json_fail(p, p->pos, "nesting deeper than %d levels", p->max_depth);
+    p->depth++;
+    return true;
+}
+
+/* After an element: ',' means another one follows, `close` ends the
+ * container. Returns 1 to continue, 0 when closed, -1 on error. */
+static int json_after_element(struct json_parser *p, char close, const char *expected) {
+    json_skip_space(p);
+    int c = json_peek(p);
+    if (c == ',' || c == close) {
+        p->pos++;
+        return c == ',';
+    }
+    json_fail_expected(p, expected);
+    return -1;
+}
+
+/* array = '[' [ value *( ',' value ) ] ']' */
+static bool json_parse_array(struct json_parser *p, struct json *out) {
+    if (!json_enter(p)) return false;
+    p->pos++;
+    size_t base = p->values_len;
+    json_skip_space(p);
+    int more = 1;
+    if (json_peek(p) == ']') {
+        p->pos++;
+        more = 0;
+    }
+    while (more == 1) {
+        struct json item;
+        if (!json_parse_value(p, &item) || !json_push_value(p, &item)) return false;
+        more = json_after_element(p, ']', "',' or ']'");
+    }
+    if (more < 0) return false;
+    out->kind = JSON_ARRAY;
+    out->count = p->values_len - base;
+    out->items = json_arena_copy(p, p->values + base, out->count, sizeof(struct json));
+    p->values_len = base;
+    p->depth--;
+    return out->count == 0 || out->items != NULL || json_out_of_memory(p);
+}
+
+/* member = string ':' value. The key goes on the key stack only after its
+ * value is read, so that a nested object's keys come and go in between. */
+static bool json_parse_member(struct json_parser *p) {
+    char *key;
+    size_t key_len;
+    struct json value;
+    json_skip_space(p);
+    if (json_peek(p) != '"') return json_fail_expected(p, "a string key");
+    if (!json_parse_string(p, &key, &key_len)) return false;
+    json_skip_space(p);
+    if (json_peek(p) != ':') return json_fail_expected(p, "':'");
+    p->pos++;
+    if (!json_parse_value(p, &value)) return false;
+    return json_push_key(p, key, key_len) && json_push_value(p, &value);
+}
+
+/* Pop the top `count` keys and values into the arena. */
+static bool json_finish_object(struct json_parser *p, size_t key_base, size_t value_base,
+                               struct json *out) {
+    size_t count = p->keys_len - key_base;
+    out->kind = JSON_OBJECT;
+    out->count = count;
+    out->items = json_arena_copy(p, p->values + value_base, count, sizeof(struct json));
+    out->keys = json_arena_copy(p, p->keys + key_base, count, sizeof(char *));
+    out->key_lens = json_arena_copy(p, p->key_lens + key_base, count, sizeof(size_t));
+    p->values_len = value_base;
+    p->keys_len = key_base;
+    if (count > 0 && (out->items == NULL || out->keys == NULL || out->key_lens == NULL))
+        return json_out_of_memory(p);
+    return true;
+}
+
+/* object = '{' [ member *( ',' member ) ] '}' */
+static bool json_parse_object(struct json_parser *p, struct json *out) {
+    if (!json_enter(p)) return false;
+    p->pos++;
+    size_t key_base = p->keys_len, value_base = p->values_len;
+    json_skip_space(p);
+    int more = 1;
+    if (json_peek(p) == '}') {
+        p->pos++;
+        more = 0;
+    }
+    while (more == 1) {
+        if (!json_parse_member(p)) return false;
+        more = json_after_element(p, '}', "',' or '}'");
+    }
+    if (more < 0) return false;
+    p->depth--;
+    return json_finish_object(p, key_base, value_base, out);
+}
+
+/* value = object / array / string / number / true / false / null,
+ * with optional whitespace before it. The first byte decides which. */
+static bool json_parse_value(struct json_parser *p, struct json *out) {
+    memset(out, 0, sizeof(*out));
+    json_skip_space(p);
+    int c = json_peek(p);
+    switch (c) {
+    case '{': return json_parse_object(p, out);
+    case '[': return json_parse_array(p, out);
+    case '"':
+        out->kind = JSON_STRING;
+        return json_parse_string(p, &out->string, &out->len);
+    case 't': return json_parse_literal(p, "true", JSON_TRUE, out);
+    case 'f': return json_parse_literal(p, "false", JSON_FALSE, out);
+    case 'n': return json_parse_literal(p, "null", JSON_NULL, out);
+    default:
+        if (c == '-' || json_is_digit(c)) return json_parse_number(p, out);
+        return json_fail_expected(p, "a value");
+    }
+}
+
+/* ---- The reader's entry points --------------------------------------------- */
+
+/* After the value only whitespace may follow: "[1] [2]" is an error, not
+ * two documents. */
+static bool json_parse_end(struct json_parser *p) {
+    json_skip_space(p);
+    return p->pos == p->len || json_fail_expected(p, "end of input after the value");
+}
+
+/* Parse text[0..len): one value, optionally surrounded by whitespace, and
+ * nothing else. Returns the root of a tree to be released with json_free(),
+ * or NULL with a one-line message in err (which may be NULL). A max_depth of
+ * 0 accepts only scalars at the top. */
+static struct json *json_parse(const char *text, size_t len, int max_depth, char *err, size_t errlen) {
+    struct json_parser p = {0};
+    p.text = text;
+    p.len = len;
+    p.max_depth = max_depth < 0 ? 0 : max_depth;
+    if (p.max_depth > JSON_DEPTH_CEILING) p.max_depth = JSON_DEPTH_CEILING;
+    p.arena.next_cap = JSON_CHUNK_FIRST;
+    p.err = err;
+    p.errlen = errlen;
+    p.values_cap = p.keys_cap = JSON_STACK_FIRST;
+    p.values = malloc(JSON_STACK_FIRST * sizeof(struct json));
+    p.keys = malloc(JSON_STACK_FIRST * sizeof(char *));
+    p.key_lens = malloc(JSON_STACK_FIRST * sizeof(size_t));
+
+    struct json_document *doc = malloc(sizeof(*doc));
+    bool ok;
+    if (doc == NULL || p.values == NULL || p.keys == NULL || p.key_lens == NULL)
+        ok = json_out_of_memory(&p);
+    else
+        ok = json_parse_value(&p, &doc->root) && json_parse_end(&p);
+    free(p.values);
+    free(p.keys);
+    free(p.key_lens);
+    if (!ok) {
+        json_arena_free(p.arena.newest);
+        free(doc);
+        return NULL;
+    }
+    doc->chunks = p.arena.newest;
+    if (err != NULL && errlen > 0) err[0] = '\0';
+    return &doc->root;
+}
+
+/* Release a whole tree. Only the root from json_parse() may be passed. */
+static void json_free(struct json *j) {
+    if (j == NULL) return;
+    struct json_document *doc = (struct json_document *)j;
+    json_arena_free(doc->chunks);
+    free(doc);
+}
+
+/* ---- Looking things up ------------------------------------------------------ */
+
+/* The accessors accept NULL and the wrong kind, and answer NULL or false, so
+ * a lookup path can be written in one expression and checked once:
+ *
+ *     const char *role = json_str(json_at(json_get(req, "messages"), 0), "role");
+ */
+static bool json_is(const struct json *j, enum json_kind kind) {
+    return j != NULL && j->kind == kind;
+}
+
+/* The value of the first member named `key` (see "Duplicate keys" above).
+ * A linear scan: request objects have a handful of members. */
+static const struct json *json_get(const struct json *obj, const char *key) {
+    if (!json_is(obj, JSON_OBJECT) || key == NULL) return NULL;
+    size_t key_len = strlen(key);
+    for (size_t i = 0; i < obj->count; i++)
+        if (obj->key_lens[i] == key_len && memcmp(obj->keys[i], key, key_len) == 0)
+            return &obj->items[i];
+    return NULL;
+}
+
+/* Element i of an array (or the i-th member value of an object). */
+static const struct json *json_at(const struct json *arr, size_t i) {
+    if (!json_is(arr, JSON_ARRAY) && !json_is(arr, JSON_OBJECT)) return NULL;
+    return i < arr->count ? &arr->items[i] : NULL;
+}
+
+static const char *json_str(const struct json *obj, const char *key) {
+    const struct json *v = json_get(obj, key);
+    return json_is(v, JSON_STRING) ? v->string : NULL;
+}
+
+static bool json_num(const struct json *obj, const char *key, double *out) {
+    const struct json *v = json_get(obj, key);
+    if (!json_is(v, JSON_NUMBER)) return false;
+    *out = v->number;
+    return true;
+}
+
+/* ---- The output buffer ------------------------------------------------------ */
+
+/* A strbuf is a growable byte string; `{0}` is an empty one. After any
+ * successful append, data[len] is '\0', so the text can be printed directly.
+ * If memory runs out, `oom` is set and every later append does nothing, so a
+ * writer can append freely and check `oom` once at the end. */
+struct strbuf { char *data; size_t len, cap; bool oom; };
+
+/* Make room for `extra` more bytes plus the terminating NUL. */
+static bool strbuf_reserve(struct strbuf *b, size_t extra) {
+    if (b->oom) return false;
+    if (b->cap > b->len && b->cap - b->len > extra) return true;
+    if (extra > SIZE_MAX / 2 - b->len) {
+        b->oom = true;
+        return false;
+    }
+    size_t need = b->len + extra + 1;
+    size_t cap = b->cap ? b->cap : 256;
+    while (cap < need) cap *= 2;
+    char *grown = realloc(b->data, cap);
+    if (grown == NULL) {
+        b->oom = true;
+        return false;
+    }
+    b->data = grown;
+    b->cap = cap;
+    return true;
+}
+
+static void strbuf_append(struct strbuf *b, const char *s, size_t n) {
+    if (!strbuf_reserve(b, n)) return;
+    if (n > 0) memcpy(b->data + b->len, s, n);
+    b->len += n;
+    b->data[b->len] = '\0';
+}
+
+static void strbuf_puts(struct strbuf *b, const char *s) {
+    strbuf_append(b, s, strlen(s));
+}
+
+/* Formatting happens twice: once to measure, once into the reserved room. */
+static void strbuf_printf(struct strbuf *b, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(NULL, 0, fmt, ap);
+    va_end(ap);
+    if (n < 0 || !strbuf_reserve(b, (size_t)n)) return;
+    va_start(ap, fmt);
+    vsnprintf(b->data + b->len, (size_t)n + 1, fmt, ap);
+    va_end(ap);
+    b->len += (size_t)n;
+}
+
+static void strbuf_free(struct strbuf *b) {
+    free(b->data);
+    b->data = NULL;
+    b->len = b->cap = 0;
+    b->oom = false;
+}
+
+/* ---- The writer -------------------------------------------------------------- */
+
+/* The escape for one ASCII byte that cannot appear raw inside a JSON string:
+ * the quote, the backslash, and the control characters 00..1F. The five with
+ * a short form use it (a chat reply full of `\n` stays readable); the rest
+ * become \u00XX. */
+static void json_write_escape(struct strbuf *b, unsigned char c) {
+    switch (c) {
+    case '"':  strbuf_append(b, "\\\"", 2); break;
+    case '\\': strbuf_append(b, "\\\\", 2); break;
+    case '\b': strbuf_append(b, "\\b", 2); break;
+    case '\f': strbuf_append(b, "\\f", 2); break;
+    case '\n': strbuf_append(b, "\\n", 2); break;
+    case '\r': strbuf_append(b, "\\r", 2); break;
+    case '\t': strbuf_append(b, "\\t", 2); break;
+    default:   strbuf_printf(b, "\\u%04x", c); break;
+    }
+}
+
+/* Write s[0..n) as a quoted JSON string. Text generated by the model can be
+ * cut in the middle of a UTF-8 sequence, so the writer never trusts its
+ * input: each byte that does not start a well-formed sequence becomes U+FFFD
+ * and the output is always valid JSON. Bytes that need no change are
+ * gathered into runs and appended with one copy per run. */
+static void json_write_string(struct strbuf *b, const char *s, size_t n) {
+    const unsigned char *u = (const unsigned char *)s;
+    size_t run = 0, i = 0;
+    strbuf_append(b, "\"", 1);
+    while (i < n) {
+        unsigned char c = u[i];
+        size_t k = (c >= 0x20 && c != '"' && c != '\\') ? json_utf8_length(u + i, n - i) : 0;
+        if (k > 0) {
+            i += k;
+            continue;
+        }
+        strbuf_append(b, s + run, i - run);
+        if (c < 0x80) json_write_escape(b, c);
+        else strbuf_append(b, "\xEF\xBF\xBD", 3);
+        run = ++i;
+    }
+    strbuf_append(b, s + run, i - run);
+    strbuf_append(b, "\"", 1);
+}
+
+/* Numbers. JSON has no NaN or infinity, so those become `null`. Integral
+ * values below 1e16 (beyond 2^53 ~ 9.007e15 not every integer is a double
+ * anyway) print as integers: `3`, not `3.0` or `3e+00`. Everything else tries
+ * 15, 16, then 17 significant digits and keeps the first that reads back as
+ * the same double; 17 always does [IEEE 754-2008 §5.12.2]. This is not the
+ * shortest form in every case (that needs Ryu or Grisu), but it is short for
+ * the values people type and exact for all of them. */
+static void json_write_number(struct strbuf *b, double v) {
+    char text[40];
+    if (!isfinite(v)) {
+        strbuf_puts(b, "null");
+        return;
+    }
+    if (v == floor(v) && fabs(v) < 1e16) {
+        snprintf(text, sizeof(text), "%.0f", v);
+    } else {
+        for (int digits = 15; digits <= 17; digits++) {
+            snprintf(text, sizeof(text), "%.*g", digits, v);
+            if (strtod(text, NULL) == v) break;
+        }
+    }
+    strbuf_puts(b, text);
+}
+
+/* Serialize a tree compactly: no spaces, no newlines. */
+static void json_write(struct strbuf *b, const struct json *j) {
+    if (j == NULL) {
+        strbuf_puts(b, "null");
+        return;
+    }
+    switch (j->kind) {
+    case JSON_NULL:   strbuf_puts(b, "null"); break;
+    case JSON_FALSE:  strbuf_puts(b, "false"); break;
+    case JSON_TRUE:   strbuf_puts(b, "true"); break;
+    case JSON_NUMBER: json_write_number(b, j->number); break;
+    case JSON_STRING: json_write_string(b, j->string, j->len); break;
+    case JSON_ARRAY:
+        strbuf_append(b, "[", 1);
+        for (size_t i = 0; i < j->count; i++) {
+            if (i > 0) strbuf_append(b, ",", 1);
+            json_write(b, &j->items[i]);
+        }
+        strbuf_append(b, "]", 1);
+        break;
+    case JSON_OBJECT:
+        strbuf_append(b, "{", 1);
+        for (size_t i = 0; i < j->count; i++) {
+            if (i > 0) strbuf_append(b, ",", 1);
+            json_write_string(b, j->keys[i], j->key_lens[i]);
+            strbuf_append(b, ":", 1);
+            json_write(b, &j->items[i]);
+        }
+        strbuf_append(b, "}", 1);
+        break;
+    }
+}
+
+/* =========================================================================
+ * Chapter 6. Text: byte-level BPE, the chat template and DSML tool calls.
+ * =========================================================================
+ *
+ * Spec: docs/dsv4-format.md §3 (tokenizer), §4 (chat encoding and DSML).
+ * References:
+ *   [TOKJ] DeepSeek V3/V4 tokenizer.json: the pre-tokenizer and the BPE model.
+ *   [ENC]  DeepSeek V4 encoding/encoding_dsv4.py: encode_messages() and
+ *          parse_message_from_completion_text().
+ *   [GPT2] Radford et al., "Language Models are Unsupervised Multitask
+ *          Learners" (2019), §2.2: byte-level BPE.
+ * Tests: tests/test_text.c, vectors/tokenizer_vectors.json (made by
+ * vectors/gen_tokenizer_vectors.py with Python's `regex` and `tiktoken`).
+ *
+ * The model reads and writes token ids; people read and write text. This
+ * chapter is the border crossing, both ways:
+ *
+ *     text  --pre-tokenizer-->  pieces  --BPE merges-->  token ids
+ *     ids   --decode------------------------------------>  bytes (UTF-8)
+ *     messages + tools  --chat template-->  prompt text (then tokenized)
+ *     generated text    --DSML parser---->  reasoning, content, tool calls
+ *
+ * Every step must be byte-exact. A tokenizer that is "almost" right gives the
+ * model inputs it never saw in training, and the answers degrade quietly; a
+ * chat template that differs by one newline does the same, and also breaks
+ * prompt-cache reuse between requests. So each part below follows a named
+ * reference line by line in behaviour (never in code), and the tests compare
+ * against outputs of those references.
+ *
+ * The sections:
+ *
+ *   6.1  UTF-8 and the Unicode classes the pre-tokenizer asks about
+ *   6.2  The pre-tokenizer: three regex stages, written by hand
+ *   6.3  The vocabulary: GPT-2 byte map, token and merge hash tables
+ *   6.4  BPE: merging one piece by rank with a heap
+ *   6.5  tokenize(): special tokens, then pieces, then merges
+ *   6.6  Decoding, and a streaming decoder that never splits a character
+ *   6.7  Python-style JSON, because the template embeds json.dumps() output
+ *   6.8  The chat template of DeepSeek V4
+ *   6.9  The DSML parser for model output
+ *   6.10 --render-chat: a message file in, the prompt out
+ */
+
+/* ---- 6.1 UTF-8 and Unicode classes ---------------------------------------- */
+
+/* UTF-8 [Unicode §3.9, table 3-7] writes a code point in one to four bytes.
+ * The first byte says how many follow; the second byte has a narrower range
+ * for a few lead bytes, which is how overlong forms (C0 AF for '/'),
+ * surrogates (ED A0 80) and values above U+10FFFF (F4 90 ...) are refused:
+ *
+ *     lead     continuation bytes   2nd byte range
+ *     00..7F   0
+ *     C2..DF   1                    80..BF
+ *     E0       2                    A0..BF
+ *     E1..EC   2                    80..BF
+ *     ED       2                    80..9F
+ *     EE..EF   2                    80..BF
+ *     F0       3                    90..BF
+ *     F1..F3   3                    80..BF
+ *     F4       3                    80..8F
+ *
+ * Text handed to the tokenizer is not always valid UTF-8 (a file cut in the
+ * middle, a binary blob in a tool result). We never reject it. A byte that
+ * does not start a well-formed sequence becomes a "code point" of its own
+ * with the value TEXT_BAD_BYTE: it belongs to no Unicode class, and BPE later
+ * encodes it like any other byte. Python's `surrogateescape` error handler
+ * does exactly this (each bad byte becomes one lone surrogate), which is how
+ * the reference vectors cover invalid input. */
+
+#define TEXT_BAD_BYTE 0xFFFFFFFFu
+
+/* How many continuation bytes the lead byte c wants, and the allowed range
+ * of the first of them. Returns false if c cannot start a sequence. */
+static bool utf8_lead(unsigned char c, size_t *need, unsigned char *lo, unsigned char *hi) {
+    *lo = 0x80;
+    *hi = 0xBF;
+    if (c >= 0xC2 && c <= 0xDF) *need = 1;
+    else if (c >= 0xE0 && c <= 0xEF) *need = 2;
+    else if (c >= 0xF0 && c <= 0xF4) *need = 3;
+    else return false;
+    if (c == 0xE0) *lo = 0xA0;
+    if (c == 0xED) *hi = 0x9F;
+    if (c == 0xF0) *lo = 0x90;
+    if (c == 0xF4) *hi = 0x8F;
+    return true;
+}
+
+/* Decode one code point from s[0..n), n >= 1. Sets *len to the bytes used:
+ * the whole sequence, or 1 for a bad byte (then returns TEXT_BAD_BYTE). */
+static uint32_t utf8_decode(const unsigned char *s, size_t n, size_t *len) {
+    size_t need;
+    unsigned char lo, hi;
+    *len = 1;
+    if (s[0] < 0x80) return s[0];
+    if (!utf8_lead(s[0], &need, &lo, &hi) || n < need + 1) return TEXT_BAD_BYTE;
+    uint32_t cp = s[0] & (0x7F >> (need + 1));
+    for (size_t k = 1; k <= need; k++) {
+        if (s[k] < lo || s[k] > hi) return TEXT_BAD_BYTE;
+        lo = 0x80;
+        hi = 0xBF;
+        cp = (cp << 6) | (s[k] & 0x3F);
+    }
+    *len = need + 1;
+    return cp;
+}
+
+static size_t utf8_encode(char *out, uint32_t cp) {
+    if (cp < 0x80) {
+        out[0] = (char)cp;
+        return 1;
+    }
+    if (cp < 0x800) {
+        out[0] = (char)(0xC0 | (cp >> 6));
+        out[1] = (char)(0x80 | (cp & 0x3F));
+        return 2;
+    }
+    if (cp < 0x10000) {
+        out[0] = (char)(0xE0 | (cp >> 12));
+        out[1] = (char)(0x80 | ((cp >> 6) & 0x3F));
+        out[2] = (char)(0x80 | (cp & 0x3F));
+        return 3;
+    }
+    out[0] = (char)(0xF0 | (cp >> 18));
+    out[1] = (char)(0x80 | ((cp >> 12) & 0x3F));
+    out[2] = (char)(0x80 | ((cp >> 6) & 0x3F));
+    out[3] = (char)(0x80 | (cp & 0x3F));
+    return 4;
+}
+
+/* If s[0..n) ends in the first bytes of a character whose remaining bytes
+ * have not arrived yet, return how many bytes that unfinished tail has
+ * (1..3); otherwise 0. "Unfinished" means every byte so far is valid for
+ * that position, so the tail can still become a well-formed character. A
+ * tail that is already broken returns 0: waiting would not mend it. */
+static size_t utf8_unfinished_tail(const unsigned char *s, size_t n) {
+    for (size_t k = 1; k <= 3 && k <= n; k++) {
+        size_t p = n - k, need;
+        unsigned char lo, hi;
+        if ((s[p] & 0xC0) == 0x80) continue;       /* a continuation byte: look further back */
+        if (!utf8_lead(s[p], &need, &lo, &hi) || need < k) return 0;
+        for (size_t i = p + 1; i < n; i++) {
+            if (s[i] < lo || s[i] > hi) return 0;
+            lo = 0x80;
+            hi = 0xBF;
+        }
+        return k;
+    }
+    return 0;
+}
+
+/* The pre-tokenizer regex [TOKJ] asks five questions about a code point:
+ * is it in \p{L} or \p{M} (letters and combining marks), \p{N} (numbers),
+ * \p{P} or \p{S} (punctuation and symbols), \s (white space), or none of
+ * these? Letters and marks always appear together in the regex, or in a way
+ * where they behave alike (see 7.2), and so do punctuation and symbols; so
+ * five classes are enough.
+ *
+ * The table below maps every code point to its class. It is generated by
+ * tools/gen_unicode.py from UnicodeData.txt (Debian's unicode-data package,
+ * Unicode 15.0) plus the White_Space property. Each entry packs the first
+ * code point of a run and the run's class:
+ *
+ *     entry = (first_code_point << 3) | class
+ *
+ * and a run lasts until the next entry starts. Unassigned code points are
+ * U_OTHER. One binary search over about 1,900 entries finds any class. */
+
+enum unicode_class { U_OTHER, U_LETTER, U_NUMBER, U_PUNCT, U_SPACE };
+
+/* BEGIN GENERATED UNICODE TABLE: tools/gen_unicode.py from UnicodeData.txt
+ * (Debian unicode-data 15.0.0). 1923 entries; do not edit by hand. */
+static const uint32_t unicode_class_table[1923] = {
+    0x0,0x4c,0x70,0x104,0x10b,0x182,0x1d3,0x209,
+    0x2db,0x309,0x3db,0x3f8,0x42c,0x430,0x504,0x50b,
+    0x551,0x55b,0x568,0x573,0x592,0x5a3,0x5a9,0x5b3,
+    0x5ca,0x5d1,0x5db,0x5e2,0x5fb,0x601,0x6bb,0x6c1,
+    0x7bb,0x7c1,0x1613,0x1631,0x1693,0x1701,0x172b,0x1761,
+    0x176b,0x1771,0x177b,0x1801,0x1bab,0x1bb1,0x1bc0,0x1bd1,
+    0x1bf3,0x1bf9,0x1c00,0x1c23,0x1c31,0x1c3b,0x1c41,0x1c58,
+    0x1c61,0x1c68,0x1c71,0x1d10,0x1d19,0x1fb3,0x1fb9,0x2413,
+    0x2419,0x2980,0x2989,0x2ab8,0x2ac9,0x2ad3,0x2b01,0x2c4b,
+    0x2c58,0x2c6b,0x2c80,0x2c89,0x2df3,0x2df9,0x2e03,0x2e09,
+    0x2e1b,0x2e21,0x2e33,0x2e39,0x2e40,0x2e81,0x2f58,0x2f79,
+    0x2f9b,0x2fa8,0x3033,0x3081,0x30db,0x30e0,0x30eb,0x3101,
+    0x3302,0x3353,0x3371,0x36a3,0x36a9,0x36e8,0x36f3,0x36f9,
+    0x374b,0x3751,0x3782,0x37d1,0x37eb,0x37f9,0x3803,0x3870,
+    0x3881,0x3a58,0x3a69,0x3d90,0x3e02,0x3e51,0x3fb3,0x3fd1,
+    0x3fd8,0x3fe9,0x3ff3,0x4001,0x4170,0x4183,0x41f8,0x4201,
+    0x42e0,0x42f3,0x42f8,0x4301,0x4358,0x4381,0x4443,0x4449,
+    0x4478,0x44c1,0x4710,0x4719,0x4b23,0x4b32,0x4b83,0x4b89,
+    0x4c20,0x4c29,0x4c68,0x4c79,0x4c88,0x4c99,0x4d48,0x4d51,
+    0x4d88,0x4d91,0x4d98,0x4db1,0x4dd0,0x4de1,0x4e28,0x4e39,
+    0x4e48,0x4e59,0x4e78,0x4eb9,0x4ec0,0x4ee1,0x4ef0,0x4ef9,
+    0x4f20,0x4f32,0x4f81,0x4f93,0x4fa2,0x4fd3,0x4fe1,0x4feb,
+    0x4ff1,0x4ff8,0x5009,0x5020,0x5029,0x5058,0x5079,0x5088,
+    0x5099,0x5148,0x5151,0x5188,0x5191,0x51a0,0x51a9,0x51b8,
+    0x51c1,0x51d0,0x51e1,0x51e8,0x51f1,0x5218,0x5239,0x5248,
+    0x5259,0x5270,0x5289,0x5290,0x52c9,0x52e8,0x52f1,0x52f8,
+    0x5332,0x5381,0x53b3,0x53b8,0x5409,0x5420,0x5429,0x5470,
+    0x5479,0x5490,0x5499,0x5548,0x5551,0x5588,0x5591,0x55a0,
+    0x55a9,0x55d0,0x55e1,0x5630,0x5639,0x5650,0x5659,0x5670,
+    0x5681,0x5688,0x5701,0x5720,0x5732,0x5783,0x5790,0x57c9,
+    0x5800,0x5809,0x5820,0x5829,0x5868,0x5879,0x5888,0x5899,
+    0x5948,0x5951,0x5988,0x5991,0x59a0,0x59a9,0x59d0,0x59e1,
+    0x5a28,0x5a39,0x5a48,0x5a59,0x5a70,0x5aa9,0x5ac0,0x5ae1,
+    0x5af0,0x5af9,0x5b20,0x5b32,0x5b83,0x5b89,0x5b92,0x5bc0,
+    0x5c11,0x5c20,0x5c29,0x5c58,0x5c71,0x5c88,0x5c91,0x5cb0,
+    0x5cc9,0x5cd8,0x5ce1,0x5ce8,0x5cf1,0x5d00,0x5d19,0x5d28,
+    0x5d41,0x5d58,0x5d71,0x5dd0,0x5df1,0x5e18,0x5e31,0x5e48,
+    0x5e51,0x5e70,0x5e81,0x5e88,0x5eb9,0x5ec0,0x5f32,0x5f9b,
+    0x5fd8,0x6001,0x6068,0x6071,0x6088,0x6091,0x6148,0x6151,
+    0x61d0,0x61e1,0x6228,0x6231,0x6248,0x6251,0x6270,0x62a9,
+    0x62b8,0x62c1,0x62d8,0x62e9,0x62f0,0x6301,0x6320,0x6332,
+    0x6380,0x63bb,0x63c2,0x63fb,0x6401,0x6423,0x6429,0x6468,
+    0x6471,0x6488,0x6491,0x6548,0x6551,0x65a0,0x65a9,0x65d0,
+    0x65e1,0x6628,0x6631,0x6648,0x6651,0x6670,0x66a9,0x66b8,
+    0x66e9,0x66f8,0x6701,0x6720,0x6732,0x6780,0x6789,0x67a0,
+    0x6801,0x6868,0x6871,0x6888,0x6891,0x6a28,0x6a31,0x6a48,
+    0x6a51,0x6a7b,0x6a80,0x6aa1,0x6ac2,0x6af9,0x6b20,0x6b32,
+    0x6bcb,0x6bd1,0x6c00,0x6c09,0x6c20,0x6c29,0x6cb8,0x6cd1,
+    0x6d90,0x6d99,0x6de0,0x6de9,0x6df0,0x6e01,0x6e38,0x6e51,
+    0x6e58,0x6e79,0x6ea8,0x6eb1,0x6eb8,0x6ec1,0x6f00,0x6f32,
+    0x6f80,0x6f91,0x6fa3,0x6fa8,0x7009,0x71d8,0x71fb,0x7201,
+    0x727b,0x7282,0x72d3,0x72e0,0x7409,0x7418,0x7421,0x7428,
+    0x7431,0x7458,0x7461,0x7520,0x7529,0x7530,0x7539,0x75f0,
+    0x7601,0x7628,0x7631,0x7638,0x7641,0x7678,0x7682,0x76d0,
+    0x76e1,0x7700,0x7801,0x780b,0x78c1,0x78d3,0x7902,0x79a3,
+    0x79a9,0x79b3,0x79b9,0x79c3,0x79c9,0x79d3,0x79f1,0x7a40,
+    0x7a49,0x7b68,0x7b89,0x7c2b,0x7c31,0x7cc0,0x7cc9,0x7de8,
+    0x7df3,0x7e31,0x7e3b,0x7e68,0x7e73,0x7ed8,0x8001,0x8202,
+    0x8253,0x8281,0x8482,0x84d1,0x84f3,0x8501,0x8630,0x8639,
+    0x8640,0x8669,0x8670,0x8681,0x87db,0x87e1,0x9248,0x9251,
+    0x9270,0x9281,0x92b8,0x92c1,0x92c8,0x92d1,0x92f0,0x9301,
+    0x9448,0x9451,0x9470,0x9481,0x9588,0x9591,0x95b0,0x95c1,
+    0x95f8,0x9601,0x9608,0x9611,0x9630,0x9641,0x96b8,0x96c1,
+    0x9888,0x9891,0x98b0,0x98c1,0x9ad8,0x9ae9,0x9b03,0x9b4a,
+    0x9be8,0x9c01,0x9c83,0x9cd0,0x9d01,0x9fb0,0x9fc1,0x9ff0,
+    0xa003,0xa009,0xb36b,0xb379,0xb404,0xb409,0xb4db,0xb4e8,
+    0xb501,0xb75b,0xb772,0xb789,0xb7c8,0xb801,0xb8b0,0xb8f9,
+    0xb9ab,0xb9b8,0xba01,0xbaa0,0xbb01,0xbb68,0xbb71,0xbb88,
+    0xbb91,0xbba0,0xbc01,0xbea3,0xbeb9,0xbec3,0xbee1,0xbef0,
+    0xbf02,0xbf50,0xbf82,0xbfd0,0xc003,0xc059,0xc070,0xc079,
+    0xc082,0xc0d0,0xc101,0xc3c8,0xc401,0xc558,0xc581,0xc7b0,
+    0xc801,0xc8f8,0xc901,0xc960,0xc981,0xc9e0,0xca03,0xca08,
+    0xca23,0xca32,0xca81,0xcb70,0xcb81,0xcba8,0xcc01,0xcd60,
+    0xcd81,0xce50,0xce82,0xced8,0xcef3,0xd001,0xd0e0,0xd0f3,
+    0xd101,0xd2f8,0xd301,0xd3e8,0xd3f9,0xd402,0xd450,0xd482,
+    0xd4d0,0xd503,0xd539,0xd543,0xd570,0xd581,0xd678,0xd801,
+    0xda68,0xda82,0xdad3,0xdb59,0xdba3,0xdbf8,0xdc01,0xdd82,
+    0xddd1,0xdfa0,0xdfe3,0xe001,0xe1c0,0xe1db,0xe202,0xe250,
+    0xe269,0xe282,0xe2d1,0xe3f3,0xe401,0xe448,0xe481,0xe5d8,
+    0xe5e9,0xe603,0xe640,0xe681,0xe69b,0xe6a1,0xe7d8,0xe801,
+    0xf8b0,0xf8c1,0xf8f0,0xf901,0xfa30,0xfa41,0xfa70,0xfa81,
+    0xfac0,0xfac9,0xfad0,0xfad9,0xfae0,0xfae9,0xfaf0,0xfaf9,
+    0xfbf0,0xfc01,0xfda8,0xfdb1,0xfdeb,0xfdf1,0xfdfb,0xfe11,
+    0xfe28,0xfe31,0xfe6b,0xfe81,0xfea0,0xfeb1,0xfee0,0xfeeb,
+    0xff01,0xff6b,0xff80,0xff91,0xffa8,0xffb1,0xffeb,0xfff8,
+    0x10004,0x10058,0x10083,0x10144,0x10150,0x1017c,0x10183,0x102fc,
+    0x10300,0x10382,0x10389,0x10390,0x103a2,0x103d3,0x103f9,0x10402,
+    0x10453,0x10478,0x10481,0x104e8,0x10503,0x10608,0x10681,0x10788,
+    0x10803,0x10811,0x1081b,0x10839,0x10843,0x10851,0x108a3,0x108a9,
+    0x108b3,0x108c9,0x108f3,0x10921,0x1092b,0x10931,0x1093b,0x10941,
+    0x1094b,0x10951,0x10973,0x10979,0x109d3,0x109e1,0x10a03,0x10a29,
+    0x10a53,0x10a71,0x10a7b,0x10a82,0x10c19,0x10c2a,0x10c53,0x10c60,
+    0x10c83,0x12138,0x12203,0x12258,0x12302,0x124e3,0x12752,0x12803,
+    0x13bb2,0x13ca3,0x15ba0,0x15bb3,0x15cb0,0x15cbb,0x16001,0x1672b,
+    0x16759,0x167a0,0x167cb,0x167ea,0x167f3,0x16801,0x16930,0x16939,
+    0x16940,0x16969,0x16970,0x16981,0x16b40,0x16b79,0x16b83,0x16b88,
+    0x16bf9,0x16cb8,0x16d01,0x16d38,0x16d41,0x16d78,0x16d81,0x16db8,
+    0x16dc1,0x16df8,0x16e01,0x16e38,0x16e41,0x16e78,0x16e81,0x16eb8,
+    0x16ec1,0x16ef8,0x16f01,0x17003,0x17179,0x17183,0x172f0,0x17403,
+    0x174d0,0x174db,0x177a0,0x17803,0x17eb0,0x17f83,0x17fe0,0x18004,
+    0x1800b,0x18029,0x1803a,0x18043,0x1810a,0x18151,0x18183,0x18189,
+    0x181b3,0x181c2,0x181d9,0x181eb,0x18200,0x18209,0x184b8,0x184c9,
+    0x184db,0x184e9,0x18503,0x18509,0x187db,0x187e1,0x18800,0x18829,
+    0x18980,0x18989,0x18c78,0x18c83,0x18c92,0x18cb3,0x18d01,0x18e03,
+    0x18f20,0x18f81,0x19003,0x190f8,0x19102,0x19153,0x19242,0x19283,
+    0x1928a,0x19303,0x19402,0x19453,0x1958a,0x19603,0x1a001,0x26e03,
+    0x27001,0x52468,0x52483,0x52638,0x52681,0x527f3,0x52801,0x5306b,
+    0x53081,0x53102,0x53151,0x53160,0x53201,0x5339b,0x533a1,0x533f3,
+    0x533f9,0x53732,0x53781,0x53793,0x537c0,0x53803,0x538b9,0x53903,
+    0x53911,0x53c4b,0x53c59,0x53e58,0x53e81,0x53e90,0x53e99,0x53ea0,
+    0x53ea9,0x53ed0,0x53f91,0x54143,0x54161,0x54168,0x54182,0x541b3,
+    0x541d0,0x54201,0x543a3,0x543c0,0x54401,0x54630,0x54673,0x54682,
+    0x546d0,0x54701,0x547c3,0x547d9,0x547e3,0x547e9,0x54802,0x54851,
+    0x54973,0x54981,0x54aa0,0x54afb,0x54b01,0x54be8,0x54c01,0x54e0b,
+    0x54e70,0x54e79,0x54e82,0x54ed0,0x54ef3,0x54f01,0x54f82,0x54fd1,
+    0x54ff8,0x55001,0x551b8,0x55201,0x55270,0x55282,0x552d0,0x552e3,
+    0x55301,0x553bb,0x553d1,0x55618,0x556d9,0x556f3,0x55701,0x55783,
+    0x55791,0x557b8,0x55809,0x55838,0x55849,0x55878,0x55889,0x558b8,
+    0x55901,0x55938,0x55941,0x55978,0x55981,0x55adb,0x55ae1,0x55b53,
+    0x55b60,0x55b81,0x55f5b,0x55f61,0x55f70,0x55f82,0x55fd0,0x56001,
+    0x6bd20,0x6bd81,0x6be38,0x6be59,0x6bfe0,0x7c801,0x7d370,0x7d381,
+    0x7d6d0,0x7d801,0x7d838,0x7d899,0x7d8c0,0x7d8e9,0x7d94b,0x7d951,
+    0x7d9b8,0x7d9c1,0x7d9e8,0x7d9f1,0x7d9f8,0x7da01,0x7da10,0x7da19,
+    0x7da28,0x7da31,0x7dd93,0x7de18,0x7de99,0x7e9f3,0x7ea81,0x7ec80,
+    0x7ec91,0x7ee40,0x7ee7b,0x7ee80,0x7ef81,0x7efe3,0x7f001,0x7f083,
+    0x7f0d0,0x7f101,0x7f183,0x7f298,0x7f2a3,0x7f338,0x7f343,0x7f360,
+    0x7f381,0x7f3a8,0x7f3b1,0x7f7e8,0x7f80b,0x7f882,0x7f8d3,0x7f909,
+    0x7f9db,0x7fa09,0x7fadb,0x7fb31,0x7fdf8,0x7fe11,0x7fe40,0x7fe51,
+    0x7fe80,0x7fe91,0x7fec0,0x7fed1,0x7fee8,0x7ff03,0x7ff38,0x7ff43,
+    0x7ff78,0x7ffe3,0x7fff0,0x80001,0x80060,0x80069,0x80138,0x80141,
+    0x801d8,0x801e1,0x801f0,0x801f9,0x80270,0x80281,0x802f0,0x80401,
+    0x807d8,0x80803,0x80818,0x8083a,0x809a0,0x809bb,0x80a02,0x80bcb,
+    0x80c52,0x80c63,0x80c78,0x80c83,0x80ce8,0x80d03,0x80d08,0x80e83,
+    0x80fe9,0x80ff0,0x81401,0x814e8,0x81501,0x81688,0x81701,0x8170a,
+    0x817e0,0x81801,0x81902,0x81920,0x81969,0x81a0a,0x81a11,0x81a52,
+    0x81a58,0x81a81,0x81bd8,0x81c01,0x81cf0,0x81cfb,0x81d01,0x81e20,
+    0x81e41,0x81e83,0x81e8a,0x81eb0,0x82001,0x824f0,0x82502,0x82550,
+    0x82581,0x826a0,0x826c1,0x827e0,0x82801,0x82940,0x82981,0x82b20,
+    0x82b7b,0x82b81,0x82bd8,0x82be1,0x82c58,0x82c61,0x82c98,0x82ca1,
+    0x82cb0,0x82cb9,0x82d10,0x82d19,0x82d90,0x82d99,0x82dd0,0x82dd9,
+    0x82de8,0x83001,0x839b8,0x83a01,0x83ab0,0x83b01,0x83b40,0x83c01,
+    0x83c30,0x83c39,0x83d88,0x83d91,0x83dd8,0x84001,0x84030,0x84041,
+    0x84048,0x84051,0x841b0,0x841b9,0x841c8,0x841e1,0x841e8,0x841f9,
+    0x842b0,0x842bb,0x842c2,0x84301,0x843bb,0x843ca,0x84401,0x844f8,
+    0x8453a,0x84580,0x84701,0x84798,0x847a1,0x847b0,0x847da,0x84801,
+    0x848b2,0x848e0,0x848fb,0x84901,0x849d0,0x849fb,0x84a00,0x84c01,
+    0x84dc0,0x84de2,0x84df1,0x84e02,0x84e80,0x84e92,0x85001,0x85020,
+    0x85029,0x85038,0x85061,0x850a0,0x850a9,0x850c0,0x850c9,0x851b0,
+    0x851c1,0x851d8,0x851f9,0x85202,0x85248,0x85283,0x852c8,0x85301,
+    0x853ea,0x853fb,0x85401,0x854ea,0x85500,0x85601,0x85643,0x85649,
+    0x85738,0x8575a,0x85783,0x857b8,0x85801,0x859b0,0x859cb,0x85a01,
+    0x85ab0,0x85ac2,0x85b01,0x85b98,0x85bc2,0x85c01,0x85c90,0x85ccb,
+    0x85ce8,0x85d4a,0x85d80,0x86001,0x86248,0x86401,0x86598,0x86601,
+    0x86798,0x867d2,0x86801,0x86940,0x86982,0x869d0,0x87302,0x873f8,
+    0x87401,0x87550,0x87559,0x8756b,0x87570,0x87581,0x87590,0x877e9,
+    0x878ea,0x87939,0x87940,0x87981,0x87a8a,0x87aab,0x87ad0,0x87b81,
+    0x87c33,0x87c50,0x87d81,0x87e2a,0x87e60,0x87f01,0x87fb8,0x88001,
+    0x8823b,0x88270,0x88292,0x88381,0x883b0,0x883f9,0x885db,0x885e8,
+    0x885f3,0x88611,0x88618,0x88681,0x88748,0x88782,0x887d0,0x88801,
+    0x889a8,0x889b2,0x88a03,0x88a21,0x88a40,0x88a81,0x88ba3,0x88bb1,
+    0x88bb8,0x88c01,0x88e2b,0x88e49,0x88e6b,0x88e71,0x88e82,0x88ed1,
+    0x88edb,0x88ee1,0x88eeb,0x88f00,0x88f0a,0x88fa8,0x89001,0x89090,
+    0x89099,0x891c3,0x891f1,0x89210,0x89401,0x89438,0x89441,0x89448,
+    0x89451,0x89470,0x89479,0x894f0,0x894f9,0x8954b,0x89550,0x89581,
+    0x89758,0x89782,0x897d0,0x89801,0x89820,0x89829,0x89868,0x89879,
+    0x89888,0x89899,0x89948,0x89951,0x89988,0x89991,0x899a0,0x899a9,
+    0x899d0,0x899d9,0x89a28,0x89a39,0x89a48,0x89a59,0x89a70,0x89a81,
+    0x89a88,0x89ab9,0x89ac0,0x89ae9,0x89b20,0x89b31,0x89b68,0x89b81,
+    0x89ba8,0x8a001,0x8a25b,0x8a282,0x8a2d3,0x8a2e0,0x8a2eb,0x8a2f1,
+    0x8a310,0x8a401,0x8a633,0x8a639,0x8a640,0x8a682,0x8a6d0,0x8ac01,
+    0x8adb0,0x8adc1,0x8ae0b,0x8aec1,0x8aef0,0x8b001,0x8b20b,0x8b221,
+    0x8b228,0x8b282,0x8b2d0,0x8b303,0x8b368,0x8b401,0x8b5cb,0x8b5d0,
+    0x8b602,0x8b650,0x8b801,0x8b8d8,0x8b8e9,0x8b960,0x8b982,0x8b9e3,
+    0x8ba01,0x8ba38,0x8c001,0x8c1db,0x8c1e0,0x8c501,0x8c702,0x8c798,
+    0x8c7f9,0x8c838,0x8c849,0x8c850,0x8c861,0x8c8a0,0x8c8a9,0x8c8b8,
+    0x8c8c1,0x8c9b0,0x8c9b9,0x8c9c8,0x8c9d9,0x8ca23,0x8ca38,0x8ca82,
+    0x8cad0,0x8cd01,0x8cd40,0x8cd51,0x8cec0,0x8ced1,0x8cf13,0x8cf19,
+    0x8cf28,0x8d001,0x8d1fb,0x8d239,0x8d240,0x8d281,0x8d4d3,0x8d4e9,
+    0x8d4f3,0x8d518,0x8d581,0x8d7c8,0x8d803,0x8d850,0x8e001,0x8e048,
+    0x8e051,0x8e1b8,0x8e1c1,0x8e20b,0x8e230,0x8e282,0x8e368,0x8e383,
+    0x8e391,0x8e480,0x8e491,0x8e540,0x8e549,0x8e5b8,0x8e801,0x8e838,
+    0x8e841,0x8e850,0x8e859,0x8e9b8,0x8e9d1,0x8e9d8,0x8e9e1,0x8e9f0,
+    0x8e9f9,0x8ea40,0x8ea82,0x8ead0,0x8eb01,0x8eb30,0x8eb39,0x8eb48,
+    0x8eb51,0x8ec78,0x8ec81,0x8ec90,0x8ec99,0x8ecc8,0x8ed02,0x8ed50,
+    0x8f701,0x8f7bb,0x8f7c8,0x8f801,0x8f888,0x8f891,0x8f9d8,0x8f9f1,
+    0x8fa1b,0x8fa82,0x8fad0,0x8fd81,0x8fd88,0x8fe02,0x8feab,0x8ff90,
+    0x8fffb,0x90001,0x91cd0,0x92002,0x92378,0x92383,0x923a8,0x92401,
+    0x92a20,0x97c81,0x97f8b,0x97f98,0x98001,0x9a180,0x9a201,0x9a2b0,
+    0xa2001,0xa3238,0xb4001,0xb51c8,0xb5201,0xb52f8,0xb5302,0xb5350,
+    0xb5373,0xb5381,0xb55f8,0xb5602,0xb5650,0xb5681,0xb5770,0xb5781,
+    0xb57ab,0xb57b0,0xb5801,0xb59bb,0xb5a01,0xb5a23,0xb5a30,0xb5a82,
+    0xb5ad0,0xb5ada,0xb5b10,0xb5b19,0xb5bc0,0xb5be9,0xb5c80,0xb7201,
+    0xb7402,0xb74bb,0xb74d8,0xb7801,0xb7a58,0xb7a79,0xb7c40,0xb7c79,
+    0xb7d00,0xb7f01,0xb7f13,0xb7f19,0xb7f28,0xb7f81,0xb7f90,0xb8001,
+    0xc3fc0,0xc4001,0xc66b0,0xc6801,0xc6848,0xd7f81,0xd7fa0,0xd7fa9,
+    0xd7fe0,0xd7fe9,0xd7ff8,0xd8001,0xd8918,0xd8991,0xd8998,0xd8a81,
+    0xd8a98,0xd8aa9,0xd8ab0,0xd8b21,0xd8b40,0xd8b81,0xd97e0,0xde001,
+    0xde358,0xde381,0xde3e8,0xde401,0xde448,0xde481,0xde4d0,0xde4e3,
+    0xde4e9,0xde4fb,0xde500,0xe7801,0xe7970,0xe7981,0xe7a38,0xe7a83,
+    0xe7e20,0xe8003,0xe87b0,0xe8803,0xe8938,0xe894b,0xe8b29,0xe8b53,
+    0xe8b69,0xe8b98,0xe8bd9,0xe8c1b,0xe8c29,0xe8c63,0xe8d51,0xe8d73,
+    0xe8f58,0xe9003,0xe9211,0xe922b,0xe9230,0xe9602,0xe96a0,0xe9702,
+    0xe97a0,0xe9803,0xe9ab8,0xe9b02,0xe9bc8,0xea001,0xea2a8,0xea2b1,
+    0xea4e8,0xea4f1,0xea500,0xea511,0xea518,0xea529,0xea538,0xea549,
+    0xea568,0xea571,0xea5d0,0xea5d9,0xea5e0,0xea5e9,0xea620,0xea629,
+    0xea830,0xea839,0xea858,0xea869,0xea8a8,0xea8b1,0xea8e8,0xea8f1,
+    0xea9d0,0xea9d9,0xea9f8,0xeaa01,0xeaa28,0xeaa31,0xeaa38,0xeaa51,
+    0xeaa88,0xeaa91,0xeb530,0xeb541,0xeb60b,0xeb611,0xeb6db,0xeb6e1,
+    0xeb7db,0xeb7e1,0xeb8ab,0xeb8b1,0xeb9ab,0xeb9b1,0xeba7b,0xeba81,
+    0xebb7b,0xebb81,0xebc4b,0xebc51,0xebd4b,0xebd51,0xebe1b,0xebe21,
+    0xebe60,0xebe72,0xec003,0xed001,0xed1bb,0xed1d9,0xed36b,0xed3a9,
+    0xed3b3,0xed421,0xed42b,0xed460,0xed4d9,0xed500,0xed509,0xed580,
+    0xef801,0xef8f8,0xef929,0xef958,0xf0001,0xf0038,0xf0041,0xf00c8,
+    0xf00d9,0xf0110,0xf0119,0xf0128,0xf0131,0xf0158,0xf0181,0xf0370,
+    0xf0479,0xf0480,0xf0801,0xf0968,0xf0981,0xf09f0,0xf0a02,0xf0a50,
+    0xf0a71,0xf0a7b,0xf0a80,0xf1481,0xf1578,0xf1601,0xf1782,0xf17d0,
+    0xf17fb,0xf1800,0xf2681,0xf2782,0xf27d0,0xf3f01,0xf3f38,0xf3f41,
+    0xf3f60,0xf3f69,0xf3f78,0xf3f81,0xf3ff8,0xf4001,0xf4628,0xf463a,
+    0xf4681,0xf46b8,0xf4801,0xf4a60,0xf4a82,0xf4ad0,0xf4af3,0xf4b00,
+    0xf638a,0xf6563,0xf656a,0xf6583,0xf658a,0xf65a8,0xf680a,0xf6973,
+    0xf697a,0xf69f0,0xf7001,0xf7020,0xf7029,0xf7100,0xf7109,0xf7118,
+    0xf7121,0xf7128,0xf7139,0xf7140,0xf7149,0xf7198,0xf71a1,0xf71c0,
+    0xf71c9,0xf71d0,0xf71d9,0xf71e0,0xf7211,0xf7218,0xf7239,0xf7240,
+    0xf7249,0xf7250,0xf7259,0xf7260,0xf7269,0xf7280,0xf7289,0xf7298,
+    0xf72a1,0xf72a8,0xf72b9,0xf72c0,0xf72c9,0xf72d0,0xf72d9,0xf72e0,
+    0xf72e9,0xf72f0,0xf72f9,0xf7300,0xf7309,0xf7318,0xf7321,0xf7328,
+    0xf7339,0xf7358,0xf7361,0xf7398,0xf73a1,0xf73c0,0xf73c9,0xf73e8,
+    0xf73f1,0xf73f8,0xf7401,0xf7450,0xf7459,0xf74e0,0xf7509,0xf7520,
+    0xf7529,0xf7550,0xf7559,0xf75e0,0xf7783,0xf7790,0xf8003,0xf8160,
+    0xf8183,0xf84a0,0xf8503,0xf8578,0xf858b,0xf8600,0xf860b,0xf8680,
+    0xf868b,0xf87b0,0xf8802,0xf886b,0xf8d70,0xf8f33,0xf9018,0xf9083,
+    0xf91e0,0xf9203,0xf9248,0xf9283,0xf9290,0xf9303,0xf9330,0xf9803,
+    0xfb6c0,0xfb6e3,0xfb768,0xfb783,0xfb7e8,0xfb803,0xfbbb8,0xfbbdb,
+    0xfbed0,0xfbf03,0xfbf60,0xfbf83,0xfbf88,0xfc003,0xfc060,0xfc083,
+    0xfc240,0xfc283,0xfc2d0,0xfc303,0xfc440,0xfc483,0xfc570,0xfc583,
+    0xfc590,0xfc803,0xfd2a0,0xfd303,0xfd370,0xfd383,0xfd3e8,0xfd403,
+    0xfd448,0xfd483,0xfd5f0,0xfd5fb,0xfd630,0xfd673,0xfd6e0,0xfd703,
+    0xfd748,0xfd783,0xfd7c8,0xfd803,0xfdc98,0xfdca3,0xfde58,0xfdf82,
+    0xfdfd0,0x100001,0x153700,0x153801,0x15b9d0,0x15ba01,0x15c0f0,0x15c101,
+    0x167510,0x167581,0x175f08,0x17c001,0x17d0f0,0x180001,0x189a58,0x189a81,
+    0x191d80,0x700801,0x700f80,
+};
+/* END GENERATED UNICODE TABLE */
+
+static enum unicode_class unicode_class_of(uint32_t cp) {
+    size_t lo = 0, hi = sizeof(unicode_class_table) / sizeof(unicode_class_table[0]);
+    if (cp > 0x10FFFF) return U_OTHER;                  /* includes TEXT_BAD_BYTE */
+    while (hi - lo > 1) {                               /* last entry starting <= cp */
+        size_t mid = lo + (hi - lo) / 2;
+        if ((unicode_class_table[mid] >> 3) <= cp) lo = mid;
+        else hi = mid;
+    }
+    return (enum unicode_class)(unicode_class_table[lo] & 7);
+}
+
+/* ---- 6.2 The pre-tokenizer --------------------------------------------------- */
+
+/* BPE never merges across piece boundaries, so how text is cut into pieces
+ * before BPE shapes every token the model sees. DeepSeek V3 and V4 cut in
+ * three stages [TOKJ]. Each stage is a regex used in "isolated" mode: both
+ * the matches and the stretches between matches become pieces, and each
+ * stage runs on every piece the previous stage produced.
+ *
+ *     1.  \p{N}{1,3}
+ *     2.  [一-龥぀-ゟ゠-ヿ]+             (U+4E00-9FA5, U+3040-309F, U+30A0-30FF)
+ *     3.  one alternation, tried left to right at each position:
+ *         a.  [!"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+
+ *         b.  [^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+
+ *         c.   ?[\p{P}\p{S}]+[\r\n]*
+ *         d.  \s*[\r\n]+
+ *         e.  \s+(?!\S)
+ *         f.  \s+
+ *
+ * What that means in practice:
+ *
+ *   - digits go in threes from the left: "2048" is "204" "8", and the space
+ *     before a number stays alone: " 2048" is " " "204" "8";
+ *   - one ASCII punctuation mark glues to the ASCII word after it: ".json",
+ *     "(buf", "#include";
+ *   - a word takes one leading non-letter with it, usually its space:
+ *     " world";
+ *   - punctuation runs keep their trailing newlines: ");\n";
+ *   - in a run of spaces before a word, the last space goes with the word:
+ *     "    int" is "   " " int" (that is rule e's lookahead at work);
+ *   - Chinese and Japanese kana runs are cut out whole before rule 3 sees
+ *     them, so "中文English" is "中文" "English".
+ *
+ * Rule b in detail, because it hides a subtlety. Its optional first
+ * character may be anything except \r, \n, a letter, punctuation or a
+ * symbol: so a space, a digit, a mark, a control character. Then comes a run
+ * of letters and marks. If the character at the start is itself a letter or
+ * a mark, the run simply starts there (for a mark, taking it as the optional
+ * character or as the first of the run gives the same match). This is why
+ * letters and marks can share one class.
+ *
+ * We implement the stages by hand on an array of decoded code points, with
+ * no regex engine. Stages 1 and 2 are plain run splitting. Stage 3 is
+ * `pretok_match()`, which answers "the longest match of the alternation
+ * starting exactly here", reproducing the backtracking of each rule:
+ *
+ *   d.  \s* first eats the whole white-space run, then gives characters back
+ *       until [\r\n]+ can match: so the match ends just after the LAST
+ *       newline of the run;
+ *   e.  \s+ eats the run; if the piece ends there, done. Otherwise the next
+ *       character is not white space, so (?!\S) fails, and \s+ gives back
+ *       one character: the match is the run minus its last character (and
+ *       needs at least two characters);
+ *   f.  otherwise the whole run (a single white-space character before a
+ *       non-space lands here).
+ *
+ * Lookahead never sees past the end of the current piece, because each
+ * stage runs on pieces, not on the whole text; the stages must therefore be
+ * applied strictly one piece at a time, as below. */
+
+struct pretok_text {
+    const char *bytes;      /* the span being cut */
+    uint32_t *cp;           /* [n] code points, TEXT_BAD_BYTE for bad bytes */
+    uint8_t *cls;           /* [n] enum unicode_class of each */
+    size_t *off;            /* [n+1] byte offset of each code point; off[n] = span length */
+    size_t n;
+};
+
+/* Where pieces go: `emit(ctx, byte_start, byte_end)`, in text order. */
+typedef void (*pretok_emit_fn)(void *ctx, size_t start, size_t end);
+
+static bool pretok_is_cjk(uint32_t c) {
+    return (c >= 0x4E00 && c <= 0x9FA5) || (c >= 0x3040 && c <= 0x309F) ||
+           (c >= 0x30A0 && c <= 0x30FF);
+}
+
+static bool pretok_is_ascii_punct(uint32_t c) {
+    return (c >= 0x21 && c <= 0x2F) || (c >= 0x3A && c <= 0x40) ||
+           (c >= 0x5B && c <= 0x60) || (c >= 0x7B && c <= 0x7E);
+}
+
+static bool pretok_is_ascii_letter(uint32_t c) {
+    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z');
+}
+
+static bool pretok_is_newline(uint32_t c) {
+    return c == '\r' || c == '\n';
+}
+
+/* End of the run of class `cls` that starts at i (i itself must qualify). */
+static size_t pretok_run_end(const struct pretok_text *t, size_t i, size_t end, enum unicode_class cls) {
+    while (i < end && t->cls[i] == cls) i++;
+    return i;
+}
+
+/* Stage 3: the end of the match starting at i, or i if nothing matches. */
+static size_t pretok_match(const struct pretok_text *t, size_t i, size_t end) {
+    const uint32_t *cp = t->cp;
+    const uint8_t *cls = t->cls;
+    bool has_next = i + 1 < end;
+
+    /* a. one ASCII punctuation mark + ASCII letters */
+    if (pretok_is_ascii_punct(cp[i]) && has_next && pretok_is_ascii_letter(cp[i + 1])) {
+        size_t j = i + 1;
+        while (j < end && pretok_is_ascii_letter(cp[j])) j++;
+        return j;
+    }
+    /* b. optional non-letter/punct/newline, then letters and marks */
+    if (cls[i] == U_LETTER) return pretok_run_end(t, i, end, U_LETTER);
+    if (!pretok_is_newline(cp[i]) && cls[i] != U_PUNCT && has_next && cls[i + 1] == U_LETTER)
+        return pretok_run_end(t, i + 1, end, U_LETTER);
+    /* c. optional space, punctuation/symbols, trailing newlines */
+    size_t k = (cp[i] == ' ' && has_next && cls[i + 1] == U_PUNCT) ? i + 1 : i;
+    if (cls[k] == U_PUNCT) {
+        size_t j = pretok_run_end(t, k, end, U_PUNCT);
+        while (j < end && pretok_is_newline(cp[j])) j++;
+        return j;
+    }
+    if (cls[i] != U_SPACE) return i;
+    /* d, e, f: white space */
+    size_t j = pretok_run_end(t, i, end, U_SPACE);
+    for (size_t q = j; q > i; q--)
+        if (pretok_is_newline(cp[q - 1])) return q;    /* d */
+    if (j == end) return j;                             /* e, at the end of the piece */
+    if (j - i >= 2) return j - 1;                       /* e, giving one back */
+    return j;                                           /* f */
+}
+
+/* Stage 3 on code points [a, b): matches and the gaps between them. */
+static void pretok_stage3(const struct pretok_text *t, size_t a, size_t b, pretok_emit_fn emit, void *ctx) {
+    size_t gap = a, i = a;
+    while (i < b) {
+        size_t m = pretok_match(t, i, b);
+        if (m == i) {
+            i++;
+            continue;
+        }
+        if (gap < i) emit(ctx, t->off[gap], t->off[i]);
+        emit(ctx, t->off[i], t->off[m]);
+        i = gap = m;
+    }
+    if (gap < b) emit(ctx, t->off[gap], t->off[b]);
+}
+
+/* Stage 2 on [a, b): alternate CJK runs and non-CJK runs. */
+static void pretok_stage2(const struct pretok_text *t, size_t a, size_t b, pretok_emit_fn emit, void *ctx) {
+    size_t i = a;
+    while (i < b) {
+        bool cjk = pretok_is_cjk(t->cp[i]);
+        size_t j = i;
+        while (j < b && pretok_is_cjk(t->cp[j]) == cjk) j++;
+        pretok_stage3(t, i, j, emit, ctx);
+        i = j;
+    }
+}
+
+/* Stage 1 on the whole span: groups of at most three numbers, and the
+ * stretches between them. */
+static void pretok_stage1(const struct pretok_text *t, pretok_emit_fn emit, void *ctx) {
+    size_t i = 0;
+    while (i < t->n) {
+        size_t j = i;
+        if (t->cls[i] == U_NUMBER)
+            while (j < t->n && t->cls[j] == U_NUMBER && j - i < 3) j++;
+        else
+            while (j < t->n && t->cls[j] != U_NUMBER) j++;
+        pretok_stage2(t, i, j, emit, ctx);
+        i = j;
+    }
+}
+
+/* Cut s[0..len) into pieces. The decoded arrays live only for this call. */
+static void pretokenize(const char *s, size_t len, pretok_emit_fn emit, void *ctx) {
+    struct pretok_text t = {.bytes = s};
+    if (len == 0) return;
+    t.cp = xmalloc(len * sizeof *t.cp);
+    t.cls = xmalloc(len);
+    t.off = xmalloc((len + 1) * sizeof *t.off);
+    for (size_t at = 0, used; at < len; at += used) {
+        t.off[t.n] = at;
+        t.cp[t.n] = utf8_decode((const unsigned char *)s + at, len - at, &used);
+        t.cls[t.n] = (uint8_t)unicode_class_of(t.cp[t.n]);
+        t.n++;
+    }
+    t.off[t.n] = len;
+    pretok_stage1(&t, emit, ctx);
+    free(t.cp);
+    free(t.cls);
+    free(t.off);
+}
+
+/* ---- 6.3 The vocabulary ------------------------------------------------------ */
+
+/* BPE works on bytes, but a vocabulary file stores tokens as text. GPT-2's
+ * trick [GPT2] is a reversible map from the 256 byte values to 256
+ * printable code points, so every byte string is a printable string:
+ *
+ *   - bytes 0x21-0x7E, 0xA1-0xAC and 0xAE-0xFF map to the code point of the
+ *     same value ('a' is 'a', 0xE9 is 'é');
+ *   - the other 68 bytes (controls, space, 0x7F-0xA0, 0xAD) map, in
+ *     ascending byte order, to U+0100, U+0101, ... U+0143. So a space is
+ *     U+0120 'Ġ' and a newline U+010A 'Ċ'.
+ *
+ * The GGUF keys the loader hands us [dsv4-format §3.1]:
+ *
+ *     tokenizer.ggml.tokens   129,280 strings; index = token id; each in
+ *                             byte-mapped form, except the added tokens
+ *                             (<｜User｜>, <think>, ...) which are literal
+ *     tokenizer.ggml.merges   127,741 strings "LEFT RIGHT" (one ASCII space,
+ *                             which never occurs inside a mapped token);
+ *                             index = merge rank, lower merges first
+ *
+ * Which tokens are "special"? The file has no flag we rely on. A base token
+ * is either one mapped byte or the product of a merge; anything else was
+ * added to the vocabulary by hand (BOS, EOS, <｜User｜>, <think>, ｜DSML｜,
+ * the place holders...). Those are the special tokens: they are never made
+ * by BPE, they decode to their literal text, and tokenize() finds them by
+ * string, but only when the caller asks it to.
+ *
+ * Lookups go through two open-addressing hash tables (linear probing, size a
+ * power of two at least twice the entries): token string -> id, and
+ * (left id, right id) -> (rank, merged id). */
+
+struct tok_merge {
+    uint32_t left, right;   /* token ids of the pair; left == UINT32_MAX: empty slot */
+    uint32_t rank;          /* index in tokenizer.ggml.merges */
+    uint32_t merged;        /* token id of left+right */
+};
+
+/* One node of the special-token trie: a byte, the token ending here (or -1),
+ * the first child and the next sibling (0 = none; node 0 is the root). */
+struct tok_trie_node {
+    int32_t token;
+    uint32_t child, sibling;
+    unsigned char byte;
+};
+
+/* Ids of the special tokens the engine and the chat template use, looked up
+ * by their strings; -1 where the vocabulary lacks one. */
+struct special_tokens {
+    int32_t bos;            /* <｜begin▁of▁sentence｜>   0 in DeepSeek V4 */
+    int32_t eos;            /* <｜end▁of▁sentence｜>     1 */
+    int32_t pad;            /* <｜▁pad▁｜>               2 */
+    int32_t user;           /* <｜User｜>                128803 */
+    int32_t assistant;      /* <｜Assistant｜>           128804 */
+    int32_t think_start;    /* <think>                  128821 */
+    int32_t think_end;      /* </think>                 128822 */
+    int32_t dsml;           /* ｜DSML｜                  128825 */
+    int32_t latest_reminder;/* <｜latest_reminder｜>     128828 */
+    int32_t eot;            /* <|EOT|>                  128805 */
+};
+
+struct tokenizer {
+    uint32_t n_tokens;
+    char *text;             /* all token strings, as in the file, back to back */
+    size_t *text_off;       /* [n_tokens+1] token i is text[text_off[i] .. text_off[i+1]) */
+    char *bytes;            /* all tokens decoded to raw bytes */
+    size_t *bytes_off;      /* [n_tokens+1] like text_off */
+    uint8_t *special;       /* [n_tokens] 1 for added tokens */
+    int32_t byte_token[256];/* the single-byte token of each byte value */
+    uint32_t *vocab;        /* [vocab_mask+1] hash slots holding id+1, 0 = empty */
+    uint32_t vocab_mask;
+    struct tok_merge *merges; /* [merge_mask+1] hash slots */
+    uint32_t merge_mask;
+    uint32_t n_merges;
+    struct tok_trie_node *trie; /* special tokens by string; node 0 is the root */
+    uint32_t n_trie;
+    struct special_tokens sp;
+};
+
+static void tok_byte_to_codepoint(uint32_t map[256]) {
+    uint32_t extra = 0;
+    for (int b = 0; b < 256; b++) {
+        bool printable = (b >= 0x21 && b <= 0x7E) || (b >= 0xA1 && b <= 0xAC) || b >= 0xAE;
+        map[b] = printable ? (uint32_t)b : 256 + extra++;
+    }
+}
+
+static int tok_fail(char *err, size_t errlen, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+
+static int tok_fail(char *err, size_t errlen, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    if (err && errlen) vsnprintf(err, errlen, fmt, ap);
+    va_end(ap);
+    return -1;
+}
+
+/* FNV-1a for strings, and a 64-bit mixer (from SplitMix64) for id pairs. */
+static uint64_t tok_hash_bytes(const char *s, size_t n) {
+    uint64_t h = 1469598103934665603ull;
+    for (size_t i = 0; i < n; i++) h = (h ^ (unsigned char)s[i]) * 1099511628211ull;
+    return h;
+}
+
+static uint64_t tok_hash_pair(uint32_t a, uint32_t b) {
+    uint64_t x = ((uint64_t)a << 32) | b;
+    x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+    x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+    return x ^ (x >> 31);
+}
+
+static uint32_t tok_table_mask(size_t entries) {
+    size_t size = 16;
+    while (size < 2 * entries) size *= 2;
+    return (uint32_t)(size - 1);
+}
+
+static int32_t tok_lookup(const struct tokenizer *t, const char *s, size_t n) {
+    for (uint64_t h = tok_hash_bytes(s, n) & t->vocab_mask;; h = (h + 1) & t->vocab_mask) {
+        uint32_t slot = t->vocab[h];
+        if (slot == 0) return -1;
+        size_t a = t->text_off[slot - 1], len = t->text_off[slot] - a;
+        if (len == n && memcmp(t->text + a, s, n) == 0) return (int32_t)(slot - 1);
+    }
+}
+
+static const struct tok_merge *tok_find_merge(const struct tokenizer *t, uint32_t left, uint32_t right) {
+    for (uint64_t h = tok_hash_pair(left, right) & t->merge_mask;; h = (h + 1) & t->merge_mask) {
+        const struct tok_merge *m = &t->merges[h];
+        if (m->left == UINT32_MAX) return NULL;
+        if (m->left == left && m->right == right) return m;
+    }
+}
+
+/* Copy the token strings and index them. A repeated string keeps its first
+ * id, so lookups are deterministic even for a malformed file. */
+static void tok_build_vocab(struct tokenizer *t, const char *const *tokens, const uint32_t *lens) {
+    size_t total = 0;
+    for (uint32_t i = 0; i < t->n_tokens; i++) total += lens[i];
+    t->text = xmalloc(total + 1);
+    t->text_off = xmalloc((t->n_tokens + 1) * sizeof *t->text_off);
+    total = 0;
+    for (uint32_t i = 0; i < t->n_tokens; i++) {
+        t->text_off[i] = total;
+        memcpy(t->text + total, tokens[i], lens[i]);
+        total += lens[i];
+    }
+    t->text_off[t->n_tokens] = total;
+    t->vocab_mask = tok_table_mask(t->n_tokens);
+    t->vocab = xcalloc((size_t)t->vocab_mask + 1, sizeof *t->vocab);
+    for (uint32_t i = 0; i < t->n_tokens; i++) {
+        const char *s = t->text + t->text_off[i];
+        size_t n = lens[i];
+        if (tok_lookup(t, s, n) >= 0) continue;
+        uint64_t h = tok_hash_bytes(s, n) & t->vocab_mask;
+        while (t->vocab[h] != 0) h = (h + 1) & t->vocab_mask;
+        t->vocab[h] = i + 1;
+    }
+}
+
+static int tok_build_byte_tokens(struct tokenizer *t, char *err, size_t errlen) {
+    uint32_t map[256];
+    tok_byte_to_codepoint(map);
+    for (int b = 0; b < 256; b++) {
+        char u[4];
+        size_t n = utf8_encode(u, map[b]);
+        t->byte_token[b] = tok_lookup(t, u, n);
+        if (t->byte_token[b] < 0)
+            return tok_fail(err, errlen, "tokenizer: no token for the single byte 0x%02x", b);
+    }
+    return 0;
+}
+
+/* Parse "LEFT RIGHT" number `rank` and enter the pair. All three tokens
+ * (left, right and their concatenation) must exist. */
+static int tok_add_merge(struct tokenizer *t, uint32_t rank, const char *s, size_t n, char *err, size_t errlen) {
+    const char *space = memchr(s, ' ', n);
+    if (space == NULL || space == s || space == s + n - 1)
+        return tok_fail(err, errlen, "tokenizer: merge %u is not \"LEFT RIGHT\"", rank);
+    size_t nl = (size_t)(space - s), nr = n - nl - 1;
+    char *joined = xmalloc(nl + nr);
+    memcpy(joined, s, nl);
+    memcpy(joined + nl, space + 1, nr);
+    int32_t left = tok_lookup(t, s, nl), right = tok_lookup(t, space + 1, nr);
+    int32_t merged = tok_lookup(t, joined, nl + nr);
+    free(joined);
+    if (left < 0 || right < 0 || merged < 0)
+        return tok_fail(err, errlen, "tokenizer: merge %u (\"%.*s\") names a token not in the vocabulary",
+                        rank, (int)(n > 60 ? 60 : n), s);
+    if (tok_find_merge(t, (uint32_t)left, (uint32_t)right)) return 0;   /* keep the lower rank */
+    uint64_t h = tok_hash_pair((uint32_t)left, (uint32_t)right) & t->merge_mask;
+    while (t->merges[h].left != UINT32_MAX) h = (h + 1) & t->merge_mask;
+    t->merges[h] = (struct tok_merge){(uint32_t)left, (uint32_t)right, rank, (uint32_t)merged};
+    t->special[merged] = 0;                             /* made by a merge: a base token */
+    return 0;
+}
+
+static int tok_build_merges(struct tokenizer *t, uint32_t n_merges, const char *const *merges,
+                            const uint32_t *lens, char *err, size_t errlen) {
+    t->n_merges = n_merges;
+    t->merge_mask = tok_table_mask(n_merges);
+    t->merges = xmalloc(((size_t)t->merge_mask + 1) * sizeof *t->merges);
+    for (size_t i = 0; i <= t->merge_mask; i++) t->merges[i].left = UINT32_MAX;
+    for (uint32_t r = 0; r < n_merges; r++)
+        if (tok_add_merge(t, r, merges[r], lens[r], err, errlen) != 0) return -1;
+    return 0;
+}
+
+/* Decode every token once, at load time, so detokenizing is a copy. A base
+ * token's characters go back through the inverse byte map; a code point the
+ * map does not cover (a stray non-mapped character) is kept as its UTF-8.
+ * A special token is its literal text. */
+static void tok_build_bytes(struct tokenizer *t) {
+    uint32_t map[256];
+    int16_t inverse[324];
+    tok_byte_to_codepoint(map);
+    for (int i = 0; i < 324; i++) inverse[i] = -1;
+    for (int b = 0; b < 256; b++) inverse[map[b]] = (int16_t)b;
+    t->bytes = xmalloc(t->text_off[t->n_tokens] + 1);
+    t->bytes_off = xmalloc((t->n_tokens + 1) * sizeof *t->bytes_off);
+    size_t out = 0;
+    for (uint32_t id = 0; id < t->n_tokens; id++) {
+        const unsigned char *s = (const unsigned char *)t->text + t->text_off[id];
+        size_t n = t->text_off[id + 1] - t->text_off[id];
+        t->bytes_off[id] = out;
+        for (size_t at = 0, used; at < n; at += used) {
+            uint32_t cp = utf8_decode(s + at, n - at, &used);
+            if (!t->special[id] && cp < 324 && inverse[cp] >= 0) {
+                t->bytes[out++] = (char)inverse[cp];
+            } else {
+                memcpy(t->bytes + out, s + at, used);
+                out += used;
+            }
+        }
+    }
+    t->bytes_off[t->n_tokens] = out;
+}
+
+/* The trie of special-token strings, for longest-match search in 7.5. */
+static uint32_t tok_trie_child(struct tokenizer *t, uint32_t node, unsigned char byte) {
+    uint32_t c = t->trie[node].child;
+    for (; c != 0; c = t->trie[c].sibling)
+        if (t->trie[c].byte == byte) return c;
+    c = t->n_trie++;
+    t->trie[c] = (struct tok_trie_node){-1, 0, t->trie[node].child, byte};
+    t->trie[node].child = c;
+    return c;
+}
+
+static void tok_build_trie(struct tokenizer *t) {
+    size_t nodes = 1;
+    for (uint32_t id = 0; id < t->n_tokens; id++)
+        if (t->special[id]) nodes += t->text_off[id + 1] - t->text_off[id];
+    t->trie = xmalloc(nodes * sizeof *t->trie);
+    t->trie[0] = (struct tok_trie_node){-1, 0, 0, 0};
+    t->n_trie = 1;
+    for (uint32_t id = 0; id < t->n_tokens; id++) {
+        if (!t->special[id]) continue;
+        uint32_t node = 0;
+        for (size_t i = t->text_off[id]; i < t->text_off[id + 1]; i++)
+            node = tok_trie_child(t, node, (unsigned char)t->text[i]);
+        if (node != 0 && t->trie[node].token < 0) t->trie[node].token = (int32_t)id;
+    }
+}
+
+static int32_t tok_special_id(const struct tokenizer *t, const char *s) {
+    return tok_lookup(t, s, strlen(s));
+}
+
+static void tok_find_specials(struct tokenizer *t) {
+    struct special_tokens *sp = &t->sp;
+    sp->bos = tok_special_id(t, "<｜begin▁of▁sentence｜>");
+    sp->eos = tok_special_id(t, "<｜end▁of▁sentence｜>");
+    sp->pad = tok_special_id(t, "<｜▁pad▁｜>");
+    sp->user = tok_special_id(t, "<｜User｜>");
+    sp->assistant = tok_special_id(t, "<｜Assistant｜>");
+    sp->think_start = tok_special_id(t, "<think>");
+    sp->think_end = tok_special_id(t, "</think>");
+    sp->dsml = tok_special_id(t, "｜DSML｜");
+    sp->latest_reminder = tok_special_id(t, "<｜latest_reminder｜>");
+    sp->eot = tok_special_id(t, "<|EOT|>");
+}
+
+static void tokenizer_free(struct tokenizer *t) {
+    free(t->text);
+    free(t->text_off);
+    free(t->bytes);
+    free(t->bytes_off);
+    free(t->special);
+    free(t->vocab);
+    free(t->merges);
+    free(t->trie);
+    memset(t, 0, sizeof *t);
+}
+
+/* Build a tokenizer from the two GGUF arrays. The strings are copied, so the
+ * caller may unmap the file afterwards. Returns 0, or -1 with a message. */
+static int tokenizer_init(struct tokenizer *t, uint32_t n_tokens, const char *const *tokens,
+                          const uint32_t *token_lens, uint32_t n_merges, const char *const *merges,
+                          const uint32_t *merge_lens, char *err, size_t errlen) {
+    memset(t, 0, sizeof *t);
+    if (n_tokens < 256 || n_tokens > INT32_MAX)
+        return tok_fail(err, errlen, "tokenizer: %u tokens is not a byte-level vocabulary", n_tokens);
+    t->n_tokens = n_tokens;
+    tok_build_vocab(t, tokens, token_lens);
+    t->special = xmalloc(n_tokens);
+    memset(t->special, 1, n_tokens);
+    if (tok_build_byte_tokens(t, err, errlen) != 0) goto fail;
+    for (int b = 0; b < 256; b++) t->special[t->byte_token[b]] = 0;
+    if (tok_build_merges(t, n_merges, merges, merge_lens, err, errlen) != 0) goto fail;
+    tok_build_bytes(t);
+    tok_build_trie(t);
+    tok_find_specials(t);
+    return 0;
+fail:
+    tokenizer_free(t);
+    return -1;
+}
+
+/* ---- 6.4 BPE: merging one piece -------------------------------------------- */
+
+/* A piece starts as one symbol per byte (its single-byte token). Then,
+ * repeatedly, the adjacent pair with the lowest merge rank is replaced by
+ * its merged token, the leftmost one if a rank occurs twice; when no
+ * adjacent pair has a rank, the symbols are the piece's tokens.
+ *
+ * Rescanning all pairs after every merge costs O(n^2) on a long piece (a run
+ * of 5,000 'x', a base64 blob). Instead the symbols form a doubly linked
+ * list, and every candidate pair sits in a min-heap keyed by (rank, left
+ * position). A merge changes only the two pairs around the new symbol, so
+ * each merge pushes at most two new candidates: O(n log n) in all.
+ *
+ * The heap may hold stale candidates (a pair whose symbols were since merged
+ * into something else). We do not remove them; when one reaches the top we
+ * check that the two neighbours still carry the ids it was pushed with, and
+ * skip it if not. A pushed pair's rank depends only on its two ids, so a
+ * candidate that passes the check is exactly as valid as a fresh one. */
+
+struct bpe_candidate {
+    uint32_t rank;
+    uint32_t pos;           /* index of the left symbol */
+    int32_t left, right;    /* the ids it was pushed with */
+};
+
+struct bpe_work {
+    int32_t *id;            /* [n] symbol token id; -1 once merged away */
+    int32_t *prev, *next;   /* [n] neighbours in the list, -1 at the ends */
+    struct bpe_candidate *heap;
+    size_t n_heap, cap;     /* cap: symbols the arrays can hold */
+};
+
+static bool bpe_before(const struct bpe_candidate *a, const struct bpe_candidate *b) {
+    return a->rank != b->rank ? a->rank < b->rank : a->pos < b->pos;
+}
+
+static void bpe_push(struct bpe_work *w, struct bpe_candidate c) {
+    size_t i = w->n_heap++;
+    while (i > 0 && bpe_before(&c, &w->heap[(i - 1) / 2])) {
+        w->heap[i] = w->heap[(i - 1) / 2];
+        i = (i - 1) / 2;
+    }
+    w->heap[i] = c;
+}
+
+static struct bpe_candidate bpe_pop(struct bpe_work *w) {
+    struct bpe_candidate top = w->heap[0], last = w->heap[--w->n_heap];
+    size_t i = 0;
+    for (;;) {
+        size_t c = 2 * i + 1;
+        if (c >= w->n_heap) break;
+        if (c + 1 < w->n_heap && bpe_before(&w->heap[c + 1], &w->heap[c])) c++;
+        if (!bpe_before(&w->heap[c], &last)) break;
+        w->heap[i] = w->heap[c];
+        i = c;
+    }
+    if (w->n_heap > 0) w->heap[i] = last;
+    return top;
+}
+
+/* Push the pair starting at symbol `pos` if it has a merge. */
+static void bpe_consider(const struct tokenizer *t, struct bpe_work *w, int32_t pos) {
+    if (pos < 0 || w->next[pos] < 0) return;
+    int32_t l = w->id[pos], r = w->id[w->next[pos]];
+    const struct tok_merge *m = tok_find_merge(t, (uint32_t)l, (uint32_t)r);
+    if (m) bpe_push(w, (struct bpe_candidate){m->rank, (uint32_t)pos, l, r});
+}
+
+static void bpe_reserve(struct bpe_work *w, size_t n) {
+    if (n <= w->cap) return;
+    w->cap = n;
+    w->id = xrealloc(w->id, n * sizeof *w->id);
+    w->prev = xrealloc(w->prev, n * sizeof *w->prev);
+    w->next = xrealloc(w->next, n * sizeof *w->next);
+    /* each merge pushes at most two candidates on top of the n-1 initial ones */
+    w->heap = xrealloc(w->heap, 3 * n * sizeof *w->heap);
+}
+
+/* Encode one piece s[0..n) and append its ids to ids[] (grown as needed). */
+static void bpe_piece(const struct tokenizer *t, struct bpe_work *w, const unsigned char *s, size_t n,
+                      int32_t **ids, size_t *n_ids, size_t *cap_ids) {
+    bpe_reserve(w, n);
+    w->n_heap = 0;
+    for (size_t i = 0; i < n; i++) {
+        w->id[i] = t->byte_token[s[i]];
+        w->prev[i] = (int32_t)i - 1;
+        w->next[i] = i + 1 < n ? (int32_t)i + 1 : -1;
+    }
+    for (size_t i = 0; i + 1 < n; i++) bpe_consider(t, w, (int32_t)i);
+    while (w->n_heap > 0) {
+        struct bpe_candidate c = bpe_pop(w);
+        int32_t l = (int32_t)c.pos, r = w->next[l];
+        if (r < 0 || w->id[l] != c.left || w->id[r] != c.right) continue;   /* stale */
+        w->id[l] = (int32_t)tok_find_merge(t, (uint32_t)c.left, (uint32_t)c.right)->merged;
+        w->id[r] = -1;
+        w->next[l] = w->next[r];
+        if (w->next[r] >= 0) w->prev[w->next[r]] = l;
+        bpe_consider(t, w, w->prev[l]);
+        bpe_consider(t, w, l);
+    }
+    for (int32_t i = n ? 0 : -1; i >= 0; i = w->next[i]) {
+        if (*n_ids == *cap_ids) {
+            *cap_ids = *cap_ids ? 2 * *cap_ids : 64;
+            *ids = xrealloc(*ids, *cap_ids * sizeof **ids);
+        }
+        (*ids)[(*n_ids)++] = w->id[i];
+    }
+}
+
+static void bpe_work_free(struct bpe_work *w) {
+    free(w->id);
+    free(w->prev);
+    free(w->next);
+    free(w->heap);
+}
+
+/* ---- 6.5 tokenize() ------------------------------------------------------------ */
+
+/* Special tokens come first. With parse_special, the text is scanned for
+ * special-token strings, the longest one wins at each position (as HF
+ * tokenizers does for added tokens), and the plain text between them goes
+ * through the pre-tokenizer and BPE on its own. Without it, "<｜User｜>"
+ * typed by a user is just characters, tokenized like any others: this is
+ * what keeps user text from forging turn markers. The chat template output
+ * is tokenized with parse_special = true; user-supplied raw text with false.
+ *
+ * The pre-tokenizer calls back once per piece; the callback runs BPE. */
+
+struct tok_run {
+    const struct tokenizer *t;
+    struct bpe_work work;
+    const char *text;       /* the span being pre-tokenized */
+    int32_t *ids;
+    size_t n_ids, cap_ids;
+};
+
+static void tok_emit_piece(void *ctx, size_t start, size_t end) {
+    struct tok_run *r = ctx;
+    bpe_piece(r->t, &r->work, (const unsigned char *)r->text + start, end - start, &r->ids, &r->n_ids,
+              &r->cap_ids);
+}
+
+static void tok_plain(struct tok_run *r, const char *s, size_t n) {
+    r->text = s;
+    pretokenize(s, n, tok_emit_piece, r);
+}
+
+/* The special token that starts at s (longest match), or -1; *len its length. */
+static int32_t tok_match_special(const struct tokenizer *t, const char *s, size_t n, size_t *len) {
+    int32_t best = -1;
+    uint32_t node = 0;
+    for (size_t i = 0; i < n; i++) {
+        uint32_t c = t->trie[node].child;
+        while (c != 0 && t->trie[c].byte != (unsigned char)s[i]) c = t->trie[c].sibling;
+        if (c == 0) break;
+        node = c;
+        if (t->trie[node].token >= 0) {
+            best = t->trie[node].token;
+            *len = i + 1;
+        }
+    }
+    return best;
+}
+
+/* Tokenize text[0..len) into a new array *out of *n ids (free() it).
+ * Always succeeds (returns 0); invalid UTF-8 is encoded byte by byte. */
+static int tokenize(const struct tokenizer *t, const char *text, size_t len, bool parse_special,
+                    int32_t **out, size_t *n) {
+    struct tok_run r = {.t = t};
+    size_t plain = 0;
+    for (size_t i = 0; parse_special && i < len; i++) {
+        size_t mlen = 0;
+        int32_t id = tok_match_special(t, text + i, len - i, &mlen);
+        if (id < 0) continue;
+        tok_plain(&r, text + plain, i - plain);
+        if (r.n_ids == r.cap_ids) {
+            r.cap_ids = r.cap_ids ? 2 * r.cap_ids : 64;
+            r.ids = xrealloc(r.ids, r.cap_ids * sizeof *r.ids);
+        }
+        r.ids[r.n_ids++] = id;
+        i += mlen - 1;
+        plain = i + 1;
+    }
+    tok_plain(&r, text + plain, len - plain);
+    bpe_work_free(&r.work);
+    *out = r.ids;
+    *n = r.n_ids;
+    return 0;
+}
+
+/* ---- 6.6 Decoding ---------------------------------------------------------------- */
+
+/* The bytes of one token, or NULL for an id outside the vocabulary. */
+static const char *token_bytes(const struct tokenizer *t, int32_t id, size_t *len) {
+    if (id < 0 || (uint32_t)id >= t->n_tokens) return NULL;
+    *len = t->bytes_off[id + 1] - t->bytes_off[id];
+    return t->bytes + t->bytes_off[id];
+}
+
+/* Append the bytes of ids[0..n) to out. Ids outside the vocabulary are
+ * skipped. The result may be invalid UTF-8 if the ids are (a sampled
+ * sequence can stop in the middle of a character). */
+static void detokenize(const struct tokenizer *t, const int32_t *ids, size_t n, struct strbuf *out) {
+    for (size_t i = 0; i < n; i++) {
+        size_t len;
+        const char *b = token_bytes(t, ids[i], &len);
+        if (b) strbuf_append(out, b, len);
+    }
+}
+
+/* Streaming. A token can end in the middle of a character: "😀" is four
+ * bytes, often split over two or three tokens. Printing each token's bytes
+ * at once would show a broken character on a terminal, and an HTTP client
+ * would turn it into U+FFFD for good (and send that back next turn, which
+ * also defeats prompt caching). So the stream holds back an unfinished
+ * character (at most 3 bytes) until a later token completes it.
+ *
+ * Bytes that can never become a valid character are passed through at once:
+ * holding them would only delay the same bytes. token_stream_flush() at the
+ * end of generation releases whatever is still held. The concatenation of
+ * everything a stream emits always equals detokenize() of the same ids. */
+
+struct token_stream {
+    char held[4];
+    size_t n_held;
+};
+
+static void token_stream_bytes(struct token_stream *s, const char *b, size_t n, struct strbuf *out) {
+    size_t start = out->len;
+    strbuf_append(out, s->held, s->n_held);
+    strbuf_append(out, b, n);
+    if (out->oom) return;
+    size_t keep = utf8_unfinished_tail((const unsigned char *)out->data + start, out->len - start);
+    memcpy(s->held, out->data + out->len - keep, keep);
+    s->n_held = keep;
+    out->len -= keep;
+    out->data[out->len] = '\0';
+}
+
+static void token_stream_push(const struct tokenizer *t, struct token_stream *s, int32_t id,
+                              struct strbuf *out) {
+    size_t len;
+    const char *b = token_bytes(t, id, &len);
+    if (b) token_stream_bytes(s, b, len, out);
+}
+
+static void token_stream_flush(struct token_stream *s, struct strbuf *out) {
+    strbuf_append(out, s->held, s->n_held);
+    s->n_held = 0;
+}
+
+/* ---- 6.7 Python-style JSON ------------------------------------------------------ */
+
+/* The official encoder [ENC] writes JSON with Python's
+ * json.dumps(value, ensure_ascii=False): tool schemas in the system prompt,
+ * non-string tool arguments in DSML, the response format. The bytes matter,
+ * so we reproduce that writer rather than use the compact one of the JSON
+ * chapter:
+ *
+ *   - separators ", " and ": ";
+ *   - strings escape only '"', '\\' and the controls below 0x20 (\n \r \t
+ *     \b \f by name, the rest as \u00xx with lowercase hex); all other
+ *     characters, including non-ASCII, are written as they are;
+ *   - an object is a Python dict: if a key repeats, it appears once, at the
+ *     place of its first occurrence, with the value of its last;
+ *   - numbers: Python keeps integers and floats apart, and prints a float
+ *     with repr(): the shortest digits that read back to the same double,
+ *     in positional notation when the decimal exponent is in [-4, 16), else
+ *     as "1.5e+20"; always with a '.' or an 'e' ("2.0", not "2").
+ *
+ * LIMITATION. Our JSON tree keeps a number only as a double, so we cannot
+ * tell "2" from "2.0" in the input. We print every integral value below 1e16
+ * as an integer, which is right for the integers that tool schemas and
+ * arguments are made of, and wrong only for floats written with a zero
+ * fraction ("2.0" comes out as "2"). */
+
+static void pyjson_string(struct strbuf *b, const char *s, size_t n) {
+    size_t run = 0;
+    strbuf_append(b, "\"", 1);
+    for (size_t i = 0; i < n; i++) {
+        unsigned char c = (unsigned char)s[i];
+        if (c >= 0x20 && c != '"' && c != '\\') continue;
+        strbuf_append(b, s + run, i - run);
+        run = i + 1;
+        switch (c) {
+        case '"':  strbuf_puts(b, "\\\""); break;
+        case '\\': strbuf_puts(b, "\\\\"); break;
+        case '\n': strbuf_puts(b, "\\n"); break;
+        case '\r': strbuf_puts(b, "\\r"); break;
+        case '\t': strbuf_puts(b, "\\t"); break;
+        case '\b': strbuf_puts(b, "\\b"); break;
+        case '\f': strbuf_puts(b, "\\f"); break;
+        default:   strbuf_printf(b, "\\u%04x", c); break;
+        }
+    }
+    strbuf_append(b, s + run, n - run);
+    strbuf_append(b, "\"", 1);
+}
+
+/* Python's repr() of a float: find the fewest significant digits (1..17)
+ * that read back exactly, then lay them out as described above. */
+static void pyjson_float(struct strbuf *b, double v) {
+    char sci[40], digits[24];
+    int prec, exp10 = 0;
+    for (prec = 1; prec <= 17; prec++) {
+        snprintf(sci, sizeof sci, "%.*e", prec - 1, v);
+        if (strtod(sci, NULL) == v) break;
+    }
+    /* sci is "-d.ddde+XX": collect the digits and the exponent */
+    size_t nd = 0;
+    const char *p = sci;
+    if (*p == '-') {
+        strbuf_append(b, "-", 1);
+        p++;
+    }
+    for (; *p && *p != 'e'; p++)
+        if (*p >= '0' && *p <= '9') digits[nd++] = *p;
+    if (*p == 'e') exp10 = atoi(p + 1);
+    while (nd > 1 && digits[nd - 1] == '0') nd--;
+    digits[nd] = '\0';
+    if (exp10 >= -4 && exp10 < 16) {
+        if (exp10 < 0) {
+            strbuf_puts(b, "0.");
+            for (int i = -1; i > exp10; i--) strbuf_append(b, "0", 1);
+            strbuf_append(b, digits, nd);
+            return;
+        }
+        size_t whole = (size_t)exp10 + 1;
+        for (size_t i = 0; i < whole; i++) strbuf_append(b, i < nd ? &digits[i] : "0", 1);
+        strbuf_append(b, ".", 1);
+        if (nd > whole) strbuf_append(b, digits + whole, nd - whole);
+        else strbuf_append(b, "0", 1);
+        return;
+    }
+    strbuf_append(b, digits, 1);
+    if (nd > 1) {
+        strbuf_append(b, ".", 1);
+        strbuf_append(b, digits + 1, nd - 1);
+    }
+    strbuf_printf(b, "e%c%02d", exp10 < 0 ? '-' : '+', exp10 < 0 ? -exp10 : exp10);
+}
+
+static void pyjson_number(struct strbuf *b, double v) {
+    if (isnan(v)) strbuf_puts(b, "NaN");
+    else if (isinf(v)) strbuf_puts(b, v > 0 ? "Infinity" : "-Infinity");
+    else if (v == 0) strbuf_puts(b, "0");
+    else if (v == floor(v) && fabs(v) < 1e16) strbuf_printf(b, "%.0f", v);
+    else pyjson_float(b, v);
+}
+
+/* Dict semantics for repeated keys: member i is written only if no earlier
+ * member has its key, and then with the value of the last member that does. */
+static bool pyjson_same_key(const struct json *obj, size_t i, size_t j) {
+    return obj->key_lens[i] == obj->key_lens[j] && memcmp(obj->keys[i], obj->keys[j], obj->key_lens[i]) == 0;
+}
+
+static bool pyjson_first_of_key(const struct json *obj, size_t i) {
+    for (size_t j = 0; j < i; j++)
+        if (pyjson_same_key(obj, i, j)) return false;
+    return true;
+}
+
+static const struct json *pyjson_last_value(const struct json *obj, size_t i) {
+    for (size_t j = obj->count; j-- > i;)
+        if (pyjson_same_key(obj, i, j)) return &obj->items[j];
+    return &obj->items[i];
+}
+
+static void pyjson_write(struct strbuf *b, const struct json *j) {
+    if (j == NULL) {
+        strbuf_puts(b, "null");
+        return;
+    }
+    switch (j->kind) {
+    case JSON_NULL:   strbuf_puts(b, "null"); break;
+    case JSON_FALSE:  strbuf_puts(b, "false"); break;
+    case JSON_TRUE:   strbuf_puts(b, "true"); break;
+    case JSON_NUMBER: pyjson_number(b, j->number); break;
+    case JSON_STRING: pyjson_string(b, j->string, j->len); break;
+    case JSON_ARRAY:
+        strbuf_append(b, "[", 1);
+        for (size_t i = 0; i < j->count; i++) {
+            if (i > 0) strbuf_append(b, ", ", 2);
+            pyjson_write(b, &j->items[i]);
+        }
+        strbuf_append(b, "]", 1);
+        break;
+    case JSON_OBJECT: {
+        bool first = true;
+        strbuf_append(b, "{", 1);
+        for (size_t i = 0; i < j->count; i++) {
+            if (!pyjson_first_of_key(j, i)) continue;
+            if (!first) strbuf_append(b, ", ", 2);
+            first = false;
+            pyjson_string(b, j->keys[i], j->key_lens[i]);
+            strbuf_append(b, ": ", 2);
+            pyjson_write(b, pyjson_last_value(j, i));
+        }
+        strbuf_append(b, "}", 1);
+        break;
+    }
+    }
+}
+
+/* ---- 6.8 The chat template ------------------------------------------------------ */
+
+/* DeepSeek ships no Jinja template for V4; the source of truth is the Python
+ * encoder [ENC]. What it produces, for a conversation of messages:
+ *
+ *     BOS [Think-Max paragraph] message message ...
+ *
+ * and per message (docs/dsv4-format.md §4.2):
+ *
+ *     system        content [\n\n tools section] [\n\n response format]
+ *     developer     <｜User｜> content [\n\n tools] [\n\n response format]
+ *     user          <｜User｜> part \n\n part ...   (text, <tool_result>s)
+ *     latest_reminder   <｜latest_reminder｜> content
+ *     assistant     [reasoning </think>] content [\n\n DSML tool calls] EOS
+ *
+ * then, after a user or developer message that ends the list or is followed
+ * by an assistant or latest_reminder message, the "transition" that hands
+ * the turn to the model: <｜Assistant｜> and then <think> (thinking mode) or
+ * </think> (chat mode, or a past turn whose reasoning was dropped).
+ *
+ * Before rendering, the encoder reshapes the list, and we do the same:
+ *
+ *   1. MERGE. There is no tool role in the prompt. A tool message becomes a
+ *      tool-result block of a user turn; consecutive tool results, and a
+ *      user message right after them, fold into one user turn whose parts
+ *      are joined by a blank line.
+ *   2. SORT. Inside such a turn, tool results are put in the order of the
+ *      calls in the preceding assistant message (matched by call id).
+ *   3. DROP. Reasoning is expensive context. In thinking mode, unless any
+ *      message carries tools, assistant turns before the last user message
+ *      lose their reasoning (and then open with </think>), and developer
+ *      messages before it disappear.
+ *
+ * THINK MAX. With reasoning effort "max", a fixed paragraph asking for
+ * exhaustive reasoning goes right after BOS. DeepSeek recommends it only
+ * for contexts of at least 384K tokens (the reasoning it triggers is long),
+ * so chat_render() silently uses normal thinking below that.
+ *
+ * Two choices of ours where the encoder has no answer:
+ *
+ *   - tools given next to the messages (an OpenAI request's "tools") attach
+ *     to the first message, as DeepSeek's own tests do; if that message is
+ *     not a system or developer message, an empty system message is put in
+ *     front to carry them (the encoder would silently drop a tools list on
+ *     a user message);
+ *   - a message "content" that is a list of parts has its text parts joined
+ *     with "\n\n"; tool-call "arguments" given as a JSON object instead of
+ *     a string are used as is. */
+
+#define CHAT_THINK_MAX_MIN_CONTEXT 393216      /* 384K tokens, from the V4 model card */
+
+enum chat_mode { CHAT_MODE_CHAT, CHAT_MODE_THINKING, CHAT_MODE_THINK_MAX };
+
+struct chat_options {
+    enum chat_mode mode;
+    uint64_t context_tokens;   /* the session's context size; gates Think Max */
+    bool keep_reasoning;       /* never drop earlier reasoning (drop_thinking=False) */
+    bool no_bos;               /* continuing an already encoded prefix */
+};
+
+static const char CHAT_BOS[] = "<｜begin▁of▁sentence｜>";
+static const char CHAT_EOS[] = "<｜end▁of▁sentence｜>";
+static const char CHAT_USER[] = "<｜User｜>";
+static const char CHAT_ASSISTANT[] = "<｜Assistant｜>";
+static const char CHAT_REMINDER[] = "<｜latest_reminder｜>";
+static const char CHAT_THINK[] = "<think>";
+static const char CHAT_END_THINK[] = "</think>";
+
+/* The Think-Max paragraph and the tools section, byte for byte as the
+ * official encoder writes them (they are data the model was trained on). */
+static const char CHAT_THINK_MAX_TEXT[] =
+    "Reasoning Effort: Absolute maximum with no shortcuts permitted.\n"
+    "You MUST be very thorough in your thinking and comprehensively decompose the problem to "
+    "resolve the root cause, rigorously stress-testing your logic against all potential paths, "
+    "edge cases, and adversarial scenarios.\n"
+    "Explicitly write out your entire deliberation process, documenting every intermediate step, "
+    "considered alternative, and rejected hypothesis to ensure absolutely no assumption is left "
+    "unchecked.\n\n";
+
+static const char CHAT_TOOLS_HEAD[] =
+    "## Tools\n\n"
+    "You have access to a set of tools to help answer the user's question. You can invoke tools by "
+    "writing a \"<｜DSML｜tool_calls>\" block like the following:\n\n"
+    "<｜DSML｜tool_calls>\n"
+    "<｜DSML｜invoke name=\"$TOOL_NAME\">\n"
+    "<｜DSML｜parameter name=\"$PARAMETER_NAME\" string=\"true|false\">$PARAMETER_VALUE</｜DSML｜parameter>\n"
+    "...\n"
+    "</｜DSML｜invoke>\n"
+    "<｜DSML｜invoke name=\"$TOOL_NAME2\">\n"
+    "...\n"
+    "</｜DSML｜invoke>\n"
+    "</｜DSML｜tool_calls>\n\n"
+    "String parameters should be specified as is and set `string=\"true\"`. For all other types "
+    "(numbers, booleans, arrays, objects), pass the value in JSON format and set `string=\"false\"`.\n\n"
+    "If thinking_mode is enabled (triggered by <think>), you MUST output your complete reasoning "
+    "inside <think>...</think> BEFORE any tool calls or final response.\n\n"
+    "Otherwise, output directly after </think> with tool calls or final response.\n\n"
+    "### Available Tool Schemas\n\n";
+
+static const char CHAT_TOOLS_TAIL[] =
+    "\n\nYou MUST strictly follow the above defined tool name and parameter schemas to invoke tool calls.\n";
+
+static const char CHAT_RESPONSE_FORMAT[] =
+    "\n\n## Response Format:\n\nYou MUST strictly adhere to the following schema to reply:\n";
+
+/* The quick-task markers a user message may request with "task". */
+static const char *const CHAT_TASKS[][2] = {
+    {"action", "<｜action｜>"}, {"query", "<｜query｜>"}, {"authority", "<｜authority｜>"},
+    {"domain", "<｜domain｜>"}, {"title", "<｜title｜>"}, {"read_url", "<｜read_url｜>"},
+};
+
+enum chat_role { CHAT_SYSTEM, CHAT_USER_ROLE, CHAT_ASSISTANT_ROLE, CHAT_DEVELOPER, CHAT_LATEST_REMINDER,
+                 CHAT_TOOL, CHAT_UNKNOWN };
+
+/* One part of a merged user turn. */
+struct chat_block {
+    bool tool_result;
+    const struct json *body;        /* text block: its text; tool result: its content */
+    const struct json *call_id;     /* tool result: the tool_call_id it answers */
+};
+
+/* A message after MERGE: a view on the caller's JSON plus the merged parts. */
+struct chat_msg {
+    enum chat_role role;
+    const struct json *src;         /* the message object; NULL for the synthetic system message */
+    const struct json *tools;       /* its "tools" (or the request's tools) */
+    const struct json *task;        /* "task", or NULL */
+    bool drop_reasoning;            /* set by DROP */
+    struct chat_block *blocks;      /* user turns only */
+    size_t n_blocks, cap_blocks;
+};
+
+struct chat_list {
+    struct chat_msg *m;
+    size_t n, cap;
+};
+
+/* Python truthiness, which the encoder uses for "if tools:" and friends. */
+static bool chat_truthy(const struct json *v) {
+    if (v == NULL) return false;
+    switch (v->kind) {
+    case JSON_NULL: case JSON_FALSE: return false;
+    case JSON_TRUE: return true;
+    case JSON_NUMBER: return v->number != 0;
+    case JSON_STRING: return v->len > 0;
+    default: return v->count > 0;
+    }
+}
+
+static bool chat_is_str(const struct json *v, const char *s) {
+    return json_is(v, JSON_STRING) && v->len == strlen(s) && memcmp(v->string, s, v->len) == 0;
+}
+
+static enum chat_role chat_role_of(const struct json *msg) {
+    static const char *const names[] = {"system", "user", "assistant", "developer", "latest_reminder", "tool"};
+    const struct json *role = json_get(msg, "role");
+    for (int r = 0; r < 6; r++)
+        if (chat_is_str(role, names[r])) return (enum chat_role)r;
+    return CHAT_UNKNOWN;
+}
+
+static struct chat_msg *chat_push(struct chat_list *l, enum chat_role role, const struct json *src) {
+    if (l->n == l->cap) {
+        l->cap = l->cap ? 2 * l->cap : 16;
+        l->m = xrealloc(l->m, l->cap * sizeof *l->m);
+    }
+    struct chat_msg *m = &l->m[l->n++];
+    memset(m, 0, sizeof *m);
+    m->role = role;
+    m->src = src;
+    m->tools = json_get(src, "tools");
+    return m;
+}
+
+static void chat_add_block(struct chat_msg *m, bool tool_result, const struct json *body, const struct json *id) {
+    if (m->n_blocks == m->cap_blocks) {
+        m->cap_blocks = m->cap_blocks ? 2 * m->cap_blocks : 4;
+        m->blocks = xrealloc(m->blocks, m->cap_blocks * sizeof *m->blocks);
+    }
+    m->blocks[m->n_blocks++] = (struct chat_block){tool_result, body, id};
+}
+
+static void chat_list_free(struct chat_list *l) {
+    for (size_t i = 0; i < l->n; i++) free(l->m[i].blocks);
+    free(l->m);
+}
+
+/* Step 1, MERGE. A user turn that carries a task starts a turn of its own
+ * and accepts no later parts. */
+static void chat_merge(struct chat_list *l, const struct json *messages) {
+    for (size_t i = 0; i < messages->count; i++) {
+        const struct json *src = &messages->items[i];
+        enum chat_role role = chat_role_of(src);
+        struct chat_msg *last = l->n ? &l->m[l->n - 1] : NULL;
+        bool open_user = last && last->role == CHAT_USER_ROLE && last->n_blocks > 0;
+        if (role == CHAT_TOOL) {
+            if (!open_user) last = chat_push(l, CHAT_USER_ROLE, NULL);
+            chat_add_block(last, true, json_get(src, "content"), json_get(src, "tool_call_id"));
+        } else if (role == CHAT_USER_ROLE) {
+            if (!open_user || last->task != NULL) {
+                last = chat_push(l, CHAT_USER_ROLE, src);
+                last->task = json_is(json_get(src, "task"), JSON_NULL) ? NULL : json_get(src, "task");
+            }
+            chat_add_block(last, false, json_get(src, "content"), NULL);
+        } else {
+            chat_push(l, role, src);
+        }
+    }
+}
+
+/* The call id of tool call `tc` (its "id", else its function's "id"). */
+static const struct json *chat_call_id(const struct json *tc) {
+    const struct json *id = json_get(tc, "id");
+    if (!chat_truthy(id)) id = json_get(json_get(tc, "function"), "id");
+    return chat_truthy(id) ? id : NULL;
+}
+
+/* The position of call id `id` in the calls list, or 0 if absent, with the
+ * encoder's dict semantics (a repeated id maps to its last position). */
+static size_t chat_call_order(const struct json *calls, const struct json *id) {
+    size_t order = 0;
+    for (size_t k = 0; json_is(id, JSON_STRING) && k < calls->count; k++) {
+        const struct json *cid = chat_call_id(&calls->items[k]);
+        if (json_is(cid, JSON_STRING) && cid->len == id->len && memcmp(cid->string, id->string, id->len) == 0)
+            order = k;
+    }
+    return order;
+}
+
+/* Step 2, SORT: order the tool-result blocks of one turn by call order
+ * (a stable insertion sort, like Python's sorted()), and put them back into
+ * the slots tool results had; text blocks keep their places. */
+static void chat_sort_turn(struct chat_msg *m, const struct json *calls) {
+    struct chat_block *sorted = xmalloc(m->n_blocks * sizeof *sorted);
+    size_t *key = xmalloc(m->n_blocks * sizeof *key);
+    size_t n = 0;
+    for (size_t b = 0; b < m->n_blocks; b++) {
+        if (!m->blocks[b].tool_result) continue;
+        size_t k = chat_call_order(calls, m->blocks[b].call_id), j = n++;
+        for (; j > 0 && key[j - 1] > k; j--) {
+            sorted[j] = sorted[j - 1];
+            key[j] = key[j - 1];
+        }
+        sorted[j] = m->blocks[b];
+        key[j] = k;
+    }
+    n = 0;
+    for (size_t b = 0; b < m->n_blocks; b++)
+        if (m->blocks[b].tool_result) m->blocks[b] = sorted[n++];
+    free(sorted);
+    free(key);
+}
+
+static void chat_sort(struct chat_list *l) {
+    const struct json *calls = NULL;
+    for (size_t i = 0; i < l->n; i++) {
+        struct chat_msg *m = &l->m[i];
+        const struct json *tc = json_get(m->src, "tool_calls");
+        if (m->role == CHAT_ASSISTANT_ROLE && chat_truthy(tc)) {
+            calls = NULL;
+            for (size_t k = 0; k < tc->count; k++)
+                if (chat_call_id(&tc->items[k])) calls = tc;   /* any call with an id */
+        } else if (m->role == CHAT_USER_ROLE && calls) {
+            size_t n_results = 0;
+            for (size_t b = 0; b < m->n_blocks; b++) n_results += m->blocks[b].tool_result;
+            if (n_results > 1) chat_sort_turn(m, calls);
+        }
+    }
+}
+
+static long chat_last_user(const struct chat_list *l) {
+    for (size_t i = l->n; i-- > 0;)
+        if (l->m[i].role == CHAT_USER_ROLE || l->m[i].role == CHAT_DEVELOPER) return (long)i;
+    return -1;
+}
+
+/* Step 3, DROP. Messages at or after the last user/developer message stay
+ * as they are; before it, assistants lose their reasoning and everything
+ * but system, user and latest_reminder messages is removed. */
+static void chat_drop(struct chat_list *l) {
+    long last = chat_last_user(l);
+    size_t out = 0;
+    for (size_t i = 0; i < l->n; i++) {
+        struct chat_msg m = l->m[i];
+        bool keep = (long)i >= last || m.role == CHAT_SYSTEM || m.role == CHAT_USER_ROLE ||
+                    m.role == CHAT_LATEST_REMINDER;
+        if (!keep && m.role == CHAT_ASSISTANT_ROLE) {
+            m.drop_reasoning = true;
+            keep = true;
+        }
+        if (keep) l->m[out++] = m;
+        else free(m.blocks);
+    }
+    l->n = out;
+}
+
+/* The text of a content value: a string as is, null as nothing, a list of
+ * parts as their texts joined by blank lines, anything else as JSON. */
+static void chat_text(struct strbuf *out, const struct json *v) {
+    if (v == NULL || v->kind == JSON_NULL) return;
+    if (v->kind == JSON_STRING) {
+        strbuf_append(out, v->string, v->len);
+    } else if (v->kind == JSON_ARRAY) {
+        for (size_t i = 0; i < v->count; i++) {
+            const struct json *part = &v->items[i];
+            if (i > 0) strbuf_puts(out, "\n\n");
+            if (part->kind == JSON_STRING) chat_text(out, part);
+            else chat_text(out, json_get(part, "text"));
+        }
+    } else {
+        pyjson_write(out, v);
+    }
+}
+
+/* A tool result's content; a list keeps its text blocks and names the others. */
+static void chat_tool_result(struct strbuf *out, const struct json *content) {
+    strbuf_puts(out, "<tool_result>");
+    if (json_is(content, JSON_ARRAY)) {
+        for (size_t i = 0; i < content->count; i++) {
+            const struct json *b = &content->items[i];
+            const struct json *type = json_get(b, "type");
+            if (i > 0) strbuf_puts(out, "\n\n");
+            if (chat_is_str(type, "text")) chat_text(out, json_get(b, "text"));
+            else if (json_is(type, JSON_STRING)) strbuf_printf(out, "[Unsupported %s]", type->string);
+            else strbuf_puts(out, "[Unsupported None]");
+        }
+    } else {
+        chat_text(out, content);
+    }
+    strbuf_puts(out, "</tool_result>");
+}
+
+/* The tools section: the fixed text, then one json.dumps() line per tool
+ * (the "function" object of each OpenAI tool entry). */
+static void chat_tools(struct strbuf *out, const struct json *tools) {
+    strbuf_puts(out, "\n\n");
+    strbuf_puts(out, CHAT_TOOLS_HEAD);
+    for (size_t i = 0; i < tools->count; i++) {
+        const struct json *fn = json_get(&tools->items[i], "function");
+        if (i > 0) strbuf_puts(out, "\n");
+        pyjson_write(out, fn ? fn : &tools->items[i]);
+    }
+    strbuf_puts(out, CHAT_TOOLS_TAIL);
+}
+
+static void chat_system_extras(struct strbuf *out, const struct chat_msg *m) {
+    const struct json *rf = json_get(m->src, "response_format");
+    if (json_is(m->tools, JSON_ARRAY) && chat_truthy(m->tools)) chat_tools(out, m->tools);
+    if (chat_truthy(rf)) {
+        strbuf_puts(out, CHAT_RESPONSE_FORMAT);
+        pyjson_write(out, rf);
+    }
+}
+
+/* One DSML parameter. Strings go in raw; everything else as JSON. */
+static void chat_dsml_param(struct strbuf *out, const char *key, size_t key_len, const struct json *v) {
+    bool is_str = v->kind == JSON_STRING;
+    strbuf_puts(out, "<｜DSML｜parameter name=\"");
+    strbuf_append(out, key, key_len);
+    strbuf_puts(out, is_str ? "\" string=\"true\">" : "\" string=\"false\">");
+    if (is_str) strbuf_append(out, v->string, v->len);
+    else pyjson_write(out, v);
+    strbuf_puts(out, "</｜DSML｜parameter>");
+}
+
+/* The parameters of one call, from its "arguments": normally a string of
+ * JSON holding an object. If it does not parse to an object, the whole
+ * string becomes a single string parameter named "arguments". */
+static void chat_dsml_params(struct strbuf *out, const struct json *args) {
+    struct json *parsed = NULL;
+    const struct json *obj = args;
+    if (json_is(args, JSON_STRING)) {
+        char err[8];
+        parsed = json_parse(args->string, args->len, 64, err, sizeof err);
+        obj = parsed;
+        if (!json_is(obj, JSON_OBJECT)) {
+            chat_dsml_param(out, "arguments", 9, args);
+            json_free(parsed);
+            return;
+        }
+    }
+    bool first = true;
+    for (size_t i = 0; json_is(obj, JSON_OBJECT) && i < obj->count; i++) {
+        if (!pyjson_first_of_key(obj, i)) continue;
+        if (!first) strbuf_puts(out, "\n");
+        first = false;
+        chat_dsml_param(out, obj->keys[i], obj->key_lens[i], pyjson_last_value(obj, i));
+    }
+    json_free(parsed);
+}
+
+/* The DSML block of an assistant turn [dsv4-format §4.6]:
+ *
+ *     \n\n<｜DSML｜tool_calls>\n
+ *     <｜DSML｜invoke name="NAME">\n PARAM \n PARAM ... \n</｜DSML｜invoke>\n
+ *     ...
+ *     </｜DSML｜tool_calls>
+ */
+static void chat_dsml_calls(struct strbuf *out, const struct json *calls) {
+    strbuf_puts(out, "\n\n<｜DSML｜tool_calls>\n");
+    for (size_t i = 0; i < calls->count; i++) {
+        const struct json *fn = json_get(&calls->items[i], "function");
+        if (i > 0) strbuf_puts(out, "\n");
+        strbuf_puts(out, "<｜DSML｜invoke name=\"");
+        chat_text(out, json_get(fn, "name"));
+        strbuf_puts(out, "\">\n");
+        chat_dsml_params(out, json_get(fn, "arguments"));
+        strbuf_puts(out, "\n</｜DSML｜invoke>");
+    }
+    strbuf_puts(out, "\n</｜DSML｜tool_calls>");
+}
+
+struct chat_render_state {
+    const struct chat_list *l;
+    bool thinking, think_max, drop;
+    long last_user;
+};
+
+static void chat_assistant(struct strbuf *out, const struct chat_render_state *s, size_t i) {
+    const struct chat_msg *m = &s->l->m[i];
+    const struct json *calls = json_get(m->src, "tool_calls");
+    bool prev_task = i > 0 && s->l->m[i - 1].task != NULL;
+    if (s->thinking && !prev_task && (!s->drop || (long)i > s->last_user)) {
+        if (!m->drop_reasoning) chat_text(out, json_get(m->src, "reasoning_content"));
+        strbuf_puts(out, CHAT_END_THINK);
+    }
+    chat_text(out, json_get(m->src, "content"));
+    if (json_is(calls, JSON_ARRAY) && calls->count > 0) chat_dsml_calls(out, calls);
+    if (!chat_truthy(json_get(m->src, "wo_eos"))) strbuf_puts(out, CHAT_EOS);
+}
+
+/* After message i: hand the turn to the model if it is the model's turn. */
+static int chat_transition(struct strbuf *out, const struct chat_render_state *s, size_t i,
+                           char *err, size_t errlen) {
+    const struct chat_msg *m = &s->l->m[i];
+    if (i + 1 < s->l->n) {
+        enum chat_role next = s->l->m[i + 1].role;
+        if (next != CHAT_ASSISTANT_ROLE && next != CHAT_LATEST_REMINDER) return 0;
+    }
+    if (m->task != NULL) {
+        for (size_t k = 0; k < sizeof CHAT_TASKS / sizeof CHAT_TASKS[0]; k++) {
+            if (!chat_is_str(m->task, CHAT_TASKS[k][0])) continue;
+            if (k == 0) {   /* "action" answers as the assistant, then the marker */
+                strbuf_puts(out, CHAT_ASSISTANT);
+                strbuf_puts(out, s->thinking ? CHAT_THINK : CHAT_END_THINK);
+            }
+            strbuf_puts(out, CHAT_TASKS[k][1]);
+            return 0;
+        }
+        return tok_fail(err, errlen, "chat: message %zu has an unknown task", i);
+    }
+    if (m->role == CHAT_USER_ROLE || m->role == CHAT_DEVELOPER) {
+        bool think = s->thinking && (!s->drop || (long)i >= s->last_user);
+        strbuf_puts(out, CHAT_ASSISTANT);
+        strbuf_puts(out, think ? CHAT_THINK : CHAT_END_THINK);
+    }
+    return 0;
+}
+
+static int chat_message(struct strbuf *out, const struct chat_render_state *s, size_t i, char *err, size_t errlen) {
+    const struct chat_msg *m = &s->l->m[i];
+    const struct json *content = json_get(m->src, "content");
+    if (i == 0 && s->think_max) strbuf_puts(out, CHAT_THINK_MAX_TEXT);
+    switch (m->role) {
+    case CHAT_SYSTEM:
+        chat_text(out, content);
+        chat_system_extras(out, m);
+        break;
+    case CHAT_DEVELOPER:
+        if (!chat_truthy(content)) return tok_fail(err, errlen, "chat: developer message %zu has no content", i);
+        strbuf_puts(out, CHAT_USER);
+        chat_text(out, content);
+        chat_system_extras(out, m);
+        break;
+    case CHAT_USER_ROLE:
+        strbuf_puts(out, CHAT_USER);
+        for (size_t b = 0; b < m->n_blocks; b++) {
+            if (b > 0) strbuf_puts(out, "\n\n");
+            if (m->blocks[b].tool_result) chat_tool_result(out, m->blocks[b].body);
+            else chat_text(out, m->blocks[b].body);
+        }
+        break;
+    case CHAT_LATEST_REMINDER:
+        strbuf_puts(out, CHAT_REMINDER);
+        chat_text(out, content);
+        break;
+    case CHAT_ASSISTANT_ROLE:
+        chat_assistant(out, s, i);
+        break;
+    default:
+        return tok_fail(err, errlen, "chat: message %zu has an unknown role", i);
+    }
+    return chat_transition(out, s, i, err, errlen);
+}
+
+/* Render messages (a JSON array of message objects) and optional request
+ * tools into out, appending. Returns 0, or -1 with a message. */
+static int chat_render(const struct json *messages, const struct json *tools, const struct chat_options *opt,
+                       struct strbuf *out, char *err, size_t errlen) {
+    struct chat_list l = {0};
+    int rc = 0;
+    if (!json_is(messages, JSON_ARRAY)) return tok_fail(err, errlen, "chat: messages must be an array");
+    for (size_t i = 0; i < messages->count; i++)
+        if (!json_is(&messages->items[i], JSON_OBJECT))
+            return tok_fail(err, errlen, "chat: message %zu is not an object", i);
+    if (chat_truthy(tools)) {
+        enum chat_role first = messages->count ? chat_role_of(&messages->items[0]) : CHAT_UNKNOWN;
+        if (first != CHAT_SYSTEM && first != CHAT_DEVELOPER) chat_push(&l, CHAT_SYSTEM, NULL);
+    }
+    chat_merge(&l, messages);
+    if (chat_truthy(tools) && l.n > 0) l.m[0].tools = tools;
+    chat_sort(&l);
+
+    struct chat_render_state s = {.l = &l};
+    s.thinking = opt->mode != CHAT_MODE_CHAT;
+    s.think_max = opt->mode == CHAT_MODE_THINK_MAX && opt->context_tokens >= CHAT_THINK_MAX_MIN_CONTEXT;
+    s.drop = !opt->keep_reasoning;
+    for (size_t i = 0; i < l.n; i++)
+        if (chat_truthy(l.m[i].tools)) s.drop = false;
+    if (s.thinking && s.drop) chat_drop(&l);
+    s.last_user = chat_last_user(&l);
+
+    if (!opt->no_bos) strbuf_puts(out, CHAT_BOS);
+    for (size_t i = 0; i < l.n && rc == 0; i++) rc = chat_message(out, &s, i, err, errlen);
+    chat_list_free(&l);
+    if (rc == 0 && out->oom) rc = tok_fail(err, errlen, "chat: out of memory");
+    return rc;
+}
+
+/* ---- 6.9 The DSML parser ---------------------------------------------------------- */
+
+/* What the model writes after the prompt's <｜Assistant｜><think> is, when
+ * all goes well [dsv4-format §4.6]:
+ *
+ *     REASONING </think> CONTENT [\n\n TOOL BLOCK] EOS
+ *
+ *     TOOL BLOCK := <｜DSML｜tool_calls>\n INVOKE (\n INVOKE)* \n</｜DSML｜tool_calls>
+ *     INVOKE     := <｜DSML｜invoke name="NAME">\n (PARAM \n)* </｜DSML｜invoke>
+ *     PARAM      := <｜DSML｜parameter name="KEY" string="true|false">VALUE</｜DSML｜parameter>
+ *
+ * (in chat mode the REASONING </think> part is absent). A string="true"
+ * VALUE is raw text; a string="false" VALUE is JSON. The arguments handed to
+ * the client are built as the official parser [ENC] builds them:
+ *
+ *     {"KEY": json.dumps(VALUE), "KEY2": VALUE2, ...}    (", " and ": ")
+ *
+ * THE PARSER IS INCREMENTAL. The server streams reasoning and content to the
+ * client as tokens arrive, and an agent wants to know "a call to read_file
+ * has started" long before the file's contents have been written out. So
+ * the parser is fed text piece by piece (whole characters, from the
+ * streaming decoder of 7.6), and it reports events as soon as they are
+ * certain:
+ *
+ *     DSML_EV_REASONING / DSML_EV_CONTENT   a piece of text for that channel
+ *     DSML_EV_CALL_START                    an invoke header is complete: name known
+ *     DSML_EV_CALL                          an invoke is complete: name + arguments
+ *
+ * Text can be released only when it can no longer be the start of a marker.
+ * If the text so far ends in "</thi" or "\n\n<｜DS", that tail is held back
+ * until the next piece decides it. Inside the tool block, a tag is read only
+ * once it is complete, and a parameter value once its closing tag arrived.
+ *
+ * WHEN THINGS GO WRONG. Models under a token limit, or confused, produce
+ * shapes the official parser rejects with an exception. Every one of them
+ * has a defined result here; the caller sees it in `flags`:
+ *
+ *   - text ends with no </think> (thinking mode): everything was reasoning,
+ *     content is empty; DSML_THINK_UNCLOSED;
+ *   - a tool block starts inside the reasoning: the reasoning ends there
+ *     (as if </think> had been written) and the block is parsed as usual;
+ *     DSML_CALL_IN_THINKING | DSML_THINK_UNCLOSED;
+ *   - text ends inside a tool block: the invokes completed so far are kept,
+ *     a half-written one is dropped; DSML_UNTERMINATED;
+ *   - text inside the block that fits no rule: parsing stops there, calls so
+ *     far are kept, the rest is ignored; DSML_MALFORMED and `error`;
+ *   - a parameter name given twice in one invoke: the first wins;
+ *     DSML_DUPLICATE_PARAM;
+ *   - text after </｜DSML｜tool_calls> other than white space and EOS: it is
+ *     ignored; DSML_TRAILING_TEXT.
+ *
+ * We are lenient where the official parser is strict but the meaning is
+ * clear: any white space may separate tags (it demands exactly ">\n"), a
+ * tool block is recognised even without the blank line before it, and a
+ * parameter with no string= attribute is taken as a string. The model
+ * output that the official parser accepts parses to the same result. */
+
+enum dsml_state { DSML_REASONING, DSML_CONTENT, DSML_TOOLS, DSML_AFTER_TOOLS, DSML_DONE };
+enum dsml_tool_state { DSML_AT_OPEN, DSML_AT_BETWEEN, DSML_AT_INVOKE };
+
+enum dsml_flag {
+    DSML_THINK_UNCLOSED = 1,
+    DSML_CALL_IN_THINKING = 2,
+    DSML_UNTERMINATED = 4,
+    DSML_MALFORMED = 8,
+    DSML_DUPLICATE_PARAM = 16,
+    DSML_TRAILING_TEXT = 32,
+};
+
+enum dsml_event_kind { DSML_EV_REASONING, DSML_EV_CONTENT, DSML_EV_CALL_START, DSML_EV_CALL };
+
+struct dsml_event {
+    enum dsml_event_kind kind;
+    const char *text;       /* REASONING, CONTENT: the new text ... */
+    size_t len;             /* ... and its length */
+    size_t call;            /* CALL_START, CALL: index into calls[] */
+    const char *name;       /* CALL_START, CALL: the tool name */
+    const char *arguments;  /* CALL: the arguments, a JSON object */
+};
+
+typedef void (*dsml_event_fn)(void *user, const struct dsml_event *ev);
+
+struct dsml_call {
+    char *name;             /* NUL-terminated */
+    char *arguments;        /* NUL-terminated JSON object text */
+};
+
+struct dsml_parser {
+    enum dsml_state state;
+    enum dsml_tool_state tool;
+    struct strbuf pending;  /* received, not yet consumed */
+    struct strbuf reasoning, content;
+    struct dsml_call *calls;/* completed calls */
+    size_t n_calls, cap_calls;
+    char *call_name;        /* the invoke being read, or NULL */
+    struct strbuf args;     /* its arguments so far: "{"KEY": VALUE, ..." */
+    struct strbuf keys;     /* its parameter names, each followed by a NUL */
+    unsigned flags;         /* enum dsml_flag */
+    char error[160];
+    dsml_event_fn on_event;
+    void *user;
+};
+
+static const char DSML_END_THINK[] = "</think>";
+static const char DSML_BLOCK_NL[] = "\n\n<｜DSML｜tool_calls";
+static const char DSML_BLOCK[] = "<｜DSML｜tool_calls";
+static const char DSML_BLOCK_OPEN[] = "<｜DSML｜tool_calls>";
+static const char DSML_BLOCK_CLOSE[] = "</｜DSML｜tool_calls>";
+static const char DSML_INVOKE[] = "<｜DSML｜invoke";
+static const char DSML_INVOKE_CLOSE[] = "</｜DSML｜invoke>";
+static const char DSML_PARAM[] = "<｜DSML｜parameter";
+static const char DSML_PARAM_CLOSE[] = "</｜DSML｜parameter>";
+static const char DSML_EOS[] = "<｜end▁of▁sentence｜>";
+
+static void dsml_parser_init(struct dsml_parser *p, bool thinking, dsml_event_fn on_event, void *user) {
+    memset(p, 0, sizeof *p);
+    p->state = thinking ? DSML_REASONING : DSML_CONTENT;
+    p->on_event = on_event;
+    p->user = user;
+}
+
+static void dsml_parser_free(struct dsml_parser *p) {
+    for (size_t i = 0; i < p->n_calls; i++) {
+        free(p->calls[i].name);
+        free(p->calls[i].arguments);
+    }
+    free(p->calls);
+    free(p->call_name);
+    strbuf_free(&p->pending);
+    strbuf_free(&p->reasoning);
+    strbuf_free(&p->content);
+    strbuf_free(&p->args);
+    strbuf_free(&p->keys);
+    memset(p, 0, sizeof *p);
+}
+
+/* First occurrence of the NUL-terminated `lit` in s[0..n), or n. */
+static size_t dsml_search(const char *s, size_t n, const char *lit) {
+    size_t m = strlen(lit);
+    for (size_t i = 0; i + m <= n; i++)
+        if (memcmp(s + i, lit, m) == 0) return i;
+    return n;
+}
+
+/* Does s[0..n) start with lit? 1 yes, 0 "not yet" (s is a proper prefix of
+ * lit, more text may complete it), -1 no. */
+static int dsml_starts(const char *s, size_t n, const char *lit) {
+    size_t m = strlen(lit);
+    if (n == 0) return 0;
+    if (n >= m) return memcmp(s, lit, m) == 0 ? 1 : -1;
+    return memcmp(s, lit, n) == 0 ? 0 : -1;
+}
+
+/* The longest tail of s[0..n) that is a proper prefix of lit. */
+static size_t dsml_partial_tail(const char *s, size_t n, const char *lit) {
+    size_t m = strlen(lit);
+    for (size_t k = m - 1 < n ? m - 1 : n; k > 0; k--)
+        if (memcmp(s + n - k, lit, k) == 0) return k;
+    return 0;
+}
+
+static void dsml_consume(struct dsml_parser *p, size_t n) {
+    if (n == 0) return;
+    memmove(p->pending.data, p->pending.data + n, p->pending.len - n);
+    p->pending.len -= n;
+}
+
+static void dsml_emit_text(struct dsml_parser *p, const char *s, size_t n) {
+    bool reasoning = p->state == DSML_REASONING;
+    if (n == 0) return;
+    strbuf_append(reasoning ? &p->reasoning : &p->content, s, n);
+    if (p->on_event) {
+        struct dsml_event ev = {.kind = reasoning ? DSML_EV_REASONING : DSML_EV_CONTENT, .text = s, .len = n};
+        p->on_event(p->user, &ev);
+    }
+}
+
+static bool dsml_malformed(struct dsml_parser *p, const char *what) {
+    const char *s = p->pending.data;
+    size_t n = p->pending.len < 40 ? p->pending.len : 40;
+    p->flags |= DSML_MALFORMED;
+    snprintf(p->error, sizeof p->error, "DSML: %s at \"%.*s\"", what, (int)n, s ? s : "");
+    p->state = DSML_DONE;
+    return true;
+}
+
+/* Reasoning or content: release text up to the next marker, act on it. */
+static bool dsml_text_step(struct dsml_parser *p, bool final) {
+    static const char *const markers[] = {DSML_END_THINK, DSML_BLOCK_NL, DSML_BLOCK, DSML_EOS};
+    const char *s = p->pending.data;
+    size_t n = p->pending.len, at = n, hold = 0;
+    int which = -1;
+    for (int k = p->state == DSML_REASONING ? 0 : 1; k < 4; k++) {
+        size_t pos = dsml_search(s, n, markers[k]);
+        if (pos < at) {
+            at = pos;
+            which = k;
+        }
+        size_t tail = dsml_partial_tail(s, n, markers[k]);
+        if (tail > hold) hold = tail;
+    }
+    if (which < 0) {                    /* no marker: keep only a possible start of one */
+        size_t release = final ? n : n - hold;
+        dsml_emit_text(p, s, release);
+        dsml_consume(p, release);
+        return false;
+    }
+    dsml_emit_text(p, s, at);
+    if (which == 0) {
+        dsml_consume(p, at + strlen(DSML_END_THINK));
+        p->state = DSML_CONTENT;
+        return true;
+    }
+    if (p->state == DSML_REASONING) p->flags |= DSML_THINK_UNCLOSED | (which != 3 ? DSML_CALL_IN_THINKING : 0);
+    if (which == 3) {
+        p->state = DSML_DONE;
+        return true;
+    }
+    dsml_consume(p, at + (which == 1 ? 2 : 0));     /* drop the blank line before the block */
+    p->state = DSML_TOOLS;
+    p->tool = DSML_AT_OPEN;
+    return true;
+}
+
+/* The value of attribute `key` in a tag header h[0..n) (the text between
+ * the tag name and '>'), e.g. ` name="x" string="true"`. NULL if absent. */
+static const char *dsml_attr(const char *h, size_t n, const char *key, size_t *len) {
+    size_t k = strlen(key);
+    for (size_t i = 0; i + k + 2 <= n; i++) {
+        bool at_word = i == 0 || h[i - 1] == ' ' || h[i - 1] == '\t' || h[i - 1] == '\n';
+        if (!at_word || memcmp(h + i, key, k) != 0 || h[i + k] != '=' || h[i + k + 1] != '"') continue;
+        const char *v = h + i + k + 2;
+        const char *q = memchr(v, '"', n - (size_t)(v - h));
+        if (q == NULL) return NULL;
+        *len = (size_t)(q - v);
+        return v;
+    }
+    return NULL;
+}
+
+static void dsml_start_call(struct dsml_parser *p, const char *name, size_t len) {
+    p->call_name = xmalloc(len + 1);
+    memcpy(p->call_name, name, len);
+    p->call_name[len] = '\0';
+    p->args.len = p->keys.len = 0;
+    strbuf_puts(&p->args, "{");
+    p->tool = DSML_AT_INVOKE;
+    if (p->on_event) {
+        struct dsml_event ev = {.kind = DSML_EV_CALL_START, .call = p->n_calls, .name = p->call_name};
+        p->on_event(p->user, &ev);
+    }
+}
+
+static bool dsml_seen_key(const struct dsml_parser *p, const char *key, size_t len) {
+    for (size_t at = 0; at < p->keys.len; at += strlen(p->keys.data + at) + 1)
+        if (strlen(p->keys.data + at) == len && memcmp(p->keys.data + at, key, len) == 0) return true;
+    return false;
+}
+
+static void dsml_add_param(struct dsml_parser *p, const char *key, size_t klen, bool is_string,
+                           const char *value, size_t vlen) {
+    if (dsml_seen_key(p, key, klen)) {
+        p->flags |= DSML_DUPLICATE_PARAM;
+        return;
+    }
+    strbuf_append(&p->keys, key, klen);
+    strbuf_append(&p->keys, "", 1);
+    if (p->args.len > 1) strbuf_puts(&p->args, ", ");
+    pyjson_string(&p->args, key, klen);
+    strbuf_puts(&p->args, ": ");
+    if (is_string) pyjson_string(&p->args, value, vlen);
+    else strbuf_append(&p->args, value, vlen);
+}
+
+static void dsml_finish_call(struct dsml_parser *p) {
+    strbuf_puts(&p->args, "}");
+    if (p->n_calls == p->cap_calls) {
+        p->cap_calls = p->cap_calls ? 2 * p->cap_calls : 4;
+        p->calls = xrealloc(p->calls, p->cap_calls * sizeof *p->calls);
+    }
+    struct dsml_call *c = &p->calls[p->n_calls++];
+    c->name = p->call_name;
+    c->arguments = xmalloc(p->args.len + 1);
+    memcpy(c->arguments, p->args.data ? p->args.data : "", p->args.len);
+    c->arguments[p->args.len] = '\0';
+    p->call_name = NULL;
+    p->tool = DSML_AT_BETWEEN;
+    if (p->on_event) {
+        struct dsml_event ev = {.kind = DSML_EV_CALL, .call = p->n_calls - 1, .name = c->name,
+                                .arguments = c->arguments};
+        p->on_event(p->user, &ev);
+    }
+}
+
+/* Inside a tool block, at a tag that starts at s[0]. Each returns the bytes
+ * the tag used, 0 if it is not complete yet. */
+static size_t dsml_read_invoke(struct dsml_parser *p, const char *s, size_t n) {
+    size_t head = strlen(DSML_INVOKE), end = head + dsml_search(s + head, n - head, ">");
+    if (end >= n) return 0;
+    size_t len = 0;
+    const char *name = dsml_attr(s + head, end - head, "name", &len);
+    dsml_start_call(p, name ? name : "", name ? len : 0);
+    return end + 1;
+}
+
+static size_t dsml_read_param(struct dsml_parser *p, const char *s, size_t n) {
+    size_t head = strlen(DSML_PARAM), end = head + dsml_search(s + head, n - head, ">");
+    if (end >= n) return 0;
+    size_t close = end + 1 + dsml_search(s + end + 1, n - end - 1, DSML_PARAM_CLOSE);
+    if (close >= n) return 0;
+    size_t klen = 0, slen = 0;
+    const char *key = dsml_attr(s + head, end - head, "name", &klen);
+    const char *str = dsml_attr(s + head, end - head, "string", &slen);
+    bool is_string = !(str && slen == 5 && memcmp(str, "false", 5) == 0);
+    dsml_add_param(p, key ? key : "", key ? klen : 0, is_string, s + end + 1, close - end - 1);
+    return close + strlen(DSML_PARAM_CLOSE);
+}
+
+/* Which tags may come next, by tool state. */
+static bool dsml_tools_step(struct dsml_parser *p, bool final) {
+    const char *s = p->pending.data;
+    size_t n = p->pending.len, i = 0, used = 0;
+    if (p->tool != DSML_AT_OPEN)
+        while (i < n && (s[i] == ' ' || s[i] == '\n' || s[i] == '\t' || s[i] == '\r')) i++;
+    const char *t = s + i;
+    size_t m = n - i;
+    int wait = 0;                       /* some tag could still begin here */
+    if (p->tool == DSML_AT_OPEN) {
+        int r = dsml_starts(t, m, DSML_BLOCK_OPEN);
+        if (r > 0) {
+            used = strlen(DSML_BLOCK_OPEN);
+            p->tool = DSML_AT_BETWEEN;
+        }
+        wait = r == 0;
+    } else if (p->tool == DSML_AT_BETWEEN) {
+        int a = dsml_starts(t, m, DSML_INVOKE), b = dsml_starts(t, m, DSML_BLOCK_CLOSE);
+        if (a > 0) used = dsml_read_invoke(p, t, m);
+        if (b > 0) {
+            used = strlen(DSML_BLOCK_CLOSE);
+            p->state = DSML_AFTER_TOOLS;
+        }
+        wait = a >= 0 || b == 0;
+    } else {
+        int a = dsml_starts(t, m, DSML_PARAM), b = dsml_starts(t, m, DSML_INVOKE_CLOSE);
+        if (a > 0) used = dsml_read_param(p, t, m);
+        if (b > 0) {
+            used = strlen(DSML_INVOKE_CLOSE);
+            dsml_finish_call(p);
+        }
+        wait = a >= 0 || b == 0;
+    }
+    if (used > 0) {
+        dsml_consume(p, i + used);
+        return true;
+    }
+    if (wait && !final) return false;
+    if (wait || m == 0) {
+        p->flags |= DSML_UNTERMINATED;
+        p->state = DSML_DONE;
+        return true;
+    }
+    return dsml_malformed(p, "unexpected text in the tool block");
+}
+
+/* After the block only white space and EOS may follow. */
+static bool dsml_after_step(struct dsml_parser *p, bool final) {
+    const char *s = p->pending.data;
+    size_t n = p->pending.len, i = 0;
+    while (i < n && (s[i] == ' ' || s[i] == '\n' || s[i] == '\t' || s[i] == '\r')) i++;
+    int r = dsml_starts(s + i, n - i, DSML_EOS);
+    if (r == 0 && !final) return false;
+    if (r < 0 && i < n) p->flags |= DSML_TRAILING_TEXT;
+    p->state = DSML_DONE;
+    return true;
+}
+
+static void dsml_run(struct dsml_parser *p, bool final) {
+    for (;;) {
+        bool progress = false;
+        switch (p->state) {
+        case DSML_REASONING:
+        case DSML_CONTENT:    progress = dsml_text_step(p, final); break;
+        case DSML_TOOLS:      progress = dsml_tools_step(p, final); break;
+        case DSML_AFTER_TOOLS: progress = dsml_after_step(p, final); break;
+        case DSML_DONE:       p->pending.len = 0; return;
+        }
+        if (!progress) return;
+    }
+}
+
+/* Feed the next piece of model output. */
+static void dsml_parser_feed(struct dsml_parser *p, const char *text, size_t len) {
+    if (p->state == DSML_DONE) return;
+    strbuf_append(&p->pending, text, len);
+    dsml_run(p, false);
+}
+
+/* The output has ended: release held text and settle the flags. */
+static void dsml_parser_finish(struct dsml_parser *p) {
+    dsml_run(p, true);
+    if (p->state == DSML_REASONING) p->flags |= DSML_THINK_UNCLOSED;
+    free(p->call_name);
+    p->call_name = NULL;
+    p->state = DSML_DONE;
+}
+
+/* ---- 6.10 --render-chat ------------------------------------------------------------ */
+
+/* `ds4 --render-chat FILE [--mode chat|thinking|max]` prints the prompt the
+ * engine would feed the model. FILE is either a message list or an object
+ * {"messages": [...], "tools": [...]}, the shapes of DeepSeek's encoder
+ * tests. The rendering assumes a context large enough for Think Max.
+ * mode: enum chat_mode. Appends to out; returns 0 or -1 with a message. */
+static int render_chat_file(const char *path, int mode, struct strbuf *out, char *err, size_t errlen) {
+    FILE *f = fopen(path, "rb");
+    if (f == NULL) return tok_fail(err, errlen, "cannot open %s: %s", path, strerror(errno));
+    struct strbuf text = {0};
+    char chunk[65536];
+    size_t got;
+    while ((got = fread(chunk, 1, sizeof chunk, f)) > 0) strbuf_append(&text, chunk, got);
+    bool bad = ferror(f) || text.oom;
+    fclose(f);
+    if (bad) {
+        strbuf_free(&text);
+        return tok_fail(err, errlen, "cannot read %s", path);
+    }
+    struct json *root = json_parse(text.data ? text.data : "", text.len, 128, err, errlen);
+    strbuf_free(&text);
+    if (root == NULL) return -1;
+    const struct json *messages = root, *tools = NULL;
+    if (json_is(root, JSON_OBJECT)) {
+        messages = json_get(root, "messages");
+        tools = json_get(root, "tools");
+    }
+    struct chat_options opt = {.mode = (enum chat_mode)mode, .context_tokens = CHAT_THINK_MAX_MIN_CONTEXT};
+    int rc = chat_render(messages, tools, &opt, out, err, errlen);
+    json_free(root);
+    return rc;
+}
+
+/* The vocabulary lives in the model GGUF as two string arrays: the tokens
+ * (index = id) and the merges ("left right", index = rank). A model without
+ * them still runs on token ids; text prompts then report a clear error. */
+static bool tokenizer_load_gguf(struct tokenizer *t, const struct gguf *g, int vocab,
+                                struct ds4_error *e) {
+    struct gguf_array toks, merges = { GGUF_STRING, 0, NULL };
+    if (!gguf_get_array(g, "tokenizer.ggml.tokens", &toks))
+        return fail(e, "%s has no vocabulary (tokenizer.ggml.tokens): use --tokens, or "
+                    "convert it with ds4-convert --vocab", g->path);
+    if (toks.item_type != GGUF_STRING || toks.count != (uint64_t)vocab)
+        return fail(e, "%s: tokenizer.ggml.tokens must hold %d strings (one per token id)",
+                    g->path, vocab);
+    if (gguf_get_array(g, "tokenizer.ggml.merges", &merges) && merges.item_type != GGUF_STRING)
+        return fail(e, "%s: tokenizer.ggml.merges must be an array of strings", g->path);
+    const char **strs = xmalloc((size_t)(toks.count + merges.count + 1) * sizeof(char *));
+    uint32_t *lens = xmalloc((size_t)(toks.count + merges.count + 1) * sizeof(uint32_t));
+    bool ok = gguf_array_strings(&toks, strs, lens) &&
+              (merges.count == 0 || gguf_array_strings(&merges, strs + toks.count, lens + toks.count));
+    char err[256] = "a vocabulary string is longer than 4 GB";
+    ok = ok && tokenizer_init(t, (uint32_t)toks.count, strs, lens, (uint32_t)merges.count,
+                              strs + toks.count, lens + toks.count, err, sizeof err) == 0;
+    free(strs);
+    free(lens);
+    return ok || fail(e, "%s: %s", g->path, err);
+}
+
 /* ============================================================================
- * Chapter 5. Numeric primitives of DeepSeek V4
+ * Chapter 7. Numeric primitives of DeepSeek V4
  * ============================================================================
  *
  * Small, exact building blocks. Each one is a formula from the forward-pass
@@ -1386,10 +6218,10 @@ static int topk_indices(const float *score, int n, int k, int *out) {
 }
 
 /* ============================================================================
- * Chapter 6. The forward pass
+ * Chapter 8. The forward pass
  * ============================================================================
  *
- * 6.1 The engine and its matrix multiply.
+ * 8.1 The engine and its matrix multiply.
  *
  * The engine owns the model, the thread pool and per-thread scratch memory.
  * Its one heavy operation is
@@ -1515,14 +6347,14 @@ static void matrix_row_f32(const struct matrix *m, int64_t r, float *out) {
 }
 
 /* ----------------------------------------------------------------------------
- * 6.2 Session state: what a conversation carries from token to token.
+ * 8.2 Session state: what a conversation carries from token to token.
  *
  * The hyper-connection state, the MoE and the query path are per token and
  * forgotten at once. What persists, per layer:
  *
  *   ring          [W][Dh]        K=V rows of the last W positions, slot p % W
  *   comp_rows     [P/r][Dh]      finished compressed rows (ratio > 0)
- *   comp          frontier       the compressor's partial window (6.4)
+ *   comp          frontier       the compressor's partial window (8.4)
  *   idx_rows      [P/4][DI]      finished indexer rows (ratio 4)
  *   idx_comp      frontier       the indexer compressor's partial window
  *
@@ -1545,7 +6377,7 @@ static float *row_store_append(struct row_store *rs) {
     return rs->rows + rs->n++ * rs->width;
 }
 
-/* The streaming compressor (6.4): `score` starts at -inf, meaning "no token
+/* The streaming compressor (8.4): `score` starts at -inf, meaning "no token
  * here yet", which the pooling softmax turns into weight 0. */
 struct compressor_state {
     int ratio, coff, dc;          /* dc = output row width; each token projects coff*dc */
@@ -1620,7 +6452,7 @@ static void session_free(struct session *s) {
 }
 
 /* ----------------------------------------------------------------------------
- * 6.3 Hyper-connections (mHC).
+ * 8.3 Hyper-connections (mHC).
  *
  * Instead of one residual stream, every token carries n = 4 streams X[h] of
  * width D. Around each sublayer, a tiny learned mixer decides how to read
@@ -1728,7 +6560,7 @@ static void hc_head_collapse(const struct ds4_config *c, const float *X, const f
 }
 
 /* ----------------------------------------------------------------------------
- * 6.4 The compressors.
+ * 8.4 The compressors.
  *
  * Beyond the sliding window, a compressed layer sees the whole past through
  * "compressed rows": every r consecutive tokens are pooled into one K=V row.
@@ -1805,7 +6637,7 @@ static bool compressor_push(struct compressor_state *cs, const float *k, const f
 }
 
 /* ----------------------------------------------------------------------------
- * 6.5 Working memory for one chunk.
+ * 8.5 Working memory for one chunk.
  *
  * A forward call processes a chunk of T consecutive tokens layer by layer.
  * All intermediate arrays for the chunk are allocated once per call, sized
@@ -1893,7 +6725,7 @@ static void chunk_work_free(struct chunk_work *w) {
 }
 
 /* ----------------------------------------------------------------------------
- * 6.6 Attention.
+ * 8.6 Attention.
  *
  * Query path (per token, H heads of width Dh):
  *
@@ -2006,7 +6838,7 @@ static void compress_chunk(struct engine *eng, const struct layer_weights *L,
 }
 
 /* ----------------------------------------------------------------------------
- * 6.7 The indexer (ratio-4 layers).
+ * 8.7 The indexer (ratio-4 layers).
  *
  * A ratio-4 layer accumulates a compressed row every 4 tokens: a quarter of
  * the whole context. Attending to all of them would cost as much as dense
@@ -2085,7 +6917,7 @@ static void select_compressed_rows(struct engine *eng, const struct layer_weight
 }
 
 /* ----------------------------------------------------------------------------
- * 6.8 Attending: one (token, head) pair per work item.
+ * 8.8 Attending: one (token, head) pair per work item.
  *
  * Raw rows come from two places. Positions before the chunk live in the
  * ring (slot j % W); positions inside the chunk come from the chunk's own
@@ -2192,7 +7024,7 @@ static void attention_chunk(struct engine *eng, const struct layer_weights *L,
 }
 
 /* ----------------------------------------------------------------------------
- * 6.9 Mixture of experts.
+ * 8.9 Mixture of experts.
  *
  * A router scores every expert; each token uses K of E routed experts plus
  * one shared expert that every token uses:
@@ -2293,7 +7125,7 @@ static void moe_chunk(struct engine *eng, const struct layer_weights *L, const f
 }
 
 /* ----------------------------------------------------------------------------
- * 6.10 One block, for a chunk of T tokens: X is [T][n][D], updated in place.
+ * 8.10 One block, for a chunk of T tokens: X is [T][n][D], updated in place.
  *
  *     (y, mix) = hc_pre(X);  a = rmsnorm(y, attn_norm);  X = hc_post(attention(a), X, mix)
  *     (y, mix) = hc_pre(X);  b = rmsnorm(y, ffn_norm);   X = hc_post(moe(b), X, mix)
@@ -2332,7 +7164,7 @@ static void block_chunk(struct engine *eng, const struct layer_weights *L, struc
 }
 
 /* ----------------------------------------------------------------------------
- * 6.11 The output head: collapse the streams, norm, project to the vocab.
+ * 8.11 The output head: collapse the streams, norm, project to the vocab.
  *
  *     w[h] = sigmoid(rr (hc_fn_h . x^) hc_scale + hc_base[h]) + eps_hc
  *     logits = Wout . rmsnorm(sum_h w[h] X[h], norm)
@@ -2353,7 +7185,7 @@ static void head_chunk(struct engine *eng, const struct matrix *hc_fn, const flo
 }
 
 /* ----------------------------------------------------------------------------
- * 6.12 The MTP block.
+ * 8.12 The MTP block.
  *
  * DeepSeek V4 ships one multi-token-prediction block: a full extra layer
  * that, given the main model's final streams at position i and the embedding
@@ -2407,7 +7239,7 @@ static void mtp_chunk(struct session *s, const int32_t *tokens, const float *X, 
 }
 
 /* ============================================================================
- * Chapter 7. The story: advancing a session by a chunk of tokens
+ * Chapter 9. The story: advancing a session by a chunk of tokens
  * ============================================================================
  *
  * This is the forward pass from end to end. Everything above is a chapter
@@ -2419,7 +7251,7 @@ static void mtp_chunk(struct session *s, const int32_t *tokens, const float *X, 
  *   tokens [T] at positions P .. P+T-1
  *     |
  *     embed, copy into n streams                        X: [T][n][D]
- *     for each layer: X = block(X)                      (6.10)
+ *     for each layer: X = block(X)                      (8.10)
  *     logits = head(X)                                  last row, or all rows
  *     MTP rows P-1 .. P+T-2 (when an MTP file is loaded)
  *     P += T
@@ -2489,7 +7321,7 @@ static bool session_feed(struct session *s, const int32_t *tokens, int64_t n, in
 }
 
 /* ============================================================================
- * Chapter 8. Sampling
+ * Chapter 10. Sampling
  * ============================================================================
  *
  * From logits to the next token. Temperature 0 means greedy: the highest
@@ -2585,16 +7417,12 @@ static int sample_token(struct sampler *sp, const float *logits, int vocab) {
     return sp->order[n - 1];
 }
 
-/* ============================================================================
- * Chapter 9. JSON
- * ============================================================================ */
-#include "staging/json.c"
 
 /* ============================================================================
- * Chapter 10. Tools built on the engine: the oracle checker and the bench
+ * Chapter 11. Tools built on the engine: the oracle checker and the bench
  * ============================================================================
  *
- * 10.1 --check-vectors FILE.json
+ * 11.1 --check-vectors FILE.json
  *
  * The oracle vectors come from DeepSeek's own inference code on a tiny model
  * with the exact V4 structure. Each case is a token sequence with reference
@@ -2873,7 +7701,7 @@ static int check_vectors(struct engine *eng, const char *path) {
 }
 
 /* ----------------------------------------------------------------------------
- * 10.2 --bench
+ * 11.2 --bench
  *
  * Decode on a CPU is bound by memory bandwidth: every token streams every
  * weight it touches. So besides tokens per second the bench reports the
@@ -2946,7 +7774,7 @@ static int run_bench(struct engine *eng, int n_prefill, int n_decode) {
 }
 
 /* ============================================================================
- * Chapter 11. The command line and main()
+ * Chapter 12. The command line and main()
  * ============================================================================
  *
  * Options are parsed once, into one struct, and validated there: a bad flag
@@ -2955,8 +7783,10 @@ static int run_bench(struct engine *eng, int n_prefill, int n_decode) {
 
 struct cli_options {
     const char *model_path, *mtp_path, *tokens, *check_vectors;
+    const char *prompt, *render_chat, *mode_name;
     int n_predict, chunk, bench_prefill, bench_decode;
-    bool bench, show_help;
+    bool bench, show_help, raw, nothink;
+    enum chat_mode mode;          /* from --mode, or --nothink */
     struct engine_options engine;
     struct sampler_options sampling;
 };
@@ -2970,7 +7800,16 @@ static void print_usage(FILE *f) {
         "model:\n"
         "  -m, --model FILE      model GGUF (default ./ds4flash.gguf, else the shipped tiny model)\n"
         "      --mtp FILE        MTP GGUF (the separate mtp.0.* file)\n"
+        "       ds4 [-m MODEL.gguf] -p \"TEXT\" [--nothink] [--raw]     one chat turn\n"
+        "       ds4 [-m MODEL.gguf]                   interactive chat (/think /nothink /quit)\n"
+        "       ds4 --render-chat FILE.json [--mode thinking|chat|max]\n"
+        "\n"
         "generation:\n"
+        "  -p, --prompt TEXT     a user message, rendered with the V4 chat template\n"
+        "      --raw             send the -p text as is, without the chat template\n"
+        "      --nothink         chat mode: answer without a thinking block\n"
+        "      --mode M          thinking (default), chat, or max (Think Max)\n"
+        "      --render-chat F   print the prompt the chat template makes of F and exit\n"
         "      --tokens \"IDS\"    prompt as token ids separated by spaces or commas\n"
         "  -n, --n-predict N     tokens to generate (default 16)\n"
         "      --temp T          temperature; 0 = greedy (default 0)\n"
@@ -3015,6 +7854,18 @@ static bool flag_is(const char *arg, const char *short_name, const char *long_na
     return (short_name && strcmp(arg, short_name) == 0) || (long_name && strcmp(arg, long_name) == 0);
 }
 
+/* --mode and --nothink name the chat template's mode; thinking by default. */
+static bool parse_mode(struct cli_options *o, struct ds4_error *e) {
+    o->mode = o->nothink ? CHAT_MODE_CHAT : CHAT_MODE_THINKING;
+    if (!o->mode_name) return true;
+    if (o->nothink) return fail(e, "--nothink and --mode both choose the mode: give one");
+    if (strcmp(o->mode_name, "thinking") == 0) o->mode = CHAT_MODE_THINKING;
+    else if (strcmp(o->mode_name, "chat") == 0) o->mode = CHAT_MODE_CHAT;
+    else if (strcmp(o->mode_name, "max") == 0) o->mode = CHAT_MODE_THINK_MAX;
+    else return fail(e, "--mode must be thinking, chat or max (got '%s')", o->mode_name);
+    return true;
+}
+
 static bool parse_args(int argc, char **argv, struct cli_options *o, struct ds4_error *e) {
     memset(o, 0, sizeof *o);
     o->n_predict = 16;
@@ -3040,12 +7891,16 @@ static bool parse_args(int argc, char **argv, struct cli_options *o, struct ds4_
     struct string_flag strings[] = {
         { "-m", "--model", &o->model_path }, { NULL, "--mtp", &o->mtp_path },
         { NULL, "--tokens", &o->tokens }, { NULL, "--check-vectors", &o->check_vectors },
+        { "-p", "--prompt", &o->prompt }, { NULL, "--render-chat", &o->render_chat },
+        { NULL, "--mode", &o->mode_name },
     };
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         if (flag_is(a, "-h", "--help")) { o->show_help = true; continue; }
         if (flag_is(a, NULL, "--bench")) { o->bench = true; continue; }
         if (flag_is(a, NULL, "--reference-kernels")) { o->engine.reference_kernels = true; continue; }
+        if (flag_is(a, NULL, "--raw")) { o->raw = true; continue; }
+        if (flag_is(a, NULL, "--nothink")) { o->nothink = true; continue; }
         bool matched = false;
         const char *value = i + 1 < argc ? argv[i + 1] : NULL;
         for (size_t k = 0; !matched && k < sizeof ints / sizeof ints[0]; k++) {
@@ -3079,7 +7934,7 @@ static bool parse_args(int argc, char **argv, struct cli_options *o, struct ds4_
         if (!matched) return fail(e, "unknown option '%s' (try --help)", a);
         i++;   /* every matched option here took a value */
     }
-    return true;
+    return parse_mode(o, e);
 }
 
 /* Parse "1 2 3" or "1,2,3" into ids. */
@@ -3165,6 +8020,220 @@ static int generate(struct engine *eng, const struct cli_options *o) {
     return ok ? 0 : 1;
 }
 
+/* ----------------------------------------------------------------------------
+ * 12.2 Text prompts and the interactive chat.
+ *
+ * A conversation is a list of messages. Each turn renders the WHOLE list
+ * with the official V4 template, tokenizes it, and feeds the session only
+ * what it has not seen: the longest common prefix of the new prompt and the
+ * tokens already in the session is reused. (When the template rewrites
+ * history -- earlier reasoning is dropped once a new user turn arrives in
+ * thinking mode -- the prefix shrinks and the session starts again, exactly
+ * as the official encoder intends.)
+ *
+ * Ctrl+C stops a generation in progress; at the prompt it ends the program.
+ * ------------------------------------------------------------------------- */
+
+static volatile sig_atomic_t interrupted;
+
+static void on_sigint(int sig) {
+    (void)sig;
+    interrupted = 1;
+}
+
+struct conversation {
+    struct engine *eng;
+    const struct tokenizer *tok;
+    const struct cli_options *opt;
+    struct session s;
+    struct sampler sp;
+    int32_t *fed;                 /* tokens the session has processed */
+    int64_t n_fed, cap_fed;
+    struct strbuf messages;       /* the JSON array of messages so far, without ']' */
+    bool have_session;
+};
+
+static void conversation_init(struct conversation *c, struct engine *eng, const struct tokenizer *tok,
+                              const struct cli_options *o) {
+    memset(c, 0, sizeof *c);
+    c->eng = eng;
+    c->tok = tok;
+    c->opt = o;
+    session_init(&c->s, eng);
+    sampler_init(&c->sp, o->sampling, eng->model->cfg.vocab);
+    strbuf_puts(&c->messages, "[");
+}
+
+static void conversation_free(struct conversation *c) {
+    session_free(&c->s);
+    sampler_free(&c->sp);
+    free(c->fed);
+    strbuf_free(&c->messages);
+}
+
+static void remember_fed(struct conversation *c, int32_t id) {
+    if (c->n_fed == c->cap_fed) {
+        c->cap_fed = c->cap_fed ? 2 * c->cap_fed : 1024;
+        c->fed = xrealloc(c->fed, (size_t)c->cap_fed * sizeof(int32_t));
+    }
+    c->fed[c->n_fed++] = id;
+}
+
+/* Bring the session to exactly `ids`, reusing the common prefix. */
+static bool feed_prompt(struct conversation *c, const int32_t *ids, int64_t n, struct ds4_error *e) {
+    int64_t same = 0;
+    while (same < n && same < c->n_fed && c->fed[same] == ids[same]) same++;
+    if (same < c->n_fed || same == n) {    /* diverged (or nothing new): start over */
+        session_free(&c->s);
+        session_init(&c->s, c->eng);
+        c->n_fed = 0;
+        same = 0;
+    }
+    if (!session_feed(&c->s, ids + same, n - same, c->opt->chunk, e)) return false;
+    for (int64_t i = same; i < n; i++) remember_fed(c, ids[i]);
+    return true;
+}
+
+/* Sample up to max_tokens, streaming text to stdout, stopping at the end of
+ * sentence token or Ctrl+C. The reply's text is left in `reply`. */
+static bool generate_reply(struct conversation *c, int max_tokens, struct strbuf *reply,
+                           struct ds4_error *e) {
+    int V = c->eng->model->cfg.vocab;
+    struct token_stream ts = { 0 };
+    interrupted = 0;
+    for (int i = 0; i < max_tokens && !interrupted; i++) {
+        int32_t next = sample_token(&c->sp, c->s.logits, V);
+        if (next == c->tok->sp.eos) break;
+        size_t before = reply->len;
+        token_stream_push(c->tok, &ts, next, reply);
+        fwrite(reply->data + before, 1, reply->len - before, stdout);
+        fflush(stdout);
+        if (!session_forward(&c->s, &next, 1, NULL, e)) return false;
+        remember_fed(c, next);
+    }
+    size_t before = reply->len;
+    token_stream_flush(&ts, reply);
+    fwrite(reply->data + before, 1, reply->len - before, stdout);
+    printf("\n");
+    if (interrupted) fprintf(stderr, "[stopped]\n");
+    return true;
+}
+
+static void add_message(struct conversation *c, const char *role, const char *content, size_t len,
+                        const char *reasoning, size_t reasoning_len) {
+    if (c->messages.len > 1) strbuf_puts(&c->messages, ",");
+    strbuf_printf(&c->messages, "{\"role\":\"%s\",\"content\":", role);
+    json_write_string(&c->messages, content, len);
+    if (reasoning) {
+        strbuf_puts(&c->messages, ",\"reasoning_content\":");
+        json_write_string(&c->messages, reasoning, reasoning_len);
+    }
+    strbuf_puts(&c->messages, "}");
+}
+
+/* Render the conversation, feed it, generate one reply, record it. */
+static bool chat_turn(struct conversation *c, const char *user_text, enum chat_mode mode,
+                      struct ds4_error *e) {
+    add_message(c, "user", user_text, strlen(user_text), NULL, 0);
+    struct strbuf doc = { 0 }, prompt = { 0 }, reply = { 0 };
+    strbuf_append(&doc, c->messages.data, c->messages.len);
+    strbuf_puts(&doc, "]");
+    char err[256];
+    struct json *messages = json_parse(doc.data, doc.len, 64, err, sizeof err);
+    struct chat_options co = { .mode = mode, .context_tokens = CHAT_THINK_MAX_MIN_CONTEXT };
+    int32_t *ids = NULL;
+    size_t n = 0;
+    bool ok = messages && chat_render(messages, NULL, &co, &prompt, err, sizeof err) == 0 &&
+              tokenize(c->tok, prompt.data, prompt.len, true, &ids, &n) == 0;
+    if (!ok) fail(e, "cannot render the conversation: %s", err);
+    ok = ok && feed_prompt(c, ids, (int64_t)n, e) && generate_reply(c, c->opt->n_predict, &reply, e);
+    if (ok) {
+        struct dsml_parser dp;
+        dsml_parser_init(&dp, mode != CHAT_MODE_CHAT, NULL, NULL);
+        dsml_parser_feed(&dp, reply.data ? reply.data : "", reply.len);
+        dsml_parser_finish(&dp);
+        add_message(c, "assistant", dp.content.data ? dp.content.data : "", dp.content.len,
+                    mode != CHAT_MODE_CHAT ? (dp.reasoning.data ? dp.reasoning.data : "") : NULL,
+                    dp.reasoning.len);
+        dsml_parser_free(&dp);
+    }
+    json_free(messages);
+    free(ids);
+    strbuf_free(&doc);
+    strbuf_free(&prompt);
+    strbuf_free(&reply);
+    return ok;
+}
+
+/* -p TEXT: one turn (or, with --raw, the text as the whole prompt). */
+static int run_prompt(struct engine *eng, const struct tokenizer *tok, const struct cli_options *o) {
+    struct conversation c;
+    struct ds4_error e = { "" };
+    conversation_init(&c, eng, tok, o);
+    bool ok;
+    if (o->raw) {
+        int32_t *ids = NULL;
+        size_t n = 0;
+        struct strbuf reply = { 0 };
+        ok = tokenize(tok, o->prompt, strlen(o->prompt), true, &ids, &n) == 0 && n > 0;
+        if (!ok) fail(&e, "the prompt tokenizes to nothing");
+        ok = ok && feed_prompt(&c, ids, (int64_t)n, &e) && generate_reply(&c, o->n_predict, &reply, &e);
+        free(ids);
+        strbuf_free(&reply);
+    } else {
+        ok = chat_turn(&c, o->prompt, o->mode, &e);
+    }
+    if (!ok) fprintf(stderr, "ds4: %s\n", e.msg);
+    conversation_free(&c);
+    return ok ? 0 : 1;
+}
+
+/* The interactive chat: one line per user message. */
+static int run_chat(struct engine *eng, const struct tokenizer *tok, const struct cli_options *o) {
+    struct conversation c;
+    struct ds4_error e = { "" };
+    conversation_init(&c, eng, tok, o);
+    enum chat_mode mode = o->mode;
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_sigint;      /* no SA_RESTART: Ctrl+C interrupts the read */
+    sigaction(SIGINT, &sa, NULL);
+    bool tty = isatty(0);
+    if (tty) fprintf(stderr, "ds4 chat: /think, /nothink, /quit; Ctrl+C stops a reply.\n");
+    char line[65536];
+    int rc = 0;
+    for (;;) {
+        if (tty) fprintf(stderr, "> ");
+        interrupted = 0;
+        if (!fgets(line, sizeof line, stdin)) break;       /* EOF or Ctrl+C at the prompt */
+        line[strcspn(line, "\r\n")] = 0;
+        if (line[0] == 0) continue;
+        if (strcmp(line, "/quit") == 0) break;
+        if (strcmp(line, "/think") == 0) { mode = CHAT_MODE_THINKING; fprintf(stderr, "[thinking mode]\n"); continue; }
+        if (strcmp(line, "/nothink") == 0) { mode = CHAT_MODE_CHAT; fprintf(stderr, "[chat mode]\n"); continue; }
+        if (!chat_turn(&c, line, mode, &e)) {
+            fprintf(stderr, "ds4: %s\n", e.msg);
+            rc = 1;
+            break;
+        }
+    }
+    conversation_free(&c);
+    return rc;
+}
+
+static int render_chat_command(const struct cli_options *o) {
+    struct strbuf out = { 0 };
+    char err[256];
+    if (render_chat_file(o->render_chat, o->mode, &out, err, sizeof err) != 0) {
+        fprintf(stderr, "ds4: %s\n", err);
+        strbuf_free(&out);
+        return 1;
+    }
+    fwrite(out.data ? out.data : "", 1, out.len, stdout);
+    strbuf_free(&out);
+    return 0;
+}
+
 #ifndef DS4_NO_MAIN
 int main(int argc, char **argv) {
     struct cli_options o;
@@ -3177,9 +8246,9 @@ int main(int argc, char **argv) {
         print_usage(stdout);
         return 0;
     }
-    if (!o.tokens && !o.check_vectors && !o.bench) {
-        print_usage(stderr);
-        fprintf(stderr, "\nds4: nothing to do: give --tokens, --check-vectors or --bench\n");
+    if (o.render_chat) return render_chat_command(&o);
+    if (o.tokens && o.prompt) {
+        fprintf(stderr, "ds4: give either --tokens or -p, not both\n");
         return 2;
     }
     char buf[1100];
@@ -3194,12 +8263,24 @@ int main(int argc, char **argv) {
         fprintf(stderr, "ds4: %s\n", e.msg);
         return 1;
     }
+    /* Text needs the vocabulary; token ids, the checker and the bench do not. */
+    bool wants_text = !o.tokens && !o.check_vectors && !o.bench;
+    struct tokenizer tok;
+    memset(&tok, 0, sizeof tok);
+    if (wants_text && !tokenizer_load_gguf(&tok, &model.file, model.cfg.vocab, &e)) {
+        fprintf(stderr, "ds4: %s\n", e.msg);
+        model_free(&model);
+        return 1;
+    }
     struct engine eng;
     engine_init(&eng, &model, o.engine);
     int rc = o.check_vectors ? check_vectors(&eng, o.check_vectors)
            : o.bench         ? run_bench(&eng, o.bench_prefill, o.bench_decode)
-                             : generate(&eng, &o);
+           : o.tokens        ? generate(&eng, &o)
+           : o.prompt        ? run_prompt(&eng, &tok, &o)
+                             : run_chat(&eng, &tok, &o);
     engine_free(&eng);
+    if (wants_text) tokenizer_free(&tok);
     model_free(&model);
     return rc;
 }

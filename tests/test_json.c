@@ -7,7 +7,7 @@
  * Every check prints what it compared. The last line is "N passed, N failed"
  * and the exit status is 0 only if nothing failed. An optional argument names
  * the tiny vector file (default: vectors/tiny/vectors.json, then
- * /work/shared/vectors/tiny/vectors.json).
+ * vectors/vectors.json).
  */
 #include <stdint.h>
 #include <stddef.h>
@@ -20,7 +20,8 @@
 #include <errno.h>
 #include <time.h>
 
-#include "../staging/json.c"
+#define DS4_NO_MAIN
+#include "../ds4.c"
 
 /* ---- A tiny harness -------------------------------------------------------- */
 
@@ -60,12 +61,6 @@ static bool json_equal(const struct json *a, const struct json *b) {
         return true;
     default: return true;
     }
-}
-
-static double now_seconds(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
 
 /* xorshift64*: a fixed seed keeps the fuzz runs reproducible. */
@@ -551,7 +546,7 @@ static void test_speed(void) {
 
 /* ---- The real vector file ---------------------------------------------------------- */
 
-static char *read_file(const char *path, size_t *len) {
+static char *slurp_file(const char *path, size_t *len) {
     FILE *f = fopen(path, "rb");
     if (!f) return NULL;
     fseek(f, 0, SEEK_END);
@@ -568,12 +563,12 @@ static char *read_file(const char *path, size_t *len) {
 }
 
 static void test_vector_file(const char *path) {
-    const char *candidates[] = {path, "vectors/tiny/vectors.json", "/work/shared/vectors/tiny/vectors.json"};
+    const char *candidates[] = {path, "vectors/vectors.json", "../shared/vectors/tiny/vectors.json"};
     size_t len = 0;
     char *data = NULL;
     const char *used = NULL;
     for (int i = 0; i < 3 && !data; i++)
-        if (candidates[i]) data = read_file(used = candidates[i], &len);
+        if (candidates[i]) data = slurp_file(used = candidates[i], &len);
     if (!data) {
         printf("skip vector file not found (pass its path as the first argument)\n");
         return;

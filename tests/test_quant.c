@@ -27,7 +27,8 @@
 #include <stdio.h>
 #include <stdbool.h>
 
-#include "../staging/quant.c"
+#define DS4_NO_MAIN
+#include "../ds4.c"
 
 static int tests_passed, tests_failed;
 

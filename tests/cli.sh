@@ -1,0 +1,115 @@
+#!/bin/sh
+# Command-line behaviour of ./ds4 and ./ds4-convert: what a user types, what
+# comes back. Each check prints what it ran and what it compared.
+# Run from the repository root.
+
+passed=0
+failed=0
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+
+ok()   { passed=$((passed + 1)); echo "ok   $1"; }
+bad()  { failed=$((failed + 1)); echo "FAIL $1"; }
+
+# expect STATUS "NEEDLE" DESCRIPTION -- COMMAND...: exit status and a stderr substring
+expect() {
+    want=$1 needle=$2 what=$3
+    shift 4
+    "$@" >"$tmp/out" 2>"$tmp/err"
+    got=$?
+    if [ "$got" -eq "$want" ] && grep -q -- "$needle" "$tmp/err"; then
+        ok "$what (status $got, says '$needle')"
+    else
+        bad "$what: status $got (want $want), stderr: $(head -c 300 "$tmp/err")"
+    fi
+}
+
+M=vectors/tiny.gguf
+
+# Generation: N ids, in range, deterministic when greedy or seeded.
+./ds4 -m $M --tokens "1 2 3" -n 8 >"$tmp/a" 2>/dev/null
+count=$(wc -w <"$tmp/a")
+[ "$count" -eq 8 ] && ok "--tokens \"1 2 3\" -n 8 prints 8 ids" || bad "-n 8 printed $count ids"
+./ds4 -m $M --tokens "1,2,3" -n 8 >"$tmp/b" 2>/dev/null
+cmp -s "$tmp/a" "$tmp/b" && ok "greedy generation repeats exactly (comma or space separated)" || bad "greedy runs differ"
+./ds4 -m $M --tokens "5 6 7" -n 12 --temp 0.9 --top-p 0.9 --top-k 40 --seed 7 >"$tmp/c" 2>/dev/null
+./ds4 -m $M --tokens "5 6 7" -n 12 --temp 0.9 --top-p 0.9 --top-k 40 --seed 7 >"$tmp/d" 2>/dev/null
+cmp -s "$tmp/c" "$tmp/d" && ok "sampling with --seed 7 repeats exactly" || bad "seeded sampling differs"
+./ds4 -m $M --tokens "5 6 7" -n 12 --temp 0.9 --seed 8 >"$tmp/e" 2>/dev/null
+cmp -s "$tmp/c" "$tmp/e" && bad "different seeds gave the same sample" || ok "a different seed gives a different sample"
+awk '{ for (i = 1; i <= NF; i++) if ($i < 0 || $i >= 2048) exit 1 }' "$tmp/c" \
+    && ok "sampled ids lie inside the vocabulary" || bad "sampled id outside the vocabulary"
+./ds4 -m $M --tokens "1 2 3 4 5 6 7 8 9 10" -n 6 --chunk 3 >"$tmp/f" 2>/dev/null
+./ds4 -m $M --tokens "1 2 3 4 5 6 7 8 9 10" -n 6 --chunk 128 >"$tmp/g" 2>/dev/null
+cmp -s "$tmp/f" "$tmp/g" && ok "--chunk 3 and --chunk 128 generate the same ids" || bad "chunk size changed the output"
+
+# The default model: the shipped tiny one, announced on stderr.
+expect 0 "shipped tiny test model" "no -m uses the tiny model and says so" -- ./ds4 --tokens "1 2 3" -n 2
+
+# Bad input: a message and status 2 (usage) or 1 (runtime), never a crash.
+expect 2 "unknown option" "unknown flag" -- ./ds4 --frobnicate
+expect 2 "needs an integer" "-n with a non-number" -- ./ds4 --tokens 1 -n lots
+expect 2 "needs a number" "--temp out of range" -- ./ds4 --tokens 1 --temp -1
+expect 2 "needs a value" "-m without a value" -- ./ds4 -m
+expect 2 "not a token id" "--tokens with a word" -- ./ds4 -m $M --tokens "1 two 3"
+expect 2 "thinking, chat or max" "--mode with an unknown mode" -- ./ds4 --render-chat x.json --mode fast
+expect 2 "give one" "--nothink together with --mode" -- ./ds4 -m $M -p hi --nothink --mode chat
+expect 2 "not both" "--tokens together with -p" -- ./ds4 -m $M -p hi --tokens 1
+expect 1 "cannot open" "--render-chat with a missing file" -- ./ds4 --render-chat "$tmp/none.json"
+printf '[{"role": "user", "content": 5}' >"$tmp/chat.json"
+expect 1 "JSON error" "--render-chat with broken JSON" -- ./ds4 --render-chat "$tmp/chat.json"
+./ds4-convert vectors/tiny "$tmp/novocab.gguf" >/dev/null 2>&1
+expect 1 "has no vocabulary" "-p on a model without a vocabulary" -- ./ds4 -m "$tmp/novocab.gguf" -p hi
+expect 1 "outside the vocabulary" "token id past the vocabulary" -- ./ds4 -m $M --tokens "1 999999" -n 1
+expect 1 "cannot open" "missing model file" -- ./ds4 -m "$tmp/none.gguf" --tokens 1
+printf 'GGUF\003\000\000\000garbage' >"$tmp/short.gguf"
+expect 1 "too short" "a 15-byte model file" -- ./ds4 -m "$tmp/short.gguf" --tokens 1
+expect 1 "cannot open" "--check-vectors with a missing file" -- ./ds4 -m $M --check-vectors "$tmp/none.json"
+printf '{"cases": [' >"$tmp/bad.json"
+expect 1 "JSON error" "--check-vectors with broken JSON" -- ./ds4 -m $M --check-vectors "$tmp/bad.json"
+expect 1 "missing tensor 'mtp.0." "--mtp given the main model instead of the MTP file" -- \
+    ./ds4 -m $M --mtp $M --tokens 1
+
+# Text: the official encoder's outputs, one chat turn, the interactive loop.
+for i in 1 2 3; do
+    ./ds4 --render-chat vectors/encoding/test_input_$i.json >"$tmp/r$i" 2>"$tmp/r$i.err"
+    cmp -s "$tmp/r$i" vectors/encoding/test_output_$i.txt \
+        && ok "--render-chat test_input_$i.json == official test_output_$i.txt (byte for byte)" \
+        || bad "--render-chat case $i differs: $(diff "$tmp/r$i" vectors/encoding/test_output_$i.txt | head -c 300)"
+done
+./ds4 --render-chat vectors/encoding/test_input_2.json --mode chat >"$tmp/rc" 2>/dev/null
+grep -q '</think>' "$tmp/rc" && ! cmp -s "$tmp/rc" "$tmp/r2" \
+    && ok "--mode chat renders the non-thinking prompt (ends the turn with </think>)" || bad "--mode chat rendering"
+./ds4 -m $M -p "Hello" -n 6 >"$tmp/p1" 2>/dev/null && [ -s "$tmp/p1" ] \
+    && ok "-p \"Hello\" runs one chat turn on the tiny model" || bad "-p failed"
+./ds4 -m $M -p "Hello" -n 6 >"$tmp/p2" 2>/dev/null
+cmp -s "$tmp/p1" "$tmp/p2" && ok "-p is deterministic at temperature 0" || bad "-p output varies"
+printf 'first question\n/nothink\nsecond question\n/think\nthird\n/quit\nnever read\n' \
+    | ./ds4 -m $M -n 5 >"$tmp/chat.out" 2>"$tmp/chat.err"
+rc=$?
+if [ "$rc" -eq 0 ] && grep -q "chat mode" "$tmp/chat.err" && grep -q "thinking mode" "$tmp/chat.err" \
+   && [ "$(wc -l <"$tmp/chat.out")" -ge 3 ]; then
+    ok "interactive chat: three turns, /nothink, /think, /quit (status 0)"
+else
+    bad "interactive chat: status $rc, $(head -c 300 "$tmp/chat.err")"
+fi
+./ds4 -m $M -n 5 </dev/null >/dev/null 2>&1 && ok "interactive chat ends cleanly at end of input" \
+    || bad "chat at EOF did not exit 0"
+
+# The converter's command line.
+expect 2 "usage" "ds4-convert without arguments" -- ./ds4-convert
+expect 1 "config.json" "ds4-convert on a directory without a checkpoint" -- ./ds4-convert "$tmp" "$tmp/x.gguf"
+
+# The full published width: one synthetic layer loads and runs.
+if ./ds4-convert --synthetic full --layers 1 "$tmp/full.gguf" >"$tmp/conv.log" 2>&1; then
+    ok "ds4-convert --synthetic full --layers 1 writes a full-width model"
+    ./ds4 -m "$tmp/full.gguf" --tokens "0 1 128803 129279" -n 3 >"$tmp/full.out" 2>"$tmp/full.err"
+    n=$(wc -w <"$tmp/full.out")
+    [ "$n" -eq 3 ] && ok "the full-width model (dim 4096, 256 experts, vocab 129280) generates 3 ids" \
+                   || bad "full-width run: $(head -c 300 "$tmp/full.err")"
+else
+    bad "synthetic full-width model: $(tail -n 3 "$tmp/conv.log")"
+fi
+
+echo "$passed passed, $failed failed"
+[ "$failed" -eq 0 ]

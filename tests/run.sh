@@ -1,0 +1,46 @@
+#!/bin/sh
+# Runs every test suite, shows its output, and adds up the "N passed, N failed"
+# line each one ends with. A suite that crashes or exits non-zero without
+# reporting a failure counts as one failure, so nothing fails silently.
+# Run from the repository root (make test does).
+
+total_passed=0
+total_failed=0
+log=$(mktemp)
+
+suite() {
+    name=$1
+    shift
+    echo "== $name"
+    "$@" >"$log" 2>&1
+    rc=$?
+    cat "$log"
+    line=$(grep -E '^[0-9]+ passed, [0-9]+ failed' "$log" | tail -n 1)
+    passed=$(echo "$line" | sed -n 's/^\([0-9]*\) passed.*/\1/p')
+    failed=$(echo "$line" | sed -n 's/^[0-9]* passed, \([0-9]*\) failed.*/\1/p')
+    [ -n "$passed" ] || passed=0
+    [ -n "$failed" ] || failed=0
+    if [ "$rc" -ne 0 ] && [ "$failed" -eq 0 ]; then
+        echo "!! $name exited with status $rc without reporting a failure"
+        failed=1
+    fi
+    total_passed=$((total_passed + passed))
+    total_failed=$((total_failed + failed))
+}
+
+B=tests/bin
+suite "quant blocks (fast kernels vs reference)" $B/test_quant
+suite "JSON (ASan+UBSan)" $B/test_json
+suite "GGUF hostile files (ASan+UBSan)" $B/test_gguf vectors/tiny.gguf
+suite "converter (ASan+UBSan)" $B/test_convert
+suite "text: tokenizer, chat template, DSML (ASan+UBSan)" $B/test_text
+suite "model: primitives, prefill == chunked == decode, fast vs reference" \
+    $B/test_model vectors/tiny.gguf vectors/tiny-mtp.gguf $B/tiny-q8_0.gguf $B/tiny-q2.gguf $B/tiny-q4.gguf
+suite "oracle vectors (tiny f16 + MTP)" \
+    ./ds4 --check-vectors vectors/vectors.json -m vectors/tiny.gguf --mtp vectors/tiny-mtp.gguf
+suite "command line" sh tests/cli.sh
+
+rm -f "$log"
+echo
+echo "$total_passed passed, $total_failed failed"
+[ "$total_failed" -eq 0 ]
