@@ -2386,7 +2386,7 @@ static bool config_validate(const struct ds4_config *c, const char *path, struct
     if (c->o_groups < 1 || c->n_heads % c->o_groups != 0)
         return fail(e, "%s: head_count %d is not a multiple of output_group_count %d", path,
                     c->n_heads, c->o_groups);
-    if (c->rope_dim < 2 || c->rope_dim % 2 || c->rope_dim > c->head_dim)
+    if (c->rope_dim < 2 || c->rope_dim % 2 || c->rope_dim > c->head_dim || c->rope_dim > 512)
         return fail(e, "%s: rope dimension %d must be even and at most key_length %d", path,
                     c->rope_dim, c->head_dim);
     if ((c->head_dim - c->rope_dim) % 64 != 0)
@@ -2395,9 +2395,10 @@ static bool config_validate(const struct ds4_config *c, const char *path, struct
     if (c->idx_dim < c->rope_dim || c->idx_dim % 32 || (c->idx_dim & (c->idx_dim - 1)))
         return fail(e, "%s: indexer key_length %d must be a power of two, a multiple of 32 "
                     "and at least the rope dims", path, c->idx_dim);
-    if (c->n_experts < 1 || c->n_used < 1 || c->n_used > c->n_experts || c->ffn_dim < 1)
-        return fail(e, "%s: expert counts are inconsistent (%d used of %d)", path, c->n_used,
-                    c->n_experts);
+    if (c->n_experts < 1 || c->n_experts > 1024 || c->n_used < 1 || c->n_used > c->n_experts ||
+        c->ffn_dim < 1)
+        return fail(e, "%s: expert counts are out of range (%d used of %d; at most 1024)", path,
+                    c->n_used, c->n_experts);
     if (c->n_shared != 1)
         return fail(e, "%s: expert_shared_count is %d; DeepSeek V4 has exactly one", path,
                     c->n_shared);
