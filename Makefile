@@ -38,7 +38,8 @@ vectors/tiny-mtp.gguf: vectors/tiny.gguf
 
 TESTBIN := tests/bin
 TEST_PROGRAMS := $(TESTBIN)/test_quant $(TESTBIN)/test_json $(TESTBIN)/test_gguf \
-                 $(TESTBIN)/test_convert $(TESTBIN)/test_text $(TESTBIN)/test_model
+                 $(TESTBIN)/test_convert $(TESTBIN)/test_text $(TESTBIN)/test_model \
+                 $(TESTBIN)/test_spec
 
 $(TESTBIN):
 	mkdir -p $@
@@ -47,6 +48,9 @@ $(TESTBIN)/test_quant: tests/test_quant.c $(SOURCES) | $(TESTBIN)
 	$(CC) $(CFLAGS) $(ARCH) $(WARN) -o $@ $< $(LIBS)
 
 $(TESTBIN)/test_model: tests/test_model.c $(SOURCES) | $(TESTBIN)
+	$(CC) $(CFLAGS) $(ARCH) $(WARN) -o $@ $< $(LIBS)
+
+$(TESTBIN)/test_spec: tests/test_spec.c $(SOURCES) | $(TESTBIN)
 	$(CC) $(CFLAGS) $(ARCH) $(WARN) -o $@ $< $(LIBS)
 
 # Everything that parses untrusted bytes runs under the sanitizers.

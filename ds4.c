@@ -2686,9 +2686,9 @@ static bool bind_main_weights(struct model *m, struct ds4_error *e) {
 
 /* The MTP block lives in its own GGUF under "mtp.0."; it is a window-only,
  * top-k routed layer (never hash-routed) with a few extra tensors. */
-static bool bind_mtp_weights(struct model *m, struct ds4_error *e) {
+static bool bind_mtp_weights(struct model *m, const struct gguf *file, struct ds4_error *e) {
     const struct ds4_config *c = &m->cfg;
-    struct binder b = { &m->mtp_file, m, e, "mtp.0.", true };
+    struct binder b = { file, m, e, "mtp.0.", true };
     struct mtp_weights *w = &m->mtp;
     w->block.ratio = 0;
     w->block.hash_routed = false;
@@ -2709,7 +2709,7 @@ static void model_free(struct model *m) {
     for (int i = 0; i < m->n_owned; i++) free(m->owned[i]);
     free(m->owned);
     gguf_close(&m->file);
-    if (m->has_mtp) gguf_close(&m->mtp_file);
+    if (m->mtp_file.map) gguf_close(&m->mtp_file);
     memset(m, 0, sizeof *m);
 }
 
@@ -2723,13 +2723,19 @@ static bool model_load(struct model *m, const char *path, const char *mtp_path,
         model_free(m);
         return false;
     }
+    /* The MTP block comes from its own file, or from the model file when
+     * that carries the mtp.0.* tensors too. */
+    const struct gguf *mtp_source = gguf_find_tensor(&m->file, "mtp.0.e_proj.weight") ? &m->file : NULL;
     if (mtp_path) {
         if (!gguf_open(&m->mtp_file, mtp_path, e)) {
             model_free(m);
             return false;
         }
+        mtp_source = &m->mtp_file;
+    }
+    if (mtp_source) {
         m->has_mtp = true;
-        if (!bind_mtp_weights(m, e)) {
+        if (!bind_mtp_weights(m, mtp_source, e)) {
             model_free(m);
             return false;
         }
@@ -6309,6 +6315,12 @@ struct matmul_job {
 
 enum { MATMUL_ROWS_PER_ITEM = 8 };
 
+/* Up to this many tokens, each row is dotted with the fused decode kernel
+ * once per token instead of being dequantized once: the row is hot in L1
+ * either way, and a speculative verification of a few drafted tokens then
+ * computes bit for bit what one-token decode would have. */
+enum { MATMUL_DECODE_PATH_MAX_TOKENS = 16 };
+
 static void matmul_rows(void *ctx, int64_t item, int worker) {
     struct matmul_job *j = ctx;
     const struct matrix *w = j->w;
@@ -6320,8 +6332,9 @@ static void matmul_rows(void *ctx, int64_t item, int worker) {
         if (j->eng->opt.reference_kernels) {
             for (int t = 0; t < j->n_tok; t++)
                 j->y[t * j->y_stride + r] = vec_dot_ref(w->type, wr, j->x + t * j->x_stride, w->in);
-        } else if (j->n_tok == 1) {
-            j->y[r] = vec_dot(w->type, wr, j->x, w->in);
+        } else if (j->n_tok <= MATMUL_DECODE_PATH_MAX_TOKENS) {
+            for (int t = 0; t < j->n_tok; t++)
+                j->y[t * j->y_stride + r] = vec_dot(w->type, wr, j->x + t * j->x_stride, w->in);
         } else {
             dequant_row(w->type, wr, row, w->in);
             for (int t = 0; t < j->n_tok; t++)
@@ -6645,6 +6658,16 @@ static bool compressor_push(struct compressor_state *cs, const float *k, const f
  * for T, and reused by every layer (and by the MTP block).
  * ------------------------------------------------------------------------- */
 
+/* A speculative verification may have to take tokens back. Everything it
+ * changed can be restored from a checkpoint except the compressor frontier,
+ * which depends on every token since the last window closed. So a
+ * verification records each token's compressor inputs (values and biased
+ * scores, per layer), and a rollback replays the accepted ones (10b). */
+struct compressor_journal {
+    float **k, **z;       /* [layer] -> [T][coff*Dh] main compressor inputs */
+    float **ik, **iz;     /* [layer] -> [T][2*DI]   indexer compressor inputs */
+};
+
 struct chunk_work {
     int T;
     float *mix;        /* [T][M]        raw hyper-connection mixes */
@@ -6675,6 +6698,8 @@ struct chunk_work {
     float *hg, *hu;    /* [T][F]        expert gate and up activations */
     float *xm;         /* [T][n*D]      MTP block streams */
     float *hn;         /* [T][n*D]      MTP: normed main streams */
+    struct compressor_journal *journal;   /* optional record of compressor inputs */
+    int layer;         /* the main layer being run (for the journal) */
 };
 
 static void chunk_work_init(struct chunk_work *w, const struct ds4_config *c, int T) {
@@ -6825,6 +6850,14 @@ static void compress_chunk(struct engine *eng, const struct layer_weights *L,
         matmul(eng, w->ik, &L->idx_kv, A, T);
         matmul(eng, w->iz, &L->idx_gate, A, T);
         add_compressor_bias(&L->idx_ape, w->iz, p0, T, iwidth, bias);
+    }
+    if (w->journal) {
+        memcpy(w->journal->k[w->layer], w->ck, (size_t)T * width * sizeof(float));
+        memcpy(w->journal->z[w->layer], w->cz, (size_t)T * width * sizeof(float));
+        if (r == 4) {
+            memcpy(w->journal->ik[w->layer], w->ik, (size_t)T * iwidth * sizeof(float));
+            memcpy(w->journal->iz[w->layer], w->iz, (size_t)T * iwidth * sizeof(float));
+        }
     }
     for (int t = 0; t < T; t++) {
         int64_t p = p0 + t;
@@ -7261,6 +7294,8 @@ static void mtp_chunk(struct session *s, const int32_t *tokens, const float *X, 
 struct forward_request {
     float *all_logits;    /* [T][V]: logits of every position, or NULL */
     float *mtp_logits;    /* [T][V]: row t = MTP row of position P-1+t, or NULL */
+    float *all_hc;        /* [T][n*D]: final streams of every position, or NULL */
+    struct compressor_journal *journal;   /* compressor inputs, or NULL (10b) */
 };
 
 static bool session_forward(struct session *s, const int32_t *tokens, int T,
@@ -7287,8 +7322,13 @@ static bool session_forward(struct session *s, const int32_t *tokens, int T,
                    (size_t)c->dim * sizeof(float));
 
     /* The layers. */
-    for (int l = 0; l < c->n_layers; l++)
+    w.journal = req ? req->journal : NULL;
+    for (int l = 0; l < c->n_layers; l++) {
+        w.layer = l;
         block_chunk(eng, &m->layers[l], &s->layers[l], X, tokens, p0, T, &w);
+    }
+    w.journal = NULL;   /* the MTP block has no compressor */
+    if (req && req->all_hc) memcpy(req->all_hc, X, (size_t)T * nD * sizeof(float));
 
     /* The head: every row if asked (the checker wants them), else the last. */
     if (req && req->all_logits) {
@@ -7349,6 +7389,7 @@ struct sampler {
     uint64_t state;
     int *order;           /* [vocab] candidate ids */
     float *prob;          /* [vocab] their probabilities */
+    float *dist;          /* [vocab] the distribution of the last draw */
 };
 
 static uint64_t splitmix64(uint64_t *state) {
@@ -7367,11 +7408,13 @@ static void sampler_init(struct sampler *sp, struct sampler_options opt, int voc
     sp->state = opt.seed;
     sp->order = xmalloc((size_t)vocab * sizeof(int));
     sp->prob = xmalloc((size_t)vocab * sizeof(float));
+    sp->dist = xmalloc((size_t)vocab * sizeof(float));
 }
 
 static void sampler_free(struct sampler *sp) {
     free(sp->order);
     free(sp->prob);
+    free(sp->dist);
 }
 
 static int argmax(const float *x, int n) {
@@ -7388,34 +7431,432 @@ static int by_prob_desc(const void *a, const void *b) {
     return ia - ib;
 }
 
-static int sample_token(struct sampler *sp, const float *logits, int vocab) {
+/* The distribution the sampler draws from, written into dist[vocab]:
+ * filtered tokens get 0, the rest sum to 1. At temperature 0 it is one-hot
+ * at the argmax. Speculative sampling needs the distribution itself, not
+ * just a draw from it (10b). */
+static void sampler_distribution(struct sampler *sp, const float *logits, int vocab, float *dist) {
     const struct sampler_options *o = &sp->opt;
-    if (o->temperature <= 0) return argmax(logits, vocab);
+    if (o->temperature <= 0) {
+        memset(dist, 0, (size_t)vocab * sizeof(float));
+        dist[argmax(logits, vocab)] = 1.0f;
+        return;
+    }
     float mx = logits[argmax(logits, vocab)];
     for (int i = 0; i < vocab; i++) sp->prob[i] = expf((logits[i] - mx) / o->temperature);
     /* Unnormalised, the most likely token has weight exactly 1, so the min_p
      * floor "min_p * max_j p_j" is simply min_p. */
     int n = 0;
-    float keep_above = o->min_p > 0 ? o->min_p : 0;
     for (int i = 0; i < vocab; i++)
-        if (sp->prob[i] >= keep_above) sp->order[n++] = i;
+        if (sp->prob[i] >= o->min_p) sp->order[n++] = i;
     sort_probs = sp->prob;
     qsort(sp->order, (size_t)n, sizeof(int), by_prob_desc);
     if (o->top_k > 0 && n > o->top_k) n = o->top_k;
-    double mass = 0, kept_total = 0;
-    for (int i = 0; i < n; i++) kept_total += sp->prob[sp->order[i]];
     if (o->top_p > 0 && o->top_p < 1) {
+        double total = 0, mass = 0;
+        for (int i = 0; i < n; i++) total += sp->prob[sp->order[i]];
         int cut = 0;
-        while (cut < n && mass < o->top_p * kept_total) mass += sp->prob[sp->order[cut++]];
+        while (cut < n && mass < o->top_p * total) mass += sp->prob[sp->order[cut++]];
         n = cut;
-        kept_total = mass;
     }
-    double r = random_unit(&sp->state) * kept_total, acc = 0;
+    double kept = 0;
+    for (int i = 0; i < n; i++) kept += sp->prob[sp->order[i]];
+    memset(dist, 0, (size_t)vocab * sizeof(float));
+    for (int i = 0; i < n; i++) dist[sp->order[i]] = (float)(sp->prob[sp->order[i]] / kept);
+}
+
+/* One draw from a distribution (entries summing to ~1). */
+static int draw_token(const float *dist, int vocab, uint64_t *state) {
+    double r = random_unit(state), acc = 0;
+    int last = 0;
+    for (int i = 0; i < vocab; i++) {
+        if (dist[i] <= 0) continue;
+        acc += dist[i];
+        last = i;
+        if (r < acc) return i;
+    }
+    return last;     /* rounding left r just above the total */
+}
+
+static int sample_token(struct sampler *sp, const float *logits, int vocab) {
+    if (sp->opt.temperature <= 0) return argmax(logits, vocab);
+    sampler_distribution(sp, logits, vocab, sp->dist);
+    return draw_token(sp->dist, vocab, &sp->state);
+}
+
+/* ============================================================================
+ * Chapter 10b. Speculative decoding with the MTP block
+ * ============================================================================
+ *
+ * Decode reads every weight to produce one token. Verifying several tokens
+ * at once costs barely more, since the weights are read once for all of
+ * them. The MTP block guesses ("drafts") the next tokens cheaply; the main
+ * model then checks them all in one chunk and keeps the longest prefix it
+ * agrees with:
+ *
+ *   session at P, next token t_P already chosen from the main logits
+ *   draft:  d_1 = MTP(H_{P-1}, t_P)          at position P-1
+ *           d_j = MTP(X_{j-1}, d_{j-1})      chaining on the MTP's own streams
+ *   verify: main forward of [t_P, d_1 .. d_n] at P .. P+n   (one chunk)
+ *   accept: greedy -- d_j survives while it equals the main argmax before it;
+ *           sampling -- d_j survives with probability min(1, p(d_j)/q(d_j)),
+ *           and the first rejection resamples from norm(max(0, p - q)).
+ *   roll the session back to just after the last kept token.
+ *
+ * The acceptance rule makes the output distribution exactly the main
+ * model's (Leviathan et al. 2023, Chen et al. 2023); in greedy mode the
+ * tokens are identical to plain decoding, because a verification of up to
+ * MATMUL_DECODE_PATH_MAX_TOKENS tokens runs the same arithmetic as decode.
+ *
+ * Rolling back. A verification changes: the window ring slots of its
+ * positions, the compressed-row counts, the compressor frontiers, the MTP
+ * ring, the final streams and logits. A checkpoint taken before it holds
+ * the old ring slots, counts and frontiers; the verification journals each
+ * token's compressor inputs; the rollback restores the checkpoint and
+ * replays the accepted tokens' compressor inputs, which re-emits exactly the
+ * rows they emitted.
+ * ------------------------------------------------------------------------- */
+
+struct spec_options {
+    int draft;               /* drafted tokens per step, 0 = plain decoding */
+    float gate;              /* stop drafting below this MTP top-1 probability */
+};
+
+struct spec_stats {
+    int64_t main_forwards;   /* forward calls of the main model */
+    int64_t drafted, accepted, emitted;
+};
+
+struct checkpoint {
+    int64_t pos, mtp_pos;
+    int span;                  /* positions pos .. pos+span-1 may be taken back */
+    float *ring;               /* [layers][span][Dh] ring slots before the change */
+    float *mtp_ring;           /* [span][Dh] MTP slots of rows pos-1 .. pos+span-2 */
+    int64_t *comp_n, *idx_n;   /* [layers] row counts */
+    float **frontier;          /* [layers] comp kv|score then idx kv|score */
+};
+
+static size_t frontier_floats(const struct compressor_state *cs) {
+    return cs->kv ? (size_t)cs->coff * cs->ratio * cs->coff * cs->dc : 0;
+}
+
+static void checkpoint_take(struct checkpoint *cp, const struct session *s, int span) {
+    const struct ds4_config *c = &s->eng->model->cfg;
+    int L = c->n_layers, W = c->window, Dh = c->head_dim;
+    cp->pos = s->pos;
+    cp->mtp_pos = s->mtp_pos;
+    cp->span = span;
+    cp->ring = xmalloc((size_t)L * span * Dh * sizeof(float));
+    cp->mtp_ring = xmalloc((size_t)span * Dh * sizeof(float));
+    cp->comp_n = xmalloc((size_t)L * sizeof(int64_t));
+    cp->idx_n = xmalloc((size_t)L * sizeof(int64_t));
+    cp->frontier = xcalloc((size_t)L, sizeof(float *));
+    for (int l = 0; l < L; l++) {
+        const struct layer_state *st = &s->layers[l];
+        for (int i = 0; i < span; i++)
+            memcpy(cp->ring + ((size_t)l * span + i) * Dh, st->ring + (size_t)((s->pos + i) % W) * Dh,
+                   (size_t)Dh * sizeof(float));
+        cp->comp_n[l] = st->comp_rows.n;
+        cp->idx_n[l] = st->idx_rows.n;
+        size_t fc = frontier_floats(&st->comp), fi = frontier_floats(&st->idx_comp);
+        float *f = cp->frontier[l] = xmalloc((2 * (fc + fi) + 1) * sizeof(float));
+        memcpy(f, st->comp.kv, fc * sizeof(float));
+        memcpy(f + fc, st->comp.score, fc * sizeof(float));
+        memcpy(f + 2 * fc, st->idx_comp.kv, fi * sizeof(float));
+        memcpy(f + 2 * fc + fi, st->idx_comp.score, fi * sizeof(float));
+    }
+    for (int i = 0; i < span; i++) {
+        int64_t row = s->pos - 1 + i;
+        if (row >= 0)
+            memcpy(cp->mtp_ring + (size_t)i * Dh, s->mtp_state.ring + (size_t)(row % W) * Dh,
+                   (size_t)Dh * sizeof(float));
+    }
+}
+
+static void checkpoint_free(struct checkpoint *cp, int n_layers) {
+    for (int l = 0; l < n_layers; l++) free(cp->frontier[l]);
+    free(cp->frontier);
+    free(cp->ring);
+    free(cp->mtp_ring);
+    free(cp->comp_n);
+    free(cp->idx_n);
+}
+
+/* Put back the MTP ring slots of rows >= first_row, and the MTP count. */
+static void restore_mtp(struct session *s, const struct checkpoint *cp, int64_t first_row) {
+    const struct ds4_config *c = &s->eng->model->cfg;
+    for (int i = 0; i < cp->span; i++) {
+        int64_t row = cp->pos - 1 + i;
+        if (row >= first_row && row >= 0)
+            memcpy(s->mtp_state.ring + (size_t)(row % c->window) * c->head_dim,
+                   cp->mtp_ring + (size_t)i * c->head_dim, (size_t)c->head_dim * sizeof(float));
+    }
+    s->mtp_pos = first_row;
+}
+
+/* Restore layer l's compressors to the checkpoint, then replay the first
+ * `keep` journaled tokens through them. */
+static void replay_compressors(struct session *s, const struct checkpoint *cp,
+                               const struct compressor_journal *j, int l, int keep, float *pooled) {
+    struct engine *eng = s->eng;
+    const struct layer_weights *L = &eng->model->layers[l];
+    struct layer_state *st = &s->layers[l];
+    size_t fc = frontier_floats(&st->comp), fi = frontier_floats(&st->idx_comp);
+    const float *f = cp->frontier[l];
+    memcpy(st->comp.kv, f, fc * sizeof(float));
+    memcpy(st->comp.score, f + fc, fc * sizeof(float));
+    memcpy(st->idx_comp.kv, f + 2 * fc, fi * sizeof(float));
+    memcpy(st->idx_comp.score, f + 2 * fc + fi, fi * sizeof(float));
+    st->comp_rows.n = cp->comp_n[l];
+    st->idx_rows.n = cp->idx_n[l];
+    int r = L->ratio, width = compressor_coff(r) * eng->model->cfg.head_dim;
+    int iwidth = 2 * eng->model->cfg.idx_dim;
+    for (int i = 0; i < keep; i++) {
+        int64_t p = cp->pos + i;
+        if (compressor_push(&st->comp, j->k[l] + (size_t)i * width, j->z[l] + (size_t)i * width, p, pooled))
+            finish_attention_row(eng, L, pooled, p + 1 - r, row_store_append(&st->comp_rows));
+        if (r == 4 && compressor_push(&st->idx_comp, j->ik[l] + (size_t)i * iwidth,
+                                      j->iz[l] + (size_t)i * iwidth, p, pooled))
+            finish_indexer_row(eng, L, pooled, p + 1 - r, row_store_append(&st->idx_rows));
+    }
+}
+
+/* Take back everything after the first `keep` tokens of a verification
+ * that started at the checkpoint. all_logits/all_hc are its outputs. */
+static void session_rollback(struct session *s, const struct checkpoint *cp,
+                             const struct compressor_journal *j, int keep,
+                             const float *all_logits, const float *all_hc) {
+    const struct ds4_config *c = &s->eng->model->cfg;
+    int W = c->window, Dh = c->head_dim;
+    int64_t n_d = (int64_t)c->hc * c->dim, new_pos = cp->pos + keep;
+    float *pooled = xmalloc((size_t)Dh * sizeof(float));
+    for (int l = 0; l < c->n_layers; l++) {
+        for (int i = keep; i < cp->span && cp->pos + i < s->pos; i++)
+            memcpy(s->layers[l].ring + (size_t)((cp->pos + i) % W) * Dh,
+                   cp->ring + ((size_t)l * cp->span + i) * Dh, (size_t)Dh * sizeof(float));
+        if (c->ratio[l] > 0) replay_compressors(s, cp, j, l, keep, pooled);
+    }
+    free(pooled);
+    if (s->eng->model->has_mtp) restore_mtp(s, cp, new_pos - 1);
+    memcpy(s->last_hc, all_hc + (keep - 1) * n_d, (size_t)n_d * sizeof(float));
+    memcpy(s->logits, all_logits + (size_t)(keep - 1) * c->vocab, (size_t)c->vocab * sizeof(float));
+    s->pos = new_pos;
+}
+
+static void journal_init(struct compressor_journal *j, const struct ds4_config *c, int T) {
+    int L = c->n_layers;
+    j->k = xcalloc((size_t)L, sizeof(float *));
+    j->z = xcalloc((size_t)L, sizeof(float *));
+    j->ik = xcalloc((size_t)L, sizeof(float *));
+    j->iz = xcalloc((size_t)L, sizeof(float *));
+    for (int l = 0; l < L; l++) {
+        if (c->ratio[l] == 0) continue;
+        size_t width = (size_t)compressor_coff(c->ratio[l]) * c->head_dim, iw = 2 * (size_t)c->idx_dim;
+        j->k[l] = xmalloc((size_t)T * width * sizeof(float));
+        j->z[l] = xmalloc((size_t)T * width * sizeof(float));
+        if (c->ratio[l] == 4) {
+            j->ik[l] = xmalloc((size_t)T * iw * sizeof(float));
+            j->iz[l] = xmalloc((size_t)T * iw * sizeof(float));
+        }
+    }
+}
+
+static void journal_free(struct compressor_journal *j, int n_layers) {
+    for (int l = 0; l < n_layers; l++) {
+        free(j->k[l]);
+        free(j->z[l]);
+        free(j->ik[l]);
+        free(j->iz[l]);
+    }
+    free(j->k);
+    free(j->z);
+    free(j->ik);
+    free(j->iz);
+}
+
+/* ----------------------------------------------------------------------------
+ * Drafting: the MTP block run on its own outputs.
+ * ------------------------------------------------------------------------- */
+
+/* One MTP row at `pos`: streams `hin` [n*D] and `token` in, the block's
+ * output streams [n*D] and logits [V] out. */
+static void mtp_row(struct session *s, const float *hin, int32_t token, int64_t pos, float *hout,
+                    float *logits, struct chunk_work *w) {
+    struct engine *eng = s->eng;
+    const struct model *m = eng->model;
+    const struct mtp_weights *mw = &m->mtp;
+    const struct ds4_config *c = &m->cfg;
+    int n = c->hc, D = c->dim;
+    embed_tokens(m, &token, 1, w->y);
+    rmsnorm(w->y, w->y, mw->enorm, D, c->norm_eps);
+    for (int h = 0; h < n; h++)
+        rmsnorm(w->hn + (int64_t)h * D, hin + (int64_t)h * D, mw->hnorm, D, c->norm_eps);
+    matmul(eng, w->f, &mw->e_proj, w->y, 1);
+    matmul(eng, hout, &mw->h_proj, w->hn, n);
+    for (int h = 0; h < n; h++)
+        for (int d = 0; d < D; d++) hout[(int64_t)h * D + d] += w->f[d];
+    block_chunk(eng, &mw->block, &s->mtp_state, hout, &token, pos, 1, w);
+    head_chunk(eng, &mw->hc_head_fn, mw->hc_head_scale, mw->hc_head_base, mw->norm, hout, 1, w, logits);
+}
+
+/* Probability of the most likely token under plain softmax (the gate). */
+static float top1_probability(const float *logits, int V) {
+    float mx = logits[argmax(logits, V)];
+    double sum = 0;
+    for (int i = 0; i < V; i++) sum += exp((double)logits[i] - mx);
+    return (float)(1.0 / sum);
+}
+
+struct generator;
+/* A drafter proposes up to spec.draft tokens after `first`, writes their
+ * draft distributions to g->q, and returns how many. The MTP block is the
+ * real one; tests plug in drafters that are right or wrong on purpose. */
+typedef int (*drafter_fn)(struct generator *g, int32_t first, int32_t *drafts);
+
+struct generator {
+    struct session *s;
+    struct sampler *sp;
+    struct spec_options spec;
+    struct spec_stats stats;
+    drafter_fn drafter;      /* draft_tokens unless a test replaces it */
+    void *drafter_ctx;
+    float *q;                /* [draft][V] draft distributions */
+    float *p;                /* [V] target distribution */
+    bool have_residual;      /* the next token comes from `p`, a residual */
+};
+
+/* Draft up to spec.draft tokens after `first`; returns how many. The MTP
+ * state is left exactly as it was. */
+static int draft_tokens(struct generator *g, int32_t first, int32_t *drafts) {
+    struct session *s = g->s;
+    const struct ds4_config *c = &s->eng->model->cfg;
+    int V = c->vocab, K = g->spec.draft;
+    int64_t n_d = (int64_t)c->hc * c->dim;
+    struct checkpoint cp;
+    checkpoint_take(&cp, s, K + 1);
+    struct chunk_work w;
+    chunk_work_init(&w, c, 1);
+    float *hin = xmalloc((size_t)n_d * sizeof(float)), *hout = xmalloc((size_t)n_d * sizeof(float));
+    float *logits = xmalloc((size_t)V * sizeof(float));
+    memcpy(hin, s->last_hc, (size_t)n_d * sizeof(float));
+    int32_t token = first;
+    int n = 0;
+    for (; n < K; n++) {
+        mtp_row(s, hin, token, s->pos - 1 + n, hout, logits, &w);
+        if (top1_probability(logits, V) < g->spec.gate) break;
+        float *q = g->q + (size_t)n * V;
+        sampler_distribution(g->sp, logits, V, q);
+        drafts[n] = g->sp->opt.temperature <= 0 ? argmax(logits, V) : draw_token(q, V, &g->sp->state);
+        token = drafts[n];
+        memcpy(hin, hout, (size_t)n_d * sizeof(float));
+    }
+    restore_mtp(s, &cp, s->pos - 1);
+    s->mtp_pos = cp.mtp_pos;
+    free(hin);
+    free(hout);
+    free(logits);
+    chunk_work_free(&w);
+    checkpoint_free(&cp, c->n_layers);
+    return n;
+}
+
+static void generator_init(struct generator *g, struct session *s, struct sampler *sp,
+                           struct spec_options spec) {
+    memset(g, 0, sizeof *g);
+    const struct ds4_config *c = &s->eng->model->cfg;
+    if (!s->eng->model->has_mtp) spec.draft = 0;
+    /* A verification chunk must fit the window ring and the decode kernel path. */
+    int most = MATMUL_DECODE_PATH_MAX_TOKENS - 1 < c->window - 1 ? MATMUL_DECODE_PATH_MAX_TOKENS - 1
+                                                                 : c->window - 1;
+    if (spec.draft > most) spec.draft = most;
+    g->s = s;
+    g->sp = sp;
+    g->spec = spec;
+    g->q = xmalloc((size_t)(spec.draft > 0 ? spec.draft : 1) * c->vocab * sizeof(float));
+    g->p = xmalloc((size_t)c->vocab * sizeof(float));
+    g->drafter = draft_tokens;
+}
+
+static void generator_free(struct generator *g) {
+    free(g->q);
+    free(g->p);
+}
+
+/* Speculative sampling's acceptance test for draft token d with target p and
+ * draft q: accept with probability min(1, p[d]/q[d]); on rejection, turn p
+ * into the residual norm(max(0, p - q)) to draw the replacement from. */
+static bool accept_draft(float *p, const float *q, int d, int V, uint64_t *state) {
+    if (q[d] > 0 && random_unit(state) * q[d] < p[d]) return true;
+    double total = 0;
+    for (int i = 0; i < V; i++) total += p[i] = fmaxf(p[i] - q[i], 0.0f);
+    if (total <= 0) return true;      /* p == q: rejection has probability 0 */
+    for (int i = 0; i < V; i++) p[i] = (float)(p[i] / total);
+    return false;
+}
+
+/* Count the drafts the main model keeps (greedy or sampled). */
+static int count_accepted(struct generator *g, const int32_t *drafts, int n, const float *all_logits) {
+    int V = g->s->eng->model->cfg.vocab;
     for (int i = 0; i < n; i++) {
-        acc += sp->prob[sp->order[i]];
-        if (r < acc) return sp->order[i];
+        const float *logits = all_logits + (size_t)i * V;
+        if (g->sp->opt.temperature <= 0) {
+            if (drafts[i] != argmax(logits, V)) return i;
+            continue;
+        }
+        sampler_distribution(g->sp, logits, V, g->p);
+        if (!accept_draft(g->p, g->q + (size_t)i * V, drafts[i], V, &g->sp->state)) {
+            g->have_residual = true;
+            return i;
+        }
     }
-    return sp->order[n - 1];
+    return n;
+}
+
+/* Choose the next token from the session's logits (or a pending residual). */
+static int32_t generator_choose(struct generator *g) {
+    int V = g->s->eng->model->cfg.vocab;
+    if (g->have_residual) {
+        g->have_residual = false;
+        return draw_token(g->p, V, &g->sp->state);
+    }
+    return sample_token(g->sp, g->s->logits, V);
+}
+
+/* Advance by at least one token. The chosen tokens (1 .. draft+1) are written
+ * to out, all of them already in the session, whose logits now predict the
+ * token after them. */
+static int generator_step(struct generator *g, int32_t *out, struct ds4_error *e) {
+    struct session *s = g->s;
+    const struct ds4_config *c = &s->eng->model->cfg;
+    out[0] = generator_choose(g);
+    int n = g->spec.draft > 0 ? g->drafter(g, out[0], out + 1) : 0;
+    g->stats.main_forwards++;
+    g->stats.drafted += n;
+    if (n == 0) {
+        g->stats.emitted++;
+        return session_forward(s, out, 1, NULL, e) ? 1 : -1;
+    }
+    int T = n + 1, V = c->vocab;
+    int64_t n_d = (int64_t)c->hc * c->dim;
+    struct checkpoint cp;
+    struct compressor_journal j;
+    checkpoint_take(&cp, s, T);
+    journal_init(&j, c, T);
+    float *all_logits = xmalloc((size_t)T * V * sizeof(float));
+    float *all_hc = xmalloc((size_t)T * n_d * sizeof(float));
+    struct forward_request req = { .all_logits = all_logits, .all_hc = all_hc, .journal = &j };
+    int kept = -1;
+    if (session_forward(s, out, T, &req, e)) {
+        kept = 1 + count_accepted(g, out + 1, n, all_logits);
+        if (kept < T) session_rollback(s, &cp, &j, kept, all_logits, all_hc);
+        g->stats.accepted += kept - 1;
+        g->stats.emitted += kept;
+    }
+    free(all_logits);
+    free(all_hc);
+    journal_free(&j, c->n_layers);
+    checkpoint_free(&cp, c->n_layers);
+    return kept;
 }
 
 
@@ -7514,8 +7955,8 @@ static bool run_schedule(struct engine *eng, const int32_t *tokens, int n, int f
     for (int done = 0; ok && done < n;) {
         int T = done == 0 ? first : rest;
         if (T > n - done) T = n - done;
-        struct forward_request req = { logits + (size_t)done * V,
-                                       mtp_logits ? mtp_logits + (size_t)done * V : NULL };
+        struct forward_request req = { .all_logits = logits + (size_t)done * V,
+                                       .mtp_logits = mtp_logits ? mtp_logits + (size_t)done * V : NULL };
         ok = session_forward(&s, tokens + done, T, &req, e);
         done += T;
     }
@@ -7740,37 +8181,68 @@ static uint64_t decode_bytes_per_token(const struct model *m) {
     return bytes;
 }
 
-static int run_bench(struct engine *eng, int n_prefill, int n_decode) {
+/* Decode n tokens greedily after `prompt`; returns seconds, or -1. */
+static double bench_decode(struct engine *eng, const int32_t *prompt, int n_prompt, int n,
+                           struct spec_options spec, struct spec_stats *stats, double *prefill_s,
+                           struct ds4_error *e) {
+    struct session s;
+    struct sampler sp;
+    struct generator g;
+    session_init(&s, eng);
+    sampler_init(&sp, (struct sampler_options){ 0, 1, 0, 0, 1 }, eng->model->cfg.vocab);
+    generator_init(&g, &s, &sp, spec);
+    double t0 = now_seconds();
+    bool ok = session_forward(&s, prompt, n_prompt, NULL, e);
+    double t1 = now_seconds();
+    int32_t out[MATMUL_DECODE_PATH_MAX_TOKENS];
+    for (int done = 0; ok && done < n;) {
+        int got = generator_step(&g, out, e);
+        ok = got > 0;
+        done += got;
+    }
+    double t2 = now_seconds();
+    *stats = g.stats;
+    if (prefill_s) *prefill_s = t1 - t0;
+    generator_free(&g);
+    sampler_free(&sp);
+    session_free(&s);
+    return ok ? t2 - t1 : -1;
+}
+
+static int run_bench(struct engine *eng, int n_prefill, int n_decode, struct spec_options spec) {
     const struct ds4_config *c = &eng->model->cfg;
     struct ds4_error e = { "" };
     int32_t *tokens = xmalloc((size_t)n_prefill * sizeof(int32_t));
     uint64_t rng = 42;
     for (int i = 0; i < n_prefill; i++) tokens[i] = (int32_t)(splitmix64(&rng) % (uint64_t)c->vocab);
-    struct session s;
-    session_init(&s, eng);
-    double t0 = now_seconds();
-    bool ok = session_forward(&s, tokens, n_prefill, NULL, &e);
-    double t1 = now_seconds();
-    for (int i = 0; ok && i < n_decode; i++) {
-        int32_t next = argmax(s.logits, c->vocab);
-        ok = session_forward(&s, &next, 1, NULL, &e);
-    }
-    double t2 = now_seconds();
-    session_free(&s);
+    struct spec_stats plain_stats, spec_stats;
+    double prefill_s = 0;
+    double plain_s = bench_decode(eng, tokens, n_prefill, n_decode, (struct spec_options){ 0, 0 },
+                                  &plain_stats, &prefill_s, &e);
+    bool with_mtp = eng->model->has_mtp && spec.draft > 0 && plain_s >= 0;
+    double spec_s = with_mtp ? bench_decode(eng, tokens, n_prefill, n_decode, spec, &spec_stats, NULL, &e) : 0;
     free(tokens);
-    if (!ok) {
+    if (plain_s < 0 || spec_s < 0) {
         fprintf(stderr, "ds4: bench failed: %s\n", e.msg);
         return 1;
     }
     double per_token = (double)decode_bytes_per_token(eng->model);
-    double decode_tps = n_decode / (t2 - t1);
+    double decode_tps = plain_stats.emitted / plain_s;
     printf("model: %d layers, dim %d, %d experts (%d used), vocab %d; %d threads%s\n",
            c->n_layers, c->dim, c->n_experts, c->n_used, c->vocab, eng->pool.n_threads,
            eng->opt.reference_kernels ? ", reference kernels" : "");
-    printf("prefill: %d tokens in %.3f s = %.2f tokens/s\n", n_prefill, t1 - t0, n_prefill / (t1 - t0));
-    printf("decode:  %d tokens in %.3f s = %.2f tokens/s\n", n_decode, t2 - t1, decode_tps);
+    printf("prefill: %d tokens in %.3f s = %.2f tokens/s\n", n_prefill, prefill_s, n_prefill / prefill_s);
+    printf("decode:  %lld tokens in %.3f s = %.2f tokens/s\n", (long long)plain_stats.emitted, plain_s,
+           decode_tps);
     printf("decode weight traffic: %.3f MB per token = %.2f GB/s\n", per_token / 1e6,
            per_token * decode_tps / 1e9);
+    if (with_mtp)
+        printf("decode with MTP (draft %d, gate %.2f): %lld tokens in %.3f s = %.2f tokens/s; "
+               "drafted %lld, accepted %lld (%.1f%%), %.2f tokens per main forward\n",
+               spec.draft, spec.gate, (long long)spec_stats.emitted, spec_s, spec_stats.emitted / spec_s,
+               (long long)spec_stats.drafted, (long long)spec_stats.accepted,
+               spec_stats.drafted ? 100.0 * spec_stats.accepted / spec_stats.drafted : 0.0,
+               (double)spec_stats.emitted / spec_stats.main_forwards);
     return 0;
 }
 
@@ -7788,6 +8260,7 @@ struct cli_options {
     int n_predict, chunk, bench_prefill, bench_decode;
     bool bench, show_help, raw, nothink;
     enum chat_mode mode;          /* from --mode, or --nothink */
+    struct spec_options spec;     /* --mtp-draft, --mtp-gate */
     struct engine_options engine;
     struct sampler_options sampling;
 };
@@ -7800,7 +8273,9 @@ static void print_usage(FILE *f) {
         "\n"
         "model:\n"
         "  -m, --model FILE      model GGUF (default ./ds4flash.gguf, else the shipped tiny model)\n"
-        "      --mtp FILE        MTP GGUF (the separate mtp.0.* file)\n"
+        "      --mtp FILE        MTP GGUF (the separate mtp.0.* file): speculative decoding\n"
+        "      --mtp-draft K     tokens drafted per step, 0..15 (default 1; 0 = no drafting)\n"
+        "      --mtp-gate P      draft only while the MTP's top-1 probability >= P (default 0)\n"
         "       ds4 [-m MODEL.gguf] -p \"TEXT\" [--nothink] [--raw]     one chat turn\n"
         "       ds4 [-m MODEL.gguf]                   interactive chat (/think /nothink /quit)\n"
         "       ds4 --render-chat FILE.json [--mode thinking|chat|max]\n"
@@ -7875,6 +8350,7 @@ static bool parse_args(int argc, char **argv, struct cli_options *o, struct ds4_
     o->bench_decode = 16;
     o->sampling.top_p = 1.0f;
     o->sampling.seed = 1;
+    o->spec.draft = 1;
     long seed = 1;
     struct int_flag ints[] = {
         { "-n", "--n-predict", 0, 1 << 24, &o->n_predict },
@@ -7883,11 +8359,13 @@ static bool parse_args(int argc, char **argv, struct cli_options *o, struct ds4_
         { NULL, "--top-k", 0, 1 << 24, &o->sampling.top_k },
         { NULL, "--bench-prefill", 1, 1 << 20, &o->bench_prefill },
         { NULL, "--bench-decode", 1, 1 << 20, &o->bench_decode },
+        { NULL, "--mtp-draft", 0, 15, &o->spec.draft },
     };
     struct float_flag floats[] = {
         { "--temp", 0, 100, &o->sampling.temperature },
         { "--top-p", 0, 1, &o->sampling.top_p },
         { "--min-p", 0, 1, &o->sampling.min_p },
+        { "--mtp-gate", 0, 1, &o->spec.gate },
     };
     struct string_flag strings[] = {
         { "-m", "--model", &o->model_path }, { NULL, "--mtp", &o->mtp_path },
@@ -7986,6 +8464,15 @@ static const char *default_model_path(const char *argv0, char *buf, size_t cap) 
     return NULL;
 }
 
+static void print_spec_stats(const struct generator *g) {
+    const struct spec_stats *st = &g->stats;
+    if (g->spec.draft == 0 || st->main_forwards == 0) return;
+    fprintf(stderr, "ds4: MTP drafted %lld, accepted %lld (%.1f%%), %.2f tokens per main forward\n",
+            (long long)st->drafted, (long long)st->accepted,
+            st->drafted ? 100.0 * st->accepted / st->drafted : 0.0,
+            (double)st->emitted / st->main_forwards);
+}
+
 static int generate(struct engine *eng, const struct cli_options *o) {
     struct ds4_error e = { "" };
     int n;
@@ -7999,22 +8486,30 @@ static int generate(struct engine *eng, const struct cli_options *o) {
     session_init(&s, eng);
     struct sampler sp;
     sampler_init(&sp, o->sampling, V);
+    struct generator g;
+    generator_init(&g, &s, &sp, o->spec);
     double t0 = now_seconds();
     bool ok = session_feed(&s, prompt, n, o->chunk, &e);
     double t1 = now_seconds();
-    for (int i = 0; ok && i < o->n_predict; i++) {
-        int32_t next = sample_token(&sp, s.logits, V);
-        printf("%s%d", i ? " " : "", next);
+    int printed = 0;
+    while (ok && printed < o->n_predict) {
+        int32_t next[MATMUL_DECODE_PATH_MAX_TOKENS];
+        int got = generator_step(&g, next, &e);
+        ok = got > 0;
+        for (int i = 0; i < got && printed < o->n_predict; i++)
+            printf("%s%d", printed++ ? " " : "", next[i]);
         fflush(stdout);
-        if (i + 1 < o->n_predict) ok = session_forward(&s, &next, 1, NULL, &e);
     }
     double t2 = now_seconds();
     if (o->n_predict > 0) printf("\n");
-    if (ok)
+    if (ok) {
         fprintf(stderr, "ds4: prompt %d tokens in %.3f s, generated %d tokens in %.3f s\n", n,
                 t1 - t0, o->n_predict, t2 - t1);
-    else
+        print_spec_stats(&g);
+    } else {
         fprintf(stderr, "ds4: %s\n", e.msg);
+    }
+    generator_free(&g);
     sampler_free(&sp);
     session_free(&s);
     free(prompt);
@@ -8048,6 +8543,7 @@ struct conversation {
     const struct cli_options *opt;
     struct session s;
     struct sampler sp;
+    struct generator gen;         /* plain or speculative decoding */
     int32_t *fed;                 /* tokens the session has processed */
     int64_t n_fed, cap_fed;
     struct strbuf messages;       /* the JSON array of messages so far, without ']' */
@@ -8062,10 +8558,13 @@ static void conversation_init(struct conversation *c, struct engine *eng, const 
     c->opt = o;
     session_init(&c->s, eng);
     sampler_init(&c->sp, o->sampling, eng->model->cfg.vocab);
+    generator_init(&c->gen, &c->s, &c->sp, o->spec);
     strbuf_puts(&c->messages, "[");
 }
 
 static void conversation_free(struct conversation *c) {
+    print_spec_stats(&c->gen);
+    generator_free(&c->gen);
     session_free(&c->s);
     sampler_free(&c->sp);
     free(c->fed);
@@ -8099,18 +8598,22 @@ static bool feed_prompt(struct conversation *c, const int32_t *ids, int64_t n, s
  * sentence token or Ctrl+C. The reply's text is left in `reply`. */
 static bool generate_reply(struct conversation *c, int max_tokens, struct strbuf *reply,
                            struct ds4_error *e) {
-    int V = c->eng->model->cfg.vocab;
     struct token_stream ts = { 0 };
     interrupted = 0;
-    for (int i = 0; i < max_tokens && !interrupted; i++) {
-        int32_t next = sample_token(&c->sp, c->s.logits, V);
-        if (next == c->tok->sp.eos) break;
-        size_t before = reply->len;
-        token_stream_push(c->tok, &ts, next, reply);
-        fwrite(reply->data + before, 1, reply->len - before, stdout);
+    bool done = false;
+    for (int made = 0; made < max_tokens && !done && !interrupted;) {
+        int32_t next[MATMUL_DECODE_PATH_MAX_TOKENS];
+        int got = generator_step(&c->gen, next, e);
+        if (got <= 0) return false;
+        for (int i = 0; i < got; i++) remember_fed(c, next[i]);   /* all are in the session */
+        for (int i = 0; i < got && !done; i++) {
+            done = next[i] == c->tok->sp.eos || ++made >= max_tokens;
+            if (next[i] == c->tok->sp.eos) break;
+            size_t before = reply->len;
+            token_stream_push(c->tok, &ts, next[i], reply);
+            fwrite(reply->data + before, 1, reply->len - before, stdout);
+        }
         fflush(stdout);
-        if (!session_forward(&c->s, &next, 1, NULL, e)) return false;
-        remember_fed(c, next);
     }
     size_t before = reply->len;
     token_stream_flush(&ts, reply);
@@ -8276,7 +8779,7 @@ int main(int argc, char **argv) {
     struct engine eng;
     engine_init(&eng, &model, o.engine);
     int rc = o.check_vectors ? check_vectors(&eng, o.check_vectors)
-           : o.bench         ? run_bench(&eng, o.bench_prefill, o.bench_decode)
+           : o.bench         ? run_bench(&eng, o.bench_prefill, o.bench_decode, o.spec)
            : o.tokens        ? generate(&eng, &o)
            : o.prompt        ? run_prompt(&eng, &tok, &o)
                              : run_chat(&eng, &tok, &o);

@@ -43,6 +43,22 @@ awk '{ for (i = 1; i <= NF; i++) if ($i < 0 || $i >= 2048) exit 1 }' "$tmp/c" \
 ./ds4 -m $M --tokens "1 2 3 4 5 6 7 8 9 10" -n 6 --chunk 128 >"$tmp/g" 2>/dev/null
 cmp -s "$tmp/f" "$tmp/g" && ok "--chunk 3 and --chunk 128 generate the same ids" || bad "chunk size changed the output"
 
+# Speculative decoding never changes greedy output.
+for k in 1 3; do
+    ./ds4 -m $M --mtp vectors/tiny-mtp.gguf --mtp-draft $k --tokens "1 2 3" -n 8 >"$tmp/s$k" 2>"$tmp/s$k.err"
+    cmp -s "$tmp/a" "$tmp/s$k" && grep -q "tokens per main forward" "$tmp/s$k.err" \
+        && ok "--mtp --mtp-draft $k gives the same 8 ids as plain decoding, and prints MTP statistics" \
+        || bad "--mtp-draft $k changed the output or printed no statistics"
+done
+./ds4 -m $M --mtp vectors/tiny-mtp.gguf --mtp-gate 1 --tokens "1 2 3" -n 8 >"$tmp/g1" 2>"$tmp/g1.err"
+grep -q "MTP drafted 0" "$tmp/g1.err" && cmp -s "$tmp/a" "$tmp/g1" \
+    && ok "--mtp-gate 1 drafts nothing (no MTP prediction is that sure) and changes nothing" \
+    || bad "--mtp-gate 1: $(cat "$tmp/g1.err" | tail -n 1)"
+expect 2 "needs an integer in 0..15" "--mtp-draft 99" -- ./ds4 -m $M --tokens 1 --mtp-draft 99
+./ds4 --bench -m $M --mtp vectors/tiny-mtp.gguf --bench-prefill 16 --bench-decode 8 >"$tmp/bench" 2>&1
+grep -q "decode with MTP" "$tmp/bench" && grep -q "tokens/s" "$tmp/bench" \
+    && ok "--bench with --mtp reports decode with and without MTP" || bad "--bench output: $(head -c 300 "$tmp/bench")"
+
 # The default model: the shipped tiny one, announced on stderr.
 expect 0 "shipped tiny test model" "no -m uses the tiny model and says so" -- ./ds4 --tokens "1 2 3" -n 2
 
