@@ -75,7 +75,13 @@ $(TESTBIN)/tiny-q4.gguf: ds4-convert $(TINY_SRC) | $(TESTBIN)
 
 TEST_MODELS := $(TESTBIN)/tiny-q8_0.gguf $(TESTBIN)/tiny-q2.gguf $(TESTBIN)/tiny-q4.gguf
 
-test: all $(TEST_PROGRAMS) $(TEST_MODELS)
+# The server suite drives ./ds4 --server with the real OpenAI and Anthropic
+# client libraries (npm packages pinned in tests/server/package-lock.json).
+tests/server/node_modules: tests/server/package-lock.json
+	@if command -v npm >/dev/null; then cd tests/server && npm ci --no-audit --no-fund --loglevel=error; \
+	 else echo "npm not found: the server SDK tests will be reported as failed"; fi
+
+test: all $(TEST_PROGRAMS) $(TEST_MODELS) tests/server/node_modules
 	@sh tests/run.sh
 
 bench: all

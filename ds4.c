@@ -20,9 +20,10 @@
  *      indexer, the mixture of experts, the output head, the MTP block.
  *   9. The story: the one function that advances a session by a chunk of
  *      tokens, for prefill and decode alike.
- *  10. Sampling.
+ *  10. Sampling, and speculative decoding with the MTP block (10b).
  *  11. Tools built on the engine: the oracle-vector checker and the bench.
- *  12. The command line, the interactive chat, and main().
+ *  12. The HTTP server: OpenAI- and Anthropic-compatible APIs for agents.
+ *  13. The command line, the interactive chat, and main().
  *
  * The CPU path in this file is the source of truth. Every GPU kernel that
  * exists elsewhere mirrors a function here.
@@ -59,6 +60,13 @@
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/types.h>
+#include <sys/socket.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <arpa/inet.h>
+#include <netdb.h>
+#include <poll.h>
+#include <stdatomic.h>
 #if defined(__AVX2__)
 #include <immintrin.h>
 #endif
@@ -151,6 +159,26 @@ static char *read_file(const char *path, size_t *len, struct ds4_error *e) {
     buf[n] = 0;
     *len = n;
     return buf;
+}
+
+/* Numbers from the command line and config: the whole string must be a
+ * number inside [lo, hi], or the caller reports the flag. */
+static bool parse_long(const char *s, long lo, long hi, long *out) {
+    char *end;
+    errno = 0;
+    long v = strtol(s, &end, 10);
+    if (errno || end == s || *end || v < lo || v > hi) return false;
+    *out = v;
+    return true;
+}
+
+static bool parse_float(const char *s, double lo, double hi, double *out) {
+    char *end;
+    errno = 0;
+    double v = strtod(s, &end);
+    if (errno || end == s || *end || !(v >= lo && v <= hi)) return false;
+    *out = v;
+    return true;
 }
 
 /* ----------------------------------------------------------------------------
@@ -8247,7 +8275,3200 @@ static int run_bench(struct engine *eng, int n_prefill, int n_decode, struct spe
 }
 
 /* ============================================================================
- * Chapter 12. The command line and main()
+ * Chapter 12. The HTTP server: OpenAI and Anthropic APIs for coding agents
+ * ============================================================================
+ *
+ * Spec: docs/dsv4-format.md §7 (API surface), §4 (chat encoding and DSML).
+ * Tests: tests/server/run.sh (curl edge cases) and tests/server/sdk.test.mjs
+ * (the real `openai` and `@anthropic-ai/sdk` client libraries).
+ *
+ * `ds4 --server` serves the one loaded model over HTTP/1.1 to agent clients
+ * (Claude Code, opencode, Codex, Pi) in the three dialects they speak:
+ *
+ *     POST /v1/chat/completions   OpenAI chat, streamed or not, with tools
+ *     POST /v1/completions        OpenAI legacy text completion
+ *     POST /v1/responses          OpenAI Responses (Codex)
+ *     POST /v1/messages           Anthropic Messages (Claude Code)
+ *     POST /v1/messages/count_tokens
+ *     GET  /v1/models, /v1/models/{id}, /health
+ *
+ * HOW IT WORKS. There are three kinds of thread:
+ *
+ *     accept thread --one per connection--> client thread --queue--> worker
+ *        (server_main)                       (conn_main)             (worker_main)
+ *
+ *   - The accept thread takes connections and refuses the ones above
+ *     --max-conns with a 503 at once, so a flood cannot pile up threads.
+ *   - A client thread reads one request under a deadline, checks the key,
+ *     parses the JSON, turns the request of whichever dialect into one
+ *     canonical message list, renders it with the V4 chat template
+ *     (chat_render), tokenizes it, and queues a `struct job`. It then only
+ *     waits, watching its socket so that a client that leaves while queued
+ *     is dropped from the queue.
+ *   - The one worker thread owns the engine and the live session. It takes
+ *     jobs in order, reuses the longest token prefix the session already
+ *     holds, prefills the rest, samples, and writes the reply to the
+ *     client's socket itself, token by token, in that client's dialect.
+ *
+ * Why does the worker write to the socket? Because then a token goes from
+ * the sampler to the wire with no hand-off, and a failed write is the
+ * earliest possible sign that the client left: generation stops on the next
+ * token. Writes have a send timeout (SERVER_SEND_TIMEOUT_S), so a client
+ * that stops reading cannot hold the worker for longer than that.
+ *
+ * One model, one session: requests are served one at a time. Sixteen agents
+ * sharing a server all get complete answers, in turn.
+ *
+ * The chapter's sections:
+ *
+ *   12.1  Options
+ *   12.2  Bytes on the wire: reading a request under limits
+ *   12.3  Writing responses: status lines, CORS, the API's error shapes
+ *   12.4  Request fields: typed reads, sampling, thinking, limits
+ *   12.5  Three dialects, one conversation
+ *   12.6  Exact replay of tool calls
+ *   12.7  The test script: forced replies (tests only)
+ *   12.8  Jobs and the queue
+ *   12.9  The reply in each dialect: streaming events and whole bodies
+ *   12.10 The worker: prefix reuse, prefill, decode, DSML, stop strings
+ *   12.11 Handlers and routing
+ *   12.12 The accept loop and server_main()
+ *
+ * LIMITATIONS, by design, to keep the chapter small:
+ *
+ *   - Every response carries `Connection: close`: one request per
+ *     connection. Clients reconnect; on loopback that costs microseconds.
+ *   - Request bodies must come with Content-Length (no chunked uploads);
+ *     every client library we target sends it.
+ *   - The session cannot be rolled back. A prompt that is not an extension
+ *     of the tokens in the session (a retry, an edited history, another
+ *     client's conversation) is prefilled from the start.
+ *   - User text is tokenized together with the template, so a user who types
+ *     a special token such as <｜User｜> gets that token (as in the official
+ *     encoder).
+ */
+
+/* ---- 12.1 Options ---------------------------------------------------------- */
+
+/* Every knob of the server, parsed once (server_parse_option) and then
+ * read-only. Defaults come from server_options_default(). */
+struct server_options {
+    const char *host;          /* --host ADDR        bind address; 127.0.0.1 */
+    int port;                  /* --port N           8000; 0 picks a free port */
+    const char *api_key;       /* --api-key KEY      required on all but /health; NULL = open */
+    const char *cors_origin;   /* --cors ORIGIN      allowed browser origin ("*" only if given); NULL = no CORS */
+    const char *log_path;      /* --log FILE         one line per request, appended */
+    const char *model_name;    /* --model-name NAME  id in /v1/models; deepseek-v4-flash */
+    const char *test_script;   /* --test-script FILE forced replies, for tests only (12.7) */
+    const char *port_file;     /* --port-file FILE   write the bound port there (tests) */
+    size_t max_body;           /* --max-body BYTES   8 MiB */
+    int max_header;            /* --max-header BYTES 64 KiB: request line plus headers */
+    int header_timeout_ms;     /* --header-timeout S 10 s for the whole head (slowloris) */
+    int body_timeout_ms;       /* --body-timeout S   60 s for the whole body */
+    int max_tokens_cap;        /* --max-tokens-cap N 32768: the most any request may generate */
+    int max_conns;             /* --max-conns N      64 open connections */
+    int ctx;                   /* --ctx N            32768: prompt + reply tokens */
+    int chunk;                 /* --chunk N          prefill chunk (shared with the CLI's --chunk) */
+    int tool_memory;           /* --tool-memory N    1024 remembered tool-call blocks (12.6) */
+    bool no_exact_replay;      /* --no-exact-replay  render tool calls canonically */
+};
+
+#define SERVER_SEND_TIMEOUT_S 30       /* a client that reads nothing for this long is dropped */
+#define SERVER_KEEPALIVE_S 5.0         /* ": prefill" comment interval during a long prefill */
+#define SERVER_PROGRESS_MIN_TOKENS 512 /* prefills at least this long report progress on stderr */
+#define SERVER_MAX_STOPS 16            /* stop strings per request */
+#define SERVER_MAX_STOP_LEN 256        /* bytes per stop string */
+#define SERVER_JSON_DEPTH 64           /* nesting allowed in a request body */
+#define SERVER_TOP_K_CAP 1024
+
+static void server_options_default(struct server_options *o) {
+    memset(o, 0, sizeof *o);
+    o->host = "127.0.0.1";
+    o->port = 8000;
+    o->model_name = "deepseek-v4-flash";
+    o->max_body = 8u << 20;
+    o->max_header = 64 << 10;
+    o->header_timeout_ms = 10000;
+    o->body_timeout_ms = 60000;
+    o->max_tokens_cap = 32768;
+    o->max_conns = 64;
+    o->ctx = 32768;
+    o->chunk = 128;
+    o->tool_memory = 1024;
+}
+
+static const char SERVER_USAGE[] =
+    "server (ds4 --server):\n"
+    "      --host ADDR        bind address (default 127.0.0.1)\n"
+    "      --port N           TCP port (default 8000; 0 = any free port)\n"
+    "      --api-key KEY      require 'Authorization: Bearer KEY' or 'x-api-key: KEY'\n"
+    "      --cors ORIGIN      allow browser requests from ORIGIN ('*' for any)\n"
+    "      --log FILE         append one line per request with timings\n"
+    "      --model-name NAME  model id to report (default deepseek-v4-flash)\n"
+    "      --ctx N            context: prompt plus reply tokens (default 32768)\n"
+    "      --max-body BYTES   largest request body (default 8388608)\n"
+    "      --max-header BYTES largest request head (default 65536)\n"
+    "      --header-timeout S seconds to send the request head (default 10)\n"
+    "      --body-timeout S   seconds to send the request body (default 60)\n"
+    "      --max-tokens-cap N most tokens one reply may have (default 32768)\n"
+    "      --max-conns N      most open connections (default 64)\n"
+    "      --tool-memory N    tool-call blocks kept for exact replay (default 1024)\n"
+    "      --no-exact-replay  always render tool calls canonically\n"
+    "      --test-script FILE TESTS ONLY: forced replies instead of sampling\n"
+    "      --port-file FILE   write the bound port to FILE once listening\n";
+
+/* Parse one server flag at argv[*i]. Returns 1 if it was a server flag (and
+ * advances *i past its value), 0 if it is not ours, -1 on a bad value. The
+ * CLI calls this for every argument it does not know itself. */
+static int server_parse_option(struct server_options *o, int argc, char **argv, int *i,
+                               struct ds4_error *e) {
+    const char *a = argv[*i], *v = *i + 1 < argc ? argv[*i + 1] : NULL;
+    struct { const char *name; const char **dst; } strs[] = {
+        {"--host", &o->host}, {"--api-key", &o->api_key}, {"--cors", &o->cors_origin},
+        {"--log", &o->log_path}, {"--model-name", &o->model_name},
+        {"--test-script", &o->test_script}, {"--port-file", &o->port_file},
+    };
+    struct { const char *name; long lo, hi, scale; int *dst; } ints[] = {
+        {"--port", 0, 65535, 1, &o->port}, {"--max-header", 1024, 1 << 24, 1, &o->max_header},
+        {"--header-timeout", 1, 3600, 1000, &o->header_timeout_ms},
+        {"--body-timeout", 1, 3600, 1000, &o->body_timeout_ms},
+        {"--max-tokens-cap", 1, 1 << 24, 1, &o->max_tokens_cap},
+        {"--max-conns", 1, 4096, 1, &o->max_conns}, {"--ctx", 16, 1 << 24, 1, &o->ctx},
+        {"--tool-memory", 0, 1 << 20, 1, &o->tool_memory},
+    };
+    if (strcmp(a, "--no-exact-replay") == 0) {
+        o->no_exact_replay = true;
+        return 1;
+    }
+    for (size_t k = 0; k < sizeof strs / sizeof strs[0]; k++) {
+        if (strcmp(a, strs[k].name) != 0) continue;
+        if (!v) {
+            fail(e, "%s needs a value", a);
+            return -1;
+        }
+        *strs[k].dst = v;
+        (*i)++;
+        return 1;
+    }
+    for (size_t k = 0; k < sizeof ints / sizeof ints[0]; k++) {
+        long n;
+        if (strcmp(a, ints[k].name) != 0) continue;
+        if (!v || !parse_long(v, ints[k].lo, ints[k].hi, &n)) {
+            fail(e, "%s needs an integer in %ld..%ld", a, ints[k].lo, ints[k].hi);
+            return -1;
+        }
+        *ints[k].dst = (int)(n * ints[k].scale);
+        (*i)++;
+        return 1;
+    }
+    if (strcmp(a, "--max-body") == 0) {
+        long n;
+        if (!v || !parse_long(v, 1024, 1L << 30, &n)) {
+            fail(e, "--max-body needs a byte count in 1024..%ld", 1L << 30);
+            return -1;
+        }
+        o->max_body = (size_t)n;
+        (*i)++;
+        return 1;
+    }
+    return 0;
+}
+
+/* ---- 12.2 Bytes on the wire: reading a request under limits ---------------- */
+
+/* An HTTP/1.1 request [RFC 9112] is a head and an optional body:
+ *
+ *     POST /v1/messages?beta=true HTTP/1.1\r\n      request line
+ *     Host: 127.0.0.1:8000\r\n                      header fields ...
+ *     Content-Length: 123\r\n
+ *     \r\n                                          end of the head
+ *     {"model": ...}                                exactly 123 body bytes
+ *
+ * Everything a client sends is hostile until checked. Three limits bound
+ * what one connection can cost, and each has its own answer:
+ *
+ *     head larger than --max-header              431, before reading more
+ *     head not complete within --header-timeout  408 (a "slowloris" client
+ *                                                 trickling bytes gets this)
+ *     Content-Length above --max-body            413, the body is not read
+ *     body not complete within --body-timeout    408
+ *     connection closed before the whole body    400 "truncated body"
+ *
+ * The deadlines are absolute (now + timeout at the start), not per read: a
+ * client sending one byte a second would otherwise never time out. */
+
+struct http_request {
+    char method[16];
+    char path[2048];            /* the target without its query string */
+    char authorization[512], api_key[512], origin[256];
+    size_t content_length;
+    bool has_length, chunked, expect_continue;
+    char *buf;                  /* head, then the first body bytes read with it */
+    size_t buf_len, head_len;
+    char *body;                 /* [body_len] + NUL, or NULL */
+    size_t body_len;
+};
+
+/* Wait for fd to become readable before the deadline (now_seconds() time).
+ * Returns 1 readable (or closed), 0 timed out, -1 error. */
+static int srv_wait_readable(int fd, double deadline) {
+    for (;;) {
+        double left = deadline - now_seconds();
+        if (left <= 0) return 0;
+        struct pollfd p = {.fd = fd, .events = POLLIN};
+        int r = poll(&p, 1, (int)(left * 1000) + 1);
+        if (r > 0) return 1;
+        if (r == 0) continue;              /* loop re-checks the clock */
+        if (errno != EINTR) return -1;
+    }
+}
+
+/* Read what is there (at most cap bytes). Returns the count, 0 at end of
+ * stream, -1 on error, -2 when the deadline passed first. */
+static ssize_t srv_recv(int fd, char *buf, size_t cap, double deadline) {
+    int w = srv_wait_readable(fd, deadline);
+    if (w == 0) return -2;
+    if (w < 0) return -1;
+    for (;;) {
+        ssize_t n = recv(fd, buf, cap, 0);
+        if (n >= 0 || errno != EINTR) return n < 0 ? -1 : n;
+    }
+}
+
+/* Write all of data, or report failure (the peer left, or it stopped
+ * reading for SERVER_SEND_TIMEOUT_S). MSG_NOSIGNAL: a closed peer gives
+ * EPIPE, not a SIGPIPE that would end the process. */
+static bool srv_send_all(int fd, const char *data, size_t len) {
+    while (len > 0) {
+        ssize_t n = send(fd, data, len, MSG_NOSIGNAL);
+        if (n < 0 && errno == EINTR) continue;
+        if (n <= 0) return false;
+        data += n;
+        len -= (size_t)n;
+    }
+    return true;
+}
+
+/* Has the peer closed its side? A peek that finds end-of-stream says so
+ * without consuming anything. Used to cancel work for a client that left. */
+static bool srv_peer_closed(int fd) {
+    char c;
+    ssize_t n = recv(fd, &c, 1, MSG_PEEK | MSG_DONTWAIT);
+    if (n == 0) return true;
+    if (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) return true;
+    struct pollfd p = {.fd = fd, .events = 0};
+    return poll(&p, 1, 0) > 0 && (p.revents & (POLLHUP | POLLERR)) != 0;
+}
+
+/* The end of the head: the offset just past "\r\n\r\n", or 0 if not there. */
+static size_t http_head_end(const char *buf, size_t len) {
+    for (size_t i = 3; i < len; i++)
+        if (buf[i] == '\n' && buf[i - 1] == '\r' && buf[i - 2] == '\n' && buf[i - 3] == '\r') return i + 1;
+    return 0;
+}
+
+/* Read until the head is complete. Returns 0, or the HTTP status to answer
+ * with (-1: the client sent nothing at all; close without an answer). */
+static int http_read_head(int fd, struct http_request *r, const struct server_options *o, char *err,
+                          size_t errlen) {
+    double deadline = now_seconds() + o->header_timeout_ms / 1000.0;
+    size_t cap = (size_t)o->max_header + 4096;
+    r->buf = xmalloc(cap + 1);
+    while ((r->head_len = http_head_end(r->buf, r->buf_len)) == 0) {
+        if (r->buf_len >= (size_t)o->max_header) {
+            snprintf(err, errlen, "request head larger than %d bytes", o->max_header);
+            return 431;
+        }
+        ssize_t n = srv_recv(fd, r->buf + r->buf_len, cap - r->buf_len, deadline);
+        if (n == -2) {
+            snprintf(err, errlen, "request head not received within %d s", o->header_timeout_ms / 1000);
+            return 408;
+        }
+        if (n <= 0) {
+            snprintf(err, errlen, "connection closed in the middle of the request head");
+            return r->buf_len == 0 ? -1 : 400;
+        }
+        r->buf_len += (size_t)n;
+    }
+    if (r->head_len > (size_t)o->max_header) {
+        snprintf(err, errlen, "request head larger than %d bytes", o->max_header);
+        return 431;
+    }
+    return 0;
+}
+
+/* Header names are case-insensitive [RFC 9110 §5.1]. */
+static bool http_name_is(const char *line, size_t name_len, const char *name) {
+    return strlen(name) == name_len && strncasecmp(line, name, name_len) == 0;
+}
+
+/* Copy a header value, trimmed of surrounding blanks, into dst (truncated
+ * to fit: a truncated key simply fails to match). */
+static void http_copy_value(char *dst, size_t cap, const char *v, size_t n) {
+    while (n > 0 && (*v == ' ' || *v == '\t')) v++, n--;
+    while (n > 0 && (v[n - 1] == ' ' || v[n - 1] == '\t')) n--;
+    if (n >= cap) n = cap - 1;
+    memcpy(dst, v, n);
+    dst[n] = '\0';
+}
+
+/* The request line: METHOD SP TARGET SP HTTP/1.x */
+static bool http_parse_request_line(struct http_request *r, const char *line, size_t n) {
+    const char *sp1 = memchr(line, ' ', n);
+    if (!sp1 || sp1 == line || (size_t)(sp1 - line) >= sizeof r->method) return false;
+    const char *target = sp1 + 1;
+    const char *sp2 = memchr(target, ' ', n - (size_t)(target - line));
+    if (!sp2 || sp2 == target || *target != '/') return false;
+    size_t rest = n - (size_t)(sp2 + 1 - line);
+    if (rest != 8 || strncmp(sp2 + 1, "HTTP/1.", 7) != 0) return false;
+    memcpy(r->method, line, (size_t)(sp1 - line));
+    r->method[sp1 - line] = '\0';
+    size_t path_len = (size_t)(sp2 - target);
+    const char *q = memchr(target, '?', path_len);
+    if (q) path_len = (size_t)(q - target);
+    if (path_len >= sizeof r->path) return false;
+    memcpy(r->path, target, path_len);
+    r->path[path_len] = '\0';
+    return true;
+}
+
+/* One "Name: value" line; only the fields the server acts on are kept. */
+static bool http_parse_field(struct http_request *r, const char *line, size_t n) {
+    const char *colon = memchr(line, ':', n);
+    if (!colon || colon == line) return false;
+    size_t name_len = (size_t)(colon - line);
+    const char *v = colon + 1;
+    size_t vn = n - name_len - 1;
+    char value[64];
+    if (http_name_is(line, name_len, "content-length")) {
+        http_copy_value(value, sizeof value, v, vn);
+        char *end;
+        errno = 0;
+        unsigned long long len = strtoull(value, &end, 10);
+        if (errno || end == value || *end || value[0] == '-') return false;
+        if (r->has_length && r->content_length != len) return false;   /* conflicting lengths */
+        r->content_length = len > SIZE_MAX ? SIZE_MAX : (size_t)len;
+        r->has_length = true;
+    } else if (http_name_is(line, name_len, "transfer-encoding")) {
+        r->chunked = true;
+    } else if (http_name_is(line, name_len, "expect")) {
+        http_copy_value(value, sizeof value, v, vn);
+        r->expect_continue = strcasecmp(value, "100-continue") == 0;
+    } else if (http_name_is(line, name_len, "authorization")) {
+        http_copy_value(r->authorization, sizeof r->authorization, v, vn);
+    } else if (http_name_is(line, name_len, "x-api-key")) {
+        http_copy_value(r->api_key, sizeof r->api_key, v, vn);
+    } else if (http_name_is(line, name_len, "origin")) {
+        http_copy_value(r->origin, sizeof r->origin, v, vn);
+    }
+    return true;
+}
+
+/* Split the head into lines and parse them. Returns 0 or 400. */
+static int http_parse_head(struct http_request *r, char *err, size_t errlen) {
+    const char *p = r->buf, *end = r->buf + r->head_len - 2;     /* before the final CRLF */
+    bool first = true;
+    while (p < end) {
+        const char *eol = memchr(p, '\r', (size_t)(end - p));
+        if (!eol || eol + 1 >= r->buf + r->head_len || eol[1] != '\n') break;
+        size_t n = (size_t)(eol - p);
+        if (memchr(p, '\0', n) || memchr(p, '\n', n)) break;       /* bare LF or NUL: refuse */
+        bool ok = first ? http_parse_request_line(r, p, n) : http_parse_field(r, p, n);
+        if (!ok) {
+            snprintf(err, errlen, first ? "malformed request line" : "malformed header field");
+            return 400;
+        }
+        first = false;
+        p = eol + 2;
+    }
+    if (first || p != end) {
+        snprintf(err, errlen, "malformed request head");
+        return 400;
+    }
+    return 0;
+}
+
+/* Read the body announced by Content-Length. The head's read may already
+ * hold its first bytes. Returns 0 or the HTTP status to answer with. */
+static int http_read_body(int fd, struct http_request *r, const struct server_options *o, char *err,
+                          size_t errlen) {
+    if (r->chunked) {
+        snprintf(err, errlen, "chunked request bodies are not supported: send Content-Length");
+        return 411;
+    }
+    if (!r->has_length) {
+        snprintf(err, errlen, "a request body with Content-Length is required");
+        return 411;
+    }
+    if (r->content_length > o->max_body) {
+        snprintf(err, errlen, "request body of %zu bytes is larger than the limit of %zu", r->content_length,
+                 o->max_body);
+        return 413;
+    }
+    static const char cont[] = "HTTP/1.1 100 Continue\r\n\r\n";
+    if (r->expect_continue && !srv_send_all(fd, cont, sizeof cont - 1)) return -1;
+    size_t have = r->buf_len - r->head_len;
+    if (have > r->content_length) have = r->content_length;   /* a pipelined extra request is ignored */
+    r->body = xmalloc(r->content_length + 1);
+    memcpy(r->body, r->buf + r->head_len, have);
+    double deadline = now_seconds() + o->body_timeout_ms / 1000.0;
+    while (have < r->content_length) {
+        ssize_t n = srv_recv(fd, r->body + have, r->content_length - have, deadline);
+        if (n == -2) {
+            snprintf(err, errlen, "request body not received within %d s", o->body_timeout_ms / 1000);
+            return 408;
+        }
+        if (n <= 0) {
+            snprintf(err, errlen, "truncated body: got %zu of %zu bytes", have, r->content_length);
+            return 400;
+        }
+        have += (size_t)n;
+    }
+    r->body[have] = '\0';
+    r->body_len = have;
+    return 0;
+}
+
+static void http_request_free(struct http_request *r) {
+    free(r->buf);
+    free(r->body);
+}
+
+/* ---- 12.3 Writing responses: status lines, CORS, the API's error shapes ---- */
+
+/* Which dialect a request speaks decides the shape of its errors. */
+enum api_kind { API_CHAT, API_COMPLETIONS, API_MESSAGES, API_RESPONSES, API_NONE };
+
+struct server;                  /* 12.8; a connection only carries a pointer */
+
+/* One accepted connection, owned by its client thread. The worker writes to
+ * `fd` while it serves this connection's job; nobody else does then. */
+struct conn {
+    int fd;
+    struct server *srv;
+    const struct server_options *opt;
+    char origin[256];           /* the request's Origin header, for CORS */
+    enum api_kind api;          /* error shape */
+    int status;                 /* status sent, for the log */
+    bool gone;                  /* a write failed: the client left */
+};
+
+static const char *http_reason(int status) {
+    switch (status) {
+    case 100: return "Continue";
+    case 200: return "OK";
+    case 204: return "No Content";
+    case 400: return "Bad Request";
+    case 401: return "Unauthorized";
+    case 404: return "Not Found";
+    case 405: return "Method Not Allowed";
+    case 408: return "Request Timeout";
+    case 409: return "Conflict";
+    case 411: return "Length Required";
+    case 413: return "Content Too Large";
+    case 431: return "Request Header Fields Too Large";
+    case 500: return "Internal Server Error";
+    case 503: return "Service Unavailable";
+    default:  return "Error";
+    }
+}
+
+/* CORS [Fetch standard]: only with --cors, and then only for that origin
+ * (or any origin if the operator wrote "*"). A browser page from elsewhere
+ * gets no Access-Control-Allow-Origin and cannot read the answers. */
+static void http_cors_headers(const struct conn *c, struct strbuf *h) {
+    const char *allowed = c->opt->cors_origin;
+    if (!allowed) return;
+    if (strcmp(allowed, "*") == 0) {
+        strbuf_puts(h, "Access-Control-Allow-Origin: *\r\n");
+    } else if (c->origin[0] && strcmp(c->origin, allowed) == 0) {
+        strbuf_printf(h, "Access-Control-Allow-Origin: %s\r\nVary: Origin\r\n", allowed);
+    } else {
+        return;
+    }
+    strbuf_puts(h, "Access-Control-Allow-Methods: GET, POST, OPTIONS\r\n"
+                   "Access-Control-Allow-Headers: authorization, content-type, x-api-key, "
+                   "anthropic-version, anthropic-beta, openai-beta, x-stainless-os, x-stainless-lang, "
+                   "x-stainless-package-version, x-stainless-runtime, x-stainless-runtime-version, "
+                   "x-stainless-arch, x-stainless-retry-count, x-stainless-timeout\r\n"
+                   "Access-Control-Max-Age: 600\r\n");
+}
+
+static void http_status_line(const struct conn *c, struct strbuf *h, int status) {
+    strbuf_printf(h, "HTTP/1.1 %d %s\r\nServer: ds4\r\nConnection: close\r\n", status, http_reason(status));
+    http_cors_headers(c, h);
+}
+
+static void conn_send(struct conn *c, const char *data, size_t len) {
+    if (!c->gone && !srv_send_all(c->fd, data, len)) c->gone = true;
+}
+
+/* A whole response with a Content-Length. `extra` is more header lines. */
+static void http_respond(struct conn *c, int status, const char *type, const char *body, size_t len,
+                         const char *extra) {
+    struct strbuf h = {0};
+    http_status_line(c, &h, status);
+    if (extra) strbuf_puts(&h, extra);
+    if (type) strbuf_printf(&h, "Content-Type: %s\r\n", type);
+    strbuf_printf(&h, "Content-Length: %zu\r\n\r\n", len);
+    strbuf_append(&h, body, len);
+    conn_send(c, h.data, h.len);
+    c->status = status;
+    strbuf_free(&h);
+}
+
+static void http_respond_json(struct conn *c, int status, const struct strbuf *body) {
+    http_respond(c, status, "application/json", body->data ? body->data : "", body->len, NULL);
+}
+
+/* The error "type" each dialect uses for a status. */
+static const char *api_error_type(enum api_kind api, int status) {
+    bool anthropic = api == API_MESSAGES;
+    switch (status) {
+    case 401: return "authentication_error";
+    case 404: return "not_found_error";
+    case 408: return anthropic ? "timeout_error" : "invalid_request_error";
+    case 413: return anthropic ? "request_too_large" : "invalid_request_error";
+    case 503: return anthropic ? "overloaded_error" : "server_error";
+    default:  return status >= 500 ? (anthropic ? "api_error" : "server_error") : "invalid_request_error";
+    }
+}
+
+/* The error object of a dialect, without status line:
+ *
+ *     OpenAI     {"error":{"message":M,"type":T,"param":P,"code":C, EXTRA}}
+ *     Anthropic  {"type":"error","error":{"type":T,"message":M, EXTRA}}
+ *
+ * `extra` is more members (",\"n_ctx\":...") or NULL. */
+static void api_error_json(struct strbuf *b, enum api_kind api, int status, const char *msg,
+                           const char *param, const char *code, const char *extra) {
+    const char *type = api_error_type(api, status);
+    if (api == API_MESSAGES) {
+        strbuf_printf(b, "{\"type\":\"error\",\"error\":{\"type\":\"%s\",\"message\":", type);
+        json_write_string(b, msg, strlen(msg));
+    } else {
+        strbuf_puts(b, "{\"error\":{\"message\":");
+        json_write_string(b, msg, strlen(msg));
+        strbuf_printf(b, ",\"type\":\"%s\",\"param\":", type);
+        if (param) json_write_string(b, param, strlen(param));
+        else strbuf_puts(b, "null");
+        strbuf_puts(b, ",\"code\":");
+        if (code) json_write_string(b, code, strlen(code));
+        else strbuf_puts(b, "null");
+    }
+    if (extra) strbuf_puts(b, extra);
+    strbuf_puts(b, "}}");
+}
+
+static void http_error_full(struct conn *c, int status, const char *msg, const char *param, const char *code,
+                            const char *extra) {
+    struct strbuf b = {0};
+    api_error_json(&b, c->api, status, msg, param, code, extra);
+    http_respond(c, status, "application/json", b.data, b.len,
+                 status == 405 ? "Allow: GET, POST, OPTIONS\r\n" : NULL);
+    strbuf_free(&b);
+}
+
+static void http_error(struct conn *c, int status, const char *msg) {
+    http_error_full(c, status, msg, NULL, NULL, NULL);
+}
+
+/* Streams: Server-Sent Events [HTML §9.2] in HTTP/1.1 chunked framing
+ * [RFC 9112 §7.1], so the client can tell a finished stream ("0\r\n\r\n")
+ * from one cut off by a crash. */
+static void http_stream_begin(struct conn *c) {
+    struct strbuf h = {0};
+    http_status_line(c, &h, 200);
+    strbuf_puts(&h, "Content-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
+                    "X-Accel-Buffering: no\r\nTransfer-Encoding: chunked\r\n\r\n");
+    conn_send(c, h.data, h.len);
+    c->status = 200;
+    strbuf_free(&h);
+}
+
+static void http_chunk(struct conn *c, const char *data, size_t len) {
+    char size[24];
+    if (len == 0) return;               /* a zero-size chunk would end the stream */
+    int n = snprintf(size, sizeof size, "%zx\r\n", len);
+    struct strbuf b = {0};
+    strbuf_append(&b, size, (size_t)n);
+    strbuf_append(&b, data, len);
+    strbuf_append(&b, "\r\n", 2);
+    conn_send(c, b.data, b.len);
+    strbuf_free(&b);
+}
+
+static void http_stream_end(struct conn *c) {
+    conn_send(c, "0\r\n\r\n", 5);
+}
+
+/* One SSE event: an optional "event:" line, then "data: JSON". */
+static void sse_send(struct conn *c, const char *event, const struct strbuf *json) {
+    struct strbuf b = {0};
+    if (event) strbuf_printf(&b, "event: %s\n", event);
+    strbuf_puts(&b, "data: ");
+    strbuf_append(&b, json->data ? json->data : "", json->len);
+    strbuf_puts(&b, "\n\n");
+    http_chunk(c, b.data, b.len);
+    strbuf_free(&b);
+}
+
+/* ---- 12.4 Request fields: typed reads, sampling, thinking, limits ---------- */
+
+/* What every generation request asks for, whatever its dialect. */
+struct gen_params {
+    const char *model;            /* echoed back; the server's name if absent */
+    bool stream, include_usage;
+    enum chat_mode mode;
+    struct sampler_options sampling;
+    bool seeded;
+    int max_tokens;               /* 0: as many as the context allows, up to the cap */
+    const char *stops[SERVER_MAX_STOPS];  /* into the request's JSON tree */
+    size_t stop_lens[SERVER_MAX_STOPS];
+    int n_stops;
+    bool tools_on;                /* tools given and tool_choice is not "none" */
+};
+
+/* Typed field reads. An absent field or a JSON null leaves *out as it was
+ * (the default); a field of the wrong type or out of range is the client's
+ * error, reported with the field's name, never silently ignored. */
+static bool field_is_set(const struct json *v) {
+    return v != NULL && v->kind != JSON_NULL;
+}
+
+static bool field_bool(const struct json *obj, const char *key, bool *out, struct ds4_error *e) {
+    const struct json *v = json_get(obj, key);
+    if (!field_is_set(v)) return true;
+    if (v->kind != JSON_TRUE && v->kind != JSON_FALSE) return fail(e, "'%s' must be a boolean", key);
+    *out = v->kind == JSON_TRUE;
+    return true;
+}
+
+static bool field_number(const struct json *obj, const char *key, double lo, double hi, double *out,
+                         struct ds4_error *e) {
+    const struct json *v = json_get(obj, key);
+    if (!field_is_set(v)) return true;
+    if (v->kind != JSON_NUMBER || !(v->number >= lo && v->number <= hi))
+        return fail(e, "'%s' must be a number in %g..%g", key, lo, hi);
+    *out = v->number;
+    return true;
+}
+
+static bool field_float(const struct json *obj, const char *key, double lo, double hi, float *out,
+                        struct ds4_error *e) {
+    double d = *out;
+    if (!field_number(obj, key, lo, hi, &d, e)) return false;
+    *out = (float)d;
+    return true;
+}
+
+static bool field_int(const struct json *obj, const char *key, double lo, double hi, int *out,
+                      struct ds4_error *e) {
+    double d = *out;
+    if (!field_number(obj, key, lo, hi, &d, e)) return false;
+    if (d != floor(d)) return fail(e, "'%s' must be an integer", key);
+    *out = (int)d;
+    return true;
+}
+
+static bool field_string(const struct json *obj, const char *key, const char **out, struct ds4_error *e) {
+    const struct json *v = json_get(obj, key);
+    if (!field_is_set(v)) return true;
+    if (v->kind != JSON_STRING) return fail(e, "'%s' must be a string", key);
+    *out = v->string;
+    return true;
+}
+
+/* Reasoning effort names of the three dialects, mapped to the template's
+ * modes [dsv4-format §7.2]: "max" is Think Max, "none" turns thinking off,
+ * every other level is ordinary thinking (V4 has no finer steps). */
+static bool effort_mode(const char *effort, enum chat_mode *mode) {
+    static const char *const thinking[] = {"xhigh", "high", "medium", "low", "minimal"};
+    if (strcmp(effort, "none") == 0) {
+        *mode = CHAT_MODE_CHAT;
+        return true;
+    }
+    if (strcmp(effort, "max") == 0) {
+        *mode = CHAT_MODE_THINK_MAX;
+        return true;
+    }
+    for (size_t i = 0; i < sizeof thinking / sizeof thinking[0]; i++)
+        if (strcmp(effort, thinking[i]) == 0) {
+            *mode = CHAT_MODE_THINKING;
+            return true;
+        }
+    return false;
+}
+
+static bool read_effort(const struct json *obj, const char *key, enum chat_mode *mode, struct ds4_error *e) {
+    const char *effort = NULL;
+    if (!field_string(obj, key, &effort, e)) return false;
+    if (effort && !effort_mode(effort, mode))
+        return fail(e, "'%s' must be one of none, minimal, low, medium, high, xhigh, max", key);
+    return true;
+}
+
+/* "thinking": true/false, or {"type": "enabled"|"adaptive"|"disabled"}. */
+static bool read_thinking_switch(const struct json *req, enum chat_mode *mode, struct ds4_error *e) {
+    const struct json *t = json_get(req, "thinking");
+    bool on = *mode != CHAT_MODE_CHAT;
+    if (json_is(t, JSON_OBJECT)) {
+        const char *type = NULL;
+        if (!field_string(t, "type", &type, e)) return false;
+        if (type && strcmp(type, "disabled") == 0) on = false;
+        else if (type && (strcmp(type, "enabled") == 0 || strcmp(type, "adaptive") == 0)) on = true;
+        else return fail(e, "'thinking.type' must be enabled, adaptive or disabled");
+    } else if (!field_bool(req, "thinking", &on, e)) {
+        return false;
+    }
+    if (!field_bool(req, "think", &on, e)) return false;
+    if (!on) *mode = CHAT_MODE_CHAT;
+    else if (*mode == CHAT_MODE_CHAT) *mode = CHAT_MODE_THINKING;
+    return true;
+}
+
+/* The mode, from weakest to strongest signal: the dialect's default, the
+ * model alias (deepseek-chat answers without thinking, deepseek-reasoner
+ * with), then the explicit switches and effort levels. */
+static bool read_mode(const struct json *req, enum api_kind api, struct gen_params *g, struct ds4_error *e) {
+    g->mode = api == API_COMPLETIONS ? CHAT_MODE_CHAT : CHAT_MODE_THINKING;
+    if (g->model && strcmp(g->model, "deepseek-chat") == 0) g->mode = CHAT_MODE_CHAT;
+    if (g->model && strcmp(g->model, "deepseek-reasoner") == 0) g->mode = CHAT_MODE_THINKING;
+    if (!read_thinking_switch(req, &g->mode, e)) return false;
+    if (!read_effort(req, "reasoning_effort", &g->mode, e)) return false;
+    if (api == API_MESSAGES && !read_effort(json_get(req, "output_config"), "effort", &g->mode, e)) return false;
+    if (api == API_RESPONSES && !read_effort(json_get(req, "reasoning"), "effort", &g->mode, e)) return false;
+    return true;
+}
+
+/* "stop" (OpenAI: a string or a list) or "stop_sequences" (Anthropic). */
+static bool read_stops(const struct json *req, const char *key, struct gen_params *g, struct ds4_error *e) {
+    const struct json *v = json_get(req, key);
+    if (!field_is_set(v)) return true;
+    size_t n = v->kind == JSON_ARRAY ? v->count : 1;
+    if (v->kind != JSON_STRING && v->kind != JSON_ARRAY)
+        return fail(e, "'%s' must be a string or an array of strings", key);
+    if (n > SERVER_MAX_STOPS) return fail(e, "'%s' may hold at most %d strings", key, SERVER_MAX_STOPS);
+    for (size_t i = 0; i < n; i++) {
+        const struct json *s = v->kind == JSON_ARRAY ? &v->items[i] : v;
+        if (!json_is(s, JSON_STRING) || s->len == 0 || s->len > SERVER_MAX_STOP_LEN)
+            return fail(e, "'%s' must hold non-empty strings of at most %d bytes", key, SERVER_MAX_STOP_LEN);
+        g->stops[g->n_stops] = s->string;
+        g->stop_lens[g->n_stops++] = s->len;
+    }
+    return true;
+}
+
+/* The sampler's knobs [dsv4-format §7.3]: temperature 1, top_p 1, min_p
+ * 0.05, top_k off, a random seed unless one is given. top_k is capped at
+ * SERVER_TOP_K_CAP: more candidates change nothing but the sort time. */
+static bool read_sampling(const struct json *req, struct gen_params *g, struct ds4_error *e) {
+    struct sampler_options *s = &g->sampling;
+    double seed = -1;
+    s->temperature = 1.0f;
+    s->top_p = 1.0f;
+    s->min_p = 0.05f;
+    s->top_k = 0;
+    if (!field_float(req, "temperature", 0, 2, &s->temperature, e)) return false;
+    if (!field_float(req, "top_p", 0, 1, &s->top_p, e)) return false;
+    if (!field_float(req, "min_p", 0, 1, &s->min_p, e)) return false;
+    if (!field_int(req, "top_k", 0, 1e9, &s->top_k, e)) return false;
+    if (!field_number(req, "seed", -9.2e18, 9.2e18, &seed, e)) return false;
+    if (s->top_k > SERVER_TOP_K_CAP) s->top_k = SERVER_TOP_K_CAP;
+    g->seeded = json_is(json_get(req, "seed"), JSON_NUMBER);
+    if (g->seeded) s->seed = (uint64_t)(int64_t)seed;
+    return true;
+}
+
+/* The fields every dialect shares, under the names each one uses. */
+static bool read_gen_params(const struct json *req, enum api_kind api, struct gen_params *g,
+                            struct ds4_error *e) {
+    memset(g, 0, sizeof *g);
+    int n = 1;
+    if (!field_string(req, "model", &g->model, e) || !field_bool(req, "stream", &g->stream, e)) return false;
+    if (!field_bool(json_get(req, "stream_options"), "include_usage", &g->include_usage, e)) return false;
+    if (!field_int(req, "n", 1, 1, &n, e)) return fail(e, "only 'n': 1 is supported");
+    if (!read_mode(req, api, g, e) || !read_sampling(req, g, e)) return false;
+    const char *max_keys[] = {"max_tokens", "max_completion_tokens", "max_output_tokens"};
+    for (size_t k = 0; k < 3; k++)
+        if (!field_int(req, max_keys[k], 1, 1e9, &g->max_tokens, e)) return false;
+    return read_stops(req, api == API_MESSAGES ? "stop_sequences" : "stop", g, e);
+}
+
+/* ---- 12.5 Three dialects, one conversation --------------------------------- */
+
+/* OpenAI chat, Anthropic Messages and OpenAI Responses describe the same
+ * thing (a conversation with tool calls) in three shapes:
+ *
+ *     OpenAI chat          Anthropic Messages           Responses
+ *     ------------------   --------------------------   --------------------------
+ *     system message       "system" (string, blocks)    "instructions", system item
+ *     assistant message    assistant message with       reasoning item, message
+ *      reasoning_content    thinking / text / tool_use   item, function_call items
+ *      content, tool_calls  blocks                       (consecutive = one turn)
+ *     tool message         user message with            function_call_output item
+ *                           tool_result blocks
+ *     tools[].function     tools[] with input_schema    tools[] (flat function)
+ *
+ * Each handler walks its request and calls the few conv_* functions below,
+ * which write ONE canonical message list in the OpenAI chat shape that
+ * chat_render() (6.8) takes. So the template, the DSML rendering of past
+ * tool calls and the exact replay (12.6) exist once, not three times.
+ *
+ * The builder gathers a system text (consecutive system parts are joined by
+ * a blank line, as ds4 does for several system or developer messages) and
+ * an assistant turn (reasoning, text and calls may arrive as separate
+ * blocks or items), and writes each out when something else begins. */
+
+struct conv {
+    struct strbuf out;            /* "[" message "," message ... */
+    size_t n_msgs;
+    struct strbuf system;         /* the system text being gathered */
+    bool system_open;
+    struct strbuf reasoning, content, calls;   /* the assistant turn being gathered */
+    bool assistant_open, has_reasoning;
+    size_t n_calls;
+    bool tool_context;            /* the history holds tool calls or results */
+};
+
+static void conv_free(struct conv *c) {
+    strbuf_free(&c->out);
+    strbuf_free(&c->system);
+    strbuf_free(&c->reasoning);
+    strbuf_free(&c->content);
+    strbuf_free(&c->calls);
+}
+
+static void conv_open_msg(struct conv *c, const char *role) {
+    strbuf_puts(&c->out, c->n_msgs++ ? "," : "[");
+    strbuf_printf(&c->out, "{\"role\":\"%s\",\"content\":", role);
+}
+
+static void conv_flush_system(struct conv *c) {
+    if (!c->system_open) return;
+    conv_open_msg(c, "system");
+    json_write_string(&c->out, c->system.data ? c->system.data : "", c->system.len);
+    strbuf_puts(&c->out, "}");
+    c->system.len = 0;
+    c->system_open = false;
+}
+
+static void conv_flush_assistant(struct conv *c) {
+    if (!c->assistant_open) return;
+    conv_open_msg(c, "assistant");
+    json_write_string(&c->out, c->content.data ? c->content.data : "", c->content.len);
+    if (c->has_reasoning) {
+        strbuf_puts(&c->out, ",\"reasoning_content\":");
+        json_write_string(&c->out, c->reasoning.data ? c->reasoning.data : "", c->reasoning.len);
+    }
+    if (c->n_calls > 0) {
+        strbuf_puts(&c->out, ",\"tool_calls\":[");
+        strbuf_append(&c->out, c->calls.data, c->calls.len);
+        strbuf_puts(&c->out, "]");
+    }
+    strbuf_puts(&c->out, "}");
+    c->reasoning.len = c->content.len = c->calls.len = 0;
+    c->assistant_open = c->has_reasoning = false;
+    c->n_calls = 0;
+}
+
+static void conv_flush(struct conv *c) {
+    conv_flush_system(c);
+    conv_flush_assistant(c);
+}
+
+static void conv_system(struct conv *c, const char *s, size_t n) {
+    conv_flush_assistant(c);
+    if (c->system_open) strbuf_puts(&c->system, "\n\n");
+    strbuf_append(&c->system, s, n);
+    c->system_open = true;
+}
+
+static void conv_user(struct conv *c, const char *s, size_t n) {
+    conv_flush(c);
+    conv_open_msg(c, "user");
+    json_write_string(&c->out, s, n);
+    strbuf_puts(&c->out, "}");
+}
+
+static void conv_tool_result(struct conv *c, const char *call_id, const char *s, size_t n) {
+    conv_flush(c);
+    conv_open_msg(c, "tool");
+    json_write_string(&c->out, s, n);
+    strbuf_puts(&c->out, ",\"tool_call_id\":");
+    json_write_string(&c->out, call_id, strlen(call_id));
+    strbuf_puts(&c->out, "}");
+    c->tool_context = true;
+}
+
+static void conv_assistant_open(struct conv *c) {
+    conv_flush_system(c);
+    c->assistant_open = true;
+}
+
+static void conv_reasoning(struct conv *c, const char *s, size_t n) {
+    if (c->assistant_open && (c->content.len > 0 || c->n_calls > 0)) conv_flush_assistant(c);
+    conv_assistant_open(c);
+    strbuf_append(&c->reasoning, s, n);
+    c->has_reasoning = true;
+}
+
+static void conv_text(struct conv *c, const char *s, size_t n) {
+    if (c->assistant_open && c->n_calls > 0) conv_flush_assistant(c);
+    conv_assistant_open(c);
+    strbuf_append(&c->content, s, n);
+}
+
+/* A past tool call; `args` is the JSON text of its arguments object. */
+static void conv_call(struct conv *c, const char *id, const char *name, const char *args, size_t args_len) {
+    conv_assistant_open(c);
+    if (c->n_calls++ > 0) strbuf_puts(&c->calls, ",");
+    strbuf_puts(&c->calls, "{\"id\":");
+    json_write_string(&c->calls, id, strlen(id));
+    strbuf_puts(&c->calls, ",\"type\":\"function\",\"function\":{\"name\":");
+    json_write_string(&c->calls, name, strlen(name));
+    strbuf_puts(&c->calls, ",\"arguments\":");
+    json_write_string(&c->calls, args, args_len);
+    strbuf_puts(&c->calls, "}}");
+    c->tool_context = true;
+}
+
+static void conv_finish(struct conv *c) {
+    conv_flush(c);
+    strbuf_puts(&c->out, c->n_msgs ? "]" : "[]");
+}
+
+/* The text of a content value: a string, or a list of parts whose "text"
+ * members are joined by blank lines. Parts that are not text (images,
+ * documents) are refused: this model reads text only. */
+static bool content_text(const struct json *v, struct strbuf *out, const char *where, struct ds4_error *e) {
+    if (!field_is_set(v)) return true;
+    if (v->kind == JSON_STRING) {
+        strbuf_append(out, v->string, v->len);
+        return true;
+    }
+    if (v->kind != JSON_ARRAY) return fail(e, "%s: content must be a string or an array of parts", where);
+    for (size_t i = 0; i < v->count; i++) {
+        const struct json *part = &v->items[i];
+        const char *type = json_str(part, "type");
+        const struct json *text = json_is(part, JSON_STRING) ? part : json_get(part, "text");
+        bool is_text = !type || strcmp(type, "text") == 0 || strcmp(type, "input_text") == 0 ||
+                       strcmp(type, "output_text") == 0;
+        if (!is_text || !json_is(text, JSON_STRING))
+            return fail(e, "%s: content part of type '%s' is not supported (text only)", where,
+                        type ? type : "?");
+        if (i > 0) strbuf_puts(out, "\n\n");
+        strbuf_append(out, text->string, text->len);
+    }
+    return true;
+}
+
+/* A required string member, with a message naming where it was missing. */
+static const char *need_string(const struct json *obj, const char *key, const char *where, struct ds4_error *e) {
+    const char *s = json_str(obj, key);
+    if (!s) fail(e, "%s: '%s' must be a string", where, key);
+    return s;
+}
+
+/* Arguments of a past call as JSON text: a string is used as is (OpenAI,
+ * Responses), an object is serialized (Anthropic's "input"). */
+static void call_args_text(const struct json *args, struct strbuf *out) {
+    if (json_is(args, JSON_STRING)) strbuf_append(out, args->string, args->len);
+    else if (field_is_set(args)) json_write(out, args);
+    else strbuf_puts(out, "{}");
+}
+
+/* The tools list handed to chat_render(): OpenAI "function" entries
+ * {"type":"function","function":{name, description, parameters}}. */
+static void tools_add(struct strbuf *tools, size_t *n, const struct json *name, const struct json *desc,
+                      const struct json *params) {
+    strbuf_puts(tools, (*n)++ ? "," : "[");
+    strbuf_puts(tools, "{\"type\":\"function\",\"function\":{\"name\":");
+    json_write(tools, name);
+    if (field_is_set(desc)) {
+        strbuf_puts(tools, ",\"description\":");
+        json_write(tools, desc);
+    }
+    if (field_is_set(params)) {
+        strbuf_puts(tools, ",\"parameters\":");
+        json_write(tools, params);
+    }
+    strbuf_puts(tools, "}}");
+}
+
+/* Read a tools array in any dialect. OpenAI chat nests the function under
+ * "function"; Responses is flat; Anthropic names the schema "input_schema".
+ * Entries that are not functions (hosted tools such as web search) are
+ * skipped: the model cannot run them. */
+static bool read_tools(const struct json *req, enum api_kind api, struct strbuf *tools, struct ds4_error *e) {
+    const struct json *list = json_get(req, "tools");
+    size_t n = 0;
+    if (!field_is_set(list)) return true;
+    if (list->kind != JSON_ARRAY) return fail(e, "'tools' must be an array");
+    for (size_t i = 0; i < list->count; i++) {
+        const struct json *t = &list->items[i], *fn = json_get(t, "function");
+        const char *type = json_str(t, "type");
+        if (!json_is(t, JSON_OBJECT)) return fail(e, "tools[%zu] must be an object", i);
+        if (api == API_CHAT && json_is(fn, JSON_OBJECT)) t = fn;
+        else if (api != API_MESSAGES && type && strcmp(type, "function") != 0) continue;
+        else if (api == API_MESSAGES && !json_get(t, "input_schema")) continue;
+        if (!json_is(json_get(t, "name"), JSON_STRING)) return fail(e, "tools[%zu] has no name", i);
+        const struct json *params = json_get(t, api == API_MESSAGES ? "input_schema" : "parameters");
+        tools_add(tools, &n, json_get(t, "name"), json_get(t, "description"), params);
+    }
+    if (n > 0) strbuf_puts(tools, "]");
+    return true;
+}
+
+/* tool_choice "none" (OpenAI) or {"type":"none"} (Anthropic) hides the tools;
+ * every other choice leaves the decision to the model. */
+static bool tool_choice_none(const struct json *req) {
+    const struct json *tc = json_get(req, "tool_choice");
+    if (json_is(tc, JSON_STRING)) return strcmp(tc->string, "none") == 0;
+    const char *type = json_str(tc, "type");
+    return type && strcmp(type, "none") == 0;
+}
+
+/* OpenAI chat: "messages" [{role, content, reasoning_content, tool_calls,
+ * tool_call_id}]. Each assistant message is one turn. */
+static bool conv_from_chat(struct conv *c, const struct json *req, struct ds4_error *e) {
+    const struct json *msgs = json_get(req, "messages");
+    if (!json_is(msgs, JSON_ARRAY) || msgs->count == 0) return fail(e, "'messages' must be a non-empty array");
+    struct strbuf text = {0}, args = {0};
+    bool ok = true;
+    for (size_t i = 0; ok && i < msgs->count; i++) {
+        const struct json *m = &msgs->items[i];
+        const char *role = json_str(m, "role");
+        char where[48];
+        snprintf(where, sizeof where, "messages[%zu]", i);
+        text.len = 0;
+        if (!role) {
+            ok = fail(e, "%s: 'role' must be a string", where);
+        } else if (strcmp(role, "system") == 0 || strcmp(role, "developer") == 0) {
+            ok = content_text(json_get(m, "content"), &text, where, e);
+            if (ok) conv_system(c, text.data ? text.data : "", text.len);
+        } else if (strcmp(role, "user") == 0) {
+            ok = content_text(json_get(m, "content"), &text, where, e);
+            if (ok) conv_user(c, text.data ? text.data : "", text.len);
+        } else if (strcmp(role, "tool") == 0) {
+            const char *id = json_str(m, "tool_call_id");
+            ok = content_text(json_get(m, "content"), &text, where, e);
+            if (ok) conv_tool_result(c, id ? id : "", text.data ? text.data : "", text.len);
+        } else if (strcmp(role, "assistant") == 0) {
+            const struct json *r = json_get(m, "reasoning_content"), *calls = json_get(m, "tool_calls");
+            conv_flush_assistant(c);
+            conv_assistant_open(c);
+            if (json_is(r, JSON_STRING)) conv_reasoning(c, r->string, r->len);
+            ok = content_text(json_get(m, "content"), &text, where, e);
+            if (ok && text.len) conv_text(c, text.data, text.len);
+            if (ok && field_is_set(calls) && !json_is(calls, JSON_ARRAY))
+                ok = fail(e, "%s: 'tool_calls' must be an array", where);
+            for (size_t k = 0; ok && json_is(calls, JSON_ARRAY) && k < calls->count; k++) {
+                const struct json *fn = json_get(&calls->items[k], "function");
+                const char *id = json_str(&calls->items[k], "id");
+                const char *name = need_string(fn, "name", where, e);
+                args.len = 0;
+                call_args_text(json_get(fn, "arguments"), &args);
+                if (name) conv_call(c, id ? id : "", name, args.data ? args.data : "{}", args.len);
+                ok = name != NULL;
+            }
+            conv_flush_assistant(c);
+        } else {
+            ok = fail(e, "%s: unknown role '%s'", where, role);
+        }
+    }
+    strbuf_free(&text);
+    strbuf_free(&args);
+    return ok;
+}
+
+/* Anthropic "system": a string, or text blocks. Blocks whose text starts
+ * with "x-anthropic-" are client bookkeeping (billing headers that Claude
+ * Code sends) and change every request, so they are dropped: they would
+ * defeat prefix reuse and mean nothing to the model. */
+static bool conv_anthropic_system(struct conv *c, const struct json *sys, struct ds4_error *e) {
+    if (!field_is_set(sys)) return true;
+    if (sys->kind == JSON_STRING) {
+        conv_system(c, sys->string, sys->len);
+        return true;
+    }
+    if (sys->kind != JSON_ARRAY) return fail(e, "'system' must be a string or an array of text blocks");
+    for (size_t i = 0; i < sys->count; i++) {
+        const struct json *t = json_get(&sys->items[i], "text");
+        if (!json_is(t, JSON_STRING)) return fail(e, "system[%zu] must be a text block", i);
+        if (strncmp(t->string, "x-anthropic-", 12) == 0) continue;
+        conv_system(c, t->string, t->len);
+    }
+    return true;
+}
+
+/* One Anthropic content block of a user message: text, or a tool result. */
+static bool conv_anthropic_user_block(struct conv *c, const struct json *b, struct strbuf *text,
+                                      const char *where, struct ds4_error *e) {
+    const char *type = json_str(b, "type");
+    if (type && strcmp(type, "tool_result") == 0) {
+        struct strbuf result = {0};
+        const char *id = json_str(b, "tool_use_id");
+        bool ok = content_text(json_get(b, "content"), &result, where, e);
+        if (ok) conv_tool_result(c, id ? id : "", result.data ? result.data : "", result.len);
+        strbuf_free(&result);
+        return ok;
+    }
+    const struct json *t = json_get(b, "text");
+    if (!type || strcmp(type, "text") != 0 || !json_is(t, JSON_STRING))
+        return fail(e, "%s: content block of type '%s' is not supported", where, type ? type : "?");
+    if (text->len) strbuf_puts(text, "\n\n");
+    strbuf_append(text, t->string, t->len);
+    return true;
+}
+
+/* One Anthropic content block of an assistant message. */
+static bool conv_anthropic_assistant_block(struct conv *c, const struct json *b, const char *where,
+                                           struct ds4_error *e) {
+    const char *type = json_str(b, "type");
+    const struct json *t = json_get(b, "text"), *th = json_get(b, "thinking");
+    if (type && strcmp(type, "text") == 0 && json_is(t, JSON_STRING)) {
+        conv_text(c, t->string, t->len);
+    } else if (type && strcmp(type, "thinking") == 0 && json_is(th, JSON_STRING)) {
+        conv_reasoning(c, th->string, th->len);
+    } else if (type && strcmp(type, "redacted_thinking") == 0) {
+        /* opaque: nothing to render */
+    } else if (type && strcmp(type, "tool_use") == 0) {
+        const char *id = need_string(b, "id", where, e), *name = need_string(b, "name", where, e);
+        struct strbuf args = {0};
+        if (!id || !name) return false;
+        call_args_text(json_get(b, "input"), &args);
+        conv_call(c, id, name, args.data, args.len);
+        strbuf_free(&args);
+    } else {
+        return fail(e, "%s: content block of type '%s' is not supported", where, type ? type : "?");
+    }
+    return true;
+}
+
+/* Anthropic Messages: "system" plus "messages" [{role, content}], where
+ * content is a string or a list of blocks. */
+static bool conv_from_messages(struct conv *c, const struct json *req, struct ds4_error *e) {
+    const struct json *msgs = json_get(req, "messages");
+    if (!json_is(msgs, JSON_ARRAY) || msgs->count == 0) return fail(e, "'messages' must be a non-empty array");
+    if (!conv_anthropic_system(c, json_get(req, "system"), e)) return false;
+    bool ok = true;
+    struct strbuf text = {0};
+    for (size_t i = 0; ok && i < msgs->count; i++) {
+        const struct json *m = &msgs->items[i], *content = json_get(m, "content");
+        const char *role = json_str(m, "role");
+        char where[48];
+        snprintf(where, sizeof where, "messages[%zu]", i);
+        bool user = role && strcmp(role, "user") == 0, assistant = role && strcmp(role, "assistant") == 0;
+        text.len = 0;
+        if (!user && !assistant) {
+            ok = fail(e, "%s: 'role' must be user or assistant", where);
+        } else if (json_is(content, JSON_STRING)) {
+            if (user) conv_user(c, content->string, content->len);
+            else conv_text(c, content->string, content->len);
+        } else if (!json_is(content, JSON_ARRAY)) {
+            ok = fail(e, "%s: 'content' must be a string or an array of blocks", where);
+        } else {
+            if (assistant) conv_flush_assistant(c);
+            for (size_t k = 0; ok && k < content->count; k++)
+                ok = user ? conv_anthropic_user_block(c, &content->items[k], &text, where, e)
+                          : conv_anthropic_assistant_block(c, &content->items[k], where, e);
+            if (ok && user && text.len) conv_user(c, text.data, text.len);
+        }
+        if (assistant) conv_flush_assistant(c);
+    }
+    strbuf_free(&text);
+    return ok;
+}
+
+/* A Responses reasoning item: its summary texts (what we send out), or
+ * its full reasoning_text content when a client kept that instead. */
+static void conv_responses_reasoning(struct conv *c, const struct json *item) {
+    struct strbuf text = {0};
+    const struct json *parts = json_get(item, "content");
+    if (!json_is(parts, JSON_ARRAY) || parts->count == 0) parts = json_get(item, "summary");
+    for (size_t i = 0; json_is(parts, JSON_ARRAY) && i < parts->count; i++) {
+        const struct json *t = json_get(&parts->items[i], "text");
+        if (!json_is(t, JSON_STRING)) continue;
+        if (text.len) strbuf_puts(&text, "\n\n");
+        strbuf_append(&text, t->string, t->len);
+    }
+    conv_reasoning(c, text.data ? text.data : "", text.len);
+    strbuf_free(&text);
+}
+
+/* A Responses "message" item (typed or the short {role, content} form). */
+static bool conv_responses_message(struct conv *c, const struct json *item, const char *where,
+                                   struct ds4_error *e) {
+    const char *role = need_string(item, "role", where, e);
+    struct strbuf text = {0};
+    bool ok = role && content_text(json_get(item, "content"), &text, where, e);
+    const char *s = text.data ? text.data : "";
+    if (!ok) {
+        /* the message is already in e */
+    } else if (strcmp(role, "system") == 0 || strcmp(role, "developer") == 0) {
+        conv_system(c, s, text.len);
+    } else if (strcmp(role, "user") == 0) {
+        conv_user(c, s, text.len);
+    } else if (strcmp(role, "assistant") == 0) {
+        conv_text(c, s, text.len);
+    } else {
+        ok = fail(e, "%s: unknown role '%s'", where, role);
+    }
+    strbuf_free(&text);
+    return ok;
+}
+
+/* One Responses input item. Custom tool calls (free-form input, as Codex's
+ * apply_patch) are rendered as a call with one string parameter "input". */
+static bool conv_responses_item(struct conv *c, const struct json *item, const char *where,
+                                struct ds4_error *e) {
+    const char *type = json_str(item, "type");
+    struct strbuf text = {0};
+    bool ok = true;
+    if (!json_is(item, JSON_OBJECT)) {
+        ok = fail(e, "%s must be an object", where);
+    } else if (!type || strcmp(type, "message") == 0) {
+        ok = conv_responses_message(c, item, where, e);
+    } else if (strcmp(type, "reasoning") == 0) {
+        conv_responses_reasoning(c, item);
+    } else if (strcmp(type, "function_call") == 0 || strcmp(type, "custom_tool_call") == 0) {
+        bool custom = type[0] == 'c';
+        const char *id = need_string(item, "call_id", where, e), *name = need_string(item, "name", where, e);
+        ok = id && name;
+        if (ok && custom) {
+            strbuf_puts(&text, "{\"input\":");
+            json_write(&text, json_get(item, "input"));
+            strbuf_puts(&text, "}");
+        } else if (ok) {
+            call_args_text(json_get(item, "arguments"), &text);
+        }
+        if (ok) conv_call(c, id, name, text.data, text.len);
+    } else if (strcmp(type, "function_call_output") == 0 || strcmp(type, "custom_tool_call_output") == 0) {
+        const char *id = need_string(item, "call_id", where, e);
+        ok = id && content_text(json_get(item, "output"), &text, where, e);
+        if (ok) conv_tool_result(c, id, text.data ? text.data : "", text.len);
+    } else {
+        ok = fail(e, "%s: input item type '%s' is not supported", where, type);
+    }
+    strbuf_free(&text);
+    return ok;
+}
+
+/* OpenAI Responses: "instructions" plus "input" (a string or items). The
+ * server keeps no stored responses: the client replays the whole input. */
+static bool conv_from_responses(struct conv *c, const struct json *req, struct ds4_error *e) {
+    const struct json *input = json_get(req, "input");
+    const char *instructions = NULL;
+    if (field_is_set(json_get(req, "previous_response_id")))
+        return fail(e, "'previous_response_id' is not supported; replay the full input instead");
+    if (field_is_set(json_get(req, "conversation")))
+        return fail(e, "'conversation' is not supported; replay the full input instead");
+    if (!field_string(req, "instructions", &instructions, e)) return false;
+    if (instructions) conv_system(c, instructions, strlen(instructions));
+    if (json_is(input, JSON_STRING)) {
+        conv_user(c, input->string, input->len);
+        return true;
+    }
+    if (!json_is(input, JSON_ARRAY) || input->count == 0)
+        return fail(e, "'input' must be a string or a non-empty array of items");
+    for (size_t i = 0; i < input->count; i++) {
+        char where[32];
+        snprintf(where, sizeof where, "input[%zu]", i);
+        if (!conv_responses_item(c, &input->items[i], where, e)) return false;
+    }
+    return true;
+}
+
+/* Legacy completions: the prompt becomes one user turn under the fixed
+ * system text ds4 uses [dsv4-format §4.9 item 5]. */
+static bool conv_from_completions(struct conv *c, const struct json *req, struct ds4_error *e) {
+    static const char system[] = "You are a helpful assistant";
+    const struct json *p = json_get(req, "prompt");
+    if (json_is(p, JSON_ARRAY) && p->count == 1) p = &p->items[0];
+    if (!json_is(p, JSON_STRING)) return fail(e, "'prompt' must be a string (or an array of one string)");
+    conv_system(c, system, sizeof system - 1);
+    conv_user(c, p->string, p->len);
+    return true;
+}
+
+/* ---- 12.6 Exact replay of tool calls --------------------------------------- */
+
+/* THE PROBLEM. An agent turn with tools goes:
+ *
+ *     request 1   ... <｜Assistant｜></think>
+ *     model       Let me look.\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name="read">...
+ *                 </｜DSML｜tool_calls>                  (now in the session's KV)
+ *     reply       tool_calls: [{id: call_X, name: "read", arguments: "{\"path\": \"a.c\"}"}]
+ *     request 2   the same history + that assistant message + the tool result
+ *
+ * Request 2 comes back as JSON, and chat_render() turns the call back into
+ * DSML in its canonical form (one parameter per line, Python-style JSON for
+ * non-strings). The model, though, may have written it differently: other
+ * spacing, another parameter order, `1.0` where json.dumps writes `1.0`
+ * but a client re-serializes `1`. Then the rendered prompt differs from the
+ * session's tokens at that point, and everything after it -- typically the
+ * whole agent context -- is prefilled again, on every turn.
+ *
+ * THE FIX. Remember, per tool-call id, the exact text the model sampled for
+ * the whole tool block, and when a history message carries exactly those
+ * ids, put that text back where the canonical block was rendered. The ids
+ * are random and unguessable (12.9), so a client cannot make us replay text
+ * it did not receive. Memory is a ring of --tool-memory blocks: the oldest
+ * is forgotten first, and a forgotten id falls back to the canonical form,
+ * which is still a correct prompt, just a slower one.
+ *
+ * The canonical block is found in the rendered prompt by rendering it again
+ * with the same function chat_render() used (chat_dsml_calls), searching
+ * forward from the previous replacement, so blocks are matched in order. */
+
+struct tool_memory_entry {
+    char *first_id;             /* the key: the block's first call id */
+    char *ids;                  /* all its call ids, each followed by '\n' */
+    char *dsml;                 /* "\n\n<｜DSML｜tool_calls>...</｜DSML｜tool_calls>" as sampled */
+};
+
+struct tool_memory {
+    pthread_mutex_t lock;
+    struct tool_memory_entry *slots;   /* [cap], a ring */
+    size_t cap, next;
+};
+
+static void tool_memory_init(struct tool_memory *m, int cap) {
+    pthread_mutex_init(&m->lock, NULL);
+    m->cap = cap > 0 ? (size_t)cap : 0;
+    m->slots = xcalloc(m->cap ? m->cap : 1, sizeof *m->slots);
+    m->next = 0;
+}
+
+static void tool_memory_entry_free(struct tool_memory_entry *t) {
+    free(t->first_id);
+    free(t->ids);
+    free(t->dsml);
+    memset(t, 0, sizeof *t);
+}
+
+static void tool_memory_free(struct tool_memory *m) {
+    for (size_t i = 0; i < m->cap; i++) tool_memory_entry_free(&m->slots[i]);
+    free(m->slots);
+    pthread_mutex_destroy(&m->lock);
+}
+
+static char *srv_strndup(const char *s, size_t n) {
+    char *d = xmalloc(n + 1);
+    memcpy(d, s, n);
+    d[n] = '\0';
+    return d;
+}
+
+static void tool_memory_put(struct tool_memory *m, const char *first_id, const char *ids, const char *dsml,
+                            size_t len) {
+    if (m->cap == 0) return;
+    pthread_mutex_lock(&m->lock);
+    struct tool_memory_entry *t = &m->slots[m->next];
+    m->next = (m->next + 1) % m->cap;
+    tool_memory_entry_free(t);
+    t->first_id = srv_strndup(first_id, strlen(first_id));
+    t->ids = srv_strndup(ids, strlen(ids));
+    t->dsml = srv_strndup(dsml, len);
+    pthread_mutex_unlock(&m->lock);
+}
+
+/* The remembered block for exactly these ids, as a copy, or NULL. A linear
+ * scan: a few thousand string compares cost microseconds, against a
+ * prefill of milliseconds at the least. */
+static char *tool_memory_get(struct tool_memory *m, const char *first_id, const char *ids) {
+    char *found = NULL;
+    pthread_mutex_lock(&m->lock);
+    for (size_t i = 0; i < m->cap && !found; i++) {
+        const struct tool_memory_entry *t = &m->slots[i];
+        if (t->first_id && strcmp(t->first_id, first_id) == 0 && strcmp(t->ids, ids) == 0)
+            found = srv_strndup(t->dsml, strlen(t->dsml));
+    }
+    pthread_mutex_unlock(&m->lock);
+    return found;
+}
+
+/* The ids of a tool_calls array, each followed by '\n'. False if any lacks one. */
+static bool call_ids(const struct json *calls, struct strbuf *ids) {
+    for (size_t k = 0; k < calls->count; k++) {
+        const struct json *id = json_get(&calls->items[k], "id");
+        if (!json_is(id, JSON_STRING) || id->len == 0) return false;
+        strbuf_append(ids, id->string, id->len);
+        strbuf_puts(ids, "\n");
+    }
+    return calls->count > 0;
+}
+
+/* Replace canonical tool blocks in `prompt` by remembered exact ones. */
+static void replay_tool_calls(struct tool_memory *mem, const struct json *messages, struct strbuf *prompt) {
+    struct strbuf out = {0}, canon = {0}, ids = {0};
+    size_t cursor = 0;
+    for (size_t i = 0; i < messages->count; i++) {
+        const struct json *calls = json_get(&messages->items[i], "tool_calls");
+        if (!json_is(calls, JSON_ARRAY) || calls->count == 0) continue;
+        canon.len = ids.len = 0;
+        chat_dsml_calls(&canon, calls);
+        if (!call_ids(calls, &ids) || canon.oom) continue;
+        const char *at = memmem(prompt->data + cursor, prompt->len - cursor, canon.data, canon.len);
+        char *exact = at ? tool_memory_get(mem, json_str(&calls->items[0], "id"), ids.data) : NULL;
+        if (!exact) continue;
+        size_t pos = (size_t)(at - prompt->data);
+        strbuf_append(&out, prompt->data + cursor, pos - cursor);
+        strbuf_puts(&out, exact);
+        cursor = pos + canon.len;
+        free(exact);
+    }
+    if (cursor > 0) {
+        strbuf_append(&out, prompt->data + cursor, prompt->len - cursor);
+        strbuf_free(prompt);
+        *prompt = out;
+    } else {
+        strbuf_free(&out);
+    }
+    strbuf_free(&canon);
+    strbuf_free(&ids);
+}
+
+/* ---- 12.7 The test script: forced replies (tests only) --------------------- */
+
+/* The tiny test model has random weights: what it samples is noise, so no
+ * test could ever see a well-formed tool call come out of it. With
+ * --test-script FILE the worker does everything it normally does -- the
+ * prompt is prefilled, every reply token goes through the forward pass and
+ * into the KV, through the streaming decoder, the DSML parser and the
+ * dialect's writer -- except that the token it "samples" is the next one of
+ * a scripted reply. FILE is a JSON array of rules:
+ *
+ *     [{"match": "weather", "reply": "\n\n<｜DSML｜tool_calls>\n..."},
+ *      {"match": "",        "reply": "Hello."}]
+ *
+ * The first rule whose `match` occurs in the last user turn of the rendered
+ * prompt (from the last <｜User｜> on, so tool results count) gives the
+ * reply, tokenized like any prompt text. An empty `match` matches all; with
+ * no match the model samples as usual. After the reply, EOS. A thinking-mode
+ * reply must contain its own "</think>", exactly as the model would write.
+ *
+ * Never use this in production: it is a way to make a server say anything. */
+
+struct script_rule {
+    char *match;
+    int32_t *ids;
+    size_t n_ids;
+};
+
+struct test_script {
+    struct script_rule *rules;
+    size_t n;
+};
+
+static bool test_script_load(struct test_script *s, const char *path, const struct tokenizer *tok,
+                             struct ds4_error *e) {
+    size_t len;
+    char *text = read_file(path, &len, e), err[200];
+    if (!text) return false;
+    struct json *root = json_parse(text, len, 8, err, sizeof err);
+    free(text);
+    if (!json_is(root, JSON_ARRAY)) {
+        json_free(root);
+        return fail(e, "%s: a test script is a JSON array of {match, reply} (%s)", path, err);
+    }
+    s->rules = xcalloc(root->count, sizeof *s->rules);
+    for (size_t i = 0; i < root->count; i++) {
+        const struct json *match = json_get(&root->items[i], "match"), *reply = json_get(&root->items[i], "reply");
+        if (!json_is(match, JSON_STRING) || !json_is(reply, JSON_STRING)) {
+            json_free(root);
+            return fail(e, "%s: rule %zu needs string 'match' and 'reply'", path, i);
+        }
+        struct script_rule *r = &s->rules[s->n++];
+        r->match = srv_strndup(match->string, match->len);
+        tokenize(tok, reply->string, reply->len, true, &r->ids, &r->n_ids);
+    }
+    json_free(root);
+    return true;
+}
+
+static void test_script_free(struct test_script *s) {
+    for (size_t i = 0; i < s->n; i++) {
+        free(s->rules[i].match);
+        free(s->rules[i].ids);
+    }
+    free(s->rules);
+}
+
+/* The rule for a prompt, or NULL. */
+static const struct script_rule *test_script_find(const struct test_script *s, const char *prompt) {
+    const char *turn = prompt, *p;
+    while ((p = strstr(turn + 1, CHAT_USER)) != NULL) turn = p;
+    for (size_t i = 0; i < s->n; i++)
+        if (strstr(turn, s->rules[i].match)) return &s->rules[i];
+    return NULL;
+}
+
+/* ---- 12.8 Jobs and the queue ----------------------------------------------- */
+
+/* A job is one generation request on its way through the worker. The
+ * client thread fills the first part and queues it; the worker fills the
+ * rest while it writes the reply; the client thread frees it after `done`.
+ *
+ *     client thread                       worker
+ *     -------------                       ------
+ *     job_submit  -> queue (FIFO) ------> job_take (started = true)
+ *     job_wait: watch the socket          prefill, decode, write the reply
+ *       left while queued? unlink it      left while running? stop, finish
+ *     <---------------------------------- job_finish (done = true, broadcast)
+ *     free the job, close the socket
+ */
+
+enum finish { FINISH_STOP, FINISH_LENGTH, FINISH_TOOLS, FINISH_ERROR, FINISH_CANCELLED };
+
+/* Anthropic content blocks, in the order a reply opens them. */
+enum block_kind { BLOCK_NONE, BLOCK_THINKING, BLOCK_TEXT, BLOCK_TOOL };
+
+struct job_call {
+    char id[48];                /* call_<hex> (OpenAI, Responses) or toolu_<hex> (Anthropic) */
+    char item_id[48];           /* Responses: the output item's fc_<hex> */
+    char *name;
+    struct strbuf args;         /* arguments sent so far; the whole object once done */
+    int out_index;              /* Responses: output index */
+};
+
+struct job {
+    /* Set by the client thread. */
+    struct conn *conn;
+    enum api_kind api;
+    struct gen_params p;
+    const char *model;          /* echoed in replies */
+    char id[64];                /* chatcmpl-<hex>, msg_<hex>, resp_<hex>, cmpl-<hex> */
+    long created;               /* Unix time */
+    int32_t *prompt;            /* [n_prompt] */
+    size_t n_prompt;
+    char *prompt_text;          /* the rendered prompt (the test script reads it) */
+    int max_tokens;             /* after the caps */
+
+    /* Set by the worker. */
+    int64_t n_cached;           /* prompt tokens found in the session */
+    int n_generated, n_reasoning;
+    enum finish finish;
+    char error[256];
+    const char *stop_hit;       /* the stop string that ended the reply */
+    struct strbuf raw;          /* everything the model wrote, as text */
+    struct strbuf reasoning, content;   /* what the client was sent */
+    struct job_call *calls;
+    size_t n_calls, cap_calls;
+    double t_queued, t_started, t_prefilled, t_finished;
+
+    /* The worker's reading of the output. */
+    struct token_stream ts;
+    struct dsml_parser dsml;
+    size_t args_sent;           /* bytes of the open call's arguments already sent */
+    struct strbuf held;         /* content held back while it may start a stop string */
+    double last_keepalive;
+
+    /* The dialect writers' state. */
+    int seq;                    /* Responses: sequence_number of the next event */
+    int n_items;                /* Responses: output items opened so far */
+    int rs_index, msg_index;    /* Responses: their output indexes, -1 = not open */
+    char rs_id[48], msg_id[48];
+    enum block_kind block;      /* Anthropic: the open content block */
+    int n_blocks;               /* Anthropic: blocks opened so far */
+
+    /* The handshake, under server.lock. */
+    bool started, done;
+    atomic_bool cancelled;
+    struct job *next;
+};
+
+struct server {
+    const struct server_options *opt;
+    struct engine *eng;
+    const struct tokenizer *tok;
+    int listen_fd;
+
+    pthread_mutex_t lock;       /* the queue, n_conns, job started/done */
+    pthread_cond_t wake;        /* the worker waits for jobs */
+    pthread_cond_t job_done;    /* client threads wait for their job */
+    struct job *head, *tail;
+    int n_conns;
+    atomic_bool stopping;
+
+    /* The worker's own: the live session and what it holds. */
+    struct session s;
+    int32_t *fed;               /* [n_fed] tokens in the session, in order */
+    int64_t n_fed, cap_fed;
+    struct sampler sp;
+
+    struct tool_memory mem;     /* its own lock */
+    struct test_script script;  /* read-only after start */
+    FILE *log;                  /* --log, under log_lock */
+    pthread_mutex_t log_lock;
+};
+
+static bool job_submit(struct server *srv, struct job *j) {
+    pthread_mutex_lock(&srv->lock);
+    bool ok = !atomic_load(&srv->stopping);
+    if (ok) {
+        j->t_queued = now_seconds();
+        if (srv->tail) srv->tail->next = j;
+        else srv->head = j;
+        srv->tail = j;
+        pthread_cond_signal(&srv->wake);
+    }
+    pthread_mutex_unlock(&srv->lock);
+    return ok;
+}
+
+/* Under srv->lock: take a job that never started out of the queue. */
+static void job_unlink(struct server *srv, struct job *j) {
+    struct job **link = &srv->head, *prev = NULL;
+    while (*link && *link != j) {
+        prev = *link;
+        link = &(*link)->next;
+    }
+    if (!*link) return;
+    *link = j->next;
+    if (srv->tail == j) srv->tail = prev;
+}
+
+/* Wait for the worker to finish the job. While it is still queued, watch
+ * the socket: a client that gave up is taken out of the line at once. */
+static void job_wait(struct server *srv, struct job *j) {
+    pthread_mutex_lock(&srv->lock);
+    while (!j->done) {
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        ts.tv_nsec += 200 * 1000000L;
+        if (ts.tv_nsec >= 1000000000L) {
+            ts.tv_sec++;
+            ts.tv_nsec -= 1000000000L;
+        }
+        pthread_cond_timedwait(&srv->job_done, &srv->lock, &ts);
+        bool stop = atomic_load(&srv->stopping);
+        if (!j->started && !j->done && (stop || srv_peer_closed(j->conn->fd))) {
+            job_unlink(srv, j);
+            j->finish = FINISH_CANCELLED;
+            j->done = true;
+            if (stop) http_error(j->conn, 503, "the server is shutting down");
+        }
+    }
+    pthread_mutex_unlock(&srv->lock);
+}
+
+/* The worker's side: the next job, or NULL when the server stops. */
+static struct job *job_take(struct server *srv) {
+    pthread_mutex_lock(&srv->lock);
+    while (!srv->head && !atomic_load(&srv->stopping)) pthread_cond_wait(&srv->wake, &srv->lock);
+    struct job *j = atomic_load(&srv->stopping) ? NULL : srv->head;
+    if (j) {
+        srv->head = j->next;
+        if (!srv->head) srv->tail = NULL;
+        j->started = true;
+    }
+    pthread_mutex_unlock(&srv->lock);
+    return j;
+}
+
+static void job_finish(struct server *srv, struct job *j) {
+    pthread_mutex_lock(&srv->lock);
+    j->done = true;
+    pthread_cond_broadcast(&srv->job_done);
+    pthread_mutex_unlock(&srv->lock);
+}
+
+static void job_free(struct job *j) {
+    free(j->prompt);
+    free(j->prompt_text);
+    strbuf_free(&j->raw);
+    strbuf_free(&j->reasoning);
+    strbuf_free(&j->content);
+    strbuf_free(&j->held);
+    for (size_t i = 0; i < j->n_calls; i++) {
+        free(j->calls[i].name);
+        strbuf_free(&j->calls[i].args);
+    }
+    free(j->calls);
+    dsml_parser_free(&j->dsml);
+    free(j);
+}
+
+/* Unguessable ids: PREFIX + 32 hex digits from the kernel's generator. */
+static void random_id(char *out, size_t cap, const char *prefix) {
+    unsigned char bytes[16] = {0};
+    int fd = open("/dev/urandom", O_RDONLY | O_CLOEXEC);
+    bool ok = fd >= 0 && read(fd, bytes, sizeof bytes) == (ssize_t)sizeof bytes;
+    if (fd >= 0) close(fd);
+    if (!ok) {                                  /* no /dev/urandom: still unique, less secret */
+        uint64_t s = (uint64_t)(now_seconds() * 1e9) ^ (uint64_t)(uintptr_t)out;
+        for (size_t i = 0; i < sizeof bytes; i++) bytes[i] = (unsigned char)splitmix64(&s);
+    }
+    size_t n = (size_t)snprintf(out, cap, "%s", prefix);
+    for (size_t i = 0; i < sizeof bytes && n + 2 < cap; i++, n += 2) snprintf(out + n, cap - n, "%02x", bytes[i]);
+}
+
+/* ---- 12.9 The reply in each dialect: streaming events and whole bodies ----- */
+
+/* The worker reports what the model wrote as a handful of events, the same
+ * for every dialect; a `struct dialect` turns them into that dialect's wire
+ * format [dsv4-format §7.4-7.6]:
+ *
+ *     begin        stream: the response head and the opening events
+ *     reasoning    a piece of the thinking text
+ *     content      a piece of the answer text
+ *     call_start   tool call i has a name (its id is assigned)
+ *     call_args    more bytes of call i's arguments (JSON text)
+ *     call_end     call i is complete
+ *     end          stream: the closing events, usage, the end of the body
+ *     body         not streaming: the whole response object
+ *
+ * Streaming writers send each event at once; the non-streaming path only
+ * calls `body` at the end, from what the job gathered. */
+
+struct dialect {
+    void (*begin)(struct job *j);
+    void (*reasoning)(struct job *j, const char *s, size_t n);
+    void (*content)(struct job *j, const char *s, size_t n);
+    void (*call_start)(struct job *j, size_t i);
+    void (*call_args)(struct job *j, size_t i, const char *s, size_t n);
+    void (*call_end)(struct job *j, size_t i);
+    void (*end)(struct job *j);
+    void (*body)(struct job *j, struct strbuf *b);
+};
+
+static void put_str(struct strbuf *b, const char *s) {
+    json_write_string(b, s, strlen(s));
+}
+
+static void put_buf(struct strbuf *b, const struct strbuf *s) {
+    json_write_string(b, s->data ? s->data : "", s->len);
+}
+
+static const char *openai_finish(const struct job *j) {
+    switch (j->finish) {
+    case FINISH_LENGTH: return "length";
+    case FINISH_TOOLS:  return "tool_calls";
+    case FINISH_ERROR:  return "error";
+    default:            return "stop";
+    }
+}
+
+static void usage_openai(struct strbuf *b, const struct job *j) {
+    strbuf_printf(b, "{\"prompt_tokens\":%zu,\"completion_tokens\":%d,\"total_tokens\":%zu,"
+                     "\"prompt_tokens_details\":{\"cached_tokens\":%lld},"
+                     "\"completion_tokens_details\":{\"reasoning_tokens\":%d}}",
+                  j->n_prompt, j->n_generated, j->n_prompt + (size_t)j->n_generated, (long long)j->n_cached,
+                  j->n_reasoning);
+}
+
+/* -- OpenAI chat completions -- */
+
+/* {"id":..,"object":"chat.completion.chunk",..,"choices":[{"index":0,"delta":DELTA,"finish_reason":F}]} */
+static void chat_chunk(struct job *j, const char *delta, const char *finish) {
+    struct strbuf b = {0};
+    strbuf_printf(&b, "{\"id\":\"%s\",\"object\":\"chat.completion.chunk\",\"created\":%ld,\"model\":", j->id,
+                  j->created);
+    put_str(&b, j->model);
+    strbuf_printf(&b, ",\"choices\":[{\"index\":0,\"delta\":%s,\"logprobs\":null,\"finish_reason\":", delta);
+    if (finish) put_str(&b, finish);
+    else strbuf_puts(&b, "null");
+    strbuf_puts(&b, "}]}");
+    sse_send(j->conn, NULL, &b);
+    strbuf_free(&b);
+}
+
+static void chat_begin(struct job *j) {
+    http_stream_begin(j->conn);
+    chat_chunk(j, "{\"role\":\"assistant\",\"content\":\"\"}", NULL);
+}
+
+static void chat_text_delta(struct job *j, const char *field, const char *s, size_t n) {
+    struct strbuf d = {0};
+    strbuf_printf(&d, "{\"%s\":", field);
+    json_write_string(&d, s, n);
+    strbuf_puts(&d, "}");
+    chat_chunk(j, d.data, NULL);
+    strbuf_free(&d);
+}
+
+static void chat_reasoning(struct job *j, const char *s, size_t n) {
+    chat_text_delta(j, "reasoning_content", s, n);
+}
+
+static void chat_content(struct job *j, const char *s, size_t n) {
+    chat_text_delta(j, "content", s, n);
+}
+
+static void chat_call_start(struct job *j, size_t i) {
+    struct strbuf d = {0};
+    strbuf_printf(&d, "{\"tool_calls\":[{\"index\":%zu,\"id\":\"%s\",\"type\":\"function\",\"function\":{\"name\":",
+                  i, j->calls[i].id);
+    put_str(&d, j->calls[i].name);
+    strbuf_puts(&d, ",\"arguments\":\"\"}}]}");
+    chat_chunk(j, d.data, NULL);
+    strbuf_free(&d);
+}
+
+static void chat_call_args(struct job *j, size_t i, const char *s, size_t n) {
+    struct strbuf d = {0};
+    strbuf_printf(&d, "{\"tool_calls\":[{\"index\":%zu,\"function\":{\"arguments\":", i);
+    json_write_string(&d, s, n);
+    strbuf_puts(&d, "}}]}");
+    chat_chunk(j, d.data, NULL);
+    strbuf_free(&d);
+}
+
+static void chat_call_end(struct job *j, size_t i) {
+    (void)j;
+    (void)i;
+}
+
+/* An error after the stream began can only travel inside the stream. */
+static void openai_stream_error(struct job *j) {
+    struct strbuf b = {0};
+    api_error_json(&b, API_CHAT, 500, j->error, NULL, NULL, NULL);
+    sse_send(j->conn, NULL, &b);
+    strbuf_free(&b);
+}
+
+static void openai_usage_chunk(struct job *j, const char *object) {
+    struct strbuf b = {0};
+    strbuf_printf(&b, "{\"id\":\"%s\",\"object\":\"%s\",\"created\":%ld,\"model\":", j->id, object, j->created);
+    put_str(&b, j->model);
+    strbuf_puts(&b, ",\"choices\":[],\"usage\":");
+    usage_openai(&b, j);
+    strbuf_puts(&b, "}");
+    sse_send(j->conn, NULL, &b);
+    strbuf_free(&b);
+}
+
+static void openai_stream_done(struct job *j) {
+    static const char done[] = "data: [DONE]\n\n";
+    http_chunk(j->conn, done, sizeof done - 1);
+    http_stream_end(j->conn);
+}
+
+static void chat_end(struct job *j) {
+    if (j->finish == FINISH_ERROR) openai_stream_error(j);
+    else chat_chunk(j, "{}", openai_finish(j));
+    if (j->p.include_usage) openai_usage_chunk(j, "chat.completion.chunk");
+    openai_stream_done(j);
+}
+
+static void chat_tool_calls(struct strbuf *b, const struct job *j) {
+    strbuf_puts(b, ",\"tool_calls\":[");
+    for (size_t i = 0; i < j->n_calls; i++) {
+        strbuf_printf(b, "%s{\"id\":\"%s\",\"type\":\"function\",\"function\":{\"name\":", i ? "," : "",
+                      j->calls[i].id);
+        put_str(b, j->calls[i].name);
+        strbuf_puts(b, ",\"arguments\":");
+        put_buf(b, &j->calls[i].args);
+        strbuf_puts(b, "}}");
+    }
+    strbuf_puts(b, "]");
+}
+
+static void chat_body(struct job *j, struct strbuf *b) {
+    strbuf_printf(b, "{\"id\":\"%s\",\"object\":\"chat.completion\",\"created\":%ld,\"model\":", j->id, j->created);
+    put_str(b, j->model);
+    strbuf_puts(b, ",\"choices\":[{\"index\":0,\"message\":{\"role\":\"assistant\",\"content\":");
+    if (j->content.len == 0 && j->n_calls > 0) strbuf_puts(b, "null");
+    else put_buf(b, &j->content);
+    if (j->p.mode != CHAT_MODE_CHAT) {
+        strbuf_puts(b, ",\"reasoning_content\":");
+        put_buf(b, &j->reasoning);
+    }
+    if (j->n_calls > 0) chat_tool_calls(b, j);
+    strbuf_printf(b, "},\"logprobs\":null,\"finish_reason\":\"%s\"}],\"usage\":", openai_finish(j));
+    usage_openai(b, j);
+    strbuf_puts(b, "}");
+}
+
+static const struct dialect DIALECT_CHAT = {
+    chat_begin, chat_reasoning, chat_content, chat_call_start, chat_call_args, chat_call_end, chat_end, chat_body,
+};
+
+/* -- OpenAI legacy completions: the answer text only -- */
+
+static void completion_chunk(struct job *j, const char *s, size_t n, const char *finish) {
+    struct strbuf b = {0};
+    strbuf_printf(&b, "{\"id\":\"%s\",\"object\":\"text_completion\",\"created\":%ld,\"model\":", j->id, j->created);
+    put_str(&b, j->model);
+    strbuf_puts(&b, ",\"choices\":[{\"index\":0,\"text\":");
+    json_write_string(&b, s, n);
+    strbuf_puts(&b, ",\"logprobs\":null,\"finish_reason\":");
+    if (finish) put_str(&b, finish);
+    else strbuf_puts(&b, "null");
+    strbuf_puts(&b, "}]}");
+    sse_send(j->conn, NULL, &b);
+    strbuf_free(&b);
+}
+
+static void completion_begin(struct job *j) {
+    http_stream_begin(j->conn);
+}
+
+static void completion_ignore_text(struct job *j, const char *s, size_t n) {
+    (void)j, (void)s, (void)n;
+}
+
+static void completion_content(struct job *j, const char *s, size_t n) {
+    completion_chunk(j, s, n, NULL);
+}
+
+static void completion_ignore_call(struct job *j, size_t i) {
+    (void)j, (void)i;
+}
+
+static void completion_ignore_args(struct job *j, size_t i, const char *s, size_t n) {
+    (void)j, (void)i, (void)s, (void)n;
+}
+
+static void completion_end(struct job *j) {
+    if (j->finish == FINISH_ERROR) openai_stream_error(j);
+    else completion_chunk(j, "", 0, openai_finish(j));
+    if (j->p.include_usage) openai_usage_chunk(j, "text_completion");
+    openai_stream_done(j);
+}
+
+static void completion_body(struct job *j, struct strbuf *b) {
+    strbuf_printf(b, "{\"id\":\"%s\",\"object\":\"text_completion\",\"created\":%ld,\"model\":", j->id, j->created);
+    put_str(b, j->model);
+    strbuf_puts(b, ",\"choices\":[{\"index\":0,\"text\":");
+    put_buf(b, &j->content);
+    strbuf_printf(b, ",\"logprobs\":null,\"finish_reason\":\"%s\"}],\"usage\":", openai_finish(j));
+    usage_openai(b, j);
+    strbuf_puts(b, "}");
+}
+
+static const struct dialect DIALECT_COMPLETIONS = {
+    completion_begin, completion_ignore_text, completion_content, completion_ignore_call,
+    completion_ignore_args, completion_ignore_call, completion_end, completion_body,
+};
+
+/* -- Anthropic Messages -- */
+
+/* Anthropic counts cached prompt tokens apart: input_tokens is only the part
+ * that was processed now, so input + cache_read is the whole prompt. */
+static void usage_anthropic(struct strbuf *b, const struct job *j) {
+    strbuf_printf(b, "{\"input_tokens\":%lld,\"output_tokens\":%d,\"cache_read_input_tokens\":%lld,"
+                     "\"cache_creation_input_tokens\":0}",
+                  (long long)j->n_prompt - (long long)j->n_cached, j->n_generated, (long long)j->n_cached);
+}
+
+static void anthropic_stop_reason(struct strbuf *b, const struct job *j) {
+    const char *reason = j->finish == FINISH_LENGTH ? "max_tokens"
+                       : j->finish == FINISH_TOOLS  ? "tool_use"
+                       : j->stop_hit                ? "stop_sequence"
+                                                    : "end_turn";
+    strbuf_printf(b, "\"stop_reason\":\"%s\",\"stop_sequence\":", reason);
+    if (j->stop_hit) put_str(b, j->stop_hit);
+    else strbuf_puts(b, "null");
+}
+
+static void anthropic_event(struct job *j, const char *event, const struct strbuf *b) {
+    sse_send(j->conn, event, b);
+}
+
+static void anthropic_begin(struct job *j) {
+    struct strbuf b = {0};
+    http_stream_begin(j->conn);
+    strbuf_printf(&b, "{\"type\":\"message_start\",\"message\":{\"id\":\"%s\",\"type\":\"message\","
+                      "\"role\":\"assistant\",\"model\":", j->id);
+    put_str(&b, j->model);
+    strbuf_puts(&b, ",\"content\":[],\"stop_reason\":null,\"stop_sequence\":null,\"usage\":");
+    usage_anthropic(&b, j);
+    strbuf_puts(&b, "}}");
+    anthropic_event(j, "message_start", &b);
+    strbuf_free(&b);
+}
+
+/* Close the open block. A thinking block gets its signature first; ours is
+ * the message id (there is nothing to verify, but clients expect one). */
+static void anthropic_close_block(struct job *j) {
+    struct strbuf b = {0};
+    if (j->block == BLOCK_NONE) return;
+    if (j->block == BLOCK_THINKING) {
+        strbuf_printf(&b, "{\"type\":\"content_block_delta\",\"index\":%d,\"delta\":{\"type\":\"signature_delta\","
+                          "\"signature\":\"%s\"}}", j->n_blocks - 1, j->id);
+        anthropic_event(j, "content_block_delta", &b);
+        b.len = 0;
+    }
+    strbuf_printf(&b, "{\"type\":\"content_block_stop\",\"index\":%d}", j->n_blocks - 1);
+    anthropic_event(j, "content_block_stop", &b);
+    j->block = BLOCK_NONE;
+    strbuf_free(&b);
+}
+
+/* Open a block of `kind` unless one is open already; `start` is its
+ * content_block object. */
+static void anthropic_open_block(struct job *j, enum block_kind kind, const char *start) {
+    struct strbuf b = {0};
+    if (j->block == kind && kind != BLOCK_TOOL) return;
+    anthropic_close_block(j);
+    strbuf_printf(&b, "{\"type\":\"content_block_start\",\"index\":%d,\"content_block\":%s}", j->n_blocks++, start);
+    anthropic_event(j, "content_block_start", &b);
+    j->block = kind;
+    strbuf_free(&b);
+}
+
+static void anthropic_delta(struct job *j, const char *type, const char *field, const char *s, size_t n) {
+    struct strbuf b = {0};
+    strbuf_printf(&b, "{\"type\":\"content_block_delta\",\"index\":%d,\"delta\":{\"type\":\"%s\",\"%s\":",
+                  j->n_blocks - 1, type, field);
+    json_write_string(&b, s, n);
+    strbuf_puts(&b, "}}");
+    anthropic_event(j, "content_block_delta", &b);
+    strbuf_free(&b);
+}
+
+static void anthropic_reasoning(struct job *j, const char *s, size_t n) {
+    anthropic_open_block(j, BLOCK_THINKING, "{\"type\":\"thinking\",\"thinking\":\"\",\"signature\":\"\"}");
+    anthropic_delta(j, "thinking_delta", "thinking", s, n);
+}
+
+static void anthropic_content(struct job *j, const char *s, size_t n) {
+    anthropic_open_block(j, BLOCK_TEXT, "{\"type\":\"text\",\"text\":\"\"}");
+    anthropic_delta(j, "text_delta", "text", s, n);
+}
+
+static void anthropic_call_start(struct job *j, size_t i) {
+    struct strbuf start = {0};
+    strbuf_printf(&start, "{\"type\":\"tool_use\",\"id\":\"%s\",\"name\":", j->calls[i].id);
+    put_str(&start, j->calls[i].name);
+    strbuf_puts(&start, ",\"input\":{}}");
+    anthropic_open_block(j, BLOCK_TOOL, start.data);
+    strbuf_free(&start);
+}
+
+static void anthropic_call_args(struct job *j, size_t i, const char *s, size_t n) {
+    (void)i;
+    anthropic_delta(j, "input_json_delta", "partial_json", s, n);
+}
+
+static void anthropic_call_end(struct job *j, size_t i) {
+    (void)i;
+    anthropic_close_block(j);
+}
+
+static void anthropic_end(struct job *j) {
+    struct strbuf b = {0};
+    if (j->finish == FINISH_ERROR) {
+        api_error_json(&b, API_MESSAGES, 500, j->error, NULL, NULL, NULL);
+        anthropic_event(j, "error", &b);
+    } else {
+        /* Reasoning alone would leave the client with no text block at all. */
+        if (j->content.len == 0 && j->n_calls == 0) anthropic_open_block(j, BLOCK_TEXT, "{\"type\":\"text\",\"text\":\"\"}");
+        anthropic_close_block(j);
+        strbuf_puts(&b, "{\"type\":\"message_delta\",\"delta\":{");
+        anthropic_stop_reason(&b, j);
+        strbuf_printf(&b, "},\"usage\":{\"output_tokens\":%d}}", j->n_generated);
+        anthropic_event(j, "message_delta", &b);
+        b.len = 0;
+        strbuf_puts(&b, "{\"type\":\"message_stop\"}");
+        anthropic_event(j, "message_stop", &b);
+    }
+    http_stream_end(j->conn);
+    strbuf_free(&b);
+}
+
+/* A tool_use block's "input" must be an object. Arguments the model wrote
+ * as broken JSON are passed on as {"arguments": "<the text>"}. */
+static void anthropic_input(struct strbuf *b, const struct strbuf *args) {
+    char err[8];
+    struct json *obj = json_parse(args->data ? args->data : "", args->len, JSON_DEPTH_CEILING, err, sizeof err);
+    if (json_is(obj, JSON_OBJECT)) {
+        json_write(b, obj);
+    } else {
+        strbuf_puts(b, "{\"arguments\":");
+        put_buf(b, args);
+        strbuf_puts(b, "}");
+    }
+    json_free(obj);
+}
+
+static void anthropic_body(struct job *j, struct strbuf *b) {
+    bool first = true;
+    strbuf_printf(b, "{\"id\":\"%s\",\"type\":\"message\",\"role\":\"assistant\",\"model\":", j->id);
+    put_str(b, j->model);
+    strbuf_puts(b, ",\"content\":[");
+    if (j->reasoning.len > 0) {
+        strbuf_puts(b, "{\"type\":\"thinking\",\"thinking\":");
+        put_buf(b, &j->reasoning);
+        strbuf_printf(b, ",\"signature\":\"%s\"}", j->id);
+        first = false;
+    }
+    if (j->content.len > 0 || j->n_calls == 0) {
+        strbuf_puts(b, first ? "{\"type\":\"text\",\"text\":" : ",{\"type\":\"text\",\"text\":");
+        put_buf(b, &j->content);
+        strbuf_puts(b, "}");
+        first = false;
+    }
+    for (size_t i = 0; i < j->n_calls; i++) {
+        strbuf_printf(b, "%s{\"type\":\"tool_use\",\"id\":\"%s\",\"name\":", first ? "" : ",", j->calls[i].id);
+        put_str(b, j->calls[i].name);
+        strbuf_puts(b, ",\"input\":");
+        anthropic_input(b, &j->calls[i].args);
+        strbuf_puts(b, "}");
+        first = false;
+    }
+    strbuf_puts(b, "],");
+    anthropic_stop_reason(b, j);
+    strbuf_puts(b, ",\"usage\":");
+    usage_anthropic(b, j);
+    strbuf_puts(b, "}");
+}
+
+static const struct dialect DIALECT_MESSAGES = {
+    anthropic_begin, anthropic_reasoning, anthropic_content, anthropic_call_start, anthropic_call_args,
+    anthropic_call_end, anthropic_end, anthropic_body,
+};
+
+/* -- OpenAI Responses -- */
+
+static void usage_responses(struct strbuf *b, const struct job *j) {
+    strbuf_printf(b, "{\"input_tokens\":%zu,\"input_tokens_details\":{\"cached_tokens\":%lld},"
+                     "\"output_tokens\":%d,\"output_tokens_details\":{\"reasoning_tokens\":%d},"
+                     "\"total_tokens\":%zu}",
+                  j->n_prompt, (long long)j->n_cached, j->n_generated, j->n_reasoning,
+                  j->n_prompt + (size_t)j->n_generated);
+}
+
+/* The output items, in the order the stream opened them: reasoning, the
+ * message, the calls. `status` is that of the message item. */
+static void responses_reasoning_item(struct strbuf *b, const struct job *j) {
+    strbuf_printf(b, "{\"id\":\"%s\",\"type\":\"reasoning\",\"summary\":[{\"type\":\"summary_text\",\"text\":",
+                  j->rs_id);
+    put_buf(b, &j->reasoning);
+    strbuf_puts(b, "}]}");
+}
+
+static void responses_message_item(struct strbuf *b, const struct job *j, const char *status) {
+    strbuf_printf(b, "{\"id\":\"%s\",\"type\":\"message\",\"status\":\"%s\",\"role\":\"assistant\","
+                     "\"content\":[{\"type\":\"output_text\",\"text\":", j->msg_id, status);
+    put_buf(b, &j->content);
+    strbuf_puts(b, ",\"annotations\":[]}]}");
+}
+
+static void responses_call_item(struct strbuf *b, const struct job_call *c, const char *status) {
+    strbuf_printf(b, "{\"id\":\"%s\",\"type\":\"function_call\",\"status\":\"%s\",\"call_id\":\"%s\",\"name\":",
+                  c->item_id, status, c->id);
+    put_str(b, c->name);
+    strbuf_puts(b, ",\"arguments\":");
+    put_buf(b, &c->args);
+    strbuf_puts(b, "}");
+}
+
+/* The response object: in_progress at the start, then completed,
+ * incomplete (the token limit) or failed. */
+static void responses_object(struct strbuf *b, const struct job *j, const char *status, bool with_output) {
+    strbuf_printf(b, "{\"id\":\"%s\",\"object\":\"response\",\"created_at\":%ld,\"status\":\"%s\",\"model\":",
+                  j->id, j->created, status);
+    put_str(b, j->model);
+    strbuf_puts(b, ",\"output\":[");
+    bool first = true;
+    if (with_output && j->reasoning.len > 0) {
+        responses_reasoning_item(b, j);
+        first = false;
+    }
+    if (with_output && j->content.len > 0) {
+        if (!first) strbuf_puts(b, ",");
+        responses_message_item(b, j, "completed");
+        first = false;
+    }
+    for (size_t i = 0; with_output && i < j->n_calls; i++) {
+        if (!first) strbuf_puts(b, ",");
+        responses_call_item(b, &j->calls[i], "completed");
+        first = false;
+    }
+    strbuf_puts(b, "],\"parallel_tool_calls\":true,\"tool_choice\":\"auto\",\"tools\":[],\"error\":");
+    if (strcmp(status, "failed") == 0) {
+        strbuf_puts(b, "{\"code\":\"server_error\",\"message\":");
+        put_str(b, j->error);
+        strbuf_puts(b, "}");
+    } else {
+        strbuf_puts(b, "null");
+    }
+    strbuf_puts(b, ",\"incomplete_details\":");
+    strbuf_puts(b, strcmp(status, "incomplete") == 0 ? "{\"reason\":\"max_output_tokens\"}" : "null");
+    strbuf_puts(b, ",\"usage\":");
+    if (with_output) usage_responses(b, j);
+    else strbuf_puts(b, "null");
+    strbuf_puts(b, "}");
+}
+
+/* Every event: {"type":T,"sequence_number":N, FIELDS}. */
+static void responses_event(struct job *j, const char *type, const char *fields) {
+    struct strbuf b = {0};
+    strbuf_printf(&b, "{\"type\":\"%s\",\"sequence_number\":%d,%s}", type, j->seq++, fields);
+    sse_send(j->conn, type, &b);
+    strbuf_free(&b);
+}
+
+/* output_item.added / .done around an item written by `item`. */
+static void responses_item_event(struct job *j, const char *type, int index, const struct strbuf *item) {
+    struct strbuf f = {0};
+    strbuf_printf(&f, "\"output_index\":%d,\"item\":%s", index, item->data);
+    responses_event(j, type, f.data);
+    strbuf_free(&f);
+}
+
+static void responses_begin(struct job *j) {
+    struct strbuf f = {0};
+    http_stream_begin(j->conn);
+    strbuf_puts(&f, "\"response\":");
+    responses_object(&f, j, "in_progress", false);
+    responses_event(j, "response.created", f.data);
+    responses_event(j, "response.in_progress", f.data);
+    strbuf_free(&f);
+}
+
+static void responses_close_reasoning(struct job *j) {
+    struct strbuf f = {0}, item = {0};
+    if (j->rs_index < 0) return;
+    strbuf_printf(&f, "\"item_id\":\"%s\",\"output_index\":%d,\"summary_index\":0,\"text\":", j->rs_id, j->rs_index);
+    put_buf(&f, &j->reasoning);
+    responses_event(j, "response.reasoning_summary_text.done", f.data);
+    f.len = 0;
+    strbuf_printf(&f, "\"item_id\":\"%s\",\"output_index\":%d,\"summary_index\":0,"
+                      "\"part\":{\"type\":\"summary_text\",\"text\":", j->rs_id, j->rs_index);
+    put_buf(&f, &j->reasoning);
+    strbuf_puts(&f, "}");
+    responses_event(j, "response.reasoning_summary_part.done", f.data);
+    responses_reasoning_item(&item, j);
+    responses_item_event(j, "response.output_item.done", j->rs_index, &item);
+    j->rs_index = -1;
+    strbuf_free(&f);
+    strbuf_free(&item);
+}
+
+static void responses_close_message(struct job *j) {
+    struct strbuf f = {0}, item = {0};
+    if (j->msg_index < 0) return;
+    strbuf_printf(&f, "\"item_id\":\"%s\",\"output_index\":%d,\"content_index\":0,\"text\":", j->msg_id,
+                  j->msg_index);
+    put_buf(&f, &j->content);
+    responses_event(j, "response.output_text.done", f.data);
+    f.len = 0;
+    strbuf_printf(&f, "\"item_id\":\"%s\",\"output_index\":%d,\"content_index\":0,"
+                      "\"part\":{\"type\":\"output_text\",\"text\":", j->msg_id, j->msg_index);
+    put_buf(&f, &j->content);
+    strbuf_puts(&f, ",\"annotations\":[]}");
+    responses_event(j, "response.content_part.done", f.data);
+    responses_message_item(&item, j, "completed");
+    responses_item_event(j, "response.output_item.done", j->msg_index, &item);
+    j->msg_index = -1;
+    strbuf_free(&f);
+    strbuf_free(&item);
+}
+
+static void responses_reasoning(struct job *j, const char *s, size_t n) {
+    struct strbuf f = {0};
+    if (j->rs_index < 0) {
+        j->rs_index = j->n_items++;
+        strbuf_printf(&f, "{\"id\":\"%s\",\"type\":\"reasoning\",\"summary\":[]}", j->rs_id);
+        responses_item_event(j, "response.output_item.added", j->rs_index, &f);
+        f.len = 0;
+        strbuf_printf(&f, "\"item_id\":\"%s\",\"output_index\":%d,\"summary_index\":0,"
+                          "\"part\":{\"type\":\"summary_text\",\"text\":\"\"}", j->rs_id, j->rs_index);
+        responses_event(j, "response.reasoning_summary_part.added", f.data);
+        f.len = 0;
+    }
+    strbuf_printf(&f, "\"item_id\":\"%s\",\"output_index\":%d,\"summary_index\":0,\"delta\":", j->rs_id, j->rs_index);
+    json_write_string(&f, s, n);
+    responses_event(j, "response.reasoning_summary_text.delta", f.data);
+    strbuf_free(&f);
+}
+
+static void responses_content(struct job *j, const char *s, size_t n) {
+    struct strbuf f = {0};
+    responses_close_reasoning(j);
+    if (j->msg_index < 0) {
+        j->msg_index = j->n_items++;
+        strbuf_printf(&f, "{\"id\":\"%s\",\"type\":\"message\",\"status\":\"in_progress\",\"role\":\"assistant\","
+                          "\"content\":[]}", j->msg_id);
+        responses_item_event(j, "response.output_item.added", j->msg_index, &f);
+        f.len = 0;
+        strbuf_printf(&f, "\"item_id\":\"%s\",\"output_index\":%d,\"content_index\":0,"
+                          "\"part\":{\"type\":\"output_text\",\"text\":\"\",\"annotations\":[]}", j->msg_id,
+                      j->msg_index);
+        responses_event(j, "response.content_part.added", f.data);
+        f.len = 0;
+    }
+    strbuf_printf(&f, "\"item_id\":\"%s\",\"output_index\":%d,\"content_index\":0,\"delta\":", j->msg_id,
+                  j->msg_index);
+    json_write_string(&f, s, n);
+    responses_event(j, "response.output_text.delta", f.data);
+    strbuf_free(&f);
+}
+
+static void responses_call_start(struct job *j, size_t i) {
+    struct strbuf item = {0};
+    responses_close_reasoning(j);
+    responses_close_message(j);
+    j->calls[i].out_index = j->n_items++;
+    responses_call_item(&item, &j->calls[i], "in_progress");
+    responses_item_event(j, "response.output_item.added", j->calls[i].out_index, &item);
+    strbuf_free(&item);
+}
+
+/* Codex reads the arguments from output_item.done, so they go out whole,
+ * in one delta, once the call is complete [dsv4-format §7.6]. */
+static void responses_call_end(struct job *j, size_t i) {
+    struct job_call *c = &j->calls[i];
+    struct strbuf f = {0}, item = {0};
+    strbuf_printf(&f, "\"item_id\":\"%s\",\"output_index\":%d,\"delta\":", c->item_id, c->out_index);
+    put_buf(&f, &c->args);
+    responses_event(j, "response.function_call_arguments.delta", f.data);
+    f.len = 0;
+    strbuf_printf(&f, "\"item_id\":\"%s\",\"output_index\":%d,\"arguments\":", c->item_id, c->out_index);
+    put_buf(&f, &c->args);
+    responses_event(j, "response.function_call_arguments.done", f.data);
+    responses_call_item(&item, c, "completed");
+    responses_item_event(j, "response.output_item.done", c->out_index, &item);
+    strbuf_free(&f);
+    strbuf_free(&item);
+}
+
+static void responses_end(struct job *j) {
+    struct strbuf f = {0};
+    const char *status = j->finish == FINISH_ERROR ? "failed" : j->finish == FINISH_LENGTH ? "incomplete" : "completed";
+    responses_close_reasoning(j);
+    responses_close_message(j);
+    strbuf_puts(&f, "\"response\":");
+    responses_object(&f, j, status, true);
+    char type[40];
+    snprintf(type, sizeof type, "response.%s", status);
+    responses_event(j, type, f.data);
+    http_stream_end(j->conn);
+    strbuf_free(&f);
+}
+
+static void responses_body(struct job *j, struct strbuf *b) {
+    responses_object(b, j, j->finish == FINISH_LENGTH ? "incomplete" : "completed", true);
+}
+
+static const struct dialect DIALECT_RESPONSES = {
+    responses_begin, responses_reasoning, responses_content, responses_call_start, completion_ignore_args,
+    responses_call_end, responses_end, responses_body,
+};
+
+static const struct dialect *dialect_of(enum api_kind api) {
+    switch (api) {
+    case API_COMPLETIONS: return &DIALECT_COMPLETIONS;
+    case API_MESSAGES:    return &DIALECT_MESSAGES;
+    case API_RESPONSES:   return &DIALECT_RESPONSES;
+    default:              return &DIALECT_CHAT;
+    }
+}
+
+/* ---- 12.10 The worker: prefix reuse, prefill, decode, DSML, stop strings ---- */
+
+/* PREFIX REUSE. The session holds the tokens `fed`, in order: the last
+ * prompt and the reply sampled after it. An agent's next request is
+ * normally that same text plus a tool result or a user message, so its
+ * tokens start with `fed`, and only the new tail needs a forward pass:
+ *
+ *     fed      [ prompt 1 ............ | reply 1 ....... ]
+ *     prompt 2 [ prompt 1 ............ | reply 1 ....... | tool result ... ]
+ *                 reused: reported as cached tokens        prefilled
+ *
+ * The session cannot forget tokens, so if the new prompt leaves `fed`
+ * anywhere before its end, the session starts over. Reply tokens are fed
+ * too (each sampled token must go through the model anyway to get the next
+ * one), except EOS, which the next prompt renders in the same place. */
+
+static void worker_remember(struct server *srv, int32_t id) {
+    if (srv->n_fed == srv->cap_fed) {
+        srv->cap_fed = srv->cap_fed ? 2 * srv->cap_fed : 4096;
+        srv->fed = xrealloc(srv->fed, (size_t)srv->cap_fed * sizeof(int32_t));
+    }
+    srv->fed[srv->n_fed++] = id;
+}
+
+static void worker_reset_session(struct server *srv) {
+    session_free(&srv->s);
+    session_init(&srv->s, srv->eng);
+    srv->n_fed = 0;
+}
+
+/* How many leading prompt tokens the session already holds (after a reset
+ * when it holds anything else). */
+static int64_t worker_reuse(struct server *srv, const int32_t *ids, size_t n) {
+    int64_t same = 0;
+    while (same < (int64_t)n && same < srv->n_fed && srv->fed[same] == ids[same]) same++;
+    if (same < srv->n_fed) {
+        worker_reset_session(srv);
+        same = 0;
+    }
+    return same;
+}
+
+/* Should the job stop now? The server is stopping, or the client left: a
+ * write failed, or its socket reads end-of-stream. One non-blocking peek
+ * per token costs about a microsecond. */
+static bool job_abandoned(struct server *srv, struct job *j) {
+    if (atomic_load(&srv->stopping) || j->conn->gone || atomic_load(&j->cancelled)) return true;
+    if (srv_peer_closed(j->conn->fd)) {
+        j->conn->gone = true;
+        return true;
+    }
+    return false;
+}
+
+/* -- Content, with stop strings -- */
+
+static void job_emit_content(struct job *j, const char *s, size_t n) {
+    if (n == 0) return;
+    strbuf_append(&j->content, s, n);
+    if (j->p.stream) dialect_of(j->api)->content(j, s, n);
+}
+
+/* STOP STRINGS. The client must never see a stop string, nor anything after
+ * it, yet a stop string can arrive split over several tokens. So content is
+ * held back while it could still be the start of one: the last
+ * (longest stop - 1) bytes, moved back to a character boundary so no UTF-8
+ * sequence is split. When a stop string appears, the text before it goes
+ * out and the reply ends. */
+static void job_content(struct job *j, const char *s, size_t n) {
+    if (j->stop_hit) return;
+    if (j->p.n_stops == 0) {
+        job_emit_content(j, s, n);
+        return;
+    }
+    strbuf_append(&j->held, s, n);
+    size_t best = SIZE_MAX, longest = 0;
+    for (int k = 0; k < j->p.n_stops; k++) {
+        const char *at = memmem(j->held.data, j->held.len, j->p.stops[k], j->p.stop_lens[k]);
+        if (at && (size_t)(at - j->held.data) < best) {
+            best = (size_t)(at - j->held.data);
+            j->stop_hit = j->p.stops[k];
+        }
+        if (j->p.stop_lens[k] > longest) longest = j->p.stop_lens[k];
+    }
+    if (j->stop_hit) {
+        job_emit_content(j, j->held.data, best);
+        j->held.len = 0;
+        return;
+    }
+    size_t keep = longest - 1 < j->held.len ? longest - 1 : j->held.len;
+    size_t cut = j->held.len - keep;
+    while (cut > 0 && cut < j->held.len && ((unsigned char)j->held.data[cut] & 0xC0) == 0x80) cut--;
+    job_emit_content(j, j->held.data, cut);
+    memmove(j->held.data, j->held.data + cut, j->held.len - cut);
+    j->held.len -= cut;
+}
+
+/* -- Tool calls -- */
+
+static void job_call_args(struct job *j, size_t i, const char *s, size_t n) {
+    if (n == 0) return;
+    strbuf_append(&j->calls[i].args, s, n);
+    if (j->p.stream) dialect_of(j->api)->call_args(j, i, s, n);
+}
+
+static void job_call_start(struct job *j, const char *name) {
+    if (j->n_calls == j->cap_calls) {
+        j->cap_calls = j->cap_calls ? 2 * j->cap_calls : 4;
+        j->calls = xrealloc(j->calls, j->cap_calls * sizeof *j->calls);
+    }
+    struct job_call *c = &j->calls[j->n_calls++];
+    memset(c, 0, sizeof *c);
+    random_id(c->id, sizeof c->id, j->api == API_MESSAGES ? "toolu_" : "call_");
+    random_id(c->item_id, sizeof c->item_id, "fc_");
+    c->name = srv_strndup(name, strlen(name));
+    j->args_sent = 0;
+    if (j->p.stream) dialect_of(j->api)->call_start(j, j->n_calls - 1);
+}
+
+/* Arguments grow one parameter at a time inside the parser (dsml.args,
+ * "{"KEY": VALUE, ..."); whatever is new since the last look goes out as
+ * an argument delta, so a client sees a long file argument arrive in
+ * pieces rather than all at the end. */
+static void job_stream_open_args(struct job *j) {
+    const struct dsml_parser *p = &j->dsml;
+    if (!p->call_name || j->n_calls == 0 || p->args.len <= j->args_sent) return;
+    job_call_args(j, j->n_calls - 1, p->args.data + j->args_sent, p->args.len - j->args_sent);
+    j->args_sent = p->args.len;
+}
+
+/* The DSML parser's events (6.9), routed to the job and its dialect. */
+static void job_on_dsml(void *user, const struct dsml_event *ev) {
+    struct job *j = user;
+    switch (ev->kind) {
+    case DSML_EV_REASONING:
+        strbuf_append(&j->reasoning, ev->text, ev->len);
+        if (j->p.stream) dialect_of(j->api)->reasoning(j, ev->text, ev->len);
+        break;
+    case DSML_EV_CONTENT:
+        job_content(j, ev->text, ev->len);
+        break;
+    case DSML_EV_CALL_START:
+        if (!j->stop_hit) job_call_start(j, ev->name);
+        break;
+    case DSML_EV_CALL:
+        if (j->stop_hit || j->n_calls == 0) break;
+        job_call_args(j, j->n_calls - 1, ev->arguments + j->args_sent, strlen(ev->arguments) - j->args_sent);
+        j->args_sent = 0;
+        if (j->p.stream) dialect_of(j->api)->call_end(j, j->n_calls - 1);
+        break;
+    }
+}
+
+/* One sampled token: its text through the streaming decoder (whole
+ * characters only) into the DSML parser, whose events do the rest. */
+static void job_push_token(struct server *srv, struct job *j, int32_t id) {
+    struct strbuf piece = {0};
+    token_stream_push(srv->tok, &j->ts, id, &piece);
+    if (piece.len > 0) {
+        strbuf_append(&j->raw, piece.data, piece.len);
+        dsml_parser_feed(&j->dsml, piece.data, piece.len);
+        job_stream_open_args(j);
+    }
+    strbuf_free(&piece);
+}
+
+/* The end of the output: release held bytes and settle the parser. */
+static void job_flush_output(struct job *j) {
+    struct strbuf rest = {0};
+    token_stream_flush(&j->ts, &rest);
+    if (rest.len > 0) {
+        strbuf_append(&j->raw, rest.data, rest.len);
+        dsml_parser_feed(&j->dsml, rest.data, rest.len);
+    }
+    dsml_parser_finish(&j->dsml);
+    if (!j->stop_hit) job_emit_content(j, j->held.data, j->held.len);
+    j->held.len = 0;
+    strbuf_free(&rest);
+}
+
+/* Remember the exact tool block the model wrote, under its calls' ids (12.6). */
+static void job_remember_calls(struct server *srv, struct job *j) {
+    unsigned bad = DSML_MALFORMED | DSML_UNTERMINATED | DSML_CALL_IN_THINKING | DSML_DUPLICATE_PARAM;
+    if (j->n_calls == 0 || (j->dsml.flags & bad) || j->finish != FINISH_TOOLS || !j->raw.data) return;
+    const char *start = memmem(j->raw.data, j->raw.len, DSML_BLOCK, strlen(DSML_BLOCK));
+    const char *close = start ? memmem(start, j->raw.len - (size_t)(start - j->raw.data), DSML_BLOCK_CLOSE,
+                                       strlen(DSML_BLOCK_CLOSE)) : NULL;
+    if (!close) return;
+    if (start - j->raw.data >= 2 && start[-1] == '\n' && start[-2] == '\n') start -= 2;
+    struct strbuf ids = {0};
+    for (size_t i = 0; i < j->n_calls; i++) {
+        strbuf_puts(&ids, j->calls[i].id);
+        strbuf_puts(&ids, "\n");
+    }
+    tool_memory_put(&srv->mem, j->calls[0].id, ids.data, start,
+                    (size_t)(close + strlen(DSML_BLOCK_CLOSE) - start));
+    strbuf_free(&ids);
+}
+
+/* -- Prefill and decode -- */
+
+/* Feed prompt[from..n) in chunks. Streaming clients get an SSE comment
+ * every SERVER_KEEPALIVE_S (proxies and clients drop silent streams); a
+ * long prefill prints its progress on stderr about once a second. */
+static bool worker_prefill(struct server *srv, struct job *j, int64_t from, struct ds4_error *e) {
+    int64_t n = (int64_t)j->n_prompt - from;
+    int chunk = srv->opt->chunk;
+    bool report = n >= SERVER_PROGRESS_MIN_TOKENS;
+    double t0 = now_seconds(), last_report = t0;
+    j->last_keepalive = t0;
+    for (int64_t done = 0; done < n; done += chunk) {
+        int T = (int)(n - done < chunk ? n - done : chunk);
+        if (job_abandoned(srv, j)) return false;
+        if (!session_forward(&srv->s, j->prompt + from + done, T, NULL, e)) return false;
+        for (int t = 0; t < T; t++) worker_remember(srv, j->prompt[from + done + t]);
+        double now = now_seconds();
+        if (j->p.stream && now - j->last_keepalive >= SERVER_KEEPALIVE_S) {
+            http_chunk(j->conn, ": prefill\n\n", 11);
+            j->last_keepalive = now;
+        }
+        if (report && (now - last_report >= 1.0 || done + T == n)) {
+            fprintf(stderr, "ds4-server: prefill %lld/%lld tokens (%.0f%%), %.1f tokens/s\n",
+                    (long long)(done + T), (long long)n, 100.0 * (double)(done + T) / (double)n,
+                    (double)(done + T) / (now - t0 + 1e-9));
+            last_report = now;
+        }
+    }
+    return true;
+}
+
+/* The decode loop. Each step: choose a token (scripted or sampled), stop at
+ * EOS, hand its text to the parser, run it through the model, and stop
+ * after a stop string or a closed tool block (the model would write EOS
+ * next; the next prompt renders it). */
+static bool worker_decode(struct server *srv, struct job *j, struct ds4_error *e) {
+    const struct script_rule *rule = srv->script.n ? test_script_find(&srv->script, j->prompt_text) : NULL;
+    int V = srv->eng->model->cfg.vocab;
+    int32_t eos = srv->tok->sp.eos;
+    j->finish = FINISH_LENGTH;
+    for (int i = 0; i < j->max_tokens; i++) {
+        if (job_abandoned(srv, j)) {
+            j->finish = FINISH_CANCELLED;
+            return true;
+        }
+        int32_t id = !rule ? sample_token(&srv->sp, srv->s.logits, V) : (size_t)i < rule->n_ids ? rule->ids[i] : eos;
+        if (id == eos) {
+            j->finish = FINISH_STOP;
+            return true;
+        }
+        bool thinking = j->dsml.state == DSML_REASONING;
+        j->n_generated++;
+        j->n_reasoning += thinking;
+        job_push_token(srv, j, id);
+        if (!session_forward(&srv->s, &id, 1, NULL, e)) return false;
+        worker_remember(srv, id);
+        if (j->stop_hit || j->dsml.state == DSML_AFTER_TOOLS || j->dsml.state == DSML_DONE) {
+            j->finish = FINISH_STOP;
+            return true;
+        }
+    }
+    return true;
+}
+
+static uint64_t random_seed(void) {
+    char hex[40];
+    random_id(hex, sizeof hex, "");
+    return strtoull(hex + 16, NULL, 16);
+}
+
+/* One job, from the worker's side: the whole life of a reply. */
+static void worker_run(struct server *srv, struct job *j) {
+    const struct dialect *d = dialect_of(j->api);
+    struct ds4_error e = {""};
+    j->t_started = now_seconds();
+    srv->sp.opt = j->p.sampling;
+    srv->sp.state = j->p.seeded ? j->p.sampling.seed : random_seed();
+    dsml_parser_init(&j->dsml, j->p.mode != CHAT_MODE_CHAT, job_on_dsml, j);
+    j->rs_index = j->msg_index = -1;
+    random_id(j->rs_id, sizeof j->rs_id, "rs_");
+    random_id(j->msg_id, sizeof j->msg_id, "msg_");
+
+    j->n_cached = worker_reuse(srv, j->prompt, j->n_prompt);
+    if (j->p.stream) d->begin(j);
+    bool ok = worker_prefill(srv, j, j->n_cached, &e);
+    j->t_prefilled = now_seconds();
+    if (ok) ok = worker_decode(srv, j, &e);
+    else if (!e.msg[0]) j->finish = FINISH_CANCELLED;
+    if (!ok && e.msg[0]) {                     /* the engine failed: the session is suspect */
+        snprintf(j->error, sizeof j->error, "generation failed: %.200s", e.msg);
+        j->finish = FINISH_ERROR;
+        worker_reset_session(srv);
+    }
+    job_flush_output(j);
+    if (j->finish == FINISH_STOP && j->n_calls > 0) j->finish = FINISH_TOOLS;
+    j->t_finished = now_seconds();
+
+    if (j->finish == FINISH_CANCELLED) {
+        if (j->p.stream) http_stream_end(j->conn);
+    } else if (j->p.stream) {
+        d->end(j);
+    } else if (j->finish == FINISH_ERROR) {
+        http_error(j->conn, 500, j->error);
+    } else {
+        struct strbuf body = {0};
+        d->body(j, &body);
+        http_respond_json(j->conn, 200, &body);
+        strbuf_free(&body);
+    }
+    if (!srv->opt->no_exact_replay) job_remember_calls(srv, j);
+}
+
+static void *worker_main(void *arg) {
+    struct server *srv = arg;
+    struct job *j;
+    while ((j = job_take(srv)) != NULL) {
+        worker_run(srv, j);
+        job_finish(srv, j);
+    }
+    return NULL;
+}
+
+/* ---- 12.11 Handlers and routing -------------------------------------------- */
+
+static void srv_log(struct server *srv, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+/* One line per request in --log FILE: UTC time, then the caller's text. */
+static void srv_log(struct server *srv, const char *fmt, ...) {
+    if (!srv->log) return;
+    char stamp[32];
+    time_t t = time(NULL);
+    struct tm tm;
+    gmtime_r(&t, &tm);
+    strftime(stamp, sizeof stamp, "%Y-%m-%dT%H:%M:%SZ", &tm);
+    va_list ap;
+    va_start(ap, fmt);
+    pthread_mutex_lock(&srv->log_lock);
+    fprintf(srv->log, "%s ", stamp);
+    vfprintf(srv->log, fmt, ap);
+    fputc('\n', srv->log);
+    fflush(srv->log);
+    pthread_mutex_unlock(&srv->log_lock);
+    va_end(ap);
+}
+
+/* The dialect's request, as canonical messages and tools (12.5). */
+static bool job_read_request(struct job *j, const struct json *req, struct conv *cv, struct strbuf *tools,
+                             struct ds4_error *e) {
+    if (!read_gen_params(req, j->api, &j->p, e) || !read_tools(req, j->api, tools, e)) return false;
+    bool ok = j->api == API_CHAT        ? conv_from_chat(cv, req, e)
+            : j->api == API_MESSAGES    ? conv_from_messages(cv, req, e)
+            : j->api == API_RESPONSES   ? conv_from_responses(cv, req, e)
+                                        : conv_from_completions(cv, req, e);
+    if (!ok) return false;
+    conv_finish(cv);
+    j->p.tools_on = tools->len > 0 && !tool_choice_none(req);
+    return true;
+}
+
+/* Canonical messages -> prompt text (chat template, exact replay) -> tokens.
+ * Reasoning of earlier turns is kept whenever the history holds tool calls
+ * or results, as the template itself does when tools are given [§4.4]. */
+static bool job_render(struct server *srv, struct job *j, const struct conv *cv, const struct strbuf *tools,
+                       struct ds4_error *e) {
+    char err[256] = "";
+    struct json *msgs = json_parse(cv->out.data, cv->out.len, JSON_DEPTH_CEILING, err, sizeof err);
+    struct json *tl = j->p.tools_on ? json_parse(tools->data, tools->len, JSON_DEPTH_CEILING, err, sizeof err) : NULL;
+    struct chat_options co = {.mode = j->p.mode, .context_tokens = (uint64_t)srv->opt->ctx,
+                              .keep_reasoning = cv->tool_context};
+    struct strbuf prompt = {0};
+    bool ok = msgs && (!j->p.tools_on || tl) && chat_render(msgs, tl, &co, &prompt, err, sizeof err) == 0;
+    if (ok && !srv->opt->no_exact_replay) replay_tool_calls(&srv->mem, msgs, &prompt);
+    if (ok) tokenize(srv->tok, prompt.data, prompt.len, true, &j->prompt, &j->n_prompt);
+    if (!ok) fail(e, "cannot render the conversation: %s", err);
+    j->prompt_text = prompt.data;
+    json_free(msgs);
+    json_free(tl);
+    return ok;
+}
+
+/* Limits: the prompt must leave room in the context, and the reply gets
+ * what the client asked for, at most --max-tokens-cap and the room left. */
+static bool job_check_context(struct conn *c, struct job *j) {
+    const struct server_options *o = c->opt;
+    if (j->n_prompt >= (size_t)o->ctx) {
+        char msg[200], extra[80];
+        snprintf(msg, sizeof msg, "the prompt has %zu tokens, the context holds %d", j->n_prompt, o->ctx);
+        snprintf(extra, sizeof extra, ",\"n_prompt_tokens\":%zu,\"n_ctx\":%d", j->n_prompt, o->ctx);
+        const char *param = j->api == API_COMPLETIONS ? "prompt" : j->api == API_RESPONSES ? "input" : "messages";
+        http_error_full(c, 400, msg, param, "context_length_exceeded", extra);
+        return false;
+    }
+    int room = o->ctx - (int)j->n_prompt, want = j->p.max_tokens > 0 ? j->p.max_tokens : o->max_tokens_cap;
+    j->max_tokens = want < o->max_tokens_cap ? want : o->max_tokens_cap;
+    if (j->max_tokens > room) j->max_tokens = room;
+    return true;
+}
+
+static void job_ids(struct job *j, const struct server_options *o) {
+    static const char *const prefix[] = {"chatcmpl-", "cmpl-", "msg_", "resp_"};
+    random_id(j->id, sizeof j->id, prefix[j->api]);
+    j->created = (long)time(NULL);
+    j->model = j->p.model ? j->p.model : o->model_name;
+}
+
+/* POST /v1/chat/completions, /v1/completions, /v1/messages, /v1/responses:
+ * parse, render, queue, wait. The worker writes the reply. */
+static void handle_generate(struct conn *c, struct http_request *r, char *note, size_t note_cap) {
+    struct server *srv = c->srv;
+    struct ds4_error e = {""};
+    char err[200] = "";
+    struct json *req = json_parse(r->body, r->body_len, SERVER_JSON_DEPTH, err, sizeof err);
+    if (!json_is(req, JSON_OBJECT)) {
+        if (req) snprintf(err, sizeof err, "the request body must be a JSON object");
+        snprintf(e.msg, sizeof e.msg, "invalid request body: %s", err);
+        http_error(c, 400, e.msg);
+        json_free(req);
+        return;
+    }
+    struct job *j = xcalloc(1, sizeof *j);
+    struct conv cv = {0};
+    struct strbuf tools = {0};
+    j->conn = c;
+    j->api = c->api;
+    bool ok = job_read_request(j, req, &cv, &tools, &e) && job_render(srv, j, &cv, &tools, &e);
+    if (!ok) http_error(c, 400, e.msg);
+    if (ok) ok = job_check_context(c, j);
+    if (ok) {
+        job_ids(j, c->opt);
+        if (!job_submit(srv, j)) http_error(c, 503, "the server is shutting down");
+        else job_wait(srv, j);
+        static const char *const finish[] = {"stop", "length", "tool_calls", "error", "cancelled"};
+        snprintf(note, note_cap, "prompt=%zu cached=%lld gen=%d finish=%s queue=%.3fs prefill=%.3fs decode=%.3fs",
+                 j->n_prompt, (long long)j->n_cached, j->n_generated, finish[j->finish],
+                 j->started ? j->t_started - j->t_queued : 0, j->started ? j->t_prefilled - j->t_started : 0,
+                 j->started ? j->t_finished - j->t_prefilled : 0);
+    }
+    conv_free(&cv);
+    strbuf_free(&tools);
+    job_free(j);
+    json_free(req);
+}
+
+/* POST /v1/messages/count_tokens: the prompt's size, no generation. */
+static void handle_count_tokens(struct conn *c, struct http_request *r, char *note, size_t note_cap) {
+    struct ds4_error e = {""};
+    char err[200] = "";
+    struct json *req = json_parse(r->body, r->body_len, SERVER_JSON_DEPTH, err, sizeof err);
+    struct job *j = xcalloc(1, sizeof *j);
+    struct conv cv = {0};
+    struct strbuf tools = {0}, body = {0};
+    j->api = API_MESSAGES;
+    bool ok = json_is(req, JSON_OBJECT);
+    if (!ok) snprintf(e.msg, sizeof e.msg, "invalid request body: %s", req ? "not a JSON object" : err);
+    ok = ok && job_read_request(j, req, &cv, &tools, &e) && job_render(c->srv, j, &cv, &tools, &e);
+    if (ok) {
+        strbuf_printf(&body, "{\"input_tokens\":%zu}", j->n_prompt);
+        http_respond_json(c, 200, &body);
+        snprintf(note, note_cap, "prompt=%zu", j->n_prompt);
+    } else {
+        http_error(c, 400, e.msg);
+    }
+    conv_free(&cv);
+    strbuf_free(&tools);
+    strbuf_free(&body);
+    job_free(j);
+    json_free(req);
+}
+
+/* The model object [dsv4-format §7.1]. */
+static void model_object(struct strbuf *b, const struct server_options *o, const char *id) {
+    strbuf_puts(b, "{\"id\":");
+    put_str(b, id);
+    strbuf_puts(b, ",\"object\":\"model\",\"type\":\"model\",\"created\":0,\"owned_by\":\"ds4.c\",\"name\":");
+    put_str(b, id);
+    strbuf_puts(b, ",\"display_name\":");
+    put_str(b, id);
+    strbuf_printf(b, ",\"created_at\":\"1970-01-01T00:00:00Z\",\"context_length\":%d,\"top_provider\":"
+                     "{\"context_length\":%d,\"max_completion_tokens\":%d,\"is_moderated\":false},"
+                     "\"supported_parameters\":[\"max_tokens\",\"temperature\",\"top_p\",\"top_k\",\"min_p\","
+                     "\"seed\",\"stop\",\"tools\",\"tool_choice\",\"reasoning\",\"include_reasoning\"]}",
+                  o->ctx, o->ctx, o->max_tokens_cap);
+}
+
+static bool model_known(const struct server_options *o, const char *id) {
+    return strcmp(id, o->model_name) == 0 || strcmp(id, "deepseek-chat") == 0 ||
+           strcmp(id, "deepseek-reasoner") == 0;
+}
+
+static void handle_models(struct conn *c, struct http_request *r, char *note, size_t note_cap) {
+    struct strbuf b = {0};
+    const char *id = r->path + strlen("/v1/models");
+    (void)note, (void)note_cap;
+    if (*id == '\0') {
+        strbuf_puts(&b, "{\"object\":\"list\",\"data\":[");
+        model_object(&b, c->opt, c->opt->model_name);
+        strbuf_puts(&b, "],\"has_more\":false}");
+        http_respond_json(c, 200, &b);
+    } else if (model_known(c->opt, id + 1)) {
+        model_object(&b, c->opt, id + 1);
+        http_respond_json(c, 200, &b);
+    } else {
+        http_error_full(c, 404, "no such model", "model", "model_not_found", NULL);
+    }
+    strbuf_free(&b);
+}
+
+static void handle_health(struct conn *c, struct http_request *r, char *note, size_t note_cap) {
+    static const char ok[] = "{\"status\":\"ok\"}";
+    (void)r, (void)note, (void)note_cap;
+    http_respond(c, 200, "application/json", ok, sizeof ok - 1, NULL);
+}
+
+/* The routes. A path ending in '/' matches any path it starts (a model id
+ * follows /v1/models/). */
+struct route {
+    const char *method, *path;
+    enum api_kind api;
+    bool open;                  /* no API key needed */
+    void (*handle)(struct conn *c, struct http_request *r, char *note, size_t note_cap);
+};
+
+static const struct route ROUTES[] = {
+    {"GET",  "/health",                   API_NONE,        true,  handle_health},
+    {"GET",  "/v1/models",                API_NONE,        false, handle_models},
+    {"GET",  "/v1/models/",               API_NONE,        false, handle_models},
+    {"POST", "/v1/chat/completions",      API_CHAT,        false, handle_generate},
+    {"POST", "/v1/completions",           API_COMPLETIONS, false, handle_generate},
+    {"POST", "/v1/messages",              API_MESSAGES,    false, handle_generate},
+    {"POST", "/v1/messages/count_tokens", API_MESSAGES,    false, handle_count_tokens},
+    {"POST", "/v1/responses",             API_RESPONSES,   false, handle_generate},
+};
+
+static bool route_matches(const struct route *rt, const char *path) {
+    size_t n = strlen(rt->path);
+    if (rt->path[n - 1] == '/') return strncmp(path, rt->path, n) == 0 && path[n] != '\0' && !strchr(path + n, '/');
+    return strcmp(path, rt->path) == 0;
+}
+
+/* Compare secrets in time independent of where they differ. */
+static bool secret_equal(const char *a, const char *b) {
+    size_t na = strlen(a), nb = strlen(b);
+    unsigned char diff = na != nb;
+    for (size_t i = 0; i < na && i < nb; i++) diff |= (unsigned char)(a[i] ^ b[i]);
+    return diff == 0;
+}
+
+/* --api-key: "Authorization: Bearer KEY" (OpenAI) or "x-api-key: KEY" (Anthropic). */
+static bool auth_ok(const struct server_options *o, const struct http_request *r) {
+    if (!o->api_key) return true;
+    if (r->api_key[0] && secret_equal(r->api_key, o->api_key)) return true;
+    return strncasecmp(r->authorization, "Bearer ", 7) == 0 && secret_equal(r->authorization + 7, o->api_key);
+}
+
+/* Dispatch one parsed head: CORS preflight, route, key, body, handler. */
+static void conn_route(struct conn *c, struct http_request *r, char *note, size_t note_cap) {
+    const struct route *found = NULL;
+    bool path_known = false;
+    for (size_t i = 0; i < sizeof ROUTES / sizeof ROUTES[0]; i++) {
+        if (!route_matches(&ROUTES[i], r->path)) continue;
+        path_known = true;
+        c->api = ROUTES[i].api;
+        if (strcmp(r->method, ROUTES[i].method) == 0) found = &ROUTES[i];
+    }
+    if (c->api == API_NONE) c->api = strncmp(r->path, "/v1/messages", 12) == 0 ? API_MESSAGES : API_CHAT;
+    if (strcmp(r->method, "OPTIONS") == 0) {
+        http_respond(c, 204, NULL, "", 0, NULL);
+        return;
+    }
+    if (!path_known) {
+        http_error(c, 404, "unknown endpoint");
+        return;
+    }
+    if (!found) {
+        http_error(c, 405, "method not allowed for this endpoint");
+        return;
+    }
+    if (!found->open && !auth_ok(c->opt, r)) {
+        http_error(c, 401, c->opt->api_key && (r->api_key[0] || r->authorization[0]) ? "invalid API key"
+                                                                                     : "missing API key");
+        return;
+    }
+    if (strcmp(found->method, "POST") == 0) {
+        char err[200];
+        int status = http_read_body(c->fd, r, c->opt, err, sizeof err);
+        if (status > 0) http_error(c, status, err);
+        if (status != 0) return;
+    }
+    found->handle(c, r, note, note_cap);
+}
+
+/* ---- 12.12 The accept loop and server_main() ------------------------------- */
+
+/* Closing a socket with unread bytes in it makes the kernel send a reset,
+ * which can destroy an error response the client has not read yet (a 413
+ * sent while the client is still uploading). So: stop writing, read and
+ * discard what is still coming for a short while, then close. */
+static void conn_close(struct conn *c) {
+    char sink[16384];
+    size_t drained = 0;
+    double deadline = now_seconds() + 1.0;
+    shutdown(c->fd, SHUT_WR);
+    while (drained < (32u << 20)) {
+        ssize_t n = srv_recv(c->fd, sink, sizeof sink, deadline);
+        if (n <= 0) break;
+        drained += (size_t)n;
+    }
+    close(c->fd);
+}
+
+static void *conn_main(void *arg) {
+    struct conn *c = arg;
+    struct server *srv = c->srv;
+    struct http_request r;
+    char err[200] = "", note[256] = "";
+    double t0 = now_seconds();
+    memset(&r, 0, sizeof r);
+    int status = http_read_head(c->fd, &r, c->opt, err, sizeof err);
+    if (status == 0) status = http_parse_head(&r, err, sizeof err);
+    if (status == 0) {
+        snprintf(c->origin, sizeof c->origin, "%s", r.origin);
+        conn_route(c, &r, note, sizeof note);
+    } else if (status > 0) {
+        c->api = strncmp(r.path, "/v1/messages", 12) == 0 ? API_MESSAGES : API_CHAT;
+        http_error(c, status, err);
+    }
+    if (status >= 0)
+        srv_log(srv, "%s %s %d %.3fs%s%s", r.method[0] ? r.method : "-", r.path[0] ? r.path : "-", c->status,
+                now_seconds() - t0, note[0] ? " " : "", note);
+    http_request_free(&r);
+    conn_close(c);
+    free(c);
+    pthread_mutex_lock(&srv->lock);
+    srv->n_conns--;
+    pthread_cond_broadcast(&srv->job_done);
+    pthread_mutex_unlock(&srv->lock);
+    return NULL;
+}
+
+/* Refuse a connection at once, over the limit or out of threads. */
+static void conn_refuse(struct server *srv, int fd) {
+    struct conn c = {.fd = fd, .srv = srv, .opt = srv->opt, .api = API_CHAT};
+    http_error(&c, 503, "too many connections; retry shortly");
+    close(fd);
+}
+
+static void conn_start(struct server *srv, int fd) {
+    struct timeval send_timeout = {.tv_sec = SERVER_SEND_TIMEOUT_S};
+    int one = 1;
+    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &send_timeout, sizeof send_timeout);
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    pthread_mutex_lock(&srv->lock);
+    bool room = srv->n_conns < srv->opt->max_conns;
+    if (room) srv->n_conns++;
+    pthread_mutex_unlock(&srv->lock);
+    if (!room) {
+        conn_refuse(srv, fd);
+        return;
+    }
+    struct conn *c = xcalloc(1, sizeof *c);
+    c->fd = fd;
+    c->srv = srv;
+    c->opt = srv->opt;
+    c->api = API_NONE;
+    pthread_t t;
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    if (pthread_create(&t, &attr, conn_main, c) != 0) {
+        free(c);
+        pthread_mutex_lock(&srv->lock);
+        srv->n_conns--;
+        pthread_mutex_unlock(&srv->lock);
+        conn_refuse(srv, fd);
+    }
+    pthread_attr_destroy(&attr);
+}
+
+/* Bind and listen on host:port. Returns the socket or -1 with a message. */
+static int server_listen(const struct server_options *o, int *bound_port, struct ds4_error *e) {
+    struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM, .ai_flags = AI_PASSIVE}, *res;
+    char port[16];
+    snprintf(port, sizeof port, "%d", o->port);
+    int rc = getaddrinfo(o->host, port, &hints, &res);
+    if (rc != 0) {
+        fail(e, "cannot resolve --host %s: %s", o->host, gai_strerror(rc));
+        return -1;
+    }
+    int fd = socket(res->ai_family, res->ai_socktype | SOCK_CLOEXEC, res->ai_protocol), one = 1;
+    if (fd >= 0) setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    if (fd < 0 || bind(fd, res->ai_addr, res->ai_addrlen) != 0 || listen(fd, 128) != 0) {
+        fail(e, "cannot listen on %s:%d: %s", o->host, o->port, strerror(errno));
+        if (fd >= 0) close(fd);
+        freeaddrinfo(res);
+        return -1;
+    }
+    freeaddrinfo(res);
+    struct sockaddr_storage addr;
+    socklen_t len = sizeof addr;
+    getsockname(fd, (struct sockaddr *)&addr, &len);
+    *bound_port = ntohs(addr.ss_family == AF_INET6 ? ((struct sockaddr_in6 *)&addr)->sin6_port
+                                                   : ((struct sockaddr_in *)&addr)->sin_port);
+    return fd;
+}
+
+static volatile sig_atomic_t server_signal;
+
+static void server_on_signal(int sig) {
+    server_signal = sig;
+}
+
+static bool server_init(struct server *srv, struct engine *eng, const struct tokenizer *tok,
+                        const struct server_options *opt, struct ds4_error *e) {
+    memset(srv, 0, sizeof *srv);
+    srv->opt = opt;
+    srv->eng = eng;
+    srv->tok = tok;
+    srv->listen_fd = -1;
+    pthread_mutex_init(&srv->lock, NULL);
+    pthread_mutex_init(&srv->log_lock, NULL);
+    pthread_cond_init(&srv->wake, NULL);
+    pthread_cond_init(&srv->job_done, NULL);
+    tool_memory_init(&srv->mem, opt->no_exact_replay ? 0 : opt->tool_memory);
+    session_init(&srv->s, eng);
+    sampler_init(&srv->sp, (struct sampler_options){0}, eng->model->cfg.vocab);
+    if (opt->test_script) {
+        if (!test_script_load(&srv->script, opt->test_script, tok, e)) return false;
+        fprintf(stderr, "ds4-server: TEST SCRIPT %s loaded (%zu rules): replies are scripted\n", opt->test_script,
+                srv->script.n);
+    }
+    if (opt->log_path && !(srv->log = fopen(opt->log_path, "a")))
+        return fail(e, "cannot open --log %s: %s", opt->log_path, strerror(errno));
+    return true;
+}
+
+static void server_free(struct server *srv) {
+    if (srv->listen_fd >= 0) close(srv->listen_fd);
+    if (srv->log) fclose(srv->log);
+    test_script_free(&srv->script);
+    tool_memory_free(&srv->mem);
+    sampler_free(&srv->sp);
+    session_free(&srv->s);
+    free(srv->fed);
+    pthread_cond_destroy(&srv->wake);
+    pthread_cond_destroy(&srv->job_done);
+    pthread_mutex_destroy(&srv->log_lock);
+    pthread_mutex_destroy(&srv->lock);
+}
+
+/* Stop: no new connections, wake the worker (it abandons its job), wait a
+ * bounded time for client threads, which use the tokenizer, to finish. */
+static void server_stop(struct server *srv, pthread_t worker) {
+    pthread_mutex_lock(&srv->lock);
+    atomic_store(&srv->stopping, true);
+    pthread_cond_broadcast(&srv->wake);
+    pthread_cond_broadcast(&srv->job_done);
+    pthread_mutex_unlock(&srv->lock);
+    pthread_join(worker, NULL);
+    double deadline = now_seconds() + 10;
+    pthread_mutex_lock(&srv->lock);
+    while (srv->n_conns > 0 && now_seconds() < deadline) {
+        pthread_mutex_unlock(&srv->lock);
+        usleep(20000);
+        pthread_mutex_lock(&srv->lock);
+    }
+    pthread_mutex_unlock(&srv->lock);
+}
+
+/* The server's entry point: serve until SIGINT or SIGTERM. Returns the
+ * process exit status. */
+static int server_main(struct engine *eng, const struct tokenizer *tok, const struct server_options *opt) {
+    static struct server srv;
+    struct ds4_error e = {""};
+    int port = 0;
+    if (!server_init(&srv, eng, tok, opt, &e) || (srv.listen_fd = server_listen(opt, &port, &e)) < 0) {
+        fprintf(stderr, "ds4-server: %s\n", e.msg);
+        server_free(&srv);
+        return 1;
+    }
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = server_on_signal;
+    sigaction(SIGINT, &sa, NULL);
+    sigaction(SIGTERM, &sa, NULL);
+    signal(SIGPIPE, SIG_IGN);
+    pthread_t worker;
+    pthread_create(&worker, NULL, worker_main, &srv);
+    fprintf(stderr, "ds4-server: listening on http://%s:%d (model %s, ctx %d)%s\n", opt->host, port,
+            opt->model_name, opt->ctx, opt->api_key ? ", API key required" : "");
+    if (opt->port_file) {
+        FILE *f = fopen(opt->port_file, "w");
+        if (f) {
+            fprintf(f, "%d\n", port);
+            fclose(f);
+        }
+    }
+    while (!server_signal) {
+        struct pollfd p = {.fd = srv.listen_fd, .events = POLLIN};
+        if (poll(&p, 1, 250) <= 0) continue;
+        int fd = accept(srv.listen_fd, NULL, NULL);
+        if (fd >= 0) conn_start(&srv, fd);
+    }
+    fprintf(stderr, "ds4-server: stopping\n");
+    server_stop(&srv, worker);
+    server_free(&srv);
+    return 0;
+}
+
+/* ============================================================================
+ * Chapter 13. The command line and main()
  * ============================================================================
  *
  * Options are parsed once, into one struct, and validated there: a bad flag
@@ -8261,6 +11482,8 @@ struct cli_options {
     bool bench, show_help, raw, nothink;
     enum chat_mode mode;          /* from --mode, or --nothink */
     struct spec_options spec;     /* --mtp-draft, --mtp-gate */
+    bool server;                  /* --server */
+    struct server_options server_opt;   /* the server's own flags (chapter 12) */
     struct engine_options engine;
     struct sampler_options sampling;
 };
@@ -8279,6 +11502,7 @@ static void print_usage(FILE *f) {
         "       ds4 [-m MODEL.gguf] -p \"TEXT\" [--nothink] [--raw]     one chat turn\n"
         "       ds4 [-m MODEL.gguf]                   interactive chat (/think /nothink /quit)\n"
         "       ds4 --render-chat FILE.json [--mode thinking|chat|max]\n"
+        "       ds4 --server [-m MODEL.gguf] [--host H] [--port N] [--api-key K]\n"
         "\n"
         "generation:\n"
         "  -p, --prompt TEXT     a user message, rendered with the V4 chat template\n"
@@ -8300,25 +11524,8 @@ static void print_usage(FILE *f) {
         "tools:\n"
         "      --check-vectors F run the oracle vectors in F; exit 0 only if all pass\n"
         "      --bench           print prefill/decode speed and weight traffic\n"
-        "  -h, --help            this text\n");
-}
-
-static bool parse_long(const char *s, long lo, long hi, long *out) {
-    char *end;
-    errno = 0;
-    long v = strtol(s, &end, 10);
-    if (errno || end == s || *end || v < lo || v > hi) return false;
-    *out = v;
-    return true;
-}
-
-static bool parse_float(const char *s, double lo, double hi, double *out) {
-    char *end;
-    errno = 0;
-    double v = strtod(s, &end);
-    if (errno || end == s || *end || !(v >= lo && v <= hi)) return false;
-    *out = v;
-    return true;
+        "      --server          serve the OpenAI and Anthropic APIs (flags below)\n"
+        "  -h, --help            this text\n\n%s", SERVER_USAGE);
 }
 
 /* Options that take an integer: name, bounds, destination. */
@@ -8344,6 +11551,7 @@ static bool parse_mode(struct cli_options *o, struct ds4_error *e) {
 
 static bool parse_args(int argc, char **argv, struct cli_options *o, struct ds4_error *e) {
     memset(o, 0, sizeof *o);
+    server_options_default(&o->server_opt);
     o->n_predict = 16;
     o->chunk = 128;
     o->bench_prefill = 64;
@@ -8379,6 +11587,7 @@ static bool parse_args(int argc, char **argv, struct cli_options *o, struct ds4_
         if (flag_is(a, NULL, "--bench")) { o->bench = true; continue; }
         if (flag_is(a, NULL, "--reference-kernels")) { o->engine.reference_kernels = true; continue; }
         if (flag_is(a, NULL, "--raw")) { o->raw = true; continue; }
+        if (flag_is(a, NULL, "--server")) { o->server = true; continue; }
         if (flag_is(a, NULL, "--nothink")) { o->nothink = true; continue; }
         bool matched = false;
         const char *value = i + 1 < argc ? argv[i + 1] : NULL;
@@ -8410,9 +11619,15 @@ static bool parse_args(int argc, char **argv, struct cli_options *o, struct ds4_
             o->sampling.seed = (uint64_t)seed;
             matched = true;
         }
-        if (!matched) return fail(e, "unknown option '%s' (try --help)", a);
-        i++;   /* every matched option here took a value */
+        if (matched) {
+            i++;   /* every option matched above took a value */
+            continue;
+        }
+        int server_flag = server_parse_option(&o->server_opt, argc, argv, &i, e);
+        if (server_flag < 0) return false;
+        if (server_flag == 0) return fail(e, "unknown option '%s' (try --help)", a);
     }
+    o->server_opt.chunk = o->chunk;
     return parse_mode(o, e);
 }
 
@@ -8517,7 +11732,7 @@ static int generate(struct engine *eng, const struct cli_options *o) {
 }
 
 /* ----------------------------------------------------------------------------
- * 12.2 Text prompts and the interactive chat.
+ * 13.2 Text prompts and the interactive chat.
  *
  * A conversation is a list of messages. Each turn renders the WHOLE list
  * with the official V4 template, tokenizes it, and feeds the session only
@@ -8768,7 +11983,7 @@ int main(int argc, char **argv) {
         return 1;
     }
     /* Text needs the vocabulary; token ids, the checker and the bench do not. */
-    bool wants_text = !o.tokens && !o.check_vectors && !o.bench;
+    bool wants_text = o.server || (!o.tokens && !o.check_vectors && !o.bench);
     struct tokenizer tok;
     memset(&tok, 0, sizeof tok);
     if (wants_text && !tokenizer_load_gguf(&tok, &model.file, model.cfg.vocab, &e)) {
@@ -8778,7 +11993,8 @@ int main(int argc, char **argv) {
     }
     struct engine eng;
     engine_init(&eng, &model, o.engine);
-    int rc = o.check_vectors ? check_vectors(&eng, o.check_vectors)
+    int rc = o.server        ? server_main(&eng, &tok, &o.server_opt)
+           : o.check_vectors ? check_vectors(&eng, o.check_vectors)
            : o.bench         ? run_bench(&eng, o.bench_prefill, o.bench_decode, o.spec)
            : o.tokens        ? generate(&eng, &o)
            : o.prompt        ? run_prompt(&eng, &tok, &o)

@@ -41,6 +41,7 @@ suite "speculative decoding: rollback, greedy identity, sampling rule" \
 suite "oracle vectors (tiny f16 + MTP)" \
     ./ds4 --check-vectors vectors/vectors.json -m vectors/tiny.gguf --mtp vectors/tiny-mtp.gguf
 suite "command line" sh tests/cli.sh
+suite "server: curl edge cases + openai and @anthropic-ai/sdk clients" sh tests/server/run.sh ./ds4
 
 rm -f "$log"
 echo
