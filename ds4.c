@@ -8371,6 +8371,7 @@ struct server_options {
     int chunk;                 /* --chunk N          prefill chunk (shared with the CLI's --chunk) */
     int tool_memory;           /* --tool-memory N    1024 remembered tool-call blocks (12.6) */
     bool no_exact_replay;      /* --no-exact-replay  render tool calls canonically */
+    struct spec_options spec;  /* --mtp-draft, --mtp-gate: speculative decoding (10b) */
 };
 
 #define SERVER_SEND_TIMEOUT_S 30       /* a client that reads nothing for this long is dropped */
@@ -9849,6 +9850,7 @@ struct job {
     /* Set by the worker. */
     int64_t n_cached;           /* prompt tokens found in the session */
     int n_generated, n_reasoning;
+    int64_t drafted, accepted;     /* MTP speculative decoding, this reply */
     enum finish finish;
     char error[256];
     const char *stop_hit;       /* the stop string that ended the reply */
@@ -9897,6 +9899,7 @@ struct server {
     int32_t *fed;               /* [n_fed] tokens in the session, in order */
     int64_t n_fed, cap_fed;
     struct sampler sp;
+    struct generator gen;       /* plain or speculative decoding over s and sp */
 
     struct tool_memory mem;     /* its own lock */
     struct test_script script;  /* read-only after start */
@@ -10896,30 +10899,47 @@ static bool worker_prefill(struct server *srv, struct job *j, int64_t from, stru
  * next; the next prompt renders it). */
 static bool worker_decode(struct server *srv, struct job *j, struct ds4_error *e) {
     const struct script_rule *rule = srv->script.n ? test_script_find(&srv->script, j->prompt_text) : NULL;
-    int V = srv->eng->model->cfg.vocab;
     int32_t eos = srv->tok->sp.eos;
     j->finish = FINISH_LENGTH;
-    for (int i = 0; i < j->max_tokens; i++) {
+    struct spec_stats before = srv->gen.stats;
+    srv->gen.have_residual = false;
+    for (int i = 0; i < j->max_tokens;) {
         if (job_abandoned(srv, j)) {
             j->finish = FINISH_CANCELLED;
-            return true;
+            break;
         }
-        int32_t id = !rule ? sample_token(&srv->sp, srv->s.logits, V) : (size_t)i < rule->n_ids ? rule->ids[i] : eos;
-        if (id == eos) {
-            j->finish = FINISH_STOP;
-            return true;
+        /* Scripted tokens (tests) go in one by one; sampled ones come from
+         * the generator, several at a time when MTP drafts are accepted,
+         * already in the session. */
+        int32_t ids[MATMUL_DECODE_PATH_MAX_TOKENS];
+        int got = 1;
+        if (rule) {
+            ids[0] = (size_t)i < rule->n_ids ? rule->ids[i] : eos;
+            if (ids[0] != eos && !session_forward(&srv->s, ids, 1, NULL, e)) return false;
+        } else if ((got = generator_step(&srv->gen, ids, e)) <= 0) {
+            return false;
         }
-        bool thinking = j->dsml.state == DSML_REASONING;
-        j->n_generated++;
-        j->n_reasoning += thinking;
-        job_push_token(srv, j, id);
-        if (!session_forward(&srv->s, &id, 1, NULL, e)) return false;
-        worker_remember(srv, id);
-        if (j->stop_hit || j->dsml.state == DSML_AFTER_TOOLS || j->dsml.state == DSML_DONE) {
-            j->finish = FINISH_STOP;
-            return true;
+        for (int k = 0; k < got; k++)
+            if (!rule || ids[k] != eos) worker_remember(srv, ids[k]);   /* all are in the session */
+        bool done = false;
+        for (int k = 0; k < got && !done && i < j->max_tokens; k++, i++) {
+            if (ids[k] == eos) {
+                j->finish = FINISH_STOP;
+                done = true;
+                break;
+            }
+            j->n_generated++;
+            j->n_reasoning += j->dsml.state == DSML_REASONING;
+            job_push_token(srv, j, ids[k]);
+            if (j->stop_hit || j->dsml.state == DSML_AFTER_TOOLS || j->dsml.state == DSML_DONE) {
+                j->finish = FINISH_STOP;
+                done = true;
+            }
         }
+        if (done) break;
     }
+    j->drafted = srv->gen.stats.drafted - before.drafted;
+    j->accepted = srv->gen.stats.accepted - before.accepted;
     return true;
 }
 
@@ -11091,10 +11111,13 @@ static void handle_generate(struct conn *c, struct http_request *r, char *note, 
         if (!job_submit(srv, j)) http_error(c, 503, "the server is shutting down");
         else job_wait(srv, j);
         static const char *const finish[] = {"stop", "length", "tool_calls", "error", "cancelled"};
-        snprintf(note, note_cap, "prompt=%zu cached=%lld gen=%d finish=%s queue=%.3fs prefill=%.3fs decode=%.3fs",
-                 j->n_prompt, (long long)j->n_cached, j->n_generated, finish[j->finish],
-                 j->started ? j->t_started - j->t_queued : 0, j->started ? j->t_prefilled - j->t_started : 0,
-                 j->started ? j->t_finished - j->t_prefilled : 0);
+        int at = snprintf(note, note_cap, "prompt=%zu cached=%lld gen=%d finish=%s queue=%.3fs prefill=%.3fs decode=%.3fs",
+                          j->n_prompt, (long long)j->n_cached, j->n_generated, finish[j->finish],
+                          j->started ? j->t_started - j->t_queued : 0, j->started ? j->t_prefilled - j->t_started : 0,
+                          j->started ? j->t_finished - j->t_prefilled : 0);
+        if (j->drafted > 0 && at > 0 && (size_t)at < note_cap)
+            snprintf(note + at, note_cap - (size_t)at, " mtp_drafted=%lld mtp_accepted=%lld",
+                     (long long)j->drafted, (long long)j->accepted);
     }
     conv_free(&cv);
     strbuf_free(&tools);
@@ -11384,6 +11407,7 @@ static bool server_init(struct server *srv, struct engine *eng, const struct tok
     tool_memory_init(&srv->mem, opt->no_exact_replay ? 0 : opt->tool_memory);
     session_init(&srv->s, eng);
     sampler_init(&srv->sp, (struct sampler_options){0}, eng->model->cfg.vocab);
+    generator_init(&srv->gen, &srv->s, &srv->sp, opt->spec);
     if (opt->test_script) {
         if (!test_script_load(&srv->script, opt->test_script, tok, e)) return false;
         fprintf(stderr, "ds4-server: TEST SCRIPT %s loaded (%zu rules): replies are scripted\n", opt->test_script,
@@ -11399,6 +11423,7 @@ static void server_free(struct server *srv) {
     if (srv->log) fclose(srv->log);
     test_script_free(&srv->script);
     tool_memory_free(&srv->mem);
+    generator_free(&srv->gen);
     sampler_free(&srv->sp);
     session_free(&srv->s);
     free(srv->fed);
@@ -11628,6 +11653,7 @@ static bool parse_args(int argc, char **argv, struct cli_options *o, struct ds4_
         if (server_flag == 0) return fail(e, "unknown option '%s' (try --help)", a);
     }
     o->server_opt.chunk = o->chunk;
+    o->server_opt.spec = o->spec;
     return parse_mode(o, e);
 }
 

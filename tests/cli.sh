@@ -59,6 +59,19 @@ expect 2 "needs an integer in 0..15" "--mtp-draft 99" -- ./ds4 -m $M --tokens 1 
 grep -q "decode with MTP" "$tmp/bench" && grep -q "tokens/s" "$tmp/bench" \
     && ok "--bench with --mtp reports decode with and without MTP" || bad "--bench output: $(head -c 300 "$tmp/bench")"
 
+# The server decodes speculatively too, and logs the MTP statistics per request.
+./ds4 --server -m $M --mtp vectors/tiny-mtp.gguf --mtp-draft 2 --port 0 --port-file "$tmp/port" \
+    --log "$tmp/server.log" >"$tmp/server.out" 2>&1 &
+server=$!
+for _ in $(seq 1 50); do [ -s "$tmp/port" ] && break; sleep 0.1; done
+code=$(curl -s -o "$tmp/reply.json" -w '%{http_code}' --max-time 60 "http://127.0.0.1:$(cat "$tmp/port")/v1/chat/completions" \
+    -H 'Content-Type: application/json' \
+    -d '{"model": "deepseek-chat", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}')
+kill $server 2>/dev/null; wait $server 2>/dev/null
+[ "$code" = 200 ] && grep -q '"completion_tokens":8' "$tmp/reply.json" && grep -q "mtp_drafted=" "$tmp/server.log" \
+    && ok "--server --mtp answers (8 tokens) and logs mtp_drafted/mtp_accepted" \
+    || bad "--server --mtp: HTTP $code, $(head -c 200 "$tmp/reply.json"), log: $(tail -n 1 "$tmp/server.log")"
+
 # The default model: the shipped tiny one, announced on stderr.
 expect 0 "shipped tiny test model" "no -m uses the tiny model and says so" -- ./ds4 --tokens "1 2 3" -n 2
 
