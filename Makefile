@@ -4,12 +4,12 @@
 #   make test     every test; the last line says "N passed, N failed"
 #   make bench    figures for the tiny model (see README for the full-width one)
 #
-# Dependencies: a C compiler, libc, pthreads. Nothing else.
+# Dependencies: a C compiler, libc, pthreads, SQLite 3 (the disk KV index).
 
 CC      ?= cc
 CFLAGS  ?= -O2 -g
 WARN    := -Wall -Wextra -Wno-unused-function
-LIBS    := -lm -lpthread
+LIBS    := -lm -lpthread -lsqlite3
 SAN     := -O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined
 
 # x86-64 builds for the machine they run on (AVX2/FMA/F16C kernels);
@@ -39,7 +39,7 @@ vectors/tiny-mtp.gguf: vectors/tiny.gguf
 TESTBIN := tests/bin
 TEST_PROGRAMS := $(TESTBIN)/test_quant $(TESTBIN)/test_json $(TESTBIN)/test_gguf \
                  $(TESTBIN)/test_convert $(TESTBIN)/test_text $(TESTBIN)/test_model \
-                 $(TESTBIN)/test_spec
+                 $(TESTBIN)/test_spec $(TESTBIN)/test_kvdisk $(TESTBIN)/kvdisk
 
 $(TESTBIN):
 	mkdir -p $@
@@ -51,6 +51,12 @@ $(TESTBIN)/test_model: tests/test_model.c $(SOURCES) | $(TESTBIN)
 	$(CC) $(CFLAGS) $(ARCH) $(WARN) -o $@ $< $(LIBS)
 
 $(TESTBIN)/test_spec: tests/test_spec.c $(SOURCES) | $(TESTBIN)
+	$(CC) $(CFLAGS) $(ARCH) $(WARN) -o $@ $< $(LIBS)
+
+$(TESTBIN)/test_kvdisk: tests/test_kvdisk.c $(SOURCES) | $(TESTBIN)
+	$(CC) $(SAN) $(WARN) -o $@ $< $(LIBS)
+
+$(TESTBIN)/kvdisk: tests/kvdisk_driver.c $(SOURCES) | $(TESTBIN)
 	$(CC) $(CFLAGS) $(ARCH) $(WARN) -o $@ $< $(LIBS)
 
 # Everything that parses untrusted bytes runs under the sanitizers.

@@ -20,7 +20,8 @@
  *      indexer, the mixture of experts, the output head, the MTP block.
  *   9. The story: the one function that advances a session by a chunk of
  *      tokens, for prefill and decode alike.
- *  10. Sampling, and speculative decoding with the MTP block (10b).
+ *  10. Sampling, speculative decoding with the MTP block (10b), and
+ *      sessions on disk: snapshots and the SQLite-indexed KV store (10c).
  *  11. Tools built on the engine: the oracle-vector checker and the bench.
  *  12. The HTTP server: OpenAI- and Anthropic-compatible APIs for agents.
  *  13. The command line, the interactive chat, and main().
@@ -60,6 +61,9 @@
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/types.h>
+#include <sys/file.h>
+#include <dirent.h>
+#include <sqlite3.h>
 #include <sys/socket.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -7887,6 +7891,1659 @@ static int generator_step(struct generator *g, int32_t *out, struct ds4_error *e
     return kept;
 }
 
+
+/* ============================================================================
+ * Chapter 10c. Sessions on disk: snapshots and the KV store
+ * ============================================================================
+ *
+ * Agents resend the whole conversation every turn. Re-prefilling 25k tokens
+ * costs minutes on a laptop, yet the first 24.9k of them are the same as
+ * last time. This chapter makes the session state (8.2) a file: everything
+ * needed to continue exactly as if the process had never stopped, and a
+ * directory of such files indexed by the text they cover.
+ *
+ * HOW IT WORKS. A snapshot holds the token ids, the next-token logits, and
+ * per layer the state of 8.2: the sliding-window rows in logical order, the
+ * compressed rows, the indexer rows and the two compressors' unfinished
+ * windows, plus the MTP block's ring and the streams it reads. Loading it
+ * into a fresh session and feeding the next token computes the same logits,
+ * bit for bit, as the session that was saved.
+ *
+ * The rows are stored in the precision the model gave them. Every K=V row
+ * already went through the FP8 round trip of chapter 7 (nope dims) and every
+ * indexer row through Hadamard + FP4, so writing their e4m3 / e2m1 codes and
+ * power-of-two block scales loses nothing: decode(encode(row)) is the row,
+ * and the encoder checks that for every block (a block that fails is stored
+ * as float32 and counted, so the format stays lossless even if the forward
+ * pass changes). The RoPE tail (rope_dim dims) is float32, as in the engine.
+ *
+ * The store is a directory:
+ *
+ *     DIR/index.sqlite     one row per snapshot (WAL mode)
+ *     DIR/<sha1>.kv        the snapshot whose key text has this SHA1
+ *     DIR/lock             flock()ed around every change of the pair (file, row)
+ *     DIR/tmp.<pid>.<sha1> a snapshot being written
+ *
+ * A snapshot's key is the rendered text of the prefix it covers (the
+ * detokenized bytes of its tokens, special tokens written literally). A new
+ * prompt is matched by TEXT, and only its suffix after the cached text is
+ * tokenized: tokenizing the whole prompt would merge bytes across the
+ * boundary differently from the cached tokens and miss the cache.
+ *
+ * INVARIANTS (what the code below keeps true):
+ *
+ *   1. A file named <sha1>.kv is complete: it is written as tmp.*, fsync'd,
+ *      renamed, and the directory fsync'd, before its row is committed.
+ *   2. A row is only trusted together with its file: on load every header
+ *      field is compared with the row and with the running model, and both
+ *      CRCs are checked before a single byte reaches the session.
+ *   3. Anything inconsistent (row without file, file without row, a CRC or
+ *      model mismatch, a tmp.* of a dead process) is logged and removed,
+ *      never loaded. The directory is a cache; losing an entry is allowed,
+ *      loading a wrong one is not.
+ *   4. The rename and the row commit, eviction and repair all happen under
+ *      an exclusive flock on DIR/lock, so another process never sees the
+ *      half-way state of invariant 1 (file renamed, row not yet committed).
+ *      Encoding and writing the tmp file, the slow part, happens outside it.
+ *      SQLite itself waits up to 10 s on a busy database (busy_timeout).
+ *   5. Files are never rewritten in place. Hit counts and last-use times
+ *      live only in SQLite.
+ *
+ * WHAT IF a process is killed? Killed while writing tmp.*: the tmp file is
+ * removed by the next open (its pid is dead). Killed between rename and
+ * commit: the file has no row and is removed (invariant 3); the older
+ * entries were never touched. Killed inside a SQLite transaction: SQLite's
+ * WAL rolls it back.
+ *
+ * LIMITATIONS. A snapshot binds to one model file (the identity hash
+ * covers the GGUF metadata and tensor directory, so a q2 snapshot does not
+ * load into q4: the logits would differ). --kv-check verifies headers,
+ * SHA1 of the key text and both CRCs, but decodes no payload (that needs
+ * the model); a load decodes and validates everything.
+ * ------------------------------------------------------------------------- */
+
+
+/* ---- 10c.1 SHA1 (FIPS 180-4) ---------------------------------------------
+ *
+ * Names files after the text they cover and identifies models. Not for
+ * security: collisions are only a cache miss or, at worst, a load that the
+ * byte-exact key comparison of 10c.7 rejects.
+ *
+ *     per 64-byte block: W[t] = block words (big-endian), t < 16
+ *                        W[t] = rotl1(W[t-3] ^ W[t-8] ^ W[t-14] ^ W[t-16])
+ *     80 rounds: T = rotl5(a) + f_t(b,c,d) + e + K_t + W[t]
+ *                (e,d,c,b,a) = (d, c, rotl30(b), a, T)
+ *     f/K: Ch 0x5a827999 (t<20), Parity 0x6ed9eba1, Maj 0x8f1bbcdc, Parity 0xca62c1d6
+ *     padding: 0x80, zeros, 64-bit big-endian bit length
+ * ------------------------------------------------------------------------- */
+
+struct sha1 {
+    uint32_t h[5];
+    uint64_t len;          /* bytes hashed so far */
+    uint8_t buf[64];
+};
+
+static uint32_t rotl32(uint32_t x, int n) { return (x << n) | (x >> (32 - n)); }
+
+static void sha1_block(uint32_t h[5], const uint8_t *p) {
+    uint32_t w[80];
+    for (int t = 0; t < 16; t++)
+        w[t] = (uint32_t)p[4 * t] << 24 | (uint32_t)p[4 * t + 1] << 16 |
+               (uint32_t)p[4 * t + 2] << 8 | p[4 * t + 3];
+    for (int t = 16; t < 80; t++) w[t] = rotl32(w[t - 3] ^ w[t - 8] ^ w[t - 14] ^ w[t - 16], 1);
+    uint32_t a = h[0], b = h[1], c = h[2], d = h[3], e = h[4];
+    for (int t = 0; t < 80; t++) {
+        uint32_t f, k;
+        if (t < 20)      { f = (b & c) | (~b & d);          k = 0x5a827999; }
+        else if (t < 40) { f = b ^ c ^ d;                   k = 0x6ed9eba1; }
+        else if (t < 60) { f = (b & c) | (b & d) | (c & d); k = 0x8f1bbcdc; }
+        else             { f = b ^ c ^ d;                   k = 0xca62c1d6; }
+        uint32_t tmp = rotl32(a, 5) + f + e + k + w[t];
+        e = d; d = c; c = rotl32(b, 30); b = a; a = tmp;
+    }
+    h[0] += a; h[1] += b; h[2] += c; h[3] += d; h[4] += e;
+}
+
+static void sha1_init(struct sha1 *c) {
+    static const uint32_t iv[5] = { 0x67452301, 0xefcdab89, 0x98badcfe, 0x10325476, 0xc3d2e1f0 };
+    memcpy(c->h, iv, sizeof iv);
+    c->len = 0;
+}
+
+static void sha1_update(struct sha1 *c, const void *data, size_t n) {
+    const uint8_t *p = data;
+    size_t have = (size_t)(c->len % 64);
+    c->len += n;
+    if (have) {
+        size_t take = 64 - have < n ? 64 - have : n;
+        memcpy(c->buf + have, p, take);
+        p += take, n -= take, have += take;
+        if (have < 64) return;
+        sha1_block(c->h, c->buf);
+    }
+    for (; n >= 64; p += 64, n -= 64) sha1_block(c->h, p);
+    memcpy(c->buf, p, n);
+}
+
+/* Finish a COPY, so that a caller can keep hashing after taking a digest of
+ * the prefix so far (the lookup of 10c.7 does exactly that). */
+static void sha1_digest(const struct sha1 *ctx, uint8_t out[20]) {
+    struct sha1 c = *ctx;
+    uint64_t bits = c.len * 8;
+    uint8_t pad[72] = { 0x80 };
+    size_t padn = (size_t)((c.len % 64) < 56 ? 56 - c.len % 64 : 120 - c.len % 64);
+    sha1_update(&c, pad, padn);
+    uint8_t lenb[8];
+    for (int i = 0; i < 8; i++) lenb[i] = (uint8_t)(bits >> (56 - 8 * i));
+    sha1_update(&c, lenb, 8);
+    for (int i = 0; i < 5; i++)
+        for (int j = 0; j < 4; j++) out[4 * i + j] = (uint8_t)(c.h[i] >> (24 - 8 * j));
+}
+
+static void sha1_hex(const uint8_t d[20], char out[41]) {
+    static const char hex[] = "0123456789abcdef";
+    for (int i = 0; i < 20; i++) {
+        out[2 * i] = hex[d[i] >> 4];
+        out[2 * i + 1] = hex[d[i] & 15];
+    }
+    out[40] = 0;
+}
+
+static void sha1_of(const void *data, size_t n, char hex[41]) {
+    struct sha1 c;
+    uint8_t d[20];
+    sha1_init(&c);
+    sha1_update(&c, data, n);
+    sha1_digest(&c, d);
+    sha1_hex(d, hex);
+}
+
+/* ---- 10c.2 CRC32C ----------------------------------------------------------
+ *
+ * The payload checksum. Castagnoli's polynomial (reflected 0x82f63b78),
+ * which catches all burst errors up to 32 bits; the slicing-by-8 tables
+ * process 8 bytes per step (about 1-2 GB/s in plain C, several times SHA1).
+ *
+ *     table[0][b] = crc of the single byte b
+ *     table[k][b] = (table[k-1][b] >> 8) ^ table[0][table[k-1][b] & 0xff]
+ *     crc(0 bytes) = 0;   crc is pre- and post-inverted
+ * ------------------------------------------------------------------------- */
+
+static uint32_t crc32c_table[8][256];
+
+static void crc32c_init(void) {
+    if (crc32c_table[0][1]) return;
+    for (uint32_t b = 0; b < 256; b++) {
+        uint32_t c = b;
+        for (int k = 0; k < 8; k++) c = c & 1 ? (c >> 1) ^ 0x82f63b78u : c >> 1;
+        crc32c_table[0][b] = c;
+    }
+    for (int k = 1; k < 8; k++)
+        for (int b = 0; b < 256; b++)
+            crc32c_table[k][b] = (crc32c_table[k - 1][b] >> 8) ^
+                                 crc32c_table[0][crc32c_table[k - 1][b] & 0xff];
+}
+
+/* Continue a CRC: crc32c_update(0, ...) starts one. */
+static uint32_t crc32c_update(uint32_t crc, const void *data, size_t n) {
+    const uint8_t *p = data;
+    crc = ~crc;
+    for (; n >= 8; p += 8, n -= 8) {
+        uint32_t lo = crc ^ ((uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 |
+                             (uint32_t)p[3] << 24);
+        crc = crc32c_table[7][lo & 0xff] ^ crc32c_table[6][(lo >> 8) & 0xff] ^
+              crc32c_table[5][(lo >> 16) & 0xff] ^ crc32c_table[4][lo >> 24] ^
+              crc32c_table[3][p[4]] ^ crc32c_table[2][p[5]] ^ crc32c_table[1][p[6]] ^
+              crc32c_table[0][p[7]];
+    }
+    while (n--) crc = (crc >> 8) ^ crc32c_table[0][(crc ^ *p++) & 0xff];
+    return ~crc;
+}
+
+/* ---- 10c.3 Model identity --------------------------------------------------
+ *
+ * A snapshot is only meaningful for the weights that produced it. The
+ * identity is the SHA1 of the GGUF bytes from offset 0 to the start of the
+ * tensor data (header, metadata, tensor directory, padding), and of the MTP
+ * file's likewise when one is loaded. That covers every hyperparameter,
+ * every tensor's name, shape, type and offset: a reconversion, another
+ * quantization or another vocabulary all give another identity. It reads a
+ * few MB (most of it the vocabulary), once per process.
+ * ------------------------------------------------------------------------- */
+
+static void kv_model_identity(const struct model *m, char hex[41]) {
+    struct sha1 c;
+    uint8_t d[20];
+    sha1_init(&c);
+    sha1_update(&c, m->file.map, (size_t)m->file.data_offset);
+    if (m->has_mtp) sha1_update(&c, m->mtp_file.map, (size_t)m->mtp_file.data_offset);
+    sha1_digest(&c, d);
+    sha1_hex(d, hex);
+}
+
+/* The routed experts' bits per weight, for --kv-list (informational: the
+ * identity already separates quantizations). */
+static int kv_quant_bits(const struct model *m) {
+    switch (m->layers[0].gate_exps.type) {
+    case TYPE_Q2_K: case TYPE_IQ2_XXS: return 2;
+    case TYPE_Q4_K: return 4;
+    case TYPE_Q8_0: return 8;
+    case TYPE_F16: case TYPE_BF16: return 16;
+    default: return 32;
+    }
+}
+
+/* ---- 10c.4 FP8 and FP4 codes -----------------------------------------------
+ *
+ * Chapter 7 SIMULATES the formats: it rounds floats to the e4m3 / e2m1 grids
+ * times a power-of-two scale. Here we write the actual codes.
+ *
+ *     e4m3 byte:  s eeee mmm    e = 0: (-1)^s m 2^-9;   else (-1)^s (1 + m/8) 2^(e-7)
+ *                               0x7f and 0xff are NaN (never written)
+ *     e2m1 nibble: s mmm        mmm indexes 0, .5, 1, 1.5, 2, 3, 4, 6
+ *     scale byte:  k + 127      the block scale is 2^k (OCP "ue8m0");
+ *                               0xff = this block is stored as float32
+ *
+ * The encoder recomputes the scale the way the round trip did, encodes
+ * each value, and accepts the block only if decoding gives back the same
+ * float bits for every value. For a block that really went through the
+ * round trip this always holds; the scale may come out half the original
+ * (when the block's largest value rounded down to 224 or 3), and then every
+ * code is simply twice as large, still on the grid.
+ * ------------------------------------------------------------------------- */
+
+enum { KV_SCALE_RAW = 0xff, FP8_BLOCK = 64, FP4_BLOCK = 32 };
+
+static float e4m3_table[256];
+static const float e2m1_grid[8] = { 0, 0.5f, 1, 1.5f, 2, 3, 4, 6 };
+
+static void e4m3_table_init(void) {
+    for (int code = 0; code < 256; code++) {
+        int e = (code >> 3) & 15, m = code & 7;
+        float v = e == 0 ? ldexpf((float)m, -9) : ldexpf(1.0f + m / 8.0f, e - 7);
+        if ((code & 0x7f) == 0x7f) v = NAN;
+        e4m3_table[code] = code & 0x80 ? -v : v;
+    }
+}
+
+/* The code of q, assuming q is on the grid (the caller verifies). */
+static uint8_t e4m3_code(float q) {
+    uint8_t sign = signbit(q) ? 0x80 : 0;
+    float a = fabsf(q);
+    if (!(a <= 448.0f)) return 0x7f;
+    if (a < 0x1p-6f) return sign | (uint8_t)(a * 512.0f);
+    int e;
+    float m = frexpf(a, &e);                /* a = (2m) 2^(e-1), 2m in [1, 2) */
+    return sign | (uint8_t)((e - 1 + 7) << 3) | (uint8_t)((2 * m - 1) * 8);
+}
+
+static uint8_t e2m1_code(float q) {
+    uint8_t sign = signbit(q) ? 8 : 0;
+    for (int i = 0; i < 8; i++)
+        if (fabsf(q) == e2m1_grid[i]) return sign | (uint8_t)i;
+    return 0;
+}
+
+static float e2m1_value(uint8_t code) {
+    float v = e2m1_grid[code & 7];
+    return code & 8 ? -v : v;
+}
+
+static bool same_bits(float a, float b) { return memcmp(&a, &b, sizeof a) == 0; }
+
+/* The scale exponent k of a block, exactly as fp8/fp4_round_trip_block
+ * choose it: 2^k = pow2_ceil(max(floor, max|v|) / max_code). */
+static int block_scale_exp(const float *v, int n, float floor_abs, float max_code) {
+    float a = floor_abs;
+    for (int i = 0; i < n; i++) a = fmaxf(a, fabsf(v[i]));
+    return ilogbf(pow2_ceil(a / max_code));
+}
+
+/* Encode one block into out[] (1 scale byte + codes); false if not lossless. */
+static bool fp8_encode_block(const float *v, int n, uint8_t *out) {
+    int k = block_scale_exp(v, n, 1e-4f, 448.0f);
+    if (k + 127 < 1 || k + 127 > 254) return false;
+    float sc = ldexpf(1.0f, k);
+    out[0] = (uint8_t)(k + 127);
+    for (int i = 0; i < n; i++) {
+        out[1 + i] = e4m3_code(v[i] / sc);
+        if (!same_bits(e4m3_table[out[1 + i]] * sc, v[i])) return false;
+    }
+    return true;
+}
+
+static bool fp4_encode_block(const float *v, int n, uint8_t *out) {
+    int k = block_scale_exp(v, n, 6.0f * 0x1p-126f, 6.0f);
+    if (k + 127 < 1 || k + 127 > 254) return false;
+    float sc = ldexpf(1.0f, k);
+    out[0] = (uint8_t)(k + 127);
+    memset(out + 1, 0, (size_t)n / 2);
+    for (int i = 0; i < n; i++) {
+        uint8_t code = e2m1_code(v[i] / sc);
+        if (!same_bits(e2m1_value(code) * sc, v[i])) return false;
+        out[1 + i / 2] |= (uint8_t)(code << (4 * (i & 1)));
+    }
+    return true;
+}
+
+/* ---- 10c.5 The snapshot file -----------------------------------------------
+ *
+ * All integers little-endian, floats IEEE-754 binary32 little-endian.
+ *
+ *     OFFSET  SIZE  DESCRIPTION
+ *         0      8  magic "DS4KVSNP"
+ *         8      4  format version (1)
+ *        12      4  header size (96)
+ *        16     20  model identity (10c.3), raw SHA1 bytes
+ *        36     20  SHA1 of the key text (the file is named after its hex)
+ *        56      8  token count N (>= 1)
+ *        64      8  key text bytes K
+ *        72      8  payload bytes P
+ *        80      4  CRC32C of the key text and the payload (bytes 96..96+K+P)
+ *        84      1  routed-expert quant bits (informational)
+ *        85      1  save reason (enum kv_reason)
+ *        86      2  reserved, 0
+ *        88      4  context size the session ran with (0 = unlimited)
+ *        92      4  CRC32C of bytes 0..91
+ *        96      K  key text: the rendered bytes the snapshot covers
+ *      96+K      P  payload, below
+ *
+ * The file is exactly 96 + K + P bytes. The payload is written and read by
+ * ONE function, snap_session(), which walks the session: in write mode each
+ * field is appended, in read mode the same field is read back and checked,
+ * so the two directions cannot drift apart (a field added to the session
+ * is added once, there). Fields marked "=" are checked against what the
+ * running model and N imply; a mismatch names the field.
+ *
+ *     = u32 x 10      n_layers, dim, vocab, head_dim, rope_dim, idx_dim,
+ *                     window W, hc, has_mtp, FP8 block
+ *     = u32 x L       compression ratio of each layer
+ *     = u64           N
+ *       u32 x N       token ids (each < vocab)
+ *       f32 x vocab   logits for token N (so the session can sample at once)
+ *       per layer l:  layer record (ratio r = ratio[l], position P = N)
+ *       if has_mtp:   = u64 MTP position (N - 1)
+ *                     f32 x hc*dim   last_hc
+ *                     layer record (ratio 0, position N - 1)
+ *     = u32           end mark "DS4E"
+ *
+ *     layer record:
+ *     = u64 R = min(P, W);  R kv rows, positions P-R .. P-1 (oldest first)
+ *       if r > 0:  = u64 P/r;  P/r kv rows (compressed)
+ *                  frontier of the attention compressor
+ *       if r == 4: = u64 P/4;  P/4 indexer rows
+ *                  frontier of the indexer compressor
+ *
+ *     kv row (width Dh):    (Dh - rope_dim) / 64 FP8 blocks, the rest f32
+ *     indexer row (DI):     DI / 32 FP4 blocks, the rest f32
+ *     FP8 block:  u8 scale, 64 x e4m3   (scale 0xff: 64 x f32 instead)
+ *     FP4 block:  u8 scale, 16 bytes, low nibble first (0xff: 32 x f32)
+ *     frontier:   = u64 S = live slots; S x coff*dc f32 values, then
+ *                 S x coff*dc f32 scores (may be -inf)
+ *
+ * A compressor's live slots are those a future pool will read: the tokens
+ * of the window in progress, P mod r, plus for overlapping (ratio 4)
+ * compressors the previous window's r slots in front. The other slots hold
+ * values that are always overwritten before they are read, so they are not
+ * saved and a loaded session has them in their initial state.
+ * ------------------------------------------------------------------------- */
+
+enum { KV_HEADER_BYTES = 96, KV_FORMAT_VERSION = 1 };
+static const char kv_magic[8] = { 'D', 'S', '4', 'K', 'V', 'S', 'N', 'P' };
+
+enum kv_reason { KV_REASON_UNKNOWN, KV_REASON_COLD, KV_REASON_CONTINUED, KV_REASON_EVICT,
+                 KV_REASON_SHUTDOWN, KV_REASON_COUNT };
+static const char *const kv_reason_names[KV_REASON_COUNT] = {
+    "unknown", "cold", "continued", "evict", "shutdown"
+};
+
+/* The parsed header. */
+struct kv_header {
+    uint8_t model[20], key_sha1[20];
+    uint64_t n_tokens, key_bytes, payload_bytes;
+    uint32_t crc, ctx;
+    int quant_bits, reason;
+};
+
+static void put_le(uint8_t *p, uint64_t v, int bytes) {
+    for (int i = 0; i < bytes; i++) p[i] = (uint8_t)(v >> (8 * i));
+}
+
+static void kv_header_encode(const struct kv_header *h, uint8_t out[KV_HEADER_BYTES]) {
+    memset(out, 0, KV_HEADER_BYTES);
+    memcpy(out, kv_magic, 8);
+    put_le(out + 8, KV_FORMAT_VERSION, 4);
+    put_le(out + 12, KV_HEADER_BYTES, 4);
+    memcpy(out + 16, h->model, 20);
+    memcpy(out + 36, h->key_sha1, 20);
+    put_le(out + 56, h->n_tokens, 8);
+    put_le(out + 64, h->key_bytes, 8);
+    put_le(out + 72, h->payload_bytes, 8);
+    put_le(out + 80, h->crc, 4);
+    out[84] = (uint8_t)h->quant_bits;
+    out[85] = (uint8_t)h->reason;
+    put_le(out + 88, h->ctx, 4);
+    put_le(out + 92, crc32c_update(0, out, 92), 4);
+}
+
+/* Parse and check a header against the size of its file. */
+static bool kv_header_decode(const uint8_t *in, uint64_t file_size, struct kv_header *h,
+                             struct ds4_error *e) {
+    if (file_size < KV_HEADER_BYTES)
+        return fail(e, "file is %llu bytes, shorter than the %d-byte header",
+                    (unsigned long long)file_size, KV_HEADER_BYTES);
+    if (memcmp(in, kv_magic, 8) != 0) return fail(e, "bad magic (not a ds4 KV snapshot)");
+    if (load_le(in + 92, 4) != crc32c_update(0, in, 92)) return fail(e, "header CRC mismatch");
+    if (load_le(in + 8, 4) != KV_FORMAT_VERSION)
+        return fail(e, "format version %u, this build reads %d", (unsigned)load_le(in + 8, 4),
+                    KV_FORMAT_VERSION);
+    if (load_le(in + 12, 4) != KV_HEADER_BYTES) return fail(e, "header size is not %d", KV_HEADER_BYTES);
+    memcpy(h->model, in + 16, 20);
+    memcpy(h->key_sha1, in + 36, 20);
+    h->n_tokens = load_le(in + 56, 8);
+    h->key_bytes = load_le(in + 64, 8);
+    h->payload_bytes = load_le(in + 72, 8);
+    h->crc = (uint32_t)load_le(in + 80, 4);
+    h->quant_bits = in[84];
+    h->reason = in[85];
+    h->ctx = (uint32_t)load_le(in + 88, 4);
+    uint64_t room = file_size - KV_HEADER_BYTES;
+    if (h->n_tokens < 1 || h->n_tokens > room / 4)
+        return fail(e, "token count %llu is impossible for a %llu-byte file",
+                    (unsigned long long)h->n_tokens, (unsigned long long)file_size);
+    if (h->key_bytes > room || h->payload_bytes != room - h->key_bytes)
+        return fail(e, "key (%llu) + payload (%llu) bytes do not add up to the file size %llu",
+                    (unsigned long long)h->key_bytes, (unsigned long long)h->payload_bytes,
+                    (unsigned long long)file_size);
+    if (h->reason >= KV_REASON_COUNT || load_le(in + 86, 2) != 0)
+        return fail(e, "save reason %d or reserved bytes invalid", h->reason);
+    return true;
+}
+
+/* ---- 10c.5.1 The serializer: one walk, two directions ---------------------- */
+
+struct snap_io {
+    bool writing;
+    struct ds4_error *e;
+    bool failed;
+    /* writing: a buffer flushed to fd; CRC and size accumulate */
+    int fd;
+    uint8_t *buf;
+    size_t len, cap;
+    uint64_t written;
+    uint32_t crc;
+    /* reading: a cursor over the payload in memory */
+    const uint8_t *in;
+    uint64_t pos, size;
+    /* statistics for the bench line */
+    uint64_t rows_packed, blocks_raw, f32_equivalent;
+};
+
+static void snap_flush(struct snap_io *io) {
+    size_t off = 0;
+    while (!io->failed && off < io->len) {
+        ssize_t got = write(io->fd, io->buf + off, io->len - off);
+        if (got < 0 && errno == EINTR) continue;
+        if (got <= 0) io->failed = !fail(io->e, "write failed: %s", strerror(errno));
+        else off += (size_t)got;
+    }
+    io->len = 0;
+}
+
+/* Move n bytes between p and the stream; `what` names the field in errors. */
+static void snap_bytes(struct snap_io *io, void *p, size_t n, const char *what) {
+    if (io->failed) return;
+    if (io->writing) {
+        io->crc = crc32c_update(io->crc, p, n);
+        io->written += n;
+        const uint8_t *src = p;
+        while (n > 0 && !io->failed) {
+            size_t take = io->cap - io->len < n ? io->cap - io->len : n;
+            memcpy(io->buf + io->len, src, take);
+            io->len += take, src += take, n -= take;
+            if (io->len == io->cap) snap_flush(io);
+        }
+        return;
+    }
+    if (n > io->size - io->pos) {
+        io->failed = !fail(io->e, "payload truncated at byte %llu reading %s",
+                           (unsigned long long)io->pos, what);
+        return;
+    }
+    memcpy(p, io->in + io->pos, n);
+    io->pos += n;
+}
+
+/* Read mode: fail unless `n` items of at least `min_bytes` each can still be
+ * present. Checked BEFORE allocating for them, so a hostile count cannot
+ * make us allocate more than the file could fill. */
+static bool snap_room(struct snap_io *io, uint64_t n, uint64_t min_bytes, const char *what) {
+    if (io->failed) return false;
+    if (io->writing || n <= (io->size - io->pos) / min_bytes) return true;
+    io->failed = !fail(io->e, "%s: %llu items cannot fit in the %llu bytes left", what,
+                       (unsigned long long)n, (unsigned long long)(io->size - io->pos));
+    return false;
+}
+
+/* A value both sides must agree on: written as is, read back and compared. */
+static void snap_expect(struct snap_io *io, uint64_t want, int bytes, const char *what) {
+    uint8_t b[8];
+    put_le(b, want, bytes);
+    snap_bytes(io, b, (size_t)bytes, what);
+    if (io->writing || io->failed) return;
+    uint64_t got = load_le(b, bytes);
+    if (got != want)
+        io->failed = !fail(io->e, "%s is %llu in the snapshot, %llu expected here", what,
+                           (unsigned long long)got, (unsigned long long)want);
+}
+
+/* Floats as they are in memory (ds4 runs on little-endian hosts only).
+ * NaN never occurs in a healthy session, so it marks a damaged file. */
+static void snap_f32(struct snap_io *io, float *v, size_t n, const char *what) {
+    snap_bytes(io, v, n * sizeof(float), what);
+    if (io->writing || io->failed) return;
+    for (size_t i = 0; i < n; i++)
+        if (isnan(v[i])) {
+            io->failed = !fail(io->e, "%s holds a NaN at %zu", what, i);
+            return;
+        }
+}
+
+/* One block of n values through fp8 or fp4 codes, or raw when not lossless. */
+static void snap_block(struct snap_io *io, float *v, int n, bool fp4, const char *what) {
+    uint8_t packed[1 + FP8_BLOCK];
+    size_t code_bytes = fp4 ? (size_t)n / 2 : (size_t)n;
+    if (io->writing) {
+        bool ok = fp4 ? fp4_encode_block(v, n, packed) : fp8_encode_block(v, n, packed);
+        if (!ok) {
+            packed[0] = KV_SCALE_RAW;
+            io->blocks_raw++;
+        }
+        snap_bytes(io, packed, ok ? 1 + code_bytes : 1, what);
+        if (!ok) snap_bytes(io, v, (size_t)n * sizeof(float), what);
+        return;
+    }
+    snap_bytes(io, packed, 1, what);
+    if (io->failed) return;
+    if (packed[0] == KV_SCALE_RAW) {
+        snap_f32(io, v, (size_t)n, what);
+        return;
+    }
+    if (packed[0] == 0) {
+        io->failed = !fail(io->e, "%s: scale byte 0 is not used by this format", what);
+        return;
+    }
+    snap_bytes(io, packed + 1, code_bytes, what);
+    if (io->failed) return;
+    float sc = ldexpf(1.0f, packed[0] - 127);
+    for (int i = 0; i < n; i++) {
+        uint8_t code = fp4 ? (uint8_t)(packed[1 + i / 2] >> (4 * (i & 1)) & 15) : packed[1 + i];
+        if (!fp4 && (code & 0x7f) == 0x7f) {
+            io->failed = !fail(io->e, "%s: e4m3 code 0x%02x is NaN", what, code);
+            return;
+        }
+        v[i] = (fp4 ? e2m1_value(code) : e4m3_table[code]) * sc;
+    }
+}
+
+/* A row: `coded` leading dims in blocks of `block`, the rest float32. */
+static void snap_row(struct snap_io *io, float *row, int width, int coded, int block, bool fp4,
+                     const char *what) {
+    int b = 0;
+    for (; b + block <= coded; b += block) snap_block(io, row + b, block, fp4, what);
+    snap_f32(io, row + b, (size_t)(width - b), what);
+    io->rows_packed++;
+    io->f32_equivalent += (uint64_t)width * sizeof(float);
+}
+
+static void snap_kv_row(struct snap_io *io, const struct ds4_config *c, float *row, const char *what) {
+    snap_row(io, row, c->head_dim, c->head_dim - c->rope_dim, FP8_BLOCK, false, what);
+}
+
+/* The least bytes a kv row can take, for snap_room(). */
+static uint64_t kv_row_min_bytes(int width, int coded, int block, bool fp4) {
+    int blocks = coded / block;
+    return (uint64_t)blocks * (1 + (uint64_t)(fp4 ? block / 2 : block)) +
+           (uint64_t)(width - blocks * block) * 4 + (blocks == 0);
+}
+
+/* Make room for exactly n rows in a row store (read mode). */
+static void kv_rows_resize(struct row_store *rs, int64_t n) {
+    if (n > rs->cap) {
+        rs->cap = n;
+        rs->rows = xrealloc(rs->rows, (size_t)rs->cap * (size_t)rs->width * sizeof(float));
+    }
+    rs->n = n;
+}
+
+static void snap_row_store(struct snap_io *io, const struct ds4_config *c, struct row_store *rs,
+                           int64_t n, bool indexer, const char *what) {
+    snap_expect(io, (uint64_t)n, 8, what);
+    int coded = indexer ? rs->width : rs->width - c->rope_dim;
+    int block = indexer ? FP4_BLOCK : FP8_BLOCK;
+    if (!snap_room(io, (uint64_t)n, kv_row_min_bytes(rs->width, coded, block, indexer), what))
+        return;
+    if (!io->writing) kv_rows_resize(rs, n);
+    for (int64_t i = 0; i < n && !io->failed; i++)
+        snap_row(io, rs->rows + i * rs->width, rs->width, coded, block, indexer, what);
+}
+
+static void snap_frontier(struct snap_io *io, struct compressor_state *cs, int64_t pos,
+                          const char *what) {
+    int r = cs->ratio, width = cs->coff * cs->dc;
+    int64_t live = (cs->coff == 2 ? r : 0) + pos % r;
+    snap_expect(io, (uint64_t)live, 8, what);
+    snap_f32(io, cs->kv, (size_t)live * width, what);
+    snap_bytes(io, cs->score, (size_t)live * width * sizeof(float), what);   /* -inf allowed */
+}
+
+static void snap_layer(struct snap_io *io, const struct ds4_config *c, struct layer_state *st,
+                       int ratio, int64_t pos) {
+    int64_t R = pos < c->window ? pos : c->window;
+    snap_expect(io, (uint64_t)R, 8, "window row count");
+    for (int64_t p = pos - R; p < pos && !io->failed; p++)
+        snap_kv_row(io, c, st->ring + (size_t)(p % c->window) * c->head_dim, "window row");
+    if (ratio > 0) {
+        snap_row_store(io, c, &st->comp_rows, pos / ratio, false, "compressed rows");
+        snap_frontier(io, &st->comp, pos, "compressor frontier");
+    }
+    if (ratio == 4) {
+        snap_row_store(io, c, &st->idx_rows, pos / 4, true, "indexer rows");
+        snap_frontier(io, &st->idx_comp, pos, "indexer compressor frontier");
+    }
+}
+
+/* THE payload: see the table in 10c.5. `tokens` has n ids. */
+static void snap_session(struct snap_io *io, struct session *s, int32_t *tokens, int64_t n) {
+    const struct model *m = s->eng->model;
+    const struct ds4_config *c = &m->cfg;
+    uint32_t shape[] = { (uint32_t)c->n_layers, (uint32_t)c->dim, (uint32_t)c->vocab,
+                         (uint32_t)c->head_dim, (uint32_t)c->rope_dim, (uint32_t)c->idx_dim,
+                         (uint32_t)c->window, (uint32_t)c->hc, m->has_mtp, FP8_BLOCK };
+    for (size_t i = 0; i < sizeof shape / sizeof shape[0]; i++) snap_expect(io, shape[i], 4, "shape");
+    for (int l = 0; l < c->n_layers; l++) snap_expect(io, (uint64_t)c->ratio[l], 4, "layer ratio");
+    snap_expect(io, (uint64_t)n, 8, "token count");
+    if (!snap_room(io, (uint64_t)n, 4, "token ids")) return;
+    snap_bytes(io, tokens, (size_t)n * sizeof(int32_t), "token ids");
+    for (int64_t i = 0; !io->writing && !io->failed && i < n; i++)
+        if (tokens[i] < 0 || tokens[i] >= c->vocab)
+            io->failed = !fail(io->e, "token id %d at %lld is outside the vocabulary", tokens[i],
+                               (long long)i);
+    snap_f32(io, s->logits, (size_t)c->vocab, "logits");
+    for (int l = 0; l < c->n_layers && !io->failed; l++)
+        snap_layer(io, c, &s->layers[l], c->ratio[l], n);
+    if (m->has_mtp) {
+        int64_t mtp_pos = n - 1;
+        snap_expect(io, (uint64_t)mtp_pos, 8, "MTP position");
+        snap_f32(io, s->last_hc, (size_t)c->hc * c->dim, "last_hc");
+        snap_layer(io, c, &s->mtp_state, 0, mtp_pos);
+    }
+    snap_expect(io, 0x45345344u, 4, "end mark");
+}
+
+/* ---- 10c.5.2 Writing: temp file, fsync, rename, fsync the directory -------- */
+
+struct snapshot_meta {
+    const char *key;              /* rendered bytes the snapshot covers */
+    size_t key_len;
+    enum kv_reason reason;
+    uint32_t ctx;                 /* 0 = unlimited */
+};
+
+struct snapshot_stats {
+    uint64_t file_bytes, payload_bytes, f32_row_bytes, packed_row_bytes, rows, raw_blocks;
+    double seconds;
+};
+
+static bool fsync_dir_of(const char *path, struct ds4_error *e) {
+    char dir[1024];
+    const char *slash = strrchr(path, '/');
+    snprintf(dir, sizeof dir, "%.*s", slash ? (int)(slash - path) : 1, slash ? path : ".");
+    if (slash == path) snprintf(dir, sizeof dir, "/");
+    int fd = open(dir, O_RDONLY | O_DIRECTORY);
+    if (fd < 0) return fail(e, "cannot open directory %s: %s", dir, strerror(errno));
+    bool ok = fsync(fd) == 0;
+    close(fd);
+    return ok || fail(e, "fsync of directory %s failed: %s", dir, strerror(errno));
+}
+
+static void kv_tables_init(void) {
+    crc32c_init();
+    e4m3_table_init();
+}
+
+/* Write the snapshot of s (which has processed exactly tokens[0..n)) to
+ * tmp_path, complete and fsync'd. The caller renames it into place. */
+static bool snapshot_write_file(const struct session *s, const int32_t *tokens, int64_t n,
+                                const char *tmp_path, const struct snapshot_meta *meta,
+                                struct snapshot_stats *stats, struct ds4_error *e) {
+    kv_tables_init();
+    if (n < 1 || s->pos != n)
+        return fail(e, "a snapshot of %lld tokens needs a session at that position (it is at %lld)",
+                    (long long)n, (long long)s->pos);
+    double t0 = now_seconds();
+    int fd = open(tmp_path, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    if (fd < 0) return fail(e, "cannot create %s: %s", tmp_path, strerror(errno));
+    struct kv_header h = { .n_tokens = (uint64_t)n, .key_bytes = meta->key_len,
+                           .ctx = meta->ctx, .reason = meta->reason,
+                           .quant_bits = kv_quant_bits(s->eng->model) };
+    char hex[41];
+    kv_model_identity(s->eng->model, hex);
+    for (int i = 0; i < 20; i++) sscanf(hex + 2 * i, "%2hhx", &h.model[i]);
+    struct sha1 kc;
+    sha1_init(&kc);
+    sha1_update(&kc, meta->key, meta->key_len);
+    sha1_digest(&kc, h.key_sha1);
+
+    uint8_t header[KV_HEADER_BYTES] = { 0 };
+    struct snap_io io = { .writing = true, .e = e, .fd = fd, .cap = 1 << 20 };
+    io.buf = xmalloc(io.cap);
+    snap_bytes(&io, header, KV_HEADER_BYTES, "header");
+    io.crc = 0;                             /* the payload CRC starts after the header */
+    io.written = 0;
+    snap_bytes(&io, (void *)meta->key, meta->key_len, "key");
+    uint64_t key_end = io.written;
+    int32_t *ids = (int32_t *)tokens;       /* write mode never modifies */
+    snap_session(&io, (struct session *)s, ids, n);
+    snap_flush(&io);
+    h.payload_bytes = io.written - key_end;
+    h.crc = io.crc;
+    kv_header_encode(&h, header);
+    bool ok = !io.failed;
+    if (ok && pwrite(fd, header, KV_HEADER_BYTES, 0) != KV_HEADER_BYTES)
+        ok = fail(e, "cannot write the header of %s: %s", tmp_path, strerror(errno));
+    if (ok && fsync(fd) != 0) ok = fail(e, "fsync %s: %s", tmp_path, strerror(errno));
+    if (close(fd) != 0 && ok) ok = fail(e, "close %s: %s", tmp_path, strerror(errno));
+    free(io.buf);
+    if (!ok) {
+        unlink(tmp_path);
+        return false;
+    }
+    if (stats) {
+        stats->file_bytes = KV_HEADER_BYTES + io.written;
+        stats->payload_bytes = h.payload_bytes;
+        stats->rows = io.rows_packed;
+        stats->raw_blocks = io.blocks_raw;
+        stats->f32_row_bytes = io.f32_equivalent;
+        stats->seconds = now_seconds() - t0;
+    }
+    return true;
+}
+
+/* rename(2) is atomic; the directory fsync makes the new name durable. */
+static bool snapshot_publish(const char *tmp_path, const char *path, struct ds4_error *e) {
+    if (rename(tmp_path, path) != 0) {
+        fail(e, "rename %s -> %s: %s", tmp_path, path, strerror(errno));
+        unlink(tmp_path);
+        return false;
+    }
+    return fsync_dir_of(path, e);
+}
+
+static bool session_save(const struct session *s, const int32_t *tokens, int64_t n,
+                         const char *path, const struct snapshot_meta *meta,
+                         struct snapshot_stats *stats, struct ds4_error *e) {
+    char tmp[1100];
+    snprintf(tmp, sizeof tmp, "%s.tmp.%d", path, (int)getpid());
+    return snapshot_write_file(s, tokens, n, tmp, meta, stats, e) && snapshot_publish(tmp, path, e);
+}
+
+/* ---- 10c.5.3 Reading -------------------------------------------------------- */
+
+/* The whole file, its header parsed and both CRCs checked. */
+struct snapshot_file {
+    uint8_t *bytes;
+    uint64_t size;
+    struct kv_header h;
+};
+
+static bool snapshot_read_verified(const char *path, struct snapshot_file *f, struct ds4_error *e) {
+    kv_tables_init();
+    memset(f, 0, sizeof *f);
+    struct ds4_error re;
+    size_t len;
+    char *bytes = read_file(path, &len, &re);
+    if (!bytes) return fail(e, "%s", re.msg);
+    f->bytes = (uint8_t *)bytes;
+    f->size = len;
+    struct ds4_error he;
+    bool ok = kv_header_decode(f->bytes, f->size, &f->h, &he);
+    if (!ok) fail(e, "%s: %s", path, he.msg);
+    if (ok && crc32c_update(0, f->bytes + KV_HEADER_BYTES, f->size - KV_HEADER_BYTES) != f->h.crc)
+        ok = fail(e, "%s: payload CRC mismatch (damaged file)", path);
+    uint8_t d[20];
+    if (ok) {
+        struct sha1 kc;
+        sha1_init(&kc);
+        sha1_update(&kc, f->bytes + KV_HEADER_BYTES, f->h.key_bytes);
+        sha1_digest(&kc, d);
+        if (memcmp(d, f->h.key_sha1, 20) != 0) ok = fail(e, "%s: key text does not match its SHA1", path);
+    }
+    if (!ok) {
+        free(f->bytes);
+        f->bytes = NULL;
+    }
+    return ok;
+}
+
+/* Load a snapshot into s. On success s is at position N and *tokens holds
+ * the N ids (free() them); on failure s is an empty session (position 0):
+ * a half-loaded state is never left behind. If `key`/`key_len` are given,
+ * the file's key text must equal them byte for byte. */
+static bool session_load_file(struct session *s, const struct snapshot_file *f,
+                              int32_t **tokens, struct ds4_error *e) {
+    char want[41], have[41];
+    kv_model_identity(s->eng->model, want);
+    sha1_hex(f->h.model, have);
+    if (strcmp(want, have) != 0)
+        return fail(e, "snapshot is for model %.12s..., this is %.12s...", have, want);
+    struct engine *eng = s->eng;
+    session_free(s);
+    session_init(s, eng);
+    int64_t n = (int64_t)f->h.n_tokens;
+    int32_t *ids = xmalloc((size_t)n * sizeof(int32_t));
+    struct snap_io io = { .writing = false, .e = e,
+                          .in = f->bytes + KV_HEADER_BYTES + f->h.key_bytes,
+                          .size = f->h.payload_bytes };
+    snap_session(&io, s, ids, n);
+    if (!io.failed && io.pos != io.size)
+        io.failed = !fail(e, "%llu trailing bytes after the payload",
+                          (unsigned long long)(io.size - io.pos));
+    if (io.failed) {
+        free(ids);
+        session_free(s);
+        session_init(s, eng);
+        return false;
+    }
+    s->pos = n;
+    s->mtp_pos = eng->model->has_mtp ? n - 1 : 0;
+    *tokens = ids;
+    return true;
+}
+
+static bool session_load(struct session *s, const char *path, int32_t **tokens, int64_t *n,
+                         struct ds4_error *e) {
+    struct snapshot_file f;
+    if (!snapshot_read_verified(path, &f, e)) return false;
+    struct ds4_error le;
+    bool ok = session_load_file(s, &f, tokens, &le);
+    if (ok) *n = (int64_t)f.h.n_tokens;
+    else fail(e, "%s: %s", path, le.msg);
+    free(f.bytes);
+    return ok;
+}
+
+/* The size of the same state as float32 rows (the format of dsv4-format.md
+ * 5.3), for the bench comparison. */
+static uint64_t snapshot_f32_bytes(const struct ds4_config *c, bool has_mtp, int64_t n) {
+    uint64_t b = (uint64_t)n * 4 + (uint64_t)c->vocab * 4;
+    int64_t R = n < c->window ? n : c->window;
+    for (int l = 0; l < c->n_layers; l++) {
+        int r = c->ratio[l];
+        b += (uint64_t)R * c->head_dim * 4;
+        if (r > 0) b += (uint64_t)(n / r) * c->head_dim * 4 + 2ull * compressor_coff(r) * r * compressor_coff(r) * c->head_dim * 4;
+        if (r == 4) b += (uint64_t)(n / 4) * c->idx_dim * 4 + 2ull * 8 * 2 * c->idx_dim * 4;
+    }
+    if (has_mtp) b += (uint64_t)c->hc * c->dim * 4 + (uint64_t)R * c->head_dim * 4;
+    return b;
+}
+
+/* ---- 10c.6 The store: an SQLite index over a directory --------------------
+ *
+ * One table, one row per snapshot file:
+ *
+ *     column      meaning
+ *     ----------  -----------------------------------------------------------
+ *     sha1        hex SHA1 of the key text = file name stem (primary key)
+ *     model       hex model identity (10c.3)
+ *     key_bytes   length of the key text
+ *     tokens      token count N
+ *     token_hash  hex SHA1 of the N token ids as u32 LE (lookup by ids)
+ *     bytes       file size
+ *     crc         payload CRC32C (ties the row to one version of the file)
+ *     quant_bits  routed-expert bits
+ *     ctx         context size at save (0 = unlimited)
+ *     created     unix milliseconds
+ *     last_used   unix milliseconds (the LRU clock)
+ *     hits        times loaded
+ *     reason      cold / continued / evict / shutdown
+ *
+ * Indexes: (model, key_bytes) drives the text lookup, (model, tokens) the
+ * token lookup, (last_used) the eviction. A second table, `writes`, is the
+ * ledger of bytes written in the last hour for the write budget, shared by
+ * every process using the directory.
+ * ------------------------------------------------------------------------- */
+
+struct kv_store_options {
+    const char *dir;
+    int64_t space_mb;             /* budget; 0 = 4096 */
+    int64_t write_mb_per_hour;    /* 0 = 8192 */
+    uint32_t ctx;                 /* the running context size, 0 = unlimited */
+    bool quiet;                   /* no log lines (tests) */
+};
+
+struct kv_store {
+    struct kv_store_options opt;
+    char dir[900];
+    sqlite3 *db;
+    int lock_fd;
+    int lock_depth;
+    const struct model *model;    /* NULL for the model-free commands */
+    char model_id[41];
+    uint64_t space_bytes, write_bytes_per_hour;
+};
+
+static void kv_log(const struct kv_store *st, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
+
+static void kv_log(const struct kv_store *st, const char *fmt, ...) {
+    if (st->opt.quiet) return;
+    va_list ap;
+    va_start(ap, fmt);
+    fprintf(stderr, "ds4: kv-disk: ");
+    vfprintf(stderr, fmt, ap);
+    fprintf(stderr, "\n");
+    va_end(ap);
+}
+
+static int64_t now_unix_ms(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static void kv_path(const struct kv_store *st, const char *sha1, char *out, size_t cap) {
+    snprintf(out, cap, "%s/%s.kv", st->dir, sha1);
+}
+
+/* Exclusive lock on DIR/lock, re-entrant within the process. */
+static void kv_lock(struct kv_store *st) {
+    if (st->lock_depth++ == 0)
+        while (flock(st->lock_fd, LOCK_EX) != 0 && errno == EINTR) {}
+}
+
+static void kv_unlock(struct kv_store *st) {
+    if (--st->lock_depth == 0) flock(st->lock_fd, LOCK_UN);
+}
+
+static bool kv_exec(struct kv_store *st, const char *sql, struct ds4_error *e) {
+    char *msg = NULL;
+    if (sqlite3_exec(st->db, sql, NULL, NULL, &msg) == SQLITE_OK) return true;
+    fail(e, "sqlite: %s (in: %.60s)", msg ? msg : "?", sql);
+    sqlite3_free(msg);
+    return false;
+}
+
+static sqlite3_stmt *kv_prepare(struct kv_store *st, const char *sql) {
+    sqlite3_stmt *q = NULL;
+    if (sqlite3_prepare_v2(st->db, sql, -1, &q, NULL) != SQLITE_OK) {
+        kv_log(st, "sqlite: %s", sqlite3_errmsg(st->db));
+        return NULL;
+    }
+    return q;
+}
+
+static const char kv_schema[] =
+    "PRAGMA journal_mode=WAL;"
+    "PRAGMA synchronous=NORMAL;"
+    "CREATE TABLE IF NOT EXISTS snapshots("
+    " sha1 TEXT PRIMARY KEY, model TEXT NOT NULL, key_bytes INTEGER NOT NULL,"
+    " tokens INTEGER NOT NULL, token_hash TEXT NOT NULL, bytes INTEGER NOT NULL,"
+    " crc INTEGER NOT NULL, quant_bits INTEGER NOT NULL, ctx INTEGER NOT NULL,"
+    " created INTEGER NOT NULL, last_used INTEGER NOT NULL, hits INTEGER NOT NULL,"
+    " reason TEXT NOT NULL);"
+    "CREATE INDEX IF NOT EXISTS snapshots_by_key ON snapshots(model, key_bytes);"
+    "CREATE INDEX IF NOT EXISTS snapshots_by_tokens ON snapshots(model, tokens);"
+    "CREATE INDEX IF NOT EXISTS snapshots_by_use ON snapshots(last_used);"
+    "CREATE TABLE IF NOT EXISTS writes(at INTEGER NOT NULL, bytes INTEGER NOT NULL);";
+
+static void kv_remove_entry(struct kv_store *st, const char *sha1, const char *why);
+static void kv_store_repair(struct kv_store *st);
+
+/* Open (creating) DIR and its index. `model` may be NULL for --kv-list etc. */
+static bool kv_store_open(struct kv_store *st, const struct kv_store_options *opt,
+                          const struct model *model, struct ds4_error *e) {
+    memset(st, 0, sizeof *st);
+    st->opt = *opt;
+    st->lock_fd = -1;
+    kv_tables_init();
+    snprintf(st->dir, sizeof st->dir, "%s", opt->dir);
+    if (mkdir(st->dir, 0755) != 0 && errno != EEXIST)
+        return fail(e, "cannot create %s: %s", st->dir, strerror(errno));
+    char path[1000];
+    snprintf(path, sizeof path, "%s/lock", st->dir);
+    st->lock_fd = open(path, O_RDWR | O_CREAT, 0644);
+    if (st->lock_fd < 0) return fail(e, "cannot open %s: %s", path, strerror(errno));
+    snprintf(path, sizeof path, "%s/index.sqlite", st->dir);
+    if (sqlite3_open(path, &st->db) != SQLITE_OK) {
+        fail(e, "cannot open %s: %s", path, st->db ? sqlite3_errmsg(st->db) : "?");
+        sqlite3_close(st->db);
+        close(st->lock_fd);
+        return false;
+    }
+    sqlite3_busy_timeout(st->db, 10000);
+    kv_lock(st);
+    bool ok = kv_exec(st, kv_schema, e);
+    kv_unlock(st);
+    if (!ok) {
+        sqlite3_close(st->db);
+        close(st->lock_fd);
+        return false;
+    }
+    st->model = model;
+    if (model) kv_model_identity(model, st->model_id);
+    st->space_bytes = (uint64_t)(opt->space_mb > 0 ? opt->space_mb : 4096) << 20;
+    st->write_bytes_per_hour = (uint64_t)(opt->write_mb_per_hour > 0 ? opt->write_mb_per_hour : 8192) << 20;
+    kv_store_repair(st);
+    return true;
+}
+
+static void kv_store_close(struct kv_store *st) {
+    if (st->db) sqlite3_close(st->db);
+    if (st->lock_fd >= 0) close(st->lock_fd);
+    memset(st, 0, sizeof *st);
+    st->lock_fd = -1;
+}
+
+/* ---- 10c.6.1 Consistency repair ---------------------------------------------
+ *
+ * Run at open (under the lock), it restores the invariants after a crash:
+ *
+ *   1. tmp.<pid>.* of a process that no longer exists: removed.
+ *   2. a row whose file is missing, or whose file size differs: removed.
+ *   3. a <40 hex>.kv file with no row: removed.
+ *
+ * Step 3 reads the directory listing; that happens here, once per open,
+ * never on a lookup. CRC and model mismatches are found when a file is
+ * loaded (10c.7) or by --kv-check, and removed the same way.
+ * ------------------------------------------------------------------------- */
+
+static bool is_entry_name(const char *name, char sha1[41]) {
+    size_t len = strlen(name);
+    if (len != 43 || strcmp(name + 40, ".kv") != 0) return false;
+    for (int i = 0; i < 40; i++)
+        if (!((name[i] >= '0' && name[i] <= '9') || (name[i] >= 'a' && name[i] <= 'f'))) return false;
+    memcpy(sha1, name, 40);
+    sha1[40] = 0;
+    return true;
+}
+
+static bool kv_row_exists(struct kv_store *st, const char *sha1) {
+    sqlite3_stmt *q = kv_prepare(st, "SELECT 1 FROM snapshots WHERE sha1=?");
+    if (!q) return true;      /* when in doubt, delete nothing */
+    sqlite3_bind_text(q, 1, sha1, -1, SQLITE_STATIC);
+    bool found = sqlite3_step(q) == SQLITE_ROW;
+    sqlite3_finalize(q);
+    return found;
+}
+
+static void kv_repair_directory(struct kv_store *st) {
+    DIR *d = opendir(st->dir);
+    if (!d) return;
+    struct dirent *de;
+    char sha1[41], path[1200];
+    while ((de = readdir(d)) != NULL) {
+        snprintf(path, sizeof path, "%s/%s", st->dir, de->d_name);
+        int pid;
+        if (sscanf(de->d_name, "tmp.%d.", &pid) == 1) {
+            if (pid != getpid() && kill(pid, 0) != 0 && errno == ESRCH) {
+                unlink(path);
+                kv_log(st, "removed %s, left by a process that died while saving", de->d_name);
+            }
+        } else if (is_entry_name(de->d_name, sha1) && !kv_row_exists(st, sha1)) {
+            unlink(path);
+            kv_log(st, "removed %s: file without an index row", de->d_name);
+        }
+    }
+    closedir(d);
+}
+
+static void kv_repair_rows(struct kv_store *st) {
+    sqlite3_stmt *q = kv_prepare(st, "SELECT sha1, bytes FROM snapshots");
+    if (!q) return;
+    char (*bad)[41] = NULL;
+    int n_bad = 0;
+    while (sqlite3_step(q) == SQLITE_ROW) {
+        const char *sha1 = (const char *)sqlite3_column_text(q, 0);
+        char path[1000];
+        struct stat sb;
+        kv_path(st, sha1, path, sizeof path);
+        if (stat(path, &sb) == 0 && (uint64_t)sb.st_size == (uint64_t)sqlite3_column_int64(q, 1))
+            continue;
+        bad = xrealloc(bad, (size_t)(n_bad + 1) * sizeof *bad);
+        snprintf(bad[n_bad++], 41, "%s", sha1);
+    }
+    sqlite3_finalize(q);
+    for (int i = 0; i < n_bad; i++) kv_remove_entry(st, bad[i], "file missing or of the wrong size");
+    free(bad);
+}
+
+static void kv_store_repair(struct kv_store *st) {
+    kv_lock(st);
+    kv_repair_rows(st);
+    kv_repair_directory(st);
+    kv_unlock(st);
+}
+
+/* Delete the row, then the file (a crash in between leaves a file without
+ * a row, which repair removes). */
+static void kv_remove_entry(struct kv_store *st, const char *sha1, const char *why) {
+    kv_lock(st);
+    sqlite3_stmt *q = kv_prepare(st, "DELETE FROM snapshots WHERE sha1=?");
+    if (q) {
+        sqlite3_bind_text(q, 1, sha1, -1, SQLITE_STATIC);
+        sqlite3_step(q);
+        sqlite3_finalize(q);
+    }
+    char path[1000];
+    kv_path(st, sha1, path, sizeof path);
+    unlink(path);
+    kv_unlock(st);
+    kv_log(st, "removed %.12s...: %s", sha1, why);
+}
+
+/* ---- 10c.7 Lookup -------------------------------------------------------------
+ *
+ * Given the rendered text of a new prompt, find the snapshot of this model
+ * whose key text is the longest prefix of it:
+ *
+ *   1. SELECT DISTINCT key_bytes for this model, <= the prompt's length
+ *      (index snapshots_by_key). There are at most as many as entries.
+ *   2. Hash the prompt ONCE, left to right, taking a digest at each of those
+ *      lengths (sha1_digest finishes a copy): the SHA1 of every candidate
+ *      prefix for the price of one pass.
+ *   3. From the longest down, SELECT the row with that sha1 (primary key).
+ *   4. Read and verify the file: header vs row, CRCs, key text equal to the
+ *      prompt prefix byte for byte, model identity; decode into the session.
+ *      A failure removes the entry (invariant 3) and tries the next length.
+ *
+ * The whole lookup holds the directory lock, so no eviction can remove the
+ * file between the query and the read.
+ * ------------------------------------------------------------------------- */
+
+struct kv_hit {
+    bool found;
+    char sha1[41];
+    int64_t n_tokens;             /* tokens now in the session */
+    int64_t key_bytes;            /* prompt bytes they cover */
+    int32_t *tokens;              /* [n_tokens], free() it */
+    double load_seconds;
+};
+
+/* Lengths (ascending) of this model's keys that fit in `limit`. */
+static int64_t *kv_candidate_lengths(struct kv_store *st, const char *len_column, int64_t limit,
+                                     int *count) {
+    char sql[200];
+    snprintf(sql, sizeof sql, "SELECT DISTINCT %s FROM snapshots WHERE model=? AND %s<=? AND "
+             "(?=0 OR tokens<?) ORDER BY %s", len_column, len_column, len_column);
+    sqlite3_stmt *q = kv_prepare(st, sql);
+    *count = 0;
+    if (!q) return NULL;
+    sqlite3_bind_text(q, 1, st->model_id, -1, SQLITE_STATIC);
+    sqlite3_bind_int64(q, 2, limit);
+    sqlite3_bind_int64(q, 3, st->opt.ctx);
+    sqlite3_bind_int64(q, 4, st->opt.ctx);
+    int64_t *lens = NULL;
+    while (sqlite3_step(q) == SQLITE_ROW) {
+        lens = xrealloc(lens, (size_t)(*count + 1) * sizeof *lens);
+        lens[(*count)++] = sqlite3_column_int64(q, 0);
+    }
+    sqlite3_finalize(q);
+    return lens;
+}
+
+/* hex SHA1 of data[0 .. lens[i]*unit) for every i, in one pass. */
+static void kv_prefix_hashes(const uint8_t *data, size_t unit, const int64_t *lens, int count,
+                             char (*hex)[41]) {
+    struct sha1 c;
+    sha1_init(&c);
+    int64_t done = 0;
+    for (int i = 0; i < count; i++) {
+        sha1_update(&c, data + done * unit, (size_t)(lens[i] - done) * unit);
+        done = lens[i];
+        uint8_t d[20];
+        sha1_digest(&c, d);
+        sha1_hex(d, hex[i]);
+    }
+}
+
+/* Try to load the entry `sha1` (found by a key of `key_len` bytes of `key`). */
+static bool kv_try_load(struct kv_store *st, struct session *s, const char *sha1,
+                        const char *key, int64_t key_len, struct kv_hit *hit) {
+    char path[1000];
+    kv_path(st, sha1, path, sizeof path);
+    struct ds4_error e;
+    struct snapshot_file f;
+    double t0 = now_seconds();
+    if (!snapshot_read_verified(path, &f, &e)) {
+        kv_remove_entry(st, sha1, e.msg);
+        return false;
+    }
+    bool ok = true;
+    if (key && ((int64_t)f.h.key_bytes != key_len ||
+                memcmp(f.bytes + KV_HEADER_BYTES, key, (size_t)key_len) != 0))
+        ok = fail(&e, "key text differs from the prompt prefix");
+    if (ok) ok = session_load_file(s, &f, &hit->tokens, &e);
+    if (ok) {
+        hit->found = true;
+        hit->n_tokens = (int64_t)f.h.n_tokens;
+        hit->key_bytes = (int64_t)f.h.key_bytes;
+        snprintf(hit->sha1, sizeof hit->sha1, "%s", sha1);
+        hit->load_seconds = now_seconds() - t0;
+    }
+    free(f.bytes);
+    if (!ok) kv_remove_entry(st, sha1, e.msg);
+    return ok;
+}
+
+static void kv_touch(struct kv_store *st, const char *sha1) {
+    sqlite3_stmt *q = kv_prepare(st, "UPDATE snapshots SET hits=hits+1, last_used=? WHERE sha1=?");
+    if (!q) return;
+    sqlite3_bind_int64(q, 1, now_unix_ms());
+    sqlite3_bind_text(q, 2, sha1, -1, SQLITE_STATIC);
+    sqlite3_step(q);
+    sqlite3_finalize(q);
+}
+
+/* The common loop of both lookups: candidates from longest to shortest. */
+static bool kv_lookup_by(struct kv_store *st, struct session *s, const char *len_column,
+                         const char *hash_column, const uint8_t *data, size_t unit, int64_t len,
+                         bool text, struct kv_hit *hit) {
+    memset(hit, 0, sizeof *hit);
+    if (!st->model) return false;
+    kv_lock(st);
+    int count;
+    int64_t *lens = kv_candidate_lengths(st, len_column, len, &count);
+    char (*hex)[41] = xmalloc((size_t)(count ? count : 1) * sizeof *hex);
+    kv_prefix_hashes(data, unit, lens, count, hex);
+    char sql[160];
+    snprintf(sql, sizeof sql, "SELECT sha1 FROM snapshots WHERE model=? AND %s=? AND %s=?",
+             hash_column, len_column);
+    for (int i = count - 1; i >= 0 && !hit->found; i--) {
+        sqlite3_stmt *q = kv_prepare(st, sql);
+        if (!q) break;
+        sqlite3_bind_text(q, 1, st->model_id, -1, SQLITE_STATIC);
+        sqlite3_bind_text(q, 2, hex[i], -1, SQLITE_STATIC);
+        sqlite3_bind_int64(q, 3, lens[i]);
+        char sha1[41] = "";
+        if (sqlite3_step(q) == SQLITE_ROW)
+            snprintf(sha1, sizeof sha1, "%s", (const char *)sqlite3_column_text(q, 0));
+        sqlite3_finalize(q);
+        if (sha1[0] && kv_try_load(st, s, sha1, text ? (const char *)data : NULL, lens[i], hit))
+            kv_touch(st, sha1);
+    }
+    kv_unlock(st);
+    free(lens);
+    free(hex);
+    return hit->found;
+}
+
+/* Longest cached prefix of a rendered prompt: on a hit the session holds it. */
+static bool kv_store_lookup(struct kv_store *st, struct session *s, const char *text, size_t len,
+                            struct kv_hit *hit) {
+    return kv_lookup_by(st, s, "key_bytes", "sha1", (const uint8_t *)text, 1, (int64_t)len, true, hit);
+}
+
+/* The same by token ids (for --tokens prompts, which have no text). */
+static bool kv_store_lookup_tokens(struct kv_store *st, struct session *s, const int32_t *ids,
+                                   int64_t n, struct kv_hit *hit) {
+    return kv_lookup_by(st, s, "tokens", "token_hash", (const uint8_t *)ids, 4, n, false, hit);
+}
+
+/* ---- 10c.8 Saving, the space budget and the write budget -------------------
+ *
+ *   1. Skip if an entry with this key already holds the same tokens for this
+ *      model (refresh its last_used instead): no rewrite storms.
+ *   2. Skip if the write ledger says the last hour already wrote more than
+ *      the write budget (default 8 GiB/h: a save every 10 s of 200 MB for an
+ *      hour; a laptop SSD rated for 600 TBW survives decades of that).
+ *   3. Skip if the snapshot alone would exceed the space budget.
+ *   4. Encode into DIR/tmp.<pid>.<sha1> and fsync (no lock held).
+ *   5. Under the lock: rename, fsync DIR, upsert the row, add to the ledger,
+ *      then evict least-recently-used entries (never the new one) until the
+ *      sum of `bytes` fits the space budget.
+ * ------------------------------------------------------------------------- */
+
+static int64_t kv_query_int(struct kv_store *st, const char *sql, int64_t arg) {
+    sqlite3_stmt *q = kv_prepare(st, sql);
+    if (!q) return -1;
+    sqlite3_bind_int64(q, 1, arg);
+    int64_t v = sqlite3_step(q) == SQLITE_ROW ? sqlite3_column_int64(q, 0) : -1;
+    sqlite3_finalize(q);
+    return v;
+}
+
+static void kv_evict(struct kv_store *st, const char *keep) {
+    for (;;) {
+        int64_t total = kv_query_int(st, "SELECT COALESCE(SUM(bytes),0) FROM snapshots WHERE bytes>=?", 0);
+        if (total < 0 || (uint64_t)total <= st->space_bytes) return;
+        sqlite3_stmt *q = kv_prepare(st, "SELECT sha1 FROM snapshots WHERE sha1<>? "
+                                         "ORDER BY last_used, created LIMIT 1");
+        if (!q) return;
+        sqlite3_bind_text(q, 1, keep, -1, SQLITE_STATIC);
+        char victim[41] = "";
+        if (sqlite3_step(q) == SQLITE_ROW)
+            snprintf(victim, sizeof victim, "%s", (const char *)sqlite3_column_text(q, 0));
+        sqlite3_finalize(q);
+        if (!victim[0]) return;
+        kv_remove_entry(st, victim, "evicted (least recently used, over the space budget)");
+    }
+}
+
+static bool kv_insert_row(struct kv_store *st, const char *sha1, const struct snapshot_meta *meta,
+                          const int32_t *tokens, int64_t n, const struct snapshot_stats *ss,
+                          uint32_t crc) {
+    sqlite3_stmt *q = kv_prepare(st,
+        "INSERT OR REPLACE INTO snapshots(sha1, model, key_bytes, tokens, token_hash, bytes, crc,"
+        " quant_bits, ctx, created, last_used, hits, reason) VALUES(?,?,?,?,?,?,?,?,?,?,?,0,?)");
+    if (!q) return false;
+    char token_hash[41];
+    sha1_of(tokens, (size_t)n * sizeof(int32_t), token_hash);
+    int64_t now = now_unix_ms();
+    sqlite3_bind_text(q, 1, sha1, -1, SQLITE_STATIC);
+    sqlite3_bind_text(q, 2, st->model_id, -1, SQLITE_STATIC);
+    sqlite3_bind_int64(q, 3, (int64_t)meta->key_len);
+    sqlite3_bind_int64(q, 4, n);
+    sqlite3_bind_text(q, 5, token_hash, -1, SQLITE_STATIC);
+    sqlite3_bind_int64(q, 6, (int64_t)ss->file_bytes);
+    sqlite3_bind_int64(q, 7, crc);
+    sqlite3_bind_int(q, 8, kv_quant_bits(st->model));
+    sqlite3_bind_int64(q, 9, meta->ctx);
+    sqlite3_bind_int64(q, 10, now);
+    sqlite3_bind_int64(q, 11, now);
+    sqlite3_bind_text(q, 12, kv_reason_names[meta->reason], -1, SQLITE_STATIC);
+    bool ok = sqlite3_step(q) == SQLITE_DONE;
+    sqlite3_finalize(q);
+    q = kv_prepare(st, "INSERT INTO writes(at, bytes) VALUES(?, ?)");
+    if (q) {
+        sqlite3_bind_int64(q, 1, now);
+        sqlite3_bind_int64(q, 2, (int64_t)ss->file_bytes);
+        sqlite3_step(q);
+        sqlite3_finalize(q);
+    }
+    return ok;
+}
+
+/* Does the entry exist with these very tokens? Then only refresh it. */
+static bool kv_already_saved(struct kv_store *st, const char *sha1, int64_t n) {
+    sqlite3_stmt *q = kv_prepare(st, "UPDATE snapshots SET last_used=? WHERE sha1=? AND model=? "
+                                     "AND tokens=?");
+    if (!q) return false;
+    sqlite3_bind_int64(q, 1, now_unix_ms());
+    sqlite3_bind_text(q, 2, sha1, -1, SQLITE_STATIC);
+    sqlite3_bind_text(q, 3, st->model_id, -1, SQLITE_STATIC);
+    sqlite3_bind_int64(q, 4, n);
+    sqlite3_step(q);
+    sqlite3_finalize(q);
+    return sqlite3_changes(st->db) > 0;
+}
+
+/* An upper bound of the file size, for the budgets (no raw blocks). */
+static uint64_t snapshot_estimate_bytes(const struct ds4_config *c, bool has_mtp, int64_t n,
+                                        size_t key_len) {
+    int nope_blocks = (c->head_dim - c->rope_dim) / FP8_BLOCK;
+    uint64_t kv_row = (uint64_t)nope_blocks * (1 + FP8_BLOCK) + (uint64_t)(c->head_dim - nope_blocks * FP8_BLOCK) * 4;
+    uint64_t f32 = snapshot_f32_bytes(c, has_mtp, n);
+    uint64_t rows = (uint64_t)(n < c->window ? n : c->window) * (c->n_layers + has_mtp);
+    for (int l = 0; l < c->n_layers; l++)
+        if (c->ratio[l] > 0) rows += (uint64_t)(n / c->ratio[l]);
+    return KV_HEADER_BYTES + key_len + 1024 + f32 - rows * ((uint64_t)c->head_dim * 4 - kv_row);
+}
+
+struct kv_save_result {
+    bool saved;
+    char sha1[41];
+    struct snapshot_stats stats;
+    const char *skipped;          /* why nothing was written, or NULL */
+};
+
+static bool kv_store_save(struct kv_store *st, const struct session *s, const int32_t *tokens,
+                          int64_t n, const char *key, size_t key_len, enum kv_reason reason,
+                          struct kv_save_result *res, struct ds4_error *e) {
+    memset(res, 0, sizeof *res);
+    const struct ds4_config *c = &st->model->cfg;
+    sha1_of(key, key_len, res->sha1);
+    kv_lock(st);
+    bool done = kv_already_saved(st, res->sha1, n);
+    int64_t hour = kv_query_int(st, "SELECT COALESCE(SUM(bytes),0) FROM writes WHERE at>?",
+                                now_unix_ms() - 3600 * 1000);
+    kv_exec(st, "DELETE FROM writes WHERE at < strftime('%s','now')*1000 - 3600000", e);
+    kv_unlock(st);
+    uint64_t estimate = snapshot_estimate_bytes(c, st->model->has_mtp, n, key_len);
+    if (done) res->skipped = "already saved";
+    else if ((uint64_t)hour + estimate > st->write_bytes_per_hour) res->skipped = "write budget for this hour used up";
+    else if (estimate + estimate / 100 > st->space_bytes) res->skipped = "larger than the space budget";
+    if (res->skipped) {
+        kv_log(st, "not saving %lld tokens: %s", (long long)n, res->skipped);
+        return true;
+    }
+    char tmp[1100], path[1000];
+    snprintf(tmp, sizeof tmp, "%s/tmp.%d.%s", st->dir, (int)getpid(), res->sha1);
+    kv_path(st, res->sha1, path, sizeof path);
+    struct snapshot_meta meta = { key, key_len, reason, st->opt.ctx };
+    if (!snapshot_write_file(s, tokens, n, tmp, &meta, &res->stats, e)) return false;
+    struct snapshot_file f;             /* the CRC that ties the row to this file */
+    uint8_t header[KV_HEADER_BYTES];
+    int fd = open(tmp, O_RDONLY);
+    bool ok = fd >= 0 && read(fd, header, KV_HEADER_BYTES) == KV_HEADER_BYTES &&
+              kv_header_decode(header, res->stats.file_bytes, &f.h, e);
+    if (fd >= 0) close(fd);
+    kv_lock(st);
+    ok = ok && snapshot_publish(tmp, path, e);
+    ok = ok && kv_insert_row(st, res->sha1, &meta, tokens, n, &res->stats, f.h.crc);
+    if (ok) kv_evict(st, res->sha1);
+    kv_unlock(st);
+    if (!ok) {
+        unlink(tmp);
+        return fail(e, "saving %s: %s", res->sha1, e->msg);
+    }
+    res->saved = true;
+    kv_log(st, "saved %lld tokens (%s) as %.12s..., %.1f MB in %.3f s", (long long)n,
+           kv_reason_names[reason], res->sha1, res->stats.file_bytes / 1e6, res->stats.seconds);
+    return true;
+}
+
+/* ---- 10c.9 When to save (dsv4-format.md 5.5) --------------------------------
+ *
+ *     setting                             default
+ *     ----------------------------------  -------------------------------
+ *     min_tokens                          512     smaller prefixes are cheap to prefill
+ *     cold_max_tokens                     30000   larger prompts skip the cold save
+ *     interval                            10240   continued saves at multiples of this
+ *     trim                                32      tokens left off the end of a prompt
+ *     align                               2048    cold save points are multiples of this
+ *
+ * The moments:
+ *
+ *   - cold: a full miss on a prompt of min..cold_max tokens. The save point
+ *     is the last <｜User｜> before the first <｜Assistant｜> (the stable
+ *     system + tools prefix that every later turn repeats) if that is at
+ *     least min_tokens; else (n - trim) rounded down to `align`. The tail
+ *     is trimmed because the last tokens of a prompt (the assistant prefix,
+ *     a thinking tag) are often rendered differently next turn; aligning
+ *     makes turns of similar length share save points.
+ *   - continued: whenever the session reaches a multiple of `interval`
+ *     (prefill or decode).
+ *   - evict: the live session (>= min_tokens) is about to be replaced.
+ *   - shutdown: clean exit, the live session (>= min_tokens).
+ *
+ * kv_store_feed() below is the prefill with these save points; evict and
+ * shutdown are kv_store_save() of the whole live session, keyed by its text.
+ * ------------------------------------------------------------------------- */
+
+struct kv_policy {
+    int64_t min_tokens, cold_max_tokens, interval, trim, align;
+};
+
+static struct kv_policy kv_default_policy(void) {
+    struct kv_policy p = { 512, 30000, 10240, 32, 2048 };
+    return p;
+}
+
+/* The cold save point of a prompt of n tokens, or 0 for none. */
+static int64_t kv_cold_save_point(const struct kv_policy *p, const int32_t *ids, int64_t n,
+                                  int32_t user_id, int32_t assistant_id) {
+    if (n < p->min_tokens || n > p->cold_max_tokens) return 0;
+    int64_t last_user = -1;
+    for (int64_t i = 0; i < n && ids[i] != assistant_id; i++)
+        if (ids[i] == user_id) last_user = i;
+    if (last_user >= p->min_tokens) return last_user;
+    int64_t at = (n - p->trim) / p->align * p->align;
+    return at >= p->min_tokens ? at : 0;
+}
+
+/* The next multiple of the interval in (from, to], or 0. */
+static int64_t kv_next_continued_point(const struct kv_policy *p, int64_t from, int64_t to) {
+    if (p->interval <= 0) return 0;
+    int64_t next = (from / p->interval + 1) * p->interval;
+    return next <= to ? next : 0;
+}
+
+static int32_t kv_special_id(const struct tokenizer *tok, const char *text) {
+    size_t mlen = 0;
+    int32_t id = tok_match_special(tok, text, strlen(text), &mlen);
+    return mlen == strlen(text) ? id : -1;
+}
+
+/* Save the session (at ids[0..n)) keyed by the detokenized text. */
+static bool kv_store_save_tokens(struct kv_store *st, const struct session *s,
+                                 const struct tokenizer *tok, const int32_t *ids, int64_t n,
+                                 enum kv_reason reason, struct ds4_error *e) {
+    struct strbuf key = { 0 };
+    detokenize(tok, ids, (size_t)n, &key);
+    struct kv_save_result res;
+    bool ok = !key.oom && kv_store_save(st, s, ids, n, key.data ? key.data : "", key.len, reason,
+                                        &res, e);
+    strbuf_free(&key);
+    return ok;
+}
+
+/* Prefill ids[s->pos .. n) in chunks, stopping at the cold point `cold_at`
+ * (0 = none) and at continued points to save. */
+static bool kv_store_feed(struct kv_store *st, const struct kv_policy *p, struct session *s,
+                          const struct tokenizer *tok, const int32_t *ids, int64_t n,
+                          int64_t cold_at, int chunk, struct ds4_error *e) {
+    while (s->pos < n) {
+        int64_t stop = n;
+        enum kv_reason why = KV_REASON_UNKNOWN;
+        int64_t cont = kv_next_continued_point(p, s->pos, n);
+        if (cont) stop = cont, why = KV_REASON_CONTINUED;
+        if (cold_at > s->pos && cold_at <= stop) stop = cold_at, why = KV_REASON_COLD;
+        if (!session_feed(s, ids + s->pos, stop - s->pos, chunk, e)) return false;
+        if (why != KV_REASON_UNKNOWN && stop >= p->min_tokens &&
+            !kv_store_save_tokens(st, s, tok, ids, stop, why, e))
+            kv_log(st, "save failed: %s", e->msg);
+    }
+    return true;
+}
+
+/* ---- 10c.10 --kv-list, --kv-check, --kv-clear ------------------------------- */
+
+static bool kv_open_for_command(struct kv_store *st, const char *dir) {
+    struct kv_store_options o = { .dir = dir };
+    struct ds4_error e;
+    struct stat sb;
+    if (stat(dir, &sb) != 0 || !S_ISDIR(sb.st_mode)) {
+        fprintf(stderr, "ds4: %s is not a directory\n", dir);
+        return false;
+    }
+    if (kv_store_open(st, &o, NULL, &e)) return true;
+    fprintf(stderr, "ds4: %s\n", e.msg);
+    return false;
+}
+
+static int kv_list_command(const char *dir) {
+    struct kv_store st;
+    if (!kv_open_for_command(&st, dir)) return 1;
+    sqlite3_stmt *q = kv_prepare(&st, "SELECT sha1, tokens, bytes, model, quant_bits, hits, reason,"
+                                      " created, last_used FROM snapshots ORDER BY last_used DESC");
+    int64_t n = 0, total = 0;
+    printf("%-12s %9s %12s %-12s %4s %5s %-9s %-19s\n", "sha1", "tokens", "bytes", "model", "bits",
+           "hits", "reason", "last used");
+    while (q && sqlite3_step(q) == SQLITE_ROW) {
+        time_t used = (time_t)(sqlite3_column_int64(q, 8) / 1000);
+        char when[32];
+        strftime(when, sizeof when, "%Y-%m-%d %H:%M:%S", localtime(&used));
+        printf("%-12.12s %9lld %12lld %-12.12s %4d %5d %-9s %s\n", sqlite3_column_text(q, 0),
+               (long long)sqlite3_column_int64(q, 1), (long long)sqlite3_column_int64(q, 2),
+               sqlite3_column_text(q, 3), sqlite3_column_int(q, 4), sqlite3_column_int(q, 5),
+               sqlite3_column_text(q, 6), when);
+        n++;
+        total += sqlite3_column_int64(q, 2);
+    }
+    sqlite3_finalize(q);
+    printf("%lld snapshots, %.1f MB\n", (long long)n, total / 1e6);
+    kv_store_close(&st);
+    return 0;
+}
+
+/* Verify one entry's file against its row: header, CRCs, key SHA1, model. */
+static bool kv_check_entry(struct kv_store *st, sqlite3_stmt *row, struct ds4_error *e) {
+    const char *sha1 = (const char *)sqlite3_column_text(row, 0);
+    char path[1000], model[41];
+    kv_path(st, sha1, path, sizeof path);
+    struct snapshot_file f;
+    if (!snapshot_read_verified(path, &f, e)) return false;
+    char key_hex[41];
+    sha1_hex(f.h.key_sha1, key_hex);
+    sha1_hex(f.h.model, model);
+    bool ok = true;
+    if (strcmp(key_hex, sha1) != 0) ok = fail(e, "%s: file name does not match its key", path);
+    else if (strcmp(model, (const char *)sqlite3_column_text(row, 1)) != 0)
+        ok = fail(e, "%s: model in the file differs from the index", path);
+    else if ((int64_t)f.h.n_tokens != sqlite3_column_int64(row, 2) ||
+             (int64_t)f.size != sqlite3_column_int64(row, 3) ||
+             (int64_t)f.h.crc != sqlite3_column_int64(row, 4))
+        ok = fail(e, "%s: tokens, size or CRC differ from the index", path);
+    free(f.bytes);
+    return ok;
+}
+
+static int kv_check_command(const char *dir) {
+    struct kv_store st;
+    if (!kv_open_for_command(&st, dir)) return 1;
+    kv_lock(&st);
+    sqlite3_stmt *q = kv_prepare(&st, "SELECT sha1, model, tokens, bytes, crc FROM snapshots");
+    int good = 0, bad = 0;
+    char (*doomed)[41] = NULL;
+    while (q && sqlite3_step(q) == SQLITE_ROW) {
+        struct ds4_error e;
+        if (kv_check_entry(&st, q, &e)) { good++; continue; }
+        printf("BAD  %s\n", e.msg);
+        doomed = xrealloc(doomed, (size_t)(bad + 1) * sizeof *doomed);
+        snprintf(doomed[bad++], 41, "%s", (const char *)sqlite3_column_text(q, 0));
+    }
+    sqlite3_finalize(q);
+    for (int i = 0; i < bad; i++) kv_remove_entry(&st, doomed[i], "failed --kv-check");
+    kv_unlock(&st);
+    free(doomed);
+    printf("%d snapshots verified, %d bad (removed)\n", good, bad);
+    kv_store_close(&st);
+    return bad ? 1 : 0;
+}
+
+static int kv_clear_command(const char *dir) {
+    struct kv_store st;
+    if (!kv_open_for_command(&st, dir)) return 1;
+    kv_lock(&st);
+    sqlite3_stmt *q = kv_prepare(&st, "SELECT sha1 FROM snapshots");
+    char (*all)[41] = NULL;
+    int n = 0;
+    while (q && sqlite3_step(q) == SQLITE_ROW) {
+        all = xrealloc(all, (size_t)(n + 1) * sizeof *all);
+        snprintf(all[n++], 41, "%s", (const char *)sqlite3_column_text(q, 0));
+    }
+    sqlite3_finalize(q);
+    st.opt.quiet = true;
+    for (int i = 0; i < n; i++) kv_remove_entry(&st, all[i], "cleared");
+    struct ds4_error e;
+    kv_exec(&st, "DELETE FROM writes; PRAGMA wal_checkpoint(TRUNCATE);", &e);
+    kv_unlock(&st);
+    free(all);
+    printf("removed %d snapshots from %s\n", n, dir);
+    kv_store_close(&st);
+    return 0;
+}
 
 /* ============================================================================
  * Chapter 11. Tools built on the engine: the oracle checker and the bench
