@@ -8,7 +8,7 @@
 
 CC      ?= cc
 CFLAGS  ?= -O2 -g
-WARN    := -Wall -Wextra -Wno-unused-function
+WARN    := -Wall -Wextra -Wno-unused-function -D_GNU_SOURCE
 LIBS    := -lm -lpthread -lsqlite3
 SAN     := -O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined
 

@@ -41,7 +41,9 @@
  * 0-based absolute token indices. Activations are float32 throughout.
  */
 
-#define _GNU_SOURCE
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE   /* memmem, MAP_* and friends; tests define it first too */
+#endif
 #include <stdint.h>
 #include <stddef.h>
 #include <stdlib.h>
@@ -9367,8 +9369,11 @@ static bool kv_store_save(struct kv_store *st, const struct session *s, const in
  *   - evict: the live session (>= min_tokens) is about to be replaced.
  *   - shutdown: clean exit, the live session (>= min_tokens).
  *
- * kv_store_feed() below is the prefill with these save points; evict and
- * shutdown are kv_store_save() of the whole live session, keyed by its text.
+ * kv_store_feed() below is the prefill with these save points (the server,
+ * whose prefill loop also keeps clients alive, uses kv_next_stop() itself);
+ * evict and shutdown are kv_store_save_live() of the whole live session,
+ * keyed by its text. The CLI (13.2) and the server's worker (12.10) are the
+ * two users.
  * ------------------------------------------------------------------------- */
 
 struct kv_policy {
@@ -9418,23 +9423,78 @@ static bool kv_store_save_tokens(struct kv_store *st, const struct session *s,
     return ok;
 }
 
+/* Where a prefill step from `pos` that would end at `end` must stop: at the
+ * cold point `cold_at` (0 = none) or the next continued point, if one lies
+ * in (pos, end], with *why saying which; else at `end`. */
+static int64_t kv_next_stop(const struct kv_policy *p, int64_t pos, int64_t end, int64_t cold_at,
+                            enum kv_reason *why) {
+    *why = KV_REASON_UNKNOWN;
+    int64_t cont = kv_next_continued_point(p, pos, end);
+    if (cont) end = cont, *why = KV_REASON_CONTINUED;
+    if (cold_at > pos && cold_at <= end) end = cold_at, *why = KV_REASON_COLD;
+    return end;
+}
+
+/* Save the session, which holds exactly ids[0..n), if the policy finds it
+ * worth a file. A failed save is logged, never fatal: the store is a cache. */
+static void kv_store_save_live(struct kv_store *st, const struct kv_policy *p,
+                               const struct session *s, const struct tokenizer *tok,
+                               const int32_t *ids, int64_t n, enum kv_reason reason) {
+    if (n < p->min_tokens) return;
+    struct ds4_error e = { "" };
+    if (s->pos != n) kv_log(st, "not saving: the session is at %lld, its token list at %lld",
+                            (long long)s->pos, (long long)n);
+    else if (!kv_store_save_tokens(st, s, tok, ids, n, reason, &e))
+        kv_log(st, "save failed: %s", e.msg);
+}
+
 /* Prefill ids[s->pos .. n) in chunks, stopping at the cold point `cold_at`
  * (0 = none) and at continued points to save. */
 static bool kv_store_feed(struct kv_store *st, const struct kv_policy *p, struct session *s,
                           const struct tokenizer *tok, const int32_t *ids, int64_t n,
                           int64_t cold_at, int chunk, struct ds4_error *e) {
     while (s->pos < n) {
-        int64_t stop = n;
-        enum kv_reason why = KV_REASON_UNKNOWN;
-        int64_t cont = kv_next_continued_point(p, s->pos, n);
-        if (cont) stop = cont, why = KV_REASON_CONTINUED;
-        if (cold_at > s->pos && cold_at <= stop) stop = cold_at, why = KV_REASON_COLD;
+        enum kv_reason why;
+        int64_t stop = kv_next_stop(p, s->pos, n, cold_at, &why);
         if (!session_feed(s, ids + s->pos, stop - s->pos, chunk, e)) return false;
-        if (why != KV_REASON_UNKNOWN && stop >= p->min_tokens &&
-            !kv_store_save_tokens(st, s, tok, ids, stop, why, e))
-            kv_log(st, "save failed: %s", e->msg);
+        if (why != KV_REASON_UNKNOWN) kv_store_save_live(st, p, s, tok, ids, stop, why);
     }
     return true;
+}
+
+/* ---- 10c.9.1 Resuming a prompt from the store ------------------------------
+ *
+ * The live session cannot serve a prompt (it holds another conversation, or
+ * nothing). Look the prompt's rendered text up; on a hit the session holds
+ * the cached tokens, and the prompt to feed becomes
+ *
+ *     hit.tokens  ++  tokenize(text[hit.key_bytes ..])
+ *
+ * Only the suffix is tokenized (10c, "HOW IT WORKS"). This may differ from
+ * tokenize(text) near the boundary, where BPE would have merged across it;
+ * so from here on the caller's token list must be this one, the session's
+ * own, not its first tokenization of the text.
+ * ------------------------------------------------------------------------- */
+
+/* Returns the new prompt (free() it; *n ids), or NULL on a miss (the
+ * session is then empty). hit->tokens is freed here. */
+static int32_t *kv_store_resume(struct kv_store *st, struct session *s, const struct tokenizer *tok,
+                                const char *text, size_t len, size_t *n, struct kv_hit *hit) {
+    if (!kv_store_lookup(st, s, text, len, hit)) return NULL;
+    int32_t *rest = NULL;
+    size_t n_rest = 0;
+    tokenize(tok, text + hit->key_bytes, len - (size_t)hit->key_bytes, true, &rest, &n_rest);
+    *n = (size_t)hit->n_tokens + n_rest;
+    int32_t *ids = xmalloc((*n ? *n : 1) * sizeof(int32_t));
+    memcpy(ids, hit->tokens, (size_t)hit->n_tokens * sizeof(int32_t));
+    if (n_rest) memcpy(ids + hit->n_tokens, rest, n_rest * sizeof(int32_t));
+    free(rest);
+    free(hit->tokens);
+    hit->tokens = NULL;
+    kv_log(st, "loaded %lld tokens from %s (%.12s..., %lld of the prompt's %zu bytes) in %.3f s",
+           (long long)hit->n_tokens, st->dir, hit->sha1, (long long)hit->key_bytes, len,
+           hit->load_seconds);
+    return ids;
 }
 
 /* ---- 10c.10 --kv-list, --kv-check, --kv-clear ------------------------------- */
@@ -9445,6 +9505,13 @@ static bool kv_open_for_command(struct kv_store *st, const char *dir) {
     struct stat sb;
     if (stat(dir, &sb) != 0 || !S_ISDIR(sb.st_mode)) {
         fprintf(stderr, "ds4: %s is not a directory\n", dir);
+        return false;
+    }
+    /* Never turn a directory the user mistyped into a store. */
+    char index[1000];
+    snprintf(index, sizeof index, "%s/index.sqlite", dir);
+    if (access(index, F_OK) != 0) {
+        fprintf(stderr, "ds4: %s is not a KV cache directory (it has no index.sqlite)\n", dir);
         return false;
     }
     if (kv_store_open(st, &o, NULL, &e)) return true;
@@ -9894,6 +9961,54 @@ static double bench_decode(struct engine *eng, const int32_t *prompt, int n_prom
     return ok ? t2 - t1 : -1;
 }
 
+/* Sessions on disk (10c): the size of the snapshot after the bench prompt,
+ * against float32 rows (the plain format of dsv4-format.md 5.3), and the
+ * save and load times. A snapshot has a fixed part (logits, sliding
+ * windows) and a part that follows the compressors' unfinished windows,
+ * which fill up and empty every `ratio` tokens; so the cost of one more
+ * token is the slope between two snapshots a whole number of the largest
+ * ratio apart, printed when the prompt holds two such periods. The file
+ * lives in /tmp for a moment. */
+static bool bench_snapshot(struct engine *eng, const int32_t *tokens, int n, struct ds4_error *e) {
+    const struct model *m = eng->model;
+    int period = 1;
+    for (int l = 0; l < m->cfg.n_layers; l++) if (m->cfg.ratio[l] > period) period = m->cfg.ratio[l];
+    int first = n - n / 2 / period * period;        /* == n when there is no slope to take */
+    char path[64];
+    snprintf(path, sizeof path, "/tmp/ds4-bench.%d.kv", (int)getpid());
+    struct snapshot_meta meta = { "bench", 5, KV_REASON_UNKNOWN, 0 };
+    struct snapshot_stats a, b;
+    struct session s, l;
+    session_init(&s, eng);
+    session_init(&l, eng);
+    bool ok = session_feed(&s, tokens, first, 128, e) && session_save(&s, tokens, first, path, &meta, &a, e) &&
+              session_feed(&s, tokens + first, n - first, 128, e) && session_save(&s, tokens, n, path, &meta, &b, e);
+    int32_t *got = NULL;
+    int64_t n_got;
+    double t0 = now_seconds();
+    ok = ok && session_load(&l, path, &got, &n_got, e);
+    double t_load = now_seconds() - t0;
+    if (ok) {
+        uint64_t f32 = snapshot_f32_bytes(&m->cfg, m->has_mtp, n);
+        printf("snapshot: %d tokens = %llu bytes, %.0f per token (float32 rows: %llu, %.0f per token; "
+               "%.2fx smaller); save %.4f s, load %.4f s\n", n, (unsigned long long)b.file_bytes,
+               (double)b.file_bytes / n, (unsigned long long)f32, (double)f32 / n,
+               (double)f32 / (double)b.file_bytes, b.seconds, t_load);
+    }
+    if (ok && first < n) {
+        double per = (double)(b.file_bytes - a.file_bytes) / (n - first);
+        double f32_per = (double)(snapshot_f32_bytes(&m->cfg, m->has_mtp, n) -
+                                  snapshot_f32_bytes(&m->cfg, m->has_mtp, first)) / (n - first);
+        printf("snapshot: one more token (slope over tokens %d..%d) costs %.1f bytes, float32 rows %.1f "
+               "(%.2fx)\n", first, n, per, f32_per, f32_per / per);
+    }
+    unlink(path);
+    free(got);
+    session_free(&l);
+    session_free(&s);
+    return ok;
+}
+
 static int run_bench(struct engine *eng, int n_prefill, int n_decode, struct spec_options spec) {
     const struct ds4_config *c = &eng->model->cfg;
     struct ds4_error e = { "" };
@@ -9906,8 +10021,8 @@ static int run_bench(struct engine *eng, int n_prefill, int n_decode, struct spe
                                   &plain_stats, &prefill_s, &e);
     bool with_mtp = eng->model->has_mtp && spec.draft > 0 && plain_s >= 0;
     double spec_s = with_mtp ? bench_decode(eng, tokens, n_prefill, n_decode, spec, &spec_stats, NULL, &e) : 0;
-    free(tokens);
     if (plain_s < 0 || spec_s < 0) {
+        free(tokens);
         fprintf(stderr, "ds4: bench failed: %s\n", e.msg);
         return 1;
     }
@@ -9928,7 +10043,10 @@ static int run_bench(struct engine *eng, int n_prefill, int n_decode, struct spe
                (long long)spec_stats.drafted, (long long)spec_stats.accepted,
                spec_stats.drafted ? 100.0 * spec_stats.accepted / spec_stats.drafted : 0.0,
                (double)spec_stats.emitted / spec_stats.main_forwards);
-    return 0;
+    bool snap_ok = n_prefill < 2 || bench_snapshot(eng, tokens, n_prefill, &e);
+    free(tokens);
+    if (!snap_ok) fprintf(stderr, "ds4: bench snapshot failed: %s\n", e.msg);
+    return snap_ok ? 0 : 1;
 }
 
 /* ============================================================================
@@ -9999,7 +10117,8 @@ static int run_bench(struct engine *eng, int n_prefill, int n_decode, struct spe
  *     every client library we target sends it.
  *   - The session cannot be rolled back. A prompt that is not an extension
  *     of the tokens in the session (a retry, an edited history, another
- *     client's conversation) is prefilled from the start.
+ *     client's conversation) is prefilled from the start -- or, with
+ *     --kv-disk-dir, from the longest prefix of it saved on disk (10c).
  *   - User text is tokenized together with the template, so a user who types
  *     a special token such as <｜User｜> gets that token (as in the official
  *     encoder).
@@ -10029,6 +10148,7 @@ struct server_options {
     int tool_memory;           /* --tool-memory N    1024 remembered tool-call blocks (12.6) */
     bool no_exact_replay;      /* --no-exact-replay  render tool calls canonically */
     struct spec_options spec;  /* --mtp-draft, --mtp-gate: speculative decoding (10b) */
+    struct kv_store_options kv;   /* --kv-disk-*: sessions on disk (10c), parsed with the CLI's flags */
 };
 
 #define SERVER_SEND_TIMEOUT_S 30       /* a client that reads nothing for this long is dropped */
@@ -11501,7 +11621,8 @@ struct job {
     long created;               /* Unix time */
     int32_t *prompt;            /* [n_prompt] */
     size_t n_prompt;
-    char *prompt_text;          /* the rendered prompt (the test script reads it) */
+    char *prompt_text;          /* the rendered prompt (the test script and the disk store read it) */
+    size_t prompt_text_len;
     int max_tokens;             /* after the caps */
 
     /* Set by the worker. */
@@ -11557,6 +11678,9 @@ struct server {
     int64_t n_fed, cap_fed;
     struct sampler sp;
     struct generator gen;       /* plain or speculative decoding over s and sp */
+    struct kv_store kv;         /* --kv-disk-dir: sessions on disk (10c), when kv_on */
+    bool kv_on;
+    struct kv_policy kv_policy;
 
     struct tool_memory mem;     /* its own lock */
     struct test_script script;  /* read-only after start */
@@ -12334,7 +12458,22 @@ static const struct dialect *dialect_of(enum api_kind api) {
  * The session cannot forget tokens, so if the new prompt leaves `fed`
  * anywhere before its end, the session starts over. Reply tokens are fed
  * too (each sampled token must go through the model anyway to get the next
- * one), except EOS, which the next prompt renders in the same place. */
+ * one), except EOS, which the next prompt renders in the same place.
+ *
+ * SESSIONS ON DISK (--kv-disk-dir, chapter 10c). Starting over need not
+ * mean starting from nothing:
+ *
+ *     live session diverges   -> save it (evict), if >= 512 tokens
+ *     prompt text             -> longest saved prefix: load it, report its
+ *                                tokens as cached, prefill only the rest
+ *     full miss               -> prefill, saving at the cold point
+ *     every 10240 tokens      -> save (continued)
+ *     SIGINT / SIGTERM        -> save the live session (shutdown)
+ *
+ * So a restarted server, or one that served another client in between,
+ * answers an agent's next turn from disk. The lookup is by rendered text,
+ * and after a hit the job's prompt is the cached tokens plus the rest of
+ * the text tokenized alone (10c.9.1). */
 
 static void worker_remember(struct server *srv, int32_t id) {
     if (srv->n_fed == srv->cap_fed) {
@@ -12350,16 +12489,39 @@ static void worker_reset_session(struct server *srv) {
     srv->n_fed = 0;
 }
 
-/* How many leading prompt tokens the session already holds (after a reset
- * when it holds anything else). */
-static int64_t worker_reuse(struct server *srv, const int32_t *ids, size_t n) {
-    int64_t same = 0;
-    while (same < (int64_t)n && same < srv->n_fed && srv->fed[same] == ids[same]) same++;
-    if (same < srv->n_fed) {
+/* The session starts over, from the disk store: the longest cached prefix
+ * of the prompt's text is loaded, and the job's prompt becomes the cached
+ * tokens plus the rest of the text (10c.9.1). Returns the cached count. */
+static int64_t worker_resume(struct server *srv, struct job *j) {
+    struct kv_hit hit;
+    size_t n;
+    int32_t *ids = kv_store_resume(&srv->kv, &srv->s, srv->tok, j->prompt_text, j->prompt_text_len, &n, &hit);
+    if (!ids) return 0;
+    if (n >= (size_t)srv->opt->ctx) {          /* the suffix tokenized longer: no room */
+        free(ids);
         worker_reset_session(srv);
-        same = 0;
+        return 0;
     }
-    return same;
+    free(j->prompt);
+    j->prompt = ids;
+    j->n_prompt = n;
+    if (j->max_tokens > srv->opt->ctx - (int)n) j->max_tokens = srv->opt->ctx - (int)n;
+    for (int64_t i = 0; i < hit.n_tokens; i++) worker_remember(srv, ids[i]);
+    return hit.n_tokens;
+}
+
+/* How many leading prompt tokens the session holds now. The live session
+ * serves when it is a prefix of the prompt. Otherwise it starts over; with
+ * --kv-disk-dir it is first saved (reason "evict", if long enough), and the
+ * prompt is then looked up on disk. */
+static int64_t worker_reuse(struct server *srv, struct job *j) {
+    int64_t same = 0;
+    while (same < (int64_t)j->n_prompt && same < srv->n_fed && srv->fed[same] == j->prompt[same]) same++;
+    if (same == srv->n_fed && (same > 0 || !srv->kv_on)) return same;
+    if (srv->kv_on)
+        kv_store_save_live(&srv->kv, &srv->kv_policy, &srv->s, srv->tok, srv->fed, srv->n_fed, KV_REASON_EVICT);
+    worker_reset_session(srv);
+    return srv->kv_on ? worker_resume(srv, j) : 0;
 }
 
 /* Should the job stop now? The server is stopping, or the client left: a
@@ -12523,18 +12685,25 @@ static void job_remember_calls(struct server *srv, struct job *j) {
 
 /* Feed prompt[from..n) in chunks. Streaming clients get an SSE comment
  * every SERVER_KEEPALIVE_S (proxies and clients drop silent streams); a
- * long prefill prints its progress on stderr about once a second. */
-static bool worker_prefill(struct server *srv, struct job *j, int64_t from, struct ds4_error *e) {
+ * long prefill prints its progress on stderr about once a second. With
+ * --kv-disk-dir a chunk also ends at the save points of 10c.9 (`cold_at`,
+ * 0 = none, and the continued points), and the session is saved there. */
+static bool worker_prefill(struct server *srv, struct job *j, int64_t from, int64_t cold_at,
+                           struct ds4_error *e) {
     int64_t n = (int64_t)j->n_prompt - from;
     int chunk = srv->opt->chunk;
     bool report = n >= SERVER_PROGRESS_MIN_TOKENS;
     double t0 = now_seconds(), last_report = t0;
     j->last_keepalive = t0;
-    for (int64_t done = 0; done < n; done += chunk) {
-        int T = (int)(n - done < chunk ? n - done : chunk);
+    for (int64_t done = 0, T; done < n; done += T) {
+        T = n - done < chunk ? n - done : chunk;
+        enum kv_reason why = KV_REASON_UNKNOWN;
+        if (srv->kv_on) T = kv_next_stop(&srv->kv_policy, from + done, from + done + T, cold_at, &why) - from - done;
         if (job_abandoned(srv, j)) return false;
-        if (!session_forward(&srv->s, j->prompt + from + done, T, NULL, e)) return false;
-        for (int t = 0; t < T; t++) worker_remember(srv, j->prompt[from + done + t]);
+        if (!session_forward(&srv->s, j->prompt + from + done, (int)T, NULL, e)) return false;
+        for (int64_t t = 0; t < T; t++) worker_remember(srv, j->prompt[from + done + t]);
+        if (why != KV_REASON_UNKNOWN)
+            kv_store_save_live(&srv->kv, &srv->kv_policy, &srv->s, srv->tok, srv->fed, srv->n_fed, why);
         double now = now_seconds();
         if (j->p.stream && now - j->last_keepalive >= SERVER_KEEPALIVE_S) {
             http_chunk(j->conn, ": prefill\n\n", 11);
@@ -12618,9 +12787,12 @@ static void worker_run(struct server *srv, struct job *j) {
     random_id(j->rs_id, sizeof j->rs_id, "rs_");
     random_id(j->msg_id, sizeof j->msg_id, "msg_");
 
-    j->n_cached = worker_reuse(srv, j->prompt, j->n_prompt);
+    j->n_cached = worker_reuse(srv, j);
+    int64_t cold_at = srv->kv_on && j->n_cached == 0
+        ? kv_cold_save_point(&srv->kv_policy, j->prompt, (int64_t)j->n_prompt, srv->tok->sp.user, srv->tok->sp.assistant)
+        : 0;
     if (j->p.stream) d->begin(j);
-    bool ok = worker_prefill(srv, j, j->n_cached, &e);
+    bool ok = worker_prefill(srv, j, j->n_cached, cold_at, &e);
     j->t_prefilled = now_seconds();
     if (ok) ok = worker_decode(srv, j, &e);
     else if (!e.msg[0]) j->finish = FINISH_CANCELLED;
@@ -12711,6 +12883,7 @@ static bool job_render(struct server *srv, struct job *j, const struct conv *cv,
     if (ok) tokenize(srv->tok, prompt.data, prompt.len, true, &j->prompt, &j->n_prompt);
     if (!ok) fail(e, "cannot render the conversation: %s", err);
     j->prompt_text = prompt.data;
+    j->prompt_text_len = prompt.len;
     json_free(msgs);
     json_free(tl);
     return ok;
@@ -13072,12 +13245,16 @@ static bool server_init(struct server *srv, struct engine *eng, const struct tok
     }
     if (opt->log_path && !(srv->log = fopen(opt->log_path, "a")))
         return fail(e, "cannot open --log %s: %s", opt->log_path, strerror(errno));
+    srv->kv_policy = kv_default_policy();
+    if (opt->kv.dir && !kv_store_open(&srv->kv, &opt->kv, eng->model, e)) return false;
+    srv->kv_on = opt->kv.dir != NULL;
     return true;
 }
 
 static void server_free(struct server *srv) {
     if (srv->listen_fd >= 0) close(srv->listen_fd);
     if (srv->log) fclose(srv->log);
+    if (srv->kv_on) kv_store_close(&srv->kv);
     test_script_free(&srv->script);
     tool_memory_free(&srv->mem);
     generator_free(&srv->gen);
@@ -13128,8 +13305,9 @@ static int server_main(struct engine *eng, const struct tokenizer *tok, const st
     signal(SIGPIPE, SIG_IGN);
     pthread_t worker;
     pthread_create(&worker, NULL, worker_main, &srv);
-    fprintf(stderr, "ds4-server: listening on http://%s:%d (model %s, ctx %d)%s\n", opt->host, port,
-            opt->model_name, opt->ctx, opt->api_key ? ", API key required" : "");
+    fprintf(stderr, "ds4-server: listening on http://%s:%d (model %s, ctx %d)%s%s%s\n", opt->host, port,
+            opt->model_name, opt->ctx, opt->api_key ? ", API key required" : "",
+            srv.kv_on ? ", sessions on disk in " : "", srv.kv_on ? opt->kv.dir : "");
     if (opt->port_file) {
         FILE *f = fopen(opt->port_file, "w");
         if (f) {
@@ -13145,6 +13323,8 @@ static int server_main(struct engine *eng, const struct tokenizer *tok, const st
     }
     fprintf(stderr, "ds4-server: stopping\n");
     server_stop(&srv, worker);
+    if (srv.kv_on)                    /* the worker is gone: the session is ours */
+        kv_store_save_live(&srv.kv, &srv.kv_policy, &srv.s, tok, srv.fed, srv.n_fed, KV_REASON_SHUTDOWN);
     server_free(&srv);
     return 0;
 }
@@ -13166,6 +13346,8 @@ struct cli_options {
     struct spec_options spec;     /* --mtp-draft, --mtp-gate */
     bool server;                  /* --server */
     struct server_options server_opt;   /* the server's own flags (chapter 12) */
+    struct kv_store_options kv;   /* --kv-disk-*: sessions on disk (10c); kv.dir NULL = off */
+    const char *kv_list, *kv_check, *kv_clear;   /* the store's commands: need no model */
     struct engine_options engine;
     struct sampler_options sampling;
 };
@@ -13179,6 +13361,7 @@ static void print_usage(FILE *f) {
         "       ds4 [-m MODEL.gguf]                   interactive chat (/think /nothink /quit)\n"
         "       ds4 --render-chat FILE.json [--mode thinking|chat|max]\n"
         "       ds4 --server [-m MODEL.gguf] [--host H] [--port N] [--api-key K]\n"
+        "       ds4 --kv-list DIR | --kv-check DIR | --kv-clear DIR\n"
         "\n"
         "model:\n"
         "  -m, --model FILE      model GGUF (default ./ds4flash.gguf, else the shipped tiny model)\n"
@@ -13202,6 +13385,13 @@ static void print_usage(FILE *f) {
         "  -t, --threads N       worker threads (default: one per CPU)\n"
         "      --chunk N         prefill chunk size in tokens (default 128)\n"
         "      --reference-kernels  use the scalar reference dot products\n"
+        "sessions on disk (chat, -p, --tokens and --server):\n"
+        "      --kv-disk-dir DIR  save sessions in DIR and resume prompts from there\n"
+        "      --kv-disk-space-mb N  most MB the snapshots in DIR may take (default 4096)\n"
+        "      --kv-disk-write-mb-per-hour N  most MB written per hour (default 8192)\n"
+        "      --kv-list DIR     list the snapshots in DIR\n"
+        "      --kv-check DIR    verify every snapshot in DIR, remove the bad ones\n"
+        "      --kv-clear DIR    remove every snapshot in DIR\n"
         "tools:\n"
         "      --check-vectors F run the oracle vectors in F; exit 0 only if all pass\n"
         "      --bench           print prefill/decode speed and weight traffic\n"
@@ -13212,6 +13402,7 @@ static void print_usage(FILE *f) {
 /* Options that take an integer: name, bounds, destination. */
 struct int_flag { const char *short_name, *long_name; long lo, hi; int *dst; };
 struct float_flag { const char *long_name; double lo, hi; float *dst; };
+struct size_flag { const char *long_name; long lo, hi; int64_t *dst; };
 struct string_flag { const char *short_name, *long_name; const char **dst; };
 
 static bool flag_is(const char *arg, const char *short_name, const char *long_name) {
@@ -13227,6 +13418,18 @@ static bool parse_mode(struct cli_options *o, struct ds4_error *e) {
     else if (strcmp(o->mode_name, "chat") == 0) o->mode = CHAT_MODE_CHAT;
     else if (strcmp(o->mode_name, "max") == 0) o->mode = CHAT_MODE_THINK_MAX;
     else return fail(e, "--mode must be thinking, chat or max (got '%s')", o->mode_name);
+    return true;
+}
+
+/* The disk store's flags: budgets only with a directory, one command at a
+ * time. The server's context bounds what a snapshot may hold. */
+static bool parse_kv(struct cli_options *o, struct ds4_error *e) {
+    if ((o->kv.space_mb || o->kv.write_mb_per_hour) && !o->kv.dir)
+        return fail(e, "--kv-disk-space-mb and --kv-disk-write-mb-per-hour need --kv-disk-dir");
+    if (!!o->kv_list + !!o->kv_check + !!o->kv_clear > 1)
+        return fail(e, "give one of --kv-list, --kv-check and --kv-clear");
+    o->server_opt.kv = o->kv;
+    o->server_opt.kv.ctx = (uint32_t)o->server_opt.ctx;
     return true;
 }
 
@@ -13260,7 +13463,13 @@ static bool parse_args(int argc, char **argv, struct cli_options *o, struct ds4_
         { "-m", "--model", &o->model_path }, { NULL, "--mtp", &o->mtp_path },
         { NULL, "--tokens", &o->tokens }, { NULL, "--check-vectors", &o->check_vectors },
         { "-p", "--prompt", &o->prompt }, { NULL, "--render-chat", &o->render_chat },
-        { NULL, "--mode", &o->mode_name },
+        { NULL, "--mode", &o->mode_name }, { NULL, "--kv-disk-dir", &o->kv.dir },
+        { NULL, "--kv-list", &o->kv_list }, { NULL, "--kv-check", &o->kv_check },
+        { NULL, "--kv-clear", &o->kv_clear },
+    };
+    struct size_flag sizes[] = {
+        { "--kv-disk-space-mb", 1, 1L << 30, &o->kv.space_mb },
+        { "--kv-disk-write-mb-per-hour", 1, 1L << 30, &o->kv.write_mb_per_hour },
     };
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
@@ -13288,6 +13497,14 @@ static bool parse_args(int argc, char **argv, struct cli_options *o, struct ds4_
             *floats[k].dst = (float)v;
             matched = true;
         }
+        for (size_t k = 0; !matched && k < sizeof sizes / sizeof sizes[0]; k++) {
+            if (strcmp(a, sizes[k].long_name) != 0) continue;
+            long v;
+            if (!value || !parse_long(value, sizes[k].lo, sizes[k].hi, &v))
+                return fail(e, "%s needs an integer in %ld..%ld", a, sizes[k].lo, sizes[k].hi);
+            *sizes[k].dst = v;
+            matched = true;
+        }
         for (size_t k = 0; !matched && k < sizeof strings / sizeof strings[0]; k++) {
             if (!flag_is(a, strings[k].short_name, strings[k].long_name)) continue;
             if (!value) return fail(e, "%s needs a value", a);
@@ -13310,7 +13527,7 @@ static bool parse_args(int argc, char **argv, struct cli_options *o, struct ds4_
     }
     o->server_opt.chunk = o->chunk;
     o->server_opt.spec = o->spec;
-    return parse_mode(o, e);
+    return parse_kv(o, e) && parse_mode(o, e);
 }
 
 /* Parse "1 2 3" or "1,2,3" into ids. */
@@ -13370,13 +13587,37 @@ static void print_spec_stats(const struct generator *g) {
             (double)st->emitted / st->main_forwards);
 }
 
-static int generate(struct engine *eng, const struct cli_options *o) {
+/* --tokens with --kv-disk-dir: a prompt of ids has no text, so the store is
+ * searched by the ids themselves (10c.7), and the prompt is fed with the
+ * cold and continued saves of 10c.9. */
+static bool feed_tokens_with_store(struct kv_store *st, struct session *s, const struct tokenizer *tok,
+                                   const int32_t *ids, int64_t n, int chunk, struct ds4_error *e) {
+    struct kv_policy p = kv_default_policy();
+    struct kv_hit hit;
+    int64_t cold_at = 0;
+    if (kv_store_lookup_tokens(st, s, ids, n, &hit)) {
+        kv_log(st, "loaded %lld tokens from %s (%.12s...) in %.3f s", (long long)hit.n_tokens, st->dir,
+               hit.sha1, hit.load_seconds);
+        free(hit.tokens);
+    } else {
+        cold_at = kv_cold_save_point(&p, ids, n, tok->sp.user, tok->sp.assistant);
+    }
+    return kv_store_feed(st, &p, s, tok, ids, n, cold_at, chunk, e);
+}
+
+static int generate(struct engine *eng, const struct tokenizer *tok, const struct cli_options *o) {
     struct ds4_error e = { "" };
     int n;
     int32_t *prompt = parse_token_list(o->tokens, &n, &e);
     if (!prompt) {
         fprintf(stderr, "ds4: %s\n", e.msg);
         return 2;
+    }
+    struct kv_store st;
+    if (o->kv.dir && !kv_store_open(&st, &o->kv, eng->model, &e)) {
+        fprintf(stderr, "ds4: %s\n", e.msg);
+        free(prompt);
+        return 1;
     }
     int V = eng->model->cfg.vocab;
     struct session s;
@@ -13385,14 +13626,19 @@ static int generate(struct engine *eng, const struct cli_options *o) {
     sampler_init(&sp, o->sampling, V);
     struct generator g;
     generator_init(&g, &s, &sp, o->spec);
+    int32_t *all = xmalloc(((size_t)n + (size_t)o->n_predict + MATMUL_DECODE_PATH_MAX_TOKENS) * sizeof(int32_t));
+    memcpy(all, prompt, (size_t)n * sizeof(int32_t));
+    int64_t n_all = n;               /* the tokens in s, for the shutdown save */
     double t0 = now_seconds();
-    bool ok = session_feed(&s, prompt, n, o->chunk, &e);
+    bool ok = o->kv.dir ? feed_tokens_with_store(&st, &s, tok, prompt, n, o->chunk, &e)
+                        : session_feed(&s, prompt, n, o->chunk, &e);
     double t1 = now_seconds();
     int printed = 0;
     while (ok && printed < o->n_predict) {
         int32_t next[MATMUL_DECODE_PATH_MAX_TOKENS];
         int got = generator_step(&g, next, &e);
         ok = got > 0;
+        for (int i = 0; i < got; i++) all[n_all++] = next[i];
         for (int i = 0; i < got && printed < o->n_predict; i++)
             printf("%s%d", printed++ ? " " : "", next[i]);
         fflush(stdout);
@@ -13406,9 +13652,15 @@ static int generate(struct engine *eng, const struct cli_options *o) {
     } else {
         fprintf(stderr, "ds4: %s\n", e.msg);
     }
+    if (o->kv.dir) {
+        struct kv_policy p = kv_default_policy();
+        if (ok) kv_store_save_live(&st, &p, &s, tok, all, n_all, KV_REASON_SHUTDOWN);
+        kv_store_close(&st);
+    }
     generator_free(&g);
     sampler_free(&sp);
     session_free(&s);
+    free(all);
     free(prompt);
     return ok ? 0 : 1;
 }
@@ -13423,6 +13675,12 @@ static int generate(struct engine *eng, const struct cli_options *o) {
  * history -- earlier reasoning is dropped once a new user turn arrives in
  * thinking mode -- the prefix shrinks and the session starts again, exactly
  * as the official encoder intends.)
+ *
+ * With --kv-disk-dir the session is also a file (chapter 10c): a new
+ * process, or a turn that starts over, resumes from the longest prefix of
+ * the rendered prompt saved there, and the session is saved at the moments
+ * of 10c.9 (cold, continued, evict, and shutdown when the program ends
+ * normally). `ds4 -p` twice with the same prompt prefills it once.
  *
  * Ctrl+C stops a generation in progress; at the prompt it ends the program.
  * ------------------------------------------------------------------------- */
@@ -13444,11 +13702,13 @@ struct conversation {
     int32_t *fed;                 /* tokens the session has processed */
     int64_t n_fed, cap_fed;
     struct strbuf messages;       /* the JSON array of messages so far, without ']' */
-    bool have_session;
+    struct kv_store store;        /* --kv-disk-dir, when use_store */
+    bool use_store;
+    struct kv_policy policy;
 };
 
-static void conversation_init(struct conversation *c, struct engine *eng, const struct tokenizer *tok,
-                              const struct cli_options *o) {
+static bool conversation_init(struct conversation *c, struct engine *eng, const struct tokenizer *tok,
+                              const struct cli_options *o, struct ds4_error *e) {
     memset(c, 0, sizeof *c);
     c->eng = eng;
     c->tok = tok;
@@ -13457,9 +13717,16 @@ static void conversation_init(struct conversation *c, struct engine *eng, const 
     sampler_init(&c->sp, o->sampling, eng->model->cfg.vocab);
     generator_init(&c->gen, &c->s, &c->sp, o->spec);
     strbuf_puts(&c->messages, "[");
+    c->policy = kv_default_policy();
+    c->use_store = o->kv.dir && kv_store_open(&c->store, &o->kv, eng->model, e);
+    return c->use_store || !o->kv.dir;
 }
 
-static void conversation_free(struct conversation *c) {
+/* `clean`: the program ends normally, so the session is worth keeping. */
+static void conversation_free(struct conversation *c, bool clean) {
+    if (c->use_store && clean)
+        kv_store_save_live(&c->store, &c->policy, &c->s, c->tok, c->fed, c->n_fed, KV_REASON_SHUTDOWN);
+    if (c->use_store) kv_store_close(&c->store);
     print_spec_stats(&c->gen);
     generator_free(&c->gen);
     session_free(&c->s);
@@ -13476,19 +13743,54 @@ static void remember_fed(struct conversation *c, int32_t id) {
     c->fed[c->n_fed++] = id;
 }
 
-/* Bring the session to exactly `ids`, reusing the common prefix. */
-static bool feed_prompt(struct conversation *c, const int32_t *ids, int64_t n, struct ds4_error *e) {
+/* Feed ids[n_fed .. n) (ids[0 .. n_fed) are in the session already), with
+ * the store's save points when there is a store; `cold_at` as in 10c.9. */
+static bool feed_rest(struct conversation *c, const int32_t *ids, int64_t n, int64_t cold_at,
+                      struct ds4_error *e) {
+    int64_t from = c->n_fed;
+    bool ok = c->use_store
+        ? kv_store_feed(&c->store, &c->policy, &c->s, c->tok, ids, n, cold_at, c->opt->chunk, e)
+        : session_feed(&c->s, ids + from, n - from, c->opt->chunk, e);
+    for (int64_t i = from; ok && i < n; i++) remember_fed(c, ids[i]);
+    return ok;
+}
+
+/* Start over from the store: the longest cached prefix of `text`, then the
+ * rest. A miss prefills `ids`, with a cold save on the way (10c.9). */
+static bool feed_from_store(struct conversation *c, const char *text, size_t len, const int32_t *ids,
+                            int64_t n, struct ds4_error *e) {
+    struct kv_hit hit;
+    size_t n_resumed;
+    int32_t *resumed = kv_store_resume(&c->store, &c->s, c->tok, text, len, &n_resumed, &hit);
+    if (!resumed)
+        return feed_rest(c, ids, n, kv_cold_save_point(&c->policy, ids, n, c->tok->sp.user,
+                                                       c->tok->sp.assistant), e);
+    for (int64_t i = 0; i < hit.n_tokens; i++) remember_fed(c, resumed[i]);
+    c->gen.have_residual = false;
+    bool ok = feed_rest(c, resumed, (int64_t)n_resumed, 0, e);
+    free(resumed);
+    return ok;
+}
+
+/* Bring the session to the prompt `text`, whose tokens are ids[0..n). The
+ * common prefix with what the session holds is reused. Otherwise the
+ * session starts over, from the disk store if there is one: the session
+ * being dropped is saved there first (reason "evict"), and the prompt is
+ * looked up by its text (10c.9.1). After a hit the session's tokens are
+ * the cached ones plus the rest of the text, and `fed` records exactly
+ * those. */
+static bool feed_prompt(struct conversation *c, const char *text, size_t len, const int32_t *ids,
+                        int64_t n, struct ds4_error *e) {
     int64_t same = 0;
     while (same < n && same < c->n_fed && c->fed[same] == ids[same]) same++;
-    if (same < c->n_fed || same == n) {    /* diverged (or nothing new): start over */
-        session_free(&c->s);
-        session_init(&c->s, c->eng);
-        c->n_fed = 0;
-        same = 0;
-    }
-    if (!session_feed(&c->s, ids + same, n - same, c->opt->chunk, e)) return false;
-    for (int64_t i = same; i < n; i++) remember_fed(c, ids[i]);
-    return true;
+    bool extends = same == c->n_fed && same < n;
+    if (extends && (same > 0 || !c->use_store)) return feed_rest(c, ids, n, 0, e);
+    if (c->use_store)
+        kv_store_save_live(&c->store, &c->policy, &c->s, c->tok, c->fed, c->n_fed, KV_REASON_EVICT);
+    session_free(&c->s);                   /* diverged (or nothing new): start over */
+    session_init(&c->s, c->eng);
+    c->n_fed = 0;
+    return c->use_store ? feed_from_store(c, text, len, ids, n, e) : feed_rest(c, ids, n, 0, e);
 }
 
 /* Sample up to max_tokens, streaming text to stdout, stopping at the end of
@@ -13547,7 +13849,8 @@ static bool chat_turn(struct conversation *c, const char *user_text, enum chat_m
     bool ok = messages && chat_render(messages, NULL, &co, &prompt, err, sizeof err) == 0 &&
               tokenize(c->tok, prompt.data, prompt.len, true, &ids, &n) == 0;
     if (!ok) fail(e, "cannot render the conversation: %s", err);
-    ok = ok && feed_prompt(c, ids, (int64_t)n, e) && generate_reply(c, c->opt->n_predict, &reply, e);
+    ok = ok && feed_prompt(c, prompt.data, prompt.len, ids, (int64_t)n, e) &&
+         generate_reply(c, c->opt->n_predict, &reply, e);
     if (ok) {
         struct dsml_parser dp;
         dsml_parser_init(&dp, mode != CHAT_MODE_CHAT, NULL, NULL);
@@ -13570,22 +13873,22 @@ static bool chat_turn(struct conversation *c, const char *user_text, enum chat_m
 static int run_prompt(struct engine *eng, const struct tokenizer *tok, const struct cli_options *o) {
     struct conversation c;
     struct ds4_error e = { "" };
-    conversation_init(&c, eng, tok, o);
-    bool ok;
-    if (o->raw) {
+    bool ok = conversation_init(&c, eng, tok, o, &e);
+    if (ok && o->raw) {
         int32_t *ids = NULL;
         size_t n = 0;
         struct strbuf reply = { 0 };
         ok = tokenize(tok, o->prompt, strlen(o->prompt), true, &ids, &n) == 0 && n > 0;
         if (!ok) fail(&e, "the prompt tokenizes to nothing");
-        ok = ok && feed_prompt(&c, ids, (int64_t)n, &e) && generate_reply(&c, o->n_predict, &reply, &e);
+        ok = ok && feed_prompt(&c, o->prompt, strlen(o->prompt), ids, (int64_t)n, &e) &&
+             generate_reply(&c, o->n_predict, &reply, &e);
         free(ids);
         strbuf_free(&reply);
-    } else {
+    } else if (ok) {
         ok = chat_turn(&c, o->prompt, o->mode, &e);
     }
     if (!ok) fprintf(stderr, "ds4: %s\n", e.msg);
-    conversation_free(&c);
+    conversation_free(&c, ok);
     return ok ? 0 : 1;
 }
 
@@ -13593,7 +13896,11 @@ static int run_prompt(struct engine *eng, const struct tokenizer *tok, const str
 static int run_chat(struct engine *eng, const struct tokenizer *tok, const struct cli_options *o) {
     struct conversation c;
     struct ds4_error e = { "" };
-    conversation_init(&c, eng, tok, o);
+    if (!conversation_init(&c, eng, tok, o, &e)) {
+        fprintf(stderr, "ds4: %s\n", e.msg);
+        conversation_free(&c, false);
+        return 1;
+    }
     enum chat_mode mode = o->mode;
     struct sigaction sa;
     memset(&sa, 0, sizeof sa);
@@ -13618,7 +13925,7 @@ static int run_chat(struct engine *eng, const struct tokenizer *tok, const struc
             break;
         }
     }
-    conversation_free(&c);
+    conversation_free(&c, rc == 0);
     return rc;
 }
 
@@ -13648,6 +13955,9 @@ int main(int argc, char **argv) {
         return 0;
     }
     if (o.render_chat) return render_chat_command(&o);
+    if (o.kv_list) return kv_list_command(o.kv_list);
+    if (o.kv_check) return kv_check_command(o.kv_check);
+    if (o.kv_clear) return kv_clear_command(o.kv_clear);
     if (o.tokens && o.prompt) {
         fprintf(stderr, "ds4: give either --tokens or -p, not both\n");
         return 2;
@@ -13664,8 +13974,9 @@ int main(int argc, char **argv) {
         fprintf(stderr, "ds4: %s\n", e.msg);
         return 1;
     }
-    /* Text needs the vocabulary; token ids, the checker and the bench do not. */
-    bool wants_text = o.server || (!o.tokens && !o.check_vectors && !o.bench);
+    /* Text needs the vocabulary; token ids, the checker and the bench do not
+     * (unless token ids are saved to disk: a snapshot's key is its text). */
+    bool wants_text = o.server || (o.tokens && o.kv.dir) || (!o.tokens && !o.check_vectors && !o.bench);
     struct tokenizer tok;
     memset(&tok, 0, sizeof tok);
     if (wants_text && !tokenizer_load_gguf(&tok, &model.file, model.cfg.vocab, &e)) {
@@ -13678,7 +13989,7 @@ int main(int argc, char **argv) {
     int rc = o.server        ? server_main(&eng, &tok, &o.server_opt)
            : o.check_vectors ? check_vectors(&eng, o.check_vectors)
            : o.bench         ? run_bench(&eng, o.bench_prefill, o.bench_decode, o.spec)
-           : o.tokens        ? generate(&eng, &o)
+           : o.tokens        ? generate(&eng, &tok, &o)
            : o.prompt        ? run_prompt(&eng, &tok, &o)
                              : run_chat(&eng, &tok, &o);
     engine_free(&eng);

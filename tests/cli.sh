@@ -56,8 +56,9 @@ grep -q "MTP drafted 0" "$tmp/g1.err" && cmp -s "$tmp/a" "$tmp/g1" \
     || bad "--mtp-gate 1: $(cat "$tmp/g1.err" | tail -n 1)"
 expect 2 "needs an integer in 0..15" "--mtp-draft 99" -- ./ds4 -m $M --tokens 1 --mtp-draft 99
 ./ds4 --bench -m $M --mtp vectors/tiny-mtp.gguf --bench-prefill 16 --bench-decode 8 >"$tmp/bench" 2>&1
-grep -q "decode with MTP" "$tmp/bench" && grep -q "tokens/s" "$tmp/bench" \
-    && ok "--bench with --mtp reports decode with and without MTP" || bad "--bench output: $(head -c 300 "$tmp/bench")"
+grep -q "decode with MTP" "$tmp/bench" && grep -q "tokens/s" "$tmp/bench" && grep -q "smaller); save" "$tmp/bench" \
+    && ok "--bench with --mtp reports decode with and without MTP, and the snapshot size vs float32 rows" \
+    || bad "--bench output: $(head -c 300 "$tmp/bench")"
 
 # The server decodes speculatively too, and logs the MTP statistics per request.
 ./ds4 --server -m $M --mtp vectors/tiny-mtp.gguf --mtp-draft 2 --port 0 --port-file "$tmp/port" \
@@ -124,6 +125,50 @@ else
 fi
 ./ds4 -m $M -n 5 </dev/null >/dev/null 2>&1 && ok "interactive chat ends cleanly at end of input" \
     || bad "chat at EOF did not exit 0"
+
+# Sessions on disk: a second process resumes the prompt from the snapshot
+# the first one saved, and prints the same reply as a run without the store.
+long=$(awk 'BEGIN { for (i = 0; i < 111; i++) printf "The quick brown fox jumps over the lazy dog. " }')
+./ds4 -m $M -p "$long" -n 8 >"$tmp/kv0" 2>/dev/null
+./ds4 -m $M -p "$long" -n 8 --kv-disk-dir "$tmp/kv" >"$tmp/kv1" 2>"$tmp/kv1.err"
+grep -q "saved 2048 tokens (cold)" "$tmp/kv1.err" && grep -q "(shutdown)" "$tmp/kv1.err" && cmp -s "$tmp/kv0" "$tmp/kv1" \
+    && ok "-p with --kv-disk-dir: a cold snapshot (2048 tokens) and a shutdown one saved, reply unchanged" \
+    || bad "-p --kv-disk-dir, first run: $(head -c 300 "$tmp/kv1.err")"
+./ds4 -m $M -p "$long" -n 8 --kv-disk-dir "$tmp/kv" >"$tmp/kv2" 2>"$tmp/kv2.err"
+grep -q "loaded 2048 tokens from $tmp/kv" "$tmp/kv2.err" && cmp -s "$tmp/kv0" "$tmp/kv2" \
+    && ok "a second process loads the snapshot and prints the same reply as a run without it: $(grep loaded "$tmp/kv2.err")" \
+    || bad "-p --kv-disk-dir, second run: $(head -c 300 "$tmp/kv2.err"), reply same: $(cmp -s "$tmp/kv0" "$tmp/kv2" && echo yes || echo no)"
+ids=$(awk 'BEGIN { for (i = 1; i <= 2100; i++) printf "%d ", (i * 7) % 2000 + 10 }')
+./ds4 -m $M --tokens "$ids" -n 6 >"$tmp/kt0" 2>/dev/null
+./ds4 -m $M --tokens "$ids" -n 6 --kv-disk-dir "$tmp/kvt" >/dev/null 2>&1
+./ds4 -m $M --tokens "$ids" -n 6 --kv-disk-dir "$tmp/kvt" >"$tmp/kt2" 2>"$tmp/kt2.err"
+grep -q "loaded 2048 tokens" "$tmp/kt2.err" && cmp -s "$tmp/kt0" "$tmp/kt2" \
+    && ok "--tokens with --kv-disk-dir: the second process resumes by token ids, same ids out" \
+    || bad "--tokens --kv-disk-dir: $(head -c 300 "$tmp/kt2.err")"
+./ds4 --kv-list "$tmp/kv" >"$tmp/list" 2>&1
+grep -q "^2 snapshots" "$tmp/list" && grep -q " cold " "$tmp/list" && grep -q " shutdown " "$tmp/list" \
+    && ok "--kv-list: $(tail -n 1 "$tmp/list") (cold, shutdown)" || bad "--kv-list: $(cat "$tmp/list")"
+./ds4 --kv-check "$tmp/kv" >"$tmp/check" 2>&1 && grep -q "2 snapshots verified, 0 bad" "$tmp/check" \
+    && ok "--kv-check: $(tail -n 1 "$tmp/check")" || bad "--kv-check: $(cat "$tmp/check")"
+cp -r "$tmp/kv" "$tmp/kvbad"
+f=$(ls "$tmp/kvbad"/*.kv | head -n 1)
+at=$(( $(wc -c <"$f") - 1000 ))          # a byte of the payload: the CRC must catch it
+byte=$(dd if="$f" bs=1 skip=$at count=1 2>/dev/null | od -An -tx1 | tr -d ' ')
+[ "$byte" = 58 ] && flip=Y || flip=X
+printf '%s' "$flip" | dd of="$f" bs=1 seek=$at conv=notrunc 2>/dev/null
+./ds4 --kv-check "$tmp/kvbad" >"$tmp/check" 2>&1
+rc=$?
+[ "$rc" -eq 1 ] && grep -q "1 bad" "$tmp/check" && [ ! -e "$f" ] \
+    && ok "--kv-check finds a flipped byte (status 1) and removes that entry" || bad "--kv-check on a damaged file: status $rc, $(cat "$tmp/check")"
+./ds4 --kv-clear "$tmp/kv" >"$tmp/clear" 2>&1 && grep -q "removed 2 snapshots" "$tmp/clear" \
+    && ./ds4 --kv-list "$tmp/kv" 2>&1 | grep -q "^0 snapshots" && [ -z "$(ls "$tmp/kv" | grep '\.kv$')" ] \
+    && ok "--kv-clear: $(cat "$tmp/clear"); the list is empty" || bad "--kv-clear: $(cat "$tmp/clear")"
+expect 1 "is not a directory" "--kv-list on a missing directory" -- ./ds4 --kv-list "$tmp/none"
+expect 1 "is not a directory" "--kv-check on a missing directory" -- ./ds4 --kv-check "$tmp/none"
+expect 1 "is not a directory" "--kv-clear on a missing directory" -- ./ds4 --kv-clear "$tmp/none"
+expect 1 "not a KV cache directory" "--kv-clear on a directory that is not a store" -- ./ds4 --kv-clear "$tmp"
+expect 2 "need --kv-disk-dir" "--kv-disk-space-mb without --kv-disk-dir" -- ./ds4 --tokens 1 --kv-disk-space-mb 100
+expect 2 "needs an integer" "--kv-disk-write-mb-per-hour 0" -- ./ds4 --tokens 1 --kv-disk-dir "$tmp/kv" --kv-disk-write-mb-per-hour 0
 
 # The converter's command line.
 expect 2 "usage" "ds4-convert without arguments" -- ./ds4-convert

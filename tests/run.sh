@@ -45,6 +45,7 @@ suite "oracle vectors (tiny f16 + MTP)" \
     ./ds4 --check-vectors vectors/vectors.json -m vectors/tiny.gguf --mtp vectors/tiny-mtp.gguf
 suite "command line" sh tests/cli.sh
 suite "server: curl edge cases + openai and @anthropic-ai/sdk clients" sh tests/server/run.sh ./ds4
+suite "server restart: sessions on disk (--kv-disk-dir)" sh tests/server/restart.sh ./ds4
 
 rm -f "$log"
 echo

@@ -95,7 +95,10 @@ static void test_small_floats(void) {
 static void test_hadamard(void) {
     float v[128], w[128];
     double n0 = 0, n1 = 0, back = 0;
-    for (int i = 0; i < 128; i++) n0 += (double)(w[i] = v[i] = rnd()) * w[i];
+    for (int i = 0; i < 128; i++) {
+        v[i] = w[i] = rnd();
+        n0 += (double)v[i] * v[i];
+    }
     hadamard(w, 128);
     for (int i = 0; i < 128; i++) n1 += (double)w[i] * w[i];
     hadamard(w, 128);
