@@ -555,7 +555,7 @@ static void compare_f16(const struct st_db *db, const char *src, const uint8_t *
         check(false, "%s: %s", label, convert_errmsg);
         return;
     }
-    float *x = convert_alloc((size_t)(rows * cols) * sizeof *x);
+    float *x = convert_zalloc((size_t)(rows * cols) * sizeof *x);
     st_source_rows(&s, 0, rows, x);
     double maxdiff = 0;
     int64_t bad = 0;
@@ -718,8 +718,8 @@ static void test_tiny(const char *root, const char *tiny) {
 static void test_synthetic_blocks(void) {
     static const uint32_t types[4] = {TYPE_Q8_0, TYPE_Q2_K, TYPE_Q4_K, TYPE_IQ2_XXS};
     enum { COLS = 4096, ROWS = 64 };
-    uint8_t *q = convert_alloc((size_t)type_row_bytes(TYPE_Q8_0, COLS) * ROWS);  /* the largest */
-    float *y = convert_alloc(COLS * sizeof *y);
+    uint8_t *q = convert_zalloc((size_t)type_row_bytes(TYPE_Q8_0, COLS) * ROWS);  /* the largest */
+    float *y = convert_zalloc(COLS * sizeof *y);
     quant_tables_init();
     for (int k = 0; k < 4; k++) {
         uint64_t rng = 99;

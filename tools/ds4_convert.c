@@ -98,26 +98,11 @@ static bool convert_fail(const char *fmt, ...) {
     return false;
 }
 
-static void *convert_alloc(size_t n) {
-    void *p = calloc(1, n ? n : 1);
-    if (!p) {
-        fprintf(stderr, "ds4-convert: out of memory allocating %zu bytes\n", n);
-        exit(1);
-    }
-    return p;
-}
-
-static void *convert_grow(void *old, size_t n) {
-    void *p = realloc(old, n ? n : 1);
-    if (!p) {
-        fprintf(stderr, "ds4-convert: out of memory growing a buffer to %zu bytes\n", n);
-        exit(1);
-    }
-    return p;
-}
+/* Zeroed memory, or a clean exit: ds4.c's xcalloc (chapter 1). */
+static void *convert_zalloc(size_t n) { return xcalloc(1, n); }
 
 static char *convert_strdup(const char *s, size_t n) {
-    char *p = convert_alloc(n + 1);
+    char *p = convert_zalloc(n + 1);
     memcpy(p, s, n);
     return p;
 }
@@ -262,7 +247,7 @@ static uint32_t convert_json_push(struct convert_json *j, int type, const char *
                                   size_t len) {
     if (j->n == j->cap) {
         j->cap = j->cap ? j->cap * 2 : 256;
-        j->tok = convert_grow(j->tok, j->cap * sizeof *j->tok);
+        j->tok = xrealloc(j->tok, j->cap * sizeof *j->tok);
     }
     j->tok[j->n] = (struct convert_json_tok){type, 1, text, (uint32_t)len};
     return j->n++;
@@ -466,7 +451,7 @@ static char *convert_read_small_file(const char *path, size_t limit, size_t *len
         convert_fail("%s: not a regular file of at most %zu bytes", path, limit);
         return NULL;
     }
-    char *buf = convert_alloc((size_t)st.st_size + 1);
+    char *buf = convert_zalloc((size_t)st.st_size + 1);
     size_t n = fread(buf, 1, (size_t)st.st_size, f);
     bool bad = ferror(f) || n != (size_t)st.st_size;
     fclose(f);
@@ -826,7 +811,7 @@ static bool st_parse_offsets(const struct convert_json *j, int node, struct st_t
 static void st_add_tensor(struct st_db *db, const struct st_tensor *t) {
     if (db->n_tensors == db->cap_tensors) {
         db->cap_tensors = db->cap_tensors ? db->cap_tensors * 2 : 1024;
-        db->tensors = convert_grow(db->tensors, (size_t)db->cap_tensors * sizeof *db->tensors);
+        db->tensors = xrealloc(db->tensors, (size_t)db->cap_tensors * sizeof *db->tensors);
     }
     db->tensors[db->n_tensors++] = *t;
 }
@@ -888,11 +873,11 @@ static bool st_parse_header(struct st_db *db, int shard) {
 static bool st_open_shard(struct st_db *db, const char *file) {
     for (int i = 0; i < db->n_shards; i++)
         if (strcmp(strrchr(db->shards[i].path, '/') + 1, file) == 0) return true;
-    db->shards = convert_grow(db->shards, (size_t)(db->n_shards + 1) * sizeof *db->shards);
+    db->shards = xrealloc(db->shards, (size_t)(db->n_shards + 1) * sizeof *db->shards);
     struct st_shard *s = &db->shards[db->n_shards];
     memset(s, 0, sizeof *s);
     size_t plen = strlen(db->dir) + strlen(file) + 2;
-    s->path = convert_alloc(plen);
+    s->path = convert_zalloc(plen);
     snprintf(s->path, plen, "%s/%s", db->dir, file);
     db->n_shards++;
     int fd = open(s->path, O_RDONLY);
@@ -1245,7 +1230,7 @@ struct convert_buf {
 static void gguf_write_put(struct convert_buf *b, const void *src, size_t n) {
     if (b->n + n > b->cap) {
         while (b->n + n > b->cap) b->cap = b->cap ? b->cap * 2 : 4096;
-        b->p = convert_grow(b->p, b->cap);
+        b->p = xrealloc(b->p, b->cap);
     }
     memcpy(b->p + b->n, src, n);
     b->n += n;
@@ -1325,7 +1310,7 @@ static char convert_tmp_for_signal[4096];
 static bool gguf_write_open(struct gguf_writer *w, const char *path) {
     memset(w, 0, sizeof *w);
     size_t n = strlen(path) + 16;
-    w->tmp_path = convert_alloc(n);
+    w->tmp_path = convert_zalloc(n);
     snprintf(w->tmp_path, n, "%s.tmp-XXXXXX", path);
     w->fd = mkstemp(w->tmp_path);
     if (w->fd < 0) {
@@ -1340,7 +1325,7 @@ static bool gguf_write_open(struct gguf_writer *w, const char *path) {
     fchmod(w->fd, 0666 & ~mask);
     snprintf(convert_tmp_for_signal, sizeof convert_tmp_for_signal, "%s", w->tmp_path);
     w->final_path = convert_strdup(path, strlen(path));
-    w->buf = convert_alloc(GGUF_WRITE_BUFFER);
+    w->buf = convert_zalloc(GGUF_WRITE_BUFFER);
     return true;
 }
 
@@ -1610,7 +1595,7 @@ static struct convert_tensor *convert_plan_add(struct convert_plan *p, int role,
                                                int64_t ne0, int64_t ne1, int64_t ne2) {
     if (p->n == p->cap) {
         p->cap = p->cap ? p->cap * 2 : 256;
-        p->t = convert_grow(p->t, (size_t)p->cap * sizeof *p->t);
+        p->t = xrealloc(p->t, (size_t)p->cap * sizeof *p->t);
     }
     struct convert_tensor *t = &p->t[p->n++];
     memset(t, 0, sizeof *t);
@@ -2043,12 +2028,12 @@ struct convert_scratch {
 static void convert_scratch_need(struct convert_scratch *s, size_t floats, size_t bytes) {
     if (floats > s->f_cap) {
         free(s->f);
-        s->f = convert_alloc(floats * sizeof *s->f);
+        s->f = convert_zalloc(floats * sizeof *s->f);
         s->f_cap = floats;
     }
     if (bytes > s->q_cap) {
         free(s->q);
-        s->q = convert_alloc(bytes);
+        s->q = convert_zalloc(bytes);
         s->q_cap = bytes;
     }
 }
@@ -2089,7 +2074,7 @@ static bool convert_emit_checkpoint(const struct convert_plan *p, const struct c
                                     struct gguf_writer *w, struct convert_scratch *sc) {
     struct st_source src;
     if (t->role == ROLE_IDS) {
-        int32_t *ids = convert_alloc((size_t)(t->ne[0] * t->ne[1]) * sizeof *ids);
+        int32_t *ids = convert_zalloc((size_t)(t->ne[0] * t->ne[1]) * sizeof *ids);
         bool ok = st_read_ids(p->db, t->src, t->ne[1], t->ne[0], p->cfg->n_experts, ids) &&
                   (!w || gguf_write_bytes(w, ids, (size_t)t->n_bytes));
         free(ids);
