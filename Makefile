@@ -3,6 +3,7 @@
 #   make          ./ds4, ./ds4-convert, vectors/tiny.gguf + vectors/tiny-mtp.gguf
 #   make test     every test; the last line says "N passed, N failed"
 #   make bench    figures for the tiny model (see README for the full-width one)
+#   make book     regenerate book/ (ds4.c as HTML); make book-check lints ds4.c
 #
 # Dependencies: a C compiler, libc, pthreads, SQLite 3 (the disk KV index).
 
@@ -93,7 +94,20 @@ test: all $(TEST_PROGRAMS) $(TEST_MODELS) tests/server/node_modules
 bench: all
 	./ds4 --bench -m vectors/tiny.gguf --bench-prefill 256 --bench-decode 64
 
+# ---------------------------------------------------------------- the book
+
+# ds4.c rendered as a book (tools/book.py, Python 3 standard library only).
+# book/ is committed; tests/book_sync.sh fails when it is stale.
+BOOK_DIR ?= book
+BOOK_SRC := ds4.c tools/ds4_convert.c vectors/README.md
+
+book:
+	python3 tools/book.py --out $(BOOK_DIR) $(BOOK_SRC)
+
+book-check:
+	python3 tools/book.py --check ds4.c
+
 clean:
 	rm -rf ds4 ds4-convert $(TESTBIN) vectors/tiny.gguf vectors/tiny-mtp.gguf
 
-.PHONY: all test bench clean
+.PHONY: all test bench clean book book-check

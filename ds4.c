@@ -746,9 +746,9 @@ static bool gguf_open(struct gguf *g, const char *path, struct ds4_error *e) {
  *
  * HOW TO READ THIS CHAPTER
  *
- * Every format is defined twice. The *reference* functions (5.5) decode one
+ * Every format is defined twice. The *reference* functions (3.5) decode one
  * value at a time in plain C: they are the specification, short enough to
- * check against the byte tables below by eye. The *fast* functions (5.7 for
+ * check against the byte tables below by eye. The *fast* functions (3.7 for
  * x86-64 AVX2, 5.8 for arm64 NEON) decode eight or four values per
  * instruction and are tested against the reference (tests/test_quant.c).
  * Nothing else in the engine looks inside a block.
@@ -773,7 +773,7 @@ static bool gguf_open(struct gguf *g, const char *path, struct ds4_error *e) {
  *   multiple of the type's block size. type_row_bytes() returns 0 when it is
  *   not, so the loader can reject such a tensor; kernels do not check.
  * - Kernels hold no state. The only global state is the IQ2_XXS float tables
- *   (5.4), built once by quant_tables_init() before any thread starts.
+ *   (3.4), built once by quant_tables_init() before any thread starts.
  */
 
 /* ---- 3.1 Types and their sizes ------------------------------------------ */
@@ -991,7 +991,7 @@ struct block_q4_k {
 };
 
 /* IQ2_XXS: 256 values, 66 bytes, 8 groups of 32 values, each made of four
- * 8-value pieces drawn from a fixed codebook (5.4):
+ * 8-value pieces drawn from a fixed codebook (3.4):
  *
  *     OFFSET  SIZE  DESCRIPTION
  *        0      2   d, half
@@ -1005,7 +1005,7 @@ struct block_q4_k {
  *     y[8t + j] = db * grid[g[t]][j] * (bit j of signs(s[t]) ? -1 : +1)
  *
  * Only 7 signs per piece are stored; the 8th is chosen so that every piece
- * has an even number of minus signs (5.4 explains). */
+ * has an even number of minus signs (3.4 explains). */
 struct block_iq2_xxs {
     uint16_t d;
     uint16_t qs[32];
@@ -1179,7 +1179,7 @@ static void quant_require_tables(void) {
 /* ---- 3.5 Reference decoders: the definition of each format --------------- */
 
 /* One function per type, each decoding `nb` consecutive blocks into
- * y[nb * block_values]. The loops follow the formulas of 5.3 literally and
+ * y[nb * block_values]. The loops follow the formulas of 3.3 literally and
  * use no tables other than the codebook. */
 
 /* y[i] = d * qs[i] */
@@ -1293,7 +1293,7 @@ static float vec_dot_ref(uint32_t type, const void *w, const float *x, int64_t n
 
 /* Decoding a token multiplies every active weight once, so this is the hot
  * loop of the whole engine. Each SIMD section below provides the same four
- * entry points, and 5.9 dispatches to them:
+ * entry points, and 3.9 dispatches to them:
  *
  *     quant_fast_dot_f32(a, b, n)        sum a[i]*b[i]
  *     quant_fast_axpy_f32(y, a, x, n)    y[i] += a*x[i]
@@ -1451,7 +1451,7 @@ static void quant_avx2_q8_0(const struct block_q8_0 *b, __m256 q[4]) {
 }
 
 /* Q2_K sub-block k: 16 values, 2 registers. They are bit pair j of the 16
- * bytes at qs[32h + 16*(k%2)] (5.3), so one shift and one mask give all 16. */
+ * bytes at qs[32h + 16*(k%2)] (3.3), so one shift and one mask give all 16. */
 static void quant_avx2_q2_k(const struct block_q2_k *b, int k, __m256 q[2]) {
     int h = k / 8, j = (k % 8) / 2;
     __m128i packed = _mm_loadu_si128((const __m128i *)(b->qs + 32 * h + 16 * (k % 2)));
@@ -1471,7 +1471,7 @@ static void quant_avx2_q4_k(const struct block_q4_k *b, int k, __m256 q[4]) {
 }
 
 /* IQ2_XXS group: 32 values, 4 registers; piece t is its grid entry with
- * the sign bits XORed in (5.4). */
+ * the sign bits XORed in (3.4). */
 static void quant_avx2_iq2_xxs(uint32_t a0, uint32_t a1, __m256 q[4]) {
     for (int t = 0; t < 4; t++) {
         __m256 grid = _mm256_load_ps(quant_iq2_grid_f32[(a0 >> (8 * t)) & 255]);
@@ -1739,7 +1739,7 @@ static void quant_neon_i8x16(int8x16_t bytes, float32x4_t q[4]) {
     q[3] = vcvtq_f32_s32(vmovl_high_s16(hi));
 }
 
-/* Decoders, as in 5.7. A vshlq by a negative count shifts right. */
+/* Decoders, as in 3.7. A vshlq by a negative count shifts right. */
 static void quant_neon_q8_0(const struct block_q8_0 *b, float32x4_t q[8]) {
     quant_neon_i8x16(vld1q_s8(b->qs), q);
     quant_neon_i8x16(vld1q_s8(b->qs + 16), q + 4);
@@ -1960,7 +1960,7 @@ static void quant_fast_dequant(uint32_t type, const void *src, float *y, int64_t
 
 /* ---- 3.9 The kernels the engine calls ------------------------------------ */
 
-/* Decode a row of `n` values of any type into floats (5.5 gives the meaning).
+/* Decode a row of `n` values of any type into floats (3.5 gives the meaning).
  * The IQ2_XXS table check is made here, on every build, so a missing
  * quant_tables_init() fails the same way on a machine without SIMD. */
 static void dequant_row(uint32_t type, const void *src, float *dst, int64_t n) {
@@ -1989,7 +1989,7 @@ static void axpy_f32(float *y, float a, const float *x, int64_t n) {
 /* The engine only reads quantized weights; these encoders exist for the
  * converter and for the tests, which need blocks with known content. They
  * aim to be simple and reasonable, not to match GGML's quantizers bit for
- * bit: any block they write is valid and decodes by 5.5, which is all the
+ * bit: any block they write is valid and decodes by 3.5, which is all the
  * format promises. Rounding is always roundf(), i.e. to nearest with ties
  * away from zero. */
 
@@ -2170,7 +2170,7 @@ static void quant_quantize_q4_k(const float *x, struct block_q4_k *b, int64_t nb
  *
  * 2. Each 8-value piece gets its signs from x: bit j set when x[j] < 0. If
  *    that gives an odd number of negatives, the smallest |x[j]| has its sign
- *    bit flipped (5.4). With the signs fixed, piece value j is
+ *    bit flipped (3.4). With the signs fixed, piece value j is
  *    sign[j] * db * grid[g][j], so its squared error is
  *
  *        err(g) = sum_j (db * grid[g][j] - a[j])^2,    a[j] = sign[j] * x[j]
@@ -3857,7 +3857,7 @@ static size_t utf8_unfinished_tail(const unsigned char *s, size_t n) {
  * is it in \p{L} or \p{M} (letters and combining marks), \p{N} (numbers),
  * \p{P} or \p{S} (punctuation and symbols), \s (white space), or none of
  * these? Letters and marks always appear together in the regex, or in a way
- * where they behave alike (see 7.2), and so do punctuation and symbols; so
+ * where they behave alike (see 6.2), and so do punctuation and symbols; so
  * five classes are enough.
  *
  * The table below maps every code point to its class. It is generated by
@@ -4558,7 +4558,7 @@ static void tok_build_bytes(struct tokenizer *t) {
     t->bytes_off[t->n_tokens] = out;
 }
 
-/* The trie of special-token strings, for longest-match search in 7.5. */
+/* The trie of special-token strings, for longest-match search in 6.5. */
 static uint32_t tok_trie_child(struct tokenizer *t, uint32_t node, unsigned char byte) {
     uint32_t c = t->trie[node].child;
     for (; c != 0; c = t->trie[c].sibling)
@@ -5593,7 +5593,7 @@ static int chat_render(const struct json *messages, const struct json *tools, co
  * client as tokens arrive, and an agent wants to know "a call to read_file
  * has started" long before the file's contents have been written out. So
  * the parser is fed text piece by piece (whole characters, from the
- * streaming decoder of 7.6), and it reports events as soon as they are
+ * streaming decoder of 6.6), and it reports events as soon as they are
  * certain:
  *
  *     DSML_EV_REASONING / DSML_EV_CONTENT   a piece of text for that channel
@@ -6261,6 +6261,18 @@ static int topk_indices(const float *score, int n, int k, int *out) {
 /* ============================================================================
  * Chapter 8. The forward pass
  * ============================================================================
+ *
+ * One token of DeepSeek V4 travels through 43 blocks. Each block is two
+ * sublayers -- attention, then a mixture of experts -- and around each one
+ * the four hyper-connection streams are mixed down into a single input and
+ * the sublayer's output is mixed back up. Attention sees the last W tokens
+ * raw and the whole past through compressed rows; on half the layers a small
+ * indexer picks which compressed rows matter. This chapter builds those
+ * pieces bottom-up: the matrix multiply that dominates the time (8.1), the
+ * state a session keeps (8.2), the streams (8.3), the compressors (8.4),
+ * attention and the indexer (8.6-8.8), the experts (8.9), one block (8.10),
+ * the output head (8.11) and the MTP block (8.12). Chapter 9 then tells the
+ * whole story in one function.
  *
  * 8.1 The engine and its matrix multiply.
  *
@@ -9615,6 +9627,12 @@ static int kv_clear_command(const char *dir) {
 /* ============================================================================
  * Chapter 11. Tools built on the engine: the oracle checker and the bench
  * ============================================================================
+ *
+ * Two tools keep the engine honest. The checker compares it with DeepSeek's
+ * own code on a tiny model of the exact V4 shape (11.1); the bench measures
+ * what a user feels -- prefill and decode speed, and the weight traffic that
+ * bounds decode (11.2). Neither asserts a timing: tests assert correctness,
+ * the bench prints figures.
  *
  * 11.1 --check-vectors FILE.json
  *
@@ -13333,8 +13351,14 @@ static int server_main(struct engine *eng, const struct tokenizer *tok, const st
  * Chapter 13. The command line and main()
  * ============================================================================
  *
- * Options are parsed once, into one struct, and validated there: a bad flag
- * or value stops with a message and exit status 2 before any model loads.
+ * The last chapter is the front door: one binary that generates from token
+ * ids, chats, renders prompts, checks vectors, benchmarks and serves. 13.1
+ * parses the options; 13.2 is the text side (one turn, the interactive
+ * chat); main() loads what the chosen action needs and dispatches.
+ *
+ * 13.1 Options. They are parsed once, into one struct, and validated there:
+ * a bad flag or value stops with a message and exit status 2 before any
+ * model loads.
  * ------------------------------------------------------------------------- */
 
 struct cli_options {
