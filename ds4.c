@@ -7287,6 +7287,34 @@ static void embed_tokens(const struct model *m, const int32_t *tokens, int T, fl
                         out + (size_t)t * m->cfg.dim, m->cfg.dim);
 }
 
+/* The MTP block's input streams for Tm rows:
+ *
+ *     Xm[i][h] = Wh_proj . rmsnorm(Hin_i[h], hnorm) + We_proj . rmsnorm(embed[tok_i], enorm)
+ *
+ * Hin_0 is `hin0` and Hin_i (i >= 1) is hin_next[i-1], each [n][D];
+ * Xm is [Tm][n][D]. The h_proj product runs over all Tm*n streams at once. */
+static void mtp_input(struct engine *eng, const int32_t *tokens, int Tm, const float *hin0,
+                      const float *hin_next, struct chunk_work *w, float *Xm) {
+    const struct model *m = eng->model;
+    const struct ds4_config *c = &m->cfg;
+    const struct mtp_weights *mw = &m->mtp;
+    int n = c->hc, D = c->dim;
+    int64_t nD = (int64_t)n * D;
+    embed_tokens(m, tokens, Tm, w->y);
+    for (int i = 0; i < Tm; i++) {
+        float *e = w->y + (size_t)i * D;
+        rmsnorm(e, e, mw->enorm, D, c->norm_eps);
+        const float *hin = i == 0 ? hin0 : hin_next + (i - 1) * nD;
+        for (int h = 0; h < n; h++)
+            rmsnorm(w->hn + i * nD + (int64_t)h * D, hin + (int64_t)h * D, mw->hnorm, D, c->norm_eps);
+    }
+    matmul(eng, w->f, &mw->e_proj, w->y, Tm);
+    matmul(eng, Xm, &mw->h_proj, w->hn, Tm * n);
+    for (int i = 0; i < Tm; i++)
+        for (int h = 0; h < n; h++)
+            for (int d = 0; d < D; d++) Xm[i * nD + (int64_t)h * D + d] += w->f[(size_t)i * D + d];
+}
+
 /* MTP rows for positions p0-1 .. p0+T-2 (those >= 0). X holds the main
  * model's final streams for the chunk; s->last_hc those of position p0-1. */
 static void mtp_chunk(struct session *s, const int32_t *tokens, const float *X, int T,
@@ -7295,22 +7323,12 @@ static void mtp_chunk(struct session *s, const int32_t *tokens, const float *X, 
     const struct model *m = eng->model;
     const struct ds4_config *c = &m->cfg;
     const struct mtp_weights *mw = &m->mtp;
-    int n = c->hc, D = c->dim, first = s->pos == 0 ? 1 : 0, Tm = T - first;
-    int64_t nD = (int64_t)n * D;
+    int first = s->pos == 0 ? 1 : 0, Tm = T - first;
+    int64_t nD = (int64_t)c->hc * c->dim;
     if (Tm <= 0) return;
-    embed_tokens(m, tokens + first, Tm, w->y);
-    for (int i = 0; i < Tm; i++) {
-        float *e = w->y + (size_t)i * D;
-        rmsnorm(e, e, mw->enorm, D, c->norm_eps);
-        const float *hin = first + i == 0 ? s->last_hc : X + (first + i - 1) * nD;
-        for (int h = 0; h < n; h++)
-            rmsnorm(w->hn + i * nD + (int64_t)h * D, hin + (int64_t)h * D, mw->hnorm, D, c->norm_eps);
-    }
-    matmul(eng, w->f, &mw->e_proj, w->y, Tm);
-    matmul(eng, w->xm, &mw->h_proj, w->hn, Tm * n);
-    for (int i = 0; i < Tm; i++)
-        for (int h = 0; h < n; h++)
-            for (int d = 0; d < D; d++) w->xm[i * nD + (int64_t)h * D + d] += w->f[(size_t)i * D + d];
+    /* Row p0-1 reads the streams saved from the last call; the others this chunk's. */
+    if (first == 0) mtp_input(eng, tokens, Tm, s->last_hc, X, w, w->xm);
+    else mtp_input(eng, tokens + 1, Tm, X, X + nD, w, w->xm);
     block_chunk(eng, &mw->block, &s->mtp_state, w->xm, tokens + first, s->mtp_pos, Tm, w);
     if (mtp_logits)
         head_chunk(eng, &mw->hc_head_fn, mw->hc_head_scale, mw->hc_head_base, mw->norm, w->xm, Tm,
@@ -7586,17 +7604,22 @@ static size_t frontier_floats(const struct compressor_state *cs) {
     return cs->kv ? (size_t)cs->coff * cs->ratio * cs->coff * cs->dc : 0;
 }
 
-static void checkpoint_take(struct checkpoint *cp, const struct session *s, int span) {
+/* Drafting touches only the MTP ring; a verification touches everything.
+ * `with_layers` says whether the main layers' state is saved too. */
+static void checkpoint_take(struct checkpoint *cp, const struct session *s, int span, bool with_layers) {
     const struct ds4_config *c = &s->eng->model->cfg;
-    int L = c->n_layers, W = c->window, Dh = c->head_dim;
+    int L = with_layers ? c->n_layers : 0, W = c->window, Dh = c->head_dim;
+    memset(cp, 0, sizeof *cp);
     cp->pos = s->pos;
     cp->mtp_pos = s->mtp_pos;
     cp->span = span;
-    cp->ring = xmalloc((size_t)L * span * Dh * sizeof(float));
     cp->mtp_ring = xmalloc((size_t)span * Dh * sizeof(float));
-    cp->comp_n = xmalloc((size_t)L * sizeof(int64_t));
-    cp->idx_n = xmalloc((size_t)L * sizeof(int64_t));
-    cp->frontier = xcalloc((size_t)L, sizeof(float *));
+    if (with_layers) {
+        cp->ring = xmalloc((size_t)L * span * Dh * sizeof(float));
+        cp->comp_n = xmalloc((size_t)L * sizeof(int64_t));
+        cp->idx_n = xmalloc((size_t)L * sizeof(int64_t));
+        cp->frontier = xcalloc((size_t)L, sizeof(float *));
+    }
     for (int l = 0; l < L; l++) {
         const struct layer_state *st = &s->layers[l];
         for (int i = 0; i < span; i++)
@@ -7620,7 +7643,7 @@ static void checkpoint_take(struct checkpoint *cp, const struct session *s, int 
 }
 
 static void checkpoint_free(struct checkpoint *cp, int n_layers) {
-    for (int l = 0; l < n_layers; l++) free(cp->frontier[l]);
+    for (int l = 0; cp->frontier && l < n_layers; l++) free(cp->frontier[l]);
     free(cp->frontier);
     free(cp->ring);
     free(cp->mtp_ring);
@@ -7729,18 +7752,8 @@ static void journal_free(struct compressor_journal *j, int n_layers) {
 static void mtp_row(struct session *s, const float *hin, int32_t token, int64_t pos, float *hout,
                     float *logits, struct chunk_work *w) {
     struct engine *eng = s->eng;
-    const struct model *m = eng->model;
-    const struct mtp_weights *mw = &m->mtp;
-    const struct ds4_config *c = &m->cfg;
-    int n = c->hc, D = c->dim;
-    embed_tokens(m, &token, 1, w->y);
-    rmsnorm(w->y, w->y, mw->enorm, D, c->norm_eps);
-    for (int h = 0; h < n; h++)
-        rmsnorm(w->hn + (int64_t)h * D, hin + (int64_t)h * D, mw->hnorm, D, c->norm_eps);
-    matmul(eng, w->f, &mw->e_proj, w->y, 1);
-    matmul(eng, hout, &mw->h_proj, w->hn, n);
-    for (int h = 0; h < n; h++)
-        for (int d = 0; d < D; d++) hout[(int64_t)h * D + d] += w->f[d];
+    const struct mtp_weights *mw = &eng->model->mtp;
+    mtp_input(eng, &token, 1, hin, NULL, w, hout);
     block_chunk(eng, &mw->block, &s->mtp_state, hout, &token, pos, 1, w);
     head_chunk(eng, &mw->hc_head_fn, mw->hc_head_scale, mw->hc_head_base, mw->norm, hout, 1, w, logits);
 }
@@ -7779,7 +7792,7 @@ static int draft_tokens(struct generator *g, int32_t first, int32_t *drafts) {
     int V = c->vocab, K = g->spec.draft;
     int64_t n_d = (int64_t)c->hc * c->dim;
     struct checkpoint cp;
-    checkpoint_take(&cp, s, K + 1);
+    checkpoint_take(&cp, s, K + 1, false);
     struct chunk_work w;
     chunk_work_init(&w, c, 1);
     float *hin = xmalloc((size_t)n_d * sizeof(float)), *hout = xmalloc((size_t)n_d * sizeof(float));
@@ -7886,7 +7899,7 @@ static int generator_step(struct generator *g, int32_t *out, struct ds4_error *e
     int64_t n_d = (int64_t)c->hc * c->dim;
     struct checkpoint cp;
     struct compressor_journal j;
-    checkpoint_take(&cp, s, T);
+    checkpoint_take(&cp, s, T, true);
     journal_init(&j, c, T);
     float *all_logits = xmalloc((size_t)T * V * sizeof(float));
     float *all_hc = xmalloc((size_t)T * n_d * sizeof(float));

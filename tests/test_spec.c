@@ -88,7 +88,7 @@ static void test_rollback(struct engine *eng, int prompt_len, int T) {
 
         struct checkpoint cp;
         struct compressor_journal j;
-        checkpoint_take(&cp, &a, T);
+        checkpoint_take(&cp, &a, T, true);
         journal_init(&j, c, T);
         float *logits = xmalloc((size_t)T * V * sizeof(float)), *hc = xmalloc((size_t)T * n_d * sizeof(float));
         struct forward_request req = { .all_logits = logits, .all_hc = hc, .journal = &j };
