@@ -10427,8 +10427,8 @@ static int run_bench(struct engine *eng, int n_prefill, int n_decode, struct spe
                spec_stats.drafted ? 100.0 * spec_stats.accepted / spec_stats.drafted : 0.0,
                (double)spec_stats.emitted / spec_stats.main_forwards);
     if (with_mtp)
-        printf("decode with MTP: heap allocations per token: %.2f\n",
-               (double)spec_stats.heap_allocations / spec_stats.emitted);
+        printf("decode with MTP CPU time: %.3f s (all threads); heap allocations per token: %.2f\n",
+               spec_stats.cpu_seconds, (double)spec_stats.heap_allocations / spec_stats.emitted);
     bool snap_ok = n_prefill < 2 || bench_snapshot(eng, tokens, n_prefill, &e);
     free(tokens);
     if (!snap_ok) fprintf(stderr, "ds4: bench snapshot failed: %s\n", e.msg);
