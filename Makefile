@@ -40,7 +40,8 @@ vectors/tiny-mtp.gguf: vectors/tiny.gguf
 TESTBIN := tests/bin
 TEST_PROGRAMS := $(TESTBIN)/test_quant $(TESTBIN)/test_json $(TESTBIN)/test_gguf \
                  $(TESTBIN)/test_convert $(TESTBIN)/test_text $(TESTBIN)/test_model \
-                 $(TESTBIN)/test_spec $(TESTBIN)/test_kvdisk $(TESTBIN)/kvdisk
+                 $(TESTBIN)/test_spec $(TESTBIN)/test_kvdisk $(TESTBIN)/kvdisk \
+                 $(TESTBIN)/test_metal
 
 $(TESTBIN):
 	mkdir -p $@
@@ -56,6 +57,15 @@ $(TESTBIN)/test_spec: tests/test_spec.c $(SOURCES) | $(TESTBIN)
 
 $(TESTBIN)/test_kvdisk: tests/test_kvdisk.c $(SOURCES) | $(TESTBIN)
 	$(CC) $(SAN) $(WARN) -o $@ $< $(LIBS)
+
+# The Metal-on-CPU harness: kernels.metal compiled unchanged as C++ (clang++,
+# whose ext_vector_type gives MSL's vectors) against tests/metal/include/.
+METAL_CXX ?= clang++
+$(TESTBIN)/metal_harness.o: tests/metal/harness.cpp kernels.metal tests/metal/include/metal_stdlib | $(TESTBIN)
+	$(METAL_CXX) -std=c++17 -O1 -g -Wall -Wno-unknown-attributes -I tests/metal/include -c -o $@ $<
+
+$(TESTBIN)/test_metal: tests/test_metal.c $(TESTBIN)/metal_harness.o $(SOURCES) | $(TESTBIN)
+	$(CC) $(CFLAGS) $(ARCH) $(WARN) -o $@ $< $(TESTBIN)/metal_harness.o -lstdc++ $(LIBS)
 
 $(TESTBIN)/kvdisk: tests/kvdisk_driver.c $(SOURCES) | $(TESTBIN)
 	$(CC) $(CFLAGS) $(ARCH) $(WARN) -o $@ $< $(LIBS)

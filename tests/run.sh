@@ -40,6 +40,7 @@ suite "speculative decoding: rollback, greedy identity, sampling rule" \
     $B/test_spec vectors/tiny.gguf vectors/tiny-mtp.gguf
 suite "KV disk cache: snapshots, store, hostile files (ASan+UBSan)" \
     $B/test_kvdisk vectors/tiny.gguf vectors/tiny-mtp.gguf
+suite "Metal kernels on the CPU harness vs their CPU twins" $B/test_metal
 suite "KV disk cache across processes: restart, kill -9, two writers" sh tests/kvdisk.sh
 suite "oracle vectors (tiny f16 + MTP)" \
     ./ds4 --check-vectors vectors/vectors.json -m vectors/tiny.gguf --mtp vectors/tiny-mtp.gguf
