@@ -67,6 +67,14 @@ $(TESTBIN)/metal_harness.o: tests/metal/harness.cpp kernels.metal tests/metal/in
 $(TESTBIN)/test_metal: tests/test_metal.c $(TESTBIN)/metal_harness.o $(SOURCES) | $(TESTBIN)
 	$(CC) $(CFLAGS) $(ARCH) $(WARN) -o $@ $< $(TESTBIN)/metal_harness.o -lstdc++ $(LIBS)
 
+# On a Mac: the same kernel checks on the real GPU (ds4_metal.m implements the
+# gpu_* dispatches the harness emulates). Prints "N passed, N failed".
+$(TESTBIN)/test_metal_gpu: tests/test_metal.c ds4_metal.m kernels.metal $(SOURCES) | $(TESTBIN)
+	$(CC) $(CFLAGS) $(WARN) -DDS4_METAL_GPU -fobjc-arc -o $@ $< ds4_metal.m -framework Metal -framework Foundation $(LIBS)
+
+test-metal: all $(TESTBIN)/test_metal_gpu
+	$(TESTBIN)/test_metal_gpu
+
 $(TESTBIN)/kvdisk: tests/kvdisk_driver.c $(SOURCES) | $(TESTBIN)
 	$(CC) $(CFLAGS) $(ARCH) $(WARN) -o $@ $< $(LIBS)
 
@@ -120,4 +128,4 @@ book-check:
 clean:
 	rm -rf ds4 ds4-convert $(TESTBIN) vectors/tiny.gguf vectors/tiny-mtp.gguf
 
-.PHONY: all test bench clean book book-check
+.PHONY: all test test-metal bench clean book book-check

@@ -41,6 +41,7 @@ suite "speculative decoding: rollback, greedy identity, sampling rule" \
 suite "KV disk cache: snapshots, store, hostile files (ASan+UBSan)" \
     $B/test_kvdisk vectors/tiny.gguf vectors/tiny-mtp.gguf
 suite "Metal kernels on the CPU harness vs their CPU twins" $B/test_metal
+suite "Metal host: ds4_metal.m syntax check, kernel table" sh tests/metal/syntax.sh
 suite "KV disk cache across processes: restart, kill -9, two writers" sh tests/kvdisk.sh
 suite "oracle vectors (tiny f16 + MTP)" \
     ./ds4 --check-vectors vectors/vectors.json -m vectors/tiny.gguf --mtp vectors/tiny-mtp.gguf

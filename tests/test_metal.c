@@ -17,35 +17,36 @@
 #define DS4_NO_MAIN
 #include "../ds4.c"
 
-/* The harness (C++, tests/metal/harness.cpp): one function per dispatch. */
-int emu_matmul(int type, const void *w, const float *x, float *y, unsigned in, unsigned out,
+/* One function per dispatch: tests/metal/harness.cpp runs it emulated on the
+ * CPU (make test); ds4_metal.m runs it on a real GPU (make test-metal). */
+int gpu_matmul(int type, const void *w, const float *x, float *y, unsigned in, unsigned out,
                unsigned n_tok, unsigned row_bytes, unsigned x_stride, unsigned y_stride);
-void emu_rmsnorm(const float *x, const float *w, float *y, unsigned n, unsigned n_rows, float eps);
-void emu_rope_tail(float *x, const float *freq, unsigned len, unsigned dims, unsigned n_heads,
+void gpu_rmsnorm(const float *x, const float *w, float *y, unsigned n, unsigned n_rows, float eps);
+void gpu_rope_tail(float *x, const float *freq, unsigned len, unsigned dims, unsigned n_heads,
                    unsigned n_tok, long pos0, int inverse);
-void emu_fp8_round_trip_nope(float *rows, unsigned len, unsigned rope_dims, unsigned n_rows);
-void emu_indexer_round_trip(float *rows, unsigned n, unsigned n_rows);
-void emu_hc_pre(const float *X, const float *raw_mix, const float *scale, const float *base,
+void gpu_fp8_round_trip_nope(float *rows, unsigned len, unsigned rope_dims, unsigned n_rows);
+void gpu_indexer_round_trip(float *rows, unsigned n, unsigned n_rows);
+void gpu_hc_pre(const float *X, const float *raw_mix, const float *scale, const float *base,
                 float *mix_out, float *y, unsigned hc, unsigned dim, unsigned iters,
                 float norm_eps, float hc_eps, unsigned n_tok);
-void emu_hc_post(float *X, const float *f, const float *mix, unsigned hc, unsigned dim,
+void gpu_hc_post(float *X, const float *f, const float *mix, unsigned hc, unsigned dim,
                  unsigned n_tok);
-void emu_hc_head_collapse(const float *X, const float *raw_mix, const float *scale,
+void gpu_hc_head_collapse(const float *X, const float *raw_mix, const float *scale,
                           const float *base, float *y, unsigned hc, unsigned dim,
                           float norm_eps, float hc_eps, unsigned n_tok);
-void emu_embed_tokens(const uint16_t *E, const int *tokens, float *out, unsigned dim,
+void gpu_embed_tokens(const uint16_t *E, const int *tokens, float *out, unsigned dim,
                       unsigned n_tok);
-void emu_route_token(const float *logits, const int *tokens, const int *tid2eid,
+void gpu_route_token(const float *logits, const int *tokens, const int *tid2eid,
                      const float *bias, float *biased, int *sel, float *wt, unsigned n_tok,
                      unsigned n_experts, unsigned n_used, float route_scale);
-void emu_swiglu(float *g, const float *u, const float *weight, unsigned ffn, unsigned n,
+void gpu_swiglu(float *g, const float *u, const float *weight, unsigned ffn, unsigned n,
                 float limit);
-void emu_moe_gather_add(float *G, const float *Y, const int *slot_of, unsigned dim,
+void gpu_moe_gather_add(float *G, const float *Y, const int *slot_of, unsigned dim,
                         unsigned n_used, unsigned n_tok);
-void emu_add_rows(float *y, const float *x, unsigned n, unsigned x_period);
-void emu_pool_channel(const float *kv, const float *score, float *pooled, unsigned ratio,
+void gpu_add_rows(float *y, const float *x, unsigned n, unsigned x_period);
+void gpu_pool_channel(const float *kv, const float *score, float *pooled, unsigned ratio,
                       unsigned coff, unsigned dc);
-void emu_attend_one(const float *q, const float *kv, const int *rows, const int *n_rows,
+void gpu_attend_one(const float *q, const float *kv, const int *rows, const int *n_rows,
                     const float *sinks, float *o, unsigned n_heads, unsigned head_dim,
                     unsigned max_rows, unsigned n_tok);
 
@@ -127,7 +128,7 @@ static void test_matmul(uint32_t type, const char *name) {
         float *x = random_floats((size_t)T * IN, 1.0f);
         float *got = xcalloc((size_t)T * OUT, sizeof(float));
         float *want = xcalloc((size_t)T * OUT, sizeof(float));
-        emu_matmul((int)type, w, x, got, IN, OUT, T, (unsigned)row_bytes, IN, OUT);
+        gpu_matmul((int)type, w, x, got, IN, OUT, T, (unsigned)row_bytes, IN, OUT);
         for (int t = 0; t < T; t++)
             for (int r = 0; r < OUT; r++)
                 want[t * OUT + r] = vec_dot_ref(type, w + r * row_bytes, x + t * IN, IN);
@@ -146,10 +147,10 @@ static void test_rmsnorm(void) {
     enum { N = 300, ROWS = 3 };
     float *x = random_floats(N * ROWS, 2.0f), *w = random_floats(N, 1.0f);
     float got[N * ROWS], want[N * ROWS];
-    emu_rmsnorm(x, w, got, N, ROWS, 1e-6f);
+    gpu_rmsnorm(x, w, got, N, ROWS, 1e-6f);
     for (int r = 0; r < ROWS; r++) rmsnorm(want + r * N, x + r * N, w, N, 1e-6f);
     check("rmsnorm (3 rows of 300, gain) vs rmsnorm", rel_err(got, want, N * ROWS, 1e-3), 1e-6);
-    emu_rmsnorm(x, NULL, got, N, ROWS, 1e-6f);
+    gpu_rmsnorm(x, NULL, got, N, ROWS, 1e-6f);
     for (int r = 0; r < ROWS; r++) rmsnorm(want + r * N, x + r * N, NULL, N, 1e-6f);
     check("rmsnorm (no gain) vs rmsnorm", rel_err(got, want, N * ROWS, 1e-3), 1e-6);
     free(x), free(w);
@@ -165,7 +166,7 @@ static void test_rope(void) {
         rope_init(&r, DIMS, yarn ? 160000.0f : 10000.0f, yarn, &c);
         for (int inverse = 0; inverse < 2; inverse++) {
             float *x = random_floats(T * H * LEN, 1.0f), *want = copy_floats(x, T * H * LEN);
-            emu_rope_tail(x, r.freq, LEN, DIMS, H, T, 1000, inverse);
+            gpu_rope_tail(x, r.freq, LEN, DIMS, H, T, 1000, inverse);
             for (int t = 0; t < T; t++)
                 for (int h = 0; h < H; h++)
                     rope_tail(&r, want + (t * H + h) * LEN, LEN, 1000 + t, inverse);
@@ -183,12 +184,12 @@ static void test_round_trips(void) {
     float *x = random_floats(LEN * ROWS, 3.0f), *want = copy_floats(x, LEN * ROWS);
     x[5] = want[5] = 0.0f;                       /* a zero, and a tiny block */
     for (int i = 64; i < 128; i++) x[i] = want[i] = 1e-6f * rng_normal();
-    emu_fp8_round_trip_nope(x, LEN, ROPE, ROWS);
+    gpu_fp8_round_trip_nope(x, LEN, ROPE, ROWS);
     for (int r = 0; r < ROWS; r++) fp8_round_trip_nope(want + r * LEN, LEN, ROPE);
     check("fp8_round_trip_nope (4 rows of 192, tail 64)", abs_err(x, want, LEN * ROWS), 0);
     free(x), free(want);
     x = random_floats(NI * ROWS, 2.0f), want = copy_floats(x, NI * ROWS);
-    emu_indexer_round_trip(x, NI, ROWS);
+    gpu_indexer_round_trip(x, NI, ROWS);
     for (int r = 0; r < ROWS; r++) indexer_round_trip(want + r * NI, NI);
     check("indexer_round_trip (Hadamard 128 + FP4, 4 rows)", abs_err(x, want, NI * ROWS), 0);
     free(x), free(want);
@@ -204,7 +205,7 @@ static void test_hc(void) {
     float scale[3] = { 0.7f, 1.3f, 0.9f }, *base = random_floats(M, 0.5f);
     float mix[T * M], y[T * D], want_y[T * D], want_mix[T * M];
     struct hc_mix ref[T];
-    emu_hc_pre(X, raw, scale, base, mix, y, N, D, 20, c.norm_eps, c.hc_eps, T);
+    gpu_hc_pre(X, raw, scale, base, mix, y, N, D, 20, c.norm_eps, c.hc_eps, T);
     for (int t = 0; t < T; t++) {
         hc_pre(&c, X + t * N * D, raw + t * M, scale, base, &ref[t], want_y + t * D);
         memcpy(want_mix + t * M, ref[t].pre, N * sizeof(float));
@@ -215,12 +216,12 @@ static void test_hc(void) {
     check("hc_pre: collapsed y vs hc_pre", rel_err(y, want_y, T * D, 1e-3), 2e-6);
 
     float *f = random_floats(T * D, 1.0f), *Xg = copy_floats(X, T * N * D), tmp[N * D];
-    emu_hc_post(Xg, f, want_mix, N, D, T);
+    gpu_hc_post(Xg, f, want_mix, N, D, T);
     for (int t = 0; t < T; t++) hc_post(&c, X + t * N * D, f + t * D, &ref[t], tmp);
     check("hc_post (in place) vs hc_post", rel_err(Xg, X, T * N * D, 1e-3), 1e-6);
 
     float *raw_head = random_floats(T * N, 3.0f);
-    emu_hc_head_collapse(X, raw_head, scale, base, y, N, D, c.norm_eps, c.hc_eps, T);
+    gpu_hc_head_collapse(X, raw_head, scale, base, y, N, D, c.norm_eps, c.hc_eps, T);
     for (int t = 0; t < T; t++)
         hc_head_collapse(&c, X + t * N * D, raw_head + t * N, scale, base, want_y + t * D);
     check("hc_head_collapse vs hc_head_collapse", rel_err(y, want_y, T * D, 1e-3), 2e-6);
@@ -235,7 +236,7 @@ static void test_embed(void) {
     for (int i = 0; i < V * D; i++) E[i] = f32_to_f16(rng_normal());
     int tokens[T] = { 0, 49, 7, 7 };
     float got[T * D], want[T * D];
-    emu_embed_tokens(E, tokens, got, D, T);
+    gpu_embed_tokens(E, tokens, got, D, T);
     for (int t = 0; t < T; t++) dequant_row_ref(TYPE_F16, E + tokens[t] * D, want + t * D, D);
     check("embed_tokens (F16 rows) vs dequant_row_ref", abs_err(got, want, T * D), 0);
 }
@@ -257,7 +258,7 @@ static void test_route(void) {
     for (int hash = 0; hash < 2; hash++) {
         struct layer_weights L = { 0 };
         L.hash_routed = hash, L.router_bias = hash ? NULL : bias, L.tid2eid = tid2eid;
-        emu_route_token(logits, tokens, hash ? tid2eid : NULL, hash ? NULL : bias, biased, sel,
+        gpu_route_token(logits, tokens, hash ? tid2eid : NULL, hash ? NULL : bias, biased, sel,
                         wt, T, E, K, c.route_scale);
         for (int t = 0; t < T; t++)
             route_token(&c, &L, logits + t * E, tokens[t], want_sel + t * K, want_wt + t * K);
@@ -278,7 +279,7 @@ static void test_swiglu(void) {
     float weight[N] = { 0.5f, 1.0f, 2.0f }, want[F * N];
     for (int pass = 0; pass < 2; pass++) {
         float limit = pass ? 7.0f : 0.0f, *gg = copy_floats(g, F * N);
-        emu_swiglu(gg, u, pass ? weight : NULL, F, N, limit);
+        gpu_swiglu(gg, u, pass ? weight : NULL, F, N, limit);
         for (int i = 0; i < N; i++)
             for (int f = 0; f < F; f++) {
                 float gv = g[i * F + f], uv = u[i * F + f];
@@ -298,14 +299,15 @@ static void test_moe_add(void) {
     float *G = random_floats(T * D, 1.0f), *Y = random_floats(S * D, 1.0f);
     float *want = copy_floats(G, T * D);
     int slot_of[T * K] = { 0, 1, 2, 3, -1, 4, 5, 6, 7, 8, 9, -1 };
-    emu_moe_gather_add(G, Y, slot_of, D, K, T);
+    gpu_moe_gather_add(G, Y, slot_of, D, K, T);
     for (int t = 0; t < T; t++)
         for (int k = 0; k < K; k++)
-            if (slot_of[t * K + k] >= 0) axpy_f32(want + t * D, 1.0f, Y + slot_of[t * K + k] * D, D);
+            if (slot_of[t * K + k] >= 0)
+                axpy_f32(want + t * D, 1.0f, Y + slot_of[t * K + k] * D, D);
     check("moe_gather_add vs moe_chunk's sum", abs_err(G, want, T * D), 0);
     float *b = random_floats(D, 1.0f);
     memcpy(want, G, T * D * sizeof(float));
-    emu_add_rows(G, b, T * D, D);
+    gpu_add_rows(G, b, T * D, D);
     for (int i = 0; i < T * D; i++) want[i] += b[i % D];
     check("add_rows (broadcast) vs y + x", abs_err(G, want, T * D), 0);
     free(G), free(Y), free(want), free(b);
@@ -328,10 +330,11 @@ static void test_pool(void) {
         if (cs.coff == 2)
             for (int i = 0; i < n; i++) cs.score[i * width + DC + 5] = -INFINITY;
         float got[DC], want[DC];
-        emu_pool_channel(cs.kv, cs.score, got, cs.ratio, cs.coff, DC);
+        gpu_pool_channel(cs.kv, cs.score, got, cs.ratio, cs.coff, DC);
         for (int j = 0; j < DC; j++) want[j] = pool_channel(&cs, j);
         check(k == 0 ? "pool_channel (ratio 4, overlap) vs pool_channel" :
-                       "pool_channel (ratio 8) vs pool_channel", rel_err(got, want, DC, 1e-3), 1e-6);
+                       "pool_channel (ratio 8) vs pool_channel",
+              rel_err(got, want, DC, 1e-3), 1e-6);
         free(cs.kv), free(cs.score);
     }
 }
@@ -365,17 +368,24 @@ static void test_attend(void) {
     int rows[T * MAXR], n_rows[T] = { 1, 33, 80, 47 };
     for (int t = 0; t < T; t++)
         for (int i = 0; i < MAXR; i++) rows[t * MAXR + i] = (i * 37 + t * 11) % R;
-    emu_attend_one(q, kv, rows, n_rows, sinks, got, H, DH, MAXR, T);
+    gpu_attend_one(q, kv, rows, n_rows, sinks, got, H, DH, MAXR, T);
     for (int t = 0; t < T; t++)
         for (int h = 0; h < H; h++)
             attend_reference(q + (t * H + h) * DH, kv, rows + t * MAXR, n_rows[t], sinks[h], DH,
                              want + (t * H + h) * DH);
-    check("attend_one (3 heads, 1..80 rows, sinks) vs formula", rel_err(got, want, T * H * DH, 1e-3),
-          2e-6);
+    check("attend_one (3 heads, 1..80 rows, sinks) vs formula",
+          rel_err(got, want, T * H * DH, 1e-3), 2e-6);
     free(q), free(kv);
 }
 
+#ifdef DS4_METAL_GPU
+bool ds4_metal_open(const char *kernels_path);
+#endif
+
 int main(void) {
+#ifdef DS4_METAL_GPU
+    if (!ds4_metal_open("kernels.metal")) return 1;   /* make test-metal, on a Mac */
+#endif
     quant_tables_init();
     test_matmul(TYPE_F16, "f16");
     test_matmul(TYPE_Q8_0, "q8_0");

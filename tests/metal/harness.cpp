@@ -4,7 +4,7 @@
 //     clang++ -std=c++17 -I tests/metal/include -c tests/metal/harness.cpp
 //
 // `#include <metal_stdlib>` inside kernels.metal finds our prelude
-// (tests/metal/include/metal_stdlib). Each emu_* function below is what one
+// (tests/metal/include/metal_stdlib). Each gpu_* function below is what one
 // dispatch of ds4_metal.m does: fill the argument struct, pick the grid and
 // the threadgroup size, bind the buffers; here the buffers are host pointers
 // and metal::dispatch() runs the threads as fibers. tests/test_metal.c, a C
@@ -19,7 +19,7 @@ static uint groups_of(uint n, uint per) { return (n + per - 1) / per; }
 extern "C" {
 
 // type: GGML type id (1 F16, 8 Q8_0, 10 Q2_K, 12 Q4_K, 16 IQ2_XXS).
-int emu_matmul(int type, const void *w, const float *x, float *y, uint in, uint out,
+int gpu_matmul(int type, const void *w, const float *x, float *y, uint in, uint out,
                uint n_tok, uint row_bytes, uint x_stride, uint y_stride) {
     matmul_args a = { in, out, n_tok, row_bytes, x_stride, y_stride };
     const uchar *wb = (const uchar *)w;
@@ -38,27 +38,27 @@ int emu_matmul(int type, const void *w, const float *x, float *y, uint in, uint 
     return 0;
 }
 
-void emu_rmsnorm(const float *x, const float *w, float *y, uint n, uint n_rows, float eps) {
+void gpu_rmsnorm(const float *x, const float *w, float *y, uint n, uint n_rows, float eps) {
     rmsnorm_args a = { n, w != nullptr, eps };
     float shared[32];
     dispatch(uint3{n_rows, 1, 1}, RMSNORM_THREADS,
              [&](const thread_ids &t) { rmsnorm(x, w, y, a, shared, t.tg, t.tid); });
 }
 
-void emu_rope_tail(float *x, const float *freq, uint len, uint dims, uint n_heads, uint n_tok,
+void gpu_rope_tail(float *x, const float *freq, uint len, uint dims, uint n_heads, uint n_tok,
                    long pos0, int inverse) {
     rope_args a = { len, dims, n_heads, inverse, pos0 };
     dispatch(uint3{groups_of(dims / 2 * n_heads, ROPE_THREADS), n_tok, 1}, ROPE_THREADS,
              [&](const thread_ids &t) { rope_tail(x, freq, a, t.tg, t.tid); });
 }
 
-void emu_fp8_round_trip_nope(float *rows, uint len, uint rope_dims, uint n_rows) {
+void gpu_fp8_round_trip_nope(float *rows, uint len, uint rope_dims, uint n_rows) {
     fp8_args a = { len, rope_dims };
     dispatch(uint3{(len - rope_dims) / 64, n_rows, 1}, 32,
              [&](const thread_ids &t) { fp8_round_trip_nope(rows, a, t.tg, t.lane); });
 }
 
-void emu_indexer_round_trip(float *rows, uint n, uint n_rows) {
+void gpu_indexer_round_trip(float *rows, uint n, uint n_rows) {
     indexer_rt_args a = { n };
     float *shared = new float[n];
     dispatch(uint3{n_rows, 1, 1}, (int)n,
@@ -66,7 +66,7 @@ void emu_indexer_round_trip(float *rows, uint n, uint n_rows) {
     delete[] shared;
 }
 
-void emu_hc_pre(const float *X, const float *raw_mix, const float *scale, const float *base,
+void gpu_hc_pre(const float *X, const float *raw_mix, const float *scale, const float *base,
                 float *mix_out, float *y, uint hc, uint dim, uint iters, float norm_eps,
                 float hc_eps, uint n_tok) {
     hc_args a = { hc, dim, iters, norm_eps, hc_eps };
@@ -76,13 +76,13 @@ void emu_hc_pre(const float *X, const float *raw_mix, const float *scale, const 
     });
 }
 
-void emu_hc_post(float *X, const float *f, const float *mix, uint hc, uint dim, uint n_tok) {
+void gpu_hc_post(float *X, const float *f, const float *mix, uint hc, uint dim, uint n_tok) {
     hc_args a = { hc, dim, 0, 0.0f, 0.0f };
     dispatch(uint3{groups_of(dim, HC_THREADS), n_tok, 1}, HC_THREADS,
              [&](const thread_ids &t) { hc_post(X, f, mix, a, t.tg, t.tid); });
 }
 
-void emu_hc_head_collapse(const float *X, const float *raw_mix, const float *scale,
+void gpu_hc_head_collapse(const float *X, const float *raw_mix, const float *scale,
                           const float *base, float *y, uint hc, uint dim, float norm_eps,
                           float hc_eps, uint n_tok) {
     hc_args a = { hc, dim, 0, norm_eps, hc_eps };
@@ -92,7 +92,7 @@ void emu_hc_head_collapse(const float *X, const float *raw_mix, const float *sca
     });
 }
 
-void emu_embed_tokens(const uint16_t *E, const int *tokens, float *out, uint dim, uint n_tok) {
+void gpu_embed_tokens(const uint16_t *E, const int *tokens, float *out, uint dim, uint n_tok) {
     embed_args a = { dim };
     dispatch(uint3{groups_of(dim, EMBED_THREADS), n_tok, 1}, EMBED_THREADS,
              [&](const thread_ids &t) {
@@ -100,7 +100,7 @@ void emu_embed_tokens(const uint16_t *E, const int *tokens, float *out, uint dim
              });
 }
 
-void emu_route_token(const float *logits, const int *tokens, const int *tid2eid,
+void gpu_route_token(const float *logits, const int *tokens, const int *tid2eid,
                      const float *bias, float *biased, int *sel, float *wt, uint n_tok,
                      uint n_experts, uint n_used, float route_scale) {
     route_args a = { n_tok, n_experts, n_used, tid2eid != nullptr, bias != nullptr,
@@ -111,33 +111,33 @@ void emu_route_token(const float *logits, const int *tokens, const int *tid2eid,
              });
 }
 
-void emu_swiglu(float *g, const float *u, const float *weight, uint ffn, uint n, float limit) {
+void gpu_swiglu(float *g, const float *u, const float *weight, uint ffn, uint n, float limit) {
     swiglu_args a = { ffn, weight != nullptr, limit };
     dispatch(uint3{groups_of(ffn, SWIGLU_THREADS), n, 1}, SWIGLU_THREADS,
              [&](const thread_ids &t) { swiglu(g, u, weight, a, t.tg, t.tid); });
 }
 
-void emu_moe_gather_add(float *G, const float *Y, const int *slot_of, uint dim, uint n_used,
+void gpu_moe_gather_add(float *G, const float *Y, const int *slot_of, uint dim, uint n_used,
                         uint n_tok) {
     moe_add_args a = { dim, n_used };
     dispatch(uint3{groups_of(dim, ADD_THREADS), n_tok, 1}, ADD_THREADS,
              [&](const thread_ids &t) { moe_gather_add(G, Y, slot_of, a, t.tg, t.tid); });
 }
 
-void emu_add_rows(float *y, const float *x, uint n, uint x_period) {
+void gpu_add_rows(float *y, const float *x, uint n, uint x_period) {
     add_args a = { n, x_period };
     dispatch(uint3{groups_of(n, ADD_THREADS), 1, 1}, ADD_THREADS,
              [&](const thread_ids &t) { add_rows(y, x, a, t.tg, t.tid); });
 }
 
-void emu_pool_channel(const float *kv, const float *score, float *pooled, uint ratio,
+void gpu_pool_channel(const float *kv, const float *score, float *pooled, uint ratio,
                       uint coff, uint dc) {
     pool_args a = { ratio, coff, dc };
     dispatch(uint3{groups_of(dc, POOL_THREADS), 1, 1}, POOL_THREADS,
              [&](const thread_ids &t) { pool_channel(kv, score, pooled, a, t.tg, t.tid); });
 }
 
-void emu_attend_one(const float *q, const float *kv, const int *rows, const int *n_rows,
+void gpu_attend_one(const float *q, const float *kv, const int *rows, const int *n_rows,
                     const float *sinks, float *o, uint n_heads, uint head_dim, uint max_rows,
                     uint n_tok) {
     attend_args a = { n_heads, head_dim, max_rows };
