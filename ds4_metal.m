@@ -47,6 +47,7 @@ enum metal_kernel {
     K_RMSNORM, K_ROPE_TAIL, K_FP8_ROUND_TRIP_NOPE, K_INDEXER_ROUND_TRIP,
     K_HC_PRE, K_HC_POST, K_HC_HEAD_COLLAPSE, K_EMBED_TOKENS, K_ROUTE_TOKEN,
     K_SWIGLU, K_MOE_GATHER_ADD, K_ADD_ROWS, K_POOL_CHANNEL, K_ATTEND_ONE,
+    K_INDEXER_SCORES, K_TOPK_ROWS,
     K_COUNT
 };
 
@@ -75,6 +76,8 @@ static const struct metal_kernel_info metal_kernels[K_COUNT] = {
     [K_ADD_ROWS] = { "add_rows", 256 },
     [K_POOL_CHANNEL] = { "pool_channel", 64 },
     [K_ATTEND_ONE] = { "attend_one", 32 },
+    [K_INDEXER_SCORES] = { "indexer_scores", 64 },
+    [K_TOPK_ROWS] = { "topk_rows", 32 },
 };
 
 // The argument structs, field for field those of kernels.metal (MSL uint =
@@ -95,6 +98,8 @@ struct moe_add_args { unsigned dim, n_used; };
 struct add_args { unsigned n, x_period; };
 struct pool_args { unsigned ratio, coff, dc; };
 struct attend_args { unsigned n_heads, head_dim, max_rows; };
+struct indexer_args { unsigned heads, dim, n_rows, max_rows; float scale; };
+struct topk_args { unsigned n_tok, n_rows, max_rows, k; };
 
 // ---- 1. Device, queue, pipelines -----------------------------------------
 
@@ -450,4 +455,28 @@ void gpu_attend_one(const float *q, const float *kv, const int *rows, const int 
     metal_run_one(K_ATTEND_ONE, MTLSizeMake(n_heads, n_tok, 1), 32, b, 6, &a, sizeof a,
                   max_rows * 4);
     metal_copy_out(o, b[5], qo);
+}
+
+void gpu_indexer_scores(const float *iq, const float *iw, const float *krows, float *score,
+                        unsigned heads, unsigned dim, unsigned n_rows, unsigned max_rows,
+                        float scale, unsigned n_tok) {
+    struct indexer_args a = { heads, dim, n_rows, max_rows, scale };
+    size_t out = (size_t)n_tok * max_rows * 4;
+    struct metal_arg b[4] = {
+        metal_copy_in(iq, (size_t)n_tok * heads * dim * 4), metal_copy_in(iw, n_tok * heads * 4),
+        metal_copy_in(krows, (size_t)n_rows * dim * 4), metal_copy_in(NULL, out) };
+    metal_run_one(K_INDEXER_SCORES, MTLSizeMake(groups_of(n_rows, 64), n_tok, 1), 64, b, 4, &a,
+                  sizeof a, 0);
+    metal_copy_out(score, b[3], out);
+}
+
+void gpu_topk_rows(const float *score, int *sel, int *n_sel, unsigned n_tok, unsigned n_rows,
+                   unsigned max_rows, unsigned k) {
+    struct topk_args a = { n_tok, n_rows, max_rows, k };
+    struct metal_arg b[3] = { metal_copy_in(score, (size_t)n_tok * max_rows * 4),
+                              metal_copy_in(NULL, n_tok * k * 4), metal_copy_in(NULL, n_tok * 4) };
+    metal_run_one(K_TOPK_ROWS, MTLSizeMake(groups_of(n_tok, 32), 1, 1), 32, b, 3, &a, sizeof a,
+                  0);
+    metal_copy_out(sel, b[1], n_tok * k * 4);
+    metal_copy_out(n_sel, b[2], n_tok * 4);
 }

@@ -844,3 +844,71 @@ kernel void attend_one(device const float *q [[buffer(0)]],
         oh[d] = acc / den;
     }
 }
+
+// ---- The indexer's selection (ds4.c 8.7, select_rows_for_token) ----------
+
+// For token t over its nv visible indexer rows KI[c] (HI heads of DI):
+//     wI[h] = iw[t][h] * scale
+//     score[t][c] = sum_h wI[h] * max(0, qI[t][h] . KI[c])
+// threads: INDEXER_THREADS per threadgroup, one thread per row c; grid
+// (ceil(nv / INDEXER_THREADS), T). The heads are summed in order h = 0..HI-1,
+// as on the CPU.
+#define INDEXER_THREADS 64
+
+struct indexer_args {
+    uint heads, dim, n_rows, max_rows;
+    float scale;
+};
+
+kernel void indexer_scores(device const float *iq [[buffer(0)]],
+                           device const float *iw [[buffer(1)]],
+                           device const float *krows [[buffer(2)]],
+                           device float *score [[buffer(3)]],
+                           constant indexer_args &a [[buffer(4)]],
+                           uint3 tg [[threadgroup_position_in_grid]],
+                           uint tid [[thread_index_in_threadgroup]]) {
+    uint r = tg.x * INDEXER_THREADS + tid, t = tg.y, DI = a.dim;
+    if (r >= a.n_rows) return;
+    device const float *k = krows + (ulong)r * DI;
+    float s = 0.0f;
+    for (uint h = 0; h < a.heads; h++) {
+        device const float *q = iq + ((ulong)t * a.heads + h) * DI;
+        float d = 0.0f;
+        for (uint i = 0; i < DI; i++) d += q[i] * k[i];
+        if (d > 0.0f) s += iw[(ulong)t * a.heads + h] * a.scale * d;
+    }
+    score[(ulong)t * a.max_rows + r] = s;
+}
+
+// topk_indices over each token's scores [T][max_rows] (first n_rows valid):
+// the k highest, ties to the lower index, written in that order to
+// sel [T][k]; n_sel[t] = how many were found.
+// threads: one per token, threadgroups of ROUTE_THREADS. The insertion list
+// is O(n k) per token; a parallel radix select is the known next step for
+// long contexts (n in the hundreds of thousands).
+struct topk_args {
+    uint n_tok, n_rows, max_rows, k;
+};
+
+kernel void topk_rows(device const float *score [[buffer(0)]],
+                      device int *sel [[buffer(1)]],
+                      device int *n_sel [[buffer(2)]],
+                      constant topk_args &a [[buffer(3)]],
+                      uint3 tg [[threadgroup_position_in_grid]],
+                      uint tid [[thread_index_in_threadgroup]]) {
+    uint t = tg.x * ROUTE_THREADS + tid;
+    if (t >= a.n_tok) return;
+    device const float *s = score + (ulong)t * a.max_rows;
+    device int *out = sel + (ulong)t * a.k;
+    int found = 0, k = (int)a.k;
+    for (int i = 0; i < (int)a.n_rows; i++) {
+        if (found == k && !(s[i] > s[out[k - 1]])) continue;
+        int at = found < k ? found++ : k - 1;
+        while (at > 0 && s[i] > s[out[at - 1]]) {
+            out[at] = out[at - 1];
+            at--;
+        }
+        out[at] = i;
+    }
+    n_sel[t] = found;
+}

@@ -49,6 +49,11 @@ void gpu_pool_channel(const float *kv, const float *score, float *pooled, unsign
 void gpu_attend_one(const float *q, const float *kv, const int *rows, const int *n_rows,
                     const float *sinks, float *o, unsigned n_heads, unsigned head_dim,
                     unsigned max_rows, unsigned n_tok);
+void gpu_indexer_scores(const float *iq, const float *iw, const float *krows, float *score,
+                        unsigned heads, unsigned dim, unsigned n_rows, unsigned max_rows,
+                        float scale, unsigned n_tok);
+void gpu_topk_rows(const float *score, int *sel, int *n_sel, unsigned n_tok, unsigned n_rows,
+                   unsigned max_rows, unsigned k);
 
 static int tests_passed, tests_failed;
 
@@ -378,6 +383,40 @@ static void test_attend(void) {
     free(q), free(kv);
 }
 
+/* ---- the indexer's selection --------------------------------------------- */
+
+/* select_rows_for_token's scores (the formula, with ds4's dot_f32), then
+ * topk_indices itself, on scores with planted ties. */
+static void test_indexer_select(void) {
+    enum { HI = 4, DI = 64, NV = 150, T = 3, KI = 16 };
+    float *iq = random_floats(T * HI * DI, 1.0f), *iw = random_floats(T * HI, 1.0f);
+    float *krows = random_floats(NV * DI, 1.0f), got[T * NV], want[T * NV];
+    float scale = 1.0f / sqrtf((float)DI * HI);
+    gpu_indexer_scores(iq, iw, krows, got, HI, DI, NV, NV, scale, T);
+    for (int t = 0; t < T; t++)
+        for (int r = 0; r < NV; r++) {
+            float s = 0;
+            for (int h = 0; h < HI; h++) {
+                float d = dot_f32(iq + (t * HI + h) * DI, krows + r * DI, DI);
+                if (d > 0) s += iw[t * HI + h] * scale * d;
+            }
+            want[t * NV + r] = s;
+        }
+    check("indexer_scores (4 heads, 150 rows) vs select_rows_for_token",
+          rel_err(got, want, T * NV, 1e-3), 2e-6);
+    for (int t = 0; t < T; t++)
+        for (int r = 0; r < NV; r += 7) want[t * NV + r] = want[t * NV + 3];   /* ties */
+    int sel[T * KI], n_sel[T], want_sel[KI], wrong = 0;
+    gpu_topk_rows(want, sel, n_sel, T, NV, NV, KI);
+    for (int t = 0; t < T; t++) {
+        int n = topk_indices(want + t * NV, NV, KI, want_sel);
+        wrong += n != n_sel[t];
+        for (int i = 0; i < KI; i++) wrong += sel[t * KI + i] != want_sel[i];
+    }
+    check("topk_rows (16 of 150, ties) vs topk_indices: ids differing", wrong, 0);
+    free(iq), free(iw), free(krows);
+}
+
 #ifdef DS4_METAL_GPU
 bool ds4_metal_open(const char *kernels_path);
 #endif
@@ -402,6 +441,7 @@ int main(void) {
     test_moe_add();
     test_pool();
     test_attend();
+    test_indexer_select();
     printf("%d passed, %d failed\n", tests_passed, tests_failed);
     return tests_failed ? 1 : 0;
 }

@@ -149,3 +149,22 @@ void gpu_attend_one(const float *q, const float *kv, const int *rows, const int 
 }
 
 } // extern "C"
+
+extern "C" {
+
+void gpu_indexer_scores(const float *iq, const float *iw, const float *krows, float *score,
+                        uint heads, uint dim, uint n_rows, uint max_rows, float scale,
+                        uint n_tok) {
+    indexer_args a = { heads, dim, n_rows, max_rows, scale };
+    dispatch(uint3{groups_of(n_rows, INDEXER_THREADS), n_tok, 1}, INDEXER_THREADS,
+             [&](const thread_ids &t) { indexer_scores(iq, iw, krows, score, a, t.tg, t.tid); });
+}
+
+void gpu_topk_rows(const float *score, int *sel, int *n_sel, uint n_tok, uint n_rows,
+                   uint max_rows, uint k) {
+    topk_args a = { n_tok, n_rows, max_rows, k };
+    dispatch(uint3{groups_of(n_tok, ROUTE_THREADS), 1, 1}, ROUTE_THREADS,
+             [&](const thread_ids &t) { topk_rows(score, sel, n_sel, a, t.tg, t.tid); });
+}
+
+} // extern "C"
