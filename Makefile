@@ -41,7 +41,7 @@ TESTBIN := tests/bin
 TEST_PROGRAMS := $(TESTBIN)/test_quant $(TESTBIN)/test_json $(TESTBIN)/test_gguf \
                  $(TESTBIN)/test_convert $(TESTBIN)/test_text $(TESTBIN)/test_model \
                  $(TESTBIN)/test_spec $(TESTBIN)/test_kvdisk $(TESTBIN)/kvdisk \
-                 $(TESTBIN)/test_metal
+                 $(TESTBIN)/test_metal $(TESTBIN)/test_backend
 
 $(TESTBIN):
 	mkdir -p $@
@@ -53,6 +53,9 @@ $(TESTBIN)/test_model: tests/test_model.c $(SOURCES) | $(TESTBIN)
 	$(CC) $(CFLAGS) $(ARCH) $(WARN) -o $@ $< $(LIBS)
 
 $(TESTBIN)/test_spec: tests/test_spec.c $(SOURCES) | $(TESTBIN)
+	$(CC) $(CFLAGS) $(ARCH) $(WARN) -o $@ $< $(LIBS)
+
+$(TESTBIN)/test_backend: tests/test_backend.c $(SOURCES) | $(TESTBIN)
 	$(CC) $(CFLAGS) $(ARCH) $(WARN) -o $@ $< $(LIBS)
 
 $(TESTBIN)/test_kvdisk: tests/test_kvdisk.c $(SOURCES) | $(TESTBIN)

@@ -106,8 +106,19 @@ static bool fail(struct ds4_error *e, const char *fmt, ...) {
 }
 
 /* Running out of memory while holding a half-built model has no sensible
- * recovery, so allocation failures end the process with a clear message. */
+ * recovery, so allocation failures end the process with a clear message.
+ *
+ * Every allocation also bumps `heap_allocations` (relaxed atomic: workers may
+ * allocate too). Nothing reads it but the tests and the bench, which check
+ * that decoding a token allocates nothing: buffers live as long as a session. */
+static int64_t heap_allocations;
+
+static void count_allocation(void) {
+    __atomic_add_fetch(&heap_allocations, 1, __ATOMIC_RELAXED);
+}
+
 static void *xmalloc(size_t n) {
+    count_allocation();
     void *p = malloc(n ? n : 1);
     if (!p) {
         fprintf(stderr, "ds4: out of memory allocating %zu bytes\n", n);
@@ -117,6 +128,7 @@ static void *xmalloc(size_t n) {
 }
 
 static void *xcalloc(size_t count, size_t size) {
+    count_allocation();
     void *p = calloc(count ? count : 1, size ? size : 1);
     if (!p) {
         fprintf(stderr, "ds4: out of memory allocating %zu x %zu bytes\n", count, size);
@@ -126,6 +138,7 @@ static void *xcalloc(size_t count, size_t size) {
 }
 
 static void *xrealloc(void *old, size_t n) {
+    count_allocation();
     void *p = realloc(old, n ? n : 1);
     if (!p) {
         fprintf(stderr, "ds4: out of memory growing a buffer to %zu bytes\n", n);
@@ -6292,14 +6305,21 @@ static int topk_indices(const float *score, int n, int k, int *out) {
  * whole model both ways and compare.
  * ------------------------------------------------------------------------- */
 
+struct backend;
+
 struct engine_options {
     int threads;                  /* 0 = one per online CPU */
     bool reference_kernels;       /* scalar dequant-then-f32 products */
+    const struct backend *backend;   /* --backend; NULL = the CPU backend (8.13) */
 };
+
+/* The table of operations the story calls (8.13); the CPU one is this chapter. */
+static const struct backend *backend_cpu(void);
 
 struct engine {
     struct model *model;
     struct engine_options opt;
+    const struct backend *be;     /* chosen once, at start-up */
     struct thread_pool pool;
     struct rope rope_window;      /* ratio-0 layers and the MTP block */
     struct rope rope_compressed;  /* compressed layers, their compressors, the indexer */
@@ -6313,6 +6333,7 @@ static void engine_init(struct engine *eng, struct model *m, struct engine_optio
     memset(eng, 0, sizeof *eng);
     eng->model = m;
     eng->opt = opt;
+    eng->be = opt.backend ? opt.backend : backend_cpu();
     int threads = opt.threads > 0 ? opt.threads : default_thread_count();
     pool_init(&eng->pool, threads);
     const struct ds4_config *c = &m->cfg;
@@ -6339,9 +6360,12 @@ static void engine_free(struct engine *eng) {
 }
 
 /* Make sure every thread has `n` floats of attention scratch. Called from the
- * main thread between parallel sections. */
+ * main thread between parallel sections. The scratch grows with the context
+ * (one logit per visible row), so it grows by doubling: a long decode then
+ * reallocates it a logarithmic number of times, not once per new row. */
 static void engine_reserve_attn_scratch(struct engine *eng, int64_t n) {
     if (n <= eng->attn_scratch_cap) return;
+    if (n < 2 * eng->attn_scratch_cap) n = 2 * eng->attn_scratch_cap;
     for (int i = 0; i < eng->pool.n_threads; i++) {
         free(eng->attn_scratch[i]);
         eng->attn_scratch[i] = xmalloc((size_t)n * sizeof(float));
@@ -6450,8 +6474,12 @@ struct layer_state {
     struct compressor_state comp, idx_comp;
 };
 
+struct chunk_work;
+
 struct session {
     struct engine *eng;
+    struct chunk_work *work;      /* working buffers, grown to the largest chunk (8.5) */
+    void *device;                 /* a GPU backend's own copy of this state, or NULL */
     int64_t pos;                  /* tokens processed so far */
     struct layer_state *layers;   /* [n_layers] */
     float *logits;                /* [vocab] logits after the last token */
@@ -6490,6 +6518,11 @@ static void layer_state_free(struct layer_state *st) {
     free(st->idx_comp.score);
 }
 
+/* The backend's side of a session's life (8.13): its working buffers and,
+ * for a GPU, its copy of the state. */
+static void backend_session_open(struct session *s);
+static void backend_session_close(struct session *s);
+
 static void session_init(struct session *s, struct engine *eng) {
     memset(s, 0, sizeof *s);
     const struct ds4_config *c = &eng->model->cfg;
@@ -6499,10 +6532,12 @@ static void session_init(struct session *s, struct engine *eng) {
     layer_state_init(&s->mtp_state, c, 0);
     s->logits = xcalloc((size_t)c->vocab, sizeof(float));
     s->last_hc = xcalloc((size_t)c->hc * c->dim, sizeof(float));
+    backend_session_open(s);
 }
 
 static void session_free(struct session *s) {
     const struct ds4_config *c = &s->eng->model->cfg;
+    backend_session_close(s);
     for (int l = 0; l < c->n_layers; l++) layer_state_free(&s->layers[l]);
     layer_state_free(&s->mtp_state);
     free(s->layers);
@@ -6697,11 +6732,21 @@ static bool compressor_push(struct compressor_state *cs, const float *k, const f
 }
 
 /* ----------------------------------------------------------------------------
- * 8.5 Working memory for one chunk.
+ * 8.5 Working memory for one chunk, and the step context.
  *
  * A forward call processes a chunk of T consecutive tokens layer by layer.
- * All intermediate arrays for the chunk are allocated once per call, sized
- * for T, and reused by every layer (and by the MTP block).
+ * All intermediate arrays live in the session's `chunk_work`, sized for the
+ * largest chunk the session has run so far (grown on demand, never shrunk),
+ * and are reused by every layer, the MTP block and every later call: a
+ * decoded token allocates nothing.
+ *
+ * What one step of the forward pass needs to know -- the engine, the
+ * session, the chunk (tokens, first position, length), the block being run
+ * (its weights and state) and the streams it updates -- travels as ONE
+ * pointer, a `struct step`. The story (chapter 9) fills in the chunk's
+ * fields once and the block's before each block; the operations only read
+ * it. The math helpers below it (rmsnorm, hc_pre, sinkhorn, route_token...)
+ * stay pure functions of their arrays.
  * ------------------------------------------------------------------------- */
 
 /* A speculative verification may have to take tokens back. Everything it
@@ -6715,7 +6760,8 @@ struct compressor_journal {
 };
 
 struct chunk_work {
-    int T;
+    int T;             /* capacity: the longest chunk these buffers hold */
+    float *x;          /* [T][n*D]      the main model's streams */
     float *mix;        /* [T][M]        raw hyper-connection mixes */
     struct hc_mix *hc; /* [T]           their decoded pre/post/comb */
     float *a;          /* [T][D]        normed sublayer input */
@@ -6744,8 +6790,6 @@ struct chunk_work {
     float *hg, *hu;    /* [T][F]        expert gate and up activations */
     float *xm;         /* [T][n*D]      MTP block streams */
     float *hn;         /* [T][n*D]      MTP: normed main streams */
-    struct compressor_journal *journal;   /* optional record of compressor inputs */
-    int layer;         /* the main layer being run (for the journal) */
 };
 
 static void chunk_work_init(struct chunk_work *w, const struct ds4_config *c, int T) {
@@ -6753,6 +6797,7 @@ static void chunk_work_init(struct chunk_work *w, const struct ds4_config *c, in
     size_t heads = (size_t)c->n_heads * c->head_dim, K = (size_t)c->n_used;
     memset(w, 0, sizeof *w);
     w->T = T;
+    w->x = xcalloc(t * n_d, sizeof(float));
     w->mix = xcalloc(t * (size_t)(2 + c->hc) * c->hc, sizeof(float));
     w->hc = xcalloc(t, sizeof(struct hc_mix));
     w->a = xcalloc(t * D, sizeof(float));
@@ -6788,13 +6833,53 @@ static void chunk_work_init(struct chunk_work *w, const struct ds4_config *c, in
 }
 
 static void chunk_work_free(struct chunk_work *w) {
-    void *all[] = { w->mix, w->hc, w->a, w->f, w->y, w->tmp, w->qr, w->q, w->o, w->kv, w->ck,
+    void *all[] = { w->x, w->mix, w->hc, w->a, w->f, w->y, w->tmp, w->qr, w->q, w->o, w->kv, w->ck,
                     w->cz, w->ik, w->iz, w->iq, w->iw, w->low, w->pooled, w->visible, w->sel,
                     w->n_sel, w->router, w->route_sel, w->route_wt, w->expert_tokens,
                     w->expert_count, w->xe, w->ye, w->hg, w->hu, w->xm, w->hn };
     for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) free(all[i]);
     memset(w, 0, sizeof *w);
 }
+
+/* Make the buffers hold a chunk of T tokens. No code reads a working buffer
+ * before writing it, so regrown buffers need no old contents. */
+static void chunk_work_reserve(struct chunk_work *w, const struct ds4_config *c, int T) {
+    if (T <= w->T) return;
+    chunk_work_free(w);
+    chunk_work_init(w, c, T);
+}
+
+/* Which of a block's two sublayers a hyper-connection collapse feeds. */
+enum sublayer { SUBLAYER_ATTENTION, SUBLAYER_FFN };
+
+/* What a caller of the story wants back besides the session's logits. */
+struct forward_request {
+    float *all_logits;    /* [T][V]: logits of every position, or NULL */
+    float *mtp_logits;    /* [T][V]: row t = MTP row of position P-1+t, or NULL */
+    float *all_hc;        /* [T][n*D]: final streams of every position, or NULL */
+    struct compressor_journal *journal;   /* compressor inputs, or NULL (10b) */
+};
+
+struct step {
+    /* The session and its engine, for the whole chunk. */
+    struct engine *eng;
+    const struct ds4_config *c;          /* = &eng->model->cfg */
+    struct session *s;
+    struct chunk_work *w;                /* = s->work, reserved for T by begin_chunk */
+    const struct forward_request *req;   /* what the caller wants back, or NULL */
+    /* The chunk: tokens[t] sits at position p0 + t. */
+    const int32_t *tokens;               /* [T] */
+    int64_t p0;
+    int T;
+    /* The block being run. */
+    int layer;                           /* main layer index; -1 for the MTP block */
+    bool is_mtp;                         /* the MTP block (its own head, no journal) */
+    const struct layer_weights *L;
+    struct layer_state *st;
+    const struct rope *rope;             /* the layer's RoPE (8.6) */
+    float *X;                            /* [T][n][D] streams the block updates in place */
+    struct compressor_journal *journal;  /* record compressor inputs here, or NULL (10b) */
+};
 
 /* ----------------------------------------------------------------------------
  * 8.6 Attention.
@@ -6828,11 +6913,16 @@ static const struct rope *layer_rope(const struct engine *eng, const struct laye
     return L->ratio > 0 ? &eng->rope_compressed : &eng->rope_window;
 }
 
-static void attention_project_qkv(struct engine *eng, const struct layer_weights *L,
-                                  const float *A, int64_t p0, int T, struct chunk_work *w) {
-    const struct ds4_config *c = &eng->model->cfg;
-    const struct rope *rope = layer_rope(eng, L);
-    int Dh = c->head_dim;
+/* qr, q and kv of the chunk from the normed input a (st->w->a). */
+static void attention_project_qkv(struct step *st) {
+    struct engine *eng = st->eng;
+    const struct ds4_config *c = st->c;
+    const struct layer_weights *L = st->L;
+    const struct rope *rope = st->rope;
+    struct chunk_work *w = st->w;
+    const float *A = w->a;
+    int64_t p0 = st->p0;
+    int Dh = c->head_dim, T = st->T;
     matmul(eng, w->qr, &L->q_a, A, T);
     for (int t = 0; t < T; t++) {
         float *qr = w->qr + (size_t)t * c->q_rank;
@@ -6883,11 +6973,30 @@ static void add_compressor_bias(const struct matrix *ape, float *z, int64_t p0, 
 /* Run this chunk's tokens through the layer's compressors in order, and
  * record how many compressed rows each token may see: rows finished by a
  * LATER token of the chunk must stay invisible to earlier ones. */
-static void compress_chunk(struct engine *eng, const struct layer_weights *L,
-                           struct layer_state *st, const float *A, int64_t p0, int T,
-                           struct chunk_work *w) {
-    const struct ds4_config *c = &eng->model->cfg;
-    int r = L->ratio, width = compressor_coff(r) * c->head_dim, iwidth = 2 * c->idx_dim;
+/* Record this chunk's compressor inputs for a possible rollback (10b). */
+static void journal_compressor_inputs(const struct step *st) {
+    const struct chunk_work *w = st->w;
+    struct compressor_journal *j = st->journal;
+    int l = st->layer, r = st->L->ratio, T = st->T;
+    size_t width = (size_t)compressor_coff(r) * st->c->head_dim;
+    size_t iwidth = 2 * (size_t)st->c->idx_dim;
+    memcpy(j->k[l], w->ck, (size_t)T * width * sizeof(float));
+    memcpy(j->z[l], w->cz, (size_t)T * width * sizeof(float));
+    if (r == 4) {
+        memcpy(j->ik[l], w->ik, (size_t)T * iwidth * sizeof(float));
+        memcpy(j->iz[l], w->iz, (size_t)T * iwidth * sizeof(float));
+    }
+}
+
+static void compress_chunk(struct step *st) {
+    struct engine *eng = st->eng;
+    const struct layer_weights *L = st->L;
+    struct layer_state *ls = st->st;
+    struct chunk_work *w = st->w;
+    const float *A = w->a;
+    int64_t p0 = st->p0;
+    int T = st->T, r = L->ratio;
+    int width = compressor_coff(r) * st->c->head_dim, iwidth = 2 * st->c->idx_dim;
     float *bias = w->tmp;   /* free here; hc_post is not running */
     matmul(eng, w->ck, &L->comp_kv, A, T);
     matmul(eng, w->cz, &L->comp_gate, A, T);
@@ -6897,23 +7006,16 @@ static void compress_chunk(struct engine *eng, const struct layer_weights *L,
         matmul(eng, w->iz, &L->idx_gate, A, T);
         add_compressor_bias(&L->idx_ape, w->iz, p0, T, iwidth, bias);
     }
-    if (w->journal) {
-        memcpy(w->journal->k[w->layer], w->ck, (size_t)T * width * sizeof(float));
-        memcpy(w->journal->z[w->layer], w->cz, (size_t)T * width * sizeof(float));
-        if (r == 4) {
-            memcpy(w->journal->ik[w->layer], w->ik, (size_t)T * iwidth * sizeof(float));
-            memcpy(w->journal->iz[w->layer], w->iz, (size_t)T * iwidth * sizeof(float));
-        }
-    }
+    if (st->journal) journal_compressor_inputs(st);
     for (int t = 0; t < T; t++) {
         int64_t p = p0 + t;
-        if (compressor_push(&st->comp, w->ck + (size_t)t * width, w->cz + (size_t)t * width, p,
+        if (compressor_push(&ls->comp, w->ck + (size_t)t * width, w->cz + (size_t)t * width, p,
                             w->pooled))
-            finish_attention_row(eng, L, w->pooled, p + 1 - r, row_store_append(&st->comp_rows));
-        if (r == 4 && compressor_push(&st->idx_comp, w->ik + (size_t)t * iwidth,
+            finish_attention_row(eng, L, w->pooled, p + 1 - r, row_store_append(&ls->comp_rows));
+        if (r == 4 && compressor_push(&ls->idx_comp, w->ik + (size_t)t * iwidth,
                                       w->iz + (size_t)t * iwidth, p, w->pooled))
-            finish_indexer_row(eng, L, w->pooled, p + 1 - r, row_store_append(&st->idx_rows));
-        w->visible[t] = st->comp_rows.n;
+            finish_indexer_row(eng, L, w->pooled, p + 1 - r, row_store_append(&ls->idx_rows));
+        w->visible[t] = ls->comp_rows.n;
     }
 }
 
@@ -6933,10 +7035,13 @@ static void compress_chunk(struct engine *eng, const struct layer_weights *L,
  * needed: the result is the same.
  * ------------------------------------------------------------------------- */
 
-static void indexer_queries(struct engine *eng, const struct layer_weights *L, const float *A,
-                            int64_t p0, int T, struct chunk_work *w) {
-    const struct ds4_config *c = &eng->model->cfg;
-    int HI = c->idx_heads, DI = c->idx_dim;
+static void indexer_queries(struct step *st) {
+    struct engine *eng = st->eng;
+    const struct layer_weights *L = st->L;
+    struct chunk_work *w = st->w;
+    const float *A = w->a;
+    int64_t p0 = st->p0;
+    int HI = st->c->idx_heads, DI = st->c->idx_dim, T = st->T;
     matmul(eng, w->iq, &L->idx_q_b, w->qr, T);
     for (int t = 0; t < T; t++)
         for (int h = 0; h < HI; h++) {
@@ -6949,15 +7054,9 @@ static void indexer_queries(struct engine *eng, const struct layer_weights *L, c
     for (int64_t i = 0; i < (int64_t)T * HI; i++) w->iw[i] *= scale;
 }
 
-struct select_job {
-    struct engine *eng;
-    const struct layer_state *st;
-    struct chunk_work *w;
-};
-
 static void select_rows_for_token(void *ctx, int64_t t, int worker) {
-    struct select_job *j = ctx;
-    const struct ds4_config *c = &j->eng->model->cfg;
+    const struct step *j = ctx;
+    const struct ds4_config *c = j->c;
     struct chunk_work *w = j->w;
     int64_t nv = w->visible[t];
     int HI = c->idx_heads, DI = c->idx_dim, KI = c->idx_topk;
@@ -6980,20 +7079,18 @@ static void select_rows_for_token(void *ctx, int64_t t, int worker) {
 
 /* Decide, per token, which compressed rows it attends: all visible rows
  * (n_sel = -1), or the indexer's top-KI. */
-static void select_compressed_rows(struct engine *eng, const struct layer_weights *L,
-                                   const struct layer_state *st, const float *A, int64_t p0,
-                                   int T, struct chunk_work *w) {
-    const struct ds4_config *c = &eng->model->cfg;
+static void select_compressed_rows(struct step *st) {
+    struct chunk_work *w = st->w;
+    int T = st->T;
     bool need_indexer = false;
     for (int t = 0; t < T; t++) {
         w->n_sel[t] = -1;
-        if (L->ratio == 4 && w->visible[t] > c->idx_topk) need_indexer = true;
+        if (st->L->ratio == 4 && w->visible[t] > st->c->idx_topk) need_indexer = true;
     }
     if (!need_indexer) return;
-    indexer_queries(eng, L, A, p0, T, w);
-    engine_reserve_attn_scratch(eng, w->visible[T - 1]);
-    struct select_job j = { eng, st, w };
-    parallel_for(&eng->pool, T, select_rows_for_token, &j);
+    indexer_queries(st);
+    engine_reserve_attn_scratch(st->eng, w->visible[T - 1]);
+    parallel_for(&st->eng->pool, T, select_rows_for_token, st);
 }
 
 /* ----------------------------------------------------------------------------
@@ -7006,28 +7103,20 @@ static void select_compressed_rows(struct engine *eng, const struct layer_weight
  * chunk has attended.
  * ------------------------------------------------------------------------- */
 
-struct attend_job {
-    struct engine *eng;
-    const struct layer_weights *L;
-    const struct layer_state *st;
-    struct chunk_work *w;
-    int64_t p0;
-};
-
-static const float *raw_row(const struct attend_job *j, int64_t pos) {
-    const struct ds4_config *c = &j->eng->model->cfg;
+static const float *raw_row(const struct step *j, int64_t pos) {
+    const struct ds4_config *c = j->c;
     if (pos >= j->p0) return j->w->kv + (size_t)(pos - j->p0) * c->head_dim;
     return j->st->ring + (size_t)(pos % c->window) * c->head_dim;
 }
 
-static const float *compressed_row(const struct attend_job *j, int t, int64_t i) {
-    int64_t r = j->w->n_sel[t] < 0 ? i : j->w->sel[(size_t)t * j->eng->model->cfg.idx_topk + i];
+static const float *compressed_row(const struct step *j, int t, int64_t i) {
+    int64_t r = j->w->n_sel[t] < 0 ? i : j->w->sel[(size_t)t * j->c->idx_topk + i];
     return j->st->comp_rows.rows + r * j->st->comp_rows.width;
 }
 
 static void attend_one(void *ctx, int64_t item, int worker) {
-    struct attend_job *j = ctx;
-    const struct ds4_config *c = &j->eng->model->cfg;
+    const struct step *j = ctx;
+    const struct ds4_config *c = j->c;
     int H = c->n_heads, Dh = c->head_dim;
     int t = (int)(item / H), h = (int)(item % H);
     int64_t p = j->p0 + t;
@@ -7054,31 +7143,34 @@ static void attend_one(void *ctx, int64_t item, int worker) {
     }
     float inv = 1.0f / den;
     for (int d = 0; d < Dh; d++) o[d] *= inv;
-    rope_tail(layer_rope(j->eng, j->L), o, Dh, p, true);
+    rope_tail(j->rope, o, Dh, p, true);
 }
 
-static void attend_chunk(struct engine *eng, const struct layer_weights *L,
-                         struct layer_state *st, int64_t p0, int T, struct chunk_work *w) {
-    const struct ds4_config *c = &eng->model->cfg;
-    int64_t most_comp = 0;
+static void attend_chunk(struct step *st) {
+    const struct ds4_config *c = st->c;
+    struct chunk_work *w = st->w;
+    int64_t p0 = st->p0, most_comp = 0;
+    int T = st->T;
     for (int t = 0; t < T; t++) {
-        int64_t n = L->ratio == 0 ? 0 : w->n_sel[t] < 0 ? w->visible[t] : w->n_sel[t];
+        int64_t n = st->L->ratio == 0 ? 0 : w->n_sel[t] < 0 ? w->visible[t] : w->n_sel[t];
         if (n > most_comp) most_comp = n;
     }
-    engine_reserve_attn_scratch(eng, c->window + most_comp);
-    struct attend_job j = { eng, L, st, w, p0 };
-    parallel_for(&eng->pool, (int64_t)T * c->n_heads, attend_one, &j);
+    engine_reserve_attn_scratch(st->eng, c->window + most_comp);
+    parallel_for(&st->eng->pool, (int64_t)T * c->n_heads, attend_one, st);
 
     /* Only now may the chunk's rows enter the ring. */
     for (int t = T > c->window ? T - c->window : 0; t < T; t++)
-        memcpy(st->ring + (size_t)((p0 + t) % c->window) * c->head_dim,
+        memcpy(st->st->ring + (size_t)((p0 + t) % c->window) * c->head_dim,
                w->kv + (size_t)t * c->head_dim, (size_t)c->head_dim * sizeof(float));
 }
 
-/* f = Wo_b . concat_g( Wo_a[g] . concat(heads of group g) ) */
-static void attention_output(struct engine *eng, const struct layer_weights *L, int T,
-                             struct chunk_work *w, float *F) {
-    const struct ds4_config *c = &eng->model->cfg;
+/* f = Wo_b . concat_g( Wo_a[g] . concat(heads of group g) ), into st->w->f */
+static void attention_output(struct step *st) {
+    struct engine *eng = st->eng;
+    const struct ds4_config *c = st->c;
+    const struct layer_weights *L = st->L;
+    struct chunk_work *w = st->w;
+    int T = st->T;
     int64_t group_in = (int64_t)c->n_heads / c->o_groups * c->head_dim;
     int64_t all_heads = (int64_t)c->n_heads * c->head_dim, low_width = (int64_t)c->o_groups * c->o_rank;
     for (int g = 0; g < c->o_groups; g++) {
@@ -7088,19 +7180,19 @@ static void attention_output(struct engine *eng, const struct layer_weights *L, 
         matmul_strided(eng, w->low + (int64_t)g * c->o_rank, low_width, &part,
                        w->o + g * group_in, all_heads, T);
     }
-    matmul(eng, F, &L->out_b, w->low, T);
+    matmul(eng, w->f, &L->out_b, w->low, T);
 }
 
-static void attention_chunk(struct engine *eng, const struct layer_weights *L,
-                            struct layer_state *st, const float *A, int64_t p0, int T,
-                            struct chunk_work *w, float *F) {
-    attention_project_qkv(eng, L, A, p0, T, w);
-    if (L->ratio > 0) {
-        compress_chunk(eng, L, st, A, p0, T, w);
-        select_compressed_rows(eng, L, st, A, p0, T, w);
+/* The CPU backend's attention: f = attention(a) for the chunk, the layer's
+ * state (ring, compressed rows, frontiers) advanced by T positions. */
+static void attention_chunk(struct step *st) {
+    attention_project_qkv(st);
+    if (st->L->ratio > 0) {
+        compress_chunk(st);
+        select_compressed_rows(st);
     }
-    attend_chunk(eng, L, st, p0, T, w);
-    attention_output(eng, L, T, w, F);
+    attend_chunk(st);
+    attention_output(st);
 }
 
 /* ----------------------------------------------------------------------------
@@ -7139,13 +7231,22 @@ static void route_token(const struct ds4_config *c, const struct layer_weights *
     for (int k = 0; k < K; k++) wt[k] = score[sel[k]] / sum * c->route_scale;
 }
 
+/* One expert applied to n gathered rows. */
+struct expert_call {
+    struct matrix gate, up, down;     /* W1 [F][D], W3 [F][D], W2 [D][F] */
+    const float *x;                   /* [n][D] inputs */
+    const float *weight;              /* [n] route weights, or NULL = 1 (shared expert) */
+    int n;
+    float *y;                         /* [n][D] outputs */
+};
+
 /* Y[i] = W2 (silu(min(W1 X[i], lim)) * clamp(W3 X[i], -lim, lim) * weight[i]) */
-static void run_expert(struct engine *eng, const struct matrix *gate, const struct matrix *up,
-                       const struct matrix *down, const float *X, const float *weight, int n,
-                       float limit, struct chunk_work *w, float *Y) {
-    int F = (int)gate->out;
-    matmul(eng, w->hg, gate, X, n);
-    matmul(eng, w->hu, up, X, n);
+static void run_expert(struct step *st, const struct expert_call *ex) {
+    struct chunk_work *w = st->w;
+    float limit = st->L->swiglu_limit;
+    int F = (int)ex->gate.out, n = ex->n;
+    matmul(st->eng, w->hg, &ex->gate, ex->x, n);
+    matmul(st->eng, w->hu, &ex->up, ex->x, n);
     for (int i = 0; i < n; i++)
         for (int f = 0; f < F; f++) {
             float g = w->hg[(size_t)i * F + f], u = w->hu[(size_t)i * F + f];
@@ -7153,9 +7254,9 @@ static void run_expert(struct engine *eng, const struct matrix *gate, const stru
                 g = fminf(g, limit);
                 u = fminf(fmaxf(u, -limit), limit);
             }
-            w->hg[(size_t)i * F + f] = siluf(g) * u * (weight ? weight[i] : 1.0f);
+            w->hg[(size_t)i * F + f] = siluf(g) * u * (ex->weight ? ex->weight[i] : 1.0f);
         }
-    matmul(eng, Y, down, w->hg, n);
+    matmul(st->eng, ex->y, &ex->down, w->hg, n);
 }
 
 /* Bucket the chunk's (token, k) choices by expert: a counting sort. */
@@ -7170,13 +7271,17 @@ static void group_by_expert(const struct ds4_config *c, int T, struct chunk_work
     for (int i = 0; i < T * K; i++) fill[cursor[w->route_sel[i]]++] = i;
 }
 
-static void moe_chunk(struct engine *eng, const struct layer_weights *L, const float *B,
-                      const int32_t *tokens, int T, struct chunk_work *w, float *G) {
-    const struct ds4_config *c = &eng->model->cfg;
-    int D = c->dim, K = c->n_used;
-    matmul(eng, w->router, &L->router, B, T);
+/* The CPU backend's MoE: g = moe(b) for the chunk, b = st->w->a, g into st->w->f. */
+static void moe_chunk(struct step *st) {
+    const struct ds4_config *c = st->c;
+    const struct layer_weights *L = st->L;
+    struct chunk_work *w = st->w;
+    const float *B = w->a;
+    float *G = w->f;
+    int D = c->dim, K = c->n_used, T = st->T;
+    matmul(st->eng, w->router, &L->router, B, T);
     for (int t = 0; t < T; t++)
-        route_token(c, L, w->router + (size_t)t * c->n_experts, tokens[t],
+        route_token(c, L, w->router + (size_t)t * c->n_experts, st->tokens[t],
                     w->route_sel + (size_t)t * K, w->route_wt + (size_t)t * K);
     group_by_expert(c, T, w);
     memset(G, 0, (size_t)T * D * sizeof(float));
@@ -7190,17 +7295,17 @@ static void moe_chunk(struct engine *eng, const struct layer_weights *L, const f
                 memcpy(w->xe + (size_t)i * D, B + (size_t)(slot / K) * D, (size_t)D * sizeof(float));
                 weights[i] = w->route_wt[slot];
             }
-            struct matrix g = expert_slice(&L->gate_exps, e), u = expert_slice(&L->up_exps, e),
-                          d = expert_slice(&L->down_exps, e);
-            run_expert(eng, &g, &u, &d, w->xe, weights, m, L->swiglu_limit, w, w->ye);
+            struct expert_call ex = { expert_slice(&L->gate_exps, e), expert_slice(&L->up_exps, e),
+                                      expert_slice(&L->down_exps, e), w->xe, weights, m, w->ye };
+            run_expert(st, &ex);
             for (int i = 0; i < m; i++) {
                 int t = w->expert_tokens[begin + done + i] / K;
                 for (int x = 0; x < D; x++) G[(size_t)t * D + x] += w->ye[(size_t)i * D + x];
             }
         }
     }
-    run_expert(eng, &L->gate_shexp, &L->up_shexp, &L->down_shexp, B, NULL, T, L->swiglu_limit, w,
-               w->ye);
+    struct expert_call shared = { L->gate_shexp, L->up_shexp, L->down_shexp, B, NULL, T, w->ye };
+    run_expert(st, &shared);
     for (size_t i = 0; i < (size_t)T * D; i++) G[i] += w->ye[i];
 }
 
@@ -7209,38 +7314,37 @@ static void moe_chunk(struct engine *eng, const struct layer_weights *L, const f
  *
  *     (y, mix) = hc_pre(X);  a = rmsnorm(y, attn_norm);  X = hc_post(attention(a), X, mix)
  *     (y, mix) = hc_pre(X);  b = rmsnorm(y, ffn_norm);   X = hc_post(moe(b), X, mix)
+ *
+ * The two halves of each line are the CPU backend's hc_collapse and
+ * hc_expand; the story (chapter 9, run_block) strings them together.
  * ------------------------------------------------------------------------- */
 
-static void hc_collapse_chunk(struct engine *eng, const struct matrix *fn, const float *scale,
-                              const float *base, const float *norm, float *X, int T,
-                              struct chunk_work *w, float *out) {
-    const struct ds4_config *c = &eng->model->cfg;
+/* a = rmsnorm(hc_pre(X), norm) for every token; the decoded mixes stay in
+ * st->w->hc for the hc_expand that follows. */
+static void hc_collapse_chunk(struct step *st, enum sublayer which) {
+    const struct ds4_config *c = st->c;
+    const struct layer_weights *L = st->L;
+    struct chunk_work *w = st->w;
+    bool attn = which == SUBLAYER_ATTENTION;
+    const float *scale = attn ? L->hc_attn_scale : L->hc_ffn_scale;
+    const float *base = attn ? L->hc_attn_base : L->hc_ffn_base;
+    const float *norm = attn ? L->attn_norm : L->ffn_norm;
     int M = (2 + c->hc) * c->hc;
     int64_t nD = (int64_t)c->hc * c->dim;
-    matmul(eng, w->mix, fn, X, T);
-    for (int t = 0; t < T; t++) {
-        hc_pre(c, X + t * nD, w->mix + (size_t)t * M, scale, base, &w->hc[t], w->y);
-        rmsnorm(out + (size_t)t * c->dim, w->y, norm, c->dim, c->norm_eps);
+    matmul(st->eng, w->mix, attn ? &L->hc_attn_fn : &L->hc_ffn_fn, st->X, st->T);
+    for (int t = 0; t < st->T; t++) {
+        hc_pre(c, st->X + t * nD, w->mix + (size_t)t * M, scale, base, &w->hc[t], w->y);
+        rmsnorm(w->a + (size_t)t * c->dim, w->y, norm, c->dim, c->norm_eps);
     }
 }
 
-static void hc_expand_chunk(const struct ds4_config *c, float *X, const float *F, int T,
-                            struct chunk_work *w) {
+/* X = hc_post(f, X, mix) for every token, f = st->w->f. */
+static void hc_expand_chunk(struct step *st) {
+    const struct ds4_config *c = st->c;
+    struct chunk_work *w = st->w;
     int64_t nD = (int64_t)c->hc * c->dim;
-    for (int t = 0; t < T; t++) hc_post(c, X + t * nD, F + (size_t)t * c->dim, &w->hc[t], w->tmp);
-}
-
-static void block_chunk(struct engine *eng, const struct layer_weights *L, struct layer_state *st,
-                        float *X, const int32_t *tokens, int64_t p0, int T, struct chunk_work *w) {
-    const struct ds4_config *c = &eng->model->cfg;
-    hc_collapse_chunk(eng, &L->hc_attn_fn, L->hc_attn_scale, L->hc_attn_base, L->attn_norm, X, T,
-                      w, w->a);
-    attention_chunk(eng, L, st, w->a, p0, T, w, w->f);
-    hc_expand_chunk(c, X, w->f, T, w);
-    hc_collapse_chunk(eng, &L->hc_ffn_fn, L->hc_ffn_scale, L->hc_ffn_base, L->ffn_norm, X, T, w,
-                      w->a);
-    moe_chunk(eng, L, w->a, tokens, T, w, w->f);
-    hc_expand_chunk(c, X, w->f, T, w);
+    for (int t = 0; t < st->T; t++)
+        hc_post(c, st->X + t * nD, w->f + (size_t)t * c->dim, &w->hc[t], w->tmp);
 }
 
 /* ----------------------------------------------------------------------------
@@ -7250,18 +7354,25 @@ static void block_chunk(struct engine *eng, const struct layer_weights *L, struc
  *     logits = Wout . rmsnorm(sum_h w[h] X[h], norm)
  * ------------------------------------------------------------------------- */
 
-static void head_chunk(struct engine *eng, const struct matrix *hc_fn, const float *hc_scale,
-                       const float *hc_base, const float *norm, const float *X, int T,
-                       struct chunk_work *w, float *logits) {
-    const struct ds4_config *c = &eng->model->cfg;
+/* logits [n][V] of stream rows row0 .. row0+n-1 of st->X; the MTP block has
+ * its own collapse and norm but shares the output matrix. */
+static void head_chunk(struct step *st, int64_t row0, int n, float *logits) {
+    const struct model *m = st->eng->model;
+    const struct ds4_config *c = st->c;
+    struct chunk_work *w = st->w;
+    const struct matrix *hc_fn = st->is_mtp ? &m->mtp.hc_head_fn : &m->hc_head_fn;
+    const float *hc_scale = st->is_mtp ? m->mtp.hc_head_scale : m->hc_head_scale;
+    const float *hc_base = st->is_mtp ? m->mtp.hc_head_base : m->hc_head_base;
+    const float *norm = st->is_mtp ? m->mtp.norm : m->output_norm;
     int64_t nD = (int64_t)c->hc * c->dim;
-    matmul(eng, w->mix, hc_fn, X, T);
-    for (int t = 0; t < T; t++) {
+    const float *X = st->X + row0 * nD;
+    matmul(st->eng, w->mix, hc_fn, X, n);
+    for (int t = 0; t < n; t++) {
         float *y = w->a + (size_t)t * c->dim;
         hc_head_collapse(c, X + t * nD, w->mix + (size_t)t * c->hc, hc_scale, hc_base, y);
         rmsnorm(y, y, norm, c->dim, c->norm_eps);
     }
-    matmul(eng, logits, &eng->model->output, w->a, T);
+    matmul(st->eng, logits, &m->output, w->a, n);
 }
 
 /* ----------------------------------------------------------------------------
@@ -7287,18 +7398,34 @@ static void embed_tokens(const struct model *m, const int32_t *tokens, int T, fl
                         out + (size_t)t * m->cfg.dim, m->cfg.dim);
 }
 
+/* The CPU backend's embedding: every stream starts as the same copy of the
+ * token's row, X[t][h] = embed[tokens[t]]. */
+static void embed_chunk(struct step *st) {
+    const struct ds4_config *c = st->c;
+    int64_t nD = (int64_t)c->hc * c->dim;
+    embed_tokens(st->eng->model, st->tokens, st->T, st->w->f);
+    for (int t = 0; t < st->T; t++)
+        for (int h = 0; h < c->hc; h++)
+            memcpy(st->X + t * nD + (int64_t)h * c->dim, st->w->f + (size_t)t * c->dim,
+                   (size_t)c->dim * sizeof(float));
+}
+
 /* The MTP block's input streams for Tm rows:
  *
  *     Xm[i][h] = Wh_proj . rmsnorm(Hin_i[h], hnorm) + We_proj . rmsnorm(embed[tok_i], enorm)
  *
  * Hin_0 is `hin0` and Hin_i (i >= 1) is hin_next[i-1], each [n][D];
- * Xm is [Tm][n][D]. The h_proj product runs over all Tm*n streams at once. */
-static void mtp_input(struct engine *eng, const int32_t *tokens, int Tm, const float *hin0,
-                      const float *hin_next, struct chunk_work *w, float *Xm) {
+ * Xm = st->X is [Tm][n][D], tok = st->tokens, Tm = st->T. The h_proj product
+ * runs over all Tm*n streams at once. */
+static void mtp_input(struct step *st, const float *hin0, const float *hin_next) {
+    struct engine *eng = st->eng;
     const struct model *m = eng->model;
-    const struct ds4_config *c = &m->cfg;
+    const struct ds4_config *c = st->c;
     const struct mtp_weights *mw = &m->mtp;
-    int n = c->hc, D = c->dim;
+    const int32_t *tokens = st->tokens;
+    struct chunk_work *w = st->w;
+    float *Xm = st->X;
+    int n = c->hc, D = c->dim, Tm = st->T;
     int64_t nD = (int64_t)n * D;
     embed_tokens(m, tokens, Tm, w->y);
     for (int i = 0; i < Tm; i++) {
@@ -7315,26 +7442,152 @@ static void mtp_input(struct engine *eng, const int32_t *tokens, int Tm, const f
             for (int d = 0; d < D; d++) Xm[i * nD + (int64_t)h * D + d] += w->f[(size_t)i * D + d];
 }
 
-/* MTP rows for positions p0-1 .. p0+T-2 (those >= 0). X holds the main
- * model's final streams for the chunk; s->last_hc those of position p0-1. */
-static void mtp_chunk(struct session *s, const int32_t *tokens, const float *X, int T,
-                      struct chunk_work *w, float *mtp_logits) {
-    struct engine *eng = s->eng;
-    const struct model *m = eng->model;
-    const struct ds4_config *c = &m->cfg;
-    const struct mtp_weights *mw = &m->mtp;
-    int first = s->pos == 0 ? 1 : 0, Tm = T - first;
-    int64_t nD = (int64_t)c->hc * c->dim;
-    if (Tm <= 0) return;
-    /* Row p0-1 reads the streams saved from the last call; the others this chunk's. */
-    if (first == 0) mtp_input(eng, tokens, Tm, s->last_hc, X, w, w->xm);
-    else mtp_input(eng, tokens + 1, Tm, X, X + nD, w, w->xm);
-    block_chunk(eng, &mw->block, &s->mtp_state, w->xm, tokens + first, s->mtp_pos, Tm, w);
-    if (mtp_logits)
-        head_chunk(eng, &mw->hc_head_fn, mw->hc_head_scale, mw->hc_head_base, mw->norm, w->xm, Tm,
-                   w, mtp_logits + (size_t)first * c->vocab);
-    s->mtp_pos += Tm;
+/* ----------------------------------------------------------------------------
+ * 8.13 Backends: the operations the story calls.
+ *
+ * The story (chapter 9) is written once. It calls the forward pass through
+ * a small table of operations, `struct backend`, chosen once at start-up
+ * (--backend, kept in engine->be); the functions of this chapter are the
+ * CPU backend's entries. A GPU backend fills the same table with sequences
+ * of kernels, and the story reads the same for every backend.
+ *
+ * Granularity: one operation per step of the story (a GPU runs each as a few
+ * kernel launches, or records them into one graph between begin_chunk and
+ * end_chunk). Every operation takes the step context (8.5); the fields it
+ * reads are set by the story before the call:
+ *
+ *   chunk fields  eng, c, s, w, req, tokens [T], p0, T     (begin_chunk .. end_chunk)
+ *   block fields  layer, is_mtp, L, st, rope, X, journal   (before each block)
+ *
+ * Buffers. st->w (`struct chunk_work`) is the backend's working memory,
+ * reserved by begin_chunk; its pointers, and st->X (= w->x for the main
+ * model, w->xm for the MTP block), are BACKEND memory: the story passes them
+ * between operations but never reads or writes through them. On the CPU
+ * they are host arrays; a GPU backend may keep device addresses there.
+ * Everything else an operation is given -- tokens, the logits it writes, and
+ * the session's state in `struct session` -- is host memory.
+ *
+ * Session state. The CPU layout of 8.2 (`struct session`: rings, compressed
+ * rows, compressor frontiers, pos, mtp_pos, logits, last_hc) is the one
+ * state every backend agrees on. A GPU backend keeps its own copy in
+ * s->device while it runs; `state_pull` makes the host copy current (before
+ * a snapshot is encoded or a checkpoint taken), `state_push` tells the
+ * backend the host copy changed (after a snapshot is decoded, a rollback or
+ * a restore). On the CPU both are no-ops: the host copy is the state. Hence
+ * a disk snapshot written by one backend loads in another.
+ *
+ *   op             reads                          writes
+ *   session_open   s (session_init has built it)  s->work, s->device
+ *   session_close  s->work, s->device             frees both
+ *   state_pull     the backend's state            s->layers, mtp_state, last_hc, logits
+ *   state_push     the host state                 the backend's state
+ *   begin_chunk    T                              w reserved for >= T tokens
+ *   embed          tokens                         X [T][n][D] = embed[tokens[t]] per stream
+ *   hc_collapse    X, L (attn or ffn mixer+norm)  w->a [T][D]; the mixes (for hc_expand)
+ *   attention      w->a, L, st, p0, rope, journal w->f [T][D]; st: ring, rows, frontiers
+ *                                                 (journal: compressor inputs, layer >= 0)
+ *   hc_expand      X, w->f, the mixes             X (in place)
+ *   moe            w->a, L, tokens                w->f [T][D]
+ *   head           X rows row0 .. row0+n-1        logits [n][V], host (MTP head if is_mtp)
+ *   mtp_input      hin0 [n*D], hin_next [T-1][n*D], tokens   X [T][n][D] (the MTP streams)
+ *                  hin0 is s->last_hc (state) or a row of backend streams;
+ *                  hin_next rows of backend streams, or NULL when T = 1
+ *   end_chunk      X                              s->last_hc = X[T-1]; req->all_hc = X
+ *
+ * attention is the whole of 8.6-8.8: the q path, the kv path with its FP8
+ * round trip and RoPE, the compressors and the indexer (ratio > 0), sparse
+ * attention with sinks over ring + chunk + compressed rows, the inverse
+ * RoPE, the grouped output projection, and finally the ring update. moe is
+ * the whole of 8.9: router, routing (hash or biased top-k), the routed
+ * experts and the shared one. Results must match the CPU backend's: bit for
+ * bit on the CPU, within the bars of the GPU checks elsewhere.
+ * ------------------------------------------------------------------------- */
+
+struct backend {
+    const char *name;
+    void (*session_open)(struct session *s);
+    void (*session_close)(struct session *s);
+    void (*state_pull)(struct session *s);
+    void (*state_push)(struct session *s);
+    void (*begin_chunk)(struct step *st);
+    void (*embed)(struct step *st);
+    void (*hc_collapse)(struct step *st, enum sublayer which);
+    void (*attention)(struct step *st);
+    void (*hc_expand)(struct step *st);
+    void (*moe)(struct step *st);
+    void (*head)(struct step *st, int64_t row0, int n, float *logits);
+    void (*mtp_input)(struct step *st, const float *hin0, const float *hin_next);
+    void (*end_chunk)(struct step *st);
+};
+
+static void cpu_session_open(struct session *s) {
+    s->work = xcalloc(1, sizeof *s->work);   /* capacity 0: the first chunk sizes it */
 }
+
+static void cpu_session_close(struct session *s) {
+    if (!s->work) return;
+    chunk_work_free(s->work);
+    free(s->work);
+    s->work = NULL;
+}
+
+/* The host copy IS the CPU backend's state. */
+static void cpu_state_sync(struct session *s) {
+    (void)s;
+}
+
+static void cpu_begin_chunk(struct step *st) {
+    chunk_work_reserve(st->w, st->c, st->T);
+}
+
+static void cpu_end_chunk(struct step *st) {
+    int64_t nD = (int64_t)st->c->hc * st->c->dim;
+    if (st->req && st->req->all_hc)
+        memcpy(st->req->all_hc, st->X, (size_t)st->T * nD * sizeof(float));
+    memcpy(st->s->last_hc, st->X + (st->T - 1) * nD, (size_t)nD * sizeof(float));
+}
+
+static const struct backend cpu_backend = {
+    .name = "cpu",
+    .session_open = cpu_session_open,
+    .session_close = cpu_session_close,
+    .state_pull = cpu_state_sync,
+    .state_push = cpu_state_sync,
+    .begin_chunk = cpu_begin_chunk,
+    .embed = embed_chunk,
+    .hc_collapse = hc_collapse_chunk,
+    .attention = attention_chunk,
+    .hc_expand = hc_expand_chunk,
+    .moe = moe_chunk,
+    .head = head_chunk,
+    .mtp_input = mtp_input,
+    .end_chunk = cpu_end_chunk,
+};
+
+static const struct backend *backend_cpu(void) {
+    return &cpu_backend;
+}
+
+static void backend_session_open(struct session *s) {
+    s->eng->be->session_open(s);
+}
+
+static void backend_session_close(struct session *s) {
+    s->eng->be->session_close(s);
+}
+
+/* --backend NAME. The GPU backends are known by name, so that asking for one
+ * in a binary built without it says so instead of "unknown". */
+static const struct backend *backend_by_name(const char *name, struct ds4_error *e) {
+    if (strcmp(name, "cpu") == 0) return &cpu_backend;
+    if (strcmp(name, "cuda") == 0 || strcmp(name, "metal") == 0) {
+        fail(e, "backend '%s' is not built into this binary (built with: cpu)", name);
+        return NULL;
+    }
+    fail(e, "unknown backend '%s' (cpu, cuda or metal)", name);
+    return NULL;
+}
+
 
 /* ============================================================================
  * Chapter 9. The story: advancing a session by a chunk of tokens
@@ -7353,65 +7606,112 @@ static void mtp_chunk(struct session *s, const int32_t *tokens, const float *X, 
  *     logits = head(X)                                  last row, or all rows
  *     MTP rows P-1 .. P+T-2 (when an MTP file is loaded)
  *     P += T
+ *
+ * Every step goes through the session's backend (8.13), so this chapter is
+ * the same story whichever backend runs it; it owns no arrays of its own.
  * ------------------------------------------------------------------------- */
 
-struct forward_request {
-    float *all_logits;    /* [T][V]: logits of every position, or NULL */
-    float *mtp_logits;    /* [T][V]: row t = MTP row of position P-1+t, or NULL */
-    float *all_hc;        /* [T][n*D]: final streams of every position, or NULL */
-    struct compressor_journal *journal;   /* compressor inputs, or NULL (10b) */
-};
+/* One block through the table: the two sublayers of 8.10. */
+static void run_block(const struct backend *be, struct step *st) {
+    be->hc_collapse(st, SUBLAYER_ATTENTION);
+    be->attention(st);
+    be->hc_expand(st);
+    be->hc_collapse(st, SUBLAYER_FFN);
+    be->moe(st);
+    be->hc_expand(st);
+}
 
-static bool session_forward(struct session *s, const int32_t *tokens, int T,
-                            const struct forward_request *req, struct ds4_error *e) {
-    struct engine *eng = s->eng;
-    const struct model *m = eng->model;
-    const struct ds4_config *c = &m->cfg;
-    int64_t nD = (int64_t)c->hc * c->dim, p0 = s->pos;
+/* The step context of a chunk; the block fields are filled per block. */
+static struct step step_for_chunk(struct session *s, const int32_t *tokens, int64_t p0, int T,
+                                  const struct forward_request *req) {
+    struct step st = { .eng = s->eng, .c = &s->eng->model->cfg, .s = s, .w = s->work,
+                       .req = req, .tokens = tokens, .p0 = p0, .T = T };
+    return st;
+}
+
+static void step_at_layer(struct step *st, int l) {
+    const struct model *m = st->eng->model;
+    st->layer = l;
+    st->is_mtp = false;
+    st->L = &m->layers[l];
+    st->st = &st->s->layers[l];
+    st->rope = layer_rope(st->eng, st->L);
+    st->X = st->w->x;
+    st->journal = st->req ? st->req->journal : NULL;
+}
+
+/* The MTP block's step: Tm rows from position s->mtp_pos, on its own streams. */
+static struct step step_for_mtp(struct session *s, const int32_t *tokens, int Tm,
+                                const struct forward_request *req) {
+    struct step ms = step_for_chunk(s, tokens, s->mtp_pos, Tm, req);
+    ms.layer = -1;
+    ms.is_mtp = true;
+    ms.L = &s->eng->model->mtp.block;
+    ms.st = &s->mtp_state;
+    ms.rope = layer_rope(s->eng, ms.L);
+    ms.X = ms.w->xm;
+    return ms;
+}
+
+/* MTP rows for positions p0-1 .. p0+T-2 (those >= 0). The main streams of
+ * the chunk are in main->X; s->last_hc holds those of position p0-1. */
+static void mtp_step(const struct backend *be, const struct step *main) {
+    struct session *s = main->s;
+    int first = main->p0 == 0 ? 1 : 0, Tm = main->T - first;
+    int64_t nD = (int64_t)main->c->hc * main->c->dim;
+    if (Tm <= 0) return;
+    struct step ms = step_for_mtp(s, main->tokens + first, Tm, main->req);
+    /* Row p0-1 reads the streams saved from the last call; the others this chunk's. */
+    if (first == 0) be->mtp_input(&ms, s->last_hc, main->X);
+    else be->mtp_input(&ms, main->X, main->X + nD);
+    run_block(be, &ms);
+    if (main->req && main->req->mtp_logits)
+        be->head(&ms, 0, Tm, main->req->mtp_logits + (size_t)first * main->c->vocab);
+    s->mtp_pos += Tm;
+}
+
+static bool check_chunk(const struct ds4_config *c, const int32_t *tokens, int T,
+                        struct ds4_error *e) {
     if (T < 1) return fail(e, "nothing to process (empty chunk)");
     for (int t = 0; t < T; t++)
         if (tokens[t] < 0 || tokens[t] >= c->vocab)
             return fail(e, "token id %d at chunk offset %d is outside the vocabulary (0..%d)",
                         tokens[t], t, c->vocab - 1);
+    return true;
+}
 
-    struct chunk_work w;
-    chunk_work_init(&w, c, T);
-    float *X = xmalloc((size_t)T * nD * sizeof(float));
+static bool session_forward(struct session *s, const int32_t *tokens, int T,
+                            const struct forward_request *req, struct ds4_error *e) {
+    const struct backend *be = s->eng->be;
+    const struct model *m = s->eng->model;
+    const struct ds4_config *c = &m->cfg;
+    if (!check_chunk(c, tokens, T, e)) return false;
+    struct step st = step_for_chunk(s, tokens, s->pos, T, req);
+    be->begin_chunk(&st);
 
     /* Embedding: every stream starts as the same copy of the token's row. */
-    embed_tokens(m, tokens, T, w.f);
-    for (int t = 0; t < T; t++)
-        for (int h = 0; h < c->hc; h++)
-            memcpy(X + t * nD + (int64_t)h * c->dim, w.f + (size_t)t * c->dim,
-                   (size_t)c->dim * sizeof(float));
+    st.X = st.w->x;
+    be->embed(&st);
 
     /* The layers. */
-    w.journal = req ? req->journal : NULL;
     for (int l = 0; l < c->n_layers; l++) {
-        w.layer = l;
-        block_chunk(eng, &m->layers[l], &s->layers[l], X, tokens, p0, T, &w);
+        step_at_layer(&st, l);
+        run_block(be, &st);
     }
-    w.journal = NULL;   /* the MTP block has no compressor */
-    if (req && req->all_hc) memcpy(req->all_hc, X, (size_t)T * nD * sizeof(float));
 
     /* The head: every row if asked (the checker wants them), else the last. */
     if (req && req->all_logits) {
-        head_chunk(eng, &m->hc_head_fn, m->hc_head_scale, m->hc_head_base, m->output_norm, X, T,
-                   &w, req->all_logits);
+        be->head(&st, 0, T, req->all_logits);
         memcpy(s->logits, req->all_logits + (size_t)(T - 1) * c->vocab,
                (size_t)c->vocab * sizeof(float));
     } else {
-        head_chunk(eng, &m->hc_head_fn, m->hc_head_scale, m->hc_head_base, m->output_norm,
-                   X + (T - 1) * nD, 1, &w, s->logits);
+        be->head(&st, T - 1, 1, s->logits);
     }
 
     /* The MTP block runs one position behind, fed by these streams. */
-    if (m->has_mtp) mtp_chunk(s, tokens, X, T, &w, req ? req->mtp_logits : NULL);
-    memcpy(s->last_hc, X + (T - 1) * nD, (size_t)nD * sizeof(float));
+    if (m->has_mtp) mtp_step(be, &st);
+    be->end_chunk(&st);
     s->pos += T;
-
-    free(X);
-    chunk_work_free(&w);
     return true;
 }
 
@@ -7747,15 +8047,12 @@ static void journal_free(struct compressor_journal *j, int n_layers) {
  * Drafting: the MTP block run on its own outputs.
  * ------------------------------------------------------------------------- */
 
-/* One MTP row at `pos`: streams `hin` [n*D] and `token` in, the block's
- * output streams [n*D] and logits [V] out. */
-static void mtp_row(struct session *s, const float *hin, int32_t token, int64_t pos, float *hout,
-                    float *logits, struct chunk_work *w) {
-    struct engine *eng = s->eng;
-    const struct mtp_weights *mw = &eng->model->mtp;
-    mtp_input(eng, &token, 1, hin, NULL, w, hout);
-    block_chunk(eng, &mw->block, &s->mtp_state, hout, &token, pos, 1, w);
-    head_chunk(eng, &mw->hc_head_fn, mw->hc_head_scale, mw->hc_head_base, mw->norm, hout, 1, w, logits);
+/* One MTP row at ms->p0: streams `hin` [n*D] and the token ms->tokens[0]
+ * in, the block's output streams (ms->X) and logits [V] out. */
+static void mtp_row(const struct backend *be, struct step *ms, const float *hin, float *logits) {
+    be->mtp_input(ms, hin, NULL);
+    run_block(be, ms);
+    be->head(ms, 0, 1, logits);
 }
 
 /* Probability of the most likely token under plain softmax (the gate). */
@@ -7781,6 +8078,7 @@ struct generator {
     void *drafter_ctx;
     float *q;                /* [draft][V] draft distributions */
     float *p;                /* [V] target distribution */
+    float *draft_logits;     /* [V] the MTP block's logits while drafting */
     bool have_residual;      /* the next token comes from `p`, a residual */
 };
 
@@ -7788,34 +8086,35 @@ struct generator {
  * state is left exactly as it was. */
 static int draft_tokens(struct generator *g, int32_t first, int32_t *drafts) {
     struct session *s = g->s;
-    const struct ds4_config *c = &s->eng->model->cfg;
-    int V = c->vocab, K = g->spec.draft;
-    int64_t n_d = (int64_t)c->hc * c->dim;
+    const struct backend *be = s->eng->be;
+    int V = s->eng->model->cfg.vocab, K = g->spec.draft;
+    float *logits = g->draft_logits;
+    be->state_pull(s);
     struct checkpoint cp;
     checkpoint_take(&cp, s, K + 1, false);
-    struct chunk_work w;
-    chunk_work_init(&w, c, 1);
-    float *hin = xmalloc((size_t)n_d * sizeof(float)), *hout = xmalloc((size_t)n_d * sizeof(float));
-    float *logits = xmalloc((size_t)V * sizeof(float));
-    memcpy(hin, s->last_hc, (size_t)n_d * sizeof(float));
     int32_t token = first;
+    struct step ms = step_for_mtp(s, &token, 1, NULL);
+    be->begin_chunk(&ms);
+    /* Row n reads the streams row n-1 wrote, so two stream buffers take
+     * turns: the MTP's own and the main model's, idle between forwards. */
+    float *streams[2] = { ms.w->xm, ms.w->x };
+    const float *hin = s->last_hc;
     int n = 0;
     for (; n < K; n++) {
-        mtp_row(s, hin, token, s->pos - 1 + n, hout, logits, &w);
+        ms.p0 = s->pos - 1 + n;
+        ms.X = streams[n % 2];
+        mtp_row(be, &ms, hin, logits);
         if (top1_probability(logits, V) < g->spec.gate) break;
         float *q = g->q + (size_t)n * V;
         sampler_distribution(g->sp, logits, V, q);
         drafts[n] = g->sp->opt.temperature <= 0 ? argmax(logits, V) : draw_token(q, V, &g->sp->state);
         token = drafts[n];
-        memcpy(hin, hout, (size_t)n_d * sizeof(float));
+        hin = ms.X;
     }
     restore_mtp(s, &cp, s->pos - 1);
     s->mtp_pos = cp.mtp_pos;
-    free(hin);
-    free(hout);
-    free(logits);
-    chunk_work_free(&w);
-    checkpoint_free(&cp, c->n_layers);
+    be->state_push(s);
+    checkpoint_free(&cp, s->eng->model->cfg.n_layers);
     return n;
 }
 
@@ -7833,12 +8132,14 @@ static void generator_init(struct generator *g, struct session *s, struct sample
     g->spec = spec;
     g->q = xmalloc((size_t)(spec.draft > 0 ? spec.draft : 1) * c->vocab * sizeof(float));
     g->p = xmalloc((size_t)c->vocab * sizeof(float));
+    g->draft_logits = xmalloc((size_t)c->vocab * sizeof(float));
     g->drafter = draft_tokens;
 }
 
 static void generator_free(struct generator *g) {
     free(g->q);
     free(g->p);
+    free(g->draft_logits);
 }
 
 /* Speculative sampling's acceptance test for draft token d with target p and
@@ -7899,6 +8200,7 @@ static int generator_step(struct generator *g, int32_t *out, struct ds4_error *e
     int64_t n_d = (int64_t)c->hc * c->dim;
     struct checkpoint cp;
     struct compressor_journal j;
+    s->eng->be->state_pull(s);
     checkpoint_take(&cp, s, T, true);
     journal_init(&j, c, T);
     float *all_logits = xmalloc((size_t)T * V * sizeof(float));
@@ -7907,7 +8209,10 @@ static int generator_step(struct generator *g, int32_t *out, struct ds4_error *e
     int kept = -1;
     if (session_forward(s, out, T, &req, e)) {
         kept = 1 + count_accepted(g, out + 1, n, all_logits);
-        if (kept < T) session_rollback(s, &cp, &j, kept, all_logits, all_hc);
+        if (kept < T) {
+            session_rollback(s, &cp, &j, kept, all_logits, all_hc);
+            s->eng->be->state_push(s);
+        }
         g->stats.accepted += kept - 1;
         g->stats.emitted += kept;
     }
@@ -8671,6 +8976,7 @@ static bool snapshot_write_file(const struct session *s, const int32_t *tokens, 
     snap_bytes(&io, (void *)meta->key, meta->key_len, "key");
     uint64_t key_end = io.written;
     int32_t *ids = (int32_t *)tokens;       /* write mode never modifies */
+    s->eng->be->state_pull((struct session *)s);   /* the host copy, in the CPU layout (8.13) */
     snap_session(&io, (struct session *)s, ids, n);
     snap_flush(&io);
     h.payload_bytes = io.written - key_end;
@@ -8784,6 +9090,7 @@ static bool session_load_file(struct session *s, const struct snapshot_file *f,
     }
     s->pos = n;
     s->mtp_pos = eng->model->has_mtp ? n - 1 : 0;
+    eng->be->state_push(s);
     *tokens = ids;
     return true;
 }
@@ -13377,6 +13684,7 @@ static int server_main(struct engine *eng, const struct tokenizer *tok, const st
 struct cli_options {
     const char *model_path, *mtp_path, *tokens, *check_vectors;
     const char *prompt, *render_chat, *mode_name;
+    const char *backend_name;     /* --backend, resolved into engine.backend */
     int n_predict, chunk, bench_prefill, bench_decode;
     bool bench, show_help, raw, nothink;
     enum chat_mode mode;          /* from --mode, or --nothink */
@@ -13422,6 +13730,7 @@ static void print_usage(FILE *f) {
         "  -t, --threads N       worker threads (default: one per CPU)\n"
         "      --chunk N         prefill chunk size in tokens (default 128)\n"
         "      --reference-kernels  use the scalar reference dot products\n"
+        "      --backend B       cpu (default); cuda and metal when built in\n"
         "sessions on disk (chat, -p, --tokens and --server):\n"
         "      --kv-disk-dir DIR  save sessions in DIR and resume prompts from there\n"
         "      --kv-disk-space-mb N  most MB the snapshots in DIR may take (default 4096)\n"
@@ -13502,7 +13811,7 @@ static bool parse_args(int argc, char **argv, struct cli_options *o, struct ds4_
         { "-p", "--prompt", &o->prompt }, { NULL, "--render-chat", &o->render_chat },
         { NULL, "--mode", &o->mode_name }, { NULL, "--kv-disk-dir", &o->kv.dir },
         { NULL, "--kv-list", &o->kv_list }, { NULL, "--kv-check", &o->kv_check },
-        { NULL, "--kv-clear", &o->kv_clear },
+        { NULL, "--kv-clear", &o->kv_clear }, { NULL, "--backend", &o->backend_name },
     };
     struct size_flag sizes[] = {
         { "--kv-disk-space-mb", 1, 1L << 30, &o->kv.space_mb },
@@ -13564,6 +13873,7 @@ static bool parse_args(int argc, char **argv, struct cli_options *o, struct ds4_
     }
     o->server_opt.chunk = o->chunk;
     o->server_opt.spec = o->spec;
+    if (o->backend_name && !(o->engine.backend = backend_by_name(o->backend_name, e))) return false;
     return parse_kv(o, e) && parse_mode(o, e);
 }
 

@@ -38,6 +38,8 @@ suite "model: primitives, prefill == chunked == decode, fast vs reference" \
     $B/test_model vectors/tiny.gguf vectors/tiny-mtp.gguf $B/tiny-q8_0.gguf $B/tiny-q2.gguf $B/tiny-q4.gguf
 suite "speculative decoding: rollback, greedy identity, sampling rule" \
     $B/test_spec vectors/tiny.gguf vectors/tiny-mtp.gguf
+suite "backend table: every op called as expected, output == CPU, no decode allocations" \
+    $B/test_backend vectors/tiny.gguf vectors/tiny-mtp.gguf
 suite "KV disk cache: snapshots, store, hostile files (ASan+UBSan)" \
     $B/test_kvdisk vectors/tiny.gguf vectors/tiny-mtp.gguf
 suite "Metal kernels on the CPU harness vs their CPU twins" $B/test_metal
