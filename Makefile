@@ -65,7 +65,7 @@ $(TESTBIN)/test_kvdisk: tests/test_kvdisk.c $(SOURCES) | $(TESTBIN)
 # whose ext_vector_type gives MSL's vectors) against tests/metal/include/.
 METAL_CXX ?= clang++
 $(TESTBIN)/metal_harness.o: tests/metal/harness.cpp kernels.metal tests/metal/include/metal_stdlib | $(TESTBIN)
-	$(METAL_CXX) -std=c++17 -O1 -g -Wall -Wno-unknown-attributes -I tests/metal/include -c -o $@ $<
+	$(METAL_CXX) -std=c++17 -O2 -g -Wall -Wno-unknown-attributes -I tests/metal/include -c -o $@ $<
 
 $(TESTBIN)/test_metal: tests/test_metal.c $(TESTBIN)/metal_harness.o $(SOURCES) | $(TESTBIN)
 	$(CC) $(CFLAGS) $(ARCH) $(WARN) -o $@ $< $(TESTBIN)/metal_harness.o -lstdc++ $(LIBS)

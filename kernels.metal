@@ -246,9 +246,9 @@ static void matmul_rows(device const uchar *w, device const float *x, device flo
                 acc[j] += s;
             }
         }
-        for (uint j = 0; j < MATMUL_TILE; j++) {
+        for (uint j = 0; j < tile; j++) {              // tile: the same in every lane
             float s = simd_sum(acc[j]);
-            if (lane == 0 && j < tile) y[(ulong)(t0 + j) * a.y_stride + row] = s;
+            if (lane == 0) y[(ulong)(t0 + j) * a.y_stride + row] = s;
         }
     }
 }
