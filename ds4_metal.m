@@ -43,7 +43,7 @@
 // the `kernel void` names of kernels.metal are the same set.
 
 enum metal_kernel {
-    K_MATMUL_F16, K_MATMUL_Q8_0, K_MATMUL_Q2_K, K_MATMUL_Q4_K, K_MATMUL_IQ2_XXS,
+    K_MATMUL_F32, K_MATMUL_BF16, K_MATMUL_F16, K_MATMUL_Q8_0, K_MATMUL_Q2_K, K_MATMUL_Q4_K, K_MATMUL_IQ2_XXS,
     K_RMSNORM, K_ROPE_TAIL, K_FP8_ROUND_TRIP_NOPE, K_INDEXER_ROUND_TRIP,
     K_HC_PRE, K_HC_POST, K_HC_HEAD_COLLAPSE, K_EMBED_TOKENS, K_ROUTE_TOKEN,
     K_SWIGLU, K_MOE_GATHER_ADD, K_ADD_ROWS, K_POOL_CHANNEL, K_ATTEND_ONE,
@@ -57,6 +57,8 @@ struct metal_kernel_info {
 };
 
 static const struct metal_kernel_info metal_kernels[K_COUNT] = {
+    [K_MATMUL_F32] = { "matmul_f32", 64 },
+    [K_MATMUL_BF16] = { "matmul_bf16", 64 },
     [K_MATMUL_F16] = { "matmul_f16", 64 },
     [K_MATMUL_Q8_0] = { "matmul_q8_0", 64 },
     [K_MATMUL_Q2_K] = { "matmul_q2_k", 64 },
@@ -97,7 +99,11 @@ struct swiglu_args { unsigned ffn, has_weight; float limit; };
 struct moe_add_args { unsigned dim, n_used; };
 struct add_args { unsigned n, x_period; };
 struct pool_args { unsigned ratio, coff, dc; };
-struct attend_args { unsigned n_heads, head_dim, max_rows; };
+struct attend_args {
+    unsigned n_heads, head_dim, window, topk;
+    int64_t p0;
+    unsigned compressed;
+};
 struct indexer_args { unsigned heads, dim, n_rows, max_rows; float scale; };
 struct topk_args { unsigned n_tok, n_rows, max_rows, k; };
 
@@ -259,7 +265,8 @@ static void metal_run_one(enum metal_kernel k, MTLSize groups, unsigned threads,
 
 static size_t metal_type_row_bytes(int type, unsigned n) {
     switch (type) {
-    case 1: return (size_t)n * 2;
+    case 0: return (size_t)n * 4;
+    case 1: case 30: return (size_t)n * 2;
     case 8: return (size_t)n / 32 * 34;
     case 10: return (size_t)n / 256 * 84;
     case 12: return (size_t)n / 256 * 144;
@@ -272,6 +279,8 @@ int gpu_matmul(int type, const void *w, const float *x, float *y, unsigned in, u
                unsigned n_tok, unsigned row_bytes, unsigned x_stride, unsigned y_stride) {
     enum metal_kernel k;
     switch (type) {
+    case 0: k = K_MATMUL_F32; break;
+    case 30: k = K_MATMUL_BF16; break;
     case 1: k = K_MATMUL_F16; break;
     case 8: k = K_MATMUL_Q8_0; break;
     case 10: k = K_MATMUL_Q2_K; break;
@@ -441,22 +450,24 @@ void gpu_pool_channel(const float *kv, const float *score, float *pooled, unsign
     metal_copy_out(pooled, b[2], dc * 4);
 }
 
-void gpu_attend_one(const float *q, const float *kv, const int *rows, const int *n_rows,
-                    const float *sinks, float *o, unsigned n_heads, unsigned head_dim,
-                    unsigned max_rows, unsigned n_tok) {
-    struct attend_args a = { n_heads, head_dim, max_rows };
-    int most = 0;
-    for (unsigned i = 0; i < n_tok * max_rows; i++) most = rows[i] > most ? rows[i] : most;
-    size_t qo = (size_t)n_tok * n_heads * head_dim * 4;
-    struct metal_arg b[6] = {
-        metal_copy_in(q, qo), metal_copy_in(kv, (size_t)(most + 1) * head_dim * 4),
-        metal_copy_in(rows, n_tok * max_rows * 4), metal_copy_in(n_rows, n_tok * 4),
-        metal_copy_in(sinks, n_heads * 4), metal_copy_in(NULL, qo) };
-    metal_run_one(K_ATTEND_ONE, MTLSizeMake(n_heads, n_tok, 1), 32, b, 6, &a, sizeof a,
+void gpu_attend_one(const float *q, const float *chunk_kv, const float *ring, const float *comp,
+                    const int64_t *visible, const int *sel, const int *n_sel, const float *sinks,
+                    float *o, unsigned n_heads, unsigned head_dim, unsigned window, unsigned topk,
+                    long p0, unsigned compressed, unsigned max_rows, unsigned n_tok) {
+    struct attend_args a = { n_heads, head_dim, window, topk, p0, compressed };
+    int64_t most = 0;
+    for (unsigned t = 0; t < n_tok; t++) most = visible[t] > most ? visible[t] : most;
+    size_t qo = (size_t)n_tok * n_heads * head_dim * 4, row = (size_t)head_dim * 4;
+    struct metal_arg b[9] = {
+        metal_copy_in(q, qo), metal_copy_in(chunk_kv, n_tok * row),
+        metal_copy_in(ring, window * row), metal_copy_in(comp, (size_t)most * row),
+        metal_copy_in(visible, n_tok * 8), metal_copy_in(sel, (size_t)n_tok * topk * 4),
+        metal_copy_in(n_sel, n_tok * 4), metal_copy_in(sinks, n_heads * 4),
+        metal_copy_in(NULL, qo) };
+    metal_run_one(K_ATTEND_ONE, MTLSizeMake(n_heads, n_tok, 1), 32, b, 9, &a, sizeof a,
                   max_rows * 4);
-    metal_copy_out(o, b[5], qo);
+    metal_copy_out(o, b[8], qo);
 }
-
 void gpu_indexer_scores(const float *iq, const float *iw, const float *krows, float *score,
                         unsigned heads, unsigned dim, unsigned n_rows, unsigned max_rows,
                         float scale, unsigned n_tok) {

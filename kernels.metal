@@ -128,6 +128,18 @@ constant ulong iq2_xxs_grid[256] = {
 // halves. A row of n values has n / 32 chunks; chunk c of a 256-value type
 // is sub-chunk c % 8 of super-block c / 8.
 
+// F32: v[i] = w[32c + i]  (norm-sized matrices some files keep in float)
+static void decode_chunk_f32(device const uchar *row, uint c, thread float *v) {
+    device const float *w = (device const float *)row + 32 * c;
+    for (int i = 0; i < 32; i++) v[i] = w[i];
+}
+
+// BF16: v[i] = the float whose top 16 bits are w[32c + i]
+static void decode_chunk_bf16(device const uchar *row, uint c, thread float *v) {
+    device const ushort *w = (device const ushort *)row + 32 * c;
+    for (int i = 0; i < 32; i++) v[i] = as_type<float>(uint(w[i]) << 16);
+}
+
 // F16: v[i] = w[32c + i]
 static void decode_chunk_f16(device const uchar *row, uint c, thread float *v) {
     device const half *w = (device const half *)row + 32 * c;
@@ -253,6 +265,16 @@ static void matmul_rows(device const uchar *w, device const float *x, device flo
     }
 }
 
+struct decoder_f32 {
+    static void decode(device const uchar *r, uint c, thread float *v) {
+        decode_chunk_f32(r, c, v);
+    }
+};
+struct decoder_bf16 {
+    static void decode(device const uchar *r, uint c, thread float *v) {
+        decode_chunk_bf16(r, c, v);
+    }
+};
 struct decoder_f16 {
     static void decode(device const uchar *r, uint c, thread float *v) {
         decode_chunk_f16(r, c, v);
@@ -290,6 +312,8 @@ struct decoder_iq2_xxs {
         matmul_rows<decoder>(w, x, y, a, tg.x * MATMUL_SIMDS + simd, lane);           \
     }
 
+MATMUL_KERNEL(matmul_f32, decoder_f32)
+MATMUL_KERNEL(matmul_bf16, decoder_bf16)
 MATMUL_KERNEL(matmul_f16, decoder_f16)
 MATMUL_KERNEL(matmul_q8_0, decoder_q8_0)
 MATMUL_KERNEL(matmul_q2_k, decoder_q2_k)
@@ -794,39 +818,63 @@ kernel void pool_channel(device const float *kv [[buffer(0)]],
     pooled[j] = num / den;
 }
 
-// ---- Sparse attention with sinks (ds4.c 8.7, attend_one) ------------------
+// ---- Sparse attention with sinks (ds4.c 8.8, attend_one) ------------------
 
-// For token t, head h, over its n rows k_i (window rows, then the selected
-// compressed rows, gathered by the host's index list rows[t][i]):
+// For token t at position p = p0 + t, head h, over its rows k_i: the raw
+// window rows first..p (first = max(0, p - W + 1)), then its compressed rows
+// (all `visible[t]` of them when n_sel[t] < 0, else the indexer's sel[t][..]):
 //     l_i = (q . k_i) / sqrt(Dh);   mx = max(sink, max_i l_i)
 //     o = sum_i e^(l_i - mx) k_i / (e^(sink - mx) + sum_i e^(l_i - mx))
-// (K = V: the same row is key and value.) Inverse RoPE on o follows as a
-// separate rope_tail dispatch.
+// (K = V.) A raw row at pos >= p0 is in this chunk's kv, older ones in the
+// ring at slot pos mod W, exactly as raw_row() reads them. The inverse RoPE
+// on o follows as a separate rope_tail dispatch.
 // threads: one simdgroup (32) per (t, h); grid (H, T). Phase 1: lane l scores
-// rows l, l + 32, ... into threadgroup memory logit[]; phase 2: lane l owns
-// dims l, l + 32, ... of o and walks all rows.
+// rows l, l + 32, ... into threadgroup memory logit[] (window + top-k
+// floats); phase 2: lane l owns dims l, l + 32, ... of o and walks all rows.
 #define ATTEND_THREADS 32
 
 struct attend_args {
-    uint n_heads, head_dim, max_rows;
+    uint n_heads, head_dim, window, topk;
+    long p0;
+    uint compressed;      // the layer has compressed rows (ratio > 0)
 };
 
+static device const float *attend_row(device const float *chunk_kv, device const float *ring,
+                                      device const float *comp, device const int *sel,
+                                      int n_sel, constant attend_args &a, long first,
+                                      uint n_raw, uint i) {
+    if (i < n_raw) {
+        long pos = first + (long)i;
+        if (pos >= a.p0) return chunk_kv + (ulong)(pos - a.p0) * a.head_dim;
+        return ring + (ulong)(pos % (long)a.window) * a.head_dim;
+    }
+    uint r = n_sel < 0 ? i - n_raw : (uint)sel[i - n_raw];
+    return comp + (ulong)r * a.head_dim;
+}
+
 kernel void attend_one(device const float *q [[buffer(0)]],
-                       device const float *kv [[buffer(1)]],
-                       device const int *rows [[buffer(2)]],
-                       device const int *n_rows [[buffer(3)]],
-                       device const float *sinks [[buffer(4)]],
-                       device float *o [[buffer(5)]],
-                       constant attend_args &a [[buffer(6)]],
+                       device const float *chunk_kv [[buffer(1)]],
+                       device const float *ring [[buffer(2)]],
+                       device const float *comp [[buffer(3)]],
+                       device const long *visible [[buffer(4)]],
+                       device const int *sel [[buffer(5)]],
+                       device const int *n_sel [[buffer(6)]],
+                       device const float *sinks [[buffer(7)]],
+                       device float *o [[buffer(8)]],
+                       constant attend_args &a [[buffer(9)]],
                        threadgroup float *logit TG_ARG(0),
                        uint3 tg [[threadgroup_position_in_grid]],
                        ushort lane [[thread_index_in_simdgroup]]) {
-    uint h = tg.x, t = tg.y, Dh = a.head_dim, n = (uint)n_rows[t];
+    uint h = tg.x, t = tg.y, Dh = a.head_dim;
+    long p = a.p0 + (long)t, first = max(p - (long)a.window + 1, 0l);
+    uint n_raw = (uint)(p - first + 1);
+    int ns = n_sel[t];
+    uint n_comp = !a.compressed ? 0 : ns < 0 ? (uint)visible[t] : (uint)ns;
+    device const int *sel_t = sel + (ulong)t * a.topk;
     device const float *qh = q + ((ulong)t * a.n_heads + h) * Dh;
-    device const int *idx = rows + (ulong)t * a.max_rows;
     float scale = 1.0f / sqrt(float(Dh)), sink = sinks[h], mx = sink;
-    for (uint i = lane; i < n; i += 32) {
-        device const float *k = kv + (ulong)idx[i] * Dh;
+    for (uint i = lane; i < n_raw + n_comp; i += 32) {
+        device const float *k = attend_row(chunk_kv, ring, comp, sel_t, ns, a, first, n_raw, i);
         float s = 0.0f;
         for (uint d = 0; d < Dh; d++) s += qh[d] * k[d];
         logit[i] = s * scale;
@@ -834,13 +882,14 @@ kernel void attend_one(device const float *q [[buffer(0)]],
     }
     mx = simd_max(mx);
     float den = 0.0f;
-    for (uint i = lane; i < n; i += 32) den += (logit[i] = exp(logit[i] - mx));
+    for (uint i = lane; i < n_raw + n_comp; i += 32) den += (logit[i] = exp(logit[i] - mx));
     den = simd_sum(den) + exp(sink - mx);
     threadgroup_barrier(mem_flags::mem_threadgroup);
     device float *oh = o + ((ulong)t * a.n_heads + h) * Dh;
     for (uint d = lane; d < Dh; d += 32) {
         float acc = 0.0f;
-        for (uint i = 0; i < n; i++) acc += logit[i] * kv[(ulong)idx[i] * Dh + d];
+        for (uint i = 0; i < n_raw + n_comp; i++)
+            acc += logit[i] * attend_row(chunk_kv, ring, comp, sel_t, ns, a, first, n_raw, i)[d];
         oh[d] = acc / den;
     }
 }

@@ -46,9 +46,10 @@ void gpu_moe_gather_add(float *G, const float *Y, const int *slot_of, unsigned d
 void gpu_add_rows(float *y, const float *x, unsigned n, unsigned x_period);
 void gpu_pool_channel(const float *kv, const float *score, float *pooled, unsigned ratio,
                       unsigned coff, unsigned dc);
-void gpu_attend_one(const float *q, const float *kv, const int *rows, const int *n_rows,
-                    const float *sinks, float *o, unsigned n_heads, unsigned head_dim,
-                    unsigned max_rows, unsigned n_tok);
+void gpu_attend_one(const float *q, const float *chunk_kv, const float *ring, const float *comp,
+                    const int64_t *visible, const int *sel, const int *n_sel, const float *sinks,
+                    float *o, unsigned n_heads, unsigned head_dim, unsigned window, unsigned topk,
+                    long p0, unsigned compressed, unsigned max_rows, unsigned n_tok);
 void gpu_indexer_scores(const float *iq, const float *iw, const float *krows, float *score,
                         unsigned heads, unsigned dim, unsigned n_rows, unsigned max_rows,
                         float scale, unsigned n_tok);
@@ -120,8 +121,17 @@ static void test_matmul(uint32_t type, const char *name) {
     uint8_t *w = xcalloc(OUT, row_bytes);
     for (int r = 0; r < OUT; r++) {
         float *row = random_floats(IN, 0.5f);
-        if (type == TYPE_F16) {
-            for (int i = 0; i < IN; i++) ((uint16_t *)(w + r * row_bytes))[i] = f32_to_f16(row[i]);
+        uint16_t *h = (uint16_t *)(w + r * row_bytes);
+        if (type == TYPE_F32) {
+            memcpy(w + r * row_bytes, row, IN * sizeof(float));
+        } else if (type == TYPE_F16) {
+            for (int i = 0; i < IN; i++) h[i] = f32_to_f16(row[i]);
+        } else if (type == TYPE_BF16) {
+            for (int i = 0; i < IN; i++) {
+                uint32_t u;
+                memcpy(&u, &row[i], 4);
+                h[i] = (uint16_t)(u >> 16);     /* truncation: any bf16 will do */
+            }
         } else {
             quantize_row(type, row, w + r * row_bytes, IN);
         }
@@ -307,8 +317,8 @@ static void test_moe_add(void) {
     gpu_moe_gather_add(G, Y, slot_of, D, K, T);
     for (int t = 0; t < T; t++)
         for (int k = 0; k < K; k++)
-            if (slot_of[t * K + k] >= 0)
-                axpy_f32(want + t * D, 1.0f, Y + slot_of[t * K + k] * D, D);
+            for (int x = 0; x < D && slot_of[t * K + k] >= 0; x++)
+                want[t * D + x] += Y[slot_of[t * K + k] * D + x];
     check("moe_gather_add vs moe_chunk's sum", abs_err(G, want, T * D), 0);
     float *b = random_floats(D, 1.0f);
     memcpy(want, G, T * D * sizeof(float));
@@ -346,41 +356,42 @@ static void test_pool(void) {
 
 /* ---- attention ------------------------------------------------------------ */
 
-/* attend_one's formula, with the rows named by an index list:
- *     l_i = q.k_i / sqrt(Dh);  o = sum_i e^(l_i-mx) k_i / (e^(sink-mx) + sum_i e^(l_i-mx)) */
-static void attend_reference(const float *q, const float *kv, const int *rows, int n,
-                             float sink, int Dh, float *o) {
-    float logit[256], mx = sink, scale = 1.0f / sqrtf((float)Dh);
-    for (int i = 0; i < n; i++) {
-        logit[i] = dot_f32(q, kv + (size_t)rows[i] * Dh, Dh) * scale;
-        mx = fmaxf(mx, logit[i]);
-    }
-    float den = expf(sink - mx);
-    memset(o, 0, (size_t)Dh * sizeof(float));
-    for (int i = 0; i < n; i++) {
-        float pw = expf(logit[i] - mx);
-        den += pw;
-        const float *k = kv + (size_t)rows[i] * Dh;
-        for (int d = 0; d < Dh; d++) o[d] += pw * k[d];
-    }
-    for (int d = 0; d < Dh; d++) o[d] /= den;
-}
-
+/* The real attend_one (and its inverse RoPE) on a hand-built step: a chunk of
+ * 5 tokens at p0 = 21 with window 16, so that early tokens read the ring and
+ * later ones the chunk; 30 compressed rows, token 0..2 seeing all visible
+ * rows, tokens 3..4 an indexer selection. */
 static void test_attend(void) {
-    enum { H = 3, DH = 64, T = 4, R = 90, MAXR = 80 };
-    float *q = random_floats(T * H * DH, 0.5f), *kv = random_floats(R * DH, 1.0f);
-    float sinks[H] = { 0.5f, -1.0f, 4.0f }, got[T * H * DH], want[T * H * DH];
-    int rows[T * MAXR], n_rows[T] = { 1, 33, 80, 47 };
-    for (int t = 0; t < T; t++)
-        for (int i = 0; i < MAXR; i++) rows[t * MAXR + i] = (i * 37 + t * 11) % R;
-    gpu_attend_one(q, kv, rows, n_rows, sinks, got, H, DH, MAXR, T);
-    for (int t = 0; t < T; t++)
-        for (int h = 0; h < H; h++)
-            attend_reference(q + (t * H + h) * DH, kv, rows + t * MAXR, n_rows[t], sinks[h], DH,
-                             want + (t * H + h) * DH);
-    check("attend_one (3 heads, 1..80 rows, sinks) vs formula",
-          rel_err(got, want, T * H * DH, 1e-3), 2e-6);
-    free(q), free(kv);
+    enum { H = 3, DH = 64, T = 5, W = 16, NC = 30, KI = 8, P0 = 21, ROPE = 16 };
+    struct ds4_config c = { 0 };
+    c.n_heads = H, c.head_dim = DH, c.window = W, c.idx_topk = KI;
+    float sinks[H] = { 0.5f, -1.0f, 4.0f };
+    struct layer_weights L = { 0 };
+    L.ratio = 4, L.sinks = sinks;
+    struct rope rope;
+    rope_init(&rope, ROPE, 10000.0f, false, &c);
+    struct chunk_work w = { 0 };
+    w.q = random_floats(T * H * DH, 0.5f), w.kv = random_floats(T * DH, 1.0f);
+    w.o = xcalloc(T * H * DH, sizeof(float));
+    int64_t visible[T] = { 3, 5, 9, 30, 30 };
+    int n_sel[T] = { -1, -1, -1, KI, KI }, sel[T * KI];
+    for (int i = 0; i < T * KI; i++) sel[i] = (i * 7) % NC;
+    w.visible = visible, w.n_sel = n_sel, w.sel = sel;
+    struct layer_state ls = { 0 };
+    ls.ring = random_floats(W * DH, 1.0f);
+    ls.comp_rows.rows = random_floats(NC * DH, 1.0f), ls.comp_rows.width = DH;
+    float *scratch = xcalloc(W + NC, sizeof(float));
+    struct engine eng = { 0 };
+    eng.attn_scratch = &scratch;
+    struct step st = { .eng = &eng, .c = &c, .w = &w, .p0 = P0, .T = T, .L = &L, .st = &ls,
+                       .rope = &rope };
+    for (int item = 0; item < T * H; item++) attend_one(&st, item, 0);
+    float got[T * H * DH];
+    gpu_attend_one(w.q, w.kv, ls.ring, ls.comp_rows.rows, visible, sel, n_sel, sinks, got, H, DH,
+                   W, KI, P0, 1, W + NC, T);
+    gpu_rope_tail(got, rope.freq, DH, ROPE, H, T, P0, 1);
+    check("attend_one (ring + chunk + compressed/selected rows) vs attend_one",
+          rel_err(got, w.o, T * H * DH, 1e-3), 2e-6);
+    free(w.q), free(w.kv), free(w.o), free(ls.ring), free(ls.comp_rows.rows), free(scratch);
 }
 
 /* ---- the indexer's selection --------------------------------------------- */
@@ -426,6 +437,8 @@ int main(void) {
     if (!ds4_metal_open("kernels.metal")) return 1;   /* make test-metal, on a Mac */
 #endif
     quant_tables_init();
+    test_matmul(TYPE_F32, "f32");
+    test_matmul(TYPE_BF16, "bf16");
     test_matmul(TYPE_F16, "f16");
     test_matmul(TYPE_Q8_0, "q8_0");
     test_matmul(TYPE_Q2_K, "q2_k");

@@ -18,7 +18,7 @@ static uint groups_of(uint n, uint per) { return (n + per - 1) / per; }
 
 extern "C" {
 
-// type: GGML type id (1 F16, 8 Q8_0, 10 Q2_K, 12 Q4_K, 16 IQ2_XXS).
+// type: GGML type id (0 F32, 1 F16, 8 Q8_0, 10 Q2_K, 12 Q4_K, 16 IQ2_XXS, 30 BF16).
 int gpu_matmul(int type, const void *w, const float *x, float *y, uint in, uint out,
                uint n_tok, uint row_bytes, uint x_stride, uint y_stride) {
     matmul_args a = { in, out, n_tok, row_bytes, x_stride, y_stride };
@@ -26,7 +26,9 @@ int gpu_matmul(int type, const void *w, const float *x, float *y, uint in, uint 
     void (*k)(const uchar *, const float *, float *, const matmul_args &, uint3, ushort,
               ushort) = nullptr;
     switch (type) {
+    case 0: k = matmul_f32; break;
     case 1: k = matmul_f16; break;
+    case 30: k = matmul_bf16; break;
     case 8: k = matmul_q8_0; break;
     case 10: k = matmul_q2_k; break;
     case 12: k = matmul_q4_k; break;
@@ -137,13 +139,15 @@ void gpu_pool_channel(const float *kv, const float *score, float *pooled, uint r
              [&](const thread_ids &t) { pool_channel(kv, score, pooled, a, t.tg, t.tid); });
 }
 
-void gpu_attend_one(const float *q, const float *kv, const int *rows, const int *n_rows,
-                    const float *sinks, float *o, uint n_heads, uint head_dim, uint max_rows,
-                    uint n_tok) {
-    attend_args a = { n_heads, head_dim, max_rows };
+void gpu_attend_one(const float *q, const float *chunk_kv, const float *ring, const float *comp,
+                    const int64_t *visible, const int *sel, const int *n_sel, const float *sinks,
+                    float *o, uint n_heads, uint head_dim, uint window, uint topk, long p0,
+                    uint compressed, uint max_rows, uint n_tok) {
+    attend_args a = { n_heads, head_dim, window, topk, p0, compressed };
     float *logit = new float[max_rows];
     dispatch(uint3{n_heads, n_tok, 1}, ATTEND_THREADS, [&](const thread_ids &t) {
-        attend_one(q, kv, rows, n_rows, sinks, o, a, logit, t.tg, t.lane);
+        attend_one(q, chunk_kv, ring, comp, (const long *)visible, sel, n_sel, sinks, o, a, logit,
+                   t.tg, t.lane);
     });
     delete[] logit;
 }
