@@ -41,7 +41,7 @@ TESTBIN := tests/bin
 TEST_PROGRAMS := $(TESTBIN)/test_quant $(TESTBIN)/test_json $(TESTBIN)/test_gguf \
                  $(TESTBIN)/test_convert $(TESTBIN)/test_text $(TESTBIN)/test_model \
                  $(TESTBIN)/test_spec $(TESTBIN)/test_kvdisk $(TESTBIN)/kvdisk \
-                 $(TESTBIN)/test_metal $(TESTBIN)/test_backend
+                 $(TESTBIN)/test_metal $(TESTBIN)/test_metal_model $(TESTBIN)/test_backend
 
 $(TESTBIN):
 	mkdir -p $@
@@ -69,6 +69,10 @@ $(TESTBIN)/metal_harness.o: tests/metal/harness.cpp kernels.metal tests/metal/in
 
 $(TESTBIN)/test_metal: tests/test_metal.c $(TESTBIN)/metal_harness.o $(SOURCES) | $(TESTBIN)
 	$(CC) $(CFLAGS) $(ARCH) $(WARN) -Wno-aggressive-loop-optimizations -o $@ $< $(TESTBIN)/metal_harness.o -lstdc++ $(LIBS)
+
+# The whole tiny model through the GPU backend (ds4.c 8.14) on the harness.
+$(TESTBIN)/test_metal_model: tests/test_metal_model.c $(TESTBIN)/metal_harness.o $(SOURCES) | $(TESTBIN)
+	$(CC) $(CFLAGS) $(ARCH) $(WARN) -o $@ $< $(TESTBIN)/metal_harness.o -lstdc++ $(LIBS)
 
 # On a Mac: the same kernel checks on the real GPU (ds4_metal.m implements the
 # gpu_* dispatches the harness emulates). Prints "N passed, N failed".
