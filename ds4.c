@@ -153,6 +153,13 @@ static double now_seconds(void) {
     return ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
+/* CPU time of the whole process, every thread (the bench's second clock). */
+static double cpu_seconds(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
 /* Read a whole file into memory (NUL-terminated, for text formats). */
 static char *read_file(const char *path, size_t *len, struct ds4_error *e) {
     FILE *f = fopen(path, "rb");
@@ -8252,6 +8259,8 @@ struct spec_options {
 struct spec_stats {
     int64_t main_forwards;   /* forward calls of the main model */
     int64_t drafted, accepted, emitted;
+    double cpu_seconds;          /* process CPU time of the decode (the bench fills it) */
+    int64_t heap_allocations;    /* allocations during the decode (the bench fills it) */
 };
 
 struct checkpoint {
@@ -10646,7 +10655,8 @@ static double bench_decode(struct engine *eng, const int32_t *prompt, int n_prom
     generator_init(&g, &s, &sp, spec);
     double t0 = now_seconds();
     bool ok = session_forward(&s, prompt, n_prompt, NULL, e);
-    double t1 = now_seconds();
+    double t1 = now_seconds(), cpu1 = cpu_seconds();
+    int64_t allocs1 = heap_allocations;
     int32_t out[MATMUL_DECODE_PATH_MAX_TOKENS];
     for (int done = 0; ok && done < n;) {
         int got = generator_step(&g, out, e);
@@ -10654,6 +10664,8 @@ static double bench_decode(struct engine *eng, const int32_t *prompt, int n_prom
         done += got;
     }
     double t2 = now_seconds();
+    g.stats.cpu_seconds = cpu_seconds() - cpu1;
+    g.stats.heap_allocations = heap_allocations - allocs1;
     *stats = g.stats;
     if (prefill_s) *prefill_s = t1 - t0;
     generator_free(&g);
@@ -10735,6 +10747,8 @@ static int run_bench(struct engine *eng, int n_prefill, int n_decode, struct spe
     printf("prefill: %d tokens in %.3f s = %.2f tokens/s\n", n_prefill, prefill_s, n_prefill / prefill_s);
     printf("decode:  %lld tokens in %.3f s = %.2f tokens/s\n", (long long)plain_stats.emitted, plain_s,
            decode_tps);
+    printf("decode CPU time: %.3f s (all threads); heap allocations per token: %.2f\n",
+           plain_stats.cpu_seconds, (double)plain_stats.heap_allocations / plain_stats.emitted);
     printf("decode weight traffic: %.3f MB per token = %.2f GB/s\n", per_token / 1e6,
            per_token * decode_tps / 1e9);
     if (with_mtp)
@@ -10744,6 +10758,9 @@ static int run_bench(struct engine *eng, int n_prefill, int n_decode, struct spe
                (long long)spec_stats.drafted, (long long)spec_stats.accepted,
                spec_stats.drafted ? 100.0 * spec_stats.accepted / spec_stats.drafted : 0.0,
                (double)spec_stats.emitted / spec_stats.main_forwards);
+    if (with_mtp)
+        printf("decode with MTP: heap allocations per token: %.2f\n",
+               (double)spec_stats.heap_allocations / spec_stats.emitted);
     bool snap_ok = n_prefill < 2 || bench_snapshot(eng, tokens, n_prefill, &e);
     free(tokens);
     if (!snap_ok) fprintf(stderr, "ds4: bench snapshot failed: %s\n", e.msg);

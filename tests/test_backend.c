@@ -151,9 +151,9 @@ static void test_counting(struct model *m, const int32_t *prompt) {
     size_t n = (size_t)(DECODE + 1) * V;
     float *ref = xmalloc(n * sizeof(float)), *got = xmalloc(n * sizeof(float));
     struct engine cpu, counted;
-    engine_init(&cpu, m, (struct engine_options){ 0, false, NULL });
+    engine_init(&cpu, m, (struct engine_options){ .backend = NULL });
     inner = backend_cpu();
-    engine_init(&counted, m, (struct engine_options){ 0, false, &counting_backend });
+    engine_init(&counted, m, (struct engine_options){ .backend = &counting_backend });
     greedy_run(&cpu, prompt, ref);
     reset_counts();
     greedy_run(&counted, prompt, got);
@@ -231,8 +231,8 @@ static void test_counting_spec(struct model *m, const int32_t *prompt) {
     if (!m->has_mtp) return;
     int32_t ref[24], got[24];
     struct engine cpu, counted;
-    engine_init(&cpu, m, (struct engine_options){ 0, false, NULL });
-    engine_init(&counted, m, (struct engine_options){ 0, false, &counting_backend });
+    engine_init(&cpu, m, (struct engine_options){ .backend = NULL });
+    engine_init(&counted, m, (struct engine_options){ .backend = &counting_backend });
     spec_run(&cpu, prompt, ref, 24);
     reset_counts();
     spec_run(&counted, prompt, got, 24);
@@ -254,7 +254,7 @@ static void test_counting_spec(struct model *m, const int32_t *prompt) {
 
 static void test_decode_allocations(struct model *m, const int32_t *prompt) {
     struct engine eng;
-    engine_init(&eng, m, (struct engine_options){ 0, false, NULL });
+    engine_init(&eng, m, (struct engine_options){ .backend = NULL });
     int V = m->cfg.vocab;
     struct ds4_error e = { "" };
     struct session s;

@@ -290,8 +290,8 @@ static void test_fast_vs_reference(const char *path) {
         return;
     }
     struct engine fast, ref;
-    engine_init(&fast, &m, (struct engine_options){ 0, false });
-    engine_init(&ref, &m, (struct engine_options){ 0, true });
+    engine_init(&fast, &m, (struct engine_options){ .threads = 0 });
+    engine_init(&ref, &m, (struct engine_options){ .reference_kernels = true });
     int n = 64;
     int32_t tokens[64];
     uint64_t s = 99;
@@ -332,7 +332,7 @@ int main(int argc, char **argv) {
         return 1;
     }
     struct engine eng;
-    engine_init(&eng, &m, (struct engine_options){ 0, false });
+    engine_init(&eng, &m, (struct engine_options){ .threads = 0 });
     test_schedules(&eng, m.has_mtp);
     engine_free(&eng);
     model_free(&m);
