@@ -7638,6 +7638,17 @@ void gpu_indexer_scores(const float *iq, const float *iw, const float *krows, fl
                         float scale, unsigned n_tok);
 void gpu_topk_rows(const float *score, int *sel, int *n_sel, unsigned n_tok, unsigned n_rows,
                    unsigned max_rows, unsigned k);
+int gpu_open(void);   /* device, queue, pipelines; 0 on failure (it says why) */
+
+/* The device is opened with the first session; without one, nothing runs. */
+static void gpu_session_open(struct session *s) {
+    static int opened;
+    if (!opened && !(opened = gpu_open())) {
+        fprintf(stderr, "ds4: the metal backend has no usable device; try --backend cpu\n");
+        exit(1);
+    }
+    cpu_session_open(s);
+}
 
 /* y[t] = W x[t] for n tokens, contiguous rows: one matmul_<type> dispatch. */
 static void gpu_mm(const struct matrix *m, const float *x, float *y, int n) {
@@ -7927,7 +7938,7 @@ static void gpu_mtp_input(struct step *st, const float *hin0, const float *hin_n
  * state the kernels read and write. */
 static const struct backend gpu_backend = {
     .name = "metal",
-    .session_open = cpu_session_open,
+    .session_open = gpu_session_open,
     .session_close = cpu_session_close,
     .state_pull = cpu_state_sync,
     .state_push = cpu_state_sync,
@@ -14253,6 +14264,9 @@ static bool parse_args(int argc, char **argv, struct cli_options *o, struct ds4_
     }
     o->server_opt.chunk = o->chunk;
     o->server_opt.spec = o->spec;
+#ifdef DS4_GPU
+    if (!o->backend_name) o->backend_name = "metal";   /* a GPU build's default (macOS) */
+#endif
     if (o->backend_name && !(o->engine.backend = backend_by_name(o->backend_name, e))) return false;
     return parse_kv(o, e) && parse_mode(o, e);
 }

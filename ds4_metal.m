@@ -158,6 +158,16 @@ bool ds4_metal_open(const char *kernels_path) {
     return metal_build_pipelines(lib);
 }
 
+// The kernels' source: the repository's kernels.metal, whose absolute path
+// the Makefile compiles in (DS4_KERNELS_PATH).
+#ifndef DS4_KERNELS_PATH
+#define DS4_KERNELS_PATH "kernels.metal"
+#endif
+
+int gpu_open(void) {
+    return ds4_metal_open(DS4_KERNELS_PATH);
+}
+
 // ---- 2. Weights: no-copy buffers over the mapping ---------------------------
 
 // Chunk i covers [i * stride, i * stride + len) with len - stride >= the
