@@ -21,6 +21,11 @@
 // [[threadgroup(n)]], so that the harness can hand one host buffer to all
 // the emulated threads of a threadgroup. No kernel returns early from a
 // threadgroup that later meets a barrier.
+//
+// Numerics: ds4_metal.m compiles with fast math off, so exp, sqrt and
+// division are the precise forms. GPUs flush float subnormals to zero; that
+// can differ from the CPU only in an FP8/FP4 block whose values are all
+// below about 1e-37, where the CPU keeps a subnormal the GPU rounds to 0.
 #include <metal_stdlib>
 using namespace metal;
 
@@ -411,8 +416,8 @@ static float round_e4m3(float x) {
     float ax = fabs(x);
     if (ax == 0.0f) return x;
     float step;
-    if (ax < 0x1p-6f) {
-        step = 0x1p-9f;
+    if (ax < 0.015625f) {             // 2^-6, written in decimal: MSL is C++14,
+        step = 0.001953125f;          // which has no hex floats; 2^-9
     } else {
         int e;
         frexp(ax, e);
@@ -480,7 +485,7 @@ kernel void indexer_round_trip(device float *rows [[buffer(0)]],
         threadgroup_barrier(mem_flags::mem_threadgroup);
     }
     float h = shared[tid] * (1.0f / sqrt(float(a.n)));
-    float amax = simd_max(max(fabs(h), 6.0f * 0x1p-126f));
+    float amax = simd_max(max(fabs(h), 6.0f * FLT_MIN));      // FLT_MIN = 2^-126
     float sc = pow2_ceil(amax * (1.0f / 6.0f));
     v[tid] = round_e2m1(clamp(h / sc, -6.0f, 6.0f)) * sc;
 }
@@ -866,7 +871,7 @@ kernel void attend_one(device const float *q [[buffer(0)]],
                        uint3 tg [[threadgroup_position_in_grid]],
                        ushort lane [[thread_index_in_simdgroup]]) {
     uint h = tg.x, t = tg.y, Dh = a.head_dim;
-    long p = a.p0 + (long)t, first = max(p - (long)a.window + 1, 0l);
+    long p = a.p0 + (long)t, first = p - (long)a.window + 1 < 0 ? 0 : p - (long)a.window + 1;
     uint n_raw = (uint)(p - first + 1);
     int ns = n_sel[t];
     uint n_comp = !a.compressed ? 0 : ns < 0 ? (uint)visible[t] : (uint)ns;
