@@ -7599,6 +7599,11 @@ static void backend_session_close(struct session *s) {
  * and the CPU backend's session ops serve both. Steps still done by the
  * host between dispatches are marked HOST; each is a copy or a counting
  * sort, and each is a synchronisation point a later revision removes.
+ *
+ * gpu_sync() comes before every host access to memory a dispatch may still
+ * read or write: once the dispatches of a step are batched into one command
+ * buffer it is where the host waits. tests/test_metal_model.c prints how
+ * many there are per decode token next to the dispatch count.
  * ------------------------------------------------------------------------- */
 
 #ifdef DS4_GPU
@@ -7639,6 +7644,7 @@ void gpu_indexer_scores(const float *iq, const float *iw, const float *krows, fl
 void gpu_topk_rows(const float *score, int *sel, int *n_sel, unsigned n_tok, unsigned n_rows,
                    unsigned max_rows, unsigned k);
 int gpu_open(void);   /* device, queue, pipelines; 0 on failure (it says why) */
+void gpu_sync(void);  /* wait until every dispatch so far has completed */
 
 /* The device is opened with the first session; without one, nothing runs. */
 static void gpu_session_open(struct session *s) {
@@ -7668,6 +7674,7 @@ static void gpu_embed(struct step *st) {
     int64_t nD = (int64_t)c->hc * c->dim;
     gpu_embed_tokens((const uint16_t *)st->eng->model->token_embd.data, st->tokens, st->w->f,
                      (unsigned)c->dim, (unsigned)st->T);
+    gpu_sync();
     memset(st->X, 0, (size_t)st->T * nD * sizeof(float));                     /* HOST */
     for (int t = 0; t < st->T; t++)
         gpu_add_rows(st->X + t * nD, st->w->f + (size_t)t * c->dim, (unsigned)nD,
@@ -7723,6 +7730,7 @@ static bool gpu_compressor_push(struct compressor_state *cs, const float *k, con
     gpu_pool_channel(cs->kv, cs->score, pooled, (unsigned)r, (unsigned)cs->coff,
                      (unsigned)cs->dc);
     if (cs->coff == 2) {
+        gpu_sync();
         size_t half = (size_t)r * width;                                           /* HOST */
         memcpy(cs->kv, cs->kv + half, half * sizeof(float));
         memcpy(cs->score, cs->score + half, half * sizeof(float));
@@ -7745,6 +7753,7 @@ static void gpu_finish_row(struct step *st, const float *pooled, const float *no
 /* z[t] += ape[(p0 + t) mod r]: the slot bias, decoded on the host (HOST). */
 static void gpu_add_slot_bias(struct step *st, const struct matrix *ape, float *z, int width) {
     for (int t = 0; t < st->T; t++) {
+        gpu_sync();
         matrix_row_f32(ape, (st->p0 + t) % ape->out, st->w->tmp);
         gpu_add_rows(z + (size_t)t * width, st->w->tmp, (unsigned)width, (unsigned)width);
     }
@@ -7763,6 +7772,7 @@ static void gpu_compress(struct step *st) {
         gpu_mm(&L->idx_gate, w->a, w->iz, st->T);
         gpu_add_slot_bias(st, &L->idx_ape, w->iz, iwidth);
     }
+    gpu_sync();
     if (st->journal) journal_compressor_inputs(st);
     for (int t = 0; t < st->T; t++) {
         int64_t p = st->p0 + t;
@@ -7815,6 +7825,7 @@ static void gpu_attend_and_project(struct step *st) {
     struct chunk_work *w = st->w;
     unsigned T = (unsigned)st->T, H = (unsigned)c->n_heads, Dh = (unsigned)c->head_dim;
     int64_t most = 0;
+    gpu_sync();
     for (int t = 0; t < st->T; t++) {
         int64_t n = L->ratio == 0 ? 0 : w->n_sel[t] < 0 ? w->visible[t] : w->n_sel[t];
         if (n > most) most = n;
@@ -7823,6 +7834,7 @@ static void gpu_attend_and_project(struct step *st) {
                    w->n_sel, L->sinks, w->o, H, Dh, (unsigned)c->window,
                    (unsigned)c->idx_topk, st->p0, L->ratio > 0, (unsigned)(c->window + most), T);
     gpu_rope_tail(w->o, st->rope->freq, Dh, (unsigned)st->rope->dims, H, T, st->p0, 1);
+    gpu_sync();
     for (int t = st->T > c->window ? st->T - c->window : 0; t < st->T; t++)      /* HOST */
         memcpy(st->st->ring + (size_t)((st->p0 + t) % c->window) * c->head_dim,
                w->kv + (size_t)t * c->head_dim, (size_t)c->head_dim * sizeof(float));
@@ -7860,6 +7872,7 @@ static void gpu_routed_expert(struct step *st, int e, int begin, int m, int *slo
     const struct layer_weights *L = st->L;
     struct chunk_work *w = st->w;
     int D = st->c->dim, K = st->c->n_used;
+    gpu_sync();
     for (int i = 0; i < st->T * K; i++) slot_of[i] = -1;
     for (int i = 0; i < m; i++) {
         int slot = w->expert_tokens[begin + i];
@@ -7887,6 +7900,7 @@ static void gpu_moe(struct step *st) {
     gpu_route_token(w->router, st->tokens, L->hash_routed ? L->tid2eid : NULL, L->router_bias,
                     biased, w->route_sel, w->route_wt, (unsigned)T, (unsigned)E, (unsigned)K,
                     c->route_scale);
+    gpu_sync();
     group_by_expert(c, T, w);
     memset(w->f, 0, (size_t)T * c->dim * sizeof(float));                         /* HOST */
     int *slot_of = (int *)biased;             /* the scores are consumed: reuse */
@@ -7915,6 +7929,7 @@ static void gpu_head(struct step *st, int64_t row0, int n, float *logits) {
     gpu_rmsnorm(w->a, st->is_mtp ? m->mtp.norm : m->output_norm, w->a, (unsigned)c->dim,
                 (unsigned)n, c->norm_eps);
     gpu_mm(&m->output, w->a, logits, n);
+    gpu_sync();                               /* the caller reads the logits */
 }
 
 /* mtp_input: Xm[i][h] = Wh . rmsnorm(Hin_i[h], hnorm) + We . rmsnorm(embed[tok_i], enorm). */
@@ -7934,6 +7949,12 @@ static void gpu_mtp_input(struct step *st, const float *hin0, const float *hin_n
         gpu_add_rows(st->X + i * nD, w->f + (size_t)i * D, (unsigned)nD, D);
 }
 
+/* The chunk's last streams are copied by the host. */
+static void gpu_end_chunk(struct step *st) {
+    gpu_sync();
+    cpu_end_chunk(st);
+}
+
 /* The session ops are the CPU's: in unified memory the host arrays are the
  * state the kernels read and write. */
 static const struct backend gpu_backend = {
@@ -7950,7 +7971,7 @@ static const struct backend gpu_backend = {
     .moe = gpu_moe,
     .head = gpu_head,
     .mtp_input = gpu_mtp_input,
-    .end_chunk = cpu_end_chunk,
+    .end_chunk = gpu_end_chunk,
 };
 #endif /* DS4_GPU */
 

@@ -168,6 +168,12 @@ int gpu_open(void) {
     return ds4_metal_open(DS4_KERNELS_PATH);
 }
 
+// Every gpu_* below waits for its own command buffer, so there is never
+// anything outstanding; with one command buffer per step this commits the
+// step so far and waits (ds4.c 8.14 calls it before every host access).
+void gpu_sync(void) {
+}
+
 // ---- 2. Weights: no-copy buffers over the mapping ---------------------------
 
 // Chunk i covers [i * stride, i * stride + len) with len - stride >= the

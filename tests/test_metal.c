@@ -3,7 +3,7 @@
  *
  * Build (make test does this):
  *
- *     clang++ -std=c++17 -O1 -I tests/metal/include -c tests/metal/harness.cpp
+ *     clang++ -std=c++14 -O2 -I tests/metal/include -c tests/metal/harness.cpp
  *     cc -O2 tests/test_metal.c harness.o -lstdc++ -lm -lpthread -lsqlite3
  *
  * Each check feeds small random inputs, chosen so that every kernel sees a

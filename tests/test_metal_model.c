@@ -16,6 +16,9 @@
 #define DS4_GPU
 #include "../ds4.c"
 
+void gpu_trace_start(const char **names, int cap);
+int gpu_trace_stop(int *syncs);
+
 static int tests_passed, tests_failed;
 
 static void check(const char *what, double diff, double tol) {
@@ -86,6 +89,52 @@ static void test_against_cpu(struct model *m) {
     free(cpu), free(gpu), free(cpu_mtp), free(gpu_mtp);
 }
 
+/* The kernel order of one decode token (position 43: a ratio-4 window
+ * completes, 11 compressed rows are visible so the indexer selects 8). Prints
+ * the first block's dispatches in order and every kernel's count; checks
+ * that each kernel of the decode path ran. */
+static void test_decode_trace(struct model *m) {
+    enum { P = 43, CAP = 4096 };
+    struct engine_options opt = { .threads = 1, .backend = &gpu_backend };
+    struct engine eng;
+    engine_init(&eng, m, opt);
+    struct session s;
+    session_init(&s, &eng);
+    int32_t tokens[P + 1];
+    for (int i = 0; i <= P; i++) tokens[i] = (i * 131 + 7) % m->cfg.vocab;
+    struct ds4_error e = { "" };
+    static const char *names[CAP];
+    int syncs = 0, n = 0;
+    if (session_forward(&s, tokens, P, NULL, &e)) {
+        gpu_trace_start(names, CAP);
+        session_forward(&s, tokens + P, 1, NULL, &e);
+        n = gpu_trace_stop(&syncs);
+    }
+    printf("one decode token (position %d, %d layers + MTP): %d dispatches, %d host syncs\n",
+           P, m->cfg.n_layers, n, syncs);
+    printf("  embedding + block 0:");
+    for (int i = 0, posts = 0; i < n && i < CAP && posts < 2; i++) {
+        printf("%s %s", i % 6 == 0 ? "\n   " : "", names[i]);
+        posts += strcmp(names[i], "hc_post") == 0;
+    }
+    printf("\n");
+    const char *expect[] = { "embed_tokens", "add_rows", "matmul_f16", "hc_pre", "rmsnorm",
+                             "rope_tail", "fp8_round_trip_nope", "pool_channel",
+                             "indexer_round_trip", "indexer_scores", "topk_rows", "attend_one",
+                             "hc_post", "route_token", "swiglu", "moe_gather_add",
+                             "hc_head_collapse" };
+    int missing = 0;
+    for (size_t k = 0; k < sizeof expect / sizeof expect[0]; k++) {
+        int count = 0;
+        for (int i = 0; i < n && i < CAP; i++) count += strcmp(names[i], expect[k]) == 0;
+        printf("  %-22s x%d\n", expect[k], count);
+        missing += count == 0;
+    }
+    check("decode trace: kernels of the decode path that never ran", missing, 0);
+    session_free(&s);
+    engine_free(&eng);
+}
+
 /* A vectors file holding only the named cases (the others would take
  * minutes under emulation). */
 static bool write_subset(const char *from, const char *to, const char *const *names, int n) {
@@ -128,6 +177,7 @@ int main(int argc, char **argv) {
         return 1;
     }
     test_against_cpu(&m);
+    test_decode_trace(&m);
     const char *names[] = { "len1_prefill1", "len3_prefill3", "len17_prefill17" };
     char path[] = "/tmp/ds4-metal-vectors-XXXXXX";
     int fd = mkstemp(path);
