@@ -8308,22 +8308,37 @@ static size_t frontier_floats(const struct compressor_state *cs) {
     return cs->kv ? (size_t)cs->coff * cs->ratio * cs->coff * cs->dc : 0;
 }
 
-/* Drafting touches only the MTP ring; a verification touches everything.
- * `with_layers` says whether the main layers' state is saved too. */
-static void checkpoint_take(struct checkpoint *cp, const struct session *s, int span, bool with_layers) {
+/* Room for checkpoints of up to `span` positions, allocated once (the
+ * generator keeps two and reuses them every step). Drafting touches only the
+ * MTP ring; a verification touches everything: `with_layers` says whether
+ * the main layers' state is saved too. */
+static void checkpoint_alloc(struct checkpoint *cp, const struct session *s, int span,
+                             bool with_layers) {
     const struct ds4_config *c = &s->eng->model->cfg;
-    int L = with_layers ? c->n_layers : 0, W = c->window, Dh = c->head_dim;
+    int L = with_layers ? c->n_layers : 0, Dh = c->head_dim;
     memset(cp, 0, sizeof *cp);
+    cp->span = span;
+    cp->mtp_ring = xmalloc((size_t)span * Dh * sizeof(float));
+    if (!with_layers) return;
+    cp->ring = xmalloc((size_t)L * span * Dh * sizeof(float));
+    cp->comp_n = xmalloc((size_t)L * sizeof(int64_t));
+    cp->idx_n = xmalloc((size_t)L * sizeof(int64_t));
+    cp->frontier = xcalloc((size_t)L, sizeof(float *));
+    for (int l = 0; l < L; l++) {
+        const struct layer_state *st = &s->layers[l];
+        size_t fc = frontier_floats(&st->comp), fi = frontier_floats(&st->idx_comp);
+        cp->frontier[l] = xmalloc((2 * (fc + fi) + 1) * sizeof(float));
+    }
+}
+
+/* Save the state `span` (<= the allocated span) positions may change, into
+ * a checkpoint from checkpoint_alloc with the same `with_layers`. */
+static void checkpoint_save(struct checkpoint *cp, const struct session *s, int span) {
+    const struct ds4_config *c = &s->eng->model->cfg;
+    int L = cp->ring ? c->n_layers : 0, W = c->window, Dh = c->head_dim;
     cp->pos = s->pos;
     cp->mtp_pos = s->mtp_pos;
     cp->span = span;
-    cp->mtp_ring = xmalloc((size_t)span * Dh * sizeof(float));
-    if (with_layers) {
-        cp->ring = xmalloc((size_t)L * span * Dh * sizeof(float));
-        cp->comp_n = xmalloc((size_t)L * sizeof(int64_t));
-        cp->idx_n = xmalloc((size_t)L * sizeof(int64_t));
-        cp->frontier = xcalloc((size_t)L, sizeof(float *));
-    }
     for (int l = 0; l < L; l++) {
         const struct layer_state *st = &s->layers[l];
         for (int i = 0; i < span; i++)
@@ -8332,7 +8347,7 @@ static void checkpoint_take(struct checkpoint *cp, const struct session *s, int 
         cp->comp_n[l] = st->comp_rows.n;
         cp->idx_n[l] = st->idx_rows.n;
         size_t fc = frontier_floats(&st->comp), fi = frontier_floats(&st->idx_comp);
-        float *f = cp->frontier[l] = xmalloc((2 * (fc + fi) + 1) * sizeof(float));
+        float *f = cp->frontier[l];
         memcpy(f, st->comp.kv, fc * sizeof(float));
         memcpy(f + fc, st->comp.score, fc * sizeof(float));
         memcpy(f + 2 * fc, st->idx_comp.kv, fi * sizeof(float));
@@ -8344,6 +8359,12 @@ static void checkpoint_take(struct checkpoint *cp, const struct session *s, int 
             memcpy(cp->mtp_ring + (size_t)i * Dh, s->mtp_state.ring + (size_t)(row % W) * Dh,
                    (size_t)Dh * sizeof(float));
     }
+}
+
+/* A one-off checkpoint: allocate and save. */
+static void checkpoint_take(struct checkpoint *cp, const struct session *s, int span, bool with_layers) {
+    checkpoint_alloc(cp, s, span, with_layers);
+    checkpoint_save(cp, s, span);
 }
 
 static void checkpoint_free(struct checkpoint *cp, int n_layers) {
@@ -8402,14 +8423,13 @@ static void session_rollback(struct session *s, const struct checkpoint *cp,
     const struct ds4_config *c = &s->eng->model->cfg;
     int W = c->window, Dh = c->head_dim;
     int64_t n_d = (int64_t)c->hc * c->dim, new_pos = cp->pos + keep;
-    float *pooled = xmalloc((size_t)Dh * sizeof(float));
+    float *pooled = s->work->pooled;   /* [Dh], idle between forwards */
     for (int l = 0; l < c->n_layers; l++) {
         for (int i = keep; i < cp->span && cp->pos + i < s->pos; i++)
             memcpy(s->layers[l].ring + (size_t)((cp->pos + i) % W) * Dh,
                    cp->ring + ((size_t)l * cp->span + i) * Dh, (size_t)Dh * sizeof(float));
         if (c->ratio[l] > 0) replay_compressors(s, cp, j, l, keep, pooled);
     }
-    free(pooled);
     if (s->eng->model->has_mtp) restore_mtp(s, cp, new_pos - 1);
     memcpy(s->last_hc, all_hc + (keep - 1) * n_d, (size_t)n_d * sizeof(float));
     memcpy(s->logits, all_logits + (size_t)(keep - 1) * c->vocab, (size_t)c->vocab * sizeof(float));
@@ -8483,6 +8503,12 @@ struct generator {
     float *q;                /* [draft][V] draft distributions */
     float *p;                /* [V] target distribution */
     float *draft_logits;     /* [V] the MTP block's logits while drafting */
+    /* A step's verification state, allocated once for draft+1 positions. */
+    int n_layers;
+    struct checkpoint draft_cp, verify_cp;
+    struct compressor_journal journal;
+    float *all_logits;       /* [draft+1][V] */
+    float *all_hc;           /* [draft+1][n*D] */
     bool have_residual;      /* the next token comes from `p`, a residual */
 };
 
@@ -8494,8 +8520,8 @@ static int draft_tokens(struct generator *g, int32_t first, int32_t *drafts) {
     int V = s->eng->model->cfg.vocab, K = g->spec.draft;
     float *logits = g->draft_logits;
     be->state_pull(s);
-    struct checkpoint cp;
-    checkpoint_take(&cp, s, K + 1, false);
+    struct checkpoint *cp = &g->draft_cp;
+    checkpoint_save(cp, s, K + 1);
     int32_t token = first;
     struct step ms = step_for_mtp(s, &token, 1, NULL);
     be->begin_chunk(&ms);
@@ -8515,10 +8541,9 @@ static int draft_tokens(struct generator *g, int32_t first, int32_t *drafts) {
         token = drafts[n];
         hin = ms.X;
     }
-    restore_mtp(s, &cp, s->pos - 1);
-    s->mtp_pos = cp.mtp_pos;
+    restore_mtp(s, cp, s->pos - 1);
+    s->mtp_pos = cp->mtp_pos;
     be->state_push(s);
-    checkpoint_free(&cp, s->eng->model->cfg.n_layers);
     return n;
 }
 
@@ -8538,12 +8563,28 @@ static void generator_init(struct generator *g, struct session *s, struct sample
     g->p = xmalloc((size_t)c->vocab * sizeof(float));
     g->draft_logits = xmalloc((size_t)c->vocab * sizeof(float));
     g->drafter = draft_tokens;
+    if (spec.draft == 0) return;
+    int T = spec.draft + 1;
+    g->n_layers = c->n_layers;
+    checkpoint_alloc(&g->draft_cp, s, T, false);
+    checkpoint_alloc(&g->verify_cp, s, T, true);
+    journal_init(&g->journal, c, T);
+    g->all_logits = xmalloc((size_t)T * c->vocab * sizeof(float));
+    g->all_hc = xmalloc((size_t)T * c->hc * c->dim * sizeof(float));
 }
 
 static void generator_free(struct generator *g) {
     free(g->q);
     free(g->p);
     free(g->draft_logits);
+    if (g->spec.draft > 0) {
+        int L = g->n_layers;
+        checkpoint_free(&g->draft_cp, L);
+        checkpoint_free(&g->verify_cp, L);
+        journal_free(&g->journal, L);
+        free(g->all_logits);
+        free(g->all_hc);
+    }
 }
 
 /* Speculative sampling's acceptance test for draft token d with target p and
@@ -8591,7 +8632,6 @@ static int32_t generator_choose(struct generator *g) {
  * token after them. */
 static int generator_step(struct generator *g, int32_t *out, struct ds4_error *e) {
     struct session *s = g->s;
-    const struct ds4_config *c = &s->eng->model->cfg;
     out[0] = generator_choose(g);
     int n = g->spec.draft > 0 ? g->drafter(g, out[0], out + 1) : 0;
     g->stats.main_forwards++;
@@ -8600,30 +8640,21 @@ static int generator_step(struct generator *g, int32_t *out, struct ds4_error *e
         g->stats.emitted++;
         return session_forward(s, out, 1, NULL, e) ? 1 : -1;
     }
-    int T = n + 1, V = c->vocab;
-    int64_t n_d = (int64_t)c->hc * c->dim;
-    struct checkpoint cp;
-    struct compressor_journal j;
+    int T = n + 1;
     s->eng->be->state_pull(s);
-    checkpoint_take(&cp, s, T, true);
-    journal_init(&j, c, T);
-    float *all_logits = xmalloc((size_t)T * V * sizeof(float));
-    float *all_hc = xmalloc((size_t)T * n_d * sizeof(float));
-    struct forward_request req = { .all_logits = all_logits, .all_hc = all_hc, .journal = &j };
+    checkpoint_save(&g->verify_cp, s, T);
+    struct forward_request req = { .all_logits = g->all_logits, .all_hc = g->all_hc,
+                                   .journal = &g->journal };
     int kept = -1;
     if (session_forward(s, out, T, &req, e)) {
-        kept = 1 + count_accepted(g, out + 1, n, all_logits);
+        kept = 1 + count_accepted(g, out + 1, n, g->all_logits);
         if (kept < T) {
-            session_rollback(s, &cp, &j, kept, all_logits, all_hc);
+            session_rollback(s, &g->verify_cp, &g->journal, kept, g->all_logits, g->all_hc);
             s->eng->be->state_push(s);
         }
         g->stats.accepted += kept - 1;
         g->stats.emitted += kept;
     }
-    free(all_logits);
-    free(all_hc);
-    journal_free(&j, c->n_layers);
-    checkpoint_free(&cp, c->n_layers);
     return kept;
 }
 

@@ -8,7 +8,8 @@
  *      (so nothing bypasses the table), and every logit equals the plain
  *      CPU backend's bit for bit.
  *   2. A decoded token allocates nothing: heap_allocations (every xmalloc,
- *      xcalloc, xrealloc) does not move over 32 greedy decode steps.
+ *      xcalloc, xrealloc) does not move over 32 greedy decode steps, nor
+ *      over 16 speculative steps with MTP drafting.
  *   3. --backend NAME: cpu resolves, cuda and metal say they are not built
  *      in, anything else is unknown.
  */
@@ -271,6 +272,30 @@ static void test_decode_allocations(struct model *m, const int32_t *prompt) {
     printf("     heap allocations over 32 decoded tokens (pos %d..%d): %lld\n", PROMPT + 1,
            PROMPT + 32, (long long)per_32);
     check_count("decode: heap allocations over 32 tokens", per_32, 0);
+
+    /* Speculative steps: checkpoints, journal and verification outputs are
+     * the generator's, allocated once. */
+    if (m->has_mtp) {
+        struct sampler sp;
+        sampler_init(&sp, (struct sampler_options){ .temperature = 0, .seed = 1 }, V);
+        struct generator g;
+        generator_init(&g, &s, &sp, (struct spec_options){ .draft = 3 });
+        int32_t step[16];
+        must(generator_step(&g, step, &e) > 0, &e);
+        before = heap_allocations;
+        int emitted = 0;
+        for (int i = 0; i < 16; i++) {
+            int k = generator_step(&g, step, &e);
+            must(k > 0, &e);
+            emitted += k;
+        }
+        int64_t spec_allocs = heap_allocations - before;
+        printf("     heap allocations over 16 MTP steps (draft 3, %d tokens): %lld\n", emitted,
+               (long long)spec_allocs);
+        check_count("MTP decode: heap allocations over 16 steps", spec_allocs, 0);
+        generator_free(&g);
+        sampler_free(&sp);
+    }
     session_free(&s);
     engine_free(&eng);
 }
