@@ -2,12 +2,14 @@
  * (ds4.c 8.14), its kernels run by the Metal-on-CPU harness.
  *
  *     cc -DDS4_GPU tests/test_metal_model.c tests/bin/metal_harness.o -lstdc++ ...
- *     tests/bin/test_metal_model vectors/tiny.gguf vectors/tiny-mtp.gguf vectors/vectors.json
+ *     tests/bin/test_metal_model vectors/tiny.gguf vectors/tiny-mtp.gguf vectors/vectors.json \
+ *         [tests/bin/tiny-q2.gguf ...]
  *
  * 1. The GPU backend against the CPU backend on one 70-token prompt, prefill
  *    then decode: every position's logits (and MTP logits), relative row
  *    error. 70 tokens reach the compressed rows of both ratio-4 and the
- *    indexer's top-k (17 rows visible > 8).
+ *    indexer's top-k (17 rows visible > 8). Then one decode token's kernel
+ *    order, and 24 tokens of each quantized model given after vectors.json.
  * 2. --check-vectors on a few cases of vectors/vectors.json (both schedules),
  *    with the backend set to the GPU one: the oracle's own bars.
  * Prints "N passed, N failed".
@@ -68,24 +70,27 @@ static void run_prompt_logits(struct model *m, const struct backend *be, const i
     engine_free(&eng);
 }
 
-static void test_against_cpu(struct model *m) {
-    enum { N = 70, FIRST = 41 };
+static void test_against_cpu(struct model *m, const char *label, int N, int FIRST) {
     int V = m->cfg.vocab;
-    int32_t tokens[N];
+    int32_t tokens[128];
     for (int i = 0; i < N; i++) tokens[i] = (i * 131 + 7) % V;
     float *cpu = xcalloc((size_t)N * V, sizeof(float)), *gpu = xcalloc((size_t)N * V, 4);
     float *cpu_mtp = xcalloc((size_t)N * V, 4), *gpu_mtp = xcalloc((size_t)N * V, 4);
     run_prompt_logits(m, backend_cpu(), tokens, N, FIRST, cpu, cpu_mtp);
     run_prompt_logits(m, &gpu_backend, tokens, N, FIRST, gpu, gpu_mtp);
-    check("70 tokens (prefill 41 + decode): logits, gpu vs cpu backend",
-          row_err(gpu, cpu, N, V), 1e-4);
+    char what[128];
+    snprintf(what, sizeof what, "%s, %d tokens (prefill %d + decode): logits, gpu vs cpu", label,
+             N, FIRST);
+    check(what, row_err(gpu, cpu, N, V), 1e-4);
     int argmax_diff = 0;
     for (int r = 0; r < N; r++)
         argmax_diff += argmax(gpu + (size_t)r * V, V) != argmax(cpu + (size_t)r * V, V);
-    check("70 tokens: positions whose argmax differs", argmax_diff, 0);
-    if (m->has_mtp)   /* row 0 of the first chunk has no MTP row */
-        check("70 tokens: MTP logits, gpu vs cpu backend",
-              row_err(gpu_mtp + V, cpu_mtp + V, N - 1, V), 1e-4);
+    snprintf(what, sizeof what, "%s: positions whose argmax differs", label);
+    check(what, argmax_diff, 0);
+    if (m->has_mtp) {  /* row 0 of the first chunk has no MTP row */
+        snprintf(what, sizeof what, "%s: MTP logits, gpu vs cpu", label);
+        check(what, row_err(gpu_mtp + V, cpu_mtp + V, N - 1, V), 1e-4);
+    }
     free(cpu), free(gpu), free(cpu_mtp), free(gpu_mtp);
 }
 
@@ -166,8 +171,9 @@ static bool write_subset(const char *from, const char *to, const char *const *na
 }
 
 int main(int argc, char **argv) {
-    if (argc != 4) {
-        fprintf(stderr, "usage: %s tiny.gguf tiny-mtp.gguf vectors.json\n", argv[0]);
+    if (argc < 4) {
+        fprintf(stderr, "usage: %s tiny.gguf tiny-mtp.gguf vectors.json [QUANT.gguf...]\n",
+                argv[0]);
         return 2;
     }
     struct model m;
@@ -176,7 +182,7 @@ int main(int argc, char **argv) {
         fprintf(stderr, "%s\n", e.msg);
         return 1;
     }
-    test_against_cpu(&m);
+    test_against_cpu(&m, "f16 + MTP", 70, 41);
     test_decode_trace(&m);
     const char *names[] = { "len1_prefill1", "len3_prefill3", "len17_prefill17" };
     char path[] = "/tmp/ds4-metal-vectors-XXXXXX";
@@ -197,6 +203,18 @@ int main(int argc, char **argv) {
     }
     if (fd >= 0) unlink(path);
     model_free(&m);
+    /* The quantized conversions (Q8_0 attention, Q2_K / IQ2_XXS / Q4_K experts):
+     * the other matmul kernels inside the model. */
+    for (int i = 4; i < argc; i++) {
+        if (!model_load(&m, argv[i], NULL, &e)) {
+            printf("FAIL %s: %s\n", argv[i], e.msg);
+            tests_failed++;
+            continue;
+        }
+        const char *base = strrchr(argv[i], '/');
+        test_against_cpu(&m, base ? base + 1 : argv[i], 24, 13);
+        model_free(&m);
+    }
     printf("%d passed, %d failed\n", tests_passed, tests_failed);
     return tests_failed ? 1 : 0;
 }
