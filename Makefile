@@ -21,10 +21,24 @@ endif
 
 SOURCES := ds4.c
 
+# macOS: the Metal backend (ds4_metal.m + kernels.metal, ds4.c 8.14) is built
+# in and is the default; Linux builds ignore it.
+ifeq ($(shell uname -s),Darwin)
+GPU_OBJ   := ds4_metal.o
+GPU_FLAGS := -DDS4_GPU
+GPU_LIBS  := -framework Metal -framework Foundation
+CXX_LIB   := -lc++
+else
+CXX_LIB   := -lstdc++
+endif
+
 all: ds4 ds4-convert vectors/tiny.gguf
 
-ds4: $(SOURCES)
-	$(CC) $(CFLAGS) $(ARCH) $(WARN) -o $@ ds4.c $(LIBS)
+ds4: $(SOURCES) $(GPU_OBJ)
+	$(CC) $(CFLAGS) $(ARCH) $(WARN) $(GPU_FLAGS) -o $@ ds4.c $(GPU_OBJ) $(LIBS) $(GPU_LIBS)
+
+ds4_metal.o: ds4_metal.m
+	$(CC) $(CFLAGS) -fobjc-arc -DDS4_KERNELS_PATH='"$(CURDIR)/kernels.metal"' -c -o $@ ds4_metal.m
 
 ds4-convert: tools/ds4_convert.c $(SOURCES)
 	$(CC) $(CFLAGS) $(ARCH) $(WARN) -o $@ tools/ds4_convert.c $(LIBS)
@@ -41,7 +55,7 @@ TESTBIN := tests/bin
 TEST_PROGRAMS := $(TESTBIN)/test_quant $(TESTBIN)/test_json $(TESTBIN)/test_gguf \
                  $(TESTBIN)/test_convert $(TESTBIN)/test_text $(TESTBIN)/test_model \
                  $(TESTBIN)/test_spec $(TESTBIN)/test_kvdisk $(TESTBIN)/kvdisk \
-                 $(TESTBIN)/test_backend
+                 $(TESTBIN)/test_metal $(TESTBIN)/test_metal_model $(TESTBIN)/test_backend
 
 $(TESTBIN):
 	mkdir -p $@
@@ -60,6 +74,35 @@ $(TESTBIN)/test_backend: tests/test_backend.c $(SOURCES) | $(TESTBIN)
 
 $(TESTBIN)/test_kvdisk: tests/test_kvdisk.c $(SOURCES) | $(TESTBIN)
 	$(CC) $(SAN) $(WARN) -o $@ $< $(LIBS)
+
+# The Metal-on-CPU harness: kernels.metal compiled unchanged as C++14 (MSL's base; clang++,
+# whose ext_vector_type gives MSL's vectors) against tests/metal/include/.
+METAL_CXX ?= clang++
+$(TESTBIN)/metal_harness.o: tests/metal/harness.cpp kernels.metal tests/metal/include/metal_stdlib | $(TESTBIN)
+	$(METAL_CXX) -std=c++14 -O2 -g -Wall -Wno-unknown-attributes -I tests/metal/include -c -o $@ $<
+
+$(TESTBIN)/test_metal: tests/test_metal.c $(TESTBIN)/metal_harness.o $(SOURCES) | $(TESTBIN)
+	$(CC) $(CFLAGS) $(ARCH) $(WARN) -Wno-aggressive-loop-optimizations -o $@ $< $(TESTBIN)/metal_harness.o $(CXX_LIB) $(LIBS)
+
+# The whole tiny model through the GPU backend (ds4.c 8.14) on the harness.
+$(TESTBIN)/test_metal_model: tests/test_metal_model.c $(TESTBIN)/metal_harness.o $(SOURCES) | $(TESTBIN)
+	$(CC) $(CFLAGS) $(ARCH) $(WARN) -o $@ $< $(TESTBIN)/metal_harness.o $(CXX_LIB) $(LIBS)
+
+# On a Mac: the same kernel checks on the real GPU (ds4_metal.m implements the
+# gpu_* dispatches the harness emulates). Prints "N passed, N failed".
+$(TESTBIN)/test_metal_gpu: tests/test_metal.c ds4_metal.m kernels.metal $(SOURCES) | $(TESTBIN)
+	$(CC) $(CFLAGS) $(WARN) -DDS4_METAL_GPU -fobjc-arc -o $@ $< ds4_metal.m -framework Metal -framework Foundation $(LIBS)
+
+test-metal: all $(TESTBIN)/test_metal_gpu
+	@$(TESTBIN)/test_metal_gpu > $(TESTBIN)/test-metal.log; k=$$?; cat $(TESTBIN)/test-metal.log; \
+	 ./ds4 --backend metal --check-vectors vectors/vectors.json -m vectors/tiny.gguf \
+	   --mtp vectors/tiny-mtp.gguf > $(TESTBIN)/vectors-metal.log; v=$$?; cat $(TESTBIN)/vectors-metal.log; \
+	 kp=$$(tail -n 1 $(TESTBIN)/test-metal.log | sed -n 's/^\([0-9]*\) passed.*/\1/p'); \
+	 kf=$$(tail -n 1 $(TESTBIN)/test-metal.log | sed -n 's/.* \([0-9]*\) failed.*/\1/p'); \
+	 vp=$$(tail -n 1 $(TESTBIN)/vectors-metal.log | sed -n 's/^\([0-9]*\) passed.*/\1/p'); \
+	 vf=$$(tail -n 1 $(TESTBIN)/vectors-metal.log | sed -n 's/.* \([0-9]*\) failed.*/\1/p'); \
+	 echo; echo "$$(( $${kp:-0} + $${vp:-0} )) passed, $$(( $${kf:-1} + $${vf:-1} )) failed"; \
+	 [ $$k -eq 0 ] && [ $$v -eq 0 ]
 
 $(TESTBIN)/kvdisk: tests/kvdisk_driver.c $(SOURCES) | $(TESTBIN)
 	$(CC) $(CFLAGS) $(ARCH) $(WARN) -o $@ $< $(LIBS)
@@ -112,6 +155,6 @@ book-check:
 	python3 tools/book.py --check ds4.c
 
 clean:
-	rm -rf ds4 ds4-convert $(TESTBIN) vectors/tiny.gguf vectors/tiny-mtp.gguf
+	rm -rf ds4 ds4-convert ds4_metal.o $(TESTBIN) vectors/tiny.gguf vectors/tiny-mtp.gguf
 
-.PHONY: all test bench clean book book-check
+.PHONY: all test test-metal bench clean book book-check

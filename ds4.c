@@ -7583,10 +7583,405 @@ static void backend_session_close(struct session *s) {
     s->eng->be->session_close(s);
 }
 
+/* ----------------------------------------------------------------------------
+ * 8.14 The GPU backend: the story's steps as kernel dispatches.
+ *
+ * Built when DS4_GPU is defined: by `make` on macOS, where ds4_metal.m
+ * implements the gpu_* dispatches on the GPU, and by tests/test_metal_model.c,
+ * where tests/metal/harness.cpp runs the same kernels.metal on the CPU. So the
+ * sequence below is the one the Mac runs and the one `make test` checks
+ * against the oracle vectors.
+ *
+ * Each gpu_* call is one dispatch of the kernel of the same name (it carries
+ * the CPU function's name, and its formula, in kernels.metal). Pointers are
+ * unified memory: on Apple silicon the session's arrays and the mapped
+ * weights are what the GPU reads, so the session state keeps the CPU layout
+ * and the CPU backend's session ops serve both. Steps still done by the
+ * host between dispatches are marked HOST; each is a copy or a counting
+ * sort, and each is a synchronisation point a later revision removes.
+ *
+ * gpu_sync() comes before every host access to memory a dispatch may still
+ * read or write: once the dispatches of a step are batched into one command
+ * buffer it is where the host waits. tests/test_metal_model.c prints how
+ * many there are per decode token next to the dispatch count.
+ * ------------------------------------------------------------------------- */
+
+#ifdef DS4_GPU
+int gpu_matmul(int type, const void *w, const float *x, float *y, unsigned in, unsigned out,
+               unsigned n_tok, unsigned row_bytes, unsigned x_stride, unsigned y_stride);
+void gpu_rmsnorm(const float *x, const float *w, float *y, unsigned n, unsigned n_rows, float eps);
+void gpu_rope_tail(float *x, const float *freq, unsigned len, unsigned dims, unsigned n_heads,
+                   unsigned n_tok, long pos0, int inverse);
+void gpu_fp8_round_trip_nope(float *rows, unsigned len, unsigned rope_dims, unsigned n_rows);
+void gpu_indexer_round_trip(float *rows, unsigned n, unsigned n_rows);
+void gpu_hc_pre(const float *X, const float *raw_mix, const float *scale, const float *base,
+                float *mix_out, float *y, unsigned hc, unsigned dim, unsigned iters,
+                float norm_eps, float hc_eps, unsigned n_tok);
+void gpu_hc_post(float *X, const float *f, const float *mix, unsigned hc, unsigned dim,
+                 unsigned n_tok);
+void gpu_hc_head_collapse(const float *X, const float *raw_mix, const float *scale,
+                          const float *base, float *y, unsigned hc, unsigned dim,
+                          float norm_eps, float hc_eps, unsigned n_tok);
+void gpu_embed_tokens(const uint16_t *E, const int *tokens, float *out, unsigned dim,
+                      unsigned n_tok);
+void gpu_route_token(const float *logits, const int *tokens, const int *tid2eid,
+                     const float *bias, float *biased, int *sel, float *wt, unsigned n_tok,
+                     unsigned n_experts, unsigned n_used, float route_scale);
+void gpu_swiglu(float *g, const float *u, const float *weight, unsigned ffn, unsigned n,
+                float limit);
+void gpu_moe_gather_add(float *G, const float *Y, const int *slot_of, unsigned dim,
+                        unsigned n_used, unsigned n_tok);
+void gpu_add_rows(float *y, const float *x, unsigned n, unsigned x_period);
+void gpu_pool_channel(const float *kv, const float *score, float *pooled, unsigned ratio,
+                      unsigned coff, unsigned dc);
+void gpu_attend_one(const float *q, const float *chunk_kv, const float *ring, const float *comp,
+                    const int64_t *visible, const int *sel, const int *n_sel, const float *sinks,
+                    float *o, unsigned n_heads, unsigned head_dim, unsigned window, unsigned topk,
+                    long p0, unsigned compressed, unsigned max_rows, unsigned n_tok);
+void gpu_indexer_scores(const float *iq, const float *iw, const float *krows, float *score,
+                        unsigned heads, unsigned dim, unsigned n_rows, unsigned max_rows,
+                        float scale, unsigned n_tok);
+void gpu_topk_rows(const float *score, int *sel, int *n_sel, unsigned n_tok, unsigned n_rows,
+                   unsigned max_rows, unsigned k);
+int gpu_open(void);   /* device, queue, pipelines; 0 on failure (it says why) */
+void gpu_sync(void);  /* wait until every dispatch so far has completed */
+
+/* The device is opened with the first session; without one, nothing runs. */
+static void gpu_session_open(struct session *s) {
+    static int opened;
+    if (!opened && !(opened = gpu_open())) {
+        fprintf(stderr, "ds4: the metal backend has no usable device; try --backend cpu\n");
+        exit(1);
+    }
+    cpu_session_open(s);
+}
+
+/* y[t] = W x[t] for n tokens, contiguous rows: one matmul_<type> dispatch. */
+static void gpu_mm(const struct matrix *m, const float *x, float *y, int n) {
+    gpu_matmul((int)m->type, m->data, x, y, (unsigned)m->in, (unsigned)m->out, (unsigned)n,
+               (unsigned)m->row_bytes, (unsigned)m->in, (unsigned)m->out);
+}
+
+/* The packed mixes hc_pre writes, [T][2n + n n], live in w->hc's memory
+ * (an hc_mix is larger than one packed mix). */
+static float *gpu_mixes(struct step *st) {
+    return (float *)st->w->hc;
+}
+
+/* X[t][h] = embed[tokens[t]] for every stream h. */
+static void gpu_embed(struct step *st) {
+    const struct ds4_config *c = st->c;
+    int64_t nD = (int64_t)c->hc * c->dim;
+    gpu_embed_tokens((const uint16_t *)st->eng->model->token_embd.data, st->tokens, st->w->f,
+                     (unsigned)c->dim, (unsigned)st->T);
+    gpu_sync();
+    memset(st->X, 0, (size_t)st->T * nD * sizeof(float));                     /* HOST */
+    for (int t = 0; t < st->T; t++)
+        gpu_add_rows(st->X + t * nD, st->w->f + (size_t)t * c->dim, (unsigned)nD,
+                     (unsigned)c->dim);
+}
+
+/* a = rmsnorm(hc_pre(fn . X), norm): matmul, hc_pre, rmsnorm. */
+static void gpu_hc_collapse(struct step *st, enum sublayer which) {
+    const struct ds4_config *c = st->c;
+    const struct layer_weights *L = st->L;
+    struct chunk_work *w = st->w;
+    bool attn = which == SUBLAYER_ATTENTION;
+    gpu_mm(attn ? &L->hc_attn_fn : &L->hc_ffn_fn, st->X, w->mix, st->T);
+    gpu_hc_pre(st->X, w->mix, attn ? L->hc_attn_scale : L->hc_ffn_scale,
+               attn ? L->hc_attn_base : L->hc_ffn_base, gpu_mixes(st), w->a, (unsigned)c->hc,
+               (unsigned)c->dim, (unsigned)c->sinkhorn_iters, c->norm_eps, c->hc_eps,
+               (unsigned)st->T);
+    gpu_rmsnorm(w->a, attn ? L->attn_norm : L->ffn_norm, w->a, (unsigned)c->dim,
+                (unsigned)st->T, c->norm_eps);
+}
+
+static void gpu_hc_expand(struct step *st) {
+    gpu_hc_post(st->X, st->w->f, gpu_mixes(st), (unsigned)st->c->hc, (unsigned)st->c->dim,
+                (unsigned)st->T);
+}
+
+/* The q path and the kv path of attention_project_qkv. */
+static void gpu_project_qkv(struct step *st) {
+    const struct ds4_config *c = st->c;
+    const struct layer_weights *L = st->L;
+    struct chunk_work *w = st->w;
+    unsigned T = (unsigned)st->T, Dh = (unsigned)c->head_dim, H = (unsigned)c->n_heads;
+    unsigned R = (unsigned)st->rope->dims;
+    gpu_mm(&L->q_a, w->a, w->qr, st->T);
+    gpu_rmsnorm(w->qr, L->q_a_norm, w->qr, (unsigned)c->q_rank, T, c->norm_eps);
+    gpu_mm(&L->q_b, w->qr, w->q, st->T);
+    gpu_rmsnorm(w->q, NULL, w->q, Dh, T * H, c->norm_eps);
+    gpu_rope_tail(w->q, st->rope->freq, Dh, R, H, T, st->p0, 0);
+    gpu_mm(&L->kv, w->a, w->kv, st->T);
+    gpu_rmsnorm(w->kv, L->kv_norm, w->kv, Dh, T, c->norm_eps);
+    gpu_rope_tail(w->kv, st->rope->freq, Dh, R, 1, T, st->p0, 0);
+    gpu_fp8_round_trip_nope(w->kv, Dh, (unsigned)c->rope_dim, T);
+}
+
+/* compressor_push with its pooling on the GPU; true when a row finished. */
+static bool gpu_compressor_push(struct compressor_state *cs, const float *k, const float *z,
+                                int64_t pos, float *pooled) {
+    int r = cs->ratio, width = cs->coff * cs->dc;
+    int slot = (cs->coff == 2 ? r : 0) + (int)(pos % r);
+    memcpy(cs->kv + (size_t)slot * width, k, (size_t)width * sizeof(float));      /* HOST */
+    memcpy(cs->score + (size_t)slot * width, z, (size_t)width * sizeof(float));
+    if ((pos + 1) % r != 0) return false;
+    gpu_pool_channel(cs->kv, cs->score, pooled, (unsigned)r, (unsigned)cs->coff,
+                     (unsigned)cs->dc);
+    if (cs->coff == 2) {
+        gpu_sync();
+        size_t half = (size_t)r * width;                                           /* HOST */
+        memcpy(cs->kv, cs->kv + half, half * sizeof(float));
+        memcpy(cs->score, cs->score + half, half * sizeof(float));
+    }
+    return true;
+}
+
+/* finish_attention_row / finish_indexer_row: norm, RoPE at the row's first
+ * token, then the round trip of its format. */
+static void gpu_finish_row(struct step *st, const float *pooled, const float *norm, int width,
+                           int64_t row_pos, bool indexer, float *row) {
+    const struct ds4_config *c = st->c;
+    const struct rope *rope = &st->eng->rope_compressed;
+    gpu_rmsnorm(pooled, norm, row, (unsigned)width, 1, c->norm_eps);
+    gpu_rope_tail(row, rope->freq, (unsigned)width, (unsigned)rope->dims, 1, 1, row_pos, 0);
+    if (indexer) gpu_indexer_round_trip(row, (unsigned)width, 1);
+    else gpu_fp8_round_trip_nope(row, (unsigned)width, (unsigned)c->rope_dim, 1);
+}
+
+/* z[t] += ape[(p0 + t) mod r]: the slot bias, decoded on the host (HOST). */
+static void gpu_add_slot_bias(struct step *st, const struct matrix *ape, float *z, int width) {
+    for (int t = 0; t < st->T; t++) {
+        gpu_sync();
+        matrix_row_f32(ape, (st->p0 + t) % ape->out, st->w->tmp);
+        gpu_add_rows(z + (size_t)t * width, st->w->tmp, (unsigned)width, (unsigned)width);
+    }
+}
+
+static void gpu_compress(struct step *st) {
+    const struct layer_weights *L = st->L;
+    struct layer_state *ls = st->st;
+    struct chunk_work *w = st->w;
+    int r = L->ratio, width = compressor_coff(r) * st->c->head_dim, iwidth = 2 * st->c->idx_dim;
+    gpu_mm(&L->comp_kv, w->a, w->ck, st->T);
+    gpu_mm(&L->comp_gate, w->a, w->cz, st->T);
+    gpu_add_slot_bias(st, &L->comp_ape, w->cz, width);
+    if (r == 4) {
+        gpu_mm(&L->idx_kv, w->a, w->ik, st->T);
+        gpu_mm(&L->idx_gate, w->a, w->iz, st->T);
+        gpu_add_slot_bias(st, &L->idx_ape, w->iz, iwidth);
+    }
+    gpu_sync();
+    if (st->journal) journal_compressor_inputs(st);
+    for (int t = 0; t < st->T; t++) {
+        int64_t p = st->p0 + t;
+        if (gpu_compressor_push(&ls->comp, w->ck + (size_t)t * width, w->cz + (size_t)t * width,
+                                p, w->pooled))
+            gpu_finish_row(st, w->pooled, L->comp_norm, st->c->head_dim, p + 1 - r, false,
+                           row_store_append(&ls->comp_rows));
+        if (r == 4 && gpu_compressor_push(&ls->idx_comp, w->ik + (size_t)t * iwidth,
+                                          w->iz + (size_t)t * iwidth, p, w->pooled))
+            gpu_finish_row(st, w->pooled, L->idx_norm, st->c->idx_dim, p + 1 - r, true,
+                           row_store_append(&ls->idx_rows));
+        w->visible[t] = ls->comp_rows.n;
+    }
+}
+
+/* select_compressed_rows: the indexer's queries, scores and top-k. */
+static void gpu_select(struct step *st) {
+    const struct ds4_config *c = st->c;
+    const struct layer_weights *L = st->L;
+    struct chunk_work *w = st->w;
+    unsigned T = (unsigned)st->T, HI = (unsigned)c->idx_heads, DI = (unsigned)c->idx_dim;
+    bool need_indexer = false;
+    for (int t = 0; t < st->T; t++) {
+        w->n_sel[t] = -1;
+        if (L->ratio == 4 && w->visible[t] > c->idx_topk) need_indexer = true;
+    }
+    if (!need_indexer) return;
+    const struct rope *rope = &st->eng->rope_compressed;
+    gpu_mm(&L->idx_q_b, w->qr, w->iq, st->T);
+    gpu_rope_tail(w->iq, rope->freq, DI, (unsigned)rope->dims, HI, T, st->p0, 0);
+    gpu_indexer_round_trip(w->iq, DI, T * HI);
+    gpu_mm(&L->idx_proj, w->a, w->iw, st->T);
+    engine_reserve_attn_scratch(st->eng, w->visible[st->T - 1]);
+    float *score = st->eng->attn_scratch[0];
+    float scale = 1.0f / sqrtf((float)DI * (float)HI);
+    for (int t = 0; t < st->T; t++) {
+        unsigned nv = (unsigned)w->visible[t];
+        if (nv <= (unsigned)c->idx_topk) continue;
+        gpu_indexer_scores(w->iq + (size_t)t * HI * DI, w->iw + (size_t)t * HI,
+                           st->st->idx_rows.rows, score, HI, DI, nv, nv, scale, 1);
+        gpu_topk_rows(score, w->sel + (size_t)t * c->idx_topk, &w->n_sel[t], 1, nv, nv,
+                      (unsigned)c->idx_topk);
+    }
+}
+
+/* attend_chunk, the inverse RoPE, the ring update, attention_output. */
+static void gpu_attend_and_project(struct step *st) {
+    const struct ds4_config *c = st->c;
+    const struct layer_weights *L = st->L;
+    struct chunk_work *w = st->w;
+    unsigned T = (unsigned)st->T, H = (unsigned)c->n_heads, Dh = (unsigned)c->head_dim;
+    int64_t most = 0;
+    gpu_sync();
+    for (int t = 0; t < st->T; t++) {
+        int64_t n = L->ratio == 0 ? 0 : w->n_sel[t] < 0 ? w->visible[t] : w->n_sel[t];
+        if (n > most) most = n;
+    }
+    gpu_attend_one(w->q, w->kv, st->st->ring, st->st->comp_rows.rows, w->visible, w->sel,
+                   w->n_sel, L->sinks, w->o, H, Dh, (unsigned)c->window,
+                   (unsigned)c->idx_topk, st->p0, L->ratio > 0, (unsigned)(c->window + most), T);
+    gpu_rope_tail(w->o, st->rope->freq, Dh, (unsigned)st->rope->dims, H, T, st->p0, 1);
+    gpu_sync();
+    for (int t = st->T > c->window ? st->T - c->window : 0; t < st->T; t++)      /* HOST */
+        memcpy(st->st->ring + (size_t)((st->p0 + t) % c->window) * c->head_dim,
+               w->kv + (size_t)t * c->head_dim, (size_t)c->head_dim * sizeof(float));
+    unsigned group_in = H / (unsigned)c->o_groups * Dh, low = (unsigned)(c->o_groups * c->o_rank);
+    for (int g = 0; g < c->o_groups; g++)
+        gpu_matmul((int)L->out_a.type, matrix_row(&L->out_a, (int64_t)g * c->o_rank),
+                   w->o + g * group_in, w->low + g * c->o_rank, group_in, (unsigned)c->o_rank, T,
+                   (unsigned)L->out_a.row_bytes, H * Dh, low);
+    gpu_mm(&L->out_b, w->low, w->f, st->T);
+}
+
+static void gpu_attention(struct step *st) {
+    gpu_project_qkv(st);
+    if (st->L->ratio > 0) {
+        gpu_compress(st);
+        gpu_select(st);
+    }
+    gpu_attend_and_project(st);
+}
+
+/* run_expert: gate and up matmuls, swiglu, the down matmul. */
+static void gpu_expert(struct step *st, const struct expert_call *ex) {
+    struct chunk_work *w = st->w;
+    gpu_mm(&ex->gate, ex->x, w->hg, ex->n);
+    gpu_mm(&ex->up, ex->x, w->hu, ex->n);
+    gpu_swiglu(w->hg, w->hu, ex->weight, (unsigned)ex->gate.out, (unsigned)ex->n,
+               st->L->swiglu_limit);
+    gpu_mm(&ex->down, w->hg, ex->y, ex->n);
+}
+
+/* One routed expert for the m slots starting at expert_tokens[begin]:
+ * gather (HOST), run, then G[t] += Y[i] through slot_of (all -1 but ours). */
+static void gpu_routed_expert(struct step *st, int e, int begin, int m, int *slot_of,
+                              float *weights) {
+    const struct layer_weights *L = st->L;
+    struct chunk_work *w = st->w;
+    int D = st->c->dim, K = st->c->n_used;
+    gpu_sync();
+    for (int i = 0; i < st->T * K; i++) slot_of[i] = -1;
+    for (int i = 0; i < m; i++) {
+        int slot = w->expert_tokens[begin + i];
+        memcpy(w->xe + (size_t)i * D, w->a + (size_t)(slot / K) * D, (size_t)D * sizeof(float));
+        weights[i] = w->route_wt[slot];
+        slot_of[slot] = i;
+    }
+    struct expert_call ex = { expert_slice(&L->gate_exps, e), expert_slice(&L->up_exps, e),
+                              expert_slice(&L->down_exps, e), w->xe, weights, m, w->ye };
+    gpu_expert(st, &ex);
+    gpu_moe_gather_add(w->f, w->ye, slot_of, (unsigned)D, (unsigned)K, (unsigned)st->T);
+}
+
+/* moe_chunk: router, route_token, the routed experts in expert order (as
+ * the CPU adds them), the shared expert. The counting sort is HOST. */
+static void gpu_moe(struct step *st) {
+    const struct ds4_config *c = st->c;
+    const struct layer_weights *L = st->L;
+    struct chunk_work *w = st->w;
+    int E = c->n_experts, K = c->n_used, T = st->T;
+    int64_t scratch = (int64_t)T * (E > 2 * K ? E : 2 * K);
+    engine_reserve_attn_scratch(st->eng, scratch);
+    float *biased = st->eng->attn_scratch[0];
+    gpu_mm(&L->router, w->a, w->router, T);
+    gpu_route_token(w->router, st->tokens, L->hash_routed ? L->tid2eid : NULL, L->router_bias,
+                    biased, w->route_sel, w->route_wt, (unsigned)T, (unsigned)E, (unsigned)K,
+                    c->route_scale);
+    gpu_sync();
+    group_by_expert(c, T, w);
+    memset(w->f, 0, (size_t)T * c->dim * sizeof(float));                         /* HOST */
+    int *slot_of = (int *)biased;             /* the scores are consumed: reuse */
+    float *weights = biased + (size_t)T * K;
+    for (int e = 0; e < E; e++) {
+        int begin = w->expert_count[e], n = w->expert_count[e + 1] - begin;
+        if (n > 0) gpu_routed_expert(st, e, begin, n, slot_of, weights);
+    }
+    struct expert_call shared = { L->gate_shexp, L->up_shexp, L->down_shexp, w->a, NULL, T,
+                                  w->ye };
+    gpu_expert(st, &shared);
+    gpu_add_rows(w->f, w->ye, (unsigned)(T * c->dim), (unsigned)(T * c->dim));
+}
+
+/* head_chunk: matmul, hc_head_collapse, rmsnorm, the output matmul. */
+static void gpu_head(struct step *st, int64_t row0, int n, float *logits) {
+    const struct model *m = st->eng->model;
+    const struct ds4_config *c = st->c;
+    struct chunk_work *w = st->w;
+    int64_t nD = (int64_t)c->hc * c->dim;
+    const float *X = st->X + row0 * nD;
+    gpu_mm(st->is_mtp ? &m->mtp.hc_head_fn : &m->hc_head_fn, X, w->mix, n);
+    gpu_hc_head_collapse(X, w->mix, st->is_mtp ? m->mtp.hc_head_scale : m->hc_head_scale,
+                         st->is_mtp ? m->mtp.hc_head_base : m->hc_head_base, w->a,
+                         (unsigned)c->hc, (unsigned)c->dim, c->norm_eps, c->hc_eps, (unsigned)n);
+    gpu_rmsnorm(w->a, st->is_mtp ? m->mtp.norm : m->output_norm, w->a, (unsigned)c->dim,
+                (unsigned)n, c->norm_eps);
+    gpu_mm(&m->output, w->a, logits, n);
+    gpu_sync();                               /* the caller reads the logits */
+}
+
+/* mtp_input: Xm[i][h] = Wh . rmsnorm(Hin_i[h], hnorm) + We . rmsnorm(embed[tok_i], enorm). */
+static void gpu_mtp_input(struct step *st, const float *hin0, const float *hin_next) {
+    const struct mtp_weights *mw = &st->eng->model->mtp;
+    const struct ds4_config *c = st->c;
+    struct chunk_work *w = st->w;
+    unsigned n = (unsigned)c->hc, D = (unsigned)c->dim, Tm = (unsigned)st->T;
+    int64_t nD = (int64_t)n * D;
+    gpu_embed_tokens((const uint16_t *)st->eng->model->token_embd.data, st->tokens, w->y, D, Tm);
+    gpu_rmsnorm(w->y, mw->enorm, w->y, D, Tm, c->norm_eps);
+    gpu_rmsnorm(hin0, mw->hnorm, w->hn, D, n, c->norm_eps);
+    if (Tm > 1) gpu_rmsnorm(hin_next, mw->hnorm, w->hn + nD, D, (Tm - 1) * n, c->norm_eps);
+    gpu_mm(&mw->e_proj, w->y, w->f, (int)Tm);
+    gpu_mm(&mw->h_proj, w->hn, st->X, (int)(Tm * n));
+    for (unsigned i = 0; i < Tm; i++)
+        gpu_add_rows(st->X + i * nD, w->f + (size_t)i * D, (unsigned)nD, D);
+}
+
+/* The chunk's last streams are copied by the host. */
+static void gpu_end_chunk(struct step *st) {
+    gpu_sync();
+    cpu_end_chunk(st);
+}
+
+/* The session ops are the CPU's: in unified memory the host arrays are the
+ * state the kernels read and write. */
+static const struct backend gpu_backend = {
+    .name = "metal",
+    .session_open = gpu_session_open,
+    .session_close = cpu_session_close,
+    .state_pull = cpu_state_sync,
+    .state_push = cpu_state_sync,
+    .begin_chunk = cpu_begin_chunk,
+    .embed = gpu_embed,
+    .hc_collapse = gpu_hc_collapse,
+    .attention = gpu_attention,
+    .hc_expand = gpu_hc_expand,
+    .moe = gpu_moe,
+    .head = gpu_head,
+    .mtp_input = gpu_mtp_input,
+    .end_chunk = gpu_end_chunk,
+};
+#endif /* DS4_GPU */
+
 /* --backend NAME. The GPU backends are known by name, so that asking for one
  * in a binary built without it says so instead of "unknown". */
 static const struct backend *backend_by_name(const char *name, struct ds4_error *e) {
     if (strcmp(name, "cpu") == 0) return &cpu_backend;
+#ifdef DS4_GPU
+    if (strcmp(name, "metal") == 0) return &gpu_backend;
+#endif
     if (strcmp(name, "cuda") == 0 || strcmp(name, "metal") == 0) {
         fail(e, "backend '%s' is not built into this binary (built with: cpu)", name);
         return NULL;
@@ -13921,6 +14316,9 @@ static bool parse_args(int argc, char **argv, struct cli_options *o, struct ds4_
     }
     o->server_opt.chunk = o->chunk;
     o->server_opt.spec = o->spec;
+#ifdef DS4_GPU
+    if (!o->backend_name) o->backend_name = "metal";   /* a GPU build's default (macOS) */
+#endif
     if (o->backend_name && !(o->engine.backend = backend_by_name(o->backend_name, e))) return false;
     return parse_kv(o, e) && parse_mode(o, e);
 }

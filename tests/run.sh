@@ -42,6 +42,11 @@ suite "backend table: every op called as expected, output == CPU, no decode allo
     $B/test_backend vectors/tiny.gguf vectors/tiny-mtp.gguf
 suite "KV disk cache: snapshots, store, hostile files (ASan+UBSan)" \
     $B/test_kvdisk vectors/tiny.gguf vectors/tiny-mtp.gguf
+suite "Metal kernels on the CPU harness vs their CPU twins" $B/test_metal
+suite "Metal: the tiny model through the GPU backend on the harness (vs CPU, vectors)" \
+    $B/test_metal_model vectors/tiny.gguf vectors/tiny-mtp.gguf vectors/vectors.json \
+    $B/tiny-q8_0.gguf $B/tiny-q2.gguf $B/tiny-q4.gguf
+suite "Metal host: ds4_metal.m syntax check, kernel table" sh tests/metal/syntax.sh
 suite "KV disk cache across processes: restart, kill -9, two writers" sh tests/kvdisk.sh
 suite "oracle vectors (tiny f16 + MTP)" \
     ./ds4 --check-vectors vectors/vectors.json -m vectors/tiny.gguf --mtp vectors/tiny-mtp.gguf
