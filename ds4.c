@@ -39,6 +39,95 @@
  * Conventions. A matrix W stored "[out][in]" (GGUF dims [in, out]) maps an
  * input vector x of length in to y[o] = sum_i W[o][i] * x[i]. Positions are
  * 0-based absolute token indices. Activations are float32 throughout.
+ *
+ * BIBLIOGRAPHY
+ *
+ * Citations in this file are written [TAG] or [TAG §section]. Every tag is
+ * listed here, and `make book-check` fails on one that is not. The project's
+ * own notes come first; they live in docs/ and cite their sources in turn.
+ *
+ * - [LAYOUT] docs/gguf-layout.md: the published GGUF (keys, tensor names,
+ *   types, experts), the quant blocks, the vocabulary, the chat format, DSML.
+ * - [FWD] docs/forward.md: the forward pass as formulas with shapes, each
+ *   matched to its function in [MODEL].
+ * - [API] docs/server-api.md: the endpoints and streaming shapes the server
+ *   speaks.
+ * - [VEC] docs/vectors.md: the schema of the oracle vectors.
+ *
+ * DeepSeek's model and code:
+ *
+ * - [V4] DeepSeek-AI, "DeepSeek-V4: Towards Highly Efficient Million-Token
+ *   Context Intelligence", technical report, 2026 (DeepSeek_V4.pdf in the
+ *   model repository). Cited by section name: §CSA and §HCA (compressed
+ *   sparse and heavily compressed attention), §mHC, §MoE, §MTP, §FP4 (the
+ *   quantization-aware training of experts and indexer).
+ * - [V3] DeepSeek-AI, "DeepSeek-V3 Technical Report", arXiv:2412.19437, 2024
+ *   (§2.1.2 auxiliary-loss-free balancing, §2.2 multi-token prediction).
+ * - [V32] DeepSeek-AI, "DeepSeek-V3.2-Exp" technical report, 2025: DeepSeek
+ *   Sparse Attention and its lightning indexer.
+ * - [MODEL] deepseek-ai/DeepSeek-V4-Flash (Hugging Face), inference/model.py
+ *   and inference/kernel.py at revision 60d8d70 (60d8d70770c6776ff598c94bb5
+ *   86a859a38244f1), MIT license. The functions this file follows are named
+ *   where they are used: Block.hc_pre, Block.hc_post, hc_split_sinkhorn,
+ *   Compressor.forward, Indexer.forward, Attention.forward, sparse_attn,
+ *   Gate.forward, Expert.forward, MoE.forward, ParallelHead.hc_head,
+ *   MTPBlock.forward, precompute_freqs_cis, apply_rotary_emb,
+ *   rotate_activation, act_quant, fp4_act_quant.
+ * - [ENC] the same repository, encoding/encoding_dsv4.py at revision 60d8d70:
+ *   encode_messages() and the DSML parser.
+ * - [TOKJ] the same repository, tokenizer.json: the pre-tokenizer and BPE.
+ *
+ * Papers:
+ *
+ * - [MHC] Z. Xie et al., "mHC: Manifold-Constrained Hyper-Connections",
+ *   arXiv:2512.24880, 2025.
+ * - [HC] D. Zhu et al., "Hyper-Connections", arXiv:2409.19606, 2024.
+ * - [SINKHORN] R. Sinkhorn and P. Knopp, "Concerning nonnegative matrices
+ *   and doubly stochastic matrices", Pacific J. Math. 21(2), 1967.
+ * - [SINKS] G. Xiao et al., "Efficient Streaming Language Models with
+ *   Attention Sinks", arXiv:2309.17453, 2023.
+ * - [ROPE] J. Su et al., "RoFormer: Enhanced Transformer with Rotary
+ *   Position Embedding", arXiv:2104.09864, 2021.
+ * - [YARN] B. Peng et al., "YaRN: Efficient Context Window Extension of
+ *   Large Language Models", arXiv:2309.00071, 2023.
+ * - [RMSNORM] B. Zhang and R. Sennrich, "Root Mean Square Layer
+ *   Normalization", arXiv:1910.07467, 2019.
+ * - [SWIGLU] N. Shazeer, "GLU Variants Improve Transformer",
+ *   arXiv:2002.05202, 2020.
+ * - [LOSSFREE] L. Wang et al., "Auxiliary-Loss-Free Load Balancing Strategy
+ *   for Mixture-of-Experts", arXiv:2408.15664, 2024.
+ * - [HASH] S. Roller et al., "Hash Layers For Large Sparse Models",
+ *   arXiv:2106.04426, 2021.
+ * - [MTP] F. Gloeckle et al., "Better & Faster Large Language Models via
+ *   Multi-token Prediction", arXiv:2404.19737, 2024.
+ * - [SPEC] Y. Leviathan, M. Kalman, Y. Matias, "Fast Inference from
+ *   Transformers via Speculative Decoding", arXiv:2211.17192, 2023.
+ * - [SPEC2] C. Chen et al., "Accelerating Large Language Model Decoding with
+ *   Speculative Sampling", arXiv:2302.01318, 2023.
+ * - [FP8] P. Micikevicius et al., "FP8 Formats for Deep Learning",
+ *   arXiv:2209.05433, 2022 (e4m3).
+ * - [MX] Open Compute Project, "OCP Microscaling Formats (MX)
+ *   Specification", v1.0, 2023 (e2m1 elements, e8m0 scales).
+ * - [QUAROT] S. Ashkboos et al., "QuaRot: Outlier-Free 4-Bit Inference in
+ *   Rotated LLMs", arXiv:2404.00456, 2024 (Hadamard rotations before
+ *   low-bit rounding).
+ * - [GPT2] A. Radford et al., "Language Models are Unsupervised Multitask
+ *   Learners", OpenAI, 2019 (the byte-to-unicode map of byte-level BPE).
+ *
+ * Formats and protocols:
+ *
+ * - [GGML] ggml-org/ggml and ggml-org/llama.cpp, MIT license: the GGUF
+ *   container (docs/gguf.md) and the quant block layouts (ggml-common.h,
+ *   ggml-quants.c), which chapter 3 reproduces by value.
+ * - [RFC8259] T. Bray, "The JavaScript Object Notation (JSON) Data
+ *   Interchange Format", IETF RFC 8259, 2017.
+ * - [RFC9110] R. Fielding et al., "HTTP Semantics", IETF RFC 9110, 2022.
+ * - [RFC9112] R. Fielding et al., "HTTP/1.1", IETF RFC 9112, 2022.
+ * - [HTML] WHATWG, "HTML Living Standard", §9.2 server-sent events.
+ * - [UNICODE] The Unicode Consortium, "The Unicode Standard", §3.9
+ *   (well-formed UTF-8, table 3-7).
+ * - [OPENAI] OpenAI API reference: Chat Completions, Completions, Responses.
+ * - [ANTHROPIC] Anthropic API reference: Messages and their streaming.
  */
 
 #ifndef _GNU_SOURCE
@@ -715,7 +804,7 @@ static bool gguf_open(struct gguf *g, const char *path, struct ds4_error *e) {
  * Chapter 3. Quantized blocks
  * =========================================================================
  *
- * Format: [GGML] block layouts, see docs/dsv4-format.md §2.
+ * Format: [GGML] block layouts [LAYOUT §2].
  * CPU: dequant_row_ref(), vec_dot_ref() (the definitions);
  *      dequant_row(), vec_dot() (the fast paths used by the engine).
  * Tests: tests/test_quant.c.
@@ -725,7 +814,7 @@ static bool gguf_open(struct gguf *g, const char *path, struct ds4_error *e) {
  * weight row, squeezed into a few bytes that hold small integers plus one or
  * two shared scale factors. The routed experts of the "q2" file cost about
  * 2.25 bits per weight instead of 16 (80.8 GiB instead of roughly seven
- * times that, docs/dsv4-format.md §1.4), which is what lets the model fit
+ * times that [LAYOUT §1.4]), which is what lets the model fit
  * on one machine. This chapter is the only place that knows what those
  * bytes mean.
  *
@@ -749,7 +838,7 @@ static bool gguf_open(struct gguf *g, const char *path, struct ds4_error *e) {
  * Every format is defined twice. The *reference* functions (3.5) decode one
  * value at a time in plain C: they are the specification, short enough to
  * check against the byte tables below by eye. The *fast* functions (3.7 for
- * x86-64 AVX2, 5.8 for arm64 NEON) decode eight or four values per
+ * x86-64 AVX2, 3.8 for arm64 NEON) decode eight or four values per
  * instruction and are tested against the reference (tests/test_quant.c).
  * Nothing else in the engine looks inside a block.
  *
@@ -760,7 +849,7 @@ static bool gguf_open(struct gguf *g, const char *path, struct ds4_error *e) {
  * product. We do not: the weights are decoded to float in registers and
  * multiplied with the float32 activations. It costs some speed, but then
  * vec_dot() differs from "dequantize the row, then an ordinary float dot
- * product" only by float rounding (the order of the additions, 5.6), so the
+ * product" only by float rounding (the order of the additions, 3.6), so the
  * whole engine can be checked against one obvious definition, to about 1e-5
  * relative, with no second source of error.
  *
@@ -2302,7 +2391,7 @@ static uint64_t tensor_bytes_for(uint32_t type, uint64_t n_elements, uint64_t ro
  * Everything about the model's shape comes from the GGUF metadata, under the
  * `deepseek4.` prefix the published files use. Nothing is hard-coded: the
  * same code runs the 43-layer Flash model and the 6-layer tiny model that
- * the tests use. The symbols below match the forward-pass notes:
+ * the tests use. The symbols below match the forward-pass notes [FWD §1]:
  *
  *   D   dim             residual width of one hyper-connection stream
  *   H   n_heads         query heads (one shared K=V head serves them all)
@@ -3258,7 +3347,7 @@ static bool json_parse_string(struct json_parser *p, char **out, size_t *out_len
 
 /* ---- Numbers and literals ------------------------------------------------- */
 
-/* The number grammar of RFC 8259 §6, checked byte by byte:
+/* The number grammar of [RFC8259 §6], checked byte by byte:
  *
  *     number = [ "-" ] int [ frac ] [ exp ]
  *     int    = "0" / ( digit1-9 *DIGIT )
@@ -3707,7 +3796,7 @@ static void json_write(struct strbuf *b, const struct json *j) {
  * Chapter 6. Text: byte-level BPE, the chat template and DSML tool calls.
  * =========================================================================
  *
- * Spec: docs/dsv4-format.md §3 (tokenizer), §4 (chat encoding and DSML).
+ * Spec: [LAYOUT §3] (vocabulary), [LAYOUT §4] (chat format), [LAYOUT §5] (DSML).
  * References:
  *   [TOKJ] DeepSeek V3/V4 tokenizer.json: the pre-tokenizer and the BPE model.
  *   [ENC]  DeepSeek V4 encoding/encoding_dsv4.py: encode_messages() and
@@ -4332,7 +4421,7 @@ static void pretokenize(const char *s, size_t len, pretok_emit_fn emit, void *ct
  *     ascending byte order, to U+0100, U+0101, ... U+0143. So a space is
  *     U+0120 'Ġ' and a newline U+010A 'Ċ'.
  *
- * The GGUF keys the loader hands us [dsv4-format §3.1]:
+ * The GGUF keys the loader hands us [LAYOUT §3.1]:
  *
  *     tokenizer.ggml.tokens   129,280 strings; index = token id; each in
  *                             byte-mapped form, except the added tokens
@@ -5050,7 +5139,7 @@ static void pyjson_write(struct strbuf *b, const struct json *j) {
  *
  *     BOS [Think-Max paragraph] message message ...
  *
- * and per message (docs/dsv4-format.md §4.2):
+ * and per message [LAYOUT §4.2]:
  *
  *     system        content [\n\n tools section] [\n\n response format]
  *     developer     <｜User｜> content [\n\n tools] [\n\n response format]
@@ -5434,7 +5523,7 @@ static void chat_dsml_params(struct strbuf *out, const struct json *args) {
     json_free(parsed);
 }
 
-/* The DSML block of an assistant turn [dsv4-format §4.6]:
+/* The DSML block of an assistant turn [LAYOUT §5.1]:
  *
  *     \n\n<｜DSML｜tool_calls>\n
  *     <｜DSML｜invoke name="NAME">\n PARAM \n PARAM ... \n</｜DSML｜invoke>\n
@@ -5575,7 +5664,7 @@ static int chat_render(const struct json *messages, const struct json *tools, co
 /* ---- 6.9 The DSML parser ---------------------------------------------------------- */
 
 /* What the model writes after the prompt's <｜Assistant｜><think> is, when
- * all goes well [dsv4-format §4.6]:
+ * all goes well [LAYOUT §5.1]:
  *
  *     REASONING </think> CONTENT [\n\n TOOL BLOCK] EOS
  *
@@ -6042,8 +6131,8 @@ static bool tokenizer_load_gguf(struct tokenizer *t, const struct gguf *g, int v
  * Chapter 7. Numeric primitives of DeepSeek V4
  * ============================================================================
  *
- * Small, exact building blocks. Each one is a formula from the forward-pass
- * notes; the comment above each function states it.
+ * Small, exact building blocks. Each one is a formula of the forward-pass
+ * notes [FWD §2]; the comment above each function states it.
  * ------------------------------------------------------------------------- */
 
 /* RMSNorm:  y[i] = x[i] * w[i] / sqrt(mean_j x[j]^2 + eps)   (w = NULL: no gain)
@@ -7568,7 +7657,7 @@ static int sample_token(struct sampler *sp, const float *logits, int vocab) {
  *   roll the session back to just after the last kept token.
  *
  * The acceptance rule makes the output distribution exactly the main
- * model's (Leviathan et al. 2023, Chen et al. 2023); in greedy mode the
+ * model's [SPEC] [SPEC2]; in greedy mode the
  * tokens are identical to plain decoding, because a verification of up to
  * MATMUL_DECODE_PATH_MAX_TOKENS tokens runs the same arithmetic as decode.
  *
@@ -8800,8 +8889,8 @@ static bool session_load(struct session *s, const char *path, int32_t **tokens, 
     return ok;
 }
 
-/* The size of the same state as float32 rows (the format of dsv4-format.md
- * 5.3), for the bench comparison. */
+/* The size of the same state as float32 rows (a plain dump of
+ * the same rows), for the bench comparison. */
 static uint64_t snapshot_f32_bytes(const struct ds4_config *c, bool has_mtp, int64_t n) {
     uint64_t b = (uint64_t)n * 4 + (uint64_t)c->vocab * 4;
     int64_t R = n < c->window ? n : c->window;
@@ -9370,7 +9459,7 @@ static bool kv_store_save(struct kv_store *st, const struct session *s, const in
     return true;
 }
 
-/* ---- 10c.9 When to save (dsv4-format.md 5.5) --------------------------------
+/* ---- 10c.9 When to save -----------------------------------------------------
  *
  *     setting                             default
  *     ----------------------------------  -------------------------------
@@ -9993,7 +10082,7 @@ static double bench_decode(struct engine *eng, const int32_t *prompt, int n_prom
 }
 
 /* Sessions on disk (10c): the size of the snapshot after the bench prompt,
- * against float32 rows (the plain format of dsv4-format.md 5.3), and the
+ * against float32 rows (a plain dump of the same rows), and the
  * save and load times. A snapshot has a fixed part (logits, sliding
  * windows) and a part that follows the compressors' unfinished windows,
  * which fill up and empty every `ratio` tokens; so the cost of one more
@@ -10084,7 +10173,7 @@ static int run_bench(struct engine *eng, int n_prefill, int n_decode, struct spe
  * Chapter 12. The HTTP server: OpenAI and Anthropic APIs for coding agents
  * ============================================================================
  *
- * Spec: docs/dsv4-format.md §7 (API surface), §4 (chat encoding and DSML).
+ * Spec: [API] (the API surface), [LAYOUT §4] (chat format), [LAYOUT §5] (DSML).
  * Tests: tests/server/run.sh (curl edge cases) and tests/server/sdk.test.mjs
  * (the real `openai` and `@anthropic-ai/sdk` client libraries).
  *
@@ -10285,7 +10374,7 @@ static int server_parse_option(struct server_options *o, int argc, char **argv, 
 
 /* ---- 12.2 Bytes on the wire: reading a request under limits ---------------- */
 
-/* An HTTP/1.1 request [RFC 9112] is a head and an optional body:
+/* An HTTP/1.1 request [RFC9112] is a head and an optional body:
  *
  *     POST /v1/messages?beta=true HTTP/1.1\r\n      request line
  *     Host: 127.0.0.1:8000\r\n                      header fields ...
@@ -10406,7 +10495,7 @@ static int http_read_head(int fd, struct http_request *r, const struct server_op
     return 0;
 }
 
-/* Header names are case-insensitive [RFC 9110 §5.1]. */
+/* Header names are case-insensitive [RFC9110 §5.1]. */
 static bool http_name_is(const char *line, size_t name_len, const char *name) {
     return strlen(name) == name_len && strncasecmp(line, name, name_len) == 0;
 }
@@ -10683,7 +10772,7 @@ static void http_error(struct conn *c, int status, const char *msg) {
 }
 
 /* Streams: Server-Sent Events [HTML §9.2] in HTTP/1.1 chunked framing
- * [RFC 9112 §7.1], so the client can tell a finished stream ("0\r\n\r\n")
+ * [RFC9112 §7.1], so the client can tell a finished stream ("0\r\n\r\n")
  * from one cut off by a crash. */
 static void http_stream_begin(struct conn *c) {
     struct strbuf h = {0};
@@ -10789,7 +10878,7 @@ static bool field_string(const struct json *obj, const char *key, const char **o
 }
 
 /* Reasoning effort names of the three dialects, mapped to the template's
- * modes [dsv4-format §7.2]: "max" is Think Max, "none" turns thinking off,
+ * modes [API §1.2]: "max" is Think Max, "none" turns thinking off,
  * every other level is ordinary thinking (V4 has no finer steps). */
 static bool effort_mode(const char *effort, enum chat_mode *mode) {
     static const char *const thinking[] = {"xhigh", "high", "medium", "low", "minimal"};
@@ -10868,7 +10957,7 @@ static bool read_stops(const struct json *req, const char *key, struct gen_param
     return true;
 }
 
-/* The sampler's knobs [dsv4-format §7.3]: temperature 1, top_p 1, min_p
+/* The sampler's knobs [API §1.3]: temperature 1, top_p 1, min_p
  * 0.05, top_k off, a random seed unless one is given. top_k is capped at
  * SERVER_TOP_K_CAP: more candidates change nothing but the sort time. */
 static bool read_sampling(const struct json *req, struct gen_params *g, struct ds4_error *e) {
@@ -11390,7 +11479,7 @@ static bool conv_from_responses(struct conv *c, const struct json *req, struct d
 }
 
 /* Legacy completions: the prompt becomes one user turn under the fixed
- * system text ds4 uses [dsv4-format §4.9 item 5]. */
+ * system text ds4 uses [LAYOUT §4.3]. */
 static bool conv_from_completions(struct conv *c, const struct json *req, struct ds4_error *e) {
     static const char system[] = "You are a helpful assistant";
     const struct json *p = json_get(req, "prompt");
@@ -11824,7 +11913,7 @@ static void random_id(char *out, size_t cap, const char *prefix) {
 
 /* The worker reports what the model wrote as a handful of events, the same
  * for every dialect; a `struct dialect` turns them into that dialect's wire
- * format [dsv4-format §7.4-7.6]:
+ * format [API §2]:
  *
  *     begin        stream: the response head and the opening events
  *     reasoning    a piece of the thinking text
@@ -12426,7 +12515,7 @@ static void responses_call_start(struct job *j, size_t i) {
 }
 
 /* Codex reads the arguments from output_item.done, so they go out whole,
- * in one delta, once the call is complete [dsv4-format §7.6]. */
+ * in one delta, once the call is complete [API §2.3]. */
 static void responses_call_end(struct job *j, size_t i) {
     struct job_call *c = &j->calls[i];
     struct strbuf f = {0}, item = {0};
@@ -13012,7 +13101,7 @@ static void handle_count_tokens(struct conn *c, struct http_request *r, char *no
     json_free(req);
 }
 
-/* The model object [dsv4-format §7.1]. */
+/* The model object [API §1.1]. */
 static void model_object(struct strbuf *b, const struct server_options *o, const char *id) {
     strbuf_puts(b, "{\"id\":");
     put_str(b, id);

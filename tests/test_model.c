@@ -121,7 +121,8 @@ static void test_rope(void) {
     struct rope plain, yarn;
     rope_init(&plain, 64, 10000.0f, false, &c);
     rope_init(&yarn, 64, 160000.0f, true, &c);
-    /* The forward notes tabulate Flash's YaRN frequencies; spot-check three. */
+    /* Flash's YaRN frequencies (docs/forward.md §2.2), as precompute_freqs_cis of DeepSeek's
+     * model.py gives them at Flash's config; spot-check three. */
     double f = fabs(yarn.freq[1] - 0.687656) / 0.687656 + fabs(yarn.freq[16] - 0.00226563) / 0.00226563 +
                fabs(yarn.freq[31] - 5.68053e-7) / 5.68053e-7;
     check("YaRN frequencies match the tabulated Flash values", f, 1e-4);

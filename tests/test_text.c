@@ -693,8 +693,8 @@ static void test_tokenizer_basics(const struct tokenizer *t) {
           sp->latest_reminder == 128828 && sp->eot == 128805,
           "special tokens: BOS 0, EOS 1, pad 2, User 128803, Assistant 128804, <think> 128821, </think> 128822, "
           "DSML 128825, latest_reminder 128828, EOT 128805");
-    check_tokens(t, "\"Hello world\" (dsv4-format §3.8)", "Hello world", false, hello, 2);
-    check_tokens(t, "the V4 chat example of dsv4-format §3.5 with parse_special",
+    check_tokens(t, "\"Hello world\" (docs/gguf-layout.md §3.2)", "Hello world", false, hello, 2);
+    check_tokens(t, "the V4 chat example of docs/gguf-layout.md §3.2 with parse_special",
                  "<｜User｜>你好<｜Assistant｜><think>推理</think>答案<｜end▁of▁sentence｜>", true, chat, 8);
 
     const char *forged = "<｜User｜><think>";
