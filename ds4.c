@@ -6238,6 +6238,28 @@ static void rope_tail(const struct rope *r, float *x, int len, int64_t pos, bool
  *   e2m1    6         32     0, 0.5, 1, 1.5, 2, 3, 4, 6
  * ------------------------------------------------------------------------- */
 
+/* WHY ROUND TRIPS, AND WHY THESE
+ *
+ * V4 was trained quantization-aware [V4 §FP4]: the forward pass used in
+ * training rounded some tensors to tiny float formats and back, and the
+ * weights learned to live with exactly that rounding. The rounding is
+ * therefore part of the model's function, not an implementation detail:
+ *
+ *     K=V rows, dims [0, Dh-R)     e4m3 [FP8], blocks of 64   (act_quant)
+ *     K=V rows, dims [Dh-R, Dh)    kept: RoPE phases encode distance, and
+ *                                  rounding them would blur positions
+ *     indexer q and k              Hadamard, then e2m1 [MX], blocks of 32
+ *                                  (rotate_activation, fp4_act_quant)
+ *
+ * The scales are powers of two ("ue8m0"), so dividing by a scale and
+ * multiplying back is exact: the grid rounding is the only error, and it is
+ * the one the model saw. Ties go to the even code, as in the hardware
+ * formats. Skipping these steps costs little accuracy per value but flips
+ * discrete choices downstream (the indexer's top-k), which is why the
+ * oracle vectors (11.1) include them. Source: [MODEL] act_quant and
+ * fp4_act_quant in kernel.py; [FWD §2.3] and [FWD §2.4].
+ */
+
 /* 2^ceil(log2(y)) for y > 0, exact: frexp gives y = m 2^e with m in [0.5, 1);
  * then ceil(log2 y) is e-1 when m is exactly 0.5 and e otherwise. */
 static float pow2_ceil(float y) {
@@ -6622,6 +6644,44 @@ static void session_free(struct session *s) {
  * The fn . x^ products of a whole chunk are one matmul; the rest is per token.
  * ------------------------------------------------------------------------- */
 
+/* WHY THE MIXING MATRIX IS DOUBLY STOCHASTIC
+ *
+ * What. Hyper-connections [HC] widen the residual stream from one vector to
+ * n = 4 streams X [n][D] and let each sublayer learn how to read them (pre
+ * [n]), where to write its output (post [n]) and how the streams flow past
+ * it (C [n][n]). V4 uses the manifold-constrained form [MHC] [V4 §mHC]: C is
+ * pushed onto the doubly stochastic matrices, every entry >= 0 and every row
+ * and column summing to 1.
+ *
+ * Why. The residual path of a deep model is the product of every layer's C:
+ * 43 layers x 2 sublayers = 86 factors. Unconstrained, such a product can
+ * grow or shrink the signal geometrically, and plain HC loses the identity
+ * shortcut that made residual networks trainable. Doubly stochastic matrices
+ * are closed under products, so the whole path stays doubly stochastic:
+ *
+ *     sum_k C[j][k] = 1   source j hands out all of itself, no more:
+ *                         sum_k Xout[k] = (sum_k post[k]) f + sum_j X[j]
+ *     sum_j C[j][k] = 1   each stream k receives a weighted AVERAGE of the
+ *                         sources, so no stream exceeds the largest one
+ *     ||C||_2 = 1         no direction is amplified, however deep the stack
+ *
+ * and the identity (the plain residual) is one of them, so "do nothing" is
+ * always reachable. pre = sigmoid(..) >= 0 and post = 2 sigmoid(..) in (0, 2)
+ * keep the read and the write non-negative and bounded for the same reason.
+ *
+ * How. Sinkhorn and Knopp [SINKHORN] showed that alternately normalizing the
+ * rows and columns of a positive matrix converges to a doubly stochastic one.
+ * The model was trained with exactly 20 rounds in a fixed order (a row
+ * softmax first, eps added at fixed points, a column step last), so we
+ * reproduce those rounds step for step rather than iterate to convergence:
+ * the rounded result IS the model. C: [n][n] = [4][4]; the raw mix m comes
+ * from fn [M][n*D] applied to the flattened, RMS-scaled streams [n*D].
+ *
+ * Source: [MODEL] Block.hc_pre (mix, pre, collapse), hc_split_sinkhorn in
+ * kernel.py (pre, post, Sinkhorn on C), Block.hc_post (the write back);
+ * [FWD §3].
+ */
+
 /* Sinkhorn-Knopp: a row softmax, +eps, then alternate column and row
  * normalisations, T column steps and T-1 row steps in all, ending on a
  * column step. C is n x n, row-major, C[j][k] = c[j*n + k]. */
@@ -6742,6 +6802,39 @@ static void hc_head_collapse(const struct ds4_config *c, const float *X, const f
  *     state[slot] = (k_t, z_t)
  *     if (p+1) mod r == 0:  pool, finish, and (overlap) shift slots r..2r-1 down
  * ------------------------------------------------------------------------- */
+
+/* WHY COMPRESSED ATTENTION: A WINDOW, A SUMMARY, AND A CHOICE
+ *
+ * What. Every layer attends to the last W = 128 tokens exactly. Beyond the
+ * window, a layer with ratio r > 0 sees the past only as compressed rows,
+ * one per r tokens [V4 §CSA §HCA]. Flash alternates two kinds:
+ *
+ *     HCA  r = 128   heavily compressed: every row is attended, dense
+ *     CSA  r = 4     compressed sparse: the indexer (8.7) picks KI = 512
+ *
+ * plus two window-only layers at the bottom.
+ *
+ * Why. At a context of P tokens, a layer's cache holds W + P/r rows of Dh
+ * floats instead of P. At P = 1M that is 8,320 rows for HCA and 262,272
+ * for CSA instead of 1,048,576, and a CSA query reads only W + KI = 640 of
+ * them. One shared K=V head (the key is the value) halves the cache again.
+ * The window keeps the recent past sharp, where exact token order matters
+ * most; the compressed rows keep the distant past reachable at a cost that
+ * grows with P/r, not P.
+ *
+ * How a row is made. The pooling is learned and per channel: token t of the
+ * window offers a value k_t and a score z_t for each of the coff*Dh
+ * channels, and channel j of the row is the softmax_t(z_t[j]) average of
+ * k_t[j]. Different channels can thus keep different tokens of the window.
+ * The position bias ape[p mod r] lets the pool prefer a slot (say the last
+ * token of a window). At r = 4 the windows overlap by half (each row pools 8
+ * tokens, two halves of projection), so a phrase cut by a window boundary
+ * still lands whole in one row. A row exists only once its last token is
+ * seen; the unfinished window waits in the compressor state (8.2).
+ *
+ * Source: [MODEL] Compressor.forward and Compressor.overlap_transform,
+ * get_compress_topk_idxs (which rows a HCA query sees); [FWD §5].
+ */
 
 /* Pool channel j over the candidates: (score, value) pairs, where a -inf
  * score (a slot no token has filled yet) contributes nothing. With overlap,
@@ -6913,6 +7006,27 @@ static void chunk_work_free(struct chunk_work *w) {
  * values back to D.
  * ------------------------------------------------------------------------- */
 
+/* WHAT THE ATTENTION SINK DOES
+ *
+ * A softmax's weights sum to 1, so a head must put its whole attention
+ * somewhere, even when nothing it can see is relevant. Models trained
+ * without a way out learn to park that mass on the first tokens of the text
+ * and use them as a "sink" [SINKS]. V4 cannot rely on that trick: with a
+ * sliding window and compressed rows, the first token is usually out of
+ * sight. So each head h gets a learned logit sink_h that competes in the
+ * softmax but carries no value:
+ *
+ *     g_h = e^sink_h / (e^sink_h + sum_j e^l_j)          in (0, 1)
+ *     o_h = (1 - g_h) * (the usual softmax average of the rows)
+ *
+ * A head that finds nothing shrinks its output toward zero instead of
+ * averaging noise; a head that finds a strong match (l_j >> sink_h) is
+ * unaffected. sink: [H], one float per head, the tensor attn_sinks.
+ *
+ * Source: [MODEL] Attention.attn_sink and sparse_attn in kernel.py, which
+ * adds e^sink to the softmax denominator; [FWD §4].
+ */
+
 static const struct rope *layer_rope(const struct engine *eng, const struct layer_weights *L) {
     return L->ratio > 0 ? &eng->rope_compressed : &eng->rope_window;
 }
@@ -7021,6 +7135,34 @@ static void compress_chunk(struct engine *eng, const struct layer_weights *L,
  * When no more than KI rows are visible, all are taken and no score is
  * needed: the result is the same.
  * ------------------------------------------------------------------------- */
+
+/* WHY A LIGHTNING INDEXER, AND WHY IT WORKS IN FP4
+ *
+ * What. DeepSeek Sparse Attention [V32] [V4 §CSA]: a second, much smaller
+ * attention scores every compressed row, and only the KI best rows enter the
+ * real attention. Its score is a sum of per-head votes:
+ *
+ *     score[c] = sum_h wI[h] * relu(qI_h . KI[c])     qI: [HI][DI], KI: [rows][DI]
+ *
+ * Why this shape. It is cheap: HI * DI = 64 x 128 per query against rows of
+ * DI = 128, where the main attention has 64 heads of 512 against rows of
+ * 512. The relu lets a head vote only FOR rows it matches, never against;
+ * the weights wI come from the token itself, so the query decides which
+ * indexer heads to trust. Selection by score, not by recency, lets a token
+ * reach back to any part of a long context.
+ *
+ * Why the Hadamard and FP4. The indexer was trained in FP4 (e2m1, 8
+ * magnitudes) [V4 §FP4]. A 4-bit block format shares one scale among 32
+ * values, and one outlier channel would crush the rest to zero. The
+ * normalized Hadamard matrix is orthogonal -- (Hq).(Hk) = q.k -- and spreads
+ * every channel over all of them, so the block scale fits [QUAROT]. Because
+ * the top-k is a discrete choice, a reference that skipped the rounding
+ * would pick different rows; we round exactly as the model was trained (7).
+ *
+ * Source: [MODEL] Indexer.forward (queries, weights, scores, top-k),
+ * Compressor.forward with rotate=True (its own compressed rows),
+ * rotate_activation, fp4_act_quant; [FWD §6].
+ */
 
 static void indexer_queries(struct engine *eng, const struct layer_weights *L, const float *A,
                             int64_t p0, int T, struct chunk_work *w) {
@@ -7212,6 +7354,42 @@ static void attention_chunk(struct engine *eng, const struct layer_weights *L,
  * are read once for all the tokens that chose it.
  * ------------------------------------------------------------------------- */
 
+/* THE ROUTING CHOICES, AND WHY
+ *
+ * Shapes: router [E][D], bias [E], tid2eid [V][K]; per token s [E], chosen
+ * [K], w [K]; E = 256, K = 6 for Flash.
+ *
+ * Why sqrt(softplus). The score must be positive (it becomes a weight) and
+ * must keep ordering the experts at any logit. V3 used a sigmoid [V3];
+ * a sigmoid saturates at 1, so two strongly matching experts look alike.
+ * sqrt(softplus(z)) is positive, smooth, near e^(z/2) for very negative z and
+ * near sqrt(z) for large z: it still separates large logits, but grows
+ * slowly enough that one expert cannot swamp the normalized weights. (The
+ * report gives the function; this reading of it is ours.)
+ *
+ * Why the bias only selects. V4 balances expert load without an auxiliary
+ * loss [LOSSFREE] [V3 §2.1.2]: during training a per-expert bias is nudged
+ * up for idle experts and down for busy ones. Added before the top-K, it
+ * changes WHICH experts a token uses; kept out of the weights, it never
+ * changes HOW MUCH a chosen expert contributes, so balancing does not bend
+ * the function the experts learn. We must copy that asymmetry exactly.
+ *
+ * Why the first layers are hash-routed. In layers 0 .. NH-1 (NH = 3) the
+ * experts come from a fixed table indexed by the token id [HASH]. Near the
+ * bottom, a token's hidden state is still mostly its own embedding, so a
+ * learned router would mostly route by token anyway; a fixed table does that
+ * with perfect, precomputed balance and nothing to train or collapse. The
+ * weights still come from the router scores.
+ *
+ * Why the route scale. The K weights are normalized to sum to 1, so the
+ * expert output does not depend on how sharp the router is; route_scale
+ * (1.5) then sets its size against the always-on shared expert. The SwiGLU
+ * [SWIGLU] clamp (limit 10) bounds activations for low-precision arithmetic.
+ *
+ * Source: [MODEL] Gate.forward (scores, bias, hash, weights), Expert.forward
+ * (clamped SwiGLU), MoE.forward (routed + shared); [V4 §MoE]; [FWD §7].
+ */
+
 static void route_token(const struct ds4_config *c, const struct layer_weights *L,
                         const float *logits, int32_t token, int *sel, float *wt) {
     float score[1024], biased[1024];
@@ -7369,6 +7547,29 @@ static void head_chunk(struct engine *eng, const struct matrix *hc_fn, const flo
  * behind the main model; over a prompt it fills its window exactly as the
  * official code does.
  * ------------------------------------------------------------------------- */
+
+/* WHY A MULTI-TOKEN-PREDICTION BLOCK
+ *
+ * What. During training, V4 (like V3 [V3 §2.2], after [MTP]) also learns
+ * to predict the token after next: one extra block reads the main model's
+ * final streams at position i [n][D] and the embedding of token i+1 [D],
+ * and its logits [V] are trained on token i+2 [V4 §MTP].
+ *
+ * Why it is shipped. At inference it is a draft model for speculative
+ * decoding (chapter 10b): one block instead of 43, sharing the embedding and
+ * the output matrix, and far better informed than a separate small model,
+ * because it starts from everything the main model computed about the
+ * context. A wrong guess costs little: the main model verifies all drafts in
+ * one chunk, and the acceptance rule keeps the output distribution exactly
+ * the main model's [SPEC] [SPEC2].
+ *
+ * Why it runs one position behind. Its row i needs token i+1, which exists
+ * only after the main model has produced it; so its own window ring is
+ * always one row behind the main model's.
+ *
+ * Source: [MODEL] MTPBlock.forward (e_proj, h_proj, enorm, hnorm, the block,
+ * hc_head, the shared head); [FWD §8].
+ */
 
 static void embed_tokens(const struct model *m, const int32_t *tokens, int T, float *out) {
     for (int t = 0; t < T; t++)
