@@ -99,7 +99,7 @@ bench: all
 # ds4.c rendered as a book (tools/book.py, Python 3 standard library only).
 # book/ is committed; tests/book_sync.sh fails when it is stale.
 BOOK_DIR ?= book
-BOOK_SRC := ds4.c tools/ds4_convert.c vectors/README.md
+BOOK_SRC := ds4.c tools/ds4_convert.c vectors/README.md docs/gguf-layout.md docs/forward.md docs/server-api.md docs/vectors.md
 
 book:
 	python3 tools/book.py --out $(BOOK_DIR) $(BOOK_SRC)

@@ -42,8 +42,9 @@
  *
  * BIBLIOGRAPHY
  *
- * Citations in this file are written [TAG] or [TAG §section]. Every tag is
- * listed here, and `make book-check` fails on one that is not. The project's
+ * Citations in this file are written [V4] or [V4 §mHC]: a tag, optionally a
+ * section. Every tag is listed here, and `make book-check` fails on one that
+ * is not. The project's
  * own notes come first; they live in docs/ and cite their sources in turn.
  *
  * - [LAYOUT] docs/gguf-layout.md: the published GGUF (keys, tensor names,
@@ -66,8 +67,8 @@
  * - [V32] DeepSeek-AI, "DeepSeek-V3.2-Exp" technical report, 2025: DeepSeek
  *   Sparse Attention and its lightning indexer.
  * - [MODEL] deepseek-ai/DeepSeek-V4-Flash (Hugging Face), inference/model.py
- *   and inference/kernel.py at revision 60d8d70 (60d8d70770c6776ff598c94bb5
- *   86a859a38244f1), MIT license. The functions this file follows are named
+ *   and inference/kernel.py at revision 60d8d70, in full
+ *   60d8d70770c6776ff598c94bb586a859a38244f1, MIT license. The functions this file follows are named
  *   where they are used: Block.hc_pre, Block.hc_post, hc_split_sinkhorn,
  *   Compressor.forward, Indexer.forward, Attention.forward, sparse_attn,
  *   Gate.forward, Expert.forward, MoE.forward, ParallelHead.hc_head,
