@@ -663,7 +663,7 @@ def build(paths, outdir):
         desc = first_comment_line(src, d) if src else ""
         idx.append('<tr><td><a href="%s#%s"><code>%s</code></a></td><td>%s</td><td><a href="%s">%s</a></td>'
                    '<td>%s</td><td>%s:%d</td><td>%s</td></tr>'
-                   % (pg, a, name, d["kind"], pg, html.escape(ch.num or ch.title), inline(desc, linker, pg, False),
+                   % (pg, a, name, d["kind"], pg, html.escape(ch.num or ch.title), inline(desc, linker, "identifiers.html", False),
                       d["file"], d["line"], uses))
     idx_html = ('<p>Every function, type, macro and table defined at the top level, where it is defined, '
                 'the first line of the comment above it, and the other chapters whose code uses it.</p>'
