@@ -23,14 +23,8 @@
  */
 #define DS4_NO_MAIN
 #include "../ds4.c"
-
-static int tests_passed, tests_failed;
-
-static void check(const char *what, double diff, double tol) {
-    bool ok = diff <= tol;
-    ok ? tests_passed++ : tests_failed++;
-    printf("%s %-62s maxdiff %.3e  tol %.1e\n", ok ? "ok  " : "FAIL", what, diff, tol);
-}
+#define HARNESS_CHECK_TOL
+#include "harness.h"
 
 static uint64_t rng = 12345;
 static float rnd(void) { return (float)((double)(splitmix64(&rng) >> 11) / 9007199254740992.0 * 2 - 1); }
