@@ -690,8 +690,8 @@ REF = re.compile(r"(?:\(|\b(?:see|of|in|section|and|to|from|by)\s+)(\d{1,2}[a-c]
 CITE = re.compile(r"\[([A-Z][A-Z0-9]{2,})(?: §([^\]]+))?\]")
 BIB_ENTRY = re.compile(r"^\s*-\s+\[([A-Z][A-Z0-9]{2,})\]\s+(\S+)")
 OUTSIDE = re.compile(r"shared/|dsv4-format|dsv4-forward|style-anchors")
-XREF = re.compile(r"(?:\(|\b(?:see|of|in|section|sections|and|to|from|by|as in|under|per)\s+|,\s+(?=\d+[a-c]?\.\d+"
-                  r"\s+(?:for|and|in|on|is|gives)\b))(\d{1,2}[a-c]?)\.([1-9]\d?(?:\.\d)?)"
+XREF = re.compile(r"(?:\(|\b(?:see|of|in|section|sections|and|to|from|by|as in|under|per)\s+|,\s+)"
+                  r"(\d{1,2}[a-c]?)\.([1-9]\d?(?:\.\d)?)"
                   r"(?=[) ,;:.]|$)(?!\s+(?:billion|million|GiB|GB|MB|ms|bits|x)\b)")
 CHREF = re.compile(r"\b[Cc]hapters? (\d{1,2}[a-c]?)\b(?!\.\d)(?:(?:,| and| or) (\d{1,2}[a-c]?)\b(?!\.\d))?")
 COLUMNS = 100
@@ -755,7 +755,12 @@ def check_xrefs(src, chapters, known, result):
     for i, l in comment_spans(src):
         for m in XREF.finditer(l):
             ref = m.group(1) + "." + m.group(2)
-            if m.group(1) in nums and m.group(1) in with_secs and ref not in known:
+            lead, after = m.group(0)[0], l[m.end():m.end() + 2]
+            if lead == "," and re.search(r"(?:^|[\s(])[\d.]+,\s*$", l[:m.start() + 1]):
+                continue                      # a list of numbers: "1, 1.5, 2"
+            if lead == "(" and m.group(1) not in with_secs and not re.match(r" [a-z]", after):
+                continue                      # a value in parentheses: "(1.5)"
+            if m.group(1) in nums and ref not in known:
                 stale.append("%d (%s)" % (i, ref))
         for m in CHREF.finditer(l):
             for n in (m.group(1), m.group(2)):
