@@ -112,6 +112,8 @@
  * - [QUAROT] S. Ashkboos et al., "QuaRot: Outlier-Free 4-Bit Inference in
  *   Rotated LLMs", arXiv:2404.00456, 2024 (Hadamard rotations before
  *   low-bit rounding).
+ * - [NUCLEUS] A. Holtzman et al., "The Curious Case of Neural Text
+ *   Degeneration", arXiv:1904.09751, 2019 (top-p sampling).
  * - [GPT2] A. Radford et al., "Language Models are Unsupervised Multitask
  *   Learners", OpenAI, 2019 (the byte-to-unicode map of byte-level BPE).
  *
@@ -127,6 +129,9 @@
  * - [HTML] WHATWG, "HTML Living Standard", §9.2 server-sent events.
  * - [UNICODE] The Unicode Consortium, "The Unicode Standard", §3.9
  *   (well-formed UTF-8, table 3-7).
+ * - [FIPS180] NIST, "Secure Hash Standard (SHS)", FIPS 180-4, 2015 (SHA1).
+ * - [RFC3720] J. Satran et al., "iSCSI", IETF RFC 3720, 2004 (CRC32C).
+ * - [SQLITE] SQLite, the database file format and SQL language reference.
  * - [OPENAI] OpenAI API reference: Chat Completions, Completions, Responses.
  * - [ANTHROPIC] Anthropic API reference: Messages and their streaming.
  */
@@ -445,6 +450,10 @@ static int default_thread_count(void) {
  * truncated, lies about its counts or points outside itself produces one line
  * naming the field, never a crash: model files come from the internet.
  * ------------------------------------------------------------------------- */
+
+/* Sources. The container is GGML's GGUF, version 3 [GGML] (its docs/gguf.md);
+ * the keys and tensors of the published V4 files are in [LAYOUT §1.1] and
+ * [LAYOUT §1.2]. */
 
 enum gguf_value_type {
     GGUF_U8 = 0, GGUF_I8 = 1, GGUF_U16 = 2, GGUF_I16 = 3, GGUF_U32 = 4, GGUF_I32 = 5,
@@ -2406,6 +2415,12 @@ static uint64_t tensor_bytes_for(uint32_t type, uint64_t n_elements, uint64_t ro
  *   HI,DI,KI            indexer heads, head width, rows it selects
  *   n   hc              hyper-connection streams; M = (2+n)*n mixing values
  * ------------------------------------------------------------------------- */
+
+/* Sources. The shape symbols are the fields of ModelArgs in DeepSeek's
+ * inference/model.py [MODEL] under the GGUF key names of [LAYOUT §1.2]; the
+ * tensor names, shapes and types are those of [LAYOUT §1.3], each matched to
+ * the checkpoint name of the model.py module that owns it (Attention.wq_a,
+ * Compressor.wkv, Gate.tid2eid, ...). */
 
 #define DS4_MAX_LAYERS 256
 
@@ -6182,6 +6197,12 @@ static float softplusf(float z) {
  * as the official code does; cos and sin of that float angle are exact.
  * ------------------------------------------------------------------------- */
 
+/* Sources. RoPE is [ROPE]; the frequency ramp is YaRN [YARN]; the two
+ * functions of [MODEL] this section follows are precompute_freqs_cis (the
+ * frequencies, with YaRN on compressed layers only) and apply_rotary_emb
+ * (interleaved pairs, inverse=True for the output). RMSNorm above is
+ * [RMSNORM], RMSNorm.forward of [MODEL]. */
+
 struct rope {
     int dims;              /* R */
     float freq[256];       /* w_i, i < R/2 */
@@ -7646,6 +7667,10 @@ static void mtp_chunk(struct session *s, const int32_t *tokens, const float *X, 
  *     P += T
  * ------------------------------------------------------------------------- */
 
+/* Source. This is Transformer.forward of [MODEL] (embed, copy into hc_mult
+ * streams, the blocks, ParallelHead) run over a chunk, with the state of
+ * [FWD §9] carried between calls; MTPBlock.forward supplies the MTP rows. */
+
 struct forward_request {
     float *all_logits;    /* [T][V]: logits of every position, or NULL */
     float *mtp_logits;    /* [T][V]: row t = MTP row of position P-1+t, or NULL */
@@ -7732,6 +7757,9 @@ static bool session_feed(struct session *s, const int32_t *tokens, int64_t n, in
  *
  * The generator is splitmix64, seeded by --seed, so a seeded run repeats.
  * ------------------------------------------------------------------------- */
+
+/* Sources. The filters are the usual ones of the APIs the server speaks
+ * [API §1.3]; top-p is the nucleus of Holtzman et al. [NUCLEUS]. */
 
 struct sampler_options {
     float temperature, top_p, min_p;
@@ -7871,6 +7899,9 @@ static int sample_token(struct sampler *sp, const float *logits, int vocab) {
  * replays the accepted tokens' compressor inputs, which re-emits exactly the
  * rows they emitted.
  * ------------------------------------------------------------------------- */
+
+/* Sources. The draft model is the MTP block [V3 §2.2] [MTP] (8.12); the
+ * verification and the acceptance rule are [SPEC] and [SPEC2]. */
 
 struct spec_options {
     int draft;               /* drafted tokens per step, 0 = plain decoding */
@@ -8279,6 +8310,10 @@ static int generator_step(struct generator *g, int32_t *out, struct ds4_error *e
  * SHA1 of the key text and both CRCs, but decodes no payload (that needs
  * the model); a load decodes and validates everything.
  * ------------------------------------------------------------------------- */
+
+/* Sources. SHA1 is [FIPS180]; CRC32C (Castagnoli) is the checksum of
+ * [RFC3720] (iSCSI); the index is [SQLITE]. The file format itself is this
+ * project's own, specified in this chapter. */
 
 
 /* ---- 10c.1 SHA1 (FIPS 180-4) ---------------------------------------------
