@@ -60,19 +60,19 @@ TEST_PROGRAMS := $(TESTBIN)/test_quant $(TESTBIN)/test_json $(TESTBIN)/test_gguf
 $(TESTBIN):
 	mkdir -p $@
 
-$(TESTBIN)/test_quant: tests/test_quant.c $(SOURCES) | $(TESTBIN)
+$(TESTBIN)/test_quant: tests/test_quant.c tests/harness.h $(SOURCES) | $(TESTBIN)
 	$(CC) $(CFLAGS) $(ARCH) $(WARN) -o $@ $< $(LIBS)
 
-$(TESTBIN)/test_model: tests/test_model.c $(SOURCES) | $(TESTBIN)
+$(TESTBIN)/test_model: tests/test_model.c tests/harness.h $(SOURCES) | $(TESTBIN)
 	$(CC) $(CFLAGS) $(ARCH) $(WARN) -o $@ $< $(LIBS)
 
-$(TESTBIN)/test_spec: tests/test_spec.c $(SOURCES) | $(TESTBIN)
+$(TESTBIN)/test_spec: tests/test_spec.c tests/harness.h $(SOURCES) | $(TESTBIN)
 	$(CC) $(CFLAGS) $(ARCH) $(WARN) -o $@ $< $(LIBS)
 
-$(TESTBIN)/test_backend: tests/test_backend.c $(SOURCES) | $(TESTBIN)
+$(TESTBIN)/test_backend: tests/test_backend.c tests/harness.h $(SOURCES) | $(TESTBIN)
 	$(CC) $(CFLAGS) $(ARCH) $(WARN) -o $@ $< $(LIBS)
 
-$(TESTBIN)/test_kvdisk: tests/test_kvdisk.c $(SOURCES) | $(TESTBIN)
+$(TESTBIN)/test_kvdisk: tests/test_kvdisk.c tests/harness.h $(SOURCES) | $(TESTBIN)
 	$(CC) $(SAN) $(WARN) -o $@ $< $(LIBS)
 
 # The Metal-on-CPU harness: kernels.metal compiled unchanged as C++14 (MSL's base; clang++,
@@ -108,16 +108,16 @@ $(TESTBIN)/kvdisk: tests/kvdisk_driver.c $(SOURCES) | $(TESTBIN)
 	$(CC) $(CFLAGS) $(ARCH) $(WARN) -o $@ $< $(LIBS)
 
 # Everything that parses untrusted bytes runs under the sanitizers.
-$(TESTBIN)/test_json: tests/test_json.c $(SOURCES) | $(TESTBIN)
+$(TESTBIN)/test_json: tests/test_json.c tests/harness.h $(SOURCES) | $(TESTBIN)
 	$(CC) $(SAN) $(WARN) -o $@ $< $(LIBS)
 
-$(TESTBIN)/test_gguf: tests/test_gguf.c $(SOURCES) | $(TESTBIN)
+$(TESTBIN)/test_gguf: tests/test_gguf.c tests/harness.h $(SOURCES) | $(TESTBIN)
 	$(CC) $(SAN) $(WARN) -o $@ $< $(LIBS)
 
-$(TESTBIN)/test_text: tests/test_text.c $(SOURCES) | $(TESTBIN)
+$(TESTBIN)/test_text: tests/test_text.c tests/harness.h $(SOURCES) | $(TESTBIN)
 	$(CC) $(SAN) $(WARN) -o $@ $< $(LIBS)
 
-$(TESTBIN)/test_convert: tests/test_convert.c tools/ds4_convert.c $(SOURCES) | $(TESTBIN)
+$(TESTBIN)/test_convert: tests/test_convert.c tests/harness.h tools/ds4_convert.c $(SOURCES) | $(TESTBIN)
 	$(CC) $(SAN) $(WARN) -o $@ $< $(LIBS)
 
 $(TESTBIN)/tiny-q8_0.gguf: ds4-convert $(TINY_SRC) | $(TESTBIN)
@@ -146,7 +146,7 @@ bench: all
 # ds4.c rendered as a book (tools/book.py, Python 3 standard library only).
 # book/ is committed; tests/book_sync.sh fails when it is stale.
 BOOK_DIR ?= book
-BOOK_SRC := ds4.c tools/ds4_convert.c vectors/README.md
+BOOK_SRC := ds4.c tools/ds4_convert.c vectors/README.md docs/gguf-layout.md docs/forward.md docs/server-api.md docs/vectors.md
 
 book:
 	python3 tools/book.py --out $(BOOK_DIR) $(BOOK_SRC)

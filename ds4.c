@@ -39,6 +39,101 @@
  * Conventions. A matrix W stored "[out][in]" (GGUF dims [in, out]) maps an
  * input vector x of length in to y[o] = sum_i W[o][i] * x[i]. Positions are
  * 0-based absolute token indices. Activations are float32 throughout.
+ *
+ * BIBLIOGRAPHY
+ *
+ * Citations in this file are written [V4] or [V4 §mHC]: a tag, optionally a
+ * section. Every tag is listed here, and `make book-check` fails on one that
+ * is not. The project's
+ * own notes come first; they live in docs/ and cite their sources in turn.
+ *
+ * - [LAYOUT] docs/gguf-layout.md: the published GGUF (keys, tensor names,
+ *   types, experts), the quant blocks, the vocabulary, the chat format, DSML.
+ * - [FWD] docs/forward.md: the forward pass as formulas with shapes, each
+ *   matched to its function in [MODEL].
+ * - [API] docs/server-api.md: the endpoints and streaming shapes the server
+ *   speaks.
+ * - [VEC] docs/vectors.md: the schema of the oracle vectors.
+ *
+ * DeepSeek's model and code:
+ *
+ * - [V4] DeepSeek-AI, "DeepSeek-V4: Towards Highly Efficient Million-Token
+ *   Context Intelligence", technical report, 2026 (DeepSeek_V4.pdf in the
+ *   model repository). Cited by section name: §CSA and §HCA (compressed
+ *   sparse and heavily compressed attention), §mHC, §MoE, §MTP, §FP4 (the
+ *   quantization-aware training of experts and indexer).
+ * - [V3] DeepSeek-AI, "DeepSeek-V3 Technical Report", arXiv:2412.19437, 2024
+ *   (§2.1.2 auxiliary-loss-free balancing, §2.2 multi-token prediction).
+ * - [V32] DeepSeek-AI, "DeepSeek-V3.2-Exp" technical report, 2025: DeepSeek
+ *   Sparse Attention and its lightning indexer.
+ * - [MODEL] deepseek-ai/DeepSeek-V4-Flash (Hugging Face), inference/model.py
+ *   and inference/kernel.py at revision 60d8d70, in full
+ *   60d8d70770c6776ff598c94bb586a859a38244f1, MIT license. The functions this file follows are named
+ *   where they are used: Block.hc_pre, Block.hc_post, hc_split_sinkhorn,
+ *   Compressor.forward, Indexer.forward, Attention.forward, sparse_attn,
+ *   Gate.forward, Expert.forward, MoE.forward, ParallelHead.hc_head,
+ *   MTPBlock.forward, precompute_freqs_cis, apply_rotary_emb,
+ *   rotate_activation, act_quant, fp4_act_quant.
+ * - [ENC] the same repository, encoding/encoding_dsv4.py at revision 60d8d70:
+ *   encode_messages() and the DSML parser.
+ * - [TOKJ] the same repository, tokenizer.json: the pre-tokenizer and BPE.
+ *
+ * Papers:
+ *
+ * - [MHC] Z. Xie et al., "mHC: Manifold-Constrained Hyper-Connections",
+ *   arXiv:2512.24880, 2025.
+ * - [HC] D. Zhu et al., "Hyper-Connections", arXiv:2409.19606, 2024.
+ * - [SINKHORN] R. Sinkhorn and P. Knopp, "Concerning nonnegative matrices
+ *   and doubly stochastic matrices", Pacific J. Math. 21(2), 1967.
+ * - [SINKS] G. Xiao et al., "Efficient Streaming Language Models with
+ *   Attention Sinks", arXiv:2309.17453, 2023.
+ * - [ROPE] J. Su et al., "RoFormer: Enhanced Transformer with Rotary
+ *   Position Embedding", arXiv:2104.09864, 2021.
+ * - [YARN] B. Peng et al., "YaRN: Efficient Context Window Extension of
+ *   Large Language Models", arXiv:2309.00071, 2023.
+ * - [RMSNORM] B. Zhang and R. Sennrich, "Root Mean Square Layer
+ *   Normalization", arXiv:1910.07467, 2019.
+ * - [SWIGLU] N. Shazeer, "GLU Variants Improve Transformer",
+ *   arXiv:2002.05202, 2020.
+ * - [LOSSFREE] L. Wang et al., "Auxiliary-Loss-Free Load Balancing Strategy
+ *   for Mixture-of-Experts", arXiv:2408.15664, 2024.
+ * - [HASH] S. Roller et al., "Hash Layers For Large Sparse Models",
+ *   arXiv:2106.04426, 2021.
+ * - [MTP] F. Gloeckle et al., "Better & Faster Large Language Models via
+ *   Multi-token Prediction", arXiv:2404.19737, 2024.
+ * - [SPEC] Y. Leviathan, M. Kalman, Y. Matias, "Fast Inference from
+ *   Transformers via Speculative Decoding", arXiv:2211.17192, 2023.
+ * - [SPEC2] C. Chen et al., "Accelerating Large Language Model Decoding with
+ *   Speculative Sampling", arXiv:2302.01318, 2023.
+ * - [FP8] P. Micikevicius et al., "FP8 Formats for Deep Learning",
+ *   arXiv:2209.05433, 2022 (e4m3).
+ * - [MX] Open Compute Project, "OCP Microscaling Formats (MX)
+ *   Specification", v1.0, 2023 (e2m1 elements, e8m0 scales).
+ * - [QUAROT] S. Ashkboos et al., "QuaRot: Outlier-Free 4-Bit Inference in
+ *   Rotated LLMs", arXiv:2404.00456, 2024 (Hadamard rotations before
+ *   low-bit rounding).
+ * - [NUCLEUS] A. Holtzman et al., "The Curious Case of Neural Text
+ *   Degeneration", arXiv:1904.09751, 2019 (top-p sampling).
+ * - [GPT2] A. Radford et al., "Language Models are Unsupervised Multitask
+ *   Learners", OpenAI, 2019 (the byte-to-unicode map of byte-level BPE).
+ *
+ * Formats and protocols:
+ *
+ * - [GGML] ggml-org/ggml and ggml-org/llama.cpp, MIT license: the GGUF
+ *   container (docs/gguf.md) and the quant block layouts (ggml-common.h,
+ *   ggml-quants.c), which chapter 3 reproduces by value.
+ * - [RFC8259] T. Bray, "The JavaScript Object Notation (JSON) Data
+ *   Interchange Format", IETF RFC 8259, 2017.
+ * - [RFC9110] R. Fielding et al., "HTTP Semantics", IETF RFC 9110, 2022.
+ * - [RFC9112] R. Fielding et al., "HTTP/1.1", IETF RFC 9112, 2022.
+ * - [HTML] WHATWG, "HTML Living Standard", §9.2 server-sent events.
+ * - [UNICODE] The Unicode Consortium, "The Unicode Standard", §3.9
+ *   (well-formed UTF-8, table 3-7).
+ * - [FIPS180] NIST, "Secure Hash Standard (SHS)", FIPS 180-4, 2015 (SHA1).
+ * - [RFC3720] J. Satran et al., "iSCSI", IETF RFC 3720, 2004 (CRC32C).
+ * - [SQLITE] SQLite, the database file format and SQL language reference.
+ * - [OPENAI] OpenAI API reference: Chat Completions, Completions, Responses.
+ * - [ANTHROPIC] Anthropic API reference: Messages and their streaming.
  */
 
 #ifndef _GNU_SOURCE
@@ -375,6 +470,10 @@ static int default_thread_count(void) {
  * truncated, lies about its counts or points outside itself produces one line
  * naming the field, never a crash: model files come from the internet.
  * ------------------------------------------------------------------------- */
+
+/* Sources. The container is GGML's GGUF, version 3 [GGML] (its docs/gguf.md);
+ * the keys and tensors of the published V4 files are in [LAYOUT §1.1] and
+ * [LAYOUT §1.2]. */
 
 enum gguf_value_type {
     GGUF_U8 = 0, GGUF_I8 = 1, GGUF_U16 = 2, GGUF_I16 = 3, GGUF_U32 = 4, GGUF_I32 = 5,
@@ -735,7 +834,7 @@ static bool gguf_open(struct gguf *g, const char *path, struct ds4_error *e) {
  * Chapter 3. Quantized blocks
  * =========================================================================
  *
- * Format: [GGML] block layouts, see docs/dsv4-format.md §2.
+ * Format: [GGML] block layouts [LAYOUT §2].
  * CPU: dequant_row_ref(), vec_dot_ref() (the definitions);
  *      dequant_row(), vec_dot() (the fast paths used by the engine).
  * Tests: tests/test_quant.c.
@@ -745,7 +844,7 @@ static bool gguf_open(struct gguf *g, const char *path, struct ds4_error *e) {
  * weight row, squeezed into a few bytes that hold small integers plus one or
  * two shared scale factors. The routed experts of the "q2" file cost about
  * 2.25 bits per weight instead of 16 (80.8 GiB instead of roughly seven
- * times that, docs/dsv4-format.md §1.4), which is what lets the model fit
+ * times that [LAYOUT §1.4]), which is what lets the model fit
  * on one machine. This chapter is the only place that knows what those
  * bytes mean.
  *
@@ -769,7 +868,7 @@ static bool gguf_open(struct gguf *g, const char *path, struct ds4_error *e) {
  * Every format is defined twice. The *reference* functions (3.5) decode one
  * value at a time in plain C: they are the specification, short enough to
  * check against the byte tables below by eye. The *fast* functions (3.7 for
- * x86-64 AVX2, 5.8 for arm64 NEON) decode eight or four values per
+ * x86-64 AVX2, 3.8 for arm64 NEON) decode eight or four values per
  * instruction and are tested against the reference (tests/test_quant.c).
  * Nothing else in the engine looks inside a block.
  *
@@ -780,7 +879,7 @@ static bool gguf_open(struct gguf *g, const char *path, struct ds4_error *e) {
  * product. We do not: the weights are decoded to float in registers and
  * multiplied with the float32 activations. It costs some speed, but then
  * vec_dot() differs from "dequantize the row, then an ordinary float dot
- * product" only by float rounding (the order of the additions, 5.6), so the
+ * product" only by float rounding (the order of the additions, 3.6), so the
  * whole engine can be checked against one obvious definition, to about 1e-5
  * relative, with no second source of error.
  *
@@ -2322,7 +2421,7 @@ static uint64_t tensor_bytes_for(uint32_t type, uint64_t n_elements, uint64_t ro
  * Everything about the model's shape comes from the GGUF metadata, under the
  * `deepseek4.` prefix the published files use. Nothing is hard-coded: the
  * same code runs the 43-layer Flash model and the 6-layer tiny model that
- * the tests use. The symbols below match the forward-pass notes:
+ * the tests use. The symbols below match the forward-pass notes [FWD §1]:
  *
  *   D   dim             residual width of one hyper-connection stream
  *   H   n_heads         query heads (one shared K=V head serves them all)
@@ -2336,6 +2435,12 @@ static uint64_t tensor_bytes_for(uint32_t type, uint64_t n_elements, uint64_t ro
  *   HI,DI,KI            indexer heads, head width, rows it selects
  *   n   hc              hyper-connection streams; M = (2+n)*n mixing values
  * ------------------------------------------------------------------------- */
+
+/* Sources. The shape symbols are the fields of ModelArgs in DeepSeek's
+ * inference/model.py [MODEL] under the GGUF key names of [LAYOUT §1.2]; the
+ * tensor names, shapes and types are those of [LAYOUT §1.3], each matched to
+ * the checkpoint name of the model.py module that owns it (Attention.wq_a,
+ * Compressor.wkv, Gate.tid2eid, ...). */
 
 #define DS4_MAX_LAYERS 256
 
@@ -3278,7 +3383,7 @@ static bool json_parse_string(struct json_parser *p, char **out, size_t *out_len
 
 /* ---- Numbers and literals ------------------------------------------------- */
 
-/* The number grammar of RFC 8259 §6, checked byte by byte:
+/* The number grammar of [RFC8259 §6], checked byte by byte:
  *
  *     number = [ "-" ] int [ frac ] [ exp ]
  *     int    = "0" / ( digit1-9 *DIGIT )
@@ -3727,7 +3832,7 @@ static void json_write(struct strbuf *b, const struct json *j) {
  * Chapter 6. Text: byte-level BPE, the chat template and DSML tool calls.
  * =========================================================================
  *
- * Spec: docs/dsv4-format.md §3 (tokenizer), §4 (chat encoding and DSML).
+ * Spec: [LAYOUT §3] (vocabulary), [LAYOUT §4] (chat format), [LAYOUT §5] (DSML).
  * References:
  *   [TOKJ] DeepSeek V3/V4 tokenizer.json: the pre-tokenizer and the BPE model.
  *   [ENC]  DeepSeek V4 encoding/encoding_dsv4.py: encode_messages() and
@@ -4352,7 +4457,7 @@ static void pretokenize(const char *s, size_t len, pretok_emit_fn emit, void *ct
  *     ascending byte order, to U+0100, U+0101, ... U+0143. So a space is
  *     U+0120 'Ġ' and a newline U+010A 'Ċ'.
  *
- * The GGUF keys the loader hands us [dsv4-format §3.1]:
+ * The GGUF keys the loader hands us [LAYOUT §3.1]:
  *
  *     tokenizer.ggml.tokens   129,280 strings; index = token id; each in
  *                             byte-mapped form, except the added tokens
@@ -5070,7 +5175,7 @@ static void pyjson_write(struct strbuf *b, const struct json *j) {
  *
  *     BOS [Think-Max paragraph] message message ...
  *
- * and per message (docs/dsv4-format.md §4.2):
+ * and per message [LAYOUT §4.2]:
  *
  *     system        content [\n\n tools section] [\n\n response format]
  *     developer     <｜User｜> content [\n\n tools] [\n\n response format]
@@ -5454,7 +5559,7 @@ static void chat_dsml_params(struct strbuf *out, const struct json *args) {
     json_free(parsed);
 }
 
-/* The DSML block of an assistant turn [dsv4-format §4.6]:
+/* The DSML block of an assistant turn [LAYOUT §5.1]:
  *
  *     \n\n<｜DSML｜tool_calls>\n
  *     <｜DSML｜invoke name="NAME">\n PARAM \n PARAM ... \n</｜DSML｜invoke>\n
@@ -5595,7 +5700,7 @@ static int chat_render(const struct json *messages, const struct json *tools, co
 /* ---- 6.9 The DSML parser ---------------------------------------------------------- */
 
 /* What the model writes after the prompt's <｜Assistant｜><think> is, when
- * all goes well [dsv4-format §4.6]:
+ * all goes well [LAYOUT §5.1]:
  *
  *     REASONING </think> CONTENT [\n\n TOOL BLOCK] EOS
  *
@@ -6062,8 +6167,8 @@ static bool tokenizer_load_gguf(struct tokenizer *t, const struct gguf *g, int v
  * Chapter 7. Numeric primitives of DeepSeek V4
  * ============================================================================
  *
- * Small, exact building blocks. Each one is a formula from the forward-pass
- * notes; the comment above each function states it.
+ * Small, exact building blocks. Each one is a formula of the forward-pass
+ * notes [FWD §2]; the comment above each function states it.
  * ------------------------------------------------------------------------- */
 
 /* RMSNorm:  y[i] = x[i] * w[i] / sqrt(mean_j x[j]^2 + eps)   (w = NULL: no gain)
@@ -6111,6 +6216,12 @@ static float softplusf(float z) {
  * softmax scale. The frequencies and the angle p*w_i are formed in float32,
  * as the official code does; cos and sin of that float angle are exact.
  * ------------------------------------------------------------------------- */
+
+/* Sources. RoPE is [ROPE]; the frequency ramp is YaRN [YARN]; the two
+ * functions of [MODEL] this section follows are precompute_freqs_cis (the
+ * frequencies, with YaRN on compressed layers only) and apply_rotary_emb
+ * (interleaved pairs, inverse=True for the output). RMSNorm above is
+ * [RMSNORM], RMSNorm.forward of [MODEL]. */
 
 struct rope {
     int dims;              /* R */
@@ -6168,6 +6279,28 @@ static void rope_tail(const struct rope *r, float *x, int len, int64_t pos, bool
  *   e4m3    448       64     (1 + m/8) 2^(e-7), e = 1..15; subnormals m 2^-9
  *   e2m1    6         32     0, 0.5, 1, 1.5, 2, 3, 4, 6
  * ------------------------------------------------------------------------- */
+
+/* WHY ROUND TRIPS, AND WHY THESE
+ *
+ * V4 was trained quantization-aware [V4 §FP4]: the forward pass used in
+ * training rounded some tensors to tiny float formats and back, and the
+ * weights learned to live with exactly that rounding. The rounding is
+ * therefore part of the model's function, not an implementation detail:
+ *
+ *     K=V rows, dims [0, Dh-R)     e4m3 [FP8], blocks of 64   (act_quant)
+ *     K=V rows, dims [Dh-R, Dh)    kept: RoPE phases encode distance, and
+ *                                  rounding them would blur positions
+ *     indexer q and k              Hadamard, then e2m1 [MX], blocks of 32
+ *                                  (rotate_activation, fp4_act_quant)
+ *
+ * The scales are powers of two ("ue8m0"), so dividing by a scale and
+ * multiplying back is exact: the grid rounding is the only error, and it is
+ * the one the model saw. Ties go to the even code, as in the hardware
+ * formats. Skipping these steps costs little accuracy per value but flips
+ * discrete choices downstream (the indexer's top-k), which is why the
+ * oracle vectors (11.1) include them. Source: [MODEL] act_quant and
+ * fp4_act_quant in kernel.py; [FWD §2.3] and [FWD §2.4].
+ */
 
 /* 2^ceil(log2(y)) for y > 0, exact: frexp gives y = m 2^e with m in [0.5, 1);
  * then ceil(log2 y) is e-1 when m is exactly 0.5 and e otherwise. */
@@ -6575,6 +6708,44 @@ static void session_free(struct session *s) {
  * The fn . x^ products of a whole chunk are one matmul; the rest is per token.
  * ------------------------------------------------------------------------- */
 
+/* WHY THE MIXING MATRIX IS DOUBLY STOCHASTIC
+ *
+ * What. Hyper-connections [HC] widen the residual stream from one vector to
+ * n = 4 streams X [n][D] and let each sublayer learn how to read them (pre
+ * [n]), where to write its output (post [n]) and how the streams flow past
+ * it (C [n][n]). V4 uses the manifold-constrained form [MHC] [V4 §mHC]: C is
+ * pushed onto the doubly stochastic matrices, every entry >= 0 and every row
+ * and column summing to 1.
+ *
+ * Why. The residual path of a deep model is the product of every layer's C:
+ * 43 layers x 2 sublayers = 86 factors. Unconstrained, such a product can
+ * grow or shrink the signal geometrically, and plain HC loses the identity
+ * shortcut that made residual networks trainable. Doubly stochastic matrices
+ * are closed under products, so the whole path stays doubly stochastic:
+ *
+ *     sum_k C[j][k] = 1   source j hands out all of itself, no more:
+ *                         sum_k Xout[k] = (sum_k post[k]) f + sum_j X[j]
+ *     sum_j C[j][k] = 1   each stream k receives a weighted AVERAGE of the
+ *                         sources, so no stream exceeds the largest one
+ *     ||C||_2 = 1         no direction is amplified, however deep the stack
+ *
+ * and the identity (the plain residual) is one of them, so "do nothing" is
+ * always reachable. pre = sigmoid(..) >= 0 and post = 2 sigmoid(..) in (0, 2)
+ * keep the read and the write non-negative and bounded for the same reason.
+ *
+ * How. Sinkhorn and Knopp [SINKHORN] showed that alternately normalizing the
+ * rows and columns of a positive matrix converges to a doubly stochastic one.
+ * The model was trained with exactly 20 rounds in a fixed order (a row
+ * softmax first, eps added at fixed points, a column step last), so we
+ * reproduce those rounds step for step rather than iterate to convergence:
+ * the rounded result IS the model. C: [n][n] = [4][4]; the raw mix m comes
+ * from fn [M][n*D] applied to the flattened, RMS-scaled streams [n*D].
+ *
+ * Source: [MODEL] Block.hc_pre (mix, pre, collapse), hc_split_sinkhorn in
+ * kernel.py (pre, post, Sinkhorn on C), Block.hc_post (the write back);
+ * [FWD §3].
+ */
+
 /* Sinkhorn-Knopp: a row softmax, +eps, then alternate column and row
  * normalisations, T column steps and T-1 row steps in all, ending on a
  * column step. C is n x n, row-major, C[j][k] = c[j*n + k]. */
@@ -6695,6 +6866,39 @@ static void hc_head_collapse(const struct ds4_config *c, const float *X, const f
  *     state[slot] = (k_t, z_t)
  *     if (p+1) mod r == 0:  pool, finish, and (overlap) shift slots r..2r-1 down
  * ------------------------------------------------------------------------- */
+
+/* WHY COMPRESSED ATTENTION: A WINDOW, A SUMMARY, AND A CHOICE
+ *
+ * What. Every layer attends to the last W = 128 tokens exactly. Beyond the
+ * window, a layer with ratio r > 0 sees the past only as compressed rows,
+ * one per r tokens [V4 §CSA §HCA]. Flash alternates two kinds:
+ *
+ *     HCA  r = 128   heavily compressed: every row is attended, dense
+ *     CSA  r = 4     compressed sparse: the indexer (8.7) picks KI = 512
+ *
+ * plus two window-only layers at the bottom.
+ *
+ * Why. At a context of P tokens, a layer's cache holds W + P/r rows of Dh
+ * floats instead of P. At P = 1M that is 8,320 rows for HCA and 262,272
+ * for CSA instead of 1,048,576, and a CSA query reads only W + KI = 640 of
+ * them. One shared K=V head (the key is the value) halves the cache again.
+ * The window keeps the recent past sharp, where exact token order matters
+ * most; the compressed rows keep the distant past reachable at a cost that
+ * grows with P/r, not P.
+ *
+ * How a row is made. The pooling is learned and per channel: token t of the
+ * window offers a value k_t and a score z_t for each of the coff*Dh
+ * channels, and channel j of the row is the softmax_t(z_t[j]) average of
+ * k_t[j]. Different channels can thus keep different tokens of the window.
+ * The position bias ape[p mod r] lets the pool prefer a slot (say the last
+ * token of a window). At r = 4 the windows overlap by half (each row pools 8
+ * tokens, two halves of projection), so a phrase cut by a window boundary
+ * still lands whole in one row. A row exists only once its last token is
+ * seen; the unfinished window waits in the compressor state (8.2).
+ *
+ * Source: [MODEL] Compressor.forward and Compressor.overlap_transform,
+ * get_compress_topk_idxs (which rows a HCA query sees); [FWD §5].
+ */
 
 /* Pool channel j over the candidates: (score, value) pairs, where a -inf
  * score (a slot no token has filled yet) contributes nothing. With overlap,
@@ -6916,6 +7120,27 @@ struct step {
  * values back to D.
  * ------------------------------------------------------------------------- */
 
+/* WHAT THE ATTENTION SINK DOES
+ *
+ * A softmax's weights sum to 1, so a head must put its whole attention
+ * somewhere, even when nothing it can see is relevant. Models trained
+ * without a way out learn to park that mass on the first tokens of the text
+ * and use them as a "sink" [SINKS]. V4 cannot rely on that trick: with a
+ * sliding window and compressed rows, the first token is usually out of
+ * sight. So each head h gets a learned logit sink_h that competes in the
+ * softmax but carries no value:
+ *
+ *     g_h = e^sink_h / (e^sink_h + sum_j e^l_j)          in (0, 1)
+ *     o_h = (1 - g_h) * (the usual softmax average of the rows)
+ *
+ * A head that finds nothing shrinks its output toward zero instead of
+ * averaging noise; a head that finds a strong match (l_j >> sink_h) is
+ * unaffected. sink: [H], one float per head, the tensor attn_sinks.
+ *
+ * Source: [MODEL] Attention.attn_sink and sparse_attn in kernel.py, which
+ * adds e^sink to the softmax denominator; [FWD §4].
+ */
+
 static const struct rope *layer_rope(const struct engine *eng, const struct layer_weights *L) {
     return L->ratio > 0 ? &eng->rope_compressed : &eng->rope_window;
 }
@@ -7041,6 +7266,34 @@ static void compress_chunk(struct step *st) {
  * When no more than KI rows are visible, all are taken and no score is
  * needed: the result is the same.
  * ------------------------------------------------------------------------- */
+
+/* WHY A LIGHTNING INDEXER, AND WHY IT WORKS IN FP4
+ *
+ * What. DeepSeek Sparse Attention [V32] [V4 §CSA]: a second, much smaller
+ * attention scores every compressed row, and only the KI best rows enter the
+ * real attention. Its score is a sum of per-head votes:
+ *
+ *     score[c] = sum_h wI[h] * relu(qI_h . KI[c])     qI: [HI][DI], KI: [rows][DI]
+ *
+ * Why this shape. It is cheap: HI * DI = 64 x 128 per query against rows of
+ * DI = 128, where the main attention has 64 heads of 512 against rows of
+ * 512. The relu lets a head vote only FOR rows it matches, never against;
+ * the weights wI come from the token itself, so the query decides which
+ * indexer heads to trust. Selection by score, not by recency, lets a token
+ * reach back to any part of a long context.
+ *
+ * Why the Hadamard and FP4. The indexer was trained in FP4 (e2m1, 8
+ * magnitudes) [V4 §FP4]. A 4-bit block format shares one scale among 32
+ * values, and one outlier channel would crush the rest to zero. The
+ * normalized Hadamard matrix is orthogonal -- (Hq).(Hk) = q.k -- and spreads
+ * every channel over all of them, so the block scale fits [QUAROT]. Because
+ * the top-k is a discrete choice, a reference that skipped the rounding
+ * would pick different rows; we round exactly as the model was trained (7).
+ *
+ * Source: [MODEL] Indexer.forward (queries, weights, scores, top-k),
+ * Compressor.forward with rotate=True (its own compressed rows),
+ * rotate_activation, fp4_act_quant; [FWD §6].
+ */
 
 static void indexer_queries(struct step *st) {
     struct engine *eng = st->eng;
@@ -7222,6 +7475,42 @@ static void attention_chunk(struct step *st) {
  * are read once for all the tokens that chose it.
  * ------------------------------------------------------------------------- */
 
+/* THE ROUTING CHOICES, AND WHY
+ *
+ * Shapes: router [E][D], bias [E], tid2eid [V][K]; per token s [E], chosen
+ * [K], w [K]; E = 256, K = 6 for Flash.
+ *
+ * Why sqrt(softplus). The score must be positive (it becomes a weight) and
+ * must keep ordering the experts at any logit. V3 used a sigmoid [V3];
+ * a sigmoid saturates at 1, so two strongly matching experts look alike.
+ * sqrt(softplus(z)) is positive, smooth, near e^(z/2) for very negative z and
+ * near sqrt(z) for large z: it still separates large logits, but grows
+ * slowly enough that one expert cannot swamp the normalized weights. (The
+ * report gives the function; this reading of it is ours.)
+ *
+ * Why the bias only selects. V4 balances expert load without an auxiliary
+ * loss [LOSSFREE] [V3 §2.1.2]: during training a per-expert bias is nudged
+ * up for idle experts and down for busy ones. Added before the top-K, it
+ * changes WHICH experts a token uses; kept out of the weights, it never
+ * changes HOW MUCH a chosen expert contributes, so balancing does not bend
+ * the function the experts learn. We must copy that asymmetry exactly.
+ *
+ * Why the first layers are hash-routed. In layers 0 .. NH-1 (NH = 3) the
+ * experts come from a fixed table indexed by the token id [HASH]. Near the
+ * bottom, a token's hidden state is still mostly its own embedding, so a
+ * learned router would mostly route by token anyway; a fixed table does that
+ * with perfect, precomputed balance and nothing to train or collapse. The
+ * weights still come from the router scores.
+ *
+ * Why the route scale. The K weights are normalized to sum to 1, so the
+ * expert output does not depend on how sharp the router is; route_scale
+ * (1.5) then sets its size against the always-on shared expert. The SwiGLU
+ * [SWIGLU] clamp (limit 10) bounds activations for low-precision arithmetic.
+ *
+ * Source: [MODEL] Gate.forward (scores, bias, hash, weights), Expert.forward
+ * (clamped SwiGLU), MoE.forward (routed + shared); [V4 §MoE]; [FWD §7].
+ */
+
 static void route_token(const struct ds4_config *c, const struct layer_weights *L,
                         const float *logits, int32_t token, int *sel, float *wt) {
     float score[1024], biased[1024];
@@ -7398,6 +7687,29 @@ static void head_chunk(struct step *st, int64_t row0, int n, float *logits) {
  * behind the main model; over a prompt it fills its window exactly as the
  * official code does.
  * ------------------------------------------------------------------------- */
+
+/* WHY A MULTI-TOKEN-PREDICTION BLOCK
+ *
+ * What. During training, V4 (like V3 [V3 §2.2], after [MTP]) also learns
+ * to predict the token after next: one extra block reads the main model's
+ * final streams at position i [n][D] and the embedding of token i+1 [D],
+ * and its logits [V] are trained on token i+2 [V4 §MTP].
+ *
+ * Why it is shipped. At inference it is a draft model for speculative
+ * decoding (chapter 10b): one block instead of 43, sharing the embedding and
+ * the output matrix, and far better informed than a separate small model,
+ * because it starts from everything the main model computed about the
+ * context. A wrong guess costs little: the main model verifies all drafts in
+ * one chunk, and the acceptance rule keeps the output distribution exactly
+ * the main model's [SPEC] [SPEC2].
+ *
+ * Why it runs one position behind. Its row i needs token i+1, which exists
+ * only after the main model has produced it; so its own window ring is
+ * always one row behind the main model's.
+ *
+ * Source: [MODEL] MTPBlock.forward (e_proj, h_proj, enorm, hnorm, the block,
+ * hc_head, the shared head); [FWD §8].
+ */
 
 static void embed_tokens(const struct model *m, const int32_t *tokens, int T, float *out) {
     for (int t = 0; t < T; t++)
@@ -8013,6 +8325,10 @@ static const struct backend *backend_by_name(const char *name, struct ds4_error 
  * the same story whichever backend runs it; it owns no arrays of its own.
  * ------------------------------------------------------------------------- */
 
+/* Source. This is Transformer.forward of [MODEL] (embed, copy into hc_mult
+ * streams, the blocks, ParallelHead) run over a chunk, with the state of
+ * [FWD §9] carried between calls; MTPBlock.forward supplies the MTP rows. */
+
 /* One block through the table: the two sublayers of 8.10. */
 static void run_block(const struct backend *be, struct step *st) {
     be->hc_collapse(st, SUBLAYER_ATTENTION);
@@ -8144,6 +8460,9 @@ static bool session_feed(struct session *s, const int32_t *tokens, int64_t n, in
  * The generator is splitmix64, seeded by --seed, so a seeded run repeats.
  * ------------------------------------------------------------------------- */
 
+/* Sources. The filters are the usual ones of the APIs the server speaks
+ * [API §1.3]; top-p is the nucleus of Holtzman et al. [NUCLEUS]. */
+
 struct sampler_options {
     float temperature, top_p, min_p;
     int top_k;
@@ -8270,7 +8589,7 @@ static int sample_token(struct sampler *sp, const float *logits, int vocab) {
  *   roll the session back to just after the last kept token.
  *
  * The acceptance rule makes the output distribution exactly the main
- * model's (Leviathan et al. 2023, Chen et al. 2023); in greedy mode the
+ * model's [SPEC] [SPEC2]; in greedy mode the
  * tokens are identical to plain decoding, because a verification of up to
  * MATMUL_DECODE_PATH_MAX_TOKENS tokens runs the same arithmetic as decode.
  *
@@ -8282,6 +8601,9 @@ static int sample_token(struct sampler *sp, const float *logits, int vocab) {
  * replays the accepted tokens' compressor inputs, which re-emits exactly the
  * rows they emitted.
  * ------------------------------------------------------------------------- */
+
+/* Sources. The draft model is the MTP block [V3 §2.2] [MTP] (8.12); the
+ * verification and the acceptance rule are [SPEC] and [SPEC2]. */
 
 struct spec_options {
     int draft;               /* drafted tokens per step, 0 = plain decoding */
@@ -8728,6 +9050,10 @@ static int generator_step(struct generator *g, int32_t *out, struct ds4_error *e
  * SHA1 of the key text and both CRCs, but decodes no payload (that needs
  * the model); a load decodes and validates everything.
  * ------------------------------------------------------------------------- */
+
+/* Sources. SHA1 is [FIPS180]; CRC32C (Castagnoli) is the checksum of
+ * [RFC3720] (iSCSI); the index is [SQLITE]. The file format itself is this
+ * project's own, specified in this chapter. */
 
 
 /* ---- 10c.1 SHA1 (FIPS 180-4) ---------------------------------------------
@@ -9542,8 +9868,8 @@ static bool session_load(struct session *s, const char *path, int32_t **tokens, 
     return ok;
 }
 
-/* The size of the same state as float32 rows (the format of dsv4-format.md
- * 5.3), for the bench comparison. */
+/* The size of the same state as float32 rows (a plain dump of
+ * the same rows), for the bench comparison. */
 static uint64_t snapshot_f32_bytes(const struct ds4_config *c, bool has_mtp, int64_t n) {
     uint64_t b = (uint64_t)n * 4 + (uint64_t)c->vocab * 4;
     int64_t R = n < c->window ? n : c->window;
@@ -10112,7 +10438,7 @@ static bool kv_store_save(struct kv_store *st, const struct session *s, const in
     return true;
 }
 
-/* ---- 10c.9 When to save (dsv4-format.md 5.5) --------------------------------
+/* ---- 10c.9 When to save -----------------------------------------------------
  *
  *     setting                             default
  *     ----------------------------------  -------------------------------
@@ -10738,7 +11064,7 @@ static double bench_decode(struct engine *eng, const int32_t *prompt, int n_prom
 }
 
 /* Sessions on disk (10c): the size of the snapshot after the bench prompt,
- * against float32 rows (the plain format of dsv4-format.md 5.3), and the
+ * against float32 rows (a plain dump of the same rows), and the
  * save and load times. A snapshot has a fixed part (logits, sliding
  * windows) and a part that follows the compressors' unfinished windows,
  * which fill up and empty every `ratio` tokens; so the cost of one more
@@ -10834,7 +11160,7 @@ static int run_bench(struct engine *eng, int n_prefill, int n_decode, struct spe
  * Chapter 12. The HTTP server: OpenAI and Anthropic APIs for coding agents
  * ============================================================================
  *
- * Spec: docs/dsv4-format.md §7 (API surface), §4 (chat encoding and DSML).
+ * Spec: [API] (the API surface), [LAYOUT §4] (chat format), [LAYOUT §5] (DSML).
  * Tests: tests/server/run.sh (curl edge cases) and tests/server/sdk.test.mjs
  * (the real `openai` and `@anthropic-ai/sdk` client libraries).
  *
@@ -11035,7 +11361,7 @@ static int server_parse_option(struct server_options *o, int argc, char **argv, 
 
 /* ---- 12.2 Bytes on the wire: reading a request under limits ---------------- */
 
-/* An HTTP/1.1 request [RFC 9112] is a head and an optional body:
+/* An HTTP/1.1 request [RFC9112] is a head and an optional body:
  *
  *     POST /v1/messages?beta=true HTTP/1.1\r\n      request line
  *     Host: 127.0.0.1:8000\r\n                      header fields ...
@@ -11156,7 +11482,7 @@ static int http_read_head(int fd, struct http_request *r, const struct server_op
     return 0;
 }
 
-/* Header names are case-insensitive [RFC 9110 §5.1]. */
+/* Header names are case-insensitive [RFC9110 §5.1]. */
 static bool http_name_is(const char *line, size_t name_len, const char *name) {
     return strlen(name) == name_len && strncasecmp(line, name, name_len) == 0;
 }
@@ -11433,7 +11759,7 @@ static void http_error(struct conn *c, int status, const char *msg) {
 }
 
 /* Streams: Server-Sent Events [HTML §9.2] in HTTP/1.1 chunked framing
- * [RFC 9112 §7.1], so the client can tell a finished stream ("0\r\n\r\n")
+ * [RFC9112 §7.1], so the client can tell a finished stream ("0\r\n\r\n")
  * from one cut off by a crash. */
 static void http_stream_begin(struct conn *c) {
     struct strbuf h = {0};
@@ -11539,7 +11865,7 @@ static bool field_string(const struct json *obj, const char *key, const char **o
 }
 
 /* Reasoning effort names of the three dialects, mapped to the template's
- * modes [dsv4-format §7.2]: "max" is Think Max, "none" turns thinking off,
+ * modes [API §1.2]: "max" is Think Max, "none" turns thinking off,
  * every other level is ordinary thinking (V4 has no finer steps). */
 static bool effort_mode(const char *effort, enum chat_mode *mode) {
     static const char *const thinking[] = {"xhigh", "high", "medium", "low", "minimal"};
@@ -11618,7 +11944,7 @@ static bool read_stops(const struct json *req, const char *key, struct gen_param
     return true;
 }
 
-/* The sampler's knobs [dsv4-format §7.3]: temperature 1, top_p 1, min_p
+/* The sampler's knobs [API §1.3]: temperature 1, top_p 1, min_p
  * 0.05, top_k off, a random seed unless one is given. top_k is capped at
  * SERVER_TOP_K_CAP: more candidates change nothing but the sort time. */
 static bool read_sampling(const struct json *req, struct gen_params *g, struct ds4_error *e) {
@@ -12140,7 +12466,7 @@ static bool conv_from_responses(struct conv *c, const struct json *req, struct d
 }
 
 /* Legacy completions: the prompt becomes one user turn under the fixed
- * system text ds4 uses [dsv4-format §4.9 item 5]. */
+ * system text ds4 uses [LAYOUT §4.3]. */
 static bool conv_from_completions(struct conv *c, const struct json *req, struct ds4_error *e) {
     static const char system[] = "You are a helpful assistant";
     const struct json *p = json_get(req, "prompt");
@@ -12574,7 +12900,7 @@ static void random_id(char *out, size_t cap, const char *prefix) {
 
 /* The worker reports what the model wrote as a handful of events, the same
  * for every dialect; a `struct dialect` turns them into that dialect's wire
- * format [dsv4-format §7.4-7.6]:
+ * format [API §2]:
  *
  *     begin        stream: the response head and the opening events
  *     reasoning    a piece of the thinking text
@@ -13176,7 +13502,7 @@ static void responses_call_start(struct job *j, size_t i) {
 }
 
 /* Codex reads the arguments from output_item.done, so they go out whole,
- * in one delta, once the call is complete [dsv4-format §7.6]. */
+ * in one delta, once the call is complete [API §2.3]. */
 static void responses_call_end(struct job *j, size_t i) {
     struct job_call *c = &j->calls[i];
     struct strbuf f = {0}, item = {0};
@@ -13762,7 +14088,7 @@ static void handle_count_tokens(struct conn *c, struct http_request *r, char *no
     json_free(req);
 }
 
-/* The model object [dsv4-format §7.1]. */
+/* The model object [API §1.1]. */
 static void model_object(struct strbuf *b, const struct server_options *o, const char *id) {
     strbuf_puts(b, "{\"id\":");
     put_str(b, id);

@@ -31,23 +31,9 @@
 
 #define DS4_CONVERT_NO_MAIN
 #include "../tools/ds4_convert.c"
+#include "harness.h"
 
 #include <dirent.h>
-
-static int tests_passed, tests_failed;
-
-static void check(bool ok, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-
-static void check(bool ok, const char *fmt, ...) {
-    va_list ap;
-    va_start(ap, fmt);
-    printf("%s  ", ok ? "ok  " : "FAIL");
-    vprintf(fmt, ap);
-    printf("\n");
-    va_end(ap);
-    if (ok) tests_passed++;
-    else tests_failed++;
-}
 
 /* Same float, NaN equal to NaN, -0 equal to 0. */
 static bool same_float(float a, float b) {
@@ -1093,11 +1079,13 @@ static void test_vocab(const char *root, const char *tiny) {
 }
 
 int main(int argc, char **argv) {
-    /* The tiny checkpoint: the argument, else the repository's copy (make
-     * test runs from the root), else the shared one. */
-    const char *tiny = argc > 1 ? argv[1]
-                     : access("vectors/tiny/config.json", R_OK) == 0 ? "vectors/tiny"
-                                                                     : "/work/shared/vectors/tiny";
+    /* The tiny checkpoint: the argument, else the repository's copy, found
+     * from the working directory or any parent that holds ds4.c. */
+    const char *tiny = argc > 1 ? argv[1] : repo_path("vectors/tiny/config.json") ? repo_path("vectors/tiny") : NULL;
+    if (!tiny) {
+        check(false, "the tiny checkpoint vectors/tiny is in the repository (or pass its path)");
+        return harness_report();
+    }
     char root[] = "/tmp/test_convert-XXXXXX";
     if (!mkdtemp(root)) { perror("mkdtemp"); return 2; }
     printf("-- 1. number formats\n");

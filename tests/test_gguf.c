@@ -12,13 +12,8 @@
  */
 #define DS4_NO_MAIN
 #include "../ds4.c"
-
-static int tests_passed, tests_failed;
-
-static void check(bool ok, const char *what, const char *detail) {
-    ok ? tests_passed++ : tests_failed++;
-    printf("%s %-58s %s\n", ok ? "ok  " : "FAIL", what, detail ? detail : "");
-}
+#define HARNESS_CHECK_DETAIL
+#include "harness.h"
 
 static char tmp_path[256];
 

@@ -22,21 +22,7 @@
 
 #define DS4_NO_MAIN
 #include "../ds4.c"
-
-/* ---- A tiny harness -------------------------------------------------------- */
-
-static int tests_passed, tests_failed;
-
-static void check(bool ok, const char *fmt, ...) {
-    va_list ap;
-    va_start(ap, fmt);
-    printf("%s ", ok ? "ok  " : "FAIL");
-    vprintf(fmt, ap);
-    printf("\n");
-    va_end(ap);
-    if (ok) tests_passed++;
-    else tests_failed++;
-}
+#include "harness.h"
 
 static struct json *parse(const char *text, char *err, size_t errlen) {
     return json_parse(text, strlen(text), 64, err, errlen);
@@ -563,16 +549,14 @@ static char *slurp_file(const char *path, size_t *len) {
 }
 
 static void test_vector_file(const char *path) {
-    const char *candidates[] = {path, "vectors/vectors.json", "../shared/vectors/tiny/vectors.json"};
+    const char *candidates[] = {path, repo_path("vectors/vectors.json")};
     size_t len = 0;
     char *data = NULL;
     const char *used = NULL;
-    for (int i = 0; i < 3 && !data; i++)
+    for (int i = 0; i < 2 && !data; i++)
         if (candidates[i]) data = slurp_file(used = candidates[i], &len);
-    if (!data) {
-        printf("skip vector file not found (pass its path as the first argument)\n");
+    if (!check(data != NULL, "the oracle vector file vectors/vectors.json is found (or pass its path)"))
         return;
-    }
     char err[160];
     double t0 = now_seconds();
     struct json *j = json_parse(data, len, 64, err, sizeof(err));

@@ -18,19 +18,7 @@
  */
 #define DS4_NO_MAIN
 #include "../ds4.c"
-
-
-static int tests_passed, tests_failed;
-
-static void check(bool ok, const char *fmt, ...) {
-    va_list ap;
-    va_start(ap, fmt);
-    printf("%s ", ok ? "ok  " : "FAIL");
-    vprintf(fmt, ap);
-    printf("\n");
-    va_end(ap);
-    ok ? tests_passed++ : tests_failed++;
-}
+#include "harness.h"
 
 /* ---- 1. hashes ----------------------------------------------------------- */
 

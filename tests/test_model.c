@@ -23,14 +23,8 @@
  */
 #define DS4_NO_MAIN
 #include "../ds4.c"
-
-static int tests_passed, tests_failed;
-
-static void check(const char *what, double diff, double tol) {
-    bool ok = diff <= tol;
-    ok ? tests_passed++ : tests_failed++;
-    printf("%s %-62s maxdiff %.3e  tol %.1e\n", ok ? "ok  " : "FAIL", what, diff, tol);
-}
+#define HARNESS_CHECK_TOL
+#include "harness.h"
 
 static uint64_t rng = 12345;
 static float rnd(void) { return (float)((double)(splitmix64(&rng) >> 11) / 9007199254740992.0 * 2 - 1); }
@@ -121,7 +115,8 @@ static void test_rope(void) {
     struct rope plain, yarn;
     rope_init(&plain, 64, 10000.0f, false, &c);
     rope_init(&yarn, 64, 160000.0f, true, &c);
-    /* The forward notes tabulate Flash's YaRN frequencies; spot-check three. */
+    /* Flash's YaRN frequencies (docs/forward.md §2.2), as precompute_freqs_cis of DeepSeek's
+     * model.py gives them at Flash's config; spot-check three. */
     double f = fabs(yarn.freq[1] - 0.687656) / 0.687656 + fabs(yarn.freq[16] - 0.00226563) / 0.00226563 +
                fabs(yarn.freq[31] - 5.68053e-7) / 5.68053e-7;
     check("YaRN frequencies match the tabulated Flash values", f, 1e-4);

@@ -29,20 +29,8 @@
 
 #define DS4_NO_MAIN
 #include "../ds4.c"
-
-static int tests_passed, tests_failed;
-
-/* Record one check: passes when diff <= tol (a nan diff fails). */
-static void check(const char *what, double diff, double tol) {
-    bool ok = diff <= tol;
-    if (ok) tests_passed++;
-    else tests_failed++;
-    printf("%s %-58s maxdiff %.3e  tol %.1e\n", ok ? "ok  " : "FAIL", what, diff, tol);
-}
-
-static void check_true(const char *what, bool ok) {
-    check(what, ok ? 0.0 : 1.0, 0.0);
-}
+#define HARNESS_CHECK_TOL
+#include "harness.h"
 
 /* ---- Random numbers ------------------------------------------------------ */
 

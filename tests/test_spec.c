@@ -15,14 +15,8 @@
  */
 #define DS4_NO_MAIN
 #include "../ds4.c"
-
-static int tests_passed, tests_failed;
-
-static void check(const char *what, double diff, double tol) {
-    bool ok = diff <= tol;
-    ok ? tests_passed++ : tests_failed++;
-    printf("%s %-66s maxdiff %.3e  tol %.1e\n", ok ? "ok  " : "FAIL", what, diff, tol);
-}
+#define HARNESS_CHECK_TOL
+#include "harness.h"
 
 static double max_abs_diff(const float *a, const float *b, size_t n) {
     double d = 0;

@@ -9,7 +9,7 @@
  * vectors/tokenizer_vectors.json (tools/make_vocab_gguf.py and
  * vectors/gen_tokenizer_vectors.py make them), and DeepSeek's official
  * encoder tests test_input_N.json / test_output_N.txt, looked up in
- * $DS4_ENCODING_TESTS, vectors/encoding (a copy of the official encoder tests) and ../shared/data/encoding.
+ * $DS4_ENCODING_TESTS and vectors/encoding (a copy of the official encoder tests), found from the repository.
  *
  * Every check prints what it compared (the tokenizer vectors print one line
  * per group and one per failure). The last line is "N passed, N failed" and
@@ -29,36 +29,7 @@
 
 #define DS4_NO_MAIN
 #include "../ds4.c"
-
-/* ---- A tiny harness ------------------------------------------------------- */
-
-static int tests_passed, tests_failed;
-
-static void vcheck(bool ok, bool quiet, const char *fmt, va_list ap) {
-    if (ok) tests_passed++;
-    else tests_failed++;
-    if (ok && quiet) return;
-    printf("%s ", ok ? "ok  " : "FAIL");
-    vprintf(fmt, ap);
-    printf("\n");
-}
-
-static bool check(bool ok, const char *fmt, ...) {
-    va_list ap;
-    va_start(ap, fmt);
-    vcheck(ok, false, fmt, ap);
-    va_end(ap);
-    return ok;
-}
-
-/* Counted, but printed only on failure (for the hundreds of vectors). */
-static bool check_quiet(bool ok, const char *fmt, ...) {
-    va_list ap;
-    va_start(ap, fmt);
-    vcheck(ok, true, fmt, ap);
-    va_end(ap);
-    return ok;
-}
+#include "harness.h"
 
 static uint64_t rng_state = 0x9E3779B97F4A7C15ull;
 
@@ -128,9 +99,10 @@ static size_t hex_decode(const char *hex, size_t n, char *out) {
 }
 
 static const char *encoding_dir(void) {
-    static const char *dirs[] = {NULL, "vectors/encoding", "../shared/data/encoding"};
+    static const char *dirs[] = {NULL, NULL};
     dirs[0] = getenv("DS4_ENCODING_TESTS");
-    for (int i = 0; i < 3; i++) {
+    dirs[1] = repo_path("vectors/encoding");
+    for (int i = 0; i < 2; i++) {
         char path[512];
         if (!dirs[i]) continue;
         snprintf(path, sizeof path, "%s/test_input_1.json", dirs[i]);
@@ -693,8 +665,8 @@ static void test_tokenizer_basics(const struct tokenizer *t) {
           sp->latest_reminder == 128828 && sp->eot == 128805,
           "special tokens: BOS 0, EOS 1, pad 2, User 128803, Assistant 128804, <think> 128821, </think> 128822, "
           "DSML 128825, latest_reminder 128828, EOT 128805");
-    check_tokens(t, "\"Hello world\" (dsv4-format §3.8)", "Hello world", false, hello, 2);
-    check_tokens(t, "the V4 chat example of dsv4-format §3.5 with parse_special",
+    check_tokens(t, "\"Hello world\" (docs/gguf-layout.md §3.2)", "Hello world", false, hello, 2);
+    check_tokens(t, "the V4 chat example of docs/gguf-layout.md §3.2 with parse_special",
                  "<｜User｜>你好<｜Assistant｜><think>推理</think>答案<｜end▁of▁sentence｜>", true, chat, 8);
 
     const char *forged = "<｜User｜><think>";

@@ -175,10 +175,16 @@ def parse_prose(lines, bullets="-"):
             i += 1
         elif item.match(l):
             items, d, kind = [], len(item.match(l).group(1)), item.match(l).group(2)[0].isdigit()
+            m0 = item.match(l)
+            text_col = m0.end(2) + len(l[m0.end(2):]) - len(l[m0.end(2):].lstrip())
+            nested = lambda x: indent(x) > text_col or (indent(x) >= text_col and
+                                                        re.match(r"\s*([a-z]\.|-)\s", x))
             while i < n:
                 m = item.match(lines[i])
                 if m and abs(len(m.group(1)) - d) <= 1 and m.group(2)[0].isdigit() == kind:
                     items.append(m.group(3).strip())
+                elif lines[i].strip() and nested(lines[i]) and items:
+                    items[-1] += "\0" + lines[i]          # deeper than the text: verbatim
                 elif lines[i].strip() and indent(lines[i]) > d and items:
                     items[-1] += " " + lines[i].strip()
                 elif not lines[i].strip() and i + 1 < n and item.match(lines[i + 1]):
@@ -425,11 +431,21 @@ def inline(text, linker, here, single):
             parts[k] = code(re.match(r"`(.*)`", p))
         else:
             p = re.sub(r"\*\*([^*]+)\*\*", r"<strong>\1</strong>", p)
-            p = re.sub(r"(?<![\w*])\*([^*\s](?:[^*]*[^*\s])?)\*(?![\w*])", r"<em>\1</em>", p)
+            p = re.sub(r"(?<![\w*])\*([A-Za-z][\w ,'-]*[\w])\*(?![\w*])", r"<em>\1</em>", p)
             if k == 0:                          # "HOW IT WORKS." "WHAT IF" "INVARIANTS"
                 p = re.sub(r"^([A-Z]{2,}(?:[ -][A-Z]{2,})+\.?|[A-Z]{4,}\.)(?= )", r"<strong>\1</strong>", p)
             parts[k] = re.sub(r"\b([a-z_]\w*)\(\)", call, p)
     return "".join(parts)
+
+
+def list_item(x, linker, here, single):
+    """One list item: its text, then any lines indented deeper than the text
+    (a table or formula under the item) as verbatim."""
+    text, *pre = x.split("\0")
+    body = inline(text, linker, here, single)
+    if pre:
+        body += '<pre class="verbatim">%s</pre>' % html.escape(dedent(pre), quote=False)
+    return body
 
 
 def render_blocks(ch, src_of, linker, single, seen):
@@ -449,6 +465,11 @@ def render_blocks(ch, src_of, linker, single, seen):
             ref = "%s:%d" % (fname, first) if first == last else "%s:%d-%d" % (fname, first, last)
             out.append('<div class="code" id="%s%d"><a class="ln" href="#%s%d">%s</a>\n<pre>%s</pre></div>'
                        % (prefix, first, prefix, first, ref, highlight(lines, linker, here, single, anchors)))
+            for d in (x for x in (src.defs if src else ()) if x["kind"] == "function" and first <= x["line"] <= last):
+                for label, path, a, b, body in sorted(getattr(linker, "twins", {}).get(d["name"], ())):
+                    out.append('<div class="code gpu"><span class="ln">%s twin of %s: %s:%d-%d</span>\n<pre>%s</pre>'
+                               '</div>' % (label, html.escape(d["name"]), html.escape(path), a, b,
+                                           highlight([(0, l) for l in body], linker, here, single, {})))
             continue
         out.append('<div class="prose" id="%s%d">' % (prefix, first) if src else '<div class="prose">')
         for k, p in payload:
@@ -469,7 +490,8 @@ def render_blocks(ch, src_of, linker, single, seen):
             elif k == "p":
                 out.append("<p>%s</p>" % inline(p, linker, here, single))
             elif k in ("ul", "ol"):
-                out.append("<%s>%s</%s>" % (k, "".join("<li>%s</li>" % inline(x, linker, here, single) for x in p), k))
+                out.append("<%s>%s</%s>" % (k, "".join("<li>%s</li>" % list_item(x, linker, here, single)
+                                                       for x in p), k))
             elif k == "fields":
                 out.append('<table class="fields">%s</table>' % "".join(
                     "<tr><th>%s</th><td>%s%s</td></tr>" % (html.escape(key), inline(v, linker, here, single),
@@ -492,6 +514,7 @@ h2 { font-size: 1.3rem; margin-top: 2.2rem; } h3, h4 { font-size: 1rem; letter-s
 code, pre { font: 13px/1.4 Menlo, Consolas, "DejaVu Sans Mono", monospace; }
 pre { overflow-x: auto; margin: 0; }
 pre.verbatim { background: #f6f4ee; padding: .5rem .8rem; border-left: 3px solid #c9b98f; }
+.code.gpu { background: #f3f7fb; border-left: 3px solid #8fb3d9; }
 .code { background: #fafafa; border: 1px solid #e4e4e4; padding: .2rem .8rem .6rem; margin: 1rem 0; }
 .ln { display: block; text-align: right; font-size: 11px; color: #999; text-decoration: none; }
 .c { color: #6a737d; font-style: italic; } .s { color: #0a6e31; } .n { color: #a3481d; }
@@ -509,6 +532,34 @@ td.r, th.r { text-align: right; } table.fields th { font-weight: normal; font-st
 """
 
 
+def lists_own_sections(ch):
+    """True when the chapter's opening prose already lists its sections
+    ("12.1  Options", ...): then the page shows that list, not a second one."""
+    first = next((b for b in ch.blocks if b[0] == "prose"), None)
+    if not first or not ch.sections:
+        return False
+    text = " ".join(str(p) for _, p in first[3])
+    nums = [m.group(1) for _, t in ch.sections for m in [SECNUM.match(t + " x")] if m]
+    return len(nums) >= 3 and sum(1 for x in nums if x in text) * 2 >= len(nums)
+
+
+def first_comment_line(src, d):
+    """The first line of the comment just above a definition, or of the
+    one inside a struct's first lines: the index's one-line description."""
+    k = d["line"] - 2
+    while k >= 0 and not src.lines[k].strip():
+        k -= 1
+    if k < 0 or not src.lines[k].rstrip().endswith("*/"):
+        return ""
+    while k > 0 and not src.lines[k].lstrip().startswith("/*"):
+        k -= 1
+    for l in src.lines[k:d["line"] - 1]:
+        t = re.sub(r"^\s*(/\*+|\*)\s?|\*/\s*$|^[-=\s]+$", "", l).strip(" -=")
+        if t:
+            return t
+    return ""
+
+
 def page(title, body):
     return ('<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
             '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
@@ -516,8 +567,34 @@ def page(title, body):
             % (html.escape(title), body))
 
 
+GPU_FILES = (("CUDA", ".cu"), ("Metal", ".metal"))
+TWIN_AFFIX = re.compile(r"^(?:kernel_|ds4_|k_)|(?:_kernel|_cuda|_metal|_gpu)$")
+
+
+def gpu_twins(root):
+    """GPU kernels named like their CPU twin (rmsnorm, kernel_rmsnorm,
+    rmsnorm_cuda, ...): {cpu name: [(label, path, first, last, lines)]}.
+    The GPU sources are optional; when none exist the book has no twins."""
+    twins = {}
+    for dirpath, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if not d.startswith(".") and d not in ("book", "tests", "node_modules")]
+        for f in sorted(files):
+            label = next((lab for lab, ext in GPU_FILES if f.endswith(ext)), None)
+            if not label:
+                continue
+            path = os.path.join(dirpath, f)
+            src = Source(os.path.relpath(path, root), open(path, encoding="utf-8", errors="replace").read())
+            for d in src.defs:
+                if d["kind"] == "function":
+                    name = TWIN_AFFIX.sub("", d["name"])
+                    twins.setdefault(name, []).append((label, src.path, d["line"], d["end"],
+                                                       src.lines[d["line"] - 1:d["end"]]))
+    return twins
+
+
 def build(paths, outdir):
     chapters, src_of, linker = [], {}, Linker()
+    linker.twins = gpu_twins(os.path.dirname(os.path.abspath(paths[0])))
     for k, path in enumerate(paths):
         text = open(path, encoding="utf-8").read()
         stem = os.path.basename(os.path.dirname(path)) if os.path.basename(path) == "README.md" else path
@@ -553,7 +630,8 @@ def build(paths, outdir):
             '<a href="%s">&larr; %s</a>' % (chapters[k - 1].page, html.escape(chapters[k - 1].label())) if k else "",
             '<a href="%s">%s &rarr;</a>' % (chapters[k + 1].page, html.escape(chapters[k + 1].label()))
             if k + 1 < len(chapters) else "")
-        toc = "".join('<li><a href="#%s">%s</a></li>' % (a, html.escape(t)) for a, t in ch.sections)
+        toc = "" if lists_own_sections(ch) else "".join(
+            '<li><a href="#%s">%s</a></li>' % (a, html.escape(t)) for a, t in ch.sections)
         body = "%s\n<h1>%s</h1>\n%s\n%s\n%s" % (nav, html.escape(ch.label()),
                                                '<ul class="secs">%s</ul>' % toc if toc else "", bodies[ch.page], nav)
         files[ch.page] = page(ch.label() + " - ds4", body)
@@ -581,10 +659,15 @@ def build(paths, outdir):
         ch = next(c for c in chapters if c.page == pg)
         uses = ", ".join('<a href="%s">%s</a>' % (c.page, html.escape(c.num or "")) for c in used.get(name, [])
                          if c is not ch)
-        idx.append('<tr><td><a href="%s#%s"><code>%s</code></a></td><td>%s</td><td>%s:%d</td><td>%s</td></tr>'
-                   % (pg, a, name, d["kind"], d["file"], d["line"], uses))
+        src = src_of.get(pg)
+        desc = first_comment_line(src, d) if src else ""
+        idx.append('<tr><td><a href="%s#%s"><code>%s</code></a></td><td>%s</td><td><a href="%s">%s</a></td>'
+                   '<td>%s</td><td>%s:%d</td><td>%s</td></tr>'
+                   % (pg, a, name, d["kind"], pg, html.escape(ch.num or ch.title), inline(desc, linker, "identifiers.html", False),
+                      d["file"], d["line"], uses))
     idx_html = ('<p>Every function, type, macro and table defined at the top level, where it is defined, '
-                'and the other chapters whose code uses it.</p><table><tr><th>name</th><th>kind</th>'
+                'the first line of the comment above it, and the other chapters whose code uses it.</p>'
+                '<table class="idx"><tr><th>name</th><th>kind</th><th>chapter</th><th>what it is</th>'
                 '<th>defined at</th><th>used in</th></tr>\n%s\n</table>' % "\n".join(idx))
     files["identifiers.html"] = page("Index of identifiers - ds4", '<nav><a href="index.html">Contents</a></nav>\n'
                                      '<h1>Index of identifiers</h1>\n' + idx_html)
@@ -604,7 +687,121 @@ REF = re.compile(r"(?:\(|\b(?:see|of|in|section|and|to|from|by)\s+)(\d{1,2}[a-c]
                  r"(?=[) ,;:.]|$)(?!\s+(?:billion|million|GiB|GB|MB|ms|bits)\b)")
 
 
-def check(path):
+CITE = re.compile(r"\[([A-Z][A-Z0-9]{2,})(?: §([^\]]+))?\]")
+BIB_ENTRY = re.compile(r"^\s*-\s+\[([A-Z][A-Z0-9]{2,})\]\s+(\S+)")
+OUTSIDE = re.compile(r"shared/|dsv4-format|dsv4-forward|style-anchors")
+XREF = re.compile(r"(?:\(|\b(?:see|of|in|section|sections|and|to|from|by|as in|under|per)\s+|,\s+)"
+                  r"(\d{1,2}[a-c]?)\.([1-9]\d?(?:\.\d)?)"
+                  r"(?=[) ,;:.]|$)(?!\s+(?:billion|million|GiB|GB|MB|ms|bits|x)\b)")
+CHREF = re.compile(r"\b[Cc]hapters? (\d{1,2}[a-c]?)\b(?!\.\d)(?:(?:,| and| or) (\d{1,2}[a-c]?)\b(?!\.\d))?")
+COLUMNS = 100
+
+
+def bibliography(src):
+    """Tags listed in the preface (the file's first comment): {tag: first word}."""
+    first = src.prose[0] if src.prose else (1, 0)
+    tags = {}
+    for l in src.lines[first[0] - 1:first[1]]:
+        m = BIB_ENTRY.match(re.sub(r"^\s*\*", "", l))
+        if m:
+            tags[m.group(1)] = m.group(2)
+    return tags
+
+
+def doc_sections(root, doc):
+    """Section numbers of one of our Markdown notes: "1", "1.2", ..."""
+    path = os.path.join(root, doc)
+    if not os.path.exists(path):
+        return None
+    return {m.group(1) for m in re.finditer(r"^#{2,4}\s+(\d+(?:\.\d+)*)\.?\s", open(path).read(), re.M)}
+
+
+def comment_spans(src):
+    """(line, text) of every comment line of the file."""
+    return [(i, l) for i, l in enumerate(src.lines, 1) if src.has_comment[i]]
+
+
+def check_citations(src, path, result):
+    tags = bibliography(src)
+    root = os.path.dirname(os.path.abspath(path))
+    unknown, bad_sec, used, outside = [], [], set(), []
+    for i, l in comment_spans(src):
+        if OUTSIDE.search(l):
+            outside.append(str(i))
+        for m in CITE.finditer(l):
+            tag, sec = m.group(1), m.group(2)
+            if tag not in tags:
+                unknown.append("%d [%s]" % (i, tag))
+                continue
+            used.add(tag)
+            doc = tags[tag]
+            if sec and doc.startswith("docs/"):
+                secs = doc_sections(root, doc.rstrip(":,"))
+                if secs is None or sec.strip() not in secs:
+                    bad_sec.append("%d [%s §%s]" % (i, tag, sec))
+    result(bool(tags), "the preface has a bibliography (%d tags)" % len(tags))
+    result(not unknown, "every citation tag is in the bibliography (%d tags cited)%s"
+           % (len(used), "; unknown: " + ", ".join(unknown) if unknown else ""))
+    result(not bad_sec, "every cited section of docs/ exists%s" % ("; missing: " + ", ".join(bad_sec) if bad_sec else ""))
+    result(not outside, "no comment cites a path outside the repository%s"
+           % ("; at lines " + " ".join(outside) if outside else ""))
+    return len(used), len(tags)
+
+
+def check_xrefs(src, chapters, known, result):
+    nums = {c.num for c in chapters[1:]}
+    with_secs = {k.split(".")[0] for k in known}
+    stale, bad_ch = [], []
+    for i, l in comment_spans(src):
+        for m in XREF.finditer(l):
+            ref = m.group(1) + "." + m.group(2)
+            lead, after = m.group(0)[0], l[m.end():m.end() + 2]
+            if lead == "," and re.search(r"(?:^|[\s(])[\d.]+,\s*$", l[:m.start() + 1]):
+                continue                      # a list of numbers: "1, 1.5, 2"
+            if lead == "(" and m.group(1) not in with_secs and not re.match(r" [a-z]", after):
+                continue                      # a value in parentheses: "(1.5)"
+            if m.group(1) in nums and ref not in known:
+                stale.append("%d (%s)" % (i, ref))
+        for m in CHREF.finditer(l):
+            for n in (m.group(1), m.group(2)):
+                if n and n not in nums:
+                    bad_ch.append("%d (chapter %s)" % (i, n))
+    result(not stale, "every section cross-reference resolves%s" % ("; stale at lines: " + ", ".join(stale) if stale else ""))
+    result(not bad_ch, "every chapter reference resolves%s" % ("; unknown at lines: " + ", ".join(bad_ch) if bad_ch else ""))
+
+
+def check_layout(src, chapters, result, strict_columns):
+    wide = [i for i, l in enumerate(src.lines, 1) if len(l) > COLUMNS]
+    result(not wide, "no line over %d columns%s" % (COLUMNS, "; %d lines are (first: %s)%s"
+           % (len(wide), " ".join(map(str, wide[:8])), "" if strict_columns else " -- a warning until the final pass")
+           if wide else ""), warn=not strict_columns)
+    as_code = []
+    for c in chapters:
+        for kind, first, _, elems in c.blocks:
+            for k, x in (elems if kind == "prose" else ()):
+                if k == "pre" and re.match(r"^\s*- \S", x) and not re.search(r"^\s*[^-\s]", x, re.M):
+                    as_code.append(str(first))
+    result(not as_code, "list items render as lists, not as verbatim%s"
+           % ("; verbatim lists in comments at lines " + " ".join(as_code) if as_code else ""))
+    return len(wide)
+
+
+def wide_signatures(src, limit=7):
+    """Functions taking `limit` or more parameters: [(count, name, line)]."""
+    out = []
+    for d in src.defs:
+        if d["kind"] != "function":
+            continue
+        head = " ".join(src.lines[d["line"] - 1:d["line"] + 8])
+        m = re.search(r"\b%s\s*\(([^)]*)\)" % re.escape(d["name"]), head)
+        if m and m.group(1).strip() not in ("", "void"):
+            n = m.group(1).count(",") + 1
+            if n >= limit:
+                out.append((n, d["name"], d["line"]))
+    return sorted(out, key=lambda x: (-x[0], x[2]))
+
+
+def check(path, strict_columns=False):
     src = Source(path, open(path, encoding="utf-8").read())
     chapters = []
     split_c(src, chapters)
@@ -654,14 +851,10 @@ def check(path):
         tops = sorted({int(x.split(".")[1]) for x in ss if x.split(".")[0] == num})
         if tops != list(range(1, len(tops) + 1)):
             result(False, "chapter %s numbers its sections %s" % (num, " ".join(ss)), warn=True)
-    known, stale = {x for ss in secs.values() for x in ss}, []
-    for i, l in enumerate(src.lines, 1):
-        for m in REF.finditer(l) if src.has_comment[i] else ():
-            ref = m.group(1) + "." + m.group(2)
-            if m.group(1) in nums and ref not in known:
-                stale.append("%d (%s)" % (i, ref))
-    if stale:
-        result(False, "comments cite sections that do not exist, at lines: " + ", ".join(stale), warn=True)
+    known = {x for ss in secs.values() for x in ss}
+    check_xrefs(src, chapters, known, result)
+    cited, listed = check_citations(src, path, result)
+    n_wide = check_layout(src, chapters, result, strict_columns)
     fns = sorted((d for d in src.defs if d["kind"] == "function"), key=lambda d: (d["line"] - d["end"], d["line"]))
     lens = [(d["end"] - d["line"] + 1, d) for d in fns]
     for n, d in lens:
@@ -687,6 +880,13 @@ def check(path):
     tot = tot_c + sum(c.code_lines for c in chapters)
     print("  %7s %6d %6d %6d  %.2f\n" % ("all", len(src.lines), sum(c.prose_lines for c in chapters),
                                          sum(c.code_lines for c in chapters), tot_c / tot if tot else 0))
+    wide = wide_signatures(src)
+    fwd = next((dict(line=c.line) for c in chapters if c.title.lower().startswith("the forward pass")), None)
+    print("  functions with >= 7 parameters: %d (%s)" % (len(wide), ", ".join("%s %d" % (n, k) for k, n, _ in wide[:6])))
+    if fwd:
+        print("  the forward pass (its chapter banner) starts at line %d (%.0f%%)" % (fwd["line"], 100.0 * fwd["line"] / len(src.lines)))
+    print("  citation tags: %d listed, %d cited, all resolved: %s" % (listed, cited, "yes" if failed == 0 else "see above"))
+    print("  lines over %d columns: %d" % (COLUMNS, n_wide))
     print("%d passed, %d failed" % (passed, failed))
     return failed == 0
 
@@ -694,11 +894,12 @@ def check(path):
 def main():
     ap = argparse.ArgumentParser(description="Render ds4.c as a book, or lint it (--check).")
     ap.add_argument("--check", action="store_true", help="lint the first file; write nothing")
+    ap.add_argument("--strict-columns", action="store_true", help="with --check: lines over 100 columns fail")
     ap.add_argument("--out", default="book", help="output directory (default: book)")
     ap.add_argument("files", nargs="+", help="ds4.c, then appendices (.c or .md)")
     a = ap.parse_args()
     if a.check:
-        return 0 if check(a.files[0]) else 1
+        return 0 if check(a.files[0], a.strict_columns) else 1
     chapters = build(a.files, a.out)
     print("book: %d chapters and appendices written to %s/" % (len(chapters), a.out))
     return 0

@@ -40,10 +40,10 @@
  * shapes, types), 8 real conversion, 9 synthetic models, 10 the command line.
  *
  * References:
- *   [FMT]  shared/docs/dsv4-format.md §1 (published GGUF layout) and §2
+ *   [FMT]  docs/gguf-layout.md §1 (published GGUF layout) and §2
  *          (quant blocks).
- *   [FWD]  shared/docs/dsv4-forward.md §1-§2 (configuration, weights, and
- *          §2.2 the FP8/FP4 checkpoint formats).
+ *   [FWD]  docs/forward.md §1 (configuration) and §10 (the FP8/FP4
+ *          checkpoint formats).
  *   [ST]   the safetensors format: u64 header length, JSON header, bytes.
  *   [OFP8] OCP 8-bit floating point spec (E4M3 "fn" variant, E8M0 scales).
  *   [MX]   OCP microscaling formats spec (FP4 E2M1 with E8M0 block scales).
@@ -117,7 +117,7 @@ static double convert_now(void) {
  * 2. The number formats of the official checkpoint
  * ===========================================================================
  *
- * DeepSeek ships V4 Flash in three storage formats [FWD §2.2]:
+ * DeepSeek ships V4 Flash in three storage formats [FWD §10]:
  *
  *   - bf16 / fp32 for norms, the hyper-connection matrices, the router, the
  *     compressors and the embedding;
@@ -471,7 +471,7 @@ static char *convert_read_small_file(const char *path, size_t limit, size_t *len
  * config.json uses the field names of DeepSeek's own inference code. Every
  * shape the GGUF needs is read from it -- nothing is assumed to be the Flash
  * value -- and checked against a sane range, so a typo cannot make us try
- * to allocate a petabyte. The symbols are those of [FWD §1.1]:
+ * to allocate a petabyte. The symbols are those of [FWD §1]:
  *
  *   D dim   L n_layers   H n_heads   Dh head_dim   R rope_head_dim
  *   Q q_lora_rank   G o_groups   O o_lora_rank   E n_routed_experts
@@ -1792,7 +1792,7 @@ static void convert_plan_main(struct convert_plan *p) {
     }
 }
 
-/* The MTP file [FMT §1.8]: its own HC head and the two input projections,
+/* The MTP file [FMT §1.5]: its own HC head and the two input projections,
  * then one block that never hash-routes. The embedding and output head are
  * shared with the main file and not repeated. */
 static void convert_plan_mtp(struct convert_plan *p) {
