@@ -220,13 +220,14 @@ def indexer_select(P, pre, a, qr, ratio, freqs, cfg, vis):
     q = fp4_sim(rope(q, torch.arange(T), freqs, R) @ cfg["_hadamard"])
     w = linear(a, P[pre + "weights_proj.weight"]) * (DI ** -0.5 * HI ** -0.5)
     score = torch.einsum("bth,bthc->btc", w, F.relu(torch.einsum("bthd,bcd->bthc", q, krows)))
-    score = score.masked_fill(~vis, float("-inf"))
     k = min(cfg["index_topk"], score.shape[-1])
     sel = torch.zeros_like(score, dtype=torch.bool)
     if k > 0:
-        top = score.detach().topk(k, -1).indices
+        top = score.detach().masked_fill(~vis, float("-inf")).topk(k, -1).indices
         sel.scatter_(-1, top, True)
-    return sel & vis, score.log_softmax(-1)
+    # For the loss, invisible rows get a large finite logit gap (not -inf: a query with no
+    # visible row would give NaN); their target mass is 0 anyway.
+    return sel & vis, score.masked_fill(~vis, -1e9).log_softmax(-1)
 
 
 # ---------------------------------------------------------------- attention
@@ -262,8 +263,8 @@ def attention(P, pre, a, cfg, ratio, freqs, aux):
                 tgt = s_cmp.detach().masked_fill(~vis.unsqueeze(1), float("-inf")).softmax(-1)
                 tgt = torch.nan_to_num(tgt.mean(1), nan=0.0)
                 has = vis.any(-1)
-                kl = (tgt * (torch.log(tgt.clamp(min=1e-12)) - logq.clamp(min=-1e4))).sum(-1)
-                aux.append((kl * has).sum() / has.sum().clamp(min=1))
+                kl = (tgt * (torch.log(tgt.clamp(min=1e-12)) - logq)).sum(-1)
+                aux.append(torch.where(has, kl, torch.zeros_like(kl)).sum() / has.sum().clamp(min=1))
             vis = sel
         parts.append(s_cmp.masked_fill(~vis.unsqueeze(1), float("-inf")))
         values.append(rows)
