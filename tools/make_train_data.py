@@ -24,7 +24,8 @@ vocabulary), so the model learns exactly the ids the engine feeds it.
 
 Writes DIR/train.bin and DIR/heldout.bin (int32 token ids, little endian), DIR/heldout_text.txt
 and DIR/heldout_chat.txt (for `ds4 --perplexity`), DIR/tool_eval.jsonl (held-out tool requests:
-tools, messages, expected tool and arguments), DIR/stats.json (token counts and the unigram
+tools, messages, expected tool and arguments), DIR/train_words.txt (every word of the training
+text, one a line), DIR/stats.json (token counts and the unigram
 baseline perplexity of the held-out text). Standard library only; fixed seed.
 """
 import argparse
@@ -438,6 +439,10 @@ def main():
     with open(os.path.join(a.out, "tool_eval.jsonl"), "w") as f:
         for ev in evals:
             f.write(json.dumps(ev) + "\n")
+    # The words of the training text, for the test that greedy output is made of them.
+    words = sorted(set(re.findall(r"[A-Za-z_]+", "".join(train_text))))
+    with open(os.path.join(a.out, "train_words.txt"), "w") as f:
+        f.write("\n".join(words) + "\n")
     V = max(ids_train + [0]) + 1
     held_plain = tokenize(a.ds4, a.vocab, open(os.path.join(a.out, "heldout_text.txt")).read(), tmp)
     stats = {"train_tokens": len(ids_train), "heldout_text_tokens": len(ids_held_text),

@@ -4,6 +4,7 @@
     python3 tools/train_tiny.py --data DIR --out CKPT_DIR [--preset gpu|smoke] [--minutes M]
                                 [--steps N] [--device cuda|cpu] [--threads N] [--seed 1]
     python3 tools/train_tiny.py --check [--checkpoint vectors/tiny] [--vectors vectors/vectors.json]
+    python3 tools/train_tiny.py --vectors-out FILE.json --checkpoint CKPT_DIR [--like vectors/vectors.json]
 
 DIR comes from tools/make_train_data.py (train.bin, heldout.bin: int32 token ids of the
 8192-token reduced vocabulary, vectors/train-vocab.gguf). CKPT_DIR receives config.json,
@@ -348,11 +349,62 @@ def check(a):
     return 1 if bad else 0
 
 
+def own_vectors(a):
+    """vectors.json for a checkpoint, computed by this training model (not by DeepSeek's code):
+    the cases, tokens and check positions of --like, every schedule given the numbers of one
+    full prefill (the maths is the same for any schedule). ds4 --check-vectors on the result
+    shows that the engine computes what was trained; gen_vectors.py with the official
+    model.py is the independent oracle."""
+    cfg, P = V.load_checkpoint(a.checkpoint)
+    like = json.load(open(a.like))
+    out = {k: v for k, v in like.items() if k != "cases"}
+    out["oracle"] = "tools/train_tiny.py (tools/v4_torch.py), float32, on %s" % a.checkpoint
+    out["config"] = {k: v for k, v in cfg.items() if not k.startswith("_")}
+    cache, cases = {}, []
+    for c in like["cases"]:
+        nc = dict(c)
+        toks = [t % cfg["vocab_size"] for t in c["tokens"]]
+        nc["tokens"] = toks
+        if "greedy" in c:
+            seq = list(toks)
+            g, gm = [], []
+            with torch.no_grad():
+                for _ in range(len(c["greedy"])):
+                    row = V.forward(P, torch.tensor([seq]), cfg, with_mtp=False)[0][0, -1]
+                    v, i = row.topk(2)
+                    g.append(int(i[0]))
+                    gm.append(float(v[0] - v[1]))
+                    seq.append(int(i[0]))
+            nc["greedy"], nc["greedy_margin"] = g, gm
+            cases.append(nc)
+            continue
+        key = tuple(toks)
+        if key not in cache:
+            with torch.no_grad():
+                lg, mtp, _, _ = V.forward(P, torch.tensor([toks]), cfg)
+            cache[key] = (lg[0], mtp[0] if mtp is not None else None)
+        lg, mtp = cache[key]
+        top = lg.topk(2, -1)
+        nc["argmax"] = top.indices[:, 0].tolist()
+        nc["margin"] = (top.values[:, 0] - top.values[:, 1]).tolist()
+        nc["logits"] = [lg[p].tolist() for p in c["check_positions"]]
+        nc["mtp_logits"] = [mtp[p].tolist() for p in c["mtp_check_positions"]] if mtp is not None else []
+        nc["mtp_argmax"] = mtp.argmax(-1).tolist() if mtp is not None else []
+        cases.append(nc)
+        print("case %s done" % c["name"], flush=True)
+    out["cases"] = cases
+    write_json(a.vectors_out, out)
+    print("wrote", a.vectors_out)
+    return 0
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--check", action="store_true", help="compare with the oracle vectors and exit")
     ap.add_argument("--checkpoint", default=os.path.join(HERE, "vectors", "tiny"))
     ap.add_argument("--vectors", default=os.path.join(HERE, "vectors", "vectors.json"))
+    ap.add_argument("--vectors-out", help="write vectors.json for --checkpoint made by this model, exit")
+    ap.add_argument("--like", default=os.path.join(HERE, "vectors", "vectors.json"))
     ap.add_argument("--data")
     ap.add_argument("--out")
     ap.add_argument("--preset", default="gpu", choices=sorted(PRESETS))
@@ -371,6 +423,8 @@ def main():
         torch.set_num_threads(a.threads)
     if a.check:
         return check(a)
+    if a.vectors_out:
+        return own_vectors(a)
     if not a.data or not a.out:
         ap.error("--data and --out are needed to train")
     train(a)
