@@ -196,17 +196,17 @@ def compress(P, pre, a, ratio, Dc, cfg):
 def finish_rows(P, pre, pooled, ratio, freqs, cfg, indexer):
     R = cfg["rope_head_dim"]
     rows = rmsnorm(pooled, P[pre + "norm.weight"], cfg["norm_eps"])
-    pos = torch.arange(rows.shape[1]) * ratio               # first token of each window
+    pos = torch.arange(rows.shape[1], device=rows.device) * ratio   # first token of each window
     rows = rope(rows, pos, freqs, R)
     if indexer:
         return fp4_sim(rows @ cfg["_hadamard"])
     return torch.cat([fp8_sim(rows[..., :-R]), rows[..., -R:]], -1)
 
 
-def visible_rows(T, nw, ratio):
+def visible_rows(T, nw, ratio, device):
     """[T, nw] bool: query t may use compressed row c iff c < floor((t+1)/ratio)."""
-    t = torch.arange(T)[:, None]
-    return torch.arange(nw)[None, :] < (t + 1) // ratio
+    t = torch.arange(T, device=device)[:, None]
+    return torch.arange(nw, device=device)[None, :] < (t + 1) // ratio
 
 
 def indexer_select(P, pre, a, qr, ratio, freqs, cfg, vis):
@@ -217,7 +217,7 @@ def indexer_select(P, pre, a, qr, ratio, freqs, cfg, vis):
     krows = finish_rows(P, pre + "compressor.", compress(P, pre + "compressor.", a, ratio, DI, cfg),
                         ratio, freqs, cfg, True)             # [B,nw,DI]
     q = linear(qr, P[pre + "wq_b.weight"]).view(B, T, HI, DI)
-    q = fp4_sim(rope(q, torch.arange(T), freqs, R) @ cfg["_hadamard"])
+    q = fp4_sim(rope(q, torch.arange(T, device=a.device), freqs, R) @ cfg["_hadamard"])
     w = linear(a, P[pre + "weights_proj.weight"]) * (DI ** -0.5 * HI ** -0.5)
     score = torch.einsum("bth,bthc->btc", w, F.relu(torch.einsum("bthd,bcd->bthc", q, krows)))
     k = min(cfg["index_topk"], score.shape[-1])
@@ -237,7 +237,7 @@ def attention(P, pre, a, cfg, ratio, freqs, aux):
     """One attention sublayer on a [B,T,D] at positions 0..T-1 -> [B,T,D]."""
     B, T, _ = a.shape
     H, Dh, R, eps = cfg["n_heads"], cfg["head_dim"], cfg["rope_head_dim"], cfg["norm_eps"]
-    pos = torch.arange(T)
+    pos = torch.arange(T, device=a.device)
     qr = rmsnorm(linear(a, P[pre + "wq_a.weight"]), P[pre + "q_norm.weight"], eps)
     q = rmsnorm(linear(qr, P[pre + "wq_b.weight"]).view(B, T, H, Dh), None, eps)
     q = rope(q, pos, freqs, R)
@@ -255,7 +255,7 @@ def attention(P, pre, a, cfg, ratio, freqs, aux):
         rows = finish_rows(P, pre + "compressor.", compress(P, pre + "compressor.", a, ratio, Dh, cfg),
                            ratio, freqs, cfg, False)        # [B,nw,Dh]
         nw = rows.shape[1]
-        vis = visible_rows(T, nw, ratio).unsqueeze(0).expand(B, T, nw)
+        vis = visible_rows(T, nw, ratio, a.device).unsqueeze(0).expand(B, T, nw)
         s_cmp = torch.einsum("bthd,bcd->bhtc", q, rows) * scale
         if ratio == 4:
             sel, logq = indexer_select(P, pre + "indexer.", a, qr, ratio, freqs, cfg, vis)
