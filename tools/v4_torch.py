@@ -203,6 +203,12 @@ def finish_rows(P, pre, pooled, ratio, freqs, cfg, indexer):
     return torch.cat([fp8_sim(rows[..., :-R]), rows[..., -R:]], -1)
 
 
+def topk_lower_first(x, k):
+    """Indices of the k largest along the last axis; equal values go to the lower index, as
+    in ds4. FP4-rounded indexer scores tie often, so the rule matters for parity."""
+    return torch.sort(x, stable=True, dim=-1, descending=True).indices[..., :k]
+
+
 def visible_rows(T, nw, ratio, device):
     """[T, nw] bool: query t may use compressed row c iff c < floor((t+1)/ratio)."""
     t = torch.arange(T, device=device)[:, None]
@@ -223,7 +229,7 @@ def indexer_select(P, pre, a, qr, ratio, freqs, cfg, vis):
     k = min(cfg["index_topk"], score.shape[-1])
     sel = torch.zeros_like(score, dtype=torch.bool)
     if k > 0:
-        top = score.detach().masked_fill(~vis, float("-inf")).topk(k, -1).indices
+        top = topk_lower_first(score.detach().masked_fill(~vis, float("-inf")), k)
         sel.scatter_(-1, top, True)
     # For the loss, invisible rows get a large finite logit gap (not -inf: a query with no
     # visible row would give NaN); their target mass is 0 anyway.
@@ -300,7 +306,7 @@ def moe(P, pre, b, tokens, hashed, cfg, stats):
     if hashed:
         sel = P[pre + "gate.tid2eid"].long()[tokens]                  # [B,T,K]
     else:
-        sel = (sc.detach() + P[pre + "gate.bias"]).topk(K, -1).indices
+        sel = topk_lower_first(sc.detach() + P[pre + "gate.bias"], K)
         stats[pre] = torch.bincount(sel.flatten(), minlength=E).float()
     w = sc.gather(-1, sel)
     w = w / w.sum(-1, keepdim=True) * cfg["route_scale"]
