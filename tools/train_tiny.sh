@@ -12,7 +12,8 @@
 #
 #   run(command="sh tools/train_tiny.sh gpu", carry=["build/train-data"], timeout_s=600)
 #
-# then copy the returned trained/ folder to build/trained and run `finish` here.
+# then copy the returned trained/ folder to build/trained and run `finish` here. One command
+# may run 10 minutes: with OFFICIAL set, give MINUTES=6 so the oracle run fits too.
 # Environment: MINUTES (training budget, default 8 on the GPU, 20 for smoke), SEED (1),
 # OFFICIAL (a directory holding DeepSeek's inference/model.py: the gpu step then also writes
 # oracle vectors for the trained checkpoint with vectors/gen_vectors.py; DeepSeek's code is
