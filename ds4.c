@@ -13592,9 +13592,9 @@ static void print_usage(FILE *f) {
         "tools:\n"
         "      --check-vectors F run the oracle vectors in F; exit 0 only if all pass\n"
         "      --bench           print prefill/decode speed and weight traffic\n"
-        "      --perplexity F    mean NLL and perplexity of text file F (with --mtp: draft acceptance)\n"
+        "      --perplexity F    mean NLL and perplexity of text file F (--mtp: draft acceptance)\n"
         "      --ppl-window N    tokens per --perplexity window, BOS included (default 512)\n"
-        "      --tokenize F      print the token ids of text file F (-m: any GGUF with a vocabulary)\n"
+        "      --tokenize F      print the token ids of text file F (-m: any GGUF with a vocab)\n"
         "      --server          serve the OpenAI and Anthropic APIs (flags below)\n"
         "  -h, --help            this text\n\n%s", SERVER_USAGE);
 }

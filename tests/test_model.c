@@ -340,7 +340,10 @@ static void test_perplexity(struct engine *eng) {
             const float *row = lg + (size_t)t * V;
             double mx = row[0], sum = 0;
             int best = 0, mbest = 0;
-            for (int i = 0; i < V; i++) { if (row[i] > mx) mx = row[i]; if (row[i] > row[best]) best = i; }
+            for (int i = 0; i < V; i++) {
+                if (row[i] > mx) mx = row[i];
+                if (row[i] > row[best]) best = i;
+            }
             for (int i = 0; i < V; i++) sum += exp(row[i] - mx);
             nll += log(sum) + mx - row[buf[t + 1]];
             scored++;
@@ -354,7 +357,7 @@ static void test_perplexity(struct engine *eng) {
         free(lg);
     }
     char what[128];
-    snprintf(what, sizeof what, "perplexity: %d tokens, window %d, chunk 5 == decode (NLL sum %.3f)",
+    snprintf(what, sizeof what, "perplexity: %d tokens, window %d, chunk 5 == decode (NLL %.3f)",
              n, window, nll);
     check(what, fabs(st.nll - nll) / nll, 1e-5);
     check("perplexity: tokens scored and windows counted",
