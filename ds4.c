@@ -10713,7 +10713,8 @@ static int kv_clear_command(const char *dir) {
  * own code on a tiny model of the exact V4 shape (11.1); the bench measures
  * what a user feels -- prefill and decode speed, and the weight traffic that
  * bounds decode (11.2). Neither asserts a timing: tests assert correctness,
- * the bench prints figures.
+ * the bench prints figures. Two more measure a model rather than the engine:
+ * the perplexity of a text file (11.3) and the token ids of one (11.4).
  *
  * 11.1 --check-vectors FILE.json
  *
@@ -11154,6 +11155,162 @@ static int run_bench(struct engine *eng, int n_prefill, int n_decode, struct spe
     free(tokens);
     if (!snap_ok) fprintf(stderr, "ds4: bench snapshot failed: %s\n", e.msg);
     return snap_ok ? 0 : 1;
+}
+
+/* ---- 11.3 --perplexity FILE ------------------------------------------------------
+ *
+ * How well does the model predict a text it was not trained on? The file is
+ * tokenized (special tokens such as <｜User｜> count as themselves, so a
+ * rendered conversation can be scored too) and cut into windows of at most
+ * `window` tokens. Each window starts a fresh session with BOS, as every
+ * prompt does, and every text token of it is scored given the ones before:
+ *
+ *     nll(t) = -log softmax(logits[t-1])[token t]        natural log, per token
+ *     mean NLL = sum nll / count,    perplexity = exp(mean NLL)
+ *
+ * Windows are fed in chunks of `chunk` tokens, asking the engine for the
+ * logits of every position. With an MTP block loaded, its rows ride along:
+ * MTP row i (main state at i, token i+1) predicts token i+2, and so does the
+ * main model at position i+1; greedy drafting accepts a 1-token draft exactly
+ * when the two argmaxes agree, so their agreement rate is the acceptance rate
+ * of 1-token drafts on this text (teacher forced).
+ * ------------------------------------------------------------------------- */
+
+struct ppl_stats {
+    double nll;                   /* sum over scored tokens, nats */
+    int64_t scored, windows;
+    int64_t mtp_rows, mtp_agree;  /* MTP argmax == main argmax at the same row */
+};
+
+/* -log softmax(row)[target], in double. row: [V] */
+static double row_nll(const float *row, int V, int32_t target) {
+    double mx = row[0], sum = 0;
+    for (int i = 1; i < V; i++) if (row[i] > mx) mx = row[i];
+    for (int i = 0; i < V; i++) sum += exp((double)row[i] - mx);
+    return log(sum) + mx - row[target];
+}
+
+static int row_argmax(const float *row, int V) {
+    int best = 0;
+    for (int i = 1; i < V; i++) if (row[i] > row[best]) best = i;
+    return best;
+}
+
+/* One window: ids[0..n-1] (ids[0] is BOS, never scored). */
+static bool ppl_window(struct engine *eng, const int32_t *ids, int n, int chunk,
+                       struct ppl_stats *st, struct ds4_error *e) {
+    int V = eng->model->cfg.vocab;
+    bool mtp = eng->model->has_mtp;
+    float *logits = xmalloc((size_t)chunk * V * sizeof(float));
+    float *mtp_rows = mtp ? xmalloc((size_t)chunk * V * sizeof(float)) : NULL;
+    struct session s;
+    session_init(&s, eng);
+    bool ok = true;
+    for (int p0 = 0; ok && p0 < n; p0 += chunk) {
+        int T = n - p0 < chunk ? n - p0 : chunk;
+        struct forward_request req = { logits, mtp_rows, NULL, NULL };
+        ok = session_forward(&s, ids + p0, T, &req, e);
+        for (int t = 0; ok && t < T && p0 + t + 1 < n; t++) {
+            st->nll += row_nll(logits + (size_t)t * V, V, ids[p0 + t + 1]);
+            st->scored++;
+            if (mtp && p0 + t >= 1) {       /* MTP row of position p0+t-1 exists */
+                st->mtp_rows++;
+                st->mtp_agree += row_argmax(mtp_rows + (size_t)t * V, V) ==
+                                 row_argmax(logits + (size_t)t * V, V);
+            }
+        }
+    }
+    st->windows++;
+    session_free(&s);
+    free(mtp_rows);
+    free(logits);
+    return ok;
+}
+
+/* Score ids[0..n-1] (text tokens, no BOS) in windows of BOS + window-1 tokens. */
+static bool perplexity_of_tokens(struct engine *eng, int32_t bos, const int32_t *ids, int64_t n,
+                                 int window, int chunk, struct ppl_stats *st, struct ds4_error *e) {
+    memset(st, 0, sizeof *st);
+    if (window < 2) return fail(e, "--ppl-window must be at least 2 (BOS and one token)");
+    int32_t *buf = xmalloc((size_t)window * sizeof(int32_t));
+    bool ok = true;
+    for (int64_t done = 0; ok && done < n; done += window - 1) {
+        int m = (int)(n - done < window - 1 ? n - done : window - 1);
+        buf[0] = bos;
+        memcpy(buf + 1, ids + done, (size_t)m * sizeof(int32_t));
+        ok = ppl_window(eng, buf, m + 1, chunk, st, e);
+    }
+    free(buf);
+    return ok;
+}
+
+static int perplexity_command(struct engine *eng, const struct tokenizer *tok, const char *path,
+                              int window, int chunk) {
+    struct ds4_error e = { "" };
+    size_t len;
+    char *text = read_file(path, &len, &e);
+    int32_t *ids = NULL;
+    size_t n = 0;
+    struct ppl_stats st;
+    bool ok = text != NULL;
+    if (ok) tokenize(tok, text, len, true, &ids, &n);
+    if (ok && n == 0) ok = fail(&e, "%s holds no tokens to score", path);
+    if (ok && tok->sp.bos < 0) ok = fail(&e, "the vocabulary has no <｜begin▁of▁sentence｜> token");
+    double t0 = now_seconds();
+    ok = ok && perplexity_of_tokens(eng, tok->sp.bos, ids, (int64_t)n, window, chunk, &st, &e);
+    if (ok) {
+        double mean = st.nll / (double)st.scored;
+        printf("perplexity: %s: %lld tokens scored in %lld windows of <= %d: mean NLL %.4f nats, "
+               "perplexity %.3f (%.1f s)\n", path, (long long)st.scored, (long long)st.windows,
+               window, mean, exp(mean), now_seconds() - t0);
+        if (st.mtp_rows)
+            printf("perplexity: MTP top-1 agrees with the main model's top-1 at %lld of %lld rows "
+                   "(%.1f%%): the 1-token draft acceptance rate on this text\n",
+                   (long long)st.mtp_agree, (long long)st.mtp_rows,
+                   100.0 * st.mtp_agree / st.mtp_rows);
+    } else {
+        fprintf(stderr, "ds4: %s\n", e.msg);
+    }
+    free(ids);
+    free(text);
+    return ok ? 0 : 1;
+}
+
+/* ---- 11.4 --tokenize FILE ----------------------------------------------------------
+ *
+ * The token ids of a text file, space separated on one line, exactly as the
+ * engine would tokenize a prompt (special tokens included). -m may name any
+ * GGUF with a vocabulary, including a vocabulary-only file such as
+ * vectors/train-vocab.gguf: the training data of a tiny model is tokenized
+ * by this tokenizer, so the model learns the ids ds4 will feed it.
+ * ------------------------------------------------------------------------- */
+
+static int tokenize_command(const char *gguf_path, const char *path) {
+    struct ds4_error e = { "" };
+    struct gguf g;
+    struct gguf_array toks;
+    struct tokenizer tok;
+    memset(&tok, 0, sizeof tok);
+    if (!gguf_open(&g, gguf_path, &e)) {
+        fprintf(stderr, "ds4: %s\n", e.msg);
+        return 1;
+    }
+    bool ok = gguf_get_array(&g, "tokenizer.ggml.tokens", &toks) ||
+              fail(&e, "%s has no vocabulary (tokenizer.ggml.tokens)", gguf_path);
+    ok = ok && toks.count <= INT32_MAX && tokenizer_load_gguf(&tok, &g, (int)toks.count, &e);
+    size_t len = 0, n = 0;
+    char *text = ok ? read_file(path, &len, &e) : NULL;
+    int32_t *ids = NULL;
+    ok = ok && text != NULL;
+    if (ok) tokenize(&tok, text, len, true, &ids, &n);
+    for (size_t i = 0; ok && i < n; i++) printf("%s%d", i ? " " : "", ids[i]);
+    if (ok) printf("\n");
+    else fprintf(stderr, "ds4: %s\n", e.msg);
+    free(ids);
+    free(text);
+    tokenizer_free(&tok);
+    gguf_close(&g);
+    return ok ? 0 : 1;
 }
 
 /* ============================================================================
@@ -14454,7 +14611,8 @@ struct cli_options {
     const char *model_path, *mtp_path, *tokens, *check_vectors;
     const char *prompt, *render_chat, *mode_name;
     const char *backend_name;     /* --backend, resolved into engine.backend */
-    int n_predict, chunk, bench_prefill, bench_decode;
+    const char *perplexity, *tokenize_file;   /* --perplexity FILE, --tokenize FILE (11.3, 11.4) */
+    int n_predict, chunk, bench_prefill, bench_decode, ppl_window;
     bool bench, show_help, raw, nothink;
     enum chat_mode mode;          /* from --mode, or --nothink */
     struct spec_options spec;     /* --mtp-draft, --mtp-gate */
@@ -14474,6 +14632,8 @@ static void print_usage(FILE *f) {
         "       ds4 [-m MODEL.gguf] -p \"TEXT\" [--nothink] [--raw]     one chat turn\n"
         "       ds4 [-m MODEL.gguf]                   interactive chat (/think /nothink /quit)\n"
         "       ds4 --render-chat FILE.json [--mode thinking|chat|max]\n"
+        "       ds4 --perplexity FILE.txt [-m MODEL.gguf] [--mtp MTP.gguf] [--ppl-window N]\n"
+        "       ds4 --tokenize FILE.txt [-m MODEL_OR_VOCAB.gguf]\n"
         "       ds4 --server [-m MODEL.gguf] [--host H] [--port N] [--api-key K]\n"
         "       ds4 --kv-list DIR | --kv-check DIR | --kv-clear DIR\n"
         "\n"
@@ -14510,6 +14670,9 @@ static void print_usage(FILE *f) {
         "tools:\n"
         "      --check-vectors F run the oracle vectors in F; exit 0 only if all pass\n"
         "      --bench           print prefill/decode speed and weight traffic\n"
+        "      --perplexity F    mean NLL and perplexity of text file F (--mtp: draft acceptance)\n"
+        "      --ppl-window N    tokens per --perplexity window, BOS included (default 512)\n"
+        "      --tokenize F      print the token ids of text file F (-m: any GGUF with a vocab)\n"
         "      --server          serve the OpenAI and Anthropic APIs (flags below)\n"
         "  -h, --help            this text\n\n%s", SERVER_USAGE);
 }
@@ -14555,6 +14718,7 @@ static bool parse_args(int argc, char **argv, struct cli_options *o, struct ds4_
     o->chunk = 128;
     o->bench_prefill = 64;
     o->bench_decode = 16;
+    o->ppl_window = 512;
     o->sampling.top_p = 1.0f;
     o->sampling.seed = 1;
     o->spec.draft = 1;
@@ -14567,6 +14731,7 @@ static bool parse_args(int argc, char **argv, struct cli_options *o, struct ds4_
         { NULL, "--bench-prefill", 1, 1 << 20, &o->bench_prefill },
         { NULL, "--bench-decode", 1, 1 << 20, &o->bench_decode },
         { NULL, "--mtp-draft", 0, 15, &o->spec.draft },
+        { NULL, "--ppl-window", 2, 1 << 20, &o->ppl_window },
     };
     struct float_flag floats[] = {
         { "--temp", 0, 100, &o->sampling.temperature },
@@ -14581,6 +14746,7 @@ static bool parse_args(int argc, char **argv, struct cli_options *o, struct ds4_
         { NULL, "--mode", &o->mode_name }, { NULL, "--kv-disk-dir", &o->kv.dir },
         { NULL, "--kv-list", &o->kv_list }, { NULL, "--kv-check", &o->kv_check },
         { NULL, "--kv-clear", &o->kv_clear }, { NULL, "--backend", &o->backend_name },
+        { NULL, "--perplexity", &o->perplexity }, { NULL, "--tokenize", &o->tokenize_file },
     };
     struct size_flag sizes[] = {
         { "--kv-disk-space-mb", 1, 1L << 30, &o->kv.space_mb },
@@ -15088,6 +15254,7 @@ int main(int argc, char **argv) {
                         "(./download_model.sh), or run 'make' to build vectors/tiny.gguf\n");
         return 1;
     }
+    if (o.tokenize_file) return tokenize_command(path, o.tokenize_file);
     struct model model;
     if (!model_load(&model, path, o.mtp_path, &e)) {
         fprintf(stderr, "ds4: %s\n", e.msg);
@@ -15108,6 +15275,7 @@ int main(int argc, char **argv) {
     int rc = o.server        ? server_main(&eng, &tok, &o.server_opt)
            : o.check_vectors ? check_vectors(&eng, o.check_vectors)
            : o.bench         ? run_bench(&eng, o.bench_prefill, o.bench_decode, o.spec)
+           : o.perplexity    ? perplexity_command(&eng, &tok, o.perplexity, o.ppl_window, o.chunk)
            : o.tokens        ? generate(&eng, &tok, &o)
            : o.prompt        ? run_prompt(&eng, &tok, &o)
                              : run_chat(&eng, &tok, &o);

@@ -131,6 +131,31 @@ fi
 ./ds4 -m $M -n 5 </dev/null >/dev/null 2>&1 && ok "interactive chat ends cleanly at end of input" \
     || bad "chat at EOF did not exit 0"
 
+# --tokenize and --perplexity (chapter 11.3, 11.4).
+printf 'def reverse(s):\n    return s[::-1]\n<｜User｜>Hello world' >"$tmp/ppl.txt"
+./ds4 --tokenize "$tmp/ppl.txt" -m vectors/tiny-vocab.gguf >"$tmp/tk1" 2>/dev/null
+./ds4 --tokenize "$tmp/ppl.txt" -m $M >"$tmp/tk2" 2>/dev/null
+[ -s "$tmp/tk1" ] && cmp -s "$tmp/tk1" "$tmp/tk2" && grep -q " 2004 " "$tmp/tk1" \
+    && ok "--tokenize: a vocabulary-only GGUF gives the model's ids, <｜User｜> as one id ($(wc -w <"$tmp/tk1") ids)" \
+    || bad "--tokenize: $(head -c 200 "$tmp/tk1") vs $(head -c 200 "$tmp/tk2")"
+./ds4 --tokenize "$tmp/ppl.txt" -m vectors/train-vocab.gguf >"$tmp/tk3" 2>/dev/null
+awk '{ for (i = 1; i <= NF; i++) if ($i < 0 || $i >= 8192) exit 1 }' "$tmp/tk3" && grep -q " 8148 " "$tmp/tk3" \
+    && ok "--tokenize with vectors/train-vocab.gguf: $(wc -w <"$tmp/tk3") ids, all below 8192" \
+    || bad "--tokenize train-vocab: $(head -c 200 "$tmp/tk3")"
+./ds4 -m $M --perplexity "$tmp/ppl.txt" --ppl-window 8 >"$tmp/pp1" 2>/dev/null
+./ds4 -m $M --perplexity "$tmp/ppl.txt" --ppl-window 8 --chunk 3 >"$tmp/pp2" 2>/dev/null
+n=$(wc -w <"$tmp/tk1")
+grep -q "perplexity: .*: $n tokens scored in 4 windows of <= 8" "$tmp/pp1" \
+    && [ "$(cut -d'(' -f1 "$tmp/pp1")" = "$(cut -d'(' -f1 "$tmp/pp2")" ] \
+    && ok "--perplexity: every token scored once, same figures with --chunk 3: $(cut -d: -f3 "$tmp/pp1" | cut -d'(' -f1)" \
+    || bad "--perplexity: $(cat "$tmp/pp1") / $(cat "$tmp/pp2")"
+: >"$tmp/empty.txt"
+expect 1 "holds no tokens" "--perplexity on an empty file" -- ./ds4 -m $M --perplexity "$tmp/empty.txt"
+expect 1 "cannot open" "--perplexity on a missing file" -- ./ds4 -m $M --perplexity "$tmp/none.txt"
+expect 2 "ppl-window needs an integer" "--ppl-window 1" -- ./ds4 -m $M --perplexity x --ppl-window 1
+expect 1 "no vocabulary" "--tokenize with a GGUF without a vocabulary" -- \
+    ./ds4 --tokenize "$tmp/ppl.txt" -m vectors/tiny-mtp.gguf
+
 # Sessions on disk: a second process resumes the prompt from the snapshot
 # the first one saved, and prints the same reply as a run without the store.
 long=$(awk 'BEGIN { for (i = 0; i < 111; i++) printf "The quick brown fox jumps over the lazy dog. " }')

@@ -16,7 +16,10 @@
  *      sizes, on a sequence longer than the window and several compressed
  *      windows (every position's logits compared);
  *   8. for each quantized model given: the fast kernels against the scalar
- *      dequantize-then-f32 reference, whole model, relative row error <= 1e-3.
+ *      dequantize-then-f32 reference, whole model, relative row error <= 1e-3;
+ *   9. --perplexity (11.3): windows of BOS + text fed in chunks give the same
+ *      summed NLL, token count and MTP agreement as one-token decode with the
+ *      log-softmax and argmax computed here.
  *
  * Each check prints what it compared and the largest difference; the last
  * line is "N passed, N failed".
@@ -306,6 +309,58 @@ static void test_fast_vs_reference(const char *path) {
     model_free(&m);
 }
 
+/* ---- 9. Perplexity: chunked windows == token-by-token decode ---------------- */
+
+static void test_perplexity(struct engine *eng) {
+    int V = eng->model->cfg.vocab, n = 40, window = 16;
+    int32_t tokens[40], buf[16];
+    uint64_t s = 5;
+    for (int i = 0; i < n; i++) tokens[i] = 3 + (int32_t)(splitmix64(&s) % (uint64_t)(V - 3));
+    struct ppl_stats st;
+    struct ds4_error e = { "" };
+    if (!perplexity_of_tokens(eng, 0, tokens, n, window, 5, &st, &e)) {
+        printf("FAIL perplexity_of_tokens: %s\n", e.msg);
+        tests_failed++;
+        return;
+    }
+    /* The same windows, one token per call, scored here: nll = logsumexp(row) - row[target]. */
+    double nll = 0;
+    int64_t scored = 0, rows = 0, agree = 0;
+    for (int done = 0; done < n; done += window - 1) {
+        int m = n - done < window - 1 ? n - done : window - 1;
+        buf[0] = 0;
+        memcpy(buf + 1, tokens + done, (size_t)m * sizeof(int32_t));
+        float *lg = run_chunks(eng, buf, m + 1, 1, eng->model->has_mtp);
+        for (int t = 0; t < m; t++) {
+            const float *row = lg + (size_t)t * V;
+            double mx = row[0], sum = 0;
+            int best = 0, mbest = 0;
+            for (int i = 0; i < V; i++) {
+                if (row[i] > mx) mx = row[i];
+                if (row[i] > row[best]) best = i;
+            }
+            for (int i = 0; i < V; i++) sum += exp(row[i] - mx);
+            nll += log(sum) + mx - row[buf[t + 1]];
+            scored++;
+            if (eng->model->has_mtp && t >= 1) {
+                const float *mr = lg + (size_t)(m + 1 + t) * V;
+                for (int i = 0; i < V; i++) if (mr[i] > mr[mbest]) mbest = i;
+                rows++;
+                agree += mbest == best;
+            }
+        }
+        free(lg);
+    }
+    char what[128];
+    snprintf(what, sizeof what, "perplexity: %d tokens, window %d, chunk 5 == decode (NLL %.3f)",
+             n, window, nll);
+    check(what, fabs(st.nll - nll) / nll, 1e-5);
+    check("perplexity: tokens scored and windows counted",
+          (double)llabs(st.scored - scored) + (double)llabs(st.windows - 3), 0);
+    check("perplexity: MTP rows and top-1 agreement counted as decode does",
+          (double)llabs(st.mtp_rows - rows) + (double)llabs(st.mtp_agree - agree), 0);
+}
+
 int main(int argc, char **argv) {
     if (argc < 2) {
         fprintf(stderr, "usage: %s MODEL.gguf [MTP.gguf] [QUANTIZED.gguf ...]\n", argv[0]);
@@ -329,6 +384,7 @@ int main(int argc, char **argv) {
     struct engine eng;
     engine_init(&eng, &m, (struct engine_options){ .threads = 0 });
     test_schedules(&eng, m.has_mtp);
+    test_perplexity(&eng);
     engine_free(&eng);
     model_free(&m);
     for (int i = mtp ? 3 : 2; i < argc; i++) test_fast_vs_reference(argv[i]);

@@ -242,7 +242,7 @@ def build_full(table):
 
 
 def build_tiny(tokens, types, merges, size=2048):
-    """A 2048-token vocabulary for the tiny test model.
+    """A `size`-token vocabulary for a tiny model (2048 for vectors/tiny).
 
     Ids 0..2 are BOS/EOS/pad, ids 3..258 the 256 single bytes (same order as
     the real vocabulary), then the earliest real merges, which only ever use
@@ -266,12 +266,15 @@ def main():
     ap.add_argument("--tiktoken", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--tiny-out")
+    ap.add_argument("--tiny-size", type=int, default=2048,
+                    help="tokens in the --tiny-out vocabulary (2048 for vectors/tiny, 8192 for "
+                         "the trained model)")
     a = ap.parse_args()
     table = read_tiktoken(a.tiktoken)
     tokens, types, merges = build_full(table)
     write_gguf(a.out, "ds4 vocabulary (DeepSeek V4)", tokens, types, merges)
     if a.tiny_out:
-        t, ty, m = build_tiny(tokens, types, merges)
+        t, ty, m = build_tiny(tokens, types, merges, a.tiny_size)
         write_gguf(a.tiny_out, "ds4 tiny vocabulary", t, ty, m)
 
 

@@ -1,0 +1,86 @@
+#!/bin/sh
+# tools/train_tiny.sh -- the trained tiny DeepSeek V4, from nothing to GGUFs and figures.
+#
+#   sh tools/train_tiny.sh data             # here (CPU, ~5 min): build/train-data/ from this machine's files
+#   sh tools/train_tiny.sh gpu              # on the H200 (device tool, one command): train, export
+#   sh tools/train_tiny.sh finish [CKPT]    # here: convert, perplexity, tool calls, vectors check
+#   sh tools/train_tiny.sh smoke            # here, CPU only: data + a bounded smoke training + finish
+#
+# The GPU step needs only python3 with torch (no ds4 build, no network): the data is made
+# here, where ds4 renders and tokenizes it, and travels with the working tree (carry
+# build/train-data). With the device tool:
+#
+#   run(command="sh tools/train_tiny.sh gpu", carry=["build/train-data"], timeout_s=600)
+#
+# then copy the returned trained/ folder to build/trained and run `finish` here. One command
+# may run 10 minutes: with OFFICIAL set, give MINUTES=6 so the oracle run fits too.
+# Environment: MINUTES (training budget, default 8 on the GPU, 20 for smoke), SEED (1),
+# OFFICIAL (a directory holding DeepSeek's inference/model.py: the gpu step then also writes
+# oracle vectors for the trained checkpoint with vectors/gen_vectors.py; DeepSeek's code is
+# never committed here), PORT (18181, for the server during `finish`), PYTHON (the python3
+# that has torch; `finish` skips the training-model vectors check without one).
+set -eu
+stage=${1:-}
+DATA=build/train-data
+SEED=${SEED:-1}
+PY=${PYTHON:-python3}
+
+data() {
+    make ds4 >/dev/null
+    $PY tools/make_train_data.py --out $DATA --seed "$SEED" --text-mb "${TEXT_MB:-4}" \
+        --convs "${CONVS:-2500}" --eval-convs 200
+}
+
+gpu() {
+    out=${OUT:-build}/trained
+    $PY -c 'import torch; print("torch", torch.__version__, "cuda", torch.cuda.is_available())'
+    $PY tools/train_tiny.py --check
+    $PY tools/train_tiny.py --data $DATA --out "$out" --preset "${PRESET:-gpu}" --device cuda \
+        --minutes "${MINUTES:-8}" --seed "$SEED" --log-every 50 --eval-every 500 --eval-batches 8
+    if [ -n "${OFFICIAL:-}" ]; then
+        $PY vectors/gen_vectors.py --official "$OFFICIAL" --checkpoint "$out" \
+            --like vectors/vectors.json --out "$out/vectors.json" --device cuda
+    fi
+    ls -la "$out"
+}
+
+finish() {
+    ck=${1:-build/trained}
+    make ds4 ds4-convert >/dev/null
+    ./ds4-convert "$ck" build/trained.gguf --mtp build/trained-mtp.gguf --type f16 \
+        --vocab vectors/train-vocab.gguf
+    ls -la build/trained.gguf build/trained-mtp.gguf
+    head -c 60000 $DATA/heldout_text.txt >build/heldout_text.txt
+    head -c 60000 $DATA/heldout_chat.txt >build/heldout_chat.txt
+    for f in build/heldout_text.txt build/heldout_chat.txt; do
+        ./ds4 -m build/trained.gguf --mtp build/trained-mtp.gguf --perplexity $f --ppl-window 512
+    done
+    grep unigram $DATA/stats.json
+    ./ds4 -m build/trained.gguf -p "Write a Python function that reverses a string" -n 64
+    # The engine against the training model on the trained weights (all schedules).
+    if $PY -c 'import torch' 2>/dev/null; then
+        $PY tools/train_tiny.py --vectors-out build/trained-vectors.json --checkpoint "$ck"
+        ./ds4 --check-vectors build/trained-vectors.json -m build/trained.gguf \
+            --mtp build/trained-mtp.gguf || echo "train_tiny.sh: ds4 != training model (see above)"
+    fi
+    if [ -f "$ck/vectors.json" ]; then   # the official oracle, from the gpu step with OFFICIAL
+        ./ds4 --check-vectors "$ck/vectors.json" -m build/trained.gguf --mtp build/trained-mtp.gguf \
+            || echo "train_tiny.sh: ds4 != DeepSeek's model.py on the trained checkpoint (see above)"
+    fi
+    $PY tools/eval_tiny.py --model build/trained.gguf --mtp build/trained-mtp.gguf --data $DATA \
+        --port "${PORT:-18181}" --requests 50 --out build/trained-figures.json
+    ./ds4 --bench -m build/trained.gguf --mtp build/trained-mtp.gguf --bench-prefill 256 --bench-decode 64
+}
+
+case "$stage" in
+    data) data ;;
+    gpu) gpu ;;
+    finish) shift; finish "$@" ;;
+    smoke)
+        [ -f $DATA/train.bin ] || data
+        OPENBLAS_NUM_THREADS=1 nice -n 19 $PY tools/train_tiny.py --data $DATA --out build/trained \
+            --preset smoke --device cpu --threads 1 --minutes "${MINUTES:-20}" --seed "$SEED" \
+            --log-every 10 --eval-every 100 --eval-batches 2
+        finish build/trained ;;
+    *) sed -n '2,20p' "$0"; exit 2 ;;
+esac
