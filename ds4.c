@@ -2814,7 +2814,10 @@ static bool model_load(struct model *m, const char *path, const char *mtp_path,
  *
  * Duplicate keys. RFC 8259 says names "SHOULD be unique" and leaves the
  * meaning of duplicates open. We keep every member, in order, and json_get()
- * returns the first match. Keeping them costs nothing and hides nothing.
+ * returns the LAST match, as Python's json.loads() and JavaScript's
+ * JSON.parse() do: a body that a proxy or a client library checked with
+ * either of them means here what it meant there. (Keeping the first would
+ * let `{"model":"a","model":"b"}` read one way in the client, another here.)
  *
  * Memory. All nodes and strings of one document live in one arena (see "The arena"),
  * so json_free() is a handful of free() calls, whatever the tree's shape, and
@@ -2834,6 +2837,12 @@ static bool model_load(struct model *m, const char *path, const char *mtp_path,
  *   two-byte element such as `0,` becomes one 64-byte node; during the
  *   parse the pending stack (below) can briefly hold as much again. A small
  *   request costs about 84 KB: the first arena chunk plus the stacks.
+ * - memory: that factor of 64 is why json_parse_within() exists. It takes a
+ *   budget in bytes for everything the parse allocates (arena chunks and
+ *   pending stacks, counted by capacity) and stops with "memory budget
+ *   exceeded" the moment a growth would pass it, so an 8 MB `[0,0,...]`
+ *   costs the budget, not half a gigabyte. The server passes its
+ *   --max-parse-mem; json_parse() is the same with no budget.
  *
  * Numbers are converted by strtod(), which reads the decimal point of the
  * current locale. ds4 never calls setlocale(), so it runs in the "C" locale
@@ -2893,6 +2902,7 @@ struct json_chunk {
 struct json_arena {
     struct json_chunk *newest;
     size_t next_cap;
+    struct json_parser *owner;   /* charged for every chunk (json_charge) */
 };
 
 static void json_arena_free(struct json_chunk *chunk) {
@@ -2903,9 +2913,13 @@ static void json_arena_free(struct json_chunk *chunk) {
     }
 }
 
+struct json_parser;
+static bool json_charge(struct json_parser *p, size_t bytes);
+
 static struct json_chunk *json_arena_grow(struct json_arena *a, size_t need) {
     size_t cap = a->next_cap > need ? a->next_cap : need;
     if (cap > SIZE_MAX - sizeof(struct json_chunk)) return NULL;
+    if (a->owner && !json_charge(a->owner, sizeof(struct json_chunk) + cap)) return NULL;
     struct json_chunk *chunk = malloc(sizeof(*chunk) + cap);
     if (chunk == NULL) return NULL;
     chunk->next = a->newest;
@@ -2962,7 +2976,23 @@ struct json_parser {
     char *err;
     size_t errlen;
     bool failed;
+    size_t budget, charged;      /* bytes allowed (0: no limit), bytes allocated */
+    bool over_budget;
 };
+
+/* Count `bytes` more of allocation against the budget. Returns false (and
+ * records the error) when it would pass it; nothing is allocated then. */
+static bool json_fail(struct json_parser *p, size_t at, const char *fmt, ...);
+static bool json_charge(struct json_parser *p, size_t bytes) {
+    if (p->budget == 0) return true;
+    if (bytes > p->budget - p->charged) {
+        p->over_budget = true;
+        return json_fail(p, p->pos, "memory budget exceeded: the parse needs more than %zu bytes",
+                         p->budget);
+    }
+    p->charged += bytes;
+    return true;
+}
 
 /* Record the first error, with its byte offset, and return false so callers
  * can write `return json_fail(...)`. Later errors are consequences of the
@@ -2992,7 +3022,7 @@ static bool json_fail_expected(struct json_parser *p, const char *expected) {
 }
 
 static bool json_out_of_memory(struct json_parser *p) {
-    return json_fail(p, p->pos, "out of memory");
+    return json_fail(p, p->pos, "out of memory");   /* a no-op after a budget error */
 }
 
 /* The next byte, or -1 at the end of the input. */
@@ -3016,14 +3046,15 @@ static void json_skip_space(struct json_parser *p) {
  * input length (every pending element consumed at least one byte), so the
  * doubling cannot overflow for any input that fits in memory; the check is
  * belt and braces. Returns the grown array, or NULL with `data` untouched. */
-static void *json_grow(void *data, size_t cap, size_t elem_size) {
+static void *json_grow(struct json_parser *p, void *data, size_t cap, size_t elem_size) {
     if (cap > SIZE_MAX / 2 / elem_size) return NULL;
+    if (!json_charge(p, cap * elem_size)) return NULL;     /* the new half */
     return realloc(data, cap * 2 * elem_size);
 }
 
 static bool json_push_value(struct json_parser *p, const struct json *v) {
     if (p->values_len == p->values_cap) {
-        struct json *grown = json_grow(p->values, p->values_cap, sizeof(struct json));
+        struct json *grown = json_grow(p, p->values, p->values_cap, sizeof(struct json));
         if (grown == NULL) return json_out_of_memory(p);
         p->values = grown;
         p->values_cap *= 2;
@@ -3036,10 +3067,10 @@ static bool json_push_value(struct json_parser *p, const struct json *v) {
  * second realloc() fails, the first array is merely larger than needed. */
 static bool json_push_key(struct json_parser *p, char *key, size_t key_len) {
     if (p->keys_len == p->keys_cap) {
-        char **keys = json_grow(p->keys, p->keys_cap, sizeof(char *));
+        char **keys = json_grow(p, p->keys, p->keys_cap, sizeof(char *));
         if (keys == NULL) return json_out_of_memory(p);
         p->keys = keys;
-        size_t *lens = json_grow(p->key_lens, p->keys_cap, sizeof(size_t));
+        size_t *lens = json_grow(p, p->key_lens, p->keys_cap, sizeof(size_t));
         if (lens == NULL) return json_out_of_memory(p);
         p->key_lens = lens;
         p->keys_cap *= 2;
@@ -3460,11 +3491,22 @@ static bool json_parse_end(struct json_parser *p) {
 /* Parse text[0..len): one value, optionally surrounded by whitespace, and
  * nothing else. Returns the root of a tree to be released with json_free(),
  * or NULL with a one-line message in err (which may be NULL). A max_depth of
- * 0 accepts only scalars at the top. */
-static struct json *json_parse(const char *text, size_t len, int max_depth, char *err, size_t errlen) {
+ * 0 accepts only scalars at the top. `budget` bounds the bytes the parse
+ * allocates (0: no bound); *over_budget (may be NULL) says whether that was
+ * the reason for a NULL. */
+static struct json *json_parse_within(const char *text, size_t len, int max_depth, size_t budget,
+                                      bool *over_budget, char *err, size_t errlen) {
     struct json_parser p = {0};
     p.text = text;
     p.len = len;
+    p.budget = budget;
+    p.arena.owner = &p;
+    if (over_budget) *over_budget = false;
+    size_t stacks = JSON_STACK_FIRST * (sizeof(struct json) + sizeof(char *) + sizeof(size_t));
+    if (!json_charge(&p, stacks + sizeof(struct json_document))) {
+        if (over_budget) *over_budget = true;
+        return NULL;
+    }
     p.max_depth = max_depth < 0 ? 0 : max_depth;
     if (p.max_depth > JSON_DEPTH_CEILING) p.max_depth = JSON_DEPTH_CEILING;
     p.arena.next_cap = JSON_CHUNK_FIRST;
@@ -3484,6 +3526,7 @@ static struct json *json_parse(const char *text, size_t len, int max_depth, char
     free(p.values);
     free(p.keys);
     free(p.key_lens);
+    if (over_budget) *over_budget = p.over_budget;
     if (!ok) {
         json_arena_free(p.arena.newest);
         free(doc);
@@ -3492,6 +3535,10 @@ static struct json *json_parse(const char *text, size_t len, int max_depth, char
     doc->chunks = p.arena.newest;
     if (err != NULL && errlen > 0) err[0] = '\0';
     return &doc->root;
+}
+
+static struct json *json_parse(const char *text, size_t len, int max_depth, char *err, size_t errlen) {
+    return json_parse_within(text, len, max_depth, 0, NULL, err, errlen);
 }
 
 /* Release a whole tree. Only the root from json_parse() may be passed. */
@@ -3513,12 +3560,12 @@ static bool json_is(const struct json *j, enum json_kind kind) {
     return j != NULL && j->kind == kind;
 }
 
-/* The value of the first member named `key` (see "Duplicate keys" above).
- * A linear scan: request objects have a handful of members. */
+/* The value of the last member named `key` (see "Duplicate keys" above).
+ * A linear scan from the end: request objects have a handful of members. */
 static const struct json *json_get(const struct json *obj, const char *key) {
     if (!json_is(obj, JSON_OBJECT) || key == NULL) return NULL;
     size_t key_len = strlen(key);
-    for (size_t i = 0; i < obj->count; i++)
+    for (size_t i = obj->count; i-- > 0;)
         if (obj->key_lens[i] == key_len && memcmp(obj->keys[i], key, key_len) == 0)
             return &obj->items[i];
     return NULL;
