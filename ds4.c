@@ -14214,6 +14214,7 @@ static int server_main(struct engine *eng, const struct tokenizer *tok, const st
     static struct server srv;
     struct ds4_error e = {""};
     int port = 0;
+    server_warn_exposed(opt);
     if (!server_init(&srv, eng, tok, opt, &e) || (srv.listen_fd = server_listen(opt, &port, &e)) < 0) {
         fprintf(stderr, "ds4-server: %s\n", e.msg);
         server_free(&srv);
@@ -14227,7 +14228,6 @@ static int server_main(struct engine *eng, const struct tokenizer *tok, const st
     signal(SIGPIPE, SIG_IGN);
     pthread_t worker;
     pthread_create(&worker, NULL, worker_main, &srv);
-    server_warn_exposed(opt);
     fprintf(stderr, "ds4-server: listening on http://%s:%d (model %s, ctx %d)%s%s%s\n", opt->host, port,
             opt->model_name, opt->ctx, opt->api_key ? ", API key required" : "",
             srv.kv_on ? ", sessions on disk in " : "", srv.kv_on ? opt->kv.dir : "");

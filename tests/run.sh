@@ -45,6 +45,8 @@ suite "oracle vectors (tiny f16 + MTP)" \
     ./ds4 --check-vectors vectors/vectors.json -m vectors/tiny.gguf --mtp vectors/tiny-mtp.gguf
 suite "command line" sh tests/cli.sh
 suite "server: curl edge cases + openai and @anthropic-ai/sdk clients" sh tests/server/run.sh ./ds4
+suite "server: raw HTTP/1.1 and hardening (keep-alive, chunked, browsers, slots, memory)" \
+    python3 tests/server/http_raw.py ./ds4
 suite "server restart: sessions on disk (--kv-disk-dir)" sh tests/server/restart.sh ./ds4
 suite "book: ds4.c renders and passes its lint" python3 tools/book.py --check ds4.c
 suite "book/ is in sync with ds4.c" sh tests/book_sync.sh
