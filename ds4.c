@@ -2340,6 +2340,41 @@ struct config_key {
     double *as_double;
 };
 
+/* The real-valued keys and the ranges the forward pass needs. Each one is a
+ * divisor, a logarithm's argument or a scale somewhere: NaN, infinity, zero
+ * or a negative value would not fail loudly, it would turn every logit into
+ * NaN and the sampler's argmax into token 0. So they are refused at load,
+ * with the key's name. `lo` is exclusive when `open_lo`. */
+struct config_range {
+    const char *key;
+    double lo, hi;
+    bool open_lo;
+};
+
+static const struct config_range CONFIG_RANGES[] = {
+    { "deepseek4.rope.freq_base", 0, 1e12, true },
+    { "deepseek4.attention.compress_rope_freq_base", 0, 1e12, true },
+    { "deepseek4.rope.scaling.factor", 0, 1e6, true },
+    { "deepseek4.rope.scaling.yarn_beta_fast", 0, 1e6, false },
+    { "deepseek4.rope.scaling.yarn_beta_slow", 0, 1e6, false },
+    { "deepseek4.rope.scaling.original_context_length", 0, 1e12, false },
+    { "deepseek4.expert_weights_scale", 0, 1e6, true },
+    { "deepseek4.attention.layer_norm_rms_epsilon", 0, 1, true },
+    { "deepseek4.hyper_connection.epsilon", 0, 1, true },
+};
+
+static bool config_check_range(const char *path, const char *key, double v, struct ds4_error *e) {
+    for (size_t i = 0; i < sizeof CONFIG_RANGES / sizeof CONFIG_RANGES[0]; i++) {
+        const struct config_range *r = &CONFIG_RANGES[i];
+        if (strcmp(r->key, key) != 0) continue;
+        bool ok = isfinite(v) && (r->open_lo ? v > r->lo : v >= r->lo) && v <= r->hi;
+        if (!ok)
+            return fail(e, "%s: metadata '%s' = %g must be a finite number in %s%g, %g]", path, key, v,
+                        r->open_lo ? "(" : "[", r->lo, r->hi);
+    }
+    return true;
+}
+
 static bool config_read_scalars(const struct gguf *g, struct ds4_config *c, struct ds4_error *e) {
     struct config_key keys[] = {
         { "deepseek4.block_count", &c->n_layers, NULL, NULL },
@@ -2381,6 +2416,8 @@ static bool config_read_scalars(const struct gguf *g, struct ds4_config *c, stru
                 return fail(e, "%s: metadata '%s' = %g is not a sane count", g->path,
                             keys[i].key, v);
             *keys[i].as_int = (int)v;
+        } else if (!config_check_range(g->path, keys[i].key, v, e)) {
+            return false;
         } else if (keys[i].as_float) {
             *keys[i].as_float = (float)v;
         } else {
@@ -2402,8 +2439,8 @@ static bool config_read_layer_arrays(const struct gguf *g, struct ds4_config *c,
         double r, s = 10.0;
         if (!gguf_array_number(&ratios, (uint64_t)l, &r) || !(r == 0 || r == 4 || r == 128))
             return fail(e, "%s: compress_ratios[%d] must be 0, 4 or 128", g->path, l);
-        if (have_clamps && !gguf_array_number(&clamps, (uint64_t)l, &s))
-            return fail(e, "%s: swiglu_clamp_exp[%d] is missing or not a number", g->path, l);
+        if (have_clamps && (!gguf_array_number(&clamps, (uint64_t)l, &s) || !isfinite(s) || s < 0))
+            return fail(e, "%s: swiglu_clamp_exp[%d] is missing, negative or not a finite number", g->path, l);
         c->ratio[l] = (int)r;
         c->swiglu_limit[l] = (float)s;
     }
@@ -7927,6 +7964,16 @@ static int count_accepted(struct generator *g, const int32_t *drafts, int n, con
     return n;
 }
 
+/* A model with broken weights (or hyper-parameters that slipped past
+ * Chapter 4) makes NaN or infinite logits, and argmax over NaN picks token 0
+ * forever. Generation stops with an error instead of printing such tokens.
+ * One pass over the vocabulary per step: noise next to the forward pass. */
+static bool logits_finite(const float *logits, int n) {
+    for (int i = 0; i < n; i++)
+        if (!isfinite(logits[i])) return false;
+    return true;
+}
+
 /* Choose the next token from the session's logits (or a pending residual). */
 static int32_t generator_choose(struct generator *g) {
     int V = g->s->eng->model->cfg.vocab;
@@ -7943,6 +7990,8 @@ static int32_t generator_choose(struct generator *g) {
 static int generator_step(struct generator *g, int32_t *out, struct ds4_error *e) {
     struct session *s = g->s;
     const struct ds4_config *c = &s->eng->model->cfg;
+    if (!g->have_residual && !logits_finite(s->logits, c->vocab))
+        return fail(e, "the model's logits are not finite (NaN or infinity): broken weights?") ? 0 : -1;
     out[0] = generator_choose(g);
     int n = g->spec.draft > 0 ? g->drafter(g, out[0], out + 1) : 0;
     g->stats.main_forwards++;
