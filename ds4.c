@@ -8754,7 +8754,9 @@ static bool snapshot_write_file(const struct session *s, const int32_t *tokens, 
         return fail(e, "a snapshot of %lld tokens needs a session at that position (it is at %lld)",
                     (long long)n, (long long)s->pos);
     double t0 = now_seconds();
-    int fd = open(tmp_path, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    /* O_EXCL | O_NOFOLLOW: a file or symlink planted under this name is never
+     * followed or overwritten; 0600: a snapshot holds a whole conversation. */
+    int fd = open(tmp_path, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
     if (fd < 0) return fail(e, "cannot create %s: %s", tmp_path, strerror(errno));
     struct kv_header h = { .n_tokens = (uint64_t)n, .key_bytes = meta->key_len,
                            .ctx = meta->ctx, .reason = meta->reason,
@@ -9032,6 +9034,28 @@ static const char kv_schema[] =
 static void kv_remove_entry(struct kv_store *st, const char *sha1, const char *why);
 static void kv_store_repair(struct kv_store *st);
 
+/* PRIVACY. Snapshots hold whole conversations (the key is the prompt text),
+ * so the store is private to its user: DIR is created 0700, every file in it
+ * 0600. A DIR that already exists must be a real directory (not a symlink)
+ * owned by this user; if group or others can enter it, it is tightened to
+ * 0700, with a note. A directory owned by someone else is refused: its
+ * owner could read every conversation, or plant files for us to load. */
+static bool kv_dir_private(const char *dir, struct ds4_error *e) {
+    if (mkdir(dir, 0700) != 0 && errno != EEXIST) return fail(e, "cannot create %s: %s", dir, strerror(errno));
+    struct stat sb;
+    if (lstat(dir, &sb) != 0) return fail(e, "cannot stat %s: %s", dir, strerror(errno));
+    if (!S_ISDIR(sb.st_mode)) return fail(e, "%s is not a directory (a symlink?): refused for the KV store", dir);
+    if (sb.st_uid != geteuid())
+        return fail(e, "%s belongs to uid %u, not to us (uid %u): refused for the KV store", dir,
+                    (unsigned)sb.st_uid, (unsigned)geteuid());
+    if ((sb.st_mode & 077) != 0) {
+        if (chmod(dir, 0700) != 0) return fail(e, "cannot make %s private: %s", dir, strerror(errno));
+        fprintf(stderr, "ds4: kv: %s was mode %03o; now 0700 (snapshots hold conversations)\n", dir,
+                (unsigned)(sb.st_mode & 0777));
+    }
+    return true;
+}
+
 /* Open (creating) DIR and its index. `model` may be NULL for --kv-list etc. */
 static bool kv_store_open(struct kv_store *st, const struct kv_store_options *opt,
                           const struct model *model, struct ds4_error *e) {
@@ -9040,13 +9064,16 @@ static bool kv_store_open(struct kv_store *st, const struct kv_store_options *op
     st->lock_fd = -1;
     kv_tables_init();
     snprintf(st->dir, sizeof st->dir, "%s", opt->dir);
-    if (mkdir(st->dir, 0755) != 0 && errno != EEXIST)
-        return fail(e, "cannot create %s: %s", st->dir, strerror(errno));
+    if (!kv_dir_private(st->dir, e)) return false;
     char path[1000];
     snprintf(path, sizeof path, "%s/lock", st->dir);
-    st->lock_fd = open(path, O_RDWR | O_CREAT, 0644);
+    st->lock_fd = open(path, O_RDWR | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0600);
     if (st->lock_fd < 0) return fail(e, "cannot open %s: %s", path, strerror(errno));
     snprintf(path, sizeof path, "%s/index.sqlite", st->dir);
+    int idx = open(path, O_RDWR | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0600);  /* created private */
+    if (idx < 0) return fail(e, "cannot open %s: %s", path, strerror(errno));
+    fchmod(idx, 0600);
+    close(idx);
     if (sqlite3_open(path, &st->db) != SQLITE_OK) {
         fail(e, "cannot open %s: %s", path, st->db ? sqlite3_errmsg(st->db) : "?");
         sqlite3_close(st->db);
@@ -9239,6 +9266,31 @@ static void kv_prefix_hashes(const uint8_t *data, size_t unit, const int64_t *le
     }
 }
 
+/* Invariant 2: the row must describe the file it names. Every field the
+ * row shares with the header is compared; a mismatch means the row or the
+ * file was replaced behind our back, and the entry is not trusted. */
+static bool kv_row_matches(struct kv_store *st, const char *sha1, const struct snapshot_file *f,
+                           struct ds4_error *e) {
+    sqlite3_stmt *q = kv_prepare(st, "SELECT model, key_bytes, tokens, bytes, crc, quant_bits, ctx"
+                                     " FROM snapshots WHERE sha1=?");
+    if (!q) return fail(e, "cannot read the index row");
+    sqlite3_bind_text(q, 1, sha1, -1, SQLITE_STATIC);
+    bool ok = sqlite3_step(q) == SQLITE_ROW;
+    char model[41];
+    sha1_hex(f->h.model, model);
+    const char *row_model = ok ? (const char *)sqlite3_column_text(q, 0) : NULL;
+    if (!ok) fail(e, "no index row");
+    else if (!row_model || strcmp(row_model, model) != 0) ok = fail(e, "index row and file disagree: model");
+    else if ((uint64_t)sqlite3_column_int64(q, 1) != f->h.key_bytes) ok = fail(e, "index row and file disagree: key_bytes");
+    else if ((uint64_t)sqlite3_column_int64(q, 2) != f->h.n_tokens) ok = fail(e, "index row and file disagree: tokens");
+    else if ((uint64_t)sqlite3_column_int64(q, 3) != f->size) ok = fail(e, "index row and file disagree: bytes");
+    else if ((uint32_t)sqlite3_column_int64(q, 4) != f->h.crc) ok = fail(e, "index row and file disagree: crc");
+    else if (sqlite3_column_int(q, 5) != f->h.quant_bits) ok = fail(e, "index row and file disagree: quant_bits");
+    else if ((uint32_t)sqlite3_column_int64(q, 6) != f->h.ctx) ok = fail(e, "index row and file disagree: ctx");
+    sqlite3_finalize(q);
+    return ok;
+}
+
 /* Try to load the entry `sha1` (found by a key of `key_len` bytes of `key`). */
 static bool kv_try_load(struct kv_store *st, struct session *s, const char *sha1,
                         const char *key, int64_t key_len, struct kv_hit *hit) {
@@ -9251,8 +9303,8 @@ static bool kv_try_load(struct kv_store *st, struct session *s, const char *sha1
         kv_remove_entry(st, sha1, e.msg);
         return false;
     }
-    bool ok = true;
-    if (key && ((int64_t)f.h.key_bytes != key_len ||
+    bool ok = kv_row_matches(st, sha1, &f, &e);
+    if (ok && key && ((int64_t)f.h.key_bytes != key_len ||
                 memcmp(f.bytes + KV_HEADER_BYTES, key, (size_t)key_len) != 0))
         ok = fail(&e, "key text differs from the prompt prefix");
     if (ok) ok = session_load_file(s, &f, &hit->tokens, &e);
@@ -10201,16 +10253,19 @@ static int run_bench(struct engine *eng, int n_prefill, int n_decode, struct spe
  *     POST /v1/responses          OpenAI Responses (Codex)
  *     POST /v1/messages           Anthropic Messages (Claude Code)
  *     POST /v1/messages/count_tokens
- *     GET  /v1/models, /v1/models/{id}, /health
+ *     GET  /v1/models, /v1/models/{id}, /health, /metrics (and HEAD of each)
  *
  * HOW IT WORKS. There are three kinds of thread:
  *
  *     accept thread --one per connection--> client thread --queue--> worker
  *        (server_main)                       (conn_main)             (worker_main)
  *
- *   - The accept thread takes connections and refuses the ones above
- *     --max-conns with a 503 at once, so a flood cannot pile up threads.
- *   - A client thread reads one request under a deadline, checks the key,
+ *   - The accept thread takes connections; above --max-conns it first
+ *     reclaims the slot of an idle or slow client (12.12 SLOTS), else it
+ *     refuses with a 503 at once (a health check still gets its 200), so a
+ *     flood cannot pile up threads.
+ *   - A client thread reads requests under deadlines, one after another on
+ *     a kept-alive connection (12.2 KEEP-ALIVE), checks the key,
  *     parses the JSON, turns the request of whichever dialect into one
  *     canonical message list, renders it with the V4 chat template
  *     (chat_render), tokenizes it, and queues a `struct job`. It then only
@@ -10247,10 +10302,8 @@ static int run_bench(struct engine *eng, int n_prefill, int n_decode, struct spe
  *
  * LIMITATIONS, by design, to keep the chapter small:
  *
- *   - Every response carries `Connection: close`: one request per
- *     connection. Clients reconnect; on loopback that costs microseconds.
- *   - Request bodies must come with Content-Length (no chunked uploads);
- *     every client library we target sends it.
+ *   - Requests on one connection are served in order, never interleaved:
+ *     a pipelined request waits until the previous reply is complete.
  *   - The session cannot be rolled back. A prompt that is not an extension
  *     of the tokens in the session (a retry, an edited history, another
  *     client's conversation) is prefilled from the start -- or, with

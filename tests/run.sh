@@ -31,6 +31,7 @@ suite() {
 B=tests/bin
 suite "quant blocks (fast kernels vs reference)" $B/test_quant
 suite "JSON (ASan+UBSan)" $B/test_json
+suite "fuzz: JSON reader, HTTP head, chunked bodies (ASan+UBSan, seed 1)" $B/fuzz_http 20000 1
 suite "GGUF hostile files (ASan+UBSan)" $B/test_gguf vectors/tiny.gguf
 suite "converter (ASan+UBSan)" $B/test_convert
 suite "text: tokenizer, chat template, DSML (ASan+UBSan)" $B/test_text

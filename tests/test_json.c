@@ -175,18 +175,23 @@ static void test_budget(void) {
     for (size_t i = 0; i < n; i++) body[1 + 2 * i] = '0', body[2 + 2 * i] = ',';
     body[len - 1] = ']';
     body[len] = '\0';
-    bool over = false;
-    size_t budget = 64u << 20;
-    struct json *j = json_parse_within(body, len, 64, budget, &over, err, sizeof err);
-    check(j == NULL && over && strstr(err, "memory budget exceeded") != NULL,
-          "8 MB [0,0,...] with a 64 MB budget: refused, over_budget=%d (%s)", over, err);
+    struct json_budget b = {.limit = 64u << 20};
+    struct json *j = json_parse_within(body, len, 64, &b, err, sizeof err);
+    check(j == NULL && b.exceeded && b.used <= b.limit && strstr(err, "memory budget exceeded") != NULL,
+          "8 MB [0,0,...] with a 64 MB budget: refused, used %zu <= %zu (%s)", b.used, b.limit, err);
+    json_free(j);
+    struct json_budget none = {0};
+    j = json_parse_within(body, len, 64, &none, err, sizeof err);
+    check(j != NULL && none.used > (256u << 20), "the same without a budget: parsed, %zu MB allocated",
+          none.used >> 20);
     json_free(j);
     const char *small = "{\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}";
-    j = json_parse_within(small, strlen(small), 64, budget, &over, err, sizeof err);
-    check(j != NULL && !over, "a small request fits the same budget");
+    j = json_parse_within(small, strlen(small), 64, &b, err, sizeof err);
+    check(j != NULL && !b.exceeded, "a small request fits the same budget (used %zu bytes)", b.used);
     json_free(j);
-    j = json_parse_within(small, strlen(small), 64, 1024, &over, err, sizeof err);
-    check(j == NULL && over, "a 1 KB budget refuses even that (the first stacks cost more)");
+    struct json_budget tiny = {.limit = 1024};
+    j = json_parse_within(small, strlen(small), 64, &tiny, err, sizeof err);
+    check(j == NULL && tiny.exceeded, "a 1 KB budget refuses even that (the first stacks cost more)");
     json_free(j);
     /* 1 MB of text in one string costs about 1 MB, well inside the budget. */
     size_t tn = 1u << 20;
@@ -195,7 +200,8 @@ static void test_budget(void) {
     memset(text + 1, 'a', tn);
     text[tn + 1] = '"';
     text[tn + 2] = '\0';
-    j = json_parse_within(text, tn + 2, 64, 4u << 20, &over, err, sizeof err);
+    struct json_budget four = {.limit = 4u << 20};
+    j = json_parse_within(text, tn + 2, 64, &four, err, sizeof err);
     check(j != NULL && j->len == tn, "1 MB string inside a 4 MB budget: parsed, len %zu", j ? j->len : 0);
     json_free(j);
     free(text);
