@@ -96,7 +96,7 @@ test: all $(TEST_PROGRAMS) $(TEST_MODELS) tests/server/node_modules
 	@sh tests/run.sh
 
 # The fuzzer of tests/fuzz_http.c, far longer than make test's 20000 rounds.
-FUZZ_ROUNDS ?= 2000000
+FUZZ_ROUNDS ?= 500000
 FUZZ_SEED ?= $(shell date +%s)
 fuzz: $(TESTBIN)/fuzz_http
 	$(TESTBIN)/fuzz_http $(FUZZ_ROUNDS) $(FUZZ_SEED)

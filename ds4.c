@@ -2440,7 +2440,8 @@ static bool config_read_layer_arrays(const struct gguf *g, struct ds4_config *c,
         if (!gguf_array_number(&ratios, (uint64_t)l, &r) || !(r == 0 || r == 4 || r == 128))
             return fail(e, "%s: compress_ratios[%d] must be 0, 4 or 128", g->path, l);
         if (have_clamps && (!gguf_array_number(&clamps, (uint64_t)l, &s) || !isfinite(s) || s < 0))
-            return fail(e, "%s: swiglu_clamp_exp[%d] is missing, negative or not a finite number", g->path, l);
+            return fail(e, "%s: swiglu_clamp_exp[%d] is missing, negative or not a finite number",
+                        g->path, l);
         c->ratio[l] = (int)r;
         c->swiglu_limit[l] = (float)s;
     }
@@ -9041,10 +9042,12 @@ static void kv_store_repair(struct kv_store *st);
  * 0700, with a note. A directory owned by someone else is refused: its
  * owner could read every conversation, or plant files for us to load. */
 static bool kv_dir_private(const char *dir, struct ds4_error *e) {
-    if (mkdir(dir, 0700) != 0 && errno != EEXIST) return fail(e, "cannot create %s: %s", dir, strerror(errno));
+    if (mkdir(dir, 0700) != 0 && errno != EEXIST)
+        return fail(e, "cannot create %s: %s", dir, strerror(errno));
     struct stat sb;
     if (lstat(dir, &sb) != 0) return fail(e, "cannot stat %s: %s", dir, strerror(errno));
-    if (!S_ISDIR(sb.st_mode)) return fail(e, "%s is not a directory (a symlink?): refused for the KV store", dir);
+    if (!S_ISDIR(sb.st_mode))
+        return fail(e, "%s is not a directory (a symlink?): refused for the KV store", dir);
     if (sb.st_uid != geteuid())
         return fail(e, "%s belongs to uid %u, not to us (uid %u): refused for the KV store", dir,
                     (unsigned)sb.st_uid, (unsigned)geteuid());
@@ -9279,14 +9282,15 @@ static bool kv_row_matches(struct kv_store *st, const char *sha1, const struct s
     char model[41];
     sha1_hex(f->h.model, model);
     const char *row_model = ok ? (const char *)sqlite3_column_text(q, 0) : NULL;
+    const struct { const char *name; uint64_t header; } fields[] = {
+        {"key_bytes", f->h.key_bytes}, {"tokens", f->h.n_tokens}, {"bytes", f->size},
+        {"crc", f->h.crc}, {"quant_bits", (uint64_t)f->h.quant_bits}, {"ctx", f->h.ctx},
+    };
     if (!ok) fail(e, "no index row");
     else if (!row_model || strcmp(row_model, model) != 0) ok = fail(e, "index row and file disagree: model");
-    else if ((uint64_t)sqlite3_column_int64(q, 1) != f->h.key_bytes) ok = fail(e, "index row and file disagree: key_bytes");
-    else if ((uint64_t)sqlite3_column_int64(q, 2) != f->h.n_tokens) ok = fail(e, "index row and file disagree: tokens");
-    else if ((uint64_t)sqlite3_column_int64(q, 3) != f->size) ok = fail(e, "index row and file disagree: bytes");
-    else if ((uint32_t)sqlite3_column_int64(q, 4) != f->h.crc) ok = fail(e, "index row and file disagree: crc");
-    else if (sqlite3_column_int(q, 5) != f->h.quant_bits) ok = fail(e, "index row and file disagree: quant_bits");
-    else if ((uint32_t)sqlite3_column_int64(q, 6) != f->h.ctx) ok = fail(e, "index row and file disagree: ctx");
+    for (int i = 0; ok && i < 6; i++)
+        if ((uint64_t)sqlite3_column_int64(q, i + 1) != fields[i].header)
+            ok = fail(e, "index row and file disagree: %s", fields[i].name);
     sqlite3_finalize(q);
     return ok;
 }
@@ -10884,7 +10888,8 @@ static enum chunk_result chunk_feed(struct chunk_decoder *d, const char *in, siz
         }
         char c = in[i++];
         if (d->state == CH_DATA_CR) r = c == '\r' ? (d->state = CH_DATA_LF, CHUNK_MORE) : CHUNK_BAD;
-        else if (d->state == CH_DATA_LF) r = c == '\n' ? (d->state = CH_SIZE, d->digits = 0, CHUNK_MORE) : CHUNK_BAD;
+        else if (d->state == CH_DATA_LF)
+            r = c == '\n' ? (d->state = CH_SIZE, d->digits = 0, CHUNK_MORE) : CHUNK_BAD;
         else if (d->state <= CH_SIZE_LF) r = chunk_size_byte(d, c);
         else r = chunk_trailer_byte(d, c);
     }

@@ -221,9 +221,10 @@ int main(int argc, char **argv) {
         s.logits[7] = NAN;
         e.msg[0] = 0;
         int got_nan = generator_step(&g, out, &e);
-        snprintf(detail, sizeof detail, "finite: %d token(s); NaN: %d (%s)", got_good, got_nan, e.msg);
+        char nan_detail[400];
+        snprintf(nan_detail, sizeof nan_detail, "finite: %d token(s); NaN: %d (%s)", got_good, got_nan, e.msg);
         check(got_good == 1 && got_nan < 0 && strstr(e.msg, "not finite"), "NaN logits: an error, no token",
-              detail);
+              nan_detail);
         generator_free(&g);
         sampler_free(&sp);
         session_free(&s);
