@@ -8757,7 +8757,10 @@ static bool snapshot_write_file(const struct session *s, const int32_t *tokens, 
     double t0 = now_seconds();
     /* O_EXCL | O_NOFOLLOW: a file or symlink planted under this name is never
      * followed or overwritten; 0600: a snapshot holds a whole conversation. */
-    int fd = open(tmp_path, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
+    int flags = O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC;
+    int fd = open(tmp_path, flags, 0600);
+    if (fd < 0 && errno == EEXIST && unlink(tmp_path) == 0)   /* a stale one of a reused pid */
+        fd = open(tmp_path, flags, 0600);
     if (fd < 0) return fail(e, "cannot create %s: %s", tmp_path, strerror(errno));
     struct kv_header h = { .n_tokens = (uint64_t)n, .key_bytes = meta->key_len,
                            .ctx = meta->ctx, .reason = meta->reason,
@@ -14133,7 +14136,7 @@ static void conn_refuse(struct server *srv, int fd) {
     pthread_mutex_lock(&srv->lock);
     srv->m.refused += !health;
     pthread_mutex_unlock(&srv->lock);
-    conn_close(&c);
+    close(fd);                  /* no draining here: the accept thread must not wait */
 }
 
 /* The client's address as text: the key of --max-conns-per-client. */
