@@ -3030,8 +3030,7 @@ struct json_budget {
  * records the error) when it would pass it; nothing is allocated then. */
 static bool json_fail(struct json_parser *p, size_t at, const char *fmt, ...);
 static bool json_charge(struct json_parser *p, size_t bytes) {
-    if (p->budget == 0) return true;
-    if (bytes > p->budget - p->charged) {
+    if (p->budget != 0 && bytes > p->budget - p->charged) {
         p->over_budget = true;
         return json_fail(p, p->pos, "memory budget exceeded: the parse needs more than %zu bytes",
                          p->budget);
