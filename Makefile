@@ -3,6 +3,7 @@
 #   make          ./ds4, ./ds4-convert, vectors/tiny.gguf + vectors/tiny-mtp.gguf
 #   make test     every test; the last line says "N passed, N failed"
 #   make bench    figures for the tiny model (see README for the full-width one)
+#   make fuzz     the request fuzzer for minutes (FUZZ_ROUNDS, FUZZ_SEED)
 #   make book     regenerate book/ (ds4.c as HTML); make book-check lints ds4.c
 #
 # Dependencies: a C compiler, libc, pthreads, SQLite 3 (the disk KV index).
@@ -55,7 +56,8 @@ TESTBIN := tests/bin
 TEST_PROGRAMS := $(TESTBIN)/test_quant $(TESTBIN)/test_json $(TESTBIN)/test_gguf \
                  $(TESTBIN)/test_convert $(TESTBIN)/test_text $(TESTBIN)/test_model \
                  $(TESTBIN)/test_spec $(TESTBIN)/test_kvdisk $(TESTBIN)/kvdisk \
-                 $(TESTBIN)/test_metal $(TESTBIN)/test_metal_model $(TESTBIN)/test_backend
+                 $(TESTBIN)/test_metal $(TESTBIN)/test_metal_model $(TESTBIN)/test_backend \
+                 $(TESTBIN)/fuzz_http
 
 $(TESTBIN):
 	mkdir -p $@
@@ -111,6 +113,9 @@ $(TESTBIN)/kvdisk: tests/kvdisk_driver.c $(SOURCES) | $(TESTBIN)
 $(TESTBIN)/test_json: tests/test_json.c tests/harness.h $(SOURCES) | $(TESTBIN)
 	$(CC) $(SAN) $(WARN) -o $@ $< $(LIBS)
 
+$(TESTBIN)/fuzz_http: tests/fuzz_http.c $(SOURCES) | $(TESTBIN)
+	$(CC) $(SAN) $(WARN) -o $@ $< $(LIBS)
+
 $(TESTBIN)/test_gguf: tests/test_gguf.c tests/harness.h $(SOURCES) | $(TESTBIN)
 	$(CC) $(SAN) $(WARN) -o $@ $< $(LIBS)
 
@@ -138,6 +143,12 @@ tests/server/node_modules: tests/server/package-lock.json
 test: all $(TEST_PROGRAMS) $(TEST_MODELS) tests/server/node_modules
 	@sh tests/run.sh
 
+# The fuzzer of tests/fuzz_http.c, far longer than make test's 20000 rounds.
+FUZZ_ROUNDS ?= 500000
+FUZZ_SEED ?= $(shell date +%s)
+fuzz: $(TESTBIN)/fuzz_http
+	$(TESTBIN)/fuzz_http $(FUZZ_ROUNDS) $(FUZZ_SEED)
+
 bench: all
 	./ds4 --bench -m vectors/tiny.gguf --bench-prefill 256 --bench-decode 64
 
@@ -157,4 +168,4 @@ book-check:
 clean:
 	rm -rf ds4 ds4-convert ds4_metal.o $(TESTBIN) vectors/tiny.gguf vectors/tiny-mtp.gguf
 
-.PHONY: all test test-metal bench clean book book-check
+.PHONY: all test test-metal bench fuzz clean book book-check

@@ -2465,6 +2465,41 @@ struct config_key {
     double *as_double;
 };
 
+/* The real-valued keys and the ranges the forward pass needs. Each one is a
+ * divisor, a logarithm's argument or a scale somewhere: NaN, infinity, zero
+ * or a negative value would not fail loudly, it would turn every logit into
+ * NaN and the sampler's argmax into token 0. So they are refused at load,
+ * with the key's name. `lo` is exclusive when `open_lo`. */
+struct config_range {
+    const char *key;
+    double lo, hi;
+    bool open_lo;
+};
+
+static const struct config_range CONFIG_RANGES[] = {
+    { "deepseek4.rope.freq_base", 0, 1e12, true },
+    { "deepseek4.attention.compress_rope_freq_base", 0, 1e12, true },
+    { "deepseek4.rope.scaling.factor", 0, 1e6, true },
+    { "deepseek4.rope.scaling.yarn_beta_fast", 0, 1e6, false },
+    { "deepseek4.rope.scaling.yarn_beta_slow", 0, 1e6, false },
+    { "deepseek4.rope.scaling.original_context_length", 0, 1e12, false },
+    { "deepseek4.expert_weights_scale", 0, 1e6, true },
+    { "deepseek4.attention.layer_norm_rms_epsilon", 0, 1, true },
+    { "deepseek4.hyper_connection.epsilon", 0, 1, true },
+};
+
+static bool config_check_range(const char *path, const char *key, double v, struct ds4_error *e) {
+    for (size_t i = 0; i < sizeof CONFIG_RANGES / sizeof CONFIG_RANGES[0]; i++) {
+        const struct config_range *r = &CONFIG_RANGES[i];
+        if (strcmp(r->key, key) != 0) continue;
+        bool ok = isfinite(v) && (r->open_lo ? v > r->lo : v >= r->lo) && v <= r->hi;
+        if (!ok)
+            return fail(e, "%s: metadata '%s' = %g must be a finite number in %s%g, %g]", path, key, v,
+                        r->open_lo ? "(" : "[", r->lo, r->hi);
+    }
+    return true;
+}
+
 static bool config_read_scalars(const struct gguf *g, struct ds4_config *c, struct ds4_error *e) {
     struct config_key keys[] = {
         { "deepseek4.block_count", &c->n_layers, NULL, NULL },
@@ -2506,6 +2541,8 @@ static bool config_read_scalars(const struct gguf *g, struct ds4_config *c, stru
                 return fail(e, "%s: metadata '%s' = %g is not a sane count", g->path,
                             keys[i].key, v);
             *keys[i].as_int = (int)v;
+        } else if (!config_check_range(g->path, keys[i].key, v, e)) {
+            return false;
         } else if (keys[i].as_float) {
             *keys[i].as_float = (float)v;
         } else {
@@ -2527,8 +2564,9 @@ static bool config_read_layer_arrays(const struct gguf *g, struct ds4_config *c,
         double r, s = 10.0;
         if (!gguf_array_number(&ratios, (uint64_t)l, &r) || !(r == 0 || r == 4 || r == 128))
             return fail(e, "%s: compress_ratios[%d] must be 0, 4 or 128", g->path, l);
-        if (have_clamps && !gguf_array_number(&clamps, (uint64_t)l, &s))
-            return fail(e, "%s: swiglu_clamp_exp[%d] is missing or not a number", g->path, l);
+        if (have_clamps && (!gguf_array_number(&clamps, (uint64_t)l, &s) || !isfinite(s) || s < 0))
+            return fail(e, "%s: swiglu_clamp_exp[%d] is missing, negative or not a finite number",
+                        g->path, l);
         c->ratio[l] = (int)r;
         c->swiglu_limit[l] = (float)s;
     }
@@ -2939,7 +2977,10 @@ static bool model_load(struct model *m, const char *path, const char *mtp_path,
  *
  * Duplicate keys. RFC 8259 says names "SHOULD be unique" and leaves the
  * meaning of duplicates open. We keep every member, in order, and json_get()
- * returns the first match. Keeping them costs nothing and hides nothing.
+ * returns the LAST match, as Python's json.loads() and JavaScript's
+ * JSON.parse() do: a body that a proxy or a client library checked with
+ * either of them means here what it meant there. (Keeping the first would
+ * let `{"model":"a","model":"b"}` read one way in the client, another here.)
  *
  * Memory. All nodes and strings of one document live in one arena (see "The arena"),
  * so json_free() is a handful of free() calls, whatever the tree's shape, and
@@ -2959,6 +3000,13 @@ static bool model_load(struct model *m, const char *path, const char *mtp_path,
  *   two-byte element such as `0,` becomes one 64-byte node; during the
  *   parse the pending stack (below) can briefly hold as much again. A small
  *   request costs about 84 KB: the first arena chunk plus the stacks.
+ * - memory: that factor of 64 is why json_parse_within() exists. It takes a
+ *   budget in bytes for everything the parse allocates (arena chunks and
+ *   pending stacks, counted by capacity) and stops with "memory budget
+ *   exceeded" the moment a growth would pass it, so an 8 MB `[0,0,...]`
+ *   costs the budget, not half a gigabyte, and reports what it used, so the
+ *   server can hold a reservation of that size while the tree lives. The
+ *   server passes its --max-parse-mem; json_parse() is the same unbounded.
  *
  * Numbers are converted by strtod(), which reads the decimal point of the
  * current locale. ds4 never calls setlocale(), so it runs in the "C" locale
@@ -3018,6 +3066,7 @@ struct json_chunk {
 struct json_arena {
     struct json_chunk *newest;
     size_t next_cap;
+    struct json_parser *owner;   /* charged for every chunk (json_charge) */
 };
 
 static void json_arena_free(struct json_chunk *chunk) {
@@ -3028,9 +3077,13 @@ static void json_arena_free(struct json_chunk *chunk) {
     }
 }
 
+struct json_parser;
+static bool json_charge(struct json_parser *p, size_t bytes);
+
 static struct json_chunk *json_arena_grow(struct json_arena *a, size_t need) {
     size_t cap = a->next_cap > need ? a->next_cap : need;
     if (cap > SIZE_MAX - sizeof(struct json_chunk)) return NULL;
+    if (a->owner && !json_charge(a->owner, sizeof(struct json_chunk) + cap)) return NULL;
     struct json_chunk *chunk = malloc(sizeof(*chunk) + cap);
     if (chunk == NULL) return NULL;
     chunk->next = a->newest;
@@ -3087,7 +3140,29 @@ struct json_parser {
     char *err;
     size_t errlen;
     bool failed;
+    size_t budget, charged;      /* bytes allowed (0: no limit), bytes allocated */
+    bool over_budget;
 };
+
+/* What a parse may allocate, and what it did: the caller sets `limit` (0: no
+ * limit); json_parse_within() fills `used` and `exceeded`. */
+struct json_budget {
+    size_t limit, used;
+    bool exceeded;
+};
+
+/* Count `bytes` more of allocation against the budget. Returns false (and
+ * records the error) when it would pass it; nothing is allocated then. */
+static bool json_fail(struct json_parser *p, size_t at, const char *fmt, ...);
+static bool json_charge(struct json_parser *p, size_t bytes) {
+    if (p->budget != 0 && bytes > p->budget - p->charged) {
+        p->over_budget = true;
+        return json_fail(p, p->pos, "memory budget exceeded: the parse needs more than %zu bytes",
+                         p->budget);
+    }
+    p->charged += bytes;
+    return true;
+}
 
 /* Record the first error, with its byte offset, and return false so callers
  * can write `return json_fail(...)`. Later errors are consequences of the
@@ -3117,7 +3192,7 @@ static bool json_fail_expected(struct json_parser *p, const char *expected) {
 }
 
 static bool json_out_of_memory(struct json_parser *p) {
-    return json_fail(p, p->pos, "out of memory");
+    return json_fail(p, p->pos, "out of memory");   /* a no-op after a budget error */
 }
 
 /* The next byte, or -1 at the end of the input. */
@@ -3141,14 +3216,15 @@ static void json_skip_space(struct json_parser *p) {
  * input length (every pending element consumed at least one byte), so the
  * doubling cannot overflow for any input that fits in memory; the check is
  * belt and braces. Returns the grown array, or NULL with `data` untouched. */
-static void *json_grow(void *data, size_t cap, size_t elem_size) {
+static void *json_grow(struct json_parser *p, void *data, size_t cap, size_t elem_size) {
     if (cap > SIZE_MAX / 2 / elem_size) return NULL;
+    if (!json_charge(p, cap * elem_size)) return NULL;     /* the new half */
     return realloc(data, cap * 2 * elem_size);
 }
 
 static bool json_push_value(struct json_parser *p, const struct json *v) {
     if (p->values_len == p->values_cap) {
-        struct json *grown = json_grow(p->values, p->values_cap, sizeof(struct json));
+        struct json *grown = json_grow(p, p->values, p->values_cap, sizeof(struct json));
         if (grown == NULL) return json_out_of_memory(p);
         p->values = grown;
         p->values_cap *= 2;
@@ -3161,10 +3237,10 @@ static bool json_push_value(struct json_parser *p, const struct json *v) {
  * second realloc() fails, the first array is merely larger than needed. */
 static bool json_push_key(struct json_parser *p, char *key, size_t key_len) {
     if (p->keys_len == p->keys_cap) {
-        char **keys = json_grow(p->keys, p->keys_cap, sizeof(char *));
+        char **keys = json_grow(p, p->keys, p->keys_cap, sizeof(char *));
         if (keys == NULL) return json_out_of_memory(p);
         p->keys = keys;
-        size_t *lens = json_grow(p->key_lens, p->keys_cap, sizeof(size_t));
+        size_t *lens = json_grow(p, p->key_lens, p->keys_cap, sizeof(size_t));
         if (lens == NULL) return json_out_of_memory(p);
         p->key_lens = lens;
         p->keys_cap *= 2;
@@ -3585,11 +3661,21 @@ static bool json_parse_end(struct json_parser *p) {
 /* Parse text[0..len): one value, optionally surrounded by whitespace, and
  * nothing else. Returns the root of a tree to be released with json_free(),
  * or NULL with a one-line message in err (which may be NULL). A max_depth of
- * 0 accepts only scalars at the top. */
-static struct json *json_parse(const char *text, size_t len, int max_depth, char *err, size_t errlen) {
+ * 0 accepts only scalars at the top. `budget` bounds the bytes the parse
+ * allocates: b->limit (0: no bound) goes in; b->used (bytes, stacks counted
+ * at their largest) and b->exceeded (the reason for a NULL) come out. */
+static struct json *json_parse_within(const char *text, size_t len, int max_depth, struct json_budget *b,
+                                      char *err, size_t errlen) {
     struct json_parser p = {0};
     p.text = text;
     p.len = len;
+    p.budget = b->limit;
+    p.arena.owner = &p;
+    size_t stacks = JSON_STACK_FIRST * (sizeof(struct json) + sizeof(char *) + sizeof(size_t));
+    bool fits = json_charge(&p, stacks + sizeof(struct json_document));
+    b->used = p.charged;
+    b->exceeded = !fits;
+    if (!fits) return NULL;
     p.max_depth = max_depth < 0 ? 0 : max_depth;
     if (p.max_depth > JSON_DEPTH_CEILING) p.max_depth = JSON_DEPTH_CEILING;
     p.arena.next_cap = JSON_CHUNK_FIRST;
@@ -3609,6 +3695,8 @@ static struct json *json_parse(const char *text, size_t len, int max_depth, char
     free(p.values);
     free(p.keys);
     free(p.key_lens);
+    b->used = p.charged;
+    b->exceeded = p.over_budget;
     if (!ok) {
         json_arena_free(p.arena.newest);
         free(doc);
@@ -3617,6 +3705,11 @@ static struct json *json_parse(const char *text, size_t len, int max_depth, char
     doc->chunks = p.arena.newest;
     if (err != NULL && errlen > 0) err[0] = '\0';
     return &doc->root;
+}
+
+static struct json *json_parse(const char *text, size_t len, int max_depth, char *err, size_t errlen) {
+    struct json_budget unlimited = {0};
+    return json_parse_within(text, len, max_depth, &unlimited, err, errlen);
 }
 
 /* Release a whole tree. Only the root from json_parse() may be passed. */
@@ -3638,12 +3731,12 @@ static bool json_is(const struct json *j, enum json_kind kind) {
     return j != NULL && j->kind == kind;
 }
 
-/* The value of the first member named `key` (see "Duplicate keys" above).
- * A linear scan: request objects have a handful of members. */
+/* The value of the last member named `key` (see "Duplicate keys" above).
+ * A linear scan from the end: request objects have a handful of members. */
 static const struct json *json_get(const struct json *obj, const char *key) {
     if (!json_is(obj, JSON_OBJECT) || key == NULL) return NULL;
     size_t key_len = strlen(key);
-    for (size_t i = 0; i < obj->count; i++)
+    for (size_t i = obj->count; i-- > 0;)
         if (obj->key_lens[i] == key_len && memcmp(obj->keys[i], key, key_len) == 0)
             return &obj->items[i];
     return NULL;
@@ -8939,6 +9032,16 @@ static int count_accepted(struct generator *g, const int32_t *drafts, int n, con
     return n;
 }
 
+/* A model with broken weights (or hyper-parameters that slipped past
+ * Chapter 4) makes NaN or infinite logits, and argmax over NaN picks token 0
+ * forever. Generation stops with an error instead of printing such tokens.
+ * One pass over the vocabulary per step: noise next to the forward pass. */
+static bool logits_finite(const float *logits, int n) {
+    for (int i = 0; i < n; i++)
+        if (!isfinite(logits[i])) return false;
+    return true;
+}
+
 /* Choose the next token from the session's logits (or a pending residual). */
 static int32_t generator_choose(struct generator *g) {
     int V = g->s->eng->model->cfg.vocab;
@@ -8954,6 +9057,9 @@ static int32_t generator_choose(struct generator *g) {
  * token after them. */
 static int generator_step(struct generator *g, int32_t *out, struct ds4_error *e) {
     struct session *s = g->s;
+    const struct ds4_config *c = &s->eng->model->cfg;
+    if (!g->have_residual && !logits_finite(s->logits, c->vocab))
+        return fail(e, "the model's logits are not finite (NaN or infinity): broken weights?") ? 0 : -1;
     out[0] = generator_choose(g);
     int n = g->spec.draft > 0 ? g->drafter(g, out[0], out + 1) : 0;
     g->stats.main_forwards++;
@@ -9715,7 +9821,12 @@ static bool snapshot_write_file(const struct session *s, const int32_t *tokens, 
         return fail(e, "a snapshot of %lld tokens needs a session at that position (it is at %lld)",
                     (long long)n, (long long)s->pos);
     double t0 = now_seconds();
-    int fd = open(tmp_path, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    /* O_EXCL | O_NOFOLLOW: a file or symlink planted under this name is never
+     * followed or overwritten; 0600: a snapshot holds a whole conversation. */
+    int flags = O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC;
+    int fd = open(tmp_path, flags, 0600);
+    if (fd < 0 && errno == EEXIST && unlink(tmp_path) == 0)   /* a stale one of a reused pid */
+        fd = open(tmp_path, flags, 0600);
     if (fd < 0) return fail(e, "cannot create %s: %s", tmp_path, strerror(errno));
     struct kv_header h = { .n_tokens = (uint64_t)n, .key_bytes = meta->key_len,
                            .ctx = meta->ctx, .reason = meta->reason,
@@ -9995,6 +10106,30 @@ static const char kv_schema[] =
 static void kv_remove_entry(struct kv_store *st, const char *sha1, const char *why);
 static void kv_store_repair(struct kv_store *st);
 
+/* PRIVACY. Snapshots hold whole conversations (the key is the prompt text),
+ * so the store is private to its user: DIR is created 0700, every file in it
+ * 0600. A DIR that already exists must be a real directory (not a symlink)
+ * owned by this user; if group or others can enter it, it is tightened to
+ * 0700, with a note. A directory owned by someone else is refused: its
+ * owner could read every conversation, or plant files for us to load. */
+static bool kv_dir_private(const char *dir, struct ds4_error *e) {
+    if (mkdir(dir, 0700) != 0 && errno != EEXIST)
+        return fail(e, "cannot create %s: %s", dir, strerror(errno));
+    struct stat sb;
+    if (lstat(dir, &sb) != 0) return fail(e, "cannot stat %s: %s", dir, strerror(errno));
+    if (!S_ISDIR(sb.st_mode))
+        return fail(e, "%s is not a directory (a symlink?): refused for the KV store", dir);
+    if (sb.st_uid != geteuid())
+        return fail(e, "%s belongs to uid %u, not to us (uid %u): refused for the KV store", dir,
+                    (unsigned)sb.st_uid, (unsigned)geteuid());
+    if ((sb.st_mode & 077) != 0) {
+        if (chmod(dir, 0700) != 0) return fail(e, "cannot make %s private: %s", dir, strerror(errno));
+        fprintf(stderr, "ds4: kv: %s was mode %03o; now 0700 (snapshots hold conversations)\n", dir,
+                (unsigned)(sb.st_mode & 0777));
+    }
+    return true;
+}
+
 /* Open (creating) DIR and its index. `model` may be NULL for --kv-list etc. */
 static bool kv_store_open(struct kv_store *st, const struct kv_store_options *opt,
                           const struct model *model, struct ds4_error *e) {
@@ -10003,13 +10138,16 @@ static bool kv_store_open(struct kv_store *st, const struct kv_store_options *op
     st->lock_fd = -1;
     kv_tables_init();
     snprintf(st->dir, sizeof st->dir, "%s", opt->dir);
-    if (mkdir(st->dir, 0755) != 0 && errno != EEXIST)
-        return fail(e, "cannot create %s: %s", st->dir, strerror(errno));
+    if (!kv_dir_private(st->dir, e)) return false;
     char path[1000];
     snprintf(path, sizeof path, "%s/lock", st->dir);
-    st->lock_fd = open(path, O_RDWR | O_CREAT, 0644);
+    st->lock_fd = open(path, O_RDWR | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0600);
     if (st->lock_fd < 0) return fail(e, "cannot open %s: %s", path, strerror(errno));
     snprintf(path, sizeof path, "%s/index.sqlite", st->dir);
+    int idx = open(path, O_RDWR | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0600);  /* created private */
+    if (idx < 0) return fail(e, "cannot open %s: %s", path, strerror(errno));
+    fchmod(idx, 0600);
+    close(idx);
     if (sqlite3_open(path, &st->db) != SQLITE_OK) {
         fail(e, "cannot open %s: %s", path, st->db ? sqlite3_errmsg(st->db) : "?");
         sqlite3_close(st->db);
@@ -10202,6 +10340,32 @@ static void kv_prefix_hashes(const uint8_t *data, size_t unit, const int64_t *le
     }
 }
 
+/* Invariant 2: the row must describe the file it names. Every field the
+ * row shares with the header is compared; a mismatch means the row or the
+ * file was replaced behind our back, and the entry is not trusted. */
+static bool kv_row_matches(struct kv_store *st, const char *sha1, const struct snapshot_file *f,
+                           struct ds4_error *e) {
+    sqlite3_stmt *q = kv_prepare(st, "SELECT model, key_bytes, tokens, bytes, crc, quant_bits, ctx"
+                                     " FROM snapshots WHERE sha1=?");
+    if (!q) return fail(e, "cannot read the index row");
+    sqlite3_bind_text(q, 1, sha1, -1, SQLITE_STATIC);
+    bool ok = sqlite3_step(q) == SQLITE_ROW;
+    char model[41];
+    sha1_hex(f->h.model, model);
+    const char *row_model = ok ? (const char *)sqlite3_column_text(q, 0) : NULL;
+    const struct { const char *name; uint64_t header; } fields[] = {
+        {"key_bytes", f->h.key_bytes}, {"tokens", f->h.n_tokens}, {"bytes", f->size},
+        {"crc", f->h.crc}, {"quant_bits", (uint64_t)f->h.quant_bits}, {"ctx", f->h.ctx},
+    };
+    if (!ok) fail(e, "no index row");
+    else if (!row_model || strcmp(row_model, model) != 0) ok = fail(e, "index row and file disagree: model");
+    for (int i = 0; ok && i < 6; i++)
+        if ((uint64_t)sqlite3_column_int64(q, i + 1) != fields[i].header)
+            ok = fail(e, "index row and file disagree: %s", fields[i].name);
+    sqlite3_finalize(q);
+    return ok;
+}
+
 /* Try to load the entry `sha1` (found by a key of `key_len` bytes of `key`). */
 static bool kv_try_load(struct kv_store *st, struct session *s, const char *sha1,
                         const char *key, int64_t key_len, struct kv_hit *hit) {
@@ -10214,8 +10378,8 @@ static bool kv_try_load(struct kv_store *st, struct session *s, const char *sha1
         kv_remove_entry(st, sha1, e.msg);
         return false;
     }
-    bool ok = true;
-    if (key && ((int64_t)f.h.key_bytes != key_len ||
+    bool ok = kv_row_matches(st, sha1, &f, &e);
+    if (ok && key && ((int64_t)f.h.key_bytes != key_len ||
                 memcmp(f.bytes + KV_HEADER_BYTES, key, (size_t)key_len) != 0))
         ok = fail(&e, "key text differs from the prompt prefix");
     if (ok) ok = session_load_file(s, &f, &hit->tokens, &e);
@@ -11329,16 +11493,19 @@ static int tokenize_command(const char *gguf_path, const char *path) {
  *     POST /v1/responses          OpenAI Responses (Codex)
  *     POST /v1/messages           Anthropic Messages (Claude Code)
  *     POST /v1/messages/count_tokens
- *     GET  /v1/models, /v1/models/{id}, /health
+ *     GET  /v1/models, /v1/models/{id}, /health, /metrics (and HEAD of each)
  *
  * HOW IT WORKS. There are three kinds of thread:
  *
  *     accept thread --one per connection--> client thread --queue--> worker
  *        (server_main)                       (conn_main)             (worker_main)
  *
- *   - The accept thread takes connections and refuses the ones above
- *     --max-conns with a 503 at once, so a flood cannot pile up threads.
- *   - A client thread reads one request under a deadline, checks the key,
+ *   - The accept thread takes connections; above --max-conns it first
+ *     reclaims the slot of an idle or slow client (12.12 SLOTS), else it
+ *     refuses with a 503 at once (a health check still gets its 200), so a
+ *     flood cannot pile up threads.
+ *   - A client thread reads requests under deadlines, one after another on
+ *     a kept-alive connection (12.2 KEEP-ALIVE), checks the key,
  *     parses the JSON, turns the request of whichever dialect into one
  *     canonical message list, renders it with the V4 chat template
  *     (chat_render), tokenizes it, and queues a `struct job`. It then only
@@ -11375,10 +11542,8 @@ static int tokenize_command(const char *gguf_path, const char *path) {
  *
  * LIMITATIONS, by design, to keep the chapter small:
  *
- *   - Every response carries `Connection: close`: one request per
- *     connection. Clients reconnect; on loopback that costs microseconds.
- *   - Request bodies must come with Content-Length (no chunked uploads);
- *     every client library we target sends it.
+ *   - Requests on one connection are served in order, never interleaved:
+ *     a pipelined request waits until the previous reply is complete.
  *   - The session cannot be rolled back. A prompt that is not an extension
  *     of the tokens in the session (a retry, an edited history, another
  *     client's conversation) is prefilled from the start -- or, with
@@ -11397,6 +11562,7 @@ struct server_options {
     int port;                  /* --port N           8000; 0 picks a free port */
     const char *api_key;       /* --api-key KEY      required on all but /health; NULL = open */
     const char *cors_origin;   /* --cors ORIGIN      allowed browser origin ("*" only if given); NULL = no CORS */
+    const char *allow_hosts;   /* --allow-host LIST  more Host names to accept, comma-separated; "*" any */
     const char *log_path;      /* --log FILE         one line per request, appended */
     const char *model_name;    /* --model-name NAME  id in /v1/models; deepseek-v4-flash */
     const char *test_script;   /* --test-script FILE forced replies, for tests only (12.7) */
@@ -11407,6 +11573,11 @@ struct server_options {
     int body_timeout_ms;       /* --body-timeout S   60 s for the whole body */
     int max_tokens_cap;        /* --max-tokens-cap N 32768: the most any request may generate */
     int max_conns;             /* --max-conns N      64 open connections */
+    int max_conns_per_client;  /* --max-conns-per-client N  32 from one address */
+    size_t max_parse_mem;      /* --max-parse-mem BYTES 64 MiB: one body's JSON tree, at most */
+    int max_parses;            /* --max-parses N     4 such trees at once (the total pool) */
+    int keepalive_ms;          /* --keepalive-timeout S 5 s idle between requests; 0: one per connection */
+    int keepalive_requests;    /* --keepalive-requests N 100 requests per connection */
     int ctx;                   /* --ctx N            32768: prompt + reply tokens */
     int chunk;                 /* --chunk N          prefill chunk (shared with the CLI's --chunk) */
     int tool_memory;           /* --tool-memory N    1024 remembered tool-call blocks (12.6) */
@@ -11434,6 +11605,11 @@ static void server_options_default(struct server_options *o) {
     o->body_timeout_ms = 60000;
     o->max_tokens_cap = 32768;
     o->max_conns = 64;
+    o->max_conns_per_client = 32;
+    o->max_parse_mem = 64u << 20;
+    o->max_parses = 4;
+    o->keepalive_ms = 5000;
+    o->keepalive_requests = 100;
     o->ctx = 32768;
     o->chunk = 128;
     o->tool_memory = 1024;
@@ -11445,6 +11621,7 @@ static const char SERVER_USAGE[] =
     "      --port N           TCP port (default 8000; 0 = any free port)\n"
     "      --api-key KEY      require 'Authorization: Bearer KEY' or 'x-api-key: KEY'\n"
     "      --cors ORIGIN      allow browser requests from ORIGIN ('*' for any)\n"
+    "      --allow-host LIST  also accept these Host names (comma-separated; '*' any)\n"
     "      --log FILE         append one line per request with timings\n"
     "      --model-name NAME  model id to report (default deepseek-v4-flash)\n"
     "      --ctx N            context: prompt plus reply tokens (default 32768)\n"
@@ -11454,6 +11631,11 @@ static const char SERVER_USAGE[] =
     "      --body-timeout S   seconds to send the request body (default 60)\n"
     "      --max-tokens-cap N most tokens one reply may have (default 32768)\n"
     "      --max-conns N      most open connections (default 64)\n"
+    "      --max-conns-per-client N  most from one address (default 32)\n"
+    "      --max-parse-mem BYTES     memory one request's JSON may take (default 67108864)\n"
+    "      --max-parses N     request trees alive at once, a pool of N x max-parse-mem (default 4)\n"
+    "      --keepalive-timeout S     idle seconds kept between requests (default 5; 0 = close)\n"
+    "      --keepalive-requests N    requests per connection (default 100)\n"
     "      --tool-memory N    tool-call blocks kept for exact replay (default 1024)\n"
     "      --no-exact-replay  always render tool calls canonically\n"
     "      --test-script FILE TESTS ONLY: forced replies instead of sampling\n"
@@ -11467,7 +11649,7 @@ static int server_parse_option(struct server_options *o, int argc, char **argv, 
     const char *a = argv[*i], *v = *i + 1 < argc ? argv[*i + 1] : NULL;
     struct { const char *name; const char **dst; } strs[] = {
         {"--host", &o->host}, {"--api-key", &o->api_key}, {"--cors", &o->cors_origin},
-        {"--log", &o->log_path}, {"--model-name", &o->model_name},
+        {"--log", &o->log_path}, {"--model-name", &o->model_name}, {"--allow-host", &o->allow_hosts},
         {"--test-script", &o->test_script}, {"--port-file", &o->port_file},
     };
     struct { const char *name; long lo, hi, scale; int *dst; } ints[] = {
@@ -11477,6 +11659,10 @@ static int server_parse_option(struct server_options *o, int argc, char **argv, 
         {"--max-tokens-cap", 1, 1 << 24, 1, &o->max_tokens_cap},
         {"--max-conns", 1, 4096, 1, &o->max_conns}, {"--ctx", 16, 1 << 24, 1, &o->ctx},
         {"--tool-memory", 0, 1 << 20, 1, &o->tool_memory},
+        {"--max-conns-per-client", 1, 4096, 1, &o->max_conns_per_client},
+        {"--max-parses", 1, 1024, 1, &o->max_parses},
+        {"--keepalive-timeout", 0, 3600, 1000, &o->keepalive_ms},
+        {"--keepalive-requests", 1, 1 << 20, 1, &o->keepalive_requests},
     };
     if (strcmp(a, "--no-exact-replay") == 0) {
         o->no_exact_replay = true;
@@ -11486,6 +11672,10 @@ static int server_parse_option(struct server_options *o, int argc, char **argv, 
         if (strcmp(a, strs[k].name) != 0) continue;
         if (!v) {
             fail(e, "%s needs a value", a);
+            return -1;
+        }
+        if (strs[k].dst == &o->api_key && v[0] == '\0') {
+            fail(e, "--api-key is empty: it would lock every client out; give a key or drop the flag");
             return -1;
         }
         *strs[k].dst = v;
@@ -11503,13 +11693,14 @@ static int server_parse_option(struct server_options *o, int argc, char **argv, 
         (*i)++;
         return 1;
     }
-    if (strcmp(a, "--max-body") == 0) {
-        long n;
-        if (!v || !parse_long(v, 1024, 1L << 30, &n)) {
-            fail(e, "--max-body needs a byte count in 1024..%ld", 1L << 30);
+    bool body = strcmp(a, "--max-body") == 0, parse = strcmp(a, "--max-parse-mem") == 0;
+    if (body || parse) {
+        long n, lo = body ? 1024 : 1L << 20, hi = body ? 1L << 30 : 1L << 34;
+        if (!v || !parse_long(v, lo, hi, &n)) {
+            fail(e, "%s needs a byte count in %ld..%ld", a, lo, hi);
             return -1;
         }
-        o->max_body = (size_t)n;
+        *(body ? &o->max_body : &o->max_parse_mem) = (size_t)n;
         (*i)++;
         return 1;
     }
@@ -11533,20 +11724,40 @@ static int server_parse_option(struct server_options *o, int argc, char **argv, 
  *     head not complete within --header-timeout  408 (a "slowloris" client
  *                                                 trickling bytes gets this)
  *     Content-Length above --max-body            413, the body is not read
+ *     chunked body growing past --max-body       413, reading stops there
  *     body not complete within --body-timeout    408
  *     connection closed before the whole body    400 "truncated body"
  *
  * The deadlines are absolute (now + timeout at the start), not per read: a
- * client sending one byte a second would otherwise never time out. */
+ * client sending one byte a second would otherwise never time out.
+ *
+ * KEEP-ALIVE [RFC 9112 §9.3]. An HTTP/1.1 connection carries requests one
+ * after another until either side says `Connection: close`. Between two
+ * requests the connection is idle; it may stay so for --keepalive-timeout,
+ * and serve at most --keepalive-requests. Bytes that arrive after one
+ * request's body (a pipelining client) are the start of the next request:
+ * they are carried over (`struct strbuf *carry` below), never dropped.
+ * After an answer that leaves the stream in an unknown state (the body was
+ * refused unread, a timeout, a malformed head) the server closes.
+ *
+ * STRICT FRAMING. Two parsers that disagree about where a body ends are how
+ * "request smuggling" works, so the framing headers are read strictly:
+ * Content-Length is 1*DIGIT and nothing else (no sign, no list, no blanks
+ * inside); two different values, or Content-Length together with
+ * Transfer-Encoding, are refused; the only transfer coding is "chunked". */
 
 struct http_request {
     char method[16];
     char path[2048];            /* the target without its query string */
-    char authorization[512], api_key[512], origin[256];
+    int minor;                  /* HTTP/1.minor */
+    char *authorization, *api_key;  /* heap copies of any length, or NULL */
+    char origin[256], host[256], content_type[128];
     size_t content_length;
-    bool has_length, chunked, expect_continue;
+    bool has_length, has_host, chunked, bad_coding, expect_continue;
+    bool conn_close, conn_keep_alive;   /* tokens of the Connection header */
     char *buf;                  /* head, then the first body bytes read with it */
     size_t buf_len, head_len;
+    size_t consumed;            /* bytes of buf this request used; the rest is the next one's */
     char *body;                 /* [body_len] + NUL, or NULL */
     size_t body_len;
 };
@@ -11591,15 +11802,26 @@ static bool srv_send_all(int fd, const char *data, size_t len) {
     return true;
 }
 
-/* Has the peer closed its side? A peek that finds end-of-stream says so
- * without consuming anything. Used to cancel work for a client that left. */
-static bool srv_peer_closed(int fd) {
+/* HALF-CLOSE. A client may shut down its sending side once the request is
+ * out (`shutdown(SHUT_WR)`, `nc -N`, some proxies): the server then reads
+ * end-of-stream, yet the client still reads the reply [RFC 9112 §9.6]. A
+ * client that closed its socket altogether looks the same from here, until
+ * something is written to it: its kernel answers with a reset, and from then
+ * on poll() reports POLLHUP/POLLERR. So end-of-stream alone never means
+ * "gone"; the caller writes something harmless to find out (12.8: a 1xx
+ * interim response, which HTTP/1.1 clients must skip, or an SSE comment).
+ *
+ * srv_peer_state() answers without consuming anything: */
+enum peer_state { PEER_THERE, PEER_EOF, PEER_GONE };
+
+static enum peer_state srv_peer_state(int fd) {
     char c;
-    ssize_t n = recv(fd, &c, 1, MSG_PEEK | MSG_DONTWAIT);
-    if (n == 0) return true;
-    if (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) return true;
     struct pollfd p = {.fd = fd, .events = 0};
-    return poll(&p, 1, 0) > 0 && (p.revents & (POLLHUP | POLLERR)) != 0;
+    if (poll(&p, 1, 0) > 0 && (p.revents & (POLLHUP | POLLERR)) != 0) return PEER_GONE;
+    ssize_t n = recv(fd, &c, 1, MSG_PEEK | MSG_DONTWAIT);
+    if (n == 0) return PEER_EOF;
+    if (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) return PEER_GONE;
+    return PEER_THERE;
 }
 
 /* The end of the head: the offset just past "\r\n\r\n", or 0 if not there. */
@@ -11609,13 +11831,20 @@ static size_t http_head_end(const char *buf, size_t len) {
     return 0;
 }
 
-/* Read until the head is complete. Returns 0, or the HTTP status to answer
- * with (-1: the client sent nothing at all; close without an answer). */
-static int http_read_head(int fd, struct http_request *r, const struct server_options *o, char *err,
-                          size_t errlen) {
+/* Read until the head is complete. `carry` holds bytes of this request that
+ * came with the previous one; it is emptied. Returns 0, or the HTTP status
+ * to answer with (-1: the client sent nothing at all; close without an
+ * answer). */
+static int http_read_head(int fd, struct http_request *r, struct strbuf *carry,
+                          const struct server_options *o, char *err, size_t errlen) {
     double deadline = now_seconds() + o->header_timeout_ms / 1000.0;
     size_t cap = (size_t)o->max_header + 4096;
     r->buf = xmalloc(cap + 1);
+    if (carry && carry->len > 0) {
+        r->buf_len = carry->len < cap ? carry->len : cap;
+        memcpy(r->buf, carry->data, r->buf_len);
+        carry->len = 0;
+    }
     while ((r->head_len = http_head_end(r->buf, r->buf_len)) == 0) {
         if (r->buf_len >= (size_t)o->max_header) {
             snprintf(err, errlen, "request head larger than %d bytes", o->max_header);
@@ -11636,6 +11865,7 @@ static int http_read_head(int fd, struct http_request *r, const struct server_op
         snprintf(err, errlen, "request head larger than %d bytes", o->max_header);
         return 431;
     }
+    r->consumed = r->head_len;
     return 0;
 }
 
@@ -11644,14 +11874,29 @@ static bool http_name_is(const char *line, size_t name_len, const char *name) {
     return strlen(name) == name_len && strncasecmp(line, name, name_len) == 0;
 }
 
-/* Copy a header value, trimmed of surrounding blanks, into dst (truncated
- * to fit: a truncated key simply fails to match). */
+/* A header value without its surrounding blanks: *v and *n are narrowed. */
+static void http_trim(const char **v, size_t *n) {
+    while (*n > 0 && (**v == ' ' || **v == '\t')) (*v)++, (*n)--;
+    while (*n > 0 && ((*v)[*n - 1] == ' ' || (*v)[*n - 1] == '\t')) (*n)--;
+}
+
+/* Copy a trimmed header value into dst (truncated to fit: used only for
+ * values compared with short names, which a truncated one never equals). */
 static void http_copy_value(char *dst, size_t cap, const char *v, size_t n) {
-    while (n > 0 && (*v == ' ' || *v == '\t')) v++, n--;
-    while (n > 0 && (v[n - 1] == ' ' || v[n - 1] == '\t')) n--;
+    http_trim(&v, &n);
     if (n >= cap) n = cap - 1;
     memcpy(dst, v, n);
     dst[n] = '\0';
+}
+
+/* A trimmed header value on the heap, whole: API keys of any length (up to
+ * --max-header) must compare equal, so they are never cut. */
+static char *http_dup_value(const char *v, size_t n) {
+    http_trim(&v, &n);
+    char *d = xmalloc(n + 1);
+    memcpy(d, v, n);
+    d[n] = '\0';
+    return d;
 }
 
 /* The request line: METHOD SP TARGET SP HTTP/1.x */
@@ -11663,6 +11908,8 @@ static bool http_parse_request_line(struct http_request *r, const char *line, si
     if (!sp2 || sp2 == target || *target != '/') return false;
     size_t rest = n - (size_t)(sp2 + 1 - line);
     if (rest != 8 || strncmp(sp2 + 1, "HTTP/1.", 7) != 0) return false;
+    if (sp2[8] != '0' && sp2[8] != '1') return false;
+    r->minor = sp2[8] - '0';
     memcpy(r->method, line, (size_t)(sp1 - line));
     r->method[sp1 - line] = '\0';
     size_t path_len = (size_t)(sp2 - target);
@@ -11674,34 +11921,83 @@ static bool http_parse_request_line(struct http_request *r, const char *line, si
     return true;
 }
 
+/* Content-Length = 1*DIGIT [RFC 9110 §8.6], at most 18 digits. */
+static bool http_parse_length(const char *v, size_t n, size_t *out) {
+    http_trim(&v, &n);
+    if (n == 0 || n > 18) return false;
+    unsigned long long len = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (v[i] < '0' || v[i] > '9') return false;
+        len = len * 10 + (unsigned long long)(v[i] - '0');
+    }
+    *out = len > SIZE_MAX ? SIZE_MAX : (size_t)len;
+    return true;
+}
+
+/* The comma-separated tokens of a Connection header. */
+static void http_parse_connection(struct http_request *r, const char *v, size_t n) {
+    while (n > 0) {
+        const char *comma = memchr(v, ',', n);
+        size_t k = comma ? (size_t)(comma - v) : n;
+        const char *t = v;
+        size_t tn = k;
+        http_trim(&t, &tn);
+        if (tn == 5 && strncasecmp(t, "close", 5) == 0) r->conn_close = true;
+        if (tn == 10 && strncasecmp(t, "keep-alive", 10) == 0) r->conn_keep_alive = true;
+        v += k + (comma ? 1 : 0);
+        n -= k + (comma ? 1 : 0);
+    }
+}
+
+/* The framing fields: Content-Length and Transfer-Encoding. */
+static bool http_parse_framing(struct http_request *r, bool is_length, const char *v, size_t vn) {
+    if (is_length) {
+        size_t len;
+        if (!http_parse_length(v, vn, &len)) return false;
+        if (r->has_length && r->content_length != len) return false;   /* conflicting lengths */
+        r->content_length = len;
+        r->has_length = true;
+        return true;
+    }
+    char value[64];
+    http_copy_value(value, sizeof value, v, vn);
+    if (r->chunked || strcasecmp(value, "chunked") != 0) r->bad_coding = true;
+    r->chunked = true;
+    return true;
+}
+
 /* One "Name: value" line; only the fields the server acts on are kept. */
 static bool http_parse_field(struct http_request *r, const char *line, size_t n) {
     const char *colon = memchr(line, ':', n);
     if (!colon || colon == line) return false;
     size_t name_len = (size_t)(colon - line);
+    if (line[name_len - 1] == ' ' || line[name_len - 1] == '\t') return false;   /* RFC 9112 §5.1 */
     const char *v = colon + 1;
     size_t vn = n - name_len - 1;
     char value[64];
     if (http_name_is(line, name_len, "content-length")) {
-        http_copy_value(value, sizeof value, v, vn);
-        char *end;
-        errno = 0;
-        unsigned long long len = strtoull(value, &end, 10);
-        if (errno || end == value || *end || value[0] == '-') return false;
-        if (r->has_length && r->content_length != len) return false;   /* conflicting lengths */
-        r->content_length = len > SIZE_MAX ? SIZE_MAX : (size_t)len;
-        r->has_length = true;
+        return http_parse_framing(r, true, v, vn);
     } else if (http_name_is(line, name_len, "transfer-encoding")) {
-        r->chunked = true;
+        return http_parse_framing(r, false, v, vn);
     } else if (http_name_is(line, name_len, "expect")) {
         http_copy_value(value, sizeof value, v, vn);
         r->expect_continue = strcasecmp(value, "100-continue") == 0;
     } else if (http_name_is(line, name_len, "authorization")) {
-        http_copy_value(r->authorization, sizeof r->authorization, v, vn);
+        free(r->authorization);
+        r->authorization = http_dup_value(v, vn);
     } else if (http_name_is(line, name_len, "x-api-key")) {
-        http_copy_value(r->api_key, sizeof r->api_key, v, vn);
+        free(r->api_key);
+        r->api_key = http_dup_value(v, vn);
     } else if (http_name_is(line, name_len, "origin")) {
         http_copy_value(r->origin, sizeof r->origin, v, vn);
+    } else if (http_name_is(line, name_len, "host")) {
+        if (r->has_host) return false;                  /* two Host fields: RFC 9112 §3.2 */
+        http_copy_value(r->host, sizeof r->host, v, vn);
+        r->has_host = true;
+    } else if (http_name_is(line, name_len, "content-type")) {
+        http_copy_value(r->content_type, sizeof r->content_type, v, vn);
+    } else if (http_name_is(line, name_len, "connection")) {
+        http_parse_connection(r, v, vn);
     }
     return true;
 }
@@ -11727,30 +12023,175 @@ static int http_parse_head(struct http_request *r, char *err, size_t errlen) {
         snprintf(err, errlen, "malformed request head");
         return 400;
     }
+    if (r->chunked && r->has_length) {
+        snprintf(err, errlen, "Content-Length together with Transfer-Encoding is refused");
+        return 400;
+    }
+    if (r->minor == 1 && !r->has_host) {
+        snprintf(err, errlen, "an HTTP/1.1 request needs a Host header");
+        return 400;
+    }
     return 0;
 }
 
-/* Read the body announced by Content-Length. The head's read may already
- * hold its first bytes. Returns 0 or the HTTP status to answer with. */
-static int http_read_body(int fd, struct http_request *r, const struct server_options *o, char *err,
-                          size_t errlen) {
-    if (r->chunked) {
-        snprintf(err, errlen, "chunked request bodies are not supported: send Content-Length");
+/* May the connection carry another request after this one? */
+static bool http_wants_keep_alive(const struct http_request *r) {
+    return r->minor == 1 ? !r->conn_close : r->conn_keep_alive && !r->conn_close;
+}
+
+/* ---- 12.2.1 Chunked request bodies -------------------------------------------- */
+
+/* Transfer-Encoding: chunked [RFC 9112 §7.1] sends a body of unknown length
+ * as pieces, each announced by its size in hex:
+ *
+ *     1a;ext=1\r\n  <26 bytes>\r\n     a chunk (extensions are ignored)
+ *     0\r\n                            the last chunk
+ *     Trailer: x\r\n                   optional trailer fields (ignored)
+ *     \r\n                             the end
+ *
+ * The decoder is a byte-at-a-time state machine fed whatever arrived, so a
+ * body split anywhere (the fuzz test splits it everywhere) decodes the same.
+ * It bounds the decoded size (max), each chunk-size line and the trailer
+ * (HTTP_CHUNK_LINE_MAX bytes a line). */
+#define HTTP_CHUNK_LINE_MAX 4096
+
+enum chunk_state { CH_SIZE, CH_EXT, CH_SIZE_LF, CH_DATA, CH_DATA_CR, CH_DATA_LF,
+                   CH_TRAILER, CH_TRAILER_TEXT, CH_TRAILER_LF, CH_END_LF, CH_DONE };
+
+struct chunk_decoder {
+    enum chunk_state state;
+    size_t size, digits, line;  /* the chunk being read; bytes in the current line */
+    size_t max;                 /* decoded bytes allowed */
+    struct strbuf out;          /* the decoded body */
+};
+
+enum chunk_result { CHUNK_MORE, CHUNK_DONE, CHUNK_BAD, CHUNK_TOO_LARGE };
+
+static int hex_digit(char c) {
+    if (c >= '0' && c <= '9') return c - '0';
+    if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+    if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+    return -1;
+}
+
+/* One byte of a size line (CH_SIZE / CH_EXT / CH_SIZE_LF). */
+static enum chunk_result chunk_size_byte(struct chunk_decoder *d, char c) {
+    if (++d->line > HTTP_CHUNK_LINE_MAX) return CHUNK_BAD;
+    if (d->state == CH_SIZE_LF) {
+        if (c != '\n') return CHUNK_BAD;
+        d->line = 0;
+        d->state = d->size == 0 ? CH_TRAILER : CH_DATA;
+        if (d->size > d->max - d->out.len) return CHUNK_TOO_LARGE;
+        return CHUNK_MORE;
+    }
+    if (c == '\r' && d->digits > 0) d->state = CH_SIZE_LF;
+    else if (d->state == CH_EXT) return c == '\n' || c == '\0' ? CHUNK_BAD : CHUNK_MORE;
+    else if (c == ';' && d->digits > 0) d->state = CH_EXT;
+    else if (hex_digit(c) < 0 || ++d->digits > 15) return CHUNK_BAD;
+    else d->size = d->size * 16 + (size_t)hex_digit(c);
+    return CHUNK_MORE;
+}
+
+/* One byte after the last chunk: trailer lines, then the empty line. */
+static enum chunk_result chunk_trailer_byte(struct chunk_decoder *d, char c) {
+    if (++d->line > HTTP_CHUNK_LINE_MAX) return CHUNK_BAD;
+    switch (d->state) {
+    case CH_TRAILER: d->state = c == '\r' ? CH_END_LF : CH_TRAILER_TEXT; return CHUNK_MORE;
+    case CH_TRAILER_TEXT:
+        if (c == '\r') d->state = CH_TRAILER_LF;
+        return c == '\n' || c == '\0' ? CHUNK_BAD : CHUNK_MORE;
+    case CH_TRAILER_LF: d->line = 0; d->state = CH_TRAILER; return c == '\n' ? CHUNK_MORE : CHUNK_BAD;
+    default:                                           /* CH_END_LF */
+        d->state = CH_DONE;
+        return c == '\n' ? CHUNK_DONE : CHUNK_BAD;
+    }
+}
+
+/* Feed in[0..n). *used says how many bytes belonged to the body (on
+ * CHUNK_DONE the rest is the next request's). */
+static enum chunk_result chunk_feed(struct chunk_decoder *d, const char *in, size_t n, size_t *used) {
+    size_t i = 0;
+    enum chunk_result r = CHUNK_MORE;
+    while (i < n && r == CHUNK_MORE) {
+        if (d->state == CH_DATA) {
+            size_t k = n - i < d->size ? n - i : d->size;
+            strbuf_append(&d->out, in + i, k);
+            if (d->out.oom) return CHUNK_TOO_LARGE;
+            d->size -= k;
+            i += k;
+            if (d->size == 0) d->state = CH_DATA_CR;
+            continue;
+        }
+        char c = in[i++];
+        if (d->state == CH_DATA_CR) r = c == '\r' ? (d->state = CH_DATA_LF, CHUNK_MORE) : CHUNK_BAD;
+        else if (d->state == CH_DATA_LF)
+            r = c == '\n' ? (d->state = CH_SIZE, d->digits = 0, CHUNK_MORE) : CHUNK_BAD;
+        else if (d->state <= CH_SIZE_LF) r = chunk_size_byte(d, c);
+        else r = chunk_trailer_byte(d, c);
+    }
+    *used = i;
+    return r;
+}
+
+/* Read a chunked body: first what came with the head, then from the socket. */
+static int http_read_chunked(int fd, struct http_request *r, struct strbuf *carry,
+                             const struct server_options *o, char *err, size_t errlen) {
+    struct chunk_decoder d = {.max = o->max_body};
+    double deadline = now_seconds() + o->body_timeout_ms / 1000.0;
+    char chunk[16384];
+    const char *in = r->buf + r->head_len;
+    size_t n = r->buf_len - r->head_len, used = 0;
+    enum chunk_result res = chunk_feed(&d, in, n, &used);
+    r->consumed = r->head_len + used;
+    while (res == CHUNK_MORE) {
+        ssize_t got = srv_recv(fd, chunk, sizeof chunk, deadline);
+        if (got == -2 || got <= 0) {
+            snprintf(err, errlen, got == -2 ? "request body not received within %d s"
+                                            : "truncated chunked body (%d s limit)", o->body_timeout_ms / 1000);
+            strbuf_free(&d.out);
+            return got == -2 ? 408 : 400;
+        }
+        in = chunk;
+        n = (size_t)got;
+        res = chunk_feed(&d, in, n, &used);
+    }
+    if (res == CHUNK_DONE && carry && used < n && in == chunk) strbuf_append(carry, in + used, n - used);
+    if (res != CHUNK_DONE) {
+        strbuf_free(&d.out);
+        if (res == CHUNK_TOO_LARGE)
+            snprintf(err, errlen, "chunked request body is larger than the limit of %zu", o->max_body);
+        else snprintf(err, errlen, "malformed chunked request body");
+        return res == CHUNK_TOO_LARGE ? 413 : 400;
+    }
+    r->body_len = d.out.len;
+    r->body = d.out.data ? d.out.data : xcalloc(1, 1);
+    return 0;
+}
+
+/* Read the body announced by Content-Length, or a chunked one. The head's
+ * read may already hold its first bytes. Returns 0 or the HTTP status to
+ * answer with. */
+static int http_read_body(int fd, struct http_request *r, struct strbuf *carry,
+                          const struct server_options *o, char *err, size_t errlen) {
+    if (r->bad_coding) {
+        snprintf(err, errlen, "the only transfer coding accepted is 'chunked'");
+        return 501;
+    }
+    static const char cont[] = "HTTP/1.1 100 Continue\r\n\r\n";
+    if (!r->chunked && !r->has_length) {
+        snprintf(err, errlen, "a request body with Content-Length (or chunked) is required");
         return 411;
     }
-    if (!r->has_length) {
-        snprintf(err, errlen, "a request body with Content-Length is required");
-        return 411;
-    }
-    if (r->content_length > o->max_body) {
+    if (r->has_length && r->content_length > o->max_body) {
         snprintf(err, errlen, "request body of %zu bytes is larger than the limit of %zu", r->content_length,
                  o->max_body);
         return 413;
     }
-    static const char cont[] = "HTTP/1.1 100 Continue\r\n\r\n";
     if (r->expect_continue && !srv_send_all(fd, cont, sizeof cont - 1)) return -1;
+    if (r->chunked) return http_read_chunked(fd, r, carry, o, err, errlen);
     size_t have = r->buf_len - r->head_len;
-    if (have > r->content_length) have = r->content_length;   /* a pipelined extra request is ignored */
+    if (have > r->content_length) have = r->content_length;   /* the rest is a pipelined request */
+    r->consumed = r->head_len + have;
     r->body = xmalloc(r->content_length + 1);
     memcpy(r->body, r->buf + r->head_len, have);
     double deadline = now_seconds() + o->body_timeout_ms / 1000.0;
@@ -11771,9 +12212,17 @@ static int http_read_body(int fd, struct http_request *r, const struct server_op
     return 0;
 }
 
+/* Keep what follows this request in buf (the next one's first bytes). */
+static void http_request_carry(const struct http_request *r, struct strbuf *carry) {
+    if (r->buf && r->consumed < r->buf_len) strbuf_append(carry, r->buf + r->consumed, r->buf_len - r->consumed);
+}
+
 static void http_request_free(struct http_request *r) {
     free(r->buf);
     free(r->body);
+    free(r->authorization);
+    free(r->api_key);
+    memset(r, 0, sizeof *r);
 }
 
 /* ---- 12.3 Writing responses: status lines, CORS, the API's error shapes ---- */
@@ -11785,6 +12234,8 @@ struct server;                  /* 12.8; a connection only carries a pointer */
 
 /* One accepted connection, owned by its client thread. The worker writes to
  * `fd` while it serves this connection's job; nobody else does then. */
+enum conn_phase { PHASE_READING, PHASE_IDLE, PHASE_BUSY };
+
 struct conn {
     int fd;
     struct server *srv;
@@ -11793,6 +12244,18 @@ struct conn {
     enum api_kind api;          /* error shape */
     int status;                 /* status sent, for the log */
     bool gone;                  /* a write failed: the client left */
+    bool keep_alive;            /* this answer says keep-alive (12.2) */
+    int requests_left;          /* --keepalive-requests minus those served */
+    bool head_only;             /* HEAD: headers as for GET, no body */
+    bool stream_open;           /* the stream's head went out (maybe while queued, 12.8) */
+    bool probed;                /* end-of-stream seen, a 1xx sent to tell half-close from gone */
+
+    /* The accept loop's view, under server.lock (12.12). */
+    enum conn_phase phase;
+    double phase_since;
+    char peer[64];              /* the client's address, for --max-conns-per-client */
+    bool evicted;               /* its slot was given to a newer connection */
+    struct conn *prev, *next;
 };
 
 static const char *http_reason(int status) {
@@ -11802,14 +12265,17 @@ static const char *http_reason(int status) {
     case 204: return "No Content";
     case 400: return "Bad Request";
     case 401: return "Unauthorized";
+    case 403: return "Forbidden";
     case 404: return "Not Found";
     case 405: return "Method Not Allowed";
     case 408: return "Request Timeout";
     case 409: return "Conflict";
     case 411: return "Length Required";
     case 413: return "Content Too Large";
+    case 415: return "Unsupported Media Type";
     case 431: return "Request Header Fields Too Large";
     case 500: return "Internal Server Error";
+    case 501: return "Not Implemented";
     case 503: return "Service Unavailable";
     default:  return "Error";
     }
@@ -11836,8 +12302,16 @@ static void http_cors_headers(const struct conn *c, struct strbuf *h) {
                    "Access-Control-Max-Age: 600\r\n");
 }
 
+/* The status line and the headers every answer has. `Connection` says
+ * whether this connection takes another request (12.2 KEEP-ALIVE); a 503
+ * says when to come back. */
 static void http_status_line(const struct conn *c, struct strbuf *h, int status) {
-    strbuf_printf(h, "HTTP/1.1 %d %s\r\nServer: ds4\r\nConnection: close\r\n", status, http_reason(status));
+    strbuf_printf(h, "HTTP/1.1 %d %s\r\nServer: ds4\r\n", status, http_reason(status));
+    if (c->keep_alive)
+        strbuf_printf(h, "Connection: keep-alive\r\nKeep-Alive: timeout=%d, max=%d\r\n",
+                      c->opt->keepalive_ms / 1000, c->requests_left);
+    else strbuf_puts(h, "Connection: close\r\n");
+    if (status == 503) strbuf_puts(h, "Retry-After: 1\r\n");
     http_cors_headers(c, h);
 }
 
@@ -11853,7 +12327,7 @@ static void http_respond(struct conn *c, int status, const char *type, const cha
     if (extra) strbuf_puts(&h, extra);
     if (type) strbuf_printf(&h, "Content-Type: %s\r\n", type);
     strbuf_printf(&h, "Content-Length: %zu\r\n\r\n", len);
-    strbuf_append(&h, body, len);
+    if (!c->head_only) strbuf_append(&h, body, len);     /* HEAD: the length, never the bytes */
     conn_send(c, h.data, h.len);
     c->status = status;
     strbuf_free(&h);
@@ -11915,10 +12389,19 @@ static void http_error(struct conn *c, int status, const char *msg) {
     http_error_full(c, status, msg, NULL, NULL, NULL);
 }
 
+/* An error that leaves the request stream in an unknown state (the body
+ * unread, a timeout, a malformed head): answer, then close. */
+static void http_error_close(struct conn *c, int status, const char *msg) {
+    c->keep_alive = false;
+    http_error(c, status, msg);
+}
+
 /* Streams: Server-Sent Events [HTML §9.2] in HTTP/1.1 chunked framing
  * [RFC9112 §7.1], so the client can tell a finished stream ("0\r\n\r\n")
  * from one cut off by a crash. */
 static void http_stream_begin(struct conn *c) {
+    if (c->stream_open) return;                 /* sent already, while the job was queued */
+    c->stream_open = true;
     struct strbuf h = {0};
     http_status_line(c, &h, 200);
     strbuf_puts(&h, "Content-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
@@ -12919,8 +13402,20 @@ struct job {
 
     /* The handshake, under server.lock. */
     bool started, done;
+    bool noting;                /* the client thread is writing a queue note (12.8) */
+    double last_note;
     atomic_bool cancelled;
     struct job *next;
+};
+
+/* What /metrics reports [Prometheus text exposition format 0.0.4]. */
+struct server_metrics {
+    uint64_t requests, by_class[6];     /* HTTP requests; answers by class 1xx..5xx */
+    uint64_t generations, cache_hits;   /* generation requests; those that reused tokens */
+    uint64_t prompt_tokens, cached_tokens, generated_tokens;
+    double prefill_seconds, decode_seconds;
+    double last_prefill_tps, last_decode_tps;
+    uint64_t evicted, refused, over_budget;
 };
 
 struct server {
@@ -12933,8 +13428,13 @@ struct server {
     pthread_cond_t wake;        /* the worker waits for jobs */
     pthread_cond_t job_done;    /* client threads wait for their job */
     struct job *head, *tail;
+    struct job *running;        /* the job the worker holds, or NULL */
     int n_conns;
+    struct conn *conns;         /* every open connection, for eviction (12.12) */
     atomic_bool stopping;
+    pthread_cond_t parse_room;  /* the parse pool has room again */
+    size_t parse_in_use;        /* bytes reserved for request trees (12.11) */
+    struct server_metrics m;    /* /metrics, under lock */
 
     /* The worker's own: the live session and what it holds. */
     struct session s;
@@ -12978,6 +13478,61 @@ static void job_unlink(struct server *srv, struct job *j) {
     if (srv->tail == j) srv->tail = prev;
 }
 
+/* Has the client left? End-of-stream alone may be a half-close (12.2
+ * HALF-CLOSE), so the first time it is seen something harmless is written:
+ * an SSE comment if the stream is open, else a "102 Processing" interim
+ * response, which HTTP/1.1 clients skip [RFC 9110 §15.2]. A client that is
+ * really gone answers with a reset, and the next look sees PEER_GONE. Only
+ * the thread that writes this connection's reply may call it. */
+static bool conn_peer_gone(struct conn *c) {
+    static const char processing[] = "HTTP/1.1 102 Processing\r\n\r\n";
+    enum peer_state ps = srv_peer_state(c->fd);
+    if (ps == PEER_GONE) c->gone = true;
+    if (ps == PEER_EOF && !c->probed && !c->gone) {
+        c->probed = true;
+        if (c->stream_open) http_chunk(c, ": still there?\n\n", 16);
+        else conn_send(c, processing, sizeof processing - 1);
+    }
+    return c->gone;
+}
+
+/* Under srv->lock: how many requests are ahead of j (the running one too). */
+static int job_position(const struct server *srv, const struct job *j) {
+    int ahead = srv->running != NULL;
+    for (const struct job *q = srv->head; q && q != j; q = q->next) ahead++;
+    return ahead;
+}
+
+/* QUEUE NOTES. A request waits while others are served, and clients with
+ * short timeouts give up on a silent socket. A streaming request therefore
+ * gets its stream's head at once and an SSE comment with its place in line
+ * every SERVER_KEEPALIVE_S (": queued, 2 requests ahead"); comments are
+ * ignored by every SSE reader. Every 503 says Retry-After. Called with
+ * srv->lock held; it is released around the write, with j->noting set so
+ * the worker does not take the connection in between. */
+static void job_note(struct server *srv, struct job *j, bool stopping, bool due) {
+    struct conn *c = j->conn;
+    int ahead = job_position(srv, j);
+    char note[96];
+    int n = snprintf(note, sizeof note, ": queued, %d request%s ahead\n\n", ahead, ahead == 1 ? "" : "s");
+    j->noting = true;
+    j->last_note = now_seconds();
+    pthread_mutex_unlock(&srv->lock);
+    if (stopping && !c->stream_open) {
+        http_error(c, 503, "the server is shutting down");
+    } else if (stopping) {
+        http_chunk(c, ": the server is shutting down\n\n", 31);
+        http_stream_end(c);
+    } else if (due) {
+        http_stream_begin(c);
+        http_chunk(c, note, (size_t)n);
+    }
+    conn_peer_gone(c);
+    pthread_mutex_lock(&srv->lock);
+    j->noting = false;
+    pthread_cond_broadcast(&srv->job_done);
+}
+
 /* Wait for the worker to finish the job. While it is still queued, watch
  * the socket: a client that gave up is taken out of the line at once. */
 static void job_wait(struct server *srv, struct job *j) {
@@ -12991,12 +13546,15 @@ static void job_wait(struct server *srv, struct job *j) {
             ts.tv_nsec -= 1000000000L;
         }
         pthread_cond_timedwait(&srv->job_done, &srv->lock, &ts);
+        if (j->started || j->done) continue;
         bool stop = atomic_load(&srv->stopping);
-        if (!j->started && !j->done && (stop || srv_peer_closed(j->conn->fd))) {
+        bool due = j->p.stream && (j->last_note == 0 || now_seconds() - j->last_note >= SERVER_KEEPALIVE_S);
+        if (stop || due || srv_peer_state(j->conn->fd) != PEER_THERE) job_note(srv, j, stop, due);
+        if (j->started || j->done) continue;
+        if (stop || j->conn->gone) {
             job_unlink(srv, j);
             j->finish = FINISH_CANCELLED;
             j->done = true;
-            if (stop) http_error(j->conn, 503, "the server is shutting down");
         }
     }
     pthread_mutex_unlock(&srv->lock);
@@ -13011,6 +13569,8 @@ static struct job *job_take(struct server *srv) {
         srv->head = j->next;
         if (!srv->head) srv->tail = NULL;
         j->started = true;
+        srv->running = j;
+        while (j->noting) pthread_cond_wait(&srv->job_done, &srv->lock);
     }
     pthread_mutex_unlock(&srv->lock);
     return j;
@@ -13019,6 +13579,7 @@ static struct job *job_take(struct server *srv) {
 static void job_finish(struct server *srv, struct job *j) {
     pthread_mutex_lock(&srv->lock);
     j->done = true;
+    srv->running = NULL;
     pthread_cond_broadcast(&srv->job_done);
     pthread_mutex_unlock(&srv->lock);
 }
@@ -13793,11 +14354,7 @@ static int64_t worker_reuse(struct server *srv, struct job *j) {
  * per token costs about a microsecond. */
 static bool job_abandoned(struct server *srv, struct job *j) {
     if (atomic_load(&srv->stopping) || j->conn->gone || atomic_load(&j->cancelled)) return true;
-    if (srv_peer_closed(j->conn->fd)) {
-        j->conn->gone = true;
-        return true;
-    }
-    return false;
+    return conn_peer_gone(j->conn);
 }
 
 /* -- Content, with stop strings -- */
@@ -14117,9 +14674,142 @@ static void srv_log(struct server *srv, const char *fmt, ...) {
     va_end(ap);
 }
 
+/* THE PARSE POOL. A request's JSON tree costs up to 64 times its body
+ * (Chapter 5, "memory"), so trees are paid for out of one pool of
+ * --max-parses x --max-parse-mem bytes. A request reserves the most one
+ * parse may take (--max-parse-mem) before parsing, waits a bounded time if
+ * the pool is spent, keeps only what its tree really used while it lives,
+ * and returns that when the tree is freed. So at most --max-parses parses
+ * run at once, and all trees together never pass the pool, however many
+ * requests are queued. A body whose tree would not fit its budget gets 413.
+ */
+#define SERVER_PARSE_WAIT_S 10.0
+
+static size_t parse_pool(const struct server_options *o) {
+    return (size_t)o->max_parses * o->max_parse_mem;
+}
+
+static bool parse_reserve(struct server *srv, size_t bytes) {
+    double deadline = now_seconds() + SERVER_PARSE_WAIT_S;
+    pthread_mutex_lock(&srv->lock);
+    while (srv->parse_in_use + bytes > parse_pool(srv->opt) && !atomic_load(&srv->stopping) &&
+           now_seconds() < deadline) {
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        ts.tv_sec += 1;
+        pthread_cond_timedwait(&srv->parse_room, &srv->lock, &ts);
+    }
+    bool ok = srv->parse_in_use + bytes <= parse_pool(srv->opt) && !atomic_load(&srv->stopping);
+    if (ok) srv->parse_in_use += bytes;
+    pthread_mutex_unlock(&srv->lock);
+    return ok;
+}
+
+static void parse_release(struct server *srv, size_t bytes) {
+    pthread_mutex_lock(&srv->lock);
+    srv->parse_in_use -= bytes < srv->parse_in_use ? bytes : srv->parse_in_use;
+    pthread_cond_broadcast(&srv->parse_room);
+    pthread_mutex_unlock(&srv->lock);
+}
+
+/* Parse the body within the budget. On failure the answer is sent (400,
+ * 413, 503) and NULL returned. *held is what stays reserved; the body's
+ * bytes are freed at once (the tree holds copies of its strings). */
+static struct json *srv_parse_body(struct conn *c, struct http_request *r, size_t *held) {
+    struct server *srv = c->srv;
+    char err[200] = "", msg[300];
+    *held = 0;
+    if (!parse_reserve(srv, c->opt->max_parse_mem)) {
+        http_error(c, 503, "the server is busy parsing other requests; retry shortly");
+        return NULL;
+    }
+    struct json_budget b = {.limit = c->opt->max_parse_mem};
+    struct json *req = json_parse_within(r->body, r->body_len, SERVER_JSON_DEPTH, &b, err, sizeof err);
+    free(r->body);
+    r->body = NULL;
+    *held = req ? b.used : 0;
+    parse_release(srv, c->opt->max_parse_mem - *held);
+    if (b.exceeded) {
+        pthread_mutex_lock(&srv->lock);
+        srv->m.over_budget++;
+        pthread_mutex_unlock(&srv->lock);
+        snprintf(msg, sizeof msg, "the request's JSON needs more than %zu bytes of memory (--max-parse-mem)",
+                 c->opt->max_parse_mem);
+        http_error(c, 413, msg);
+    } else if (!json_is(req, JSON_OBJECT)) {
+        if (req) snprintf(err, sizeof err, "the request body must be a JSON object");
+        snprintf(msg, sizeof msg, "invalid request body: %s", err);
+        http_error(c, 400, msg);
+    } else {
+        return req;
+    }
+    json_free(req);
+    parse_release(srv, *held);
+    *held = 0;
+    return NULL;
+}
+
+static void srv_parse_done(struct server *srv, struct json *req, size_t held) {
+    json_free(req);
+    parse_release(srv, held);
+}
+
+/* DOCUMENTED TYPES. Fields the dialect readers only look inside must still
+ * have the type the API documents: an object given as a string would
+ * otherwise be ignored without a word. Each entry: the field, where it
+ * applies, and the kinds allowed (a bit per enum json_kind; null is always
+ * allowed, meaning "absent"). */
+#define KIND(k) (1u << (k))
+
+static bool field_kind_ok(const struct json *v, unsigned kinds) {
+    return v == NULL || v->kind == JSON_NULL || (kinds & KIND(v->kind)) != 0;
+}
+
+static const char *kinds_name(unsigned kinds) {
+    if (kinds == KIND(JSON_OBJECT)) return "an object";
+    if (kinds == (KIND(JSON_OBJECT) | KIND(JSON_STRING))) return "a string or an object";
+    if (kinds == KIND(JSON_ARRAY)) return "an array";
+    return "of another type";
+}
+
+/* tools[i]: an object, and its schema (wherever the dialect puts it) too. */
+static bool check_tool_types(const struct json *tools, struct ds4_error *e) {
+    static const char *const schema_keys[] = {"parameters", "input_schema"};
+    for (size_t i = 0; tools && i < tools->count; i++) {
+        const struct json *t = &tools->items[i], *fn = json_get(t, "function");
+        if (!json_is(t, JSON_OBJECT)) return fail(e, "'tools[%zu]' must be an object", i);
+        if (!field_kind_ok(fn, KIND(JSON_OBJECT))) return fail(e, "'tools[%zu].function' must be an object", i);
+        for (size_t k = 0; k < 2; k++) {
+            if (!field_kind_ok(json_get(t, schema_keys[k]), KIND(JSON_OBJECT)))
+                return fail(e, "'tools[%zu].%s' must be an object", i, schema_keys[k]);
+            if (!field_kind_ok(json_get(fn, schema_keys[k]), KIND(JSON_OBJECT)))
+                return fail(e, "'tools[%zu].function.%s' must be an object", i, schema_keys[k]);
+        }
+    }
+    return true;
+}
+
+static bool check_field_types(const struct json *req, struct ds4_error *e) {
+    static const struct { const char *key; unsigned kinds; } fields[] = {
+        {"stream_options", KIND(JSON_OBJECT)},
+        {"tool_choice", KIND(JSON_OBJECT) | KIND(JSON_STRING)},
+        {"reasoning", KIND(JSON_OBJECT)},
+        {"output_config", KIND(JSON_OBJECT)},
+        {"text", KIND(JSON_OBJECT)},
+        {"metadata", KIND(JSON_OBJECT)},
+        {"tools", KIND(JSON_ARRAY)},
+    };
+    for (size_t i = 0; i < sizeof fields / sizeof fields[0]; i++)
+        if (!field_kind_ok(json_get(req, fields[i].key), fields[i].kinds))
+            return fail(e, "'%s' must be %s", fields[i].key, kinds_name(fields[i].kinds));
+    const struct json *tools = json_get(req, "tools");
+    return check_tool_types(json_is(tools, JSON_ARRAY) ? tools : NULL, e);
+}
+
 /* The dialect's request, as canonical messages and tools (12.5). */
 static bool job_read_request(struct job *j, const struct json *req, struct conv *cv, struct strbuf *tools,
                              struct ds4_error *e) {
+    if (!check_field_types(req, e)) return false;
     if (!read_gen_params(req, j->api, &j->p, e) || !read_tools(req, j->api, tools, e)) return false;
     bool ok = j->api == API_CHAT        ? conv_from_chat(cv, req, e)
             : j->api == API_MESSAGES    ? conv_from_messages(cv, req, e)
@@ -14178,20 +14868,33 @@ static void job_ids(struct job *j, const struct server_options *o) {
     j->model = j->p.model ? j->p.model : o->model_name;
 }
 
+/* What one served generation adds to /metrics. */
+static void metrics_count_job(struct server *srv, const struct job *j) {
+    if (!j->started) return;
+    double prefill = j->t_prefilled - j->t_started, decode = j->t_finished - j->t_prefilled;
+    int64_t fresh = (int64_t)j->n_prompt - j->n_cached;
+    pthread_mutex_lock(&srv->lock);
+    struct server_metrics *m = &srv->m;
+    m->generations++;
+    m->cache_hits += j->n_cached > 0;
+    m->prompt_tokens += j->n_prompt;
+    m->cached_tokens += (uint64_t)j->n_cached;
+    m->generated_tokens += (uint64_t)j->n_generated;
+    m->prefill_seconds += prefill;
+    m->decode_seconds += decode;
+    if (prefill > 0 && fresh > 0) m->last_prefill_tps = (double)fresh / prefill;
+    if (decode > 0 && j->n_generated > 0) m->last_decode_tps = j->n_generated / decode;
+    pthread_mutex_unlock(&srv->lock);
+}
+
 /* POST /v1/chat/completions, /v1/completions, /v1/messages, /v1/responses:
  * parse, render, queue, wait. The worker writes the reply. */
 static void handle_generate(struct conn *c, struct http_request *r, char *note, size_t note_cap) {
     struct server *srv = c->srv;
     struct ds4_error e = {""};
-    char err[200] = "";
-    struct json *req = json_parse(r->body, r->body_len, SERVER_JSON_DEPTH, err, sizeof err);
-    if (!json_is(req, JSON_OBJECT)) {
-        if (req) snprintf(err, sizeof err, "the request body must be a JSON object");
-        snprintf(e.msg, sizeof e.msg, "invalid request body: %s", err);
-        http_error(c, 400, e.msg);
-        json_free(req);
-        return;
-    }
+    size_t held;
+    struct json *req = srv_parse_body(c, r, &held);
+    if (!req) return;
     struct job *j = xcalloc(1, sizeof *j);
     struct conv cv = {0};
     struct strbuf tools = {0};
@@ -14212,25 +14915,25 @@ static void handle_generate(struct conn *c, struct http_request *r, char *note, 
         if (j->drafted > 0 && at > 0 && (size_t)at < note_cap)
             snprintf(note + at, note_cap - (size_t)at, " mtp_drafted=%lld mtp_accepted=%lld",
                      (long long)j->drafted, (long long)j->accepted);
+        metrics_count_job(srv, j);
     }
     conv_free(&cv);
     strbuf_free(&tools);
     job_free(j);
-    json_free(req);
+    srv_parse_done(srv, req, held);
 }
 
 /* POST /v1/messages/count_tokens: the prompt's size, no generation. */
 static void handle_count_tokens(struct conn *c, struct http_request *r, char *note, size_t note_cap) {
     struct ds4_error e = {""};
-    char err[200] = "";
-    struct json *req = json_parse(r->body, r->body_len, SERVER_JSON_DEPTH, err, sizeof err);
+    size_t held;
+    struct json *req = srv_parse_body(c, r, &held);
+    if (!req) return;
     struct job *j = xcalloc(1, sizeof *j);
     struct conv cv = {0};
     struct strbuf tools = {0}, body = {0};
     j->api = API_MESSAGES;
-    bool ok = json_is(req, JSON_OBJECT);
-    if (!ok) snprintf(e.msg, sizeof e.msg, "invalid request body: %s", req ? "not a JSON object" : err);
-    ok = ok && job_read_request(j, req, &cv, &tools, &e) && job_render(c->srv, j, &cv, &tools, &e);
+    bool ok = job_read_request(j, req, &cv, &tools, &e) && job_render(c->srv, j, &cv, &tools, &e);
     if (ok) {
         strbuf_printf(&body, "{\"input_tokens\":%zu}", j->n_prompt);
         http_respond_json(c, 200, &body);
@@ -14242,7 +14945,7 @@ static void handle_count_tokens(struct conn *c, struct http_request *r, char *no
     strbuf_free(&tools);
     strbuf_free(&body);
     job_free(j);
-    json_free(req);
+    srv_parse_done(c->srv, req, held);
 }
 
 /* The model object [API §1.1]. */
@@ -14289,6 +14992,51 @@ static void handle_health(struct conn *c, struct http_request *r, char *note, si
     http_respond(c, 200, "application/json", ok, sizeof ok - 1, NULL);
 }
 
+/* GET /metrics: Prometheus text format [exposition format 0.0.4], one
+ * "# TYPE" line and one sample per metric. Counters end in _total. */
+static void metric(struct strbuf *b, const char *name, const char *type, const char *help, double v) {
+    strbuf_printf(b, "# HELP %s %s\n# TYPE %s %s\n%s %.17g\n", name, help, name, type, name, v);
+}
+
+static void handle_metrics(struct conn *c, struct http_request *r, char *note, size_t note_cap) {
+    struct server *srv = c->srv;
+    struct strbuf b = {0};
+    (void)r, (void)note, (void)note_cap;
+    pthread_mutex_lock(&srv->lock);
+    struct server_metrics m = srv->m;
+    int queued = 0, conns = srv->n_conns;
+    for (const struct job *q = srv->head; q; q = q->next) queued++;
+    bool busy = srv->running != NULL;
+    size_t parse = srv->parse_in_use;
+    pthread_mutex_unlock(&srv->lock);
+    metric(&b, "ds4_http_requests_total", "counter", "HTTP requests read", (double)m.requests);
+    strbuf_puts(&b, "# HELP ds4_http_responses_total HTTP answers by status class\n"
+                    "# TYPE ds4_http_responses_total counter\n");
+    for (int k = 1; k <= 5; k++)
+        strbuf_printf(&b, "ds4_http_responses_total{class=\"%dxx\"} %llu\n", k, (unsigned long long)m.by_class[k]);
+    metric(&b, "ds4_generations_total", "counter", "generation requests served", (double)m.generations);
+    metric(&b, "ds4_prompt_tokens_total", "counter", "prompt tokens of served requests", (double)m.prompt_tokens);
+    metric(&b, "ds4_cached_prompt_tokens_total", "counter", "prompt tokens reused, not prefilled",
+           (double)m.cached_tokens);
+    metric(&b, "ds4_cache_hits_total", "counter", "requests that reused cached tokens", (double)m.cache_hits);
+    metric(&b, "ds4_generated_tokens_total", "counter", "tokens generated", (double)m.generated_tokens);
+    metric(&b, "ds4_prefill_seconds_total", "counter", "seconds spent in prefill", m.prefill_seconds);
+    metric(&b, "ds4_decode_seconds_total", "counter", "seconds spent in decode", m.decode_seconds);
+    metric(&b, "ds4_prefill_tokens_per_second", "gauge", "prefill speed of the last request", m.last_prefill_tps);
+    metric(&b, "ds4_decode_tokens_per_second", "gauge", "decode speed of the last request", m.last_decode_tps);
+    metric(&b, "ds4_queue_length", "gauge", "requests waiting for the worker", queued);
+    metric(&b, "ds4_worker_busy", "gauge", "1 while a request is being served", busy);
+    metric(&b, "ds4_connections", "gauge", "open connections", conns);
+    metric(&b, "ds4_connections_evicted_total", "counter", "idle or slow connections closed for a new one",
+           (double)m.evicted);
+    metric(&b, "ds4_connections_refused_total", "counter", "connections refused with 503", (double)m.refused);
+    metric(&b, "ds4_parse_bytes_reserved", "gauge", "bytes of the parse pool in use", (double)parse);
+    metric(&b, "ds4_parse_over_budget_total", "counter", "bodies refused by --max-parse-mem",
+           (double)m.over_budget);
+    http_respond(c, 200, "text/plain; version=0.0.4", b.data ? b.data : "", b.len, NULL);
+    strbuf_free(&b);
+}
+
 /* The routes. A path ending in '/' matches any path it starts (a model id
  * follows /v1/models/). */
 struct route {
@@ -14300,6 +15048,7 @@ struct route {
 
 static const struct route ROUTES[] = {
     {"GET",  "/health",                   API_NONE,        true,  handle_health},
+    {"GET",  "/metrics",                  API_NONE,        false, handle_metrics},
     {"GET",  "/v1/models",                API_NONE,        false, handle_models},
     {"GET",  "/v1/models/",               API_NONE,        false, handle_models},
     {"POST", "/v1/chat/completions",      API_CHAT,        false, handle_generate},
@@ -14315,56 +15064,143 @@ static bool route_matches(const struct route *rt, const char *path) {
     return strcmp(path, rt->path) == 0;
 }
 
-/* Compare secrets in time independent of where they differ. */
+/* Compare secrets in time independent of where they differ (of the key's
+ * length, too: the loop always runs over the longer of the two). */
 static bool secret_equal(const char *a, const char *b) {
-    size_t na = strlen(a), nb = strlen(b);
+    size_t na = strlen(a), nb = strlen(b), n = na > nb ? na : nb;
     unsigned char diff = na != nb;
-    for (size_t i = 0; i < na && i < nb; i++) diff |= (unsigned char)(a[i] ^ b[i]);
+    for (size_t i = 0; i < n; i++) diff |= (unsigned char)((i < na ? a[i] : 0) ^ (i < nb ? b[i] : 0));
     return diff == 0;
 }
 
-/* --api-key: "Authorization: Bearer KEY" (OpenAI) or "x-api-key: KEY" (Anthropic). */
+/* --api-key: "Authorization: Bearer KEY" (OpenAI) or "x-api-key: KEY"
+ * (Anthropic). Keys of any length: the header values are whole copies. */
 static bool auth_ok(const struct server_options *o, const struct http_request *r) {
     if (!o->api_key) return true;
-    if (r->api_key[0] && secret_equal(r->api_key, o->api_key)) return true;
-    return strncasecmp(r->authorization, "Bearer ", 7) == 0 && secret_equal(r->authorization + 7, o->api_key);
+    if (r->api_key && secret_equal(r->api_key, o->api_key)) return true;
+    return r->authorization && strncasecmp(r->authorization, "Bearer ", 7) == 0 &&
+           secret_equal(r->authorization + 7, o->api_key);
 }
 
-/* Dispatch one parsed head: CORS preflight, route, key, body, handler. */
-static void conn_route(struct conn *c, struct http_request *r, char *note, size_t note_cap) {
+/* BROWSERS. Any web page the user visits can send requests to
+ * 127.0.0.1:8000. Three rules keep pages out unless --cors lets one in:
+ *
+ *   - Origin: browsers name the page's origin on every cross-origin
+ *     request; one that is not --cors is refused (403), so a page can
+ *     neither read replies nor spend the model's time.
+ *   - Content-Type: a page may POST "text/plain" without asking first (a
+ *     "simple request", Fetch standard §3.2.3); only application/json is
+ *     accepted (415), and that a page can send only after a preflight,
+ *     which only --cors answers.
+ *   - Host: DNS rebinding points a page's own name at 127.0.0.1, so its
+ *     requests become same-origin and carry no Origin; they still carry the
+ *     page's name in Host. Accepted Hosts: loopback names and addresses, the
+ *     --host name, the names of --allow-host, and any IP literal when the
+ *     server listens beyond loopback (a rebinding page always has a name). */
+static bool host_is_loopback(const char *h, size_t n) {
+    return (n == 9 && strncasecmp(h, "localhost", 9) == 0) || (n >= 4 && strncmp(h, "127.", 4) == 0) ||
+           (n == 3 && strncmp(h, "::1", 3) == 0) || (n == 5 && strncmp(h, "[::1]", 5) == 0);
+}
+
+static bool host_is_ip_literal(const char *h, size_t n) {
+    char buf[64];
+    unsigned char addr[16];
+    if (n < 2 || n >= sizeof buf) return false;
+    bool v6 = h[0] == '[' && h[n - 1] == ']';
+    memcpy(buf, h + v6, n - 2 * v6);
+    buf[n - 2 * v6] = '\0';
+    return inet_pton(v6 ? AF_INET6 : AF_INET, buf, addr) == 1;
+}
+
+/* Is `name` (n bytes) one of the comma-separated names of list? */
+static bool name_in_list(const char *list, const char *name, size_t n) {
+    while (list && *list) {
+        const char *comma = strchr(list, ',');
+        size_t k = comma ? (size_t)(comma - list) : strlen(list);
+        if ((k == 1 && list[0] == '*') || (k == n && strncasecmp(list, name, n) == 0)) return true;
+        list = comma ? comma + 1 : NULL;
+    }
+    return false;
+}
+
+static bool host_allowed(const struct server_options *o, const char *host) {
+    size_t n = strlen(host);
+    const char *colon = strrchr(host, ':');
+    if (colon && (host[0] != '[' || colon > strchr(host, ']'))) n = (size_t)(colon - host);  /* the port */
+    bool wide = !host_is_loopback(o->host, strlen(o->host));
+    return host_is_loopback(host, n) || name_in_list(o->host, host, n) || name_in_list(o->allow_hosts, host, n) ||
+           (wide && host_is_ip_literal(host, n));
+}
+
+/* The media type without parameters ("application/json; charset=utf-8"). */
+static bool content_type_is_json(const char *ct) {
+    size_t n = strcspn(ct, ";");
+    while (n > 0 && (ct[n - 1] == ' ' || ct[n - 1] == '\t')) n--;
+    return n == 16 && strncasecmp(ct, "application/json", 16) == 0;
+}
+
+/* The checks of BROWSERS above. Returns the status to refuse with, or 0. */
+static int browser_check(const struct server_options *o, const struct http_request *r, bool post,
+                         char *msg, size_t cap) {
+    const char *cors = o->cors_origin;
+    if (r->has_host && !host_allowed(o, r->host)) {
+        snprintf(msg, cap, "Host '%.100s' is not served here (loopback, --host, --allow-host)", r->host);
+        return 403;
+    }
+    if (r->origin[0] && !(cors && (strcmp(cors, "*") == 0 || strcmp(cors, r->origin) == 0))) {
+        snprintf(msg, cap, "cross-origin request from '%.100s' refused (see --cors)", r->origin);
+        return 403;
+    }
+    if (post && !content_type_is_json(r->content_type)) {
+        snprintf(msg, cap, "Content-Type must be application/json");
+        return 415;
+    }
+    return 0;
+}
+
+/* Dispatch one parsed head: CORS preflight, route, browser checks, key,
+ * body, handler. HEAD is GET without the body [RFC 9110 §9.3.2]. Until a
+ * body is read whole, an answer closes the connection (the unread bytes
+ * would be taken for the next request). */
+static void conn_route(struct conn *c, struct http_request *r, struct strbuf *carry, char *note,
+                       size_t note_cap) {
     const struct route *found = NULL;
     bool path_known = false;
+    c->head_only = strcmp(r->method, "HEAD") == 0;
+    const char *method = c->head_only ? "GET" : r->method;
+    bool keep = c->keep_alive, has_body = r->chunked || (r->has_length && r->content_length > 0);
+    if (has_body) c->keep_alive = false;
     for (size_t i = 0; i < sizeof ROUTES / sizeof ROUTES[0]; i++) {
         if (!route_matches(&ROUTES[i], r->path)) continue;
         path_known = true;
         c->api = ROUTES[i].api;
-        if (strcmp(r->method, ROUTES[i].method) == 0) found = &ROUTES[i];
+        if (strcmp(method, ROUTES[i].method) == 0) found = &ROUTES[i];
     }
     if (c->api == API_NONE) c->api = strncmp(r->path, "/v1/messages", 12) == 0 ? API_MESSAGES : API_CHAT;
+    char msg[256];
+    int refuse = strcmp(r->method, "OPTIONS") == 0 || !found || found->open
+                     ? 0 : browser_check(c->opt, r, strcmp(found->method, "POST") == 0, msg, sizeof msg);
     if (strcmp(r->method, "OPTIONS") == 0) {
         http_respond(c, 204, NULL, "", 0, NULL);
-        return;
-    }
-    if (!path_known) {
+    } else if (!path_known) {
         http_error(c, 404, "unknown endpoint");
-        return;
-    }
-    if (!found) {
+    } else if (!found) {
         http_error(c, 405, "method not allowed for this endpoint");
-        return;
-    }
-    if (!found->open && !auth_ok(c->opt, r)) {
-        http_error(c, 401, c->opt->api_key && (r->api_key[0] || r->authorization[0]) ? "invalid API key"
-                                                                                     : "missing API key");
-        return;
-    }
-    if (strcmp(found->method, "POST") == 0) {
+    } else if (refuse) {
+        http_error(c, refuse, msg);
+    } else if (!found->open && !auth_ok(c->opt, r)) {
+        http_error(c, 401, c->opt->api_key && (r->api_key || r->authorization) ? "invalid API key"
+                                                                               : "missing API key");
+    } else if (strcmp(found->method, "POST") == 0) {
         char err[200];
-        int status = http_read_body(c->fd, r, c->opt, err, sizeof err);
+        int status = http_read_body(c->fd, r, carry, c->opt, err, sizeof err);
         if (status > 0) http_error(c, status, err);
         if (status != 0) return;
+        c->keep_alive = keep;
+        found->handle(c, r, note, note_cap);
+    } else {
+        found->handle(c, r, note, note_cap);
     }
-    found->handle(c, r, note, note_cap);
 }
 
 /* ---- 12.12 The accept loop and server_main() ------------------------------- */
@@ -14386,40 +15222,165 @@ static void conn_close(struct conn *c) {
     close(c->fd);
 }
 
-static void *conn_main(void *arg) {
-    struct conn *c = arg;
+/* SLOTS. --max-conns bounds the open connections, so clients that hold one
+ * without using it (idle keep-alive connections, or clients trickling a
+ * head or a body) must not lock the others out. The accept loop keeps
+ * every connection on a list with its phase and since when; when the
+ * server is full, or a client already holds --max-conns-per-client, the
+ * connection that has been idle or reading the longest is closed to make
+ * room (shutdown(): its thread wakes to end-of-stream and leaves). Only
+ * connections whose request is being served, or queued, are never taken.
+ * A client reading slowly still has its own deadlines (12.2). */
+#define SERVER_SLOW_READ_S 1.0         /* reading a request longer than this may be reclaimed */
+
+static void conn_set_phase(struct conn *c, enum conn_phase phase) {
+    pthread_mutex_lock(&c->srv->lock);
+    c->phase = phase;
+    c->phase_since = now_seconds();
+    pthread_mutex_unlock(&c->srv->lock);
+}
+
+/* Under srv->lock: the connection to reclaim (of `peer` only, if given),
+ * or NULL. Idle ones first, then the slowest reader. */
+static struct conn *conn_victim(struct server *srv, const char *peer) {
+    struct conn *best = NULL;
+    double now = now_seconds();
+    for (struct conn *c = srv->conns; c; c = c->next) {
+        if (c->evicted || c->phase == PHASE_BUSY || (peer && strcmp(c->peer, peer) != 0)) continue;
+        if (c->phase == PHASE_READING && now - c->phase_since < SERVER_SLOW_READ_S) continue;
+        bool better = !best || (c->phase == PHASE_IDLE && best->phase != PHASE_IDLE) ||
+                      (c->phase == best->phase && c->phase_since < best->phase_since);
+        if (better) best = c;
+    }
+    return best;
+}
+
+/* Under srv->lock. */
+static void conn_evict(struct server *srv, struct conn *v) {
+    v->evicted = true;
+    shutdown(v->fd, SHUT_RDWR);
+    srv->n_conns--;
+    srv->m.evicted++;
+}
+
+/* Under srv->lock: may a connection from `peer` open, reclaiming a slot
+ * if needed? */
+static bool conn_admit(struct server *srv, const char *peer) {
+    int mine = 0;
+    for (struct conn *c = srv->conns; c; c = c->next) mine += !c->evicted && strcmp(c->peer, peer) == 0;
+    if (mine >= srv->opt->max_conns_per_client) {
+        struct conn *v = conn_victim(srv, peer);
+        if (!v) return false;
+        conn_evict(srv, v);
+    }
+    if (srv->n_conns >= srv->opt->max_conns) {
+        struct conn *v = conn_victim(srv, NULL);
+        if (!v) return false;
+        conn_evict(srv, v);
+    }
+    return true;
+}
+
+/* Wait for the next request on a kept-alive connection: 1 when bytes came,
+ * 0 at end-of-stream, the idle timeout, or eviction. */
+static int conn_wait_next(struct conn *c, const struct strbuf *carry) {
+    if (carry->len > 0) return 1;
+    conn_set_phase(c, PHASE_IDLE);
+    int w = srv_wait_readable(c->fd, now_seconds() + c->opt->keepalive_ms / 1000.0);
+    return w == 1 && srv_peer_state(c->fd) == PEER_THERE;
+}
+
+static void metrics_count_answer(struct server *srv, int status) {
+    pthread_mutex_lock(&srv->lock);
+    srv->m.requests++;
+    if (status >= 100 && status < 600) srv->m.by_class[status / 100]++;
+    pthread_mutex_unlock(&srv->lock);
+}
+
+/* One request on the connection. Returns whether another may follow. */
+static bool conn_serve_one(struct conn *c, struct strbuf *carry) {
     struct server *srv = c->srv;
     struct http_request r;
     char err[200] = "", note[256] = "";
     double t0 = now_seconds();
     memset(&r, 0, sizeof r);
-    int status = http_read_head(c->fd, &r, c->opt, err, sizeof err);
+    conn_set_phase(c, PHASE_READING);
+    c->status = 0;
+    c->head_only = c->stream_open = c->probed = false;
+    int status = http_read_head(c->fd, &r, carry, c->opt, err, sizeof err);
     if (status == 0) status = http_parse_head(&r, err, sizeof err);
+    c->requests_left--;
+    c->keep_alive = status == 0 && c->opt->keepalive_ms > 0 && c->requests_left > 0 &&
+                    http_wants_keep_alive(&r);
     if (status == 0) {
         snprintf(c->origin, sizeof c->origin, "%s", r.origin);
-        conn_route(c, &r, note, sizeof note);
+        conn_set_phase(c, PHASE_BUSY);
+        conn_route(c, &r, carry, note, sizeof note);
     } else if (status > 0) {
         c->api = strncmp(r.path, "/v1/messages", 12) == 0 ? API_MESSAGES : API_CHAT;
-        http_error(c, status, err);
+        http_error_close(c, status, err);
     }
-    if (status >= 0)
+    if (status >= 0) {
+        metrics_count_answer(srv, c->status);
         srv_log(srv, "%s %s %d %.3fs%s%s", r.method[0] ? r.method : "-", r.path[0] ? r.path : "-", c->status,
                 now_seconds() - t0, note[0] ? " " : "", note);
+    }
+    bool again = status == 0 && c->keep_alive && !c->gone && c->status != 0;
+    if (again) http_request_carry(&r, carry);
     http_request_free(&r);
-    conn_close(c);
-    free(c);
-    pthread_mutex_lock(&srv->lock);
-    srv->n_conns--;
+    return again;
+}
+
+static void *conn_main(void *arg) {
+    struct conn *c = arg;
+    struct server *srv = c->srv;
+    struct strbuf carry = {0};
+    c->requests_left = c->opt->keepalive_requests;
+    while (conn_serve_one(c, &carry) && !atomic_load(&srv->stopping) && conn_wait_next(c, &carry)) {
+    }
+    strbuf_free(&carry);
+    pthread_mutex_lock(&srv->lock);           /* off the list before the fd can be reused */
+    if (c->prev) c->prev->next = c->next;
+    else srv->conns = c->next;
+    if (c->next) c->next->prev = c->prev;
+    if (!c->evicted) srv->n_conns--;
     pthread_cond_broadcast(&srv->job_done);
     pthread_mutex_unlock(&srv->lock);
+    conn_close(c);
+    free(c);
     return NULL;
 }
 
-/* Refuse a connection at once, over the limit or out of threads. */
+/* Refuse a connection at once, over the limit or out of threads, with a
+ * 503 -- except a health check, which always gets its answer: the head is
+ * read for at most SERVER_REFUSE_PEEK_S, on the accept thread. */
+#define SERVER_REFUSE_PEEK_S 0.1
+
 static void conn_refuse(struct server *srv, int fd) {
+    static const char ok[] = "{\"status\":\"ok\"}";
     struct conn c = {.fd = fd, .srv = srv, .opt = srv->opt, .api = API_CHAT};
-    http_error(&c, 503, "too many connections; retry shortly");
-    close(fd);
+    char head[64];
+    ssize_t n = srv_recv(fd, head, sizeof head - 1, now_seconds() + SERVER_REFUSE_PEEK_S);
+    head[n > 0 ? n : 0] = '\0';
+    bool health = strncmp(head, "GET /health ", 12) == 0 || strncmp(head, "HEAD /health ", 13) == 0;
+    c.head_only = head[0] == 'H';
+    if (health) http_respond(&c, 200, "application/json", ok, sizeof ok - 1, NULL);
+    else http_error(&c, 503, "too many connections; retry shortly");
+    pthread_mutex_lock(&srv->lock);
+    srv->m.refused += !health;
+    pthread_mutex_unlock(&srv->lock);
+    close(fd);                  /* no draining here: the accept thread must not wait */
+}
+
+/* The client's address as text: the key of --max-conns-per-client. */
+static void peer_name(int fd, char *out, size_t cap) {
+    struct sockaddr_storage a;
+    socklen_t len = sizeof a;
+    snprintf(out, cap, "?");
+    if (getpeername(fd, (struct sockaddr *)&a, &len) != 0) return;
+    const void *ip = a.ss_family == AF_INET6 ? (const void *)&((struct sockaddr_in6 *)&a)->sin6_addr
+                                             : (const void *)&((struct sockaddr_in *)&a)->sin_addr;
+    inet_ntop(a.ss_family, ip, out, (socklen_t)cap);
 }
 
 static void conn_start(struct server *srv, int fd) {
@@ -14427,28 +15388,40 @@ static void conn_start(struct server *srv, int fd) {
     int one = 1;
     setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &send_timeout, sizeof send_timeout);
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-    pthread_mutex_lock(&srv->lock);
-    bool room = srv->n_conns < srv->opt->max_conns;
-    if (room) srv->n_conns++;
-    pthread_mutex_unlock(&srv->lock);
-    if (!room) {
-        conn_refuse(srv, fd);
-        return;
-    }
     struct conn *c = xcalloc(1, sizeof *c);
     c->fd = fd;
     c->srv = srv;
     c->opt = srv->opt;
     c->api = API_NONE;
+    c->phase = PHASE_READING;
+    c->phase_since = now_seconds();
+    peer_name(fd, c->peer, sizeof c->peer);
+    pthread_mutex_lock(&srv->lock);
+    bool room = conn_admit(srv, c->peer);
+    if (room) {
+        srv->n_conns++;
+        c->next = srv->conns;
+        if (srv->conns) srv->conns->prev = c;
+        srv->conns = c;
+    }
+    pthread_mutex_unlock(&srv->lock);
+    if (!room) {
+        free(c);
+        conn_refuse(srv, fd);
+        return;
+    }
     pthread_t t;
     pthread_attr_t attr;
     pthread_attr_init(&attr);
     pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
     if (pthread_create(&t, &attr, conn_main, c) != 0) {
-        free(c);
         pthread_mutex_lock(&srv->lock);
+        if (c->prev) c->prev->next = c->next;
+        else srv->conns = c->next;
+        if (c->next) c->next->prev = c->prev;
         srv->n_conns--;
         pthread_mutex_unlock(&srv->lock);
+        free(c);
         conn_refuse(srv, fd);
     }
     pthread_attr_destroy(&attr);
@@ -14487,6 +15460,31 @@ static void server_on_signal(int sig) {
     server_signal = sig;
 }
 
+/* What requests can cost at worst, together: every connection holding a
+ * whole body, plus the parse pool (12.11). The server refuses to start when
+ * that is more than half the machine's memory, naming the flags to lower,
+ * so no combination of limits can be a way to exhaust it. */
+static bool server_memory_fits(const struct server_options *o, struct ds4_error *e) {
+    long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
+    double worst = (double)o->max_conns * (double)o->max_body + (double)parse_pool(o);
+    double half = pages > 0 && page > 0 ? (double)pages * (double)page / 2 : 0;
+    if (half > 0 && worst > half)
+        return fail(e, "--max-conns x --max-body + --max-parses x --max-parse-mem = %.1f GiB, more than "
+                    "half this machine's memory (%.1f GiB): lower them", worst / (1 << 30), half / (1 << 30));
+    return true;
+}
+
+/* Listening beyond loopback with no key lets anyone who can reach the port
+ * use the model and read what it says: say so, loudly, at start-up. */
+static void server_warn_exposed(const struct server_options *o) {
+    if (o->api_key || host_is_loopback(o->host, strlen(o->host))) return;
+    fprintf(stderr, "ds4-server: ************************************************************\n"
+                    "ds4-server: WARNING: listening on %s with no --api-key: anyone who can reach\n"
+                    "ds4-server: WARNING: this port can run generations and read the replies.\n"
+                    "ds4-server: WARNING: start with --api-key KEY, or --host 127.0.0.1.\n"
+                    "ds4-server: ************************************************************\n", o->host);
+}
+
 static bool server_init(struct server *srv, struct engine *eng, const struct tokenizer *tok,
                         const struct server_options *opt, struct ds4_error *e) {
     memset(srv, 0, sizeof *srv);
@@ -14498,6 +15496,8 @@ static bool server_init(struct server *srv, struct engine *eng, const struct tok
     pthread_mutex_init(&srv->log_lock, NULL);
     pthread_cond_init(&srv->wake, NULL);
     pthread_cond_init(&srv->job_done, NULL);
+    pthread_cond_init(&srv->parse_room, NULL);
+    if (!server_memory_fits(opt, e)) return false;
     tool_memory_init(&srv->mem, opt->no_exact_replay ? 0 : opt->tool_memory);
     session_init(&srv->s, eng);
     sampler_init(&srv->sp, (struct sampler_options){0}, eng->model->cfg.vocab);
@@ -14527,6 +15527,7 @@ static void server_free(struct server *srv) {
     free(srv->fed);
     pthread_cond_destroy(&srv->wake);
     pthread_cond_destroy(&srv->job_done);
+    pthread_cond_destroy(&srv->parse_room);
     pthread_mutex_destroy(&srv->log_lock);
     pthread_mutex_destroy(&srv->lock);
 }
@@ -14556,6 +15557,7 @@ static int server_main(struct engine *eng, const struct tokenizer *tok, const st
     static struct server srv;
     struct ds4_error e = {""};
     int port = 0;
+    server_warn_exposed(opt);
     if (!server_init(&srv, eng, tok, opt, &e) || (srv.listen_fd = server_listen(opt, &port, &e)) < 0) {
         fprintf(stderr, "ds4-server: %s\n", e.msg);
         server_free(&srv);

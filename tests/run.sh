@@ -31,6 +31,7 @@ suite() {
 B=tests/bin
 suite "quant blocks (fast kernels vs reference)" $B/test_quant
 suite "JSON (ASan+UBSan)" $B/test_json
+suite "fuzz: JSON reader, HTTP head, chunked bodies (ASan+UBSan, seed 1)" $B/fuzz_http 20000 1
 suite "GGUF hostile files (ASan+UBSan)" $B/test_gguf vectors/tiny.gguf
 suite "converter (ASan+UBSan)" $B/test_convert
 suite "text: tokenizer, chat template, DSML (ASan+UBSan)" $B/test_text
@@ -52,6 +53,8 @@ suite "oracle vectors (tiny f16 + MTP)" \
     ./ds4 --check-vectors vectors/vectors.json -m vectors/tiny.gguf --mtp vectors/tiny-mtp.gguf
 suite "command line" sh tests/cli.sh
 suite "server: curl edge cases + openai and @anthropic-ai/sdk clients" sh tests/server/run.sh ./ds4
+suite "server: raw HTTP/1.1 and hardening (keep-alive, chunked, browsers, slots, memory)" \
+    python3 tests/server/http_raw.py ./ds4
 suite "server restart: sessions on disk (--kv-disk-dir)" sh tests/server/restart.sh ./ds4
 suite "book: ds4.c renders and passes its lint" python3 tools/book.py --check ds4.c
 suite "book tools: the lint fails where it must, twins, lists, index" python3 tests/book_tools_test.py

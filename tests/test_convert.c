@@ -338,6 +338,25 @@ static void test_broken_shards(const char *root) {
     write_shard(path, w, 1, 0);
     expect_open_error(dir, "byte count that does not match shape x dtype", "needs");
 
+    /* Two tensors claiming the same bytes: [0, 8) and [4, 12). */
+    broken_dir(root, "overlap", dir, sizeof dir);
+    snprintf(path, sizeof path, "%s/model.safetensors", dir);
+    const char overlap[] = "{\"a.weight\":{\"dtype\":\"BF16\",\"shape\":[2,2],\"data_offsets\":[0,8]},"
+                           "\"b.weight\":{\"dtype\":\"BF16\",\"shape\":[2,2],\"data_offsets\":[4,12]}}";
+    FILE *f = fopen(path, "wb");
+    uint64_t olen = sizeof overlap - 1;
+    static const uint8_t zeros[12] = {0};
+    fwrite(&olen, 8, 1, f);
+    fwrite(overlap, 1, olen, f);
+    fwrite(zeros, 1, sizeof zeros, f);
+    fclose(f);
+    expect_open_error(dir, "overlapping data_offsets", "overlap");
+
+    broken_dir(root, "no-tensors", dir, sizeof dir);
+    snprintf(path, sizeof path, "%s/model.safetensors", dir);
+    write_shard(path, t, 0, 0);
+    expect_open_error(dir, "a shard with no tensors", "no tensors");
+
     snprintf(dir, sizeof dir, "%s/empty", root);
     mkdir(dir, 0700);
     expect_open_error(dir, "directory without checkpoint", "cannot open");
@@ -360,6 +379,11 @@ static void test_broken_index(const char *root) {
     snprintf(path, sizeof path, "%s/model.safetensors.index.json", dir);
     write_text(path, "{\"weight_map\":{\"x.weight\":\"model-00009.safetensors\"}}");
     expect_open_error(dir, "index naming a missing shard", "cannot open");
+
+    broken_dir(root, "index-empty-map", dir, sizeof dir);
+    snprintf(path, sizeof path, "%s/model.safetensors.index.json", dir);
+    write_text(path, "{\"weight_map\":{}}");
+    expect_open_error(dir, "index with an empty weight_map (no NULL to qsort/bsearch)", "no tensors");
 
     broken_dir(root, "index-bad-json", dir, sizeof dir);
     snprintf(path, sizeof path, "%s/model.safetensors.index.json", dir);

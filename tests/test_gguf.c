@@ -110,6 +110,31 @@ static void misaligned(uint8_t *b, const struct layout *L) { put_u64(b + L->offs
 static void renamed_key(uint8_t *b, const struct layout *L) { b[L->key_at + 10] ^= 0x20; }
 static void bad_expert_id(uint8_t *b, const struct layout *L) { put_u32(b + L->tid2eid_data_at, 99); }
 
+/* A real-valued hyper-parameter set to a value the forward pass cannot use
+ * (NaN, infinity, zero, negative) must stop the load with the key's name. */
+static void expect_bad_value(const uint8_t *good, size_t n, const char *path, const char *key, double v) {
+    struct gguf g;
+    struct ds4_error e = { "" };
+    if (!gguf_open(&g, path, &e)) { check(false, key, e.msg); return; }
+    const struct gguf_kv *kv = gguf_find_kv(&g, key);
+    uint64_t at = kv ? (uint64_t)(kv->value - g.map) : 0;
+    uint32_t type = kv ? kv->type : 0;
+    gguf_close(&g);
+    if (!kv || (type != GGUF_F32 && type != GGUF_F64)) {
+        check(false, key, "not a float key in the test model");
+        return;
+    }
+    uint8_t *bad = xmalloc(n);
+    memcpy(bad, good, n);
+    if (type == GGUF_F32) { float f = (float)v; memcpy(bad + at, &f, 4); }
+    else memcpy(bad + at, &v, 8);
+    bool loaded = try_load(bad, n, &e);
+    char what[160];
+    snprintf(what, sizeof what, "%s = %g refused", key + 10, v);
+    check(!loaded && strstr(e.msg, key) != NULL, what, loaded ? "(loaded!)" : e.msg);
+    free(bad);
+}
+
 int main(int argc, char **argv) {
     if (argc != 2) {
         fprintf(stderr, "usage: %s MODEL.gguf\n", argv[0]);
@@ -162,6 +187,45 @@ int main(int argc, char **argv) {
     expect_error(good, n, "misaligned tensor data", misaligned, &L, "aligned");
     expect_error(good, n, "missing metadata key", renamed_key, &L, "deepseek4.block_count");
     expect_error(good, n, "hash table naming a nonexistent expert", bad_expert_id, &L, "tid2eid");
+
+    static const char *const real_keys[] = {
+        "deepseek4.attention.layer_norm_rms_epsilon", "deepseek4.rope.freq_base",
+        "deepseek4.expert_weights_scale", "deepseek4.rope.scaling.factor",
+    };
+    for (size_t k = 0; k < sizeof real_keys / sizeof real_keys[0]; k++) {
+        expect_bad_value(good, n, argv[1], real_keys[k], NAN);
+        expect_bad_value(good, n, argv[1], real_keys[k], INFINITY);
+        expect_bad_value(good, n, argv[1], real_keys[k], 0.0);
+        expect_bad_value(good, n, argv[1], real_keys[k], -1.0);
+    }
+
+    /* Non-finite logits stop generation with an error, never a token. */
+    struct model m;
+    if (model_load(&m, argv[1], NULL, &e)) {
+        struct engine eng;
+        struct session s;
+        struct sampler sp;
+        struct generator g;
+        engine_init(&eng, &m, (struct engine_options){ 0, false });
+        session_init(&s, &eng);
+        sampler_init(&sp, (struct sampler_options){ .temperature = 0 }, m.cfg.vocab);
+        generator_init(&g, &s, &sp, (struct spec_options){ 0 });
+        int32_t prompt[3] = { 1, 2, 3 }, out[MATMUL_DECODE_PATH_MAX_TOKENS];
+        bool fed = session_feed(&s, prompt, 3, 64, &e);
+        int got_good = fed ? generator_step(&g, out, &e) : -1;
+        s.logits[7] = NAN;
+        e.msg[0] = 0;
+        int got_nan = generator_step(&g, out, &e);
+        char nan_detail[400];
+        snprintf(nan_detail, sizeof nan_detail, "finite: %d token(s); NaN: %d (%s)", got_good, got_nan, e.msg);
+        check(got_good == 1 && got_nan < 0 && strstr(e.msg, "not finite"), "NaN logits: an error, no token",
+              nan_detail);
+        generator_free(&g);
+        sampler_free(&sp);
+        session_free(&s);
+        engine_free(&eng);
+        model_free(&m);
+    }
 
     unlink(tmp_path);
     free(good);

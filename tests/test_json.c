@@ -144,9 +144,54 @@ static void test_nesting_and_lookup(void) {
     json_free(j);
 
     j = parse("{\"a\":1,\"b\":2,\"a\":3}", err, sizeof(err));
-    check(j && j->count == 3 && json_get(j, "a")->number == 1 && j->items[2].number == 3,
-          "duplicate keys: all 3 kept, json_get returns the first");
+    check(j && j->count == 3 && json_get(j, "a")->number == 3 && j->items[0].number == 1,
+          "duplicate keys: all 3 kept, json_get returns the last (as Python and JS do)");
     json_free(j);
+}
+
+/* ---- The memory budget ------------------------------------------------------- */
+
+/* An 8 MB `[0,0,...]` is 4M nodes of 64 bytes: without a budget the parse
+ * allocates ~0.5 GB. With one it must stop at the budget, say why, and
+ * still parse what fits. */
+static void test_budget(void) {
+    size_t n = 4u << 20, len = 2 * n + 1;
+    char *body = malloc(len + 1), err[160] = "";
+    body[0] = '[';
+    for (size_t i = 0; i < n; i++) body[1 + 2 * i] = '0', body[2 + 2 * i] = ',';
+    body[len - 1] = ']';
+    body[len] = '\0';
+    struct json_budget b = {.limit = 64u << 20};
+    struct json *j = json_parse_within(body, len, 64, &b, err, sizeof err);
+    check(j == NULL && b.exceeded && b.used <= b.limit && strstr(err, "memory budget exceeded") != NULL,
+          "8 MB [0,0,...] with a 64 MB budget: refused, used %zu <= %zu (%s)", b.used, b.limit, err);
+    json_free(j);
+    struct json_budget none = {0};
+    j = json_parse_within(body, len, 64, &none, err, sizeof err);
+    check(j != NULL && none.used > (256u << 20), "the same without a budget: parsed, %zu MB allocated",
+          none.used >> 20);
+    json_free(j);
+    const char *small = "{\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}";
+    j = json_parse_within(small, strlen(small), 64, &b, err, sizeof err);
+    check(j != NULL && !b.exceeded, "a small request fits the same budget (used %zu bytes)", b.used);
+    json_free(j);
+    struct json_budget tiny = {.limit = 1024};
+    j = json_parse_within(small, strlen(small), 64, &tiny, err, sizeof err);
+    check(j == NULL && tiny.exceeded, "a 1 KB budget refuses even that (the first stacks cost more)");
+    json_free(j);
+    /* 1 MB of text in one string costs about 1 MB, well inside the budget. */
+    size_t tn = 1u << 20;
+    char *text = malloc(tn + 3);
+    text[0] = '"';
+    memset(text + 1, 'a', tn);
+    text[tn + 1] = '"';
+    text[tn + 2] = '\0';
+    struct json_budget four = {.limit = 4u << 20};
+    j = json_parse_within(text, tn + 2, 64, &four, err, sizeof err);
+    check(j != NULL && j->len == tn, "1 MB string inside a 4 MB budget: parsed, len %zu", j ? j->len : 0);
+    json_free(j);
+    free(text);
+    free(body);
 }
 
 /* ---- Strings and escapes ------------------------------------------------------ */
@@ -637,6 +682,7 @@ static void test_fuzz(void) {
 int main(int argc, char **argv) {
     test_kinds();
     test_nesting_and_lookup();
+    test_budget();
     test_strings();
     test_invalid();
     test_truncation();

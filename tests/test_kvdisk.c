@@ -515,6 +515,95 @@ static void test_store(struct env *v, struct env *foreign, const char *dir) {
     free(other);
 }
 
+static unsigned mode_of(const char *path) {
+    struct stat sb;
+    return lstat(path, &sb) == 0 ? (unsigned)(sb.st_mode & 0777) : 07777;
+}
+
+/* The store is private (0700 / 0600), refuses a directory it does not own
+ * or that is a symlink, never follows a planted temp-file symlink, and
+ * trusts a row only when it matches its file's header. */
+static void test_privacy(struct env *v, const char *dir) {
+    struct ds4_error e = { "" };
+    struct kv_store st;
+    char pdir[700], path[1000];
+    snprintf(pdir, sizeof pdir, "%s-private", dir);
+    struct kv_store_options o = { .dir = pdir, .quiet = true };
+    check(kv_store_open(&st, &o, &v->model, &e), "private store opened (%s)", e.msg);
+    int32_t *ids = make_tokens(200, 21);
+    char sha[41];
+    save_prefix(&st, v, ids, 120, sha);
+    kv_path(&st, sha, path, sizeof path);
+    char idx[800], lock[800];
+    snprintf(idx, sizeof idx, "%s/index.sqlite", pdir);
+    snprintf(lock, sizeof lock, "%s/lock", pdir);
+    check(mode_of(pdir) == 0700 && mode_of(path) == 0600 && mode_of(idx) == 0600 && mode_of(lock) == 0600,
+          "modes: dir %03o (want 700), snapshot %03o, index %03o, lock %03o (want 600)", mode_of(pdir),
+          mode_of(path), mode_of(idx), mode_of(lock));
+    /* Row and header disagree (ctx): the entry is not trusted. */
+    char sql[200];
+    snprintf(sql, sizeof sql, "UPDATE snapshots SET ctx=ctx+7 WHERE sha1='%s'", sha);
+    kv_exec(&st, sql, &e);
+    int64_t got = lookup_len(&st, v, ids, 200);
+    check(got == 0 && !kv_row_exists(&st, sha), "index row ctx != file header ctx: refused and removed "
+          "(lookup %lld)", (long long)got);
+    /* A symlink planted where a temp file will be written is not followed. */
+    char tmp[800], victim[800];
+    snprintf(tmp, sizeof tmp, "%s/tmp.planted", pdir);
+    snprintf(victim, sizeof victim, "%s-victim", dir);
+    FILE *f = fopen(victim, "w");
+    fputs("precious", f);
+    fclose(f);
+    if (symlink(victim, tmp) != 0) perror("symlink");
+    struct session s;
+    session_init(&s, &v->eng);
+    session_feed(&s, ids, 50, 64, &e);
+    struct snapshot_meta meta = { "k", 1, KV_REASON_COLD, 0 };
+    bool wrote = snapshot_write_file(&s, ids, 50, tmp, &meta, NULL, &e);
+    size_t vlen = 0;
+    char *vtext = read_file(victim, &vlen, &e);
+    struct stat tsb;
+    bool regular = lstat(tmp, &tsb) == 0 && S_ISREG(tsb.st_mode) && (tsb.st_mode & 0777) == 0600;
+    check(vtext && vlen == 8 && memcmp(vtext, "precious", 8) == 0 && (!wrote || regular),
+          "a symlink planted at the temp path: not followed (write %s%s, victim still %zu bytes)",
+          wrote ? "went to a new 0600 file" : "refused", wrote && !regular ? " NOT REGULAR" : "", vlen);
+    free(vtext);
+    session_free(&s);
+    kv_store_close(&st);
+    unlink(tmp);
+    unlink(victim);
+    /* An existing directory open to others is tightened. */
+    chmod(pdir, 0755);
+    unsigned before = mode_of(pdir);
+    bool reopened = kv_store_open(&st, &o, &v->model, &e);
+    unsigned after = mode_of(pdir);
+    check(reopened && before == 0755 && after == 0700, "an existing %03o store is tightened to %03o", before,
+          after);
+    kv_store_close(&st);
+    /* Someone else's directory, or a symlink, is refused. */
+    char odir[700], ldir[700];
+    snprintf(odir, sizeof odir, "%s-other", dir);
+    mkdir(odir, 0700);
+    bool chowned = chown(odir, geteuid() + 4242, (gid_t)-1) == 0;
+    struct kv_store_options oo = { .dir = odir, .quiet = true };
+    bool opened = kv_store_open(&st, &oo, &v->model, &e);
+    if (opened) kv_store_close(&st);
+    check(!chowned || (!opened && strstr(e.msg, "belongs to uid")), "a directory owned by another "
+          "user is refused (%s)", chowned ? e.msg : "cannot chown here: skipped");
+    snprintf(ldir, sizeof ldir, "%s-link", dir);
+    if (symlink(pdir, ldir) != 0) perror("symlink");
+    struct kv_store_options lo = { .dir = ldir, .quiet = true };
+    opened = kv_store_open(&st, &lo, &v->model, &e);
+    if (opened) kv_store_close(&st);
+    check(!opened && strstr(e.msg, "not a directory"), "a symlink as the store directory is refused (%s)",
+          e.msg);
+    unlink(ldir);
+    char cmd[2200];
+    snprintf(cmd, sizeof cmd, "rm -rf %s %s", pdir, odir);
+    if (system(cmd) != 0) printf("cleanup failed\n");
+    free(ids);
+}
+
 static void test_policy(void) {
     struct kv_policy p = kv_default_policy();
     int32_t *ids = xcalloc(40000, sizeof(int32_t));
@@ -560,6 +649,7 @@ int main(int argc, char **argv) {
     char sdir[600];
     snprintf(sdir, sizeof sdir, "%s/store", dir);
     test_store(&plain, have_foreign ? &foreign : &mtp, sdir);
+    test_privacy(&plain, sdir);
     env_close(&plain);
     env_close(&mtp);
     if (have_foreign) env_close(&foreign);

@@ -908,18 +908,48 @@ static int st_compare_names(const void *a, const void *b) {
 
 static const struct st_tensor *st_find(const struct st_db *db, const char *name) {
     struct st_tensor key = {.name = (char *)name};
+    if (db->n_tensors == 0) return NULL;               /* bsearch() must not see a NULL array */
     return bsearch(&key, db->tensors, (size_t)db->n_tensors, sizeof key, st_compare_names);
 }
 
-/* After loading: sort for lookups, and refuse a name defined twice. */
+/* Order by shard, then by where the bytes begin. */
+static int st_compare_places(const void *a, const void *b) {
+    const struct st_tensor *x = *(const struct st_tensor *const *)a, *y = *(const struct st_tensor *const *)b;
+    if (x->shard != y->shard) return x->shard < y->shard ? -1 : 1;
+    return x->begin < y->begin ? -1 : x->begin > y->begin;
+}
+
+/* Two tensors whose data_offsets overlap would share bytes: writing one
+ * would be reading the other. A safetensors writer never does that, so a
+ * file that does is damaged or crafted; refuse it, naming both. */
+static bool st_check_overlaps(const struct st_db *db) {
+    const struct st_tensor **by_place = xcalloc((size_t)db->n_tensors, sizeof *by_place);
+    for (int i = 0; i < db->n_tensors; i++) by_place[i] = &db->tensors[i];
+    qsort(by_place, (size_t)db->n_tensors, sizeof *by_place, st_compare_places);
+    bool ok = true;
+    for (int i = 1; ok && i < db->n_tensors; i++) {
+        const struct st_tensor *a = by_place[i - 1], *b = by_place[i];
+        if (a->shard == b->shard && b->begin < a->end && b->end > b->begin)
+            ok = convert_fail("%s: tensors %s [%llu, %llu) and %s [%llu, %llu) overlap",
+                              db->shards[a->shard].path, a->name, (unsigned long long)a->begin,
+                              (unsigned long long)a->end, b->name, (unsigned long long)b->begin,
+                              (unsigned long long)b->end);
+    }
+    free(by_place);
+    return ok;
+}
+
+/* After loading: refuse an empty list, sort for lookups, and refuse a name
+ * defined twice or bytes claimed by two tensors. */
 static bool st_finish(struct st_db *db) {
+    if (db->n_tensors == 0) return convert_fail("%s: the checkpoint lists no tensors", db->dir);
     qsort(db->tensors, (size_t)db->n_tensors, sizeof *db->tensors, st_compare_names);
     for (int i = 1; i < db->n_tensors; i++)
         if (strcmp(db->tensors[i - 1].name, db->tensors[i].name) == 0)
             return convert_fail("%s: tensor %s is defined twice (in %s and %s)", db->dir,
                                 db->tensors[i].name, db->shards[db->tensors[i - 1].shard].path,
                                 db->shards[db->tensors[i].shard].path);
-    return true;
+    return st_check_overlaps(db);
 }
 
 /* A shard name from the index must be a plain file name in the directory:

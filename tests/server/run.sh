@@ -120,8 +120,8 @@ check "huge body: 413" 413 'larger than the limit' -H "$AUTH" -H "$JSON" --data-
 check "huge body without Expect: 413" 413 'larger than the limit' -H "$AUTH" -H "$JSON" -H 'Expect:' \
     --data-binary @"$TMP/huge" "$CHAT"
 check "huge header: 431" 431 'request head larger' -H "X-Big: $(head -c 70000 /dev/zero | tr '\0' b)" "$URL/health"
-check "chunked upload: 411" 411 'Content-Length' -H "$AUTH" -H "$JSON" -H 'Transfer-Encoding: chunked' \
-    -d '{"messages":[]}' "$CHAT"
+check "chunked upload: decoded, then judged (400 on empty messages)" 400 "'messages' must be a non-empty array" \
+    -H "$AUTH" -H "$JSON" -H 'Transfer-Encoding: chunked' -d '{"messages":[]}' "$CHAT"
 check "body shorter than Content-Length: 408 after --body-timeout" 408 'not received' -H "$AUTH" -H "$JSON" \
     -H 'Content-Length: 100' -d '{"messages":' "$CHAT"
 

@@ -339,7 +339,7 @@ test('raw: slowloris head gets 408 within the header timeout', async () => {
 });
 
 test('raw: truncated body then close gets 400', async () => {
-  const head = `POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${KEY}\r\n` +
+  const head = `POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer ${KEY}\r\n` +
     'Content-Type: application/json\r\nContent-Length: 500\r\n\r\n{"messages": [';
   const reply = await rawExchange([head], 10, true);
   assert.match(reply, /^HTTP\/1.1 400 /);
