@@ -8763,10 +8763,14 @@ static void checkpoint_save(struct checkpoint *cp, const struct session *s, int 
         cp->idx_n[l] = st->idx_rows.n;
         size_t fc = frontier_floats(&st->comp), fi = frontier_floats(&st->idx_comp);
         float *f = cp->frontier[l];
-        memcpy(f, st->comp.kv, fc * sizeof(float));
-        memcpy(f + fc, st->comp.score, fc * sizeof(float));
-        memcpy(f + 2 * fc, st->idx_comp.kv, fi * sizeof(float));
-        memcpy(f + 2 * fc + fi, st->idx_comp.score, fi * sizeof(float));
+        if (fc) {   /* a window-only layer has no frontier (and NULL arrays) */
+            memcpy(f, st->comp.kv, fc * sizeof(float));
+            memcpy(f + fc, st->comp.score, fc * sizeof(float));
+        }
+        if (fi) {
+            memcpy(f + 2 * fc, st->idx_comp.kv, fi * sizeof(float));
+            memcpy(f + 2 * fc + fi, st->idx_comp.score, fi * sizeof(float));
+        }
     }
     for (int i = 0; i < span; i++) {
         int64_t row = s->pos - 1 + i;
@@ -8814,8 +8818,10 @@ static void replay_compressors(struct session *s, const struct checkpoint *cp,
     const float *f = cp->frontier[l];
     memcpy(st->comp.kv, f, fc * sizeof(float));
     memcpy(st->comp.score, f + fc, fc * sizeof(float));
-    memcpy(st->idx_comp.kv, f + 2 * fc, fi * sizeof(float));
-    memcpy(st->idx_comp.score, f + 2 * fc + fi, fi * sizeof(float));
+    if (fi) {   /* ratio-128 layers have no indexer compressor */
+        memcpy(st->idx_comp.kv, f + 2 * fc, fi * sizeof(float));
+        memcpy(st->idx_comp.score, f + 2 * fc + fi, fi * sizeof(float));
+    }
     st->comp_rows.n = cp->comp_n[l];
     st->idx_rows.n = cp->idx_n[l];
     int r = L->ratio, width = compressor_coff(r) * eng->model->cfg.head_dim;

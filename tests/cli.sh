@@ -55,7 +55,8 @@ grep -q "MTP drafted 0" "$tmp/g1.err" && cmp -s "$tmp/a" "$tmp/g1" \
     && ok "--mtp-gate 1 drafts nothing (no MTP prediction is that sure) and changes nothing" \
     || bad "--mtp-gate 1: $(cat "$tmp/g1.err" | tail -n 1)"
 expect 2 "needs an integer in 0..15" "--mtp-draft 99" -- ./ds4 -m $M --tokens 1 --mtp-draft 99
-expect 2 "not built into this binary" "--backend cuda (not built)" -- ./ds4 -m $M --tokens 1 --backend cuda
+expect 2 "not built into this binary" "--backend cuda (not built)" -- \
+    ./ds4 -m $M --tokens 1 --backend cuda
 expect 2 "unknown backend 'tpu'" "--backend tpu" -- ./ds4 -m $M --tokens 1 --backend tpu
 ./ds4 -m $M --backend cpu --tokens "1 2 3" -n 8 >"$tmp/be" 2>/dev/null
 cmp -s "$tmp/a" "$tmp/be" && ok "--backend cpu generates the same 8 ids as the default" \

@@ -55,8 +55,16 @@ static int64_t calls[N_OPS];
 static int64_t head_rows;        /* rows of logits the head produced */
 static const struct backend *inner;
 
-static void count_session_open(struct session *s) { calls[OP_SESSION_OPEN]++; inner->session_open(s); }
-static void count_session_close(struct session *s) { calls[OP_SESSION_CLOSE]++; inner->session_close(s); }
+static void count_session_open(struct session *s) {
+    calls[OP_SESSION_OPEN]++;
+    inner->session_open(s);
+}
+
+static void count_session_close(struct session *s) {
+    calls[OP_SESSION_CLOSE]++;
+    inner->session_close(s);
+}
+
 static void count_state_pull(struct session *s) { calls[OP_STATE_PULL]++; inner->state_pull(s); }
 static void count_state_push(struct session *s) { calls[OP_STATE_PUSH]++; inner->state_push(s); }
 static void count_begin_chunk(struct step *st) { calls[OP_BEGIN_CHUNK]++; inner->begin_chunk(st); }
@@ -158,7 +166,8 @@ static void test_counting(struct model *m, const int32_t *prompt) {
     greedy_run(&cpu, prompt, ref);
     reset_counts();
     greedy_run(&counted, prompt, got);
-    check("counting backend: logits of prefill + 12 decode steps == CPU's", max_abs_diff(ref, got, n), 0);
+    check("counting backend: logits of prefill + 12 decode steps == CPU's",
+          max_abs_diff(ref, got, n), 0);
     check_count("one session: session_open calls", calls[OP_SESSION_OPEN], 1);
     check_count("one session: session_close calls", calls[OP_SESSION_CLOSE], 1);
     check_count("prefill of 40 in chunks of 16: begin_chunk calls before decode",
@@ -214,7 +223,8 @@ static void spec_run(struct engine *eng, const int32_t *prompt, int32_t *out, in
     session_init(&s, eng);
     must(session_feed(&s, prompt, PROMPT, CHUNK, &e), &e);
     struct sampler sp;
-    sampler_init(&sp, (struct sampler_options){ .temperature = 0, .seed = 1 }, eng->model->cfg.vocab);
+    int V = eng->model->cfg.vocab;
+    sampler_init(&sp, (struct sampler_options){ .temperature = 0, .seed = 1 }, V);
     struct generator g;
     generator_init(&g, &s, &sp, (struct spec_options){ .draft = 2 });
     int32_t step[16];
@@ -331,7 +341,8 @@ int main(int argc, char **argv) {
     }
     int32_t prompt[PROMPT];
     uint64_t rng = 5;
-    for (int i = 0; i < PROMPT; i++) prompt[i] = (int32_t)(splitmix64(&rng) % (uint64_t)m.cfg.vocab);
+    for (int i = 0; i < PROMPT; i++)
+        prompt[i] = (int32_t)(splitmix64(&rng) % (uint64_t)m.cfg.vocab);
     test_counting(&m, prompt);
     test_counting_spec(&m, prompt);
     test_decode_allocations(&m, prompt);
