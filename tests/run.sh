@@ -46,6 +46,7 @@ suite "oracle vectors (tiny f16 + MTP)" \
 suite "command line" sh tests/cli.sh
 suite "server: curl edge cases + openai and @anthropic-ai/sdk clients" sh tests/server/run.sh ./ds4
 suite "server restart: sessions on disk (--kv-disk-dir)" sh tests/server/restart.sh ./ds4
+suite "server prompt cache: sessions, checkpoints, rewinds" sh tests/server/cache.sh ./ds4
 suite "book: ds4.c renders and passes its lint" python3 tools/book.py --check ds4.c
 suite "book/ is in sync with ds4.c" sh tests/book_sync.sh
 
