@@ -10157,6 +10157,18 @@ static bool bench_snapshot(struct engine *eng, const int32_t *tokens, int n, str
         printf("snapshot: one more token (slope over tokens %d..%d) costs %.1f bytes, float32 rows %.1f "
                "(%.2fx)\n", first, n, per, f32_per, f32_per / per);
     }
+    if (ok) {                                       /* the server's rewind points (10c.11) */
+        struct mem_checkpoint cp;
+        double t1 = now_seconds();
+        checkpoint_encode(&cp, &s, tokens);
+        double t_take = now_seconds() - t1;
+        t1 = now_seconds();
+        ok = checkpoint_restore(&s, &cp, tokens, e);
+        double t_restore = now_seconds() - t1;
+        if (ok) printf("checkpoint: %d tokens = %zu bytes in memory (rows by count); take %.4f s, "
+                       "restore %.4f s\n", n, cp.len, t_take, t_restore);
+        checkpoint_release(&cp);
+    }
     unlink(path);
     free(got);
     session_free(&l);
