@@ -12673,7 +12673,8 @@ static const struct dialect *dialect_of(enum api_kind api) {
  *     rewind        copy the slot into the least recently used one (a fork,
  *                   so the conversation it held stays whole for its next
  *                   turn), restore the checkpoint there, prefill the rest;
- *                   with --sessions 1 the slot rewinds in place
+ *                   in place if only the last reply is lost (a retry), or
+ *                   with --sessions 1
  *     nothing       give the least recently used slot (an empty one first)
  *                   to the job; with --kv-disk-dir its session is saved to
  *                   disk first (evict) and the prompt is looked up there
@@ -12704,6 +12705,7 @@ struct cache_slot {
     int64_t n_fed, cap_fed;
     struct mem_checkpoint *cps;   /* [n_cps], by position, all <= n_fed */
     int n_cps, cap_cps;
+    int64_t prompt_end;           /* where the last prompt ended: after it, only a reply */
     uint64_t last_used;           /* srv->clock when it last served a job */
 };
 
@@ -12725,6 +12727,7 @@ static void slot_reset(struct server *srv, struct cache_slot *sl) {
     session_free(&sl->s);
     session_init(&sl->s, srv->eng);
     sl->n_fed = 0;
+    sl->prompt_end = 0;
     slot_drop_checkpoints_after(sl, -1);
 }
 
@@ -12808,16 +12811,21 @@ static struct cache_slot *worker_victim(struct server *srv, const struct cache_s
     return v;
 }
 
-/* Rewind `from` to its checkpoint cp for the job: in a fork when there is
- * more than one slot, else in place (the lost tail saved to disk first).
+/* Rewind `from` to its checkpoint cp for the job. When that loses prompt
+ * tokens (a conversation the slot may yet continue) the rewind happens in a
+ * fork if there is more than one slot, else in place after saving the
+ * session to disk. When it only loses the last reply (a retry, or a client
+ * that renders the reply differently next turn) it happens in place.
  * Returns the position restored, or 0 if the restore failed. */
 static int64_t worker_rewind(struct server *srv, struct cache_slot *from, int cp) {
     int64_t pos = from->cps[cp].pos;
     struct cache_slot *sl = from;
-    if (srv->n_slots > 1) {
+    bool reply_only = pos >= from->prompt_end;
+    if (srv->n_slots > 1 && !reply_only) {
         sl = worker_victim(srv, from);
         session_copy(&sl->s, &from->s);
         for (int64_t i = 0; i < pos; i++) slot_push_token(sl, from->fed[i]);
+        sl->prompt_end = pos;
         sl->cps = xrealloc(sl->cps, (size_t)(cp + 1) * sizeof *sl->cps);
         sl->cap_cps = cp + 1;
         for (int i = 0; i <= cp; i++) {
@@ -12826,7 +12834,7 @@ static int64_t worker_rewind(struct server *srv, struct cache_slot *from, int cp
             memcpy(sl->cps[i].bytes, from->cps[i].bytes, from->cps[i].len);
         }
         sl->n_cps = cp + 1;
-    } else if (srv->kv_on) {
+    } else if (srv->kv_on && !reply_only) {
         kv_store_save_live(&srv->kv, &srv->kv_policy, &sl->s, srv->tok, sl->fed, sl->n_fed, KV_REASON_EVICT);
     }
     srv->cur = sl;
@@ -12837,6 +12845,7 @@ static int64_t worker_rewind(struct server *srv, struct cache_slot *from, int cp
         return 0;
     }
     sl->n_fed = pos;
+    if (sl->prompt_end > pos) sl->prompt_end = pos;
     slot_drop_checkpoints_after(sl, pos);
     return pos;
 }
@@ -12859,6 +12868,7 @@ static int64_t worker_resume(struct server *srv, struct job *j) {
     j->n_prompt = n;
     if (j->max_tokens > srv->opt->ctx - (int)n) j->max_tokens = srv->opt->ctx - (int)n;
     for (int64_t i = 0; i < hit.n_tokens; i++) worker_remember(srv, ids[i]);
+    srv->cur->prompt_end = hit.n_tokens;
     worker_checkpoint(srv);
     return hit.n_tokens;
 }
@@ -12882,7 +12892,7 @@ static int64_t worker_reuse(struct server *srv, struct job *j) {
     } else if (cp < 0) {
         srv->cur = best;
     } else {
-        how = srv->n_slots > 1 ? "forked and rewound" : "rewound";
+        how = srv->n_slots > 1 && best->cps[cp].pos < best->prompt_end ? "forked and rewound" : "rewound";
         got = worker_rewind(srv, best, cp);
     }
     srv->cur->last_used = ++srv->clock;
@@ -13198,6 +13208,7 @@ static void worker_run(struct server *srv, struct job *j) {
     if (j->p.stream) d->begin(j);
     bool ok = worker_prefill(srv, j, j->n_cached, cold_at, &e);
     if (ok) worker_checkpoint(srv);               /* the prompt's end: where a retry rewinds to */
+    if (ok) srv->cur->prompt_end = srv->cur->s.pos;
     j->t_prefilled = now_seconds();
     if (ok) ok = worker_decode(srv, j, &e);
     else if (!e.msg[0]) j->finish = FINISH_CANCELLED;
