@@ -649,7 +649,25 @@ static void test_fork_and_stale(struct env *v) {
     free(other);
 }
 
+/* The documented --sessions default: half of the available memory over the
+ * size of one session at full --ctx (float32 state + its checkpoints), 1..4. */
+static void test_default_sessions(struct env *v) {
+    const struct ds4_config *c = &v->model.cfg;
+    struct server_options o;
+    server_options_default(&o);
+    o.ctx = 4096;
+    uint64_t ckpt = (uint64_t)(c->n_layers + 1) * c->window * c->head_dim * 4 + (uint64_t)c->vocab * 4;
+    uint64_t one = snapshot_f32_bytes(c, false, o.ctx) + (4096 / 2048 + CACHE_PROMPT_END_CHECKPOINTS) * ckpt;
+    int none = cache_default_sessions(&v->model, &o, 0);
+    int three = cache_default_sessions(&v->model, &o, 2 * 3 * one + 1);
+    int many = cache_default_sessions(&v->model, &o, (uint64_t)1 << 50);
+    check(none == 1 && three == 3 && many == 4, "--sessions default: %d with no memory (1), %d with "
+          "room for 3 sessions of %llu bytes (3), %d with 1 PiB (the cap, 4)", none, three,
+          (unsigned long long)one, many);
+}
+
 static void test_checkpoints(struct env *plain, struct env *mtp) {
+    test_default_sessions(plain);
     rewind_case(plain, "tiny", 96);
     rewind_case(plain, "tiny", 101);
     rewind_case(mtp, "tiny+MTP", 101);
