@@ -9736,7 +9736,8 @@ static bool checkpoint_restore(struct session *s, const struct mem_checkpoint *c
 /* A fork: dst (initialized, any state) becomes an independent copy of src. */
 static void row_store_copy(struct row_store *dst, const struct row_store *src) {
     kv_rows_resize(dst, src->n);
-    if (src->n > 0) memcpy(dst->rows, src->rows, (size_t)src->n * (size_t)src->width * sizeof(float));
+    size_t bytes = (size_t)src->n * (size_t)src->width * sizeof(float);
+    if (bytes) memcpy(dst->rows, src->rows, bytes);
 }
 
 static void layer_state_copy(struct layer_state *dst, const struct layer_state *src,
@@ -10249,7 +10250,8 @@ static int run_bench(struct engine *eng, int n_prefill, int n_decode, struct spe
  *     is dropped from the queue.
  *   - The one worker thread owns the engine and the sessions in memory. It
  *     takes jobs in order, reuses the longest token prefix a session (or
- *     one of its checkpoints) already holds, prefills the rest, samples, and writes the reply to the
+ *     one of its checkpoints) already holds, prefills the rest, samples,
+ *     and writes the reply to the
  *     client's socket itself, token by token, in that client's dialect.
  *
  * Why does the worker write to the socket? Because then a token goes from
@@ -10258,7 +10260,7 @@ static int run_bench(struct engine *eng, int n_prefill, int n_decode, struct spe
  * token. Writes have a send timeout (SERVER_SEND_TIMEOUT_S), so a client
  * that stops reading cannot hold the worker for longer than that.
  *
- * One model, one session: requests are served one at a time. Sixteen agents
+ * One model, one worker: requests are served one at a time. Sixteen agents
  * sharing a server all get complete answers, in turn.
  *
  * The chapter's sections:
@@ -10314,8 +10316,8 @@ struct server_options {
     int ctx;                   /* --ctx N            32768: prompt + reply tokens */
     int chunk;                 /* --chunk N          prefill chunk (shared with the CLI's --chunk) */
     int tool_memory;           /* --tool-memory N    1024 remembered tool-call blocks (12.6) */
-    int sessions;              /* --sessions N       sessions kept in memory; 0 = sized at start (12.10) */
-    int checkpoint_every;      /* --checkpoint-every K  2048: in-memory checkpoint interval; 0 = prompt ends only */
+    int sessions;              /* --sessions N       kept in memory; 0 = sized at start (12.10) */
+    int checkpoint_every;      /* --checkpoint-every K  2048 (12.10); 0 = at prompt ends only */
     bool no_exact_replay;      /* --no-exact-replay  render tool calls canonically */
     struct spec_options spec;  /* --mtp-draft, --mtp-gate: speculative decoding (10b) */
     struct kv_store_options kv;   /* --kv-disk-*: sessions on disk (10c), parsed with the CLI's flags */
@@ -12757,7 +12759,8 @@ static void slot_prune(struct cache_slot *sl, int every) {
         }
     if (off_grid <= CACHE_PROMPT_END_CHECKPOINTS) return;
     checkpoint_release(&sl->cps[oldest]);
-    memmove(&sl->cps[oldest], &sl->cps[oldest + 1], (size_t)(sl->n_cps - oldest - 1) * sizeof *sl->cps);
+    memmove(&sl->cps[oldest], &sl->cps[oldest + 1],
+            (size_t)(sl->n_cps - oldest - 1) * sizeof *sl->cps);
     sl->n_cps--;
 }
 
@@ -12779,7 +12782,8 @@ static void worker_checkpoint(struct server *srv) {
  * (*cp = its index), else 0. */
 static int64_t slot_offer(const struct cache_slot *sl, const struct job *j, int *cp) {
     int64_t same = 0;
-    while (same < (int64_t)j->n_prompt && same < sl->n_fed && sl->fed[same] == j->prompt[same]) same++;
+    int64_t n = (int64_t)j->n_prompt;
+    while (same < n && same < sl->n_fed && sl->fed[same] == j->prompt[same]) same++;
     *cp = -1;
     if (same == sl->n_fed) return same;
     for (int i = sl->n_cps - 1; i >= 0; i--)
@@ -12793,8 +12797,14 @@ static int64_t slot_offer(const struct cache_slot *sl, const struct job *j, int 
 /* Give up a slot: its session goes to disk first (evict), if worth it. */
 static void worker_evict(struct server *srv, struct cache_slot *sl) {
     if (srv->kv_on && sl->n_fed > 0)
-        kv_store_save_live(&srv->kv, &srv->kv_policy, &sl->s, srv->tok, sl->fed, sl->n_fed, KV_REASON_EVICT);
+        kv_store_save_live(&srv->kv, &srv->kv_policy, &sl->s, srv->tok, sl->fed, sl->n_fed,
+                           KV_REASON_EVICT);
     slot_reset(srv, sl);
+}
+
+/* Empty slots sort first, then by last use. */
+static uint64_t slot_age(const struct cache_slot *sl) {
+    return sl->n_fed == 0 ? 0 : sl->last_used + 1;
 }
 
 /* The slot for a new conversation or a fork: an empty one, else the least
@@ -12804,8 +12814,7 @@ static struct cache_slot *worker_victim(struct server *srv, const struct cache_s
     for (int i = 0; i < srv->n_slots; i++) {
         struct cache_slot *sl = &srv->slots[i];
         if (sl == keep) continue;
-        uint64_t age = sl->n_fed == 0 ? 0 : sl->last_used + 1, best = v ? (v->n_fed == 0 ? 0 : v->last_used + 1) : 0;
-        if (!v || age < best) v = sl;
+        if (!v || slot_age(sl) < slot_age(v)) v = sl;
     }
     worker_evict(srv, v);
     return v;
@@ -12835,7 +12844,8 @@ static int64_t worker_rewind(struct server *srv, struct cache_slot *from, int cp
         }
         sl->n_cps = cp + 1;
     } else if (srv->kv_on && !reply_only) {
-        kv_store_save_live(&srv->kv, &srv->kv_policy, &sl->s, srv->tok, sl->fed, sl->n_fed, KV_REASON_EVICT);
+        kv_store_save_live(&srv->kv, &srv->kv_policy, &sl->s, srv->tok, sl->fed, sl->n_fed,
+                           KV_REASON_EVICT);
     }
     srv->cur = sl;
     struct ds4_error e = {""};
@@ -12856,7 +12866,8 @@ static int64_t worker_rewind(struct server *srv, struct cache_slot *from, int cp
 static int64_t worker_resume(struct server *srv, struct job *j) {
     struct kv_hit hit;
     size_t n;
-    int32_t *ids = kv_store_resume(&srv->kv, &srv->cur->s, srv->tok, j->prompt_text, j->prompt_text_len, &n, &hit);
+    int32_t *ids = kv_store_resume(&srv->kv, &srv->cur->s, srv->tok, j->prompt_text,
+                                   j->prompt_text_len, &n, &hit);
     if (!ids) return 0;
     if (n >= (size_t)srv->opt->ctx) {          /* the suffix tokenized longer: no room */
         free(ids);
@@ -12882,7 +12893,8 @@ static int64_t worker_reuse(struct server *srv, struct job *j) {
     for (int i = 0; i < srv->n_slots; i++) {
         int c;
         int64_t u = slot_offer(&srv->slots[i], j, &c);
-        if (u > got || (u == got && u > 0 && c < 0 && cp >= 0)) best = &srv->slots[i], got = u, cp = c;
+        bool better = u > got || (u == got && u > 0 && c < 0 && cp >= 0);   /* extend over rewind */
+        if (better) best = &srv->slots[i], got = u, cp = c;
     }
     const char *how = "extended";
     if (got == 0) {
@@ -12892,7 +12904,8 @@ static int64_t worker_reuse(struct server *srv, struct job *j) {
     } else if (cp < 0) {
         srv->cur = best;
     } else {
-        how = srv->n_slots > 1 && best->cps[cp].pos < best->prompt_end ? "forked and rewound" : "rewound";
+        bool fork = srv->n_slots > 1 && best->cps[cp].pos < best->prompt_end;
+        how = fork ? "forked and rewound" : "rewound";
         got = worker_rewind(srv, best, cp);
     }
     srv->cur->last_used = ++srv->clock;
@@ -12914,9 +12927,11 @@ static uint64_t available_memory_bytes(void) {
     return pages > 0 && size > 0 ? (uint64_t)pages * (uint64_t)size : 0;
 }
 
-static int cache_default_sessions(const struct model *m, const struct server_options *o, uint64_t avail) {
+static int cache_default_sessions(const struct model *m, const struct server_options *o,
+                                  uint64_t avail) {
     const struct ds4_config *c = &m->cfg;
-    uint64_t ckpt = (uint64_t)(c->n_layers + 1) * c->window * c->head_dim * 4 + (uint64_t)c->vocab * 4;
+    uint64_t ckpt = (uint64_t)(c->n_layers + 1) * c->window * c->head_dim * 4 +
+                    (uint64_t)c->vocab * 4;
     uint64_t n_ckpt = (o->checkpoint_every > 0 ? (uint64_t)(o->ctx / o->checkpoint_every) : 0) +
                       CACHE_PROMPT_END_CHECKPOINTS;
     uint64_t one = snapshot_f32_bytes(c, m->has_mtp, o->ctx) + n_ckpt * ckpt;
@@ -13116,7 +13131,8 @@ static bool worker_prefill(struct server *srv, struct job *j, int64_t from, int6
         for (int64_t t = 0; t < T; t++) worker_remember(srv, j->prompt[from + done + t]);
         if (every > 0 && sl->s.pos % every == 0) worker_checkpoint(srv);
         if (why != KV_REASON_UNKNOWN)
-            kv_store_save_live(&srv->kv, &srv->kv_policy, &sl->s, srv->tok, sl->fed, sl->n_fed, why);
+            kv_store_save_live(&srv->kv, &srv->kv_policy, &sl->s, srv->tok, sl->fed, sl->n_fed,
+                               why);
         double now = now_seconds();
         if (j->p.stream && now - j->last_keepalive >= SERVER_KEEPALIVE_S) {
             http_chunk(j->conn, ": prefill\n\n", 11);
@@ -13651,8 +13667,9 @@ static bool server_init(struct server *srv, struct engine *eng, const struct tok
     pthread_cond_init(&srv->wake, NULL);
     pthread_cond_init(&srv->job_done, NULL);
     tool_memory_init(&srv->mem, opt->no_exact_replay ? 0 : opt->tool_memory);
-    srv->n_slots = opt->sessions > 0 ? opt->sessions
-                                     : cache_default_sessions(eng->model, opt, available_memory_bytes());
+    srv->n_slots = opt->sessions;
+    if (srv->n_slots <= 0)
+        srv->n_slots = cache_default_sessions(eng->model, opt, available_memory_bytes());
     srv->slots = xcalloc((size_t)srv->n_slots, sizeof *srv->slots);
     for (int i = 0; i < srv->n_slots; i++) session_init(&srv->slots[i].s, eng);
     srv->cur = &srv->slots[0];
@@ -13725,9 +13742,10 @@ static int server_main(struct engine *eng, const struct tokenizer *tok, const st
     signal(SIGPIPE, SIG_IGN);
     pthread_t worker;
     pthread_create(&worker, NULL, worker_main, &srv);
-    fprintf(stderr, "ds4-server: listening on http://%s:%d (model %s, ctx %d, %d session%s in memory, "
-            "checkpoints every %d tokens)%s%s%s\n", opt->host, port, opt->model_name, opt->ctx, srv.n_slots,
-            srv.n_slots == 1 ? "" : "s", opt->checkpoint_every, opt->api_key ? ", API key required" : "",
+    fprintf(stderr, "ds4-server: listening on http://%s:%d (model %s, ctx %d, %d session%s in "
+            "memory, checkpoints every %d tokens)%s%s%s\n", opt->host, port, opt->model_name,
+            opt->ctx, srv.n_slots, srv.n_slots == 1 ? "" : "s", opt->checkpoint_every,
+            opt->api_key ? ", API key required" : "",
             srv.kv_on ? ", sessions on disk in " : "", srv.kv_on ? opt->kv.dir : "");
     if (opt->port_file) {
         FILE *f = fopen(opt->port_file, "w");
