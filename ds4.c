@@ -9582,9 +9582,17 @@ struct snap_io {
     uint64_t pos, size;
     /* statistics for the bench line */
     uint64_t rows_packed, blocks_raw, f32_equivalent;
+    /* in-memory checkpoints (10c.11): fd < 0 grows buf instead of writing,
+     * and the row stores travel as their counts only */
+    bool rows_by_count;
 };
 
 static void snap_flush(struct snap_io *io) {
+    if (io->fd < 0) {                   /* a memory sink: make room, keep everything */
+        io->cap *= 2;
+        io->buf = xrealloc(io->buf, io->cap);
+        return;
+    }
     size_t off = 0;
     while (!io->failed && off < io->len) {
         ssize_t got = write(io->fd, io->buf + off, io->len - off);
@@ -9724,6 +9732,13 @@ static void kv_rows_resize(struct row_store *rs, int64_t n) {
 static void snap_row_store(struct snap_io *io, const struct ds4_config *c, struct row_store *rs,
                            int64_t n, bool indexer, const char *what) {
     snap_expect(io, (uint64_t)n, 8, what);
+    if (io->rows_by_count) {            /* 10c.11: rows before n never change */
+        if (!io->writing && !io->failed && rs->n < n)
+            io->failed = !fail(io->e, "%s: the session has %lld rows, the checkpoint needs %lld",
+                               what, (long long)rs->n, (long long)n);
+        else if (!io->writing && !io->failed) rs->n = n;
+        return;
+    }
     int coded = indexer ? rs->width : rs->width - c->rope_dim;
     int block = indexer ? FP4_BLOCK : FP8_BLOCK;
     if (!snap_room(io, (uint64_t)n, kv_row_min_bytes(rs->width, coded, block, indexer), what))
@@ -10613,14 +10628,17 @@ static bool kv_store_save(struct kv_store *st, const struct session *s, const in
  *     setting                             default
  *     ----------------------------------  -------------------------------
  *     min_tokens                          512     smaller prefixes are cheap to prefill
- *     cold_max_tokens                     30000   larger prompts skip the cold save
+ *     cold_max_tokens                     0       larger prompts skip the cold save
+ *                                                 (0 = no limit: an agent's 40k-token
+ *                                                 first prompt is the one most worth it)
  *     interval                            10240   continued saves at multiples of this
  *     trim                                32      tokens left off the end of a prompt
  *     align                               2048    cold save points are multiples of this
  *
  * The moments:
  *
- *   - cold: a full miss on a prompt of min..cold_max tokens. The save point
+ *   - cold: a full miss on a prompt of at least min (and at most cold_max,
+ *     when set) tokens. The save point
  *     is the last <｜User｜> before the first <｜Assistant｜> (the stable
  *     system + tools prefix that every later turn repeats) if that is at
  *     least min_tokens; else (n - trim) rounded down to `align`. The tail
@@ -10644,14 +10662,14 @@ struct kv_policy {
 };
 
 static struct kv_policy kv_default_policy(void) {
-    struct kv_policy p = { 512, 30000, 10240, 32, 2048 };
+    struct kv_policy p = { 512, 0, 10240, 32, 2048 };
     return p;
 }
 
 /* The cold save point of a prompt of n tokens, or 0 for none. */
 static int64_t kv_cold_save_point(const struct kv_policy *p, const int32_t *ids, int64_t n,
                                   int32_t user_id, int32_t assistant_id) {
-    if (n < p->min_tokens || n > p->cold_max_tokens) return 0;
+    if (n < p->min_tokens || (p->cold_max_tokens > 0 && n > p->cold_max_tokens)) return 0;
     int64_t last_user = -1;
     for (int64_t i = 0; i < n && ids[i] != assistant_id; i++)
         if (ids[i] == user_id) last_user = i;
@@ -10873,6 +10891,113 @@ static int kv_clear_command(const char *dir) {
     printf("removed %d snapshots from %s\n", n, dir);
     kv_store_close(&st);
     return 0;
+}
+
+/* ---- 10c.11 Checkpoints in memory: rewinding a session ---------------------
+ *
+ * A session only moves forward (8.2), yet agents go back: a retried request
+ * resends the same prompt after the session has generated past it, an edited
+ * turn changes the middle of the conversation. The state at an earlier
+ * position P cannot be had by truncation: the window ring has overwritten
+ * the rows of P-W .. P-1 with later ones, and the compressors' unfinished
+ * windows have moved on. But most of the state is append-only:
+ *
+ *     state at P                    after more tokens          to get P back
+ *     ----------------------------  -------------------------  --------------
+ *     compressed / indexer rows     more rows appended         keep P/r rows
+ *     ring rows of P-W .. P-1       overwritten                must be saved
+ *     compressor frontiers          moved on                   must be saved
+ *     logits, last_hc, MTP ring     overwritten                must be saved
+ *
+ * So a checkpoint is the snapshot of 10c.5 with every row store replaced by
+ * its count: the same serializer walks the same fields (snap_io with
+ * rows_by_count), into memory instead of a file, with the ring rows in FP8
+ * as on disk. It costs a window's rows per layer plus the frontiers and the
+ * logits, whatever P is, and restoring it is exact for the same reason a
+ * snapshot load is: every row went through the FP8 round trip already.
+ *
+ * A checkpoint only fits the session it was taken from, and only while the
+ * rows before P are the ones it had: rewinding to an earlier checkpoint and
+ * feeding other tokens invalidates the later ones (the caller drops them).
+ * The token ids travel along and a restore compares them with the tokens
+ * the caller believes the session holds, so a stale checkpoint is refused
+ * rather than restored.
+ * ------------------------------------------------------------------------- */
+
+struct mem_checkpoint {
+    int64_t pos;                  /* the session's position when taken */
+    uint8_t *bytes;               /* the 10c.5 payload, rows by count */
+    size_t len;
+};
+
+/* Checkpoint s, which holds tokens[0 .. s->pos). */
+static void checkpoint_encode(struct mem_checkpoint *cp, const struct session *s,
+                              const int32_t *tokens) {
+    kv_tables_init();
+    struct ds4_error e = { "" };
+    struct snap_io io = { .writing = true, .e = &e, .fd = -1, .cap = 1 << 16,
+                          .rows_by_count = true };
+    io.buf = xmalloc(io.cap);
+    snap_session(&io, (struct session *)s, (int32_t *)tokens, s->pos);   /* write mode reads only */
+    cp->pos = s->pos;
+    cp->len = io.len;
+    cp->bytes = xrealloc(io.buf, io.len ? io.len : 1);
+}
+
+static void checkpoint_release(struct mem_checkpoint *cp) {
+    free(cp->bytes);
+    memset(cp, 0, sizeof *cp);
+}
+
+/* Put s back at the checkpoint. `tokens` are the ids s is believed to hold
+ * up to at least cp->pos; they must equal the checkpoint's. On failure s
+ * may be half restored: the caller resets it. */
+static bool checkpoint_restore(struct session *s, const struct mem_checkpoint *cp,
+                               const int32_t *tokens, struct ds4_error *e) {
+    kv_tables_init();
+    if (cp->pos < 1) return fail(e, "an empty checkpoint cannot be restored");
+    int32_t *ids = xmalloc((size_t)cp->pos * sizeof(int32_t));
+    struct snap_io io = { .writing = false, .e = e, .in = cp->bytes, .size = cp->len,
+                          .rows_by_count = true };
+    snap_session(&io, s, ids, cp->pos);
+    bool ok = !io.failed;
+    if (ok && memcmp(ids, tokens, (size_t)cp->pos * sizeof(int32_t)) != 0)
+        ok = fail(e, "the checkpoint at %lld holds other tokens than the session",
+                  (long long)cp->pos);
+    free(ids);
+    if (!ok) return false;
+    s->pos = cp->pos;
+    s->mtp_pos = s->eng->model->has_mtp ? cp->pos - 1 : 0;
+    return true;
+}
+
+/* A fork: dst (initialized, any state) becomes an independent copy of src. */
+static void row_store_copy(struct row_store *dst, const struct row_store *src) {
+    kv_rows_resize(dst, src->n);
+    size_t bytes = (size_t)src->n * (size_t)src->width * sizeof(float);
+    if (bytes) memcpy(dst->rows, src->rows, bytes);
+}
+
+static void layer_state_copy(struct layer_state *dst, const struct layer_state *src,
+                             const struct ds4_config *c) {
+    memcpy(dst->ring, src->ring, (size_t)c->window * c->head_dim * sizeof(float));
+    row_store_copy(&dst->comp_rows, &src->comp_rows);
+    row_store_copy(&dst->idx_rows, &src->idx_rows);
+    size_t fc = frontier_floats(&src->comp), fi = frontier_floats(&src->idx_comp);
+    if (fc) memcpy(dst->comp.kv, src->comp.kv, fc * sizeof(float));
+    if (fc) memcpy(dst->comp.score, src->comp.score, fc * sizeof(float));
+    if (fi) memcpy(dst->idx_comp.kv, src->idx_comp.kv, fi * sizeof(float));
+    if (fi) memcpy(dst->idx_comp.score, src->idx_comp.score, fi * sizeof(float));
+}
+
+static void session_copy(struct session *dst, const struct session *src) {
+    const struct ds4_config *c = &src->eng->model->cfg;
+    for (int l = 0; l < c->n_layers; l++) layer_state_copy(&dst->layers[l], &src->layers[l], c);
+    layer_state_copy(&dst->mtp_state, &src->mtp_state, c);
+    memcpy(dst->logits, src->logits, (size_t)c->vocab * sizeof(float));
+    memcpy(dst->last_hc, src->last_hc, (size_t)c->hc * c->dim * sizeof(float));
+    dst->pos = src->pos;
+    dst->mtp_pos = src->mtp_pos;
 }
 
 /* ============================================================================
@@ -11275,6 +11400,18 @@ static bool bench_snapshot(struct engine *eng, const int32_t *tokens, int n, str
         printf("snapshot: one more token (slope over tokens %d..%d) costs %.1f bytes, float32 rows %.1f "
                "(%.2fx)\n", first, n, per, f32_per, f32_per / per);
     }
+    if (ok) {                                       /* the server's rewind points (10c.11) */
+        struct mem_checkpoint cp;
+        double t1 = now_seconds();
+        checkpoint_encode(&cp, &s, tokens);
+        double t_take = now_seconds() - t1;
+        t1 = now_seconds();
+        ok = checkpoint_restore(&s, &cp, tokens, e);
+        double t_restore = now_seconds() - t1;
+        if (ok) printf("checkpoint: %d tokens = %zu bytes in memory (rows by count); take %.4f s, "
+                       "restore %.4f s\n", n, cp.len, t_take, t_restore);
+        checkpoint_release(&cp);
+    }
     unlink(path);
     free(got);
     session_free(&l);
@@ -11517,9 +11654,10 @@ static int tokenize_command(const char *gguf_path, const char *path) {
  *     (chat_render), tokenizes it, and queues a `struct job`. It then only
  *     waits, watching its socket so that a client that leaves while queued
  *     is dropped from the queue.
- *   - The one worker thread owns the engine and the live session. It takes
- *     jobs in order, reuses the longest token prefix the session already
- *     holds, prefills the rest, samples, and writes the reply to the
+ *   - The one worker thread owns the engine and the sessions in memory. It
+ *     takes jobs in order, reuses the longest token prefix a session (or
+ *     one of its checkpoints) already holds, prefills the rest, samples,
+ *     and writes the reply to the
  *     client's socket itself, token by token, in that client's dialect.
  *
  * Why does the worker write to the socket? Because then a token goes from
@@ -11528,7 +11666,7 @@ static int tokenize_command(const char *gguf_path, const char *path) {
  * token. Writes have a send timeout (SERVER_SEND_TIMEOUT_S), so a client
  * that stops reading cannot hold the worker for longer than that.
  *
- * One model, one session: requests are served one at a time. Sixteen agents
+ * One model, one worker: requests are served one at a time. Sixteen agents
  * sharing a server all get complete answers, in turn.
  *
  * The chapter's sections:
@@ -11550,10 +11688,11 @@ static int tokenize_command(const char *gguf_path, const char *path) {
  *
  *   - Requests on one connection are served in order, never interleaved:
  *     a pipelined request waits until the previous reply is complete.
- *   - The session cannot be rolled back. A prompt that is not an extension
- *     of the tokens in the session (a retry, an edited history, another
- *     client's conversation) is prefilled from the start -- or, with
- *     --kv-disk-dir, from the longest prefix of it saved on disk (10c).
+ *   - A session rewinds only to its checkpoints (every --checkpoint-every
+ *     prompt tokens and each prompt's end, 12.10): a prompt that leaves
+ *     every session in memory between two checkpoints re-feeds from the
+ *     one below. With --kv-disk-dir a miss falls back to the longest
+ *     prefix saved on disk (10c).
  *   - User text is tokenized together with the template, so a user who types
  *     a special token such as <｜User｜> gets that token (as in the official
  *     encoder).
@@ -11587,6 +11726,8 @@ struct server_options {
     int ctx;                   /* --ctx N            32768: prompt + reply tokens */
     int chunk;                 /* --chunk N          prefill chunk (shared with the CLI's --chunk) */
     int tool_memory;           /* --tool-memory N    1024 remembered tool-call blocks (12.6) */
+    int sessions;              /* --sessions N       kept in memory; 0 = sized at start (12.10) */
+    int checkpoint_every;      /* --checkpoint-every K  2048 (12.10); 0 = at prompt ends only */
     bool no_exact_replay;      /* --no-exact-replay  render tool calls canonically */
     struct spec_options spec;  /* --mtp-draft, --mtp-gate: speculative decoding (10b) */
     struct kv_store_options kv;   /* --kv-disk-*: sessions on disk (10c), parsed with the CLI's flags */
@@ -11619,6 +11760,7 @@ static void server_options_default(struct server_options *o) {
     o->ctx = 32768;
     o->chunk = 128;
     o->tool_memory = 1024;
+    o->checkpoint_every = 2048;
 }
 
 static const char SERVER_USAGE[] =
@@ -11643,6 +11785,10 @@ static const char SERVER_USAGE[] =
     "      --keepalive-timeout S     idle seconds kept between requests (default 5; 0 = close)\n"
     "      --keepalive-requests N    requests per connection (default 100)\n"
     "      --tool-memory N    tool-call blocks kept for exact replay (default 1024)\n"
+    "      --sessions N       conversations kept in memory (default: as many as fit in half\n"
+    "                         the available memory at full --ctx, 1..4)\n"
+    "      --checkpoint-every K  rewind points every K prompt tokens (default 2048; 0 = only\n"
+    "                         at the end of each prompt)\n"
     "      --no-exact-replay  always render tool calls canonically\n"
     "      --test-script FILE TESTS ONLY: forced replies instead of sampling\n"
     "      --port-file FILE   write the bound port to FILE once listening\n";
@@ -11669,6 +11815,8 @@ static int server_parse_option(struct server_options *o, int argc, char **argv, 
         {"--max-parses", 1, 1024, 1, &o->max_parses},
         {"--keepalive-timeout", 0, 3600, 1000, &o->keepalive_ms},
         {"--keepalive-requests", 1, 1 << 20, 1, &o->keepalive_requests},
+        {"--sessions", 1, 64, 1, &o->sessions},
+        {"--checkpoint-every", 0, 1 << 24, 1, &o->checkpoint_every},
     };
     if (strcmp(a, "--no-exact-replay") == 0) {
         o->no_exact_replay = true;
@@ -13423,6 +13571,7 @@ struct server_metrics {
     double last_prefill_tps, last_decode_tps;
     uint64_t evicted, refused, over_budget;
 };
+struct cache_slot;              /* 12.10: one session in memory */
 
 struct server {
     const struct server_options *opt;
@@ -13442,10 +13591,11 @@ struct server {
     size_t parse_in_use;        /* bytes reserved for request trees (12.11) */
     struct server_metrics m;    /* /metrics, under lock */
 
-    /* The worker's own: the live session and what it holds. */
-    struct session s;
-    int32_t *fed;               /* [n_fed] tokens in the session, in order */
-    int64_t n_fed, cap_fed;
+    /* The worker's own: the sessions in memory (12.10) and the one in use. */
+    struct cache_slot *slots;   /* [n_slots], never moved */
+    int n_slots;
+    struct cache_slot *cur;     /* the session the current job runs in */
+    uint64_t clock;             /* bumped each time a slot serves a job (LRU) */
     struct sampler sp;
     struct generator gen;       /* plain or speculative decoding over s and sp */
     struct kv_store kv;         /* --kv-disk-dir: sessions on disk (10c), when kv_on */
@@ -14286,38 +14436,227 @@ static const struct dialect *dialect_of(enum api_kind api) {
  *     prompt 2 [ prompt 1 ............ | reply 1 ....... | tool result ... ]
  *                 reused: reported as cached tokens        prefilled
  *
- * The session cannot forget tokens, so if the new prompt leaves `fed`
- * anywhere before its end, the session starts over. Reply tokens are fed
+ * A prompt that leaves `fed` before its end is served from a checkpoint,
+ * another session or the disk (below). Reply tokens are fed
  * too (each sampled token must go through the model anyway to get the next
  * one), except EOS, which the next prompt renders in the same place.
  *
  * SESSIONS ON DISK (--kv-disk-dir, chapter 10c). Starting over need not
  * mean starting from nothing:
  *
- *     live session diverges   -> save it (evict), if >= 512 tokens
+ *     a session is given up   -> save it (evict), if >= 512 tokens
  *     prompt text             -> longest saved prefix: load it, report its
  *                                tokens as cached, prefill only the rest
  *     full miss               -> prefill, saving at the cold point
  *     every 10240 tokens      -> save (continued)
- *     SIGINT / SIGTERM        -> save the live session (shutdown)
+ *     SIGINT / SIGTERM        -> save every session in memory (shutdown)
  *
  * So a restarted server, or one that served another client in between,
  * answers an agent's next turn from disk. The lookup is by rendered text,
  * and after a hit the job's prompt is the cached tokens plus the rest of
  * the text tokenized alone (10c.9.1). */
 
-static void worker_remember(struct server *srv, int32_t id) {
-    if (srv->n_fed == srv->cap_fed) {
-        srv->cap_fed = srv->cap_fed ? 2 * srv->cap_fed : 4096;
-        srv->fed = xrealloc(srv->fed, (size_t)srv->cap_fed * sizeof(int32_t));
+/* SEVERAL SESSIONS, AND REWINDS. Agents do not send one conversation in a
+ * straight line. opencode sends a small title request between two turns of
+ * its main conversation; a retry resends the prompt the session has already
+ * generated past; an edited turn changes the middle. So the worker keeps
+ * several sessions (slots, --sessions N) and, in each, checkpoints (10c.11)
+ * at every multiple of K = --checkpoint-every prompt tokens and at the end
+ * of every prompt. For a new prompt each slot offers
+ *
+ *     its whole token list, if that is a prefix of the prompt  (extend)
+ *     else its last checkpoint inside the common prefix         (rewind)
+ *     else nothing
+ *
+ * and the job takes the slot that offers the most tokens:
+ *
+ *     extend        run in that slot, prefill the rest
+ *     rewind        copy the slot into the least recently used one (a fork,
+ *                   so the conversation it held stays whole for its next
+ *                   turn), restore the checkpoint there, prefill the rest;
+ *                   in place if only the last reply is lost (a retry), or
+ *                   with --sessions 1
+ *     nothing       give the least recently used slot (an empty one first)
+ *                   to the job; with --kv-disk-dir its session is saved to
+ *                   disk first (evict) and the prompt is looked up there
+ *
+ * A rewind restores the nearest checkpoint AT OR BELOW the common prefix and
+ * re-feeds from there: the window ring and the compressor frontiers cannot
+ * be truncated (10c.11). A prompt sent twice hits its own prompt-end
+ * checkpoint and prefills nothing. `n_cached` -- the `cached_tokens` of
+ * every API -- is exactly the number of prompt tokens not fed again.
+ *
+ * The prefill cuts its chunks at multiples of --chunk counted from position
+ * 0 (and at the checkpoints), so a rewound session re-feeds with the chunk
+ * boundaries a fresh session has: the matmul path depends on the chunk
+ * length (8.1), and this way a rewound session computes the same bits as a
+ * fresh one fed the same prompt. Decoded tokens get no checkpoints (the
+ * generator advances by one or several tokens); the prompt-end checkpoint
+ * is where a reply begins.
+ *
+ * SIZE. A session at full context costs, as float32, what
+ * snapshot_f32_bytes() counts, plus its checkpoints (a window of rows per
+ * layer and the logits, about ctx/K + 4 of them). The default N is as many
+ * such sessions as fit in half of MemAvailable at start, at least 1, at most
+ * 4 (a main conversation, its side requests, a fork or two). */
+
+struct cache_slot {
+    struct session s;
+    int32_t *fed;                 /* [n_fed] tokens in the session, in order */
+    int64_t n_fed, cap_fed;
+    struct mem_checkpoint *cps;   /* [n_cps], by position, all <= n_fed */
+    int n_cps, cap_cps;
+    int64_t prompt_end;           /* where the last prompt ended: after it, only a reply */
+    uint64_t last_used;           /* srv->clock when it last served a job */
+};
+
+enum { CACHE_PROMPT_END_CHECKPOINTS = 4, CACHE_DEFAULT_MAX_SESSIONS = 4 };
+
+static void slot_drop_checkpoints_after(struct cache_slot *sl, int64_t pos) {
+    while (sl->n_cps > 0 && sl->cps[sl->n_cps - 1].pos > pos)
+        checkpoint_release(&sl->cps[--sl->n_cps]);
+}
+
+static void slot_free(struct cache_slot *sl) {
+    slot_drop_checkpoints_after(sl, -1);
+    free(sl->cps);
+    free(sl->fed);
+    session_free(&sl->s);
+}
+
+static void slot_reset(struct server *srv, struct cache_slot *sl) {
+    session_free(&sl->s);
+    session_init(&sl->s, srv->eng);
+    sl->n_fed = 0;
+    sl->prompt_end = 0;
+    slot_drop_checkpoints_after(sl, -1);
+}
+
+static void slot_push_token(struct cache_slot *sl, int32_t id) {
+    if (sl->n_fed == sl->cap_fed) {
+        sl->cap_fed = sl->cap_fed ? 2 * sl->cap_fed : 4096;
+        sl->fed = xrealloc(sl->fed, (size_t)sl->cap_fed * sizeof(int32_t));
     }
-    srv->fed[srv->n_fed++] = id;
+    sl->fed[sl->n_fed++] = id;
+}
+
+static void worker_remember(struct server *srv, int32_t id) {
+    slot_push_token(srv->cur, id);
 }
 
 static void worker_reset_session(struct server *srv) {
-    session_free(&srv->s);
-    session_init(&srv->s, srv->eng);
-    srv->n_fed = 0;
+    slot_reset(srv, srv->cur);
+}
+
+/* Keep the grid checkpoints (multiples of K) and the last few others. */
+static void slot_prune(struct cache_slot *sl, int every) {
+    int off_grid = 0, oldest = -1;
+    for (int i = 0; i < sl->n_cps; i++)
+        if (every <= 0 || sl->cps[i].pos % every != 0) {
+            if (oldest < 0) oldest = i;
+            off_grid++;
+        }
+    if (off_grid <= CACHE_PROMPT_END_CHECKPOINTS) return;
+    checkpoint_release(&sl->cps[oldest]);
+    memmove(&sl->cps[oldest], &sl->cps[oldest + 1],
+            (size_t)(sl->n_cps - oldest - 1) * sizeof *sl->cps);
+    sl->n_cps--;
+}
+
+/* A checkpoint of the current slot at its position, unless it has one. */
+static void worker_checkpoint(struct server *srv) {
+    struct cache_slot *sl = srv->cur;
+    if (sl->s.pos < 1 || sl->s.pos != sl->n_fed) return;
+    if (sl->n_cps > 0 && sl->cps[sl->n_cps - 1].pos >= sl->s.pos) return;
+    if (sl->n_cps == sl->cap_cps) {
+        sl->cap_cps = sl->cap_cps ? 2 * sl->cap_cps : 16;
+        sl->cps = xrealloc(sl->cps, (size_t)sl->cap_cps * sizeof *sl->cps);
+    }
+    checkpoint_encode(&sl->cps[sl->n_cps++], &sl->s, sl->fed);
+    slot_prune(sl, srv->opt->checkpoint_every);
+}
+
+/* What slot sl offers the job: all of its tokens when they are a prefix of
+ * the prompt (*cp = -1), else its last checkpoint inside the common prefix
+ * (*cp = its index), else 0. */
+static int64_t slot_offer(const struct cache_slot *sl, const struct job *j, int *cp) {
+    int64_t same = 0;
+    int64_t n = (int64_t)j->n_prompt;
+    while (same < n && same < sl->n_fed && sl->fed[same] == j->prompt[same]) same++;
+    *cp = -1;
+    if (same == sl->n_fed) return same;
+    for (int i = sl->n_cps - 1; i >= 0; i--)
+        if (sl->cps[i].pos <= same) {
+            *cp = i;
+            return sl->cps[i].pos;
+        }
+    return 0;
+}
+
+/* Give up a slot: its session goes to disk first (evict), if worth it. */
+static void worker_evict(struct server *srv, struct cache_slot *sl) {
+    if (srv->kv_on && sl->n_fed > 0)
+        kv_store_save_live(&srv->kv, &srv->kv_policy, &sl->s, srv->tok, sl->fed, sl->n_fed,
+                           KV_REASON_EVICT);
+    slot_reset(srv, sl);
+}
+
+/* Empty slots sort first, then by last use. */
+static uint64_t slot_age(const struct cache_slot *sl) {
+    return sl->n_fed == 0 ? 0 : sl->last_used + 1;
+}
+
+/* The slot for a new conversation or a fork: an empty one, else the least
+ * recently used, never `keep`; emptied. */
+static struct cache_slot *worker_victim(struct server *srv, const struct cache_slot *keep) {
+    struct cache_slot *v = NULL;
+    for (int i = 0; i < srv->n_slots; i++) {
+        struct cache_slot *sl = &srv->slots[i];
+        if (sl == keep) continue;
+        if (!v || slot_age(sl) < slot_age(v)) v = sl;
+    }
+    worker_evict(srv, v);
+    return v;
+}
+
+/* Rewind `from` to its checkpoint cp for the job. When that loses prompt
+ * tokens (a conversation the slot may yet continue) the rewind happens in a
+ * fork if there is more than one slot, else in place after saving the
+ * session to disk. When it only loses the last reply (a retry, or a client
+ * that renders the reply differently next turn) it happens in place.
+ * Returns the position restored, or 0 if the restore failed. */
+static int64_t worker_rewind(struct server *srv, struct cache_slot *from, int cp) {
+    int64_t pos = from->cps[cp].pos;
+    struct cache_slot *sl = from;
+    bool reply_only = pos >= from->prompt_end;
+    if (srv->n_slots > 1 && !reply_only) {
+        sl = worker_victim(srv, from);
+        session_copy(&sl->s, &from->s);
+        for (int64_t i = 0; i < pos; i++) slot_push_token(sl, from->fed[i]);
+        sl->prompt_end = pos;
+        sl->cps = xrealloc(sl->cps, (size_t)(cp + 1) * sizeof *sl->cps);
+        sl->cap_cps = cp + 1;
+        for (int i = 0; i <= cp; i++) {
+            sl->cps[i] = from->cps[i];
+            sl->cps[i].bytes = xmalloc(from->cps[i].len ? from->cps[i].len : 1);
+            memcpy(sl->cps[i].bytes, from->cps[i].bytes, from->cps[i].len);
+        }
+        sl->n_cps = cp + 1;
+    } else if (srv->kv_on && !reply_only) {
+        kv_store_save_live(&srv->kv, &srv->kv_policy, &sl->s, srv->tok, sl->fed, sl->n_fed,
+                           KV_REASON_EVICT);
+    }
+    srv->cur = sl;
+    struct ds4_error e = {""};
+    if (!checkpoint_restore(&sl->s, &sl->cps[cp], sl->fed, &e)) {
+        fprintf(stderr, "ds4-server: cache: %s; starting over\n", e.msg);
+        slot_reset(srv, sl);
+        return 0;
+    }
+    sl->n_fed = pos;
+    if (sl->prompt_end > pos) sl->prompt_end = pos;
+    slot_drop_checkpoints_after(sl, pos);
+    return pos;
 }
 
 /* The session starts over, from the disk store: the longest cached prefix
@@ -14326,7 +14665,8 @@ static void worker_reset_session(struct server *srv) {
 static int64_t worker_resume(struct server *srv, struct job *j) {
     struct kv_hit hit;
     size_t n;
-    int32_t *ids = kv_store_resume(&srv->kv, &srv->s, srv->tok, j->prompt_text, j->prompt_text_len, &n, &hit);
+    int32_t *ids = kv_store_resume(&srv->kv, &srv->cur->s, srv->tok, j->prompt_text,
+                                   j->prompt_text_len, &n, &hit);
     if (!ids) return 0;
     if (n >= (size_t)srv->opt->ctx) {          /* the suffix tokenized longer: no room */
         free(ids);
@@ -14338,21 +14678,64 @@ static int64_t worker_resume(struct server *srv, struct job *j) {
     j->n_prompt = n;
     if (j->max_tokens > srv->opt->ctx - (int)n) j->max_tokens = srv->opt->ctx - (int)n;
     for (int64_t i = 0; i < hit.n_tokens; i++) worker_remember(srv, ids[i]);
+    srv->cur->prompt_end = hit.n_tokens;
+    worker_checkpoint(srv);
     return hit.n_tokens;
 }
 
-/* How many leading prompt tokens the session holds now. The live session
- * serves when it is a prefix of the prompt. Otherwise it starts over; with
- * --kv-disk-dir it is first saved (reason "evict", if long enough), and the
- * prompt is then looked up on disk. */
+/* Choose the job's slot (see above) and return how many leading prompt
+ * tokens it holds now. */
 static int64_t worker_reuse(struct server *srv, struct job *j) {
-    int64_t same = 0;
-    while (same < (int64_t)j->n_prompt && same < srv->n_fed && srv->fed[same] == j->prompt[same]) same++;
-    if (same == srv->n_fed && (same > 0 || !srv->kv_on)) return same;
-    if (srv->kv_on)
-        kv_store_save_live(&srv->kv, &srv->kv_policy, &srv->s, srv->tok, srv->fed, srv->n_fed, KV_REASON_EVICT);
-    worker_reset_session(srv);
-    return srv->kv_on ? worker_resume(srv, j) : 0;
+    struct cache_slot *best = NULL;
+    int64_t got = 0;
+    int cp = -1;
+    for (int i = 0; i < srv->n_slots; i++) {
+        int c;
+        int64_t u = slot_offer(&srv->slots[i], j, &c);
+        bool better = u > got || (u == got && u > 0 && c < 0 && cp >= 0);   /* extend over rewind */
+        if (better) best = &srv->slots[i], got = u, cp = c;
+    }
+    const char *how = "extended";
+    if (got == 0) {
+        srv->cur = worker_victim(srv, NULL);
+        got = srv->kv_on ? worker_resume(srv, j) : 0;
+        how = got ? "new, from disk" : "new";
+    } else if (cp < 0) {
+        srv->cur = best;
+    } else {
+        bool fork = srv->n_slots > 1 && best->cps[cp].pos < best->prompt_end;
+        how = fork ? "forked and rewound" : "rewound";
+        got = worker_rewind(srv, best, cp);
+    }
+    srv->cur->last_used = ++srv->clock;
+    fprintf(stderr, "ds4-server: cache: session %d of %d %s, %lld of %zu prompt tokens reused\n",
+            (int)(srv->cur - srv->slots) + 1, srv->n_slots, how, (long long)got, j->n_prompt);
+    return got;
+}
+
+/* --sessions by default (see SIZE above). */
+static uint64_t available_memory_bytes(void) {
+    FILE *f = fopen("/proc/meminfo", "r");
+    char line[256];
+    unsigned long long kb = 0;
+    while (f && fgets(line, sizeof line, f))
+        if (sscanf(line, "MemAvailable: %llu kB", &kb) == 1) break;
+    if (f) fclose(f);
+    if (kb) return (uint64_t)kb * 1024;
+    long pages = sysconf(_SC_AVPHYS_PAGES), size = sysconf(_SC_PAGESIZE);
+    return pages > 0 && size > 0 ? (uint64_t)pages * (uint64_t)size : 0;
+}
+
+static int cache_default_sessions(const struct model *m, const struct server_options *o,
+                                  uint64_t avail) {
+    const struct ds4_config *c = &m->cfg;
+    uint64_t ckpt = (uint64_t)(c->n_layers + 1) * c->window * c->head_dim * 4 +
+                    (uint64_t)c->vocab * 4;
+    uint64_t n_ckpt = (o->checkpoint_every > 0 ? (uint64_t)(o->ctx / o->checkpoint_every) : 0) +
+                      CACHE_PROMPT_END_CHECKPOINTS;
+    uint64_t one = snapshot_f32_bytes(c, m->has_mtp, o->ctx) + n_ckpt * ckpt;
+    uint64_t fit = avail / 2 / (one ? one : 1);
+    return fit < 1 ? 1 : fit > CACHE_DEFAULT_MAX_SESSIONS ? CACHE_DEFAULT_MAX_SESSIONS : (int)fit;
 }
 
 /* Should the job stop now? The server is stopping, or the client left: a
@@ -14510,6 +14893,17 @@ static void job_remember_calls(struct server *srv, struct job *j) {
 
 /* -- Prefill and decode -- */
 
+/* Where a prefill step from `pos` ends: the next multiple of --chunk,
+ * counted from position 0, or of --checkpoint-every, or `end`. */
+static int64_t prefill_step_end(const struct server_options *o, int64_t pos, int64_t end) {
+    int64_t stop = (pos / o->chunk + 1) * o->chunk;
+    if (o->checkpoint_every > 0) {
+        int64_t k = (pos / o->checkpoint_every + 1) * o->checkpoint_every;
+        if (k < stop) stop = k;
+    }
+    return stop < end ? stop : end;
+}
+
 /* Feed prompt[from..n) in chunks. Streaming clients get an SSE comment
  * every SERVER_KEEPALIVE_S (proxies and clients drop silent streams); a
  * long prefill prints its progress on stderr about once a second. With
@@ -14518,19 +14912,22 @@ static void job_remember_calls(struct server *srv, struct job *j) {
 static bool worker_prefill(struct server *srv, struct job *j, int64_t from, int64_t cold_at,
                            struct ds4_error *e) {
     int64_t n = (int64_t)j->n_prompt - from;
-    int chunk = srv->opt->chunk;
+    struct cache_slot *sl = srv->cur;
+    int every = srv->opt->checkpoint_every;
     bool report = n >= SERVER_PROGRESS_MIN_TOKENS;
     double t0 = now_seconds(), last_report = t0;
     j->last_keepalive = t0;
     for (int64_t done = 0, T; done < n; done += T) {
-        T = n - done < chunk ? n - done : chunk;
+        T = prefill_step_end(srv->opt, from + done, from + n) - from - done;
         enum kv_reason why = KV_REASON_UNKNOWN;
         if (srv->kv_on) T = kv_next_stop(&srv->kv_policy, from + done, from + done + T, cold_at, &why) - from - done;
         if (job_abandoned(srv, j)) return false;
-        if (!session_forward(&srv->s, j->prompt + from + done, (int)T, NULL, e)) return false;
+        if (!session_forward(&sl->s, j->prompt + from + done, (int)T, NULL, e)) return false;
         for (int64_t t = 0; t < T; t++) worker_remember(srv, j->prompt[from + done + t]);
+        if (every > 0 && sl->s.pos % every == 0) worker_checkpoint(srv);
         if (why != KV_REASON_UNKNOWN)
-            kv_store_save_live(&srv->kv, &srv->kv_policy, &srv->s, srv->tok, srv->fed, srv->n_fed, why);
+            kv_store_save_live(&srv->kv, &srv->kv_policy, &sl->s, srv->tok, sl->fed, sl->n_fed,
+                               why);
         double now = now_seconds();
         if (j->p.stream && now - j->last_keepalive >= SERVER_KEEPALIVE_S) {
             http_chunk(j->conn, ": prefill\n\n", 11);
@@ -14568,7 +14965,7 @@ static bool worker_decode(struct server *srv, struct job *j, struct ds4_error *e
         int got = 1;
         if (rule) {
             ids[0] = (size_t)i < rule->n_ids ? rule->ids[i] : eos;
-            if (ids[0] != eos && !session_forward(&srv->s, ids, 1, NULL, e)) return false;
+            if (ids[0] != eos && !session_forward(&srv->cur->s, ids, 1, NULL, e)) return false;
         } else if ((got = generator_step(&srv->gen, ids, e)) <= 0) {
             return false;
         }
@@ -14615,11 +15012,14 @@ static void worker_run(struct server *srv, struct job *j) {
     random_id(j->msg_id, sizeof j->msg_id, "msg_");
 
     j->n_cached = worker_reuse(srv, j);
+    srv->gen.s = &srv->cur->s;
     int64_t cold_at = srv->kv_on && j->n_cached == 0
         ? kv_cold_save_point(&srv->kv_policy, j->prompt, (int64_t)j->n_prompt, srv->tok->sp.user, srv->tok->sp.assistant)
         : 0;
     if (j->p.stream) d->begin(j);
     bool ok = worker_prefill(srv, j, j->n_cached, cold_at, &e);
+    if (ok) worker_checkpoint(srv);               /* the prompt's end: where a retry rewinds to */
+    if (ok) srv->cur->prompt_end = srv->cur->s.pos;
     j->t_prefilled = now_seconds();
     if (ok) ok = worker_decode(srv, j, &e);
     else if (!e.msg[0]) j->finish = FINISH_CANCELLED;
@@ -15505,9 +15905,14 @@ static bool server_init(struct server *srv, struct engine *eng, const struct tok
     pthread_cond_init(&srv->parse_room, NULL);
     if (!server_memory_fits(opt, e)) return false;
     tool_memory_init(&srv->mem, opt->no_exact_replay ? 0 : opt->tool_memory);
-    session_init(&srv->s, eng);
+    srv->n_slots = opt->sessions;
+    if (srv->n_slots <= 0)
+        srv->n_slots = cache_default_sessions(eng->model, opt, available_memory_bytes());
+    srv->slots = xcalloc((size_t)srv->n_slots, sizeof *srv->slots);
+    for (int i = 0; i < srv->n_slots; i++) session_init(&srv->slots[i].s, eng);
+    srv->cur = &srv->slots[0];
     sampler_init(&srv->sp, (struct sampler_options){0}, eng->model->cfg.vocab);
-    generator_init(&srv->gen, &srv->s, &srv->sp, opt->spec);
+    generator_init(&srv->gen, &srv->cur->s, &srv->sp, opt->spec);
     if (opt->test_script) {
         if (!test_script_load(&srv->script, opt->test_script, tok, e)) return false;
         fprintf(stderr, "ds4-server: TEST SCRIPT %s loaded (%zu rules): replies are scripted\n", opt->test_script,
@@ -15529,8 +15934,8 @@ static void server_free(struct server *srv) {
     tool_memory_free(&srv->mem);
     generator_free(&srv->gen);
     sampler_free(&srv->sp);
-    session_free(&srv->s);
-    free(srv->fed);
+    for (int i = 0; srv->slots && i < srv->n_slots; i++) slot_free(&srv->slots[i]);
+    free(srv->slots);
     pthread_cond_destroy(&srv->wake);
     pthread_cond_destroy(&srv->job_done);
     pthread_cond_destroy(&srv->parse_room);
@@ -15577,8 +15982,10 @@ static int server_main(struct engine *eng, const struct tokenizer *tok, const st
     signal(SIGPIPE, SIG_IGN);
     pthread_t worker;
     pthread_create(&worker, NULL, worker_main, &srv);
-    fprintf(stderr, "ds4-server: listening on http://%s:%d (model %s, ctx %d)%s%s%s\n", opt->host, port,
-            opt->model_name, opt->ctx, opt->api_key ? ", API key required" : "",
+    fprintf(stderr, "ds4-server: listening on http://%s:%d (model %s, ctx %d, %d session%s in "
+            "memory, checkpoints every %d tokens)%s%s%s\n", opt->host, port, opt->model_name,
+            opt->ctx, srv.n_slots, srv.n_slots == 1 ? "" : "s", opt->checkpoint_every,
+            opt->api_key ? ", API key required" : "",
             srv.kv_on ? ", sessions on disk in " : "", srv.kv_on ? opt->kv.dir : "");
     if (opt->port_file) {
         FILE *f = fopen(opt->port_file, "w");
@@ -15595,8 +16002,9 @@ static int server_main(struct engine *eng, const struct tokenizer *tok, const st
     }
     fprintf(stderr, "ds4-server: stopping\n");
     server_stop(&srv, worker);
-    if (srv.kv_on)                    /* the worker is gone: the session is ours */
-        kv_store_save_live(&srv.kv, &srv.kv_policy, &srv.s, tok, srv.fed, srv.n_fed, KV_REASON_SHUTDOWN);
+    for (int i = 0; srv.kv_on && i < srv.n_slots; i++)     /* the worker is gone: they are ours */
+        kv_store_save_live(&srv.kv, &srv.kv_policy, &srv.slots[i].s, tok, srv.slots[i].fed,
+                           srv.slots[i].n_fed, KV_REASON_SHUTDOWN);
     server_free(&srv);
     return 0;
 }

@@ -56,6 +56,7 @@ suite "server: curl edge cases + openai and @anthropic-ai/sdk clients" sh tests/
 suite "server: raw HTTP/1.1 and hardening (keep-alive, chunked, browsers, slots, memory)" \
     python3 tests/server/http_raw.py ./ds4
 suite "server restart: sessions on disk (--kv-disk-dir)" sh tests/server/restart.sh ./ds4
+suite "server prompt cache: sessions, checkpoints, rewinds" sh tests/server/cache.sh ./ds4
 suite "book: ds4.c renders and passes its lint" python3 tools/book.py --check ds4.c
 suite "book tools: the lint fails where it must, twins, lists, index" python3 tests/book_tools_test.py
 suite "book in headless Chromium: every page, overflow, internal links" python3 tests/book_browser.py

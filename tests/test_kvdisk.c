@@ -12,6 +12,8 @@
  *   5. the store: longest-prefix lookup, deleted file, deleted row, flipped
  *      byte, foreign model, the space budget under 200 saves, the write
  *      budget, the save policy.
+ *   6. in-memory checkpoints (10c.11): restore + re-feed == straight feed,
+ *      bit for bit, with and without MTP; a fork; stale checkpoints refused.
  *
  * Build with ASan+UBSan (the hostile files) and -lsqlite3. Last line:
  * "N passed, N failed".
@@ -619,14 +621,134 @@ static void test_policy(void) {
     int64_t c = kv_cold_save_point(&p, ids, 2070, USER, ASSIST);
     int64_t d = kv_cold_save_point(&p, ids, 35000, USER, ASSIST);
     int64_t f = kv_cold_save_point(&p, ids, 300, USER, ASSIST);
-    check(a == 900 && b == 4096 && c == 0 && d == 0 && f == 0, "cold save point: last User "
-          "before Assistant %lld (900); else trim+align %lld (4096); 2070 tokens %lld (0: "
-          "2038 rounds to 0); 35000 %lld (0); 300 %lld (0)", (long long)a, (long long)b,
-          (long long)c, (long long)d, (long long)f);
+    p.cold_max_tokens = 30000;
+    int64_t g = kv_cold_save_point(&p, ids, 35000, USER, ASSIST);
+    check(a == 900 && b == 4096 && c == 0 && d == 34816 && f == 0 && g == 0, "cold save point: "
+          "last User before Assistant %lld (900); else trim+align %lld (4096); 2070 tokens %lld "
+          "(0: 2038 rounds to 0); 35000 %lld (34816: no upper limit by default); 300 %lld (0); "
+          "35000 with cold_max 30000 %lld (0)", (long long)a, (long long)b, (long long)c,
+          (long long)d, (long long)f, (long long)g);
     int64_t n1 = kv_next_continued_point(&p, 0, 25000), n2 = kv_next_continued_point(&p, 10240, 20479);
     check(n1 == 10240 && n2 == 0, "continued save points: first %lld (10240), none in "
           "(10240, 20479]: %lld", (long long)n1, (long long)n2);
     free(ids);
+}
+
+/* ---- 6. in-memory checkpoints: rewind and re-feed ----------------------------
+ *
+ * A straight feed of N tokens is compared, bit for bit, with a session that
+ * was fed C tokens, checkpointed, fed 150 other tokens (which overwrite the
+ * ring, move the frontiers and append rows), restored and fed tokens C..N
+ * again with the same chunk boundaries. C = 96 is a multiple of the chunk,
+ * C = 101 leaves every compressor mid-window. Then both decode 20 steps. */
+
+static int64_t feed_checked(struct session *s, const int32_t *ids, int64_t n, struct ds4_error *e) {
+    return session_feed(s, ids, n, 32, e) ? n : -1;
+}
+
+static void rewind_case(struct env *v, const char *label, int64_t C) {
+    struct ds4_error e = { "" };
+    const struct ds4_config *c = &v->model.cfg;
+    int64_t N = 260, J = 150, D = 20;
+    int32_t *ids = make_tokens(N + D, 7), *junk = make_tokens(J, 8);
+    struct session a, b;
+    session_init(&a, &v->eng);
+    session_init(&b, &v->eng);
+    feed_checked(&a, ids, C, &e);
+    feed_checked(&a, ids + C, N - C, &e);
+    feed_checked(&b, ids, C, &e);
+    struct mem_checkpoint cp;
+    checkpoint_encode(&cp, &b, ids);
+    feed_checked(&b, junk, J, &e);
+    bool ok = checkpoint_restore(&b, &cp, ids, &e);
+    check(ok && b.pos == C, "%s: checkpoint at %lld (%zu bytes) restored after %lld other tokens "
+          "(%s)", label, (long long)C, cp.len, (long long)J, ok ? "ok" : e.msg);
+    feed_checked(&b, ids + C, N - C, &e);
+    char what[160];
+    snprintf(what, sizeof what, "%s: restore at %lld + re-feed to %lld vs straight feed", label,
+             (long long)C, (long long)N);
+    compare_states(v, &a, &b, what);
+    struct forward_request ra = { 0 }, rb = { 0 };
+    float *ma = NULL, *mb = NULL;
+    if (v->model.has_mtp) {
+        ra.mtp_logits = ma = xcalloc((size_t)c->vocab, sizeof(float));
+        rb.mtp_logits = mb = xcalloc((size_t)c->vocab, sizeof(float));
+    }
+    int64_t bad = 0, mtp_bad = 0;
+    for (int64_t i = N; i < N + D; i++) {
+        session_forward(&a, &ids[i], 1, &ra, &e);
+        session_forward(&b, &ids[i], 1, &rb, &e);
+        bad += count_diff(a.logits, b.logits, c->vocab);
+        if (ma) mtp_bad += count_diff(ma, mb, c->vocab);
+    }
+    check(bad == 0 && mtp_bad == 0, "%s: %lld decode steps after the rewind: %lld of %lld logits "
+          "differ, %lld MTP logits differ%s", label, (long long)D, (long long)bad,
+          (long long)(D * c->vocab), (long long)mtp_bad, ma ? "" : " (no MTP)");
+    free(ma);
+    free(mb);
+    checkpoint_release(&cp);
+    session_free(&a);
+    session_free(&b);
+    free(ids);
+    free(junk);
+}
+
+/* A fork continues like its source; stale checkpoints are refused. */
+static void test_fork_and_stale(struct env *v) {
+    struct ds4_error e = { "" };
+    const struct ds4_config *c = &v->model.cfg;
+    int32_t *ids = make_tokens(200, 11), *other = make_tokens(200, 12);
+    struct session a, b;
+    session_init(&a, &v->eng);
+    session_init(&b, &v->eng);
+    feed_checked(&a, ids, 64, &e);
+    struct mem_checkpoint early, late;
+    checkpoint_encode(&early, &a, ids);
+    feed_checked(&a, ids + 64, 64, &e);
+    checkpoint_encode(&late, &a, ids);
+    feed_checked(&b, other, 100, &e);          /* b holds something else entirely */
+    session_copy(&b, &a);
+    feed_checked(&a, ids + 128, 40, &e);
+    feed_checked(&b, ids + 128, 40, &e);
+    compare_states(v, &a, &b, "fork: a copied session fed 40 more tokens vs its source");
+    bool r1 = checkpoint_restore(&a, &early, ids, &e);
+    struct ds4_error e2 = { "" }, e3 = { "" };
+    bool r2 = checkpoint_restore(&a, &late, ids, &e2);     /* rows after 64 were dropped */
+    bool r3 = checkpoint_restore(&b, &late, other, &e3);   /* other tokens than the checkpoint's */
+    check(r1 && !r2 && !r3, "stale checkpoints refused: a later one after a rewind (%s), one of "
+          "other tokens (%s)", e2.msg, e3.msg);
+    (void)c;
+    checkpoint_release(&early);
+    checkpoint_release(&late);
+    session_free(&a);
+    session_free(&b);
+    free(ids);
+    free(other);
+}
+
+/* The documented --sessions default: half of the available memory over the
+ * size of one session at full --ctx (float32 state + its checkpoints), 1..4. */
+static void test_default_sessions(struct env *v) {
+    const struct ds4_config *c = &v->model.cfg;
+    struct server_options o;
+    server_options_default(&o);
+    o.ctx = 4096;
+    uint64_t ckpt = (uint64_t)(c->n_layers + 1) * c->window * c->head_dim * 4 + (uint64_t)c->vocab * 4;
+    uint64_t one = snapshot_f32_bytes(c, false, o.ctx) + (4096 / 2048 + CACHE_PROMPT_END_CHECKPOINTS) * ckpt;
+    int none = cache_default_sessions(&v->model, &o, 0);
+    int three = cache_default_sessions(&v->model, &o, 2 * 3 * one + 1);
+    int many = cache_default_sessions(&v->model, &o, (uint64_t)1 << 50);
+    check(none == 1 && three == 3 && many == 4, "--sessions default: %d with no memory (1), %d with "
+          "room for 3 sessions of %llu bytes (3), %d with 1 PiB (the cap, 4)", none, three,
+          (unsigned long long)one, many);
+}
+
+static void test_checkpoints(struct env *plain, struct env *mtp) {
+    test_default_sessions(plain);
+    rewind_case(plain, "tiny", 96);
+    rewind_case(plain, "tiny", 101);
+    rewind_case(mtp, "tiny+MTP", 101);
+    test_fork_and_stale(mtp);
 }
 
 int main(int argc, char **argv) {
@@ -646,6 +768,7 @@ int main(int argc, char **argv) {
     test_roundtrip(&plain, "tiny", dir);
     test_roundtrip(&mtp, "tiny+MTP", dir);
     test_hostile(&plain, &mtp, dir);
+    test_checkpoints(&plain, &mtp);
     char sdir[600];
     snprintf(sdir, sizeof sdir, "%s/store", dir);
     test_store(&plain, have_foreign ? &foreign : &mtp, sdir);

@@ -10,9 +10,13 @@
 #      and a follow-up question: its usage must report >= 2000 cached prompt
 #      tokens (OpenAI usage.prompt_tokens_details.cached_tokens), loaded
 #      from disk, not prefilled.
-#   4. An Anthropic request for the first prompt alone makes the live
-#      session diverge: it is saved (reason "evict") and the prompt is
-#      resumed from disk again (usage.cache_read_input_tokens >= 2000).
+#   4. An Anthropic request for the first prompt alone leaves the live
+#      session before its end: with --sessions 2 it is served from a fork of
+#      that session rewound to its checkpoint at 2048 tokens (12.10), the
+#      conversation itself kept whole (usage.cache_read_input_tokens >= 2000).
+#   5. A third server with --sessions 1 gets the second conversation, then
+#      the first prompt: its one session is saved (reason "evict", or found
+#      already saved by the shutdown of server 2) before it rewinds in place.
 #
 # Loopback only; every server is stopped on exit. Last line: "N passed, N failed".
 
@@ -49,6 +53,7 @@ trap cleanup EXIT INT TERM
 start_server() {
     rm -f "$TMP/port"
     "$BIN" --server -m "$MODEL" --port 0 --port-file "$TMP/port" --ctx 8192 --kv-disk-dir "$D" \
+        --sessions "${SESSIONS:-2}" \
         >"$TMP/server.$1" 2>&1 &
     PID=$!
     URL=
@@ -103,11 +108,22 @@ prompt=$(field prompt_tokens "$TMP/r2.json")
 
 code=$(post /v1/messages "$TMP/first.json" "$TMP/r3.json")
 cached=$(field cache_read_input_tokens "$TMP/r3.json")
-[ "$code" = 200 ] && [ "${cached:-0}" -ge 2000 ] && grep -q "(evict)" "$TMP/server.2" \
-    && ok "Anthropic request for another prompt: live session saved (evict), $cached tokens read from disk" \
-    || bad "evict + resume: HTTP $code, cache_read_input_tokens $cached, $(head -c 300 "$TMP/r3.json"); $(tail -n 3 "$TMP/server.2")"
+[ "$code" = 200 ] && [ "${cached:-0}" -ge 2000 ] && grep -q "forked and rewound, $cached of" "$TMP/server.2" \
+    && ok "Anthropic request for the first prompt: $cached tokens from a rewound fork of the session ($(grep 'forked' "$TMP/server.2" | tail -n 1))" \
+    || bad "fork + rewind: HTTP $code, cache_read_input_tokens $cached, $(head -c 300 "$TMP/r3.json"); $(tail -n 3 "$TMP/server.2")"
 stop_server
 [ "$rc" = 0 ] && ok "second server stops cleanly" || bad "second server: status $rc"
+
+SESSIONS=1 start_server 3
+post /v1/chat/completions "$TMP/second.json" "$TMP/r4.json" >/dev/null
+code=$(post /v1/messages "$TMP/first.json" "$TMP/r5.json")
+cached=$(field cache_read_input_tokens "$TMP/r5.json")
+saved=$(grep -E "\(evict\)|already saved" "$TMP/server.3" | tail -n 1)
+[ "$code" = 200 ] && [ "${cached:-0}" -ge 2000 ] && [ -n "$saved" ] \
+    && grep -q "session 1 of 1 rewound, $cached of" "$TMP/server.3" \
+    && ok "--sessions 1: the session goes to disk ($saved) before it rewinds in place; $cached tokens cached" \
+    || bad "--sessions 1 evict: HTTP $code, cache_read_input_tokens $cached; $(tail -n 3 "$TMP/server.3")"
+stop_server
 
 list=$("$BIN" --kv-list "$D" | tail -n 1)
 check=$("$BIN" --kv-check "$D" | tail -n 1)

@@ -242,6 +242,30 @@ test('anthropic: tool_use round trip with cache_read_input_tokens', async () => 
   assert.equal(r2.usage.cache_read_input_tokens, total1);
 });
 
+// ---- The prompt cache (ds4.c 12.10): a prompt sent twice is all cached the second time,
+// although the session generated past it (it rewinds to the prompt's end checkpoint).
+
+test('cache: openai chat, the same prompt twice', async () => {
+  const req = { model: 'deepseek-chat', max_tokens: 6, temperature: 0,
+    messages: [{ role: 'user', content: 'Cache probe: the same prompt sent twice, via openai.' }] };
+  const r1 = await openai.chat.completions.create(req);
+  const r2 = await openai.chat.completions.create(req);
+  assert.ok(r1.usage.prompt_tokens_details.cached_tokens < r1.usage.prompt_tokens);
+  assert.equal(r2.usage.prompt_tokens_details.cached_tokens, r2.usage.prompt_tokens);
+  assert.equal(r2.choices[0].message.content, r1.choices[0].message.content);
+});
+
+test('cache: anthropic messages, the same prompt twice', async () => {
+  const req = { model: 'deepseek-chat', max_tokens: 6, temperature: 0,
+    messages: [{ role: 'user', content: 'Cache probe: the same prompt sent twice, via anthropic.' }] };
+  const r1 = await anthropic.messages.create(req);
+  const r2 = await anthropic.messages.create(req);
+  assert.ok(r1.usage.input_tokens > 0);
+  assert.equal(r2.usage.input_tokens, 0);
+  assert.equal(r2.usage.cache_read_input_tokens, r1.usage.input_tokens + r1.usage.cache_read_input_tokens);
+  assert.deepEqual(r2.content, r1.content);
+});
+
 test('anthropic: count_tokens', async () => {
   const r = await anthropic.messages.countTokens({
     model: 'deepseek-chat', messages: [{ role: 'user', content: 'hello there' }],
@@ -293,7 +317,11 @@ test('responses: function_call round trip reuses the prefix', async () => {
   input.push(...r1.output, { type: 'function_call_output', call_id: call.call_id, output: '21C' });
   const r2 = await openai.responses.create({ model: 'deepseek-chat', tools, input });
   assert.equal(r2.output_text, 'It is 21C in Rome.');
-  assert.equal(r2.usage.input_tokens_details.cached_tokens, r1.usage.input_tokens + r1.usage.output_tokens);
+  // At least the first turn and its call are reused; another session in memory (12.10) may
+  // hold more of this prompt (an earlier test's identical conversation) and is then preferred.
+  const cached = r2.usage.input_tokens_details.cached_tokens;
+  assert.ok(cached >= r1.usage.input_tokens + r1.usage.output_tokens && cached < r2.usage.input_tokens,
+    `cached ${cached}, first turn ${r1.usage.input_tokens}+${r1.usage.output_tokens}, prompt ${r2.usage.input_tokens}`);
 });
 
 test('responses: streamed function_call', async () => {
