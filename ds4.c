@@ -5230,6 +5230,28 @@ static void chat_list_free(struct chat_list *l) {
     free(l->m);
 }
 
+/* MID-CONVERSATION SYSTEM MESSAGES. The encoder renders a system message
+ * as its bare text wherever it stands, and hands the turn to the model only
+ * after a user or developer message. That is sound at the start and after
+ * an assistant's EOS, but a system message right after a user turn (as
+ * agents send reminders) would land between <｜User｜>... and
+ * <｜Assistant｜> and swallow the hand-over, and one that ends the list
+ * after an assistant turn would leave the prompt with no <｜Assistant｜>
+ * at all. There is no place for them in the official encoding, so we fold
+ * them into the nearest valid position, the user turn:
+ *
+ *     user U, system S           ->  <｜User｜>U\n\nS<｜Assistant｜>...
+ *     assistant A, system S (end) -> A<EOS><｜User｜>S<｜Assistant｜>...
+ *
+ * (a system message carrying tools or a response format keeps its place,
+ * since a user turn has no room for them). */
+static bool chat_system_folds(const struct json *src, const struct chat_msg *last, bool is_final) {
+    if (!last || chat_truthy(json_get(src, "tools")) || chat_truthy(json_get(src, "response_format")))
+        return false;
+    if (last->role == CHAT_USER_ROLE) return last->n_blocks > 0 && last->task == NULL;
+    return last->role == CHAT_ASSISTANT_ROLE && is_final;
+}
+
 /* Step 1, MERGE. A user turn that carries a task starts a turn of its own
  * and accepts no later parts. */
 static void chat_merge(struct chat_list *l, const struct json *messages) {
@@ -5238,7 +5260,10 @@ static void chat_merge(struct chat_list *l, const struct json *messages) {
         enum chat_role role = chat_role_of(src);
         struct chat_msg *last = l->n ? &l->m[l->n - 1] : NULL;
         bool open_user = last && last->role == CHAT_USER_ROLE && last->n_blocks > 0;
-        if (role == CHAT_TOOL) {
+        if (role == CHAT_SYSTEM && chat_system_folds(src, last, i + 1 == messages->count)) {
+            if (last->role != CHAT_USER_ROLE) last = chat_push(l, CHAT_USER_ROLE, NULL);
+            chat_add_block(last, false, json_get(src, "content"), NULL);
+        } else if (role == CHAT_TOOL) {
             if (!open_user) last = chat_push(l, CHAT_USER_ROLE, NULL);
             chat_add_block(last, true, json_get(src, "content"), json_get(src, "tool_call_id"));
         } else if (role == CHAT_USER_ROLE) {
@@ -10174,7 +10199,7 @@ struct server_options {
     int body_timeout_ms;       /* --body-timeout S   60 s for the whole body */
     int max_tokens_cap;        /* --max-tokens-cap N 32768: the most any request may generate */
     int max_conns;             /* --max-conns N      64 open connections */
-    int ctx;                   /* --ctx N            32768: prompt + reply tokens */
+    int ctx;                   /* --ctx N            131072: prompt + reply tokens */
     int chunk;                 /* --chunk N          prefill chunk (shared with the CLI's --chunk) */
     int tool_memory;           /* --tool-memory N    1024 remembered tool-call blocks (12.6) */
     bool no_exact_replay;      /* --no-exact-replay  render tool calls canonically */
@@ -10190,6 +10215,13 @@ struct server_options {
 #define SERVER_JSON_DEPTH 64           /* nesting allowed in a request body */
 #define SERVER_TOP_K_CAP 1024
 
+/* The default context. Claude Code's first request is a ~40k-token prompt
+ * (system text and tool schemas) with max_tokens 32000, and the
+ * conversation grows from there; 128K holds that with room for a long
+ * session. It is a limit, not a reservation: a session's memory grows with
+ * the tokens it holds (8.2), so a small conversation costs what it is. */
+#define SERVER_DEFAULT_CTX 131072
+
 static void server_options_default(struct server_options *o) {
     memset(o, 0, sizeof *o);
     o->host = "127.0.0.1";
@@ -10201,7 +10233,7 @@ static void server_options_default(struct server_options *o) {
     o->body_timeout_ms = 60000;
     o->max_tokens_cap = 32768;
     o->max_conns = 64;
-    o->ctx = 32768;
+    o->ctx = SERVER_DEFAULT_CTX;
     o->chunk = 128;
     o->tool_memory = 1024;
 }
@@ -10214,7 +10246,7 @@ static const char SERVER_USAGE[] =
     "      --cors ORIGIN      allow browser requests from ORIGIN ('*' for any)\n"
     "      --log FILE         append one line per request with timings\n"
     "      --model-name NAME  model id to report (default deepseek-v4-flash)\n"
-    "      --ctx N            context: prompt plus reply tokens (default 32768)\n"
+    "      --ctx N            context: prompt plus reply tokens (default 131072)\n"
     "      --max-body BYTES   largest request body (default 8388608)\n"
     "      --max-header BYTES largest request head (default 65536)\n"
     "      --header-timeout S seconds to send the request head (default 10)\n"
@@ -11256,7 +11288,10 @@ static bool conv_anthropic_assistant_block(struct conv *c, const struct json *b,
 }
 
 /* Anthropic Messages: "system" plus "messages" [{role, content}], where
- * content is a string or a list of blocks. */
+ * content is a string or a list of blocks. Claude Code also puts system
+ * (and developer) messages inside "messages"; they are read like the
+ * top-level "system" and rendered where they stand (6.8 folds one that
+ * follows a user turn into it). */
 static bool conv_from_messages(struct conv *c, const struct json *req, struct ds4_error *e) {
     const struct json *msgs = json_get(req, "messages");
     if (!json_is(msgs, JSON_ARRAY) || msgs->count == 0) return fail(e, "'messages' must be a non-empty array");
@@ -11269,9 +11304,12 @@ static bool conv_from_messages(struct conv *c, const struct json *req, struct ds
         char where[48];
         snprintf(where, sizeof where, "messages[%zu]", i);
         bool user = role && strcmp(role, "user") == 0, assistant = role && strcmp(role, "assistant") == 0;
+        bool system = role && (strcmp(role, "system") == 0 || strcmp(role, "developer") == 0);
         text.len = 0;
-        if (!user && !assistant) {
-            ok = fail(e, "%s: 'role' must be user or assistant", where);
+        if (system) {
+            ok = conv_anthropic_system(c, content, e);
+        } else if (!user && !assistant) {
+            ok = fail(e, "%s: 'role' must be user, assistant or system", where);
         } else if (json_is(content, JSON_STRING)) {
             if (user) conv_user(c, content->string, content->len);
             else conv_text(c, content->string, content->len);
@@ -12938,11 +12976,18 @@ static bool job_check_context(struct conn *c, struct job *j) {
     return true;
 }
 
+static bool model_known(const struct server_options *o, const char *id);
+
+/* UNKNOWN MODEL IDS. Agents come configured with a model name, often one
+ * they know (gpt-4o, claude-sonnet-...) rather than ours. Answering 404
+ * would make a misconfigured agent fail on its first request; we accept any
+ * id instead, and say in the reply's "model" which model really answered:
+ * one of our ids is echoed, any other is replaced by --model-name. */
 static void job_ids(struct job *j, const struct server_options *o) {
     static const char *const prefix[] = {"chatcmpl-", "cmpl-", "msg_", "resp_"};
     random_id(j->id, sizeof j->id, prefix[j->api]);
     j->created = (long)time(NULL);
-    j->model = j->p.model ? j->p.model : o->model_name;
+    j->model = j->p.model && model_known(o, j->p.model) ? j->p.model : o->model_name;
 }
 
 /* POST /v1/chat/completions, /v1/completions, /v1/messages, /v1/responses:
@@ -13037,8 +13082,12 @@ static void handle_models(struct conn *c, struct http_request *r, char *note, si
     const char *id = r->path + strlen("/v1/models");
     (void)note, (void)note_cap;
     if (*id == '\0') {
+        const char *ids[] = {c->opt->model_name, "deepseek-chat", "deepseek-reasoner"};
         strbuf_puts(&b, "{\"object\":\"list\",\"data\":[");
-        model_object(&b, c->opt, c->opt->model_name);
+        for (size_t i = 0; i < 3; i++) {
+            if (i > 0) strbuf_puts(&b, ",");
+            model_object(&b, c->opt, ids[i]);
+        }
         strbuf_puts(&b, "],\"has_more\":false}");
         http_respond_json(c, 200, &b);
     } else if (model_known(c->opt, id + 1)) {
