@@ -91,6 +91,13 @@ tests/server/node_modules: tests/server/package-lock.json
 test: all $(TEST_PROGRAMS) $(TEST_MODELS) tests/server/node_modules
 	@sh tests/run.sh
 
+# The four coding agents (Claude Code, Codex, opencode, Pi) from npm, each
+# running a turn and a tool loop against ./ds4 --server (tests/agents/run.sh).
+# Not part of `make test`: it downloads the agents. DS4_AGENTS_PREFIX=DIR
+# reuses an earlier install.
+test-agents: all
+	@sh tests/agents/run.sh
+
 bench: all
 	./ds4 --bench -m vectors/tiny.gguf --bench-prefill 256 --bench-decode 64
 
@@ -110,4 +117,4 @@ book-check:
 clean:
 	rm -rf ds4 ds4-convert $(TESTBIN) vectors/tiny.gguf vectors/tiny-mtp.gguf
 
-.PHONY: all test bench clean book book-check
+.PHONY: test-agents all test bench clean book book-check
