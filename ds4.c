@@ -10167,6 +10167,7 @@ static int run_bench(struct engine *eng, int n_prefill, int n_decode, struct spe
  *   12.6  Exact replay of tool calls
  *   12.7  The test script: forced replies (tests only)
  *   12.8  Jobs and the queue
+ *   12.8b Guided decoding: tool_choice, JSON replies, penalties, logprobs
  *   12.9  The reply in each dialect: streaming events and whole bodies
  *   12.10 The worker: prefix reuse, prefill, decode, DSML, stop strings
  *   12.11 Handlers and routing
@@ -13742,6 +13743,8 @@ static bool job_read_request(struct job *j, const struct json *req, struct conv 
     if (!ok) return false;
     conv_finish(cv);
     j->p.tools_on = tools->len > 0 && !tool_choice_none(req);
+    if (j->p.choice == CHOICE_NAMED && !tool_listed(&j->tt.names, j->p.choice_name))
+        return fail(e, "'tool_choice' names '%s', which is not one of the request's tools", j->p.choice_name);
     return true;
 }
 

@@ -168,6 +168,14 @@ test('anthropic: tool_choice {type: tool} forces that tool', async () => {
   assert.equal(uses[0]?.name, 'get_weather');
 });
 
+test('raw: tool_choice naming an undeclared tool is a 400 naming it', async () => {
+  const r = await raw('/v1/chat/completions', {
+    messages: [{ role: 'user', content: 'x' }], tools, tool_choice: { type: 'function', function: { name: 'nope' } },
+  });
+  assert.equal(r.status, 400);
+  assert.match(r.body.error.message, /tool_choice.*nope/);
+});
+
 // ---- JSON replies
 
 test('openai: response_format json_object gives a JSON object even from a random model', async () => {
