@@ -10967,8 +10967,8 @@ static bool read_tool_choice(const struct json *req, struct gen_params *g, struc
         g->choice_name = json_str(fn ? fn : tc, "name");
         if (!g->choice_name) return fail(e, "'tool_choice' names no tool ('name' must be a string)");
     } else {
-        return fail(e, "'tool_choice' of type '%s' is not supported (auto, none, required or a named tool)",
-                    type);
+        return fail(e, "'tool_choice' of type '%s' is not supported (auto, none, required or "
+                       "a named tool)", type);
     }
     return true;
 }
@@ -10987,7 +10987,8 @@ static bool check_schema(const struct json *schema, const char *key, struct ds4_
  *
  * A JSON reply is sampled under the JSON grammar (12.9b); a schema is also
  * shown to the model in the official "Response Format" section (6.8). */
-static bool read_format(const struct json *req, enum api_kind api, struct gen_params *g, struct ds4_error *e) {
+static bool read_format(const struct json *req, enum api_kind api, struct gen_params *g,
+                        struct ds4_error *e) {
     const char *key = api == API_RESPONSES ? "text.format" : api == API_MESSAGES ? "output_config.format"
                                                                                 : "response_format";
     const struct json *f = api == API_RESPONSES ? json_get(json_get(req, "text"), "format")
@@ -11002,7 +11003,8 @@ static bool read_format(const struct json *req, enum api_kind api, struct gen_pa
         return true;
     }
     if (strcmp(type, "json_schema") != 0)
-        return fail(e, "'%s' of type '%s' is not supported (text, json_object or json_schema)", key, type);
+        return fail(e, "'%s' of type '%s' is not supported (text, json_object or json_schema)",
+                    key, type);
     const struct json *inner = api == API_CHAT ? json_get(f, "json_schema") : f;
     if (!check_schema(json_get(inner, "schema"), key, e)) return false;
     g->json_reply = true;
@@ -11019,8 +11021,10 @@ static bool read_penalties_logprobs(const struct json *req, enum api_kind api, s
     if (!field_float(req, "frequency_penalty", -2, 2, &g->frequency_penalty, e)) return false;
     if (api == API_CHAT) {
         if (!field_bool(req, "logprobs", &g->logprobs, e)) return false;
-        if (!field_int(req, "top_logprobs", 0, SERVER_MAX_TOP_LOGPROBS, &g->top_logprobs, e)) return false;
-        if (g->top_logprobs > 0 && !g->logprobs) return fail(e, "'top_logprobs' needs 'logprobs': true");
+        if (!field_int(req, "top_logprobs", 0, SERVER_MAX_TOP_LOGPROBS, &g->top_logprobs, e))
+            return false;
+        if (g->top_logprobs > 0 && !g->logprobs)
+            return fail(e, "'top_logprobs' needs 'logprobs': true");
         if (g->logprobs && g->stream) return fail(e, "'logprobs' is supported only without 'stream'");
         return true;
     }
@@ -11056,7 +11060,8 @@ static bool check_known_fields(const struct json *req, struct ds4_error *e) {
         bool known = false;
         for (size_t k = 0; !known && k < sizeof KNOWN_FIELDS / sizeof KNOWN_FIELDS[0]; k++)
             known = strcmp(req->keys[i], KNOWN_FIELDS[k]) == 0;
-        if (!known) return fail(e, "unknown field '%s': this server does not support it", req->keys[i]);
+        if (!known)
+            return fail(e, "unknown field '%s': this server does not support it", req->keys[i]);
     }
     return true;
 }
@@ -11314,14 +11319,16 @@ static bool tool_listed(const struct strbuf *list, const char *name) {
  * DSML calls with named parameters, so it is shown as a function with one
  * string parameter "input" (the text), its grammar, if any, in the
  * description; its calls go back as custom_tool_call items. */
-static void tools_add_custom(struct strbuf *tools, size_t *n, const struct json *name, const struct json *t) {
+static void tools_add_custom(struct strbuf *tools, size_t *n, const struct json *name,
+                             const struct json *t) {
     struct strbuf desc = {0};
     const struct json *d = json_get(t, "description"), *fmt = json_get(t, "format");
     const char *def = json_str(fmt, "definition");
     if (json_is(d, JSON_STRING)) strbuf_append(&desc, d->string, d->len);
     strbuf_puts(&desc, desc.len ? "\n\n" : "");
     strbuf_puts(&desc, "Pass the whole free-form input as the string parameter `input`.");
-    if (def) strbuf_printf(&desc, " It must follow this %s grammar:\n%s", json_str(fmt, "syntax") ? json_str(fmt, "syntax") : "", def);
+    const char *syntax = json_str(fmt, "syntax");
+    if (def) strbuf_printf(&desc, " It must follow this %s grammar:\n%s", syntax ? syntax : "", def);
     struct json dj = {.kind = JSON_STRING, .string = desc.data, .len = desc.len};
     static char params_text[] = "{\"type\":\"object\",\"properties\":{\"input\":{\"type\":\"string\"}},"
                                 "\"required\":[\"input\"]}";
@@ -11346,7 +11353,8 @@ static bool read_tool(const struct json *t, const char *prefix, enum api_kind ap
     if (api == API_RESPONSES && type && strcmp(type, "namespace") == 0) {
         const struct json *inner = json_get(t, "tools");
         const char *ns = json_str(t, "name");
-        if (!ns || !json_is(inner, JSON_ARRAY)) return fail(e, "%s: a namespace needs 'name' and 'tools'", where);
+        if (!ns || !json_is(inner, JSON_ARRAY))
+            return fail(e, "%s: a namespace needs 'name' and 'tools'", where);
         for (size_t k = 0; k < inner->count; k++)
             if (!read_tool(&inner->items[k], ns, api, tools, n, tt, where, e)) return false;
         return true;
@@ -11354,8 +11362,8 @@ static bool read_tool(const struct json *t, const char *prefix, enum api_kind ap
     bool custom = api == API_RESPONSES && type && strcmp(type, "custom") == 0;
     if (api == API_CHAT && json_is(fn, JSON_OBJECT) && (!type || strcmp(type, "function") == 0)) t = fn;
     else if (api == API_MESSAGES ? !json_get(t, "input_schema") : !custom && (!type || strcmp(type, "function")))
-        return fail(e, "%s: tool type '%s' is not supported (function tools only; hosted tools cannot run here)",
-                    where, type ? type : "?");
+        return fail(e, "%s: tool type '%s' is not supported (function tools only; hosted tools cannot "
+                       "run here)", where, type ? type : "?");
     const struct json *name = json_get(t, "name");
     if (!json_is(name, JSON_STRING)) return fail(e, "%s has no name", where);
     /* A namespaced tool is shown as NAMESPACE.NAME: tool names cannot hold
@@ -11373,8 +11381,8 @@ static bool read_tool(const struct json *t, const char *prefix, enum api_kind ap
     return true;
 }
 
-static bool read_tools(const struct json *req, enum api_kind api, struct strbuf *tools, struct tool_table *tt,
-                       struct ds4_error *e) {
+static bool read_tools(const struct json *req, enum api_kind api, struct strbuf *tools,
+                       struct tool_table *tt, struct ds4_error *e) {
     const struct json *list = json_get(req, "tools");
     size_t n = 0;
     if (!field_is_set(list)) return true;
@@ -12120,10 +12128,11 @@ static void random_id(char *out, size_t cap, const char *prefix) {
  *                     of a declared name followed by `">`; a JSON reply must
  *                     stay a prefix of a JSON object (the machine below);
  *                     masked tokens get logit -inf before the sampler runs;
- *     BUDGET          a JSON reply that would reach max_tokens unfinished is
- *                     closed in time: when the tokens left are no more than
- *                     the bytes of its shortest completion, that completion
- *                     is forced, one single-byte token per byte.
+ *     BUDGET          a JSON reply must close before max_tokens: a token is
+ *                     allowed only if the shortest completion after it (one
+ *                     single-byte token per byte) and EOS still fit; if the
+ *                     limit is too small even for that, the completion is
+ *                     forced byte by byte.
  *
  * In thinking mode the reasoning is left free: the promises apply to the
  * answer, from the token after </think>. A test script's replies (12.7)
@@ -12391,7 +12400,8 @@ static void guide_free(struct guide *g) {
 
 /* Does this job need the guided path at all? */
 static bool guide_wanted(const struct gen_params *p) {
-    bool calls = p->tools_on && (p->choice == CHOICE_REQUIRED || p->choice == CHOICE_NAMED || p->serial_tools);
+    bool calls = p->tools_on &&
+                 (p->choice == CHOICE_REQUIRED || p->choice == CHOICE_NAMED || p->serial_tools);
     return calls || p->json_reply || p->presence_penalty != 0 || p->frequency_penalty != 0 || p->logprobs;
 }
 
@@ -12467,8 +12477,18 @@ static const char *guide_plain_bytes(const struct tokenizer *tok, int32_t t, siz
     return token_bytes(tok, t, n);
 }
 
-/* The masks of the name and of the JSON machine, as -inf logits. */
-static void guide_mask(const struct tokenizer *tok, const struct job *j, float *logits, int V) {
+/* Can a JSON reply in state m still close in `room` tokens, EOS included?
+ * Its shortest completion takes at most one token per byte. */
+static bool jm_fits(const struct json_machine *m, int room) {
+    char done[3 * JM_DEPTH + 16];
+    if (m->mode == JM_DONE) return room >= 1;
+    return (int)jm_completion(m, done, sizeof done) + 1 <= room;
+}
+
+/* The masks of the name and of the JSON machine, as -inf logits. A JSON
+ * token must also leave room to close the object before the token limit
+ * (`left` counts this step), so a reply cut by max_tokens is still JSON. */
+static void guide_mask(const struct tokenizer *tok, const struct job *j, int left, float *logits, int V) {
     const struct guide *g = j->guide;
     bool json = g->json_on && g->jm.mode != JM_DONE, json_done = g->json_on && g->jm.mode == JM_DONE;
     if (!g->name_open && !json && !json_done) return;
@@ -12482,11 +12502,11 @@ static void guide_mask(const struct tokenizer *tok, const struct job *j, float *
         } else if (s && g->name_open && g->name.len + n <= sizeof buf) {
             memcpy(buf, g->name.data ? g->name.data : "", g->name.len);
             memcpy(buf + g->name.len, s, n);
-            ok = n > 0 && guide_name_fits(&j->tt.names, j->p.choice == CHOICE_NAMED ? j->p.choice_name : NULL,
-                                          buf, g->name.len + n, &complete);
+            const char *named = j->p.choice == CHOICE_NAMED ? j->p.choice_name : NULL;
+            ok = n > 0 && guide_name_fits(&j->tt.names, named, buf, g->name.len + n, &complete);
         } else if (s && json) {
             struct json_machine m = g->jm;
-            ok = n > 0 && jm_feed_bytes(&m, s, n);
+            ok = n > 0 && jm_feed_bytes(&m, s, n) && jm_fits(&m, left - 1);
         }
         if (!ok) logits[t] = -INFINITY;
     }
@@ -12551,7 +12571,7 @@ static int32_t guide_step(struct server *srv, struct job *j, const struct script
     else if (rule) id = g->script_at < rule->n_ids ? rule->ids[g->script_at++] : tok->sp.eos;
     else id = guide_budget_token(tok, g, left);
     if (id < 0) {
-        guide_mask(tok, j, logits, V);
+        guide_mask(tok, j, left, logits, V);
         id = sample_token(&srv->sp, logits, V);
     }
     if (j->p.logprobs && guide_in_answer(j) && id != tok->sp.eos) {
@@ -12572,8 +12592,8 @@ static void guide_after(struct server *srv, struct job *j, int32_t id) {
     if (g->name_open) {
         bool complete = false;
         strbuf_append(&g->name, s, n);
-        guide_name_fits(&j->tt.names, j->p.choice == CHOICE_NAMED ? j->p.choice_name : NULL, g->name.data,
-                        g->name.len, &complete);
+        const char *named = j->p.choice == CHOICE_NAMED ? j->p.choice_name : NULL;
+        guide_name_fits(&j->tt.names, named, g->name.data, g->name.len, &complete);
         if (complete) g->name_open = false;
     }
     if (g->json_on && g->jm.mode != JM_DONE && !jm_feed_bytes(&g->jm, s, n))
@@ -13620,7 +13640,8 @@ static bool worker_decode(struct server *srv, struct job *j, struct ds4_error *e
             return false;
         }
         for (int k = 0; k < got; k++)
-            if ((!rule && !j->guide) || ids[k] != eos) worker_remember(srv, ids[k]);   /* all are in the session */
+            if ((!rule && !j->guide) || ids[k] != eos)
+                worker_remember(srv, ids[k]);   /* all are in the session */
         bool done = false;
         for (int k = 0; k < got && !done && i < j->max_tokens; k++, i++) {
             if (ids[k] == eos) {
@@ -13735,7 +13756,8 @@ static void srv_log(struct server *srv, const char *fmt, ...) {
 /* The dialect's request, as canonical messages and tools (12.5). */
 static bool job_read_request(struct job *j, const struct json *req, struct conv *cv, struct strbuf *tools,
                              struct ds4_error *e) {
-    if (!read_gen_params(req, j->api, &j->p, e) || !read_tools(req, j->api, tools, &j->tt, e)) return false;
+    if (!read_gen_params(req, j->api, &j->p, e)) return false;
+    if (!read_tools(req, j->api, tools, &j->tt, e)) return false;
     bool ok = j->api == API_CHAT        ? conv_from_chat(cv, req, e)
             : j->api == API_MESSAGES    ? conv_from_messages(cv, req, e)
             : j->api == API_RESPONSES   ? conv_from_responses(cv, req, e)
@@ -13744,7 +13766,8 @@ static bool job_read_request(struct job *j, const struct json *req, struct conv 
     conv_finish(cv);
     j->p.tools_on = tools->len > 0 && !tool_choice_none(req);
     if (j->p.choice == CHOICE_NAMED && !tool_listed(&j->tt.names, j->p.choice_name))
-        return fail(e, "'tool_choice' names '%s', which is not one of the request's tools", j->p.choice_name);
+        return fail(e, "'tool_choice' names '%s', which is not one of the request's tools",
+                    j->p.choice_name);
     return true;
 }
 
