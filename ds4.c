@@ -11397,7 +11397,7 @@ static bool read_tools(const struct json *req, enum api_kind api, struct strbuf 
 }
 
 /* tool_choice "none" (OpenAI) or {"type":"none"} (Anthropic) hides the tools;
- * every other choice leaves the decision to the model. */
+ * "required" and named choices are enforced while decoding (12.8b). */
 static bool tool_choice_none(const struct json *req) {
     const struct json *tc = json_get(req, "tool_choice");
     if (json_is(tc, JSON_STRING)) return strcmp(tc->string, "none") == 0;
