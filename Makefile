@@ -149,6 +149,13 @@ FUZZ_SEED ?= $(shell date +%s)
 fuzz: $(TESTBIN)/fuzz_http
 	$(TESTBIN)/fuzz_http $(FUZZ_ROUNDS) $(FUZZ_SEED)
 
+# The four coding agents (Claude Code, Codex, opencode, Pi) from npm, each
+# running a turn and a tool loop against ./ds4 --server (tests/agents/run.sh).
+# Not part of `make test`: it downloads the agents. DS4_AGENTS_PREFIX=DIR
+# reuses an earlier install.
+test-agents: all
+	@sh tests/agents/run.sh
+
 bench: all
 	./ds4 --bench -m vectors/tiny.gguf --bench-prefill 256 --bench-decode 64
 
@@ -168,4 +175,4 @@ book-check:
 clean:
 	rm -rf ds4 ds4-convert ds4_metal.o $(TESTBIN) vectors/tiny.gguf vectors/tiny-mtp.gguf
 
-.PHONY: all test test-metal bench fuzz clean book book-check
+.PHONY: all test test-metal test-agents bench fuzz clean book book-check

@@ -5299,13 +5299,15 @@ static void pyjson_write(struct strbuf *b, const struct json *j) {
  * for contexts of at least 384K tokens (the reasoning it triggers is long),
  * so chat_render() silently uses normal thinking below that.
  *
- * Two choices of ours where the encoder has no answer:
+ Choices of ours where the encoder has no answer:
  *
  *   - tools given next to the messages (an OpenAI request's "tools") attach
  *     to the first message, as DeepSeek's own tests do; if that message is
  *     not a system or developer message, an empty system message is put in
  *     front to carry them (the encoder would silently drop a tools list on
- *     a user message);
+ *     a user message); a request-level response format attaches the same way;
+ *   - a system message in the middle of the conversation that would break
+ *     the hand-over to the model is folded into the user turn (MERGE, below);
  *   - a message "content" that is a list of parts has its text parts joined
  *     with "\n\n"; tool-call "arguments" given as a JSON object instead of
  *     a string are used as is. */
@@ -5319,6 +5321,7 @@ struct chat_options {
     uint64_t context_tokens;   /* the session's context size; gates Think Max */
     bool keep_reasoning;       /* never drop earlier reasoning (drop_thinking=False) */
     bool no_bos;               /* continuing an already encoded prefix */
+    const struct json *response_format;   /* request-level format; rendered like the tools */
 };
 
 static const char CHAT_BOS[] = "<｜begin▁of▁sentence｜>";
@@ -5387,6 +5390,7 @@ struct chat_msg {
     enum chat_role role;
     const struct json *src;         /* the message object; NULL for the synthetic system message */
     const struct json *tools;       /* its "tools" (or the request's tools) */
+    const struct json *response_format;   /* its "response_format" (or the request's) */
     const struct json *task;        /* "task", or NULL */
     bool drop_reasoning;            /* set by DROP */
     struct chat_block *blocks;      /* user turns only */
@@ -5432,6 +5436,7 @@ static struct chat_msg *chat_push(struct chat_list *l, enum chat_role role, cons
     m->role = role;
     m->src = src;
     m->tools = json_get(src, "tools");
+    m->response_format = json_get(src, "response_format");
     return m;
 }
 
@@ -5448,6 +5453,28 @@ static void chat_list_free(struct chat_list *l) {
     free(l->m);
 }
 
+/* MID-CONVERSATION SYSTEM MESSAGES. The encoder renders a system message
+ * as its bare text wherever it stands, and hands the turn to the model only
+ * after a user or developer message. That is sound at the start and after
+ * an assistant's EOS, but a system message right after a user turn (as
+ * agents send reminders) would land between <｜User｜>... and
+ * <｜Assistant｜> and swallow the hand-over, and one that ends the list
+ * after an assistant turn would leave the prompt with no <｜Assistant｜>
+ * at all. There is no place for them in the official encoding, so we fold
+ * them into the nearest valid position, the user turn:
+ *
+ *     user U, system S           ->  <｜User｜>U\n\nS<｜Assistant｜>...
+ *     assistant A, system S (end) -> A<EOS><｜User｜>S<｜Assistant｜>...
+ *
+ * (a system message carrying tools or a response format keeps its place,
+ * since a user turn has no room for them). */
+static bool chat_system_folds(const struct json *src, const struct chat_msg *last, bool is_final) {
+    if (!last || chat_truthy(json_get(src, "tools")) || chat_truthy(json_get(src, "response_format")))
+        return false;
+    if (last->role == CHAT_USER_ROLE) return last->n_blocks > 0 && last->task == NULL;
+    return last->role == CHAT_ASSISTANT_ROLE && is_final;
+}
+
 /* Step 1, MERGE. A user turn that carries a task starts a turn of its own
  * and accepts no later parts. */
 static void chat_merge(struct chat_list *l, const struct json *messages) {
@@ -5456,7 +5483,10 @@ static void chat_merge(struct chat_list *l, const struct json *messages) {
         enum chat_role role = chat_role_of(src);
         struct chat_msg *last = l->n ? &l->m[l->n - 1] : NULL;
         bool open_user = last && last->role == CHAT_USER_ROLE && last->n_blocks > 0;
-        if (role == CHAT_TOOL) {
+        if (role == CHAT_SYSTEM && chat_system_folds(src, last, i + 1 == messages->count)) {
+            if (last->role != CHAT_USER_ROLE) last = chat_push(l, CHAT_USER_ROLE, NULL);
+            chat_add_block(last, false, json_get(src, "content"), NULL);
+        } else if (role == CHAT_TOOL) {
             if (!open_user) last = chat_push(l, CHAT_USER_ROLE, NULL);
             chat_add_block(last, true, json_get(src, "content"), json_get(src, "tool_call_id"));
         } else if (role == CHAT_USER_ROLE) {
@@ -5607,7 +5637,7 @@ static void chat_tools(struct strbuf *out, const struct json *tools) {
 }
 
 static void chat_system_extras(struct strbuf *out, const struct chat_msg *m) {
-    const struct json *rf = json_get(m->src, "response_format");
+    const struct json *rf = m->response_format;
     if (json_is(m->tools, JSON_ARRAY) && chat_truthy(m->tools)) chat_tools(out, m->tools);
     if (chat_truthy(rf)) {
         strbuf_puts(out, CHAT_RESPONSE_FORMAT);
@@ -5766,12 +5796,14 @@ static int chat_render(const struct json *messages, const struct json *tools, co
     for (size_t i = 0; i < messages->count; i++)
         if (!json_is(&messages->items[i], JSON_OBJECT))
             return tok_fail(err, errlen, "chat: message %zu is not an object", i);
-    if (chat_truthy(tools)) {
+    bool format = chat_truthy(opt->response_format);
+    if (chat_truthy(tools) || format) {
         enum chat_role first = messages->count ? chat_role_of(&messages->items[0]) : CHAT_UNKNOWN;
         if (first != CHAT_SYSTEM && first != CHAT_DEVELOPER) chat_push(&l, CHAT_SYSTEM, NULL);
     }
     chat_merge(&l, messages);
     if (chat_truthy(tools) && l.n > 0) l.m[0].tools = tools;
+    if (format && l.n > 0) l.m[0].response_format = opt->response_format;
     chat_sort(&l);
 
     struct chat_render_state s = {.l = &l};
@@ -11679,6 +11711,7 @@ static int tokenize_command(const char *gguf_path, const char *path) {
  *   12.6  Exact replay of tool calls
  *   12.7  The test script: forced replies (tests only)
  *   12.8  Jobs and the queue
+ *   12.8b Guided decoding: tool_choice, JSON replies, penalties, logprobs
  *   12.9  The reply in each dialect: streaming events and whole bodies
  *   12.10 The worker: prefix reuse, prefill, decode, DSML, stop strings
  *   12.11 Handlers and routing
@@ -11723,7 +11756,7 @@ struct server_options {
     int max_parses;            /* --max-parses N     4 such trees at once (the total pool) */
     int keepalive_ms;          /* --keepalive-timeout S 5 s idle between requests; 0: one per connection */
     int keepalive_requests;    /* --keepalive-requests N 100 requests per connection */
-    int ctx;                   /* --ctx N            32768: prompt + reply tokens */
+    int ctx;                   /* --ctx N            131072: prompt + reply tokens */
     int chunk;                 /* --chunk N          prefill chunk (shared with the CLI's --chunk) */
     int tool_memory;           /* --tool-memory N    1024 remembered tool-call blocks (12.6) */
     int sessions;              /* --sessions N       kept in memory; 0 = sized at start (12.10) */
@@ -11740,6 +11773,14 @@ struct server_options {
 #define SERVER_MAX_STOP_LEN 256        /* bytes per stop string */
 #define SERVER_JSON_DEPTH 64           /* nesting allowed in a request body */
 #define SERVER_TOP_K_CAP 1024
+#define SERVER_MAX_TOP_LOGPROBS 20     /* OpenAI's limit for top_logprobs */
+
+/* The default context. Claude Code's first request is a ~40k-token prompt
+ * (system text and tool schemas) with max_tokens 32000, and the
+ * conversation grows from there; 128K holds that with room for a long
+ * session. It is a limit, not a reservation: a session's memory grows with
+ * the tokens it holds (8.2), so a small conversation costs what it is. */
+#define SERVER_DEFAULT_CTX 131072
 
 static void server_options_default(struct server_options *o) {
     memset(o, 0, sizeof *o);
@@ -11757,7 +11798,7 @@ static void server_options_default(struct server_options *o) {
     o->max_parses = 4;
     o->keepalive_ms = 5000;
     o->keepalive_requests = 100;
-    o->ctx = 32768;
+    o->ctx = SERVER_DEFAULT_CTX;
     o->chunk = 128;
     o->tool_memory = 1024;
     o->checkpoint_every = 2048;
@@ -11772,7 +11813,7 @@ static const char SERVER_USAGE[] =
     "      --allow-host LIST  also accept these Host names (comma-separated; '*' any)\n"
     "      --log FILE         append one line per request with timings\n"
     "      --model-name NAME  model id to report (default deepseek-v4-flash)\n"
-    "      --ctx N            context: prompt plus reply tokens (default 32768)\n"
+    "      --ctx N            context: prompt plus reply tokens (default 131072)\n"
     "      --max-body BYTES   largest request body (default 8388608)\n"
     "      --max-header BYTES largest request head (default 65536)\n"
     "      --header-timeout S seconds to send the request head (default 10)\n"
@@ -12594,6 +12635,8 @@ static void sse_send(struct conn *c, const char *event, const struct strbuf *jso
 
 /* ---- 12.4 Request fields: typed reads, sampling, thinking, limits ---------- */
 
+enum tool_choice { CHOICE_AUTO, CHOICE_NONE, CHOICE_REQUIRED, CHOICE_NAMED };
+
 /* What every generation request asks for, whatever its dialect. */
 struct gen_params {
     const char *model;            /* echoed back; the server's name if absent */
@@ -12606,6 +12649,14 @@ struct gen_params {
     size_t stop_lens[SERVER_MAX_STOPS];
     int n_stops;
     bool tools_on;                /* tools given and tool_choice is not "none" */
+    enum tool_choice choice;      /* tool_choice, in any dialect's spelling */
+    const char *choice_name;      /* CHOICE_NAMED: the tool */
+    bool serial_tools;            /* parallel_tool_calls false: at most one call */
+    bool json_reply;              /* response_format json_object / json_schema */
+    const struct json *json_schema;   /* json_schema: the format object, rendered in the prompt */
+    float presence_penalty, frequency_penalty;
+    bool logprobs;
+    int top_logprobs;
 };
 
 /* Typed field reads. An absent field or a JSON null leaves *out as it was
@@ -12759,6 +12810,143 @@ static bool read_sampling(const struct json *req, struct gen_params *g, struct d
     return true;
 }
 
+/* tool_choice in its three spellings:
+ *
+ *     OpenAI chat   "auto" | "none" | "required" | {"type":"function","function":{"name":N}}
+ *     Responses     "auto" | "none" | "required" | {"type":"function","name":N}
+ *     Anthropic     {"type":"auto"|"any"|"none"} | {"type":"tool","name":N},
+ *                   each with an optional "disable_parallel_tool_use"
+ *
+ * "required"/"any" and a named tool are enforced while decoding (12.9b). */
+static bool read_tool_choice(const struct json *req, struct gen_params *g, struct ds4_error *e) {
+    const struct json *tc = json_get(req, "tool_choice");
+    const char *type = json_is(tc, JSON_STRING) ? tc->string : json_str(tc, "type");
+    bool parallel = true;
+    if (!field_bool(req, "parallel_tool_calls", &parallel, e)) return false;
+    if (json_is(tc, JSON_OBJECT) && !field_bool(tc, "disable_parallel_tool_use", &g->serial_tools, e))
+        return false;
+    g->serial_tools = g->serial_tools || !parallel;
+    if (!field_is_set(tc)) return true;
+    if (!type) return fail(e, "'tool_choice' must be a string or an object with a 'type'");
+    if (strcmp(type, "auto") == 0) g->choice = CHOICE_AUTO;
+    else if (strcmp(type, "none") == 0) g->choice = CHOICE_NONE;
+    else if (strcmp(type, "required") == 0 || strcmp(type, "any") == 0) g->choice = CHOICE_REQUIRED;
+    else if (strcmp(type, "function") == 0 || strcmp(type, "tool") == 0 || strcmp(type, "custom") == 0) {
+        const struct json *fn = json_get(tc, "function");
+        g->choice = CHOICE_NAMED;
+        g->choice_name = json_str(fn ? fn : tc, "name");
+        if (!g->choice_name) return fail(e, "'tool_choice' names no tool ('name' must be a string)");
+    } else {
+        return fail(e, "'tool_choice' of type '%s' is not supported (auto, none, required or "
+                       "a named tool)", type);
+    }
+    return true;
+}
+
+/* A json_schema format object must hold its schema as an object. */
+static bool check_schema(const struct json *schema, const char *key, struct ds4_error *e) {
+    if (!json_is(schema, JSON_OBJECT)) return fail(e, "'%s' must hold a JSON schema object", key);
+    return true;
+}
+
+/* The reply's format: free text, or JSON, under the dialect's name for it:
+ *
+ *     OpenAI chat   response_format {"type":"json_object"} | {"type":"json_schema","json_schema":{schema}}
+ *     Responses     text.format     {"type":"json_object"} | {"type":"json_schema","schema":...}
+ *     Anthropic     output_config.format {"type":"json_schema","schema":...}
+ *
+ * A JSON reply is sampled under the JSON grammar (12.9b); a schema is also
+ * shown to the model in the official "Response Format" section (6.8). */
+static bool read_format(const struct json *req, enum api_kind api, struct gen_params *g,
+                        struct ds4_error *e) {
+    const char *key = api == API_RESPONSES ? "text.format" : api == API_MESSAGES ? "output_config.format"
+                                                                                : "response_format";
+    const struct json *f = api == API_RESPONSES ? json_get(json_get(req, "text"), "format")
+                         : api == API_MESSAGES  ? json_get(json_get(req, "output_config"), "format")
+                                                : json_get(req, "response_format");
+    if (!field_is_set(f)) return true;
+    const char *type = json_str(f, "type");
+    if (!type) return fail(e, "'%s' must be an object with a 'type'", key);
+    if (strcmp(type, "text") == 0) return true;
+    if (strcmp(type, "json_object") == 0 && api != API_MESSAGES) {
+        g->json_reply = true;
+        return true;
+    }
+    if (strcmp(type, "json_schema") != 0)
+        return fail(e, "'%s' of type '%s' is not supported (text, json_object or json_schema)",
+                    key, type);
+    const struct json *inner = api == API_CHAT ? json_get(f, "json_schema") : f;
+    if (!check_schema(json_get(inner, "schema"), key, e)) return false;
+    g->json_reply = true;
+    g->json_schema = f;
+    return true;
+}
+
+/* presence_penalty, frequency_penalty (OpenAI's definitions, 12.9b) and
+ * logprobs / top_logprobs (OpenAI chat only: the other dialects have no
+ * place for them in their replies). */
+static bool read_penalties_logprobs(const struct json *req, enum api_kind api, struct gen_params *g,
+                                    struct ds4_error *e) {
+    if (!field_float(req, "presence_penalty", -2, 2, &g->presence_penalty, e)) return false;
+    if (!field_float(req, "frequency_penalty", -2, 2, &g->frequency_penalty, e)) return false;
+    if (api == API_CHAT) {
+        if (!field_bool(req, "logprobs", &g->logprobs, e)) return false;
+        if (!field_int(req, "top_logprobs", 0, SERVER_MAX_TOP_LOGPROBS, &g->top_logprobs, e))
+            return false;
+        if (g->top_logprobs > 0 && !g->logprobs)
+            return fail(e, "'top_logprobs' needs 'logprobs': true");
+        if (g->logprobs && g->stream) return fail(e, "'logprobs' is supported only without 'stream'");
+        return true;
+    }
+    const struct json *lp = json_get(req, "logprobs"), *top = json_get(req, "top_logprobs");
+    if ((field_is_set(lp) && lp->kind != JSON_FALSE && !(lp->kind == JSON_NUMBER && lp->number == 0)) ||
+        (field_is_set(top) && !(top->kind == JSON_NUMBER && top->number == 0)))
+        return fail(e, "'%s' is supported only on /v1/chat/completions", field_is_set(lp) ? "logprobs"
+                                                                                         : "top_logprobs");
+    return true;
+}
+
+/* NO SILENT DROPS. Every top-level field of a request is either read by
+ * this chapter or listed here as bookkeeping that cannot change the reply
+ * (ids, metadata, storage and cache hints of hosted services). Anything
+ * else is answered with a 400 naming it, so a client never believes a
+ * setting took effect when it did not. */
+static const char *const KNOWN_FIELDS[] = {
+    /* read by 12.4-12.5 */
+    "model", "stream", "stream_options", "n", "temperature", "top_p", "min_p", "top_k", "seed",
+    "max_tokens", "max_completion_tokens", "max_output_tokens", "stop", "stop_sequences", "thinking",
+    "think", "reasoning_effort", "reasoning", "tools", "tool_choice", "parallel_tool_calls",
+    "response_format", "presence_penalty", "frequency_penalty", "logprobs", "top_logprobs", "messages",
+    "system", "input", "instructions", "prompt", "output_config", "text", "previous_response_id",
+    "conversation",
+    /* bookkeeping: no effect on what the model writes */
+    "metadata", "user", "store", "service_tier", "prompt_cache_key", "prompt_cache_retention",
+    "safety_identifier", "client_metadata", "include", "context_management", "cache_control",
+    "usage", "include_reasoning", "truncation", "background",
+};
+
+static bool check_known_fields(const struct json *req, struct ds4_error *e) {
+    for (size_t i = 0; i < req->count; i++) {
+        bool known = false;
+        for (size_t k = 0; !known && k < sizeof KNOWN_FIELDS / sizeof KNOWN_FIELDS[0]; k++)
+            known = strcmp(req->keys[i], KNOWN_FIELDS[k]) == 0;
+        if (!known)
+            return fail(e, "unknown field '%s': this server does not support it", req->keys[i]);
+    }
+    return true;
+}
+
+/* Anthropic's output_config: effort (read with the mode) and format. */
+static bool check_output_config(const struct json *req, struct ds4_error *e) {
+    const struct json *oc = json_get(req, "output_config");
+    if (!field_is_set(oc)) return true;
+    if (oc->kind != JSON_OBJECT) return fail(e, "'output_config' must be an object");
+    for (size_t i = 0; i < oc->count; i++)
+        if (strcmp(oc->keys[i], "effort") != 0 && strcmp(oc->keys[i], "format") != 0)
+            return fail(e, "unknown field 'output_config.%s'", oc->keys[i]);
+    return true;
+}
+
 /* The fields every dialect shares, under the names each one uses. */
 static bool read_gen_params(const struct json *req, enum api_kind api, struct gen_params *g,
                             struct ds4_error *e) {
@@ -12768,6 +12956,9 @@ static bool read_gen_params(const struct json *req, enum api_kind api, struct ge
     if (!field_bool(json_get(req, "stream_options"), "include_usage", &g->include_usage, e)) return false;
     if (!field_int(req, "n", 1, 1, &n, e)) return fail(e, "only 'n': 1 is supported");
     if (!read_mode(req, api, g, e) || !read_sampling(req, g, e)) return false;
+    if (!check_known_fields(req, e) || !check_output_config(req, e)) return false;
+    if (!read_tool_choice(req, g, e) || !read_format(req, api, g, e)) return false;
+    if (!read_penalties_logprobs(req, api, g, e)) return false;
     const char *max_keys[] = {"max_tokens", "max_completion_tokens", "max_output_tokens"};
     for (size_t k = 0; k < 3; k++)
         if (!field_int(req, max_keys[k], 1, 1e9, &g->max_tokens, e)) return false;
@@ -12975,32 +13166,108 @@ static void tools_add(struct strbuf *tools, size_t *n, const struct json *name, 
     strbuf_puts(tools, "}}");
 }
 
-/* Read a tools array in any dialect. OpenAI chat nests the function under
- * "function"; Responses is flat; Anthropic names the schema "input_schema".
- * Entries that are not functions (hosted tools such as web search) are
- * skipped: the model cannot run them. */
-static bool read_tools(const struct json *req, enum api_kind api, struct strbuf *tools, struct ds4_error *e) {
+/* The names a request declared, for the decoder: every tool (tool_choice
+ * "required" picks among them, 12.9b), and which ones are Responses
+ * `custom` tools, whose calls go back as custom_tool_call items. Each list
+ * is names back to back, each followed by a NUL. */
+struct tool_table {
+    struct strbuf names, custom;
+};
+
+static void tool_table_free(struct tool_table *tt) {
+    strbuf_free(&tt->names);
+    strbuf_free(&tt->custom);
+}
+
+static bool tool_listed(const struct strbuf *list, const char *name) {
+    for (size_t at = 0; at < list->len; at += strlen(list->data + at) + 1)
+        if (strcmp(list->data + at, name) == 0) return true;
+    return false;
+}
+
+/* A Responses custom tool takes free-form text. The model knows only
+ * DSML calls with named parameters, so it is shown as a function with one
+ * string parameter "input" (the text), its grammar, if any, in the
+ * description; its calls go back as custom_tool_call items. */
+static void tools_add_custom(struct strbuf *tools, size_t *n, const struct json *name,
+                             const struct json *t) {
+    struct strbuf desc = {0};
+    const struct json *d = json_get(t, "description"), *fmt = json_get(t, "format");
+    const char *def = json_str(fmt, "definition");
+    if (json_is(d, JSON_STRING)) strbuf_append(&desc, d->string, d->len);
+    strbuf_puts(&desc, desc.len ? "\n\n" : "");
+    strbuf_puts(&desc, "Pass the whole free-form input as the string parameter `input`.");
+    const char *syntax = json_str(fmt, "syntax");
+    if (def) strbuf_printf(&desc, " It must follow this %s grammar:\n%s", syntax ? syntax : "", def);
+    struct json dj = {.kind = JSON_STRING, .string = desc.data, .len = desc.len};
+    static char params_text[] = "{\"type\":\"object\",\"properties\":{\"input\":{\"type\":\"string\"}},"
+                                "\"required\":[\"input\"]}";
+    char err[8];
+    struct json *params = json_parse(params_text, sizeof params_text - 1, 8, err, sizeof err);
+    tools_add(tools, n, name, &dj, params);
+    json_free(params);
+    strbuf_free(&desc);
+}
+
+/* One tool entry of any dialect, or a 400. OpenAI chat nests the function
+ * under "function"; Responses is flat and adds `custom` and `namespace`
+ * tools; Anthropic names the schema "input_schema". Hosted tools (web
+ * search, file search, computer use, Anthropic's server tools) are refused:
+ * the model cannot run them, and dropping them would let a client believe
+ * they exist. */
+static bool read_tool(const struct json *t, const char *prefix, enum api_kind api, struct strbuf *tools,
+                      size_t *n, struct tool_table *tt, const char *where, struct ds4_error *e) {
+    const struct json *fn = json_get(t, "function");
+    const char *type = json_str(t, "type");
+    if (!json_is(t, JSON_OBJECT)) return fail(e, "%s must be an object", where);
+    if (api == API_RESPONSES && type && strcmp(type, "namespace") == 0) {
+        const struct json *inner = json_get(t, "tools");
+        const char *ns = json_str(t, "name");
+        if (!ns || !json_is(inner, JSON_ARRAY))
+            return fail(e, "%s: a namespace needs 'name' and 'tools'", where);
+        for (size_t k = 0; k < inner->count; k++)
+            if (!read_tool(&inner->items[k], ns, api, tools, n, tt, where, e)) return false;
+        return true;
+    }
+    bool custom = api == API_RESPONSES && type && strcmp(type, "custom") == 0;
+    if (api == API_CHAT && json_is(fn, JSON_OBJECT) && (!type || strcmp(type, "function") == 0)) t = fn;
+    else if (api == API_MESSAGES ? !json_get(t, "input_schema") : !custom && (!type || strcmp(type, "function")))
+        return fail(e, "%s: tool type '%s' is not supported (function tools only; hosted tools cannot "
+                       "run here)", where, type ? type : "?");
+    const struct json *name = json_get(t, "name");
+    if (!json_is(name, JSON_STRING)) return fail(e, "%s has no name", where);
+    /* A namespaced tool is shown as NAMESPACE.NAME: tool names cannot hold
+     * a dot, so the reply can split it again (12.9). */
+    struct strbuf full = {0};
+    if (prefix) strbuf_printf(&full, "%s.", prefix);
+    strbuf_append(&full, name->string, name->len);
+    struct json full_name = {.kind = JSON_STRING, .string = full.data, .len = full.len};
+    if (custom) tools_add_custom(tools, n, &full_name, t);
+    else tools_add(tools, n, &full_name, json_get(t, "description"),
+                   json_get(t, api == API_MESSAGES ? "input_schema" : "parameters"));
+    strbuf_append(&tt->names, full.data, full.len + 1);
+    if (custom) strbuf_append(&tt->custom, full.data, full.len + 1);
+    strbuf_free(&full);
+    return true;
+}
+
+static bool read_tools(const struct json *req, enum api_kind api, struct strbuf *tools,
+                       struct tool_table *tt, struct ds4_error *e) {
     const struct json *list = json_get(req, "tools");
     size_t n = 0;
     if (!field_is_set(list)) return true;
     if (list->kind != JSON_ARRAY) return fail(e, "'tools' must be an array");
     for (size_t i = 0; i < list->count; i++) {
-        const struct json *t = &list->items[i], *fn = json_get(t, "function");
-        const char *type = json_str(t, "type");
-        if (!json_is(t, JSON_OBJECT)) return fail(e, "tools[%zu] must be an object", i);
-        if (api == API_CHAT && json_is(fn, JSON_OBJECT)) t = fn;
-        else if (api != API_MESSAGES && type && strcmp(type, "function") != 0) continue;
-        else if (api == API_MESSAGES && !json_get(t, "input_schema")) continue;
-        if (!json_is(json_get(t, "name"), JSON_STRING)) return fail(e, "tools[%zu] has no name", i);
-        const struct json *params = json_get(t, api == API_MESSAGES ? "input_schema" : "parameters");
-        tools_add(tools, &n, json_get(t, "name"), json_get(t, "description"), params);
+        char where[32];
+        snprintf(where, sizeof where, "tools[%zu]", i);
+        if (!read_tool(&list->items[i], NULL, api, tools, &n, tt, where, e)) return false;
     }
     if (n > 0) strbuf_puts(tools, "]");
     return true;
 }
 
 /* tool_choice "none" (OpenAI) or {"type":"none"} (Anthropic) hides the tools;
- * every other choice leaves the decision to the model. */
+ * "required" and named choices are enforced while decoding (12.8b). */
 static bool tool_choice_none(const struct json *req) {
     const struct json *tc = json_get(req, "tool_choice");
     if (json_is(tc, JSON_STRING)) return strcmp(tc->string, "none") == 0;
@@ -13126,7 +13393,10 @@ static bool conv_anthropic_assistant_block(struct conv *c, const struct json *b,
 }
 
 /* Anthropic Messages: "system" plus "messages" [{role, content}], where
- * content is a string or a list of blocks. */
+ * content is a string or a list of blocks. Claude Code also puts system
+ * (and developer) messages inside "messages"; they are read like the
+ * top-level "system" and rendered where they stand (6.8 folds one that
+ * follows a user turn into it). */
 static bool conv_from_messages(struct conv *c, const struct json *req, struct ds4_error *e) {
     const struct json *msgs = json_get(req, "messages");
     if (!json_is(msgs, JSON_ARRAY) || msgs->count == 0) return fail(e, "'messages' must be a non-empty array");
@@ -13139,9 +13409,12 @@ static bool conv_from_messages(struct conv *c, const struct json *req, struct ds
         char where[48];
         snprintf(where, sizeof where, "messages[%zu]", i);
         bool user = role && strcmp(role, "user") == 0, assistant = role && strcmp(role, "assistant") == 0;
+        bool system = role && (strcmp(role, "system") == 0 || strcmp(role, "developer") == 0);
         text.len = 0;
-        if (!user && !assistant) {
-            ok = fail(e, "%s: 'role' must be user or assistant", where);
+        if (system) {
+            ok = conv_anthropic_system(c, content, e);
+        } else if (!user && !assistant) {
+            ok = fail(e, "%s: 'role' must be user, assistant or system", where);
         } else if (json_is(content, JSON_STRING)) {
             if (user) conv_user(c, content->string, content->len);
             else conv_text(c, content->string, content->len);
@@ -13214,7 +13487,13 @@ static bool conv_responses_item(struct conv *c, const struct json *item, const c
     } else if (strcmp(type, "function_call") == 0 || strcmp(type, "custom_tool_call") == 0) {
         bool custom = type[0] == 'c';
         const char *id = need_string(item, "call_id", where, e), *name = need_string(item, "name", where, e);
+        const char *ns = json_str(item, "namespace");
+        struct strbuf full = {0};
         ok = id && name;
+        if (ok && ns) {                    /* a namespaced tool is NAMESPACE.NAME (12.5 read_tool) */
+            strbuf_printf(&full, "%s.%s", ns, name);
+            name = full.data;
+        }
         if (ok && custom) {
             strbuf_puts(&text, "{\"input\":");
             json_write(&text, json_get(item, "input"));
@@ -13223,6 +13502,7 @@ static bool conv_responses_item(struct conv *c, const struct json *item, const c
             call_args_text(json_get(item, "arguments"), &text);
         }
         if (ok) conv_call(c, id, name, text.data, text.len);
+        strbuf_free(&full);
     } else if (strcmp(type, "function_call_output") == 0 || strcmp(type, "custom_tool_call_output") == 0) {
         const char *id = need_string(item, "call_id", where, e);
         ok = id && content_text(json_get(item, "output"), &text, where, e);
@@ -13505,6 +13785,8 @@ enum finish { FINISH_STOP, FINISH_LENGTH, FINISH_TOOLS, FINISH_ERROR, FINISH_CAN
 enum block_kind { BLOCK_NONE, BLOCK_THINKING, BLOCK_TEXT, BLOCK_TOOL };
 
 struct job_call {
+    bool custom;                /* Responses: a custom tool, answered as custom_tool_call */
+    size_t ns_len;              /* Responses: "NAMESPACE." prefix of name, 0 if none */
     char id[48];                /* call_<hex> (OpenAI, Responses) or toolu_<hex> (Anthropic) */
     char item_id[48];           /* Responses: the output item's fc_<hex> */
     char *name;
@@ -13523,6 +13805,7 @@ struct job {
     int32_t *prompt;            /* [n_prompt] */
     size_t n_prompt;
     char *prompt_text;          /* the rendered prompt (the test script and the disk store read it) */
+    struct tool_table tt;       /* the declared tools' names (12.5) */
     size_t prompt_text_len;
     int max_tokens;             /* after the caps */
 
@@ -13540,6 +13823,7 @@ struct job {
     double t_queued, t_started, t_prefilled, t_finished;
 
     /* The worker's reading of the output. */
+    struct guide *guide;        /* guided decoding (12.8b), NULL when not needed */
     struct token_stream ts;
     struct dsml_parser dsml;
     size_t args_sent;           /* bytes of the open call's arguments already sent */
@@ -13598,6 +13882,8 @@ struct server {
     uint64_t clock;             /* bumped each time a slot serves a job (LRU) */
     struct sampler sp;
     struct generator gen;       /* plain or speculative decoding over s and sp */
+    float *guide_logits;        /* [vocab] guided decoding's adjusted logits (12.8b) */
+    int32_t *token_count;       /* [vocab] tokens of the current reply, for penalties */
     struct kv_store kv;         /* --kv-disk-dir: sessions on disk (10c), when kv_on */
     bool kv_on;
     struct kv_policy kv_policy;
@@ -13740,6 +14026,9 @@ static void job_finish(struct server *srv, struct job *j) {
     pthread_mutex_unlock(&srv->lock);
 }
 
+struct guide;
+static void guide_free(struct guide *g);
+
 static void job_free(struct job *j) {
     free(j->prompt);
     free(j->prompt_text);
@@ -13752,6 +14041,9 @@ static void job_free(struct job *j) {
         strbuf_free(&j->calls[i].args);
     }
     free(j->calls);
+    tool_table_free(&j->tt);
+    if (j->guide) guide_free(j->guide);
+    free(j->guide);
     dsml_parser_free(&j->dsml);
     free(j);
 }
@@ -13768,6 +14060,496 @@ static void random_id(char *out, size_t cap, const char *prefix) {
     }
     size_t n = (size_t)snprintf(out, cap, "%s", prefix);
     for (size_t i = 0; i < sizeof bytes && n + 2 < cap; i++, n += 2) snprintf(out + n, cap - n, "%02x", bytes[i]);
+}
+
+/* ---- 12.8b Guided decoding: tool_choice, JSON replies, penalties, logprobs ---- */
+
+/* Some request fields are promises about the reply that sampling alone
+ * cannot keep: "call a tool", "call this tool", "at most one call", "reply
+ * in JSON". They are kept by steering the decoder, step by step:
+ *
+ *     FORCED TOKENS   text the reply must contain next is tokenized and fed
+ *                     as if sampled: the opening of a DSML block
+ *                     "\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name=\"", or
+ *                     the block's close after the first call when parallel
+ *                     calls are off;
+ *     MASKS           a token is allowed only if its bytes keep the reply
+ *                     valid: the tool name being written must stay a prefix
+ *                     of a declared name followed by `">`; a JSON reply must
+ *                     stay a prefix of a JSON object (the machine below);
+ *                     masked tokens get logit -inf before the sampler runs;
+ *     BUDGET          a JSON reply must close before max_tokens: a token is
+ *                     allowed only if the shortest completion after it (one
+ *                     single-byte token per byte) and EOS still fit; if the
+ *                     limit is too small even for that, the completion is
+ *                     forced byte by byte.
+ *
+ * In thinking mode the reasoning is left free: the promises apply to the
+ * answer, from the token after </think>. A test script's replies (12.7)
+ * are scripted, but forced tokens still go first, so the tests see them.
+ *
+ * PENALTIES, as OpenAI defines them, over the tokens of this reply so far
+ * (c[t] = how often token t was generated):
+ *
+ *     logit[t] -= c[t] * frequency_penalty + (c[t] > 0) * presence_penalty
+ *
+ * LOGPROBS are those of the distribution the sampler drew from, before
+ * temperature: log softmax of the logits after penalties and masks, for
+ * each token of the answer (not the reasoning, not the DSML block), with
+ * the top_logprobs most likely alternatives.
+ *
+ * A guided job decodes one token per step (MTP drafting is off for it):
+ * every step needs the mask of the state the previous token left. */
+
+/* -- The JSON machine: one byte at a time, is this still a JSON prefix? --
+ *
+ * A pushdown automaton with a stack of open containers. Modes say what may
+ * come next; numbers end at the first byte that cannot extend them, which
+ * is then read as the next token of the structure. The top level must be
+ * an object (json_object's contract). Strings take any byte >= 0x20 but
+ * '"' and '\\'; escapes are the eight of RFC 8259 and \uXXXX. */
+
+#define JM_DEPTH 32
+
+enum jm_mode {
+    JM_START,          /* nothing yet: '{' */
+    JM_VALUE,          /* a value (after ':' or ',' in an array) */
+    JM_VALUE_OR_END,   /* after '[': a value or ']' */
+    JM_KEY_OR_END,     /* after '{': '"' or '}' */
+    JM_KEY,            /* after ',' in an object: '"' */
+    JM_COLON,          /* after a key */
+    JM_AFTER,          /* after a value: ',' or the closer */
+    JM_STRING, JM_ESCAPE, JM_HEX,
+    JM_NUM_SIGN,       /* after '-': a digit */
+    JM_NUM_ZERO,       /* "0": '.', 'e' or the end */
+    JM_NUM_INT,        /* "[1-9][0-9]*" */
+    JM_NUM_DOT,        /* after '.': a digit */
+    JM_NUM_FRAC,
+    JM_NUM_EXP,        /* after 'e': sign or digit */
+    JM_NUM_EXP_SIGN,   /* after 'e+': a digit */
+    JM_NUM_EXP_DIGITS,
+    JM_LITERAL,        /* inside true / false / null */
+    JM_DONE,           /* the top-level object is closed */
+};
+
+struct json_machine {
+    enum jm_mode mode;
+    bool key;               /* the string being read is a key */
+    uint8_t hex;            /* \u digits still to come */
+    const char *literal;    /* JM_LITERAL: the rest of the word */
+    int depth;
+    char stack[JM_DEPTH];   /* '{' or '[' */
+};
+
+static bool jm_is_space(unsigned char c) {
+    return c == ' ' || c == '\t' || c == '\n' || c == '\r';
+}
+
+/* After a value ends: the container decides what comes next. */
+static void jm_value_done(struct json_machine *m) {
+    m->mode = m->depth == 0 ? JM_DONE : JM_AFTER;
+}
+
+static bool jm_open(struct json_machine *m, char c) {
+    if (m->depth == JM_DEPTH) return false;
+    m->stack[m->depth++] = c;
+    m->mode = c == '{' ? JM_KEY_OR_END : JM_VALUE_OR_END;
+    return true;
+}
+
+static bool jm_close(struct json_machine *m, char c) {
+    if (m->depth == 0 || m->stack[m->depth - 1] != (c == '}' ? '{' : '[')) return false;
+    m->depth--;
+    jm_value_done(m);
+    return true;
+}
+
+/* The first byte of a value. */
+static bool jm_value_start(struct json_machine *m, unsigned char c) {
+    static const char *const words[] = {"true", "false", "null"};
+    if (c == '{' || c == '[') return jm_open(m, (char)c);
+    if (c == '"') {
+        m->mode = JM_STRING;
+        m->key = false;
+        return true;
+    }
+    if (c == '-') return (m->mode = JM_NUM_SIGN), true;
+    if (c == '0') return (m->mode = JM_NUM_ZERO), true;
+    if (c >= '1' && c <= '9') return (m->mode = JM_NUM_INT), true;
+    for (int k = 0; k < 3; k++)
+        if (c == (unsigned char)words[k][0]) {
+            m->mode = JM_LITERAL;
+            m->literal = words[k] + 1;
+            return true;
+        }
+    return false;
+}
+
+/* A byte that ends a number is read again as structure. */
+static bool jm_feed(struct json_machine *m, unsigned char c);
+
+static bool jm_number_end(struct json_machine *m, unsigned char c) {
+    jm_value_done(m);
+    return m->mode != JM_DONE && jm_feed(m, c);
+}
+
+static bool jm_feed_string(struct json_machine *m, unsigned char c) {
+    switch (m->mode) {
+    case JM_STRING:
+        if (c == '"') {
+            if (m->key) m->mode = JM_COLON;
+            else jm_value_done(m);
+        } else if (c == '\\') {
+            m->mode = JM_ESCAPE;
+        } else if (c < 0x20) {
+            return false;
+        }
+        return true;
+    case JM_ESCAPE:
+        if (c == 'u') {
+            m->mode = JM_HEX;
+            m->hex = 4;
+            return true;
+        }
+        m->mode = JM_STRING;
+        return strchr("\"\\/bfnrt", c) != NULL && c != '\0';
+    default:   /* JM_HEX */
+        bool hex = (c >= '0' && c <= '9') || ((c | 0x20) >= 'a' && (c | 0x20) <= 'f');
+        if (!hex) return false;
+        if (--m->hex == 0) m->mode = JM_STRING;
+        return true;
+    }
+}
+
+static bool jm_feed_number(struct json_machine *m, unsigned char c) {
+    bool digit = c >= '0' && c <= '9';
+    switch (m->mode) {
+    case JM_NUM_SIGN:
+        if (!digit) return false;
+        m->mode = c == '0' ? JM_NUM_ZERO : JM_NUM_INT;
+        return true;
+    case JM_NUM_ZERO: case JM_NUM_INT: case JM_NUM_FRAC:
+        if (digit && m->mode != JM_NUM_ZERO) return true;
+        if (c == '.' && m->mode != JM_NUM_FRAC) return (m->mode = JM_NUM_DOT), true;
+        if (c == 'e' || c == 'E') return (m->mode = JM_NUM_EXP), true;
+        return jm_number_end(m, c);
+    case JM_NUM_DOT:
+        return digit && ((m->mode = JM_NUM_FRAC), true);
+    case JM_NUM_EXP:
+        if (c == '+' || c == '-') return (m->mode = JM_NUM_EXP_SIGN), true;
+        return digit && ((m->mode = JM_NUM_EXP_DIGITS), true);
+    case JM_NUM_EXP_SIGN:
+        return digit && ((m->mode = JM_NUM_EXP_DIGITS), true);
+    default:   /* JM_NUM_EXP_DIGITS */
+        return digit || jm_number_end(m, c);
+    }
+}
+
+/* Feed one byte; false if no JSON object starts with what was fed. */
+static bool jm_feed(struct json_machine *m, unsigned char c) {
+    if (m->mode >= JM_STRING && m->mode <= JM_HEX) return jm_feed_string(m, c);
+    if (m->mode >= JM_NUM_SIGN && m->mode <= JM_NUM_EXP_DIGITS) return jm_feed_number(m, c);
+    if (m->mode == JM_LITERAL) {
+        if (c != (unsigned char)*m->literal) return false;
+        if (*++m->literal == '\0') jm_value_done(m);
+        return true;
+    }
+    if (jm_is_space(c)) return m->mode != JM_DONE;
+    switch (m->mode) {
+    case JM_START: return c == '{' && jm_open(m, '{');
+    case JM_VALUE: return jm_value_start(m, c);
+    case JM_VALUE_OR_END: return c == ']' ? jm_close(m, ']') : jm_value_start(m, c);
+    case JM_KEY_OR_END: case JM_KEY:
+        if (c == '}' && m->mode == JM_KEY_OR_END) return jm_close(m, '}');
+        if (c != '"') return false;
+        m->mode = JM_STRING;
+        m->key = true;
+        return true;
+    case JM_COLON: return c == ':' && ((m->mode = JM_VALUE), true);
+    case JM_AFTER:
+        if (c == ',') {
+            m->mode = m->stack[m->depth - 1] == '{' ? JM_KEY : JM_VALUE;
+            return true;
+        }
+        return (c == '}' || c == ']') && jm_close(m, (char)c);
+    default: return false;   /* JM_DONE */
+    }
+}
+
+/* One byte that moves toward the shortest completion of the object:
+ *
+ *     start "{"   open '{' "}"   key "\"\"" then ":0"   string '"'
+ *     escape 'n'  hex '0'        number: a digit if one is owed, else the closer
+ *     literal: its next letter   after a value: the innermost closer */
+static unsigned char jm_closing_byte(const struct json_machine *m) {
+    char closer = m->depth > 0 && m->stack[m->depth - 1] == '[' ? ']' : '}';
+    switch (m->mode) {
+    case JM_START: return '{';
+    case JM_VALUE: return '0';
+    case JM_VALUE_OR_END: return ']';
+    case JM_KEY_OR_END: return '}';
+    case JM_KEY: case JM_STRING: return '"';
+    case JM_COLON: return ':';
+    case JM_ESCAPE: return 'n';
+    case JM_HEX: return '0';
+    case JM_NUM_SIGN: case JM_NUM_DOT: case JM_NUM_EXP: case JM_NUM_EXP_SIGN: return '0';
+    case JM_LITERAL: return (unsigned char)*m->literal;
+    default: return (unsigned char)closer;   /* after a value, or a complete number */
+    }
+}
+
+/* The bytes of the shortest completion, written to out (cap bytes at most);
+ * returns their count. */
+static size_t jm_completion(const struct json_machine *m, char *out, size_t cap) {
+    struct json_machine t = *m;
+    size_t n = 0;
+    while (t.mode != JM_DONE && n < cap) {
+        unsigned char c = jm_closing_byte(&t);
+        if (!jm_feed(&t, c)) break;
+        out[n++] = (char)c;
+    }
+    return n;
+}
+
+/* Does a token's text keep the machine valid? (It is advanced if so.) */
+static bool jm_feed_bytes(struct json_machine *m, const char *s, size_t n) {
+    for (size_t i = 0; i < n; i++)
+        if (!jm_feed(m, (unsigned char)s[i])) return false;
+    return true;
+}
+
+/* -- The guide: the job's promises, checked around every step -- */
+
+struct token_logprob {
+    int32_t id;
+    float logprob;
+    int n_top;
+    int32_t top_id[SERVER_MAX_TOP_LOGPROBS];
+    float top_logprob[SERVER_MAX_TOP_LOGPROBS];
+};
+
+struct guide {
+    int32_t *forced;            /* [n_forced] tokens to emit before sampling again */
+    size_t n_forced, at_forced;
+    bool call_opened;           /* the forced DSML opening was queued */
+    bool name_open;             /* the invoke name is being written under the name mask */
+    struct strbuf name;         /* its bytes so far */
+    bool closer_queued;         /* parallel calls off: the block's close was queued */
+    bool json_on;               /* the JSON machine is running (answer started) */
+    struct json_machine jm;
+    size_t script_at;           /* the next scripted token (12.7) */
+    struct token_logprob *lp;   /* logprobs of the answer's tokens */
+    size_t n_lp, cap_lp;
+};
+
+static void guide_free(struct guide *g) {
+    free(g->forced);
+    strbuf_free(&g->name);
+    free(g->lp);
+}
+
+/* Does this job need the guided path at all? */
+static bool guide_wanted(const struct gen_params *p) {
+    bool calls = p->tools_on &&
+                 (p->choice == CHOICE_REQUIRED || p->choice == CHOICE_NAMED || p->serial_tools);
+    return calls || p->json_reply || p->presence_penalty != 0 || p->frequency_penalty != 0 || p->logprobs;
+}
+
+static void guide_force_text(struct guide *g, const struct tokenizer *tok, const char *text) {
+    int32_t *ids;
+    size_t n;
+    tokenize(tok, text, strlen(text), true, &ids, &n);
+    g->forced = xrealloc(g->forced, (g->n_forced + n + 1) * sizeof *g->forced);
+    memcpy(g->forced + g->n_forced, ids, n * sizeof *ids);
+    g->n_forced += n;
+    free(ids);
+}
+
+/* Is `name` + token text still a prefix of some declared `NAME">`? Sets
+ * *complete when it is exactly one. */
+static bool guide_name_fits(const struct strbuf *names, const char *named, const char *s, size_t n,
+                            bool *complete) {
+    *complete = false;
+    bool any = false;
+    for (size_t at = 0; at < names->len; at += strlen(names->data + at) + 1) {
+        const char *cand = names->data + at;
+        if (named && strcmp(cand, named) != 0) continue;
+        size_t cl = strlen(cand);
+        /* compare s[0..n) with cand + "\">" */
+        bool ok = n <= cl + 2;
+        for (size_t i = 0; ok && i < n; i++) ok = s[i] == (i < cl ? cand[i] : i == cl ? '"' : '>');
+        if (ok) any = true;
+        if (ok && n == cl + 2) *complete = true;
+    }
+    return any;
+}
+
+/* The answer has begun (chat mode: at once; thinking: after </think>). */
+static bool guide_in_answer(const struct job *j) {
+    return j->dsml.state == DSML_CONTENT;
+}
+
+/* Before a step: queue what the promises require now. */
+static void guide_prepare(const struct tokenizer *tok, struct job *j) {
+    struct guide *g = j->guide;
+    const struct gen_params *p = &j->p;
+    bool must_call = p->tools_on && (p->choice == CHOICE_REQUIRED || p->choice == CHOICE_NAMED);
+    if (must_call && !g->call_opened && guide_in_answer(j) && j->content.len == 0 && j->held.len == 0) {
+        guide_force_text(g, tok, "\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name=\"");
+        g->call_opened = true;
+    }
+    if (g->call_opened && !g->name_open && g->name.len == 0 && g->at_forced == g->n_forced &&
+        j->dsml.state == DSML_TOOLS && !j->dsml.call_name && j->dsml.n_calls == 0) {
+        g->name_open = true;
+    }
+    bool between = j->dsml.state == DSML_TOOLS && j->dsml.tool == DSML_AT_BETWEEN && j->dsml.n_calls > 0;
+    if (p->serial_tools && between && !g->closer_queued && g->at_forced == g->n_forced) {
+        bool nl = j->raw.len > 0 && j->raw.data[j->raw.len - 1] == '\n';
+        guide_force_text(g, tok, nl ? "</｜DSML｜tool_calls>" : "\n</｜DSML｜tool_calls>");
+        g->closer_queued = true;
+    }
+    if (p->json_reply && !g->json_on && guide_in_answer(j)) {
+        memset(&g->jm, 0, sizeof g->jm);
+        g->json_on = true;
+    }
+}
+
+/* logit[t] -= c[t] * frequency + (c[t] > 0) * presence, over [V]. */
+static void guide_penalize(const struct gen_params *p, const int32_t *count, float *logits, int V) {
+    if (p->presence_penalty == 0 && p->frequency_penalty == 0) return;
+    for (int t = 0; t < V; t++)
+        if (count[t] > 0) logits[t] -= (float)count[t] * p->frequency_penalty + p->presence_penalty;
+}
+
+/* Token t's bytes, or NULL for special tokens and ids past the vocabulary. */
+static const char *guide_plain_bytes(const struct tokenizer *tok, int32_t t, size_t *n) {
+    if ((uint32_t)t >= tok->n_tokens || tok->special[t]) return NULL;
+    return token_bytes(tok, t, n);
+}
+
+/* Can a JSON reply in state m still close in `room` tokens, EOS included?
+ * Its shortest completion takes at most one token per byte. */
+static bool jm_fits(const struct json_machine *m, int room) {
+    char done[3 * JM_DEPTH + 16];
+    if (m->mode == JM_DONE) return room >= 1;
+    return (int)jm_completion(m, done, sizeof done) + 1 <= room;
+}
+
+/* The masks of the name and of the JSON machine, as -inf logits. A JSON
+ * token must also leave room to close the object before the token limit
+ * (`left` counts this step), so a reply cut by max_tokens is still JSON. */
+static void guide_mask(const struct tokenizer *tok, const struct job *j, int left, float *logits, int V) {
+    const struct guide *g = j->guide;
+    bool json = g->json_on && g->jm.mode != JM_DONE, json_done = g->json_on && g->jm.mode == JM_DONE;
+    if (!g->name_open && !json && !json_done) return;
+    char buf[512];
+    for (int t = 0; t < V; t++) {
+        size_t n = 0;
+        const char *s = guide_plain_bytes(tok, t, &n);
+        bool ok = false, complete;
+        if (json_done) {
+            ok = t == tok->sp.eos;
+        } else if (s && g->name_open && g->name.len + n <= sizeof buf) {
+            memcpy(buf, g->name.data ? g->name.data : "", g->name.len);
+            memcpy(buf + g->name.len, s, n);
+            const char *named = j->p.choice == CHOICE_NAMED ? j->p.choice_name : NULL;
+            ok = n > 0 && guide_name_fits(&j->tt.names, named, buf, g->name.len + n, &complete);
+        } else if (s && json) {
+            struct json_machine m = g->jm;
+            ok = n > 0 && jm_feed_bytes(&m, s, n) && jm_fits(&m, left - 1);
+        }
+        if (!ok) logits[t] = -INFINITY;
+    }
+}
+
+/* The JSON budget: the token to force now, or -1. `left` counts this step. */
+static int32_t guide_budget_token(const struct tokenizer *tok, const struct guide *g, int left) {
+    if (!g->json_on || g->jm.mode == JM_DONE) return -1;
+    char done[2 * JM_DEPTH + 16];
+    size_t need = jm_completion(&g->jm, done, sizeof done);
+    if (need == 0 || (size_t)left > need + 1) return -1;
+    return tok->byte_token[(unsigned char)done[0]];
+}
+
+/* log softmax of logits[V] at `id`, and the n most likely alternatives. */
+static void guide_logprob(const float *logits, int V, int32_t id, int n_top, struct token_logprob *out) {
+    float mx = -INFINITY;
+    for (int t = 0; t < V; t++) mx = logits[t] > mx ? logits[t] : mx;
+    double sum = 0;
+    for (int t = 0; t < V; t++) sum += isinf(logits[t]) ? 0.0 : exp((double)logits[t] - mx);
+    float lse = mx + (float)log(sum);
+    out->id = id;
+    out->logprob = logits[id] - lse;
+    out->n_top = 0;
+    /* The k-th best is the best below the (k-1)-th in the order (logit
+     * descending, id ascending): one pass over the vocabulary each. */
+    for (int k = 0; k < n_top; k++) {
+        int best = -1, prev = k > 0 ? out->top_id[k - 1] : -1;
+        for (int t = 0; t < V; t++) {
+            if (isinf(logits[t])) continue;
+            bool below = prev < 0 || logits[t] < logits[prev] || (logits[t] == logits[prev] && t > prev);
+            if (below && (best < 0 || logits[t] > logits[best])) best = t;
+        }
+        if (best < 0) break;
+        out->top_id[k] = best;
+        out->top_logprob[k] = logits[best] - lse;
+        out->n_top++;
+    }
+}
+
+static void guide_record(struct guide *g, const struct token_logprob *lp) {
+    if (g->n_lp == g->cap_lp) {
+        g->cap_lp = g->cap_lp ? 2 * g->cap_lp : 64;
+        g->lp = xrealloc(g->lp, g->cap_lp * sizeof *g->lp);
+    }
+    g->lp[g->n_lp++] = *lp;
+}
+
+/* One guided step: the token to emit. Forced tokens first, then the test
+ * script, then the JSON budget, then a draw from the masked, penalized
+ * logits. `left` is the tokens the reply may still have; `session_logits`
+ * are the serving session's logits for the next token. */
+static int32_t guide_step(struct server *srv, struct job *j, const struct script_rule *rule,
+                          int left, const float *session_logits) {
+    struct guide *g = j->guide;
+    const struct tokenizer *tok = srv->tok;
+    int V = srv->eng->model->cfg.vocab;
+    float *logits = srv->guide_logits;
+    guide_prepare(tok, j);
+    memcpy(logits, session_logits, (size_t)V * sizeof(float));
+    guide_penalize(&j->p, srv->token_count, logits, V);
+    int32_t id = -1;
+    if (g->at_forced < g->n_forced) id = g->forced[g->at_forced++];
+    else if (rule) id = g->script_at < rule->n_ids ? rule->ids[g->script_at++] : tok->sp.eos;
+    else id = guide_budget_token(tok, g, left);
+    if (id < 0) {
+        guide_mask(tok, j, left, logits, V);
+        id = sample_token(&srv->sp, logits, V);
+    }
+    if (j->p.logprobs && guide_in_answer(j) && id != tok->sp.eos) {
+        struct token_logprob lp;
+        guide_logprob(logits, V, id, j->p.top_logprobs, &lp);
+        guide_record(g, &lp);
+    }
+    return id;
+}
+
+/* After the token went through the parser: the state it leaves. */
+static void guide_after(struct server *srv, struct job *j, int32_t id) {
+    struct guide *g = j->guide;
+    size_t n = 0;
+    const char *s = token_bytes(srv->tok, id, &n);
+    if ((uint32_t)id < (uint32_t)srv->eng->model->cfg.vocab) srv->token_count[id]++;
+    if (!s) return;
+    if (g->name_open) {
+        bool complete = false;
+        strbuf_append(&g->name, s, n);
+        const char *named = j->p.choice == CHOICE_NAMED ? j->p.choice_name : NULL;
+        guide_name_fits(&j->tt.names, named, g->name.data, g->name.len, &complete);
+        if (complete) g->name_open = false;
+    }
+    if (g->json_on && g->jm.mode != JM_DONE && !jm_feed_bytes(&g->jm, s, n))
+        g->jm.mode = JM_DONE;   /* a scripted reply left JSON: stop masking rather than fight it */
 }
 
 /* ---- 12.9 The reply in each dialect: streaming events and whole bodies ----- */
@@ -13931,6 +14713,41 @@ static void chat_tool_calls(struct strbuf *b, const struct job *j) {
     strbuf_puts(b, "]");
 }
 
+/* One token as OpenAI writes it in logprobs: its text, value and bytes
+ * (the bytes matter when a token is part of a UTF-8 character). A masked
+ * alternative has no value; OpenAI's stand-in for -inf is -9999. */
+static void chat_logprob_token(struct strbuf *b, const struct tokenizer *tok, int32_t id, float lp) {
+    size_t n = 0;
+    const char *s = token_bytes(tok, id, &n);
+    strbuf_puts(b, "{\"token\":");
+    json_write_string(b, s ? s : "", s ? n : 0);
+    strbuf_printf(b, ",\"logprob\":%.6g,\"bytes\":[", isinf(lp) ? -9999.0 : (double)lp);
+    for (size_t i = 0; s && i < n; i++) strbuf_printf(b, "%s%u", i ? "," : "", (unsigned char)s[i]);
+    strbuf_puts(b, "]");
+}
+
+static void chat_logprobs(struct strbuf *b, const struct job *j) {
+    const struct guide *g = j->guide;
+    if (!j->p.logprobs || !g) {
+        strbuf_puts(b, "null");
+        return;
+    }
+    strbuf_puts(b, "{\"content\":[");
+    for (size_t i = 0; i < g->n_lp; i++) {
+        const struct token_logprob *lp = &g->lp[i];
+        if (i > 0) strbuf_puts(b, ",");
+        chat_logprob_token(b, j->conn->srv->tok, lp->id, lp->logprob);
+        strbuf_puts(b, ",\"top_logprobs\":[");
+        for (int k = 0; k < lp->n_top; k++) {
+            if (k > 0) strbuf_puts(b, ",");
+            chat_logprob_token(b, j->conn->srv->tok, lp->top_id[k], lp->top_logprob[k]);
+            strbuf_puts(b, "}");
+        }
+        strbuf_puts(b, "]}");
+    }
+    strbuf_puts(b, "],\"refusal\":null}");
+}
+
 static void chat_body(struct job *j, struct strbuf *b) {
     strbuf_printf(b, "{\"id\":\"%s\",\"object\":\"chat.completion\",\"created\":%ld,\"model\":", j->id, j->created);
     put_str(b, j->model);
@@ -13942,7 +14759,9 @@ static void chat_body(struct job *j, struct strbuf *b) {
         put_buf(b, &j->reasoning);
     }
     if (j->n_calls > 0) chat_tool_calls(b, j);
-    strbuf_printf(b, "},\"logprobs\":null,\"finish_reason\":\"%s\"}],\"usage\":", openai_finish(j));
+    strbuf_puts(b, "},\"logprobs\":");
+    chat_logprobs(b, j);
+    strbuf_printf(b, ",\"finish_reason\":\"%s\"}],\"usage\":", openai_finish(j));
     usage_openai(b, j);
     strbuf_puts(b, "}");
 }
@@ -14213,12 +15032,35 @@ static void responses_message_item(struct strbuf *b, const struct job *j, const 
     strbuf_puts(b, ",\"annotations\":[]}]}");
 }
 
+/* A custom tool's free-form input: the "input" string of the call's
+ * arguments (it was shown to the model as that one parameter, 12.5). */
+static void custom_input(const struct job_call *c, struct strbuf *out) {
+    char err[8];
+    struct json *args = c->args.data ? json_parse(c->args.data, c->args.len, 8, err, sizeof err) : NULL;
+    const struct json *in = json_get(args, "input");
+    if (json_is(in, JSON_STRING)) strbuf_append(out, in->string, in->len);
+    else if (c->args.data) strbuf_append(out, c->args.data, c->args.len);
+    json_free(args);
+}
+
 static void responses_call_item(struct strbuf *b, const struct job_call *c, const char *status) {
-    strbuf_printf(b, "{\"id\":\"%s\",\"type\":\"function_call\",\"status\":\"%s\",\"call_id\":\"%s\",\"name\":",
-                  c->item_id, status, c->id);
-    put_str(b, c->name);
-    strbuf_puts(b, ",\"arguments\":");
-    put_buf(b, &c->args);
+    strbuf_printf(b, "{\"id\":\"%s\",\"type\":\"%s\",\"status\":\"%s\",\"call_id\":\"%s\",\"name\":",
+                  c->item_id, c->custom ? "custom_tool_call" : "function_call", status, c->id);
+    put_str(b, c->name + c->ns_len);
+    if (c->ns_len > 0) {
+        strbuf_puts(b, ",\"namespace\":");
+        json_write_string(b, c->name, c->ns_len - 1);
+    }
+    if (c->custom) {
+        struct strbuf in = {0};
+        custom_input(c, &in);
+        strbuf_puts(b, ",\"input\":");
+        put_buf(b, &in);
+        strbuf_free(&in);
+    } else {
+        strbuf_puts(b, ",\"arguments\":");
+        put_buf(b, &c->args);
+    }
     strbuf_puts(b, "}");
 }
 
@@ -14380,6 +15222,23 @@ static void responses_call_start(struct job *j, size_t i) {
 static void responses_call_end(struct job *j, size_t i) {
     struct job_call *c = &j->calls[i];
     struct strbuf f = {0}, item = {0};
+    if (c->custom) {
+        struct strbuf in = {0};
+        custom_input(c, &in);
+        strbuf_printf(&f, "\"item_id\":\"%s\",\"output_index\":%d,\"delta\":", c->item_id, c->out_index);
+        put_buf(&f, &in);
+        responses_event(j, "response.custom_tool_call_input.delta", f.data);
+        f.len = 0;
+        strbuf_printf(&f, "\"item_id\":\"%s\",\"output_index\":%d,\"input\":", c->item_id, c->out_index);
+        put_buf(&f, &in);
+        responses_event(j, "response.custom_tool_call_input.done", f.data);
+        strbuf_free(&in);
+        responses_call_item(&item, c, "completed");
+        responses_item_event(j, "response.output_item.done", c->out_index, &item);
+        strbuf_free(&f);
+        strbuf_free(&item);
+        return;
+    }
     strbuf_printf(&f, "\"item_id\":\"%s\",\"output_index\":%d,\"delta\":", c->item_id, c->out_index);
     put_buf(&f, &c->args);
     responses_event(j, "response.function_call_arguments.delta", f.data);
@@ -14807,6 +15666,9 @@ static void job_call_start(struct job *j, const char *name) {
     random_id(c->id, sizeof c->id, j->api == API_MESSAGES ? "toolu_" : "call_");
     random_id(c->item_id, sizeof c->item_id, "fc_");
     c->name = srv_strndup(name, strlen(name));
+    c->custom = tool_listed(&j->tt.custom, name);
+    const char *dot = strchr(name, '.');
+    if (dot && tool_listed(&j->tt.names, name)) c->ns_len = (size_t)(dot - name) + 1;
     j->args_sent = 0;
     if (j->p.stream) dialect_of(j->api)->call_start(j, j->n_calls - 1);
 }
@@ -14963,14 +15825,18 @@ static bool worker_decode(struct server *srv, struct job *j, struct ds4_error *e
          * already in the session. */
         int32_t ids[MATMUL_DECODE_PATH_MAX_TOKENS];
         int got = 1;
-        if (rule) {
+        if (j->guide) {
+            ids[0] = guide_step(srv, j, rule, j->max_tokens - i, srv->cur->s.logits);
+            if (ids[0] != eos && !session_forward(&srv->cur->s, ids, 1, NULL, e)) return false;
+        } else if (rule) {
             ids[0] = (size_t)i < rule->n_ids ? rule->ids[i] : eos;
             if (ids[0] != eos && !session_forward(&srv->cur->s, ids, 1, NULL, e)) return false;
         } else if ((got = generator_step(&srv->gen, ids, e)) <= 0) {
             return false;
         }
         for (int k = 0; k < got; k++)
-            if (!rule || ids[k] != eos) worker_remember(srv, ids[k]);   /* all are in the session */
+            if ((!rule && !j->guide) || ids[k] != eos)
+                worker_remember(srv, ids[k]);   /* all are in the session */
         bool done = false;
         for (int k = 0; k < got && !done && i < j->max_tokens; k++, i++) {
             if (ids[k] == eos) {
@@ -14981,6 +15847,7 @@ static bool worker_decode(struct server *srv, struct job *j, struct ds4_error *e
             j->n_generated++;
             j->n_reasoning += j->dsml.state == DSML_REASONING;
             job_push_token(srv, j, ids[k]);
+            if (j->guide) guide_after(srv, j, ids[k]);
             if (j->stop_hit || j->dsml.state == DSML_AFTER_TOOLS || j->dsml.state == DSML_DONE) {
                 j->finish = FINISH_STOP;
                 done = true;
@@ -15007,6 +15874,10 @@ static void worker_run(struct server *srv, struct job *j) {
     srv->sp.opt = j->p.sampling;
     srv->sp.state = j->p.seeded ? j->p.sampling.seed : random_seed();
     dsml_parser_init(&j->dsml, j->p.mode != CHAT_MODE_CHAT, job_on_dsml, j);
+    if (guide_wanted(&j->p)) {
+        j->guide = xcalloc(1, sizeof *j->guide);
+        memset(srv->token_count, 0, (size_t)srv->eng->model->cfg.vocab * sizeof(int32_t));
+    }
     j->rs_index = j->msg_index = -1;
     random_id(j->rs_id, sizeof j->rs_id, "rs_");
     random_id(j->msg_id, sizeof j->msg_id, "msg_");
@@ -15216,7 +16087,8 @@ static bool check_field_types(const struct json *req, struct ds4_error *e) {
 static bool job_read_request(struct job *j, const struct json *req, struct conv *cv, struct strbuf *tools,
                              struct ds4_error *e) {
     if (!check_field_types(req, e)) return false;
-    if (!read_gen_params(req, j->api, &j->p, e) || !read_tools(req, j->api, tools, e)) return false;
+    if (!read_gen_params(req, j->api, &j->p, e)) return false;
+    if (!read_tools(req, j->api, tools, &j->tt, e)) return false;
     bool ok = j->api == API_CHAT        ? conv_from_chat(cv, req, e)
             : j->api == API_MESSAGES    ? conv_from_messages(cv, req, e)
             : j->api == API_RESPONSES   ? conv_from_responses(cv, req, e)
@@ -15224,6 +16096,9 @@ static bool job_read_request(struct job *j, const struct json *req, struct conv 
     if (!ok) return false;
     conv_finish(cv);
     j->p.tools_on = tools->len > 0 && !tool_choice_none(req);
+    if (j->p.choice == CHOICE_NAMED && !tool_listed(&j->tt.names, j->p.choice_name))
+        return fail(e, "'tool_choice' names '%s', which is not one of the request's tools",
+                    j->p.choice_name);
     return true;
 }
 
@@ -15236,7 +16111,7 @@ static bool job_render(struct server *srv, struct job *j, const struct conv *cv,
     struct json *msgs = json_parse(cv->out.data, cv->out.len, JSON_DEPTH_CEILING, err, sizeof err);
     struct json *tl = j->p.tools_on ? json_parse(tools->data, tools->len, JSON_DEPTH_CEILING, err, sizeof err) : NULL;
     struct chat_options co = {.mode = j->p.mode, .context_tokens = (uint64_t)srv->opt->ctx,
-                              .keep_reasoning = cv->tool_context};
+                              .keep_reasoning = cv->tool_context, .response_format = j->p.json_schema};
     struct strbuf prompt = {0};
     bool ok = msgs && (!j->p.tools_on || tl) && chat_render(msgs, tl, &co, &prompt, err, sizeof err) == 0;
     if (ok && !srv->opt->no_exact_replay) replay_tool_calls(&srv->mem, msgs, &prompt);
@@ -15267,11 +16142,18 @@ static bool job_check_context(struct conn *c, struct job *j) {
     return true;
 }
 
+static bool model_known(const struct server_options *o, const char *id);
+
+/* UNKNOWN MODEL IDS. Agents come configured with a model name, often one
+ * they know (gpt-4o, claude-sonnet-...) rather than ours. Answering 404
+ * would make a misconfigured agent fail on its first request; we accept any
+ * id instead, and say in the reply's "model" which model really answered:
+ * one of our ids is echoed, any other is replaced by --model-name. */
 static void job_ids(struct job *j, const struct server_options *o) {
     static const char *const prefix[] = {"chatcmpl-", "cmpl-", "msg_", "resp_"};
     random_id(j->id, sizeof j->id, prefix[j->api]);
     j->created = (long)time(NULL);
-    j->model = j->p.model ? j->p.model : o->model_name;
+    j->model = j->p.model && model_known(o, j->p.model) ? j->p.model : o->model_name;
 }
 
 /* What one served generation adds to /metrics. */
@@ -15365,7 +16247,9 @@ static void model_object(struct strbuf *b, const struct server_options *o, const
     strbuf_printf(b, ",\"created_at\":\"1970-01-01T00:00:00Z\",\"context_length\":%d,\"top_provider\":"
                      "{\"context_length\":%d,\"max_completion_tokens\":%d,\"is_moderated\":false},"
                      "\"supported_parameters\":[\"max_tokens\",\"temperature\",\"top_p\",\"top_k\",\"min_p\","
-                     "\"seed\",\"stop\",\"tools\",\"tool_choice\",\"reasoning\",\"include_reasoning\"]}",
+                     "\"seed\",\"stop\",\"tools\",\"tool_choice\",\"parallel_tool_calls\",\"response_format\","
+                     "\"structured_outputs\",\"logprobs\",\"top_logprobs\",\"presence_penalty\","
+                     "\"frequency_penalty\",\"reasoning\",\"include_reasoning\"]}",
                   o->ctx, o->ctx, o->max_tokens_cap);
 }
 
@@ -15379,8 +16263,12 @@ static void handle_models(struct conn *c, struct http_request *r, char *note, si
     const char *id = r->path + strlen("/v1/models");
     (void)note, (void)note_cap;
     if (*id == '\0') {
+        const char *ids[] = {c->opt->model_name, "deepseek-chat", "deepseek-reasoner"};
         strbuf_puts(&b, "{\"object\":\"list\",\"data\":[");
-        model_object(&b, c->opt, c->opt->model_name);
+        for (size_t i = 0; i < 3; i++) {
+            if (i > 0) strbuf_puts(&b, ",");
+            model_object(&b, c->opt, ids[i]);
+        }
         strbuf_puts(&b, "],\"has_more\":false}");
         http_respond_json(c, 200, &b);
     } else if (model_known(c->opt, id + 1)) {
@@ -15913,6 +16801,8 @@ static bool server_init(struct server *srv, struct engine *eng, const struct tok
     srv->cur = &srv->slots[0];
     sampler_init(&srv->sp, (struct sampler_options){0}, eng->model->cfg.vocab);
     generator_init(&srv->gen, &srv->cur->s, &srv->sp, opt->spec);
+    srv->guide_logits = xmalloc((size_t)eng->model->cfg.vocab * sizeof(float));
+    srv->token_count = xcalloc((size_t)eng->model->cfg.vocab, sizeof(int32_t));
     if (opt->test_script) {
         if (!test_script_load(&srv->script, opt->test_script, tok, e)) return false;
         fprintf(stderr, "ds4-server: TEST SCRIPT %s loaded (%zu rules): replies are scripted\n", opt->test_script,
@@ -15936,6 +16826,8 @@ static void server_free(struct server *srv) {
     sampler_free(&srv->sp);
     for (int i = 0; srv->slots && i < srv->n_slots; i++) slot_free(&srv->slots[i]);
     free(srv->slots);
+    free(srv->guide_logits);
+    free(srv->token_count);
     pthread_cond_destroy(&srv->wake);
     pthread_cond_destroy(&srv->job_done);
     pthread_cond_destroy(&srv->parse_room);

@@ -113,6 +113,16 @@ for i in 1 2 3; do
         && ok "--render-chat test_input_$i.json == official test_output_$i.txt (byte for byte)" \
         || bad "--render-chat case $i differs: $(diff "$tmp/r$i" vectors/encoding/test_output_$i.txt | head -c 300)"
 done
+# Mid-conversation system messages (ds4.c 6.8 MERGE): bare text after an assistant turn, as
+# the encoder renders it; folded into the user turn where it would break the hand-over.
+printf '[{"role":"system","content":"S0"},{"role":"user","content":"U1"},{"role":"system","content":"R1"},
+ {"role":"assistant","content":"A1"},{"role":"system","content":"S2"},{"role":"user","content":"U2"},
+ {"role":"assistant","content":"A2"},{"role":"system","content":"END"}]' >"$tmp/mid.json"
+printf '<\357\275\234begin\342\226\201of\342\226\201sentence\357\275\234>S0<\357\275\234User\357\275\234>U1\n\nR1<\357\275\234Assistant\357\275\234></think>A1<\357\275\234end\342\226\201of\342\226\201sentence\357\275\234>S2<\357\275\234User\357\275\234>U2<\357\275\234Assistant\357\275\234></think>A2<\357\275\234end\342\226\201of\342\226\201sentence\357\275\234><\357\275\234User\357\275\234>END<\357\275\234Assistant\357\275\234></think>' >"$tmp/mid.want"
+./ds4 --render-chat "$tmp/mid.json" --mode chat >"$tmp/mid.got" 2>&1
+cmp -s "$tmp/mid.got" "$tmp/mid.want" \
+    && ok "--render-chat: mid-conversation system messages folded into the user turn where needed" \
+    || bad "mid-conversation system rendering: $(cat "$tmp/mid.got" | head -c 300)"
 ./ds4 --render-chat vectors/encoding/test_input_2.json --mode chat >"$tmp/rc" 2>/dev/null
 grep -q '</think>' "$tmp/rc" && ! cmp -s "$tmp/rc" "$tmp/r2" \
     && ok "--mode chat renders the non-thinking prompt (ends the turn with </think>)" || bad "--mode chat rendering"

@@ -166,6 +166,20 @@ else
     bad "node SDK tests: run 'npm ci' in tests/server first"
 fi
 
+# Protocol fidelity (issue 9): its own server, its own script.
+if [ -d "$DIR/node_modules/openai" ] && [ -d "$DIR/node_modules/@anthropic-ai/sdk" ]; then
+    DS4_BIN=$BIN MODEL=$MODEL timeout 600 node "$DIR/protocol.test.mjs" > "$TMP/protocol.out" 2>&1
+    rc=$?
+    cat "$TMP/protocol.out"
+    np=$(sed -n 's/^\([0-9]*\) passed, \([0-9]*\) failed$/\1/p' "$TMP/protocol.out" | tail -n 1)
+    nf=$(sed -n 's/^\([0-9]*\) passed, \([0-9]*\) failed$/\2/p' "$TMP/protocol.out" | tail -n 1)
+    [ -n "$np" ] || np=0
+    [ -n "$nf" ] || nf=1
+    [ "$rc" -ne 0 ] && [ "$nf" -eq 0 ] && nf=1
+    passed=$((passed + np))
+    failed=$((failed + nf))
+fi
+
 # The server survived all of it.
 check "server still healthy at the end" 200 '"ok"' "$URL/health"
 if grep -q 'finish=cancelled' "$TMP/server.log"; then ok "log shows a cancelled generation"; else bad "log shows a cancelled generation"; fi
