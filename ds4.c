@@ -57,6 +57,7 @@
 #include <float.h>
 #include <time.h>
 #include <pthread.h>
+#include <sched.h>
 #include <fcntl.h>
 #include <unistd.h>
 #include <signal.h>
@@ -201,18 +202,39 @@ static bool parse_float(const char *s, double lo, double hi, double *out) {
  * uneven split (some experts busier than others) balances itself. The
  * calling thread works too, as worker 0. The `worker` index lets a task use
  * per-thread scratch memory without locks.
+ *
+ * WHY WORKERS SPIN BEFORE THEY SLEEP
+ *
+ * One decode token of the tiny model is a few hundred matrix products of
+ * 10-50 microseconds each. Waking a sleeping thread through a condition
+ * variable costs a system call on each side and tens of microseconds before
+ * the worker runs, so a pool that sleeps between products makes two threads
+ * slower than one. Here a job is published by bumping an atomic
+ * `generation`; an idle worker watches it in a loop with the CPU's pause
+ * hint for about POOL_SPIN_ROUNDS rounds (tens of microseconds, longer than
+ * the gap between two products of one layer) and only then sleeps on the
+ * condition variable, counting itself in `sleepers`. The publisher takes the
+ * lock and broadcasts only when someone sleeps. Completion is an atomic
+ * count the caller spins on; it never sleeps, because the last worker is
+ * at most one batch of items behind it.
+ *
+ * The spin costs CPU time while the machine is idle between tokens, at most
+ * one spin period per worker per pause, which is why it is short.
  * ------------------------------------------------------------------------- */
 
 typedef void (*task_fn)(void *ctx, int64_t item, int worker);
+
+enum { POOL_SPIN_ROUNDS = 2000 };
 
 struct thread_pool {
     int n_threads;                 /* including the calling thread */
     pthread_t *threads;
     pthread_mutex_t lock;
-    pthread_cond_t work_ready, work_done;
-    uint64_t generation;           /* bumped for each parallel_for */
-    int busy_workers;
-    bool quit;
+    pthread_cond_t work_ready;
+    uint64_t generation;           /* atomic; bumped for each parallel_for */
+    int busy_workers;              /* atomic; workers still inside the job */
+    int sleepers;                  /* atomic; workers asleep on work_ready */
+    bool quit;                     /* atomic */
     /* The job being run. */
     task_fn fn;
     void *ctx;
@@ -235,26 +257,42 @@ static void pool_run_items(struct thread_pool *pool, int worker) {
     }
 }
 
+static void pool_pause(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
+static bool pool_has_news(struct thread_pool *pool, uint64_t seen) {
+    return __atomic_load_n(&pool->quit, __ATOMIC_ACQUIRE) ||
+           __atomic_load_n(&pool->generation, __ATOMIC_ACQUIRE) != seen;
+}
+
+/* Wait until the generation moves past `seen` (or quit): spin, then sleep. */
+static void pool_wait_for_job(struct thread_pool *pool, uint64_t seen) {
+    for (int i = 0; i < POOL_SPIN_ROUNDS; i++) {
+        if (pool_has_news(pool, seen)) return;
+        pool_pause();
+    }
+    pthread_mutex_lock(&pool->lock);
+    __atomic_fetch_add(&pool->sleepers, 1, __ATOMIC_SEQ_CST);
+    while (!pool_has_news(pool, seen)) pthread_cond_wait(&pool->work_ready, &pool->lock);
+    __atomic_fetch_sub(&pool->sleepers, 1, __ATOMIC_SEQ_CST);
+    pthread_mutex_unlock(&pool->lock);
+}
+
 static void *pool_worker_main(void *arg) {
     struct worker_arg *wa = arg;
     struct thread_pool *pool = wa->pool;
     uint64_t seen = 0;
     for (;;) {
-        pthread_mutex_lock(&pool->lock);
-        while (!pool->quit && pool->generation == seen)
-            pthread_cond_wait(&pool->work_ready, &pool->lock);
-        if (pool->quit) {
-            pthread_mutex_unlock(&pool->lock);
-            break;
-        }
-        seen = pool->generation;
-        pthread_mutex_unlock(&pool->lock);
-
+        pool_wait_for_job(pool, seen);
+        if (__atomic_load_n(&pool->quit, __ATOMIC_ACQUIRE)) break;
+        seen = __atomic_load_n(&pool->generation, __ATOMIC_ACQUIRE);
         pool_run_items(pool, wa->index);
-
-        pthread_mutex_lock(&pool->lock);
-        if (--pool->busy_workers == 0) pthread_cond_signal(&pool->work_done);
-        pthread_mutex_unlock(&pool->lock);
+        __atomic_fetch_sub(&pool->busy_workers, 1, __ATOMIC_RELEASE);
     }
     free(wa);
     return NULL;
@@ -266,7 +304,6 @@ static void pool_init(struct thread_pool *pool, int n_threads) {
     pool->n_threads = n_threads;
     pthread_mutex_init(&pool->lock, NULL);
     pthread_cond_init(&pool->work_ready, NULL);
-    pthread_cond_init(&pool->work_done, NULL);
     pool->threads = xcalloc((size_t)n_threads, sizeof(pthread_t));
     for (int i = 1; i < n_threads; i++) {
         struct worker_arg *wa = xmalloc(sizeof *wa);
@@ -279,16 +316,35 @@ static void pool_init(struct thread_pool *pool, int n_threads) {
     }
 }
 
+/* Publish a new generation (or quit) and wake whoever sleeps. Taking the lock
+ * before the broadcast closes the gap between a worker's last check and its
+ * pthread_cond_wait. */
+static void pool_wake(struct thread_pool *pool) {
+    if (__atomic_load_n(&pool->sleepers, __ATOMIC_SEQ_CST) == 0) return;
+    pthread_mutex_lock(&pool->lock);
+    pthread_cond_broadcast(&pool->work_ready);
+    pthread_mutex_unlock(&pool->lock);
+}
+
 static void pool_free(struct thread_pool *pool) {
     pthread_mutex_lock(&pool->lock);
-    pool->quit = true;
+    __atomic_store_n(&pool->quit, true, __ATOMIC_SEQ_CST);
     pthread_cond_broadcast(&pool->work_ready);
     pthread_mutex_unlock(&pool->lock);
     for (int i = 1; i < pool->n_threads; i++) pthread_join(pool->threads[i], NULL);
     free(pool->threads);
     pthread_mutex_destroy(&pool->lock);
     pthread_cond_destroy(&pool->work_ready);
-    pthread_cond_destroy(&pool->work_done);
+}
+
+/* The caller waits for the last worker by spinning; on a machine with more
+ * threads than free cores that worker may be off the CPU, so after a spin
+ * period the caller yields its core on every round instead of burning it. */
+static void pool_wait_for_workers(struct thread_pool *pool) {
+    for (int i = 0; __atomic_load_n(&pool->busy_workers, __ATOMIC_ACQUIRE) > 0; i++) {
+        if (i < POOL_SPIN_ROUNDS) pool_pause();
+        else sched_yield();
+    }
 }
 
 static void parallel_for(struct thread_pool *pool, int64_t n_items, task_fn fn, void *ctx) {
@@ -304,17 +360,13 @@ static void parallel_for(struct thread_pool *pool, int64_t n_items, task_fn fn, 
     pool->ctx = ctx;
     pool->n_items = n_items;
     pool->next_item = 0;
-    pthread_mutex_lock(&pool->lock);
-    pool->busy_workers = pool->n_threads - 1;
-    pool->generation++;
-    pthread_cond_broadcast(&pool->work_ready);
-    pthread_mutex_unlock(&pool->lock);
+    __atomic_store_n(&pool->busy_workers, pool->n_threads - 1, __ATOMIC_RELAXED);
+    __atomic_fetch_add(&pool->generation, 1, __ATOMIC_SEQ_CST);
+    pool_wake(pool);
 
     pool_run_items(pool, 0);
 
-    pthread_mutex_lock(&pool->lock);
-    while (pool->busy_workers > 0) pthread_cond_wait(&pool->work_done, &pool->lock);
-    pthread_mutex_unlock(&pool->lock);
+    pool_wait_for_workers(pool);
 }
 
 static int default_thread_count(void) {
