@@ -1208,6 +1208,11 @@ static _Alignas(32) float quant_iq2_grid_f32[256][8];
 static _Alignas(32) uint32_t quant_iq2_sign_bits[128][8];
 static bool quant_tables_ready;
 
+/* For the integer kernels of 3.11 the signs are bytes instead: byte j of
+ * quant_iq2_sign_bytes[s] is -1 (0xff) if value j is negative, else +1, the
+ * form a "multiply by the sign of" instruction (psignb) takes. 1 KB. */
+static uint64_t quant_iq2_sign_bytes[128];
+
 static void quant_tables_init(void) {
     for (int g = 0; g < 256; g++)
         for (int j = 0; j < 8; j++)
@@ -1216,6 +1221,9 @@ static void quant_tables_init(void) {
         int signs = quant_iq2_signs(s);
         for (int j = 0; j < 8; j++)
             quant_iq2_sign_bits[s][j] = (signs >> j) & 1 ? 0x80000000u : 0;
+        quant_iq2_sign_bytes[s] = 0;
+        for (int j = 0; j < 8; j++)
+            quant_iq2_sign_bytes[s] |= (uint64_t)((signs >> j) & 1 ? 0xff : 0x01) << (8 * j);
     }
     quant_tables_ready = true;
 }
@@ -2345,6 +2353,342 @@ static uint64_t tensor_bytes_for(uint32_t type, uint64_t n_elements, uint64_t ro
     *ok = tt && row_len % (uint64_t)tt->block_values == 0;
     if (!*ok) return 0;
     return n_elements / (uint64_t)tt->block_values * (uint64_t)tt->block_bytes;
+}
+
+/* ---- 3.11 Eight-bit activations: integer dot products -------------------- */
+
+/* WHY QUANTIZE THE ACTIVATIONS AFTER ALL
+ *
+ * The float kernels of 3.7 spend their time *decoding*: turning each 2-bit
+ * or grid-coded weight into a float register costs several instructions per
+ * 8 weights, so on the 2-bit expert matrices they run at under 1 GB/s, far
+ * below what memory can deliver. Integer dot products remove the decoding
+ * to float altogether: an x86 `pmaddubsw` multiplies 32 unsigned bytes by 32
+ * signed bytes and adds neighbouring pairs in one instruction, so a
+ * sub-block of small integer weights meets an 8-bit copy of the activations
+ * directly, and the block scales are applied once per 32 values.
+ *
+ * The price is a second source of error, which is why this path is a
+ * choice (engine option q8_activations, 8.1) and the float kernels remain
+ * the reference. Each block b of 32 activations is quantized as
+ *
+ *     d[b] = max_{i in b} |x[i]| / 127,     q[i] = round(x[i] / d[b])
+ *     s[k] = sum_{i in 16-run k} x[i]       (exact float sums)      x: [n]
+ *
+ * (a scale per 32 rather than per 256: it follows the activations' outliers
+ * more closely and lines up with every block size in use). The products
+ * become, with w's integer parts and scales as in 3.3:
+ *
+ *     Q8_0:     sum_b  dw[b] d[b] sum_{i in b} qs[i] q[i]
+ *     Q2_K:     sum_k  d sc[k] d[b(k)] sum_i q2[i] q[i]  -  dmin m[k] s[k]
+ *     Q4_K:     sum_k  d sc[k] d[k]    sum_i q4[i] q[i]  -  dmin m[k] (s[2k] + s[2k+1])
+ *     IQ2_XXS:  sum_g  d (2 ls + 1) / 8 d[g] sum_i grid[i] sign[i] q[i]
+ *
+ * The mins use the exact sums s[k], so only the scale terms see rounded x.
+ *
+ * THE ERROR BOUND
+ *
+ * Rounding moves each activation by at most half a step, |x[i] - d[b] q[i]|
+ * <= d[b] / 2, so for any weight row w
+ *
+ *     |dot_q8 - dot|  <=  sum_b d[b]/2 * sum_{i in b} |w[i]|   (+ float rounding)
+ *
+ * tests/test_quant.c checks every kernel against this bound on random rows,
+ * and the integer kernels against the scalar vec_dot_q8_ref() below to 1e-5
+ * of sum |w*x| (they differ only in the order of float additions). On normal
+ * data the error is about 3e-3 of sum |w*x|, a few times smaller than the
+ * error of the 2-bit weights themselves.
+ *
+ * The inner integer sums cannot overflow: `pmaddubsw` saturates at 32767,
+ * and the largest pair is 128 * 127 * 2 = 32512 (a Q8_0 weight of -128 made
+ * positive), the rest far less (43 * 127 * 2 for IQ2_XXS). */
+
+struct act_q8 {
+    int64_t n;          /* values; a multiple of 32 */
+    int8_t *q;          /* [n] */
+    float *d;           /* [n / 32] */
+    float *sum16;       /* [n / 16] */
+};
+
+/* Bytes of storage for one quantized vector of n values (act_q8_view). */
+static size_t act_q8_bytes(int64_t n) {
+    return (size_t)n + (size_t)(n / 32) * sizeof(float) + (size_t)(n / 16) * sizeof(float);
+}
+
+/* Lay a quantized vector of n values over `mem` (act_q8_bytes(n) bytes, float
+ * aligned: the floats come first). */
+static struct act_q8 act_q8_view(void *mem, int64_t n) {
+    float *f = mem;
+    struct act_q8 a = { n, (int8_t *)(f + n / 32 + n / 16), f, f + n / 32 };
+    return a;
+}
+
+/* d[b], q[i] and s[k] as defined above. */
+static void act_quantize_q8(const float *x, struct act_q8 *a) {
+    for (int64_t b = 0; b < a->n / 32; b++) {
+        const float *xb = x + 32 * b;
+        float amax = 0.0f, lo = 0.0f, hi = 0.0f;
+        for (int l = 0; l < 32; l++) amax = fmaxf(amax, fabsf(xb[l]));
+        float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+        a->d[b] = amax / 127.0f;
+        for (int l = 0; l < 32; l++) a->q[32 * b + l] = (int8_t)lrintf(xb[l] * inv);
+        for (int l = 0; l < 16; l++) lo += xb[l], hi += xb[16 + l];
+        a->sum16[2 * b] = lo;
+        a->sum16[2 * b + 1] = hi;
+    }
+}
+
+/* The reference integer products, one term per sub-block, literally as in
+ * the formulas above. The integer sums are exact, so the fast kernels may
+ * only differ in how the float terms are added up. */
+static float quant_q8_ref_q8_0(const struct block_q8_0 *w, const struct act_q8 *a) {
+    float sum = 0.0f;
+    for (int64_t b = 0; b < a->n / 32; b++, w++) {
+        int isum = 0;
+        for (int l = 0; l < 32; l++) isum += w->qs[l] * a->q[32 * b + l];
+        sum += f16_to_f32(w->d) * a->d[b] * (float)isum;
+    }
+    return sum;
+}
+
+static float quant_q8_ref_q2_k(const struct block_q2_k *w, const struct act_q8 *a) {
+    float sum = 0.0f;
+    for (int64_t i = 0; i < a->n / 256; i++, w++) {
+        float d = f16_to_f32(w->d), dmin = f16_to_f32(w->dmin);
+        for (int k = 0; k < 16; k++) {
+            int isum = 0;
+            for (int e = 16 * k; e < 16 * k + 16; e++) {
+                int h = e / 128, j = (e % 128) / 32, l = e % 32;
+                isum += ((w->qs[32 * h + l] >> (2 * j)) & 3) * a->q[256 * i + e];
+            }
+            sum += d * (float)(w->scales[k] & 15) * a->d[8 * i + k / 2] * (float)isum;
+            sum -= dmin * (float)(w->scales[k] >> 4) * a->sum16[16 * i + k];
+        }
+    }
+    return sum;
+}
+
+static float quant_q8_ref_q4_k(const struct block_q4_k *w, const struct act_q8 *a) {
+    float sum = 0.0f;
+    for (int64_t i = 0; i < a->n / 256; i++, w++) {
+        float d = f16_to_f32(w->d), dmin = f16_to_f32(w->dmin);
+        for (int k = 0; k < 8; k++) {
+            int sc, m, isum = 0;
+            quant_q4_k_scale_min(w->scales, k, &sc, &m);
+            for (int l = 0; l < 32; l++) {
+                int byte = w->qs[32 * (k / 2) + l];
+                isum += (k % 2 == 0 ? byte & 15 : byte >> 4) * a->q[256 * i + 32 * k + l];
+            }
+            sum += d * (float)sc * a->d[8 * i + k] * (float)isum;
+            sum -= dmin * (float)m * (a->sum16[16 * i + 2 * k] + a->sum16[16 * i + 2 * k + 1]);
+        }
+    }
+    return sum;
+}
+
+static float quant_q8_ref_iq2_xxs(const struct block_iq2_xxs *w, const struct act_q8 *a) {
+    float sum = 0.0f;
+    for (int64_t i = 0; i < a->n / 256; i++, w++) {
+        for (int group = 0; group < 8; group++) {
+            uint32_t a0, a1;
+            int isum = 0;
+            quant_iq2_group_words(w, group, &a0, &a1);
+            for (int t = 0; t < 4; t++) {
+                int g = (a0 >> (8 * t)) & 255, signs = quant_iq2_signs((a1 >> (7 * t)) & 127);
+                for (int j = 0; j < 8; j++) {
+                    int v = quant_iq2_grid_byte(g, j) * a->q[256 * i + 32 * group + 8 * t + j];
+                    isum += (signs >> j) & 1 ? -v : v;
+                }
+            }
+            float scale = f16_to_f32(w->d) * (float)(2 * (a1 >> 28) + 1) * 0.125f;
+            sum += scale * a->d[8 * i + group] * (float)isum;
+        }
+    }
+    return sum;
+}
+
+/* The types with an integer kernel; the others (F32, F16, BF16) keep float
+ * activations, since their weights need no decoding anyway. */
+static bool quant_has_q8_dot(uint32_t type) {
+    return type == TYPE_Q8_0 || type == TYPE_Q2_K || type == TYPE_Q4_K || type == TYPE_IQ2_XXS;
+}
+
+static float vec_dot_q8_ref(uint32_t type, const void *w, const struct act_q8 *a) {
+    switch (type) {
+    case TYPE_Q8_0: return quant_q8_ref_q8_0(w, a);
+    case TYPE_Q2_K: return quant_q8_ref_q2_k(w, a);
+    case TYPE_Q4_K: return quant_q8_ref_q4_k(w, a);
+    case TYPE_IQ2_XXS: return quant_q8_ref_iq2_xxs(w, a);
+    default: quant_die_unsupported("vec_dot_q8_ref", type);
+    }
+    return 0.0f;
+}
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+
+/* x86-64 AVX2. Every kernel ends a 32-value block the same way: eight int32
+ * partial sums, converted to float and added with their block's scale,
+ * alternating between two accumulators. */
+enum { QUANT_Q8_FAST = 1 };
+
+static __m256i quant_avx2_load_i8(const void *p) {
+    return _mm256_loadu_si256((const __m256i *)p);
+}
+
+/* Eight int32 sums of unsigned u[i] * signed s[i], times a 16-bit factor. */
+static __m256i quant_avx2_madd_u8s8(__m256i u, __m256i s, __m256i factor16) {
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), factor16);
+}
+
+static __m256 quant_avx2_scaled(__m256 acc, float scale, __m256i isum) {
+    return _mm256_fmadd_ps(_mm256_set1_ps(scale), _mm256_cvtepi32_ps(isum), acc);
+}
+
+/* Q8_0: both sides signed. |w| is unsigned, and w's sign moves onto q. */
+static float quant_avx2_q8_dot_q8_0(const struct block_q8_0 *w, const struct act_q8 *a) {
+    __m256 acc[2] = { _mm256_setzero_ps(), _mm256_setzero_ps() };
+    __m256i one = _mm256_set1_epi16(1);
+    for (int64_t b = 0; b < a->n / 32; b++, w++) {
+        __m256i wq = quant_avx2_load_i8(w->qs), xq = quant_avx2_load_i8(a->q + 32 * b);
+        __m256i isum = quant_avx2_madd_u8s8(_mm256_sign_epi8(wq, wq), _mm256_sign_epi8(xq, wq), one);
+        acc[b & 1] = quant_avx2_scaled(acc[b & 1], quant_avx2_half(w->d) * a->d[b], isum);
+    }
+    return quant_avx2_hsum(_mm256_add_ps(acc[0], acc[1]));
+}
+
+/* Q2_K: shift j of the 32 bytes of half h is one activation block, whose low
+ * 16 lanes are sub-block 8h+2j and high 16 lanes sub-block 8h+2j+1; a
+ * factor register with each sub-block's scale in its half applies both. */
+static __m256i quant_avx2_two_scales(int lo, int hi) {
+    return _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_set1_epi16((short)lo)),
+                                   _mm_set1_epi16((short)hi), 1);
+}
+
+/* dmin * sum_k m[k] s[k] of one Q2_K block, 16 mins at a time. */
+static __m256 quant_avx2_q2_k_mins(const struct block_q2_k *w, const float *s16, __m256 acc) {
+    __m128i m = _mm_and_si128(_mm_srli_epi16(_mm_loadu_si128((const __m128i *)w->scales), 4),
+                              _mm_set1_epi8(15));
+    __m256 m_lo = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(m));
+    __m256 m_hi = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(m, 8)));
+    __m256 ms = _mm256_fmadd_ps(m_lo, _mm256_loadu_ps(s16),
+                                _mm256_mul_ps(m_hi, _mm256_loadu_ps(s16 + 8)));
+    return _mm256_fmadd_ps(_mm256_set1_ps(quant_avx2_half(w->dmin)), ms, acc);
+}
+
+static float quant_avx2_q8_dot_q2_k(const struct block_q2_k *w, const struct act_q8 *a) {
+    __m256 acc[2] = { _mm256_setzero_ps(), _mm256_setzero_ps() }, mins = _mm256_setzero_ps();
+    __m256i mask = _mm256_set1_epi8(3);
+    for (int64_t i = 0; i < a->n / 256; i++, w++) {
+        const int8_t *xq = a->q + 256 * i;
+        const float *dx = a->d + 8 * i;
+        float d = quant_avx2_half(w->d);
+        mins = quant_avx2_q2_k_mins(w, a->sum16 + 16 * i, mins);
+        for (int h = 0; h < 2; h++) {
+            __m256i bits = quant_avx2_load_i8(w->qs + 32 * h);
+            for (int j = 0; j < 4; j++) {
+                int k = 8 * h + 2 * j;
+                __m256i q = _mm256_and_si256(_mm256_srl_epi16(bits, _mm_cvtsi32_si128(2 * j)), mask);
+                __m256i f = quant_avx2_two_scales(w->scales[k] & 15, w->scales[k + 1] & 15);
+                __m256i isum = quant_avx2_madd_u8s8(q, quant_avx2_load_i8(xq + 128 * h + 32 * j), f);
+                acc[j & 1] = quant_avx2_scaled(acc[j & 1], d * dx[4 * h + j], isum);
+            }
+        }
+    }
+    return quant_avx2_hsum(_mm256_add_ps(acc[0], acc[1])) - quant_avx2_hsum(mins);
+}
+
+/* Q4_K: the low nibbles of chunk c are sub-block 2c, the high ones 2c+1,
+ * each one whole activation block. */
+static float quant_avx2_q8_dot_q4_k(const struct block_q4_k *w, const struct act_q8 *a) {
+    __m256 acc[2] = { _mm256_setzero_ps(), _mm256_setzero_ps() };
+    __m256i low4 = _mm256_set1_epi8(15);
+    float mins = 0.0f;
+    for (int64_t i = 0; i < a->n / 256; i++, w++) {
+        const int8_t *xq = a->q + 256 * i;
+        const float *dx = a->d + 8 * i, *s16 = a->sum16 + 16 * i;
+        float d = quant_avx2_half(w->d), dmin = quant_avx2_half(w->dmin);
+        int sc[8], m[8];
+        for (int k = 0; k < 8; k++) {
+            quant_q4_k_scale_min(w->scales, k, &sc[k], &m[k]);
+            mins += dmin * (float)m[k] * (s16[2 * k] + s16[2 * k + 1]);
+        }
+        for (int c = 0; c < 4; c++) {
+            __m256i bytes = quant_avx2_load_i8(w->qs + 32 * c);
+            __m256i lo = _mm256_and_si256(bytes, low4);
+            __m256i hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low4);
+            __m256i s_lo = quant_avx2_madd_u8s8(lo, quant_avx2_load_i8(xq + 64 * c),
+                                                _mm256_set1_epi16((short)sc[2 * c]));
+            __m256i s_hi = quant_avx2_madd_u8s8(hi, quant_avx2_load_i8(xq + 64 * c + 32),
+                                                _mm256_set1_epi16((short)sc[2 * c + 1]));
+            acc[0] = quant_avx2_scaled(acc[0], d * dx[2 * c], s_lo);
+            acc[1] = quant_avx2_scaled(acc[1], d * dx[2 * c + 1], s_hi);
+        }
+    }
+    return quant_avx2_hsum(_mm256_add_ps(acc[0], acc[1])) - mins;
+}
+
+/* IQ2_XXS: four 8-byte table loads give a group's 32 grid magnitudes, four
+ * more its 32 signs (3.4); the signs go onto the activations (psignb), the
+ * magnitudes are the unsigned operand, and the group scale 2 ls + 1 is the
+ * 16-bit factor. No value is touched one at a time. */
+static __m256i quant_avx2_iq2_grid(uint32_t a0) {
+    return _mm256_set_epi64x((long long)quant_iq2_xxs_grid[a0 >> 24],
+                             (long long)quant_iq2_xxs_grid[(a0 >> 16) & 255],
+                             (long long)quant_iq2_xxs_grid[(a0 >> 8) & 255],
+                             (long long)quant_iq2_xxs_grid[a0 & 255]);
+}
+
+static __m256i quant_avx2_iq2_signs(uint32_t a1) {
+    return _mm256_set_epi64x((long long)quant_iq2_sign_bytes[(a1 >> 21) & 127],
+                             (long long)quant_iq2_sign_bytes[(a1 >> 14) & 127],
+                             (long long)quant_iq2_sign_bytes[(a1 >> 7) & 127],
+                             (long long)quant_iq2_sign_bytes[a1 & 127]);
+}
+
+static float quant_avx2_q8_dot_iq2_xxs(const struct block_iq2_xxs *w, const struct act_q8 *a) {
+    __m256 acc[2] = { _mm256_setzero_ps(), _mm256_setzero_ps() };
+    for (int64_t i = 0; i < a->n / 256; i++, w++) {
+        float d = quant_avx2_half(w->d) * 0.125f;
+        for (int group = 0; group < 8; group++) {
+            uint32_t a0, a1;
+            quant_iq2_group_words(w, group, &a0, &a1);
+            __m256i xq = _mm256_sign_epi8(quant_avx2_load_i8(a->q + 256 * i + 32 * group),
+                                          quant_avx2_iq2_signs(a1));
+            __m256i f = _mm256_set1_epi16((short)(2 * (a1 >> 28) + 1));
+            __m256i isum = quant_avx2_madd_u8s8(quant_avx2_iq2_grid(a0), xq, f);
+            acc[group & 1] = quant_avx2_scaled(acc[group & 1], d * a->d[8 * i + group], isum);
+        }
+    }
+    return quant_avx2_hsum(_mm256_add_ps(acc[0], acc[1]));
+}
+
+static float quant_fast_vec_dot_q8(uint32_t type, const void *w, const struct act_q8 *a) {
+    switch (type) {
+    case TYPE_Q8_0: return quant_avx2_q8_dot_q8_0(w, a);
+    case TYPE_Q2_K: return quant_avx2_q8_dot_q2_k(w, a);
+    case TYPE_Q4_K: return quant_avx2_q8_dot_q4_k(w, a);
+    case TYPE_IQ2_XXS: return quant_avx2_q8_dot_iq2_xxs(w, a);
+    default: return vec_dot_q8_ref(type, w, a);
+    }
+}
+
+#else
+
+/* No integer kernels for this CPU yet (arm64's sdot would be the place): the
+ * engine keeps float activations unless asked, and then gets the reference. */
+enum { QUANT_Q8_FAST = 0 };
+
+static float quant_fast_vec_dot_q8(uint32_t type, const void *w, const struct act_q8 *a) {
+    return vec_dot_q8_ref(type, w, a);
+}
+
+#endif
+
+/* Dot product of a weight row with 8-bit activations (for the types where
+ * quant_has_q8_dot() holds). Within the bound above of vec_dot(). */
+static float vec_dot_q8(uint32_t type, const void *w, const struct act_q8 *a) {
+    if (type == TYPE_IQ2_XXS) quant_require_tables();
+    return quant_fast_vec_dot_q8(type, w, a);
 }
 
 /* ============================================================================
