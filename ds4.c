@@ -6686,11 +6686,25 @@ static int topk_indices(const float *score, int n, int k, int *out) {
  * With `reference_kernels` set, every product goes through the scalar
  * "dequantize, then a plain float loop" definition instead. Tests run the
  * whole model both ways and compare.
+ *
+ * With `q8_activations` set, products with Q8_0, Q2_K, Q4_K and IQ2_XXS
+ * weights quantize each input row X[t] to 8 bits first (3.11) and use the
+ * integer kernels, for every chunk size: the row of W is hot in L1 while it
+ * meets the T inputs, and prefill, chunked prefill and decode still compute
+ * bit for bit the same products. F16 and F32 weights keep float inputs.
+ *
+ * WORK SPLIT
+ *
+ * A work item is a group of 8 rows and a group of tokens. For decode there
+ * is one token group; for a chunk whose matrix has too few rows to give
+ * every thread 8 items, the tokens are split too, so a narrow product over
+ * 512 tokens still keeps every core busy.
  * ------------------------------------------------------------------------- */
 
 struct engine_options {
     int threads;                  /* 0 = one per online CPU */
     bool reference_kernels;       /* scalar dequant-then-f32 products */
+    bool q8_activations;          /* 8-bit inputs and integer kernels (3.11) */
 };
 
 struct engine {
@@ -6703,6 +6717,8 @@ struct engine {
     float **row_scratch;          /* [threads][max_row] */
     float **attn_scratch;         /* [threads][attn_scratch_cap] */
     int64_t attn_scratch_cap;
+    void *act_mem;                /* the 8-bit inputs of the running product */
+    size_t act_cap;
 };
 
 static void engine_init(struct engine *eng, struct model *m, struct engine_options opt) {
@@ -6731,6 +6747,7 @@ static void engine_free(struct engine *eng) {
     }
     free(eng->row_scratch);
     free(eng->attn_scratch);
+    free(eng->act_mem);
     pool_free(&eng->pool);
 }
 
@@ -6753,6 +6770,10 @@ struct matmul_job {
     float *y;
     int64_t y_stride;
     int n_tok;
+    int tok_per_item;             /* tokens in one work item */
+    int64_t row_items;            /* row groups */
+    const uint8_t *xq;            /* 8-bit inputs, xq_stride bytes apart, or NULL */
+    size_t xq_stride;
 };
 
 enum { MATMUL_ROWS_PER_ITEM = 8 };
@@ -6763,34 +6784,78 @@ enum { MATMUL_ROWS_PER_ITEM = 8 };
  * computes bit for bit what one-token decode would have. */
 enum { MATMUL_DECODE_PATH_MAX_TOKENS = 16 };
 
+static struct act_q8 matmul_input_q8(const struct matmul_job *j, int t) {
+    return act_q8_view((void *)(j->xq + (size_t)t * j->xq_stride), j->w->in);
+}
+
+/* Y[t][r] for the rows and tokens of one item, by one of the three paths. */
+static void matmul_row_tokens(const struct matmul_job *j, int64_t r, int t0, int t1, float *row) {
+    const struct matrix *w = j->w;
+    const uint8_t *wr = matrix_row(w, r);
+    if (j->eng->opt.reference_kernels) {
+        for (int t = t0; t < t1; t++)
+            j->y[t * j->y_stride + r] = vec_dot_ref(w->type, wr, j->x + t * j->x_stride, w->in);
+    } else if (j->xq) {
+        for (int t = t0; t < t1; t++) {
+            struct act_q8 a = matmul_input_q8(j, t);
+            j->y[t * j->y_stride + r] = vec_dot_q8(w->type, wr, &a);
+        }
+    } else if (j->n_tok <= MATMUL_DECODE_PATH_MAX_TOKENS) {
+        for (int t = t0; t < t1; t++)
+            j->y[t * j->y_stride + r] = vec_dot(w->type, wr, j->x + t * j->x_stride, w->in);
+    } else {
+        dequant_row(w->type, wr, row, w->in);
+        for (int t = t0; t < t1; t++)
+            j->y[t * j->y_stride + r] = dot_f32(row, j->x + t * j->x_stride, w->in);
+    }
+}
+
 static void matmul_rows(void *ctx, int64_t item, int worker) {
     struct matmul_job *j = ctx;
-    const struct matrix *w = j->w;
-    int64_t r0 = item * MATMUL_ROWS_PER_ITEM, r1 = r0 + MATMUL_ROWS_PER_ITEM;
-    if (r1 > w->out) r1 = w->out;
-    float *row = j->eng->row_scratch[worker];
-    for (int64_t r = r0; r < r1; r++) {
-        const uint8_t *wr = matrix_row(w, r);
-        if (j->eng->opt.reference_kernels) {
-            for (int t = 0; t < j->n_tok; t++)
-                j->y[t * j->y_stride + r] = vec_dot_ref(w->type, wr, j->x + t * j->x_stride, w->in);
-        } else if (j->n_tok <= MATMUL_DECODE_PATH_MAX_TOKENS) {
-            for (int t = 0; t < j->n_tok; t++)
-                j->y[t * j->y_stride + r] = vec_dot(w->type, wr, j->x + t * j->x_stride, w->in);
-        } else {
-            dequant_row(w->type, wr, row, w->in);
-            for (int t = 0; t < j->n_tok; t++)
-                j->y[t * j->y_stride + r] = dot_f32(row, j->x + t * j->x_stride, w->in);
-        }
+    int64_t rg = item % j->row_items, tg = item / j->row_items;
+    int64_t r0 = rg * MATMUL_ROWS_PER_ITEM, r1 = r0 + MATMUL_ROWS_PER_ITEM;
+    if (r1 > j->w->out) r1 = j->w->out;
+    int t0 = (int)tg * j->tok_per_item, t1 = t0 + j->tok_per_item;
+    if (t1 > j->n_tok) t1 = j->n_tok;
+    for (int64_t r = r0; r < r1; r++) matmul_row_tokens(j, r, t0, t1, j->eng->row_scratch[worker]);
+}
+
+static void matmul_quantize_input(void *ctx, int64_t t, int worker) {
+    (void)worker;
+    struct matmul_job *j = ctx;
+    struct act_q8 a = matmul_input_q8(j, (int)t);
+    act_quantize_q8(j->x + t * j->x_stride, &a);
+}
+
+/* Quantize the n_tok inputs into the engine's buffer (grown here, on the
+ * main thread, only when a wider product comes along). */
+static void matmul_prepare_q8(struct engine *eng, struct matmul_job *j) {
+    j->xq_stride = (act_q8_bytes(j->w->in) + 63) / 64 * 64;
+    size_t need = j->xq_stride * (size_t)j->n_tok;
+    if (need > eng->act_cap) {
+        free(eng->act_mem);
+        eng->act_mem = xmalloc(need);
+        eng->act_cap = need;
     }
+    j->xq = eng->act_mem;
+    parallel_for(&eng->pool, j->n_tok, matmul_quantize_input, j);
 }
 
 /* Y[t][o] = W[o] . X[t] for t < n_tok; strides are in floats. */
 static void matmul_strided(struct engine *eng, float *y, int64_t y_stride, const struct matrix *w,
                            const float *x, int64_t x_stride, int n_tok) {
-    struct matmul_job j = { eng, w, x, x_stride, y, y_stride, n_tok };
-    int64_t items = (w->out + MATMUL_ROWS_PER_ITEM - 1) / MATMUL_ROWS_PER_ITEM;
-    parallel_for(&eng->pool, items, matmul_rows, &j);
+    struct matmul_job j = { eng, w, x, x_stride, y, y_stride, n_tok, n_tok, 0, NULL, 0 };
+    j.row_items = (w->out + MATMUL_ROWS_PER_ITEM - 1) / MATMUL_ROWS_PER_ITEM;
+    int64_t want = 8 * (int64_t)eng->pool.n_threads;
+    if (n_tok > 1 && eng->pool.n_threads > 1 && j.row_items < want) {
+        int64_t groups = (want + j.row_items - 1) / j.row_items;
+        if (groups > n_tok) groups = n_tok;
+        j.tok_per_item = (int)((n_tok + groups - 1) / groups);
+    }
+    if (eng->opt.q8_activations && !eng->opt.reference_kernels && quant_has_q8_dot(w->type))
+        matmul_prepare_q8(eng, &j);
+    int64_t tok_items = (n_tok + j.tok_per_item - 1) / j.tok_per_item;
+    parallel_for(&eng->pool, j.row_items * tok_items, matmul_rows, &j);
 }
 
 static void matmul(struct engine *eng, float *y, const struct matrix *w, const float *x, int n_tok) {
@@ -13909,6 +13974,8 @@ static bool parse_args(int argc, char **argv, struct cli_options *o, struct ds4_
         if (flag_is(a, "-h", "--help")) { o->show_help = true; continue; }
         if (flag_is(a, NULL, "--bench")) { o->bench = true; continue; }
         if (flag_is(a, NULL, "--reference-kernels")) { o->engine.reference_kernels = true; continue; }
+        if (flag_is(a, NULL, "--fast")) { o->engine.q8_activations = true; continue; }
+        if (flag_is(a, NULL, "--f32-activations")) { o->engine.q8_activations = false; continue; }
         if (flag_is(a, NULL, "--raw")) { o->raw = true; continue; }
         if (flag_is(a, NULL, "--server")) { o->server = true; continue; }
         if (flag_is(a, NULL, "--nothink")) { o->nothink = true; continue; }

@@ -263,7 +263,7 @@ int main(int argc, char **argv) {
         return 1;
     }
     struct engine eng;
-    engine_init(&eng, &m, (struct engine_options){ 0, false });
+    engine_init(&eng, &m, (struct engine_options){ 0, false, false });
     test_rollback(&eng, 126, 5);   /* positions 126..130 close a 128-window and 4-windows */
     test_rollback(&eng, 37, 3);
     test_identity(&eng);
