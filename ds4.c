@@ -555,6 +555,40 @@ static bool gguf_map_file(struct gguf *g, const char *path, struct ds4_error *e)
     return true;
 }
 
+/* HOW THE WEIGHTS MEET MEMORY
+ *
+ * The file is mapped, never copied: every kernel reads its weight rows
+ * straight out of the page cache, so a decode token reads each byte it
+ * needs once. Three optional requests to the OS make that cheaper; each is
+ * advice, and a refusal is reported but not fatal:
+ *
+ *     hugepage  madvise(MADV_HUGEPAGE): back the mapping with 2 MiB pages
+ *               where the kernel can (fewer TLB misses on a 80 GiB scan)
+ *     populate  read every page once now (MADV_WILLNEED, then a touch per
+ *               page), so the first tokens do not pay for page faults
+ *     mlock     lock the pages in RAM, so a server never waits for a page
+ *               the OS evicted (needs RLIMIT_MEMLOCK or CAP_IPC_LOCK) */
+struct map_options {
+    bool hugepage, populate, mlock;
+};
+
+static void gguf_advise(const struct gguf *g, struct map_options o) {
+    if (!g->map) return;
+#ifdef MADV_HUGEPAGE
+    if (o.hugepage && madvise((void *)g->map, (size_t)g->size, MADV_HUGEPAGE) != 0)
+        fprintf(stderr, "ds4: %s: MADV_HUGEPAGE refused: %s\n", g->path, strerror(errno));
+#endif
+    if (o.populate) {
+        madvise((void *)g->map, (size_t)g->size, MADV_WILLNEED);
+        volatile uint8_t sink = 0;
+        long page = sysconf(_SC_PAGESIZE);
+        for (uint64_t i = 0; i < g->size; i += (uint64_t)page) sink ^= g->map[i];
+        (void)sink;
+    }
+    if (o.mlock && mlock(g->map, (size_t)g->size) != 0)
+        fprintf(stderr, "ds4: %s: mlock refused: %s\n", g->path, strerror(errno));
+}
+
 static bool gguf_read_kvs(struct gguf *g, struct cursor *c, struct ds4_error *e) {
     /* Each KV takes at least 12 bytes, which bounds an honest count. */
     if (g->n_kv > g->size / 12)
@@ -10501,7 +10535,131 @@ static bool bench_snapshot(struct engine *eng, const int32_t *tokens, int n, str
     return ok;
 }
 
-static int run_bench(struct engine *eng, int n_prefill, int n_decode, struct spec_options spec) {
+/* THE ROOFLINE (--bench --roofline)
+ *
+ * A decode token cannot go faster than its weight bytes divided by the
+ * machine's read bandwidth, so that ratio is the ceiling to measure decode
+ * against. The bandwidth is measured here, with the engine's own threads:
+ * each pass sums a 512 MiB buffer (far larger than any cache) in 64 KiB
+ * items through parallel_for, and the best of three passes counts.
+ *
+ * Beside it, each weight type's dot kernel is timed on one thread, both
+ * from cache (the same 64 rows of 4096 values again and again) and from
+ * DRAM (one pass over 256 MiB of rows), with float activations (3.7) and
+ * with 8-bit ones (3.11), in GB/s of weight bytes per CPU second. The blocks hold random
+ * bytes with sane scales: the kernels' speed does not depend on the
+ * values. */
+enum { ROOF_BUFFER = 512 << 20, ROOF_ITEM = 64 << 10, ROOF_ROW = 4096 };
+
+struct roof_job {
+    const uint64_t *data;
+    uint64_t *sums;                 /* [threads], kept so the loads stay */
+};
+
+static void roof_sum_item(void *ctx, int64_t item, int worker) {
+    struct roof_job *j = ctx;
+    const uint64_t *p = j->data + item * (ROOF_ITEM / 8);
+    uint64_t s[4] = { 0, 0, 0, 0 };
+    for (int i = 0; i < ROOF_ITEM / 8; i += 4)
+        for (int r = 0; r < 4; r++) s[r] += p[i + r];
+    j->sums[worker] += s[0] ^ s[1] ^ s[2] ^ s[3];
+}
+
+/* Read bandwidth in bytes per second with the pool's threads. */
+static double roof_bandwidth(struct engine *eng) {
+    uint64_t *data = xmalloc(ROOF_BUFFER);
+    memset(data, 1, ROOF_BUFFER);
+    struct roof_job j = { data, xcalloc((size_t)eng->pool.n_threads, sizeof(uint64_t)) };
+    double best = 0;
+    for (int pass = 0; pass < 3; pass++) {
+        double t0 = now_seconds();
+        parallel_for(&eng->pool, ROOF_BUFFER / ROOF_ITEM, roof_sum_item, &j);
+        double bw = ROOF_BUFFER / (now_seconds() - t0);
+        if (bw > best) best = bw;
+    }
+    free(j.sums);
+    free(data);
+    return best;
+}
+
+/* Random blocks of `type` with every scale field set to a small normal half. */
+static void roof_fill(uint32_t type, uint8_t *rows, size_t bytes, uint64_t *rng) {
+    for (size_t i = 0; i + 8 <= bytes; i += 8) {
+        uint64_t v = splitmix64(rng);
+        memcpy(rows + i, &v, 8);
+    }
+    const struct type_traits *t = type_traits_of(type);
+    uint16_t scale = f32_to_f16(0.01f);
+    for (size_t b = 0; b + (size_t)t->block_bytes <= bytes; b += (size_t)t->block_bytes) {
+        if (type == TYPE_F16) memcpy(rows + b, &scale, 2);
+        else if (type == TYPE_Q2_K) memcpy(rows + b + 80, &scale, 2), memcpy(rows + b + 82, &scale, 2);
+        else if (type == TYPE_Q4_K) memcpy(rows + b, &scale, 2), memcpy(rows + b + 2, &scale, 2);
+        else memcpy(rows + b, &scale, 2);
+    }
+}
+
+/* This thread's CPU seconds: on a shared machine the kernels are timed by
+ * the CPU they used, not the wall clock, which counts other tenants too. */
+static double thread_cpu_seconds(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+/* GB/s of one kernel over `n_rows` rows, repeated `reps` times. */
+static double roof_kernel(uint32_t type, const uint8_t *rows, int64_t n_rows, int reps,
+                          const float *x, const struct act_q8 *a) {
+    size_t row_bytes = type_row_bytes(type, ROOF_ROW);
+    volatile float sink = 0;
+    double t0 = thread_cpu_seconds();
+    for (int r = 0; r < reps; r++)
+        for (int64_t i = 0; i < n_rows; i++)
+            sink += a ? vec_dot_q8(type, rows + i * row_bytes, a)
+                      : vec_dot(type, rows + i * row_bytes, x, ROOF_ROW);
+    (void)sink;
+    return (double)row_bytes * n_rows * reps / (thread_cpu_seconds() - t0) / 1e9;
+}
+
+static void roof_kernels(void) {
+    static const uint32_t types[] = { TYPE_F16, TYPE_Q8_0, TYPE_Q4_K, TYPE_Q2_K, TYPE_IQ2_XXS };
+    float *x = xmalloc(ROOF_ROW * sizeof(float));
+    void *mem = xmalloc(act_q8_bytes(ROOF_ROW));
+    uint64_t rng = 7;
+    for (int i = 0; i < ROOF_ROW; i++) x[i] = (float)(splitmix64(&rng) % 2001) / 1000.0f - 1.0f;
+    struct act_q8 a = act_q8_view(mem, ROOF_ROW);
+    act_quantize_q8(x, &a);
+    size_t big = 256u << 20;
+    uint8_t *rows = xmalloc(big);
+    for (size_t i = 0; i < sizeof types / sizeof types[0]; i++) {
+        uint32_t type = types[i];
+        int64_t n_big = (int64_t)(big / type_row_bytes(type, ROOF_ROW));
+        roof_fill(type, rows, big, &rng);
+        bool q8 = quant_has_q8_dot(type);
+        double c32 = roof_kernel(type, rows, 64, 200, x, NULL);
+        double d32 = roof_kernel(type, rows, n_big, 1, x, NULL);
+        printf("roofline: kernel %-8s 1 thread, GB/s of weights: f32 activations %6.2f cache %6.2f DRAM",
+               type_traits_of(type)->name, c32, d32);
+        if (q8)
+            printf("; 8-bit activations %6.2f cache %6.2f DRAM", roof_kernel(type, rows, 64, 200, x, &a),
+                   roof_kernel(type, rows, n_big, 1, x, &a));
+        printf("\n");
+    }
+    free(rows);
+    free(mem);
+    free(x);
+}
+
+/* The --roofline lines: bandwidth, kernels, and decode against the ceiling. */
+static void bench_roofline(struct engine *eng, double decode_bytes_per_s) {
+    double bw = roof_bandwidth(eng);
+    printf("roofline: read bandwidth %.2f GB/s with %d threads; decode achieves %.2f GB/s = %.0f%% "
+           "of that ceiling\n", bw / 1e9, eng->pool.n_threads, decode_bytes_per_s / 1e9,
+           100.0 * decode_bytes_per_s / bw);
+    roof_kernels();
+}
+
+static int run_bench(struct engine *eng, int n_prefill, int n_decode, struct spec_options spec,
+                     bool roofline) {
     const struct ds4_config *c = &eng->model->cfg;
     struct ds4_error e = { "" };
     int32_t *tokens = xmalloc((size_t)n_prefill * sizeof(int32_t));
@@ -10528,6 +10686,7 @@ static int run_bench(struct engine *eng, int n_prefill, int n_decode, struct spe
            decode_tps);
     printf("decode weight traffic: %.3f MB per token = %.2f GB/s\n", per_token / 1e6,
            per_token * decode_tps / 1e9);
+    if (roofline) bench_roofline(eng, per_token * decode_tps);
     if (with_mtp)
         printf("decode with MTP (draft %d, gate %.2f): %lld tokens in %.3f s = %.2f tokens/s; "
                "drafted %lld, accepted %lld (%.1f%%), %.2f tokens per main forward\n",
@@ -13839,7 +13998,8 @@ struct cli_options {
     const char *model_path, *mtp_path, *tokens, *check_vectors;
     const char *prompt, *render_chat, *mode_name;
     int n_predict, chunk, bench_prefill, bench_decode;
-    bool bench, show_help, raw, nothink;
+    bool bench, roofline, show_help, raw, nothink;
+    struct map_options map;
     enum chat_mode mode;          /* from --mode, or --nothink */
     struct spec_options spec;     /* --mtp-draft, --mtp-gate */
     bool server;                  /* --server */
@@ -13883,6 +14043,10 @@ static void print_usage(FILE *f) {
         "  -t, --threads N       worker threads (default: one per CPU)\n"
         "      --chunk N         prefill chunk size in tokens (default 128)\n"
         "      --reference-kernels  use the scalar reference dot products\n"
+        "      --fast            8-bit activations and integer kernels (see README)\n"
+        "      --hugepages       ask for 2 MiB pages for the mapped weights\n"
+        "      --populate        read the whole file into memory at start\n"
+        "      --mlock           lock the weights in RAM (servers)\n"
         "sessions on disk (chat, -p, --tokens and --server):\n"
         "      --kv-disk-dir DIR  save sessions in DIR and resume prompts from there\n"
         "      --kv-disk-space-mb N  most MB the snapshots in DIR may take (default 4096)\n"
@@ -13893,6 +14057,7 @@ static void print_usage(FILE *f) {
         "tools:\n"
         "      --check-vectors F run the oracle vectors in F; exit 0 only if all pass\n"
         "      --bench           print prefill/decode speed and weight traffic\n"
+        "      --roofline        with --bench: read bandwidth, kernel GB/s, decode vs ceiling\n"
         "      --server          serve the OpenAI and Anthropic APIs (flags below)\n"
         "  -h, --help            this text\n\n%s", SERVER_USAGE);
 }
@@ -13973,9 +14138,12 @@ static bool parse_args(int argc, char **argv, struct cli_options *o, struct ds4_
         const char *a = argv[i];
         if (flag_is(a, "-h", "--help")) { o->show_help = true; continue; }
         if (flag_is(a, NULL, "--bench")) { o->bench = true; continue; }
+        if (flag_is(a, NULL, "--roofline")) { o->roofline = true; continue; }
+        if (flag_is(a, NULL, "--hugepages")) { o->map.hugepage = true; continue; }
+        if (flag_is(a, NULL, "--populate")) { o->map.populate = true; continue; }
+        if (flag_is(a, NULL, "--mlock")) { o->map.mlock = true; continue; }
         if (flag_is(a, NULL, "--reference-kernels")) { o->engine.reference_kernels = true; continue; }
         if (flag_is(a, NULL, "--fast")) { o->engine.q8_activations = true; continue; }
-        if (flag_is(a, NULL, "--f32-activations")) { o->engine.q8_activations = false; continue; }
         if (flag_is(a, NULL, "--raw")) { o->raw = true; continue; }
         if (flag_is(a, NULL, "--server")) { o->server = true; continue; }
         if (flag_is(a, NULL, "--nothink")) { o->nothink = true; continue; }
@@ -14474,6 +14642,8 @@ int main(int argc, char **argv) {
         fprintf(stderr, "ds4: %s\n", e.msg);
         return 1;
     }
+    gguf_advise(&model.file, o.map);
+    gguf_advise(&model.mtp_file, o.map);
     /* Text needs the vocabulary; token ids, the checker and the bench do not
      * (unless token ids are saved to disk: a snapshot's key is its text). */
     bool wants_text = o.server || (o.tokens && o.kv.dir) || (!o.tokens && !o.check_vectors && !o.bench);
@@ -14488,7 +14658,7 @@ int main(int argc, char **argv) {
     engine_init(&eng, &model, o.engine);
     int rc = o.server        ? server_main(&eng, &tok, &o.server_opt)
            : o.check_vectors ? check_vectors(&eng, o.check_vectors)
-           : o.bench         ? run_bench(&eng, o.bench_prefill, o.bench_decode, o.spec)
+           : o.bench         ? run_bench(&eng, o.bench_prefill, o.bench_decode, o.spec, o.roofline)
            : o.tokens        ? generate(&eng, &tok, &o)
            : o.prompt        ? run_prompt(&eng, &tok, &o)
                              : run_chat(&eng, &tok, &o);
