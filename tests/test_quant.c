@@ -636,7 +636,7 @@ static void test_q8_kernels(void) {
         char what[96];
         snprintf(what, sizeof what, "%s vec_dot_q8 vs vec_dot_q8_ref, rel. to sum|wx|", name);
         check(what, err.fast, 1e-5);
-        snprintf(what, sizeof what, "%s vec_dot_q8_ref vs vec_dot_ref, in units of the bound", name);
+        snprintf(what, sizeof what, "%s vec_dot_q8_ref vs vec_dot_ref, in bound units", name);
         check(what, err.bound_units, 1.0);
         snprintf(what, sizeof what, "%s vec_dot_q8_ref vs vec_dot_ref, rel. sum|wx|, normal", name);
         check(what, err.relative, 1e-2);
