@@ -215,9 +215,20 @@ static bool parse_float(const char *s, double lo, double hi, double *out) {
  * hint for about POOL_SPIN_ROUNDS rounds (tens of microseconds, longer than
  * the gap between two products of one layer) and only then sleeps on the
  * condition variable, counting itself in `sleepers`. The publisher takes the
- * lock and broadcasts only when someone sleeps. Completion is an atomic
- * count the caller spins on; it never sleeps, because the last worker is
- * at most one batch of items behind it.
+ * lock and broadcasts only when someone sleeps.
+ *
+ * WHY THE CALLER WAITS ONLY FOR WORKERS THAT JOINED
+ *
+ * On a machine with more busy threads than cores, a worker may not run for
+ * milliseconds after a job is published. The caller then does every item
+ * itself, and must not wait for a worker that never started. So items are
+ * claimed from a `cursor` that holds the job's number in its top 32 bits
+ * and the next item in its low 32: a claim is a compare-and-swap that only
+ * succeeds for the job the worker joined, and a worker counts itself in
+ * `busy_workers` before its first claim. The caller, having found no item
+ * left, waits only while that count is non-zero. Before rewriting the job
+ * fields for the next job, the caller first closes the cursor (new number,
+ * index past any end), so a late worker's claim on the old job fails.
  *
  * The spin costs CPU time while the machine is idle between tokens, at most
  * one spin period per worker per pause, which is why it is short.
@@ -233,14 +244,14 @@ struct thread_pool {
     pthread_mutex_t lock;
     pthread_cond_t work_ready;
     uint64_t generation;           /* atomic; bumped for each parallel_for */
-    int busy_workers;              /* atomic; workers still inside the job */
+    uint64_t cursor;               /* atomic; job number << 32 | next item */
+    int busy_workers;              /* atomic; workers that joined the job */
     int sleepers;                  /* atomic; workers asleep on work_ready */
     bool quit;                     /* atomic */
     /* The job being run. */
     task_fn fn;
     void *ctx;
     int64_t n_items, batch;
-    int64_t next_item;             /* atomic */
 };
 
 struct worker_arg {
@@ -248,12 +259,21 @@ struct worker_arg {
     int index;
 };
 
-static void pool_run_items(struct thread_pool *pool, int worker) {
+static uint64_t pool_cursor(uint32_t job, int64_t item) {
+    return (uint64_t)job << 32 | (uint64_t)item;
+}
+
+/* Claim and run batches of job `job` until none is left (or the job is over). */
+static void pool_run_items(struct thread_pool *pool, int worker, uint32_t job) {
     for (;;) {
-        int64_t start = __atomic_fetch_add(&pool->next_item, pool->batch, __ATOMIC_RELAXED);
-        if (start >= pool->n_items) return;
-        int64_t end = start + pool->batch;
-        if (end > pool->n_items) end = pool->n_items;
+        uint64_t cur = __atomic_load_n(&pool->cursor, __ATOMIC_ACQUIRE);
+        if ((uint32_t)(cur >> 32) != job) return;
+        int64_t start = (int64_t)(uint32_t)cur, n = pool->n_items;
+        if (start >= n) return;
+        int64_t end = start + pool->batch < n ? start + pool->batch : n;
+        if (!__atomic_compare_exchange_n(&pool->cursor, &cur, pool_cursor(job, end), false,
+                                         __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+            continue;
         for (int64_t i = start; i < end; i++) pool->fn(pool->ctx, i, worker);
     }
 }
@@ -292,7 +312,8 @@ static void *pool_worker_main(void *arg) {
         pool_wait_for_job(pool, seen);
         if (__atomic_load_n(&pool->quit, __ATOMIC_ACQUIRE)) break;
         seen = __atomic_load_n(&pool->generation, __ATOMIC_ACQUIRE);
-        pool_run_items(pool, wa->index);
+        __atomic_fetch_add(&pool->busy_workers, 1, __ATOMIC_SEQ_CST);
+        pool_run_items(pool, wa->index, (uint32_t)seen);
         __atomic_fetch_sub(&pool->busy_workers, 1, __ATOMIC_RELEASE);
     }
     free(wa);
@@ -350,22 +371,23 @@ static void pool_wait_for_workers(struct thread_pool *pool) {
 
 static void parallel_for(struct thread_pool *pool, int64_t n_items, task_fn fn, void *ctx) {
     if (n_items <= 0) return;
-    if (pool->n_threads == 1 || n_items == 1) {
+    if (pool->n_threads == 1 || n_items == 1 || n_items >= INT32_MAX) {
         for (int64_t i = 0; i < n_items; i++) fn(ctx, i, 0);
         return;
     }
+    uint32_t job = (uint32_t)(__atomic_load_n(&pool->generation, __ATOMIC_RELAXED) + 1);
+    __atomic_store_n(&pool->cursor, pool_cursor(job, UINT32_MAX), __ATOMIC_SEQ_CST);
     /* Batches of ~1/8 of a fair share keep the counter cold and the tail short. */
     int64_t batch = n_items / ((int64_t)pool->n_threads * 8);
     pool->batch = batch < 1 ? 1 : batch;
     pool->fn = fn;
     pool->ctx = ctx;
     pool->n_items = n_items;
-    pool->next_item = 0;
-    __atomic_store_n(&pool->busy_workers, pool->n_threads - 1, __ATOMIC_RELAXED);
+    __atomic_store_n(&pool->cursor, pool_cursor(job, 0), __ATOMIC_RELEASE);
     __atomic_fetch_add(&pool->generation, 1, __ATOMIC_SEQ_CST);
     pool_wake(pool);
 
-    pool_run_items(pool, 0);
+    pool_run_items(pool, 0, job);
 
     pool_wait_for_workers(pool);
 }
