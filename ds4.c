@@ -2595,8 +2595,6 @@ static float vec_dot_q8_ref(uint32_t type, const void *w, const struct act_q8 *a
 /* x86-64 AVX2. Every kernel ends a 32-value block the same way: eight int32
  * partial sums, converted to float and added with their block's scale,
  * alternating between two accumulators. */
-enum { QUANT_Q8_FAST = 1 };
-
 static __m256i quant_avx2_load_i8(const void *p) {
     return _mm256_loadu_si256((const __m256i *)p);
 }
@@ -2761,8 +2759,6 @@ static float quant_fast_vec_dot_q8(uint32_t type, const void *w, const struct ac
 
 /* No integer kernels for this CPU yet (arm64's sdot would be the place): the
  * engine keeps float activations unless asked, and then gets the reference. */
-enum { QUANT_Q8_FAST = 0 };
-
 static float quant_fast_vec_dot_q8(uint32_t type, const void *w, const struct act_q8 *a) {
     return vec_dot_q8_ref(type, w, a);
 }
