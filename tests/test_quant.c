@@ -13,7 +13,10 @@
  *   3. one block of each quantized type built byte by byte, with values
  *      worked out by hand in the comments;
  *   4. quantize_row then dequant_row_ref, with an error bound per type;
- *   5. the IQ2_XXS codebook and sign tables.
+ *   5. the IQ2_XXS codebook and sign tables;
+ *   6. the 8-bit activations of 3.11: the quantizer, the integer kernels
+ *      against their scalar reference, and that reference against the
+ *      float one within the documented bound.
  *
  * Every check prints what it compared, the largest difference and the
  * tolerance. The last line is "N passed, N failed"; the exit status is 0
@@ -550,6 +553,84 @@ static void test_iq2_tables(void) {
     check("IQ2 float grid and sign-bit tables match (count wrong)", bad_tables, 0);
 }
 
+/* ---- 6. Eight-bit activations (3.11) -------------------------------------- */
+
+/* The quantized activations themselves: every value within half a step of
+ * x, and the 16-value sums exact to float rounding. */
+static void test_act_quantize(void) {
+    static const int64_t lengths[] = { 32, 256, 4096 };
+    double step_err = 0, sum_err = 0;
+    for (size_t li = 0; li < sizeof lengths / sizeof lengths[0]; li++) {
+        int64_t n = lengths[li];
+        float *x = malloc((size_t)n * sizeof(float));
+        void *mem = malloc(act_q8_bytes(n));
+        fill_normal(x, n, 1.0f);
+        if (n >= 256) memset(x + 64, 0, 32 * sizeof(float));     /* an all-zero block */
+        struct act_q8 a = act_q8_view(mem, n);
+        act_quantize_q8(x, &a);
+        for (int64_t i = 0; i < n; i++) {
+            double d = a.d[i / 32];
+            double err = fabs(x[i] - d * a.q[i]);
+            step_err = fmax(step_err, d > 0 ? err / (d / 2) : err);
+        }
+        for (int64_t k = 0; k < n / 16; k++) {
+            double want = 0, mag = 1e-30;
+            for (int l = 0; l < 16; l++) want += x[16 * k + l], mag += fabs(x[16 * k + l]);
+            sum_err = fmax(sum_err, fabs(a.sum16[k] - want) / mag);
+        }
+        free(x), free(mem);
+    }
+    check("act_quantize_q8: |x - d*q| in half steps (<= 1)", step_err, 1.0 + 1e-5);
+    check("act_quantize_q8: 16-value sums vs double, rel. to sum|x|", sum_err, 1e-6);
+}
+
+/* One row: the integer kernel against the scalar integer reference (to
+ * 1e-5 of sum |w*x|), and the reference against the float vec_dot_ref,
+ * measured in units of the bound sum_b d[b]/2 sum_{i in b} |w[i]| (3.11). */
+struct q8_errors { double fast, bound_units, relative; };
+
+static void compare_q8_row(uint32_t type, int64_t n, bool raw_bytes, struct q8_errors *err) {
+    void *row = malloc(type_row_bytes(type, (uint64_t)n));
+    float *x = malloc((size_t)n * sizeof(float)), *w = malloc((size_t)n * sizeof(float));
+    void *mem = malloc(act_q8_bytes(n));
+    random_row(type, row, n, raw_bytes);
+    fill_normal(x, n, 1.0f);
+    struct act_q8 a = act_q8_view(mem, n);
+    act_quantize_q8(x, &a);
+    dequant_row_ref(type, row, w, n);
+    double abs_sum = 1e-30, bound = 1e-30;
+    for (int64_t i = 0; i < n; i++) {
+        abs_sum += fabs((double)w[i] * x[i]);
+        bound += a.d[i / 32] / 2 * fabs(w[i]);
+    }
+    double ref_q8 = vec_dot_q8_ref(type, row, &a), ref_f32 = vec_dot_ref(type, row, x, n);
+    err->fast = fmax(err->fast, fabs(vec_dot_q8(type, row, &a) - ref_q8) / abs_sum);
+    /* the bound plus the float rounding of both sums */
+    double diff = fabs(ref_q8 - ref_f32);
+    err->bound_units = fmax(err->bound_units, diff / (bound + 2e-6 * abs_sum));
+    if (!raw_bytes) err->relative = fmax(err->relative, diff / abs_sum);
+    free(row), free(x), free(w), free(mem);
+}
+
+static void test_q8_kernels(void) {
+    static const uint32_t types[] = { TYPE_Q8_0, TYPE_Q2_K, TYPE_Q4_K, TYPE_IQ2_XXS };
+    static const int64_t lengths[] = { 256, 1024, 4096, 7168 };
+    for (size_t ti = 0; ti < sizeof types / sizeof types[0]; ti++) {
+        struct q8_errors err = { 0, 0, 0 };
+        for (size_t li = 0; li < sizeof lengths / sizeof lengths[0]; li++)
+            for (int rep = 0; rep < 8; rep++)
+                compare_q8_row(types[ti], lengths[li], rep % 2 == 1, &err);
+        const char *name = type_traits_of(types[ti])->name;
+        char what[96];
+        snprintf(what, sizeof what, "%s vec_dot_q8 vs vec_dot_q8_ref, rel. to sum|wx|", name);
+        check(what, err.fast, 1e-5);
+        snprintf(what, sizeof what, "%s vec_dot_q8_ref vs vec_dot_ref, in bound units", name);
+        check(what, err.bound_units, 1.0);
+        snprintf(what, sizeof what, "%s vec_dot_q8_ref vs vec_dot_ref, rel. sum|wx|, normal", name);
+        check(what, err.relative, 1e-2);
+    }
+}
+
 int main(void) {
     quant_tables_init();
     printf("-- 1. half and bfloat16\n");
@@ -574,6 +655,9 @@ int main(void) {
     test_roundtrip_low_bit();
     printf("-- 5. IQ2_XXS tables\n");
     test_iq2_tables();
+    printf("-- 6. eight-bit activations\n");
+    test_act_quantize();
+    test_q8_kernels();
     printf("%d passed, %d failed\n", tests_passed, tests_failed);
     return tests_failed == 0 ? 0 : 1;
 }
