@@ -12382,7 +12382,7 @@ static int tokenize_command(const char *gguf_path, const char *path) {
  *   12.6  Exact replay of tool calls
  *   12.7  The test script: forced replies (tests only)
  *   12.8  Jobs and the queue
- *   12.8b Guided decoding: tool_choice, JSON replies, penalties, logprobs
+ *   12.8.1 Guided decoding: tool_choice, JSON replies, penalties, logprobs
  *   12.9  The reply in each dialect: streaming events and whole bodies
  *   12.10 The worker: prefix reuse, prefill, decode, DSML, stop strings
  *   12.11 Handlers and routing
@@ -13938,7 +13938,7 @@ static bool read_tools(const struct json *req, enum api_kind api, struct strbuf 
 }
 
 /* tool_choice "none" (OpenAI) or {"type":"none"} (Anthropic) hides the tools;
- * "required" and named choices are enforced while decoding (12.8b). */
+ * "required" and named choices are enforced while decoding (12.8.1). */
 static bool tool_choice_none(const struct json *req) {
     const struct json *tc = json_get(req, "tool_choice");
     if (json_is(tc, JSON_STRING)) return strcmp(tc->string, "none") == 0;
@@ -14494,7 +14494,7 @@ struct job {
     double t_queued, t_started, t_prefilled, t_finished;
 
     /* The worker's reading of the output. */
-    struct guide *guide;        /* guided decoding (12.8b), NULL when not needed */
+    struct guide *guide;        /* guided decoding (12.8.1), NULL when not needed */
     struct token_stream ts;
     struct dsml_parser dsml;
     size_t args_sent;           /* bytes of the open call's arguments already sent */
@@ -14553,7 +14553,7 @@ struct server {
     uint64_t clock;             /* bumped each time a slot serves a job (LRU) */
     struct sampler sp;
     struct generator gen;       /* plain or speculative decoding over s and sp */
-    float *guide_logits;        /* [vocab] guided decoding's adjusted logits (12.8b) */
+    float *guide_logits;        /* [vocab] guided decoding's adjusted logits (12.8.1) */
     int32_t *token_count;       /* [vocab] tokens of the current reply, for penalties */
     struct kv_store kv;         /* --kv-disk-dir: sessions on disk (10c), when kv_on */
     bool kv_on;
@@ -14733,7 +14733,7 @@ static void random_id(char *out, size_t cap, const char *prefix) {
     for (size_t i = 0; i < sizeof bytes && n + 2 < cap; i++, n += 2) snprintf(out + n, cap - n, "%02x", bytes[i]);
 }
 
-/* ---- 12.8b Guided decoding: tool_choice, JSON replies, penalties, logprobs ---- */
+/* ---- 12.8.1 Guided decoding: tool_choice, JSON replies, penalties, logprobs ---- */
 
 /* Some request fields are promises about the reply that sampling alone
  * cannot keep: "call a tool", "call this tool", "at most one call", "reply

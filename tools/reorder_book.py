@@ -168,6 +168,19 @@ def comment_lines(lines):
     return out
 
 
+# A SIMD twin's prototype may name its vector types (__m256, float32x4_t),
+# which exist only under its #if: declare it under the same condition.
+SIMD_GUARDS = {"quant_avx2_": "defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)",
+               "quant_neon_": "defined(__ARM_NEON)"}
+
+
+def guard_for(name, proto):
+    for prefix, cond in SIMD_GUARDS.items():
+        if name.startswith(prefix):
+            return "#if %s\n%s\n#endif" % (cond, proto)
+    return proto
+
+
 def prototypes(lines):
     """{line index of the definition: (name, 'static ...;')} for every top-level
     static function outside preprocessor conditionals."""
@@ -256,7 +269,9 @@ def build(pieces, plan):
     order, missing = assemble(pieces)
     if missing:
         raise SystemExit("error: pieces not in PLAN: %s (add them to PLAN)" % ", ".join(missing))
+    global SEC_MAP
     chap_map, sec_map = renumber(order)
+    SEC_MAP = sec_map
     titles = {k: t for k, t, _ in pieces}
     parent_title = {k: t for k, t, _ in pieces if "." not in k}
     for k, t in APPENDIX_TITLES.items():
@@ -269,8 +284,8 @@ def build(pieces, plan):
         banner = None
         if "." in key and body:        # a moved section gets a chapter banner of its own
             banner = ["/* " + "=" * 76, " * Chapter %d. %s" % (new_no, titles[key]), " * " + "=" * 76,
-                      " *", " * Moved to the appendices from the chapter \"%s\"" % parent_title.get(key.split(".")[0], "?"),
-                      " * by tools/reorder_book.py.", " */", ""]
+                      " *", " * An appendix to the chapter \"%s\"." % parent_title.get(key.split(".")[0], "?"),
+                      " */", ""]
             chap_map[key] = str(new_no)
         out_order.append((part, key, body, banner))
     result = list(pieces[0][2])
@@ -310,10 +325,13 @@ def build(pieces, plan):
         first = next((i for i in range(at) if not flags[i] and pat.search(result[i])), None)
         if first is not None:
             ch = max([s0 for s0 in starts if s0 <= first] or [1]) - 1   # the banner's /* line
-            need.setdefault(ch, []).append(proto)
+            ch_def = max([s0 for s0 in starts if s0 <= at] or [1]) - 1
+            if ch == ch_def:      # used earlier in its own chapter: already declared there
+                continue
+            need.setdefault(ch, []).append(guard_for(name, proto))
     for at in sorted(need, reverse=True):
         tags = sorted(set(re.findall(r"\bstruct (\w+)", " ".join(need[at]))))
-        block = ["/* Declared ahead: defined in a later chapter (tools/reorder_book.py). */"]
+        block = ["/* Declared ahead: defined in a later chapter. */"]
         block += ["struct %s;" % t for t in tags] + need[at] + [""]
         result[at:at] = block
     return result, [(p, k, b) for p, k, b, _ in out_order], chap_map, sum(len(v) for v in need.values())
@@ -330,6 +348,10 @@ def main():
     if "--cc" in args:
         cc = args[args.index("--cc") + 1]
         args = [a for a in args if a not in ("--cc", cc)]
+    extra = []
+    if "--refs" in args:
+        extra = args[args.index("--refs") + 1:]
+        args = args[:args.index("--refs")]
     if len(args) != 2:
         print(__doc__)
         return 2
@@ -357,6 +379,23 @@ def main():
         notes.append("section %s defines %s, used earlier as a complete type: kept in its chapter"
                      % (culprit, ", ".join(sorted(types))))
         plan = [(p, [k for k in keys if k != culprit]) for p, keys in plan]
+    for path in extra:
+        text = open(path, encoding="utf-8").read()
+        # "ds4.c 8.3", "ds4.c section 8.3", "ds4.c chapter 9" in any file; a marker
+        # (\x01) keeps the rewritten number from being rewritten twice below.
+        mark = lambda m: m.group(1) + "\x01" + map_sec(m.group(2), chap_map, SEC_MAP)
+        new = re.sub(r"(\bds4\.c (?:section |sections )?)" + REF_NUM + REF_END, mark, text)
+        new = re.sub(r"(\x01\d{1,2}\.\d{1,2}-)" + REF_NUM + REF_END, mark, new)
+        new = re.sub(r"(\bds4\.c [Cc]hapters? )(\d{1,2}[a-c]?)\b(?!\.\d)",
+                     lambda m: m.group(1) + "\x01" + chap_map.get(m.group(2), m.group(2)), new)
+        # Comments of the tests and GPU files cite ds4.c's sections bare too;
+        # docs and the converter (which has its own numbering) only as above.
+        if not path.endswith(".md") and not path.endswith("ds4_convert.c"):
+            new = "\n".join(rewrite_refs(l, chap_map, SEC_MAP) for l in new.split("\n"))
+        new = new.replace("\x01", "")
+        if new != text:
+            open(path, "w", encoding="utf-8").write(new)
+            print("  references rewritten in %s" % path)
     figures(result, "after")
     for part, _ in plan:
         n = sum(len(b) for p, _, b in out_order if p == part)
