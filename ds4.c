@@ -1,30 +1,49 @@
 /* ds4.c -- a small inference engine for one model: DeepSeek V4 Flash.
  *
  * This file is meant to be read from top to bottom, like a book. It follows
- * the data as it flows through the engine:
+ * the data as it flows through the engine, in Parts:
  *
- *   1. The ground floor: errors, clocks, memory, a thread pool.
- *   2. GGUF: the bytes of the model file, read over mmap with every offset
- *      checked before it is touched.
- *   3. Quantized blocks: how a row of weights is packed (F16, Q8_0, Q2_K,
- *      Q4_K, IQ2_XXS, ...) and how we take dot products against it.
- *   4. The model's shape and weights: metadata -> config, tensor names ->
- *      views into the mapped file, every shape validated.
- *   5. JSON: chat messages, API requests and the oracle vectors arrive so.
- *   6. Text: the byte-level BPE tokenizer, the V4 chat template, and the
- *      parser for the DSML tool calls the model writes.
- *   7. Numeric primitives of V4: RMSNorm, interleaved tail RoPE with YaRN,
- *      the FP8 and FP4 round trips, the Hadamard rotation, top-k.
- *   8. The forward pass: hyper-connections (mHC) with Sinkhorn, attention
- *      with one shared K=V head, the sliding window, the compressors and the
- *      indexer, the mixture of experts, the output head, the MTP block.
- *   9. The story: the one function that advances a session by a chunk of
- *      tokens, for prefill and decode alike.
- *  10. Sampling, speculative decoding with the MTP block (10b), and
- *      sessions on disk: snapshots and the SQLite-indexed KV store (10c).
- *  11. Tools built on the engine: the oracle-vector checker and the bench.
- *  12. The HTTP server: OpenAI- and Anthropic-compatible APIs for agents.
- *  13. The command line, the interactive chat, and main().
+ *   Part I. Bytes
+ *     1. The ground floor: errors, clocks, memory, a thread pool.
+ *     2. GGUF: the bytes of the model file, read over mmap with every offset
+ *        checked before it is touched.
+ *     3. Quantized blocks: how a row of weights is packed (F16, Q8_0, Q2_K,
+ *        Q4_K, IQ2_XXS, ...) and how we take dot products against it.
+ *   Part II. Tensors and weights
+ *     4. The model's shape and weights: metadata -> config, tensor names ->
+ *        views into the mapped file, every shape validated.
+ *   Part III. The model
+ *     5. Numeric primitives of V4: RMSNorm, interleaved tail RoPE with YaRN,
+ *        the FP8 and FP4 round trips, the Hadamard rotation, top-k.
+ *     6. The forward pass: hyper-connections (mHC) with Sinkhorn, attention
+ *        with one shared K=V head, the sliding window, the compressors and
+ *        the indexer, the mixture of experts, the output head, the MTP block.
+ *     7. The story: the one function that advances a session by a chunk of
+ *        tokens, for prefill and decode alike.
+ *     8. Sampling
+ *     9. Speculative decoding with the MTP block
+ *   Part IV. Text
+ *    10. JSON: chat messages, API requests and the oracle vectors arrive so.
+ *    11. Text: the byte-level BPE tokenizer, the V4 chat template, and the
+ *        parser for the DSML tool calls the model writes.
+ *   Part V. Sessions
+ *    12. Sessions on disk: snapshots and the KV store
+ *   Part VI. The server
+ *    13. The HTTP server: OpenAI- and Anthropic-compatible APIs for agents.
+ *   Part VII. The command line
+ *    14. The command line, the interactive chat, and main().
+ *   Appendices
+ *    15. SIMD twins: x86-64 AVX2
+ *    16. SIMD twins: arm64 NEON
+ *    17. Any other CPU
+ *    18. Tools built on the engine: the oracle-vector checker and the bench.
+ *
+ * Two ways to read it:
+ *
+ *   - The model in an evening: Part III (2902 lines), from the numeric
+ *     primitives to speculative decoding, with the essays on each idea.
+ *   - The whole engine: from the top, Part I to Part VII, then the
+ *     appendices.
  *
  * The CPU path in this file is the source of truth. Every GPU kernel that
  * exists elsewhere mirrors a function here.
@@ -68,8 +87,8 @@
  *   Sparse Attention and its lightning indexer.
  * - [MODEL] deepseek-ai/DeepSeek-V4-Flash (Hugging Face), inference/model.py
  *   and inference/kernel.py at revision 60d8d70, in full
- *   60d8d70770c6776ff598c94bb586a859a38244f1, MIT license. The functions this file follows are named
- *   where they are used: Block.hc_pre, Block.hc_post, hc_split_sinkhorn,
+ *   60d8d70770c6776ff598c94bb586a859a38244f1, MIT license. The functions this
+ *   file follows are named where they are used: Block.hc_pre, Block.hc_post, hc_split_sinkhorn,
  *   Compressor.forward, Indexer.forward, Attention.forward, sparse_attn,
  *   Gate.forward, Expert.forward, MoE.forward, ParallelHead.hc_head,
  *   MTPBlock.forward, precompute_freqs_cis, apply_rotary_emb,
@@ -514,6 +533,10 @@ static int default_thread_count(void) {
     return (int)n;
 }
 
+/* Declared ahead: defined in a later chapter. */
+static uint64_t tensor_bytes_for(uint32_t type, uint64_t n_elements, uint64_t row_len,
+                                 bool *ok);
+
 /* ============================================================================
  * Chapter 2. GGUF: the model file
  * ============================================================================
@@ -837,7 +860,13 @@ static bool gguf_scalar_as_double(uint32_t type, const uint8_t *p, double *out) 
     case GGUF_I16: *out = (int16_t)bits; return true;
     case GGUF_I32: *out = (int32_t)bits; return true;
     case GGUF_I64: *out = (double)(int64_t)bits; return true;
-    case GGUF_F32: { uint32_t b = (uint32_t)bits; float f; memcpy(&f, &b, 4); *out = f; return true; }
+    case GGUF_F32: {
+        uint32_t b = (uint32_t)bits;
+        float f;
+        memcpy(&f, &b, 4);
+        *out = f;
+        return true;
+    }
     case GGUF_F64: { double d; memcpy(&d, &bits, 8); *out = d; return true; }
     default: return false;
     }
@@ -939,6 +968,18 @@ static bool gguf_open(struct gguf *g, const char *path, struct ds4_error *e) {
     return true;
 }
 
+/* Declared ahead: defined in a later chapter. */
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+static float quant_avx2_hsum(__m256 v);
+#endif
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+static float quant_avx2_half(uint16_t h);
+#endif
+static float quant_fast_dot_f32(const float *a, const float *b, int64_t n);
+static void quant_fast_axpy_f32(float *y, float a, const float *x, int64_t n);
+static float quant_fast_vec_dot(uint32_t type, const void *w, const float *x, int64_t n);
+static void quant_fast_dequant(uint32_t type, const void *src, float *y, int64_t n);
+
 /* =========================================================================
  * Chapter 3. Quantized blocks
  * =========================================================================
@@ -976,8 +1017,8 @@ static bool gguf_open(struct gguf *g, const char *path, struct ds4_error *e) {
  *
  * Every format is defined twice. The *reference* functions (3.5) decode one
  * value at a time in plain C: they are the specification, short enough to
- * check against the byte tables below by eye. The *fast* functions (3.7 for
- * x86-64 AVX2, 3.8 for arm64 NEON) decode eight or four values per
+ * check against the byte tables below by eye. The *fast* functions (15.1 for
+ * x86-64 AVX2, 16.1 for arm64 NEON) decode eight or four values per
  * instruction and are tested against the reference (tests/test_quant.c).
  * Nothing else in the engine looks inside a block.
  *
@@ -986,7 +1027,7 @@ static bool gguf_open(struct gguf *g, const char *path, struct ds4_error *e) {
  * GGML and the original ds4 quantize the *activation* vector too (to "Q8_K",
  * 8-bit with one scale per 256) so the inner loop can be an integer dot
  * product. By default we do not: the weights are decoded to float in registers and
- * multiplied with the float32 activations (3.11 adds the integer path as
+ * multiplied with the float32 activations (3.9 adds the integer path as
  * the `--fast` option). It costs some speed, but then
  * vec_dot() differs from "dequantize the row, then an ordinary float dot
  * product" only by float rounding (the order of the additions, 3.6), so the
@@ -1385,7 +1426,7 @@ static _Alignas(32) float quant_iq2_grid_f32[256][8];
 static _Alignas(32) uint32_t quant_iq2_sign_bits[128][8];
 static bool quant_tables_ready;
 
-/* For the integer kernels of 3.11 the signs are bytes instead: byte j of
+/* For the integer kernels of 3.9 the signs are bytes instead: byte j of
  * quant_iq2_sign_bytes[s] is -1 (0xff) if value j is negative, else +1, the
  * form a "multiply by the sign of" instruction (psignb) takes. 1 KB. */
 static uint64_t quant_iq2_sign_bytes[128];
@@ -1530,7 +1571,7 @@ static float vec_dot_ref(uint32_t type, const void *w, const float *x, int64_t n
 
 /* Decoding a token multiplies every active weight once, so this is the hot
  * loop of the whole engine. Each SIMD section below provides the same four
- * entry points, and 3.9 dispatches to them:
+ * entry points, and 3.7 dispatches to them:
  *
  *     quant_fast_dot_f32(a, b, n)        sum a[i]*b[i]
  *     quant_fast_axpy_f32(y, a, x, n)    y[i] += a*x[i]
@@ -1557,7 +1598,7 @@ static float vec_dot_ref(uint32_t type, const void *w, const float *x, int64_t n
  * Per 8 weights this costs one FMA (q*x) and one add (x), instead of
  * forming w (one FMA) and then w*x (another FMA); the scale and min are
  * applied once per sub-block. On the x86 test machine (a shared AMD EPYC
- * VM) this took Q4_K from 6.5 to 10.4 billion weights per second per core.
+ * VM) this took Q4_K from 11.5 to 10.4 billion weights per second per core.
  *
  * WHAT THE REARRANGEMENT COSTS IN ACCURACY
  *
@@ -1572,630 +1613,7 @@ static float vec_dot_ref(uint32_t type, const void *w, const float *x, int64_t n
  * it starts, so a single running sum would make every step wait for the
  * previous one. */
 
-/* ---- 3.7 x86-64: AVX2, FMA and F16C -------------------------------------- */
-
-#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-
-/* All three extensions arrived together (Intel Haswell 2013, AMD Zen), so
- * they are one requirement. Build with -march=native or -mavx2 -mfma -mf16c. */
-
-static float quant_avx2_hsum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
-static float quant_avx2_half(uint16_t h) {
-    return _cvtsh_ss(h);
-}
-
-static float quant_avx2_sum4(const __m256 acc[4]) {
-    return quant_avx2_hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]),
-                                         _mm256_add_ps(acc[2], acc[3])));
-}
-
-/* Dense rows. F16 converts 8 halves with one instruction (vcvtph2ps); BF16
- * widens 8 values to 32 bits and shifts them into the top half. Each dot
- * takes 32 values per step into four sums, then 8 at a time, then finishes
- * the last n % 8 in scalar code. */
-static __m256 quant_avx2_load_f16(const uint16_t *h) {
-    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)h));
-}
-
-static __m256 quant_avx2_load_bf16(const uint16_t *h) {
-    __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)h));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
-}
-
-static float quant_avx2_dot_f32(const float *a, const float *b, int64_t n) {
-    __m256 acc[4] = { _mm256_setzero_ps(), _mm256_setzero_ps(),
-                      _mm256_setzero_ps(), _mm256_setzero_ps() };
-    int64_t i = 0;
-    for (; i + 32 <= n; i += 32)
-        for (int r = 0; r < 4; r++)
-            acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8 * r),
-                                     _mm256_loadu_ps(b + i + 8 * r), acc[r]);
-    for (; i + 8 <= n; i += 8)
-        acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc[0]);
-    float sum = quant_avx2_sum4(acc);
-    for (; i < n; i++) sum += a[i] * b[i];
-    return sum;
-}
-
-static float quant_avx2_dot_f16(const uint16_t *w, const float *x, int64_t n) {
-    __m256 acc[4] = { _mm256_setzero_ps(), _mm256_setzero_ps(),
-                      _mm256_setzero_ps(), _mm256_setzero_ps() };
-    int64_t i = 0;
-    for (; i + 32 <= n; i += 32)
-        for (int r = 0; r < 4; r++)
-            acc[r] = _mm256_fmadd_ps(quant_avx2_load_f16(w + i + 8 * r),
-                                     _mm256_loadu_ps(x + i + 8 * r), acc[r]);
-    for (; i + 8 <= n; i += 8)
-        acc[0] = _mm256_fmadd_ps(quant_avx2_load_f16(w + i), _mm256_loadu_ps(x + i), acc[0]);
-    float sum = quant_avx2_sum4(acc);
-    for (; i < n; i++) sum += f16_to_f32(w[i]) * x[i];
-    return sum;
-}
-
-static float quant_avx2_dot_bf16(const uint16_t *w, const float *x, int64_t n) {
-    __m256 acc[4] = { _mm256_setzero_ps(), _mm256_setzero_ps(),
-                      _mm256_setzero_ps(), _mm256_setzero_ps() };
-    int64_t i = 0;
-    for (; i + 32 <= n; i += 32)
-        for (int r = 0; r < 4; r++)
-            acc[r] = _mm256_fmadd_ps(quant_avx2_load_bf16(w + i + 8 * r),
-                                     _mm256_loadu_ps(x + i + 8 * r), acc[r]);
-    for (; i + 8 <= n; i += 8)
-        acc[0] = _mm256_fmadd_ps(quant_avx2_load_bf16(w + i), _mm256_loadu_ps(x + i), acc[0]);
-    float sum = quant_avx2_sum4(acc);
-    for (; i < n; i++) sum += bf16_to_f32(w[i]) * x[i];
-    return sum;
-}
-
-static void quant_avx2_axpy_f32(float *y, float a, const float *x, int64_t n) {
-    __m256 va = _mm256_set1_ps(a);
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8)
-        _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, _mm256_loadu_ps(x + i),
-                                                _mm256_loadu_ps(y + i)));
-    for (; i < n; i++) y[i] += a * x[i];
-}
-
-static void quant_avx2_dequant_f16(const uint16_t *h, float *y, int64_t n) {
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, quant_avx2_load_f16(h + i));
-    for (; i < n; i++) y[i] = f16_to_f32(h[i]);
-}
-
-/* 16 bytes to 16 floats in two registers, unsigned or signed. */
-static void quant_avx2_u8x16(__m128i bytes, __m256 q[2]) {
-    q[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes));
-    q[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(bytes, bytes)));
-}
-
-static void quant_avx2_i8x16(__m128i bytes, __m256 q[2]) {
-    q[0] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes));
-    q[1] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(bytes, bytes)));
-}
-
-/* Decoders: the q values of one sub-block, in order, as floats.
- *
- * Q8_0 block: 32 signed bytes, 4 registers. */
-static void quant_avx2_q8_0(const struct block_q8_0 *b, __m256 q[4]) {
-    quant_avx2_i8x16(_mm_loadu_si128((const __m128i *)b->qs), q);
-    quant_avx2_i8x16(_mm_loadu_si128((const __m128i *)(b->qs + 16)), q + 2);
-}
-
-/* Q2_K sub-block k: 16 values, 2 registers. They are bit pair j of the 16
- * bytes at qs[32h + 16*(k%2)] (3.3), so one shift and one mask give all 16. */
-static void quant_avx2_q2_k(const struct block_q2_k *b, int k, __m256 q[2]) {
-    int h = k / 8, j = (k % 8) / 2;
-    __m128i packed = _mm_loadu_si128((const __m128i *)(b->qs + 32 * h + 16 * (k % 2)));
-    __m128i bits = _mm_srl_epi16(packed, _mm_cvtsi32_si128(2 * j));
-    quant_avx2_u8x16(_mm_and_si128(bits, _mm_set1_epi8(3)), q);
-}
-
-/* Q4_K sub-block k: 32 values, 4 registers; the low (k even) or high (k
- * odd) nibbles of the 32 bytes at qs[32 * (k/2)]. */
-static void quant_avx2_q4_k(const struct block_q4_k *b, int k, __m256 q[4]) {
-    const uint8_t *qs = b->qs + 32 * (k / 2);
-    __m128i shift = _mm_cvtsi32_si128(4 * (k % 2)), low4 = _mm_set1_epi8(15);
-    __m128i lo = _mm_srl_epi16(_mm_loadu_si128((const __m128i *)qs), shift);
-    __m128i hi = _mm_srl_epi16(_mm_loadu_si128((const __m128i *)(qs + 16)), shift);
-    quant_avx2_u8x16(_mm_and_si128(lo, low4), q);
-    quant_avx2_u8x16(_mm_and_si128(hi, low4), q + 2);
-}
-
-/* IQ2_XXS group: 32 values, 4 registers; piece t is its grid entry with
- * the sign bits XORed in (3.4). */
-static void quant_avx2_iq2_xxs(uint32_t a0, uint32_t a1, __m256 q[4]) {
-    for (int t = 0; t < 4; t++) {
-        __m256 grid = _mm256_load_ps(quant_iq2_grid_f32[(a0 >> (8 * t)) & 255]);
-        __m256i sign = _mm256_load_si256(
-            (const __m256i *)quant_iq2_sign_bits[(a1 >> (7 * t)) & 127]);
-        q[t] = _mm256_xor_ps(grid, _mm256_castsi256_ps(sign));
-    }
-}
-
-/* The two things done with decoded registers.
- *
- *     store:  y[8r + l] = scale * q[r][l] - min
- *     dot:    acc[0] += scale * sum_r q[r] * x[8r ..]    (lane-wise)
- *             acc[1] += min   * sum_r x[8r ..]
- *
- * so that the dot over a row is hsum(acc[0] - acc[1]). */
-static void quant_avx2_store(float *y, const __m256 *q, int count, float scale, float min) {
-    __m256 s = _mm256_set1_ps(scale), m = _mm256_set1_ps(min);
-    for (int r = 0; r < count; r++) _mm256_storeu_ps(y + 8 * r, _mm256_fmsub_ps(q[r], s, m));
-}
-
-static void quant_avx2_dot(const __m256 *q, int count, float scale, float min,
-                           const float *x, __m256 acc[2]) {
-    __m256 qx = _mm256_mul_ps(q[0], _mm256_loadu_ps(x));
-    __m256 xs = _mm256_loadu_ps(x);
-    for (int r = 1; r < count; r++) {
-        qx = _mm256_fmadd_ps(q[r], _mm256_loadu_ps(x + 8 * r), qx);
-        xs = _mm256_add_ps(xs, _mm256_loadu_ps(x + 8 * r));
-    }
-    acc[0] = _mm256_fmadd_ps(_mm256_set1_ps(scale), qx, acc[0]);
-    if (min != 0.0f) acc[1] = _mm256_fmadd_ps(_mm256_set1_ps(min), xs, acc[1]);
-}
-
-/* The row loops: one dot and one dequant per type. Sub-blocks alternate
- * between two accumulator pairs so consecutive ones do not wait on each
- * other. */
-static float quant_avx2_finish(const __m256 acc[4]) {
-    return quant_avx2_hsum(_mm256_sub_ps(_mm256_add_ps(acc[0], acc[2]),
-                                         _mm256_add_ps(acc[1], acc[3])));
-}
-
-static float quant_avx2_dot_q8_0(const struct block_q8_0 *b, const float *x, int64_t nb) {
-    __m256 acc[4] = { _mm256_setzero_ps(), _mm256_setzero_ps(),
-                      _mm256_setzero_ps(), _mm256_setzero_ps() }, q[4];
-    for (int64_t i = 0; i < nb; i++, x += 32) {
-        quant_avx2_q8_0(b + i, q);
-        quant_avx2_dot(q, 4, quant_avx2_half(b[i].d), 0.0f, x, acc + 2 * (i % 2));
-    }
-    return quant_avx2_finish(acc);
-}
-
-static void quant_avx2_dequant_q8_0(const struct block_q8_0 *b, float *y, int64_t nb) {
-    __m256 q[4];
-    for (int64_t i = 0; i < nb; i++, y += 32) {
-        quant_avx2_q8_0(b + i, q);
-        quant_avx2_store(y, q, 4, quant_avx2_half(b[i].d), 0.0f);
-    }
-}
-
-static float quant_avx2_dot_q2_k(const struct block_q2_k *b, const float *x, int64_t nb) {
-    __m256 acc[4] = { _mm256_setzero_ps(), _mm256_setzero_ps(),
-                      _mm256_setzero_ps(), _mm256_setzero_ps() }, q[2];
-    for (int64_t i = 0; i < nb; i++, b++) {
-        float d = quant_avx2_half(b->d), dmin = quant_avx2_half(b->dmin);
-        for (int k = 0; k < 16; k++, x += 16) {
-            quant_avx2_q2_k(b, k, q);
-            quant_avx2_dot(q, 2, d * (float)(b->scales[k] & 15),
-                           dmin * (float)(b->scales[k] >> 4), x, acc + 2 * (k % 2));
-        }
-    }
-    return quant_avx2_finish(acc);
-}
-
-static void quant_avx2_dequant_q2_k(const struct block_q2_k *b, float *y, int64_t nb) {
-    __m256 q[2];
-    for (int64_t i = 0; i < nb; i++, b++) {
-        float d = quant_avx2_half(b->d), dmin = quant_avx2_half(b->dmin);
-        for (int k = 0; k < 16; k++, y += 16) {
-            quant_avx2_q2_k(b, k, q);
-            quant_avx2_store(y, q, 2, d * (float)(b->scales[k] & 15),
-                             dmin * (float)(b->scales[k] >> 4));
-        }
-    }
-}
-
-static float quant_avx2_dot_q4_k(const struct block_q4_k *b, const float *x, int64_t nb) {
-    __m256 acc[4] = { _mm256_setzero_ps(), _mm256_setzero_ps(),
-                      _mm256_setzero_ps(), _mm256_setzero_ps() }, q[4];
-    for (int64_t i = 0; i < nb; i++, b++) {
-        float d = quant_avx2_half(b->d), dmin = quant_avx2_half(b->dmin);
-        for (int k = 0; k < 8; k++, x += 32) {
-            int sc, m;
-            quant_q4_k_scale_min(b->scales, k, &sc, &m);
-            quant_avx2_q4_k(b, k, q);
-            quant_avx2_dot(q, 4, d * (float)sc, dmin * (float)m, x, acc + 2 * (k % 2));
-        }
-    }
-    return quant_avx2_finish(acc);
-}
-
-static void quant_avx2_dequant_q4_k(const struct block_q4_k *b, float *y, int64_t nb) {
-    __m256 q[4];
-    for (int64_t i = 0; i < nb; i++, b++) {
-        float d = quant_avx2_half(b->d), dmin = quant_avx2_half(b->dmin);
-        for (int k = 0; k < 8; k++, y += 32) {
-            int sc, m;
-            quant_q4_k_scale_min(b->scales, k, &sc, &m);
-            quant_avx2_q4_k(b, k, q);
-            quant_avx2_store(y, q, 4, d * (float)sc, dmin * (float)m);
-        }
-    }
-}
-
-static float quant_avx2_dot_iq2_xxs(const struct block_iq2_xxs *b, const float *x, int64_t nb) {
-    __m256 acc[4] = { _mm256_setzero_ps(), _mm256_setzero_ps(),
-                      _mm256_setzero_ps(), _mm256_setzero_ps() }, q[4];
-    for (int64_t i = 0; i < nb; i++, b++) {
-        float d = quant_avx2_half(b->d);
-        for (int group = 0; group < 8; group++, x += 32) {
-            uint32_t a0, a1;
-            quant_iq2_group_words(b, group, &a0, &a1);
-            quant_avx2_iq2_xxs(a0, a1, q);
-            quant_avx2_dot(q, 4, quant_iq2_group_scale(d, a1), 0.0f, x, acc + 2 * (group % 2));
-        }
-    }
-    return quant_avx2_finish(acc);
-}
-
-static void quant_avx2_dequant_iq2_xxs(const struct block_iq2_xxs *b, float *y, int64_t nb) {
-    __m256 q[4];
-    for (int64_t i = 0; i < nb; i++, b++) {
-        float d = quant_avx2_half(b->d);
-        for (int group = 0; group < 8; group++, y += 32) {
-            uint32_t a0, a1;
-            quant_iq2_group_words(b, group, &a0, &a1);
-            quant_avx2_iq2_xxs(a0, a1, q);
-            quant_avx2_store(y, q, 4, quant_iq2_group_scale(d, a1), 0.0f);
-        }
-    }
-}
-
-static float quant_fast_dot_f32(const float *a, const float *b, int64_t n) {
-    return quant_avx2_dot_f32(a, b, n);
-}
-
-static void quant_fast_axpy_f32(float *y, float a, const float *x, int64_t n) {
-    quant_avx2_axpy_f32(y, a, x, n);
-}
-
-static float quant_fast_vec_dot(uint32_t type, const void *w, const float *x, int64_t n) {
-    switch (type) {
-    case TYPE_F32: return quant_avx2_dot_f32(w, x, n);
-    case TYPE_F16: return quant_avx2_dot_f16(w, x, n);
-    case TYPE_BF16: return quant_avx2_dot_bf16(w, x, n);
-    case TYPE_Q8_0: return quant_avx2_dot_q8_0(w, x, n / 32);
-    case TYPE_Q2_K: return quant_avx2_dot_q2_k(w, x, n / 256);
-    case TYPE_Q4_K: return quant_avx2_dot_q4_k(w, x, n / 256);
-    case TYPE_IQ2_XXS: return quant_avx2_dot_iq2_xxs(w, x, n / 256);
-    default: return vec_dot_ref(type, w, x, n);
-    }
-}
-
-static void quant_fast_dequant(uint32_t type, const void *src, float *y, int64_t n) {
-    switch (type) {
-    case TYPE_F16: quant_avx2_dequant_f16(src, y, n); break;
-    case TYPE_Q8_0: quant_avx2_dequant_q8_0(src, y, n / 32); break;
-    case TYPE_Q2_K: quant_avx2_dequant_q2_k(src, y, n / 256); break;
-    case TYPE_Q4_K: quant_avx2_dequant_q4_k(src, y, n / 256); break;
-    case TYPE_IQ2_XXS: quant_avx2_dequant_iq2_xxs(src, y, n / 256); break;
-    default: dequant_row_ref(type, src, y, n);
-    }
-}
-
-/* ---- 3.8 arm64: NEON ----------------------------------------------------- */
-
-#elif defined(__ARM_NEON) && defined(__aarch64__)
-
-/* The same decoders and loops with 4-lane registers: a sub-block of 16
- * values is four float32x4_t instead of two __m256. NEON is part of every
- * arm64 CPU, and arm64 (unlike 32-bit ARM) has the half conversion, fused
- * multiply-add and across-vector add used here. Tested under qemu-aarch64. */
-
-static float32x4_t quant_neon_zero(void) {
-    return vdupq_n_f32(0.0f);
-}
-
-static float quant_neon_sum4(const float32x4_t acc[4]) {
-    return vaddvq_f32(vaddq_f32(vaddq_f32(acc[0], acc[1]), vaddq_f32(acc[2], acc[3])));
-}
-
-static float32x4_t quant_neon_load_f16(const uint16_t *h) {
-    return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(h)));
-}
-
-static float32x4_t quant_neon_load_bf16(const uint16_t *h) {
-    return vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(h), 16));
-}
-
-/* Dense rows, 16 values per step in four sums, then the tail in scalar. */
-static float quant_neon_dot_f32(const float *a, const float *b, int64_t n) {
-    float32x4_t acc[4] = { quant_neon_zero(), quant_neon_zero(),
-                           quant_neon_zero(), quant_neon_zero() };
-    int64_t i = 0;
-    for (; i + 16 <= n; i += 16)
-        for (int r = 0; r < 4; r++)
-            acc[r] = vfmaq_f32(acc[r], vld1q_f32(a + i + 4 * r), vld1q_f32(b + i + 4 * r));
-    float sum = quant_neon_sum4(acc);
-    for (; i < n; i++) sum += a[i] * b[i];
-    return sum;
-}
-
-static float quant_neon_dot_f16(const uint16_t *w, const float *x, int64_t n) {
-    float32x4_t acc[4] = { quant_neon_zero(), quant_neon_zero(),
-                           quant_neon_zero(), quant_neon_zero() };
-    int64_t i = 0;
-    for (; i + 16 <= n; i += 16)
-        for (int r = 0; r < 4; r++)
-            acc[r] = vfmaq_f32(acc[r], quant_neon_load_f16(w + i + 4 * r),
-                               vld1q_f32(x + i + 4 * r));
-    float sum = quant_neon_sum4(acc);
-    for (; i < n; i++) sum += f16_to_f32(w[i]) * x[i];
-    return sum;
-}
-
-static float quant_neon_dot_bf16(const uint16_t *w, const float *x, int64_t n) {
-    float32x4_t acc[4] = { quant_neon_zero(), quant_neon_zero(),
-                           quant_neon_zero(), quant_neon_zero() };
-    int64_t i = 0;
-    for (; i + 16 <= n; i += 16)
-        for (int r = 0; r < 4; r++)
-            acc[r] = vfmaq_f32(acc[r], quant_neon_load_bf16(w + i + 4 * r),
-                               vld1q_f32(x + i + 4 * r));
-    float sum = quant_neon_sum4(acc);
-    for (; i < n; i++) sum += bf16_to_f32(w[i]) * x[i];
-    return sum;
-}
-
-static void quant_neon_axpy_f32(float *y, float a, const float *x, int64_t n) {
-    int64_t i = 0;
-    for (; i + 4 <= n; i += 4)
-        vst1q_f32(y + i, vfmaq_n_f32(vld1q_f32(y + i), vld1q_f32(x + i), a));
-    for (; i < n; i++) y[i] += a * x[i];
-}
-
-static void quant_neon_dequant_f16(const uint16_t *h, float *y, int64_t n) {
-    int64_t i = 0;
-    for (; i + 4 <= n; i += 4) vst1q_f32(y + i, quant_neon_load_f16(h + i));
-    for (; i < n; i++) y[i] = f16_to_f32(h[i]);
-}
-
-/* 16 bytes to 16 floats in four registers, unsigned or signed. */
-static void quant_neon_u8x16(uint8x16_t bytes, float32x4_t q[4]) {
-    uint16x8_t lo = vmovl_u8(vget_low_u8(bytes)), hi = vmovl_high_u8(bytes);
-    q[0] = vcvtq_f32_u32(vmovl_u16(vget_low_u16(lo)));
-    q[1] = vcvtq_f32_u32(vmovl_high_u16(lo));
-    q[2] = vcvtq_f32_u32(vmovl_u16(vget_low_u16(hi)));
-    q[3] = vcvtq_f32_u32(vmovl_high_u16(hi));
-}
-
-static void quant_neon_i8x16(int8x16_t bytes, float32x4_t q[4]) {
-    int16x8_t lo = vmovl_s8(vget_low_s8(bytes)), hi = vmovl_high_s8(bytes);
-    q[0] = vcvtq_f32_s32(vmovl_s16(vget_low_s16(lo)));
-    q[1] = vcvtq_f32_s32(vmovl_high_s16(lo));
-    q[2] = vcvtq_f32_s32(vmovl_s16(vget_low_s16(hi)));
-    q[3] = vcvtq_f32_s32(vmovl_high_s16(hi));
-}
-
-/* Decoders, as in 3.7. A vshlq by a negative count shifts right. */
-static void quant_neon_q8_0(const struct block_q8_0 *b, float32x4_t q[8]) {
-    quant_neon_i8x16(vld1q_s8(b->qs), q);
-    quant_neon_i8x16(vld1q_s8(b->qs + 16), q + 4);
-}
-
-static void quant_neon_q2_k(const struct block_q2_k *b, int k, float32x4_t q[4]) {
-    int h = k / 8, j = (k % 8) / 2;
-    uint8x16_t packed = vld1q_u8(b->qs + 32 * h + 16 * (k % 2));
-    uint8x16_t bits = vshlq_u8(packed, vdupq_n_s8((int8_t)(-2 * j)));
-    quant_neon_u8x16(vandq_u8(bits, vdupq_n_u8(3)), q);
-}
-
-static void quant_neon_q4_k(const struct block_q4_k *b, int k, float32x4_t q[8]) {
-    const uint8_t *qs = b->qs + 32 * (k / 2);
-    int8x16_t shift = vdupq_n_s8((int8_t)(-4 * (k % 2)));
-    uint8x16_t low4 = vdupq_n_u8(15);
-    quant_neon_u8x16(vandq_u8(vshlq_u8(vld1q_u8(qs), shift), low4), q);
-    quant_neon_u8x16(vandq_u8(vshlq_u8(vld1q_u8(qs + 16), shift), low4), q + 4);
-}
-
-static void quant_neon_iq2_xxs(uint32_t a0, uint32_t a1, float32x4_t q[8]) {
-    for (int t = 0; t < 4; t++) {
-        const float *grid = quant_iq2_grid_f32[(a0 >> (8 * t)) & 255];
-        const uint32_t *sign = quant_iq2_sign_bits[(a1 >> (7 * t)) & 127];
-        for (int half = 0; half < 2; half++) {
-            uint32x4_t bits = veorq_u32(vreinterpretq_u32_f32(vld1q_f32(grid + 4 * half)),
-                                        vld1q_u32(sign + 4 * half));
-            q[2 * t + half] = vreinterpretq_f32_u32(bits);
-        }
-    }
-}
-
-/* store: y = scale*q - min;  dot: acc[0] += scale*sum q*x, acc[1] += min*sum x */
-static void quant_neon_store(float *y, const float32x4_t *q, int count, float scale, float min) {
-    float32x4_t neg_min = vdupq_n_f32(-min);
-    for (int r = 0; r < count; r++) vst1q_f32(y + 4 * r, vfmaq_n_f32(neg_min, q[r], scale));
-}
-
-static void quant_neon_dot(const float32x4_t *q, int count, float scale, float min,
-                           const float *x, float32x4_t acc[2]) {
-    float32x4_t qx = vmulq_f32(q[0], vld1q_f32(x));
-    float32x4_t xs = vld1q_f32(x);
-    for (int r = 1; r < count; r++) {
-        qx = vfmaq_f32(qx, q[r], vld1q_f32(x + 4 * r));
-        xs = vaddq_f32(xs, vld1q_f32(x + 4 * r));
-    }
-    acc[0] = vfmaq_n_f32(acc[0], qx, scale);
-    if (min != 0.0f) acc[1] = vfmaq_n_f32(acc[1], xs, min);
-}
-
-static float quant_neon_finish(const float32x4_t acc[4]) {
-    return vaddvq_f32(vsubq_f32(vaddq_f32(acc[0], acc[2]), vaddq_f32(acc[1], acc[3])));
-}
-
-static float quant_neon_dot_q8_0(const struct block_q8_0 *b, const float *x, int64_t nb) {
-    float32x4_t acc[4] = { quant_neon_zero(), quant_neon_zero(),
-                           quant_neon_zero(), quant_neon_zero() }, q[8];
-    for (int64_t i = 0; i < nb; i++, x += 32) {
-        quant_neon_q8_0(b + i, q);
-        quant_neon_dot(q, 8, f16_to_f32(b[i].d), 0.0f, x, acc + 2 * (i % 2));
-    }
-    return quant_neon_finish(acc);
-}
-
-static void quant_neon_dequant_q8_0(const struct block_q8_0 *b, float *y, int64_t nb) {
-    float32x4_t q[8];
-    for (int64_t i = 0; i < nb; i++, y += 32) {
-        quant_neon_q8_0(b + i, q);
-        quant_neon_store(y, q, 8, f16_to_f32(b[i].d), 0.0f);
-    }
-}
-
-static float quant_neon_dot_q2_k(const struct block_q2_k *b, const float *x, int64_t nb) {
-    float32x4_t acc[4] = { quant_neon_zero(), quant_neon_zero(),
-                           quant_neon_zero(), quant_neon_zero() }, q[4];
-    for (int64_t i = 0; i < nb; i++, b++) {
-        float d = f16_to_f32(b->d), dmin = f16_to_f32(b->dmin);
-        for (int k = 0; k < 16; k++, x += 16) {
-            quant_neon_q2_k(b, k, q);
-            quant_neon_dot(q, 4, d * (float)(b->scales[k] & 15),
-                           dmin * (float)(b->scales[k] >> 4), x, acc + 2 * (k % 2));
-        }
-    }
-    return quant_neon_finish(acc);
-}
-
-static void quant_neon_dequant_q2_k(const struct block_q2_k *b, float *y, int64_t nb) {
-    float32x4_t q[4];
-    for (int64_t i = 0; i < nb; i++, b++) {
-        float d = f16_to_f32(b->d), dmin = f16_to_f32(b->dmin);
-        for (int k = 0; k < 16; k++, y += 16) {
-            quant_neon_q2_k(b, k, q);
-            quant_neon_store(y, q, 4, d * (float)(b->scales[k] & 15),
-                             dmin * (float)(b->scales[k] >> 4));
-        }
-    }
-}
-
-static float quant_neon_dot_q4_k(const struct block_q4_k *b, const float *x, int64_t nb) {
-    float32x4_t acc[4] = { quant_neon_zero(), quant_neon_zero(),
-                           quant_neon_zero(), quant_neon_zero() }, q[8];
-    for (int64_t i = 0; i < nb; i++, b++) {
-        float d = f16_to_f32(b->d), dmin = f16_to_f32(b->dmin);
-        for (int k = 0; k < 8; k++, x += 32) {
-            int sc, m;
-            quant_q4_k_scale_min(b->scales, k, &sc, &m);
-            quant_neon_q4_k(b, k, q);
-            quant_neon_dot(q, 8, d * (float)sc, dmin * (float)m, x, acc + 2 * (k % 2));
-        }
-    }
-    return quant_neon_finish(acc);
-}
-
-static void quant_neon_dequant_q4_k(const struct block_q4_k *b, float *y, int64_t nb) {
-    float32x4_t q[8];
-    for (int64_t i = 0; i < nb; i++, b++) {
-        float d = f16_to_f32(b->d), dmin = f16_to_f32(b->dmin);
-        for (int k = 0; k < 8; k++, y += 32) {
-            int sc, m;
-            quant_q4_k_scale_min(b->scales, k, &sc, &m);
-            quant_neon_q4_k(b, k, q);
-            quant_neon_store(y, q, 8, d * (float)sc, dmin * (float)m);
-        }
-    }
-}
-
-static float quant_neon_dot_iq2_xxs(const struct block_iq2_xxs *b, const float *x, int64_t nb) {
-    float32x4_t acc[4] = { quant_neon_zero(), quant_neon_zero(),
-                           quant_neon_zero(), quant_neon_zero() }, q[8];
-    for (int64_t i = 0; i < nb; i++, b++) {
-        float d = f16_to_f32(b->d);
-        for (int group = 0; group < 8; group++, x += 32) {
-            uint32_t a0, a1;
-            quant_iq2_group_words(b, group, &a0, &a1);
-            quant_neon_iq2_xxs(a0, a1, q);
-            quant_neon_dot(q, 8, quant_iq2_group_scale(d, a1), 0.0f, x, acc + 2 * (group % 2));
-        }
-    }
-    return quant_neon_finish(acc);
-}
-
-static void quant_neon_dequant_iq2_xxs(const struct block_iq2_xxs *b, float *y, int64_t nb) {
-    float32x4_t q[8];
-    for (int64_t i = 0; i < nb; i++, b++) {
-        float d = f16_to_f32(b->d);
-        for (int group = 0; group < 8; group++, y += 32) {
-            uint32_t a0, a1;
-            quant_iq2_group_words(b, group, &a0, &a1);
-            quant_neon_iq2_xxs(a0, a1, q);
-            quant_neon_store(y, q, 8, quant_iq2_group_scale(d, a1), 0.0f);
-        }
-    }
-}
-
-static float quant_fast_dot_f32(const float *a, const float *b, int64_t n) {
-    return quant_neon_dot_f32(a, b, n);
-}
-
-static void quant_fast_axpy_f32(float *y, float a, const float *x, int64_t n) {
-    quant_neon_axpy_f32(y, a, x, n);
-}
-
-static float quant_fast_vec_dot(uint32_t type, const void *w, const float *x, int64_t n) {
-    switch (type) {
-    case TYPE_F32: return quant_neon_dot_f32(w, x, n);
-    case TYPE_F16: return quant_neon_dot_f16(w, x, n);
-    case TYPE_BF16: return quant_neon_dot_bf16(w, x, n);
-    case TYPE_Q8_0: return quant_neon_dot_q8_0(w, x, n / 32);
-    case TYPE_Q2_K: return quant_neon_dot_q2_k(w, x, n / 256);
-    case TYPE_Q4_K: return quant_neon_dot_q4_k(w, x, n / 256);
-    case TYPE_IQ2_XXS: return quant_neon_dot_iq2_xxs(w, x, n / 256);
-    default: return vec_dot_ref(type, w, x, n);
-    }
-}
-
-static void quant_fast_dequant(uint32_t type, const void *src, float *y, int64_t n) {
-    switch (type) {
-    case TYPE_F16: quant_neon_dequant_f16(src, y, n); break;
-    case TYPE_Q8_0: quant_neon_dequant_q8_0(src, y, n / 32); break;
-    case TYPE_Q2_K: quant_neon_dequant_q2_k(src, y, n / 256); break;
-    case TYPE_Q4_K: quant_neon_dequant_q4_k(src, y, n / 256); break;
-    case TYPE_IQ2_XXS: quant_neon_dequant_iq2_xxs(src, y, n / 256); break;
-    default: dequant_row_ref(type, src, y, n);
-    }
-}
-
-/* ---- 3.8' Any other CPU: the reference ----------------------------------- */
-
-#else
-
-/* Without a known vector unit the fast paths are the reference itself, plus
- * a four-way split of the float dot so the compiler can still vectorize it. */
-
-static float quant_fast_dot_f32(const float *a, const float *b, int64_t n) {
-    float acc[4] = { 0, 0, 0, 0 };
-    int64_t i = 0;
-    for (; i + 4 <= n; i += 4)
-        for (int r = 0; r < 4; r++) acc[r] += a[i + r] * b[i + r];
-    float sum = (acc[0] + acc[1]) + (acc[2] + acc[3]);
-    for (; i < n; i++) sum += a[i] * b[i];
-    return sum;
-}
-
-static void quant_fast_axpy_f32(float *y, float a, const float *x, int64_t n) {
-    for (int64_t i = 0; i < n; i++) y[i] += a * x[i];
-}
-
-static float quant_fast_vec_dot(uint32_t type, const void *w, const float *x, int64_t n) {
-    if (type == TYPE_F32) return quant_fast_dot_f32(w, x, n);
-    return vec_dot_ref(type, w, x, n);
-}
-
-static void quant_fast_dequant(uint32_t type, const void *src, float *y, int64_t n) {
-    dequant_row_ref(type, src, y, n);
-}
-
-#endif
-
-/* ---- 3.9 The kernels the engine calls ------------------------------------ */
+/* ---- 3.7 The kernels the engine calls ------------------------------------ */
 
 /* Decode a row of `n` values of any type into floats (3.5 gives the meaning).
  * The IQ2_XXS table check is made here, on every build, so a missing
@@ -2221,7 +1639,7 @@ static void axpy_f32(float *y, float a, const float *x, int64_t n) {
     quant_fast_axpy_f32(y, a, x, n);
 }
 
-/* ---- 3.10 Encoders -------------------------------------------------------- */
+/* ---- 3.8 Encoders -------------------------------------------------------- */
 
 /* The engine only reads quantized weights; these encoders exist for the
  * converter and for the tests, which need blocks with known content. They
@@ -2532,11 +1950,11 @@ static uint64_t tensor_bytes_for(uint32_t type, uint64_t n_elements, uint64_t ro
     return n_elements / (uint64_t)tt->block_values * (uint64_t)tt->block_bytes;
 }
 
-/* ---- 3.11 Eight-bit activations: integer dot products -------------------- */
+/* ---- 3.9 Eight-bit activations: integer dot products -------------------- */
 
 /* WHY QUANTIZE THE ACTIVATIONS AFTER ALL
  *
- * The float kernels of 3.7 spend their time *decoding*: turning each 2-bit
+ * The float kernels of 15.1 spend their time *decoding*: turning each 2-bit
  * or grid-coded weight into a float register costs several instructions per
  * 8 weights, so on the 2-bit expert matrices they run at under 1 GB/s, far
  * below what memory can deliver. Integer dot products remove the decoding
@@ -2546,7 +1964,7 @@ static uint64_t tensor_bytes_for(uint32_t type, uint64_t n_elements, uint64_t ro
  * directly, and the block scales are applied once per 32 values.
  *
  * The price is a second source of error, which is why this path is a
- * choice (engine option q8_activations, 8.1) and the float kernels remain
+ * choice (engine option q8_activations, 6.1) and the float kernels remain
  * the reference. Each block b of 32 activations is quantized as
  *
  *     d[b] = max_{i in b} |x[i]| / 127,     q[i] = round(x[i] / d[b])
@@ -2971,8 +2389,8 @@ static bool config_check_range(const char *path, const char *key, double v, stru
         if (strcmp(r->key, key) != 0) continue;
         bool ok = isfinite(v) && (r->open_lo ? v > r->lo : v >= r->lo) && v <= r->hi;
         if (!ok)
-            return fail(e, "%s: metadata '%s' = %g must be a finite number in %s%g, %g]", path, key, v,
-                        r->open_lo ? "(" : "[", r->lo, r->hi);
+            return fail(e, "%s: metadata '%s' = %g must be a finite number in %s%g, %g]", path, key,
+                        v, r->open_lo ? "(" : "[", r->lo, r->hi);
     }
     return true;
 }
@@ -3197,9 +2615,10 @@ static struct matrix bind_matrix(struct binder *b, const char *suffix, int64_t i
     const struct gguf_tensor *t = bind_lookup(b, suffix, true, name, sizeof name);
     if (!t || !b->ok) return m;
     uint32_t want_dims = experts > 1 ? 3 : 2;
-    bool shape_ok = t->dims[0] == (uint64_t)in && t->dims[1] == (uint64_t)out &&
-                    (t->n_dims == want_dims || (experts == 1 && t->n_dims == 3 && t->dims[2] == 1)) &&
-                    (experts == 1 || t->dims[2] == (uint64_t)experts);
+    bool shape_ok =
+        t->dims[0] == (uint64_t)in && t->dims[1] == (uint64_t)out &&
+        (t->n_dims == want_dims || (experts == 1 && t->n_dims == 3 && t->dims[2] == 1)) &&
+        (experts == 1 || t->dims[2] == (uint64_t)experts);
     if (!shape_ok) {
         b->ok = fail(b->e, "%s: tensor '%s' has shape [%llu, %llu%s] but the metadata implies "
                      "[%lld, %lld%s]", b->file->path, name, (unsigned long long)t->dims[0],
@@ -3287,7 +2706,8 @@ static void bind_attention(struct binder *b, const struct ds4_config *c, struct 
     L->kv = bind_matrix(b, "attn_kv.weight", c->dim, c->head_dim, 1);
     L->kv_norm = bind_vector(b, "attn_kv_a_norm.weight", c->head_dim, true);
     L->sinks = bind_vector(b, "attn_sinks.weight", c->n_heads, true);
-    L->out_a = bind_matrix(b, "attn_output_a.weight", group_in, (int64_t)c->o_groups * c->o_rank, 1);
+    L->out_a =
+        bind_matrix(b, "attn_output_a.weight", group_in, (int64_t)c->o_groups * c->o_rank, 1);
     L->out_b = bind_matrix(b, "attn_output_b.weight", (int64_t)c->o_groups * c->o_rank, c->dim, 1);
 }
 
@@ -3295,7 +2715,8 @@ static void bind_attention(struct binder *b, const struct ds4_config *c, struct 
  * projects to two halves (coff = 2); ratio-128 layers do not (coff = 1). */
 static int compressor_coff(int ratio) { return ratio == 4 ? 2 : 1; }
 
-static void bind_compressors(struct binder *b, const struct ds4_config *c, struct layer_weights *L) {
+static void bind_compressors(struct binder *b, const struct ds4_config *c,
+                             struct layer_weights *L) {
     int r = L->ratio, width = compressor_coff(r) * c->head_dim;
     L->comp_ape = bind_matrix(b, "attn_compressor_ape.weight", width, r, 1);
     L->comp_kv = bind_matrix(b, "attn_compressor_kv.weight", c->dim, width, 1);
@@ -3316,7 +2737,8 @@ static void bind_moe(struct binder *b, const struct ds4_config *c, struct layer_
     L->ffn_norm = bind_vector(b, "ffn_norm.weight", c->dim, true);
     L->router = bind_matrix(b, "ffn_gate_inp.weight", c->dim, c->n_experts, 1);
     L->router_bias = bind_vector(b, "exp_probs_b.bias", c->n_experts, !L->hash_routed);
-    if (L->hash_routed) L->tid2eid = bind_tid2eid(b, "ffn_gate_tid2eid.weight", c->n_used, c->vocab);
+    if (L->hash_routed)
+        L->tid2eid = bind_tid2eid(b, "ffn_gate_tid2eid.weight", c->n_used, c->vocab);
     L->gate_exps = bind_matrix(b, "ffn_gate_exps.weight", c->dim, c->ffn_dim, c->n_experts);
     L->up_exps = bind_matrix(b, "ffn_up_exps.weight", c->dim, c->ffn_dim, c->n_experts);
     L->down_exps = bind_matrix(b, "ffn_down_exps.weight", c->ffn_dim, c->dim, c->n_experts);
@@ -3399,7 +2821,8 @@ static bool model_load(struct model *m, const char *path, const char *mtp_path,
     }
     /* The MTP block comes from its own file, or from the model file when
      * that carries the mtp.0.* tensors too. */
-    const struct gguf *mtp_source = gguf_find_tensor(&m->file, "mtp.0.e_proj.weight") ? &m->file : NULL;
+    const struct gguf *mtp_source =
+        gguf_find_tensor(&m->file, "mtp.0.e_proj.weight") ? &m->file : NULL;
     if (mtp_path) {
         if (!gguf_open(&m->mtp_file, mtp_path, e)) {
             model_free(m);
@@ -3417,12 +2840,2925 @@ static bool model_load(struct model *m, const char *path, const char *mtp_path,
     return true;
 }
 
+/* ============================================================================
+ * Chapter 5. Numeric primitives of DeepSeek V4
+ * ============================================================================
+ *
+ * Small, exact building blocks. Each one is a formula of the forward-pass
+ * notes [FWD §2]; the comment above each function states it.
+ * ------------------------------------------------------------------------- */
+
+/* RMSNorm:  y[i] = x[i] * w[i] / sqrt(mean_j x[j]^2 + eps)   (w = NULL: no gain)
+ * The sum of squares is accumulated in double; it costs nothing here and
+ * removes one source of summation-order noise. In place is allowed. */
+static void rmsnorm(float *y, const float *x, const float *w, int64_t n, float eps) {
+    double ss = 0;
+    for (int64_t i = 0; i < n; i++) ss += (double)x[i] * x[i];
+    float scale = (float)(1.0 / sqrt(ss / (double)n + eps));
+    for (int64_t i = 0; i < n; i++) y[i] = x[i] * scale * (w ? w[i] : 1.0f);
+}
+
+static float sigmoidf(float z) { return 1.0f / (1.0f + expf(-z)); }
+static float siluf(float z) { return z / (1.0f + expf(-z)); }
+
+/* softplus(z) = ln(1 + e^z), evaluated without overflow at either end. */
+static float softplusf(float z) {
+    if (z > 20.0f) return z;
+    if (z < -20.0f) return expf(z);
+    return log1pf(expf(z));
+}
+
+/* ----------------------------------------------------------------------------
+ * Rotary position embedding on the tail.
+ *
+ * Only the last R dims of a head rotate, as R/2 ADJACENT pairs (x[b+2i],
+ * x[b+2i+1]) with b = len - R ("interleaved" RoPE). Pair i turns by the angle
+ * p * w_i:
+ *
+ *     w_i = base^(-2i/R)                                  i = 0 .. R/2-1
+ *     y0 = x0 cos(p w_i) - x1 sin(p w_i)
+ *     y1 = x0 sin(p w_i) + x1 cos(p w_i)
+ *
+ * Compressed layers (ratio > 0) use another base and YaRN: pairs whose
+ * wavelength is long compared with the original training context have their
+ * frequency divided by the factor s, with a linear ramp between two
+ * correction dims lo and hi:
+ *
+ *     corr(beta) = R ln(L0 / (2 pi beta)) / (2 ln base)
+ *     lo = max(floor(corr(beta_fast)), 0),  hi = min(ceil(corr(beta_slow)), R-1)
+ *     ramp_i = clamp((i - lo) / (hi - lo), 0, 1)
+ *     w_i = w_i / s * ramp_i + w_i * (1 - ramp_i)
+ *
+ * There is no YaRN magnitude factor anywhere, neither on cos/sin nor on the
+ * softmax scale. The frequencies and the angle p*w_i are formed in float32,
+ * as the official code does; cos and sin of that float angle are exact.
+ * ------------------------------------------------------------------------- */
+
+/* Sources. RoPE is [ROPE]; the frequency ramp is YaRN [YARN]; the two
+ * functions of [MODEL] this section follows are precompute_freqs_cis (the
+ * frequencies, with YaRN on compressed layers only) and apply_rotary_emb
+ * (interleaved pairs, inverse=True for the output). RMSNorm above is
+ * [RMSNORM], RMSNorm.forward of [MODEL]. */
+
+struct rope {
+    int dims;              /* R */
+    float freq[256];       /* w_i, i < R/2 */
+};
+
+static void rope_init(struct rope *r, int dims, float base, bool yarn, const struct ds4_config *c) {
+    r->dims = dims;
+    int half = dims / 2;
+    for (int i = 0; i < half; i++)
+        r->freq[i] = 1.0f / powf(base, (float)(2 * i) / (float)dims);
+    if (!yarn) return;
+    double corr_fast = dims * log(c->original_ctx / (c->beta_fast * 2 * M_PI)) / (2 * log(base));
+    double corr_slow = dims * log(c->original_ctx / (c->beta_slow * 2 * M_PI)) / (2 * log(base));
+    double lo = floor(corr_fast), hi = ceil(corr_slow);
+    if (lo < 0) lo = 0;
+    if (hi > dims - 1) hi = dims - 1;
+    if (lo == hi) hi += 0.001;
+    for (int i = 0; i < half; i++) {
+        float ramp = ((float)i - (float)lo) / (float)(hi - lo);
+        ramp = ramp < 0 ? 0 : ramp > 1 ? 1 : ramp;
+        float smooth = 1.0f - ramp;
+        r->freq[i] = r->freq[i] / c->rope_factor * (1.0f - smooth) + r->freq[i] * smooth;
+    }
+}
+
+/* Rotate the last R values of x[0..len) to position pos; inverse = rotate back. */
+static void rope_tail(const struct rope *r, float *x, int len, int64_t pos, bool inverse) {
+    float *tail = x + len - r->dims;
+    for (int i = 0; i < r->dims / 2; i++) {
+        float angle = (float)pos * r->freq[i];
+        float c = (float)cos((double)angle), s = (float)sin((double)angle);
+        if (inverse) s = -s;
+        float x0 = tail[2 * i], x1 = tail[2 * i + 1];
+        tail[2 * i] = x0 * c - x1 * s;
+        tail[2 * i + 1] = x0 * s + x1 * c;
+    }
+}
+
+/* ----------------------------------------------------------------------------
+ * The FP8 and FP4 round trips.
+ *
+ * DeepSeek trained V4 with its KV cache stored as FP8 (e4m3) and its indexer
+ * working in FP4 (e2m1). Those roundings are part of the model: a reference
+ * that skips them drifts away from the official logits (and the indexer's
+ * top-k choice flips). So we simulate them exactly: scale a block by a power
+ * of two, round each value to the nearest representable small float (ties to
+ * the even mantissa), scale back.
+ *
+ *     a  = max(max_i |v_i|, tiny)
+ *     sc = 2^ceil(log2(a / max_code))     (a power of two: "ue8m0" scale)
+ *     v_i = round_to_format(clamp(v_i / sc, -max_code, max_code)) * sc
+ *
+ *   format  max_code  block  grid
+ *   e4m3    448       64     (1 + m/8) 2^(e-7), e = 1..15; subnormals m 2^-9
+ *   e2m1    6         32     0, 0.5, 1, 1.5, 2, 3, 4, 6
+ * ------------------------------------------------------------------------- */
+
+/* WHY ROUND TRIPS, AND WHY THESE
+ *
+ * V4 was trained quantization-aware [V4 §FP4]: the forward pass used in
+ * training rounded some tensors to tiny float formats and back, and the
+ * weights learned to live with exactly that rounding. The rounding is
+ * therefore part of the model's function, not an implementation detail:
+ *
+ *     K=V rows, dims [0, Dh-R)     e4m3 [FP8], blocks of 64   (act_quant)
+ *     K=V rows, dims [Dh-R, Dh)    kept: RoPE phases encode distance, and
+ *                                  rounding them would blur positions
+ *     indexer q and k              Hadamard, then e2m1 [MX], blocks of 32
+ *                                  (rotate_activation, fp4_act_quant)
+ *
+ * The scales are powers of two ("ue8m0"), so dividing by a scale and
+ * multiplying back is exact: the grid rounding is the only error, and it is
+ * the one the model saw. Ties go to the even code, as in the hardware
+ * formats. Skipping these steps costs little accuracy per value but flips
+ * discrete choices downstream (the indexer's top-k), which is why the
+ * oracle vectors (18.1) include them. Source: [MODEL] act_quant and
+ * fp4_act_quant in kernel.py; [FWD §2.3] and [FWD §2.4].
+ */
+
+/* 2^ceil(log2(y)) for y > 0, exact: frexp gives y = m 2^e with m in [0.5, 1);
+ * then ceil(log2 y) is e-1 when m is exactly 0.5 and e otherwise. */
+static float pow2_ceil(float y) {
+    int e;
+    float m = frexpf(y, &e);
+    return ldexpf(1.0f, m == 0.5f ? e - 1 : e);
+}
+
+/* Nearest e4m3 value to x (|x| <= 448), ties to even. Between 2^k and 2^(k+1)
+ * the grid step is 2^(k-3); below 2^-6 it is the subnormal step 2^-9. rintf
+ * in the default rounding mode breaks ties to even, which here is exactly the
+ * even mantissa. */
+static float round_e4m3(float x) {
+    float ax = fabsf(x);
+    if (ax == 0) return x;
+    float step;
+    if (ax < 0x1p-6f) {
+        step = 0x1p-9f;
+    } else {
+        int e;
+        frexpf(ax, &e);              /* ax in [2^(e-1), 2^e) */
+        step = ldexpf(1.0f, e - 1 - 3);
+    }
+    float r = rintf(ax / step) * step;
+    if (r > 448.0f) r = 448.0f;
+    return copysignf(r, x);
+}
+
+/* Nearest e2m1 value, ties to the even code (codes 0..7 = 0,.5,1,1.5,2,3,4,6). */
+static float round_e2m1(float x) {
+    static const float grid[8] = { 0, 0.5f, 1, 1.5f, 2, 3, 4, 6 };
+    float ax = fabsf(x);
+    int best = 0;
+    for (int code = 1; code < 8; code++) {
+        float d_new = fabsf(ax - grid[code]), d_best = fabsf(ax - grid[best]);
+        if (d_new < d_best || (d_new == d_best && code % 2 == 0)) best = code;
+    }
+    return copysignf(grid[best], x);
+}
+
+static void fp8_round_trip_block(float *v, int n) {
+    float a = 1e-4f;
+    for (int i = 0; i < n; i++) a = fmaxf(a, fabsf(v[i]));
+    float sc = pow2_ceil(a * (1.0f / 448.0f));
+    for (int i = 0; i < n; i++) {
+        float q = fminf(fmaxf(v[i] / sc, -448.0f), 448.0f);
+        v[i] = round_e4m3(q) * sc;
+    }
+}
+
+static void fp4_round_trip_block(float *v, int n) {
+    float a = 6.0f * 0x1p-126f;
+    for (int i = 0; i < n; i++) a = fmaxf(a, fabsf(v[i]));
+    float sc = pow2_ceil(a * (1.0f / 6.0f));
+    for (int i = 0; i < n; i++) {
+        float q = fminf(fmaxf(v[i] / sc, -6.0f), 6.0f);
+        v[i] = round_e2m1(q) * sc;
+    }
+}
+
+/* The K=V rows keep their RoPE tail in full precision; only the first
+ * len - R ("nope") dims go through FP8, in blocks of 64. */
+static void fp8_round_trip_nope(float *row, int len, int rope_dims) {
+    for (int b = 0; b + 64 <= len - rope_dims; b += 64) fp8_round_trip_block(row + b, 64);
+}
+
+/* Orthonormal Walsh-Hadamard transform in natural (Sylvester) order:
+ *
+ *     for each stride st = 1, 2, 4, ... < n:  (a, c) -> (a + c, a - c)
+ *     then scale by 1/sqrt(n)
+ *
+ * The indexer applies it before FP4 rounding, which spreads outliers across
+ * the block so that the coarse 4-bit grid loses less. */
+static void hadamard(float *v, int n) {
+    for (int st = 1; st < n; st *= 2)
+        for (int b = 0; b < n; b += 2 * st)
+            for (int i = 0; i < st; i++) {
+                float a = v[b + i], c = v[b + st + i];
+                v[b + i] = a + c;
+                v[b + st + i] = a - c;
+            }
+    float scale = 1.0f / sqrtf((float)n);
+    for (int i = 0; i < n; i++) v[i] *= scale;
+}
+
+/* Indexer quantization-aware round trip: Hadamard, then FP4 in 32-blocks. */
+static void indexer_round_trip(float *v, int n) {
+    hadamard(v, n);
+    for (int b = 0; b < n; b += 32) fp4_round_trip_block(v + b, 32);
+}
+
+/* Top-k selection with a deterministic tie rule: the higher score wins, and
+ * between equal scores the LOWER index wins. Writes the chosen indices in
+ * that order. k is small (6 experts, 512 indexer rows), n up to a few
+ * hundred thousand; a k-element insertion list is simple and fast enough. */
+static int topk_indices(const float *score, int n, int k, int *out) {
+    int found = 0;
+    for (int i = 0; i < n; i++) {
+        if (found == k && !(score[i] > score[out[k - 1]])) continue;
+        int at = found < k ? found++ : k - 1;
+        while (at > 0 && score[i] > score[out[at - 1]]) {
+            out[at] = out[at - 1];
+            at--;
+        }
+        out[at] = i;
+    }
+    return found;
+}
+
+/* ============================================================================
+ * Chapter 6. The forward pass
+ * ============================================================================
+ *
+ * One token of DeepSeek V4 travels through 43 blocks. Each block is two
+ * sublayers -- attention, then a mixture of experts -- and around each one
+ * the four hyper-connection streams are mixed down into a single input and
+ * the sublayer's output is mixed back up. Attention sees the last W tokens
+ * raw and the whole past through compressed rows; on half the layers a small
+ * indexer picks which compressed rows matter. This chapter builds those
+ * pieces bottom-up: the matrix multiply that dominates the time (6.1), the
+ * state a session keeps (6.2), the streams (6.3), the compressors (6.4),
+ * attention and the indexer (6.6-6.8), the experts (6.9), one block (6.10),
+ * the output head (6.11) and the MTP block (6.12). Chapter 7 then tells the
+ * whole story in one function.
+ *
+ * 6.1 The engine and its matrix multiply.
+ *
+ * The engine owns the model, the thread pool and per-thread scratch memory.
+ * Its one heavy operation is
+ *
+ *     Y[t][o] = sum_i W[o][i] * X[t][i]      W: [out][in], X: [T][in], Y: [T][out]
+ *
+ * For one token (decode) each output row is one fused dequantize-and-dot.
+ * For a chunk of T tokens (prefill) each weight row is dequantized ONCE into
+ * a small float buffer that stays in L1, then dotted with all T inputs: the
+ * weights, which dominate memory traffic, are read once per chunk. Threads
+ * split the rows.
+ *
+ * With `reference_kernels` set, every product goes through the scalar
+ * "dequantize, then a plain float loop" definition instead. Tests run the
+ * whole model both ways and compare.
+ *
+ * With `q8_activations` set, products with Q8_0, Q2_K, Q4_K and IQ2_XXS
+ * weights quantize each input row X[t] to 8 bits first (3.9) and use the
+ * integer kernels, for every chunk size: the row of W is hot in L1 while it
+ * meets the T inputs, and prefill, chunked prefill and decode still compute
+ * bit for bit the same products. F16 and F32 weights keep float inputs.
+ *
+ * WORK SPLIT
+ *
+ * A work item is a group of 8 rows and a group of tokens. For decode there
+ * is one token group; for a chunk whose matrix has too few rows to give
+ * every thread 8 items, the tokens are split too, so a narrow product over
+ * 512 tokens still keeps every core busy.
+ * ------------------------------------------------------------------------- */
+
+struct backend;
+
+struct engine_options {
+    int threads;                  /* 0 = one per online CPU */
+    bool reference_kernels;       /* scalar dequant-then-f32 products */
+    const struct backend *backend;   /* --backend; NULL = the CPU backend (6.13) */
+    bool q8_activations;          /* 8-bit inputs and integer kernels (3.9) */
+};
+
+/* The table of operations the story calls (6.13); the CPU one is this chapter. */
+static const struct backend *backend_cpu(void);
+
+struct engine {
+    struct model *model;
+    struct engine_options opt;
+    const struct backend *be;     /* chosen once, at start-up */
+    struct thread_pool pool;
+    struct rope rope_window;      /* ratio-0 layers and the MTP block */
+    struct rope rope_compressed;  /* compressed layers, their compressors, the indexer */
+    int64_t max_row;              /* longest weight row, for the dequant scratch */
+    float **row_scratch;          /* [threads][max_row] */
+    float **attn_scratch;         /* [threads][attn_scratch_cap] */
+    int64_t attn_scratch_cap;
+    void *act_mem;                /* the 8-bit inputs of the running product */
+    size_t act_cap;
+};
+
+static void engine_init(struct engine *eng, struct model *m, struct engine_options opt) {
+    memset(eng, 0, sizeof *eng);
+    eng->model = m;
+    eng->opt = opt;
+    eng->be = opt.backend ? opt.backend : backend_cpu();
+    int threads = opt.threads > 0 ? opt.threads : default_thread_count();
+    pool_init(&eng->pool, threads);
+    const struct ds4_config *c = &m->cfg;
+    rope_init(&eng->rope_window, c->rope_dim, c->rope_base, false, c);
+    rope_init(&eng->rope_compressed, c->rope_dim, c->compress_rope_base, c->original_ctx > 0, c);
+    int64_t sizes[] = { (int64_t)c->hc * c->dim, c->dim, c->q_rank, c->ffn_dim,
+                        (int64_t)c->o_groups * c->o_rank,
+                        (int64_t)c->n_heads / c->o_groups * c->head_dim };
+    for (size_t i = 0; i < sizeof sizes / sizeof sizes[0]; i++)
+        if (sizes[i] > eng->max_row) eng->max_row = sizes[i];
+    eng->row_scratch = xcalloc((size_t)threads, sizeof(float *));
+    eng->attn_scratch = xcalloc((size_t)threads, sizeof(float *));
+    for (int i = 0; i < threads; i++)
+        eng->row_scratch[i] = xmalloc((size_t)eng->max_row * sizeof(float));
+}
+
+static void engine_free(struct engine *eng) {
+    for (int i = 0; i < eng->pool.n_threads; i++) {
+        free(eng->row_scratch[i]);
+        free(eng->attn_scratch[i]);
+    }
+    free(eng->row_scratch);
+    free(eng->attn_scratch);
+    free(eng->act_mem);
+    pool_free(&eng->pool);
+}
+
+/* Make sure every thread has `n` floats of attention scratch. Called from the
+ * main thread between parallel sections. The scratch grows with the context
+ * (one logit per visible row), so it grows by doubling: a long decode then
+ * reallocates it a logarithmic number of times, not once per new row. */
+static void engine_reserve_attn_scratch(struct engine *eng, int64_t n) {
+    if (n <= eng->attn_scratch_cap) return;
+    if (n < 2 * eng->attn_scratch_cap) n = 2 * eng->attn_scratch_cap;
+    for (int i = 0; i < eng->pool.n_threads; i++) {
+        free(eng->attn_scratch[i]);
+        eng->attn_scratch[i] = xmalloc((size_t)n * sizeof(float));
+    }
+    eng->attn_scratch_cap = n;
+}
+
+struct matmul_job {
+    struct engine *eng;
+    const struct matrix *w;
+    const float *x;
+    int64_t x_stride;
+    float *y;
+    int64_t y_stride;
+    int n_tok;
+    int tok_per_item;             /* tokens in one work item */
+    int64_t row_items;            /* row groups */
+    const uint8_t *xq;            /* 8-bit inputs, xq_stride bytes apart, or NULL */
+    size_t xq_stride;
+};
+
+enum { MATMUL_ROWS_PER_ITEM = 8 };
+
+/* Up to this many tokens, each row is dotted with the fused decode kernel
+ * once per token instead of being dequantized once: the row is hot in L1
+ * either way, and a speculative verification of a few drafted tokens then
+ * computes bit for bit what one-token decode would have. */
+enum { MATMUL_DECODE_PATH_MAX_TOKENS = 16 };
+
+static struct act_q8 matmul_input_q8(const struct matmul_job *j, int t) {
+    return act_q8_view((void *)(j->xq + (size_t)t * j->xq_stride), j->w->in);
+}
+
+/* Y[t][r] for the rows and tokens of one item, by one of the three paths. */
+static void matmul_row_tokens(const struct matmul_job *j, int64_t r, int t0, int t1, float *row) {
+    const struct matrix *w = j->w;
+    const uint8_t *wr = matrix_row(w, r);
+    if (j->eng->opt.reference_kernels) {
+        for (int t = t0; t < t1; t++)
+            j->y[t * j->y_stride + r] = vec_dot_ref(w->type, wr, j->x + t * j->x_stride, w->in);
+    } else if (j->xq) {
+        for (int t = t0; t < t1; t++) {
+            struct act_q8 a = matmul_input_q8(j, t);
+            j->y[t * j->y_stride + r] = vec_dot_q8(w->type, wr, &a);
+        }
+    } else if (j->n_tok <= MATMUL_DECODE_PATH_MAX_TOKENS) {
+        for (int t = t0; t < t1; t++)
+            j->y[t * j->y_stride + r] = vec_dot(w->type, wr, j->x + t * j->x_stride, w->in);
+    } else {
+        dequant_row(w->type, wr, row, w->in);
+        for (int t = t0; t < t1; t++)
+            j->y[t * j->y_stride + r] = dot_f32(row, j->x + t * j->x_stride, w->in);
+    }
+}
+
+static void matmul_rows(void *ctx, int64_t item, int worker) {
+    struct matmul_job *j = ctx;
+    int64_t rg = item % j->row_items, tg = item / j->row_items;
+    int64_t r0 = rg * MATMUL_ROWS_PER_ITEM, r1 = r0 + MATMUL_ROWS_PER_ITEM;
+    if (r1 > j->w->out) r1 = j->w->out;
+    int t0 = (int)tg * j->tok_per_item, t1 = t0 + j->tok_per_item;
+    if (t1 > j->n_tok) t1 = j->n_tok;
+    for (int64_t r = r0; r < r1; r++) matmul_row_tokens(j, r, t0, t1, j->eng->row_scratch[worker]);
+}
+
+static void matmul_quantize_input(void *ctx, int64_t t, int worker) {
+    (void)worker;
+    struct matmul_job *j = ctx;
+    struct act_q8 a = matmul_input_q8(j, (int)t);
+    act_quantize_q8(j->x + t * j->x_stride, &a);
+}
+
+/* Quantize the n_tok inputs into the engine's buffer (grown here, on the
+ * main thread, only when a wider product comes along). */
+static void matmul_prepare_q8(struct engine *eng, struct matmul_job *j) {
+    j->xq_stride = (act_q8_bytes(j->w->in) + 63) / 64 * 64;
+    size_t need = j->xq_stride * (size_t)j->n_tok;
+    if (need > eng->act_cap) {
+        free(eng->act_mem);
+        eng->act_mem = xmalloc(need);
+        eng->act_cap = need;
+    }
+    j->xq = eng->act_mem;
+    parallel_for(&eng->pool, j->n_tok, matmul_quantize_input, j);
+}
+
+/* Y[t][o] = W[o] . X[t] for t < n_tok; strides are in floats. */
+static void matmul_strided(struct engine *eng, float *y, int64_t y_stride, const struct matrix *w,
+                           const float *x, int64_t x_stride, int n_tok) {
+    struct matmul_job j = { eng, w, x, x_stride, y, y_stride, n_tok, n_tok, 0, NULL, 0 };
+    j.row_items = (w->out + MATMUL_ROWS_PER_ITEM - 1) / MATMUL_ROWS_PER_ITEM;
+    int64_t want = 8 * (int64_t)eng->pool.n_threads;
+    if (n_tok > 1 && eng->pool.n_threads > 1 && j.row_items < want) {
+        int64_t groups = (want + j.row_items - 1) / j.row_items;
+        if (groups > n_tok) groups = n_tok;
+        j.tok_per_item = (int)((n_tok + groups - 1) / groups);
+    }
+    if (eng->opt.q8_activations && !eng->opt.reference_kernels && quant_has_q8_dot(w->type))
+        matmul_prepare_q8(eng, &j);
+    int64_t tok_items = (n_tok + j.tok_per_item - 1) / j.tok_per_item;
+    parallel_for(&eng->pool, j.row_items * tok_items, matmul_rows, &j);
+}
+
+static void matmul(struct engine *eng, float *y, const struct matrix *w, const float *x,
+                   int n_tok) {
+    matmul_strided(eng, y, w->out, w, x, w->in, n_tok);
+}
+
+/* One row of a small matrix as floats (the compressor's positional bias). */
+static void matrix_row_f32(const struct matrix *m, int64_t r, float *out) {
+    dequant_row_ref(m->type, matrix_row(m, r), out, m->in);
+}
+
+/* ----------------------------------------------------------------------------
+ * 6.2 Session state: what a conversation carries from token to token.
+ *
+ * The hyper-connection state, the MoE and the query path are per token and
+ * forgotten at once. What persists, per layer:
+ *
+ *   ring          [W][Dh]        K=V rows of the last W positions, slot p % W
+ *   comp_rows     [P/r][Dh]      finished compressed rows (ratio > 0)
+ *   comp          frontier       the compressor's partial window (6.4)
+ *   idx_rows      [P/4][DI]      finished indexer rows (ratio 4)
+ *   idx_comp      frontier       the indexer compressor's partial window
+ *
+ * plus the position P (tokens processed), the last position's logits, and,
+ * for the MTP block, the main model's final hyper-connection state at P-1
+ * and the MTP block's own ring.
+ * ------------------------------------------------------------------------- */
+
+struct row_store {
+    float *rows;
+    int64_t n, cap;
+    int width;
+};
+
+static float *row_store_append(struct row_store *rs) {
+    if (rs->n == rs->cap) {
+        rs->cap = rs->cap ? rs->cap * 2 : 64;
+        rs->rows = xrealloc(rs->rows, (size_t)rs->cap * (size_t)rs->width * sizeof(float));
+    }
+    return rs->rows + rs->n++ * rs->width;
+}
+
+/* The streaming compressor (6.4): `score` starts at -inf, meaning "no token
+ * here yet", which the pooling softmax turns into weight 0. */
+struct compressor_state {
+    int ratio, coff, dc;          /* dc = output row width; each token projects coff*dc */
+    float *kv, *score;            /* [coff*ratio][coff*dc] each */
+};
+
+struct layer_state {
+    float *ring;                  /* [W][Dh] */
+    struct row_store comp_rows, idx_rows;
+    struct compressor_state comp, idx_comp;
+};
+
+struct chunk_work;
+
+struct session {
+    struct engine *eng;
+    struct chunk_work *work;      /* working buffers, grown to the largest chunk (6.5) */
+    void *device;                 /* a GPU backend's own copy of this state, or NULL */
+    int64_t pos;                  /* tokens processed so far */
+    struct layer_state *layers;   /* [n_layers] */
+    float *logits;                /* [vocab] logits after the last token */
+    /* MTP */
+    struct layer_state mtp_state;
+    int64_t mtp_pos;              /* MTP rows processed (lags pos by one) */
+    float *last_hc;               /* [n*D] main final HC state at pos-1 */
+};
+
+static void compressor_init(struct compressor_state *cs, int ratio, int dc) {
+    cs->ratio = ratio;
+    cs->coff = compressor_coff(ratio);
+    cs->dc = dc;
+    size_t n = (size_t)cs->coff * ratio * cs->coff * dc;
+    cs->kv = xcalloc(n, sizeof(float));
+    cs->score = xmalloc(n * sizeof(float));
+    for (size_t i = 0; i < n; i++) cs->score[i] = -INFINITY;
+}
+
+static void layer_state_init(struct layer_state *st, const struct ds4_config *c, int ratio) {
+    memset(st, 0, sizeof *st);
+    st->ring = xcalloc((size_t)c->window * c->head_dim, sizeof(float));
+    st->comp_rows.width = c->head_dim;
+    st->idx_rows.width = c->idx_dim;
+    if (ratio > 0) compressor_init(&st->comp, ratio, c->head_dim);
+    if (ratio == 4) compressor_init(&st->idx_comp, ratio, c->idx_dim);
+}
+
+static void layer_state_free(struct layer_state *st) {
+    free(st->ring);
+    free(st->comp_rows.rows);
+    free(st->idx_rows.rows);
+    free(st->comp.kv);
+    free(st->comp.score);
+    free(st->idx_comp.kv);
+    free(st->idx_comp.score);
+}
+
+/* The backend's side of a session's life (6.13): its working buffers and,
+ * for a GPU, its copy of the state. */
+static void backend_session_open(struct session *s);
+static void backend_session_close(struct session *s);
+
+static void session_init(struct session *s, struct engine *eng) {
+    memset(s, 0, sizeof *s);
+    const struct ds4_config *c = &eng->model->cfg;
+    s->eng = eng;
+    s->layers = xcalloc((size_t)c->n_layers, sizeof *s->layers);
+    for (int l = 0; l < c->n_layers; l++) layer_state_init(&s->layers[l], c, c->ratio[l]);
+    layer_state_init(&s->mtp_state, c, 0);
+    s->logits = xcalloc((size_t)c->vocab, sizeof(float));
+    s->last_hc = xcalloc((size_t)c->hc * c->dim, sizeof(float));
+    backend_session_open(s);
+}
+
+static void session_free(struct session *s) {
+    const struct ds4_config *c = &s->eng->model->cfg;
+    backend_session_close(s);
+    for (int l = 0; l < c->n_layers; l++) layer_state_free(&s->layers[l]);
+    layer_state_free(&s->mtp_state);
+    free(s->layers);
+    free(s->logits);
+    free(s->last_hc);
+    memset(s, 0, sizeof *s);
+}
+
+/* ----------------------------------------------------------------------------
+ * 6.3 Hyper-connections (mHC).
+ *
+ * Instead of one residual stream, every token carries n = 4 streams X[h] of
+ * width D. Around each sublayer, a tiny learned mixer decides how to read
+ * from the streams and how to write back:
+ *
+ *     x^  = flatten(X)                            [n*D]
+ *     rr  = 1 / sqrt(mean(x^^2) + eps)
+ *     m   = rr * (fn . x^)                        [M = (2+n)*n]
+ *     pre[h]  = sigmoid(m[h] s_pre + base[h]) + eps_hc             h < n
+ *     post[h] = 2 sigmoid(m[n+h] s_post + base[n+h])
+ *     C[j][k] = m[2n + j n + k] s_comb + base[2n + j n + k]       -> sinkhorn(C)
+ *     y       = sum_h pre[h] X[h]                 sublayer input (then RMSNorm)
+ *
+ * and after the sublayer produced f:
+ *
+ *     Xout[k] = post[k] f + sum_j C[j][k] Xin[j]  (C's first index is the SOURCE)
+ *
+ * The fn . x^ products of a whole chunk are one matmul; the rest is per token.
+ * ------------------------------------------------------------------------- */
+
+/* WHY THE MIXING MATRIX IS DOUBLY STOCHASTIC
+ *
+ * What. Hyper-connections [HC] widen the residual stream from one vector to
+ * n = 4 streams X [n][D] and let each sublayer learn how to read them (pre
+ * [n]), where to write its output (post [n]) and how the streams flow past
+ * it (C [n][n]). V4 uses the manifold-constrained form [MHC] [V4 §mHC]: C is
+ * pushed onto the doubly stochastic matrices, every entry >= 0 and every row
+ * and column summing to 1.
+ *
+ * Why. The residual path of a deep model is the product of every layer's C:
+ * 43 layers x 2 sublayers = 86 factors. Unconstrained, such a product can
+ * grow or shrink the signal geometrically, and plain HC loses the identity
+ * shortcut that made residual networks trainable. Doubly stochastic matrices
+ * are closed under products, so the whole path stays doubly stochastic:
+ *
+ *     sum_k C[j][k] = 1   source j hands out all of itself, no more:
+ *                         sum_k Xout[k] = (sum_k post[k]) f + sum_j X[j]
+ *     sum_j C[j][k] = 1   each stream k receives a weighted AVERAGE of the
+ *                         sources, so no stream exceeds the largest one
+ *     ||C||_2 = 1         no direction is amplified, however deep the stack
+ *
+ * and the identity (the plain residual) is one of them, so "do nothing" is
+ * always reachable. pre = sigmoid(..) >= 0 and post = 2 sigmoid(..) in (0, 2)
+ * keep the read and the write non-negative and bounded for the same reason.
+ *
+ * How. Sinkhorn and Knopp [SINKHORN] showed that alternately normalizing the
+ * rows and columns of a positive matrix converges to a doubly stochastic one.
+ * The model was trained with exactly 20 rounds in a fixed order (a row
+ * softmax first, eps added at fixed points, a column step last), so we
+ * reproduce those rounds step for step rather than iterate to convergence:
+ * the rounded result IS the model. C: [n][n] = [4][4]; the raw mix m comes
+ * from fn [M][n*D] applied to the flattened, RMS-scaled streams [n*D].
+ *
+ * Source: [MODEL] Block.hc_pre (mix, pre, collapse), hc_split_sinkhorn in
+ * kernel.py (pre, post, Sinkhorn on C), Block.hc_post (the write back);
+ * [FWD §3].
+ */
+
+/* Sinkhorn-Knopp: a row softmax, +eps, then alternate column and row
+ * normalisations, T column steps and T-1 row steps in all, ending on a
+ * column step. C is n x n, row-major, C[j][k] = c[j*n + k]. */
+static void sinkhorn(float *c, int n, int iters, float eps) {
+    for (int j = 0; j < n; j++) {
+        float mx = -INFINITY, sum = 0;
+        for (int k = 0; k < n; k++) mx = fmaxf(mx, c[j * n + k]);
+        for (int k = 0; k < n; k++) sum += (c[j * n + k] = expf(c[j * n + k] - mx));
+        for (int k = 0; k < n; k++) c[j * n + k] = c[j * n + k] / sum + eps;
+    }
+    for (int it = 0; it < iters; it++) {
+        if (it > 0) {
+            for (int j = 0; j < n; j++) {
+                float sum = 0;
+                for (int k = 0; k < n; k++) sum += c[j * n + k];
+                for (int k = 0; k < n; k++) c[j * n + k] /= sum + eps;
+            }
+        }
+        for (int k = 0; k < n; k++) {
+            float sum = 0;
+            for (int j = 0; j < n; j++) sum += c[j * n + k];
+            for (int j = 0; j < n; j++) c[j * n + k] /= sum + eps;
+        }
+    }
+}
+
+static float hc_inverse_rms(const float *x, int64_t n, float eps) {
+    double ss = 0;
+    for (int64_t i = 0; i < n; i++) ss += (double)x[i] * x[i];
+    return (float)(1.0 / sqrt(ss / (double)n + eps));
+}
+
+struct hc_mix {
+    float pre[16], post[16], comb[256];
+};
+
+/* Turn the raw m = fn . x^ of one token into its pre/post/comb weights and
+ * collapse the streams into the sublayer input y (not yet normed). */
+static void hc_pre(const struct ds4_config *c, const float *X, const float *raw_mix,
+                   const float *scale, const float *base, struct hc_mix *mix, float *y) {
+    int n = c->hc, D = c->dim;
+    float rr = hc_inverse_rms(X, (int64_t)n * D, c->norm_eps);
+    for (int h = 0; h < n; h++) {
+        mix->pre[h] = sigmoidf(raw_mix[h] * rr * scale[0] + base[h]) + c->hc_eps;
+        mix->post[h] = 2.0f * sigmoidf(raw_mix[n + h] * rr * scale[1] + base[n + h]);
+    }
+    for (int i = 0; i < n * n; i++)
+        mix->comb[i] = raw_mix[2 * n + i] * rr * scale[2] + base[2 * n + i];
+    sinkhorn(mix->comb, n, c->sinkhorn_iters, c->hc_eps);
+    for (int d = 0; d < D; d++) {
+        float acc = 0;
+        for (int h = 0; h < n; h++) acc += mix->pre[h] * X[(int64_t)h * D + d];
+        y[d] = acc;
+    }
+}
+
+/* Xout[k][d] = post[k] f[d] + sum_j C[j][k] Xin[j][d], in place on X. */
+static void hc_post(const struct ds4_config *c, float *X, const float *f, const struct hc_mix *mix,
+                    float *tmp) {
+    int n = c->hc, D = c->dim;
+    memcpy(tmp, X, (size_t)n * D * sizeof(float));
+    for (int k = 0; k < n; k++) {
+        float *out = X + (int64_t)k * D;
+        for (int d = 0; d < D; d++) {
+            float acc = mix->post[k] * f[d];
+            for (int j = 0; j < n; j++) acc += mix->comb[j * n + k] * tmp[(int64_t)j * D + d];
+            out[d] = acc;
+        }
+    }
+}
+
+/* The output head's collapse: like hc_pre's `pre`, with no Sinkhorn, no post.
+ *     w[h] = sigmoid(rr (fn_h . x^) scale + base[h]) + eps_hc;   y = sum_h w[h] X[h] */
+static void hc_head_collapse(const struct ds4_config *c, const float *X, const float *raw_mix,
+                             const float *scale, const float *base, float *y) {
+    int n = c->hc, D = c->dim;
+    float rr = hc_inverse_rms(X, (int64_t)n * D, c->norm_eps);
+    float w[16];
+    for (int h = 0; h < n; h++) w[h] = sigmoidf(raw_mix[h] * rr * scale[0] + base[h]) + c->hc_eps;
+    for (int d = 0; d < D; d++) {
+        float acc = 0;
+        for (int h = 0; h < n; h++) acc += w[h] * X[(int64_t)h * D + d];
+        y[d] = acc;
+    }
+}
+
+/* ----------------------------------------------------------------------------
+ * 6.4 The compressors.
+ *
+ * Beyond the sliding window, a compressed layer sees the whole past through
+ * "compressed rows": every r consecutive tokens are pooled into one K=V row.
+ * Each token projects its normed input a to a value k and a gate score z
+ * (plus a learned bias for its slot in the window); per channel j, a softmax
+ * over the window's tokens weighs the values:
+ *
+ *     k_t = Wkv a_t,   z_t = Wgate a_t + ape[p_t mod r]          [coff*Dc] each
+ *     pooled[j] = sum_t softmax_t(z_t[j]) k_t[j]
+ *
+ * Ratio-128 layers pool disjoint windows. Ratio-4 layers overlap: each token
+ * projects two halves; the first half (A) of window w-1 and the second half
+ * (B) of window w are pooled together into row w, so row w covers tokens
+ * 4w-4 .. 4w+3:
+ *
+ *     tokens:   | w-1: t t t t | w: t t t t |
+ *     halves:      A A A A        B B B B     -> 8 candidates per channel
+ *
+ * Row w is finished when its window's last token arrives, before that
+ * token's own attention, so the token already sees it. Finishing: RMSNorm,
+ * RoPE at the row's position w*r (its first token), then the KV format's
+ * round trip (FP8 for attention rows; Hadamard + FP4 for indexer rows).
+ *
+ * Streaming form. The state holds the kv/score rows of the window in
+ * progress (slots r..2r-1 for overlap layers, 0..r-1 otherwise) and, for
+ * overlap layers, the previous window in slots 0..r-1. Prefill and decode
+ * both feed tokens through it one by one, which is what makes them agree.
+ *
+ *     slot = (coff == 2 ? r : 0) + p mod r
+ *     state[slot] = (k_t, z_t)
+ *     if (p+1) mod r == 0:  pool, finish, and (overlap) shift slots r..2r-1 down
+ * ------------------------------------------------------------------------- */
+
+/* WHY COMPRESSED ATTENTION: A WINDOW, A SUMMARY, AND A CHOICE
+ *
+ * What. Every layer attends to the last W = 128 tokens exactly. Beyond the
+ * window, a layer with ratio r > 0 sees the past only as compressed rows,
+ * one per r tokens [V4 §CSA §HCA]. Flash alternates two kinds:
+ *
+ *     HCA  r = 128   heavily compressed: every row is attended, dense
+ *     CSA  r = 4     compressed sparse: the indexer (6.7) picks KI = 512
+ *
+ * plus two window-only layers at the bottom.
+ *
+ * Why. At a context of P tokens, a layer's cache holds W + P/r rows of Dh
+ * floats instead of P. At P = 1M that is 8,320 rows for HCA and 262,272
+ * for CSA instead of 1,048,576, and a CSA query reads only W + KI = 640 of
+ * them. One shared K=V head (the key is the value) halves the cache again.
+ * The window keeps the recent past sharp, where exact token order matters
+ * most; the compressed rows keep the distant past reachable at a cost that
+ * grows with P/r, not P.
+ *
+ * How a row is made. The pooling is learned and per channel: token t of the
+ * window offers a value k_t and a score z_t for each of the coff*Dh
+ * channels, and channel j of the row is the softmax_t(z_t[j]) average of
+ * k_t[j]. Different channels can thus keep different tokens of the window.
+ * The position bias ape[p mod r] lets the pool prefer a slot (say the last
+ * token of a window). At r = 4 the windows overlap by half (each row pools 8
+ * tokens, two halves of projection), so a phrase cut by a window boundary
+ * still lands whole in one row. A row exists only once its last token is
+ * seen; the unfinished window waits in the compressor state (6.2).
+ *
+ * Source: [MODEL] Compressor.forward and Compressor.overlap_transform,
+ * get_compress_topk_idxs (which rows a HCA query sees); [FWD §5].
+ */
+
+/* Pool channel j over the candidates: (score, value) pairs, where a -inf
+ * score (a slot no token has filled yet) contributes nothing. With overlap,
+ * slots 0..r-1 (previous window) are read in the A half, column j, and
+ * slots r..2r-1 (this window) in the B half, column dc + j. */
+static float pool_channel(const struct compressor_state *cs, int j) {
+    int r = cs->ratio, width = cs->coff * cs->dc, n = cs->coff * r;
+    float mx = -INFINITY;
+    for (int i = 0; i < n; i++) {
+        int col = (cs->coff == 2 && i >= r) ? cs->dc + j : j;
+        mx = fmaxf(mx, cs->score[i * width + col]);
+    }
+    if (mx == -INFINITY) return 0.0f;
+    float num = 0, den = 0;
+    for (int i = 0; i < n; i++) {
+        int col = (cs->coff == 2 && i >= r) ? cs->dc + j : j;
+        float z = cs->score[i * width + col];
+        if (z == -INFINITY) continue;
+        float p = expf(z - mx);
+        den += p;
+        num += p * cs->kv[i * width + col];
+    }
+    return num / den;
+}
+
+/* Push one token's projections; returns true and fills `pooled` [dc] when
+ * this token completes a window. */
+static bool compressor_push(struct compressor_state *cs, const float *k, const float *z,
+                            int64_t pos, float *pooled) {
+    int r = cs->ratio, width = cs->coff * cs->dc;
+    int slot = (cs->coff == 2 ? r : 0) + (int)(pos % r);
+    memcpy(cs->kv + (size_t)slot * width, k, (size_t)width * sizeof(float));
+    memcpy(cs->score + (size_t)slot * width, z, (size_t)width * sizeof(float));
+    if ((pos + 1) % r != 0) return false;
+    for (int j = 0; j < cs->dc; j++) pooled[j] = pool_channel(cs, j);
+    if (cs->coff == 2) {
+        size_t half = (size_t)r * width;
+        memcpy(cs->kv, cs->kv + half, half * sizeof(float));
+        memcpy(cs->score, cs->score + half, half * sizeof(float));
+    }
+    return true;
+}
+
+/* ----------------------------------------------------------------------------
+ * 6.5 Working memory for one chunk, and the step context.
+ *
+ * A forward call processes a chunk of T consecutive tokens layer by layer.
+ * All intermediate arrays live in the session's `chunk_work`, sized for the
+ * largest chunk the session has run so far (grown on demand, never shrunk),
+ * and are reused by every layer, the MTP block and every later call: a
+ * decoded token allocates nothing.
+ *
+ * What one step of the forward pass needs to know -- the engine, the
+ * session, the chunk (tokens, first position, length), the block being run
+ * (its weights and state) and the streams it updates -- travels as ONE
+ * pointer, a `struct step`. The story (chapter 7) fills in the chunk's
+ * fields once and the block's before each block; the operations only read
+ * it. The math helpers below it (rmsnorm, hc_pre, sinkhorn, route_token...)
+ * stay pure functions of their arrays.
+ * ------------------------------------------------------------------------- */
+
+/* A speculative verification may have to take tokens back. Everything it
+ * changed can be restored from a checkpoint except the compressor frontier,
+ * which depends on every token since the last window closed. So a
+ * verification records each token's compressor inputs (values and biased
+ * scores, per layer), and a rollback replays the accepted ones (chapter 9). */
+struct compressor_journal {
+    float **k, **z;       /* [layer] -> [T][coff*Dh] main compressor inputs */
+    float **ik, **iz;     /* [layer] -> [T][2*DI]   indexer compressor inputs */
+};
+
+struct chunk_work {
+    int T;             /* capacity: the longest chunk these buffers hold */
+    float *x;          /* [T][n*D]      the main model's streams */
+    float *mix;        /* [T][M]        raw hyper-connection mixes */
+    struct hc_mix *hc; /* [T]           their decoded pre/post/comb */
+    float *a;          /* [T][D]        normed sublayer input */
+    float *f;          /* [T][D]        sublayer output */
+    float *y;          /* [T][D]        collapsed streams */
+    float *tmp;        /* [n*D]         hc_post's copy of the old streams */
+    float *qr;         /* [T][Q]        low-rank query (also feeds the indexer) */
+    float *q;          /* [T][H*Dh]     query heads */
+    float *o;          /* [T][H*Dh]     attention output heads */
+    float *kv;         /* [T][Dh]       this chunk's K=V rows */
+    float *ck, *cz;    /* [T][2*Dh]     compressor values and scores */
+    float *ik, *iz;    /* [T][2*DI]     indexer-compressor values and scores */
+    float *iq;         /* [T][HI*DI]    indexer queries */
+    float *iw;         /* [T][HI]       indexer head weights */
+    float *low;        /* [T][G*O]      grouped output projection */
+    float *pooled;     /* [Dh]          one pooled compressor row */
+    int64_t *visible;  /* [T]           compressed rows visible to token t */
+    int *sel;          /* [T][KI]       indexer-selected rows */
+    int *n_sel;        /* [T]           how many, or -1 = all visible rows */
+    float *router;     /* [T][E]        router logits */
+    int *route_sel;    /* [T][K]        chosen experts */
+    float *route_wt;   /* [T][K]        their weights */
+    int *expert_tokens;/* [T*K]         tokens grouped by expert (slots) */
+    int *expert_count; /* [E+1]         group boundaries */
+    float *xe, *ye;    /* [T][D]        gathered expert inputs and outputs */
+    float *hg, *hu;    /* [T][F]        expert gate and up activations */
+    float *xm;         /* [T][n*D]      MTP block streams */
+    float *hn;         /* [T][n*D]      MTP: normed main streams */
+};
+
+static void chunk_work_init(struct chunk_work *w, const struct ds4_config *c, int T) {
+    size_t t = (size_t)T, n_d = (size_t)c->hc * c->dim, D = (size_t)c->dim;
+    size_t heads = (size_t)c->n_heads * c->head_dim, K = (size_t)c->n_used;
+    memset(w, 0, sizeof *w);
+    w->T = T;
+    w->x = xcalloc(t * n_d, sizeof(float));
+    w->mix = xcalloc(t * (size_t)(2 + c->hc) * c->hc, sizeof(float));
+    w->hc = xcalloc(t, sizeof(struct hc_mix));
+    w->a = xcalloc(t * D, sizeof(float));
+    w->f = xcalloc(t * D, sizeof(float));
+    w->y = xcalloc(t * D, sizeof(float));
+    w->tmp = xcalloc(n_d, sizeof(float));
+    w->qr = xcalloc(t * (size_t)c->q_rank, sizeof(float));
+    w->q = xcalloc(t * heads, sizeof(float));
+    w->o = xcalloc(t * heads, sizeof(float));
+    w->kv = xcalloc(t * (size_t)c->head_dim, sizeof(float));
+    w->ck = xcalloc(t * 2 * (size_t)c->head_dim, sizeof(float));
+    w->cz = xcalloc(t * 2 * (size_t)c->head_dim, sizeof(float));
+    w->ik = xcalloc(t * 2 * (size_t)c->idx_dim, sizeof(float));
+    w->iz = xcalloc(t * 2 * (size_t)c->idx_dim, sizeof(float));
+    w->iq = xcalloc(t * (size_t)c->idx_heads * c->idx_dim, sizeof(float));
+    w->iw = xcalloc(t * (size_t)c->idx_heads, sizeof(float));
+    w->low = xcalloc(t * (size_t)c->o_groups * c->o_rank, sizeof(float));
+    w->pooled = xcalloc((size_t)c->head_dim, sizeof(float));
+    w->visible = xcalloc(t, sizeof(int64_t));
+    w->sel = xcalloc(t * (size_t)c->idx_topk, sizeof(int));
+    w->n_sel = xcalloc(t, sizeof(int));
+    w->router = xcalloc(t * (size_t)c->n_experts, sizeof(float));
+    w->route_sel = xcalloc(t * K, sizeof(int));
+    w->route_wt = xcalloc(t * K, sizeof(float));
+    w->expert_tokens = xcalloc(t * K, sizeof(int));
+    w->expert_count = xcalloc((size_t)c->n_experts + 1, sizeof(int));
+    w->xe = xcalloc(t * D, sizeof(float));
+    w->ye = xcalloc(t * D, sizeof(float));
+    w->hg = xcalloc(t * (size_t)c->ffn_dim, sizeof(float));
+    w->hu = xcalloc(t * (size_t)c->ffn_dim, sizeof(float));
+    w->xm = xcalloc(t * n_d, sizeof(float));
+    w->hn = xcalloc(t * n_d, sizeof(float));
+}
+
+static void chunk_work_free(struct chunk_work *w) {
+    void *all[] = { w->x, w->mix, w->hc, w->a, w->f, w->y, w->tmp, w->qr, w->q, w->o, w->kv, w->ck,
+                    w->cz, w->ik, w->iz, w->iq, w->iw, w->low, w->pooled, w->visible, w->sel,
+                    w->n_sel, w->router, w->route_sel, w->route_wt, w->expert_tokens,
+                    w->expert_count, w->xe, w->ye, w->hg, w->hu, w->xm, w->hn };
+    for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) free(all[i]);
+    memset(w, 0, sizeof *w);
+}
+
+/* Make the buffers hold a chunk of T tokens. No code reads a working buffer
+ * before writing it, so regrown buffers need no old contents. */
+static void chunk_work_reserve(struct chunk_work *w, const struct ds4_config *c, int T) {
+    if (T <= w->T) return;
+    chunk_work_free(w);
+    chunk_work_init(w, c, T);
+}
+
+/* Which of a block's two sublayers a hyper-connection collapse feeds. */
+enum sublayer { SUBLAYER_ATTENTION, SUBLAYER_FFN };
+
+/* What a caller of the story wants back besides the session's logits. */
+struct forward_request {
+    float *all_logits;    /* [T][V]: logits of every position, or NULL */
+    float *mtp_logits;    /* [T][V]: row t = MTP row of position P-1+t, or NULL */
+    float *all_hc;        /* [T][n*D]: final streams of every position, or NULL */
+    struct compressor_journal *journal;   /* compressor inputs, or NULL (chapter 9) */
+};
+
+struct step {
+    /* The session and its engine, for the whole chunk. */
+    struct engine *eng;
+    const struct ds4_config *c;          /* = &eng->model->cfg */
+    struct session *s;
+    struct chunk_work *w;                /* = s->work, reserved for T by begin_chunk */
+    const struct forward_request *req;   /* what the caller wants back, or NULL */
+    /* The chunk: tokens[t] sits at position p0 + t. */
+    const int32_t *tokens;               /* [T] */
+    int64_t p0;
+    int T;
+    /* The block being run. */
+    int layer;                           /* main layer index; -1 for the MTP block */
+    bool is_mtp;                         /* the MTP block (its own head, no journal) */
+    const struct layer_weights *L;
+    struct layer_state *st;
+    const struct rope *rope;             /* the layer's RoPE (6.6) */
+    float *X;                            /* [T][n][D] streams the block updates in place */
+    struct compressor_journal *journal;  /* record compressor inputs here, or NULL (chapter 9) */
+};
+
+/* ----------------------------------------------------------------------------
+ * 6.6 Attention.
+ *
+ * Query path (per token, H heads of width Dh):
+ *
+ *     qr  = rmsnorm(Wq_a a, q_norm)                 [Q]
+ *     q_h = rmsnorm(Wq_b qr)_h  (no gain), then RoPE on its tail at p
+ *
+ * Key/value path: ONE head shared by all query heads, and the key is the
+ * value:
+ *
+ *     kv  = rmsnorm(Wkv a, kv_norm); RoPE tail at p; FP8 round trip on the rest
+ *
+ * Each head attends over the raw rows of the last W positions (itself
+ * included) plus, on compressed layers, compressed rows (all of them at
+ * ratio 128, the indexer's choice at ratio 4), in ONE softmax that also
+ * holds a learned per-head "sink" logit with no value:
+ *
+ *     l_j = q_h . k_j / sqrt(Dh)
+ *     o_h = sum_j exp(l_j - mx) k_j / (exp(sink_h - mx) + sum_j exp(l_j - mx))
+ *
+ * Since values carry RoPE at their own positions, o_h is rotated back by
+ * the query's position, leaving relative rotations. Finally a grouped
+ * low-rank projection: heads split into G groups, each group's concatenated
+ * heads map to O values with its own slice of Wo_a, and Wo_b maps the G*O
+ * values back to D.
+ * ------------------------------------------------------------------------- */
+
+/* WHAT THE ATTENTION SINK DOES
+ *
+ * A softmax's weights sum to 1, so a head must put its whole attention
+ * somewhere, even when nothing it can see is relevant. Models trained
+ * without a way out learn to park that mass on the first tokens of the text
+ * and use them as a "sink" [SINKS]. V4 cannot rely on that trick: with a
+ * sliding window and compressed rows, the first token is usually out of
+ * sight. So each head h gets a learned logit sink_h that competes in the
+ * softmax but carries no value:
+ *
+ *     g_h = e^sink_h / (e^sink_h + sum_j e^l_j)          in (0, 1)
+ *     o_h = (1 - g_h) * (the usual softmax average of the rows)
+ *
+ * A head that finds nothing shrinks its output toward zero instead of
+ * averaging noise; a head that finds a strong match (l_j >> sink_h) is
+ * unaffected. sink: [H], one float per head, the tensor attn_sinks.
+ *
+ * Source: [MODEL] Attention.attn_sink and sparse_attn in kernel.py, which
+ * adds e^sink to the softmax denominator; [FWD §4].
+ */
+
+static const struct rope *layer_rope(const struct engine *eng, const struct layer_weights *L) {
+    return L->ratio > 0 ? &eng->rope_compressed : &eng->rope_window;
+}
+
+/* qr, q and kv of the chunk from the normed input a (st->w->a). */
+static void attention_project_qkv(struct step *st) {
+    struct engine *eng = st->eng;
+    const struct ds4_config *c = st->c;
+    const struct layer_weights *L = st->L;
+    const struct rope *rope = st->rope;
+    struct chunk_work *w = st->w;
+    const float *A = w->a;
+    int64_t p0 = st->p0;
+    int Dh = c->head_dim, T = st->T;
+    matmul(eng, w->qr, &L->q_a, A, T);
+    for (int t = 0; t < T; t++) {
+        float *qr = w->qr + (size_t)t * c->q_rank;
+        rmsnorm(qr, qr, L->q_a_norm, c->q_rank, c->norm_eps);
+    }
+    matmul(eng, w->q, &L->q_b, w->qr, T);
+    for (int t = 0; t < T; t++)
+        for (int h = 0; h < c->n_heads; h++) {
+            float *qh = w->q + ((size_t)t * c->n_heads + h) * Dh;
+            rmsnorm(qh, qh, NULL, Dh, c->norm_eps);
+            rope_tail(rope, qh, Dh, p0 + t, false);
+        }
+    matmul(eng, w->kv, &L->kv, A, T);
+    for (int t = 0; t < T; t++) {
+        float *kv = w->kv + (size_t)t * Dh;
+        rmsnorm(kv, kv, L->kv_norm, Dh, c->norm_eps);
+        rope_tail(rope, kv, Dh, p0 + t, false);
+        fp8_round_trip_nope(kv, Dh, c->rope_dim);
+    }
+}
+
+/* Finish a pooled row: norm, RoPE at the row's first token, KV round trip. */
+static void finish_attention_row(const struct engine *eng, const struct layer_weights *L,
+                                 const float *pooled, int64_t row_pos, float *row) {
+    const struct ds4_config *c = &eng->model->cfg;
+    rmsnorm(row, pooled, L->comp_norm, c->head_dim, c->norm_eps);
+    rope_tail(&eng->rope_compressed, row, c->head_dim, row_pos, false);
+    fp8_round_trip_nope(row, c->head_dim, c->rope_dim);
+}
+
+static void finish_indexer_row(const struct engine *eng, const struct layer_weights *L,
+                               const float *pooled, int64_t row_pos, float *row) {
+    const struct ds4_config *c = &eng->model->cfg;
+    rmsnorm(row, pooled, L->idx_norm, c->idx_dim, c->norm_eps);
+    rope_tail(&eng->rope_compressed, row, c->idx_dim, row_pos, false);
+    indexer_round_trip(row, c->idx_dim);
+}
+
+/* Add the positional bias of slot (p mod r) to every token's scores. */
+static void add_compressor_bias(const struct matrix *ape, float *z, int64_t p0, int T, int width,
+                                float *bias) {
+    for (int t = 0; t < T; t++) {
+        matrix_row_f32(ape, (p0 + t) % ape->out, bias);
+        for (int i = 0; i < width; i++) z[(size_t)t * width + i] += bias[i];
+    }
+}
+
+/* Run this chunk's tokens through the layer's compressors in order, and
+ * record how many compressed rows each token may see: rows finished by a
+ * LATER token of the chunk must stay invisible to earlier ones. */
+/* Record this chunk's compressor inputs for a possible rollback (chapter 9). */
+static void journal_compressor_inputs(const struct step *st) {
+    const struct chunk_work *w = st->w;
+    struct compressor_journal *j = st->journal;
+    int l = st->layer, r = st->L->ratio, T = st->T;
+    size_t width = (size_t)compressor_coff(r) * st->c->head_dim;
+    size_t iwidth = 2 * (size_t)st->c->idx_dim;
+    memcpy(j->k[l], w->ck, (size_t)T * width * sizeof(float));
+    memcpy(j->z[l], w->cz, (size_t)T * width * sizeof(float));
+    if (r == 4) {
+        memcpy(j->ik[l], w->ik, (size_t)T * iwidth * sizeof(float));
+        memcpy(j->iz[l], w->iz, (size_t)T * iwidth * sizeof(float));
+    }
+}
+
+static void compress_chunk(struct step *st) {
+    struct engine *eng = st->eng;
+    const struct layer_weights *L = st->L;
+    struct layer_state *ls = st->st;
+    struct chunk_work *w = st->w;
+    const float *A = w->a;
+    int64_t p0 = st->p0;
+    int T = st->T, r = L->ratio;
+    int width = compressor_coff(r) * st->c->head_dim, iwidth = 2 * st->c->idx_dim;
+    float *bias = w->tmp;   /* free here; hc_post is not running */
+    matmul(eng, w->ck, &L->comp_kv, A, T);
+    matmul(eng, w->cz, &L->comp_gate, A, T);
+    add_compressor_bias(&L->comp_ape, w->cz, p0, T, width, bias);
+    if (r == 4) {
+        matmul(eng, w->ik, &L->idx_kv, A, T);
+        matmul(eng, w->iz, &L->idx_gate, A, T);
+        add_compressor_bias(&L->idx_ape, w->iz, p0, T, iwidth, bias);
+    }
+    if (st->journal) journal_compressor_inputs(st);
+    for (int t = 0; t < T; t++) {
+        int64_t p = p0 + t;
+        if (compressor_push(&ls->comp, w->ck + (size_t)t * width, w->cz + (size_t)t * width, p,
+                            w->pooled))
+            finish_attention_row(eng, L, w->pooled, p + 1 - r, row_store_append(&ls->comp_rows));
+        if (r == 4 && compressor_push(&ls->idx_comp, w->ik + (size_t)t * iwidth,
+                                      w->iz + (size_t)t * iwidth, p, w->pooled))
+            finish_indexer_row(eng, L, w->pooled, p + 1 - r, row_store_append(&ls->idx_rows));
+        w->visible[t] = ls->comp_rows.n;
+    }
+}
+
+/* ----------------------------------------------------------------------------
+ * 6.7 The indexer (ratio-4 layers).
+ *
+ * A ratio-4 layer accumulates a compressed row every 4 tokens: a quarter of
+ * the whole context. Attending to all of them would cost as much as dense
+ * attention, so a small "lightning indexer" picks the KI most relevant rows:
+ *
+ *     qI_h = Hadamard+FP4( RoPE_p( (WI_q qr)_h ) )      HI heads of DI
+ *     wI   = (WI_w a) / sqrt(DI * HI)                  [HI]
+ *     score[c] = sum_h wI[h] * max(0, qI_h . KI[c])    over visible rows c
+ *     selected = top-KI rows by score (ties: lower row first)
+ *
+ * When no more than KI rows are visible, all are taken and no score is
+ * needed: the result is the same.
+ * ------------------------------------------------------------------------- */
+
+/* WHY A LIGHTNING INDEXER, AND WHY IT WORKS IN FP4
+ *
+ * What. DeepSeek Sparse Attention [V32] [V4 §CSA]: a second, much smaller
+ * attention scores every compressed row, and only the KI best rows enter the
+ * real attention. Its score is a sum of per-head votes:
+ *
+ *     score[c] = sum_h wI[h] * relu(qI_h . KI[c])     qI: [HI][DI], KI: [rows][DI]
+ *
+ * Why this shape. It is cheap: HI * DI = 64 x 128 per query against rows of
+ * DI = 128, where the main attention has 64 heads of 512 against rows of
+ * 512. The relu lets a head vote only FOR rows it matches, never against;
+ * the weights wI come from the token itself, so the query decides which
+ * indexer heads to trust. Selection by score, not by recency, lets a token
+ * reach back to any part of a long context.
+ *
+ * Why the Hadamard and FP4. The indexer was trained in FP4 (e2m1, 8
+ * magnitudes) [V4 §FP4]. A 4-bit block format shares one scale among 32
+ * values, and one outlier channel would crush the rest to zero. The
+ * normalized Hadamard matrix is orthogonal -- (Hq).(Hk) = q.k -- and spreads
+ * every channel over all of them, so the block scale fits [QUAROT]. Because
+ * the top-k is a discrete choice, a reference that skipped the rounding
+ * would pick different rows; we round exactly as the model was trained (7).
+ *
+ * Source: [MODEL] Indexer.forward (queries, weights, scores, top-k),
+ * Compressor.forward with rotate=True (its own compressed rows),
+ * rotate_activation, fp4_act_quant; [FWD §6].
+ */
+
+static void indexer_queries(struct step *st) {
+    struct engine *eng = st->eng;
+    const struct layer_weights *L = st->L;
+    struct chunk_work *w = st->w;
+    const float *A = w->a;
+    int64_t p0 = st->p0;
+    int HI = st->c->idx_heads, DI = st->c->idx_dim, T = st->T;
+    matmul(eng, w->iq, &L->idx_q_b, w->qr, T);
+    for (int t = 0; t < T; t++)
+        for (int h = 0; h < HI; h++) {
+            float *qh = w->iq + ((size_t)t * HI + h) * DI;
+            rope_tail(&eng->rope_compressed, qh, DI, p0 + t, false);
+            indexer_round_trip(qh, DI);
+        }
+    matmul(eng, w->iw, &L->idx_proj, A, T);
+    float scale = 1.0f / sqrtf((float)DI * (float)HI);
+    for (int64_t i = 0; i < (int64_t)T * HI; i++) w->iw[i] *= scale;
+}
+
+static void select_rows_for_token(void *ctx, int64_t t, int worker) {
+    const struct step *j = ctx;
+    const struct ds4_config *c = j->c;
+    struct chunk_work *w = j->w;
+    int64_t nv = w->visible[t];
+    int HI = c->idx_heads, DI = c->idx_dim, KI = c->idx_topk;
+    if (nv <= KI) {
+        w->n_sel[t] = -1;
+        return;
+    }
+    float *score = j->eng->attn_scratch[worker];
+    for (int64_t r = 0; r < nv; r++) {
+        const float *krow = j->st->idx_rows.rows + r * DI;
+        float s = 0;
+        for (int h = 0; h < HI; h++) {
+            float d = dot_f32(w->iq + ((size_t)t * HI + h) * DI, krow, DI);
+            if (d > 0) s += w->iw[(size_t)t * HI + h] * d;
+        }
+        score[r] = s;
+    }
+    w->n_sel[t] = topk_indices(score, (int)nv, KI, w->sel + (size_t)t * KI);
+}
+
+/* Decide, per token, which compressed rows it attends: all visible rows
+ * (n_sel = -1), or the indexer's top-KI. */
+static void select_compressed_rows(struct step *st) {
+    struct chunk_work *w = st->w;
+    int T = st->T;
+    bool need_indexer = false;
+    for (int t = 0; t < T; t++) {
+        w->n_sel[t] = -1;
+        if (st->L->ratio == 4 && w->visible[t] > st->c->idx_topk) need_indexer = true;
+    }
+    if (!need_indexer) return;
+    indexer_queries(st);
+    engine_reserve_attn_scratch(st->eng, w->visible[T - 1]);
+    parallel_for(&st->eng->pool, T, select_rows_for_token, st);
+}
+
+/* ----------------------------------------------------------------------------
+ * 6.8 Attending: one (token, head) pair per work item.
+ *
+ * Raw rows come from two places. Positions before the chunk live in the
+ * ring (slot j % W); positions inside the chunk come from the chunk's own
+ * kv array, because a long chunk would otherwise overwrite ring slots that
+ * its earlier tokens still need. The ring is updated only after the whole
+ * chunk has attended.
+ * ------------------------------------------------------------------------- */
+
+static const float *raw_row(const struct step *j, int64_t pos) {
+    const struct ds4_config *c = j->c;
+    if (pos >= j->p0) return j->w->kv + (size_t)(pos - j->p0) * c->head_dim;
+    return j->st->ring + (size_t)(pos % c->window) * c->head_dim;
+}
+
+static const float *compressed_row(const struct step *j, int t, int64_t i) {
+    int64_t r = j->w->n_sel[t] < 0 ? i : j->w->sel[(size_t)t * j->c->idx_topk + i];
+    return j->st->comp_rows.rows + r * j->st->comp_rows.width;
+}
+
+static void attend_one(void *ctx, int64_t item, int worker) {
+    const struct step *j = ctx;
+    const struct ds4_config *c = j->c;
+    int H = c->n_heads, Dh = c->head_dim;
+    int t = (int)(item / H), h = (int)(item % H);
+    int64_t p = j->p0 + t;
+    int64_t first = p - c->window + 1 < 0 ? 0 : p - c->window + 1;
+    int64_t n_raw = p - first + 1;
+    int64_t n_comp = j->L->ratio == 0 ? 0 : j->w->n_sel[t] < 0 ? j->w->visible[t] : j->w->n_sel[t];
+    const float *q = j->w->q + ((size_t)t * H + h) * Dh;
+    float *o = j->w->o + ((size_t)t * H + h) * Dh;
+    float *logit = j->eng->attn_scratch[worker];
+    float scale = 1.0f / sqrtf((float)Dh), sink = j->L->sinks[h], mx = sink;
+
+    for (int64_t i = 0; i < n_raw + n_comp; i++) {
+        const float *k = i < n_raw ? raw_row(j, first + i) : compressed_row(j, t, i - n_raw);
+        logit[i] = dot_f32(q, k, Dh) * scale;
+        mx = fmaxf(mx, logit[i]);
+    }
+    float den = expf(sink - mx);
+    memset(o, 0, (size_t)Dh * sizeof(float));
+    for (int64_t i = 0; i < n_raw + n_comp; i++) {
+        const float *k = i < n_raw ? raw_row(j, first + i) : compressed_row(j, t, i - n_raw);
+        float pw = expf(logit[i] - mx);
+        den += pw;
+        axpy_f32(o, pw, k, Dh);
+    }
+    float inv = 1.0f / den;
+    for (int d = 0; d < Dh; d++) o[d] *= inv;
+    rope_tail(j->rope, o, Dh, p, true);
+}
+
+static void attend_chunk(struct step *st) {
+    const struct ds4_config *c = st->c;
+    struct chunk_work *w = st->w;
+    int64_t p0 = st->p0, most_comp = 0;
+    int T = st->T;
+    for (int t = 0; t < T; t++) {
+        int64_t n = st->L->ratio == 0 ? 0 : w->n_sel[t] < 0 ? w->visible[t] : w->n_sel[t];
+        if (n > most_comp) most_comp = n;
+    }
+    engine_reserve_attn_scratch(st->eng, c->window + most_comp);
+    parallel_for(&st->eng->pool, (int64_t)T * c->n_heads, attend_one, st);
+
+    /* Only now may the chunk's rows enter the ring. */
+    for (int t = T > c->window ? T - c->window : 0; t < T; t++)
+        memcpy(st->st->ring + (size_t)((p0 + t) % c->window) * c->head_dim,
+               w->kv + (size_t)t * c->head_dim, (size_t)c->head_dim * sizeof(float));
+}
+
+/* f = Wo_b . concat_g( Wo_a[g] . concat(heads of group g) ), into st->w->f */
+static void attention_output(struct step *st) {
+    struct engine *eng = st->eng;
+    const struct ds4_config *c = st->c;
+    const struct layer_weights *L = st->L;
+    struct chunk_work *w = st->w;
+    int T = st->T;
+    int64_t group_in = (int64_t)c->n_heads / c->o_groups * c->head_dim;
+    int64_t all_heads = (int64_t)c->n_heads * c->head_dim,
+            low_width = (int64_t)c->o_groups * c->o_rank;
+    for (int g = 0; g < c->o_groups; g++) {
+        struct matrix part = L->out_a;
+        part.data = matrix_row(&L->out_a, (int64_t)g * c->o_rank);
+        part.out = c->o_rank;
+        matmul_strided(eng, w->low + (int64_t)g * c->o_rank, low_width, &part,
+                       w->o + g * group_in, all_heads, T);
+    }
+    matmul(eng, w->f, &L->out_b, w->low, T);
+}
+
+/* The CPU backend's attention: f = attention(a) for the chunk, the layer's
+ * state (ring, compressed rows, frontiers) advanced by T positions. */
+static void attention_chunk(struct step *st) {
+    attention_project_qkv(st);
+    if (st->L->ratio > 0) {
+        compress_chunk(st);
+        select_compressed_rows(st);
+    }
+    attend_chunk(st);
+    attention_output(st);
+}
+
+/* ----------------------------------------------------------------------------
+ * 6.9 Mixture of experts.
+ *
+ * A router scores every expert; each token uses K of E routed experts plus
+ * one shared expert that every token uses:
+ *
+ *     s_e = sqrt(softplus(router_e . b))
+ *     chosen = first NH layers: tid2eid[token]   (a fixed hash table by token id)
+ *              other layers:   top-K of s_e + bias_e   (bias only for choosing)
+ *     w_k = route_scale * s_{chosen_k} / sum_k s_{chosen_k}
+ *
+ * Every expert is a clamped SwiGLU of width F:
+ *
+ *     g = min(W1 b, limit);  u = clamp(W3 b, -limit, limit)
+ *     expert(b) = W2 (silu(g) * u * w)             (w applied before W2)
+ *
+ * For a chunk, tokens are grouped by expert so that each expert's weights
+ * are read once for all the tokens that chose it.
+ * ------------------------------------------------------------------------- */
+
+/* THE ROUTING CHOICES, AND WHY
+ *
+ * Shapes: router [E][D], bias [E], tid2eid [V][K]; per token s [E], chosen
+ * [K], w [K]; E = 256, K = 6 for Flash.
+ *
+ * Why sqrt(softplus). The score must be positive (it becomes a weight) and
+ * must keep ordering the experts at any logit. V3 used a sigmoid [V3];
+ * a sigmoid saturates at 1, so two strongly matching experts look alike.
+ * sqrt(softplus(z)) is positive, smooth, near e^(z/2) for very negative z and
+ * near sqrt(z) for large z: it still separates large logits, but grows
+ * slowly enough that one expert cannot swamp the normalized weights. (The
+ * report gives the function; this reading of it is ours.)
+ *
+ * Why the bias only selects. V4 balances expert load without an auxiliary
+ * loss [LOSSFREE] [V3 §2.1.2]: during training a per-expert bias is nudged
+ * up for idle experts and down for busy ones. Added before the top-K, it
+ * changes WHICH experts a token uses; kept out of the weights, it never
+ * changes HOW MUCH a chosen expert contributes, so balancing does not bend
+ * the function the experts learn. We must copy that asymmetry exactly.
+ *
+ * Why the first layers are hash-routed. In layers 0 .. NH-1 (NH = 3) the
+ * experts come from a fixed table indexed by the token id [HASH]. Near the
+ * bottom, a token's hidden state is still mostly its own embedding, so a
+ * learned router would mostly route by token anyway; a fixed table does that
+ * with perfect, precomputed balance and nothing to train or collapse. The
+ * weights still come from the router scores.
+ *
+ * Why the route scale. The K weights are normalized to sum to 1, so the
+ * expert output does not depend on how sharp the router is; route_scale
+ * (1.5) then sets its size against the always-on shared expert. The SwiGLU
+ * [SWIGLU] clamp (limit 10) bounds activations for low-precision arithmetic.
+ *
+ * Source: [MODEL] Gate.forward (scores, bias, hash, weights), Expert.forward
+ * (clamped SwiGLU), MoE.forward (routed + shared); [V4 §MoE]; [FWD §7].
+ */
+
+static void route_token(const struct ds4_config *c, const struct layer_weights *L,
+                        const float *logits, int32_t token, int *sel, float *wt) {
+    float score[1024], biased[1024];
+    int E = c->n_experts, K = c->n_used;
+    for (int e = 0; e < E; e++) score[e] = sqrtf(softplusf(logits[e]));
+    if (L->hash_routed) {
+        for (int k = 0; k < K; k++) sel[k] = L->tid2eid[(int64_t)token * K + k];
+    } else {
+        for (int e = 0; e < E; e++) biased[e] = score[e] + (L->router_bias ? L->router_bias[e] : 0);
+        topk_indices(biased, E, K, sel);
+    }
+    float sum = 0;
+    for (int k = 0; k < K; k++) sum += score[sel[k]];
+    for (int k = 0; k < K; k++) wt[k] = score[sel[k]] / sum * c->route_scale;
+}
+
+/* One expert applied to n gathered rows. */
+struct expert_call {
+    struct matrix gate, up, down;     /* W1 [F][D], W3 [F][D], W2 [D][F] */
+    const float *x;                   /* [n][D] inputs */
+    const float *weight;              /* [n] route weights, or NULL = 1 (shared expert) */
+    int n;
+    float *y;                         /* [n][D] outputs */
+};
+
+/* Y[i] = W2 (silu(min(W1 X[i], lim)) * clamp(W3 X[i], -lim, lim) * weight[i]) */
+static void run_expert(struct step *st, const struct expert_call *ex) {
+    struct chunk_work *w = st->w;
+    float limit = st->L->swiglu_limit;
+    int F = (int)ex->gate.out, n = ex->n;
+    matmul(st->eng, w->hg, &ex->gate, ex->x, n);
+    matmul(st->eng, w->hu, &ex->up, ex->x, n);
+    for (int i = 0; i < n; i++)
+        for (int f = 0; f < F; f++) {
+            float g = w->hg[(size_t)i * F + f], u = w->hu[(size_t)i * F + f];
+            if (limit > 0) {
+                g = fminf(g, limit);
+                u = fminf(fmaxf(u, -limit), limit);
+            }
+            w->hg[(size_t)i * F + f] = siluf(g) * u * (ex->weight ? ex->weight[i] : 1.0f);
+        }
+    matmul(st->eng, ex->y, &ex->down, w->hg, n);
+}
+
+/* Bucket the chunk's (token, k) choices by expert: a counting sort. */
+static void group_by_expert(const struct ds4_config *c, int T, struct chunk_work *w) {
+    int E = c->n_experts, K = c->n_used;
+    memset(w->expert_count, 0, (size_t)(E + 1) * sizeof(int));
+    for (int i = 0; i < T * K; i++) w->expert_count[w->route_sel[i] + 1]++;
+    for (int e = 0; e < E; e++) w->expert_count[e + 1] += w->expert_count[e];
+    int *fill = w->expert_tokens;
+    int cursor[1024];
+    for (int e = 0; e < E; e++) cursor[e] = w->expert_count[e];
+    for (int i = 0; i < T * K; i++) fill[cursor[w->route_sel[i]]++] = i;
+}
+
+/* The CPU backend's MoE: g = moe(b) for the chunk, b = st->w->a, g into st->w->f. */
+static void moe_chunk(struct step *st) {
+    const struct ds4_config *c = st->c;
+    const struct layer_weights *L = st->L;
+    struct chunk_work *w = st->w;
+    const float *B = w->a;
+    float *G = w->f;
+    int D = c->dim, K = c->n_used, T = st->T;
+    matmul(st->eng, w->router, &L->router, B, T);
+    for (int t = 0; t < T; t++)
+        route_token(c, L, w->router + (size_t)t * c->n_experts, st->tokens[t],
+                    w->route_sel + (size_t)t * K, w->route_wt + (size_t)t * K);
+    group_by_expert(c, T, w);
+    memset(G, 0, (size_t)T * D * sizeof(float));
+    float weights[4096];
+    for (int e = 0; e < c->n_experts; e++) {
+        int begin = w->expert_count[e], n = w->expert_count[e + 1] - begin;
+        for (int done = 0; done < n; done += 4096) {
+            int m = n - done < 4096 ? n - done : 4096;
+            for (int i = 0; i < m; i++) {
+                int slot = w->expert_tokens[begin + done + i];
+                memcpy(w->xe + (size_t)i * D, B + (size_t)(slot / K) * D,
+                       (size_t)D * sizeof(float));
+                weights[i] = w->route_wt[slot];
+            }
+            struct expert_call ex = { expert_slice(&L->gate_exps, e), expert_slice(&L->up_exps, e),
+                                      expert_slice(&L->down_exps, e), w->xe, weights, m, w->ye };
+            run_expert(st, &ex);
+            for (int i = 0; i < m; i++) {
+                int t = w->expert_tokens[begin + done + i] / K;
+                for (int x = 0; x < D; x++) G[(size_t)t * D + x] += w->ye[(size_t)i * D + x];
+            }
+        }
+    }
+    struct expert_call shared = { L->gate_shexp, L->up_shexp, L->down_shexp, B, NULL, T, w->ye };
+    run_expert(st, &shared);
+    for (size_t i = 0; i < (size_t)T * D; i++) G[i] += w->ye[i];
+}
+
+/* ----------------------------------------------------------------------------
+ * 6.10 One block, for a chunk of T tokens: X is [T][n][D], updated in place.
+ *
+ *     (y, mix) = hc_pre(X);  a = rmsnorm(y, attn_norm);  X = hc_post(attention(a), X, mix)
+ *     (y, mix) = hc_pre(X);  b = rmsnorm(y, ffn_norm);   X = hc_post(moe(b), X, mix)
+ *
+ * The two halves of each line are the CPU backend's hc_collapse and
+ * hc_expand; the story (chapter 7, run_block) strings them together.
+ * ------------------------------------------------------------------------- */
+
+/* a = rmsnorm(hc_pre(X), norm) for every token; the decoded mixes stay in
+ * st->w->hc for the hc_expand that follows. */
+static void hc_collapse_chunk(struct step *st, enum sublayer which) {
+    const struct ds4_config *c = st->c;
+    const struct layer_weights *L = st->L;
+    struct chunk_work *w = st->w;
+    bool attn = which == SUBLAYER_ATTENTION;
+    const float *scale = attn ? L->hc_attn_scale : L->hc_ffn_scale;
+    const float *base = attn ? L->hc_attn_base : L->hc_ffn_base;
+    const float *norm = attn ? L->attn_norm : L->ffn_norm;
+    int M = (2 + c->hc) * c->hc;
+    int64_t nD = (int64_t)c->hc * c->dim;
+    matmul(st->eng, w->mix, attn ? &L->hc_attn_fn : &L->hc_ffn_fn, st->X, st->T);
+    for (int t = 0; t < st->T; t++) {
+        hc_pre(c, st->X + t * nD, w->mix + (size_t)t * M, scale, base, &w->hc[t], w->y);
+        rmsnorm(w->a + (size_t)t * c->dim, w->y, norm, c->dim, c->norm_eps);
+    }
+}
+
+/* X = hc_post(f, X, mix) for every token, f = st->w->f. */
+static void hc_expand_chunk(struct step *st) {
+    const struct ds4_config *c = st->c;
+    struct chunk_work *w = st->w;
+    int64_t nD = (int64_t)c->hc * c->dim;
+    for (int t = 0; t < st->T; t++)
+        hc_post(c, st->X + t * nD, w->f + (size_t)t * c->dim, &w->hc[t], w->tmp);
+}
+
+/* ----------------------------------------------------------------------------
+ * 6.11 The output head: collapse the streams, norm, project to the vocab.
+ *
+ *     w[h] = sigmoid(rr (hc_fn_h . x^) hc_scale + hc_base[h]) + eps_hc
+ *     logits = Wout . rmsnorm(sum_h w[h] X[h], norm)
+ * ------------------------------------------------------------------------- */
+
+/* logits [n][V] of stream rows row0 .. row0+n-1 of st->X; the MTP block has
+ * its own collapse and norm but shares the output matrix. */
+static void head_chunk(struct step *st, int64_t row0, int n, float *logits) {
+    const struct model *m = st->eng->model;
+    const struct ds4_config *c = st->c;
+    struct chunk_work *w = st->w;
+    const struct matrix *hc_fn = st->is_mtp ? &m->mtp.hc_head_fn : &m->hc_head_fn;
+    const float *hc_scale = st->is_mtp ? m->mtp.hc_head_scale : m->hc_head_scale;
+    const float *hc_base = st->is_mtp ? m->mtp.hc_head_base : m->hc_head_base;
+    const float *norm = st->is_mtp ? m->mtp.norm : m->output_norm;
+    int64_t nD = (int64_t)c->hc * c->dim;
+    const float *X = st->X + row0 * nD;
+    matmul(st->eng, w->mix, hc_fn, X, n);
+    for (int t = 0; t < n; t++) {
+        float *y = w->a + (size_t)t * c->dim;
+        hc_head_collapse(c, X + t * nD, w->mix + (size_t)t * c->hc, hc_scale, hc_base, y);
+        rmsnorm(y, y, norm, c->dim, c->norm_eps);
+    }
+    matmul(st->eng, logits, &m->output, w->a, n);
+}
+
+/* ----------------------------------------------------------------------------
+ * 6.12 The MTP block.
+ *
+ * DeepSeek V4 ships one multi-token-prediction block: a full extra layer
+ * that, given the main model's final streams at position i and the embedding
+ * of token i+1, predicts token i+2. Its input:
+ *
+ *     e     = We_proj . rmsnorm(embed[t_{i+1}], enorm)               [D]
+ *     X[h]  = Wh_proj . rmsnorm(Hmain_i[h], hnorm) + e               per stream
+ *
+ * then the block at position i (window-only attention with its own ring),
+ * its own HC head and norm, and the SHARED output matrix. Row i can only be
+ * computed once token i+1 is known, so the MTP block runs one position
+ * behind the main model; over a prompt it fills its window exactly as the
+ * official code does.
+ * ------------------------------------------------------------------------- */
+
+/* WHY A MULTI-TOKEN-PREDICTION BLOCK
+ *
+ * What. During training, V4 (like V3 [V3 §2.2], after [MTP]) also learns
+ * to predict the token after next: one extra block reads the main model's
+ * final streams at position i [n][D] and the embedding of token i+1 [D],
+ * and its logits [V] are trained on token i+2 [V4 §MTP].
+ *
+ * Why it is shipped. At inference it is a draft model for speculative
+ * decoding (chapter 9): one block instead of 43, sharing the embedding and
+ * the output matrix, and far better informed than a separate small model,
+ * because it starts from everything the main model computed about the
+ * context. A wrong guess costs little: the main model verifies all drafts in
+ * one chunk, and the acceptance rule keeps the output distribution exactly
+ * the main model's [SPEC] [SPEC2].
+ *
+ * Why it runs one position behind. Its row i needs token i+1, which exists
+ * only after the main model has produced it; so its own window ring is
+ * always one row behind the main model's.
+ *
+ * Source: [MODEL] MTPBlock.forward (e_proj, h_proj, enorm, hnorm, the block,
+ * hc_head, the shared head); [FWD §8].
+ */
+
+static void embed_tokens(const struct model *m, const int32_t *tokens, int T, float *out) {
+    for (int t = 0; t < T; t++)
+        dequant_row_ref(m->token_embd.type, matrix_row(&m->token_embd, tokens[t]),
+                        out + (size_t)t * m->cfg.dim, m->cfg.dim);
+}
+
+/* The CPU backend's embedding: every stream starts as the same copy of the
+ * token's row, X[t][h] = embed[tokens[t]]. */
+static void embed_chunk(struct step *st) {
+    const struct ds4_config *c = st->c;
+    int64_t nD = (int64_t)c->hc * c->dim;
+    embed_tokens(st->eng->model, st->tokens, st->T, st->w->f);
+    for (int t = 0; t < st->T; t++)
+        for (int h = 0; h < c->hc; h++)
+            memcpy(st->X + t * nD + (int64_t)h * c->dim, st->w->f + (size_t)t * c->dim,
+                   (size_t)c->dim * sizeof(float));
+}
+
+/* The MTP block's input streams for Tm rows:
+ *
+ *     Xm[i][h] = Wh_proj . rmsnorm(Hin_i[h], hnorm) + We_proj . rmsnorm(embed[tok_i], enorm)
+ *
+ * Hin_0 is `hin0` and Hin_i (i >= 1) is hin_next[i-1], each [n][D];
+ * Xm = st->X is [Tm][n][D], tok = st->tokens, Tm = st->T. The h_proj product
+ * runs over all Tm*n streams at once. */
+static void mtp_input(struct step *st, const float *hin0, const float *hin_next) {
+    struct engine *eng = st->eng;
+    const struct model *m = eng->model;
+    const struct ds4_config *c = st->c;
+    const struct mtp_weights *mw = &m->mtp;
+    const int32_t *tokens = st->tokens;
+    struct chunk_work *w = st->w;
+    float *Xm = st->X;
+    int n = c->hc, D = c->dim, Tm = st->T;
+    int64_t nD = (int64_t)n * D;
+    embed_tokens(m, tokens, Tm, w->y);
+    for (int i = 0; i < Tm; i++) {
+        float *e = w->y + (size_t)i * D;
+        rmsnorm(e, e, mw->enorm, D, c->norm_eps);
+        const float *hin = i == 0 ? hin0 : hin_next + (i - 1) * nD;
+        for (int h = 0; h < n; h++)
+            rmsnorm(w->hn + i * nD + (int64_t)h * D, hin + (int64_t)h * D, mw->hnorm, D,
+                    c->norm_eps);
+    }
+    matmul(eng, w->f, &mw->e_proj, w->y, Tm);
+    matmul(eng, Xm, &mw->h_proj, w->hn, Tm * n);
+    for (int i = 0; i < Tm; i++)
+        for (int h = 0; h < n; h++)
+            for (int d = 0; d < D; d++) Xm[i * nD + (int64_t)h * D + d] += w->f[(size_t)i * D + d];
+}
+
+/* ----------------------------------------------------------------------------
+ * 6.13 Backends: the operations the story calls.
+ *
+ * The story (chapter 7) is written once. It calls the forward pass through
+ * a small table of operations, `struct backend`, chosen once at start-up
+ * (--backend, kept in engine->be); the functions of this chapter are the
+ * CPU backend's entries. A GPU backend fills the same table with sequences
+ * of kernels, and the story reads the same for every backend.
+ *
+ * Granularity: one operation per step of the story (a GPU runs each as a few
+ * kernel launches, or records them into one graph between begin_chunk and
+ * end_chunk). Every operation takes the step context (6.5); the fields it
+ * reads are set by the story before the call:
+ *
+ *   chunk fields  eng, c, s, w, req, tokens [T], p0, T     (begin_chunk .. end_chunk)
+ *   block fields  layer, is_mtp, L, st, rope, X, journal   (before each block)
+ *
+ * Buffers. st->w (`struct chunk_work`) is the backend's working memory,
+ * reserved by begin_chunk; its pointers, and st->X (= w->x for the main
+ * model, w->xm for the MTP block), are BACKEND memory: the story passes them
+ * between operations but never reads or writes through them. On the CPU
+ * they are host arrays; a GPU backend may keep device addresses there.
+ * Everything else an operation is given -- tokens, the logits it writes, and
+ * the session's state in `struct session` -- is host memory.
+ *
+ * Session state. The CPU layout of 6.2 (`struct session`: rings, compressed
+ * rows, compressor frontiers, pos, mtp_pos, logits, last_hc) is the one
+ * state every backend agrees on. A GPU backend keeps its own copy in
+ * s->device while it runs; `state_pull` makes the host copy current (before
+ * a snapshot is encoded or a checkpoint taken), `state_push` tells the
+ * backend the host copy changed (after a snapshot is decoded, a rollback or
+ * a restore). On the CPU both are no-ops: the host copy is the state. Hence
+ * a disk snapshot written by one backend loads in another.
+ *
+ *   op             reads                          writes
+ *   session_open   s (session_init has built it)  s->work, s->device
+ *   session_close  s->work, s->device             frees both
+ *   state_pull     the backend's state            s->layers, mtp_state, last_hc, logits
+ *   state_push     the host state                 the backend's state
+ *   begin_chunk    T                              w reserved for >= T tokens
+ *   embed          tokens                         X [T][n][D] = embed[tokens[t]] per stream
+ *   hc_collapse    X, L (attn or ffn mixer+norm)  w->a [T][D]; the mixes (for hc_expand)
+ *   attention      w->a, L, st, p0, rope, journal w->f [T][D]; st: ring, rows, frontiers
+ *                                                 (journal: compressor inputs, layer >= 0)
+ *   hc_expand      X, w->f, the mixes             X (in place)
+ *   moe            w->a, L, tokens                w->f [T][D]
+ *   head           X rows row0 .. row0+n-1        logits [n][V], host (MTP head if is_mtp)
+ *   mtp_input      hin0 [n*D], hin_next [T-1][n*D], tokens   X [T][n][D] (the MTP streams)
+ *                  hin0 is s->last_hc (state) or a row of backend streams;
+ *                  hin_next rows of backend streams, or NULL when T = 1
+ *   end_chunk      X                              s->last_hc = X[T-1]; req->all_hc = X
+ *
+ * attention is the whole of 6.6-6.8: the q path, the kv path with its FP8
+ * round trip and RoPE, the compressors and the indexer (ratio > 0), sparse
+ * attention with sinks over ring + chunk + compressed rows, the inverse
+ * RoPE, the grouped output projection, and finally the ring update. moe is
+ * the whole of 6.9: router, routing (hash or biased top-k), the routed
+ * experts and the shared one. Results must match the CPU backend's: bit for
+ * bit on the CPU, within the bars of the GPU checks elsewhere.
+ * ------------------------------------------------------------------------- */
+
+struct backend {
+    const char *name;
+    void (*session_open)(struct session *s);
+    void (*session_close)(struct session *s);
+    void (*state_pull)(struct session *s);
+    void (*state_push)(struct session *s);
+    void (*begin_chunk)(struct step *st);
+    void (*embed)(struct step *st);
+    void (*hc_collapse)(struct step *st, enum sublayer which);
+    void (*attention)(struct step *st);
+    void (*hc_expand)(struct step *st);
+    void (*moe)(struct step *st);
+    void (*head)(struct step *st, int64_t row0, int n, float *logits);
+    void (*mtp_input)(struct step *st, const float *hin0, const float *hin_next);
+    void (*end_chunk)(struct step *st);
+};
+
+static void cpu_session_open(struct session *s) {
+    s->work = xcalloc(1, sizeof *s->work);   /* capacity 0: the first chunk sizes it */
+}
+
+static void cpu_session_close(struct session *s) {
+    if (!s->work) return;
+    chunk_work_free(s->work);
+    free(s->work);
+    s->work = NULL;
+}
+
+/* The host copy IS the CPU backend's state. */
+static void cpu_state_sync(struct session *s) {
+    (void)s;
+}
+
+static void cpu_begin_chunk(struct step *st) {
+    chunk_work_reserve(st->w, st->c, st->T);
+}
+
+static void cpu_end_chunk(struct step *st) {
+    int64_t nD = (int64_t)st->c->hc * st->c->dim;
+    if (st->req && st->req->all_hc)
+        memcpy(st->req->all_hc, st->X, (size_t)st->T * nD * sizeof(float));
+    memcpy(st->s->last_hc, st->X + (st->T - 1) * nD, (size_t)nD * sizeof(float));
+}
+
+static const struct backend cpu_backend = {
+    .name = "cpu",
+    .session_open = cpu_session_open,
+    .session_close = cpu_session_close,
+    .state_pull = cpu_state_sync,
+    .state_push = cpu_state_sync,
+    .begin_chunk = cpu_begin_chunk,
+    .embed = embed_chunk,
+    .hc_collapse = hc_collapse_chunk,
+    .attention = attention_chunk,
+    .hc_expand = hc_expand_chunk,
+    .moe = moe_chunk,
+    .head = head_chunk,
+    .mtp_input = mtp_input,
+    .end_chunk = cpu_end_chunk,
+};
+
+static const struct backend *backend_cpu(void) {
+    return &cpu_backend;
+}
+
+static void backend_session_open(struct session *s) {
+    s->eng->be->session_open(s);
+}
+
+static void backend_session_close(struct session *s) {
+    s->eng->be->session_close(s);
+}
+
+/* ----------------------------------------------------------------------------
+ * 6.14 The GPU backend: the story's steps as kernel dispatches.
+ *
+ * Built when DS4_GPU is defined: by `make` on macOS, where ds4_metal.m
+ * implements the gpu_* dispatches on the GPU, and by tests/test_metal_model.c,
+ * where tests/metal/harness.cpp runs the same kernels.metal on the CPU. So the
+ * sequence below is the one the Mac runs and the one `make test` checks
+ * against the oracle vectors.
+ *
+ * Each gpu_* call is one dispatch of the kernel of the same name (it carries
+ * the CPU function's name, and its formula, in kernels.metal). Pointers are
+ * unified memory: on Apple silicon the session's arrays and the mapped
+ * weights are what the GPU reads, so the session state keeps the CPU layout
+ * and the CPU backend's session ops serve both. Steps still done by the
+ * host between dispatches are marked HOST; each is a copy or a counting
+ * sort, and each is a synchronisation point a later revision removes.
+ *
+ * gpu_sync() comes before every host access to memory a dispatch may still
+ * read or write: once the dispatches of a step are batched into one command
+ * buffer it is where the host waits. tests/test_metal_model.c prints how
+ * many there are per decode token next to the dispatch count.
+ * ------------------------------------------------------------------------- */
+
+#ifdef DS4_GPU
+int gpu_matmul(int type, const void *w, const float *x, float *y, unsigned in, unsigned out,
+               unsigned n_tok, unsigned row_bytes, unsigned x_stride, unsigned y_stride);
+void gpu_rmsnorm(const float *x, const float *w, float *y, unsigned n, unsigned n_rows, float eps);
+void gpu_rope_tail(float *x, const float *freq, unsigned len, unsigned dims, unsigned n_heads,
+                   unsigned n_tok, long pos0, int inverse);
+void gpu_fp8_round_trip_nope(float *rows, unsigned len, unsigned rope_dims, unsigned n_rows);
+void gpu_indexer_round_trip(float *rows, unsigned n, unsigned n_rows);
+void gpu_hc_pre(const float *X, const float *raw_mix, const float *scale, const float *base,
+                float *mix_out, float *y, unsigned hc, unsigned dim, unsigned iters,
+                float norm_eps, float hc_eps, unsigned n_tok);
+void gpu_hc_post(float *X, const float *f, const float *mix, unsigned hc, unsigned dim,
+                 unsigned n_tok);
+void gpu_hc_head_collapse(const float *X, const float *raw_mix, const float *scale,
+                          const float *base, float *y, unsigned hc, unsigned dim,
+                          float norm_eps, float hc_eps, unsigned n_tok);
+void gpu_embed_tokens(const uint16_t *E, const int *tokens, float *out, unsigned dim,
+                      unsigned n_tok);
+void gpu_route_token(const float *logits, const int *tokens, const int *tid2eid,
+                     const float *bias, float *biased, int *sel, float *wt, unsigned n_tok,
+                     unsigned n_experts, unsigned n_used, float route_scale);
+void gpu_swiglu(float *g, const float *u, const float *weight, unsigned ffn, unsigned n,
+                float limit);
+void gpu_moe_gather_add(float *G, const float *Y, const int *slot_of, unsigned dim,
+                        unsigned n_used, unsigned n_tok);
+void gpu_add_rows(float *y, const float *x, unsigned n, unsigned x_period);
+void gpu_pool_channel(const float *kv, const float *score, float *pooled, unsigned ratio,
+                      unsigned coff, unsigned dc);
+void gpu_attend_one(const float *q, const float *chunk_kv, const float *ring, const float *comp,
+                    const int64_t *visible, const int *sel, const int *n_sel, const float *sinks,
+                    float *o, unsigned n_heads, unsigned head_dim, unsigned window, unsigned topk,
+                    long p0, unsigned compressed, unsigned max_rows, unsigned n_tok);
+void gpu_indexer_scores(const float *iq, const float *iw, const float *krows, float *score,
+                        unsigned heads, unsigned dim, unsigned n_rows, unsigned max_rows,
+                        float scale, unsigned n_tok);
+void gpu_topk_rows(const float *score, int *sel, int *n_sel, unsigned n_tok, unsigned n_rows,
+                   unsigned max_rows, unsigned k);
+int gpu_open(void);   /* device, queue, pipelines; 0 on failure (it says why) */
+void gpu_sync(void);  /* wait until every dispatch so far has completed */
+
+/* The device is opened with the first session; without one, nothing runs. */
+static void gpu_session_open(struct session *s) {
+    static int opened;
+    if (!opened && !(opened = gpu_open())) {
+        fprintf(stderr, "ds4: the metal backend has no usable device; try --backend cpu\n");
+        exit(1);
+    }
+    cpu_session_open(s);
+}
+
+/* y[t] = W x[t] for n tokens, contiguous rows: one matmul_<type> dispatch. */
+static void gpu_mm(const struct matrix *m, const float *x, float *y, int n) {
+    gpu_matmul((int)m->type, m->data, x, y, (unsigned)m->in, (unsigned)m->out, (unsigned)n,
+               (unsigned)m->row_bytes, (unsigned)m->in, (unsigned)m->out);
+}
+
+/* The packed mixes hc_pre writes, [T][2n + n n], live in w->hc's memory
+ * (an hc_mix is larger than one packed mix). */
+static float *gpu_mixes(struct step *st) {
+    return (float *)st->w->hc;
+}
+
+/* X[t][h] = embed[tokens[t]] for every stream h. */
+static void gpu_embed(struct step *st) {
+    const struct ds4_config *c = st->c;
+    int64_t nD = (int64_t)c->hc * c->dim;
+    gpu_embed_tokens((const uint16_t *)st->eng->model->token_embd.data, st->tokens, st->w->f,
+                     (unsigned)c->dim, (unsigned)st->T);
+    gpu_sync();
+    memset(st->X, 0, (size_t)st->T * nD * sizeof(float));                     /* HOST */
+    for (int t = 0; t < st->T; t++)
+        gpu_add_rows(st->X + t * nD, st->w->f + (size_t)t * c->dim, (unsigned)nD,
+                     (unsigned)c->dim);
+}
+
+/* a = rmsnorm(hc_pre(fn . X), norm): matmul, hc_pre, rmsnorm. */
+static void gpu_hc_collapse(struct step *st, enum sublayer which) {
+    const struct ds4_config *c = st->c;
+    const struct layer_weights *L = st->L;
+    struct chunk_work *w = st->w;
+    bool attn = which == SUBLAYER_ATTENTION;
+    gpu_mm(attn ? &L->hc_attn_fn : &L->hc_ffn_fn, st->X, w->mix, st->T);
+    gpu_hc_pre(st->X, w->mix, attn ? L->hc_attn_scale : L->hc_ffn_scale,
+               attn ? L->hc_attn_base : L->hc_ffn_base, gpu_mixes(st), w->a, (unsigned)c->hc,
+               (unsigned)c->dim, (unsigned)c->sinkhorn_iters, c->norm_eps, c->hc_eps,
+               (unsigned)st->T);
+    gpu_rmsnorm(w->a, attn ? L->attn_norm : L->ffn_norm, w->a, (unsigned)c->dim,
+                (unsigned)st->T, c->norm_eps);
+}
+
+static void gpu_hc_expand(struct step *st) {
+    gpu_hc_post(st->X, st->w->f, gpu_mixes(st), (unsigned)st->c->hc, (unsigned)st->c->dim,
+                (unsigned)st->T);
+}
+
+/* The q path and the kv path of attention_project_qkv. */
+static void gpu_project_qkv(struct step *st) {
+    const struct ds4_config *c = st->c;
+    const struct layer_weights *L = st->L;
+    struct chunk_work *w = st->w;
+    unsigned T = (unsigned)st->T, Dh = (unsigned)c->head_dim, H = (unsigned)c->n_heads;
+    unsigned R = (unsigned)st->rope->dims;
+    gpu_mm(&L->q_a, w->a, w->qr, st->T);
+    gpu_rmsnorm(w->qr, L->q_a_norm, w->qr, (unsigned)c->q_rank, T, c->norm_eps);
+    gpu_mm(&L->q_b, w->qr, w->q, st->T);
+    gpu_rmsnorm(w->q, NULL, w->q, Dh, T * H, c->norm_eps);
+    gpu_rope_tail(w->q, st->rope->freq, Dh, R, H, T, st->p0, 0);
+    gpu_mm(&L->kv, w->a, w->kv, st->T);
+    gpu_rmsnorm(w->kv, L->kv_norm, w->kv, Dh, T, c->norm_eps);
+    gpu_rope_tail(w->kv, st->rope->freq, Dh, R, 1, T, st->p0, 0);
+    gpu_fp8_round_trip_nope(w->kv, Dh, (unsigned)c->rope_dim, T);
+}
+
+/* compressor_push with its pooling on the GPU; true when a row finished. */
+static bool gpu_compressor_push(struct compressor_state *cs, const float *k, const float *z,
+                                int64_t pos, float *pooled) {
+    int r = cs->ratio, width = cs->coff * cs->dc;
+    int slot = (cs->coff == 2 ? r : 0) + (int)(pos % r);
+    memcpy(cs->kv + (size_t)slot * width, k, (size_t)width * sizeof(float));      /* HOST */
+    memcpy(cs->score + (size_t)slot * width, z, (size_t)width * sizeof(float));
+    if ((pos + 1) % r != 0) return false;
+    gpu_pool_channel(cs->kv, cs->score, pooled, (unsigned)r, (unsigned)cs->coff,
+                     (unsigned)cs->dc);
+    if (cs->coff == 2) {
+        gpu_sync();
+        size_t half = (size_t)r * width;                                           /* HOST */
+        memcpy(cs->kv, cs->kv + half, half * sizeof(float));
+        memcpy(cs->score, cs->score + half, half * sizeof(float));
+    }
+    return true;
+}
+
+/* finish_attention_row / finish_indexer_row: norm, RoPE at the row's first
+ * token, then the round trip of its format. */
+static void gpu_finish_row(struct step *st, const float *pooled, const float *norm, int width,
+                           int64_t row_pos, bool indexer, float *row) {
+    const struct ds4_config *c = st->c;
+    const struct rope *rope = &st->eng->rope_compressed;
+    gpu_rmsnorm(pooled, norm, row, (unsigned)width, 1, c->norm_eps);
+    gpu_rope_tail(row, rope->freq, (unsigned)width, (unsigned)rope->dims, 1, 1, row_pos, 0);
+    if (indexer) gpu_indexer_round_trip(row, (unsigned)width, 1);
+    else gpu_fp8_round_trip_nope(row, (unsigned)width, (unsigned)c->rope_dim, 1);
+}
+
+/* z[t] += ape[(p0 + t) mod r]: the slot bias, decoded on the host (HOST). */
+static void gpu_add_slot_bias(struct step *st, const struct matrix *ape, float *z, int width) {
+    for (int t = 0; t < st->T; t++) {
+        gpu_sync();
+        matrix_row_f32(ape, (st->p0 + t) % ape->out, st->w->tmp);
+        gpu_add_rows(z + (size_t)t * width, st->w->tmp, (unsigned)width, (unsigned)width);
+    }
+}
+
+static void gpu_compress(struct step *st) {
+    const struct layer_weights *L = st->L;
+    struct layer_state *ls = st->st;
+    struct chunk_work *w = st->w;
+    int r = L->ratio, width = compressor_coff(r) * st->c->head_dim, iwidth = 2 * st->c->idx_dim;
+    gpu_mm(&L->comp_kv, w->a, w->ck, st->T);
+    gpu_mm(&L->comp_gate, w->a, w->cz, st->T);
+    gpu_add_slot_bias(st, &L->comp_ape, w->cz, width);
+    if (r == 4) {
+        gpu_mm(&L->idx_kv, w->a, w->ik, st->T);
+        gpu_mm(&L->idx_gate, w->a, w->iz, st->T);
+        gpu_add_slot_bias(st, &L->idx_ape, w->iz, iwidth);
+    }
+    gpu_sync();
+    if (st->journal) journal_compressor_inputs(st);
+    for (int t = 0; t < st->T; t++) {
+        int64_t p = st->p0 + t;
+        if (gpu_compressor_push(&ls->comp, w->ck + (size_t)t * width, w->cz + (size_t)t * width,
+                                p, w->pooled))
+            gpu_finish_row(st, w->pooled, L->comp_norm, st->c->head_dim, p + 1 - r, false,
+                           row_store_append(&ls->comp_rows));
+        if (r == 4 && gpu_compressor_push(&ls->idx_comp, w->ik + (size_t)t * iwidth,
+                                          w->iz + (size_t)t * iwidth, p, w->pooled))
+            gpu_finish_row(st, w->pooled, L->idx_norm, st->c->idx_dim, p + 1 - r, true,
+                           row_store_append(&ls->idx_rows));
+        w->visible[t] = ls->comp_rows.n;
+    }
+}
+
+/* select_compressed_rows: the indexer's queries, scores and top-k. */
+static void gpu_select(struct step *st) {
+    const struct ds4_config *c = st->c;
+    const struct layer_weights *L = st->L;
+    struct chunk_work *w = st->w;
+    unsigned T = (unsigned)st->T, HI = (unsigned)c->idx_heads, DI = (unsigned)c->idx_dim;
+    bool need_indexer = false;
+    for (int t = 0; t < st->T; t++) {
+        w->n_sel[t] = -1;
+        if (L->ratio == 4 && w->visible[t] > c->idx_topk) need_indexer = true;
+    }
+    if (!need_indexer) return;
+    const struct rope *rope = &st->eng->rope_compressed;
+    gpu_mm(&L->idx_q_b, w->qr, w->iq, st->T);
+    gpu_rope_tail(w->iq, rope->freq, DI, (unsigned)rope->dims, HI, T, st->p0, 0);
+    gpu_indexer_round_trip(w->iq, DI, T * HI);
+    gpu_mm(&L->idx_proj, w->a, w->iw, st->T);
+    engine_reserve_attn_scratch(st->eng, w->visible[st->T - 1]);
+    float *score = st->eng->attn_scratch[0];
+    float scale = 1.0f / sqrtf((float)DI * (float)HI);
+    for (int t = 0; t < st->T; t++) {
+        unsigned nv = (unsigned)w->visible[t];
+        if (nv <= (unsigned)c->idx_topk) continue;
+        gpu_indexer_scores(w->iq + (size_t)t * HI * DI, w->iw + (size_t)t * HI,
+                           st->st->idx_rows.rows, score, HI, DI, nv, nv, scale, 1);
+        gpu_topk_rows(score, w->sel + (size_t)t * c->idx_topk, &w->n_sel[t], 1, nv, nv,
+                      (unsigned)c->idx_topk);
+    }
+}
+
+/* attend_chunk, the inverse RoPE, the ring update, attention_output. */
+static void gpu_attend_and_project(struct step *st) {
+    const struct ds4_config *c = st->c;
+    const struct layer_weights *L = st->L;
+    struct chunk_work *w = st->w;
+    unsigned T = (unsigned)st->T, H = (unsigned)c->n_heads, Dh = (unsigned)c->head_dim;
+    int64_t most = 0;
+    gpu_sync();
+    for (int t = 0; t < st->T; t++) {
+        int64_t n = L->ratio == 0 ? 0 : w->n_sel[t] < 0 ? w->visible[t] : w->n_sel[t];
+        if (n > most) most = n;
+    }
+    gpu_attend_one(w->q, w->kv, st->st->ring, st->st->comp_rows.rows, w->visible, w->sel,
+                   w->n_sel, L->sinks, w->o, H, Dh, (unsigned)c->window,
+                   (unsigned)c->idx_topk, st->p0, L->ratio > 0, (unsigned)(c->window + most), T);
+    gpu_rope_tail(w->o, st->rope->freq, Dh, (unsigned)st->rope->dims, H, T, st->p0, 1);
+    gpu_sync();
+    for (int t = st->T > c->window ? st->T - c->window : 0; t < st->T; t++)      /* HOST */
+        memcpy(st->st->ring + (size_t)((st->p0 + t) % c->window) * c->head_dim,
+               w->kv + (size_t)t * c->head_dim, (size_t)c->head_dim * sizeof(float));
+    unsigned group_in = H / (unsigned)c->o_groups * Dh, low = (unsigned)(c->o_groups * c->o_rank);
+    for (int g = 0; g < c->o_groups; g++)
+        gpu_matmul((int)L->out_a.type, matrix_row(&L->out_a, (int64_t)g * c->o_rank),
+                   w->o + g * group_in, w->low + g * c->o_rank, group_in, (unsigned)c->o_rank, T,
+                   (unsigned)L->out_a.row_bytes, H * Dh, low);
+    gpu_mm(&L->out_b, w->low, w->f, st->T);
+}
+
+static void gpu_attention(struct step *st) {
+    gpu_project_qkv(st);
+    if (st->L->ratio > 0) {
+        gpu_compress(st);
+        gpu_select(st);
+    }
+    gpu_attend_and_project(st);
+}
+
+/* run_expert: gate and up matmuls, swiglu, the down matmul. */
+static void gpu_expert(struct step *st, const struct expert_call *ex) {
+    struct chunk_work *w = st->w;
+    gpu_mm(&ex->gate, ex->x, w->hg, ex->n);
+    gpu_mm(&ex->up, ex->x, w->hu, ex->n);
+    gpu_swiglu(w->hg, w->hu, ex->weight, (unsigned)ex->gate.out, (unsigned)ex->n,
+               st->L->swiglu_limit);
+    gpu_mm(&ex->down, w->hg, ex->y, ex->n);
+}
+
+/* One routed expert for the m slots starting at expert_tokens[begin]:
+ * gather (HOST), run, then G[t] += Y[i] through slot_of (all -1 but ours). */
+static void gpu_routed_expert(struct step *st, int e, int begin, int m, int *slot_of,
+                              float *weights) {
+    const struct layer_weights *L = st->L;
+    struct chunk_work *w = st->w;
+    int D = st->c->dim, K = st->c->n_used;
+    gpu_sync();
+    for (int i = 0; i < st->T * K; i++) slot_of[i] = -1;
+    for (int i = 0; i < m; i++) {
+        int slot = w->expert_tokens[begin + i];
+        memcpy(w->xe + (size_t)i * D, w->a + (size_t)(slot / K) * D, (size_t)D * sizeof(float));
+        weights[i] = w->route_wt[slot];
+        slot_of[slot] = i;
+    }
+    struct expert_call ex = { expert_slice(&L->gate_exps, e), expert_slice(&L->up_exps, e),
+                              expert_slice(&L->down_exps, e), w->xe, weights, m, w->ye };
+    gpu_expert(st, &ex);
+    gpu_moe_gather_add(w->f, w->ye, slot_of, (unsigned)D, (unsigned)K, (unsigned)st->T);
+}
+
+/* moe_chunk: router, route_token, the routed experts in expert order (as
+ * the CPU adds them), the shared expert. The counting sort is HOST. */
+static void gpu_moe(struct step *st) {
+    const struct ds4_config *c = st->c;
+    const struct layer_weights *L = st->L;
+    struct chunk_work *w = st->w;
+    int E = c->n_experts, K = c->n_used, T = st->T;
+    int64_t scratch = (int64_t)T * (E > 2 * K ? E : 2 * K);
+    engine_reserve_attn_scratch(st->eng, scratch);
+    float *biased = st->eng->attn_scratch[0];
+    gpu_mm(&L->router, w->a, w->router, T);
+    gpu_route_token(w->router, st->tokens, L->hash_routed ? L->tid2eid : NULL, L->router_bias,
+                    biased, w->route_sel, w->route_wt, (unsigned)T, (unsigned)E, (unsigned)K,
+                    c->route_scale);
+    gpu_sync();
+    group_by_expert(c, T, w);
+    memset(w->f, 0, (size_t)T * c->dim * sizeof(float));                         /* HOST */
+    int *slot_of = (int *)biased;             /* the scores are consumed: reuse */
+    float *weights = biased + (size_t)T * K;
+    for (int e = 0; e < E; e++) {
+        int begin = w->expert_count[e], n = w->expert_count[e + 1] - begin;
+        if (n > 0) gpu_routed_expert(st, e, begin, n, slot_of, weights);
+    }
+    struct expert_call shared = { L->gate_shexp, L->up_shexp, L->down_shexp, w->a, NULL, T,
+                                  w->ye };
+    gpu_expert(st, &shared);
+    gpu_add_rows(w->f, w->ye, (unsigned)(T * c->dim), (unsigned)(T * c->dim));
+}
+
+/* head_chunk: matmul, hc_head_collapse, rmsnorm, the output matmul. */
+static void gpu_head(struct step *st, int64_t row0, int n, float *logits) {
+    const struct model *m = st->eng->model;
+    const struct ds4_config *c = st->c;
+    struct chunk_work *w = st->w;
+    int64_t nD = (int64_t)c->hc * c->dim;
+    const float *X = st->X + row0 * nD;
+    gpu_mm(st->is_mtp ? &m->mtp.hc_head_fn : &m->hc_head_fn, X, w->mix, n);
+    gpu_hc_head_collapse(X, w->mix, st->is_mtp ? m->mtp.hc_head_scale : m->hc_head_scale,
+                         st->is_mtp ? m->mtp.hc_head_base : m->hc_head_base, w->a,
+                         (unsigned)c->hc, (unsigned)c->dim, c->norm_eps, c->hc_eps, (unsigned)n);
+    gpu_rmsnorm(w->a, st->is_mtp ? m->mtp.norm : m->output_norm, w->a, (unsigned)c->dim,
+                (unsigned)n, c->norm_eps);
+    gpu_mm(&m->output, w->a, logits, n);
+    gpu_sync();                               /* the caller reads the logits */
+}
+
+/* mtp_input: Xm[i][h] = Wh . rmsnorm(Hin_i[h], hnorm) + We . rmsnorm(embed[tok_i], enorm). */
+static void gpu_mtp_input(struct step *st, const float *hin0, const float *hin_next) {
+    const struct mtp_weights *mw = &st->eng->model->mtp;
+    const struct ds4_config *c = st->c;
+    struct chunk_work *w = st->w;
+    unsigned n = (unsigned)c->hc, D = (unsigned)c->dim, Tm = (unsigned)st->T;
+    int64_t nD = (int64_t)n * D;
+    gpu_embed_tokens((const uint16_t *)st->eng->model->token_embd.data, st->tokens, w->y, D, Tm);
+    gpu_rmsnorm(w->y, mw->enorm, w->y, D, Tm, c->norm_eps);
+    gpu_rmsnorm(hin0, mw->hnorm, w->hn, D, n, c->norm_eps);
+    if (Tm > 1) gpu_rmsnorm(hin_next, mw->hnorm, w->hn + nD, D, (Tm - 1) * n, c->norm_eps);
+    gpu_mm(&mw->e_proj, w->y, w->f, (int)Tm);
+    gpu_mm(&mw->h_proj, w->hn, st->X, (int)(Tm * n));
+    for (unsigned i = 0; i < Tm; i++)
+        gpu_add_rows(st->X + i * nD, w->f + (size_t)i * D, (unsigned)nD, D);
+}
+
+/* The chunk's last streams are copied by the host. */
+static void gpu_end_chunk(struct step *st) {
+    gpu_sync();
+    cpu_end_chunk(st);
+}
+
+/* The session ops are the CPU's: in unified memory the host arrays are the
+ * state the kernels read and write. */
+static const struct backend gpu_backend = {
+    .name = "metal",
+    .session_open = gpu_session_open,
+    .session_close = cpu_session_close,
+    .state_pull = cpu_state_sync,
+    .state_push = cpu_state_sync,
+    .begin_chunk = cpu_begin_chunk,
+    .embed = gpu_embed,
+    .hc_collapse = gpu_hc_collapse,
+    .attention = gpu_attention,
+    .hc_expand = gpu_hc_expand,
+    .moe = gpu_moe,
+    .head = gpu_head,
+    .mtp_input = gpu_mtp_input,
+    .end_chunk = gpu_end_chunk,
+};
+#endif /* DS4_GPU */
+
+/* --backend NAME. The GPU backends are known by name, so that asking for one
+ * in a binary built without it says so instead of "unknown". */
+static const struct backend *backend_by_name(const char *name, struct ds4_error *e) {
+    if (strcmp(name, "cpu") == 0) return &cpu_backend;
+#ifdef DS4_GPU
+    if (strcmp(name, "metal") == 0) return &gpu_backend;
+#endif
+    if (strcmp(name, "cuda") == 0 || strcmp(name, "metal") == 0) {
+        fail(e, "backend '%s' is not built into this binary (built with: cpu)", name);
+        return NULL;
+    }
+    fail(e, "unknown backend '%s' (cpu, cuda or metal)", name);
+    return NULL;
+}
+
+
+/* ============================================================================
+ * Chapter 7. The story: advancing a session by a chunk of tokens
+ * ============================================================================
+ *
+ * This is the forward pass from end to end. Everything above is a chapter
+ * of it. Prefill calls it with a long chunk, decode with one token; since
+ * every per-position rule (window, compressor, indexer visibility, hash
+ * routing) is applied token by token in position order, both produce the
+ * same numbers.
+ *
+ *   tokens [T] at positions P .. P+T-1
+ *     |
+ *     embed, copy into n streams                        X: [T][n][D]
+ *     for each layer: X = block(X)                      (6.10)
+ *     logits = head(X)                                  last row, or all rows
+ *     MTP rows P-1 .. P+T-2 (when an MTP file is loaded)
+ *     P += T
+ *
+ * Every step goes through the session's backend (6.13), so this chapter is
+ * the same story whichever backend runs it; it owns no arrays of its own.
+ * ------------------------------------------------------------------------- */
+
+/* Source. This is Transformer.forward of [MODEL] (embed, copy into hc_mult
+ * streams, the blocks, ParallelHead) run over a chunk, with the state of
+ * [FWD §9] carried between calls; MTPBlock.forward supplies the MTP rows. */
+
+/* One block through the table: the two sublayers of 6.10. */
+static void run_block(const struct backend *be, struct step *st) {
+    be->hc_collapse(st, SUBLAYER_ATTENTION);
+    be->attention(st);
+    be->hc_expand(st);
+    be->hc_collapse(st, SUBLAYER_FFN);
+    be->moe(st);
+    be->hc_expand(st);
+}
+
+/* The step context of a chunk; the block fields are filled per block. */
+static struct step step_for_chunk(struct session *s, const int32_t *tokens, int64_t p0, int T,
+                                  const struct forward_request *req) {
+    struct step st = { .eng = s->eng, .c = &s->eng->model->cfg, .s = s, .w = s->work,
+                       .req = req, .tokens = tokens, .p0 = p0, .T = T };
+    return st;
+}
+
+static void step_at_layer(struct step *st, int l) {
+    const struct model *m = st->eng->model;
+    st->layer = l;
+    st->is_mtp = false;
+    st->L = &m->layers[l];
+    st->st = &st->s->layers[l];
+    st->rope = layer_rope(st->eng, st->L);
+    st->X = st->w->x;
+    st->journal = st->req ? st->req->journal : NULL;
+}
+
+/* The MTP block's step: Tm rows from position s->mtp_pos, on its own streams. */
+static struct step step_for_mtp(struct session *s, const int32_t *tokens, int Tm,
+                                const struct forward_request *req) {
+    struct step ms = step_for_chunk(s, tokens, s->mtp_pos, Tm, req);
+    ms.layer = -1;
+    ms.is_mtp = true;
+    ms.L = &s->eng->model->mtp.block;
+    ms.st = &s->mtp_state;
+    ms.rope = layer_rope(s->eng, ms.L);
+    ms.X = ms.w->xm;
+    return ms;
+}
+
+/* MTP rows for positions p0-1 .. p0+T-2 (those >= 0). The main streams of
+ * the chunk are in main->X; s->last_hc holds those of position p0-1. */
+static void mtp_step(const struct backend *be, const struct step *main) {
+    struct session *s = main->s;
+    int first = main->p0 == 0 ? 1 : 0, Tm = main->T - first;
+    int64_t nD = (int64_t)main->c->hc * main->c->dim;
+    if (Tm <= 0) return;
+    struct step ms = step_for_mtp(s, main->tokens + first, Tm, main->req);
+    /* Row p0-1 reads the streams saved from the last call; the others this chunk's. */
+    if (first == 0) be->mtp_input(&ms, s->last_hc, main->X);
+    else be->mtp_input(&ms, main->X, main->X + nD);
+    run_block(be, &ms);
+    if (main->req && main->req->mtp_logits)
+        be->head(&ms, 0, Tm, main->req->mtp_logits + (size_t)first * main->c->vocab);
+    s->mtp_pos += Tm;
+}
+
+static bool check_chunk(const struct ds4_config *c, const int32_t *tokens, int T,
+                        struct ds4_error *e) {
+    if (T < 1) return fail(e, "nothing to process (empty chunk)");
+    for (int t = 0; t < T; t++)
+        if (tokens[t] < 0 || tokens[t] >= c->vocab)
+            return fail(e, "token id %d at chunk offset %d is outside the vocabulary (0..%d)",
+                        tokens[t], t, c->vocab - 1);
+    return true;
+}
+
+static bool session_forward(struct session *s, const int32_t *tokens, int T,
+                            const struct forward_request *req, struct ds4_error *e) {
+    const struct backend *be = s->eng->be;
+    const struct model *m = s->eng->model;
+    const struct ds4_config *c = &m->cfg;
+    if (!check_chunk(c, tokens, T, e)) return false;
+    struct step st = step_for_chunk(s, tokens, s->pos, T, req);
+    be->begin_chunk(&st);
+
+    /* Embedding: every stream starts as the same copy of the token's row. */
+    st.X = st.w->x;
+    be->embed(&st);
+
+    /* The layers. */
+    for (int l = 0; l < c->n_layers; l++) {
+        step_at_layer(&st, l);
+        run_block(be, &st);
+    }
+
+    /* The head: every row if asked (the checker wants them), else the last. */
+    if (req && req->all_logits) {
+        be->head(&st, 0, T, req->all_logits);
+        memcpy(s->logits, req->all_logits + (size_t)(T - 1) * c->vocab,
+               (size_t)c->vocab * sizeof(float));
+    } else {
+        be->head(&st, T - 1, 1, s->logits);
+    }
+
+    /* The MTP block runs one position behind, fed by these streams. */
+    if (m->has_mtp) mtp_step(be, &st);
+    be->end_chunk(&st);
+    s->pos += T;
+    return true;
+}
+
+/* Feed any number of tokens in chunks of at most `chunk` tokens. */
+static bool session_feed(struct session *s, const int32_t *tokens, int64_t n, int chunk,
+                         struct ds4_error *e) {
+    for (int64_t done = 0; done < n; done += chunk) {
+        int T = (int)(n - done < chunk ? n - done : chunk);
+        if (!session_forward(s, tokens + done, T, NULL, e)) return false;
+    }
+    return true;
+}
+
+/* ============================================================================
+ * Chapter 8. Sampling
+ * ============================================================================
+ *
+ * From logits to the next token. Temperature 0 means greedy: the highest
+ * logit, and between equal logits the lower id (the same tie rule as every
+ * other top-k in this file). Otherwise the filters run in the usual order:
+ *
+ *     p_i = softmax(logit_i / temperature)
+ *     keep the top_k most likely (top_k > 0)
+ *     drop tokens with p_i < min_p * max_j p_j (min_p > 0)
+ *     keep the smallest prefix, most likely first, whose mass reaches top_p
+ *     draw from what is left, renormalised
+ *
+ * The generator is splitmix64, seeded by --seed, so a seeded run repeats.
+ * ------------------------------------------------------------------------- */
+
+/* Sources. The filters are the usual ones of the APIs the server speaks
+ * [API §1.3]; top-p is the nucleus of Holtzman et al. [NUCLEUS]. */
+
+struct sampler_options {
+    float temperature, top_p, min_p;
+    int top_k;
+    uint64_t seed;
+};
+
+struct sampler {
+    struct sampler_options opt;
+    uint64_t state;
+    int *order;           /* [vocab] candidate ids */
+    float *prob;          /* [vocab] their probabilities */
+    float *dist;          /* [vocab] the distribution of the last draw */
+};
+
+static uint64_t splitmix64(uint64_t *state) {
+    uint64_t z = (*state += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+static double random_unit(uint64_t *state) {
+    return (double)(splitmix64(state) >> 11) * (1.0 / 9007199254740992.0);
+}
+
+static void sampler_init(struct sampler *sp, struct sampler_options opt, int vocab) {
+    sp->opt = opt;
+    sp->state = opt.seed;
+    sp->order = xmalloc((size_t)vocab * sizeof(int));
+    sp->prob = xmalloc((size_t)vocab * sizeof(float));
+    sp->dist = xmalloc((size_t)vocab * sizeof(float));
+}
+
+static void sampler_free(struct sampler *sp) {
+    free(sp->order);
+    free(sp->prob);
+    free(sp->dist);
+}
+
+static int argmax(const float *x, int n) {
+    int best = 0;
+    for (int i = 1; i < n; i++)
+        if (x[i] > x[best]) best = i;
+    return best;
+}
+
+static const float *sort_probs;
+static int by_prob_desc(const void *a, const void *b) {
+    int ia = *(const int *)a, ib = *(const int *)b;
+    if (sort_probs[ia] != sort_probs[ib]) return sort_probs[ia] > sort_probs[ib] ? -1 : 1;
+    return ia - ib;
+}
+
+/* The distribution the sampler draws from, written into dist[vocab]:
+ * filtered tokens get 0, the rest sum to 1. At temperature 0 it is one-hot
+ * at the argmax. Speculative sampling needs the distribution itself, not
+ * just a draw from it (chapter 9). */
+static void sampler_distribution(struct sampler *sp, const float *logits, int vocab, float *dist) {
+    const struct sampler_options *o = &sp->opt;
+    if (o->temperature <= 0) {
+        memset(dist, 0, (size_t)vocab * sizeof(float));
+        dist[argmax(logits, vocab)] = 1.0f;
+        return;
+    }
+    float mx = logits[argmax(logits, vocab)];
+    for (int i = 0; i < vocab; i++) sp->prob[i] = expf((logits[i] - mx) / o->temperature);
+    /* Unnormalised, the most likely token has weight exactly 1, so the min_p
+     * floor "min_p * max_j p_j" is simply min_p. */
+    int n = 0;
+    for (int i = 0; i < vocab; i++)
+        if (sp->prob[i] >= o->min_p) sp->order[n++] = i;
+    sort_probs = sp->prob;
+    qsort(sp->order, (size_t)n, sizeof(int), by_prob_desc);
+    if (o->top_k > 0 && n > o->top_k) n = o->top_k;
+    if (o->top_p > 0 && o->top_p < 1) {
+        double total = 0, mass = 0;
+        for (int i = 0; i < n; i++) total += sp->prob[sp->order[i]];
+        int cut = 0;
+        while (cut < n && mass < o->top_p * total) mass += sp->prob[sp->order[cut++]];
+        n = cut;
+    }
+    double kept = 0;
+    for (int i = 0; i < n; i++) kept += sp->prob[sp->order[i]];
+    memset(dist, 0, (size_t)vocab * sizeof(float));
+    for (int i = 0; i < n; i++) dist[sp->order[i]] = (float)(sp->prob[sp->order[i]] / kept);
+}
+
+/* One draw from a distribution (entries summing to ~1). */
+static int draw_token(const float *dist, int vocab, uint64_t *state) {
+    double r = random_unit(state), acc = 0;
+    int last = 0;
+    for (int i = 0; i < vocab; i++) {
+        if (dist[i] <= 0) continue;
+        acc += dist[i];
+        last = i;
+        if (r < acc) return i;
+    }
+    return last;     /* rounding left r just above the total */
+}
+
+static int sample_token(struct sampler *sp, const float *logits, int vocab) {
+    if (sp->opt.temperature <= 0) return argmax(logits, vocab);
+    sampler_distribution(sp, logits, vocab, sp->dist);
+    return draw_token(sp->dist, vocab, &sp->state);
+}
+
+/* ============================================================================
+ * Chapter 9. Speculative decoding with the MTP block
+ * ============================================================================
+ *
+ * Decode reads every weight to produce one token. Verifying several tokens
+ * at once costs barely more, since the weights are read once for all of
+ * them. The MTP block guesses ("drafts") the next tokens cheaply; the main
+ * model then checks them all in one chunk and keeps the longest prefix it
+ * agrees with:
+ *
+ *   session at P, next token t_P already chosen from the main logits
+ *   draft:  d_1 = MTP(H_{P-1}, t_P)          at position P-1
+ *           d_j = MTP(X_{j-1}, d_{j-1})      chaining on the MTP's own streams
+ *   verify: main forward of [t_P, d_1 .. d_n] at P .. P+n   (one chunk)
+ *   accept: greedy -- d_j survives while it equals the main argmax before it;
+ *           sampling -- d_j survives with probability min(1, p(d_j)/q(d_j)),
+ *           and the first rejection resamples from norm(max(0, p - q)).
+ *   roll the session back to just after the last kept token.
+ *
+ * The acceptance rule makes the output distribution exactly the main
+ * model's [SPEC] [SPEC2]; in greedy mode the
+ * tokens are identical to plain decoding, because a verification of up to
+ * MATMUL_DECODE_PATH_MAX_TOKENS tokens runs the same arithmetic as decode.
+ *
+ * Rolling back. A verification changes: the window ring slots of its
+ * positions, the compressed-row counts, the compressor frontiers, the MTP
+ * ring, the final streams and logits. A checkpoint taken before it holds
+ * the old ring slots, counts and frontiers; the verification journals each
+ * token's compressor inputs; the rollback restores the checkpoint and
+ * replays the accepted tokens' compressor inputs, which re-emits exactly the
+ * rows they emitted.
+ * ------------------------------------------------------------------------- */
+
+/* Sources. The draft model is the MTP block [V3 §2.2] [MTP] (6.12); the
+ * verification and the acceptance rule are [SPEC] and [SPEC2]. */
+
+struct spec_options {
+    int draft;               /* drafted tokens per step, 0 = plain decoding */
+    float gate;              /* stop drafting below this MTP top-1 probability */
+};
+
+struct spec_stats {
+    int64_t main_forwards;   /* forward calls of the main model */
+    int64_t drafted, accepted, emitted;
+    double cpu_seconds;          /* process CPU time of the decode (the bench fills it) */
+    int64_t heap_allocations;    /* allocations during the decode (the bench fills it) */
+};
+
+struct checkpoint {
+    int64_t pos, mtp_pos;
+    int span;                  /* positions pos .. pos+span-1 may be taken back */
+    float *ring;               /* [layers][span][Dh] ring slots before the change */
+    float *mtp_ring;           /* [span][Dh] MTP slots of rows pos-1 .. pos+span-2 */
+    int64_t *comp_n, *idx_n;   /* [layers] row counts */
+    float **frontier;          /* [layers] comp kv|score then idx kv|score */
+};
+
+static size_t frontier_floats(const struct compressor_state *cs) {
+    return cs->kv ? (size_t)cs->coff * cs->ratio * cs->coff * cs->dc : 0;
+}
+
+/* Room for checkpoints of up to `span` positions, allocated once (the
+ * generator keeps two and reuses them every step). Drafting touches only the
+ * MTP ring; a verification touches everything: `with_layers` says whether
+ * the main layers' state is saved too. */
+static void checkpoint_alloc(struct checkpoint *cp, const struct session *s, int span,
+                             bool with_layers) {
+    const struct ds4_config *c = &s->eng->model->cfg;
+    int L = with_layers ? c->n_layers : 0, Dh = c->head_dim;
+    memset(cp, 0, sizeof *cp);
+    cp->span = span;
+    cp->mtp_ring = xmalloc((size_t)span * Dh * sizeof(float));
+    if (!with_layers) return;
+    cp->ring = xmalloc((size_t)L * span * Dh * sizeof(float));
+    cp->comp_n = xmalloc((size_t)L * sizeof(int64_t));
+    cp->idx_n = xmalloc((size_t)L * sizeof(int64_t));
+    cp->frontier = xcalloc((size_t)L, sizeof(float *));
+    for (int l = 0; l < L; l++) {
+        const struct layer_state *st = &s->layers[l];
+        size_t fc = frontier_floats(&st->comp), fi = frontier_floats(&st->idx_comp);
+        cp->frontier[l] = xmalloc((2 * (fc + fi) + 1) * sizeof(float));
+    }
+}
+
+/* Save the state `span` (<= the allocated span) positions may change, into
+ * a checkpoint from checkpoint_alloc with the same `with_layers`. */
+static void checkpoint_save(struct checkpoint *cp, const struct session *s, int span) {
+    const struct ds4_config *c = &s->eng->model->cfg;
+    int L = cp->ring ? c->n_layers : 0, W = c->window, Dh = c->head_dim;
+    cp->pos = s->pos;
+    cp->mtp_pos = s->mtp_pos;
+    cp->span = span;
+    for (int l = 0; l < L; l++) {
+        const struct layer_state *st = &s->layers[l];
+        for (int i = 0; i < span; i++)
+            memcpy(cp->ring + ((size_t)l * span + i) * Dh,
+                   st->ring + (size_t)((s->pos + i) % W) * Dh, (size_t)Dh * sizeof(float));
+        cp->comp_n[l] = st->comp_rows.n;
+        cp->idx_n[l] = st->idx_rows.n;
+        size_t fc = frontier_floats(&st->comp), fi = frontier_floats(&st->idx_comp);
+        float *f = cp->frontier[l];
+        if (fc) {   /* a window-only layer has no frontier (and NULL arrays) */
+            memcpy(f, st->comp.kv, fc * sizeof(float));
+            memcpy(f + fc, st->comp.score, fc * sizeof(float));
+        }
+        if (fi) {
+            memcpy(f + 2 * fc, st->idx_comp.kv, fi * sizeof(float));
+            memcpy(f + 2 * fc + fi, st->idx_comp.score, fi * sizeof(float));
+        }
+    }
+    for (int i = 0; i < span; i++) {
+        int64_t row = s->pos - 1 + i;
+        if (row >= 0)
+            memcpy(cp->mtp_ring + (size_t)i * Dh, s->mtp_state.ring + (size_t)(row % W) * Dh,
+                   (size_t)Dh * sizeof(float));
+    }
+}
+
+/* A one-off checkpoint: allocate and save. */
+static void checkpoint_take(struct checkpoint *cp, const struct session *s, int span,
+                            bool with_layers) {
+    checkpoint_alloc(cp, s, span, with_layers);
+    checkpoint_save(cp, s, span);
+}
+
+static void checkpoint_free(struct checkpoint *cp, int n_layers) {
+    for (int l = 0; cp->frontier && l < n_layers; l++) free(cp->frontier[l]);
+    free(cp->frontier);
+    free(cp->ring);
+    free(cp->mtp_ring);
+    free(cp->comp_n);
+    free(cp->idx_n);
+}
+
+/* Put back the MTP ring slots of rows >= first_row, and the MTP count. */
+static void restore_mtp(struct session *s, const struct checkpoint *cp, int64_t first_row) {
+    const struct ds4_config *c = &s->eng->model->cfg;
+    for (int i = 0; i < cp->span; i++) {
+        int64_t row = cp->pos - 1 + i;
+        if (row >= first_row && row >= 0)
+            memcpy(s->mtp_state.ring + (size_t)(row % c->window) * c->head_dim,
+                   cp->mtp_ring + (size_t)i * c->head_dim, (size_t)c->head_dim * sizeof(float));
+    }
+    s->mtp_pos = first_row;
+}
+
+/* Restore layer l's compressors to the checkpoint, then replay the first
+ * `keep` journaled tokens through them. */
+static void replay_compressors(struct session *s, const struct checkpoint *cp,
+                               const struct compressor_journal *j, int l, int keep, float *pooled) {
+    struct engine *eng = s->eng;
+    const struct layer_weights *L = &eng->model->layers[l];
+    struct layer_state *st = &s->layers[l];
+    size_t fc = frontier_floats(&st->comp), fi = frontier_floats(&st->idx_comp);
+    const float *f = cp->frontier[l];
+    memcpy(st->comp.kv, f, fc * sizeof(float));
+    memcpy(st->comp.score, f + fc, fc * sizeof(float));
+    if (fi) {   /* ratio-128 layers have no indexer compressor */
+        memcpy(st->idx_comp.kv, f + 2 * fc, fi * sizeof(float));
+        memcpy(st->idx_comp.score, f + 2 * fc + fi, fi * sizeof(float));
+    }
+    st->comp_rows.n = cp->comp_n[l];
+    st->idx_rows.n = cp->idx_n[l];
+    int r = L->ratio, width = compressor_coff(r) * eng->model->cfg.head_dim;
+    int iwidth = 2 * eng->model->cfg.idx_dim;
+    for (int i = 0; i < keep; i++) {
+        int64_t p = cp->pos + i;
+        if (compressor_push(&st->comp, j->k[l] + (size_t)i * width, j->z[l] + (size_t)i * width, p,
+                            pooled))
+            finish_attention_row(eng, L, pooled, p + 1 - r, row_store_append(&st->comp_rows));
+        if (r == 4 && compressor_push(&st->idx_comp, j->ik[l] + (size_t)i * iwidth,
+                                      j->iz[l] + (size_t)i * iwidth, p, pooled))
+            finish_indexer_row(eng, L, pooled, p + 1 - r, row_store_append(&st->idx_rows));
+    }
+}
+
+/* Take back everything after the first `keep` tokens of a verification
+ * that started at the checkpoint. all_logits/all_hc are its outputs. */
+static void session_rollback(struct session *s, const struct checkpoint *cp,
+                             const struct compressor_journal *j, int keep,
+                             const float *all_logits, const float *all_hc) {
+    const struct ds4_config *c = &s->eng->model->cfg;
+    int W = c->window, Dh = c->head_dim;
+    int64_t n_d = (int64_t)c->hc * c->dim, new_pos = cp->pos + keep;
+    float *pooled = s->work->pooled;   /* [Dh], idle between forwards */
+    for (int l = 0; l < c->n_layers; l++) {
+        for (int i = keep; i < cp->span && cp->pos + i < s->pos; i++)
+            memcpy(s->layers[l].ring + (size_t)((cp->pos + i) % W) * Dh,
+                   cp->ring + ((size_t)l * cp->span + i) * Dh, (size_t)Dh * sizeof(float));
+        if (c->ratio[l] > 0) replay_compressors(s, cp, j, l, keep, pooled);
+    }
+    if (s->eng->model->has_mtp) restore_mtp(s, cp, new_pos - 1);
+    memcpy(s->last_hc, all_hc + (keep - 1) * n_d, (size_t)n_d * sizeof(float));
+    memcpy(s->logits, all_logits + (size_t)(keep - 1) * c->vocab, (size_t)c->vocab * sizeof(float));
+    s->pos = new_pos;
+}
+
+static void journal_init(struct compressor_journal *j, const struct ds4_config *c, int T) {
+    int L = c->n_layers;
+    j->k = xcalloc((size_t)L, sizeof(float *));
+    j->z = xcalloc((size_t)L, sizeof(float *));
+    j->ik = xcalloc((size_t)L, sizeof(float *));
+    j->iz = xcalloc((size_t)L, sizeof(float *));
+    for (int l = 0; l < L; l++) {
+        if (c->ratio[l] == 0) continue;
+        size_t width = (size_t)compressor_coff(c->ratio[l]) * c->head_dim,
+               iw = 2 * (size_t)c->idx_dim;
+        j->k[l] = xmalloc((size_t)T * width * sizeof(float));
+        j->z[l] = xmalloc((size_t)T * width * sizeof(float));
+        if (c->ratio[l] == 4) {
+            j->ik[l] = xmalloc((size_t)T * iw * sizeof(float));
+            j->iz[l] = xmalloc((size_t)T * iw * sizeof(float));
+        }
+    }
+}
+
+static void journal_free(struct compressor_journal *j, int n_layers) {
+    for (int l = 0; l < n_layers; l++) {
+        free(j->k[l]);
+        free(j->z[l]);
+        free(j->ik[l]);
+        free(j->iz[l]);
+    }
+    free(j->k);
+    free(j->z);
+    free(j->ik);
+    free(j->iz);
+}
+
+/* ----------------------------------------------------------------------------
+ * Drafting: the MTP block run on its own outputs.
+ * ------------------------------------------------------------------------- */
+
+/* One MTP row at ms->p0: streams `hin` [n*D] and the token ms->tokens[0]
+ * in, the block's output streams (ms->X) and logits [V] out. */
+static void mtp_row(const struct backend *be, struct step *ms, const float *hin, float *logits) {
+    be->mtp_input(ms, hin, NULL);
+    run_block(be, ms);
+    be->head(ms, 0, 1, logits);
+}
+
+/* Probability of the most likely token under plain softmax (the gate). */
+static float top1_probability(const float *logits, int V) {
+    float mx = logits[argmax(logits, V)];
+    double sum = 0;
+    for (int i = 0; i < V; i++) sum += exp((double)logits[i] - mx);
+    return (float)(1.0 / sum);
+}
+
+struct generator;
+/* A drafter proposes up to spec.draft tokens after `first`, writes their
+ * draft distributions to g->q, and returns how many. The MTP block is the
+ * real one; tests plug in drafters that are right or wrong on purpose. */
+typedef int (*drafter_fn)(struct generator *g, int32_t first, int32_t *drafts);
+
+struct generator {
+    struct session *s;
+    struct sampler *sp;
+    struct spec_options spec;
+    struct spec_stats stats;
+    drafter_fn drafter;      /* draft_tokens unless a test replaces it */
+    void *drafter_ctx;
+    float *q;                /* [draft][V] draft distributions */
+    float *p;                /* [V] target distribution */
+    float *draft_logits;     /* [V] the MTP block's logits while drafting */
+    /* A step's verification state, allocated once for draft+1 positions. */
+    int n_layers;
+    struct checkpoint draft_cp, verify_cp;
+    struct compressor_journal journal;
+    float *all_logits;       /* [draft+1][V] */
+    float *all_hc;           /* [draft+1][n*D] */
+    bool have_residual;      /* the next token comes from `p`, a residual */
+};
+
+/* Draft up to spec.draft tokens after `first`; returns how many. The MTP
+ * state is left exactly as it was. */
+static int draft_tokens(struct generator *g, int32_t first, int32_t *drafts) {
+    struct session *s = g->s;
+    const struct backend *be = s->eng->be;
+    int V = s->eng->model->cfg.vocab, K = g->spec.draft;
+    float *logits = g->draft_logits;
+    be->state_pull(s);
+    struct checkpoint *cp = &g->draft_cp;
+    checkpoint_save(cp, s, K + 1);
+    int32_t token = first;
+    struct step ms = step_for_mtp(s, &token, 1, NULL);
+    be->begin_chunk(&ms);
+    /* Row n reads the streams row n-1 wrote, so two stream buffers take
+     * turns: the MTP's own and the main model's, idle between forwards. */
+    float *streams[2] = { ms.w->xm, ms.w->x };
+    const float *hin = s->last_hc;
+    int n = 0;
+    for (; n < K; n++) {
+        ms.p0 = s->pos - 1 + n;
+        ms.X = streams[n % 2];
+        mtp_row(be, &ms, hin, logits);
+        if (top1_probability(logits, V) < g->spec.gate) break;
+        float *q = g->q + (size_t)n * V;
+        sampler_distribution(g->sp, logits, V, q);
+        drafts[n] =
+            g->sp->opt.temperature <= 0 ? argmax(logits, V) : draw_token(q, V, &g->sp->state);
+        token = drafts[n];
+        hin = ms.X;
+    }
+    restore_mtp(s, cp, s->pos - 1);
+    s->mtp_pos = cp->mtp_pos;
+    be->state_push(s);
+    return n;
+}
+
+static void generator_init(struct generator *g, struct session *s, struct sampler *sp,
+                           struct spec_options spec) {
+    memset(g, 0, sizeof *g);
+    const struct ds4_config *c = &s->eng->model->cfg;
+    if (!s->eng->model->has_mtp) spec.draft = 0;
+    /* A verification chunk must fit the window ring and the decode kernel path. */
+    int most = MATMUL_DECODE_PATH_MAX_TOKENS - 1 < c->window - 1 ? MATMUL_DECODE_PATH_MAX_TOKENS - 1
+                                                                 : c->window - 1;
+    if (spec.draft > most) spec.draft = most;
+    g->s = s;
+    g->sp = sp;
+    g->spec = spec;
+    g->q = xmalloc((size_t)(spec.draft > 0 ? spec.draft : 1) * c->vocab * sizeof(float));
+    g->p = xmalloc((size_t)c->vocab * sizeof(float));
+    g->draft_logits = xmalloc((size_t)c->vocab * sizeof(float));
+    g->drafter = draft_tokens;
+    if (spec.draft == 0) return;
+    int T = spec.draft + 1;
+    g->n_layers = c->n_layers;
+    checkpoint_alloc(&g->draft_cp, s, T, false);
+    checkpoint_alloc(&g->verify_cp, s, T, true);
+    journal_init(&g->journal, c, T);
+    g->all_logits = xmalloc((size_t)T * c->vocab * sizeof(float));
+    g->all_hc = xmalloc((size_t)T * c->hc * c->dim * sizeof(float));
+}
+
+static void generator_free(struct generator *g) {
+    free(g->q);
+    free(g->p);
+    free(g->draft_logits);
+    if (g->spec.draft > 0) {
+        int L = g->n_layers;
+        checkpoint_free(&g->draft_cp, L);
+        checkpoint_free(&g->verify_cp, L);
+        journal_free(&g->journal, L);
+        free(g->all_logits);
+        free(g->all_hc);
+    }
+}
+
+/* Speculative sampling's acceptance test for draft token d with target p and
+ * draft q: accept with probability min(1, p[d]/q[d]); on rejection, turn p
+ * into the residual norm(max(0, p - q)) to draw the replacement from. */
+static bool accept_draft(float *p, const float *q, int d, int V, uint64_t *state) {
+    if (q[d] > 0 && random_unit(state) * q[d] < p[d]) return true;
+    double total = 0;
+    for (int i = 0; i < V; i++) total += p[i] = fmaxf(p[i] - q[i], 0.0f);
+    if (total <= 0) return true;      /* p == q: rejection has probability 0 */
+    for (int i = 0; i < V; i++) p[i] = (float)(p[i] / total);
+    return false;
+}
+
+/* Count the drafts the main model keeps (greedy or sampled). */
+static int count_accepted(struct generator *g, const int32_t *drafts, int n,
+                          const float *all_logits) {
+    int V = g->s->eng->model->cfg.vocab;
+    for (int i = 0; i < n; i++) {
+        const float *logits = all_logits + (size_t)i * V;
+        if (g->sp->opt.temperature <= 0) {
+            if (drafts[i] != argmax(logits, V)) return i;
+            continue;
+        }
+        sampler_distribution(g->sp, logits, V, g->p);
+        if (!accept_draft(g->p, g->q + (size_t)i * V, drafts[i], V, &g->sp->state)) {
+            g->have_residual = true;
+            return i;
+        }
+    }
+    return n;
+}
+
+/* A model with broken weights (or hyper-parameters that slipped past
+ * Chapter 4) makes NaN or infinite logits, and argmax over NaN picks token 0
+ * forever. Generation stops with an error instead of printing such tokens.
+ * One pass over the vocabulary per step: noise next to the forward pass. */
+static bool logits_finite(const float *logits, int n) {
+    for (int i = 0; i < n; i++)
+        if (!isfinite(logits[i])) return false;
+    return true;
+}
+
+/* Choose the next token from the session's logits (or a pending residual). */
+static int32_t generator_choose(struct generator *g) {
+    int V = g->s->eng->model->cfg.vocab;
+    if (g->have_residual) {
+        g->have_residual = false;
+        return draw_token(g->p, V, &g->sp->state);
+    }
+    return sample_token(g->sp, g->s->logits, V);
+}
+
+/* Advance by at least one token. The chosen tokens (1 .. draft+1) are written
+ * to out, all of them already in the session, whose logits now predict the
+ * token after them. */
+static int generator_step(struct generator *g, int32_t *out, struct ds4_error *e) {
+    struct session *s = g->s;
+    const struct ds4_config *c = &s->eng->model->cfg;
+    if (!g->have_residual && !logits_finite(s->logits, c->vocab))
+        return fail(e, "the model's logits are not finite (NaN or infinity): broken weights?") ? 0
+                                                                                               : -1;
+    out[0] = generator_choose(g);
+    int n = g->spec.draft > 0 ? g->drafter(g, out[0], out + 1) : 0;
+    g->stats.main_forwards++;
+    g->stats.drafted += n;
+    if (n == 0) {
+        g->stats.emitted++;
+        return session_forward(s, out, 1, NULL, e) ? 1 : -1;
+    }
+    int T = n + 1;
+    s->eng->be->state_pull(s);
+    checkpoint_save(&g->verify_cp, s, T);
+    struct forward_request req = { .all_logits = g->all_logits, .all_hc = g->all_hc,
+                                   .journal = &g->journal };
+    int kept = -1;
+    if (session_forward(s, out, T, &req, e)) {
+        kept = 1 + count_accepted(g, out + 1, n, g->all_logits);
+        if (kept < T) {
+            session_rollback(s, &g->verify_cp, &g->journal, kept, g->all_logits, g->all_hc);
+            s->eng->be->state_push(s);
+        }
+        g->stats.accepted += kept - 1;
+        g->stats.emitted += kept;
+    }
+    return kept;
+}
+
+
 /* =========================================================================
- * Chapter 5. JSON: a strict RFC 8259 reader and a small writer
+ * Chapter 10. JSON: a strict RFC 8259 reader and a small writer
  * =========================================================================
  *
  * Spec: [RFC8259] The JavaScript Object Notation (JSON) Data Interchange
- * Format, and [UNICODE §3.9 table 3-7] for well-formed UTF-8.
+ * Format, and [UNICODE §3.7 table 3-7] for well-formed UTF-8.
  * Reader: json_parse(), json_free(), json_get() and friends.
  * Writer: struct strbuf, json_write_string(), json_write_number(), json_write().
  * Tests: tests/test_json.c.
@@ -3495,14 +5831,24 @@ static bool model_load(struct model *m, const char *path, const char *mtp_path,
  * <stdarg.h> alongside the other standard headers.
  */
 
-enum json_kind { JSON_NULL, JSON_FALSE, JSON_TRUE, JSON_NUMBER, JSON_STRING, JSON_ARRAY, JSON_OBJECT };
+enum json_kind {
+    JSON_NULL,
+    JSON_FALSE,
+    JSON_TRUE,
+    JSON_NUMBER,
+    JSON_STRING,
+    JSON_ARRAY,
+    JSON_OBJECT
+};
 
 struct json {
     enum json_kind kind;
     double number;            /* JSON_NUMBER */
-    char *string; size_t len; /* JSON_STRING: decoded UTF-8, NUL-terminated, len excludes NUL (may contain \u0000) */
+    /* JSON_STRING: decoded UTF-8, NUL-terminated, len excludes NUL (may contain \u0000) */
+    char *string; size_t len;
     struct json *items;       /* JSON_ARRAY elements / JSON_OBJECT values, count of them: */
-    char **keys; size_t *key_lens; /* JSON_OBJECT keys (decoded, NUL-terminated), parallel to items */
+    /* JSON_OBJECT keys (decoded, NUL-terminated), parallel to items */
+    char **keys; size_t *key_lens;
     size_t count;
 };
 
@@ -3586,7 +5932,7 @@ static void *json_arena_alloc(struct json_arena *a, size_t size) {
 
 /* What json_parse() hands out is the address of `root`. Because `root` is the
  * first member, json_free() can turn that address back into the document
- * and find the arena (C11 §6.7.2.1: a pointer to a struct, suitably
+ * and find the arena (C11 §11.7.2.1: a pointer to a struct, suitably
  * converted, points to its first member, and back). */
 struct json_document {
     struct json root;
@@ -4141,8 +6487,8 @@ static bool json_parse_end(struct json_parser *p) {
  * 0 accepts only scalars at the top. `budget` bounds the bytes the parse
  * allocates: b->limit (0: no bound) goes in; b->used (bytes, stacks counted
  * at their largest) and b->exceeded (the reason for a NULL) come out. */
-static struct json *json_parse_within(const char *text, size_t len, int max_depth, struct json_budget *b,
-                                      char *err, size_t errlen) {
+static struct json *json_parse_within(const char *text, size_t len, int max_depth,
+                                      struct json_budget *b, char *err, size_t errlen) {
     struct json_parser p = {0};
     p.text = text;
     p.len = len;
@@ -4184,7 +6530,8 @@ static struct json *json_parse_within(const char *text, size_t len, int max_dept
     return &doc->root;
 }
 
-static struct json *json_parse(const char *text, size_t len, int max_depth, char *err, size_t errlen) {
+static struct json *json_parse(const char *text, size_t len, int max_depth, char *err,
+                               size_t errlen) {
     struct json_budget unlimited = {0};
     return json_parse_within(text, len, max_depth, &unlimited, err, errlen);
 }
@@ -4345,7 +6692,7 @@ static void json_write_string(struct strbuf *b, const char *s, size_t n) {
  * values below 1e16 (beyond 2^53 ~ 9.007e15 not every integer is a double
  * anyway) print as integers: `3`, not `3.0` or `3e+00`. Everything else tries
  * 15, 16, then 17 significant digits and keeps the first that reads back as
- * the same double; 17 always does [IEEE 754-2008 §5.12.2]. This is not the
+ * the same double; 17 always does [IEEE 754-2008 §10.12.2]. This is not the
  * shortest form in every case (that needs Ryu or Grisu), but it is short for
  * the values people type and exact for all of them. */
 static void json_write_number(struct strbuf *b, double v) {
@@ -4399,7 +6746,7 @@ static void json_write(struct strbuf *b, const struct json *j) {
 }
 
 /* =========================================================================
- * Chapter 6. Text: byte-level BPE, the chat template and DSML tool calls.
+ * Chapter 11. Text: byte-level BPE, the chat template and DSML tool calls.
  * =========================================================================
  *
  * Spec: [LAYOUT §3] (vocabulary), [LAYOUT §4] (chat format), [LAYOUT §5] (DSML).
@@ -4441,9 +6788,9 @@ static void json_write(struct strbuf *b, const struct json *j) {
  *   6.10 --render-chat: a message file in, the prompt out
  */
 
-/* ---- 6.1 UTF-8 and Unicode classes ---------------------------------------- */
+/* ---- 11.1 UTF-8 and Unicode classes ---------------------------------------- */
 
-/* UTF-8 [Unicode §3.9, table 3-7] writes a code point in one to four bytes.
+/* UTF-8 [Unicode §3.7, table 3-7] writes a code point in one to four bytes.
  * The first byte says how many follow; the second byte has a narrower range
  * for a few lead bytes, which is how overlong forms (C0 AF for '/'),
  * surrogates (ED A0 80) and values above U+10FFFF (F4 90 ...) are refused:
@@ -4552,7 +6899,7 @@ static size_t utf8_unfinished_tail(const unsigned char *s, size_t n) {
  * is it in \p{L} or \p{M} (letters and combining marks), \p{N} (numbers),
  * \p{P} or \p{S} (punctuation and symbols), \s (white space), or none of
  * these? Letters and marks always appear together in the regex, or in a way
- * where they behave alike (see 6.2), and so do punctuation and symbols; so
+ * where they behave alike (see 11.2), and so do punctuation and symbols; so
  * five classes are enough.
  *
  * The table below maps every code point to its class. It is generated by
@@ -4825,7 +7172,7 @@ static enum unicode_class unicode_class_of(uint32_t cp) {
     return (enum unicode_class)(unicode_class_table[lo] & 7);
 }
 
-/* ---- 6.2 The pre-tokenizer --------------------------------------------------- */
+/* ---- 11.2 The pre-tokenizer --------------------------------------------------- */
 
 /* BPE never merges across piece boundaries, so how text is cut into pieces
  * before BPE shapes every token the model sees. DeepSeek V3 and V4 cut in
@@ -4914,7 +7261,8 @@ static bool pretok_is_newline(uint32_t c) {
 }
 
 /* End of the run of class `cls` that starts at i (i itself must qualify). */
-static size_t pretok_run_end(const struct pretok_text *t, size_t i, size_t end, enum unicode_class cls) {
+static size_t pretok_run_end(const struct pretok_text *t, size_t i, size_t end,
+                             enum unicode_class cls) {
     while (i < end && t->cls[i] == cls) i++;
     return i;
 }
@@ -4953,7 +7301,8 @@ static size_t pretok_match(const struct pretok_text *t, size_t i, size_t end) {
 }
 
 /* Stage 3 on code points [a, b): matches and the gaps between them. */
-static void pretok_stage3(const struct pretok_text *t, size_t a, size_t b, pretok_emit_fn emit, void *ctx) {
+static void pretok_stage3(const struct pretok_text *t, size_t a, size_t b, pretok_emit_fn emit,
+                          void *ctx) {
     size_t gap = a, i = a;
     while (i < b) {
         size_t m = pretok_match(t, i, b);
@@ -4969,7 +7318,8 @@ static void pretok_stage3(const struct pretok_text *t, size_t a, size_t b, preto
 }
 
 /* Stage 2 on [a, b): alternate CJK runs and non-CJK runs. */
-static void pretok_stage2(const struct pretok_text *t, size_t a, size_t b, pretok_emit_fn emit, void *ctx) {
+static void pretok_stage2(const struct pretok_text *t, size_t a, size_t b, pretok_emit_fn emit,
+                          void *ctx) {
     size_t i = a;
     while (i < b) {
         bool cjk = pretok_is_cjk(t->cp[i]);
@@ -5015,7 +7365,7 @@ static void pretokenize(const char *s, size_t len, pretok_emit_fn emit, void *ct
     free(t.off);
 }
 
-/* ---- 6.3 The vocabulary ------------------------------------------------------ */
+/* ---- 11.3 The vocabulary ------------------------------------------------------ */
 
 /* BPE works on bytes, but a vocabulary file stores tokens as text. GPT-2's
  * trick [GPT2] is a reversible map from the 256 byte values to 256
@@ -5102,7 +7452,8 @@ static void tok_byte_to_codepoint(uint32_t map[256]) {
     }
 }
 
-static int tok_fail(char *err, size_t errlen, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+static int tok_fail(char *err, size_t errlen, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
 
 static int tok_fail(char *err, size_t errlen, const char *fmt, ...) {
     va_list ap;
@@ -5141,7 +7492,8 @@ static int32_t tok_lookup(const struct tokenizer *t, const char *s, size_t n) {
     }
 }
 
-static const struct tok_merge *tok_find_merge(const struct tokenizer *t, uint32_t left, uint32_t right) {
+static const struct tok_merge *tok_find_merge(const struct tokenizer *t, uint32_t left,
+                                              uint32_t right) {
     for (uint64_t h = tok_hash_pair(left, right) & t->merge_mask;; h = (h + 1) & t->merge_mask) {
         const struct tok_merge *m = &t->merges[h];
         if (m->left == UINT32_MAX) return NULL;
@@ -5190,7 +7542,8 @@ static int tok_build_byte_tokens(struct tokenizer *t, char *err, size_t errlen) 
 
 /* Parse "LEFT RIGHT" number `rank` and enter the pair. All three tokens
  * (left, right and their concatenation) must exist. */
-static int tok_add_merge(struct tokenizer *t, uint32_t rank, const char *s, size_t n, char *err, size_t errlen) {
+static int tok_add_merge(struct tokenizer *t, uint32_t rank, const char *s, size_t n, char *err,
+                         size_t errlen) {
     const char *space = memchr(s, ' ', n);
     if (space == NULL || space == s || space == s + n - 1)
         return tok_fail(err, errlen, "tokenizer: merge %u is not \"LEFT RIGHT\"", rank);
@@ -5202,8 +7555,9 @@ static int tok_add_merge(struct tokenizer *t, uint32_t rank, const char *s, size
     int32_t merged = tok_lookup(t, joined, nl + nr);
     free(joined);
     if (left < 0 || right < 0 || merged < 0)
-        return tok_fail(err, errlen, "tokenizer: merge %u (\"%.*s\") names a token not in the vocabulary",
-                        rank, (int)(n > 60 ? 60 : n), s);
+        return tok_fail(err, errlen,
+                        "tokenizer: merge %u (\"%.*s\") names a token not in the vocabulary", rank,
+                        (int)(n > 60 ? 60 : n), s);
     if (tok_find_merge(t, (uint32_t)left, (uint32_t)right)) return 0;   /* keep the lower rank */
     uint64_t h = tok_hash_pair((uint32_t)left, (uint32_t)right) & t->merge_mask;
     while (t->merges[h].left != UINT32_MAX) h = (h + 1) & t->merge_mask;
@@ -5253,7 +7607,7 @@ static void tok_build_bytes(struct tokenizer *t) {
     t->bytes_off[t->n_tokens] = out;
 }
 
-/* The trie of special-token strings, for longest-match search in 6.5. */
+/* The trie of special-token strings, for longest-match search in 11.5. */
 static uint32_t tok_trie_child(struct tokenizer *t, uint32_t node, unsigned char byte) {
     uint32_t c = t->trie[node].child;
     for (; c != 0; c = t->trie[c].sibling)
@@ -5317,7 +7671,8 @@ static int tokenizer_init(struct tokenizer *t, uint32_t n_tokens, const char *co
                           const uint32_t *merge_lens, char *err, size_t errlen) {
     memset(t, 0, sizeof *t);
     if (n_tokens < 256 || n_tokens > INT32_MAX)
-        return tok_fail(err, errlen, "tokenizer: %u tokens is not a byte-level vocabulary", n_tokens);
+        return tok_fail(err, errlen, "tokenizer: %u tokens is not a byte-level vocabulary",
+                        n_tokens);
     t->n_tokens = n_tokens;
     tok_build_vocab(t, tokens, token_lens);
     t->special = xmalloc(n_tokens);
@@ -5334,7 +7689,7 @@ fail:
     return -1;
 }
 
-/* ---- 6.4 BPE: merging one piece -------------------------------------------- */
+/* ---- 11.4 BPE: merging one piece -------------------------------------------- */
 
 /* A piece starts as one symbol per byte (its single-byte token). Then,
  * repeatedly, the adjacent pair with the lowest merge rank is replaced by
@@ -5413,8 +7768,8 @@ static void bpe_reserve(struct bpe_work *w, size_t n) {
 }
 
 /* Encode one piece s[0..n) and append its ids to ids[] (grown as needed). */
-static void bpe_piece(const struct tokenizer *t, struct bpe_work *w, const unsigned char *s, size_t n,
-                      int32_t **ids, size_t *n_ids, size_t *cap_ids) {
+static void bpe_piece(const struct tokenizer *t, struct bpe_work *w, const unsigned char *s,
+                      size_t n, int32_t **ids, size_t *n_ids, size_t *cap_ids) {
     bpe_reserve(w, n);
     w->n_heap = 0;
     for (size_t i = 0; i < n; i++) {
@@ -5450,7 +7805,7 @@ static void bpe_work_free(struct bpe_work *w) {
     free(w->heap);
 }
 
-/* ---- 6.5 tokenize() ------------------------------------------------------------ */
+/* ---- 11.5 tokenize() ------------------------------------------------------------ */
 
 /* Special tokens come first. With parse_special, the text is scanned for
  * special-token strings, the longest one wins at each position (as HF
@@ -5472,8 +7827,8 @@ struct tok_run {
 
 static void tok_emit_piece(void *ctx, size_t start, size_t end) {
     struct tok_run *r = ctx;
-    bpe_piece(r->t, &r->work, (const unsigned char *)r->text + start, end - start, &r->ids, &r->n_ids,
-              &r->cap_ids);
+    bpe_piece(r->t, &r->work, (const unsigned char *)r->text + start, end - start, &r->ids,
+              &r->n_ids, &r->cap_ids);
 }
 
 static void tok_plain(struct tok_run *r, const char *s, size_t n) {
@@ -5524,7 +7879,7 @@ static int tokenize(const struct tokenizer *t, const char *text, size_t len, boo
     return 0;
 }
 
-/* ---- 6.6 Decoding ---------------------------------------------------------------- */
+/* ---- 11.6 Decoding ---------------------------------------------------------------- */
 
 /* The bytes of one token, or NULL for an id outside the vocabulary. */
 static const char *token_bytes(const struct tokenizer *t, int32_t id, size_t *len) {
@@ -5536,7 +7891,8 @@ static const char *token_bytes(const struct tokenizer *t, int32_t id, size_t *le
 /* Append the bytes of ids[0..n) to out. Ids outside the vocabulary are
  * skipped. The result may be invalid UTF-8 if the ids are (a sampled
  * sequence can stop in the middle of a character). */
-static void detokenize(const struct tokenizer *t, const int32_t *ids, size_t n, struct strbuf *out) {
+static void detokenize(const struct tokenizer *t, const int32_t *ids, size_t n,
+                       struct strbuf *out) {
     for (size_t i = 0; i < n; i++) {
         size_t len;
         const char *b = token_bytes(t, ids[i], &len);
@@ -5561,7 +7917,8 @@ struct token_stream {
     size_t n_held;
 };
 
-static void token_stream_bytes(struct token_stream *s, const char *b, size_t n, struct strbuf *out) {
+static void token_stream_bytes(struct token_stream *s, const char *b, size_t n,
+                               struct strbuf *out) {
     size_t start = out->len;
     strbuf_append(out, s->held, s->n_held);
     strbuf_append(out, b, n);
@@ -5585,7 +7942,7 @@ static void token_stream_flush(struct token_stream *s, struct strbuf *out) {
     s->n_held = 0;
 }
 
-/* ---- 6.7 Python-style JSON ------------------------------------------------------ */
+/* ---- 11.7 Python-style JSON ------------------------------------------------------ */
 
 /* The official encoder [ENC] writes JSON with Python's
  * json.dumps(value, ensure_ascii=False): tool schemas in the system prompt,
@@ -5687,7 +8044,8 @@ static void pyjson_number(struct strbuf *b, double v) {
 /* Dict semantics for repeated keys: member i is written only if no earlier
  * member has its key, and then with the value of the last member that does. */
 static bool pyjson_same_key(const struct json *obj, size_t i, size_t j) {
-    return obj->key_lens[i] == obj->key_lens[j] && memcmp(obj->keys[i], obj->keys[j], obj->key_lens[i]) == 0;
+    return obj->key_lens[i] == obj->key_lens[j] &&
+           memcmp(obj->keys[i], obj->keys[j], obj->key_lens[i]) == 0;
 }
 
 static bool pyjson_first_of_key(const struct json *obj, size_t i) {
@@ -5738,7 +8096,7 @@ static void pyjson_write(struct strbuf *b, const struct json *j) {
     }
 }
 
-/* ---- 6.8 The chat template ------------------------------------------------------ */
+/* ---- 11.8 The chat template ------------------------------------------------------ */
 
 /* DeepSeek ships no Jinja template for V4; the source of truth is the Python
  * encoder [ENC]. What it produces, for a conversation of messages:
@@ -5826,7 +8184,8 @@ static const char CHAT_TOOLS_HEAD[] =
     "writing a \"<｜DSML｜tool_calls>\" block like the following:\n\n"
     "<｜DSML｜tool_calls>\n"
     "<｜DSML｜invoke name=\"$TOOL_NAME\">\n"
-    "<｜DSML｜parameter name=\"$PARAMETER_NAME\" string=\"true|false\">$PARAMETER_VALUE</｜DSML｜parameter>\n"
+    "<｜DSML｜parameter name=\"$PARAMETER_NAME\" "
+    "string=\"true|false\">$PARAMETER_VALUE</｜DSML｜parameter>\n"
     "...\n"
     "</｜DSML｜invoke>\n"
     "<｜DSML｜invoke name=\"$TOOL_NAME2\">\n"
@@ -5834,14 +8193,15 @@ static const char CHAT_TOOLS_HEAD[] =
     "</｜DSML｜invoke>\n"
     "</｜DSML｜tool_calls>\n\n"
     "String parameters should be specified as is and set `string=\"true\"`. For all other types "
-    "(numbers, booleans, arrays, objects), pass the value in JSON format and set `string=\"false\"`.\n\n"
+    "(numbers, booleans, arrays, objects), pass the value in JSON format and set "
+    "`string=\"false\"`.\n\n"
     "If thinking_mode is enabled (triggered by <think>), you MUST output your complete reasoning "
     "inside <think>...</think> BEFORE any tool calls or final response.\n\n"
     "Otherwise, output directly after </think> with tool calls or final response.\n\n"
     "### Available Tool Schemas\n\n";
 
-static const char CHAT_TOOLS_TAIL[] =
-    "\n\nYou MUST strictly follow the above defined tool name and parameter schemas to invoke tool calls.\n";
+static const char CHAT_TOOLS_TAIL[] = "\n\nYou MUST strictly follow the above defined tool name "
+                                      "and parameter schemas to invoke tool calls.\n";
 
 static const char CHAT_RESPONSE_FORMAT[] =
     "\n\n## Response Format:\n\nYou MUST strictly adhere to the following schema to reply:\n";
@@ -5852,8 +8212,15 @@ static const char *const CHAT_TASKS[][2] = {
     {"domain", "<｜domain｜>"}, {"title", "<｜title｜>"}, {"read_url", "<｜read_url｜>"},
 };
 
-enum chat_role { CHAT_SYSTEM, CHAT_USER_ROLE, CHAT_ASSISTANT_ROLE, CHAT_DEVELOPER, CHAT_LATEST_REMINDER,
-                 CHAT_TOOL, CHAT_UNKNOWN };
+enum chat_role {
+    CHAT_SYSTEM,
+    CHAT_USER_ROLE,
+    CHAT_ASSISTANT_ROLE,
+    CHAT_DEVELOPER,
+    CHAT_LATEST_REMINDER,
+    CHAT_TOOL,
+    CHAT_UNKNOWN
+};
 
 /* One part of a merged user turn. */
 struct chat_block {
@@ -5896,14 +8263,16 @@ static bool chat_is_str(const struct json *v, const char *s) {
 }
 
 static enum chat_role chat_role_of(const struct json *msg) {
-    static const char *const names[] = {"system", "user", "assistant", "developer", "latest_reminder", "tool"};
+    static const char *const names[] = {"system",          "user", "assistant", "developer",
+                                        "latest_reminder", "tool"};
     const struct json *role = json_get(msg, "role");
     for (int r = 0; r < 6; r++)
         if (chat_is_str(role, names[r])) return (enum chat_role)r;
     return CHAT_UNKNOWN;
 }
 
-static struct chat_msg *chat_push(struct chat_list *l, enum chat_role role, const struct json *src) {
+static struct chat_msg *chat_push(struct chat_list *l, enum chat_role role,
+                                  const struct json *src) {
     if (l->n == l->cap) {
         l->cap = l->cap ? 2 * l->cap : 16;
         l->m = xrealloc(l->m, l->cap * sizeof *l->m);
@@ -5917,7 +8286,8 @@ static struct chat_msg *chat_push(struct chat_list *l, enum chat_role role, cons
     return m;
 }
 
-static void chat_add_block(struct chat_msg *m, bool tool_result, const struct json *body, const struct json *id) {
+static void chat_add_block(struct chat_msg *m, bool tool_result, const struct json *body,
+                           const struct json *id) {
     if (m->n_blocks == m->cap_blocks) {
         m->cap_blocks = m->cap_blocks ? 2 * m->cap_blocks : 4;
         m->blocks = xrealloc(m->blocks, m->cap_blocks * sizeof *m->blocks);
@@ -5946,7 +8316,8 @@ static void chat_list_free(struct chat_list *l) {
  * (a system message carrying tools or a response format keeps its place,
  * since a user turn has no room for them). */
 static bool chat_system_folds(const struct json *src, const struct chat_msg *last, bool is_final) {
-    if (!last || chat_truthy(json_get(src, "tools")) || chat_truthy(json_get(src, "response_format")))
+    if (!last || chat_truthy(json_get(src, "tools")) ||
+        chat_truthy(json_get(src, "response_format")))
         return false;
     if (last->role == CHAT_USER_ROLE) return last->n_blocks > 0 && last->task == NULL;
     return last->role == CHAT_ASSISTANT_ROLE && is_final;
@@ -5969,7 +8340,8 @@ static void chat_merge(struct chat_list *l, const struct json *messages) {
         } else if (role == CHAT_USER_ROLE) {
             if (!open_user || last->task != NULL) {
                 last = chat_push(l, CHAT_USER_ROLE, src);
-                last->task = json_is(json_get(src, "task"), JSON_NULL) ? NULL : json_get(src, "task");
+                last->task =
+                    json_is(json_get(src, "task"), JSON_NULL) ? NULL : json_get(src, "task");
             }
             chat_add_block(last, false, json_get(src, "content"), NULL);
         } else {
@@ -5991,7 +8363,8 @@ static size_t chat_call_order(const struct json *calls, const struct json *id) {
     size_t order = 0;
     for (size_t k = 0; json_is(id, JSON_STRING) && k < calls->count; k++) {
         const struct json *cid = chat_call_id(&calls->items[k]);
-        if (json_is(cid, JSON_STRING) && cid->len == id->len && memcmp(cid->string, id->string, id->len) == 0)
+        if (json_is(cid, JSON_STRING) && cid->len == id->len &&
+            memcmp(cid->string, id->string, id->len) == 0)
             order = k;
     }
     return order;
@@ -6091,7 +8464,8 @@ static void chat_tool_result(struct strbuf *out, const struct json *content) {
             const struct json *type = json_get(b, "type");
             if (i > 0) strbuf_puts(out, "\n\n");
             if (chat_is_str(type, "text")) chat_text(out, json_get(b, "text"));
-            else if (json_is(type, JSON_STRING)) strbuf_printf(out, "[Unsupported %s]", type->string);
+            else if (json_is(type, JSON_STRING))
+                strbuf_printf(out, "[Unsupported %s]", type->string);
             else strbuf_puts(out, "[Unsupported None]");
         }
     } else {
@@ -6123,7 +8497,8 @@ static void chat_system_extras(struct strbuf *out, const struct chat_msg *m) {
 }
 
 /* One DSML parameter. Strings go in raw; everything else as JSON. */
-static void chat_dsml_param(struct strbuf *out, const char *key, size_t key_len, const struct json *v) {
+static void chat_dsml_param(struct strbuf *out, const char *key, size_t key_len,
+                            const struct json *v) {
     bool is_str = v->kind == JSON_STRING;
     strbuf_puts(out, "<｜DSML｜parameter name=\"");
     strbuf_append(out, key, key_len);
@@ -6227,7 +8602,8 @@ static int chat_transition(struct strbuf *out, const struct chat_render_state *s
     return 0;
 }
 
-static int chat_message(struct strbuf *out, const struct chat_render_state *s, size_t i, char *err, size_t errlen) {
+static int chat_message(struct strbuf *out, const struct chat_render_state *s, size_t i, char *err,
+                        size_t errlen) {
     const struct chat_msg *m = &s->l->m[i];
     const struct json *content = json_get(m->src, "content");
     if (i == 0 && s->think_max) strbuf_puts(out, CHAT_THINK_MAX_TEXT);
@@ -6237,7 +8613,8 @@ static int chat_message(struct strbuf *out, const struct chat_render_state *s, s
         chat_system_extras(out, m);
         break;
     case CHAT_DEVELOPER:
-        if (!chat_truthy(content)) return tok_fail(err, errlen, "chat: developer message %zu has no content", i);
+        if (!chat_truthy(content))
+            return tok_fail(err, errlen, "chat: developer message %zu has no content", i);
         strbuf_puts(out, CHAT_USER);
         chat_text(out, content);
         chat_system_extras(out, m);
@@ -6265,11 +8642,13 @@ static int chat_message(struct strbuf *out, const struct chat_render_state *s, s
 
 /* Render messages (a JSON array of message objects) and optional request
  * tools into out, appending. Returns 0, or -1 with a message. */
-static int chat_render(const struct json *messages, const struct json *tools, const struct chat_options *opt,
-                       struct strbuf *out, char *err, size_t errlen) {
+static int chat_render(const struct json *messages, const struct json *tools,
+                       const struct chat_options *opt, struct strbuf *out, char *err,
+                       size_t errlen) {
     struct chat_list l = {0};
     int rc = 0;
-    if (!json_is(messages, JSON_ARRAY)) return tok_fail(err, errlen, "chat: messages must be an array");
+    if (!json_is(messages, JSON_ARRAY))
+        return tok_fail(err, errlen, "chat: messages must be an array");
     for (size_t i = 0; i < messages->count; i++)
         if (!json_is(&messages->items[i], JSON_OBJECT))
             return tok_fail(err, errlen, "chat: message %zu is not an object", i);
@@ -6285,7 +8664,8 @@ static int chat_render(const struct json *messages, const struct json *tools, co
 
     struct chat_render_state s = {.l = &l};
     s.thinking = opt->mode != CHAT_MODE_CHAT;
-    s.think_max = opt->mode == CHAT_MODE_THINK_MAX && opt->context_tokens >= CHAT_THINK_MAX_MIN_CONTEXT;
+    s.think_max =
+        opt->mode == CHAT_MODE_THINK_MAX && opt->context_tokens >= CHAT_THINK_MAX_MIN_CONTEXT;
     s.drop = !opt->keep_reasoning;
     for (size_t i = 0; i < l.n; i++)
         if (chat_truthy(l.m[i].tools)) s.drop = false;
@@ -6299,7 +8679,7 @@ static int chat_render(const struct json *messages, const struct json *tools, co
     return rc;
 }
 
-/* ---- 6.9 The DSML parser ---------------------------------------------------------- */
+/* ---- 11.9 The DSML parser ---------------------------------------------------------- */
 
 /* What the model writes after the prompt's <｜Assistant｜><think> is, when
  * all goes well [LAYOUT §5.1]:
@@ -6320,7 +8700,7 @@ static int chat_render(const struct json *messages, const struct json *tools, co
  * client as tokens arrive, and an agent wants to know "a call to read_file
  * has started" long before the file's contents have been written out. So
  * the parser is fed text piece by piece (whole characters, from the
- * streaming decoder of 6.6), and it reports events as soon as they are
+ * streaming decoder of 11.6), and it reports events as soon as they are
  * certain:
  *
  *     DSML_EV_REASONING / DSML_EV_CONTENT   a piece of text for that channel
@@ -6413,7 +8793,8 @@ static const char DSML_PARAM[] = "<｜DSML｜parameter";
 static const char DSML_PARAM_CLOSE[] = "</｜DSML｜parameter>";
 static const char DSML_EOS[] = "<｜end▁of▁sentence｜>";
 
-static void dsml_parser_init(struct dsml_parser *p, bool thinking, dsml_event_fn on_event, void *user) {
+static void dsml_parser_init(struct dsml_parser *p, bool thinking, dsml_event_fn on_event,
+                             void *user) {
     memset(p, 0, sizeof *p);
     p->state = thinking ? DSML_REASONING : DSML_CONTENT;
     p->on_event = on_event;
@@ -6471,7 +8852,8 @@ static void dsml_emit_text(struct dsml_parser *p, const char *s, size_t n) {
     if (n == 0) return;
     strbuf_append(reasoning ? &p->reasoning : &p->content, s, n);
     if (p->on_event) {
-        struct dsml_event ev = {.kind = reasoning ? DSML_EV_REASONING : DSML_EV_CONTENT, .text = s, .len = n};
+        struct dsml_event ev = {
+            .kind = reasoning ? DSML_EV_REASONING : DSML_EV_CONTENT, .text = s, .len = n};
         p->on_event(p->user, &ev);
     }
 }
@@ -6512,7 +8894,8 @@ static bool dsml_text_step(struct dsml_parser *p, bool final) {
         p->state = DSML_CONTENT;
         return true;
     }
-    if (p->state == DSML_REASONING) p->flags |= DSML_THINK_UNCLOSED | (which != 3 ? DSML_CALL_IN_THINKING : 0);
+    if (p->state == DSML_REASONING)
+        p->flags |= DSML_THINK_UNCLOSED | (which != 3 ? DSML_CALL_IN_THINKING : 0);
     if (which == 3) {
         p->state = DSML_DONE;
         return true;
@@ -6529,7 +8912,8 @@ static const char *dsml_attr(const char *h, size_t n, const char *key, size_t *l
     size_t k = strlen(key);
     for (size_t i = 0; i + k + 2 <= n; i++) {
         bool at_word = i == 0 || h[i - 1] == ' ' || h[i - 1] == '\t' || h[i - 1] == '\n';
-        if (!at_word || memcmp(h + i, key, k) != 0 || h[i + k] != '=' || h[i + k + 1] != '"') continue;
+        if (!at_word || memcmp(h + i, key, k) != 0 || h[i + k] != '=' || h[i + k + 1] != '"')
+            continue;
         const char *v = h + i + k + 2;
         const char *q = memchr(v, '"', n - (size_t)(v - h));
         if (q == NULL) return NULL;
@@ -6547,14 +8931,16 @@ static void dsml_start_call(struct dsml_parser *p, const char *name, size_t len)
     strbuf_puts(&p->args, "{");
     p->tool = DSML_AT_INVOKE;
     if (p->on_event) {
-        struct dsml_event ev = {.kind = DSML_EV_CALL_START, .call = p->n_calls, .name = p->call_name};
+        struct dsml_event ev = {
+            .kind = DSML_EV_CALL_START, .call = p->n_calls, .name = p->call_name};
         p->on_event(p->user, &ev);
     }
 }
 
 static bool dsml_seen_key(const struct dsml_parser *p, const char *key, size_t len) {
     for (size_t at = 0; at < p->keys.len; at += strlen(p->keys.data + at) + 1)
-        if (strlen(p->keys.data + at) == len && memcmp(p->keys.data + at, key, len) == 0) return true;
+        if (strlen(p->keys.data + at) == len && memcmp(p->keys.data + at, key, len) == 0)
+            return true;
     return false;
 }
 
@@ -6705,14 +9091,15 @@ static void dsml_parser_finish(struct dsml_parser *p) {
     p->state = DSML_DONE;
 }
 
-/* ---- 6.10 --render-chat ------------------------------------------------------------ */
+/* ---- 11.10 --render-chat ------------------------------------------------------------ */
 
 /* `ds4 --render-chat FILE [--mode chat|thinking|max]` prints the prompt the
  * engine would feed the model. FILE is either a message list or an object
  * {"messages": [...], "tools": [...]}, the shapes of DeepSeek's encoder
  * tests. The rendering assumes a context large enough for Think Max.
  * mode: enum chat_mode. Appends to out; returns 0 or -1 with a message. */
-static int render_chat_file(const char *path, int mode, struct strbuf *out, char *err, size_t errlen) {
+static int render_chat_file(const char *path, int mode, struct strbuf *out, char *err,
+                            size_t errlen) {
     FILE *f = fopen(path, "rb");
     if (f == NULL) return tok_fail(err, errlen, "cannot open %s: %s", path, strerror(errno));
     struct strbuf text = {0};
@@ -6733,7 +9120,8 @@ static int render_chat_file(const char *path, int mode, struct strbuf *out, char
         messages = json_get(root, "messages");
         tools = json_get(root, "tools");
     }
-    struct chat_options opt = {.mode = (enum chat_mode)mode, .context_tokens = CHAT_THINK_MAX_MIN_CONTEXT};
+    struct chat_options opt = {.mode = (enum chat_mode)mode,
+                               .context_tokens = CHAT_THINK_MAX_MIN_CONTEXT};
     int rc = chat_render(messages, tools, &opt, out, err, errlen);
     json_free(root);
     return rc;
@@ -6755,8 +9143,9 @@ static bool tokenizer_load_gguf(struct tokenizer *t, const struct gguf *g, int v
         return fail(e, "%s: tokenizer.ggml.merges must be an array of strings", g->path);
     const char **strs = xmalloc((size_t)(toks.count + merges.count + 1) * sizeof(char *));
     uint32_t *lens = xmalloc((size_t)(toks.count + merges.count + 1) * sizeof(uint32_t));
-    bool ok = gguf_array_strings(&toks, strs, lens) &&
-              (merges.count == 0 || gguf_array_strings(&merges, strs + toks.count, lens + toks.count));
+    bool ok =
+        gguf_array_strings(&toks, strs, lens) &&
+        (merges.count == 0 || gguf_array_strings(&merges, strs + toks.count, lens + toks.count));
     char err[256] = "a vocabulary string is longer than 4 GB";
     ok = ok && tokenizer_init(t, (uint32_t)toks.count, strs, lens, (uint32_t)merges.count,
                               strs + toks.count, lens + toks.count, err, sizeof err) == 0;
@@ -6766,2926 +9155,24 @@ static bool tokenizer_load_gguf(struct tokenizer *t, const struct gguf *g, int v
 }
 
 /* ============================================================================
- * Chapter 7. Numeric primitives of DeepSeek V4
- * ============================================================================
- *
- * Small, exact building blocks. Each one is a formula of the forward-pass
- * notes [FWD §2]; the comment above each function states it.
- * ------------------------------------------------------------------------- */
-
-/* RMSNorm:  y[i] = x[i] * w[i] / sqrt(mean_j x[j]^2 + eps)   (w = NULL: no gain)
- * The sum of squares is accumulated in double; it costs nothing here and
- * removes one source of summation-order noise. In place is allowed. */
-static void rmsnorm(float *y, const float *x, const float *w, int64_t n, float eps) {
-    double ss = 0;
-    for (int64_t i = 0; i < n; i++) ss += (double)x[i] * x[i];
-    float scale = (float)(1.0 / sqrt(ss / (double)n + eps));
-    for (int64_t i = 0; i < n; i++) y[i] = x[i] * scale * (w ? w[i] : 1.0f);
-}
-
-static float sigmoidf(float z) { return 1.0f / (1.0f + expf(-z)); }
-static float siluf(float z) { return z / (1.0f + expf(-z)); }
-
-/* softplus(z) = ln(1 + e^z), evaluated without overflow at either end. */
-static float softplusf(float z) {
-    if (z > 20.0f) return z;
-    if (z < -20.0f) return expf(z);
-    return log1pf(expf(z));
-}
-
-/* ----------------------------------------------------------------------------
- * Rotary position embedding on the tail.
- *
- * Only the last R dims of a head rotate, as R/2 ADJACENT pairs (x[b+2i],
- * x[b+2i+1]) with b = len - R ("interleaved" RoPE). Pair i turns by the angle
- * p * w_i:
- *
- *     w_i = base^(-2i/R)                                  i = 0 .. R/2-1
- *     y0 = x0 cos(p w_i) - x1 sin(p w_i)
- *     y1 = x0 sin(p w_i) + x1 cos(p w_i)
- *
- * Compressed layers (ratio > 0) use another base and YaRN: pairs whose
- * wavelength is long compared with the original training context have their
- * frequency divided by the factor s, with a linear ramp between two
- * correction dims lo and hi:
- *
- *     corr(beta) = R ln(L0 / (2 pi beta)) / (2 ln base)
- *     lo = max(floor(corr(beta_fast)), 0),  hi = min(ceil(corr(beta_slow)), R-1)
- *     ramp_i = clamp((i - lo) / (hi - lo), 0, 1)
- *     w_i = w_i / s * ramp_i + w_i * (1 - ramp_i)
- *
- * There is no YaRN magnitude factor anywhere, neither on cos/sin nor on the
- * softmax scale. The frequencies and the angle p*w_i are formed in float32,
- * as the official code does; cos and sin of that float angle are exact.
- * ------------------------------------------------------------------------- */
-
-/* Sources. RoPE is [ROPE]; the frequency ramp is YaRN [YARN]; the two
- * functions of [MODEL] this section follows are precompute_freqs_cis (the
- * frequencies, with YaRN on compressed layers only) and apply_rotary_emb
- * (interleaved pairs, inverse=True for the output). RMSNorm above is
- * [RMSNORM], RMSNorm.forward of [MODEL]. */
-
-struct rope {
-    int dims;              /* R */
-    float freq[256];       /* w_i, i < R/2 */
-};
-
-static void rope_init(struct rope *r, int dims, float base, bool yarn, const struct ds4_config *c) {
-    r->dims = dims;
-    int half = dims / 2;
-    for (int i = 0; i < half; i++)
-        r->freq[i] = 1.0f / powf(base, (float)(2 * i) / (float)dims);
-    if (!yarn) return;
-    double corr_fast = dims * log(c->original_ctx / (c->beta_fast * 2 * M_PI)) / (2 * log(base));
-    double corr_slow = dims * log(c->original_ctx / (c->beta_slow * 2 * M_PI)) / (2 * log(base));
-    double lo = floor(corr_fast), hi = ceil(corr_slow);
-    if (lo < 0) lo = 0;
-    if (hi > dims - 1) hi = dims - 1;
-    if (lo == hi) hi += 0.001;
-    for (int i = 0; i < half; i++) {
-        float ramp = ((float)i - (float)lo) / (float)(hi - lo);
-        ramp = ramp < 0 ? 0 : ramp > 1 ? 1 : ramp;
-        float smooth = 1.0f - ramp;
-        r->freq[i] = r->freq[i] / c->rope_factor * (1.0f - smooth) + r->freq[i] * smooth;
-    }
-}
-
-/* Rotate the last R values of x[0..len) to position pos; inverse = rotate back. */
-static void rope_tail(const struct rope *r, float *x, int len, int64_t pos, bool inverse) {
-    float *tail = x + len - r->dims;
-    for (int i = 0; i < r->dims / 2; i++) {
-        float angle = (float)pos * r->freq[i];
-        float c = (float)cos((double)angle), s = (float)sin((double)angle);
-        if (inverse) s = -s;
-        float x0 = tail[2 * i], x1 = tail[2 * i + 1];
-        tail[2 * i] = x0 * c - x1 * s;
-        tail[2 * i + 1] = x0 * s + x1 * c;
-    }
-}
-
-/* ----------------------------------------------------------------------------
- * The FP8 and FP4 round trips.
- *
- * DeepSeek trained V4 with its KV cache stored as FP8 (e4m3) and its indexer
- * working in FP4 (e2m1). Those roundings are part of the model: a reference
- * that skips them drifts away from the official logits (and the indexer's
- * top-k choice flips). So we simulate them exactly: scale a block by a power
- * of two, round each value to the nearest representable small float (ties to
- * the even mantissa), scale back.
- *
- *     a  = max(max_i |v_i|, tiny)
- *     sc = 2^ceil(log2(a / max_code))     (a power of two: "ue8m0" scale)
- *     v_i = round_to_format(clamp(v_i / sc, -max_code, max_code)) * sc
- *
- *   format  max_code  block  grid
- *   e4m3    448       64     (1 + m/8) 2^(e-7), e = 1..15; subnormals m 2^-9
- *   e2m1    6         32     0, 0.5, 1, 1.5, 2, 3, 4, 6
- * ------------------------------------------------------------------------- */
-
-/* WHY ROUND TRIPS, AND WHY THESE
- *
- * V4 was trained quantization-aware [V4 §FP4]: the forward pass used in
- * training rounded some tensors to tiny float formats and back, and the
- * weights learned to live with exactly that rounding. The rounding is
- * therefore part of the model's function, not an implementation detail:
- *
- *     K=V rows, dims [0, Dh-R)     e4m3 [FP8], blocks of 64   (act_quant)
- *     K=V rows, dims [Dh-R, Dh)    kept: RoPE phases encode distance, and
- *                                  rounding them would blur positions
- *     indexer q and k              Hadamard, then e2m1 [MX], blocks of 32
- *                                  (rotate_activation, fp4_act_quant)
- *
- * The scales are powers of two ("ue8m0"), so dividing by a scale and
- * multiplying back is exact: the grid rounding is the only error, and it is
- * the one the model saw. Ties go to the even code, as in the hardware
- * formats. Skipping these steps costs little accuracy per value but flips
- * discrete choices downstream (the indexer's top-k), which is why the
- * oracle vectors (11.1) include them. Source: [MODEL] act_quant and
- * fp4_act_quant in kernel.py; [FWD §2.3] and [FWD §2.4].
- */
-
-/* 2^ceil(log2(y)) for y > 0, exact: frexp gives y = m 2^e with m in [0.5, 1);
- * then ceil(log2 y) is e-1 when m is exactly 0.5 and e otherwise. */
-static float pow2_ceil(float y) {
-    int e;
-    float m = frexpf(y, &e);
-    return ldexpf(1.0f, m == 0.5f ? e - 1 : e);
-}
-
-/* Nearest e4m3 value to x (|x| <= 448), ties to even. Between 2^k and 2^(k+1)
- * the grid step is 2^(k-3); below 2^-6 it is the subnormal step 2^-9. rintf
- * in the default rounding mode breaks ties to even, which here is exactly the
- * even mantissa. */
-static float round_e4m3(float x) {
-    float ax = fabsf(x);
-    if (ax == 0) return x;
-    float step;
-    if (ax < 0x1p-6f) {
-        step = 0x1p-9f;
-    } else {
-        int e;
-        frexpf(ax, &e);              /* ax in [2^(e-1), 2^e) */
-        step = ldexpf(1.0f, e - 1 - 3);
-    }
-    float r = rintf(ax / step) * step;
-    if (r > 448.0f) r = 448.0f;
-    return copysignf(r, x);
-}
-
-/* Nearest e2m1 value, ties to the even code (codes 0..7 = 0,.5,1,1.5,2,3,4,6). */
-static float round_e2m1(float x) {
-    static const float grid[8] = { 0, 0.5f, 1, 1.5f, 2, 3, 4, 6 };
-    float ax = fabsf(x);
-    int best = 0;
-    for (int code = 1; code < 8; code++) {
-        float d_new = fabsf(ax - grid[code]), d_best = fabsf(ax - grid[best]);
-        if (d_new < d_best || (d_new == d_best && code % 2 == 0)) best = code;
-    }
-    return copysignf(grid[best], x);
-}
-
-static void fp8_round_trip_block(float *v, int n) {
-    float a = 1e-4f;
-    for (int i = 0; i < n; i++) a = fmaxf(a, fabsf(v[i]));
-    float sc = pow2_ceil(a * (1.0f / 448.0f));
-    for (int i = 0; i < n; i++) {
-        float q = fminf(fmaxf(v[i] / sc, -448.0f), 448.0f);
-        v[i] = round_e4m3(q) * sc;
-    }
-}
-
-static void fp4_round_trip_block(float *v, int n) {
-    float a = 6.0f * 0x1p-126f;
-    for (int i = 0; i < n; i++) a = fmaxf(a, fabsf(v[i]));
-    float sc = pow2_ceil(a * (1.0f / 6.0f));
-    for (int i = 0; i < n; i++) {
-        float q = fminf(fmaxf(v[i] / sc, -6.0f), 6.0f);
-        v[i] = round_e2m1(q) * sc;
-    }
-}
-
-/* The K=V rows keep their RoPE tail in full precision; only the first
- * len - R ("nope") dims go through FP8, in blocks of 64. */
-static void fp8_round_trip_nope(float *row, int len, int rope_dims) {
-    for (int b = 0; b + 64 <= len - rope_dims; b += 64) fp8_round_trip_block(row + b, 64);
-}
-
-/* Orthonormal Walsh-Hadamard transform in natural (Sylvester) order:
- *
- *     for each stride st = 1, 2, 4, ... < n:  (a, c) -> (a + c, a - c)
- *     then scale by 1/sqrt(n)
- *
- * The indexer applies it before FP4 rounding, which spreads outliers across
- * the block so that the coarse 4-bit grid loses less. */
-static void hadamard(float *v, int n) {
-    for (int st = 1; st < n; st *= 2)
-        for (int b = 0; b < n; b += 2 * st)
-            for (int i = 0; i < st; i++) {
-                float a = v[b + i], c = v[b + st + i];
-                v[b + i] = a + c;
-                v[b + st + i] = a - c;
-            }
-    float scale = 1.0f / sqrtf((float)n);
-    for (int i = 0; i < n; i++) v[i] *= scale;
-}
-
-/* Indexer quantization-aware round trip: Hadamard, then FP4 in 32-blocks. */
-static void indexer_round_trip(float *v, int n) {
-    hadamard(v, n);
-    for (int b = 0; b < n; b += 32) fp4_round_trip_block(v + b, 32);
-}
-
-/* Top-k selection with a deterministic tie rule: the higher score wins, and
- * between equal scores the LOWER index wins. Writes the chosen indices in
- * that order. k is small (6 experts, 512 indexer rows), n up to a few
- * hundred thousand; a k-element insertion list is simple and fast enough. */
-static int topk_indices(const float *score, int n, int k, int *out) {
-    int found = 0;
-    for (int i = 0; i < n; i++) {
-        if (found == k && !(score[i] > score[out[k - 1]])) continue;
-        int at = found < k ? found++ : k - 1;
-        while (at > 0 && score[i] > score[out[at - 1]]) {
-            out[at] = out[at - 1];
-            at--;
-        }
-        out[at] = i;
-    }
-    return found;
-}
-
-/* ============================================================================
- * Chapter 8. The forward pass
- * ============================================================================
- *
- * One token of DeepSeek V4 travels through 43 blocks. Each block is two
- * sublayers -- attention, then a mixture of experts -- and around each one
- * the four hyper-connection streams are mixed down into a single input and
- * the sublayer's output is mixed back up. Attention sees the last W tokens
- * raw and the whole past through compressed rows; on half the layers a small
- * indexer picks which compressed rows matter. This chapter builds those
- * pieces bottom-up: the matrix multiply that dominates the time (8.1), the
- * state a session keeps (8.2), the streams (8.3), the compressors (8.4),
- * attention and the indexer (8.6-8.8), the experts (8.9), one block (8.10),
- * the output head (8.11) and the MTP block (8.12). Chapter 9 then tells the
- * whole story in one function.
- *
- * 8.1 The engine and its matrix multiply.
- *
- * The engine owns the model, the thread pool and per-thread scratch memory.
- * Its one heavy operation is
- *
- *     Y[t][o] = sum_i W[o][i] * X[t][i]      W: [out][in], X: [T][in], Y: [T][out]
- *
- * For one token (decode) each output row is one fused dequantize-and-dot.
- * For a chunk of T tokens (prefill) each weight row is dequantized ONCE into
- * a small float buffer that stays in L1, then dotted with all T inputs: the
- * weights, which dominate memory traffic, are read once per chunk. Threads
- * split the rows.
- *
- * With `reference_kernels` set, every product goes through the scalar
- * "dequantize, then a plain float loop" definition instead. Tests run the
- * whole model both ways and compare.
- *
- * With `q8_activations` set, products with Q8_0, Q2_K, Q4_K and IQ2_XXS
- * weights quantize each input row X[t] to 8 bits first (3.11) and use the
- * integer kernels, for every chunk size: the row of W is hot in L1 while it
- * meets the T inputs, and prefill, chunked prefill and decode still compute
- * bit for bit the same products. F16 and F32 weights keep float inputs.
- *
- * WORK SPLIT
- *
- * A work item is a group of 8 rows and a group of tokens. For decode there
- * is one token group; for a chunk whose matrix has too few rows to give
- * every thread 8 items, the tokens are split too, so a narrow product over
- * 512 tokens still keeps every core busy.
- * ------------------------------------------------------------------------- */
-
-struct backend;
-
-struct engine_options {
-    int threads;                  /* 0 = one per online CPU */
-    bool reference_kernels;       /* scalar dequant-then-f32 products */
-    const struct backend *backend;   /* --backend; NULL = the CPU backend (8.13) */
-    bool q8_activations;          /* 8-bit inputs and integer kernels (3.11) */
-};
-
-/* The table of operations the story calls (8.13); the CPU one is this chapter. */
-static const struct backend *backend_cpu(void);
-
-struct engine {
-    struct model *model;
-    struct engine_options opt;
-    const struct backend *be;     /* chosen once, at start-up */
-    struct thread_pool pool;
-    struct rope rope_window;      /* ratio-0 layers and the MTP block */
-    struct rope rope_compressed;  /* compressed layers, their compressors, the indexer */
-    int64_t max_row;              /* longest weight row, for the dequant scratch */
-    float **row_scratch;          /* [threads][max_row] */
-    float **attn_scratch;         /* [threads][attn_scratch_cap] */
-    int64_t attn_scratch_cap;
-    void *act_mem;                /* the 8-bit inputs of the running product */
-    size_t act_cap;
-};
-
-static void engine_init(struct engine *eng, struct model *m, struct engine_options opt) {
-    memset(eng, 0, sizeof *eng);
-    eng->model = m;
-    eng->opt = opt;
-    eng->be = opt.backend ? opt.backend : backend_cpu();
-    int threads = opt.threads > 0 ? opt.threads : default_thread_count();
-    pool_init(&eng->pool, threads);
-    const struct ds4_config *c = &m->cfg;
-    rope_init(&eng->rope_window, c->rope_dim, c->rope_base, false, c);
-    rope_init(&eng->rope_compressed, c->rope_dim, c->compress_rope_base, c->original_ctx > 0, c);
-    int64_t sizes[] = { (int64_t)c->hc * c->dim, c->dim, c->q_rank, c->ffn_dim,
-                        (int64_t)c->o_groups * c->o_rank,
-                        (int64_t)c->n_heads / c->o_groups * c->head_dim };
-    for (size_t i = 0; i < sizeof sizes / sizeof sizes[0]; i++)
-        if (sizes[i] > eng->max_row) eng->max_row = sizes[i];
-    eng->row_scratch = xcalloc((size_t)threads, sizeof(float *));
-    eng->attn_scratch = xcalloc((size_t)threads, sizeof(float *));
-    for (int i = 0; i < threads; i++) eng->row_scratch[i] = xmalloc((size_t)eng->max_row * sizeof(float));
-}
-
-static void engine_free(struct engine *eng) {
-    for (int i = 0; i < eng->pool.n_threads; i++) {
-        free(eng->row_scratch[i]);
-        free(eng->attn_scratch[i]);
-    }
-    free(eng->row_scratch);
-    free(eng->attn_scratch);
-    free(eng->act_mem);
-    pool_free(&eng->pool);
-}
-
-/* Make sure every thread has `n` floats of attention scratch. Called from the
- * main thread between parallel sections. The scratch grows with the context
- * (one logit per visible row), so it grows by doubling: a long decode then
- * reallocates it a logarithmic number of times, not once per new row. */
-static void engine_reserve_attn_scratch(struct engine *eng, int64_t n) {
-    if (n <= eng->attn_scratch_cap) return;
-    if (n < 2 * eng->attn_scratch_cap) n = 2 * eng->attn_scratch_cap;
-    for (int i = 0; i < eng->pool.n_threads; i++) {
-        free(eng->attn_scratch[i]);
-        eng->attn_scratch[i] = xmalloc((size_t)n * sizeof(float));
-    }
-    eng->attn_scratch_cap = n;
-}
-
-struct matmul_job {
-    struct engine *eng;
-    const struct matrix *w;
-    const float *x;
-    int64_t x_stride;
-    float *y;
-    int64_t y_stride;
-    int n_tok;
-    int tok_per_item;             /* tokens in one work item */
-    int64_t row_items;            /* row groups */
-    const uint8_t *xq;            /* 8-bit inputs, xq_stride bytes apart, or NULL */
-    size_t xq_stride;
-};
-
-enum { MATMUL_ROWS_PER_ITEM = 8 };
-
-/* Up to this many tokens, each row is dotted with the fused decode kernel
- * once per token instead of being dequantized once: the row is hot in L1
- * either way, and a speculative verification of a few drafted tokens then
- * computes bit for bit what one-token decode would have. */
-enum { MATMUL_DECODE_PATH_MAX_TOKENS = 16 };
-
-static struct act_q8 matmul_input_q8(const struct matmul_job *j, int t) {
-    return act_q8_view((void *)(j->xq + (size_t)t * j->xq_stride), j->w->in);
-}
-
-/* Y[t][r] for the rows and tokens of one item, by one of the three paths. */
-static void matmul_row_tokens(const struct matmul_job *j, int64_t r, int t0, int t1, float *row) {
-    const struct matrix *w = j->w;
-    const uint8_t *wr = matrix_row(w, r);
-    if (j->eng->opt.reference_kernels) {
-        for (int t = t0; t < t1; t++)
-            j->y[t * j->y_stride + r] = vec_dot_ref(w->type, wr, j->x + t * j->x_stride, w->in);
-    } else if (j->xq) {
-        for (int t = t0; t < t1; t++) {
-            struct act_q8 a = matmul_input_q8(j, t);
-            j->y[t * j->y_stride + r] = vec_dot_q8(w->type, wr, &a);
-        }
-    } else if (j->n_tok <= MATMUL_DECODE_PATH_MAX_TOKENS) {
-        for (int t = t0; t < t1; t++)
-            j->y[t * j->y_stride + r] = vec_dot(w->type, wr, j->x + t * j->x_stride, w->in);
-    } else {
-        dequant_row(w->type, wr, row, w->in);
-        for (int t = t0; t < t1; t++)
-            j->y[t * j->y_stride + r] = dot_f32(row, j->x + t * j->x_stride, w->in);
-    }
-}
-
-static void matmul_rows(void *ctx, int64_t item, int worker) {
-    struct matmul_job *j = ctx;
-    int64_t rg = item % j->row_items, tg = item / j->row_items;
-    int64_t r0 = rg * MATMUL_ROWS_PER_ITEM, r1 = r0 + MATMUL_ROWS_PER_ITEM;
-    if (r1 > j->w->out) r1 = j->w->out;
-    int t0 = (int)tg * j->tok_per_item, t1 = t0 + j->tok_per_item;
-    if (t1 > j->n_tok) t1 = j->n_tok;
-    for (int64_t r = r0; r < r1; r++) matmul_row_tokens(j, r, t0, t1, j->eng->row_scratch[worker]);
-}
-
-static void matmul_quantize_input(void *ctx, int64_t t, int worker) {
-    (void)worker;
-    struct matmul_job *j = ctx;
-    struct act_q8 a = matmul_input_q8(j, (int)t);
-    act_quantize_q8(j->x + t * j->x_stride, &a);
-}
-
-/* Quantize the n_tok inputs into the engine's buffer (grown here, on the
- * main thread, only when a wider product comes along). */
-static void matmul_prepare_q8(struct engine *eng, struct matmul_job *j) {
-    j->xq_stride = (act_q8_bytes(j->w->in) + 63) / 64 * 64;
-    size_t need = j->xq_stride * (size_t)j->n_tok;
-    if (need > eng->act_cap) {
-        free(eng->act_mem);
-        eng->act_mem = xmalloc(need);
-        eng->act_cap = need;
-    }
-    j->xq = eng->act_mem;
-    parallel_for(&eng->pool, j->n_tok, matmul_quantize_input, j);
-}
-
-/* Y[t][o] = W[o] . X[t] for t < n_tok; strides are in floats. */
-static void matmul_strided(struct engine *eng, float *y, int64_t y_stride, const struct matrix *w,
-                           const float *x, int64_t x_stride, int n_tok) {
-    struct matmul_job j = { eng, w, x, x_stride, y, y_stride, n_tok, n_tok, 0, NULL, 0 };
-    j.row_items = (w->out + MATMUL_ROWS_PER_ITEM - 1) / MATMUL_ROWS_PER_ITEM;
-    int64_t want = 8 * (int64_t)eng->pool.n_threads;
-    if (n_tok > 1 && eng->pool.n_threads > 1 && j.row_items < want) {
-        int64_t groups = (want + j.row_items - 1) / j.row_items;
-        if (groups > n_tok) groups = n_tok;
-        j.tok_per_item = (int)((n_tok + groups - 1) / groups);
-    }
-    if (eng->opt.q8_activations && !eng->opt.reference_kernels && quant_has_q8_dot(w->type))
-        matmul_prepare_q8(eng, &j);
-    int64_t tok_items = (n_tok + j.tok_per_item - 1) / j.tok_per_item;
-    parallel_for(&eng->pool, j.row_items * tok_items, matmul_rows, &j);
-}
-
-static void matmul(struct engine *eng, float *y, const struct matrix *w, const float *x, int n_tok) {
-    matmul_strided(eng, y, w->out, w, x, w->in, n_tok);
-}
-
-/* One row of a small matrix as floats (the compressor's positional bias). */
-static void matrix_row_f32(const struct matrix *m, int64_t r, float *out) {
-    dequant_row_ref(m->type, matrix_row(m, r), out, m->in);
-}
-
-/* ----------------------------------------------------------------------------
- * 8.2 Session state: what a conversation carries from token to token.
- *
- * The hyper-connection state, the MoE and the query path are per token and
- * forgotten at once. What persists, per layer:
- *
- *   ring          [W][Dh]        K=V rows of the last W positions, slot p % W
- *   comp_rows     [P/r][Dh]      finished compressed rows (ratio > 0)
- *   comp          frontier       the compressor's partial window (8.4)
- *   idx_rows      [P/4][DI]      finished indexer rows (ratio 4)
- *   idx_comp      frontier       the indexer compressor's partial window
- *
- * plus the position P (tokens processed), the last position's logits, and,
- * for the MTP block, the main model's final hyper-connection state at P-1
- * and the MTP block's own ring.
- * ------------------------------------------------------------------------- */
-
-struct row_store {
-    float *rows;
-    int64_t n, cap;
-    int width;
-};
-
-static float *row_store_append(struct row_store *rs) {
-    if (rs->n == rs->cap) {
-        rs->cap = rs->cap ? rs->cap * 2 : 64;
-        rs->rows = xrealloc(rs->rows, (size_t)rs->cap * (size_t)rs->width * sizeof(float));
-    }
-    return rs->rows + rs->n++ * rs->width;
-}
-
-/* The streaming compressor (8.4): `score` starts at -inf, meaning "no token
- * here yet", which the pooling softmax turns into weight 0. */
-struct compressor_state {
-    int ratio, coff, dc;          /* dc = output row width; each token projects coff*dc */
-    float *kv, *score;            /* [coff*ratio][coff*dc] each */
-};
-
-struct layer_state {
-    float *ring;                  /* [W][Dh] */
-    struct row_store comp_rows, idx_rows;
-    struct compressor_state comp, idx_comp;
-};
-
-struct chunk_work;
-
-struct session {
-    struct engine *eng;
-    struct chunk_work *work;      /* working buffers, grown to the largest chunk (8.5) */
-    void *device;                 /* a GPU backend's own copy of this state, or NULL */
-    int64_t pos;                  /* tokens processed so far */
-    struct layer_state *layers;   /* [n_layers] */
-    float *logits;                /* [vocab] logits after the last token */
-    /* MTP */
-    struct layer_state mtp_state;
-    int64_t mtp_pos;              /* MTP rows processed (lags pos by one) */
-    float *last_hc;               /* [n*D] main final HC state at pos-1 */
-};
-
-static void compressor_init(struct compressor_state *cs, int ratio, int dc) {
-    cs->ratio = ratio;
-    cs->coff = compressor_coff(ratio);
-    cs->dc = dc;
-    size_t n = (size_t)cs->coff * ratio * cs->coff * dc;
-    cs->kv = xcalloc(n, sizeof(float));
-    cs->score = xmalloc(n * sizeof(float));
-    for (size_t i = 0; i < n; i++) cs->score[i] = -INFINITY;
-}
-
-static void layer_state_init(struct layer_state *st, const struct ds4_config *c, int ratio) {
-    memset(st, 0, sizeof *st);
-    st->ring = xcalloc((size_t)c->window * c->head_dim, sizeof(float));
-    st->comp_rows.width = c->head_dim;
-    st->idx_rows.width = c->idx_dim;
-    if (ratio > 0) compressor_init(&st->comp, ratio, c->head_dim);
-    if (ratio == 4) compressor_init(&st->idx_comp, ratio, c->idx_dim);
-}
-
-static void layer_state_free(struct layer_state *st) {
-    free(st->ring);
-    free(st->comp_rows.rows);
-    free(st->idx_rows.rows);
-    free(st->comp.kv);
-    free(st->comp.score);
-    free(st->idx_comp.kv);
-    free(st->idx_comp.score);
-}
-
-/* The backend's side of a session's life (8.13): its working buffers and,
- * for a GPU, its copy of the state. */
-static void backend_session_open(struct session *s);
-static void backend_session_close(struct session *s);
-
-static void session_init(struct session *s, struct engine *eng) {
-    memset(s, 0, sizeof *s);
-    const struct ds4_config *c = &eng->model->cfg;
-    s->eng = eng;
-    s->layers = xcalloc((size_t)c->n_layers, sizeof *s->layers);
-    for (int l = 0; l < c->n_layers; l++) layer_state_init(&s->layers[l], c, c->ratio[l]);
-    layer_state_init(&s->mtp_state, c, 0);
-    s->logits = xcalloc((size_t)c->vocab, sizeof(float));
-    s->last_hc = xcalloc((size_t)c->hc * c->dim, sizeof(float));
-    backend_session_open(s);
-}
-
-static void session_free(struct session *s) {
-    const struct ds4_config *c = &s->eng->model->cfg;
-    backend_session_close(s);
-    for (int l = 0; l < c->n_layers; l++) layer_state_free(&s->layers[l]);
-    layer_state_free(&s->mtp_state);
-    free(s->layers);
-    free(s->logits);
-    free(s->last_hc);
-    memset(s, 0, sizeof *s);
-}
-
-/* ----------------------------------------------------------------------------
- * 8.3 Hyper-connections (mHC).
- *
- * Instead of one residual stream, every token carries n = 4 streams X[h] of
- * width D. Around each sublayer, a tiny learned mixer decides how to read
- * from the streams and how to write back:
- *
- *     x^  = flatten(X)                            [n*D]
- *     rr  = 1 / sqrt(mean(x^^2) + eps)
- *     m   = rr * (fn . x^)                        [M = (2+n)*n]
- *     pre[h]  = sigmoid(m[h] s_pre + base[h]) + eps_hc             h < n
- *     post[h] = 2 sigmoid(m[n+h] s_post + base[n+h])
- *     C[j][k] = m[2n + j n + k] s_comb + base[2n + j n + k]       -> sinkhorn(C)
- *     y       = sum_h pre[h] X[h]                 sublayer input (then RMSNorm)
- *
- * and after the sublayer produced f:
- *
- *     Xout[k] = post[k] f + sum_j C[j][k] Xin[j]  (C's first index is the SOURCE)
- *
- * The fn . x^ products of a whole chunk are one matmul; the rest is per token.
- * ------------------------------------------------------------------------- */
-
-/* WHY THE MIXING MATRIX IS DOUBLY STOCHASTIC
- *
- * What. Hyper-connections [HC] widen the residual stream from one vector to
- * n = 4 streams X [n][D] and let each sublayer learn how to read them (pre
- * [n]), where to write its output (post [n]) and how the streams flow past
- * it (C [n][n]). V4 uses the manifold-constrained form [MHC] [V4 §mHC]: C is
- * pushed onto the doubly stochastic matrices, every entry >= 0 and every row
- * and column summing to 1.
- *
- * Why. The residual path of a deep model is the product of every layer's C:
- * 43 layers x 2 sublayers = 86 factors. Unconstrained, such a product can
- * grow or shrink the signal geometrically, and plain HC loses the identity
- * shortcut that made residual networks trainable. Doubly stochastic matrices
- * are closed under products, so the whole path stays doubly stochastic:
- *
- *     sum_k C[j][k] = 1   source j hands out all of itself, no more:
- *                         sum_k Xout[k] = (sum_k post[k]) f + sum_j X[j]
- *     sum_j C[j][k] = 1   each stream k receives a weighted AVERAGE of the
- *                         sources, so no stream exceeds the largest one
- *     ||C||_2 = 1         no direction is amplified, however deep the stack
- *
- * and the identity (the plain residual) is one of them, so "do nothing" is
- * always reachable. pre = sigmoid(..) >= 0 and post = 2 sigmoid(..) in (0, 2)
- * keep the read and the write non-negative and bounded for the same reason.
- *
- * How. Sinkhorn and Knopp [SINKHORN] showed that alternately normalizing the
- * rows and columns of a positive matrix converges to a doubly stochastic one.
- * The model was trained with exactly 20 rounds in a fixed order (a row
- * softmax first, eps added at fixed points, a column step last), so we
- * reproduce those rounds step for step rather than iterate to convergence:
- * the rounded result IS the model. C: [n][n] = [4][4]; the raw mix m comes
- * from fn [M][n*D] applied to the flattened, RMS-scaled streams [n*D].
- *
- * Source: [MODEL] Block.hc_pre (mix, pre, collapse), hc_split_sinkhorn in
- * kernel.py (pre, post, Sinkhorn on C), Block.hc_post (the write back);
- * [FWD §3].
- */
-
-/* Sinkhorn-Knopp: a row softmax, +eps, then alternate column and row
- * normalisations, T column steps and T-1 row steps in all, ending on a
- * column step. C is n x n, row-major, C[j][k] = c[j*n + k]. */
-static void sinkhorn(float *c, int n, int iters, float eps) {
-    for (int j = 0; j < n; j++) {
-        float mx = -INFINITY, sum = 0;
-        for (int k = 0; k < n; k++) mx = fmaxf(mx, c[j * n + k]);
-        for (int k = 0; k < n; k++) sum += (c[j * n + k] = expf(c[j * n + k] - mx));
-        for (int k = 0; k < n; k++) c[j * n + k] = c[j * n + k] / sum + eps;
-    }
-    for (int it = 0; it < iters; it++) {
-        if (it > 0) {
-            for (int j = 0; j < n; j++) {
-                float sum = 0;
-                for (int k = 0; k < n; k++) sum += c[j * n + k];
-                for (int k = 0; k < n; k++) c[j * n + k] /= sum + eps;
-            }
-        }
-        for (int k = 0; k < n; k++) {
-            float sum = 0;
-            for (int j = 0; j < n; j++) sum += c[j * n + k];
-            for (int j = 0; j < n; j++) c[j * n + k] /= sum + eps;
-        }
-    }
-}
-
-static float hc_inverse_rms(const float *x, int64_t n, float eps) {
-    double ss = 0;
-    for (int64_t i = 0; i < n; i++) ss += (double)x[i] * x[i];
-    return (float)(1.0 / sqrt(ss / (double)n + eps));
-}
-
-struct hc_mix {
-    float pre[16], post[16], comb[256];
-};
-
-/* Turn the raw m = fn . x^ of one token into its pre/post/comb weights and
- * collapse the streams into the sublayer input y (not yet normed). */
-static void hc_pre(const struct ds4_config *c, const float *X, const float *raw_mix,
-                   const float *scale, const float *base, struct hc_mix *mix, float *y) {
-    int n = c->hc, D = c->dim;
-    float rr = hc_inverse_rms(X, (int64_t)n * D, c->norm_eps);
-    for (int h = 0; h < n; h++) {
-        mix->pre[h] = sigmoidf(raw_mix[h] * rr * scale[0] + base[h]) + c->hc_eps;
-        mix->post[h] = 2.0f * sigmoidf(raw_mix[n + h] * rr * scale[1] + base[n + h]);
-    }
-    for (int i = 0; i < n * n; i++)
-        mix->comb[i] = raw_mix[2 * n + i] * rr * scale[2] + base[2 * n + i];
-    sinkhorn(mix->comb, n, c->sinkhorn_iters, c->hc_eps);
-    for (int d = 0; d < D; d++) {
-        float acc = 0;
-        for (int h = 0; h < n; h++) acc += mix->pre[h] * X[(int64_t)h * D + d];
-        y[d] = acc;
-    }
-}
-
-/* Xout[k][d] = post[k] f[d] + sum_j C[j][k] Xin[j][d], in place on X. */
-static void hc_post(const struct ds4_config *c, float *X, const float *f, const struct hc_mix *mix,
-                    float *tmp) {
-    int n = c->hc, D = c->dim;
-    memcpy(tmp, X, (size_t)n * D * sizeof(float));
-    for (int k = 0; k < n; k++) {
-        float *out = X + (int64_t)k * D;
-        for (int d = 0; d < D; d++) {
-            float acc = mix->post[k] * f[d];
-            for (int j = 0; j < n; j++) acc += mix->comb[j * n + k] * tmp[(int64_t)j * D + d];
-            out[d] = acc;
-        }
-    }
-}
-
-/* The output head's collapse: like hc_pre's `pre`, with no Sinkhorn, no post.
- *     w[h] = sigmoid(rr (fn_h . x^) scale + base[h]) + eps_hc;   y = sum_h w[h] X[h] */
-static void hc_head_collapse(const struct ds4_config *c, const float *X, const float *raw_mix,
-                             const float *scale, const float *base, float *y) {
-    int n = c->hc, D = c->dim;
-    float rr = hc_inverse_rms(X, (int64_t)n * D, c->norm_eps);
-    float w[16];
-    for (int h = 0; h < n; h++) w[h] = sigmoidf(raw_mix[h] * rr * scale[0] + base[h]) + c->hc_eps;
-    for (int d = 0; d < D; d++) {
-        float acc = 0;
-        for (int h = 0; h < n; h++) acc += w[h] * X[(int64_t)h * D + d];
-        y[d] = acc;
-    }
-}
-
-/* ----------------------------------------------------------------------------
- * 8.4 The compressors.
- *
- * Beyond the sliding window, a compressed layer sees the whole past through
- * "compressed rows": every r consecutive tokens are pooled into one K=V row.
- * Each token projects its normed input a to a value k and a gate score z
- * (plus a learned bias for its slot in the window); per channel j, a softmax
- * over the window's tokens weighs the values:
- *
- *     k_t = Wkv a_t,   z_t = Wgate a_t + ape[p_t mod r]          [coff*Dc] each
- *     pooled[j] = sum_t softmax_t(z_t[j]) k_t[j]
- *
- * Ratio-128 layers pool disjoint windows. Ratio-4 layers overlap: each token
- * projects two halves; the first half (A) of window w-1 and the second half
- * (B) of window w are pooled together into row w, so row w covers tokens
- * 4w-4 .. 4w+3:
- *
- *     tokens:   | w-1: t t t t | w: t t t t |
- *     halves:      A A A A        B B B B     -> 8 candidates per channel
- *
- * Row w is finished when its window's last token arrives, before that
- * token's own attention, so the token already sees it. Finishing: RMSNorm,
- * RoPE at the row's position w*r (its first token), then the KV format's
- * round trip (FP8 for attention rows; Hadamard + FP4 for indexer rows).
- *
- * Streaming form. The state holds the kv/score rows of the window in
- * progress (slots r..2r-1 for overlap layers, 0..r-1 otherwise) and, for
- * overlap layers, the previous window in slots 0..r-1. Prefill and decode
- * both feed tokens through it one by one, which is what makes them agree.
- *
- *     slot = (coff == 2 ? r : 0) + p mod r
- *     state[slot] = (k_t, z_t)
- *     if (p+1) mod r == 0:  pool, finish, and (overlap) shift slots r..2r-1 down
- * ------------------------------------------------------------------------- */
-
-/* WHY COMPRESSED ATTENTION: A WINDOW, A SUMMARY, AND A CHOICE
- *
- * What. Every layer attends to the last W = 128 tokens exactly. Beyond the
- * window, a layer with ratio r > 0 sees the past only as compressed rows,
- * one per r tokens [V4 §CSA §HCA]. Flash alternates two kinds:
- *
- *     HCA  r = 128   heavily compressed: every row is attended, dense
- *     CSA  r = 4     compressed sparse: the indexer (8.7) picks KI = 512
- *
- * plus two window-only layers at the bottom.
- *
- * Why. At a context of P tokens, a layer's cache holds W + P/r rows of Dh
- * floats instead of P. At P = 1M that is 8,320 rows for HCA and 262,272
- * for CSA instead of 1,048,576, and a CSA query reads only W + KI = 640 of
- * them. One shared K=V head (the key is the value) halves the cache again.
- * The window keeps the recent past sharp, where exact token order matters
- * most; the compressed rows keep the distant past reachable at a cost that
- * grows with P/r, not P.
- *
- * How a row is made. The pooling is learned and per channel: token t of the
- * window offers a value k_t and a score z_t for each of the coff*Dh
- * channels, and channel j of the row is the softmax_t(z_t[j]) average of
- * k_t[j]. Different channels can thus keep different tokens of the window.
- * The position bias ape[p mod r] lets the pool prefer a slot (say the last
- * token of a window). At r = 4 the windows overlap by half (each row pools 8
- * tokens, two halves of projection), so a phrase cut by a window boundary
- * still lands whole in one row. A row exists only once its last token is
- * seen; the unfinished window waits in the compressor state (8.2).
- *
- * Source: [MODEL] Compressor.forward and Compressor.overlap_transform,
- * get_compress_topk_idxs (which rows a HCA query sees); [FWD §5].
- */
-
-/* Pool channel j over the candidates: (score, value) pairs, where a -inf
- * score (a slot no token has filled yet) contributes nothing. With overlap,
- * slots 0..r-1 (previous window) are read in the A half, column j, and
- * slots r..2r-1 (this window) in the B half, column dc + j. */
-static float pool_channel(const struct compressor_state *cs, int j) {
-    int r = cs->ratio, width = cs->coff * cs->dc, n = cs->coff * r;
-    float mx = -INFINITY;
-    for (int i = 0; i < n; i++) {
-        int col = (cs->coff == 2 && i >= r) ? cs->dc + j : j;
-        mx = fmaxf(mx, cs->score[i * width + col]);
-    }
-    if (mx == -INFINITY) return 0.0f;
-    float num = 0, den = 0;
-    for (int i = 0; i < n; i++) {
-        int col = (cs->coff == 2 && i >= r) ? cs->dc + j : j;
-        float z = cs->score[i * width + col];
-        if (z == -INFINITY) continue;
-        float p = expf(z - mx);
-        den += p;
-        num += p * cs->kv[i * width + col];
-    }
-    return num / den;
-}
-
-/* Push one token's projections; returns true and fills `pooled` [dc] when
- * this token completes a window. */
-static bool compressor_push(struct compressor_state *cs, const float *k, const float *z,
-                            int64_t pos, float *pooled) {
-    int r = cs->ratio, width = cs->coff * cs->dc;
-    int slot = (cs->coff == 2 ? r : 0) + (int)(pos % r);
-    memcpy(cs->kv + (size_t)slot * width, k, (size_t)width * sizeof(float));
-    memcpy(cs->score + (size_t)slot * width, z, (size_t)width * sizeof(float));
-    if ((pos + 1) % r != 0) return false;
-    for (int j = 0; j < cs->dc; j++) pooled[j] = pool_channel(cs, j);
-    if (cs->coff == 2) {
-        size_t half = (size_t)r * width;
-        memcpy(cs->kv, cs->kv + half, half * sizeof(float));
-        memcpy(cs->score, cs->score + half, half * sizeof(float));
-    }
-    return true;
-}
-
-/* ----------------------------------------------------------------------------
- * 8.5 Working memory for one chunk, and the step context.
- *
- * A forward call processes a chunk of T consecutive tokens layer by layer.
- * All intermediate arrays live in the session's `chunk_work`, sized for the
- * largest chunk the session has run so far (grown on demand, never shrunk),
- * and are reused by every layer, the MTP block and every later call: a
- * decoded token allocates nothing.
- *
- * What one step of the forward pass needs to know -- the engine, the
- * session, the chunk (tokens, first position, length), the block being run
- * (its weights and state) and the streams it updates -- travels as ONE
- * pointer, a `struct step`. The story (chapter 9) fills in the chunk's
- * fields once and the block's before each block; the operations only read
- * it. The math helpers below it (rmsnorm, hc_pre, sinkhorn, route_token...)
- * stay pure functions of their arrays.
- * ------------------------------------------------------------------------- */
-
-/* A speculative verification may have to take tokens back. Everything it
- * changed can be restored from a checkpoint except the compressor frontier,
- * which depends on every token since the last window closed. So a
- * verification records each token's compressor inputs (values and biased
- * scores, per layer), and a rollback replays the accepted ones (10b). */
-struct compressor_journal {
-    float **k, **z;       /* [layer] -> [T][coff*Dh] main compressor inputs */
-    float **ik, **iz;     /* [layer] -> [T][2*DI]   indexer compressor inputs */
-};
-
-struct chunk_work {
-    int T;             /* capacity: the longest chunk these buffers hold */
-    float *x;          /* [T][n*D]      the main model's streams */
-    float *mix;        /* [T][M]        raw hyper-connection mixes */
-    struct hc_mix *hc; /* [T]           their decoded pre/post/comb */
-    float *a;          /* [T][D]        normed sublayer input */
-    float *f;          /* [T][D]        sublayer output */
-    float *y;          /* [T][D]        collapsed streams */
-    float *tmp;        /* [n*D]         hc_post's copy of the old streams */
-    float *qr;         /* [T][Q]        low-rank query (also feeds the indexer) */
-    float *q;          /* [T][H*Dh]     query heads */
-    float *o;          /* [T][H*Dh]     attention output heads */
-    float *kv;         /* [T][Dh]       this chunk's K=V rows */
-    float *ck, *cz;    /* [T][2*Dh]     compressor values and scores */
-    float *ik, *iz;    /* [T][2*DI]     indexer-compressor values and scores */
-    float *iq;         /* [T][HI*DI]    indexer queries */
-    float *iw;         /* [T][HI]       indexer head weights */
-    float *low;        /* [T][G*O]      grouped output projection */
-    float *pooled;     /* [Dh]          one pooled compressor row */
-    int64_t *visible;  /* [T]           compressed rows visible to token t */
-    int *sel;          /* [T][KI]       indexer-selected rows */
-    int *n_sel;        /* [T]           how many, or -1 = all visible rows */
-    float *router;     /* [T][E]        router logits */
-    int *route_sel;    /* [T][K]        chosen experts */
-    float *route_wt;   /* [T][K]        their weights */
-    int *expert_tokens;/* [T*K]         tokens grouped by expert (slots) */
-    int *expert_count; /* [E+1]         group boundaries */
-    float *xe, *ye;    /* [T][D]        gathered expert inputs and outputs */
-    float *hg, *hu;    /* [T][F]        expert gate and up activations */
-    float *xm;         /* [T][n*D]      MTP block streams */
-    float *hn;         /* [T][n*D]      MTP: normed main streams */
-};
-
-static void chunk_work_init(struct chunk_work *w, const struct ds4_config *c, int T) {
-    size_t t = (size_t)T, n_d = (size_t)c->hc * c->dim, D = (size_t)c->dim;
-    size_t heads = (size_t)c->n_heads * c->head_dim, K = (size_t)c->n_used;
-    memset(w, 0, sizeof *w);
-    w->T = T;
-    w->x = xcalloc(t * n_d, sizeof(float));
-    w->mix = xcalloc(t * (size_t)(2 + c->hc) * c->hc, sizeof(float));
-    w->hc = xcalloc(t, sizeof(struct hc_mix));
-    w->a = xcalloc(t * D, sizeof(float));
-    w->f = xcalloc(t * D, sizeof(float));
-    w->y = xcalloc(t * D, sizeof(float));
-    w->tmp = xcalloc(n_d, sizeof(float));
-    w->qr = xcalloc(t * (size_t)c->q_rank, sizeof(float));
-    w->q = xcalloc(t * heads, sizeof(float));
-    w->o = xcalloc(t * heads, sizeof(float));
-    w->kv = xcalloc(t * (size_t)c->head_dim, sizeof(float));
-    w->ck = xcalloc(t * 2 * (size_t)c->head_dim, sizeof(float));
-    w->cz = xcalloc(t * 2 * (size_t)c->head_dim, sizeof(float));
-    w->ik = xcalloc(t * 2 * (size_t)c->idx_dim, sizeof(float));
-    w->iz = xcalloc(t * 2 * (size_t)c->idx_dim, sizeof(float));
-    w->iq = xcalloc(t * (size_t)c->idx_heads * c->idx_dim, sizeof(float));
-    w->iw = xcalloc(t * (size_t)c->idx_heads, sizeof(float));
-    w->low = xcalloc(t * (size_t)c->o_groups * c->o_rank, sizeof(float));
-    w->pooled = xcalloc((size_t)c->head_dim, sizeof(float));
-    w->visible = xcalloc(t, sizeof(int64_t));
-    w->sel = xcalloc(t * (size_t)c->idx_topk, sizeof(int));
-    w->n_sel = xcalloc(t, sizeof(int));
-    w->router = xcalloc(t * (size_t)c->n_experts, sizeof(float));
-    w->route_sel = xcalloc(t * K, sizeof(int));
-    w->route_wt = xcalloc(t * K, sizeof(float));
-    w->expert_tokens = xcalloc(t * K, sizeof(int));
-    w->expert_count = xcalloc((size_t)c->n_experts + 1, sizeof(int));
-    w->xe = xcalloc(t * D, sizeof(float));
-    w->ye = xcalloc(t * D, sizeof(float));
-    w->hg = xcalloc(t * (size_t)c->ffn_dim, sizeof(float));
-    w->hu = xcalloc(t * (size_t)c->ffn_dim, sizeof(float));
-    w->xm = xcalloc(t * n_d, sizeof(float));
-    w->hn = xcalloc(t * n_d, sizeof(float));
-}
-
-static void chunk_work_free(struct chunk_work *w) {
-    void *all[] = { w->x, w->mix, w->hc, w->a, w->f, w->y, w->tmp, w->qr, w->q, w->o, w->kv, w->ck,
-                    w->cz, w->ik, w->iz, w->iq, w->iw, w->low, w->pooled, w->visible, w->sel,
-                    w->n_sel, w->router, w->route_sel, w->route_wt, w->expert_tokens,
-                    w->expert_count, w->xe, w->ye, w->hg, w->hu, w->xm, w->hn };
-    for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) free(all[i]);
-    memset(w, 0, sizeof *w);
-}
-
-/* Make the buffers hold a chunk of T tokens. No code reads a working buffer
- * before writing it, so regrown buffers need no old contents. */
-static void chunk_work_reserve(struct chunk_work *w, const struct ds4_config *c, int T) {
-    if (T <= w->T) return;
-    chunk_work_free(w);
-    chunk_work_init(w, c, T);
-}
-
-/* Which of a block's two sublayers a hyper-connection collapse feeds. */
-enum sublayer { SUBLAYER_ATTENTION, SUBLAYER_FFN };
-
-/* What a caller of the story wants back besides the session's logits. */
-struct forward_request {
-    float *all_logits;    /* [T][V]: logits of every position, or NULL */
-    float *mtp_logits;    /* [T][V]: row t = MTP row of position P-1+t, or NULL */
-    float *all_hc;        /* [T][n*D]: final streams of every position, or NULL */
-    struct compressor_journal *journal;   /* compressor inputs, or NULL (10b) */
-};
-
-struct step {
-    /* The session and its engine, for the whole chunk. */
-    struct engine *eng;
-    const struct ds4_config *c;          /* = &eng->model->cfg */
-    struct session *s;
-    struct chunk_work *w;                /* = s->work, reserved for T by begin_chunk */
-    const struct forward_request *req;   /* what the caller wants back, or NULL */
-    /* The chunk: tokens[t] sits at position p0 + t. */
-    const int32_t *tokens;               /* [T] */
-    int64_t p0;
-    int T;
-    /* The block being run. */
-    int layer;                           /* main layer index; -1 for the MTP block */
-    bool is_mtp;                         /* the MTP block (its own head, no journal) */
-    const struct layer_weights *L;
-    struct layer_state *st;
-    const struct rope *rope;             /* the layer's RoPE (8.6) */
-    float *X;                            /* [T][n][D] streams the block updates in place */
-    struct compressor_journal *journal;  /* record compressor inputs here, or NULL (10b) */
-};
-
-/* ----------------------------------------------------------------------------
- * 8.6 Attention.
- *
- * Query path (per token, H heads of width Dh):
- *
- *     qr  = rmsnorm(Wq_a a, q_norm)                 [Q]
- *     q_h = rmsnorm(Wq_b qr)_h  (no gain), then RoPE on its tail at p
- *
- * Key/value path: ONE head shared by all query heads, and the key is the
- * value:
- *
- *     kv  = rmsnorm(Wkv a, kv_norm); RoPE tail at p; FP8 round trip on the rest
- *
- * Each head attends over the raw rows of the last W positions (itself
- * included) plus, on compressed layers, compressed rows (all of them at
- * ratio 128, the indexer's choice at ratio 4), in ONE softmax that also
- * holds a learned per-head "sink" logit with no value:
- *
- *     l_j = q_h . k_j / sqrt(Dh)
- *     o_h = sum_j exp(l_j - mx) k_j / (exp(sink_h - mx) + sum_j exp(l_j - mx))
- *
- * Since values carry RoPE at their own positions, o_h is rotated back by
- * the query's position, leaving relative rotations. Finally a grouped
- * low-rank projection: heads split into G groups, each group's concatenated
- * heads map to O values with its own slice of Wo_a, and Wo_b maps the G*O
- * values back to D.
- * ------------------------------------------------------------------------- */
-
-/* WHAT THE ATTENTION SINK DOES
- *
- * A softmax's weights sum to 1, so a head must put its whole attention
- * somewhere, even when nothing it can see is relevant. Models trained
- * without a way out learn to park that mass on the first tokens of the text
- * and use them as a "sink" [SINKS]. V4 cannot rely on that trick: with a
- * sliding window and compressed rows, the first token is usually out of
- * sight. So each head h gets a learned logit sink_h that competes in the
- * softmax but carries no value:
- *
- *     g_h = e^sink_h / (e^sink_h + sum_j e^l_j)          in (0, 1)
- *     o_h = (1 - g_h) * (the usual softmax average of the rows)
- *
- * A head that finds nothing shrinks its output toward zero instead of
- * averaging noise; a head that finds a strong match (l_j >> sink_h) is
- * unaffected. sink: [H], one float per head, the tensor attn_sinks.
- *
- * Source: [MODEL] Attention.attn_sink and sparse_attn in kernel.py, which
- * adds e^sink to the softmax denominator; [FWD §4].
- */
-
-static const struct rope *layer_rope(const struct engine *eng, const struct layer_weights *L) {
-    return L->ratio > 0 ? &eng->rope_compressed : &eng->rope_window;
-}
-
-/* qr, q and kv of the chunk from the normed input a (st->w->a). */
-static void attention_project_qkv(struct step *st) {
-    struct engine *eng = st->eng;
-    const struct ds4_config *c = st->c;
-    const struct layer_weights *L = st->L;
-    const struct rope *rope = st->rope;
-    struct chunk_work *w = st->w;
-    const float *A = w->a;
-    int64_t p0 = st->p0;
-    int Dh = c->head_dim, T = st->T;
-    matmul(eng, w->qr, &L->q_a, A, T);
-    for (int t = 0; t < T; t++) {
-        float *qr = w->qr + (size_t)t * c->q_rank;
-        rmsnorm(qr, qr, L->q_a_norm, c->q_rank, c->norm_eps);
-    }
-    matmul(eng, w->q, &L->q_b, w->qr, T);
-    for (int t = 0; t < T; t++)
-        for (int h = 0; h < c->n_heads; h++) {
-            float *qh = w->q + ((size_t)t * c->n_heads + h) * Dh;
-            rmsnorm(qh, qh, NULL, Dh, c->norm_eps);
-            rope_tail(rope, qh, Dh, p0 + t, false);
-        }
-    matmul(eng, w->kv, &L->kv, A, T);
-    for (int t = 0; t < T; t++) {
-        float *kv = w->kv + (size_t)t * Dh;
-        rmsnorm(kv, kv, L->kv_norm, Dh, c->norm_eps);
-        rope_tail(rope, kv, Dh, p0 + t, false);
-        fp8_round_trip_nope(kv, Dh, c->rope_dim);
-    }
-}
-
-/* Finish a pooled row: norm, RoPE at the row's first token, KV round trip. */
-static void finish_attention_row(const struct engine *eng, const struct layer_weights *L,
-                                 const float *pooled, int64_t row_pos, float *row) {
-    const struct ds4_config *c = &eng->model->cfg;
-    rmsnorm(row, pooled, L->comp_norm, c->head_dim, c->norm_eps);
-    rope_tail(&eng->rope_compressed, row, c->head_dim, row_pos, false);
-    fp8_round_trip_nope(row, c->head_dim, c->rope_dim);
-}
-
-static void finish_indexer_row(const struct engine *eng, const struct layer_weights *L,
-                               const float *pooled, int64_t row_pos, float *row) {
-    const struct ds4_config *c = &eng->model->cfg;
-    rmsnorm(row, pooled, L->idx_norm, c->idx_dim, c->norm_eps);
-    rope_tail(&eng->rope_compressed, row, c->idx_dim, row_pos, false);
-    indexer_round_trip(row, c->idx_dim);
-}
-
-/* Add the positional bias of slot (p mod r) to every token's scores. */
-static void add_compressor_bias(const struct matrix *ape, float *z, int64_t p0, int T, int width,
-                                float *bias) {
-    for (int t = 0; t < T; t++) {
-        matrix_row_f32(ape, (p0 + t) % ape->out, bias);
-        for (int i = 0; i < width; i++) z[(size_t)t * width + i] += bias[i];
-    }
-}
-
-/* Run this chunk's tokens through the layer's compressors in order, and
- * record how many compressed rows each token may see: rows finished by a
- * LATER token of the chunk must stay invisible to earlier ones. */
-/* Record this chunk's compressor inputs for a possible rollback (10b). */
-static void journal_compressor_inputs(const struct step *st) {
-    const struct chunk_work *w = st->w;
-    struct compressor_journal *j = st->journal;
-    int l = st->layer, r = st->L->ratio, T = st->T;
-    size_t width = (size_t)compressor_coff(r) * st->c->head_dim;
-    size_t iwidth = 2 * (size_t)st->c->idx_dim;
-    memcpy(j->k[l], w->ck, (size_t)T * width * sizeof(float));
-    memcpy(j->z[l], w->cz, (size_t)T * width * sizeof(float));
-    if (r == 4) {
-        memcpy(j->ik[l], w->ik, (size_t)T * iwidth * sizeof(float));
-        memcpy(j->iz[l], w->iz, (size_t)T * iwidth * sizeof(float));
-    }
-}
-
-static void compress_chunk(struct step *st) {
-    struct engine *eng = st->eng;
-    const struct layer_weights *L = st->L;
-    struct layer_state *ls = st->st;
-    struct chunk_work *w = st->w;
-    const float *A = w->a;
-    int64_t p0 = st->p0;
-    int T = st->T, r = L->ratio;
-    int width = compressor_coff(r) * st->c->head_dim, iwidth = 2 * st->c->idx_dim;
-    float *bias = w->tmp;   /* free here; hc_post is not running */
-    matmul(eng, w->ck, &L->comp_kv, A, T);
-    matmul(eng, w->cz, &L->comp_gate, A, T);
-    add_compressor_bias(&L->comp_ape, w->cz, p0, T, width, bias);
-    if (r == 4) {
-        matmul(eng, w->ik, &L->idx_kv, A, T);
-        matmul(eng, w->iz, &L->idx_gate, A, T);
-        add_compressor_bias(&L->idx_ape, w->iz, p0, T, iwidth, bias);
-    }
-    if (st->journal) journal_compressor_inputs(st);
-    for (int t = 0; t < T; t++) {
-        int64_t p = p0 + t;
-        if (compressor_push(&ls->comp, w->ck + (size_t)t * width, w->cz + (size_t)t * width, p,
-                            w->pooled))
-            finish_attention_row(eng, L, w->pooled, p + 1 - r, row_store_append(&ls->comp_rows));
-        if (r == 4 && compressor_push(&ls->idx_comp, w->ik + (size_t)t * iwidth,
-                                      w->iz + (size_t)t * iwidth, p, w->pooled))
-            finish_indexer_row(eng, L, w->pooled, p + 1 - r, row_store_append(&ls->idx_rows));
-        w->visible[t] = ls->comp_rows.n;
-    }
-}
-
-/* ----------------------------------------------------------------------------
- * 8.7 The indexer (ratio-4 layers).
- *
- * A ratio-4 layer accumulates a compressed row every 4 tokens: a quarter of
- * the whole context. Attending to all of them would cost as much as dense
- * attention, so a small "lightning indexer" picks the KI most relevant rows:
- *
- *     qI_h = Hadamard+FP4( RoPE_p( (WI_q qr)_h ) )      HI heads of DI
- *     wI   = (WI_w a) / sqrt(DI * HI)                  [HI]
- *     score[c] = sum_h wI[h] * max(0, qI_h . KI[c])    over visible rows c
- *     selected = top-KI rows by score (ties: lower row first)
- *
- * When no more than KI rows are visible, all are taken and no score is
- * needed: the result is the same.
- * ------------------------------------------------------------------------- */
-
-/* WHY A LIGHTNING INDEXER, AND WHY IT WORKS IN FP4
- *
- * What. DeepSeek Sparse Attention [V32] [V4 §CSA]: a second, much smaller
- * attention scores every compressed row, and only the KI best rows enter the
- * real attention. Its score is a sum of per-head votes:
- *
- *     score[c] = sum_h wI[h] * relu(qI_h . KI[c])     qI: [HI][DI], KI: [rows][DI]
- *
- * Why this shape. It is cheap: HI * DI = 64 x 128 per query against rows of
- * DI = 128, where the main attention has 64 heads of 512 against rows of
- * 512. The relu lets a head vote only FOR rows it matches, never against;
- * the weights wI come from the token itself, so the query decides which
- * indexer heads to trust. Selection by score, not by recency, lets a token
- * reach back to any part of a long context.
- *
- * Why the Hadamard and FP4. The indexer was trained in FP4 (e2m1, 8
- * magnitudes) [V4 §FP4]. A 4-bit block format shares one scale among 32
- * values, and one outlier channel would crush the rest to zero. The
- * normalized Hadamard matrix is orthogonal -- (Hq).(Hk) = q.k -- and spreads
- * every channel over all of them, so the block scale fits [QUAROT]. Because
- * the top-k is a discrete choice, a reference that skipped the rounding
- * would pick different rows; we round exactly as the model was trained (7).
- *
- * Source: [MODEL] Indexer.forward (queries, weights, scores, top-k),
- * Compressor.forward with rotate=True (its own compressed rows),
- * rotate_activation, fp4_act_quant; [FWD §6].
- */
-
-static void indexer_queries(struct step *st) {
-    struct engine *eng = st->eng;
-    const struct layer_weights *L = st->L;
-    struct chunk_work *w = st->w;
-    const float *A = w->a;
-    int64_t p0 = st->p0;
-    int HI = st->c->idx_heads, DI = st->c->idx_dim, T = st->T;
-    matmul(eng, w->iq, &L->idx_q_b, w->qr, T);
-    for (int t = 0; t < T; t++)
-        for (int h = 0; h < HI; h++) {
-            float *qh = w->iq + ((size_t)t * HI + h) * DI;
-            rope_tail(&eng->rope_compressed, qh, DI, p0 + t, false);
-            indexer_round_trip(qh, DI);
-        }
-    matmul(eng, w->iw, &L->idx_proj, A, T);
-    float scale = 1.0f / sqrtf((float)DI * (float)HI);
-    for (int64_t i = 0; i < (int64_t)T * HI; i++) w->iw[i] *= scale;
-}
-
-static void select_rows_for_token(void *ctx, int64_t t, int worker) {
-    const struct step *j = ctx;
-    const struct ds4_config *c = j->c;
-    struct chunk_work *w = j->w;
-    int64_t nv = w->visible[t];
-    int HI = c->idx_heads, DI = c->idx_dim, KI = c->idx_topk;
-    if (nv <= KI) {
-        w->n_sel[t] = -1;
-        return;
-    }
-    float *score = j->eng->attn_scratch[worker];
-    for (int64_t r = 0; r < nv; r++) {
-        const float *krow = j->st->idx_rows.rows + r * DI;
-        float s = 0;
-        for (int h = 0; h < HI; h++) {
-            float d = dot_f32(w->iq + ((size_t)t * HI + h) * DI, krow, DI);
-            if (d > 0) s += w->iw[(size_t)t * HI + h] * d;
-        }
-        score[r] = s;
-    }
-    w->n_sel[t] = topk_indices(score, (int)nv, KI, w->sel + (size_t)t * KI);
-}
-
-/* Decide, per token, which compressed rows it attends: all visible rows
- * (n_sel = -1), or the indexer's top-KI. */
-static void select_compressed_rows(struct step *st) {
-    struct chunk_work *w = st->w;
-    int T = st->T;
-    bool need_indexer = false;
-    for (int t = 0; t < T; t++) {
-        w->n_sel[t] = -1;
-        if (st->L->ratio == 4 && w->visible[t] > st->c->idx_topk) need_indexer = true;
-    }
-    if (!need_indexer) return;
-    indexer_queries(st);
-    engine_reserve_attn_scratch(st->eng, w->visible[T - 1]);
-    parallel_for(&st->eng->pool, T, select_rows_for_token, st);
-}
-
-/* ----------------------------------------------------------------------------
- * 8.8 Attending: one (token, head) pair per work item.
- *
- * Raw rows come from two places. Positions before the chunk live in the
- * ring (slot j % W); positions inside the chunk come from the chunk's own
- * kv array, because a long chunk would otherwise overwrite ring slots that
- * its earlier tokens still need. The ring is updated only after the whole
- * chunk has attended.
- * ------------------------------------------------------------------------- */
-
-static const float *raw_row(const struct step *j, int64_t pos) {
-    const struct ds4_config *c = j->c;
-    if (pos >= j->p0) return j->w->kv + (size_t)(pos - j->p0) * c->head_dim;
-    return j->st->ring + (size_t)(pos % c->window) * c->head_dim;
-}
-
-static const float *compressed_row(const struct step *j, int t, int64_t i) {
-    int64_t r = j->w->n_sel[t] < 0 ? i : j->w->sel[(size_t)t * j->c->idx_topk + i];
-    return j->st->comp_rows.rows + r * j->st->comp_rows.width;
-}
-
-static void attend_one(void *ctx, int64_t item, int worker) {
-    const struct step *j = ctx;
-    const struct ds4_config *c = j->c;
-    int H = c->n_heads, Dh = c->head_dim;
-    int t = (int)(item / H), h = (int)(item % H);
-    int64_t p = j->p0 + t;
-    int64_t first = p - c->window + 1 < 0 ? 0 : p - c->window + 1;
-    int64_t n_raw = p - first + 1;
-    int64_t n_comp = j->L->ratio == 0 ? 0 : j->w->n_sel[t] < 0 ? j->w->visible[t] : j->w->n_sel[t];
-    const float *q = j->w->q + ((size_t)t * H + h) * Dh;
-    float *o = j->w->o + ((size_t)t * H + h) * Dh;
-    float *logit = j->eng->attn_scratch[worker];
-    float scale = 1.0f / sqrtf((float)Dh), sink = j->L->sinks[h], mx = sink;
-
-    for (int64_t i = 0; i < n_raw + n_comp; i++) {
-        const float *k = i < n_raw ? raw_row(j, first + i) : compressed_row(j, t, i - n_raw);
-        logit[i] = dot_f32(q, k, Dh) * scale;
-        mx = fmaxf(mx, logit[i]);
-    }
-    float den = expf(sink - mx);
-    memset(o, 0, (size_t)Dh * sizeof(float));
-    for (int64_t i = 0; i < n_raw + n_comp; i++) {
-        const float *k = i < n_raw ? raw_row(j, first + i) : compressed_row(j, t, i - n_raw);
-        float pw = expf(logit[i] - mx);
-        den += pw;
-        axpy_f32(o, pw, k, Dh);
-    }
-    float inv = 1.0f / den;
-    for (int d = 0; d < Dh; d++) o[d] *= inv;
-    rope_tail(j->rope, o, Dh, p, true);
-}
-
-static void attend_chunk(struct step *st) {
-    const struct ds4_config *c = st->c;
-    struct chunk_work *w = st->w;
-    int64_t p0 = st->p0, most_comp = 0;
-    int T = st->T;
-    for (int t = 0; t < T; t++) {
-        int64_t n = st->L->ratio == 0 ? 0 : w->n_sel[t] < 0 ? w->visible[t] : w->n_sel[t];
-        if (n > most_comp) most_comp = n;
-    }
-    engine_reserve_attn_scratch(st->eng, c->window + most_comp);
-    parallel_for(&st->eng->pool, (int64_t)T * c->n_heads, attend_one, st);
-
-    /* Only now may the chunk's rows enter the ring. */
-    for (int t = T > c->window ? T - c->window : 0; t < T; t++)
-        memcpy(st->st->ring + (size_t)((p0 + t) % c->window) * c->head_dim,
-               w->kv + (size_t)t * c->head_dim, (size_t)c->head_dim * sizeof(float));
-}
-
-/* f = Wo_b . concat_g( Wo_a[g] . concat(heads of group g) ), into st->w->f */
-static void attention_output(struct step *st) {
-    struct engine *eng = st->eng;
-    const struct ds4_config *c = st->c;
-    const struct layer_weights *L = st->L;
-    struct chunk_work *w = st->w;
-    int T = st->T;
-    int64_t group_in = (int64_t)c->n_heads / c->o_groups * c->head_dim;
-    int64_t all_heads = (int64_t)c->n_heads * c->head_dim, low_width = (int64_t)c->o_groups * c->o_rank;
-    for (int g = 0; g < c->o_groups; g++) {
-        struct matrix part = L->out_a;
-        part.data = matrix_row(&L->out_a, (int64_t)g * c->o_rank);
-        part.out = c->o_rank;
-        matmul_strided(eng, w->low + (int64_t)g * c->o_rank, low_width, &part,
-                       w->o + g * group_in, all_heads, T);
-    }
-    matmul(eng, w->f, &L->out_b, w->low, T);
-}
-
-/* The CPU backend's attention: f = attention(a) for the chunk, the layer's
- * state (ring, compressed rows, frontiers) advanced by T positions. */
-static void attention_chunk(struct step *st) {
-    attention_project_qkv(st);
-    if (st->L->ratio > 0) {
-        compress_chunk(st);
-        select_compressed_rows(st);
-    }
-    attend_chunk(st);
-    attention_output(st);
-}
-
-/* ----------------------------------------------------------------------------
- * 8.9 Mixture of experts.
- *
- * A router scores every expert; each token uses K of E routed experts plus
- * one shared expert that every token uses:
- *
- *     s_e = sqrt(softplus(router_e . b))
- *     chosen = first NH layers: tid2eid[token]   (a fixed hash table by token id)
- *              other layers:   top-K of s_e + bias_e   (bias only for choosing)
- *     w_k = route_scale * s_{chosen_k} / sum_k s_{chosen_k}
- *
- * Every expert is a clamped SwiGLU of width F:
- *
- *     g = min(W1 b, limit);  u = clamp(W3 b, -limit, limit)
- *     expert(b) = W2 (silu(g) * u * w)             (w applied before W2)
- *
- * For a chunk, tokens are grouped by expert so that each expert's weights
- * are read once for all the tokens that chose it.
- * ------------------------------------------------------------------------- */
-
-/* THE ROUTING CHOICES, AND WHY
- *
- * Shapes: router [E][D], bias [E], tid2eid [V][K]; per token s [E], chosen
- * [K], w [K]; E = 256, K = 6 for Flash.
- *
- * Why sqrt(softplus). The score must be positive (it becomes a weight) and
- * must keep ordering the experts at any logit. V3 used a sigmoid [V3];
- * a sigmoid saturates at 1, so two strongly matching experts look alike.
- * sqrt(softplus(z)) is positive, smooth, near e^(z/2) for very negative z and
- * near sqrt(z) for large z: it still separates large logits, but grows
- * slowly enough that one expert cannot swamp the normalized weights. (The
- * report gives the function; this reading of it is ours.)
- *
- * Why the bias only selects. V4 balances expert load without an auxiliary
- * loss [LOSSFREE] [V3 §2.1.2]: during training a per-expert bias is nudged
- * up for idle experts and down for busy ones. Added before the top-K, it
- * changes WHICH experts a token uses; kept out of the weights, it never
- * changes HOW MUCH a chosen expert contributes, so balancing does not bend
- * the function the experts learn. We must copy that asymmetry exactly.
- *
- * Why the first layers are hash-routed. In layers 0 .. NH-1 (NH = 3) the
- * experts come from a fixed table indexed by the token id [HASH]. Near the
- * bottom, a token's hidden state is still mostly its own embedding, so a
- * learned router would mostly route by token anyway; a fixed table does that
- * with perfect, precomputed balance and nothing to train or collapse. The
- * weights still come from the router scores.
- *
- * Why the route scale. The K weights are normalized to sum to 1, so the
- * expert output does not depend on how sharp the router is; route_scale
- * (1.5) then sets its size against the always-on shared expert. The SwiGLU
- * [SWIGLU] clamp (limit 10) bounds activations for low-precision arithmetic.
- *
- * Source: [MODEL] Gate.forward (scores, bias, hash, weights), Expert.forward
- * (clamped SwiGLU), MoE.forward (routed + shared); [V4 §MoE]; [FWD §7].
- */
-
-static void route_token(const struct ds4_config *c, const struct layer_weights *L,
-                        const float *logits, int32_t token, int *sel, float *wt) {
-    float score[1024], biased[1024];
-    int E = c->n_experts, K = c->n_used;
-    for (int e = 0; e < E; e++) score[e] = sqrtf(softplusf(logits[e]));
-    if (L->hash_routed) {
-        for (int k = 0; k < K; k++) sel[k] = L->tid2eid[(int64_t)token * K + k];
-    } else {
-        for (int e = 0; e < E; e++) biased[e] = score[e] + (L->router_bias ? L->router_bias[e] : 0);
-        topk_indices(biased, E, K, sel);
-    }
-    float sum = 0;
-    for (int k = 0; k < K; k++) sum += score[sel[k]];
-    for (int k = 0; k < K; k++) wt[k] = score[sel[k]] / sum * c->route_scale;
-}
-
-/* One expert applied to n gathered rows. */
-struct expert_call {
-    struct matrix gate, up, down;     /* W1 [F][D], W3 [F][D], W2 [D][F] */
-    const float *x;                   /* [n][D] inputs */
-    const float *weight;              /* [n] route weights, or NULL = 1 (shared expert) */
-    int n;
-    float *y;                         /* [n][D] outputs */
-};
-
-/* Y[i] = W2 (silu(min(W1 X[i], lim)) * clamp(W3 X[i], -lim, lim) * weight[i]) */
-static void run_expert(struct step *st, const struct expert_call *ex) {
-    struct chunk_work *w = st->w;
-    float limit = st->L->swiglu_limit;
-    int F = (int)ex->gate.out, n = ex->n;
-    matmul(st->eng, w->hg, &ex->gate, ex->x, n);
-    matmul(st->eng, w->hu, &ex->up, ex->x, n);
-    for (int i = 0; i < n; i++)
-        for (int f = 0; f < F; f++) {
-            float g = w->hg[(size_t)i * F + f], u = w->hu[(size_t)i * F + f];
-            if (limit > 0) {
-                g = fminf(g, limit);
-                u = fminf(fmaxf(u, -limit), limit);
-            }
-            w->hg[(size_t)i * F + f] = siluf(g) * u * (ex->weight ? ex->weight[i] : 1.0f);
-        }
-    matmul(st->eng, ex->y, &ex->down, w->hg, n);
-}
-
-/* Bucket the chunk's (token, k) choices by expert: a counting sort. */
-static void group_by_expert(const struct ds4_config *c, int T, struct chunk_work *w) {
-    int E = c->n_experts, K = c->n_used;
-    memset(w->expert_count, 0, (size_t)(E + 1) * sizeof(int));
-    for (int i = 0; i < T * K; i++) w->expert_count[w->route_sel[i] + 1]++;
-    for (int e = 0; e < E; e++) w->expert_count[e + 1] += w->expert_count[e];
-    int *fill = w->expert_tokens;
-    int cursor[1024];
-    for (int e = 0; e < E; e++) cursor[e] = w->expert_count[e];
-    for (int i = 0; i < T * K; i++) fill[cursor[w->route_sel[i]]++] = i;
-}
-
-/* The CPU backend's MoE: g = moe(b) for the chunk, b = st->w->a, g into st->w->f. */
-static void moe_chunk(struct step *st) {
-    const struct ds4_config *c = st->c;
-    const struct layer_weights *L = st->L;
-    struct chunk_work *w = st->w;
-    const float *B = w->a;
-    float *G = w->f;
-    int D = c->dim, K = c->n_used, T = st->T;
-    matmul(st->eng, w->router, &L->router, B, T);
-    for (int t = 0; t < T; t++)
-        route_token(c, L, w->router + (size_t)t * c->n_experts, st->tokens[t],
-                    w->route_sel + (size_t)t * K, w->route_wt + (size_t)t * K);
-    group_by_expert(c, T, w);
-    memset(G, 0, (size_t)T * D * sizeof(float));
-    float weights[4096];
-    for (int e = 0; e < c->n_experts; e++) {
-        int begin = w->expert_count[e], n = w->expert_count[e + 1] - begin;
-        for (int done = 0; done < n; done += 4096) {
-            int m = n - done < 4096 ? n - done : 4096;
-            for (int i = 0; i < m; i++) {
-                int slot = w->expert_tokens[begin + done + i];
-                memcpy(w->xe + (size_t)i * D, B + (size_t)(slot / K) * D, (size_t)D * sizeof(float));
-                weights[i] = w->route_wt[slot];
-            }
-            struct expert_call ex = { expert_slice(&L->gate_exps, e), expert_slice(&L->up_exps, e),
-                                      expert_slice(&L->down_exps, e), w->xe, weights, m, w->ye };
-            run_expert(st, &ex);
-            for (int i = 0; i < m; i++) {
-                int t = w->expert_tokens[begin + done + i] / K;
-                for (int x = 0; x < D; x++) G[(size_t)t * D + x] += w->ye[(size_t)i * D + x];
-            }
-        }
-    }
-    struct expert_call shared = { L->gate_shexp, L->up_shexp, L->down_shexp, B, NULL, T, w->ye };
-    run_expert(st, &shared);
-    for (size_t i = 0; i < (size_t)T * D; i++) G[i] += w->ye[i];
-}
-
-/* ----------------------------------------------------------------------------
- * 8.10 One block, for a chunk of T tokens: X is [T][n][D], updated in place.
- *
- *     (y, mix) = hc_pre(X);  a = rmsnorm(y, attn_norm);  X = hc_post(attention(a), X, mix)
- *     (y, mix) = hc_pre(X);  b = rmsnorm(y, ffn_norm);   X = hc_post(moe(b), X, mix)
- *
- * The two halves of each line are the CPU backend's hc_collapse and
- * hc_expand; the story (chapter 9, run_block) strings them together.
- * ------------------------------------------------------------------------- */
-
-/* a = rmsnorm(hc_pre(X), norm) for every token; the decoded mixes stay in
- * st->w->hc for the hc_expand that follows. */
-static void hc_collapse_chunk(struct step *st, enum sublayer which) {
-    const struct ds4_config *c = st->c;
-    const struct layer_weights *L = st->L;
-    struct chunk_work *w = st->w;
-    bool attn = which == SUBLAYER_ATTENTION;
-    const float *scale = attn ? L->hc_attn_scale : L->hc_ffn_scale;
-    const float *base = attn ? L->hc_attn_base : L->hc_ffn_base;
-    const float *norm = attn ? L->attn_norm : L->ffn_norm;
-    int M = (2 + c->hc) * c->hc;
-    int64_t nD = (int64_t)c->hc * c->dim;
-    matmul(st->eng, w->mix, attn ? &L->hc_attn_fn : &L->hc_ffn_fn, st->X, st->T);
-    for (int t = 0; t < st->T; t++) {
-        hc_pre(c, st->X + t * nD, w->mix + (size_t)t * M, scale, base, &w->hc[t], w->y);
-        rmsnorm(w->a + (size_t)t * c->dim, w->y, norm, c->dim, c->norm_eps);
-    }
-}
-
-/* X = hc_post(f, X, mix) for every token, f = st->w->f. */
-static void hc_expand_chunk(struct step *st) {
-    const struct ds4_config *c = st->c;
-    struct chunk_work *w = st->w;
-    int64_t nD = (int64_t)c->hc * c->dim;
-    for (int t = 0; t < st->T; t++)
-        hc_post(c, st->X + t * nD, w->f + (size_t)t * c->dim, &w->hc[t], w->tmp);
-}
-
-/* ----------------------------------------------------------------------------
- * 8.11 The output head: collapse the streams, norm, project to the vocab.
- *
- *     w[h] = sigmoid(rr (hc_fn_h . x^) hc_scale + hc_base[h]) + eps_hc
- *     logits = Wout . rmsnorm(sum_h w[h] X[h], norm)
- * ------------------------------------------------------------------------- */
-
-/* logits [n][V] of stream rows row0 .. row0+n-1 of st->X; the MTP block has
- * its own collapse and norm but shares the output matrix. */
-static void head_chunk(struct step *st, int64_t row0, int n, float *logits) {
-    const struct model *m = st->eng->model;
-    const struct ds4_config *c = st->c;
-    struct chunk_work *w = st->w;
-    const struct matrix *hc_fn = st->is_mtp ? &m->mtp.hc_head_fn : &m->hc_head_fn;
-    const float *hc_scale = st->is_mtp ? m->mtp.hc_head_scale : m->hc_head_scale;
-    const float *hc_base = st->is_mtp ? m->mtp.hc_head_base : m->hc_head_base;
-    const float *norm = st->is_mtp ? m->mtp.norm : m->output_norm;
-    int64_t nD = (int64_t)c->hc * c->dim;
-    const float *X = st->X + row0 * nD;
-    matmul(st->eng, w->mix, hc_fn, X, n);
-    for (int t = 0; t < n; t++) {
-        float *y = w->a + (size_t)t * c->dim;
-        hc_head_collapse(c, X + t * nD, w->mix + (size_t)t * c->hc, hc_scale, hc_base, y);
-        rmsnorm(y, y, norm, c->dim, c->norm_eps);
-    }
-    matmul(st->eng, logits, &m->output, w->a, n);
-}
-
-/* ----------------------------------------------------------------------------
- * 8.12 The MTP block.
- *
- * DeepSeek V4 ships one multi-token-prediction block: a full extra layer
- * that, given the main model's final streams at position i and the embedding
- * of token i+1, predicts token i+2. Its input:
- *
- *     e     = We_proj . rmsnorm(embed[t_{i+1}], enorm)               [D]
- *     X[h]  = Wh_proj . rmsnorm(Hmain_i[h], hnorm) + e               per stream
- *
- * then the block at position i (window-only attention with its own ring),
- * its own HC head and norm, and the SHARED output matrix. Row i can only be
- * computed once token i+1 is known, so the MTP block runs one position
- * behind the main model; over a prompt it fills its window exactly as the
- * official code does.
- * ------------------------------------------------------------------------- */
-
-/* WHY A MULTI-TOKEN-PREDICTION BLOCK
- *
- * What. During training, V4 (like V3 [V3 §2.2], after [MTP]) also learns
- * to predict the token after next: one extra block reads the main model's
- * final streams at position i [n][D] and the embedding of token i+1 [D],
- * and its logits [V] are trained on token i+2 [V4 §MTP].
- *
- * Why it is shipped. At inference it is a draft model for speculative
- * decoding (chapter 10b): one block instead of 43, sharing the embedding and
- * the output matrix, and far better informed than a separate small model,
- * because it starts from everything the main model computed about the
- * context. A wrong guess costs little: the main model verifies all drafts in
- * one chunk, and the acceptance rule keeps the output distribution exactly
- * the main model's [SPEC] [SPEC2].
- *
- * Why it runs one position behind. Its row i needs token i+1, which exists
- * only after the main model has produced it; so its own window ring is
- * always one row behind the main model's.
- *
- * Source: [MODEL] MTPBlock.forward (e_proj, h_proj, enorm, hnorm, the block,
- * hc_head, the shared head); [FWD §8].
- */
-
-static void embed_tokens(const struct model *m, const int32_t *tokens, int T, float *out) {
-    for (int t = 0; t < T; t++)
-        dequant_row_ref(m->token_embd.type, matrix_row(&m->token_embd, tokens[t]),
-                        out + (size_t)t * m->cfg.dim, m->cfg.dim);
-}
-
-/* The CPU backend's embedding: every stream starts as the same copy of the
- * token's row, X[t][h] = embed[tokens[t]]. */
-static void embed_chunk(struct step *st) {
-    const struct ds4_config *c = st->c;
-    int64_t nD = (int64_t)c->hc * c->dim;
-    embed_tokens(st->eng->model, st->tokens, st->T, st->w->f);
-    for (int t = 0; t < st->T; t++)
-        for (int h = 0; h < c->hc; h++)
-            memcpy(st->X + t * nD + (int64_t)h * c->dim, st->w->f + (size_t)t * c->dim,
-                   (size_t)c->dim * sizeof(float));
-}
-
-/* The MTP block's input streams for Tm rows:
- *
- *     Xm[i][h] = Wh_proj . rmsnorm(Hin_i[h], hnorm) + We_proj . rmsnorm(embed[tok_i], enorm)
- *
- * Hin_0 is `hin0` and Hin_i (i >= 1) is hin_next[i-1], each [n][D];
- * Xm = st->X is [Tm][n][D], tok = st->tokens, Tm = st->T. The h_proj product
- * runs over all Tm*n streams at once. */
-static void mtp_input(struct step *st, const float *hin0, const float *hin_next) {
-    struct engine *eng = st->eng;
-    const struct model *m = eng->model;
-    const struct ds4_config *c = st->c;
-    const struct mtp_weights *mw = &m->mtp;
-    const int32_t *tokens = st->tokens;
-    struct chunk_work *w = st->w;
-    float *Xm = st->X;
-    int n = c->hc, D = c->dim, Tm = st->T;
-    int64_t nD = (int64_t)n * D;
-    embed_tokens(m, tokens, Tm, w->y);
-    for (int i = 0; i < Tm; i++) {
-        float *e = w->y + (size_t)i * D;
-        rmsnorm(e, e, mw->enorm, D, c->norm_eps);
-        const float *hin = i == 0 ? hin0 : hin_next + (i - 1) * nD;
-        for (int h = 0; h < n; h++)
-            rmsnorm(w->hn + i * nD + (int64_t)h * D, hin + (int64_t)h * D, mw->hnorm, D, c->norm_eps);
-    }
-    matmul(eng, w->f, &mw->e_proj, w->y, Tm);
-    matmul(eng, Xm, &mw->h_proj, w->hn, Tm * n);
-    for (int i = 0; i < Tm; i++)
-        for (int h = 0; h < n; h++)
-            for (int d = 0; d < D; d++) Xm[i * nD + (int64_t)h * D + d] += w->f[(size_t)i * D + d];
-}
-
-/* ----------------------------------------------------------------------------
- * 8.13 Backends: the operations the story calls.
- *
- * The story (chapter 9) is written once. It calls the forward pass through
- * a small table of operations, `struct backend`, chosen once at start-up
- * (--backend, kept in engine->be); the functions of this chapter are the
- * CPU backend's entries. A GPU backend fills the same table with sequences
- * of kernels, and the story reads the same for every backend.
- *
- * Granularity: one operation per step of the story (a GPU runs each as a few
- * kernel launches, or records them into one graph between begin_chunk and
- * end_chunk). Every operation takes the step context (8.5); the fields it
- * reads are set by the story before the call:
- *
- *   chunk fields  eng, c, s, w, req, tokens [T], p0, T     (begin_chunk .. end_chunk)
- *   block fields  layer, is_mtp, L, st, rope, X, journal   (before each block)
- *
- * Buffers. st->w (`struct chunk_work`) is the backend's working memory,
- * reserved by begin_chunk; its pointers, and st->X (= w->x for the main
- * model, w->xm for the MTP block), are BACKEND memory: the story passes them
- * between operations but never reads or writes through them. On the CPU
- * they are host arrays; a GPU backend may keep device addresses there.
- * Everything else an operation is given -- tokens, the logits it writes, and
- * the session's state in `struct session` -- is host memory.
- *
- * Session state. The CPU layout of 8.2 (`struct session`: rings, compressed
- * rows, compressor frontiers, pos, mtp_pos, logits, last_hc) is the one
- * state every backend agrees on. A GPU backend keeps its own copy in
- * s->device while it runs; `state_pull` makes the host copy current (before
- * a snapshot is encoded or a checkpoint taken), `state_push` tells the
- * backend the host copy changed (after a snapshot is decoded, a rollback or
- * a restore). On the CPU both are no-ops: the host copy is the state. Hence
- * a disk snapshot written by one backend loads in another.
- *
- *   op             reads                          writes
- *   session_open   s (session_init has built it)  s->work, s->device
- *   session_close  s->work, s->device             frees both
- *   state_pull     the backend's state            s->layers, mtp_state, last_hc, logits
- *   state_push     the host state                 the backend's state
- *   begin_chunk    T                              w reserved for >= T tokens
- *   embed          tokens                         X [T][n][D] = embed[tokens[t]] per stream
- *   hc_collapse    X, L (attn or ffn mixer+norm)  w->a [T][D]; the mixes (for hc_expand)
- *   attention      w->a, L, st, p0, rope, journal w->f [T][D]; st: ring, rows, frontiers
- *                                                 (journal: compressor inputs, layer >= 0)
- *   hc_expand      X, w->f, the mixes             X (in place)
- *   moe            w->a, L, tokens                w->f [T][D]
- *   head           X rows row0 .. row0+n-1        logits [n][V], host (MTP head if is_mtp)
- *   mtp_input      hin0 [n*D], hin_next [T-1][n*D], tokens   X [T][n][D] (the MTP streams)
- *                  hin0 is s->last_hc (state) or a row of backend streams;
- *                  hin_next rows of backend streams, or NULL when T = 1
- *   end_chunk      X                              s->last_hc = X[T-1]; req->all_hc = X
- *
- * attention is the whole of 8.6-8.8: the q path, the kv path with its FP8
- * round trip and RoPE, the compressors and the indexer (ratio > 0), sparse
- * attention with sinks over ring + chunk + compressed rows, the inverse
- * RoPE, the grouped output projection, and finally the ring update. moe is
- * the whole of 8.9: router, routing (hash or biased top-k), the routed
- * experts and the shared one. Results must match the CPU backend's: bit for
- * bit on the CPU, within the bars of the GPU checks elsewhere.
- * ------------------------------------------------------------------------- */
-
-struct backend {
-    const char *name;
-    void (*session_open)(struct session *s);
-    void (*session_close)(struct session *s);
-    void (*state_pull)(struct session *s);
-    void (*state_push)(struct session *s);
-    void (*begin_chunk)(struct step *st);
-    void (*embed)(struct step *st);
-    void (*hc_collapse)(struct step *st, enum sublayer which);
-    void (*attention)(struct step *st);
-    void (*hc_expand)(struct step *st);
-    void (*moe)(struct step *st);
-    void (*head)(struct step *st, int64_t row0, int n, float *logits);
-    void (*mtp_input)(struct step *st, const float *hin0, const float *hin_next);
-    void (*end_chunk)(struct step *st);
-};
-
-static void cpu_session_open(struct session *s) {
-    s->work = xcalloc(1, sizeof *s->work);   /* capacity 0: the first chunk sizes it */
-}
-
-static void cpu_session_close(struct session *s) {
-    if (!s->work) return;
-    chunk_work_free(s->work);
-    free(s->work);
-    s->work = NULL;
-}
-
-/* The host copy IS the CPU backend's state. */
-static void cpu_state_sync(struct session *s) {
-    (void)s;
-}
-
-static void cpu_begin_chunk(struct step *st) {
-    chunk_work_reserve(st->w, st->c, st->T);
-}
-
-static void cpu_end_chunk(struct step *st) {
-    int64_t nD = (int64_t)st->c->hc * st->c->dim;
-    if (st->req && st->req->all_hc)
-        memcpy(st->req->all_hc, st->X, (size_t)st->T * nD * sizeof(float));
-    memcpy(st->s->last_hc, st->X + (st->T - 1) * nD, (size_t)nD * sizeof(float));
-}
-
-static const struct backend cpu_backend = {
-    .name = "cpu",
-    .session_open = cpu_session_open,
-    .session_close = cpu_session_close,
-    .state_pull = cpu_state_sync,
-    .state_push = cpu_state_sync,
-    .begin_chunk = cpu_begin_chunk,
-    .embed = embed_chunk,
-    .hc_collapse = hc_collapse_chunk,
-    .attention = attention_chunk,
-    .hc_expand = hc_expand_chunk,
-    .moe = moe_chunk,
-    .head = head_chunk,
-    .mtp_input = mtp_input,
-    .end_chunk = cpu_end_chunk,
-};
-
-static const struct backend *backend_cpu(void) {
-    return &cpu_backend;
-}
-
-static void backend_session_open(struct session *s) {
-    s->eng->be->session_open(s);
-}
-
-static void backend_session_close(struct session *s) {
-    s->eng->be->session_close(s);
-}
-
-/* ----------------------------------------------------------------------------
- * 8.14 The GPU backend: the story's steps as kernel dispatches.
- *
- * Built when DS4_GPU is defined: by `make` on macOS, where ds4_metal.m
- * implements the gpu_* dispatches on the GPU, and by tests/test_metal_model.c,
- * where tests/metal/harness.cpp runs the same kernels.metal on the CPU. So the
- * sequence below is the one the Mac runs and the one `make test` checks
- * against the oracle vectors.
- *
- * Each gpu_* call is one dispatch of the kernel of the same name (it carries
- * the CPU function's name, and its formula, in kernels.metal). Pointers are
- * unified memory: on Apple silicon the session's arrays and the mapped
- * weights are what the GPU reads, so the session state keeps the CPU layout
- * and the CPU backend's session ops serve both. Steps still done by the
- * host between dispatches are marked HOST; each is a copy or a counting
- * sort, and each is a synchronisation point a later revision removes.
- *
- * gpu_sync() comes before every host access to memory a dispatch may still
- * read or write: once the dispatches of a step are batched into one command
- * buffer it is where the host waits. tests/test_metal_model.c prints how
- * many there are per decode token next to the dispatch count.
- * ------------------------------------------------------------------------- */
-
-#ifdef DS4_GPU
-int gpu_matmul(int type, const void *w, const float *x, float *y, unsigned in, unsigned out,
-               unsigned n_tok, unsigned row_bytes, unsigned x_stride, unsigned y_stride);
-void gpu_rmsnorm(const float *x, const float *w, float *y, unsigned n, unsigned n_rows, float eps);
-void gpu_rope_tail(float *x, const float *freq, unsigned len, unsigned dims, unsigned n_heads,
-                   unsigned n_tok, long pos0, int inverse);
-void gpu_fp8_round_trip_nope(float *rows, unsigned len, unsigned rope_dims, unsigned n_rows);
-void gpu_indexer_round_trip(float *rows, unsigned n, unsigned n_rows);
-void gpu_hc_pre(const float *X, const float *raw_mix, const float *scale, const float *base,
-                float *mix_out, float *y, unsigned hc, unsigned dim, unsigned iters,
-                float norm_eps, float hc_eps, unsigned n_tok);
-void gpu_hc_post(float *X, const float *f, const float *mix, unsigned hc, unsigned dim,
-                 unsigned n_tok);
-void gpu_hc_head_collapse(const float *X, const float *raw_mix, const float *scale,
-                          const float *base, float *y, unsigned hc, unsigned dim,
-                          float norm_eps, float hc_eps, unsigned n_tok);
-void gpu_embed_tokens(const uint16_t *E, const int *tokens, float *out, unsigned dim,
-                      unsigned n_tok);
-void gpu_route_token(const float *logits, const int *tokens, const int *tid2eid,
-                     const float *bias, float *biased, int *sel, float *wt, unsigned n_tok,
-                     unsigned n_experts, unsigned n_used, float route_scale);
-void gpu_swiglu(float *g, const float *u, const float *weight, unsigned ffn, unsigned n,
-                float limit);
-void gpu_moe_gather_add(float *G, const float *Y, const int *slot_of, unsigned dim,
-                        unsigned n_used, unsigned n_tok);
-void gpu_add_rows(float *y, const float *x, unsigned n, unsigned x_period);
-void gpu_pool_channel(const float *kv, const float *score, float *pooled, unsigned ratio,
-                      unsigned coff, unsigned dc);
-void gpu_attend_one(const float *q, const float *chunk_kv, const float *ring, const float *comp,
-                    const int64_t *visible, const int *sel, const int *n_sel, const float *sinks,
-                    float *o, unsigned n_heads, unsigned head_dim, unsigned window, unsigned topk,
-                    long p0, unsigned compressed, unsigned max_rows, unsigned n_tok);
-void gpu_indexer_scores(const float *iq, const float *iw, const float *krows, float *score,
-                        unsigned heads, unsigned dim, unsigned n_rows, unsigned max_rows,
-                        float scale, unsigned n_tok);
-void gpu_topk_rows(const float *score, int *sel, int *n_sel, unsigned n_tok, unsigned n_rows,
-                   unsigned max_rows, unsigned k);
-int gpu_open(void);   /* device, queue, pipelines; 0 on failure (it says why) */
-void gpu_sync(void);  /* wait until every dispatch so far has completed */
-
-/* The device is opened with the first session; without one, nothing runs. */
-static void gpu_session_open(struct session *s) {
-    static int opened;
-    if (!opened && !(opened = gpu_open())) {
-        fprintf(stderr, "ds4: the metal backend has no usable device; try --backend cpu\n");
-        exit(1);
-    }
-    cpu_session_open(s);
-}
-
-/* y[t] = W x[t] for n tokens, contiguous rows: one matmul_<type> dispatch. */
-static void gpu_mm(const struct matrix *m, const float *x, float *y, int n) {
-    gpu_matmul((int)m->type, m->data, x, y, (unsigned)m->in, (unsigned)m->out, (unsigned)n,
-               (unsigned)m->row_bytes, (unsigned)m->in, (unsigned)m->out);
-}
-
-/* The packed mixes hc_pre writes, [T][2n + n n], live in w->hc's memory
- * (an hc_mix is larger than one packed mix). */
-static float *gpu_mixes(struct step *st) {
-    return (float *)st->w->hc;
-}
-
-/* X[t][h] = embed[tokens[t]] for every stream h. */
-static void gpu_embed(struct step *st) {
-    const struct ds4_config *c = st->c;
-    int64_t nD = (int64_t)c->hc * c->dim;
-    gpu_embed_tokens((const uint16_t *)st->eng->model->token_embd.data, st->tokens, st->w->f,
-                     (unsigned)c->dim, (unsigned)st->T);
-    gpu_sync();
-    memset(st->X, 0, (size_t)st->T * nD * sizeof(float));                     /* HOST */
-    for (int t = 0; t < st->T; t++)
-        gpu_add_rows(st->X + t * nD, st->w->f + (size_t)t * c->dim, (unsigned)nD,
-                     (unsigned)c->dim);
-}
-
-/* a = rmsnorm(hc_pre(fn . X), norm): matmul, hc_pre, rmsnorm. */
-static void gpu_hc_collapse(struct step *st, enum sublayer which) {
-    const struct ds4_config *c = st->c;
-    const struct layer_weights *L = st->L;
-    struct chunk_work *w = st->w;
-    bool attn = which == SUBLAYER_ATTENTION;
-    gpu_mm(attn ? &L->hc_attn_fn : &L->hc_ffn_fn, st->X, w->mix, st->T);
-    gpu_hc_pre(st->X, w->mix, attn ? L->hc_attn_scale : L->hc_ffn_scale,
-               attn ? L->hc_attn_base : L->hc_ffn_base, gpu_mixes(st), w->a, (unsigned)c->hc,
-               (unsigned)c->dim, (unsigned)c->sinkhorn_iters, c->norm_eps, c->hc_eps,
-               (unsigned)st->T);
-    gpu_rmsnorm(w->a, attn ? L->attn_norm : L->ffn_norm, w->a, (unsigned)c->dim,
-                (unsigned)st->T, c->norm_eps);
-}
-
-static void gpu_hc_expand(struct step *st) {
-    gpu_hc_post(st->X, st->w->f, gpu_mixes(st), (unsigned)st->c->hc, (unsigned)st->c->dim,
-                (unsigned)st->T);
-}
-
-/* The q path and the kv path of attention_project_qkv. */
-static void gpu_project_qkv(struct step *st) {
-    const struct ds4_config *c = st->c;
-    const struct layer_weights *L = st->L;
-    struct chunk_work *w = st->w;
-    unsigned T = (unsigned)st->T, Dh = (unsigned)c->head_dim, H = (unsigned)c->n_heads;
-    unsigned R = (unsigned)st->rope->dims;
-    gpu_mm(&L->q_a, w->a, w->qr, st->T);
-    gpu_rmsnorm(w->qr, L->q_a_norm, w->qr, (unsigned)c->q_rank, T, c->norm_eps);
-    gpu_mm(&L->q_b, w->qr, w->q, st->T);
-    gpu_rmsnorm(w->q, NULL, w->q, Dh, T * H, c->norm_eps);
-    gpu_rope_tail(w->q, st->rope->freq, Dh, R, H, T, st->p0, 0);
-    gpu_mm(&L->kv, w->a, w->kv, st->T);
-    gpu_rmsnorm(w->kv, L->kv_norm, w->kv, Dh, T, c->norm_eps);
-    gpu_rope_tail(w->kv, st->rope->freq, Dh, R, 1, T, st->p0, 0);
-    gpu_fp8_round_trip_nope(w->kv, Dh, (unsigned)c->rope_dim, T);
-}
-
-/* compressor_push with its pooling on the GPU; true when a row finished. */
-static bool gpu_compressor_push(struct compressor_state *cs, const float *k, const float *z,
-                                int64_t pos, float *pooled) {
-    int r = cs->ratio, width = cs->coff * cs->dc;
-    int slot = (cs->coff == 2 ? r : 0) + (int)(pos % r);
-    memcpy(cs->kv + (size_t)slot * width, k, (size_t)width * sizeof(float));      /* HOST */
-    memcpy(cs->score + (size_t)slot * width, z, (size_t)width * sizeof(float));
-    if ((pos + 1) % r != 0) return false;
-    gpu_pool_channel(cs->kv, cs->score, pooled, (unsigned)r, (unsigned)cs->coff,
-                     (unsigned)cs->dc);
-    if (cs->coff == 2) {
-        gpu_sync();
-        size_t half = (size_t)r * width;                                           /* HOST */
-        memcpy(cs->kv, cs->kv + half, half * sizeof(float));
-        memcpy(cs->score, cs->score + half, half * sizeof(float));
-    }
-    return true;
-}
-
-/* finish_attention_row / finish_indexer_row: norm, RoPE at the row's first
- * token, then the round trip of its format. */
-static void gpu_finish_row(struct step *st, const float *pooled, const float *norm, int width,
-                           int64_t row_pos, bool indexer, float *row) {
-    const struct ds4_config *c = st->c;
-    const struct rope *rope = &st->eng->rope_compressed;
-    gpu_rmsnorm(pooled, norm, row, (unsigned)width, 1, c->norm_eps);
-    gpu_rope_tail(row, rope->freq, (unsigned)width, (unsigned)rope->dims, 1, 1, row_pos, 0);
-    if (indexer) gpu_indexer_round_trip(row, (unsigned)width, 1);
-    else gpu_fp8_round_trip_nope(row, (unsigned)width, (unsigned)c->rope_dim, 1);
-}
-
-/* z[t] += ape[(p0 + t) mod r]: the slot bias, decoded on the host (HOST). */
-static void gpu_add_slot_bias(struct step *st, const struct matrix *ape, float *z, int width) {
-    for (int t = 0; t < st->T; t++) {
-        gpu_sync();
-        matrix_row_f32(ape, (st->p0 + t) % ape->out, st->w->tmp);
-        gpu_add_rows(z + (size_t)t * width, st->w->tmp, (unsigned)width, (unsigned)width);
-    }
-}
-
-static void gpu_compress(struct step *st) {
-    const struct layer_weights *L = st->L;
-    struct layer_state *ls = st->st;
-    struct chunk_work *w = st->w;
-    int r = L->ratio, width = compressor_coff(r) * st->c->head_dim, iwidth = 2 * st->c->idx_dim;
-    gpu_mm(&L->comp_kv, w->a, w->ck, st->T);
-    gpu_mm(&L->comp_gate, w->a, w->cz, st->T);
-    gpu_add_slot_bias(st, &L->comp_ape, w->cz, width);
-    if (r == 4) {
-        gpu_mm(&L->idx_kv, w->a, w->ik, st->T);
-        gpu_mm(&L->idx_gate, w->a, w->iz, st->T);
-        gpu_add_slot_bias(st, &L->idx_ape, w->iz, iwidth);
-    }
-    gpu_sync();
-    if (st->journal) journal_compressor_inputs(st);
-    for (int t = 0; t < st->T; t++) {
-        int64_t p = st->p0 + t;
-        if (gpu_compressor_push(&ls->comp, w->ck + (size_t)t * width, w->cz + (size_t)t * width,
-                                p, w->pooled))
-            gpu_finish_row(st, w->pooled, L->comp_norm, st->c->head_dim, p + 1 - r, false,
-                           row_store_append(&ls->comp_rows));
-        if (r == 4 && gpu_compressor_push(&ls->idx_comp, w->ik + (size_t)t * iwidth,
-                                          w->iz + (size_t)t * iwidth, p, w->pooled))
-            gpu_finish_row(st, w->pooled, L->idx_norm, st->c->idx_dim, p + 1 - r, true,
-                           row_store_append(&ls->idx_rows));
-        w->visible[t] = ls->comp_rows.n;
-    }
-}
-
-/* select_compressed_rows: the indexer's queries, scores and top-k. */
-static void gpu_select(struct step *st) {
-    const struct ds4_config *c = st->c;
-    const struct layer_weights *L = st->L;
-    struct chunk_work *w = st->w;
-    unsigned T = (unsigned)st->T, HI = (unsigned)c->idx_heads, DI = (unsigned)c->idx_dim;
-    bool need_indexer = false;
-    for (int t = 0; t < st->T; t++) {
-        w->n_sel[t] = -1;
-        if (L->ratio == 4 && w->visible[t] > c->idx_topk) need_indexer = true;
-    }
-    if (!need_indexer) return;
-    const struct rope *rope = &st->eng->rope_compressed;
-    gpu_mm(&L->idx_q_b, w->qr, w->iq, st->T);
-    gpu_rope_tail(w->iq, rope->freq, DI, (unsigned)rope->dims, HI, T, st->p0, 0);
-    gpu_indexer_round_trip(w->iq, DI, T * HI);
-    gpu_mm(&L->idx_proj, w->a, w->iw, st->T);
-    engine_reserve_attn_scratch(st->eng, w->visible[st->T - 1]);
-    float *score = st->eng->attn_scratch[0];
-    float scale = 1.0f / sqrtf((float)DI * (float)HI);
-    for (int t = 0; t < st->T; t++) {
-        unsigned nv = (unsigned)w->visible[t];
-        if (nv <= (unsigned)c->idx_topk) continue;
-        gpu_indexer_scores(w->iq + (size_t)t * HI * DI, w->iw + (size_t)t * HI,
-                           st->st->idx_rows.rows, score, HI, DI, nv, nv, scale, 1);
-        gpu_topk_rows(score, w->sel + (size_t)t * c->idx_topk, &w->n_sel[t], 1, nv, nv,
-                      (unsigned)c->idx_topk);
-    }
-}
-
-/* attend_chunk, the inverse RoPE, the ring update, attention_output. */
-static void gpu_attend_and_project(struct step *st) {
-    const struct ds4_config *c = st->c;
-    const struct layer_weights *L = st->L;
-    struct chunk_work *w = st->w;
-    unsigned T = (unsigned)st->T, H = (unsigned)c->n_heads, Dh = (unsigned)c->head_dim;
-    int64_t most = 0;
-    gpu_sync();
-    for (int t = 0; t < st->T; t++) {
-        int64_t n = L->ratio == 0 ? 0 : w->n_sel[t] < 0 ? w->visible[t] : w->n_sel[t];
-        if (n > most) most = n;
-    }
-    gpu_attend_one(w->q, w->kv, st->st->ring, st->st->comp_rows.rows, w->visible, w->sel,
-                   w->n_sel, L->sinks, w->o, H, Dh, (unsigned)c->window,
-                   (unsigned)c->idx_topk, st->p0, L->ratio > 0, (unsigned)(c->window + most), T);
-    gpu_rope_tail(w->o, st->rope->freq, Dh, (unsigned)st->rope->dims, H, T, st->p0, 1);
-    gpu_sync();
-    for (int t = st->T > c->window ? st->T - c->window : 0; t < st->T; t++)      /* HOST */
-        memcpy(st->st->ring + (size_t)((st->p0 + t) % c->window) * c->head_dim,
-               w->kv + (size_t)t * c->head_dim, (size_t)c->head_dim * sizeof(float));
-    unsigned group_in = H / (unsigned)c->o_groups * Dh, low = (unsigned)(c->o_groups * c->o_rank);
-    for (int g = 0; g < c->o_groups; g++)
-        gpu_matmul((int)L->out_a.type, matrix_row(&L->out_a, (int64_t)g * c->o_rank),
-                   w->o + g * group_in, w->low + g * c->o_rank, group_in, (unsigned)c->o_rank, T,
-                   (unsigned)L->out_a.row_bytes, H * Dh, low);
-    gpu_mm(&L->out_b, w->low, w->f, st->T);
-}
-
-static void gpu_attention(struct step *st) {
-    gpu_project_qkv(st);
-    if (st->L->ratio > 0) {
-        gpu_compress(st);
-        gpu_select(st);
-    }
-    gpu_attend_and_project(st);
-}
-
-/* run_expert: gate and up matmuls, swiglu, the down matmul. */
-static void gpu_expert(struct step *st, const struct expert_call *ex) {
-    struct chunk_work *w = st->w;
-    gpu_mm(&ex->gate, ex->x, w->hg, ex->n);
-    gpu_mm(&ex->up, ex->x, w->hu, ex->n);
-    gpu_swiglu(w->hg, w->hu, ex->weight, (unsigned)ex->gate.out, (unsigned)ex->n,
-               st->L->swiglu_limit);
-    gpu_mm(&ex->down, w->hg, ex->y, ex->n);
-}
-
-/* One routed expert for the m slots starting at expert_tokens[begin]:
- * gather (HOST), run, then G[t] += Y[i] through slot_of (all -1 but ours). */
-static void gpu_routed_expert(struct step *st, int e, int begin, int m, int *slot_of,
-                              float *weights) {
-    const struct layer_weights *L = st->L;
-    struct chunk_work *w = st->w;
-    int D = st->c->dim, K = st->c->n_used;
-    gpu_sync();
-    for (int i = 0; i < st->T * K; i++) slot_of[i] = -1;
-    for (int i = 0; i < m; i++) {
-        int slot = w->expert_tokens[begin + i];
-        memcpy(w->xe + (size_t)i * D, w->a + (size_t)(slot / K) * D, (size_t)D * sizeof(float));
-        weights[i] = w->route_wt[slot];
-        slot_of[slot] = i;
-    }
-    struct expert_call ex = { expert_slice(&L->gate_exps, e), expert_slice(&L->up_exps, e),
-                              expert_slice(&L->down_exps, e), w->xe, weights, m, w->ye };
-    gpu_expert(st, &ex);
-    gpu_moe_gather_add(w->f, w->ye, slot_of, (unsigned)D, (unsigned)K, (unsigned)st->T);
-}
-
-/* moe_chunk: router, route_token, the routed experts in expert order (as
- * the CPU adds them), the shared expert. The counting sort is HOST. */
-static void gpu_moe(struct step *st) {
-    const struct ds4_config *c = st->c;
-    const struct layer_weights *L = st->L;
-    struct chunk_work *w = st->w;
-    int E = c->n_experts, K = c->n_used, T = st->T;
-    int64_t scratch = (int64_t)T * (E > 2 * K ? E : 2 * K);
-    engine_reserve_attn_scratch(st->eng, scratch);
-    float *biased = st->eng->attn_scratch[0];
-    gpu_mm(&L->router, w->a, w->router, T);
-    gpu_route_token(w->router, st->tokens, L->hash_routed ? L->tid2eid : NULL, L->router_bias,
-                    biased, w->route_sel, w->route_wt, (unsigned)T, (unsigned)E, (unsigned)K,
-                    c->route_scale);
-    gpu_sync();
-    group_by_expert(c, T, w);
-    memset(w->f, 0, (size_t)T * c->dim * sizeof(float));                         /* HOST */
-    int *slot_of = (int *)biased;             /* the scores are consumed: reuse */
-    float *weights = biased + (size_t)T * K;
-    for (int e = 0; e < E; e++) {
-        int begin = w->expert_count[e], n = w->expert_count[e + 1] - begin;
-        if (n > 0) gpu_routed_expert(st, e, begin, n, slot_of, weights);
-    }
-    struct expert_call shared = { L->gate_shexp, L->up_shexp, L->down_shexp, w->a, NULL, T,
-                                  w->ye };
-    gpu_expert(st, &shared);
-    gpu_add_rows(w->f, w->ye, (unsigned)(T * c->dim), (unsigned)(T * c->dim));
-}
-
-/* head_chunk: matmul, hc_head_collapse, rmsnorm, the output matmul. */
-static void gpu_head(struct step *st, int64_t row0, int n, float *logits) {
-    const struct model *m = st->eng->model;
-    const struct ds4_config *c = st->c;
-    struct chunk_work *w = st->w;
-    int64_t nD = (int64_t)c->hc * c->dim;
-    const float *X = st->X + row0 * nD;
-    gpu_mm(st->is_mtp ? &m->mtp.hc_head_fn : &m->hc_head_fn, X, w->mix, n);
-    gpu_hc_head_collapse(X, w->mix, st->is_mtp ? m->mtp.hc_head_scale : m->hc_head_scale,
-                         st->is_mtp ? m->mtp.hc_head_base : m->hc_head_base, w->a,
-                         (unsigned)c->hc, (unsigned)c->dim, c->norm_eps, c->hc_eps, (unsigned)n);
-    gpu_rmsnorm(w->a, st->is_mtp ? m->mtp.norm : m->output_norm, w->a, (unsigned)c->dim,
-                (unsigned)n, c->norm_eps);
-    gpu_mm(&m->output, w->a, logits, n);
-    gpu_sync();                               /* the caller reads the logits */
-}
-
-/* mtp_input: Xm[i][h] = Wh . rmsnorm(Hin_i[h], hnorm) + We . rmsnorm(embed[tok_i], enorm). */
-static void gpu_mtp_input(struct step *st, const float *hin0, const float *hin_next) {
-    const struct mtp_weights *mw = &st->eng->model->mtp;
-    const struct ds4_config *c = st->c;
-    struct chunk_work *w = st->w;
-    unsigned n = (unsigned)c->hc, D = (unsigned)c->dim, Tm = (unsigned)st->T;
-    int64_t nD = (int64_t)n * D;
-    gpu_embed_tokens((const uint16_t *)st->eng->model->token_embd.data, st->tokens, w->y, D, Tm);
-    gpu_rmsnorm(w->y, mw->enorm, w->y, D, Tm, c->norm_eps);
-    gpu_rmsnorm(hin0, mw->hnorm, w->hn, D, n, c->norm_eps);
-    if (Tm > 1) gpu_rmsnorm(hin_next, mw->hnorm, w->hn + nD, D, (Tm - 1) * n, c->norm_eps);
-    gpu_mm(&mw->e_proj, w->y, w->f, (int)Tm);
-    gpu_mm(&mw->h_proj, w->hn, st->X, (int)(Tm * n));
-    for (unsigned i = 0; i < Tm; i++)
-        gpu_add_rows(st->X + i * nD, w->f + (size_t)i * D, (unsigned)nD, D);
-}
-
-/* The chunk's last streams are copied by the host. */
-static void gpu_end_chunk(struct step *st) {
-    gpu_sync();
-    cpu_end_chunk(st);
-}
-
-/* The session ops are the CPU's: in unified memory the host arrays are the
- * state the kernels read and write. */
-static const struct backend gpu_backend = {
-    .name = "metal",
-    .session_open = gpu_session_open,
-    .session_close = cpu_session_close,
-    .state_pull = cpu_state_sync,
-    .state_push = cpu_state_sync,
-    .begin_chunk = cpu_begin_chunk,
-    .embed = gpu_embed,
-    .hc_collapse = gpu_hc_collapse,
-    .attention = gpu_attention,
-    .hc_expand = gpu_hc_expand,
-    .moe = gpu_moe,
-    .head = gpu_head,
-    .mtp_input = gpu_mtp_input,
-    .end_chunk = gpu_end_chunk,
-};
-#endif /* DS4_GPU */
-
-/* --backend NAME. The GPU backends are known by name, so that asking for one
- * in a binary built without it says so instead of "unknown". */
-static const struct backend *backend_by_name(const char *name, struct ds4_error *e) {
-    if (strcmp(name, "cpu") == 0) return &cpu_backend;
-#ifdef DS4_GPU
-    if (strcmp(name, "metal") == 0) return &gpu_backend;
-#endif
-    if (strcmp(name, "cuda") == 0 || strcmp(name, "metal") == 0) {
-        fail(e, "backend '%s' is not built into this binary (built with: cpu)", name);
-        return NULL;
-    }
-    fail(e, "unknown backend '%s' (cpu, cuda or metal)", name);
-    return NULL;
-}
-
-
-/* ============================================================================
- * Chapter 9. The story: advancing a session by a chunk of tokens
- * ============================================================================
- *
- * This is the forward pass from end to end. Everything above is a chapter
- * of it. Prefill calls it with a long chunk, decode with one token; since
- * every per-position rule (window, compressor, indexer visibility, hash
- * routing) is applied token by token in position order, both produce the
- * same numbers.
- *
- *   tokens [T] at positions P .. P+T-1
- *     |
- *     embed, copy into n streams                        X: [T][n][D]
- *     for each layer: X = block(X)                      (8.10)
- *     logits = head(X)                                  last row, or all rows
- *     MTP rows P-1 .. P+T-2 (when an MTP file is loaded)
- *     P += T
- *
- * Every step goes through the session's backend (8.13), so this chapter is
- * the same story whichever backend runs it; it owns no arrays of its own.
- * ------------------------------------------------------------------------- */
-
-/* Source. This is Transformer.forward of [MODEL] (embed, copy into hc_mult
- * streams, the blocks, ParallelHead) run over a chunk, with the state of
- * [FWD §9] carried between calls; MTPBlock.forward supplies the MTP rows. */
-
-/* One block through the table: the two sublayers of 8.10. */
-static void run_block(const struct backend *be, struct step *st) {
-    be->hc_collapse(st, SUBLAYER_ATTENTION);
-    be->attention(st);
-    be->hc_expand(st);
-    be->hc_collapse(st, SUBLAYER_FFN);
-    be->moe(st);
-    be->hc_expand(st);
-}
-
-/* The step context of a chunk; the block fields are filled per block. */
-static struct step step_for_chunk(struct session *s, const int32_t *tokens, int64_t p0, int T,
-                                  const struct forward_request *req) {
-    struct step st = { .eng = s->eng, .c = &s->eng->model->cfg, .s = s, .w = s->work,
-                       .req = req, .tokens = tokens, .p0 = p0, .T = T };
-    return st;
-}
-
-static void step_at_layer(struct step *st, int l) {
-    const struct model *m = st->eng->model;
-    st->layer = l;
-    st->is_mtp = false;
-    st->L = &m->layers[l];
-    st->st = &st->s->layers[l];
-    st->rope = layer_rope(st->eng, st->L);
-    st->X = st->w->x;
-    st->journal = st->req ? st->req->journal : NULL;
-}
-
-/* The MTP block's step: Tm rows from position s->mtp_pos, on its own streams. */
-static struct step step_for_mtp(struct session *s, const int32_t *tokens, int Tm,
-                                const struct forward_request *req) {
-    struct step ms = step_for_chunk(s, tokens, s->mtp_pos, Tm, req);
-    ms.layer = -1;
-    ms.is_mtp = true;
-    ms.L = &s->eng->model->mtp.block;
-    ms.st = &s->mtp_state;
-    ms.rope = layer_rope(s->eng, ms.L);
-    ms.X = ms.w->xm;
-    return ms;
-}
-
-/* MTP rows for positions p0-1 .. p0+T-2 (those >= 0). The main streams of
- * the chunk are in main->X; s->last_hc holds those of position p0-1. */
-static void mtp_step(const struct backend *be, const struct step *main) {
-    struct session *s = main->s;
-    int first = main->p0 == 0 ? 1 : 0, Tm = main->T - first;
-    int64_t nD = (int64_t)main->c->hc * main->c->dim;
-    if (Tm <= 0) return;
-    struct step ms = step_for_mtp(s, main->tokens + first, Tm, main->req);
-    /* Row p0-1 reads the streams saved from the last call; the others this chunk's. */
-    if (first == 0) be->mtp_input(&ms, s->last_hc, main->X);
-    else be->mtp_input(&ms, main->X, main->X + nD);
-    run_block(be, &ms);
-    if (main->req && main->req->mtp_logits)
-        be->head(&ms, 0, Tm, main->req->mtp_logits + (size_t)first * main->c->vocab);
-    s->mtp_pos += Tm;
-}
-
-static bool check_chunk(const struct ds4_config *c, const int32_t *tokens, int T,
-                        struct ds4_error *e) {
-    if (T < 1) return fail(e, "nothing to process (empty chunk)");
-    for (int t = 0; t < T; t++)
-        if (tokens[t] < 0 || tokens[t] >= c->vocab)
-            return fail(e, "token id %d at chunk offset %d is outside the vocabulary (0..%d)",
-                        tokens[t], t, c->vocab - 1);
-    return true;
-}
-
-static bool session_forward(struct session *s, const int32_t *tokens, int T,
-                            const struct forward_request *req, struct ds4_error *e) {
-    const struct backend *be = s->eng->be;
-    const struct model *m = s->eng->model;
-    const struct ds4_config *c = &m->cfg;
-    if (!check_chunk(c, tokens, T, e)) return false;
-    struct step st = step_for_chunk(s, tokens, s->pos, T, req);
-    be->begin_chunk(&st);
-
-    /* Embedding: every stream starts as the same copy of the token's row. */
-    st.X = st.w->x;
-    be->embed(&st);
-
-    /* The layers. */
-    for (int l = 0; l < c->n_layers; l++) {
-        step_at_layer(&st, l);
-        run_block(be, &st);
-    }
-
-    /* The head: every row if asked (the checker wants them), else the last. */
-    if (req && req->all_logits) {
-        be->head(&st, 0, T, req->all_logits);
-        memcpy(s->logits, req->all_logits + (size_t)(T - 1) * c->vocab,
-               (size_t)c->vocab * sizeof(float));
-    } else {
-        be->head(&st, T - 1, 1, s->logits);
-    }
-
-    /* The MTP block runs one position behind, fed by these streams. */
-    if (m->has_mtp) mtp_step(be, &st);
-    be->end_chunk(&st);
-    s->pos += T;
-    return true;
-}
-
-/* Feed any number of tokens in chunks of at most `chunk` tokens. */
-static bool session_feed(struct session *s, const int32_t *tokens, int64_t n, int chunk,
-                         struct ds4_error *e) {
-    for (int64_t done = 0; done < n; done += chunk) {
-        int T = (int)(n - done < chunk ? n - done : chunk);
-        if (!session_forward(s, tokens + done, T, NULL, e)) return false;
-    }
-    return true;
-}
-
-/* ============================================================================
- * Chapter 10. Sampling
- * ============================================================================
- *
- * From logits to the next token. Temperature 0 means greedy: the highest
- * logit, and between equal logits the lower id (the same tie rule as every
- * other top-k in this file). Otherwise the filters run in the usual order:
- *
- *     p_i = softmax(logit_i / temperature)
- *     keep the top_k most likely (top_k > 0)
- *     drop tokens with p_i < min_p * max_j p_j (min_p > 0)
- *     keep the smallest prefix, most likely first, whose mass reaches top_p
- *     draw from what is left, renormalised
- *
- * The generator is splitmix64, seeded by --seed, so a seeded run repeats.
- * ------------------------------------------------------------------------- */
-
-/* Sources. The filters are the usual ones of the APIs the server speaks
- * [API §1.3]; top-p is the nucleus of Holtzman et al. [NUCLEUS]. */
-
-struct sampler_options {
-    float temperature, top_p, min_p;
-    int top_k;
-    uint64_t seed;
-};
-
-struct sampler {
-    struct sampler_options opt;
-    uint64_t state;
-    int *order;           /* [vocab] candidate ids */
-    float *prob;          /* [vocab] their probabilities */
-    float *dist;          /* [vocab] the distribution of the last draw */
-};
-
-static uint64_t splitmix64(uint64_t *state) {
-    uint64_t z = (*state += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
-}
-
-static double random_unit(uint64_t *state) {
-    return (double)(splitmix64(state) >> 11) * (1.0 / 9007199254740992.0);
-}
-
-static void sampler_init(struct sampler *sp, struct sampler_options opt, int vocab) {
-    sp->opt = opt;
-    sp->state = opt.seed;
-    sp->order = xmalloc((size_t)vocab * sizeof(int));
-    sp->prob = xmalloc((size_t)vocab * sizeof(float));
-    sp->dist = xmalloc((size_t)vocab * sizeof(float));
-}
-
-static void sampler_free(struct sampler *sp) {
-    free(sp->order);
-    free(sp->prob);
-    free(sp->dist);
-}
-
-static int argmax(const float *x, int n) {
-    int best = 0;
-    for (int i = 1; i < n; i++)
-        if (x[i] > x[best]) best = i;
-    return best;
-}
-
-static const float *sort_probs;
-static int by_prob_desc(const void *a, const void *b) {
-    int ia = *(const int *)a, ib = *(const int *)b;
-    if (sort_probs[ia] != sort_probs[ib]) return sort_probs[ia] > sort_probs[ib] ? -1 : 1;
-    return ia - ib;
-}
-
-/* The distribution the sampler draws from, written into dist[vocab]:
- * filtered tokens get 0, the rest sum to 1. At temperature 0 it is one-hot
- * at the argmax. Speculative sampling needs the distribution itself, not
- * just a draw from it (10b). */
-static void sampler_distribution(struct sampler *sp, const float *logits, int vocab, float *dist) {
-    const struct sampler_options *o = &sp->opt;
-    if (o->temperature <= 0) {
-        memset(dist, 0, (size_t)vocab * sizeof(float));
-        dist[argmax(logits, vocab)] = 1.0f;
-        return;
-    }
-    float mx = logits[argmax(logits, vocab)];
-    for (int i = 0; i < vocab; i++) sp->prob[i] = expf((logits[i] - mx) / o->temperature);
-    /* Unnormalised, the most likely token has weight exactly 1, so the min_p
-     * floor "min_p * max_j p_j" is simply min_p. */
-    int n = 0;
-    for (int i = 0; i < vocab; i++)
-        if (sp->prob[i] >= o->min_p) sp->order[n++] = i;
-    sort_probs = sp->prob;
-    qsort(sp->order, (size_t)n, sizeof(int), by_prob_desc);
-    if (o->top_k > 0 && n > o->top_k) n = o->top_k;
-    if (o->top_p > 0 && o->top_p < 1) {
-        double total = 0, mass = 0;
-        for (int i = 0; i < n; i++) total += sp->prob[sp->order[i]];
-        int cut = 0;
-        while (cut < n && mass < o->top_p * total) mass += sp->prob[sp->order[cut++]];
-        n = cut;
-    }
-    double kept = 0;
-    for (int i = 0; i < n; i++) kept += sp->prob[sp->order[i]];
-    memset(dist, 0, (size_t)vocab * sizeof(float));
-    for (int i = 0; i < n; i++) dist[sp->order[i]] = (float)(sp->prob[sp->order[i]] / kept);
-}
-
-/* One draw from a distribution (entries summing to ~1). */
-static int draw_token(const float *dist, int vocab, uint64_t *state) {
-    double r = random_unit(state), acc = 0;
-    int last = 0;
-    for (int i = 0; i < vocab; i++) {
-        if (dist[i] <= 0) continue;
-        acc += dist[i];
-        last = i;
-        if (r < acc) return i;
-    }
-    return last;     /* rounding left r just above the total */
-}
-
-static int sample_token(struct sampler *sp, const float *logits, int vocab) {
-    if (sp->opt.temperature <= 0) return argmax(logits, vocab);
-    sampler_distribution(sp, logits, vocab, sp->dist);
-    return draw_token(sp->dist, vocab, &sp->state);
-}
-
-/* ============================================================================
- * Chapter 10b. Speculative decoding with the MTP block
- * ============================================================================
- *
- * Decode reads every weight to produce one token. Verifying several tokens
- * at once costs barely more, since the weights are read once for all of
- * them. The MTP block guesses ("drafts") the next tokens cheaply; the main
- * model then checks them all in one chunk and keeps the longest prefix it
- * agrees with:
- *
- *   session at P, next token t_P already chosen from the main logits
- *   draft:  d_1 = MTP(H_{P-1}, t_P)          at position P-1
- *           d_j = MTP(X_{j-1}, d_{j-1})      chaining on the MTP's own streams
- *   verify: main forward of [t_P, d_1 .. d_n] at P .. P+n   (one chunk)
- *   accept: greedy -- d_j survives while it equals the main argmax before it;
- *           sampling -- d_j survives with probability min(1, p(d_j)/q(d_j)),
- *           and the first rejection resamples from norm(max(0, p - q)).
- *   roll the session back to just after the last kept token.
- *
- * The acceptance rule makes the output distribution exactly the main
- * model's [SPEC] [SPEC2]; in greedy mode the
- * tokens are identical to plain decoding, because a verification of up to
- * MATMUL_DECODE_PATH_MAX_TOKENS tokens runs the same arithmetic as decode.
- *
- * Rolling back. A verification changes: the window ring slots of its
- * positions, the compressed-row counts, the compressor frontiers, the MTP
- * ring, the final streams and logits. A checkpoint taken before it holds
- * the old ring slots, counts and frontiers; the verification journals each
- * token's compressor inputs; the rollback restores the checkpoint and
- * replays the accepted tokens' compressor inputs, which re-emits exactly the
- * rows they emitted.
- * ------------------------------------------------------------------------- */
-
-/* Sources. The draft model is the MTP block [V3 §2.2] [MTP] (8.12); the
- * verification and the acceptance rule are [SPEC] and [SPEC2]. */
-
-struct spec_options {
-    int draft;               /* drafted tokens per step, 0 = plain decoding */
-    float gate;              /* stop drafting below this MTP top-1 probability */
-};
-
-struct spec_stats {
-    int64_t main_forwards;   /* forward calls of the main model */
-    int64_t drafted, accepted, emitted;
-    double cpu_seconds;          /* process CPU time of the decode (the bench fills it) */
-    int64_t heap_allocations;    /* allocations during the decode (the bench fills it) */
-};
-
-struct checkpoint {
-    int64_t pos, mtp_pos;
-    int span;                  /* positions pos .. pos+span-1 may be taken back */
-    float *ring;               /* [layers][span][Dh] ring slots before the change */
-    float *mtp_ring;           /* [span][Dh] MTP slots of rows pos-1 .. pos+span-2 */
-    int64_t *comp_n, *idx_n;   /* [layers] row counts */
-    float **frontier;          /* [layers] comp kv|score then idx kv|score */
-};
-
-static size_t frontier_floats(const struct compressor_state *cs) {
-    return cs->kv ? (size_t)cs->coff * cs->ratio * cs->coff * cs->dc : 0;
-}
-
-/* Room for checkpoints of up to `span` positions, allocated once (the
- * generator keeps two and reuses them every step). Drafting touches only the
- * MTP ring; a verification touches everything: `with_layers` says whether
- * the main layers' state is saved too. */
-static void checkpoint_alloc(struct checkpoint *cp, const struct session *s, int span,
-                             bool with_layers) {
-    const struct ds4_config *c = &s->eng->model->cfg;
-    int L = with_layers ? c->n_layers : 0, Dh = c->head_dim;
-    memset(cp, 0, sizeof *cp);
-    cp->span = span;
-    cp->mtp_ring = xmalloc((size_t)span * Dh * sizeof(float));
-    if (!with_layers) return;
-    cp->ring = xmalloc((size_t)L * span * Dh * sizeof(float));
-    cp->comp_n = xmalloc((size_t)L * sizeof(int64_t));
-    cp->idx_n = xmalloc((size_t)L * sizeof(int64_t));
-    cp->frontier = xcalloc((size_t)L, sizeof(float *));
-    for (int l = 0; l < L; l++) {
-        const struct layer_state *st = &s->layers[l];
-        size_t fc = frontier_floats(&st->comp), fi = frontier_floats(&st->idx_comp);
-        cp->frontier[l] = xmalloc((2 * (fc + fi) + 1) * sizeof(float));
-    }
-}
-
-/* Save the state `span` (<= the allocated span) positions may change, into
- * a checkpoint from checkpoint_alloc with the same `with_layers`. */
-static void checkpoint_save(struct checkpoint *cp, const struct session *s, int span) {
-    const struct ds4_config *c = &s->eng->model->cfg;
-    int L = cp->ring ? c->n_layers : 0, W = c->window, Dh = c->head_dim;
-    cp->pos = s->pos;
-    cp->mtp_pos = s->mtp_pos;
-    cp->span = span;
-    for (int l = 0; l < L; l++) {
-        const struct layer_state *st = &s->layers[l];
-        for (int i = 0; i < span; i++)
-            memcpy(cp->ring + ((size_t)l * span + i) * Dh, st->ring + (size_t)((s->pos + i) % W) * Dh,
-                   (size_t)Dh * sizeof(float));
-        cp->comp_n[l] = st->comp_rows.n;
-        cp->idx_n[l] = st->idx_rows.n;
-        size_t fc = frontier_floats(&st->comp), fi = frontier_floats(&st->idx_comp);
-        float *f = cp->frontier[l];
-        if (fc) {   /* a window-only layer has no frontier (and NULL arrays) */
-            memcpy(f, st->comp.kv, fc * sizeof(float));
-            memcpy(f + fc, st->comp.score, fc * sizeof(float));
-        }
-        if (fi) {
-            memcpy(f + 2 * fc, st->idx_comp.kv, fi * sizeof(float));
-            memcpy(f + 2 * fc + fi, st->idx_comp.score, fi * sizeof(float));
-        }
-    }
-    for (int i = 0; i < span; i++) {
-        int64_t row = s->pos - 1 + i;
-        if (row >= 0)
-            memcpy(cp->mtp_ring + (size_t)i * Dh, s->mtp_state.ring + (size_t)(row % W) * Dh,
-                   (size_t)Dh * sizeof(float));
-    }
-}
-
-/* A one-off checkpoint: allocate and save. */
-static void checkpoint_take(struct checkpoint *cp, const struct session *s, int span, bool with_layers) {
-    checkpoint_alloc(cp, s, span, with_layers);
-    checkpoint_save(cp, s, span);
-}
-
-static void checkpoint_free(struct checkpoint *cp, int n_layers) {
-    for (int l = 0; cp->frontier && l < n_layers; l++) free(cp->frontier[l]);
-    free(cp->frontier);
-    free(cp->ring);
-    free(cp->mtp_ring);
-    free(cp->comp_n);
-    free(cp->idx_n);
-}
-
-/* Put back the MTP ring slots of rows >= first_row, and the MTP count. */
-static void restore_mtp(struct session *s, const struct checkpoint *cp, int64_t first_row) {
-    const struct ds4_config *c = &s->eng->model->cfg;
-    for (int i = 0; i < cp->span; i++) {
-        int64_t row = cp->pos - 1 + i;
-        if (row >= first_row && row >= 0)
-            memcpy(s->mtp_state.ring + (size_t)(row % c->window) * c->head_dim,
-                   cp->mtp_ring + (size_t)i * c->head_dim, (size_t)c->head_dim * sizeof(float));
-    }
-    s->mtp_pos = first_row;
-}
-
-/* Restore layer l's compressors to the checkpoint, then replay the first
- * `keep` journaled tokens through them. */
-static void replay_compressors(struct session *s, const struct checkpoint *cp,
-                               const struct compressor_journal *j, int l, int keep, float *pooled) {
-    struct engine *eng = s->eng;
-    const struct layer_weights *L = &eng->model->layers[l];
-    struct layer_state *st = &s->layers[l];
-    size_t fc = frontier_floats(&st->comp), fi = frontier_floats(&st->idx_comp);
-    const float *f = cp->frontier[l];
-    memcpy(st->comp.kv, f, fc * sizeof(float));
-    memcpy(st->comp.score, f + fc, fc * sizeof(float));
-    if (fi) {   /* ratio-128 layers have no indexer compressor */
-        memcpy(st->idx_comp.kv, f + 2 * fc, fi * sizeof(float));
-        memcpy(st->idx_comp.score, f + 2 * fc + fi, fi * sizeof(float));
-    }
-    st->comp_rows.n = cp->comp_n[l];
-    st->idx_rows.n = cp->idx_n[l];
-    int r = L->ratio, width = compressor_coff(r) * eng->model->cfg.head_dim;
-    int iwidth = 2 * eng->model->cfg.idx_dim;
-    for (int i = 0; i < keep; i++) {
-        int64_t p = cp->pos + i;
-        if (compressor_push(&st->comp, j->k[l] + (size_t)i * width, j->z[l] + (size_t)i * width, p, pooled))
-            finish_attention_row(eng, L, pooled, p + 1 - r, row_store_append(&st->comp_rows));
-        if (r == 4 && compressor_push(&st->idx_comp, j->ik[l] + (size_t)i * iwidth,
-                                      j->iz[l] + (size_t)i * iwidth, p, pooled))
-            finish_indexer_row(eng, L, pooled, p + 1 - r, row_store_append(&st->idx_rows));
-    }
-}
-
-/* Take back everything after the first `keep` tokens of a verification
- * that started at the checkpoint. all_logits/all_hc are its outputs. */
-static void session_rollback(struct session *s, const struct checkpoint *cp,
-                             const struct compressor_journal *j, int keep,
-                             const float *all_logits, const float *all_hc) {
-    const struct ds4_config *c = &s->eng->model->cfg;
-    int W = c->window, Dh = c->head_dim;
-    int64_t n_d = (int64_t)c->hc * c->dim, new_pos = cp->pos + keep;
-    float *pooled = s->work->pooled;   /* [Dh], idle between forwards */
-    for (int l = 0; l < c->n_layers; l++) {
-        for (int i = keep; i < cp->span && cp->pos + i < s->pos; i++)
-            memcpy(s->layers[l].ring + (size_t)((cp->pos + i) % W) * Dh,
-                   cp->ring + ((size_t)l * cp->span + i) * Dh, (size_t)Dh * sizeof(float));
-        if (c->ratio[l] > 0) replay_compressors(s, cp, j, l, keep, pooled);
-    }
-    if (s->eng->model->has_mtp) restore_mtp(s, cp, new_pos - 1);
-    memcpy(s->last_hc, all_hc + (keep - 1) * n_d, (size_t)n_d * sizeof(float));
-    memcpy(s->logits, all_logits + (size_t)(keep - 1) * c->vocab, (size_t)c->vocab * sizeof(float));
-    s->pos = new_pos;
-}
-
-static void journal_init(struct compressor_journal *j, const struct ds4_config *c, int T) {
-    int L = c->n_layers;
-    j->k = xcalloc((size_t)L, sizeof(float *));
-    j->z = xcalloc((size_t)L, sizeof(float *));
-    j->ik = xcalloc((size_t)L, sizeof(float *));
-    j->iz = xcalloc((size_t)L, sizeof(float *));
-    for (int l = 0; l < L; l++) {
-        if (c->ratio[l] == 0) continue;
-        size_t width = (size_t)compressor_coff(c->ratio[l]) * c->head_dim, iw = 2 * (size_t)c->idx_dim;
-        j->k[l] = xmalloc((size_t)T * width * sizeof(float));
-        j->z[l] = xmalloc((size_t)T * width * sizeof(float));
-        if (c->ratio[l] == 4) {
-            j->ik[l] = xmalloc((size_t)T * iw * sizeof(float));
-            j->iz[l] = xmalloc((size_t)T * iw * sizeof(float));
-        }
-    }
-}
-
-static void journal_free(struct compressor_journal *j, int n_layers) {
-    for (int l = 0; l < n_layers; l++) {
-        free(j->k[l]);
-        free(j->z[l]);
-        free(j->ik[l]);
-        free(j->iz[l]);
-    }
-    free(j->k);
-    free(j->z);
-    free(j->ik);
-    free(j->iz);
-}
-
-/* ----------------------------------------------------------------------------
- * Drafting: the MTP block run on its own outputs.
- * ------------------------------------------------------------------------- */
-
-/* One MTP row at ms->p0: streams `hin` [n*D] and the token ms->tokens[0]
- * in, the block's output streams (ms->X) and logits [V] out. */
-static void mtp_row(const struct backend *be, struct step *ms, const float *hin, float *logits) {
-    be->mtp_input(ms, hin, NULL);
-    run_block(be, ms);
-    be->head(ms, 0, 1, logits);
-}
-
-/* Probability of the most likely token under plain softmax (the gate). */
-static float top1_probability(const float *logits, int V) {
-    float mx = logits[argmax(logits, V)];
-    double sum = 0;
-    for (int i = 0; i < V; i++) sum += exp((double)logits[i] - mx);
-    return (float)(1.0 / sum);
-}
-
-struct generator;
-/* A drafter proposes up to spec.draft tokens after `first`, writes their
- * draft distributions to g->q, and returns how many. The MTP block is the
- * real one; tests plug in drafters that are right or wrong on purpose. */
-typedef int (*drafter_fn)(struct generator *g, int32_t first, int32_t *drafts);
-
-struct generator {
-    struct session *s;
-    struct sampler *sp;
-    struct spec_options spec;
-    struct spec_stats stats;
-    drafter_fn drafter;      /* draft_tokens unless a test replaces it */
-    void *drafter_ctx;
-    float *q;                /* [draft][V] draft distributions */
-    float *p;                /* [V] target distribution */
-    float *draft_logits;     /* [V] the MTP block's logits while drafting */
-    /* A step's verification state, allocated once for draft+1 positions. */
-    int n_layers;
-    struct checkpoint draft_cp, verify_cp;
-    struct compressor_journal journal;
-    float *all_logits;       /* [draft+1][V] */
-    float *all_hc;           /* [draft+1][n*D] */
-    bool have_residual;      /* the next token comes from `p`, a residual */
-};
-
-/* Draft up to spec.draft tokens after `first`; returns how many. The MTP
- * state is left exactly as it was. */
-static int draft_tokens(struct generator *g, int32_t first, int32_t *drafts) {
-    struct session *s = g->s;
-    const struct backend *be = s->eng->be;
-    int V = s->eng->model->cfg.vocab, K = g->spec.draft;
-    float *logits = g->draft_logits;
-    be->state_pull(s);
-    struct checkpoint *cp = &g->draft_cp;
-    checkpoint_save(cp, s, K + 1);
-    int32_t token = first;
-    struct step ms = step_for_mtp(s, &token, 1, NULL);
-    be->begin_chunk(&ms);
-    /* Row n reads the streams row n-1 wrote, so two stream buffers take
-     * turns: the MTP's own and the main model's, idle between forwards. */
-    float *streams[2] = { ms.w->xm, ms.w->x };
-    const float *hin = s->last_hc;
-    int n = 0;
-    for (; n < K; n++) {
-        ms.p0 = s->pos - 1 + n;
-        ms.X = streams[n % 2];
-        mtp_row(be, &ms, hin, logits);
-        if (top1_probability(logits, V) < g->spec.gate) break;
-        float *q = g->q + (size_t)n * V;
-        sampler_distribution(g->sp, logits, V, q);
-        drafts[n] = g->sp->opt.temperature <= 0 ? argmax(logits, V) : draw_token(q, V, &g->sp->state);
-        token = drafts[n];
-        hin = ms.X;
-    }
-    restore_mtp(s, cp, s->pos - 1);
-    s->mtp_pos = cp->mtp_pos;
-    be->state_push(s);
-    return n;
-}
-
-static void generator_init(struct generator *g, struct session *s, struct sampler *sp,
-                           struct spec_options spec) {
-    memset(g, 0, sizeof *g);
-    const struct ds4_config *c = &s->eng->model->cfg;
-    if (!s->eng->model->has_mtp) spec.draft = 0;
-    /* A verification chunk must fit the window ring and the decode kernel path. */
-    int most = MATMUL_DECODE_PATH_MAX_TOKENS - 1 < c->window - 1 ? MATMUL_DECODE_PATH_MAX_TOKENS - 1
-                                                                 : c->window - 1;
-    if (spec.draft > most) spec.draft = most;
-    g->s = s;
-    g->sp = sp;
-    g->spec = spec;
-    g->q = xmalloc((size_t)(spec.draft > 0 ? spec.draft : 1) * c->vocab * sizeof(float));
-    g->p = xmalloc((size_t)c->vocab * sizeof(float));
-    g->draft_logits = xmalloc((size_t)c->vocab * sizeof(float));
-    g->drafter = draft_tokens;
-    if (spec.draft == 0) return;
-    int T = spec.draft + 1;
-    g->n_layers = c->n_layers;
-    checkpoint_alloc(&g->draft_cp, s, T, false);
-    checkpoint_alloc(&g->verify_cp, s, T, true);
-    journal_init(&g->journal, c, T);
-    g->all_logits = xmalloc((size_t)T * c->vocab * sizeof(float));
-    g->all_hc = xmalloc((size_t)T * c->hc * c->dim * sizeof(float));
-}
-
-static void generator_free(struct generator *g) {
-    free(g->q);
-    free(g->p);
-    free(g->draft_logits);
-    if (g->spec.draft > 0) {
-        int L = g->n_layers;
-        checkpoint_free(&g->draft_cp, L);
-        checkpoint_free(&g->verify_cp, L);
-        journal_free(&g->journal, L);
-        free(g->all_logits);
-        free(g->all_hc);
-    }
-}
-
-/* Speculative sampling's acceptance test for draft token d with target p and
- * draft q: accept with probability min(1, p[d]/q[d]); on rejection, turn p
- * into the residual norm(max(0, p - q)) to draw the replacement from. */
-static bool accept_draft(float *p, const float *q, int d, int V, uint64_t *state) {
-    if (q[d] > 0 && random_unit(state) * q[d] < p[d]) return true;
-    double total = 0;
-    for (int i = 0; i < V; i++) total += p[i] = fmaxf(p[i] - q[i], 0.0f);
-    if (total <= 0) return true;      /* p == q: rejection has probability 0 */
-    for (int i = 0; i < V; i++) p[i] = (float)(p[i] / total);
-    return false;
-}
-
-/* Count the drafts the main model keeps (greedy or sampled). */
-static int count_accepted(struct generator *g, const int32_t *drafts, int n, const float *all_logits) {
-    int V = g->s->eng->model->cfg.vocab;
-    for (int i = 0; i < n; i++) {
-        const float *logits = all_logits + (size_t)i * V;
-        if (g->sp->opt.temperature <= 0) {
-            if (drafts[i] != argmax(logits, V)) return i;
-            continue;
-        }
-        sampler_distribution(g->sp, logits, V, g->p);
-        if (!accept_draft(g->p, g->q + (size_t)i * V, drafts[i], V, &g->sp->state)) {
-            g->have_residual = true;
-            return i;
-        }
-    }
-    return n;
-}
-
-/* A model with broken weights (or hyper-parameters that slipped past
- * Chapter 4) makes NaN or infinite logits, and argmax over NaN picks token 0
- * forever. Generation stops with an error instead of printing such tokens.
- * One pass over the vocabulary per step: noise next to the forward pass. */
-static bool logits_finite(const float *logits, int n) {
-    for (int i = 0; i < n; i++)
-        if (!isfinite(logits[i])) return false;
-    return true;
-}
-
-/* Choose the next token from the session's logits (or a pending residual). */
-static int32_t generator_choose(struct generator *g) {
-    int V = g->s->eng->model->cfg.vocab;
-    if (g->have_residual) {
-        g->have_residual = false;
-        return draw_token(g->p, V, &g->sp->state);
-    }
-    return sample_token(g->sp, g->s->logits, V);
-}
-
-/* Advance by at least one token. The chosen tokens (1 .. draft+1) are written
- * to out, all of them already in the session, whose logits now predict the
- * token after them. */
-static int generator_step(struct generator *g, int32_t *out, struct ds4_error *e) {
-    struct session *s = g->s;
-    const struct ds4_config *c = &s->eng->model->cfg;
-    if (!g->have_residual && !logits_finite(s->logits, c->vocab))
-        return fail(e, "the model's logits are not finite (NaN or infinity): broken weights?") ? 0 : -1;
-    out[0] = generator_choose(g);
-    int n = g->spec.draft > 0 ? g->drafter(g, out[0], out + 1) : 0;
-    g->stats.main_forwards++;
-    g->stats.drafted += n;
-    if (n == 0) {
-        g->stats.emitted++;
-        return session_forward(s, out, 1, NULL, e) ? 1 : -1;
-    }
-    int T = n + 1;
-    s->eng->be->state_pull(s);
-    checkpoint_save(&g->verify_cp, s, T);
-    struct forward_request req = { .all_logits = g->all_logits, .all_hc = g->all_hc,
-                                   .journal = &g->journal };
-    int kept = -1;
-    if (session_forward(s, out, T, &req, e)) {
-        kept = 1 + count_accepted(g, out + 1, n, g->all_logits);
-        if (kept < T) {
-            session_rollback(s, &g->verify_cp, &g->journal, kept, g->all_logits, g->all_hc);
-            s->eng->be->state_push(s);
-        }
-        g->stats.accepted += kept - 1;
-        g->stats.emitted += kept;
-    }
-    return kept;
-}
-
-
-/* ============================================================================
- * Chapter 10c. Sessions on disk: snapshots and the KV store
+ * Chapter 12. Sessions on disk: snapshots and the KV store
  * ============================================================================
  *
  * Agents resend the whole conversation every turn. Re-prefilling 25k tokens
  * costs minutes on a laptop, yet the first 24.9k of them are the same as
- * last time. This chapter makes the session state (8.2) a file: everything
+ * last time. This chapter makes the session state (6.2) a file: everything
  * needed to continue exactly as if the process had never stopped, and a
  * directory of such files indexed by the text they cover.
  *
  * HOW IT WORKS. A snapshot holds the token ids, the next-token logits, and
- * per layer the state of 8.2: the sliding-window rows in logical order, the
+ * per layer the state of 6.2: the sliding-window rows in logical order, the
  * compressed rows, the indexer rows and the two compressors' unfinished
  * windows, plus the MTP block's ring and the streams it reads. Loading it
  * into a fresh session and feeding the next token computes the same logits,
  * bit for bit, as the session that was saved.
  *
  * The rows are stored in the precision the model gave them. Every K=V row
- * already went through the FP8 round trip of chapter 7 (nope dims) and every
+ * already went through the FP8 round trip of chapter 5 (nope dims) and every
  * indexer row through Hadamard + FP4, so writing their e4m3 / e2m1 codes and
  * power-of-two block scales loses nothing: decode(encode(row)) is the row,
  * and the encoder checks that for every block (a block that fails is stored
@@ -9742,11 +9229,11 @@ static int generator_step(struct generator *g, int32_t *out, struct ds4_error *e
  * project's own, specified in this chapter. */
 
 
-/* ---- 10c.1 SHA1 (FIPS 180-4) ---------------------------------------------
+/* ---- 12.1 SHA1 (FIPS 180-4) ---------------------------------------------
  *
  * Names files after the text they cover and identifies models. Not for
  * security: collisions are only a cache miss or, at worst, a load that the
- * byte-exact key comparison of 10c.7 rejects.
+ * byte-exact key comparison of 12.7 rejects.
  *
  *     per 64-byte block: W[t] = block words (big-endian), t < 16
  *                        W[t] = rotl1(W[t-3] ^ W[t-8] ^ W[t-14] ^ W[t-16])
@@ -9805,7 +9292,7 @@ static void sha1_update(struct sha1 *c, const void *data, size_t n) {
 }
 
 /* Finish a COPY, so that a caller can keep hashing after taking a digest of
- * the prefix so far (the lookup of 10c.7 does exactly that). */
+ * the prefix so far (the lookup of 12.7 does exactly that). */
 static void sha1_digest(const struct sha1 *ctx, uint8_t out[20]) {
     struct sha1 c = *ctx;
     uint64_t bits = c.len * 8;
@@ -9837,7 +9324,7 @@ static void sha1_of(const void *data, size_t n, char hex[41]) {
     sha1_hex(d, hex);
 }
 
-/* ---- 10c.2 CRC32C ----------------------------------------------------------
+/* ---- 12.2 CRC32C ----------------------------------------------------------
  *
  * The payload checksum. Castagnoli's polynomial (reflected 0x82f63b78),
  * which catches all burst errors up to 32 bits; the slicing-by-8 tables
@@ -9879,7 +9366,7 @@ static uint32_t crc32c_update(uint32_t crc, const void *data, size_t n) {
     return ~crc;
 }
 
-/* ---- 10c.3 Model identity --------------------------------------------------
+/* ---- 12.3 Model identity --------------------------------------------------
  *
  * A snapshot is only meaningful for the weights that produced it. The
  * identity is the SHA1 of the GGUF bytes from offset 0 to the start of the
@@ -9912,9 +9399,9 @@ static int kv_quant_bits(const struct model *m) {
     }
 }
 
-/* ---- 10c.4 FP8 and FP4 codes -----------------------------------------------
+/* ---- 12.4 FP8 and FP4 codes -----------------------------------------------
  *
- * Chapter 7 SIMULATES the formats: it rounds floats to the e4m3 / e2m1 grids
+ * Chapter 5 SIMULATES the formats: it rounds floats to the e4m3 / e2m1 grids
  * times a power-of-two scale. Here we write the actual codes.
  *
  *     e4m3 byte:  s eeee mmm    e = 0: (-1)^s m 2^-9;   else (-1)^s (1 + m/8) 2^(e-7)
@@ -10005,7 +9492,7 @@ static bool fp4_encode_block(const float *v, int n, uint8_t *out) {
     return true;
 }
 
-/* ---- 10c.5 The snapshot file -----------------------------------------------
+/* ---- 12.5 The snapshot file -----------------------------------------------
  *
  * All integers little-endian, floats IEEE-754 binary32 little-endian.
  *
@@ -10013,7 +9500,7 @@ static bool fp4_encode_block(const float *v, int n, uint8_t *out) {
  *         0      8  magic "DS4KVSNP"
  *         8      4  format version (1)
  *        12      4  header size (96)
- *        16     20  model identity (10c.3), raw SHA1 bytes
+ *        16     20  model identity (12.3), raw SHA1 bytes
  *        36     20  SHA1 of the key text (the file is named after its hex)
  *        56      8  token count N (>= 1)
  *        64      8  key text bytes K
@@ -10116,7 +9603,8 @@ static bool kv_header_decode(const uint8_t *in, uint64_t file_size, struct kv_he
     if (load_le(in + 8, 4) != KV_FORMAT_VERSION)
         return fail(e, "format version %u, this build reads %d", (unsigned)load_le(in + 8, 4),
                     KV_FORMAT_VERSION);
-    if (load_le(in + 12, 4) != KV_HEADER_BYTES) return fail(e, "header size is not %d", KV_HEADER_BYTES);
+    if (load_le(in + 12, 4) != KV_HEADER_BYTES)
+        return fail(e, "header size is not %d", KV_HEADER_BYTES);
     memcpy(h->model, in + 16, 20);
     memcpy(h->key_sha1, in + 36, 20);
     h->n_tokens = load_le(in + 56, 8);
@@ -10139,7 +9627,7 @@ static bool kv_header_decode(const uint8_t *in, uint64_t file_size, struct kv_he
     return true;
 }
 
-/* ---- 10c.5.1 The serializer: one walk, two directions ---------------------- */
+/* ---- 12.5.1 The serializer: one walk, two directions ---------------------- */
 
 struct snap_io {
     bool writing;
@@ -10156,7 +9644,7 @@ struct snap_io {
     uint64_t pos, size;
     /* statistics for the bench line */
     uint64_t rows_packed, blocks_raw, f32_equivalent;
-    /* in-memory checkpoints (10c.11): fd < 0 grows buf instead of writing,
+    /* in-memory checkpoints (12.11): fd < 0 grows buf instead of writing,
      * and the row stores travel as their counts only */
     bool rows_by_count;
 };
@@ -10283,7 +9771,8 @@ static void snap_row(struct snap_io *io, float *row, int width, int coded, int b
     io->f32_equivalent += (uint64_t)width * sizeof(float);
 }
 
-static void snap_kv_row(struct snap_io *io, const struct ds4_config *c, float *row, const char *what) {
+static void snap_kv_row(struct snap_io *io, const struct ds4_config *c, float *row,
+                        const char *what) {
     snap_row(io, row, c->head_dim, c->head_dim - c->rope_dim, FP8_BLOCK, false, what);
 }
 
@@ -10306,7 +9795,7 @@ static void kv_rows_resize(struct row_store *rs, int64_t n) {
 static void snap_row_store(struct snap_io *io, const struct ds4_config *c, struct row_store *rs,
                            int64_t n, bool indexer, const char *what) {
     snap_expect(io, (uint64_t)n, 8, what);
-    if (io->rows_by_count) {            /* 10c.11: rows before n never change */
+    if (io->rows_by_count) {            /* 12.11: rows before n never change */
         if (!io->writing && !io->failed && rs->n < n)
             io->failed = !fail(io->e, "%s: the session has %lld rows, the checkpoint needs %lld",
                                what, (long long)rs->n, (long long)n);
@@ -10347,14 +9836,15 @@ static void snap_layer(struct snap_io *io, const struct ds4_config *c, struct la
     }
 }
 
-/* THE payload: see the table in 10c.5. `tokens` has n ids. */
+/* THE payload: see the table in 12.5. `tokens` has n ids. */
 static void snap_session(struct snap_io *io, struct session *s, int32_t *tokens, int64_t n) {
     const struct model *m = s->eng->model;
     const struct ds4_config *c = &m->cfg;
     uint32_t shape[] = { (uint32_t)c->n_layers, (uint32_t)c->dim, (uint32_t)c->vocab,
                          (uint32_t)c->head_dim, (uint32_t)c->rope_dim, (uint32_t)c->idx_dim,
                          (uint32_t)c->window, (uint32_t)c->hc, m->has_mtp, FP8_BLOCK };
-    for (size_t i = 0; i < sizeof shape / sizeof shape[0]; i++) snap_expect(io, shape[i], 4, "shape");
+    for (size_t i = 0; i < sizeof shape / sizeof shape[0]; i++)
+        snap_expect(io, shape[i], 4, "shape");
     for (int l = 0; l < c->n_layers; l++) snap_expect(io, (uint64_t)c->ratio[l], 4, "layer ratio");
     snap_expect(io, (uint64_t)n, 8, "token count");
     if (!snap_room(io, (uint64_t)n, 4, "token ids")) return;
@@ -10375,7 +9865,7 @@ static void snap_session(struct snap_io *io, struct session *s, int32_t *tokens,
     snap_expect(io, 0x45345344u, 4, "end mark");
 }
 
-/* ---- 10c.5.2 Writing: temp file, fsync, rename, fsync the directory -------- */
+/* ---- 12.5.2 Writing: temp file, fsync, rename, fsync the directory -------- */
 
 struct snapshot_meta {
     const char *key;              /* rendered bytes the snapshot covers */
@@ -10443,7 +9933,7 @@ static bool snapshot_write_file(const struct session *s, const int32_t *tokens, 
     snap_bytes(&io, (void *)meta->key, meta->key_len, "key");
     uint64_t key_end = io.written;
     int32_t *ids = (int32_t *)tokens;       /* write mode never modifies */
-    s->eng->be->state_pull((struct session *)s);   /* the host copy, in the CPU layout (8.13) */
+    s->eng->be->state_pull((struct session *)s);   /* the host copy, in the CPU layout (6.13) */
     snap_session(&io, (struct session *)s, ids, n);
     snap_flush(&io);
     h.payload_bytes = io.written - key_end;
@@ -10488,7 +9978,7 @@ static bool session_save(const struct session *s, const int32_t *tokens, int64_t
     return snapshot_write_file(s, tokens, n, tmp, meta, stats, e) && snapshot_publish(tmp, path, e);
 }
 
-/* ---- 10c.5.3 Reading -------------------------------------------------------- */
+/* ---- 12.5.3 Reading -------------------------------------------------------- */
 
 /* The whole file, its header parsed and both CRCs checked. */
 struct snapshot_file {
@@ -10517,7 +10007,8 @@ static bool snapshot_read_verified(const char *path, struct snapshot_file *f, st
         sha1_init(&kc);
         sha1_update(&kc, f->bytes + KV_HEADER_BYTES, f->h.key_bytes);
         sha1_digest(&kc, d);
-        if (memcmp(d, f->h.key_sha1, 20) != 0) ok = fail(e, "%s: key text does not match its SHA1", path);
+        if (memcmp(d, f->h.key_sha1, 20) != 0)
+            ok = fail(e, "%s: key text does not match its SHA1", path);
     }
     if (!ok) {
         free(f->bytes);
@@ -10582,21 +10073,23 @@ static uint64_t snapshot_f32_bytes(const struct ds4_config *c, bool has_mtp, int
     for (int l = 0; l < c->n_layers; l++) {
         int r = c->ratio[l];
         b += (uint64_t)R * c->head_dim * 4;
-        if (r > 0) b += (uint64_t)(n / r) * c->head_dim * 4 + 2ull * compressor_coff(r) * r * compressor_coff(r) * c->head_dim * 4;
+        if (r > 0)
+            b += (uint64_t)(n / r) * c->head_dim * 4 +
+                 2ull * compressor_coff(r) * r * compressor_coff(r) * c->head_dim * 4;
         if (r == 4) b += (uint64_t)(n / 4) * c->idx_dim * 4 + 2ull * 8 * 2 * c->idx_dim * 4;
     }
     if (has_mtp) b += (uint64_t)c->hc * c->dim * 4 + (uint64_t)R * c->head_dim * 4;
     return b;
 }
 
-/* ---- 10c.6 The store: an SQLite index over a directory --------------------
+/* ---- 12.6 The store: an SQLite index over a directory --------------------
  *
  * One table, one row per snapshot file:
  *
  *     column      meaning
  *     ----------  -----------------------------------------------------------
  *     sha1        hex SHA1 of the key text = file name stem (primary key)
- *     model       hex model identity (10c.3)
+ *     model       hex model identity (12.3)
  *     key_bytes   length of the key text
  *     tokens      token count N
  *     token_hash  hex SHA1 of the N token ids as u32 LE (lookup by ids)
@@ -10718,7 +10211,8 @@ static bool kv_dir_private(const char *dir, struct ds4_error *e) {
         return fail(e, "%s belongs to uid %u, not to us (uid %u): refused for the KV store", dir,
                     (unsigned)sb.st_uid, (unsigned)geteuid());
     if ((sb.st_mode & 077) != 0) {
-        if (chmod(dir, 0700) != 0) return fail(e, "cannot make %s private: %s", dir, strerror(errno));
+        if (chmod(dir, 0700) != 0)
+            return fail(e, "cannot make %s private: %s", dir, strerror(errno));
         fprintf(stderr, "ds4: kv: %s was mode %03o; now 0700 (snapshots hold conversations)\n", dir,
                 (unsigned)(sb.st_mode & 0777));
     }
@@ -10761,7 +10255,8 @@ static bool kv_store_open(struct kv_store *st, const struct kv_store_options *op
     st->model = model;
     if (model) kv_model_identity(model, st->model_id);
     st->space_bytes = (uint64_t)(opt->space_mb > 0 ? opt->space_mb : 4096) << 20;
-    st->write_bytes_per_hour = (uint64_t)(opt->write_mb_per_hour > 0 ? opt->write_mb_per_hour : 8192) << 20;
+    st->write_bytes_per_hour =
+        (uint64_t)(opt->write_mb_per_hour > 0 ? opt->write_mb_per_hour : 8192) << 20;
     kv_store_repair(st);
     return true;
 }
@@ -10773,7 +10268,7 @@ static void kv_store_close(struct kv_store *st) {
     st->lock_fd = -1;
 }
 
-/* ---- 10c.6.1 Consistency repair ---------------------------------------------
+/* ---- 12.6.1 Consistency repair ---------------------------------------------
  *
  * Run at open (under the lock), it restores the invariants after a crash:
  *
@@ -10783,14 +10278,15 @@ static void kv_store_close(struct kv_store *st) {
  *
  * Step 3 reads the directory listing; that happens here, once per open,
  * never on a lookup. CRC and model mismatches are found when a file is
- * loaded (10c.7) or by --kv-check, and removed the same way.
+ * loaded (12.7) or by --kv-check, and removed the same way.
  * ------------------------------------------------------------------------- */
 
 static bool is_entry_name(const char *name, char sha1[41]) {
     size_t len = strlen(name);
     if (len != 43 || strcmp(name + 40, ".kv") != 0) return false;
     for (int i = 0; i < 40; i++)
-        if (!((name[i] >= '0' && name[i] <= '9') || (name[i] >= 'a' && name[i] <= 'f'))) return false;
+        if (!((name[i] >= '0' && name[i] <= '9') || (name[i] >= 'a' && name[i] <= 'f')))
+            return false;
     memcpy(sha1, name, 40);
     sha1[40] = 0;
     return true;
@@ -10842,7 +10338,8 @@ static void kv_repair_rows(struct kv_store *st) {
         snprintf(bad[n_bad++], 41, "%s", sha1);
     }
     sqlite3_finalize(q);
-    for (int i = 0; i < n_bad; i++) kv_remove_entry(st, bad[i], "file missing or of the wrong size");
+    for (int i = 0; i < n_bad; i++)
+        kv_remove_entry(st, bad[i], "file missing or of the wrong size");
     free(bad);
 }
 
@@ -10870,7 +10367,7 @@ static void kv_remove_entry(struct kv_store *st, const char *sha1, const char *w
     kv_log(st, "removed %.12s...: %s", sha1, why);
 }
 
-/* ---- 10c.7 Lookup -------------------------------------------------------------
+/* ---- 12.7 Lookup -------------------------------------------------------------
  *
  * Given the rendered text of a new prompt, find the snapshot of this model
  * whose key text is the longest prefix of it:
@@ -10953,7 +10450,8 @@ static bool kv_row_matches(struct kv_store *st, const char *sha1, const struct s
         {"crc", f->h.crc}, {"quant_bits", (uint64_t)f->h.quant_bits}, {"ctx", f->h.ctx},
     };
     if (!ok) fail(e, "no index row");
-    else if (!row_model || strcmp(row_model, model) != 0) ok = fail(e, "index row and file disagree: model");
+    else if (!row_model || strcmp(row_model, model) != 0)
+        ok = fail(e, "index row and file disagree: model");
     for (int i = 0; ok && i < 6; i++)
         if ((uint64_t)sqlite3_column_int64(q, i + 1) != fields[i].header)
             ok = fail(e, "index row and file disagree: %s", fields[i].name);
@@ -11035,7 +10533,8 @@ static bool kv_lookup_by(struct kv_store *st, struct session *s, const char *len
 /* Longest cached prefix of a rendered prompt: on a hit the session holds it. */
 static bool kv_store_lookup(struct kv_store *st, struct session *s, const char *text, size_t len,
                             struct kv_hit *hit) {
-    return kv_lookup_by(st, s, "key_bytes", "sha1", (const uint8_t *)text, 1, (int64_t)len, true, hit);
+    return kv_lookup_by(st, s, "key_bytes", "sha1", (const uint8_t *)text, 1, (int64_t)len, true,
+                        hit);
 }
 
 /* The same by token ids (for --tokens prompts, which have no text). */
@@ -11044,7 +10543,7 @@ static bool kv_store_lookup_tokens(struct kv_store *st, struct session *s, const
     return kv_lookup_by(st, s, "tokens", "token_hash", (const uint8_t *)ids, 4, n, false, hit);
 }
 
-/* ---- 10c.8 Saving, the space budget and the write budget -------------------
+/* ---- 12.8 Saving, the space budget and the write budget -------------------
  *
  *   1. Skip if an entry with this key already holds the same tokens for this
  *      model (refresh its last_used instead): no rewrite storms.
@@ -11069,7 +10568,8 @@ static int64_t kv_query_int(struct kv_store *st, const char *sql, int64_t arg) {
 
 static void kv_evict(struct kv_store *st, const char *keep) {
     for (;;) {
-        int64_t total = kv_query_int(st, "SELECT COALESCE(SUM(bytes),0) FROM snapshots WHERE bytes>=?", 0);
+        int64_t total =
+            kv_query_int(st, "SELECT COALESCE(SUM(bytes),0) FROM snapshots WHERE bytes>=?", 0);
         if (total < 0 || (uint64_t)total <= st->space_bytes) return;
         sqlite3_stmt *q = kv_prepare(st, "SELECT sha1 FROM snapshots WHERE sha1<>? "
                                          "ORDER BY last_used, created LIMIT 1");
@@ -11136,7 +10636,8 @@ static bool kv_already_saved(struct kv_store *st, const char *sha1, int64_t n) {
 static uint64_t snapshot_estimate_bytes(const struct ds4_config *c, bool has_mtp, int64_t n,
                                         size_t key_len) {
     int nope_blocks = (c->head_dim - c->rope_dim) / FP8_BLOCK;
-    uint64_t kv_row = (uint64_t)nope_blocks * (1 + FP8_BLOCK) + (uint64_t)(c->head_dim - nope_blocks * FP8_BLOCK) * 4;
+    uint64_t kv_row = (uint64_t)nope_blocks * (1 + FP8_BLOCK) +
+                      (uint64_t)(c->head_dim - nope_blocks * FP8_BLOCK) * 4;
     uint64_t f32 = snapshot_f32_bytes(c, has_mtp, n);
     uint64_t rows = (uint64_t)(n < c->window ? n : c->window) * (c->n_layers + has_mtp);
     for (int l = 0; l < c->n_layers; l++)
@@ -11165,8 +10666,10 @@ static bool kv_store_save(struct kv_store *st, const struct session *s, const in
     kv_unlock(st);
     uint64_t estimate = snapshot_estimate_bytes(c, st->model->has_mtp, n, key_len);
     if (done) res->skipped = "already saved";
-    else if ((uint64_t)hour + estimate > st->write_bytes_per_hour) res->skipped = "write budget for this hour used up";
-    else if (estimate + estimate / 100 > st->space_bytes) res->skipped = "larger than the space budget";
+    else if ((uint64_t)hour + estimate > st->write_bytes_per_hour)
+        res->skipped = "write budget for this hour used up";
+    else if (estimate + estimate / 100 > st->space_bytes)
+        res->skipped = "larger than the space budget";
     if (res->skipped) {
         kv_log(st, "not saving %lld tokens: %s", (long long)n, res->skipped);
         return true;
@@ -11197,7 +10700,7 @@ static bool kv_store_save(struct kv_store *st, const struct session *s, const in
     return true;
 }
 
-/* ---- 10c.9 When to save -----------------------------------------------------
+/* ---- 12.9 When to save -----------------------------------------------------
  *
  *     setting                             default
  *     ----------------------------------  -------------------------------
@@ -11227,7 +10730,7 @@ static bool kv_store_save(struct kv_store *st, const struct session *s, const in
  * kv_store_feed() below is the prefill with these save points (the server,
  * whose prefill loop also keeps clients alive, uses kv_next_stop() itself);
  * evict and shutdown are kv_store_save_live() of the whole live session,
- * keyed by its text. The CLI (13.2) and the server's worker (12.10) are the
+ * keyed by its text. The CLI (14.2) and the server's worker (13.10) are the
  * two users.
  * ------------------------------------------------------------------------- */
 
@@ -11317,7 +10820,7 @@ static bool kv_store_feed(struct kv_store *st, const struct kv_policy *p, struct
     return true;
 }
 
-/* ---- 10c.9.1 Resuming a prompt from the store ------------------------------
+/* ---- 12.9.1 Resuming a prompt from the store ------------------------------
  *
  * The live session cannot serve a prompt (it holds another conversation, or
  * nothing). Look the prompt's rendered text up; on a hit the session holds
@@ -11325,7 +10828,7 @@ static bool kv_store_feed(struct kv_store *st, const struct kv_policy *p, struct
  *
  *     hit.tokens  ++  tokenize(text[hit.key_bytes ..])
  *
- * Only the suffix is tokenized (10c, "HOW IT WORKS"). This may differ from
+ * Only the suffix is tokenized (chapter 12, "HOW IT WORKS"). This may differ from
  * tokenize(text) near the boundary, where BPE would have merged across it;
  * so from here on the caller's token list must be this one, the session's
  * own, not its first tokenization of the text.
@@ -11352,7 +10855,7 @@ static int32_t *kv_store_resume(struct kv_store *st, struct session *s, const st
     return ids;
 }
 
-/* ---- 10c.10 --kv-list, --kv-check, --kv-clear ------------------------------- */
+/* ---- 12.10 --kv-list, --kv-check, --kv-clear ------------------------------- */
 
 static bool kv_open_for_command(struct kv_store *st, const char *dir) {
     struct kv_store_options o = { .dir = dir };
@@ -11467,9 +10970,9 @@ static int kv_clear_command(const char *dir) {
     return 0;
 }
 
-/* ---- 10c.11 Checkpoints in memory: rewinding a session ---------------------
+/* ---- 12.11 Checkpoints in memory: rewinding a session ---------------------
  *
- * A session only moves forward (8.2), yet agents go back: a retried request
+ * A session only moves forward (6.2), yet agents go back: a retried request
  * resends the same prompt after the session has generated past it, an edited
  * turn changes the middle of the conversation. The state at an earlier
  * position P cannot be had by truncation: the window ring has overwritten
@@ -11483,7 +10986,7 @@ static int kv_clear_command(const char *dir) {
  *     compressor frontiers          moved on                   must be saved
  *     logits, last_hc, MTP ring     overwritten                must be saved
  *
- * So a checkpoint is the snapshot of 10c.5 with every row store replaced by
+ * So a checkpoint is the snapshot of 12.5 with every row store replaced by
  * its count: the same serializer walks the same fields (snap_io with
  * rows_by_count), into memory instead of a file, with the ring rows in FP8
  * as on disk. It costs a window's rows per layer plus the frontiers and the
@@ -11500,7 +11003,7 @@ static int kv_clear_command(const char *dir) {
 
 struct mem_checkpoint {
     int64_t pos;                  /* the session's position when taken */
-    uint8_t *bytes;               /* the 10c.5 payload, rows by count */
+    uint8_t *bytes;               /* the 12.5 payload, rows by count */
     size_t len;
 };
 
@@ -11575,756 +11078,7 @@ static void session_copy(struct session *dst, const struct session *src) {
 }
 
 /* ============================================================================
- * Chapter 11. Tools built on the engine: the oracle checker and the bench
- * ============================================================================
- *
- * Two tools keep the engine honest. The checker compares it with DeepSeek's
- * own code on a tiny model of the exact V4 shape (11.1); the bench measures
- * what a user feels -- prefill and decode speed, and the weight traffic that
- * bounds decode (11.2). Neither asserts a timing: tests assert correctness,
- * the bench prints figures. Two more measure a model rather than the engine:
- * the perplexity of a text file (11.3) and the token ids of one (11.4).
- *
- * 11.1 --check-vectors FILE.json
- *
- * The oracle vectors come from DeepSeek's own inference code on a tiny model
- * with the exact V4 structure. Each case is a token sequence with reference
- * logits at some positions and the reference argmax at every position. We
- * run every case twice:
- *
- *   "own"      the case's own schedule: prefill `prefill` tokens in one call,
- *              then decode the rest one token at a time;
- *   "chunk7"   the whole sequence in chunks of 7 tokens.
- *
- * The oracle is itself discontinuous (FP8/FP4 rounding and top-k choices
- * flip on tiny differences), so it is compared statistically. With the
- * relative error of a row defined as max_i |ours_i - ref_i| / max_i |ref_i|,
- * a run passes when, over the check positions:
- *
- *     median <= 2e-3,   90th percentile <= 1e-2,   max <= 8e-2,
- *     argmax agrees with the reference at >= 98% of positions,
- *
- * and the same for the MTP rows when an MTP file is loaded. The greedy case
- * must reproduce the reference tokens up to the first step whose reference
- * margin (top1 - top2) is below 0.2, and, fed the reference tokens, must
- * pick the reference token at every step whose margin is at least 0.2.
- * Percentiles use the nearest-rank rule on the sorted errors.
- * ------------------------------------------------------------------------- */
-
-enum { CHECK_CHUNK = 7 };
-
-struct error_stats {
-    double median, p90, max;
-    int count;
-};
-
-static int cmp_double(const void *a, const void *b) {
-    double x = *(const double *)a, y = *(const double *)b;
-    return x < y ? -1 : x > y;
-}
-
-static struct error_stats error_stats_of(double *err, int n) {
-    struct error_stats s = { 0, 0, 0, n };
-    if (n == 0) return s;
-    qsort(err, (size_t)n, sizeof(double), cmp_double);
-    s.median = n % 2 ? err[n / 2] : 0.5 * (err[n / 2 - 1] + err[n / 2]);
-    int rank = (int)ceil(0.9 * n);
-    s.p90 = err[rank < 1 ? 0 : rank - 1];
-    s.max = err[n - 1];
-    return s;
-}
-
-static double row_relative_error(const float *ours, const struct json *ref, int vocab) {
-    double max_diff = 0, max_ref = 0;
-    for (int i = 0; i < vocab; i++) {
-        double r = ref->items[i].number;
-        max_diff = fmax(max_diff, fabs(ours[i] - r));
-        max_ref = fmax(max_ref, fabs(r));
-    }
-    return max_ref > 0 ? max_diff / max_ref : max_diff;
-}
-
-/* Pull a JSON array of integers into a fresh int32 array. */
-static int32_t *json_int_array(const struct json *arr, int *n, struct ds4_error *e,
-                               const char *what) {
-    if (!arr || arr->kind != JSON_ARRAY) {
-        fail(e, "vectors: '%s' is missing or not an array", what);
-        return NULL;
-    }
-    int32_t *out = xmalloc((arr->count ? arr->count : 1) * sizeof(int32_t));
-    for (size_t i = 0; i < arr->count; i++) {
-        if (arr->items[i].kind != JSON_NUMBER) {
-            free(out);
-            fail(e, "vectors: '%s'[%zu] is not a number", what, i);
-            return NULL;
-        }
-        out[i] = (int32_t)arr->items[i].number;
-    }
-    *n = (int)arr->count;
-    return out;
-}
-
-/* Run tokens[0..n) through a fresh session with the given schedule
- * (first chunk of `first` tokens, then chunks of `rest`), collecting the
- * logits of every position and the MTP rows. */
-static bool run_schedule(struct engine *eng, const int32_t *tokens, int n, int first, int rest,
-                         float *logits, float *mtp_logits, struct ds4_error *e) {
-    struct session s;
-    session_init(&s, eng);
-    int V = eng->model->cfg.vocab;
-    bool ok = true;
-    for (int done = 0; ok && done < n;) {
-        int T = done == 0 ? first : rest;
-        if (T > n - done) T = n - done;
-        struct forward_request req = { .all_logits = logits + (size_t)done * V,
-                                       .mtp_logits = mtp_logits ? mtp_logits + (size_t)done * V : NULL };
-        ok = session_forward(&s, tokens + done, T, &req, e);
-        done += T;
-    }
-    session_free(&s);
-    return ok;
-}
-
-struct check_result {
-    struct error_stats logit, mtp;
-    double argmax_agree, mtp_argmax_agree;
-    bool pass;
-};
-
-static bool stats_pass(const struct error_stats *s) {
-    return s->median <= 2e-3 && s->p90 <= 1e-2 && s->max <= 8e-2;
-}
-
-/* Compare rows listed in `positions` (with `refs`) and argmax everywhere.
- * offset shifts our row index: MTP row i sits at our index i + 1. */
-static void compare_rows(const float *ours, int V, int offset, const struct json *positions,
-                         const struct json *refs, const struct json *ref_argmax,
-                         struct error_stats *stats, double *agree) {
-    int np = positions ? (int)positions->count : 0;
-    double *err = xmalloc((size_t)(np ? np : 1) * sizeof(double));
-    for (int i = 0; i < np; i++) {
-        int pos = (int)positions->items[i].number;
-        err[i] = row_relative_error(ours + (size_t)(pos + offset) * V, &refs->items[i], V);
-    }
-    *stats = error_stats_of(err, np);
-    free(err);
-    int na = ref_argmax ? (int)ref_argmax->count : 0, same = 0;
-    for (int i = 0; i < na; i++)
-        same += argmax(ours + (size_t)(i + offset) * V, V) == (int)ref_argmax->items[i].number;
-    *agree = na ? (double)same / na : 1.0;
-}
-
-static bool check_shapes(const struct json *c, int n, int V, bool mtp, struct ds4_error *e) {
-    const char *keys[] = { "check_positions", "logits", "argmax" };
-    for (int k = 0; k < 3; k++)
-        if (!json_is(json_get(c, keys[k]), JSON_ARRAY))
-            return fail(e, "vectors: case lacks array '%s'", keys[k]);
-    const struct json *pos = json_get(c, "check_positions"), *rows = json_get(c, "logits");
-    if (pos->count != rows->count || json_get(c, "argmax")->count > (size_t)n)
-        return fail(e, "vectors: check_positions/logits/argmax sizes disagree");
-    for (size_t i = 0; i < pos->count; i++) {
-        const struct json *row = &rows->items[i];
-        double p = pos->items[i].number;
-        if (row->kind != JSON_ARRAY || row->count != (size_t)V || p < 0 || p >= n)
-            return fail(e, "vectors: logits row %zu has %zu values (vocab %d) or bad position",
-                        i, row->kind == JSON_ARRAY ? row->count : 0, V);
-    }
-    (void)mtp;
-    return true;
-}
-
-static bool check_logit_case(struct engine *eng, const struct json *c, int first, int rest,
-                             struct check_result *res, struct ds4_error *e) {
-    int V = eng->model->cfg.vocab, n;
-    int32_t *tokens = json_int_array(json_get(c, "tokens"), &n, e, "tokens");
-    if (!tokens) return false;
-    bool mtp = eng->model->has_mtp;
-    if (n < 1 || !check_shapes(c, n, V, mtp, e)) { free(tokens); return n >= 1 ? false : fail(e, "vectors: empty case"); }
-    float *logits = xmalloc((size_t)n * V * sizeof(float));
-    float *mtp_logits = mtp ? xcalloc((size_t)n * V, sizeof(float)) : NULL;
-    bool ok = run_schedule(eng, tokens, n, first, rest, logits, mtp_logits, e);
-    if (ok) {
-        compare_rows(logits, V, 0, json_get(c, "check_positions"), json_get(c, "logits"),
-                     json_get(c, "argmax"), &res->logit, &res->argmax_agree);
-        res->pass = stats_pass(&res->logit) && res->argmax_agree >= 0.98;
-        if (mtp) {
-            compare_rows(mtp_logits, V, 1, json_get(c, "mtp_check_positions"),
-                         json_get(c, "mtp_logits"), json_get(c, "mtp_argmax"), &res->mtp,
-                         &res->mtp_argmax_agree);
-            res->pass = res->pass && stats_pass(&res->mtp) && res->mtp_argmax_agree >= 0.98;
-        }
-    }
-    free(tokens);
-    free(logits);
-    free(mtp_logits);
-    return ok;
-}
-
-/* The greedy case: free-running until the first low-margin step, and
- * teacher-forced at every confident step. */
-static bool check_greedy_case(struct engine *eng, const struct json *c, int chunk,
-                              int *free_ok, int *free_needed, int *forced_ok, int *forced_needed,
-                              struct ds4_error *e) {
-    int n, ng, nm, V = eng->model->cfg.vocab;
-    int32_t *prompt = json_int_array(json_get(c, "tokens"), &n, e, "tokens");
-    int32_t *ref = prompt ? json_int_array(json_get(c, "greedy"), &ng, e, "greedy") : NULL;
-    const struct json *margin = json_get(c, "greedy_margin");
-    bool ok = ref && margin && margin->kind == JSON_ARRAY && (nm = (int)margin->count) == ng && n > 0;
-    if (!ok && ref) fail(e, "vectors: greedy case is malformed");
-    *free_ok = *free_needed = *forced_ok = *forced_needed = 0;
-    for (int pass = 0; ok && pass < 2; pass++) {
-        bool forced = pass == 1, diverged = false;
-        struct session s;
-        session_init(&s, eng);
-        ok = session_feed(&s, prompt, n, chunk, e);
-        for (int i = 0; ok && i < ng; i++) {
-            int ours = argmax(s.logits, V);
-            bool confident = margin->items[i].number >= 0.2;
-            if (!forced && !diverged && confident) {
-                (*free_needed)++;
-                *free_ok += ours == ref[i];
-            }
-            if (!confident) diverged = true;
-            if (forced && confident) {
-                (*forced_needed)++;
-                *forced_ok += ours == ref[i];
-            }
-            int32_t next = forced ? ref[i] : ours;
-            if (i + 1 < ng) ok = session_forward(&s, &next, 1, NULL, e);
-        }
-        session_free(&s);
-    }
-    free(prompt);
-    free(ref);
-    return ok;
-}
-
-static void print_check(const char *name, const char *sched, const struct check_result *r, bool mtp) {
-    printf("  %-20s %-7s logits: median %.2e p90 %.2e max %.2e argmax %5.1f%%", name, sched,
-           r->logit.median, r->logit.p90, r->logit.max, 100 * r->argmax_agree);
-    if (mtp)
-        printf(" | mtp: median %.2e p90 %.2e max %.2e argmax %5.1f%%", r->mtp.median, r->mtp.p90,
-               r->mtp.max, 100 * r->mtp_argmax_agree);
-    printf("  %s\n", r->pass ? "ok" : "FAIL");
-}
-
-static int check_vectors(struct engine *eng, const char *path) {
-    struct ds4_error e = { "" };
-    size_t len;
-    char *text = read_file(path, &len, &e);
-    char jerr[256];
-    struct json *doc = text ? json_parse(text, len, 64, jerr, sizeof jerr) : NULL;
-    if (text && !doc) snprintf(e.msg, sizeof e.msg, "%s: %s", path, jerr);
-    const struct json *cases = doc ? json_get(doc, "cases") : NULL;
-    if (doc && !json_is(cases, JSON_ARRAY)) snprintf(e.msg, sizeof e.msg, "%s: no 'cases' array", path);
-    if (!cases || cases->kind != JSON_ARRAY) {
-        fprintf(stderr, "ds4: %s\n", e.msg);
-        json_free(doc);
-        free(text);
-        return 1;
-    }
-    int passed = 0, failed = 0;
-    bool mtp = eng->model->has_mtp;
-    printf("checking %zu cases from %s%s\n", cases->count, path, mtp ? " (with MTP rows)" : "");
-    for (size_t i = 0; i < cases->count; i++) {
-        const struct json *c = &cases->items[i];
-        const char *name = json_str(c, "name") ? json_str(c, "name") : "?";
-        for (int sched = 0; sched < 2; sched++) {
-            bool ok;
-            if (json_get(c, "greedy")) {
-                int fo, fn, to, tn;
-                ok = check_greedy_case(eng, c, sched == 0 ? 1 << 20 : CHECK_CHUNK, &fo, &fn, &to, &tn, &e);
-                bool pass = ok && fo == fn && to == tn;
-                if (ok)
-                    printf("  %-20s %-7s greedy: %d/%d tokens before the first low-margin step, "
-                           "%d/%d confident steps teacher-forced  %s\n", name,
-                           sched ? "chunk7" : "own", fo, fn, to, tn, pass ? "ok" : "FAIL");
-                ok = pass;
-            } else {
-                struct check_result r = { 0 };
-                double prefill = 0;
-                json_num(c, "prefill", &prefill);
-                int first = sched == 0 ? (int)prefill : CHECK_CHUNK, rest = sched == 0 ? 1 : CHECK_CHUNK;
-                if (first < 1) first = 1;
-                ok = check_logit_case(eng, c, first, rest, &r, &e);
-                if (ok) print_check(name, sched ? "chunk7" : "own", &r, mtp);
-                ok = ok && r.pass;
-            }
-            if (!ok && e.msg[0]) {
-                printf("  %-20s error: %s\n", name, e.msg);
-                e.msg[0] = 0;
-            }
-            ok ? passed++ : failed++;
-        }
-    }
-    printf("%d passed, %d failed\n", passed, failed);
-    json_free(doc);
-    free(text);
-    return failed ? 1 : 0;
-}
-
-/* ----------------------------------------------------------------------------
- * 11.2 --bench
- *
- * Decode on a CPU is bound by memory bandwidth: every token streams every
- * weight it touches. So besides tokens per second the bench reports the
- * bytes one decode token reads (dense weights, the shared expert, K routed
- * experts, the head) and the bandwidth that implies. Prefill is bound by
- * arithmetic instead, since a chunk reads each weight once for all its
- * tokens. The figures are printed, never asserted: timing belongs here, not
- * in tests.
- * ------------------------------------------------------------------------- */
-
-static uint64_t matrix_bytes(const struct matrix *m) {
-    return m->data ? m->row_bytes * (uint64_t)m->out : 0;
-}
-
-static uint64_t layer_decode_bytes(const struct layer_weights *L, int n_used) {
-    const struct matrix *dense[] = { &L->hc_attn_fn, &L->hc_ffn_fn, &L->q_a, &L->q_b, &L->kv,
-                                     &L->out_a, &L->out_b, &L->comp_kv, &L->comp_gate,
-                                     &L->idx_q_b, &L->idx_proj, &L->idx_kv, &L->idx_gate,
-                                     &L->router, &L->gate_shexp, &L->up_shexp, &L->down_shexp };
-    uint64_t bytes = 0;
-    for (size_t i = 0; i < sizeof dense / sizeof dense[0]; i++) bytes += matrix_bytes(dense[i]);
-    bytes += (uint64_t)n_used * (matrix_bytes(&L->gate_exps) + matrix_bytes(&L->up_exps) +
-                                 matrix_bytes(&L->down_exps));
-    return bytes;
-}
-
-static uint64_t decode_bytes_per_token(const struct model *m) {
-    const struct ds4_config *c = &m->cfg;
-    uint64_t bytes = matrix_bytes(&m->output) + matrix_bytes(&m->hc_head_fn) +
-                     m->token_embd.row_bytes;
-    for (int l = 0; l < c->n_layers; l++) bytes += layer_decode_bytes(&m->layers[l], c->n_used);
-    if (m->has_mtp)
-        bytes += layer_decode_bytes(&m->mtp.block, c->n_used) + matrix_bytes(&m->mtp.e_proj) +
-                 matrix_bytes(&m->mtp.h_proj) + matrix_bytes(&m->mtp.hc_head_fn);
-    return bytes;
-}
-
-/* Decode n tokens greedily after `prompt`; returns seconds, or -1. */
-static double bench_decode(struct engine *eng, const int32_t *prompt, int n_prompt, int n,
-                           struct spec_options spec, struct spec_stats *stats, double *prefill_s,
-                           struct ds4_error *e) {
-    struct session s;
-    struct sampler sp;
-    struct generator g;
-    session_init(&s, eng);
-    sampler_init(&sp, (struct sampler_options){ 0, 1, 0, 0, 1 }, eng->model->cfg.vocab);
-    generator_init(&g, &s, &sp, spec);
-    double t0 = now_seconds();
-    bool ok = session_forward(&s, prompt, n_prompt, NULL, e);
-    double t1 = now_seconds(), cpu1 = cpu_seconds();
-    int64_t allocs1 = heap_allocations;
-    int32_t out[MATMUL_DECODE_PATH_MAX_TOKENS];
-    for (int done = 0; ok && done < n;) {
-        int got = generator_step(&g, out, e);
-        ok = got > 0;
-        done += got;
-    }
-    double t2 = now_seconds();
-    g.stats.cpu_seconds = cpu_seconds() - cpu1;
-    g.stats.heap_allocations = heap_allocations - allocs1;
-    *stats = g.stats;
-    if (prefill_s) *prefill_s = t1 - t0;
-    generator_free(&g);
-    sampler_free(&sp);
-    session_free(&s);
-    return ok ? t2 - t1 : -1;
-}
-
-/* Sessions on disk (10c): the size of the snapshot after the bench prompt,
- * against float32 rows (a plain dump of the same rows), and the
- * save and load times. A snapshot has a fixed part (logits, sliding
- * windows) and a part that follows the compressors' unfinished windows,
- * which fill up and empty every `ratio` tokens; so the cost of one more
- * token is the slope between two snapshots a whole number of the largest
- * ratio apart, printed when the prompt holds two such periods. The file
- * lives in /tmp for a moment. */
-static bool bench_snapshot(struct engine *eng, const int32_t *tokens, int n, struct ds4_error *e) {
-    const struct model *m = eng->model;
-    int period = 1;
-    for (int l = 0; l < m->cfg.n_layers; l++) if (m->cfg.ratio[l] > period) period = m->cfg.ratio[l];
-    int first = n - n / 2 / period * period;        /* == n when there is no slope to take */
-    char path[64];
-    snprintf(path, sizeof path, "/tmp/ds4-bench.%d.kv", (int)getpid());
-    struct snapshot_meta meta = { "bench", 5, KV_REASON_UNKNOWN, 0 };
-    struct snapshot_stats a, b;
-    struct session s, l;
-    session_init(&s, eng);
-    session_init(&l, eng);
-    bool ok = session_feed(&s, tokens, first, 128, e) && session_save(&s, tokens, first, path, &meta, &a, e) &&
-              session_feed(&s, tokens + first, n - first, 128, e) && session_save(&s, tokens, n, path, &meta, &b, e);
-    int32_t *got = NULL;
-    int64_t n_got;
-    double t0 = now_seconds();
-    ok = ok && session_load(&l, path, &got, &n_got, e);
-    double t_load = now_seconds() - t0;
-    if (ok) {
-        uint64_t f32 = snapshot_f32_bytes(&m->cfg, m->has_mtp, n);
-        printf("snapshot: %d tokens = %llu bytes, %.0f per token (float32 rows: %llu, %.0f per token; "
-               "%.2fx smaller); save %.4f s, load %.4f s\n", n, (unsigned long long)b.file_bytes,
-               (double)b.file_bytes / n, (unsigned long long)f32, (double)f32 / n,
-               (double)f32 / (double)b.file_bytes, b.seconds, t_load);
-    }
-    if (ok && first < n) {
-        double per = (double)(b.file_bytes - a.file_bytes) / (n - first);
-        double f32_per = (double)(snapshot_f32_bytes(&m->cfg, m->has_mtp, n) -
-                                  snapshot_f32_bytes(&m->cfg, m->has_mtp, first)) / (n - first);
-        printf("snapshot: one more token (slope over tokens %d..%d) costs %.1f bytes, float32 rows %.1f "
-               "(%.2fx)\n", first, n, per, f32_per, f32_per / per);
-    }
-    if (ok) {                                       /* the server's rewind points (10c.11) */
-        struct mem_checkpoint cp;
-        double t1 = now_seconds();
-        checkpoint_encode(&cp, &s, tokens);
-        double t_take = now_seconds() - t1;
-        t1 = now_seconds();
-        ok = checkpoint_restore(&s, &cp, tokens, e);
-        double t_restore = now_seconds() - t1;
-        if (ok) printf("checkpoint: %d tokens = %zu bytes in memory (rows by count); take %.4f s, "
-                       "restore %.4f s\n", n, cp.len, t_take, t_restore);
-        checkpoint_release(&cp);
-    }
-    unlink(path);
-    free(got);
-    session_free(&l);
-    session_free(&s);
-    return ok;
-}
-
-/* THE ROOFLINE (--bench --roofline)
- *
- * A decode token cannot go faster than its weight bytes divided by the
- * machine's read bandwidth, so that ratio is the ceiling to measure decode
- * against. The bandwidth is measured here, with the engine's own threads:
- * each pass sums a 512 MiB buffer (far larger than any cache) in 64 KiB
- * items through parallel_for, and the best of three passes counts.
- *
- * Beside it, each weight type's dot kernel is timed on one thread, both
- * from cache (the same 64 rows of 4096 values again and again) and from
- * DRAM (one pass over 256 MiB of rows), with float activations (3.7) and
- * with 8-bit ones (3.11), in GB/s of weight bytes per CPU second. The blocks hold random
- * bytes with sane scales: the kernels' speed does not depend on the
- * values. */
-enum { ROOF_BUFFER = 512 << 20, ROOF_ITEM = 64 << 10, ROOF_ROW = 4096 };
-
-struct roof_job {
-    const uint64_t *data;
-    uint64_t *sums;                 /* [threads], kept so the loads stay */
-};
-
-static void roof_sum_item(void *ctx, int64_t item, int worker) {
-    struct roof_job *j = ctx;
-    const uint64_t *p = j->data + item * (ROOF_ITEM / 8);
-    uint64_t s[4] = { 0, 0, 0, 0 };
-    for (int i = 0; i < ROOF_ITEM / 8; i += 4)
-        for (int r = 0; r < 4; r++) s[r] += p[i + r];
-    j->sums[worker] += s[0] ^ s[1] ^ s[2] ^ s[3];
-}
-
-/* Read bandwidth in bytes per second with the pool's threads. */
-static double roof_bandwidth(struct engine *eng) {
-    uint64_t *data = xmalloc(ROOF_BUFFER);
-    memset(data, 1, ROOF_BUFFER);
-    struct roof_job j = { data, xcalloc((size_t)eng->pool.n_threads, sizeof(uint64_t)) };
-    double best = 0;
-    for (int pass = 0; pass < 3; pass++) {
-        double t0 = now_seconds();
-        parallel_for(&eng->pool, ROOF_BUFFER / ROOF_ITEM, roof_sum_item, &j);
-        double bw = ROOF_BUFFER / (now_seconds() - t0);
-        if (bw > best) best = bw;
-    }
-    free(j.sums);
-    free(data);
-    return best;
-}
-
-/* Random blocks of `type` with every scale field set to a small normal half. */
-static void roof_fill(uint32_t type, uint8_t *rows, size_t bytes, uint64_t *rng) {
-    for (size_t i = 0; i + 8 <= bytes; i += 8) {
-        uint64_t v = splitmix64(rng);
-        memcpy(rows + i, &v, 8);
-    }
-    const struct type_traits *t = type_traits_of(type);
-    uint16_t scale = f32_to_f16(0.01f);
-    for (size_t b = 0; b + (size_t)t->block_bytes <= bytes; b += (size_t)t->block_bytes) {
-        if (type == TYPE_F16) memcpy(rows + b, &scale, 2);
-        else if (type == TYPE_Q2_K)
-            memcpy(rows + b + 80, &scale, 2), memcpy(rows + b + 82, &scale, 2);
-        else if (type == TYPE_Q4_K) memcpy(rows + b, &scale, 2), memcpy(rows + b + 2, &scale, 2);
-        else memcpy(rows + b, &scale, 2);
-    }
-}
-
-/* This thread's CPU seconds: on a shared machine the kernels are timed by
- * the CPU they used, not the wall clock, which counts other tenants too. */
-static double thread_cpu_seconds(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
-    return ts.tv_sec + ts.tv_nsec * 1e-9;
-}
-
-/* GB/s of one kernel over `n_rows` rows, repeated `reps` times. */
-static double roof_kernel(uint32_t type, const uint8_t *rows, int64_t n_rows, int reps,
-                          const float *x, const struct act_q8 *a) {
-    size_t row_bytes = type_row_bytes(type, ROOF_ROW);
-    volatile float sink = 0;
-    double t0 = thread_cpu_seconds();
-    for (int r = 0; r < reps; r++)
-        for (int64_t i = 0; i < n_rows; i++)
-            sink += a ? vec_dot_q8(type, rows + i * row_bytes, a)
-                      : vec_dot(type, rows + i * row_bytes, x, ROOF_ROW);
-    (void)sink;
-    return (double)row_bytes * n_rows * reps / (thread_cpu_seconds() - t0) / 1e9;
-}
-
-static void roof_kernels(void) {
-    static const uint32_t types[] = { TYPE_F16, TYPE_Q8_0, TYPE_Q4_K, TYPE_Q2_K, TYPE_IQ2_XXS };
-    float *x = xmalloc(ROOF_ROW * sizeof(float));
-    void *mem = xmalloc(act_q8_bytes(ROOF_ROW));
-    uint64_t rng = 7;
-    for (int i = 0; i < ROOF_ROW; i++) x[i] = (float)(splitmix64(&rng) % 2001) / 1000.0f - 1.0f;
-    struct act_q8 a = act_q8_view(mem, ROOF_ROW);
-    act_quantize_q8(x, &a);
-    size_t big = 256u << 20;
-    uint8_t *rows = xmalloc(big);
-    for (size_t i = 0; i < sizeof types / sizeof types[0]; i++) {
-        uint32_t type = types[i];
-        int64_t n_big = (int64_t)(big / type_row_bytes(type, ROOF_ROW));
-        roof_fill(type, rows, big, &rng);
-        bool q8 = quant_has_q8_dot(type);
-        double c32 = roof_kernel(type, rows, 64, 200, x, NULL);
-        double d32 = roof_kernel(type, rows, n_big, 1, x, NULL);
-        printf("roofline: kernel %-8s 1 thread, GB/s of weights: f32 activations %6.2f cache "
-               "%6.2f DRAM", type_traits_of(type)->name, c32, d32);
-        if (q8)
-            printf("; 8-bit activations %6.2f cache %6.2f DRAM",
-                   roof_kernel(type, rows, 64, 200, x, &a),
-                   roof_kernel(type, rows, n_big, 1, x, &a));
-        printf("\n");
-    }
-    free(rows);
-    free(mem);
-    free(x);
-}
-
-/* The --roofline lines: bandwidth, kernels, and decode against the ceiling. */
-static void bench_roofline(struct engine *eng, double decode_bytes_per_s) {
-    double bw = roof_bandwidth(eng);
-    printf("roofline: read bandwidth %.2f GB/s with %d threads; decode achieves %.2f GB/s = %.0f%% "
-           "of that ceiling\n", bw / 1e9, eng->pool.n_threads, decode_bytes_per_s / 1e9,
-           100.0 * decode_bytes_per_s / bw);
-    roof_kernels();
-}
-
-static int run_bench(struct engine *eng, int n_prefill, int n_decode, struct spec_options spec,
-                     bool roofline) {
-    const struct ds4_config *c = &eng->model->cfg;
-    struct ds4_error e = { "" };
-    int32_t *tokens = xmalloc((size_t)n_prefill * sizeof(int32_t));
-    uint64_t rng = 42;
-    for (int i = 0; i < n_prefill; i++) tokens[i] = (int32_t)(splitmix64(&rng) % (uint64_t)c->vocab);
-    struct spec_stats plain_stats, spec_stats;
-    double prefill_s = 0;
-    double plain_s = bench_decode(eng, tokens, n_prefill, n_decode, (struct spec_options){ 0, 0 },
-                                  &plain_stats, &prefill_s, &e);
-    bool with_mtp = eng->model->has_mtp && spec.draft > 0 && plain_s >= 0;
-    double spec_s = with_mtp ? bench_decode(eng, tokens, n_prefill, n_decode, spec, &spec_stats, NULL, &e) : 0;
-    if (plain_s < 0 || spec_s < 0) {
-        free(tokens);
-        fprintf(stderr, "ds4: bench failed: %s\n", e.msg);
-        return 1;
-    }
-    double per_token = (double)decode_bytes_per_token(eng->model);
-    double decode_tps = plain_stats.emitted / plain_s;
-    printf("model: %d layers, dim %d, %d experts (%d used), vocab %d; %d threads%s\n",
-           c->n_layers, c->dim, c->n_experts, c->n_used, c->vocab, eng->pool.n_threads,
-           eng->opt.reference_kernels ? ", reference kernels"
-           : eng->opt.q8_activations ? ", 8-bit activations (--fast)" : "");
-    printf("prefill: %d tokens in %.3f s = %.2f tokens/s\n", n_prefill, prefill_s, n_prefill / prefill_s);
-    printf("decode:  %lld tokens in %.3f s = %.2f tokens/s; %.2f ms CPU per token (all threads)\n",
-           (long long)plain_stats.emitted, plain_s, decode_tps,
-           1e3 * plain_stats.cpu_seconds / (double)(plain_stats.emitted > 0 ? plain_stats.emitted : 1));
-    printf("decode heap allocations per token: %.2f\n",
-           (double)plain_stats.heap_allocations / plain_stats.emitted);
-    printf("decode weight traffic: %.3f MB per token = %.2f GB/s\n", per_token / 1e6,
-           per_token * decode_tps / 1e9);
-    if (roofline) bench_roofline(eng, per_token * decode_tps);
-    if (with_mtp)
-        printf("decode with MTP (draft %d, gate %.2f): %lld tokens in %.3f s = %.2f tokens/s; "
-               "drafted %lld, accepted %lld (%.1f%%), %.2f tokens per main forward\n",
-               spec.draft, spec.gate, (long long)spec_stats.emitted, spec_s, spec_stats.emitted / spec_s,
-               (long long)spec_stats.drafted, (long long)spec_stats.accepted,
-               spec_stats.drafted ? 100.0 * spec_stats.accepted / spec_stats.drafted : 0.0,
-               (double)spec_stats.emitted / spec_stats.main_forwards);
-    if (with_mtp)
-        printf("decode with MTP CPU time: %.3f s (all threads); heap allocations per token: %.2f\n",
-               spec_stats.cpu_seconds, (double)spec_stats.heap_allocations / spec_stats.emitted);
-    bool snap_ok = n_prefill < 2 || bench_snapshot(eng, tokens, n_prefill, &e);
-    free(tokens);
-    if (!snap_ok) fprintf(stderr, "ds4: bench snapshot failed: %s\n", e.msg);
-    return snap_ok ? 0 : 1;
-}
-
-/* ---- 11.3 --perplexity FILE ------------------------------------------------------
- *
- * How well does the model predict a text it was not trained on? The file is
- * tokenized (special tokens such as <｜User｜> count as themselves, so a
- * rendered conversation can be scored too) and cut into windows of at most
- * `window` tokens. Each window starts a fresh session with BOS, as every
- * prompt does, and every text token of it is scored given the ones before:
- *
- *     nll(t) = -log softmax(logits[t-1])[token t]        natural log, per token
- *     mean NLL = sum nll / count,    perplexity = exp(mean NLL)
- *
- * Windows are fed in chunks of `chunk` tokens, asking the engine for the
- * logits of every position. With an MTP block loaded, its rows ride along:
- * MTP row i (main state at i, token i+1) predicts token i+2, and so does the
- * main model at position i+1; greedy drafting accepts a 1-token draft exactly
- * when the two argmaxes agree, so their agreement rate is the acceptance rate
- * of 1-token drafts on this text (teacher forced).
- * ------------------------------------------------------------------------- */
-
-struct ppl_stats {
-    double nll;                   /* sum over scored tokens, nats */
-    int64_t scored, windows;
-    int64_t mtp_rows, mtp_agree;  /* MTP argmax == main argmax at the same row */
-};
-
-/* -log softmax(row)[target], in double. row: [V] */
-static double row_nll(const float *row, int V, int32_t target) {
-    double mx = row[0], sum = 0;
-    for (int i = 1; i < V; i++) if (row[i] > mx) mx = row[i];
-    for (int i = 0; i < V; i++) sum += exp((double)row[i] - mx);
-    return log(sum) + mx - row[target];
-}
-
-static int row_argmax(const float *row, int V) {
-    int best = 0;
-    for (int i = 1; i < V; i++) if (row[i] > row[best]) best = i;
-    return best;
-}
-
-/* One window: ids[0..n-1] (ids[0] is BOS, never scored). */
-static bool ppl_window(struct engine *eng, const int32_t *ids, int n, int chunk,
-                       struct ppl_stats *st, struct ds4_error *e) {
-    int V = eng->model->cfg.vocab;
-    bool mtp = eng->model->has_mtp;
-    float *logits = xmalloc((size_t)chunk * V * sizeof(float));
-    float *mtp_rows = mtp ? xmalloc((size_t)chunk * V * sizeof(float)) : NULL;
-    struct session s;
-    session_init(&s, eng);
-    bool ok = true;
-    for (int p0 = 0; ok && p0 < n; p0 += chunk) {
-        int T = n - p0 < chunk ? n - p0 : chunk;
-        struct forward_request req = { logits, mtp_rows, NULL, NULL };
-        ok = session_forward(&s, ids + p0, T, &req, e);
-        for (int t = 0; ok && t < T && p0 + t + 1 < n; t++) {
-            st->nll += row_nll(logits + (size_t)t * V, V, ids[p0 + t + 1]);
-            st->scored++;
-            if (mtp && p0 + t >= 1) {       /* MTP row of position p0+t-1 exists */
-                st->mtp_rows++;
-                st->mtp_agree += row_argmax(mtp_rows + (size_t)t * V, V) ==
-                                 row_argmax(logits + (size_t)t * V, V);
-            }
-        }
-    }
-    st->windows++;
-    session_free(&s);
-    free(mtp_rows);
-    free(logits);
-    return ok;
-}
-
-/* Score ids[0..n-1] (text tokens, no BOS) in windows of BOS + window-1 tokens. */
-static bool perplexity_of_tokens(struct engine *eng, int32_t bos, const int32_t *ids, int64_t n,
-                                 int window, int chunk, struct ppl_stats *st, struct ds4_error *e) {
-    memset(st, 0, sizeof *st);
-    if (window < 2) return fail(e, "--ppl-window must be at least 2 (BOS and one token)");
-    int32_t *buf = xmalloc((size_t)window * sizeof(int32_t));
-    bool ok = true;
-    for (int64_t done = 0; ok && done < n; done += window - 1) {
-        int m = (int)(n - done < window - 1 ? n - done : window - 1);
-        buf[0] = bos;
-        memcpy(buf + 1, ids + done, (size_t)m * sizeof(int32_t));
-        ok = ppl_window(eng, buf, m + 1, chunk, st, e);
-    }
-    free(buf);
-    return ok;
-}
-
-static int perplexity_command(struct engine *eng, const struct tokenizer *tok, const char *path,
-                              int window, int chunk) {
-    struct ds4_error e = { "" };
-    size_t len;
-    char *text = read_file(path, &len, &e);
-    int32_t *ids = NULL;
-    size_t n = 0;
-    struct ppl_stats st;
-    bool ok = text != NULL;
-    if (ok) tokenize(tok, text, len, true, &ids, &n);
-    if (ok && n == 0) ok = fail(&e, "%s holds no tokens to score", path);
-    if (ok && tok->sp.bos < 0) ok = fail(&e, "the vocabulary has no <｜begin▁of▁sentence｜> token");
-    double t0 = now_seconds();
-    ok = ok && perplexity_of_tokens(eng, tok->sp.bos, ids, (int64_t)n, window, chunk, &st, &e);
-    if (ok) {
-        double mean = st.nll / (double)st.scored;
-        printf("perplexity: %s: %lld tokens scored in %lld windows of <= %d: mean NLL %.4f nats, "
-               "perplexity %.3f (%.1f s)\n", path, (long long)st.scored, (long long)st.windows,
-               window, mean, exp(mean), now_seconds() - t0);
-        if (st.mtp_rows)
-            printf("perplexity: MTP top-1 agrees with the main model's top-1 at %lld of %lld rows "
-                   "(%.1f%%): the 1-token draft acceptance rate on this text\n",
-                   (long long)st.mtp_agree, (long long)st.mtp_rows,
-                   100.0 * st.mtp_agree / st.mtp_rows);
-    } else {
-        fprintf(stderr, "ds4: %s\n", e.msg);
-    }
-    free(ids);
-    free(text);
-    return ok ? 0 : 1;
-}
-
-/* ---- 11.4 --tokenize FILE ----------------------------------------------------------
- *
- * The token ids of a text file, space separated on one line, exactly as the
- * engine would tokenize a prompt (special tokens included). -m may name any
- * GGUF with a vocabulary, including a vocabulary-only file such as
- * vectors/train-vocab.gguf: the training data of a tiny model is tokenized
- * by this tokenizer, so the model learns the ids ds4 will feed it.
- * ------------------------------------------------------------------------- */
-
-static int tokenize_command(const char *gguf_path, const char *path) {
-    struct ds4_error e = { "" };
-    struct gguf g;
-    struct gguf_array toks;
-    struct tokenizer tok;
-    memset(&tok, 0, sizeof tok);
-    if (!gguf_open(&g, gguf_path, &e)) {
-        fprintf(stderr, "ds4: %s\n", e.msg);
-        return 1;
-    }
-    bool ok = gguf_get_array(&g, "tokenizer.ggml.tokens", &toks) ||
-              fail(&e, "%s has no vocabulary (tokenizer.ggml.tokens)", gguf_path);
-    ok = ok && toks.count <= INT32_MAX && tokenizer_load_gguf(&tok, &g, (int)toks.count, &e);
-    size_t len = 0, n = 0;
-    char *text = ok ? read_file(path, &len, &e) : NULL;
-    int32_t *ids = NULL;
-    ok = ok && text != NULL;
-    if (ok) tokenize(&tok, text, len, true, &ids, &n);
-    for (size_t i = 0; ok && i < n; i++) printf("%s%d", i ? " " : "", ids[i]);
-    if (ok) printf("\n");
-    else fprintf(stderr, "ds4: %s\n", e.msg);
-    free(ids);
-    free(text);
-    tokenizer_free(&tok);
-    gguf_close(&g);
-    return ok ? 0 : 1;
-}
-
-/* ============================================================================
- * Chapter 12. The HTTP server: OpenAI and Anthropic APIs for coding agents
+ * Chapter 13. The HTTP server: OpenAI and Anthropic APIs for coding agents
  * ============================================================================
  *
  * Spec: [API] (the API surface), [LAYOUT §4] (chat format), [LAYOUT §5] (DSML).
@@ -12347,11 +11101,11 @@ static int tokenize_command(const char *gguf_path, const char *path) {
  *        (server_main)                       (conn_main)             (worker_main)
  *
  *   - The accept thread takes connections; above --max-conns it first
- *     reclaims the slot of an idle or slow client (12.12 SLOTS), else it
+ *     reclaims the slot of an idle or slow client (13.12 SLOTS), else it
  *     refuses with a 503 at once (a health check still gets its 200), so a
  *     flood cannot pile up threads.
  *   - A client thread reads requests under deadlines, one after another on
- *     a kept-alive connection (12.2 KEEP-ALIVE), checks the key,
+ *     a kept-alive connection (13.2 KEEP-ALIVE), checks the key,
  *     parses the JSON, turns the request of whichever dialect into one
  *     canonical message list, renders it with the V4 chat template
  *     (chat_render), tokenizes it, and queues a `struct job`. It then only
@@ -12374,35 +11128,35 @@ static int tokenize_command(const char *gguf_path, const char *path) {
  *
  * The chapter's sections:
  *
- *   12.1  Options
- *   12.2  Bytes on the wire: reading a request under limits
- *   12.3  Writing responses: status lines, CORS, the API's error shapes
- *   12.4  Request fields: typed reads, sampling, thinking, limits
- *   12.5  Three dialects, one conversation
- *   12.6  Exact replay of tool calls
- *   12.7  The test script: forced replies (tests only)
- *   12.8  Jobs and the queue
- *   12.8.1 Guided decoding: tool_choice, JSON replies, penalties, logprobs
- *   12.9  The reply in each dialect: streaming events and whole bodies
- *   12.10 The worker: prefix reuse, prefill, decode, DSML, stop strings
- *   12.11 Handlers and routing
- *   12.12 The accept loop and server_main()
+ *   13.1  Options
+ *   13.2  Bytes on the wire: reading a request under limits
+ *   13.3  Writing responses: status lines, CORS, the API's error shapes
+ *   13.4  Request fields: typed reads, sampling, thinking, limits
+ *   13.5  Three dialects, one conversation
+ *   13.6  Exact replay of tool calls
+ *   13.7  The test script: forced replies (tests only)
+ *   13.8  Jobs and the queue
+ *   13.8.1 Guided decoding: tool_choice, JSON replies, penalties, logprobs
+ *   13.9  The reply in each dialect: streaming events and whole bodies
+ *   13.10 The worker: prefix reuse, prefill, decode, DSML, stop strings
+ *   13.11 Handlers and routing
+ *   13.12 The accept loop and server_main()
  *
  * LIMITATIONS, by design, to keep the chapter small:
  *
  *   - Requests on one connection are served in order, never interleaved:
  *     a pipelined request waits until the previous reply is complete.
  *   - A session rewinds only to its checkpoints (every --checkpoint-every
- *     prompt tokens and each prompt's end, 12.10): a prompt that leaves
+ *     prompt tokens and each prompt's end, 13.10): a prompt that leaves
  *     every session in memory between two checkpoints re-feeds from the
  *     one below. With --kv-disk-dir a miss falls back to the longest
- *     prefix saved on disk (10c).
+ *     prefix saved on disk (chapter 12).
  *   - User text is tokenized together with the template, so a user who types
  *     a special token such as <｜User｜> gets that token (as in the official
  *     encoder).
  */
 
-/* ---- 12.1 Options ---------------------------------------------------------- */
+/* ---- 13.1 Options ---------------------------------------------------------- */
 
 /* Every knob of the server, parsed once (server_parse_option) and then
  * read-only. Defaults come from server_options_default(). */
@@ -12410,11 +11164,13 @@ struct server_options {
     const char *host;          /* --host ADDR        bind address; 127.0.0.1 */
     int port;                  /* --port N           8000; 0 picks a free port */
     const char *api_key;       /* --api-key KEY      required on all but /health; NULL = open */
-    const char *cors_origin;   /* --cors ORIGIN      allowed browser origin ("*" only if given); NULL = no CORS */
-    const char *allow_hosts;   /* --allow-host LIST  more Host names to accept, comma-separated; "*" any */
+    /* --cors ORIGIN      allowed browser origin ("*" only if given); NULL = no CORS */
+    const char *cors_origin;
+    /* --allow-host LIST  more Host names to accept, comma-separated; "*" any */
+    const char *allow_hosts;
     const char *log_path;      /* --log FILE         one line per request, appended */
     const char *model_name;    /* --model-name NAME  id in /v1/models; deepseek-v4-flash */
-    const char *test_script;   /* --test-script FILE forced replies, for tests only (12.7) */
+    const char *test_script;   /* --test-script FILE forced replies, for tests only (13.7) */
     const char *port_file;     /* --port-file FILE   write the bound port there (tests) */
     size_t max_body;           /* --max-body BYTES   8 MiB */
     int max_header;            /* --max-header BYTES 64 KiB: request line plus headers */
@@ -12425,16 +11181,19 @@ struct server_options {
     int max_conns_per_client;  /* --max-conns-per-client N  32 from one address */
     size_t max_parse_mem;      /* --max-parse-mem BYTES 64 MiB: one body's JSON tree, at most */
     int max_parses;            /* --max-parses N     4 such trees at once (the total pool) */
-    int keepalive_ms;          /* --keepalive-timeout S 5 s idle between requests; 0: one per connection */
+    /* --keepalive-timeout S 5 s idle between requests; 0: one per connection */
+    int keepalive_ms;
     int keepalive_requests;    /* --keepalive-requests N 100 requests per connection */
     int ctx;                   /* --ctx N            131072: prompt + reply tokens */
-    int chunk;                 /* --chunk N          prefill chunk (shared with the CLI's --chunk) */
-    int tool_memory;           /* --tool-memory N    1024 remembered tool-call blocks (12.6) */
-    int sessions;              /* --sessions N       kept in memory; 0 = sized at start (12.10) */
-    int checkpoint_every;      /* --checkpoint-every K  2048 (12.10); 0 = at prompt ends only */
+    /* --chunk N          prefill chunk (shared with the CLI's --chunk) */
+    int chunk;
+    int tool_memory;           /* --tool-memory N    1024 remembered tool-call blocks (13.6) */
+    int sessions;              /* --sessions N       kept in memory; 0 = sized at start (13.10) */
+    int checkpoint_every;      /* --checkpoint-every K  2048 (13.10); 0 = at prompt ends only */
     bool no_exact_replay;      /* --no-exact-replay  render tool calls canonically */
-    struct spec_options spec;  /* --mtp-draft, --mtp-gate: speculative decoding (10b) */
-    struct kv_store_options kv;   /* --kv-disk-*: sessions on disk (10c), parsed with the CLI's flags */
+    struct spec_options spec;  /* --mtp-draft, --mtp-gate: speculative decoding (chapter 9) */
+    /* --kv-disk-*: sessions on disk (chapter 12), parsed with the CLI's flags */
+    struct kv_store_options kv;
 };
 
 #define SERVER_SEND_TIMEOUT_S 30       /* a client that reads nothing for this long is dropped */
@@ -12450,7 +11209,7 @@ struct server_options {
  * (system text and tool schemas) with max_tokens 32000, and the
  * conversation grows from there; 128K holds that with room for a long
  * session. It is a limit, not a reservation: a session's memory grows with
- * the tokens it holds (8.2), so a small conversation costs what it is. */
+ * the tokens it holds (6.2), so a small conversation costs what it is. */
 #define SERVER_DEFAULT_CTX 131072
 
 static void server_options_default(struct server_options *o) {
@@ -12493,7 +11252,8 @@ static const char SERVER_USAGE[] =
     "      --max-conns N      most open connections (default 64)\n"
     "      --max-conns-per-client N  most from one address (default 32)\n"
     "      --max-parse-mem BYTES     memory one request's JSON may take (default 67108864)\n"
-    "      --max-parses N     request trees alive at once, a pool of N x max-parse-mem (default 4)\n"
+    "      --max-parses N     request trees alive at once, a pool of N x max-parse-mem (default "
+    "4)\n"
     "      --keepalive-timeout S     idle seconds kept between requests (default 5; 0 = close)\n"
     "      --keepalive-requests N    requests per connection (default 100)\n"
     "      --tool-memory N    tool-call blocks kept for exact replay (default 1024)\n"
@@ -12511,10 +11271,16 @@ static const char SERVER_USAGE[] =
 static int server_parse_option(struct server_options *o, int argc, char **argv, int *i,
                                struct ds4_error *e) {
     const char *a = argv[*i], *v = *i + 1 < argc ? argv[*i + 1] : NULL;
-    struct { const char *name; const char **dst; } strs[] = {
-        {"--host", &o->host}, {"--api-key", &o->api_key}, {"--cors", &o->cors_origin},
-        {"--log", &o->log_path}, {"--model-name", &o->model_name}, {"--allow-host", &o->allow_hosts},
-        {"--test-script", &o->test_script}, {"--port-file", &o->port_file},
+    struct { const char *name; const char **dst;
+    } strs[] = {
+        {"--host", &o->host},
+        {"--api-key", &o->api_key},
+        {"--cors", &o->cors_origin},
+        {"--log", &o->log_path},
+        {"--model-name", &o->model_name},
+        {"--allow-host", &o->allow_hosts},
+        {"--test-script", &o->test_script},
+        {"--port-file", &o->port_file},
     };
     struct { const char *name; long lo, hi, scale; int *dst; } ints[] = {
         {"--port", 0, 65535, 1, &o->port}, {"--max-header", 1024, 1 << 24, 1, &o->max_header},
@@ -12541,7 +11307,8 @@ static int server_parse_option(struct server_options *o, int argc, char **argv, 
             return -1;
         }
         if (strs[k].dst == &o->api_key && v[0] == '\0') {
-            fail(e, "--api-key is empty: it would lock every client out; give a key or drop the flag");
+            fail(e,
+                 "--api-key is empty: it would lock every client out; give a key or drop the flag");
             return -1;
         }
         *strs[k].dst = v;
@@ -12573,7 +11340,7 @@ static int server_parse_option(struct server_options *o, int argc, char **argv, 
     return 0;
 }
 
-/* ---- 12.2 Bytes on the wire: reading a request under limits ---------------- */
+/* ---- 13.2 Bytes on the wire: reading a request under limits ---------------- */
 
 /* An HTTP/1.1 request [RFC9112] is a head and an optional body:
  *
@@ -12674,7 +11441,7 @@ static bool srv_send_all(int fd, const char *data, size_t len) {
  * client that closed its socket altogether looks the same from here, until
  * something is written to it: its kernel answers with a reset, and from then
  * on poll() reports POLLHUP/POLLERR. So end-of-stream alone never means
- * "gone"; the caller writes something harmless to find out (12.8: a 1xx
+ * "gone"; the caller writes something harmless to find out (13.8: a 1xx
  * interim response, which HTTP/1.1 clients must skip, or an SSE comment).
  *
  * srv_peer_state() answers without consuming anything: */
@@ -12693,7 +11460,8 @@ static enum peer_state srv_peer_state(int fd) {
 /* The end of the head: the offset just past "\r\n\r\n", or 0 if not there. */
 static size_t http_head_end(const char *buf, size_t len) {
     for (size_t i = 3; i < len; i++)
-        if (buf[i] == '\n' && buf[i - 1] == '\r' && buf[i - 2] == '\n' && buf[i - 3] == '\r') return i + 1;
+        if (buf[i] == '\n' && buf[i - 1] == '\r' && buf[i - 2] == '\n' && buf[i - 3] == '\r')
+            return i + 1;
     return 0;
 }
 
@@ -12718,7 +11486,8 @@ static int http_read_head(int fd, struct http_request *r, struct strbuf *carry,
         }
         ssize_t n = srv_recv(fd, r->buf + r->buf_len, cap - r->buf_len, deadline);
         if (n == -2) {
-            snprintf(err, errlen, "request head not received within %d s", o->header_timeout_ms / 1000);
+            snprintf(err, errlen, "request head not received within %d s",
+                     o->header_timeout_ms / 1000);
             return 408;
         }
         if (n <= 0) {
@@ -12837,7 +11606,8 @@ static bool http_parse_field(struct http_request *r, const char *line, size_t n)
     const char *colon = memchr(line, ':', n);
     if (!colon || colon == line) return false;
     size_t name_len = (size_t)(colon - line);
-    if (line[name_len - 1] == ' ' || line[name_len - 1] == '\t') return false;   /* RFC 9112 §5.1 */
+    /* RFC 9112 §10.1 */
+    if (line[name_len - 1] == ' ' || line[name_len - 1] == '\t') return false;
     const char *v = colon + 1;
     size_t vn = n - name_len - 1;
     char value[64];
@@ -12905,7 +11675,7 @@ static bool http_wants_keep_alive(const struct http_request *r) {
     return r->minor == 1 ? !r->conn_close : r->conn_keep_alive && !r->conn_close;
 }
 
-/* ---- 12.2.1 Chunked request bodies -------------------------------------------- */
+/* ---- 13.2.1 Chunked request bodies -------------------------------------------- */
 
 /* Transfer-Encoding: chunked [RFC 9112 §7.1] sends a body of unknown length
  * as pieces, each announced by its size in hex:
@@ -12966,7 +11736,10 @@ static enum chunk_result chunk_trailer_byte(struct chunk_decoder *d, char c) {
     case CH_TRAILER_TEXT:
         if (c == '\r') d->state = CH_TRAILER_LF;
         return c == '\n' || c == '\0' ? CHUNK_BAD : CHUNK_MORE;
-    case CH_TRAILER_LF: d->line = 0; d->state = CH_TRAILER; return c == '\n' ? CHUNK_MORE : CHUNK_BAD;
+    case CH_TRAILER_LF:
+        d->line = 0;
+        d->state = CH_TRAILER;
+        return c == '\n' ? CHUNK_MORE : CHUNK_BAD;
     default:                                           /* CH_END_LF */
         d->state = CH_DONE;
         return c == '\n' ? CHUNK_DONE : CHUNK_BAD;
@@ -12975,7 +11748,8 @@ static enum chunk_result chunk_trailer_byte(struct chunk_decoder *d, char c) {
 
 /* Feed in[0..n). *used says how many bytes belonged to the body (on
  * CHUNK_DONE the rest is the next request's). */
-static enum chunk_result chunk_feed(struct chunk_decoder *d, const char *in, size_t n, size_t *used) {
+static enum chunk_result chunk_feed(struct chunk_decoder *d, const char *in, size_t n,
+                                    size_t *used) {
     size_t i = 0;
     enum chunk_result r = CHUNK_MORE;
     while (i < n && r == CHUNK_MORE) {
@@ -13012,8 +11786,10 @@ static int http_read_chunked(int fd, struct http_request *r, struct strbuf *carr
     while (res == CHUNK_MORE) {
         ssize_t got = srv_recv(fd, chunk, sizeof chunk, deadline);
         if (got == -2 || got <= 0) {
-            snprintf(err, errlen, got == -2 ? "request body not received within %d s"
-                                            : "truncated chunked body (%d s limit)", o->body_timeout_ms / 1000);
+            snprintf(err, errlen,
+                     got == -2 ? "request body not received within %d s"
+                               : "truncated chunked body (%d s limit)",
+                     o->body_timeout_ms / 1000);
             strbuf_free(&d.out);
             return got == -2 ? 408 : 400;
         }
@@ -13021,11 +11797,13 @@ static int http_read_chunked(int fd, struct http_request *r, struct strbuf *carr
         n = (size_t)got;
         res = chunk_feed(&d, in, n, &used);
     }
-    if (res == CHUNK_DONE && carry && used < n && in == chunk) strbuf_append(carry, in + used, n - used);
+    if (res == CHUNK_DONE && carry && used < n && in == chunk)
+        strbuf_append(carry, in + used, n - used);
     if (res != CHUNK_DONE) {
         strbuf_free(&d.out);
         if (res == CHUNK_TOO_LARGE)
-            snprintf(err, errlen, "chunked request body is larger than the limit of %zu", o->max_body);
+            snprintf(err, errlen, "chunked request body is larger than the limit of %zu",
+                     o->max_body);
         else snprintf(err, errlen, "malformed chunked request body");
         return res == CHUNK_TOO_LARGE ? 413 : 400;
     }
@@ -13049,8 +11827,8 @@ static int http_read_body(int fd, struct http_request *r, struct strbuf *carry,
         return 411;
     }
     if (r->has_length && r->content_length > o->max_body) {
-        snprintf(err, errlen, "request body of %zu bytes is larger than the limit of %zu", r->content_length,
-                 o->max_body);
+        snprintf(err, errlen, "request body of %zu bytes is larger than the limit of %zu",
+                 r->content_length, o->max_body);
         return 413;
     }
     if (r->expect_continue && !srv_send_all(fd, cont, sizeof cont - 1)) return -1;
@@ -13064,7 +11842,8 @@ static int http_read_body(int fd, struct http_request *r, struct strbuf *carry,
     while (have < r->content_length) {
         ssize_t n = srv_recv(fd, r->body + have, r->content_length - have, deadline);
         if (n == -2) {
-            snprintf(err, errlen, "request body not received within %d s", o->body_timeout_ms / 1000);
+            snprintf(err, errlen, "request body not received within %d s",
+                     o->body_timeout_ms / 1000);
             return 408;
         }
         if (n <= 0) {
@@ -13080,7 +11859,8 @@ static int http_read_body(int fd, struct http_request *r, struct strbuf *carry,
 
 /* Keep what follows this request in buf (the next one's first bytes). */
 static void http_request_carry(const struct http_request *r, struct strbuf *carry) {
-    if (r->buf && r->consumed < r->buf_len) strbuf_append(carry, r->buf + r->consumed, r->buf_len - r->consumed);
+    if (r->buf && r->consumed < r->buf_len)
+        strbuf_append(carry, r->buf + r->consumed, r->buf_len - r->consumed);
 }
 
 static void http_request_free(struct http_request *r) {
@@ -13091,7 +11871,7 @@ static void http_request_free(struct http_request *r) {
     memset(r, 0, sizeof *r);
 }
 
-/* ---- 12.3 Writing responses: status lines, CORS, the API's error shapes ---- */
+/* ---- 13.3 Writing responses: status lines, CORS, the API's error shapes ---- */
 
 /* Which dialect a request speaks decides the shape of its errors. */
 enum api_kind { API_CHAT, API_COMPLETIONS, API_MESSAGES, API_RESPONSES, API_NONE };
@@ -13110,13 +11890,13 @@ struct conn {
     enum api_kind api;          /* error shape */
     int status;                 /* status sent, for the log */
     bool gone;                  /* a write failed: the client left */
-    bool keep_alive;            /* this answer says keep-alive (12.2) */
+    bool keep_alive;            /* this answer says keep-alive (13.2) */
     int requests_left;          /* --keepalive-requests minus those served */
     bool head_only;             /* HEAD: headers as for GET, no body */
-    bool stream_open;           /* the stream's head went out (maybe while queued, 12.8) */
+    bool stream_open;           /* the stream's head went out (maybe while queued, 13.8) */
     bool probed;                /* end-of-stream seen, a 1xx sent to tell half-close from gone */
 
-    /* The accept loop's view, under server.lock (12.12). */
+    /* The accept loop's view, under server.lock (13.12). */
     enum conn_phase phase;
     double phase_since;
     char peer[64];              /* the client's address, for --max-conns-per-client */
@@ -13160,16 +11940,17 @@ static void http_cors_headers(const struct conn *c, struct strbuf *h) {
     } else {
         return;
     }
-    strbuf_puts(h, "Access-Control-Allow-Methods: GET, POST, OPTIONS\r\n"
-                   "Access-Control-Allow-Headers: authorization, content-type, x-api-key, "
-                   "anthropic-version, anthropic-beta, openai-beta, x-stainless-os, x-stainless-lang, "
-                   "x-stainless-package-version, x-stainless-runtime, x-stainless-runtime-version, "
-                   "x-stainless-arch, x-stainless-retry-count, x-stainless-timeout\r\n"
-                   "Access-Control-Max-Age: 600\r\n");
+    strbuf_puts(h,
+                "Access-Control-Allow-Methods: GET, POST, OPTIONS\r\n"
+                "Access-Control-Allow-Headers: authorization, content-type, x-api-key, "
+                "anthropic-version, anthropic-beta, openai-beta, x-stainless-os, x-stainless-lang, "
+                "x-stainless-package-version, x-stainless-runtime, x-stainless-runtime-version, "
+                "x-stainless-arch, x-stainless-retry-count, x-stainless-timeout\r\n"
+                "Access-Control-Max-Age: 600\r\n");
 }
 
 /* The status line and the headers every answer has. `Connection` says
- * whether this connection takes another request (12.2 KEEP-ALIVE); a 503
+ * whether this connection takes another request (13.2 KEEP-ALIVE); a 503
  * says when to come back. */
 static void http_status_line(const struct conn *c, struct strbuf *h, int status) {
     strbuf_printf(h, "HTTP/1.1 %d %s\r\nServer: ds4\r\n", status, http_reason(status));
@@ -13212,7 +11993,8 @@ static const char *api_error_type(enum api_kind api, int status) {
     case 408: return anthropic ? "timeout_error" : "invalid_request_error";
     case 413: return anthropic ? "request_too_large" : "invalid_request_error";
     case 503: return anthropic ? "overloaded_error" : "server_error";
-    default:  return status >= 500 ? (anthropic ? "api_error" : "server_error") : "invalid_request_error";
+    default:
+        return status >= 500 ? (anthropic ? "api_error" : "server_error") : "invalid_request_error";
     }
 }
 
@@ -13242,8 +12024,8 @@ static void api_error_json(struct strbuf *b, enum api_kind api, int status, cons
     strbuf_puts(b, "}}");
 }
 
-static void http_error_full(struct conn *c, int status, const char *msg, const char *param, const char *code,
-                            const char *extra) {
+static void http_error_full(struct conn *c, int status, const char *msg, const char *param,
+                            const char *code, const char *extra) {
     struct strbuf b = {0};
     api_error_json(&b, c->api, status, msg, param, code, extra);
     http_respond(c, status, "application/json", b.data, b.len,
@@ -13304,7 +12086,7 @@ static void sse_send(struct conn *c, const char *event, const struct strbuf *jso
     strbuf_free(&b);
 }
 
-/* ---- 12.4 Request fields: typed reads, sampling, thinking, limits ---------- */
+/* ---- 13.4 Request fields: typed reads, sampling, thinking, limits ---------- */
 
 enum tool_choice { CHOICE_AUTO, CHOICE_NONE, CHOICE_REQUIRED, CHOICE_NAMED };
 
@@ -13340,7 +12122,8 @@ static bool field_is_set(const struct json *v) {
 static bool field_bool(const struct json *obj, const char *key, bool *out, struct ds4_error *e) {
     const struct json *v = json_get(obj, key);
     if (!field_is_set(v)) return true;
-    if (v->kind != JSON_TRUE && v->kind != JSON_FALSE) return fail(e, "'%s' must be a boolean", key);
+    if (v->kind != JSON_TRUE && v->kind != JSON_FALSE)
+        return fail(e, "'%s' must be a boolean", key);
     *out = v->kind == JSON_TRUE;
     return true;
 }
@@ -13372,7 +12155,8 @@ static bool field_int(const struct json *obj, const char *key, double lo, double
     return true;
 }
 
-static bool field_string(const struct json *obj, const char *key, const char **out, struct ds4_error *e) {
+static bool field_string(const struct json *obj, const char *key, const char **out,
+                         struct ds4_error *e) {
     const struct json *v = json_get(obj, key);
     if (!field_is_set(v)) return true;
     if (v->kind != JSON_STRING) return fail(e, "'%s' must be a string", key);
@@ -13401,7 +12185,8 @@ static bool effort_mode(const char *effort, enum chat_mode *mode) {
     return false;
 }
 
-static bool read_effort(const struct json *obj, const char *key, enum chat_mode *mode, struct ds4_error *e) {
+static bool read_effort(const struct json *obj, const char *key, enum chat_mode *mode,
+                        struct ds4_error *e) {
     const char *effort = NULL;
     if (!field_string(obj, key, &effort, e)) return false;
     if (effort && !effort_mode(effort, mode))
@@ -13410,7 +12195,8 @@ static bool read_effort(const struct json *obj, const char *key, enum chat_mode 
 }
 
 /* "thinking": true/false, or {"type": "enabled"|"adaptive"|"disabled"}. */
-static bool read_thinking_switch(const struct json *req, enum chat_mode *mode, struct ds4_error *e) {
+static bool read_thinking_switch(const struct json *req, enum chat_mode *mode,
+                                 struct ds4_error *e) {
     const struct json *t = json_get(req, "thinking");
     bool on = *mode != CHAT_MODE_CHAT;
     if (json_is(t, JSON_OBJECT)) {
@@ -13431,29 +12217,35 @@ static bool read_thinking_switch(const struct json *req, enum chat_mode *mode, s
 /* The mode, from weakest to strongest signal: the dialect's default, the
  * model alias (deepseek-chat answers without thinking, deepseek-reasoner
  * with), then the explicit switches and effort levels. */
-static bool read_mode(const struct json *req, enum api_kind api, struct gen_params *g, struct ds4_error *e) {
+static bool read_mode(const struct json *req, enum api_kind api, struct gen_params *g,
+                      struct ds4_error *e) {
     g->mode = api == API_COMPLETIONS ? CHAT_MODE_CHAT : CHAT_MODE_THINKING;
     if (g->model && strcmp(g->model, "deepseek-chat") == 0) g->mode = CHAT_MODE_CHAT;
     if (g->model && strcmp(g->model, "deepseek-reasoner") == 0) g->mode = CHAT_MODE_THINKING;
     if (!read_thinking_switch(req, &g->mode, e)) return false;
     if (!read_effort(req, "reasoning_effort", &g->mode, e)) return false;
-    if (api == API_MESSAGES && !read_effort(json_get(req, "output_config"), "effort", &g->mode, e)) return false;
-    if (api == API_RESPONSES && !read_effort(json_get(req, "reasoning"), "effort", &g->mode, e)) return false;
+    if (api == API_MESSAGES && !read_effort(json_get(req, "output_config"), "effort", &g->mode, e))
+        return false;
+    if (api == API_RESPONSES && !read_effort(json_get(req, "reasoning"), "effort", &g->mode, e))
+        return false;
     return true;
 }
 
 /* "stop" (OpenAI: a string or a list) or "stop_sequences" (Anthropic). */
-static bool read_stops(const struct json *req, const char *key, struct gen_params *g, struct ds4_error *e) {
+static bool read_stops(const struct json *req, const char *key, struct gen_params *g,
+                       struct ds4_error *e) {
     const struct json *v = json_get(req, key);
     if (!field_is_set(v)) return true;
     size_t n = v->kind == JSON_ARRAY ? v->count : 1;
     if (v->kind != JSON_STRING && v->kind != JSON_ARRAY)
         return fail(e, "'%s' must be a string or an array of strings", key);
-    if (n > SERVER_MAX_STOPS) return fail(e, "'%s' may hold at most %d strings", key, SERVER_MAX_STOPS);
+    if (n > SERVER_MAX_STOPS)
+        return fail(e, "'%s' may hold at most %d strings", key, SERVER_MAX_STOPS);
     for (size_t i = 0; i < n; i++) {
         const struct json *s = v->kind == JSON_ARRAY ? &v->items[i] : v;
         if (!json_is(s, JSON_STRING) || s->len == 0 || s->len > SERVER_MAX_STOP_LEN)
-            return fail(e, "'%s' must hold non-empty strings of at most %d bytes", key, SERVER_MAX_STOP_LEN);
+            return fail(e, "'%s' must hold non-empty strings of at most %d bytes", key,
+                        SERVER_MAX_STOP_LEN);
         g->stops[g->n_stops] = s->string;
         g->stop_lens[g->n_stops++] = s->len;
     }
@@ -13488,13 +12280,14 @@ static bool read_sampling(const struct json *req, struct gen_params *g, struct d
  *     Anthropic     {"type":"auto"|"any"|"none"} | {"type":"tool","name":N},
  *                   each with an optional "disable_parallel_tool_use"
  *
- * "required"/"any" and a named tool are enforced while decoding (12.9b). */
+ * "required"/"any" and a named tool are enforced while decoding (13.8.1). */
 static bool read_tool_choice(const struct json *req, struct gen_params *g, struct ds4_error *e) {
     const struct json *tc = json_get(req, "tool_choice");
     const char *type = json_is(tc, JSON_STRING) ? tc->string : json_str(tc, "type");
     bool parallel = true;
     if (!field_bool(req, "parallel_tool_calls", &parallel, e)) return false;
-    if (json_is(tc, JSON_OBJECT) && !field_bool(tc, "disable_parallel_tool_use", &g->serial_tools, e))
+    if (json_is(tc, JSON_OBJECT) &&
+        !field_bool(tc, "disable_parallel_tool_use", &g->serial_tools, e))
         return false;
     g->serial_tools = g->serial_tools || !parallel;
     if (!field_is_set(tc)) return true;
@@ -13502,11 +12295,13 @@ static bool read_tool_choice(const struct json *req, struct gen_params *g, struc
     if (strcmp(type, "auto") == 0) g->choice = CHOICE_AUTO;
     else if (strcmp(type, "none") == 0) g->choice = CHOICE_NONE;
     else if (strcmp(type, "required") == 0 || strcmp(type, "any") == 0) g->choice = CHOICE_REQUIRED;
-    else if (strcmp(type, "function") == 0 || strcmp(type, "tool") == 0 || strcmp(type, "custom") == 0) {
+    else if (strcmp(type, "function") == 0 || strcmp(type, "tool") == 0 ||
+             strcmp(type, "custom") == 0) {
         const struct json *fn = json_get(tc, "function");
         g->choice = CHOICE_NAMED;
         g->choice_name = json_str(fn ? fn : tc, "name");
-        if (!g->choice_name) return fail(e, "'tool_choice' names no tool ('name' must be a string)");
+        if (!g->choice_name)
+            return fail(e, "'tool_choice' names no tool ('name' must be a string)");
     } else {
         return fail(e, "'tool_choice' of type '%s' is not supported (auto, none, required or "
                        "a named tool)", type);
@@ -13522,16 +12317,18 @@ static bool check_schema(const struct json *schema, const char *key, struct ds4_
 
 /* The reply's format: free text, or JSON, under the dialect's name for it:
  *
- *     OpenAI chat   response_format {"type":"json_object"} | {"type":"json_schema","json_schema":{schema}}
+ *     OpenAI chat   response_format {"type":"json_object"}
+ *                                 | {"type":"json_schema","json_schema":{schema}}
  *     Responses     text.format     {"type":"json_object"} | {"type":"json_schema","schema":...}
  *     Anthropic     output_config.format {"type":"json_schema","schema":...}
  *
- * A JSON reply is sampled under the JSON grammar (12.9b); a schema is also
- * shown to the model in the official "Response Format" section (6.8). */
+ * A JSON reply is sampled under the JSON grammar (13.8.1); a schema is also
+ * shown to the model in the official "Response Format" section (11.8). */
 static bool read_format(const struct json *req, enum api_kind api, struct gen_params *g,
                         struct ds4_error *e) {
-    const char *key = api == API_RESPONSES ? "text.format" : api == API_MESSAGES ? "output_config.format"
-                                                                                : "response_format";
+    const char *key = api == API_RESPONSES  ? "text.format"
+                      : api == API_MESSAGES ? "output_config.format"
+                                            : "response_format";
     const struct json *f = api == API_RESPONSES ? json_get(json_get(req, "text"), "format")
                          : api == API_MESSAGES  ? json_get(json_get(req, "output_config"), "format")
                                                 : json_get(req, "response_format");
@@ -13553,7 +12350,7 @@ static bool read_format(const struct json *req, enum api_kind api, struct gen_pa
     return true;
 }
 
-/* presence_penalty, frequency_penalty (OpenAI's definitions, 12.9b) and
+/* presence_penalty, frequency_penalty (OpenAI's definitions, 13.8.1) and
  * logprobs / top_logprobs (OpenAI chat only: the other dialects have no
  * place for them in their replies). */
 static bool read_penalties_logprobs(const struct json *req, enum api_kind api, struct gen_params *g,
@@ -13566,14 +12363,16 @@ static bool read_penalties_logprobs(const struct json *req, enum api_kind api, s
             return false;
         if (g->top_logprobs > 0 && !g->logprobs)
             return fail(e, "'top_logprobs' needs 'logprobs': true");
-        if (g->logprobs && g->stream) return fail(e, "'logprobs' is supported only without 'stream'");
+        if (g->logprobs && g->stream)
+            return fail(e, "'logprobs' is supported only without 'stream'");
         return true;
     }
     const struct json *lp = json_get(req, "logprobs"), *top = json_get(req, "top_logprobs");
-    if ((field_is_set(lp) && lp->kind != JSON_FALSE && !(lp->kind == JSON_NUMBER && lp->number == 0)) ||
+    if ((field_is_set(lp) && lp->kind != JSON_FALSE &&
+         !(lp->kind == JSON_NUMBER && lp->number == 0)) ||
         (field_is_set(top) && !(top->kind == JSON_NUMBER && top->number == 0)))
-        return fail(e, "'%s' is supported only on /v1/chat/completions", field_is_set(lp) ? "logprobs"
-                                                                                         : "top_logprobs");
+        return fail(e, "'%s' is supported only on /v1/chat/completions",
+                    field_is_set(lp) ? "logprobs" : "top_logprobs");
     return true;
 }
 
@@ -13583,17 +12382,58 @@ static bool read_penalties_logprobs(const struct json *req, enum api_kind api, s
  * else is answered with a 400 naming it, so a client never believes a
  * setting took effect when it did not. */
 static const char *const KNOWN_FIELDS[] = {
-    /* read by 12.4-12.5 */
-    "model", "stream", "stream_options", "n", "temperature", "top_p", "min_p", "top_k", "seed",
-    "max_tokens", "max_completion_tokens", "max_output_tokens", "stop", "stop_sequences", "thinking",
-    "think", "reasoning_effort", "reasoning", "tools", "tool_choice", "parallel_tool_calls",
-    "response_format", "presence_penalty", "frequency_penalty", "logprobs", "top_logprobs", "messages",
-    "system", "input", "instructions", "prompt", "output_config", "text", "previous_response_id",
+    /* read by 13.4-13.5 */
+    "model",
+    "stream",
+    "stream_options",
+    "n",
+    "temperature",
+    "top_p",
+    "min_p",
+    "top_k",
+    "seed",
+    "max_tokens",
+    "max_completion_tokens",
+    "max_output_tokens",
+    "stop",
+    "stop_sequences",
+    "thinking",
+    "think",
+    "reasoning_effort",
+    "reasoning",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
+    "response_format",
+    "presence_penalty",
+    "frequency_penalty",
+    "logprobs",
+    "top_logprobs",
+    "messages",
+    "system",
+    "input",
+    "instructions",
+    "prompt",
+    "output_config",
+    "text",
+    "previous_response_id",
     "conversation",
     /* bookkeeping: no effect on what the model writes */
-    "metadata", "user", "store", "service_tier", "prompt_cache_key", "prompt_cache_retention",
-    "safety_identifier", "client_metadata", "include", "context_management", "cache_control",
-    "usage", "include_reasoning", "truncation", "background",
+    "metadata",
+    "user",
+    "store",
+    "service_tier",
+    "prompt_cache_key",
+    "prompt_cache_retention",
+    "safety_identifier",
+    "client_metadata",
+    "include",
+    "context_management",
+    "cache_control",
+    "usage",
+    "include_reasoning",
+    "truncation",
+    "background",
 };
 
 static bool check_known_fields(const struct json *req, struct ds4_error *e) {
@@ -13623,8 +12463,10 @@ static bool read_gen_params(const struct json *req, enum api_kind api, struct ge
                             struct ds4_error *e) {
     memset(g, 0, sizeof *g);
     int n = 1;
-    if (!field_string(req, "model", &g->model, e) || !field_bool(req, "stream", &g->stream, e)) return false;
-    if (!field_bool(json_get(req, "stream_options"), "include_usage", &g->include_usage, e)) return false;
+    if (!field_string(req, "model", &g->model, e) || !field_bool(req, "stream", &g->stream, e))
+        return false;
+    if (!field_bool(json_get(req, "stream_options"), "include_usage", &g->include_usage, e))
+        return false;
     if (!field_int(req, "n", 1, 1, &n, e)) return fail(e, "only 'n': 1 is supported");
     if (!read_mode(req, api, g, e) || !read_sampling(req, g, e)) return false;
     if (!check_known_fields(req, e) || !check_output_config(req, e)) return false;
@@ -13636,7 +12478,7 @@ static bool read_gen_params(const struct json *req, enum api_kind api, struct ge
     return read_stops(req, api == API_MESSAGES ? "stop_sequences" : "stop", g, e);
 }
 
-/* ---- 12.5 Three dialects, one conversation --------------------------------- */
+/* ---- 13.5 Three dialects, one conversation --------------------------------- */
 
 /* OpenAI chat, Anthropic Messages and OpenAI Responses describe the same
  * thing (a conversation with tool calls) in three shapes:
@@ -13653,8 +12495,8 @@ static bool read_gen_params(const struct json *req, enum api_kind api, struct ge
  *
  * Each handler walks its request and calls the few conv_* functions below,
  * which write ONE canonical message list in the OpenAI chat shape that
- * chat_render() (6.8) takes. So the template, the DSML rendering of past
- * tool calls and the exact replay (12.6) exist once, not three times.
+ * chat_render() (11.8) takes. So the template, the DSML rendering of past
+ * tool calls and the exact replay (13.6) exist once, not three times.
  *
  * The builder gathers a system text (consecutive system parts are joined by
  * a blank line, as ds4 does for several system or developer messages) and
@@ -13761,7 +12603,8 @@ static void conv_text(struct conv *c, const char *s, size_t n) {
 }
 
 /* A past tool call; `args` is the JSON text of its arguments object. */
-static void conv_call(struct conv *c, const char *id, const char *name, const char *args, size_t args_len) {
+static void conv_call(struct conv *c, const char *id, const char *name, const char *args,
+                      size_t args_len) {
     conv_assistant_open(c);
     if (c->n_calls++ > 0) strbuf_puts(&c->calls, ",");
     strbuf_puts(&c->calls, "{\"id\":");
@@ -13782,13 +12625,15 @@ static void conv_finish(struct conv *c) {
 /* The text of a content value: a string, or a list of parts whose "text"
  * members are joined by blank lines. Parts that are not text (images,
  * documents) are refused: this model reads text only. */
-static bool content_text(const struct json *v, struct strbuf *out, const char *where, struct ds4_error *e) {
+static bool content_text(const struct json *v, struct strbuf *out, const char *where,
+                         struct ds4_error *e) {
     if (!field_is_set(v)) return true;
     if (v->kind == JSON_STRING) {
         strbuf_append(out, v->string, v->len);
         return true;
     }
-    if (v->kind != JSON_ARRAY) return fail(e, "%s: content must be a string or an array of parts", where);
+    if (v->kind != JSON_ARRAY)
+        return fail(e, "%s: content must be a string or an array of parts", where);
     for (size_t i = 0; i < v->count; i++) {
         const struct json *part = &v->items[i];
         const char *type = json_str(part, "type");
@@ -13805,7 +12650,8 @@ static bool content_text(const struct json *v, struct strbuf *out, const char *w
 }
 
 /* A required string member, with a message naming where it was missing. */
-static const char *need_string(const struct json *obj, const char *key, const char *where, struct ds4_error *e) {
+static const char *need_string(const struct json *obj, const char *key, const char *where,
+                               struct ds4_error *e) {
     const char *s = json_str(obj, key);
     if (!s) fail(e, "%s: '%s' must be a string", where, key);
     return s;
@@ -13821,8 +12667,8 @@ static void call_args_text(const struct json *args, struct strbuf *out) {
 
 /* The tools list handed to chat_render(): OpenAI "function" entries
  * {"type":"function","function":{name, description, parameters}}. */
-static void tools_add(struct strbuf *tools, size_t *n, const struct json *name, const struct json *desc,
-                      const struct json *params) {
+static void tools_add(struct strbuf *tools, size_t *n, const struct json *name,
+                      const struct json *desc, const struct json *params) {
     strbuf_puts(tools, (*n)++ ? "," : "[");
     strbuf_puts(tools, "{\"type\":\"function\",\"function\":{\"name\":");
     json_write(tools, name);
@@ -13838,7 +12684,7 @@ static void tools_add(struct strbuf *tools, size_t *n, const struct json *name, 
 }
 
 /* The names a request declared, for the decoder: every tool (tool_choice
- * "required" picks among them, 12.9b), and which ones are Responses
+ * "required" picks among them, 13.8.1), and which ones are Responses
  * `custom` tools, whose calls go back as custom_tool_call items. Each list
  * is names back to back, each followed by a NUL. */
 struct tool_table {
@@ -13869,10 +12715,12 @@ static void tools_add_custom(struct strbuf *tools, size_t *n, const struct json 
     strbuf_puts(&desc, desc.len ? "\n\n" : "");
     strbuf_puts(&desc, "Pass the whole free-form input as the string parameter `input`.");
     const char *syntax = json_str(fmt, "syntax");
-    if (def) strbuf_printf(&desc, " It must follow this %s grammar:\n%s", syntax ? syntax : "", def);
+    if (def)
+        strbuf_printf(&desc, " It must follow this %s grammar:\n%s", syntax ? syntax : "", def);
     struct json dj = {.kind = JSON_STRING, .string = desc.data, .len = desc.len};
-    static char params_text[] = "{\"type\":\"object\",\"properties\":{\"input\":{\"type\":\"string\"}},"
-                                "\"required\":[\"input\"]}";
+    static char params_text[] =
+        "{\"type\":\"object\",\"properties\":{\"input\":{\"type\":\"string\"}},"
+        "\"required\":[\"input\"]}";
     char err[8];
     struct json *params = json_parse(params_text, sizeof params_text - 1, 8, err, sizeof err);
     tools_add(tools, n, name, &dj, params);
@@ -13886,8 +12734,9 @@ static void tools_add_custom(struct strbuf *tools, size_t *n, const struct json 
  * search, file search, computer use, Anthropic's server tools) are refused:
  * the model cannot run them, and dropping them would let a client believe
  * they exist. */
-static bool read_tool(const struct json *t, const char *prefix, enum api_kind api, struct strbuf *tools,
-                      size_t *n, struct tool_table *tt, const char *where, struct ds4_error *e) {
+static bool read_tool(const struct json *t, const char *prefix, enum api_kind api,
+                      struct strbuf *tools, size_t *n, struct tool_table *tt, const char *where,
+                      struct ds4_error *e) {
     const struct json *fn = json_get(t, "function");
     const char *type = json_str(t, "type");
     if (!json_is(t, JSON_OBJECT)) return fail(e, "%s must be an object", where);
@@ -13901,14 +12750,18 @@ static bool read_tool(const struct json *t, const char *prefix, enum api_kind ap
         return true;
     }
     bool custom = api == API_RESPONSES && type && strcmp(type, "custom") == 0;
-    if (api == API_CHAT && json_is(fn, JSON_OBJECT) && (!type || strcmp(type, "function") == 0)) t = fn;
-    else if (api == API_MESSAGES ? !json_get(t, "input_schema") : !custom && (!type || strcmp(type, "function")))
-        return fail(e, "%s: tool type '%s' is not supported (function tools only; hosted tools cannot "
-                       "run here)", where, type ? type : "?");
+    if (api == API_CHAT && json_is(fn, JSON_OBJECT) && (!type || strcmp(type, "function") == 0))
+        t = fn;
+    else if (api == API_MESSAGES ? !json_get(t, "input_schema")
+                                 : !custom && (!type || strcmp(type, "function")))
+        return fail(e,
+                    "%s: tool type '%s' is not supported (function tools only; hosted tools cannot "
+                    "run here)",
+                    where, type ? type : "?");
     const struct json *name = json_get(t, "name");
     if (!json_is(name, JSON_STRING)) return fail(e, "%s has no name", where);
     /* A namespaced tool is shown as NAMESPACE.NAME: tool names cannot hold
-     * a dot, so the reply can split it again (12.9). */
+     * a dot, so the reply can split it again (13.9). */
     struct strbuf full = {0};
     if (prefix) strbuf_printf(&full, "%s.", prefix);
     strbuf_append(&full, name->string, name->len);
@@ -13938,7 +12791,7 @@ static bool read_tools(const struct json *req, enum api_kind api, struct strbuf 
 }
 
 /* tool_choice "none" (OpenAI) or {"type":"none"} (Anthropic) hides the tools;
- * "required" and named choices are enforced while decoding (12.8.1). */
+ * "required" and named choices are enforced while decoding (13.8.1). */
 static bool tool_choice_none(const struct json *req) {
     const struct json *tc = json_get(req, "tool_choice");
     if (json_is(tc, JSON_STRING)) return strcmp(tc->string, "none") == 0;
@@ -13950,7 +12803,8 @@ static bool tool_choice_none(const struct json *req) {
  * tool_call_id}]. Each assistant message is one turn. */
 static bool conv_from_chat(struct conv *c, const struct json *req, struct ds4_error *e) {
     const struct json *msgs = json_get(req, "messages");
-    if (!json_is(msgs, JSON_ARRAY) || msgs->count == 0) return fail(e, "'messages' must be a non-empty array");
+    if (!json_is(msgs, JSON_ARRAY) || msgs->count == 0)
+        return fail(e, "'messages' must be a non-empty array");
     struct strbuf text = {0}, args = {0};
     bool ok = true;
     for (size_t i = 0; ok && i < msgs->count; i++) {
@@ -13972,7 +12826,8 @@ static bool conv_from_chat(struct conv *c, const struct json *req, struct ds4_er
             ok = content_text(json_get(m, "content"), &text, where, e);
             if (ok) conv_tool_result(c, id ? id : "", text.data ? text.data : "", text.len);
         } else if (strcmp(role, "assistant") == 0) {
-            const struct json *r = json_get(m, "reasoning_content"), *calls = json_get(m, "tool_calls");
+            const struct json *r = json_get(m, "reasoning_content"),
+                              *calls = json_get(m, "tool_calls");
             conv_flush_assistant(c);
             conv_assistant_open(c);
             if (json_is(r, JSON_STRING)) conv_reasoning(c, r->string, r->len);
@@ -14009,7 +12864,8 @@ static bool conv_anthropic_system(struct conv *c, const struct json *sys, struct
         conv_system(c, sys->string, sys->len);
         return true;
     }
-    if (sys->kind != JSON_ARRAY) return fail(e, "'system' must be a string or an array of text blocks");
+    if (sys->kind != JSON_ARRAY)
+        return fail(e, "'system' must be a string or an array of text blocks");
     for (size_t i = 0; i < sys->count; i++) {
         const struct json *t = json_get(&sys->items[i], "text");
         if (!json_is(t, JSON_STRING)) return fail(e, "system[%zu] must be a text block", i);
@@ -14066,11 +12922,12 @@ static bool conv_anthropic_assistant_block(struct conv *c, const struct json *b,
 /* Anthropic Messages: "system" plus "messages" [{role, content}], where
  * content is a string or a list of blocks. Claude Code also puts system
  * (and developer) messages inside "messages"; they are read like the
- * top-level "system" and rendered where they stand (6.8 folds one that
+ * top-level "system" and rendered where they stand (11.8 folds one that
  * follows a user turn into it). */
 static bool conv_from_messages(struct conv *c, const struct json *req, struct ds4_error *e) {
     const struct json *msgs = json_get(req, "messages");
-    if (!json_is(msgs, JSON_ARRAY) || msgs->count == 0) return fail(e, "'messages' must be a non-empty array");
+    if (!json_is(msgs, JSON_ARRAY) || msgs->count == 0)
+        return fail(e, "'messages' must be a non-empty array");
     if (!conv_anthropic_system(c, json_get(req, "system"), e)) return false;
     bool ok = true;
     struct strbuf text = {0};
@@ -14079,7 +12936,8 @@ static bool conv_from_messages(struct conv *c, const struct json *req, struct ds
         const char *role = json_str(m, "role");
         char where[48];
         snprintf(where, sizeof where, "messages[%zu]", i);
-        bool user = role && strcmp(role, "user") == 0, assistant = role && strcmp(role, "assistant") == 0;
+        bool user = role && strcmp(role, "user") == 0,
+             assistant = role && strcmp(role, "assistant") == 0;
         bool system = role && (strcmp(role, "system") == 0 || strcmp(role, "developer") == 0);
         text.len = 0;
         if (system) {
@@ -14157,11 +13015,13 @@ static bool conv_responses_item(struct conv *c, const struct json *item, const c
         conv_responses_reasoning(c, item);
     } else if (strcmp(type, "function_call") == 0 || strcmp(type, "custom_tool_call") == 0) {
         bool custom = type[0] == 'c';
-        const char *id = need_string(item, "call_id", where, e), *name = need_string(item, "name", where, e);
+        const char *id = need_string(item, "call_id", where, e),
+                   *name = need_string(item, "name", where, e);
         const char *ns = json_str(item, "namespace");
         struct strbuf full = {0};
         ok = id && name;
-        if (ok && ns) {                    /* a namespaced tool is NAMESPACE.NAME (12.5 read_tool) */
+        /* a namespaced tool is NAMESPACE.NAME (13.5 read_tool) */
+        if (ok && ns) {
             strbuf_printf(&full, "%s.%s", ns, name);
             name = full.data;
         }
@@ -14174,7 +13034,8 @@ static bool conv_responses_item(struct conv *c, const struct json *item, const c
         }
         if (ok) conv_call(c, id, name, text.data, text.len);
         strbuf_free(&full);
-    } else if (strcmp(type, "function_call_output") == 0 || strcmp(type, "custom_tool_call_output") == 0) {
+    } else if (strcmp(type, "function_call_output") == 0 ||
+               strcmp(type, "custom_tool_call_output") == 0) {
         const char *id = need_string(item, "call_id", where, e);
         ok = id && content_text(json_get(item, "output"), &text, where, e);
         if (ok) conv_tool_result(c, id, text.data ? text.data : "", text.len);
@@ -14216,13 +13077,14 @@ static bool conv_from_completions(struct conv *c, const struct json *req, struct
     static const char system[] = "You are a helpful assistant";
     const struct json *p = json_get(req, "prompt");
     if (json_is(p, JSON_ARRAY) && p->count == 1) p = &p->items[0];
-    if (!json_is(p, JSON_STRING)) return fail(e, "'prompt' must be a string (or an array of one string)");
+    if (!json_is(p, JSON_STRING))
+        return fail(e, "'prompt' must be a string (or an array of one string)");
     conv_system(c, system, sizeof system - 1);
     conv_user(c, p->string, p->len);
     return true;
 }
 
-/* ---- 12.6 Exact replay of tool calls --------------------------------------- */
+/* ---- 13.6 Exact replay of tool calls --------------------------------------- */
 
 /* THE PROBLEM. An agent turn with tools goes:
  *
@@ -14243,7 +13105,7 @@ static bool conv_from_completions(struct conv *c, const struct json *req, struct
  * THE FIX. Remember, per tool-call id, the exact text the model sampled for
  * the whole tool block, and when a history message carries exactly those
  * ids, put that text back where the canonical block was rendered. The ids
- * are random and unguessable (12.9), so a client cannot make us replay text
+ * are random and unguessable (13.9), so a client cannot make us replay text
  * it did not receive. Memory is a ring of --tool-memory blocks: the oldest
  * is forgotten first, and a forgotten id falls back to the canonical form,
  * which is still a correct prompt, just a slower one.
@@ -14255,7 +13117,7 @@ static bool conv_from_completions(struct conv *c, const struct json *req, struct
 struct tool_memory_entry {
     char *first_id;             /* the key: the block's first call id */
     char *ids;                  /* all its call ids, each followed by '\n' */
-    char *dsml;                 /* "\n\n<｜DSML｜tool_calls>...</｜DSML｜tool_calls>" as sampled */
+    char *dsml; /* "\n\n<｜DSML｜tool_calls>...</｜DSML｜tool_calls>" as sampled */
 };
 
 struct tool_memory {
@@ -14291,8 +13153,8 @@ static char *srv_strndup(const char *s, size_t n) {
     return d;
 }
 
-static void tool_memory_put(struct tool_memory *m, const char *first_id, const char *ids, const char *dsml,
-                            size_t len) {
+static void tool_memory_put(struct tool_memory *m, const char *first_id, const char *ids,
+                            const char *dsml, size_t len) {
     if (m->cap == 0) return;
     pthread_mutex_lock(&m->lock);
     struct tool_memory_entry *t = &m->slots[m->next];
@@ -14331,7 +13193,8 @@ static bool call_ids(const struct json *calls, struct strbuf *ids) {
 }
 
 /* Replace canonical tool blocks in `prompt` by remembered exact ones. */
-static void replay_tool_calls(struct tool_memory *mem, const struct json *messages, struct strbuf *prompt) {
+static void replay_tool_calls(struct tool_memory *mem, const struct json *messages,
+                              struct strbuf *prompt) {
     struct strbuf out = {0}, canon = {0}, ids = {0};
     size_t cursor = 0;
     for (size_t i = 0; i < messages->count; i++) {
@@ -14360,7 +13223,7 @@ static void replay_tool_calls(struct tool_memory *mem, const struct json *messag
     strbuf_free(&ids);
 }
 
-/* ---- 12.7 The test script: forced replies (tests only) --------------------- */
+/* ---- 13.7 The test script: forced replies (tests only) --------------------- */
 
 /* The tiny test model has random weights: what it samples is noise, so no
  * test could ever see a well-formed tool call come out of it. With
@@ -14405,7 +13268,8 @@ static bool test_script_load(struct test_script *s, const char *path, const stru
     }
     s->rules = xcalloc(root->count, sizeof *s->rules);
     for (size_t i = 0; i < root->count; i++) {
-        const struct json *match = json_get(&root->items[i], "match"), *reply = json_get(&root->items[i], "reply");
+        const struct json *match = json_get(&root->items[i], "match"),
+                          *reply = json_get(&root->items[i], "reply");
         if (!json_is(match, JSON_STRING) || !json_is(reply, JSON_STRING)) {
             json_free(root);
             return fail(e, "%s: rule %zu needs string 'match' and 'reply'", path, i);
@@ -14435,7 +13299,7 @@ static const struct script_rule *test_script_find(const struct test_script *s, c
     return NULL;
 }
 
-/* ---- 12.8 Jobs and the queue ----------------------------------------------- */
+/* ---- 13.8 Jobs and the queue ----------------------------------------------- */
 
 /* A job is one generation request on its way through the worker. The
  * client thread fills the first part and queues it; the worker fills the
@@ -14475,8 +13339,9 @@ struct job {
     long created;               /* Unix time */
     int32_t *prompt;            /* [n_prompt] */
     size_t n_prompt;
-    char *prompt_text;          /* the rendered prompt (the test script and the disk store read it) */
-    struct tool_table tt;       /* the declared tools' names (12.5) */
+    /* the rendered prompt (the test script and the disk store read it) */
+    char *prompt_text;
+    struct tool_table tt;       /* the declared tools' names (13.5) */
     size_t prompt_text_len;
     int max_tokens;             /* after the caps */
 
@@ -14494,7 +13359,7 @@ struct job {
     double t_queued, t_started, t_prefilled, t_finished;
 
     /* The worker's reading of the output. */
-    struct guide *guide;        /* guided decoding (12.8.1), NULL when not needed */
+    struct guide *guide;        /* guided decoding (13.8.1), NULL when not needed */
     struct token_stream ts;
     struct dsml_parser dsml;
     size_t args_sent;           /* bytes of the open call's arguments already sent */
@@ -14511,7 +13376,7 @@ struct job {
 
     /* The handshake, under server.lock. */
     bool started, done;
-    bool noting;                /* the client thread is writing a queue note (12.8) */
+    bool noting;                /* the client thread is writing a queue note (13.8) */
     double last_note;
     atomic_bool cancelled;
     struct job *next;
@@ -14540,22 +13405,22 @@ struct server {
     struct job *head, *tail;
     struct job *running;        /* the job the worker holds, or NULL */
     int n_conns;
-    struct conn *conns;         /* every open connection, for eviction (12.12) */
+    struct conn *conns;         /* every open connection, for eviction (13.12) */
     atomic_bool stopping;
     pthread_cond_t parse_room;  /* the parse pool has room again */
-    size_t parse_in_use;        /* bytes reserved for request trees (12.11) */
+    size_t parse_in_use;        /* bytes reserved for request trees (13.11) */
     struct server_metrics m;    /* /metrics, under lock */
 
-    /* The worker's own: the sessions in memory (12.10) and the one in use. */
+    /* The worker's own: the sessions in memory (13.10) and the one in use. */
     struct cache_slot *slots;   /* [n_slots], never moved */
     int n_slots;
     struct cache_slot *cur;     /* the session the current job runs in */
     uint64_t clock;             /* bumped each time a slot serves a job (LRU) */
     struct sampler sp;
     struct generator gen;       /* plain or speculative decoding over s and sp */
-    float *guide_logits;        /* [vocab] guided decoding's adjusted logits (12.8.1) */
+    float *guide_logits;        /* [vocab] guided decoding's adjusted logits (13.8.1) */
     int32_t *token_count;       /* [vocab] tokens of the current reply, for penalties */
-    struct kv_store kv;         /* --kv-disk-dir: sessions on disk (10c), when kv_on */
+    struct kv_store kv;         /* --kv-disk-dir: sessions on disk (chapter 12), when kv_on */
     bool kv_on;
     struct kv_policy kv_policy;
 
@@ -14591,7 +13456,7 @@ static void job_unlink(struct server *srv, struct job *j) {
     if (srv->tail == j) srv->tail = prev;
 }
 
-/* Has the client left? End-of-stream alone may be a half-close (12.2
+/* Has the client left? End-of-stream alone may be a half-close (13.2
  * HALF-CLOSE), so the first time it is seen something harmless is written:
  * an SSE comment if the stream is open, else a "102 Processing" interim
  * response, which HTTP/1.1 clients skip [RFC 9110 §15.2]. A client that is
@@ -14627,7 +13492,8 @@ static void job_note(struct server *srv, struct job *j, bool stopping, bool due)
     struct conn *c = j->conn;
     int ahead = job_position(srv, j);
     char note[96];
-    int n = snprintf(note, sizeof note, ": queued, %d request%s ahead\n\n", ahead, ahead == 1 ? "" : "s");
+    int n = snprintf(note, sizeof note, ": queued, %d request%s ahead\n\n", ahead,
+                     ahead == 1 ? "" : "s");
     j->noting = true;
     j->last_note = now_seconds();
     pthread_mutex_unlock(&srv->lock);
@@ -14661,7 +13527,8 @@ static void job_wait(struct server *srv, struct job *j) {
         pthread_cond_timedwait(&srv->job_done, &srv->lock, &ts);
         if (j->started || j->done) continue;
         bool stop = atomic_load(&srv->stopping);
-        bool due = j->p.stream && (j->last_note == 0 || now_seconds() - j->last_note >= SERVER_KEEPALIVE_S);
+        bool due = j->p.stream &&
+                   (j->last_note == 0 || now_seconds() - j->last_note >= SERVER_KEEPALIVE_S);
         if (stop || due || srv_peer_state(j->conn->fd) != PEER_THERE) job_note(srv, j, stop, due);
         if (j->started || j->done) continue;
         if (stop || j->conn->gone) {
@@ -14730,10 +13597,11 @@ static void random_id(char *out, size_t cap, const char *prefix) {
         for (size_t i = 0; i < sizeof bytes; i++) bytes[i] = (unsigned char)splitmix64(&s);
     }
     size_t n = (size_t)snprintf(out, cap, "%s", prefix);
-    for (size_t i = 0; i < sizeof bytes && n + 2 < cap; i++, n += 2) snprintf(out + n, cap - n, "%02x", bytes[i]);
+    for (size_t i = 0; i < sizeof bytes && n + 2 < cap; i++, n += 2)
+        snprintf(out + n, cap - n, "%02x", bytes[i]);
 }
 
-/* ---- 12.8.1 Guided decoding: tool_choice, JSON replies, penalties, logprobs ---- */
+/* ---- 13.8.1 Guided decoding: tool_choice, JSON replies, penalties, logprobs ---- */
 
 /* Some request fields are promises about the reply that sampling alone
  * cannot keep: "call a tool", "call this tool", "at most one call", "reply
@@ -14756,7 +13624,7 @@ static void random_id(char *out, size_t cap, const char *prefix) {
  *                     forced byte by byte.
  *
  * In thinking mode the reasoning is left free: the promises apply to the
- * answer, from the token after </think>. A test script's replies (12.7)
+ * answer, from the token after </think>. A test script's replies (13.7)
  * are scripted, but forced tokens still go first, so the tests see them.
  *
  * PENALTIES, as OpenAI defines them, over the tokens of this reply so far
@@ -15008,7 +13876,7 @@ struct guide {
     bool closer_queued;         /* parallel calls off: the block's close was queued */
     bool json_on;               /* the JSON machine is running (answer started) */
     struct json_machine jm;
-    size_t script_at;           /* the next scripted token (12.7) */
+    size_t script_at;           /* the next scripted token (13.7) */
     struct token_logprob *lp;   /* logprobs of the answer's tokens */
     size_t n_lp, cap_lp;
 };
@@ -15023,7 +13891,8 @@ static void guide_free(struct guide *g) {
 static bool guide_wanted(const struct gen_params *p) {
     bool calls = p->tools_on &&
                  (p->choice == CHOICE_REQUIRED || p->choice == CHOICE_NAMED || p->serial_tools);
-    return calls || p->json_reply || p->presence_penalty != 0 || p->frequency_penalty != 0 || p->logprobs;
+    return calls || p->json_reply || p->presence_penalty != 0 || p->frequency_penalty != 0 ||
+           p->logprobs;
 }
 
 static void guide_force_text(struct guide *g, const struct tokenizer *tok, const char *text) {
@@ -15065,7 +13934,8 @@ static void guide_prepare(const struct tokenizer *tok, struct job *j) {
     struct guide *g = j->guide;
     const struct gen_params *p = &j->p;
     bool must_call = p->tools_on && (p->choice == CHOICE_REQUIRED || p->choice == CHOICE_NAMED);
-    if (must_call && !g->call_opened && guide_in_answer(j) && j->content.len == 0 && j->held.len == 0) {
+    if (must_call && !g->call_opened && guide_in_answer(j) && j->content.len == 0 &&
+        j->held.len == 0) {
         guide_force_text(g, tok, "\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name=\"");
         g->call_opened = true;
     }
@@ -15073,7 +13943,8 @@ static void guide_prepare(const struct tokenizer *tok, struct job *j) {
         j->dsml.state == DSML_TOOLS && !j->dsml.call_name && j->dsml.n_calls == 0) {
         g->name_open = true;
     }
-    bool between = j->dsml.state == DSML_TOOLS && j->dsml.tool == DSML_AT_BETWEEN && j->dsml.n_calls > 0;
+    bool between =
+        j->dsml.state == DSML_TOOLS && j->dsml.tool == DSML_AT_BETWEEN && j->dsml.n_calls > 0;
     if (p->serial_tools && between && !g->closer_queued && g->at_forced == g->n_forced) {
         bool nl = j->raw.len > 0 && j->raw.data[j->raw.len - 1] == '\n';
         guide_force_text(g, tok, nl ? "</｜DSML｜tool_calls>" : "\n</｜DSML｜tool_calls>");
@@ -15109,9 +13980,11 @@ static bool jm_fits(const struct json_machine *m, int room) {
 /* The masks of the name and of the JSON machine, as -inf logits. A JSON
  * token must also leave room to close the object before the token limit
  * (`left` counts this step), so a reply cut by max_tokens is still JSON. */
-static void guide_mask(const struct tokenizer *tok, const struct job *j, int left, float *logits, int V) {
+static void guide_mask(const struct tokenizer *tok, const struct job *j, int left, float *logits,
+                       int V) {
     const struct guide *g = j->guide;
-    bool json = g->json_on && g->jm.mode != JM_DONE, json_done = g->json_on && g->jm.mode == JM_DONE;
+    bool json = g->json_on && g->jm.mode != JM_DONE,
+         json_done = g->json_on && g->jm.mode == JM_DONE;
     if (!g->name_open && !json && !json_done) return;
     char buf[512];
     for (int t = 0; t < V; t++) {
@@ -15143,7 +14016,8 @@ static int32_t guide_budget_token(const struct tokenizer *tok, const struct guid
 }
 
 /* log softmax of logits[V] at `id`, and the n most likely alternatives. */
-static void guide_logprob(const float *logits, int V, int32_t id, int n_top, struct token_logprob *out) {
+static void guide_logprob(const float *logits, int V, int32_t id, int n_top,
+                          struct token_logprob *out) {
     float mx = -INFINITY;
     for (int t = 0; t < V; t++) mx = logits[t] > mx ? logits[t] : mx;
     double sum = 0;
@@ -15158,7 +14032,8 @@ static void guide_logprob(const float *logits, int V, int32_t id, int n_top, str
         int best = -1, prev = k > 0 ? out->top_id[k - 1] : -1;
         for (int t = 0; t < V; t++) {
             if (isinf(logits[t])) continue;
-            bool below = prev < 0 || logits[t] < logits[prev] || (logits[t] == logits[prev] && t > prev);
+            bool below =
+                prev < 0 || logits[t] < logits[prev] || (logits[t] == logits[prev] && t > prev);
             if (below && (best < 0 || logits[t] > logits[best])) best = t;
         }
         if (best < 0) break;
@@ -15223,7 +14098,7 @@ static void guide_after(struct server *srv, struct job *j, int32_t id) {
         g->jm.mode = JM_DONE;   /* a scripted reply left JSON: stop masking rather than fight it */
 }
 
-/* ---- 12.9 The reply in each dialect: streaming events and whole bodies ----- */
+/* ---- 13.9 The reply in each dialect: streaming events and whole bodies ----- */
 
 /* The worker reports what the model wrote as a handful of events, the same
  * for every dialect; a `struct dialect` turns them into that dialect's wire
@@ -15270,22 +14145,26 @@ static const char *openai_finish(const struct job *j) {
 }
 
 static void usage_openai(struct strbuf *b, const struct job *j) {
-    strbuf_printf(b, "{\"prompt_tokens\":%zu,\"completion_tokens\":%d,\"total_tokens\":%zu,"
-                     "\"prompt_tokens_details\":{\"cached_tokens\":%lld},"
-                     "\"completion_tokens_details\":{\"reasoning_tokens\":%d}}",
-                  j->n_prompt, j->n_generated, j->n_prompt + (size_t)j->n_generated, (long long)j->n_cached,
-                  j->n_reasoning);
+    strbuf_printf(b,
+                  "{\"prompt_tokens\":%zu,\"completion_tokens\":%d,\"total_tokens\":%zu,"
+                  "\"prompt_tokens_details\":{\"cached_tokens\":%lld},"
+                  "\"completion_tokens_details\":{\"reasoning_tokens\":%d}}",
+                  j->n_prompt, j->n_generated, j->n_prompt + (size_t)j->n_generated,
+                  (long long)j->n_cached, j->n_reasoning);
 }
 
 /* -- OpenAI chat completions -- */
 
-/* {"id":..,"object":"chat.completion.chunk",..,"choices":[{"index":0,"delta":DELTA,"finish_reason":F}]} */
+/* {"id":..,"object":"chat.completion.chunk",..,
+ *  "choices":[{"index":0,"delta":DELTA,"finish_reason":F}]} */
 static void chat_chunk(struct job *j, const char *delta, const char *finish) {
     struct strbuf b = {0};
-    strbuf_printf(&b, "{\"id\":\"%s\",\"object\":\"chat.completion.chunk\",\"created\":%ld,\"model\":", j->id,
-                  j->created);
+    strbuf_printf(
+        &b, "{\"id\":\"%s\",\"object\":\"chat.completion.chunk\",\"created\":%ld,\"model\":", j->id,
+        j->created);
     put_str(&b, j->model);
-    strbuf_printf(&b, ",\"choices\":[{\"index\":0,\"delta\":%s,\"logprobs\":null,\"finish_reason\":", delta);
+    strbuf_printf(
+        &b, ",\"choices\":[{\"index\":0,\"delta\":%s,\"logprobs\":null,\"finish_reason\":", delta);
     if (finish) put_str(&b, finish);
     else strbuf_puts(&b, "null");
     strbuf_puts(&b, "}]}");
@@ -15317,7 +14196,9 @@ static void chat_content(struct job *j, const char *s, size_t n) {
 
 static void chat_call_start(struct job *j, size_t i) {
     struct strbuf d = {0};
-    strbuf_printf(&d, "{\"tool_calls\":[{\"index\":%zu,\"id\":\"%s\",\"type\":\"function\",\"function\":{\"name\":",
+    strbuf_printf(&d,
+                  "{\"tool_calls\":[{\"index\":%zu,\"id\":\"%s\",\"type\":\"function\","
+                  "\"function\":{\"name\":",
                   i, j->calls[i].id);
     put_str(&d, j->calls[i].name);
     strbuf_puts(&d, ",\"arguments\":\"\"}}]}");
@@ -15349,7 +14230,8 @@ static void openai_stream_error(struct job *j) {
 
 static void openai_usage_chunk(struct job *j, const char *object) {
     struct strbuf b = {0};
-    strbuf_printf(&b, "{\"id\":\"%s\",\"object\":\"%s\",\"created\":%ld,\"model\":", j->id, object, j->created);
+    strbuf_printf(&b, "{\"id\":\"%s\",\"object\":\"%s\",\"created\":%ld,\"model\":", j->id, object,
+                  j->created);
     put_str(&b, j->model);
     strbuf_puts(&b, ",\"choices\":[],\"usage\":");
     usage_openai(&b, j);
@@ -15374,8 +14256,8 @@ static void chat_end(struct job *j) {
 static void chat_tool_calls(struct strbuf *b, const struct job *j) {
     strbuf_puts(b, ",\"tool_calls\":[");
     for (size_t i = 0; i < j->n_calls; i++) {
-        strbuf_printf(b, "%s{\"id\":\"%s\",\"type\":\"function\",\"function\":{\"name\":", i ? "," : "",
-                      j->calls[i].id);
+        strbuf_printf(b, "%s{\"id\":\"%s\",\"type\":\"function\",\"function\":{\"name\":",
+                      i ? "," : "", j->calls[i].id);
         put_str(b, j->calls[i].name);
         strbuf_puts(b, ",\"arguments\":");
         put_buf(b, &j->calls[i].args);
@@ -15387,7 +14269,8 @@ static void chat_tool_calls(struct strbuf *b, const struct job *j) {
 /* One token as OpenAI writes it in logprobs: its text, value and bytes
  * (the bytes matter when a token is part of a UTF-8 character). A masked
  * alternative has no value; OpenAI's stand-in for -inf is -9999. */
-static void chat_logprob_token(struct strbuf *b, const struct tokenizer *tok, int32_t id, float lp) {
+static void chat_logprob_token(struct strbuf *b, const struct tokenizer *tok, int32_t id,
+                               float lp) {
     size_t n = 0;
     const char *s = token_bytes(tok, id, &n);
     strbuf_puts(b, "{\"token\":");
@@ -15420,7 +14303,9 @@ static void chat_logprobs(struct strbuf *b, const struct job *j) {
 }
 
 static void chat_body(struct job *j, struct strbuf *b) {
-    strbuf_printf(b, "{\"id\":\"%s\",\"object\":\"chat.completion\",\"created\":%ld,\"model\":", j->id, j->created);
+    strbuf_printf(b,
+                  "{\"id\":\"%s\",\"object\":\"chat.completion\",\"created\":%ld,\"model\":", j->id,
+                  j->created);
     put_str(b, j->model);
     strbuf_puts(b, ",\"choices\":[{\"index\":0,\"message\":{\"role\":\"assistant\",\"content\":");
     if (j->content.len == 0 && j->n_calls > 0) strbuf_puts(b, "null");
@@ -15438,14 +14323,17 @@ static void chat_body(struct job *j, struct strbuf *b) {
 }
 
 static const struct dialect DIALECT_CHAT = {
-    chat_begin, chat_reasoning, chat_content, chat_call_start, chat_call_args, chat_call_end, chat_end, chat_body,
+    chat_begin,     chat_reasoning, chat_content, chat_call_start,
+    chat_call_args, chat_call_end,  chat_end,     chat_body,
 };
 
 /* -- OpenAI legacy completions: the answer text only -- */
 
 static void completion_chunk(struct job *j, const char *s, size_t n, const char *finish) {
     struct strbuf b = {0};
-    strbuf_printf(&b, "{\"id\":\"%s\",\"object\":\"text_completion\",\"created\":%ld,\"model\":", j->id, j->created);
+    strbuf_printf(&b,
+                  "{\"id\":\"%s\",\"object\":\"text_completion\",\"created\":%ld,\"model\":", j->id,
+                  j->created);
     put_str(&b, j->model);
     strbuf_puts(&b, ",\"choices\":[{\"index\":0,\"text\":");
     json_write_string(&b, s, n);
@@ -15485,7 +14373,9 @@ static void completion_end(struct job *j) {
 }
 
 static void completion_body(struct job *j, struct strbuf *b) {
-    strbuf_printf(b, "{\"id\":\"%s\",\"object\":\"text_completion\",\"created\":%ld,\"model\":", j->id, j->created);
+    strbuf_printf(b,
+                  "{\"id\":\"%s\",\"object\":\"text_completion\",\"created\":%ld,\"model\":", j->id,
+                  j->created);
     put_str(b, j->model);
     strbuf_puts(b, ",\"choices\":[{\"index\":0,\"text\":");
     put_buf(b, &j->content);
@@ -15504,9 +14394,11 @@ static const struct dialect DIALECT_COMPLETIONS = {
 /* Anthropic counts cached prompt tokens apart: input_tokens is only the part
  * that was processed now, so input + cache_read is the whole prompt. */
 static void usage_anthropic(struct strbuf *b, const struct job *j) {
-    strbuf_printf(b, "{\"input_tokens\":%lld,\"output_tokens\":%d,\"cache_read_input_tokens\":%lld,"
-                     "\"cache_creation_input_tokens\":0}",
-                  (long long)j->n_prompt - (long long)j->n_cached, j->n_generated, (long long)j->n_cached);
+    strbuf_printf(b,
+                  "{\"input_tokens\":%lld,\"output_tokens\":%d,\"cache_read_input_tokens\":%lld,"
+                  "\"cache_creation_input_tokens\":0}",
+                  (long long)j->n_prompt - (long long)j->n_cached, j->n_generated,
+                  (long long)j->n_cached);
 }
 
 static void anthropic_stop_reason(struct strbuf *b, const struct job *j) {
@@ -15542,8 +14434,11 @@ static void anthropic_close_block(struct job *j) {
     struct strbuf b = {0};
     if (j->block == BLOCK_NONE) return;
     if (j->block == BLOCK_THINKING) {
-        strbuf_printf(&b, "{\"type\":\"content_block_delta\",\"index\":%d,\"delta\":{\"type\":\"signature_delta\","
-                          "\"signature\":\"%s\"}}", j->n_blocks - 1, j->id);
+        strbuf_printf(&b,
+                      "{\"type\":\"content_block_delta\",\"index\":%d,\"delta\":{\"type\":"
+                      "\"signature_delta\","
+                      "\"signature\":\"%s\"}}",
+                      j->n_blocks - 1, j->id);
         anthropic_event(j, "content_block_delta", &b);
         b.len = 0;
     }
@@ -15559,16 +14454,19 @@ static void anthropic_open_block(struct job *j, enum block_kind kind, const char
     struct strbuf b = {0};
     if (j->block == kind && kind != BLOCK_TOOL) return;
     anthropic_close_block(j);
-    strbuf_printf(&b, "{\"type\":\"content_block_start\",\"index\":%d,\"content_block\":%s}", j->n_blocks++, start);
+    strbuf_printf(&b, "{\"type\":\"content_block_start\",\"index\":%d,\"content_block\":%s}",
+                  j->n_blocks++, start);
     anthropic_event(j, "content_block_start", &b);
     j->block = kind;
     strbuf_free(&b);
 }
 
-static void anthropic_delta(struct job *j, const char *type, const char *field, const char *s, size_t n) {
+static void anthropic_delta(struct job *j, const char *type, const char *field, const char *s,
+                            size_t n) {
     struct strbuf b = {0};
-    strbuf_printf(&b, "{\"type\":\"content_block_delta\",\"index\":%d,\"delta\":{\"type\":\"%s\",\"%s\":",
-                  j->n_blocks - 1, type, field);
+    strbuf_printf(
+        &b, "{\"type\":\"content_block_delta\",\"index\":%d,\"delta\":{\"type\":\"%s\",\"%s\":",
+        j->n_blocks - 1, type, field);
     json_write_string(&b, s, n);
     strbuf_puts(&b, "}}");
     anthropic_event(j, "content_block_delta", &b);
@@ -15576,7 +14474,8 @@ static void anthropic_delta(struct job *j, const char *type, const char *field, 
 }
 
 static void anthropic_reasoning(struct job *j, const char *s, size_t n) {
-    anthropic_open_block(j, BLOCK_THINKING, "{\"type\":\"thinking\",\"thinking\":\"\",\"signature\":\"\"}");
+    anthropic_open_block(j, BLOCK_THINKING,
+                         "{\"type\":\"thinking\",\"thinking\":\"\",\"signature\":\"\"}");
     anthropic_delta(j, "thinking_delta", "thinking", s, n);
 }
 
@@ -15611,7 +14510,8 @@ static void anthropic_end(struct job *j) {
         anthropic_event(j, "error", &b);
     } else {
         /* Reasoning alone would leave the client with no text block at all. */
-        if (j->content.len == 0 && j->n_calls == 0) anthropic_open_block(j, BLOCK_TEXT, "{\"type\":\"text\",\"text\":\"\"}");
+        if (j->content.len == 0 && j->n_calls == 0)
+            anthropic_open_block(j, BLOCK_TEXT, "{\"type\":\"text\",\"text\":\"\"}");
         anthropic_close_block(j);
         strbuf_puts(&b, "{\"type\":\"message_delta\",\"delta\":{");
         anthropic_stop_reason(&b, j);
@@ -15629,7 +14529,8 @@ static void anthropic_end(struct job *j) {
  * as broken JSON are passed on as {"arguments": "<the text>"}. */
 static void anthropic_input(struct strbuf *b, const struct strbuf *args) {
     char err[8];
-    struct json *obj = json_parse(args->data ? args->data : "", args->len, JSON_DEPTH_CEILING, err, sizeof err);
+    struct json *obj =
+        json_parse(args->data ? args->data : "", args->len, JSON_DEPTH_CEILING, err, sizeof err);
     if (json_is(obj, JSON_OBJECT)) {
         json_write(b, obj);
     } else {
@@ -15642,7 +14543,8 @@ static void anthropic_input(struct strbuf *b, const struct strbuf *args) {
 
 static void anthropic_body(struct job *j, struct strbuf *b) {
     bool first = true;
-    strbuf_printf(b, "{\"id\":\"%s\",\"type\":\"message\",\"role\":\"assistant\",\"model\":", j->id);
+    strbuf_printf(b,
+                  "{\"id\":\"%s\",\"type\":\"message\",\"role\":\"assistant\",\"model\":", j->id);
     put_str(b, j->model);
     strbuf_puts(b, ",\"content\":[");
     if (j->reasoning.len > 0) {
@@ -15658,7 +14560,8 @@ static void anthropic_body(struct job *j, struct strbuf *b) {
         first = false;
     }
     for (size_t i = 0; i < j->n_calls; i++) {
-        strbuf_printf(b, "%s{\"type\":\"tool_use\",\"id\":\"%s\",\"name\":", first ? "" : ",", j->calls[i].id);
+        strbuf_printf(b, "%s{\"type\":\"tool_use\",\"id\":\"%s\",\"name\":", first ? "" : ",",
+                      j->calls[i].id);
         put_str(b, j->calls[i].name);
         strbuf_puts(b, ",\"input\":");
         anthropic_input(b, &j->calls[i].args);
@@ -15673,8 +14576,8 @@ static void anthropic_body(struct job *j, struct strbuf *b) {
 }
 
 static const struct dialect DIALECT_MESSAGES = {
-    anthropic_begin, anthropic_reasoning, anthropic_content, anthropic_call_start, anthropic_call_args,
-    anthropic_call_end, anthropic_end, anthropic_body,
+    anthropic_begin,     anthropic_reasoning, anthropic_content, anthropic_call_start,
+    anthropic_call_args, anthropic_call_end,  anthropic_end,     anthropic_body,
 };
 
 /* -- OpenAI Responses -- */
@@ -15690,8 +14593,10 @@ static void usage_responses(struct strbuf *b, const struct job *j) {
 /* The output items, in the order the stream opened them: reasoning, the
  * message, the calls. `status` is that of the message item. */
 static void responses_reasoning_item(struct strbuf *b, const struct job *j) {
-    strbuf_printf(b, "{\"id\":\"%s\",\"type\":\"reasoning\",\"summary\":[{\"type\":\"summary_text\",\"text\":",
-                  j->rs_id);
+    strbuf_printf(
+        b,
+        "{\"id\":\"%s\",\"type\":\"reasoning\",\"summary\":[{\"type\":\"summary_text\",\"text\":",
+        j->rs_id);
     put_buf(b, &j->reasoning);
     strbuf_puts(b, "}]}");
 }
@@ -15704,10 +14609,11 @@ static void responses_message_item(struct strbuf *b, const struct job *j, const 
 }
 
 /* A custom tool's free-form input: the "input" string of the call's
- * arguments (it was shown to the model as that one parameter, 12.5). */
+ * arguments (it was shown to the model as that one parameter, 13.5). */
 static void custom_input(const struct job_call *c, struct strbuf *out) {
     char err[8];
-    struct json *args = c->args.data ? json_parse(c->args.data, c->args.len, 8, err, sizeof err) : NULL;
+    struct json *args =
+        c->args.data ? json_parse(c->args.data, c->args.len, 8, err, sizeof err) : NULL;
     const struct json *in = json_get(args, "input");
     if (json_is(in, JSON_STRING)) strbuf_append(out, in->string, in->len);
     else if (c->args.data) strbuf_append(out, c->args.data, c->args.len);
@@ -15715,7 +14621,8 @@ static void custom_input(const struct job_call *c, struct strbuf *out) {
 }
 
 static void responses_call_item(struct strbuf *b, const struct job_call *c, const char *status) {
-    strbuf_printf(b, "{\"id\":\"%s\",\"type\":\"%s\",\"status\":\"%s\",\"call_id\":\"%s\",\"name\":",
+    strbuf_printf(b,
+                  "{\"id\":\"%s\",\"type\":\"%s\",\"status\":\"%s\",\"call_id\":\"%s\",\"name\":",
                   c->item_id, c->custom ? "custom_tool_call" : "function_call", status, c->id);
     put_str(b, c->name + c->ns_len);
     if (c->ns_len > 0) {
@@ -15737,9 +14644,11 @@ static void responses_call_item(struct strbuf *b, const struct job_call *c, cons
 
 /* The response object: in_progress at the start, then completed,
  * incomplete (the token limit) or failed. */
-static void responses_object(struct strbuf *b, const struct job *j, const char *status, bool with_output) {
-    strbuf_printf(b, "{\"id\":\"%s\",\"object\":\"response\",\"created_at\":%ld,\"status\":\"%s\",\"model\":",
-                  j->id, j->created, status);
+static void responses_object(struct strbuf *b, const struct job *j, const char *status,
+                             bool with_output) {
+    strbuf_printf(
+        b, "{\"id\":\"%s\",\"object\":\"response\",\"created_at\":%ld,\"status\":\"%s\",\"model\":",
+        j->id, j->created, status);
     put_str(b, j->model);
     strbuf_puts(b, ",\"output\":[");
     bool first = true;
@@ -15757,7 +14666,8 @@ static void responses_object(struct strbuf *b, const struct job *j, const char *
         responses_call_item(b, &j->calls[i], "completed");
         first = false;
     }
-    strbuf_puts(b, "],\"parallel_tool_calls\":true,\"tool_choice\":\"auto\",\"tools\":[],\"error\":");
+    strbuf_puts(b,
+                "],\"parallel_tool_calls\":true,\"tool_choice\":\"auto\",\"tools\":[],\"error\":");
     if (strcmp(status, "failed") == 0) {
         strbuf_puts(b, "{\"code\":\"server_error\",\"message\":");
         put_str(b, j->error);
@@ -15766,7 +14676,8 @@ static void responses_object(struct strbuf *b, const struct job *j, const char *
         strbuf_puts(b, "null");
     }
     strbuf_puts(b, ",\"incomplete_details\":");
-    strbuf_puts(b, strcmp(status, "incomplete") == 0 ? "{\"reason\":\"max_output_tokens\"}" : "null");
+    strbuf_puts(b,
+                strcmp(status, "incomplete") == 0 ? "{\"reason\":\"max_output_tokens\"}" : "null");
     strbuf_puts(b, ",\"usage\":");
     if (with_output) usage_responses(b, j);
     else strbuf_puts(b, "null");
@@ -15782,7 +14693,8 @@ static void responses_event(struct job *j, const char *type, const char *fields)
 }
 
 /* output_item.added / .done around an item written by `item`. */
-static void responses_item_event(struct job *j, const char *type, int index, const struct strbuf *item) {
+static void responses_item_event(struct job *j, const char *type, int index,
+                                 const struct strbuf *item) {
     struct strbuf f = {0};
     strbuf_printf(&f, "\"output_index\":%d,\"item\":%s", index, item->data);
     responses_event(j, type, f.data);
@@ -15802,7 +14714,9 @@ static void responses_begin(struct job *j) {
 static void responses_close_reasoning(struct job *j) {
     struct strbuf f = {0}, item = {0};
     if (j->rs_index < 0) return;
-    strbuf_printf(&f, "\"item_id\":\"%s\",\"output_index\":%d,\"summary_index\":0,\"text\":", j->rs_id, j->rs_index);
+    strbuf_printf(&f,
+                  "\"item_id\":\"%s\",\"output_index\":%d,\"summary_index\":0,\"text\":", j->rs_id,
+                  j->rs_index);
     put_buf(&f, &j->reasoning);
     responses_event(j, "response.reasoning_summary_text.done", f.data);
     f.len = 0;
@@ -15821,7 +14735,8 @@ static void responses_close_reasoning(struct job *j) {
 static void responses_close_message(struct job *j) {
     struct strbuf f = {0}, item = {0};
     if (j->msg_index < 0) return;
-    strbuf_printf(&f, "\"item_id\":\"%s\",\"output_index\":%d,\"content_index\":0,\"text\":", j->msg_id,
+    strbuf_printf(&f,
+                  "\"item_id\":\"%s\",\"output_index\":%d,\"content_index\":0,\"text\":", j->msg_id,
                   j->msg_index);
     put_buf(&f, &j->content);
     responses_event(j, "response.output_text.done", f.data);
@@ -15845,12 +14760,16 @@ static void responses_reasoning(struct job *j, const char *s, size_t n) {
         strbuf_printf(&f, "{\"id\":\"%s\",\"type\":\"reasoning\",\"summary\":[]}", j->rs_id);
         responses_item_event(j, "response.output_item.added", j->rs_index, &f);
         f.len = 0;
-        strbuf_printf(&f, "\"item_id\":\"%s\",\"output_index\":%d,\"summary_index\":0,"
-                          "\"part\":{\"type\":\"summary_text\",\"text\":\"\"}", j->rs_id, j->rs_index);
+        strbuf_printf(&f,
+                      "\"item_id\":\"%s\",\"output_index\":%d,\"summary_index\":0,"
+                      "\"part\":{\"type\":\"summary_text\",\"text\":\"\"}",
+                      j->rs_id, j->rs_index);
         responses_event(j, "response.reasoning_summary_part.added", f.data);
         f.len = 0;
     }
-    strbuf_printf(&f, "\"item_id\":\"%s\",\"output_index\":%d,\"summary_index\":0,\"delta\":", j->rs_id, j->rs_index);
+    strbuf_printf(&f,
+                  "\"item_id\":\"%s\",\"output_index\":%d,\"summary_index\":0,\"delta\":", j->rs_id,
+                  j->rs_index);
     json_write_string(&f, s, n);
     responses_event(j, "response.reasoning_summary_text.delta", f.data);
     strbuf_free(&f);
@@ -15861,18 +14780,22 @@ static void responses_content(struct job *j, const char *s, size_t n) {
     responses_close_reasoning(j);
     if (j->msg_index < 0) {
         j->msg_index = j->n_items++;
-        strbuf_printf(&f, "{\"id\":\"%s\",\"type\":\"message\",\"status\":\"in_progress\",\"role\":\"assistant\","
-                          "\"content\":[]}", j->msg_id);
+        strbuf_printf(
+            &f,
+            "{\"id\":\"%s\",\"type\":\"message\",\"status\":\"in_progress\",\"role\":\"assistant\","
+            "\"content\":[]}",
+            j->msg_id);
         responses_item_event(j, "response.output_item.added", j->msg_index, &f);
         f.len = 0;
-        strbuf_printf(&f, "\"item_id\":\"%s\",\"output_index\":%d,\"content_index\":0,"
-                          "\"part\":{\"type\":\"output_text\",\"text\":\"\",\"annotations\":[]}", j->msg_id,
-                      j->msg_index);
+        strbuf_printf(&f,
+                      "\"item_id\":\"%s\",\"output_index\":%d,\"content_index\":0,"
+                      "\"part\":{\"type\":\"output_text\",\"text\":\"\",\"annotations\":[]}",
+                      j->msg_id, j->msg_index);
         responses_event(j, "response.content_part.added", f.data);
         f.len = 0;
     }
-    strbuf_printf(&f, "\"item_id\":\"%s\",\"output_index\":%d,\"content_index\":0,\"delta\":", j->msg_id,
-                  j->msg_index);
+    strbuf_printf(&f, "\"item_id\":\"%s\",\"output_index\":%d,\"content_index\":0,\"delta\":",
+                  j->msg_id, j->msg_index);
     json_write_string(&f, s, n);
     responses_event(j, "response.output_text.delta", f.data);
     strbuf_free(&f);
@@ -15896,11 +14819,13 @@ static void responses_call_end(struct job *j, size_t i) {
     if (c->custom) {
         struct strbuf in = {0};
         custom_input(c, &in);
-        strbuf_printf(&f, "\"item_id\":\"%s\",\"output_index\":%d,\"delta\":", c->item_id, c->out_index);
+        strbuf_printf(&f, "\"item_id\":\"%s\",\"output_index\":%d,\"delta\":", c->item_id,
+                      c->out_index);
         put_buf(&f, &in);
         responses_event(j, "response.custom_tool_call_input.delta", f.data);
         f.len = 0;
-        strbuf_printf(&f, "\"item_id\":\"%s\",\"output_index\":%d,\"input\":", c->item_id, c->out_index);
+        strbuf_printf(&f, "\"item_id\":\"%s\",\"output_index\":%d,\"input\":", c->item_id,
+                      c->out_index);
         put_buf(&f, &in);
         responses_event(j, "response.custom_tool_call_input.done", f.data);
         strbuf_free(&in);
@@ -15910,11 +14835,13 @@ static void responses_call_end(struct job *j, size_t i) {
         strbuf_free(&item);
         return;
     }
-    strbuf_printf(&f, "\"item_id\":\"%s\",\"output_index\":%d,\"delta\":", c->item_id, c->out_index);
+    strbuf_printf(&f, "\"item_id\":\"%s\",\"output_index\":%d,\"delta\":", c->item_id,
+                  c->out_index);
     put_buf(&f, &c->args);
     responses_event(j, "response.function_call_arguments.delta", f.data);
     f.len = 0;
-    strbuf_printf(&f, "\"item_id\":\"%s\",\"output_index\":%d,\"arguments\":", c->item_id, c->out_index);
+    strbuf_printf(&f, "\"item_id\":\"%s\",\"output_index\":%d,\"arguments\":", c->item_id,
+                  c->out_index);
     put_buf(&f, &c->args);
     responses_event(j, "response.function_call_arguments.done", f.data);
     responses_call_item(&item, c, "completed");
@@ -15925,7 +14852,9 @@ static void responses_call_end(struct job *j, size_t i) {
 
 static void responses_end(struct job *j) {
     struct strbuf f = {0};
-    const char *status = j->finish == FINISH_ERROR ? "failed" : j->finish == FINISH_LENGTH ? "incomplete" : "completed";
+    const char *status = j->finish == FINISH_ERROR    ? "failed"
+                         : j->finish == FINISH_LENGTH ? "incomplete"
+                                                      : "completed";
     responses_close_reasoning(j);
     responses_close_message(j);
     strbuf_puts(&f, "\"response\":");
@@ -15942,8 +14871,8 @@ static void responses_body(struct job *j, struct strbuf *b) {
 }
 
 static const struct dialect DIALECT_RESPONSES = {
-    responses_begin, responses_reasoning, responses_content, responses_call_start, completion_ignore_args,
-    responses_call_end, responses_end, responses_body,
+    responses_begin,        responses_reasoning, responses_content, responses_call_start,
+    completion_ignore_args, responses_call_end,  responses_end,     responses_body,
 };
 
 static const struct dialect *dialect_of(enum api_kind api) {
@@ -15955,7 +14884,7 @@ static const struct dialect *dialect_of(enum api_kind api) {
     }
 }
 
-/* ---- 12.10 The worker: prefix reuse, prefill, decode, DSML, stop strings ---- */
+/* ---- 13.10 The worker: prefix reuse, prefill, decode, DSML, stop strings ---- */
 
 /* PREFIX REUSE. The session holds the tokens `fed`, in order: the last
  * prompt and the reply sampled after it. An agent's next request is
@@ -15971,7 +14900,7 @@ static const struct dialect *dialect_of(enum api_kind api) {
  * too (each sampled token must go through the model anyway to get the next
  * one), except EOS, which the next prompt renders in the same place.
  *
- * SESSIONS ON DISK (--kv-disk-dir, chapter 10c). Starting over need not
+ * SESSIONS ON DISK (--kv-disk-dir, chapter 12). Starting over need not
  * mean starting from nothing:
  *
  *     a session is given up   -> save it (evict), if >= 512 tokens
@@ -15984,13 +14913,13 @@ static const struct dialect *dialect_of(enum api_kind api) {
  * So a restarted server, or one that served another client in between,
  * answers an agent's next turn from disk. The lookup is by rendered text,
  * and after a hit the job's prompt is the cached tokens plus the rest of
- * the text tokenized alone (10c.9.1). */
+ * the text tokenized alone (12.9.1). */
 
 /* SEVERAL SESSIONS, AND REWINDS. Agents do not send one conversation in a
  * straight line. opencode sends a small title request between two turns of
  * its main conversation; a retry resends the prompt the session has already
  * generated past; an edited turn changes the middle. So the worker keeps
- * several sessions (slots, --sessions N) and, in each, checkpoints (10c.11)
+ * several sessions (slots, --sessions N) and, in each, checkpoints (12.11)
  * at every multiple of K = --checkpoint-every prompt tokens and at the end
  * of every prompt. For a new prompt each slot offers
  *
@@ -16012,14 +14941,14 @@ static const struct dialect *dialect_of(enum api_kind api) {
  *
  * A rewind restores the nearest checkpoint AT OR BELOW the common prefix and
  * re-feeds from there: the window ring and the compressor frontiers cannot
- * be truncated (10c.11). A prompt sent twice hits its own prompt-end
+ * be truncated (12.11). A prompt sent twice hits its own prompt-end
  * checkpoint and prefills nothing. `n_cached` -- the `cached_tokens` of
  * every API -- is exactly the number of prompt tokens not fed again.
  *
  * The prefill cuts its chunks at multiples of --chunk counted from position
  * 0 (and at the checkpoints), so a rewound session re-feeds with the chunk
  * boundaries a fresh session has: the matmul path depends on the chunk
- * length (8.1), and this way a rewound session computes the same bits as a
+ * length (6.1), and this way a rewound session computes the same bits as a
  * fresh one fed the same prompt. Decoded tokens get no checkpoints (the
  * generator advances by one or several tokens); the prompt-end checkpoint
  * is where a reply begins.
@@ -16191,7 +15120,7 @@ static int64_t worker_rewind(struct server *srv, struct cache_slot *from, int cp
 
 /* The session starts over, from the disk store: the longest cached prefix
  * of the prompt's text is loaded, and the job's prompt becomes the cached
- * tokens plus the rest of the text (10c.9.1). Returns the cached count. */
+ * tokens plus the rest of the text (12.9.1). Returns the cached count. */
 static int64_t worker_resume(struct server *srv, struct job *j) {
     struct kv_hit hit;
     size_t n;
@@ -16355,7 +15284,7 @@ static void job_stream_open_args(struct job *j) {
     j->args_sent = p->args.len;
 }
 
-/* The DSML parser's events (6.9), routed to the job and its dialect. */
+/* The DSML parser's events (11.9), routed to the job and its dialect. */
 static void job_on_dsml(void *user, const struct dsml_event *ev) {
     struct job *j = user;
     switch (ev->kind) {
@@ -16371,7 +15300,8 @@ static void job_on_dsml(void *user, const struct dsml_event *ev) {
         break;
     case DSML_EV_CALL:
         if (j->stop_hit || j->n_calls == 0) break;
-        job_call_args(j, j->n_calls - 1, ev->arguments + j->args_sent, strlen(ev->arguments) - j->args_sent);
+        job_call_args(j, j->n_calls - 1, ev->arguments + j->args_sent,
+                      strlen(ev->arguments) - j->args_sent);
         j->args_sent = 0;
         if (j->p.stream) dialect_of(j->api)->call_end(j, j->n_calls - 1);
         break;
@@ -16405,13 +15335,16 @@ static void job_flush_output(struct job *j) {
     strbuf_free(&rest);
 }
 
-/* Remember the exact tool block the model wrote, under its calls' ids (12.6). */
+/* Remember the exact tool block the model wrote, under its calls' ids (13.6). */
 static void job_remember_calls(struct server *srv, struct job *j) {
-    unsigned bad = DSML_MALFORMED | DSML_UNTERMINATED | DSML_CALL_IN_THINKING | DSML_DUPLICATE_PARAM;
-    if (j->n_calls == 0 || (j->dsml.flags & bad) || j->finish != FINISH_TOOLS || !j->raw.data) return;
+    unsigned bad =
+        DSML_MALFORMED | DSML_UNTERMINATED | DSML_CALL_IN_THINKING | DSML_DUPLICATE_PARAM;
+    if (j->n_calls == 0 || (j->dsml.flags & bad) || j->finish != FINISH_TOOLS || !j->raw.data)
+        return;
     const char *start = memmem(j->raw.data, j->raw.len, DSML_BLOCK, strlen(DSML_BLOCK));
-    const char *close = start ? memmem(start, j->raw.len - (size_t)(start - j->raw.data), DSML_BLOCK_CLOSE,
-                                       strlen(DSML_BLOCK_CLOSE)) : NULL;
+    const char *close = start ? memmem(start, j->raw.len - (size_t)(start - j->raw.data),
+                                       DSML_BLOCK_CLOSE, strlen(DSML_BLOCK_CLOSE))
+                              : NULL;
     if (!close) return;
     if (start - j->raw.data >= 2 && start[-1] == '\n' && start[-2] == '\n') start -= 2;
     struct strbuf ids = {0};
@@ -16440,7 +15373,7 @@ static int64_t prefill_step_end(const struct server_options *o, int64_t pos, int
 /* Feed prompt[from..n) in chunks. Streaming clients get an SSE comment
  * every SERVER_KEEPALIVE_S (proxies and clients drop silent streams); a
  * long prefill prints its progress on stderr about once a second. With
- * --kv-disk-dir a chunk also ends at the save points of 10c.9 (`cold_at`,
+ * --kv-disk-dir a chunk also ends at the save points of 12.9 (`cold_at`,
  * 0 = none, and the continued points), and the session is saved there. */
 static bool worker_prefill(struct server *srv, struct job *j, int64_t from, int64_t cold_at,
                            struct ds4_error *e) {
@@ -16453,7 +15386,9 @@ static bool worker_prefill(struct server *srv, struct job *j, int64_t from, int6
     for (int64_t done = 0, T; done < n; done += T) {
         T = prefill_step_end(srv->opt, from + done, from + n) - from - done;
         enum kv_reason why = KV_REASON_UNKNOWN;
-        if (srv->kv_on) T = kv_next_stop(&srv->kv_policy, from + done, from + done + T, cold_at, &why) - from - done;
+        if (srv->kv_on)
+            T = kv_next_stop(&srv->kv_policy, from + done, from + done + T, cold_at, &why) - from -
+                done;
         if (job_abandoned(srv, j)) return false;
         if (!session_forward(&sl->s, j->prompt + from + done, (int)T, NULL, e)) return false;
         for (int64_t t = 0; t < T; t++) worker_remember(srv, j->prompt[from + done + t]);
@@ -16481,7 +15416,8 @@ static bool worker_prefill(struct server *srv, struct job *j, int64_t from, int6
  * after a stop string or a closed tool block (the model would write EOS
  * next; the next prompt renders it). */
 static bool worker_decode(struct server *srv, struct job *j, struct ds4_error *e) {
-    const struct script_rule *rule = srv->script.n ? test_script_find(&srv->script, j->prompt_text) : NULL;
+    const struct script_rule *rule =
+        srv->script.n ? test_script_find(&srv->script, j->prompt_text) : NULL;
     int32_t eos = srv->tok->sp.eos;
     j->finish = FINISH_LENGTH;
     struct spec_stats before = srv->gen.stats;
@@ -16556,8 +15492,9 @@ static void worker_run(struct server *srv, struct job *j) {
     j->n_cached = worker_reuse(srv, j);
     srv->gen.s = &srv->cur->s;
     int64_t cold_at = srv->kv_on && j->n_cached == 0
-        ? kv_cold_save_point(&srv->kv_policy, j->prompt, (int64_t)j->n_prompt, srv->tok->sp.user, srv->tok->sp.assistant)
-        : 0;
+                          ? kv_cold_save_point(&srv->kv_policy, j->prompt, (int64_t)j->n_prompt,
+                                               srv->tok->sp.user, srv->tok->sp.assistant)
+                          : 0;
     if (j->p.stream) d->begin(j);
     bool ok = worker_prefill(srv, j, j->n_cached, cold_at, &e);
     if (ok) worker_checkpoint(srv);               /* the prompt's end: where a retry rewinds to */
@@ -16599,7 +15536,7 @@ static void *worker_main(void *arg) {
     return NULL;
 }
 
-/* ---- 12.11 Handlers and routing -------------------------------------------- */
+/* ---- 13.11 Handlers and routing -------------------------------------------- */
 
 static void srv_log(struct server *srv, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
@@ -16623,7 +15560,7 @@ static void srv_log(struct server *srv, const char *fmt, ...) {
 }
 
 /* THE PARSE POOL. A request's JSON tree costs up to 64 times its body
- * (Chapter 5, "memory"), so trees are paid for out of one pool of
+ * (Chapter 10, "memory"), so trees are paid for out of one pool of
  * --max-parses x --max-parse-mem bytes. A request reserves the most one
  * parse may take (--max-parse-mem) before parsing, waits a bounded time if
  * the pool is spent, keeps only what its tree really used while it lives,
@@ -16672,7 +15609,8 @@ static struct json *srv_parse_body(struct conn *c, struct http_request *r, size_
         return NULL;
     }
     struct json_budget b = {.limit = c->opt->max_parse_mem};
-    struct json *req = json_parse_within(r->body, r->body_len, SERVER_JSON_DEPTH, &b, err, sizeof err);
+    struct json *req =
+        json_parse_within(r->body, r->body_len, SERVER_JSON_DEPTH, &b, err, sizeof err);
     free(r->body);
     r->body = NULL;
     *held = req ? b.used : 0;
@@ -16681,7 +15619,8 @@ static struct json *srv_parse_body(struct conn *c, struct http_request *r, size_
         pthread_mutex_lock(&srv->lock);
         srv->m.over_budget++;
         pthread_mutex_unlock(&srv->lock);
-        snprintf(msg, sizeof msg, "the request's JSON needs more than %zu bytes of memory (--max-parse-mem)",
+        snprintf(msg, sizeof msg,
+                 "the request's JSON needs more than %zu bytes of memory (--max-parse-mem)",
                  c->opt->max_parse_mem);
         http_error(c, 413, msg);
     } else if (!json_is(req, JSON_OBJECT)) {
@@ -16726,7 +15665,8 @@ static bool check_tool_types(const struct json *tools, struct ds4_error *e) {
     for (size_t i = 0; tools && i < tools->count; i++) {
         const struct json *t = &tools->items[i], *fn = json_get(t, "function");
         if (!json_is(t, JSON_OBJECT)) return fail(e, "'tools[%zu]' must be an object", i);
-        if (!field_kind_ok(fn, KIND(JSON_OBJECT))) return fail(e, "'tools[%zu].function' must be an object", i);
+        if (!field_kind_ok(fn, KIND(JSON_OBJECT)))
+            return fail(e, "'tools[%zu].function' must be an object", i);
         for (size_t k = 0; k < 2; k++) {
             if (!field_kind_ok(json_get(t, schema_keys[k]), KIND(JSON_OBJECT)))
                 return fail(e, "'tools[%zu].%s' must be an object", i, schema_keys[k]);
@@ -16754,9 +15694,9 @@ static bool check_field_types(const struct json *req, struct ds4_error *e) {
     return check_tool_types(json_is(tools, JSON_ARRAY) ? tools : NULL, e);
 }
 
-/* The dialect's request, as canonical messages and tools (12.5). */
-static bool job_read_request(struct job *j, const struct json *req, struct conv *cv, struct strbuf *tools,
-                             struct ds4_error *e) {
+/* The dialect's request, as canonical messages and tools (13.5). */
+static bool job_read_request(struct job *j, const struct json *req, struct conv *cv,
+                             struct strbuf *tools, struct ds4_error *e) {
     if (!check_field_types(req, e)) return false;
     if (!read_gen_params(req, j->api, &j->p, e)) return false;
     if (!read_tools(req, j->api, tools, &j->tt, e)) return false;
@@ -16776,15 +15716,20 @@ static bool job_read_request(struct job *j, const struct json *req, struct conv 
 /* Canonical messages -> prompt text (chat template, exact replay) -> tokens.
  * Reasoning of earlier turns is kept whenever the history holds tool calls
  * or results, as the template itself does when tools are given [§4.4]. */
-static bool job_render(struct server *srv, struct job *j, const struct conv *cv, const struct strbuf *tools,
-                       struct ds4_error *e) {
+static bool job_render(struct server *srv, struct job *j, const struct conv *cv,
+                       const struct strbuf *tools, struct ds4_error *e) {
     char err[256] = "";
     struct json *msgs = json_parse(cv->out.data, cv->out.len, JSON_DEPTH_CEILING, err, sizeof err);
-    struct json *tl = j->p.tools_on ? json_parse(tools->data, tools->len, JSON_DEPTH_CEILING, err, sizeof err) : NULL;
-    struct chat_options co = {.mode = j->p.mode, .context_tokens = (uint64_t)srv->opt->ctx,
-                              .keep_reasoning = cv->tool_context, .response_format = j->p.json_schema};
+    struct json *tl = j->p.tools_on
+                          ? json_parse(tools->data, tools->len, JSON_DEPTH_CEILING, err, sizeof err)
+                          : NULL;
+    struct chat_options co = {.mode = j->p.mode,
+                              .context_tokens = (uint64_t)srv->opt->ctx,
+                              .keep_reasoning = cv->tool_context,
+                              .response_format = j->p.json_schema};
     struct strbuf prompt = {0};
-    bool ok = msgs && (!j->p.tools_on || tl) && chat_render(msgs, tl, &co, &prompt, err, sizeof err) == 0;
+    bool ok =
+        msgs && (!j->p.tools_on || tl) && chat_render(msgs, tl, &co, &prompt, err, sizeof err) == 0;
     if (ok && !srv->opt->no_exact_replay) replay_tool_calls(&srv->mem, msgs, &prompt);
     if (ok) tokenize(srv->tok, prompt.data, prompt.len, true, &j->prompt, &j->n_prompt);
     if (!ok) fail(e, "cannot render the conversation: %s", err);
@@ -16801,13 +15746,17 @@ static bool job_check_context(struct conn *c, struct job *j) {
     const struct server_options *o = c->opt;
     if (j->n_prompt >= (size_t)o->ctx) {
         char msg[200], extra[80];
-        snprintf(msg, sizeof msg, "the prompt has %zu tokens, the context holds %d", j->n_prompt, o->ctx);
+        snprintf(msg, sizeof msg, "the prompt has %zu tokens, the context holds %d", j->n_prompt,
+                 o->ctx);
         snprintf(extra, sizeof extra, ",\"n_prompt_tokens\":%zu,\"n_ctx\":%d", j->n_prompt, o->ctx);
-        const char *param = j->api == API_COMPLETIONS ? "prompt" : j->api == API_RESPONSES ? "input" : "messages";
+        const char *param = j->api == API_COMPLETIONS ? "prompt"
+                            : j->api == API_RESPONSES ? "input"
+                                                      : "messages";
         http_error_full(c, 400, msg, param, "context_length_exceeded", extra);
         return false;
     }
-    int room = o->ctx - (int)j->n_prompt, want = j->p.max_tokens > 0 ? j->p.max_tokens : o->max_tokens_cap;
+    int room = o->ctx - (int)j->n_prompt,
+        want = j->p.max_tokens > 0 ? j->p.max_tokens : o->max_tokens_cap;
     j->max_tokens = want < o->max_tokens_cap ? want : o->max_tokens_cap;
     if (j->max_tokens > room) j->max_tokens = room;
     return true;
@@ -16867,10 +15816,13 @@ static void handle_generate(struct conn *c, struct http_request *r, char *note, 
         if (!job_submit(srv, j)) http_error(c, 503, "the server is shutting down");
         else job_wait(srv, j);
         static const char *const finish[] = {"stop", "length", "tool_calls", "error", "cancelled"};
-        int at = snprintf(note, note_cap, "prompt=%zu cached=%lld gen=%d finish=%s queue=%.3fs prefill=%.3fs decode=%.3fs",
-                          j->n_prompt, (long long)j->n_cached, j->n_generated, finish[j->finish],
-                          j->started ? j->t_started - j->t_queued : 0, j->started ? j->t_prefilled - j->t_started : 0,
-                          j->started ? j->t_finished - j->t_prefilled : 0);
+        int at = snprintf(
+            note, note_cap,
+            "prompt=%zu cached=%lld gen=%d finish=%s queue=%.3fs prefill=%.3fs decode=%.3fs",
+            j->n_prompt, (long long)j->n_cached, j->n_generated, finish[j->finish],
+            j->started ? j->t_started - j->t_queued : 0,
+            j->started ? j->t_prefilled - j->t_started : 0,
+            j->started ? j->t_finished - j->t_prefilled : 0);
         if (j->drafted > 0 && at > 0 && (size_t)at < note_cap)
             snprintf(note + at, note_cap - (size_t)at, " mtp_drafted=%lld mtp_accepted=%lld",
                      (long long)j->drafted, (long long)j->accepted);
@@ -16883,7 +15835,8 @@ static void handle_generate(struct conn *c, struct http_request *r, char *note, 
 }
 
 /* POST /v1/messages/count_tokens: the prompt's size, no generation. */
-static void handle_count_tokens(struct conn *c, struct http_request *r, char *note, size_t note_cap) {
+static void handle_count_tokens(struct conn *c, struct http_request *r, char *note,
+                                size_t note_cap) {
     struct ds4_error e = {""};
     size_t held;
     struct json *req = srv_parse_body(c, r, &held);
@@ -16911,17 +15864,21 @@ static void handle_count_tokens(struct conn *c, struct http_request *r, char *no
 static void model_object(struct strbuf *b, const struct server_options *o, const char *id) {
     strbuf_puts(b, "{\"id\":");
     put_str(b, id);
-    strbuf_puts(b, ",\"object\":\"model\",\"type\":\"model\",\"created\":0,\"owned_by\":\"ds4.c\",\"name\":");
+    strbuf_puts(
+        b,
+        ",\"object\":\"model\",\"type\":\"model\",\"created\":0,\"owned_by\":\"ds4.c\",\"name\":");
     put_str(b, id);
     strbuf_puts(b, ",\"display_name\":");
     put_str(b, id);
-    strbuf_printf(b, ",\"created_at\":\"1970-01-01T00:00:00Z\",\"context_length\":%d,\"top_provider\":"
-                     "{\"context_length\":%d,\"max_completion_tokens\":%d,\"is_moderated\":false},"
-                     "\"supported_parameters\":[\"max_tokens\",\"temperature\",\"top_p\",\"top_k\",\"min_p\","
-                     "\"seed\",\"stop\",\"tools\",\"tool_choice\",\"parallel_tool_calls\",\"response_format\","
-                     "\"structured_outputs\",\"logprobs\",\"top_logprobs\",\"presence_penalty\","
-                     "\"frequency_penalty\",\"reasoning\",\"include_reasoning\"]}",
-                  o->ctx, o->ctx, o->max_tokens_cap);
+    strbuf_printf(
+        b,
+        ",\"created_at\":\"1970-01-01T00:00:00Z\",\"context_length\":%d,\"top_provider\":"
+        "{\"context_length\":%d,\"max_completion_tokens\":%d,\"is_moderated\":false},"
+        "\"supported_parameters\":[\"max_tokens\",\"temperature\",\"top_p\",\"top_k\",\"min_p\","
+        "\"seed\",\"stop\",\"tools\",\"tool_choice\",\"parallel_tool_calls\",\"response_format\","
+        "\"structured_outputs\",\"logprobs\",\"top_logprobs\",\"presence_penalty\","
+        "\"frequency_penalty\",\"reasoning\",\"include_reasoning\"]}",
+        o->ctx, o->ctx, o->max_tokens_cap);
 }
 
 static bool model_known(const struct server_options *o, const char *id) {
@@ -16959,7 +15916,8 @@ static void handle_health(struct conn *c, struct http_request *r, char *note, si
 
 /* GET /metrics: Prometheus text format [exposition format 0.0.4], one
  * "# TYPE" line and one sample per metric. Counters end in _total. */
-static void metric(struct strbuf *b, const char *name, const char *type, const char *help, double v) {
+static void metric(struct strbuf *b, const char *name, const char *type, const char *help,
+                   double v) {
     strbuf_printf(b, "# HELP %s %s\n# TYPE %s %s\n%s %.17g\n", name, help, name, type, name, v);
 }
 
@@ -16978,24 +15936,34 @@ static void handle_metrics(struct conn *c, struct http_request *r, char *note, s
     strbuf_puts(&b, "# HELP ds4_http_responses_total HTTP answers by status class\n"
                     "# TYPE ds4_http_responses_total counter\n");
     for (int k = 1; k <= 5; k++)
-        strbuf_printf(&b, "ds4_http_responses_total{class=\"%dxx\"} %llu\n", k, (unsigned long long)m.by_class[k]);
-    metric(&b, "ds4_generations_total", "counter", "generation requests served", (double)m.generations);
-    metric(&b, "ds4_prompt_tokens_total", "counter", "prompt tokens of served requests", (double)m.prompt_tokens);
+        strbuf_printf(&b, "ds4_http_responses_total{class=\"%dxx\"} %llu\n", k,
+                      (unsigned long long)m.by_class[k]);
+    metric(&b, "ds4_generations_total", "counter", "generation requests served",
+           (double)m.generations);
+    metric(&b, "ds4_prompt_tokens_total", "counter", "prompt tokens of served requests",
+           (double)m.prompt_tokens);
     metric(&b, "ds4_cached_prompt_tokens_total", "counter", "prompt tokens reused, not prefilled",
            (double)m.cached_tokens);
-    metric(&b, "ds4_cache_hits_total", "counter", "requests that reused cached tokens", (double)m.cache_hits);
-    metric(&b, "ds4_generated_tokens_total", "counter", "tokens generated", (double)m.generated_tokens);
-    metric(&b, "ds4_prefill_seconds_total", "counter", "seconds spent in prefill", m.prefill_seconds);
+    metric(&b, "ds4_cache_hits_total", "counter", "requests that reused cached tokens",
+           (double)m.cache_hits);
+    metric(&b, "ds4_generated_tokens_total", "counter", "tokens generated",
+           (double)m.generated_tokens);
+    metric(&b, "ds4_prefill_seconds_total", "counter", "seconds spent in prefill",
+           m.prefill_seconds);
     metric(&b, "ds4_decode_seconds_total", "counter", "seconds spent in decode", m.decode_seconds);
-    metric(&b, "ds4_prefill_tokens_per_second", "gauge", "prefill speed of the last request", m.last_prefill_tps);
-    metric(&b, "ds4_decode_tokens_per_second", "gauge", "decode speed of the last request", m.last_decode_tps);
+    metric(&b, "ds4_prefill_tokens_per_second", "gauge", "prefill speed of the last request",
+           m.last_prefill_tps);
+    metric(&b, "ds4_decode_tokens_per_second", "gauge", "decode speed of the last request",
+           m.last_decode_tps);
     metric(&b, "ds4_queue_length", "gauge", "requests waiting for the worker", queued);
     metric(&b, "ds4_worker_busy", "gauge", "1 while a request is being served", busy);
     metric(&b, "ds4_connections", "gauge", "open connections", conns);
-    metric(&b, "ds4_connections_evicted_total", "counter", "idle or slow connections closed for a new one",
-           (double)m.evicted);
-    metric(&b, "ds4_connections_refused_total", "counter", "connections refused with 503", (double)m.refused);
-    metric(&b, "ds4_parse_bytes_reserved", "gauge", "bytes of the parse pool in use", (double)parse);
+    metric(&b, "ds4_connections_evicted_total", "counter",
+           "idle or slow connections closed for a new one", (double)m.evicted);
+    metric(&b, "ds4_connections_refused_total", "counter", "connections refused with 503",
+           (double)m.refused);
+    metric(&b, "ds4_parse_bytes_reserved", "gauge", "bytes of the parse pool in use",
+           (double)parse);
     metric(&b, "ds4_parse_over_budget_total", "counter", "bodies refused by --max-parse-mem",
            (double)m.over_budget);
     http_respond(c, 200, "text/plain; version=0.0.4", b.data ? b.data : "", b.len, NULL);
@@ -17025,7 +15993,8 @@ static const struct route ROUTES[] = {
 
 static bool route_matches(const struct route *rt, const char *path) {
     size_t n = strlen(rt->path);
-    if (rt->path[n - 1] == '/') return strncmp(path, rt->path, n) == 0 && path[n] != '\0' && !strchr(path + n, '/');
+    if (rt->path[n - 1] == '/')
+        return strncmp(path, rt->path, n) == 0 && path[n] != '\0' && !strchr(path + n, '/');
     return strcmp(path, rt->path) == 0;
 }
 
@@ -17034,7 +16003,8 @@ static bool route_matches(const struct route *rt, const char *path) {
 static bool secret_equal(const char *a, const char *b) {
     size_t na = strlen(a), nb = strlen(b), n = na > nb ? na : nb;
     unsigned char diff = na != nb;
-    for (size_t i = 0; i < n; i++) diff |= (unsigned char)((i < na ? a[i] : 0) ^ (i < nb ? b[i] : 0));
+    for (size_t i = 0; i < n; i++)
+        diff |= (unsigned char)((i < na ? a[i] : 0) ^ (i < nb ? b[i] : 0));
     return diff == 0;
 }
 
@@ -17063,8 +16033,9 @@ static bool auth_ok(const struct server_options *o, const struct http_request *r
  *     --host name, the names of --allow-host, and any IP literal when the
  *     server listens beyond loopback (a rebinding page always has a name). */
 static bool host_is_loopback(const char *h, size_t n) {
-    return (n == 9 && strncasecmp(h, "localhost", 9) == 0) || (n >= 4 && strncmp(h, "127.", 4) == 0) ||
-           (n == 3 && strncmp(h, "::1", 3) == 0) || (n == 5 && strncmp(h, "[::1]", 5) == 0);
+    return (n == 9 && strncasecmp(h, "localhost", 9) == 0) ||
+           (n >= 4 && strncmp(h, "127.", 4) == 0) || (n == 3 && strncmp(h, "::1", 3) == 0) ||
+           (n == 5 && strncmp(h, "[::1]", 5) == 0);
 }
 
 static bool host_is_ip_literal(const char *h, size_t n) {
@@ -17091,10 +16062,11 @@ static bool name_in_list(const char *list, const char *name, size_t n) {
 static bool host_allowed(const struct server_options *o, const char *host) {
     size_t n = strlen(host);
     const char *colon = strrchr(host, ':');
-    if (colon && (host[0] != '[' || colon > strchr(host, ']'))) n = (size_t)(colon - host);  /* the port */
+    /* the port */
+    if (colon && (host[0] != '[' || colon > strchr(host, ']'))) n = (size_t)(colon - host);
     bool wide = !host_is_loopback(o->host, strlen(o->host));
-    return host_is_loopback(host, n) || name_in_list(o->host, host, n) || name_in_list(o->allow_hosts, host, n) ||
-           (wide && host_is_ip_literal(host, n));
+    return host_is_loopback(host, n) || name_in_list(o->host, host, n) ||
+           name_in_list(o->allow_hosts, host, n) || (wide && host_is_ip_literal(host, n));
 }
 
 /* The media type without parameters ("application/json; charset=utf-8"). */
@@ -17109,7 +16081,8 @@ static int browser_check(const struct server_options *o, const struct http_reque
                          char *msg, size_t cap) {
     const char *cors = o->cors_origin;
     if (r->has_host && !host_allowed(o, r->host)) {
-        snprintf(msg, cap, "Host '%.100s' is not served here (loopback, --host, --allow-host)", r->host);
+        snprintf(msg, cap, "Host '%.100s' is not served here (loopback, --host, --allow-host)",
+                 r->host);
         return 403;
     }
     if (r->origin[0] && !(cors && (strcmp(cors, "*") == 0 || strcmp(cors, r->origin) == 0))) {
@@ -17124,7 +16097,7 @@ static int browser_check(const struct server_options *o, const struct http_reque
 }
 
 /* Dispatch one parsed head: CORS preflight, route, browser checks, key,
- * body, handler. HEAD is GET without the body [RFC 9110 §9.3.2]. Until a
+ * body, handler. HEAD is GET without the body [RFC 9110 §7.3.2]. Until a
  * body is read whole, an answer closes the connection (the unread bytes
  * would be taken for the next request). */
 static void conn_route(struct conn *c, struct http_request *r, struct strbuf *carry, char *note,
@@ -17141,10 +16114,13 @@ static void conn_route(struct conn *c, struct http_request *r, struct strbuf *ca
         c->api = ROUTES[i].api;
         if (strcmp(method, ROUTES[i].method) == 0) found = &ROUTES[i];
     }
-    if (c->api == API_NONE) c->api = strncmp(r->path, "/v1/messages", 12) == 0 ? API_MESSAGES : API_CHAT;
+    if (c->api == API_NONE)
+        c->api = strncmp(r->path, "/v1/messages", 12) == 0 ? API_MESSAGES : API_CHAT;
     char msg[256];
-    int refuse = strcmp(r->method, "OPTIONS") == 0 || !found || found->open
-                     ? 0 : browser_check(c->opt, r, strcmp(found->method, "POST") == 0, msg, sizeof msg);
+    int refuse =
+        strcmp(r->method, "OPTIONS") == 0 || !found || found->open
+            ? 0
+            : browser_check(c->opt, r, strcmp(found->method, "POST") == 0, msg, sizeof msg);
     if (strcmp(r->method, "OPTIONS") == 0) {
         http_respond(c, 204, NULL, "", 0, NULL);
     } else if (!path_known) {
@@ -17168,7 +16144,7 @@ static void conn_route(struct conn *c, struct http_request *r, struct strbuf *ca
     }
 }
 
-/* ---- 12.12 The accept loop and server_main() ------------------------------- */
+/* ---- 13.12 The accept loop and server_main() ------------------------------- */
 
 /* Closing a socket with unread bytes in it makes the kernel send a reset,
  * which can destroy an error response the client has not read yet (a 413
@@ -17195,7 +16171,7 @@ static void conn_close(struct conn *c) {
  * connection that has been idle or reading the longest is closed to make
  * room (shutdown(): its thread wakes to end-of-stream and leaves). Only
  * connections whose request is being served, or queued, are never taken.
- * A client reading slowly still has its own deadlines (12.2). */
+ * A client reading slowly still has its own deadlines (13.2). */
 #define SERVER_SLOW_READ_S 1.0         /* reading a request longer than this may be reclaimed */
 
 static void conn_set_phase(struct conn *c, enum conn_phase phase) {
@@ -17232,7 +16208,8 @@ static void conn_evict(struct server *srv, struct conn *v) {
  * if needed? */
 static bool conn_admit(struct server *srv, const char *peer) {
     int mine = 0;
-    for (struct conn *c = srv->conns; c; c = c->next) mine += !c->evicted && strcmp(c->peer, peer) == 0;
+    for (struct conn *c = srv->conns; c; c = c->next)
+        mine += !c->evicted && strcmp(c->peer, peer) == 0;
     if (mine >= srv->opt->max_conns_per_client) {
         struct conn *v = conn_victim(srv, peer);
         if (!v) return false;
@@ -17287,8 +16264,8 @@ static bool conn_serve_one(struct conn *c, struct strbuf *carry) {
     }
     if (status >= 0) {
         metrics_count_answer(srv, c->status);
-        srv_log(srv, "%s %s %d %.3fs%s%s", r.method[0] ? r.method : "-", r.path[0] ? r.path : "-", c->status,
-                now_seconds() - t0, note[0] ? " " : "", note);
+        srv_log(srv, "%s %s %d %.3fs%s%s", r.method[0] ? r.method : "-", r.path[0] ? r.path : "-",
+                c->status, now_seconds() - t0, note[0] ? " " : "", note);
     }
     bool again = status == 0 && c->keep_alive && !c->gone && c->status != 0;
     if (again) http_request_carry(&r, carry);
@@ -17394,7 +16371,10 @@ static void conn_start(struct server *srv, int fd) {
 
 /* Bind and listen on host:port. Returns the socket or -1 with a message. */
 static int server_listen(const struct server_options *o, int *bound_port, struct ds4_error *e) {
-    struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM, .ai_flags = AI_PASSIVE}, *res;
+    struct addrinfo hints = {.ai_family = AF_UNSPEC,
+                             .ai_socktype = SOCK_STREAM,
+                             .ai_flags = AI_PASSIVE},
+                    *res;
     char port[16];
     snprintf(port, sizeof port, "%d", o->port);
     int rc = getaddrinfo(o->host, port, &hints, &res);
@@ -17426,7 +16406,7 @@ static void server_on_signal(int sig) {
 }
 
 /* What requests can cost at worst, together: every connection holding a
- * whole body, plus the parse pool (12.11). The server refuses to start when
+ * whole body, plus the parse pool (13.11). The server refuses to start when
  * that is more than half the machine's memory, naming the flags to lower,
  * so no combination of limits can be a way to exhaust it. */
 static bool server_memory_fits(const struct server_options *o, struct ds4_error *e) {
@@ -17434,8 +16414,11 @@ static bool server_memory_fits(const struct server_options *o, struct ds4_error 
     double worst = (double)o->max_conns * (double)o->max_body + (double)parse_pool(o);
     double half = pages > 0 && page > 0 ? (double)pages * (double)page / 2 : 0;
     if (half > 0 && worst > half)
-        return fail(e, "--max-conns x --max-body + --max-parses x --max-parse-mem = %.1f GiB, more than "
-                    "half this machine's memory (%.1f GiB): lower them", worst / (1 << 30), half / (1 << 30));
+        return fail(
+            e,
+            "--max-conns x --max-body + --max-parses x --max-parse-mem = %.1f GiB, more than "
+            "half this machine's memory (%.1f GiB): lower them",
+            worst / (1 << 30), half / (1 << 30));
     return true;
 }
 
@@ -17443,11 +16426,13 @@ static bool server_memory_fits(const struct server_options *o, struct ds4_error 
  * use the model and read what it says: say so, loudly, at start-up. */
 static void server_warn_exposed(const struct server_options *o) {
     if (o->api_key || host_is_loopback(o->host, strlen(o->host))) return;
-    fprintf(stderr, "ds4-server: ************************************************************\n"
-                    "ds4-server: WARNING: listening on %s with no --api-key: anyone who can reach\n"
-                    "ds4-server: WARNING: this port can run generations and read the replies.\n"
-                    "ds4-server: WARNING: start with --api-key KEY, or --host 127.0.0.1.\n"
-                    "ds4-server: ************************************************************\n", o->host);
+    fprintf(stderr,
+            "ds4-server: ************************************************************\n"
+            "ds4-server: WARNING: listening on %s with no --api-key: anyone who can reach\n"
+            "ds4-server: WARNING: this port can run generations and read the replies.\n"
+            "ds4-server: WARNING: start with --api-key KEY, or --host 127.0.0.1.\n"
+            "ds4-server: ************************************************************\n",
+            o->host);
 }
 
 static bool server_init(struct server *srv, struct engine *eng, const struct tokenizer *tok,
@@ -17476,8 +16461,8 @@ static bool server_init(struct server *srv, struct engine *eng, const struct tok
     srv->token_count = xcalloc((size_t)eng->model->cfg.vocab, sizeof(int32_t));
     if (opt->test_script) {
         if (!test_script_load(&srv->script, opt->test_script, tok, e)) return false;
-        fprintf(stderr, "ds4-server: TEST SCRIPT %s loaded (%zu rules): replies are scripted\n", opt->test_script,
-                srv->script.n);
+        fprintf(stderr, "ds4-server: TEST SCRIPT %s loaded (%zu rules): replies are scripted\n",
+                opt->test_script, srv->script.n);
     }
     if (opt->log_path && !(srv->log = fopen(opt->log_path, "a")))
         return fail(e, "cannot open --log %s: %s", opt->log_path, strerror(errno));
@@ -17527,12 +16512,14 @@ static void server_stop(struct server *srv, pthread_t worker) {
 
 /* The server's entry point: serve until SIGINT or SIGTERM. Returns the
  * process exit status. */
-static int server_main(struct engine *eng, const struct tokenizer *tok, const struct server_options *opt) {
+static int server_main(struct engine *eng, const struct tokenizer *tok,
+                       const struct server_options *opt) {
     static struct server srv;
     struct ds4_error e = {""};
     int port = 0;
     server_warn_exposed(opt);
-    if (!server_init(&srv, eng, tok, opt, &e) || (srv.listen_fd = server_listen(opt, &port, &e)) < 0) {
+    if (!server_init(&srv, eng, tok, opt, &e) ||
+        (srv.listen_fd = server_listen(opt, &port, &e)) < 0) {
         fprintf(stderr, "ds4-server: %s\n", e.msg);
         server_free(&srv);
         return 1;
@@ -17572,8 +16559,27 @@ static int server_main(struct engine *eng, const struct tokenizer *tok, const st
     return 0;
 }
 
+/* Declared ahead: defined in a later chapter. */
+struct ds4_error;
+struct engine;
+struct ppl_stats;
+struct spec_options;
+struct spec_stats;
+struct tokenizer;
+static int check_vectors(struct engine *eng, const char *path);
+static double bench_decode(struct engine *eng, const int32_t *prompt, int n_prompt, int n,
+                           struct spec_options spec, struct spec_stats *stats, double *prefill_s,
+                           struct ds4_error *e);
+static int run_bench(struct engine *eng, int n_prefill, int n_decode, struct spec_options spec,
+                     bool roofline);
+static bool ppl_window(struct engine *eng, const int32_t *ids, int n, int chunk,
+                       struct ppl_stats *st, struct ds4_error *e);
+static int perplexity_command(struct engine *eng, const struct tokenizer *tok, const char *path,
+                              int window, int chunk);
+static int tokenize_command(const char *gguf_path, const char *path);
+
 /* ============================================================================
- * Chapter 13. The command line and main()
+ * Chapter 14. The command line and main()
  * ============================================================================
  *
  * The last chapter is the front door: one binary that generates from token
@@ -17581,7 +16587,7 @@ static int server_main(struct engine *eng, const struct tokenizer *tok, const st
  * parses the options; 13.2 is the text side (one turn, the interactive
  * chat); main() loads what the chosen action needs and dispatches.
  *
- * 13.1 Options. They are parsed once, into one struct, and validated there:
+ * 14.1 Options. They are parsed once, into one struct, and validated there:
  * a bad flag or value stops with a message and exit status 2 before any
  * model loads.
  * ------------------------------------------------------------------------- */
@@ -17590,22 +16596,23 @@ struct cli_options {
     const char *model_path, *mtp_path, *tokens, *check_vectors;
     const char *prompt, *render_chat, *mode_name;
     const char *backend_name;     /* --backend, resolved into engine.backend */
-    const char *perplexity, *tokenize_file;   /* --perplexity FILE, --tokenize FILE (11.3, 11.4) */
+    const char *perplexity, *tokenize_file;   /* --perplexity FILE, --tokenize FILE (18.3, 18.4) */
     int n_predict, chunk, bench_prefill, bench_decode, ppl_window;
     bool bench, roofline, show_help, raw, nothink;
     struct map_options map;
     enum chat_mode mode;          /* from --mode, or --nothink */
     struct spec_options spec;     /* --mtp-draft, --mtp-gate */
     bool server;                  /* --server */
-    struct server_options server_opt;   /* the server's own flags (chapter 12) */
-    struct kv_store_options kv;   /* --kv-disk-*: sessions on disk (10c); kv.dir NULL = off */
+    struct server_options server_opt;   /* the server's own flags (chapter 13) */
+    struct kv_store_options kv;   /* --kv-disk-*: sessions on disk (ch. 12); NULL dir = off */
     const char *kv_list, *kv_check, *kv_clear;   /* the store's commands: need no model */
     struct engine_options engine;
     struct sampler_options sampling;
 };
 
 static void print_usage(FILE *f) {
-    fprintf(f,
+    fprintf(
+        f,
         "usage: ds4 [-m MODEL.gguf] [--mtp MTP.gguf] --tokens \"ID ID ...\" [-n N] [options]\n"
         "       ds4 --check-vectors FILE.json [-m MODEL.gguf] [--mtp MTP.gguf]\n"
         "       ds4 --bench [-m MODEL.gguf] [--bench-prefill N] [--bench-decode N]\n"
@@ -17618,7 +16625,8 @@ static void print_usage(FILE *f) {
         "       ds4 --kv-list DIR | --kv-check DIR | --kv-clear DIR\n"
         "\n"
         "model:\n"
-        "  -m, --model FILE      model GGUF (default ./ds4flash.gguf, else the shipped tiny model)\n"
+        "  -m, --model FILE      model GGUF (default ./ds4flash.gguf, else the shipped tiny "
+        "model)\n"
         "      --mtp FILE        MTP GGUF (the separate mtp.0.* file): speculative decoding\n"
         "      --mtp-draft K     tokens drafted per step, 0..15 (default 1; 0 = no drafting)\n"
         "      --mtp-gate P      draft only while the MTP's top-1 probability >= P (default 0)\n"
@@ -17659,7 +16667,8 @@ static void print_usage(FILE *f) {
         "      --tokenize F      print the token ids of text file F (-m: any GGUF with a vocab)\n"
         "      --roofline        with --bench: read bandwidth, kernel GB/s, decode vs ceiling\n"
         "      --server          serve the OpenAI and Anthropic APIs (flags below)\n"
-        "  -h, --help            this text\n\n%s", SERVER_USAGE);
+        "  -h, --help            this text\n\n%s",
+        SERVER_USAGE);
 }
 
 /* Options that take an integer: name, bounds, destination. */
@@ -17669,7 +16678,8 @@ struct size_flag { const char *long_name; long lo, hi; int64_t *dst; };
 struct string_flag { const char *short_name, *long_name; const char **dst; };
 
 static bool flag_is(const char *arg, const char *short_name, const char *long_name) {
-    return (short_name && strcmp(arg, short_name) == 0) || (long_name && strcmp(arg, long_name) == 0);
+    return (short_name && strcmp(arg, short_name) == 0) ||
+           (long_name && strcmp(arg, long_name) == 0);
 }
 
 /* --mode and --nothink name the chat template's mode; thinking by default. */
@@ -17745,7 +16755,10 @@ static bool parse_args(int argc, char **argv, struct cli_options *o, struct ds4_
         if (flag_is(a, NULL, "--hugepages")) { o->map.hugepage = true; continue; }
         if (flag_is(a, NULL, "--populate")) { o->map.populate = true; continue; }
         if (flag_is(a, NULL, "--mlock")) { o->map.mlock = true; continue; }
-        if (flag_is(a, NULL, "--reference-kernels")) { o->engine.reference_kernels = true; continue; }
+        if (flag_is(a, NULL, "--reference-kernels")) {
+            o->engine.reference_kernels = true;
+            continue;
+        }
         if (flag_is(a, NULL, "--fast")) { o->engine.q8_activations = true; continue; }
         if (flag_is(a, NULL, "--raw")) { o->raw = true; continue; }
         if (flag_is(a, NULL, "--server")) { o->server = true; continue; }
@@ -17863,16 +16876,17 @@ static void print_spec_stats(const struct generator *g) {
 }
 
 /* --tokens with --kv-disk-dir: a prompt of ids has no text, so the store is
- * searched by the ids themselves (10c.7), and the prompt is fed with the
- * cold and continued saves of 10c.9. */
-static bool feed_tokens_with_store(struct kv_store *st, struct session *s, const struct tokenizer *tok,
-                                   const int32_t *ids, int64_t n, int chunk, struct ds4_error *e) {
+ * searched by the ids themselves (12.7), and the prompt is fed with the
+ * cold and continued saves of 12.9. */
+static bool feed_tokens_with_store(struct kv_store *st, struct session *s,
+                                   const struct tokenizer *tok, const int32_t *ids, int64_t n,
+                                   int chunk, struct ds4_error *e) {
     struct kv_policy p = kv_default_policy();
     struct kv_hit hit;
     int64_t cold_at = 0;
     if (kv_store_lookup_tokens(st, s, ids, n, &hit)) {
-        kv_log(st, "loaded %lld tokens from %s (%.12s...) in %.3f s", (long long)hit.n_tokens, st->dir,
-               hit.sha1, hit.load_seconds);
+        kv_log(st, "loaded %lld tokens from %s (%.12s...) in %.3f s", (long long)hit.n_tokens,
+               st->dir, hit.sha1, hit.load_seconds);
         free(hit.tokens);
     } else {
         cold_at = kv_cold_save_point(&p, ids, n, tok->sp.user, tok->sp.assistant);
@@ -17901,7 +16915,8 @@ static int generate(struct engine *eng, const struct tokenizer *tok, const struc
     sampler_init(&sp, o->sampling, V);
     struct generator g;
     generator_init(&g, &s, &sp, o->spec);
-    int32_t *all = xmalloc(((size_t)n + (size_t)o->n_predict + MATMUL_DECODE_PATH_MAX_TOKENS) * sizeof(int32_t));
+    int32_t *all = xmalloc(((size_t)n + (size_t)o->n_predict + MATMUL_DECODE_PATH_MAX_TOKENS) *
+                           sizeof(int32_t));
     memcpy(all, prompt, (size_t)n * sizeof(int32_t));
     int64_t n_all = n;               /* the tokens in s, for the shutdown save */
     double t0 = now_seconds();
@@ -17941,7 +16956,7 @@ static int generate(struct engine *eng, const struct tokenizer *tok, const struc
 }
 
 /* ----------------------------------------------------------------------------
- * 13.2 Text prompts and the interactive chat.
+ * 14.2 Text prompts and the interactive chat.
  *
  * A conversation is a list of messages. Each turn renders the WHOLE list
  * with the official V4 template, tokenizes it, and feeds the session only
@@ -17951,10 +16966,10 @@ static int generate(struct engine *eng, const struct tokenizer *tok, const struc
  * thinking mode -- the prefix shrinks and the session starts again, exactly
  * as the official encoder intends.)
  *
- * With --kv-disk-dir the session is also a file (chapter 10c): a new
+ * With --kv-disk-dir the session is also a file (chapter 12): a new
  * process, or a turn that starts over, resumes from the longest prefix of
  * the rendered prompt saved there, and the session is saved at the moments
- * of 10c.9 (cold, continued, evict, and shutdown when the program ends
+ * of 12.9 (cold, continued, evict, and shutdown when the program ends
  * normally). `ds4 -p` twice with the same prompt prefills it once.
  *
  * Ctrl+C stops a generation in progress; at the prompt it ends the program.
@@ -17982,8 +16997,9 @@ struct conversation {
     struct kv_policy policy;
 };
 
-static bool conversation_init(struct conversation *c, struct engine *eng, const struct tokenizer *tok,
-                              const struct cli_options *o, struct ds4_error *e) {
+static bool conversation_init(struct conversation *c, struct engine *eng,
+                              const struct tokenizer *tok, const struct cli_options *o,
+                              struct ds4_error *e) {
     memset(c, 0, sizeof *c);
     c->eng = eng;
     c->tok = tok;
@@ -18000,7 +17016,8 @@ static bool conversation_init(struct conversation *c, struct engine *eng, const 
 /* `clean`: the program ends normally, so the session is worth keeping. */
 static void conversation_free(struct conversation *c, bool clean) {
     if (c->use_store && clean)
-        kv_store_save_live(&c->store, &c->policy, &c->s, c->tok, c->fed, c->n_fed, KV_REASON_SHUTDOWN);
+        kv_store_save_live(&c->store, &c->policy, &c->s, c->tok, c->fed, c->n_fed,
+                           KV_REASON_SHUTDOWN);
     if (c->use_store) kv_store_close(&c->store);
     print_spec_stats(&c->gen);
     generator_free(&c->gen);
@@ -18019,7 +17036,7 @@ static void remember_fed(struct conversation *c, int32_t id) {
 }
 
 /* Feed ids[n_fed .. n) (ids[0 .. n_fed) are in the session already), with
- * the store's save points when there is a store; `cold_at` as in 10c.9. */
+ * the store's save points when there is a store; `cold_at` as in 12.9. */
 static bool feed_rest(struct conversation *c, const int32_t *ids, int64_t n, int64_t cold_at,
                       struct ds4_error *e) {
     int64_t from = c->n_fed;
@@ -18031,9 +17048,9 @@ static bool feed_rest(struct conversation *c, const int32_t *ids, int64_t n, int
 }
 
 /* Start over from the store: the longest cached prefix of `text`, then the
- * rest. A miss prefills `ids`, with a cold save on the way (10c.9). */
-static bool feed_from_store(struct conversation *c, const char *text, size_t len, const int32_t *ids,
-                            int64_t n, struct ds4_error *e) {
+ * rest. A miss prefills `ids`, with a cold save on the way (12.9). */
+static bool feed_from_store(struct conversation *c, const char *text, size_t len,
+                            const int32_t *ids, int64_t n, struct ds4_error *e) {
     struct kv_hit hit;
     size_t n_resumed;
     int32_t *resumed = kv_store_resume(&c->store, &c->s, c->tok, text, len, &n_resumed, &hit);
@@ -18051,7 +17068,7 @@ static bool feed_from_store(struct conversation *c, const char *text, size_t len
  * common prefix with what the session holds is reused. Otherwise the
  * session starts over, from the disk store if there is one: the session
  * being dropped is saved there first (reason "evict"), and the prompt is
- * looked up by its text (10c.9.1). After a hit the session's tokens are
+ * looked up by its text (12.9.1). After a hit the session's tokens are
  * the cached ones plus the rest of the text, and `fed` records exactly
  * those. */
 static bool feed_prompt(struct conversation *c, const char *text, size_t len, const int32_t *ids,
@@ -18145,7 +17162,8 @@ static bool chat_turn(struct conversation *c, const char *user_text, enum chat_m
 }
 
 /* -p TEXT: one turn (or, with --raw, the text as the whole prompt). */
-static int run_prompt(struct engine *eng, const struct tokenizer *tok, const struct cli_options *o) {
+static int run_prompt(struct engine *eng, const struct tokenizer *tok,
+                      const struct cli_options *o) {
     struct conversation c;
     struct ds4_error e = { "" };
     bool ok = conversation_init(&c, eng, tok, o, &e);
@@ -18192,8 +17210,16 @@ static int run_chat(struct engine *eng, const struct tokenizer *tok, const struc
         line[strcspn(line, "\r\n")] = 0;
         if (line[0] == 0) continue;
         if (strcmp(line, "/quit") == 0) break;
-        if (strcmp(line, "/think") == 0) { mode = CHAT_MODE_THINKING; fprintf(stderr, "[thinking mode]\n"); continue; }
-        if (strcmp(line, "/nothink") == 0) { mode = CHAT_MODE_CHAT; fprintf(stderr, "[chat mode]\n"); continue; }
+        if (strcmp(line, "/think") == 0) {
+            mode = CHAT_MODE_THINKING;
+            fprintf(stderr, "[thinking mode]\n");
+            continue;
+        }
+        if (strcmp(line, "/nothink") == 0) {
+            mode = CHAT_MODE_CHAT;
+            fprintf(stderr, "[chat mode]\n");
+            continue;
+        }
         if (!chat_turn(&c, line, mode, &e)) {
             fprintf(stderr, "ds4: %s\n", e.msg);
             rc = 1;
@@ -18254,7 +17280,8 @@ int main(int argc, char **argv) {
     gguf_advise(&model.mtp_file, o.map);
     /* Text needs the vocabulary; token ids, the checker and the bench do not
      * (unless token ids are saved to disk: a snapshot's key is its text). */
-    bool wants_text = o.server || (o.tokens && o.kv.dir) || (!o.tokens && !o.check_vectors && !o.bench);
+    bool wants_text =
+        o.server || (o.tokens && o.kv.dir) || (!o.tokens && !o.check_vectors && !o.bench);
     struct tokenizer tok;
     memset(&tok, 0, sizeof tok);
     if (wants_text && !tokenizer_load_gguf(&tok, &model.file, model.cfg.vocab, &e)) {
@@ -18277,3 +17304,1416 @@ int main(int argc, char **argv) {
     return rc;
 }
 #endif
+
+/* ============================================================================
+ * Chapter 15. SIMD twins: x86-64 AVX2
+ * ============================================================================
+ *
+ * An appendix to the chapter "Quantized blocks".
+ */
+
+/* ---- 15.1 x86-64: AVX2, FMA and F16C -------------------------------------- */
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+
+/* All three extensions arrived together (Intel Haswell 2013, AMD Zen), so
+ * they are one requirement. Build with -march=native or -mavx2 -mfma -mf16c. */
+
+static float quant_avx2_hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+static float quant_avx2_half(uint16_t h) {
+    return _cvtsh_ss(h);
+}
+
+static float quant_avx2_sum4(const __m256 acc[4]) {
+    return quant_avx2_hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]),
+                                         _mm256_add_ps(acc[2], acc[3])));
+}
+
+/* Dense rows. F16 converts 8 halves with one instruction (vcvtph2ps); BF16
+ * widens 8 values to 32 bits and shifts them into the top half. Each dot
+ * takes 32 values per step into four sums, then 8 at a time, then finishes
+ * the last n % 8 in scalar code. */
+static __m256 quant_avx2_load_f16(const uint16_t *h) {
+    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)h));
+}
+
+static __m256 quant_avx2_load_bf16(const uint16_t *h) {
+    __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)h));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
+
+static float quant_avx2_dot_f32(const float *a, const float *b, int64_t n) {
+    __m256 acc[4] = { _mm256_setzero_ps(), _mm256_setzero_ps(),
+                      _mm256_setzero_ps(), _mm256_setzero_ps() };
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32)
+        for (int r = 0; r < 4; r++)
+            acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8 * r),
+                                     _mm256_loadu_ps(b + i + 8 * r), acc[r]);
+    for (; i + 8 <= n; i += 8)
+        acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc[0]);
+    float sum = quant_avx2_sum4(acc);
+    for (; i < n; i++) sum += a[i] * b[i];
+    return sum;
+}
+
+static float quant_avx2_dot_f16(const uint16_t *w, const float *x, int64_t n) {
+    __m256 acc[4] = { _mm256_setzero_ps(), _mm256_setzero_ps(),
+                      _mm256_setzero_ps(), _mm256_setzero_ps() };
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32)
+        for (int r = 0; r < 4; r++)
+            acc[r] = _mm256_fmadd_ps(quant_avx2_load_f16(w + i + 8 * r),
+                                     _mm256_loadu_ps(x + i + 8 * r), acc[r]);
+    for (; i + 8 <= n; i += 8)
+        acc[0] = _mm256_fmadd_ps(quant_avx2_load_f16(w + i), _mm256_loadu_ps(x + i), acc[0]);
+    float sum = quant_avx2_sum4(acc);
+    for (; i < n; i++) sum += f16_to_f32(w[i]) * x[i];
+    return sum;
+}
+
+static float quant_avx2_dot_bf16(const uint16_t *w, const float *x, int64_t n) {
+    __m256 acc[4] = { _mm256_setzero_ps(), _mm256_setzero_ps(),
+                      _mm256_setzero_ps(), _mm256_setzero_ps() };
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32)
+        for (int r = 0; r < 4; r++)
+            acc[r] = _mm256_fmadd_ps(quant_avx2_load_bf16(w + i + 8 * r),
+                                     _mm256_loadu_ps(x + i + 8 * r), acc[r]);
+    for (; i + 8 <= n; i += 8)
+        acc[0] = _mm256_fmadd_ps(quant_avx2_load_bf16(w + i), _mm256_loadu_ps(x + i), acc[0]);
+    float sum = quant_avx2_sum4(acc);
+    for (; i < n; i++) sum += bf16_to_f32(w[i]) * x[i];
+    return sum;
+}
+
+static void quant_avx2_axpy_f32(float *y, float a, const float *x, int64_t n) {
+    __m256 va = _mm256_set1_ps(a);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, _mm256_loadu_ps(x + i),
+                                                _mm256_loadu_ps(y + i)));
+    for (; i < n; i++) y[i] += a * x[i];
+}
+
+static void quant_avx2_dequant_f16(const uint16_t *h, float *y, int64_t n) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, quant_avx2_load_f16(h + i));
+    for (; i < n; i++) y[i] = f16_to_f32(h[i]);
+}
+
+/* 16 bytes to 16 floats in two registers, unsigned or signed. */
+static void quant_avx2_u8x16(__m128i bytes, __m256 q[2]) {
+    q[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes));
+    q[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(bytes, bytes)));
+}
+
+static void quant_avx2_i8x16(__m128i bytes, __m256 q[2]) {
+    q[0] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes));
+    q[1] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(bytes, bytes)));
+}
+
+/* Decoders: the q values of one sub-block, in order, as floats.
+ *
+ * Q8_0 block: 32 signed bytes, 4 registers. */
+static void quant_avx2_q8_0(const struct block_q8_0 *b, __m256 q[4]) {
+    quant_avx2_i8x16(_mm_loadu_si128((const __m128i *)b->qs), q);
+    quant_avx2_i8x16(_mm_loadu_si128((const __m128i *)(b->qs + 16)), q + 2);
+}
+
+/* Q2_K sub-block k: 16 values, 2 registers. They are bit pair j of the 16
+ * bytes at qs[32h + 16*(k%2)] (3.3), so one shift and one mask give all 16. */
+static void quant_avx2_q2_k(const struct block_q2_k *b, int k, __m256 q[2]) {
+    int h = k / 8, j = (k % 8) / 2;
+    __m128i packed = _mm_loadu_si128((const __m128i *)(b->qs + 32 * h + 16 * (k % 2)));
+    __m128i bits = _mm_srl_epi16(packed, _mm_cvtsi32_si128(2 * j));
+    quant_avx2_u8x16(_mm_and_si128(bits, _mm_set1_epi8(3)), q);
+}
+
+/* Q4_K sub-block k: 32 values, 4 registers; the low (k even) or high (k
+ * odd) nibbles of the 32 bytes at qs[32 * (k/2)]. */
+static void quant_avx2_q4_k(const struct block_q4_k *b, int k, __m256 q[4]) {
+    const uint8_t *qs = b->qs + 32 * (k / 2);
+    __m128i shift = _mm_cvtsi32_si128(4 * (k % 2)), low4 = _mm_set1_epi8(15);
+    __m128i lo = _mm_srl_epi16(_mm_loadu_si128((const __m128i *)qs), shift);
+    __m128i hi = _mm_srl_epi16(_mm_loadu_si128((const __m128i *)(qs + 16)), shift);
+    quant_avx2_u8x16(_mm_and_si128(lo, low4), q);
+    quant_avx2_u8x16(_mm_and_si128(hi, low4), q + 2);
+}
+
+/* IQ2_XXS group: 32 values, 4 registers; piece t is its grid entry with
+ * the sign bits XORed in (3.4). */
+static void quant_avx2_iq2_xxs(uint32_t a0, uint32_t a1, __m256 q[4]) {
+    for (int t = 0; t < 4; t++) {
+        __m256 grid = _mm256_load_ps(quant_iq2_grid_f32[(a0 >> (8 * t)) & 255]);
+        __m256i sign = _mm256_load_si256(
+            (const __m256i *)quant_iq2_sign_bits[(a1 >> (7 * t)) & 127]);
+        q[t] = _mm256_xor_ps(grid, _mm256_castsi256_ps(sign));
+    }
+}
+
+/* The two things done with decoded registers.
+ *
+ *     store:  y[8r + l] = scale * q[r][l] - min
+ *     dot:    acc[0] += scale * sum_r q[r] * x[8r ..]    (lane-wise)
+ *             acc[1] += min   * sum_r x[8r ..]
+ *
+ * so that the dot over a row is hsum(acc[0] - acc[1]). */
+static void quant_avx2_store(float *y, const __m256 *q, int count, float scale, float min) {
+    __m256 s = _mm256_set1_ps(scale), m = _mm256_set1_ps(min);
+    for (int r = 0; r < count; r++) _mm256_storeu_ps(y + 8 * r, _mm256_fmsub_ps(q[r], s, m));
+}
+
+static void quant_avx2_dot(const __m256 *q, int count, float scale, float min,
+                           const float *x, __m256 acc[2]) {
+    __m256 qx = _mm256_mul_ps(q[0], _mm256_loadu_ps(x));
+    __m256 xs = _mm256_loadu_ps(x);
+    for (int r = 1; r < count; r++) {
+        qx = _mm256_fmadd_ps(q[r], _mm256_loadu_ps(x + 8 * r), qx);
+        xs = _mm256_add_ps(xs, _mm256_loadu_ps(x + 8 * r));
+    }
+    acc[0] = _mm256_fmadd_ps(_mm256_set1_ps(scale), qx, acc[0]);
+    if (min != 0.0f) acc[1] = _mm256_fmadd_ps(_mm256_set1_ps(min), xs, acc[1]);
+}
+
+/* The row loops: one dot and one dequant per type. Sub-blocks alternate
+ * between two accumulator pairs so consecutive ones do not wait on each
+ * other. */
+static float quant_avx2_finish(const __m256 acc[4]) {
+    return quant_avx2_hsum(_mm256_sub_ps(_mm256_add_ps(acc[0], acc[2]),
+                                         _mm256_add_ps(acc[1], acc[3])));
+}
+
+static float quant_avx2_dot_q8_0(const struct block_q8_0 *b, const float *x, int64_t nb) {
+    __m256 acc[4] = { _mm256_setzero_ps(), _mm256_setzero_ps(),
+                      _mm256_setzero_ps(), _mm256_setzero_ps() }, q[4];
+    for (int64_t i = 0; i < nb; i++, x += 32) {
+        quant_avx2_q8_0(b + i, q);
+        quant_avx2_dot(q, 4, quant_avx2_half(b[i].d), 0.0f, x, acc + 2 * (i % 2));
+    }
+    return quant_avx2_finish(acc);
+}
+
+static void quant_avx2_dequant_q8_0(const struct block_q8_0 *b, float *y, int64_t nb) {
+    __m256 q[4];
+    for (int64_t i = 0; i < nb; i++, y += 32) {
+        quant_avx2_q8_0(b + i, q);
+        quant_avx2_store(y, q, 4, quant_avx2_half(b[i].d), 0.0f);
+    }
+}
+
+static float quant_avx2_dot_q2_k(const struct block_q2_k *b, const float *x, int64_t nb) {
+    __m256 acc[4] = { _mm256_setzero_ps(), _mm256_setzero_ps(),
+                      _mm256_setzero_ps(), _mm256_setzero_ps() }, q[2];
+    for (int64_t i = 0; i < nb; i++, b++) {
+        float d = quant_avx2_half(b->d), dmin = quant_avx2_half(b->dmin);
+        for (int k = 0; k < 16; k++, x += 16) {
+            quant_avx2_q2_k(b, k, q);
+            quant_avx2_dot(q, 2, d * (float)(b->scales[k] & 15),
+                           dmin * (float)(b->scales[k] >> 4), x, acc + 2 * (k % 2));
+        }
+    }
+    return quant_avx2_finish(acc);
+}
+
+static void quant_avx2_dequant_q2_k(const struct block_q2_k *b, float *y, int64_t nb) {
+    __m256 q[2];
+    for (int64_t i = 0; i < nb; i++, b++) {
+        float d = quant_avx2_half(b->d), dmin = quant_avx2_half(b->dmin);
+        for (int k = 0; k < 16; k++, y += 16) {
+            quant_avx2_q2_k(b, k, q);
+            quant_avx2_store(y, q, 2, d * (float)(b->scales[k] & 15),
+                             dmin * (float)(b->scales[k] >> 4));
+        }
+    }
+}
+
+static float quant_avx2_dot_q4_k(const struct block_q4_k *b, const float *x, int64_t nb) {
+    __m256 acc[4] = { _mm256_setzero_ps(), _mm256_setzero_ps(),
+                      _mm256_setzero_ps(), _mm256_setzero_ps() }, q[4];
+    for (int64_t i = 0; i < nb; i++, b++) {
+        float d = quant_avx2_half(b->d), dmin = quant_avx2_half(b->dmin);
+        for (int k = 0; k < 8; k++, x += 32) {
+            int sc, m;
+            quant_q4_k_scale_min(b->scales, k, &sc, &m);
+            quant_avx2_q4_k(b, k, q);
+            quant_avx2_dot(q, 4, d * (float)sc, dmin * (float)m, x, acc + 2 * (k % 2));
+        }
+    }
+    return quant_avx2_finish(acc);
+}
+
+static void quant_avx2_dequant_q4_k(const struct block_q4_k *b, float *y, int64_t nb) {
+    __m256 q[4];
+    for (int64_t i = 0; i < nb; i++, b++) {
+        float d = quant_avx2_half(b->d), dmin = quant_avx2_half(b->dmin);
+        for (int k = 0; k < 8; k++, y += 32) {
+            int sc, m;
+            quant_q4_k_scale_min(b->scales, k, &sc, &m);
+            quant_avx2_q4_k(b, k, q);
+            quant_avx2_store(y, q, 4, d * (float)sc, dmin * (float)m);
+        }
+    }
+}
+
+static float quant_avx2_dot_iq2_xxs(const struct block_iq2_xxs *b, const float *x, int64_t nb) {
+    __m256 acc[4] = { _mm256_setzero_ps(), _mm256_setzero_ps(),
+                      _mm256_setzero_ps(), _mm256_setzero_ps() }, q[4];
+    for (int64_t i = 0; i < nb; i++, b++) {
+        float d = quant_avx2_half(b->d);
+        for (int group = 0; group < 8; group++, x += 32) {
+            uint32_t a0, a1;
+            quant_iq2_group_words(b, group, &a0, &a1);
+            quant_avx2_iq2_xxs(a0, a1, q);
+            quant_avx2_dot(q, 4, quant_iq2_group_scale(d, a1), 0.0f, x, acc + 2 * (group % 2));
+        }
+    }
+    return quant_avx2_finish(acc);
+}
+
+static void quant_avx2_dequant_iq2_xxs(const struct block_iq2_xxs *b, float *y, int64_t nb) {
+    __m256 q[4];
+    for (int64_t i = 0; i < nb; i++, b++) {
+        float d = quant_avx2_half(b->d);
+        for (int group = 0; group < 8; group++, y += 32) {
+            uint32_t a0, a1;
+            quant_iq2_group_words(b, group, &a0, &a1);
+            quant_avx2_iq2_xxs(a0, a1, q);
+            quant_avx2_store(y, q, 4, quant_iq2_group_scale(d, a1), 0.0f);
+        }
+    }
+}
+
+static float quant_fast_dot_f32(const float *a, const float *b, int64_t n) {
+    return quant_avx2_dot_f32(a, b, n);
+}
+
+static void quant_fast_axpy_f32(float *y, float a, const float *x, int64_t n) {
+    quant_avx2_axpy_f32(y, a, x, n);
+}
+
+static float quant_fast_vec_dot(uint32_t type, const void *w, const float *x, int64_t n) {
+    switch (type) {
+    case TYPE_F32: return quant_avx2_dot_f32(w, x, n);
+    case TYPE_F16: return quant_avx2_dot_f16(w, x, n);
+    case TYPE_BF16: return quant_avx2_dot_bf16(w, x, n);
+    case TYPE_Q8_0: return quant_avx2_dot_q8_0(w, x, n / 32);
+    case TYPE_Q2_K: return quant_avx2_dot_q2_k(w, x, n / 256);
+    case TYPE_Q4_K: return quant_avx2_dot_q4_k(w, x, n / 256);
+    case TYPE_IQ2_XXS: return quant_avx2_dot_iq2_xxs(w, x, n / 256);
+    default: return vec_dot_ref(type, w, x, n);
+    }
+}
+
+static void quant_fast_dequant(uint32_t type, const void *src, float *y, int64_t n) {
+    switch (type) {
+    case TYPE_F16: quant_avx2_dequant_f16(src, y, n); break;
+    case TYPE_Q8_0: quant_avx2_dequant_q8_0(src, y, n / 32); break;
+    case TYPE_Q2_K: quant_avx2_dequant_q2_k(src, y, n / 256); break;
+    case TYPE_Q4_K: quant_avx2_dequant_q4_k(src, y, n / 256); break;
+    case TYPE_IQ2_XXS: quant_avx2_dequant_iq2_xxs(src, y, n / 256); break;
+    default: dequant_row_ref(type, src, y, n);
+    }
+}
+
+/* ============================================================================
+ * Chapter 16. SIMD twins: arm64 NEON
+ * ============================================================================
+ *
+ * An appendix to the chapter "Quantized blocks".
+ */
+
+/* ---- 16.1 arm64: NEON ----------------------------------------------------- */
+
+#elif defined(__ARM_NEON) && defined(__aarch64__)
+
+/* The same decoders and loops with 4-lane registers: a sub-block of 16
+ * values is four float32x4_t instead of two __m256. NEON is part of every
+ * arm64 CPU, and arm64 (unlike 32-bit ARM) has the half conversion, fused
+ * multiply-add and across-vector add used here. Tested under qemu-aarch64. */
+
+static float32x4_t quant_neon_zero(void) {
+    return vdupq_n_f32(0.0f);
+}
+
+static float quant_neon_sum4(const float32x4_t acc[4]) {
+    return vaddvq_f32(vaddq_f32(vaddq_f32(acc[0], acc[1]), vaddq_f32(acc[2], acc[3])));
+}
+
+static float32x4_t quant_neon_load_f16(const uint16_t *h) {
+    return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(h)));
+}
+
+static float32x4_t quant_neon_load_bf16(const uint16_t *h) {
+    return vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(h), 16));
+}
+
+/* Dense rows, 16 values per step in four sums, then the tail in scalar. */
+static float quant_neon_dot_f32(const float *a, const float *b, int64_t n) {
+    float32x4_t acc[4] = { quant_neon_zero(), quant_neon_zero(),
+                           quant_neon_zero(), quant_neon_zero() };
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        for (int r = 0; r < 4; r++)
+            acc[r] = vfmaq_f32(acc[r], vld1q_f32(a + i + 4 * r), vld1q_f32(b + i + 4 * r));
+    float sum = quant_neon_sum4(acc);
+    for (; i < n; i++) sum += a[i] * b[i];
+    return sum;
+}
+
+static float quant_neon_dot_f16(const uint16_t *w, const float *x, int64_t n) {
+    float32x4_t acc[4] = { quant_neon_zero(), quant_neon_zero(),
+                           quant_neon_zero(), quant_neon_zero() };
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        for (int r = 0; r < 4; r++)
+            acc[r] = vfmaq_f32(acc[r], quant_neon_load_f16(w + i + 4 * r),
+                               vld1q_f32(x + i + 4 * r));
+    float sum = quant_neon_sum4(acc);
+    for (; i < n; i++) sum += f16_to_f32(w[i]) * x[i];
+    return sum;
+}
+
+static float quant_neon_dot_bf16(const uint16_t *w, const float *x, int64_t n) {
+    float32x4_t acc[4] = { quant_neon_zero(), quant_neon_zero(),
+                           quant_neon_zero(), quant_neon_zero() };
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        for (int r = 0; r < 4; r++)
+            acc[r] = vfmaq_f32(acc[r], quant_neon_load_bf16(w + i + 4 * r),
+                               vld1q_f32(x + i + 4 * r));
+    float sum = quant_neon_sum4(acc);
+    for (; i < n; i++) sum += bf16_to_f32(w[i]) * x[i];
+    return sum;
+}
+
+static void quant_neon_axpy_f32(float *y, float a, const float *x, int64_t n) {
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4)
+        vst1q_f32(y + i, vfmaq_n_f32(vld1q_f32(y + i), vld1q_f32(x + i), a));
+    for (; i < n; i++) y[i] += a * x[i];
+}
+
+static void quant_neon_dequant_f16(const uint16_t *h, float *y, int64_t n) {
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4) vst1q_f32(y + i, quant_neon_load_f16(h + i));
+    for (; i < n; i++) y[i] = f16_to_f32(h[i]);
+}
+
+/* 16 bytes to 16 floats in four registers, unsigned or signed. */
+static void quant_neon_u8x16(uint8x16_t bytes, float32x4_t q[4]) {
+    uint16x8_t lo = vmovl_u8(vget_low_u8(bytes)), hi = vmovl_high_u8(bytes);
+    q[0] = vcvtq_f32_u32(vmovl_u16(vget_low_u16(lo)));
+    q[1] = vcvtq_f32_u32(vmovl_high_u16(lo));
+    q[2] = vcvtq_f32_u32(vmovl_u16(vget_low_u16(hi)));
+    q[3] = vcvtq_f32_u32(vmovl_high_u16(hi));
+}
+
+static void quant_neon_i8x16(int8x16_t bytes, float32x4_t q[4]) {
+    int16x8_t lo = vmovl_s8(vget_low_s8(bytes)), hi = vmovl_high_s8(bytes);
+    q[0] = vcvtq_f32_s32(vmovl_s16(vget_low_s16(lo)));
+    q[1] = vcvtq_f32_s32(vmovl_high_s16(lo));
+    q[2] = vcvtq_f32_s32(vmovl_s16(vget_low_s16(hi)));
+    q[3] = vcvtq_f32_s32(vmovl_high_s16(hi));
+}
+
+/* Decoders, as in 15.1. A vshlq by a negative count shifts right. */
+static void quant_neon_q8_0(const struct block_q8_0 *b, float32x4_t q[8]) {
+    quant_neon_i8x16(vld1q_s8(b->qs), q);
+    quant_neon_i8x16(vld1q_s8(b->qs + 16), q + 4);
+}
+
+static void quant_neon_q2_k(const struct block_q2_k *b, int k, float32x4_t q[4]) {
+    int h = k / 8, j = (k % 8) / 2;
+    uint8x16_t packed = vld1q_u8(b->qs + 32 * h + 16 * (k % 2));
+    uint8x16_t bits = vshlq_u8(packed, vdupq_n_s8((int8_t)(-2 * j)));
+    quant_neon_u8x16(vandq_u8(bits, vdupq_n_u8(3)), q);
+}
+
+static void quant_neon_q4_k(const struct block_q4_k *b, int k, float32x4_t q[8]) {
+    const uint8_t *qs = b->qs + 32 * (k / 2);
+    int8x16_t shift = vdupq_n_s8((int8_t)(-4 * (k % 2)));
+    uint8x16_t low4 = vdupq_n_u8(15);
+    quant_neon_u8x16(vandq_u8(vshlq_u8(vld1q_u8(qs), shift), low4), q);
+    quant_neon_u8x16(vandq_u8(vshlq_u8(vld1q_u8(qs + 16), shift), low4), q + 4);
+}
+
+static void quant_neon_iq2_xxs(uint32_t a0, uint32_t a1, float32x4_t q[8]) {
+    for (int t = 0; t < 4; t++) {
+        const float *grid = quant_iq2_grid_f32[(a0 >> (8 * t)) & 255];
+        const uint32_t *sign = quant_iq2_sign_bits[(a1 >> (7 * t)) & 127];
+        for (int half = 0; half < 2; half++) {
+            uint32x4_t bits = veorq_u32(vreinterpretq_u32_f32(vld1q_f32(grid + 4 * half)),
+                                        vld1q_u32(sign + 4 * half));
+            q[2 * t + half] = vreinterpretq_f32_u32(bits);
+        }
+    }
+}
+
+/* store: y = scale*q - min;  dot: acc[0] += scale*sum q*x, acc[1] += min*sum x */
+static void quant_neon_store(float *y, const float32x4_t *q, int count, float scale, float min) {
+    float32x4_t neg_min = vdupq_n_f32(-min);
+    for (int r = 0; r < count; r++) vst1q_f32(y + 4 * r, vfmaq_n_f32(neg_min, q[r], scale));
+}
+
+static void quant_neon_dot(const float32x4_t *q, int count, float scale, float min,
+                           const float *x, float32x4_t acc[2]) {
+    float32x4_t qx = vmulq_f32(q[0], vld1q_f32(x));
+    float32x4_t xs = vld1q_f32(x);
+    for (int r = 1; r < count; r++) {
+        qx = vfmaq_f32(qx, q[r], vld1q_f32(x + 4 * r));
+        xs = vaddq_f32(xs, vld1q_f32(x + 4 * r));
+    }
+    acc[0] = vfmaq_n_f32(acc[0], qx, scale);
+    if (min != 0.0f) acc[1] = vfmaq_n_f32(acc[1], xs, min);
+}
+
+static float quant_neon_finish(const float32x4_t acc[4]) {
+    return vaddvq_f32(vsubq_f32(vaddq_f32(acc[0], acc[2]), vaddq_f32(acc[1], acc[3])));
+}
+
+static float quant_neon_dot_q8_0(const struct block_q8_0 *b, const float *x, int64_t nb) {
+    float32x4_t acc[4] = { quant_neon_zero(), quant_neon_zero(),
+                           quant_neon_zero(), quant_neon_zero() }, q[8];
+    for (int64_t i = 0; i < nb; i++, x += 32) {
+        quant_neon_q8_0(b + i, q);
+        quant_neon_dot(q, 8, f16_to_f32(b[i].d), 0.0f, x, acc + 2 * (i % 2));
+    }
+    return quant_neon_finish(acc);
+}
+
+static void quant_neon_dequant_q8_0(const struct block_q8_0 *b, float *y, int64_t nb) {
+    float32x4_t q[8];
+    for (int64_t i = 0; i < nb; i++, y += 32) {
+        quant_neon_q8_0(b + i, q);
+        quant_neon_store(y, q, 8, f16_to_f32(b[i].d), 0.0f);
+    }
+}
+
+static float quant_neon_dot_q2_k(const struct block_q2_k *b, const float *x, int64_t nb) {
+    float32x4_t acc[4] = { quant_neon_zero(), quant_neon_zero(),
+                           quant_neon_zero(), quant_neon_zero() }, q[4];
+    for (int64_t i = 0; i < nb; i++, b++) {
+        float d = f16_to_f32(b->d), dmin = f16_to_f32(b->dmin);
+        for (int k = 0; k < 16; k++, x += 16) {
+            quant_neon_q2_k(b, k, q);
+            quant_neon_dot(q, 4, d * (float)(b->scales[k] & 15),
+                           dmin * (float)(b->scales[k] >> 4), x, acc + 2 * (k % 2));
+        }
+    }
+    return quant_neon_finish(acc);
+}
+
+static void quant_neon_dequant_q2_k(const struct block_q2_k *b, float *y, int64_t nb) {
+    float32x4_t q[4];
+    for (int64_t i = 0; i < nb; i++, b++) {
+        float d = f16_to_f32(b->d), dmin = f16_to_f32(b->dmin);
+        for (int k = 0; k < 16; k++, y += 16) {
+            quant_neon_q2_k(b, k, q);
+            quant_neon_store(y, q, 4, d * (float)(b->scales[k] & 15),
+                             dmin * (float)(b->scales[k] >> 4));
+        }
+    }
+}
+
+static float quant_neon_dot_q4_k(const struct block_q4_k *b, const float *x, int64_t nb) {
+    float32x4_t acc[4] = { quant_neon_zero(), quant_neon_zero(),
+                           quant_neon_zero(), quant_neon_zero() }, q[8];
+    for (int64_t i = 0; i < nb; i++, b++) {
+        float d = f16_to_f32(b->d), dmin = f16_to_f32(b->dmin);
+        for (int k = 0; k < 8; k++, x += 32) {
+            int sc, m;
+            quant_q4_k_scale_min(b->scales, k, &sc, &m);
+            quant_neon_q4_k(b, k, q);
+            quant_neon_dot(q, 8, d * (float)sc, dmin * (float)m, x, acc + 2 * (k % 2));
+        }
+    }
+    return quant_neon_finish(acc);
+}
+
+static void quant_neon_dequant_q4_k(const struct block_q4_k *b, float *y, int64_t nb) {
+    float32x4_t q[8];
+    for (int64_t i = 0; i < nb; i++, b++) {
+        float d = f16_to_f32(b->d), dmin = f16_to_f32(b->dmin);
+        for (int k = 0; k < 8; k++, y += 32) {
+            int sc, m;
+            quant_q4_k_scale_min(b->scales, k, &sc, &m);
+            quant_neon_q4_k(b, k, q);
+            quant_neon_store(y, q, 8, d * (float)sc, dmin * (float)m);
+        }
+    }
+}
+
+static float quant_neon_dot_iq2_xxs(const struct block_iq2_xxs *b, const float *x, int64_t nb) {
+    float32x4_t acc[4] = { quant_neon_zero(), quant_neon_zero(),
+                           quant_neon_zero(), quant_neon_zero() }, q[8];
+    for (int64_t i = 0; i < nb; i++, b++) {
+        float d = f16_to_f32(b->d);
+        for (int group = 0; group < 8; group++, x += 32) {
+            uint32_t a0, a1;
+            quant_iq2_group_words(b, group, &a0, &a1);
+            quant_neon_iq2_xxs(a0, a1, q);
+            quant_neon_dot(q, 8, quant_iq2_group_scale(d, a1), 0.0f, x, acc + 2 * (group % 2));
+        }
+    }
+    return quant_neon_finish(acc);
+}
+
+static void quant_neon_dequant_iq2_xxs(const struct block_iq2_xxs *b, float *y, int64_t nb) {
+    float32x4_t q[8];
+    for (int64_t i = 0; i < nb; i++, b++) {
+        float d = f16_to_f32(b->d);
+        for (int group = 0; group < 8; group++, y += 32) {
+            uint32_t a0, a1;
+            quant_iq2_group_words(b, group, &a0, &a1);
+            quant_neon_iq2_xxs(a0, a1, q);
+            quant_neon_store(y, q, 8, quant_iq2_group_scale(d, a1), 0.0f);
+        }
+    }
+}
+
+static float quant_fast_dot_f32(const float *a, const float *b, int64_t n) {
+    return quant_neon_dot_f32(a, b, n);
+}
+
+static void quant_fast_axpy_f32(float *y, float a, const float *x, int64_t n) {
+    quant_neon_axpy_f32(y, a, x, n);
+}
+
+static float quant_fast_vec_dot(uint32_t type, const void *w, const float *x, int64_t n) {
+    switch (type) {
+    case TYPE_F32: return quant_neon_dot_f32(w, x, n);
+    case TYPE_F16: return quant_neon_dot_f16(w, x, n);
+    case TYPE_BF16: return quant_neon_dot_bf16(w, x, n);
+    case TYPE_Q8_0: return quant_neon_dot_q8_0(w, x, n / 32);
+    case TYPE_Q2_K: return quant_neon_dot_q2_k(w, x, n / 256);
+    case TYPE_Q4_K: return quant_neon_dot_q4_k(w, x, n / 256);
+    case TYPE_IQ2_XXS: return quant_neon_dot_iq2_xxs(w, x, n / 256);
+    default: return vec_dot_ref(type, w, x, n);
+    }
+}
+
+static void quant_fast_dequant(uint32_t type, const void *src, float *y, int64_t n) {
+    switch (type) {
+    case TYPE_F16: quant_neon_dequant_f16(src, y, n); break;
+    case TYPE_Q8_0: quant_neon_dequant_q8_0(src, y, n / 32); break;
+    case TYPE_Q2_K: quant_neon_dequant_q2_k(src, y, n / 256); break;
+    case TYPE_Q4_K: quant_neon_dequant_q4_k(src, y, n / 256); break;
+    case TYPE_IQ2_XXS: quant_neon_dequant_iq2_xxs(src, y, n / 256); break;
+    default: dequant_row_ref(type, src, y, n);
+    }
+}
+
+/* ============================================================================
+ * Chapter 17. Any other CPU
+ * ============================================================================
+ *
+ * An appendix to the chapter "Quantized blocks".
+ */
+
+/* ---- 17.1 Any other CPU: the reference ----------------------------------- */
+
+#else
+
+/* Without a known vector unit the fast paths are the reference itself, plus
+ * a four-way split of the float dot so the compiler can still vectorize it. */
+
+static float quant_fast_dot_f32(const float *a, const float *b, int64_t n) {
+    float acc[4] = { 0, 0, 0, 0 };
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4)
+        for (int r = 0; r < 4; r++) acc[r] += a[i + r] * b[i + r];
+    float sum = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+    for (; i < n; i++) sum += a[i] * b[i];
+    return sum;
+}
+
+static void quant_fast_axpy_f32(float *y, float a, const float *x, int64_t n) {
+    for (int64_t i = 0; i < n; i++) y[i] += a * x[i];
+}
+
+static float quant_fast_vec_dot(uint32_t type, const void *w, const float *x, int64_t n) {
+    if (type == TYPE_F32) return quant_fast_dot_f32(w, x, n);
+    return vec_dot_ref(type, w, x, n);
+}
+
+static void quant_fast_dequant(uint32_t type, const void *src, float *y, int64_t n) {
+    dequant_row_ref(type, src, y, n);
+}
+
+#endif
+
+/* ============================================================================
+ * Chapter 18. Tools built on the engine: the oracle checker and the bench
+ * ============================================================================
+ *
+ * Two tools keep the engine honest. The checker compares it with DeepSeek's
+ * own code on a tiny model of the exact V4 shape (18.1); the bench measures
+ * what a user feels -- prefill and decode speed, and the weight traffic that
+ * bounds decode (18.2). Neither asserts a timing: tests assert correctness,
+ * the bench prints figures. Two more measure a model rather than the engine:
+ * the perplexity of a text file (18.3) and the token ids of one (18.4).
+ *
+ * 18.1 --check-vectors FILE.json
+ *
+ * The oracle vectors come from DeepSeek's own inference code on a tiny model
+ * with the exact V4 structure. Each case is a token sequence with reference
+ * logits at some positions and the reference argmax at every position. We
+ * run every case twice:
+ *
+ *   "own"      the case's own schedule: prefill `prefill` tokens in one call,
+ *              then decode the rest one token at a time;
+ *   "chunk7"   the whole sequence in chunks of 7 tokens.
+ *
+ * The oracle is itself discontinuous (FP8/FP4 rounding and top-k choices
+ * flip on tiny differences), so it is compared statistically. With the
+ * relative error of a row defined as max_i |ours_i - ref_i| / max_i |ref_i|,
+ * a run passes when, over the check positions:
+ *
+ *     median <= 2e-3,   90th percentile <= 1e-2,   max <= 8e-2,
+ *     argmax agrees with the reference at >= 98% of positions,
+ *
+ * and the same for the MTP rows when an MTP file is loaded. The greedy case
+ * must reproduce the reference tokens up to the first step whose reference
+ * margin (top1 - top2) is below 0.2, and, fed the reference tokens, must
+ * pick the reference token at every step whose margin is at least 0.2.
+ * Percentiles use the nearest-rank rule on the sorted errors.
+ * ------------------------------------------------------------------------- */
+
+enum { CHECK_CHUNK = 7 };
+
+struct error_stats {
+    double median, p90, max;
+    int count;
+};
+
+static int cmp_double(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return x < y ? -1 : x > y;
+}
+
+static struct error_stats error_stats_of(double *err, int n) {
+    struct error_stats s = { 0, 0, 0, n };
+    if (n == 0) return s;
+    qsort(err, (size_t)n, sizeof(double), cmp_double);
+    s.median = n % 2 ? err[n / 2] : 0.5 * (err[n / 2 - 1] + err[n / 2]);
+    int rank = (int)ceil(0.9 * n);
+    s.p90 = err[rank < 1 ? 0 : rank - 1];
+    s.max = err[n - 1];
+    return s;
+}
+
+static double row_relative_error(const float *ours, const struct json *ref, int vocab) {
+    double max_diff = 0, max_ref = 0;
+    for (int i = 0; i < vocab; i++) {
+        double r = ref->items[i].number;
+        max_diff = fmax(max_diff, fabs(ours[i] - r));
+        max_ref = fmax(max_ref, fabs(r));
+    }
+    return max_ref > 0 ? max_diff / max_ref : max_diff;
+}
+
+/* Pull a JSON array of integers into a fresh int32 array. */
+static int32_t *json_int_array(const struct json *arr, int *n, struct ds4_error *e,
+                               const char *what) {
+    if (!arr || arr->kind != JSON_ARRAY) {
+        fail(e, "vectors: '%s' is missing or not an array", what);
+        return NULL;
+    }
+    int32_t *out = xmalloc((arr->count ? arr->count : 1) * sizeof(int32_t));
+    for (size_t i = 0; i < arr->count; i++) {
+        if (arr->items[i].kind != JSON_NUMBER) {
+            free(out);
+            fail(e, "vectors: '%s'[%zu] is not a number", what, i);
+            return NULL;
+        }
+        out[i] = (int32_t)arr->items[i].number;
+    }
+    *n = (int)arr->count;
+    return out;
+}
+
+/* Run tokens[0..n) through a fresh session with the given schedule
+ * (first chunk of `first` tokens, then chunks of `rest`), collecting the
+ * logits of every position and the MTP rows. */
+static bool run_schedule(struct engine *eng, const int32_t *tokens, int n, int first, int rest,
+                         float *logits, float *mtp_logits, struct ds4_error *e) {
+    struct session s;
+    session_init(&s, eng);
+    int V = eng->model->cfg.vocab;
+    bool ok = true;
+    for (int done = 0; ok && done < n;) {
+        int T = done == 0 ? first : rest;
+        if (T > n - done) T = n - done;
+        struct forward_request req = {.all_logits = logits + (size_t)done * V,
+                                      .mtp_logits =
+                                          mtp_logits ? mtp_logits + (size_t)done * V : NULL};
+        ok = session_forward(&s, tokens + done, T, &req, e);
+        done += T;
+    }
+    session_free(&s);
+    return ok;
+}
+
+struct check_result {
+    struct error_stats logit, mtp;
+    double argmax_agree, mtp_argmax_agree;
+    bool pass;
+};
+
+static bool stats_pass(const struct error_stats *s) {
+    return s->median <= 2e-3 && s->p90 <= 1e-2 && s->max <= 8e-2;
+}
+
+/* Compare rows listed in `positions` (with `refs`) and argmax everywhere.
+ * offset shifts our row index: MTP row i sits at our index i + 1. */
+static void compare_rows(const float *ours, int V, int offset, const struct json *positions,
+                         const struct json *refs, const struct json *ref_argmax,
+                         struct error_stats *stats, double *agree) {
+    int np = positions ? (int)positions->count : 0;
+    double *err = xmalloc((size_t)(np ? np : 1) * sizeof(double));
+    for (int i = 0; i < np; i++) {
+        int pos = (int)positions->items[i].number;
+        err[i] = row_relative_error(ours + (size_t)(pos + offset) * V, &refs->items[i], V);
+    }
+    *stats = error_stats_of(err, np);
+    free(err);
+    int na = ref_argmax ? (int)ref_argmax->count : 0, same = 0;
+    for (int i = 0; i < na; i++)
+        same += argmax(ours + (size_t)(i + offset) * V, V) == (int)ref_argmax->items[i].number;
+    *agree = na ? (double)same / na : 1.0;
+}
+
+static bool check_shapes(const struct json *c, int n, int V, bool mtp, struct ds4_error *e) {
+    const char *keys[] = { "check_positions", "logits", "argmax" };
+    for (int k = 0; k < 3; k++)
+        if (!json_is(json_get(c, keys[k]), JSON_ARRAY))
+            return fail(e, "vectors: case lacks array '%s'", keys[k]);
+    const struct json *pos = json_get(c, "check_positions"), *rows = json_get(c, "logits");
+    if (pos->count != rows->count || json_get(c, "argmax")->count > (size_t)n)
+        return fail(e, "vectors: check_positions/logits/argmax sizes disagree");
+    for (size_t i = 0; i < pos->count; i++) {
+        const struct json *row = &rows->items[i];
+        double p = pos->items[i].number;
+        if (row->kind != JSON_ARRAY || row->count != (size_t)V || p < 0 || p >= n)
+            return fail(e, "vectors: logits row %zu has %zu values (vocab %d) or bad position",
+                        i, row->kind == JSON_ARRAY ? row->count : 0, V);
+    }
+    (void)mtp;
+    return true;
+}
+
+static bool check_logit_case(struct engine *eng, const struct json *c, int first, int rest,
+                             struct check_result *res, struct ds4_error *e) {
+    int V = eng->model->cfg.vocab, n;
+    int32_t *tokens = json_int_array(json_get(c, "tokens"), &n, e, "tokens");
+    if (!tokens) return false;
+    bool mtp = eng->model->has_mtp;
+    if (n < 1 || !check_shapes(c, n, V, mtp, e)) {
+        free(tokens);
+        return n >= 1 ? false : fail(e, "vectors: empty case");
+    }
+    float *logits = xmalloc((size_t)n * V * sizeof(float));
+    float *mtp_logits = mtp ? xcalloc((size_t)n * V, sizeof(float)) : NULL;
+    bool ok = run_schedule(eng, tokens, n, first, rest, logits, mtp_logits, e);
+    if (ok) {
+        compare_rows(logits, V, 0, json_get(c, "check_positions"), json_get(c, "logits"),
+                     json_get(c, "argmax"), &res->logit, &res->argmax_agree);
+        res->pass = stats_pass(&res->logit) && res->argmax_agree >= 0.98;
+        if (mtp) {
+            compare_rows(mtp_logits, V, 1, json_get(c, "mtp_check_positions"),
+                         json_get(c, "mtp_logits"), json_get(c, "mtp_argmax"), &res->mtp,
+                         &res->mtp_argmax_agree);
+            res->pass = res->pass && stats_pass(&res->mtp) && res->mtp_argmax_agree >= 0.98;
+        }
+    }
+    free(tokens);
+    free(logits);
+    free(mtp_logits);
+    return ok;
+}
+
+/* The greedy case: free-running until the first low-margin step, and
+ * teacher-forced at every confident step. */
+static bool check_greedy_case(struct engine *eng, const struct json *c, int chunk,
+                              int *free_ok, int *free_needed, int *forced_ok, int *forced_needed,
+                              struct ds4_error *e) {
+    int n, ng, nm, V = eng->model->cfg.vocab;
+    int32_t *prompt = json_int_array(json_get(c, "tokens"), &n, e, "tokens");
+    int32_t *ref = prompt ? json_int_array(json_get(c, "greedy"), &ng, e, "greedy") : NULL;
+    const struct json *margin = json_get(c, "greedy_margin");
+    bool ok =
+        ref && margin && margin->kind == JSON_ARRAY && (nm = (int)margin->count) == ng && n > 0;
+    if (!ok && ref) fail(e, "vectors: greedy case is malformed");
+    *free_ok = *free_needed = *forced_ok = *forced_needed = 0;
+    for (int pass = 0; ok && pass < 2; pass++) {
+        bool forced = pass == 1, diverged = false;
+        struct session s;
+        session_init(&s, eng);
+        ok = session_feed(&s, prompt, n, chunk, e);
+        for (int i = 0; ok && i < ng; i++) {
+            int ours = argmax(s.logits, V);
+            bool confident = margin->items[i].number >= 0.2;
+            if (!forced && !diverged && confident) {
+                (*free_needed)++;
+                *free_ok += ours == ref[i];
+            }
+            if (!confident) diverged = true;
+            if (forced && confident) {
+                (*forced_needed)++;
+                *forced_ok += ours == ref[i];
+            }
+            int32_t next = forced ? ref[i] : ours;
+            if (i + 1 < ng) ok = session_forward(&s, &next, 1, NULL, e);
+        }
+        session_free(&s);
+    }
+    free(prompt);
+    free(ref);
+    return ok;
+}
+
+static void print_check(const char *name, const char *sched, const struct check_result *r,
+                        bool mtp) {
+    printf("  %-20s %-7s logits: median %.2e p90 %.2e max %.2e argmax %5.1f%%", name, sched,
+           r->logit.median, r->logit.p90, r->logit.max, 100 * r->argmax_agree);
+    if (mtp)
+        printf(" | mtp: median %.2e p90 %.2e max %.2e argmax %5.1f%%", r->mtp.median, r->mtp.p90,
+               r->mtp.max, 100 * r->mtp_argmax_agree);
+    printf("  %s\n", r->pass ? "ok" : "FAIL");
+}
+
+static int check_vectors(struct engine *eng, const char *path) {
+    struct ds4_error e = { "" };
+    size_t len;
+    char *text = read_file(path, &len, &e);
+    char jerr[256];
+    struct json *doc = text ? json_parse(text, len, 64, jerr, sizeof jerr) : NULL;
+    if (text && !doc) snprintf(e.msg, sizeof e.msg, "%s: %s", path, jerr);
+    const struct json *cases = doc ? json_get(doc, "cases") : NULL;
+    if (doc && !json_is(cases, JSON_ARRAY))
+        snprintf(e.msg, sizeof e.msg, "%s: no 'cases' array", path);
+    if (!cases || cases->kind != JSON_ARRAY) {
+        fprintf(stderr, "ds4: %s\n", e.msg);
+        json_free(doc);
+        free(text);
+        return 1;
+    }
+    int passed = 0, failed = 0;
+    bool mtp = eng->model->has_mtp;
+    printf("checking %zu cases from %s%s\n", cases->count, path, mtp ? " (with MTP rows)" : "");
+    for (size_t i = 0; i < cases->count; i++) {
+        const struct json *c = &cases->items[i];
+        const char *name = json_str(c, "name") ? json_str(c, "name") : "?";
+        for (int sched = 0; sched < 2; sched++) {
+            bool ok;
+            if (json_get(c, "greedy")) {
+                int fo, fn, to, tn;
+                ok = check_greedy_case(eng, c, sched == 0 ? 1 << 20 : CHECK_CHUNK, &fo, &fn, &to,
+                                       &tn, &e);
+                bool pass = ok && fo == fn && to == tn;
+                if (ok)
+                    printf("  %-20s %-7s greedy: %d/%d tokens before the first low-margin step, "
+                           "%d/%d confident steps teacher-forced  %s\n", name,
+                           sched ? "chunk7" : "own", fo, fn, to, tn, pass ? "ok" : "FAIL");
+                ok = pass;
+            } else {
+                struct check_result r = { 0 };
+                double prefill = 0;
+                json_num(c, "prefill", &prefill);
+                int first = sched == 0 ? (int)prefill : CHECK_CHUNK,
+                    rest = sched == 0 ? 1 : CHECK_CHUNK;
+                if (first < 1) first = 1;
+                ok = check_logit_case(eng, c, first, rest, &r, &e);
+                if (ok) print_check(name, sched ? "chunk7" : "own", &r, mtp);
+                ok = ok && r.pass;
+            }
+            if (!ok && e.msg[0]) {
+                printf("  %-20s error: %s\n", name, e.msg);
+                e.msg[0] = 0;
+            }
+            ok ? passed++ : failed++;
+        }
+    }
+    printf("%d passed, %d failed\n", passed, failed);
+    json_free(doc);
+    free(text);
+    return failed ? 1 : 0;
+}
+
+/* ----------------------------------------------------------------------------
+ * 18.2 --bench
+ *
+ * Decode on a CPU is bound by memory bandwidth: every token streams every
+ * weight it touches. So besides tokens per second the bench reports the
+ * bytes one decode token reads (dense weights, the shared expert, K routed
+ * experts, the head) and the bandwidth that implies. Prefill is bound by
+ * arithmetic instead, since a chunk reads each weight once for all its
+ * tokens. The figures are printed, never asserted: timing belongs here, not
+ * in tests.
+ * ------------------------------------------------------------------------- */
+
+static uint64_t matrix_bytes(const struct matrix *m) {
+    return m->data ? m->row_bytes * (uint64_t)m->out : 0;
+}
+
+static uint64_t layer_decode_bytes(const struct layer_weights *L, int n_used) {
+    const struct matrix *dense[] = { &L->hc_attn_fn, &L->hc_ffn_fn, &L->q_a, &L->q_b, &L->kv,
+                                     &L->out_a, &L->out_b, &L->comp_kv, &L->comp_gate,
+                                     &L->idx_q_b, &L->idx_proj, &L->idx_kv, &L->idx_gate,
+                                     &L->router, &L->gate_shexp, &L->up_shexp, &L->down_shexp };
+    uint64_t bytes = 0;
+    for (size_t i = 0; i < sizeof dense / sizeof dense[0]; i++) bytes += matrix_bytes(dense[i]);
+    bytes += (uint64_t)n_used * (matrix_bytes(&L->gate_exps) + matrix_bytes(&L->up_exps) +
+                                 matrix_bytes(&L->down_exps));
+    return bytes;
+}
+
+static uint64_t decode_bytes_per_token(const struct model *m) {
+    const struct ds4_config *c = &m->cfg;
+    uint64_t bytes = matrix_bytes(&m->output) + matrix_bytes(&m->hc_head_fn) +
+                     m->token_embd.row_bytes;
+    for (int l = 0; l < c->n_layers; l++) bytes += layer_decode_bytes(&m->layers[l], c->n_used);
+    if (m->has_mtp)
+        bytes += layer_decode_bytes(&m->mtp.block, c->n_used) + matrix_bytes(&m->mtp.e_proj) +
+                 matrix_bytes(&m->mtp.h_proj) + matrix_bytes(&m->mtp.hc_head_fn);
+    return bytes;
+}
+
+/* Decode n tokens greedily after `prompt`; returns seconds, or -1. */
+static double bench_decode(struct engine *eng, const int32_t *prompt, int n_prompt, int n,
+                           struct spec_options spec, struct spec_stats *stats, double *prefill_s,
+                           struct ds4_error *e) {
+    struct session s;
+    struct sampler sp;
+    struct generator g;
+    session_init(&s, eng);
+    sampler_init(&sp, (struct sampler_options){ 0, 1, 0, 0, 1 }, eng->model->cfg.vocab);
+    generator_init(&g, &s, &sp, spec);
+    double t0 = now_seconds();
+    bool ok = session_forward(&s, prompt, n_prompt, NULL, e);
+    double t1 = now_seconds(), cpu1 = cpu_seconds();
+    int64_t allocs1 = heap_allocations;
+    int32_t out[MATMUL_DECODE_PATH_MAX_TOKENS];
+    for (int done = 0; ok && done < n;) {
+        int got = generator_step(&g, out, e);
+        ok = got > 0;
+        done += got;
+    }
+    double t2 = now_seconds();
+    g.stats.cpu_seconds = cpu_seconds() - cpu1;
+    g.stats.heap_allocations = heap_allocations - allocs1;
+    *stats = g.stats;
+    if (prefill_s) *prefill_s = t1 - t0;
+    generator_free(&g);
+    sampler_free(&sp);
+    session_free(&s);
+    return ok ? t2 - t1 : -1;
+}
+
+/* Sessions on disk (chapter 12): the size of the snapshot after the bench prompt,
+ * against float32 rows (a plain dump of the same rows), and the
+ * save and load times. A snapshot has a fixed part (logits, sliding
+ * windows) and a part that follows the compressors' unfinished windows,
+ * which fill up and empty every `ratio` tokens; so the cost of one more
+ * token is the slope between two snapshots a whole number of the largest
+ * ratio apart, printed when the prompt holds two such periods. The file
+ * lives in /tmp for a moment. */
+static bool bench_snapshot(struct engine *eng, const int32_t *tokens, int n, struct ds4_error *e) {
+    const struct model *m = eng->model;
+    int period = 1;
+    for (int l = 0; l < m->cfg.n_layers; l++)
+        if (m->cfg.ratio[l] > period) period = m->cfg.ratio[l];
+    int first = n - n / 2 / period * period;        /* == n when there is no slope to take */
+    char path[64];
+    snprintf(path, sizeof path, "/tmp/ds4-bench.%d.kv", (int)getpid());
+    struct snapshot_meta meta = { "bench", 5, KV_REASON_UNKNOWN, 0 };
+    struct snapshot_stats a, b;
+    struct session s, l;
+    session_init(&s, eng);
+    session_init(&l, eng);
+    bool ok = session_feed(&s, tokens, first, 128, e) &&
+              session_save(&s, tokens, first, path, &meta, &a, e) &&
+              session_feed(&s, tokens + first, n - first, 128, e) &&
+              session_save(&s, tokens, n, path, &meta, &b, e);
+    int32_t *got = NULL;
+    int64_t n_got;
+    double t0 = now_seconds();
+    ok = ok && session_load(&l, path, &got, &n_got, e);
+    double t_load = now_seconds() - t0;
+    if (ok) {
+        uint64_t f32 = snapshot_f32_bytes(&m->cfg, m->has_mtp, n);
+        printf(
+            "snapshot: %d tokens = %llu bytes, %.0f per token (float32 rows: %llu, %.0f per token; "
+            "%.2fx smaller); save %.4f s, load %.4f s\n",
+            n, (unsigned long long)b.file_bytes, (double)b.file_bytes / n, (unsigned long long)f32,
+            (double)f32 / n, (double)f32 / (double)b.file_bytes, b.seconds, t_load);
+    }
+    if (ok && first < n) {
+        double per = (double)(b.file_bytes - a.file_bytes) / (n - first);
+        double f32_per = (double)(snapshot_f32_bytes(&m->cfg, m->has_mtp, n) -
+                                  snapshot_f32_bytes(&m->cfg, m->has_mtp, first)) / (n - first);
+        printf("snapshot: one more token (slope over tokens %d..%d) costs %.1f bytes, float32 rows "
+               "%.1f "
+               "(%.2fx)\n",
+               first, n, per, f32_per, f32_per / per);
+    }
+    if (ok) {                                       /* the server's rewind points (12.11) */
+        struct mem_checkpoint cp;
+        double t1 = now_seconds();
+        checkpoint_encode(&cp, &s, tokens);
+        double t_take = now_seconds() - t1;
+        t1 = now_seconds();
+        ok = checkpoint_restore(&s, &cp, tokens, e);
+        double t_restore = now_seconds() - t1;
+        if (ok) printf("checkpoint: %d tokens = %zu bytes in memory (rows by count); take %.4f s, "
+                       "restore %.4f s\n", n, cp.len, t_take, t_restore);
+        checkpoint_release(&cp);
+    }
+    unlink(path);
+    free(got);
+    session_free(&l);
+    session_free(&s);
+    return ok;
+}
+
+/* THE ROOFLINE (--bench --roofline)
+ *
+ * A decode token cannot go faster than its weight bytes divided by the
+ * machine's read bandwidth, so that ratio is the ceiling to measure decode
+ * against. The bandwidth is measured here, with the engine's own threads:
+ * each pass sums a 512 MiB buffer (far larger than any cache) in 64 KiB
+ * items through parallel_for, and the best of three passes counts.
+ *
+ * Beside it, each weight type's dot kernel is timed on one thread, both
+ * from cache (the same 64 rows of 4096 values again and again) and from
+ * DRAM (one pass over 256 MiB of rows), with float activations (15.1) and
+ * with 8-bit ones (3.9), in GB/s of weight bytes per CPU second. The blocks hold random
+ * bytes with sane scales: the kernels' speed does not depend on the
+ * values. */
+enum { ROOF_BUFFER = 512 << 20, ROOF_ITEM = 64 << 10, ROOF_ROW = 4096 };
+
+struct roof_job {
+    const uint64_t *data;
+    uint64_t *sums;                 /* [threads], kept so the loads stay */
+};
+
+static void roof_sum_item(void *ctx, int64_t item, int worker) {
+    struct roof_job *j = ctx;
+    const uint64_t *p = j->data + item * (ROOF_ITEM / 8);
+    uint64_t s[4] = { 0, 0, 0, 0 };
+    for (int i = 0; i < ROOF_ITEM / 8; i += 4)
+        for (int r = 0; r < 4; r++) s[r] += p[i + r];
+    j->sums[worker] += s[0] ^ s[1] ^ s[2] ^ s[3];
+}
+
+/* Read bandwidth in bytes per second with the pool's threads. */
+static double roof_bandwidth(struct engine *eng) {
+    uint64_t *data = xmalloc(ROOF_BUFFER);
+    memset(data, 1, ROOF_BUFFER);
+    struct roof_job j = { data, xcalloc((size_t)eng->pool.n_threads, sizeof(uint64_t)) };
+    double best = 0;
+    for (int pass = 0; pass < 3; pass++) {
+        double t0 = now_seconds();
+        parallel_for(&eng->pool, ROOF_BUFFER / ROOF_ITEM, roof_sum_item, &j);
+        double bw = ROOF_BUFFER / (now_seconds() - t0);
+        if (bw > best) best = bw;
+    }
+    free(j.sums);
+    free(data);
+    return best;
+}
+
+/* Random blocks of `type` with every scale field set to a small normal half. */
+static void roof_fill(uint32_t type, uint8_t *rows, size_t bytes, uint64_t *rng) {
+    for (size_t i = 0; i + 8 <= bytes; i += 8) {
+        uint64_t v = splitmix64(rng);
+        memcpy(rows + i, &v, 8);
+    }
+    const struct type_traits *t = type_traits_of(type);
+    uint16_t scale = f32_to_f16(0.01f);
+    for (size_t b = 0; b + (size_t)t->block_bytes <= bytes; b += (size_t)t->block_bytes) {
+        if (type == TYPE_F16) memcpy(rows + b, &scale, 2);
+        else if (type == TYPE_Q2_K)
+            memcpy(rows + b + 80, &scale, 2), memcpy(rows + b + 82, &scale, 2);
+        else if (type == TYPE_Q4_K) memcpy(rows + b, &scale, 2), memcpy(rows + b + 2, &scale, 2);
+        else memcpy(rows + b, &scale, 2);
+    }
+}
+
+/* This thread's CPU seconds: on a shared machine the kernels are timed by
+ * the CPU they used, not the wall clock, which counts other tenants too. */
+static double thread_cpu_seconds(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+/* GB/s of one kernel over `n_rows` rows, repeated `reps` times. */
+static double roof_kernel(uint32_t type, const uint8_t *rows, int64_t n_rows, int reps,
+                          const float *x, const struct act_q8 *a) {
+    size_t row_bytes = type_row_bytes(type, ROOF_ROW);
+    volatile float sink = 0;
+    double t0 = thread_cpu_seconds();
+    for (int r = 0; r < reps; r++)
+        for (int64_t i = 0; i < n_rows; i++)
+            sink += a ? vec_dot_q8(type, rows + i * row_bytes, a)
+                      : vec_dot(type, rows + i * row_bytes, x, ROOF_ROW);
+    (void)sink;
+    return (double)row_bytes * n_rows * reps / (thread_cpu_seconds() - t0) / 1e9;
+}
+
+static void roof_kernels(void) {
+    static const uint32_t types[] = { TYPE_F16, TYPE_Q8_0, TYPE_Q4_K, TYPE_Q2_K, TYPE_IQ2_XXS };
+    float *x = xmalloc(ROOF_ROW * sizeof(float));
+    void *mem = xmalloc(act_q8_bytes(ROOF_ROW));
+    uint64_t rng = 7;
+    for (int i = 0; i < ROOF_ROW; i++) x[i] = (float)(splitmix64(&rng) % 2001) / 1000.0f - 1.0f;
+    struct act_q8 a = act_q8_view(mem, ROOF_ROW);
+    act_quantize_q8(x, &a);
+    size_t big = 256u << 20;
+    uint8_t *rows = xmalloc(big);
+    for (size_t i = 0; i < sizeof types / sizeof types[0]; i++) {
+        uint32_t type = types[i];
+        int64_t n_big = (int64_t)(big / type_row_bytes(type, ROOF_ROW));
+        roof_fill(type, rows, big, &rng);
+        bool q8 = quant_has_q8_dot(type);
+        double c32 = roof_kernel(type, rows, 64, 200, x, NULL);
+        double d32 = roof_kernel(type, rows, n_big, 1, x, NULL);
+        printf("roofline: kernel %-8s 1 thread, GB/s of weights: f32 activations %6.2f cache "
+               "%6.2f DRAM", type_traits_of(type)->name, c32, d32);
+        if (q8)
+            printf("; 8-bit activations %6.2f cache %6.2f DRAM",
+                   roof_kernel(type, rows, 64, 200, x, &a),
+                   roof_kernel(type, rows, n_big, 1, x, &a));
+        printf("\n");
+    }
+    free(rows);
+    free(mem);
+    free(x);
+}
+
+/* The --roofline lines: bandwidth, kernels, and decode against the ceiling. */
+static void bench_roofline(struct engine *eng, double decode_bytes_per_s) {
+    double bw = roof_bandwidth(eng);
+    printf("roofline: read bandwidth %.2f GB/s with %d threads; decode achieves %.2f GB/s = %.0f%% "
+           "of that ceiling\n", bw / 1e9, eng->pool.n_threads, decode_bytes_per_s / 1e9,
+           100.0 * decode_bytes_per_s / bw);
+    roof_kernels();
+}
+
+static int run_bench(struct engine *eng, int n_prefill, int n_decode, struct spec_options spec,
+                     bool roofline) {
+    const struct ds4_config *c = &eng->model->cfg;
+    struct ds4_error e = { "" };
+    int32_t *tokens = xmalloc((size_t)n_prefill * sizeof(int32_t));
+    uint64_t rng = 42;
+    for (int i = 0; i < n_prefill; i++)
+        tokens[i] = (int32_t)(splitmix64(&rng) % (uint64_t)c->vocab);
+    struct spec_stats plain_stats, spec_stats;
+    double prefill_s = 0;
+    double plain_s = bench_decode(eng, tokens, n_prefill, n_decode, (struct spec_options){ 0, 0 },
+                                  &plain_stats, &prefill_s, &e);
+    bool with_mtp = eng->model->has_mtp && spec.draft > 0 && plain_s >= 0;
+    double spec_s =
+        with_mtp ? bench_decode(eng, tokens, n_prefill, n_decode, spec, &spec_stats, NULL, &e) : 0;
+    if (plain_s < 0 || spec_s < 0) {
+        free(tokens);
+        fprintf(stderr, "ds4: bench failed: %s\n", e.msg);
+        return 1;
+    }
+    double per_token = (double)decode_bytes_per_token(eng->model);
+    double decode_tps = plain_stats.emitted / plain_s;
+    printf("model: %d layers, dim %d, %d experts (%d used), vocab %d; %d threads%s\n",
+           c->n_layers, c->dim, c->n_experts, c->n_used, c->vocab, eng->pool.n_threads,
+           eng->opt.reference_kernels ? ", reference kernels"
+           : eng->opt.q8_activations ? ", 8-bit activations (--fast)" : "");
+    printf("prefill: %d tokens in %.3f s = %.2f tokens/s\n", n_prefill, prefill_s,
+           n_prefill / prefill_s);
+    printf("decode:  %lld tokens in %.3f s = %.2f tokens/s; %.2f ms CPU per token (all threads)\n",
+           (long long)plain_stats.emitted, plain_s, decode_tps,
+           1e3 * plain_stats.cpu_seconds /
+               (double)(plain_stats.emitted > 0 ? plain_stats.emitted : 1));
+    printf("decode heap allocations per token: %.2f\n",
+           (double)plain_stats.heap_allocations / plain_stats.emitted);
+    printf("decode weight traffic: %.3f MB per token = %.2f GB/s\n", per_token / 1e6,
+           per_token * decode_tps / 1e9);
+    if (roofline) bench_roofline(eng, per_token * decode_tps);
+    if (with_mtp)
+        printf("decode with MTP (draft %d, gate %.2f): %lld tokens in %.3f s = %.2f tokens/s; "
+               "drafted %lld, accepted %lld (%.1f%%), %.2f tokens per main forward\n",
+               spec.draft, spec.gate, (long long)spec_stats.emitted, spec_s,
+               spec_stats.emitted / spec_s, (long long)spec_stats.drafted,
+               (long long)spec_stats.accepted,
+               spec_stats.drafted ? 100.0 * spec_stats.accepted / spec_stats.drafted : 0.0,
+               (double)spec_stats.emitted / spec_stats.main_forwards);
+    if (with_mtp)
+        printf("decode with MTP CPU time: %.3f s (all threads); heap allocations per token: %.2f\n",
+               spec_stats.cpu_seconds, (double)spec_stats.heap_allocations / spec_stats.emitted);
+    bool snap_ok = n_prefill < 2 || bench_snapshot(eng, tokens, n_prefill, &e);
+    free(tokens);
+    if (!snap_ok) fprintf(stderr, "ds4: bench snapshot failed: %s\n", e.msg);
+    return snap_ok ? 0 : 1;
+}
+
+/* ---- 18.3 --perplexity FILE ------------------------------------------------------
+ *
+ * How well does the model predict a text it was not trained on? The file is
+ * tokenized (special tokens such as <｜User｜> count as themselves, so a
+ * rendered conversation can be scored too) and cut into windows of at most
+ * `window` tokens. Each window starts a fresh session with BOS, as every
+ * prompt does, and every text token of it is scored given the ones before:
+ *
+ *     nll(t) = -log softmax(logits[t-1])[token t]        natural log, per token
+ *     mean NLL = sum nll / count,    perplexity = exp(mean NLL)
+ *
+ * Windows are fed in chunks of `chunk` tokens, asking the engine for the
+ * logits of every position. With an MTP block loaded, its rows ride along:
+ * MTP row i (main state at i, token i+1) predicts token i+2, and so does the
+ * main model at position i+1; greedy drafting accepts a 1-token draft exactly
+ * when the two argmaxes agree, so their agreement rate is the acceptance rate
+ * of 1-token drafts on this text (teacher forced).
+ * ------------------------------------------------------------------------- */
+
+struct ppl_stats {
+    double nll;                   /* sum over scored tokens, nats */
+    int64_t scored, windows;
+    int64_t mtp_rows, mtp_agree;  /* MTP argmax == main argmax at the same row */
+};
+
+/* -log softmax(row)[target], in double. row: [V] */
+static double row_nll(const float *row, int V, int32_t target) {
+    double mx = row[0], sum = 0;
+    for (int i = 1; i < V; i++) if (row[i] > mx) mx = row[i];
+    for (int i = 0; i < V; i++) sum += exp((double)row[i] - mx);
+    return log(sum) + mx - row[target];
+}
+
+static int row_argmax(const float *row, int V) {
+    int best = 0;
+    for (int i = 1; i < V; i++) if (row[i] > row[best]) best = i;
+    return best;
+}
+
+/* One window: ids[0..n-1] (ids[0] is BOS, never scored). */
+static bool ppl_window(struct engine *eng, const int32_t *ids, int n, int chunk,
+                       struct ppl_stats *st, struct ds4_error *e) {
+    int V = eng->model->cfg.vocab;
+    bool mtp = eng->model->has_mtp;
+    float *logits = xmalloc((size_t)chunk * V * sizeof(float));
+    float *mtp_rows = mtp ? xmalloc((size_t)chunk * V * sizeof(float)) : NULL;
+    struct session s;
+    session_init(&s, eng);
+    bool ok = true;
+    for (int p0 = 0; ok && p0 < n; p0 += chunk) {
+        int T = n - p0 < chunk ? n - p0 : chunk;
+        struct forward_request req = { logits, mtp_rows, NULL, NULL };
+        ok = session_forward(&s, ids + p0, T, &req, e);
+        for (int t = 0; ok && t < T && p0 + t + 1 < n; t++) {
+            st->nll += row_nll(logits + (size_t)t * V, V, ids[p0 + t + 1]);
+            st->scored++;
+            if (mtp && p0 + t >= 1) {       /* MTP row of position p0+t-1 exists */
+                st->mtp_rows++;
+                st->mtp_agree += row_argmax(mtp_rows + (size_t)t * V, V) ==
+                                 row_argmax(logits + (size_t)t * V, V);
+            }
+        }
+    }
+    st->windows++;
+    session_free(&s);
+    free(mtp_rows);
+    free(logits);
+    return ok;
+}
+
+/* Score ids[0..n-1] (text tokens, no BOS) in windows of BOS + window-1 tokens. */
+static bool perplexity_of_tokens(struct engine *eng, int32_t bos, const int32_t *ids, int64_t n,
+                                 int window, int chunk, struct ppl_stats *st, struct ds4_error *e) {
+    memset(st, 0, sizeof *st);
+    if (window < 2) return fail(e, "--ppl-window must be at least 2 (BOS and one token)");
+    int32_t *buf = xmalloc((size_t)window * sizeof(int32_t));
+    bool ok = true;
+    for (int64_t done = 0; ok && done < n; done += window - 1) {
+        int m = (int)(n - done < window - 1 ? n - done : window - 1);
+        buf[0] = bos;
+        memcpy(buf + 1, ids + done, (size_t)m * sizeof(int32_t));
+        ok = ppl_window(eng, buf, m + 1, chunk, st, e);
+    }
+    free(buf);
+    return ok;
+}
+
+static int perplexity_command(struct engine *eng, const struct tokenizer *tok, const char *path,
+                              int window, int chunk) {
+    struct ds4_error e = { "" };
+    size_t len;
+    char *text = read_file(path, &len, &e);
+    int32_t *ids = NULL;
+    size_t n = 0;
+    struct ppl_stats st;
+    bool ok = text != NULL;
+    if (ok) tokenize(tok, text, len, true, &ids, &n);
+    if (ok && n == 0) ok = fail(&e, "%s holds no tokens to score", path);
+    if (ok && tok->sp.bos < 0) ok = fail(&e, "the vocabulary has no <｜begin▁of▁sentence｜> token");
+    double t0 = now_seconds();
+    ok = ok && perplexity_of_tokens(eng, tok->sp.bos, ids, (int64_t)n, window, chunk, &st, &e);
+    if (ok) {
+        double mean = st.nll / (double)st.scored;
+        printf("perplexity: %s: %lld tokens scored in %lld windows of <= %d: mean NLL %.4f nats, "
+               "perplexity %.3f (%.1f s)\n", path, (long long)st.scored, (long long)st.windows,
+               window, mean, exp(mean), now_seconds() - t0);
+        if (st.mtp_rows)
+            printf("perplexity: MTP top-1 agrees with the main model's top-1 at %lld of %lld rows "
+                   "(%.1f%%): the 1-token draft acceptance rate on this text\n",
+                   (long long)st.mtp_agree, (long long)st.mtp_rows,
+                   100.0 * st.mtp_agree / st.mtp_rows);
+    } else {
+        fprintf(stderr, "ds4: %s\n", e.msg);
+    }
+    free(ids);
+    free(text);
+    return ok ? 0 : 1;
+}
+
+/* ---- 18.4 --tokenize FILE ----------------------------------------------------------
+ *
+ * The token ids of a text file, space separated on one line, exactly as the
+ * engine would tokenize a prompt (special tokens included). -m may name any
+ * GGUF with a vocabulary, including a vocabulary-only file such as
+ * vectors/train-vocab.gguf: the training data of a tiny model is tokenized
+ * by this tokenizer, so the model learns the ids ds4 will feed it.
+ * ------------------------------------------------------------------------- */
+
+static int tokenize_command(const char *gguf_path, const char *path) {
+    struct ds4_error e = { "" };
+    struct gguf g;
+    struct gguf_array toks;
+    struct tokenizer tok;
+    memset(&tok, 0, sizeof tok);
+    if (!gguf_open(&g, gguf_path, &e)) {
+        fprintf(stderr, "ds4: %s\n", e.msg);
+        return 1;
+    }
+    bool ok = gguf_get_array(&g, "tokenizer.ggml.tokens", &toks) ||
+              fail(&e, "%s has no vocabulary (tokenizer.ggml.tokens)", gguf_path);
+    ok = ok && toks.count <= INT32_MAX && tokenizer_load_gguf(&tok, &g, (int)toks.count, &e);
+    size_t len = 0, n = 0;
+    char *text = ok ? read_file(path, &len, &e) : NULL;
+    int32_t *ids = NULL;
+    ok = ok && text != NULL;
+    if (ok) tokenize(&tok, text, len, true, &ids, &n);
+    for (size_t i = 0; ok && i < n; i++) printf("%s%d", i ? " " : "", ids[i]);
+    if (ok) printf("\n");
+    else fprintf(stderr, "ds4: %s\n", e.msg);
+    free(ids);
+    free(text);
+    tokenizer_free(&tok);
+    gguf_close(&g);
+    return ok ? 0 : 1;
+}

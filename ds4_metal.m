@@ -170,7 +170,7 @@ int gpu_open(void) {
 
 // Every gpu_* below waits for its own command buffer, so there is never
 // anything outstanding; with one command buffer per step this commits the
-// step so far and waits (ds4.c 8.14 calls it before every host access).
+// step so far and waits (ds4.c 6.14 calls it before every host access).
 void gpu_sync(void) {
 }
 

@@ -220,7 +220,7 @@ static void decode_chunk_iq2_xxs(device const uchar *row, uint c, thread float *
     }
 }
 
-// ---- matmul: y = W x for a chunk of tokens (ds4.c 8.1 matmul / vec_dot) --
+// ---- matmul: y = W x for a chunk of tokens (ds4.c 6.1 matmul / vec_dot) --
 
 // y[t][r] = sum_i W[r][i] x[t][i]          W [out][in], x [n_tok][in]
 //
@@ -325,7 +325,7 @@ MATMUL_KERNEL(matmul_q2_k, decoder_q2_k)
 MATMUL_KERNEL(matmul_q4_k, decoder_q4_k)
 MATMUL_KERNEL(matmul_iq2_xxs, decoder_iq2_xxs)
 
-// ---- rmsnorm (ds4.c chapter 7) --------------------------------------------
+// ---- rmsnorm (ds4.c chapter 5) --------------------------------------------
 
 // y[i] = x[i] * w[i] / sqrt(mean_j x[j]^2 + eps)        x, y [n_rows][n]
 //
@@ -369,7 +369,7 @@ kernel void rmsnorm(device const float *x [[buffer(0)]],
         yr[i] = xr[i] * scale * (a.has_weight ? w[i] : 1.0f);
 }
 
-// ---- rope_tail (ds4.c chapter 7) ------------------------------------------
+// ---- rope_tail (ds4.c chapter 5) ------------------------------------------
 
 // Pair i of the last R dims of each head turns by the angle p * w_i:
 //     y0 = x0 cos - x1 sin,  y1 = x0 sin + x1 cos      (inverse: sin -> -sin)
@@ -402,7 +402,7 @@ kernel void rope_tail(device float *x [[buffer(0)]],
     tail[2 * i + 1] = x0 * s + x1 * c;
 }
 
-// ---- FP8 / FP4 round trips (ds4.c chapter 7) ------------------------------
+// ---- FP8 / FP4 round trips (ds4.c chapter 5) ------------------------------
 
 // 2^ceil(log2 y), exact (pow2_ceil).
 static float pow2_ceil(float y) {
@@ -490,7 +490,7 @@ kernel void indexer_round_trip(device float *rows [[buffer(0)]],
     v[tid] = round_e2m1(clamp(h / sc, -6.0f, 6.0f)) * sc;
 }
 
-// ---- Hyper-connections (ds4.c 8.3) ----------------------------------------
+// ---- Hyper-connections (ds4.c 6.3) ----------------------------------------
 
 // sinkhorn: row softmax + eps, then `iters` column and iters-1 row
 // normalisations, ending on a column step. c is n x n, C[j][k] = c[j n + k].
@@ -623,7 +623,7 @@ kernel void hc_head_collapse(device const float *X [[buffer(0)]],
     }
 }
 
-// ---- embed_tokens (ds4.c 8.12) --------------------------------------------
+// ---- embed_tokens (ds4.c 6.12) --------------------------------------------
 
 // out[t][i] = float(E[tokens[t]][i])         E [vocab][D] half
 // threads: EMBED_THREADS per threadgroup, grid (ceil(D / EMBED_THREADS), T).
@@ -644,7 +644,7 @@ kernel void embed_tokens(device const half *E [[buffer(0)]],
     out[(ulong)tg.y * a.dim + i] = float(E[(ulong)tokens[tg.y] * a.dim + i]);
 }
 
-// ---- Mixture of experts (ds4.c 8.9) ---------------------------------------
+// ---- Mixture of experts (ds4.c 6.9) ---------------------------------------
 
 static float softplus(float z) {
     if (z > 20.0f) return z;
@@ -781,7 +781,7 @@ kernel void add_rows(device float *y [[buffer(0)]],
     if (i < a.n) y[i] += x[i % a.x_period];
 }
 
-// ---- Compressor pooling (ds4.c 8.4, pool_channel) -------------------------
+// ---- Compressor pooling (ds4.c 6.4, pool_channel) -------------------------
 
 // pooled[j] = sum_i softmax_i(z_i[j]) kv_i[j] over the n = coff r candidates;
 // -inf scores (empty slots) contribute nothing; all empty -> 0. With overlap
@@ -823,7 +823,7 @@ kernel void pool_channel(device const float *kv [[buffer(0)]],
     pooled[j] = num / den;
 }
 
-// ---- Sparse attention with sinks (ds4.c 8.8, attend_one) ------------------
+// ---- Sparse attention with sinks (ds4.c 6.8, attend_one) ------------------
 
 // For token t at position p = p0 + t, head h, over its rows k_i: the raw
 // window rows first..p (first = max(0, p - W + 1)), then its compressed rows
@@ -899,7 +899,7 @@ kernel void attend_one(device const float *q [[buffer(0)]],
     }
 }
 
-// ---- The indexer's selection (ds4.c 8.7, select_rows_for_token) ----------
+// ---- The indexer's selection (ds4.c 6.7, select_rows_for_token) ----------
 
 // For token t over its nv visible indexer rows KI[c] (HI heads of DI):
 //     wI[h] = iw[t][h] * scale

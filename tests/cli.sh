@@ -113,7 +113,7 @@ for i in 1 2 3; do
         && ok "--render-chat test_input_$i.json == official test_output_$i.txt (byte for byte)" \
         || bad "--render-chat case $i differs: $(diff "$tmp/r$i" vectors/encoding/test_output_$i.txt | head -c 300)"
 done
-# Mid-conversation system messages (ds4.c 6.8 MERGE): bare text after an assistant turn, as
+# Mid-conversation system messages (ds4.c 11.8 MERGE): bare text after an assistant turn, as
 # the encoder renders it; folded into the user turn where it would break the hand-over.
 printf '[{"role":"system","content":"S0"},{"role":"user","content":"U1"},{"role":"system","content":"R1"},
  {"role":"assistant","content":"A1"},{"role":"system","content":"S2"},{"role":"user","content":"U2"},
@@ -142,7 +142,7 @@ fi
 ./ds4 -m $M -n 5 </dev/null >/dev/null 2>&1 && ok "interactive chat ends cleanly at end of input" \
     || bad "chat at EOF did not exit 0"
 
-# --tokenize and --perplexity (chapter 11.3, 11.4).
+# --tokenize and --perplexity (chapter 18.3, 18.4).
 printf 'def reverse(s):\n    return s[::-1]\n<｜User｜>Hello world' >"$tmp/ppl.txt"
 ./ds4 --tokenize "$tmp/ppl.txt" -m vectors/tiny-vocab.gguf >"$tmp/tk1" 2>/dev/null
 ./ds4 --tokenize "$tmp/ppl.txt" -m $M >"$tmp/tk2" 2>/dev/null

@@ -1,4 +1,4 @@
-/* tests/kvdisk_driver.c -- a test tool for chapter 10c (sessions on disk):
+/* tests/kvdisk_driver.c -- a test tool for chapter 12 (sessions on disk):
  * separate processes that save, load and get killed, for tests/kvdisk.sh.
  *
  *     make tests/bin/kvdisk

@@ -60,7 +60,6 @@ suite "server prompt cache: sessions, checkpoints, rewinds" sh tests/server/cach
 suite "book: ds4.c renders and passes its lint" python3 tools/book.py --check ds4.c
 suite "book tools: the lint fails where it must, twins, lists, index" python3 tests/book_tools_test.py
 suite "book in headless Chromium: every page, overflow, internal links" python3 tests/book_browser.py
-suite "reorder script on a copy of ds4.c (Parts, renumbering, compiles)" sh tests/reorder_check.sh
 suite "book/ is in sync with ds4.c" sh tests/book_sync.sh
 
 rm -f "$log"

@@ -1,4 +1,4 @@
-/* tests/test_backend.c -- ds4.c 8.13: the backend table the story calls.
+/* tests/test_backend.c -- ds4.c 6.13: the backend table the story calls.
  *
  *     tests/bin/test_backend MODEL.gguf MTP.gguf
  *

@@ -12,7 +12,7 @@
  *   5. the store: longest-prefix lookup, deleted file, deleted row, flipped
  *      byte, foreign model, the space budget under 200 saves, the write
  *      budget, the save policy.
- *   6. in-memory checkpoints (10c.11): restore + re-feed == straight feed,
+ *   6. in-memory checkpoints (12.11): restore + re-feed == straight feed,
  *      bit for bit, with and without MTP; a fork; stale checkpoints refused.
  *
  * Build with ASan+UBSan (the hostile files) and -lsqlite3. Last line:
@@ -296,7 +296,7 @@ static void test_hostile(struct env *v, struct env *foreign, const char *dir) {
     check(!try_load_bytes(v, dir, bad, len + 5, msg, sizeof msg), "5 trailing bytes, CRCs "
           "resealed: refused (%s)", msg);
     /* Fields rewritten with both CRCs recomputed: the structural checks must
-     * catch them, not the checksum. Payload offsets of the table in 10c.5. */
+     * catch them, not the checksum. Payload offsets of the table in 12.5. */
     size_t payload = KV_HEADER_BYTES + 1;
     struct { size_t off; int bytes; uint64_t value; const char *what; } edits[] = {
         { 56, 8, 1ull << 40, "header token count 2^40" },

@@ -156,7 +156,7 @@ static void test_matmul(uint32_t type, const char *name) {
     free(w);
 }
 
-/* ---- chapter 7 primitives ------------------------------------------------ */
+/* ---- chapter 5 primitives ------------------------------------------------ */
 
 static void test_rmsnorm(void) {
     enum { N = 300, ROWS = 3 };

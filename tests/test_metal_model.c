@@ -1,5 +1,5 @@
 /* tests/test_metal_model.c -- the whole tiny model through the GPU backend
- * (ds4.c 8.14), its kernels run by the Metal-on-CPU harness.
+ * (ds4.c 6.14), its kernels run by the Metal-on-CPU harness.
  *
  *     cc -DDS4_GPU tests/test_metal_model.c tests/bin/metal_harness.o -lstdc++ ...
  *     tests/bin/test_metal_model vectors/tiny.gguf vectors/tiny-mtp.gguf vectors/vectors.json \

@@ -1,4 +1,4 @@
-/* tests/test_spec.c -- chapter 10b: speculative decoding with the MTP block.
+/* tests/test_spec.c -- chapter 9: speculative decoding with the MTP block.
  *
  *     tests/bin/test_spec MODEL.gguf MTP.gguf
  *

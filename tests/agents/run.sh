@@ -4,7 +4,7 @@
 # Installs the current npm releases of Claude Code, Codex, opencode and Pi
 # into a temporary prefix (or reuses DS4_AGENTS_PREFIX if it holds them),
 # starts `BINARY --server` (default ./ds4) on the tiny model with a test
-# script of forced replies (--test-script, ds4.c 12.7), and runs, for each
+# script of forced replies (--test-script, ds4.c 13.7), and runs, for each
 # agent, configured as README.md says:
 #   - one non-interactive turn: the reply "Hello from ds4 (AGENT)." must be printed;
 #   - one tool loop: the scripted reply calls the agent's own shell tool with

@@ -1,5 +1,5 @@
 #!/bin/sh
-# tests/server/cache.sh [BINARY] -- the prompt cache in memory (ds4.c 12.10).
+# tests/server/cache.sh [BINARY] -- the prompt cache in memory (ds4.c 13.10).
 #
 # Real sampling (temperature 0, no test script) on the tiny model, with
 # --sessions 2 --checkpoint-every 64 --chunk 32, raw HTTP through curl:

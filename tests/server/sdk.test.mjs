@@ -242,7 +242,7 @@ test('anthropic: tool_use round trip with cache_read_input_tokens', async () => 
   assert.equal(r2.usage.cache_read_input_tokens, total1);
 });
 
-// ---- The prompt cache (ds4.c 12.10): a prompt sent twice is all cached the second time,
+// ---- The prompt cache (ds4.c 13.10): a prompt sent twice is all cached the second time,
 // although the session generated past it (it rewinds to the prompt's end checkpoint).
 
 test('cache: openai chat, the same prompt twice', async () => {
@@ -317,7 +317,7 @@ test('responses: function_call round trip reuses the prefix', async () => {
   input.push(...r1.output, { type: 'function_call_output', call_id: call.call_id, output: '21C' });
   const r2 = await openai.responses.create({ model: 'deepseek-chat', tools, input });
   assert.equal(r2.output_text, 'It is 21C in Rome.');
-  // At least the first turn and its call are reused; another session in memory (12.10) may
+  // At least the first turn and its call are reused; another session in memory (13.10) may
   // hold more of this prompt (an earlier test's identical conversation) and is then preferred.
   const cached = r2.usage.input_tokens_details.cached_tokens;
   assert.ok(cached >= r1.usage.input_tokens + r1.usage.output_tokens && cached < r2.usage.input_tokens,
