@@ -983,11 +983,13 @@ static void cuda_check(cudaError_t err, const char *what) {
     exit(1);
 }
 
-// One uploaded mapping (the model file, the MTP file).
+// One uploaded mapping (the model file, the MTP file), with a fingerprint
+// of its bytes (see gpu_map_weights).
 struct cuda_weight_map {
     const uint8_t *host;
     size_t size;
     uint8_t *dev;
+    uint64_t fingerprint;
 };
 
 enum { CUDA_MAX_MAPS = 4 };
@@ -1046,9 +1048,43 @@ extern "C" void gpu_sync(void) {
 // Upload [base, base + size) once. When the device has not the room (the
 // q4 file is larger than an H200's memory), say so and return 0: the
 // weights are then copied per dispatch, which is correct and very slow.
+//
+// Nothing tells this file when a model is unmapped, and a later model may be
+// mapped at the same address (the tests load several in turn). So an upload
+// is reused only for the same (address, size, fingerprint); any other upload
+// overlapping the new mapping is stale and is freed first. The fingerprint
+// hashes the first 4 KB (the GGUF header: names, shapes, offsets) and 4 KB
+// samples at 64 evenly spaced offsets: two different files agreeing on all
+// of them at one address is not a case this guards against.
+static uint64_t fingerprint(const uint8_t *p, size_t size) {
+    uint64_t h = 1469598103934665603ull ^ size;                  // FNV-1a
+    for (int k = 0; k <= 64; k++) {
+        size_t at = k == 0 ? 0 : (size_t)((double)size * k / 65.0);
+        size_t n = size - at < 4096 ? size - at : 4096;
+        for (size_t i = 0; i < n; i++) h = (h ^ p[at + i]) * 1099511628211ull;
+    }
+    return h;
+}
+
+static void forget_overlapping(const uint8_t *b, size_t size) {
+    for (int i = 0; i < cuda.n_maps;) {
+        struct cuda_weight_map *m = &cuda.maps[i];
+        if (m->host < b + size && b < m->host + m->size) {
+            cuda_check(cudaFree(m->dev), "cudaFree (stale weights)");
+            *m = cuda.maps[--cuda.n_maps];
+        } else {
+            i++;
+        }
+    }
+}
+
 extern "C" int gpu_map_weights(const void *base, size_t size) {
+    const uint8_t *b = (const uint8_t *)base;
+    uint64_t fp = fingerprint(b, size);
     for (int i = 0; i < cuda.n_maps; i++)
-        if (cuda.maps[i].host == base) return 1;
+        if (cuda.maps[i].host == b && cuda.maps[i].size == size && cuda.maps[i].fingerprint == fp)
+            return 1;
+    forget_overlapping(b, size);
     size_t free_bytes = 0, total = 0;
     cuda_check(cudaMemGetInfo(&free_bytes, &total), "cudaMemGetInfo");
     if (cuda.n_maps == CUDA_MAX_MAPS || size + ((size_t)1 << 30) > free_bytes) {
@@ -1059,8 +1095,9 @@ extern "C" int gpu_map_weights(const void *base, size_t size) {
     struct cuda_weight_map *m = &cuda.maps[cuda.n_maps];
     cuda_check(cudaMalloc((void **)&m->dev, size), "cudaMalloc (weights)");
     cuda_check(cudaMemcpy(m->dev, base, size, cudaMemcpyHostToDevice), "uploading weights");
-    m->host = (const uint8_t *)base;
+    m->host = b;
     m->size = size;
+    m->fingerprint = fp;
     cuda.n_maps++;
     return 1;
 }
