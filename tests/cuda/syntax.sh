@@ -6,7 +6,9 @@
 #      in tests/cuda/stubs/: the runtime calls, the <<<>>> launch;
 #   2. the same for the device side (--cuda-device-only, sm_80: the newest
 #      arch clang 14 knows; sm_90 code is the same source);
-#   3. its __global__ kernels are exactly the `kernel void` functions of
+#   3. where nvcc is installed (no GPU needed): it compiles for sm_90 and no
+#      kernel spills registers;
+#   4. its __global__ kernels are exactly the `kernel void` functions of
 #      kernels.metal (a kernel added to one backend only fails here).
 # Prints "N passed, N failed". Run from the repository root.
 passed=0
@@ -24,6 +26,22 @@ out=$(clang++ $flags --cuda-device-only --cuda-gpu-arch=sm_80 -I tests/cuda/stub
 rc=$?
 [ -n "$out" ] && echo "$out"
 result $rc "ds4_cuda.cu: clang++ -x cuda --cuda-device-only (sm_80) against tests/cuda/stubs"
+# 3. nvcc, when installed.
+if command -v nvcc >/dev/null 2>&1; then
+    o=$(mktemp)
+    out=$(nvcc -O2 -std=c++14 -arch=sm_90 -Xptxas -v -Xcompiler -Wall -c -o "$o" ds4_cuda.cu 2>&1)
+    rc=$?
+    echo "$out" | grep -E 'error|warning' | grep -v 'ptxas info'
+    spills=$(echo "$out" | grep -c '[1-9][0-9]* bytes spill')
+    entries=$(echo "$out" | grep -c 'Compiling entry function')
+    echo "nvcc: $entries kernels compiled for sm_90, $spills with register spills"
+    result $rc "ds4_cuda.cu: nvcc -arch=sm_90 compiles it"
+    [ "$spills" -eq 0 ] && [ "$entries" -eq 23 ]
+    result $? "nvcc: 23 kernels, none spilling registers"
+    rm -f "$o"
+else
+    echo "skip nvcc not on PATH: ds4_cuda.cu not compiled for a GPU here"
+fi
 k=$(mktemp); c=$(mktemp)
 sed -n 's/^kernel void \([a-z0-9_]*\)(.*/\1/p' kernels.metal >"$k"
 sed -n 's/^MATMUL_KERNEL(\([a-z0-9_]*\),.*/\1/p' kernels.metal >>"$k"
