@@ -2,6 +2,7 @@
 #
 #   make          ./ds4, ./ds4-convert, vectors/tiny.gguf + vectors/tiny-mtp.gguf
 #   make test     every test; the last line says "N passed, N failed"
+#   make cuda     ./ds4 with the NVIDIA backend (needs nvcc); make test-cuda on that box
 #   make bench    figures for the tiny model (see README for the full-width one)
 #   make fuzz     the request fuzzer for minutes (FUZZ_ROUNDS, FUZZ_SEED)
 #   make book     regenerate book/ (ds4.c as HTML); make book-check lints ds4.c
@@ -57,7 +58,7 @@ TEST_PROGRAMS := $(TESTBIN)/test_quant $(TESTBIN)/test_json $(TESTBIN)/test_gguf
                  $(TESTBIN)/test_convert $(TESTBIN)/test_text $(TESTBIN)/test_model \
                  $(TESTBIN)/test_spec $(TESTBIN)/test_kvdisk $(TESTBIN)/kvdisk \
                  $(TESTBIN)/test_metal $(TESTBIN)/test_metal_model $(TESTBIN)/test_backend \
-                 $(TESTBIN)/fuzz_http
+                 $(TESTBIN)/fuzz_http $(TESTBIN)/test_cuda $(TESTBIN)/test_cuda_model
 
 $(TESTBIN):
 	mkdir -p $@
@@ -105,6 +106,54 @@ test-metal: all $(TESTBIN)/test_metal_gpu
 	 vf=$$(tail -n 1 $(TESTBIN)/vectors-metal.log | sed -n 's/.* \([0-9]*\) failed.*/\1/p'); \
 	 echo; echo "$$(( $${kp:-0} + $${vp:-0} )) passed, $$(( $${kf:-1} + $${vf:-1} )) failed"; \
 	 [ $$k -eq 0 ] && [ $$v -eq 0 ]
+
+# ---- CUDA (ds4_cuda.cu) ----
+# Under make test: ds4_cuda.cu, kernels and host code, compiled unchanged as C++
+# against the CUDA-on-CPU prelude (tests/cuda/include/, on the Metal harness's
+# fibers), linked into the same kernel checks and model test as Metal.
+$(TESTBIN)/cuda_emulated.o: ds4_cuda.cu tests/cuda/include/cuda_emulation.h tests/metal/include/metal_stdlib | $(TESTBIN)
+	$(METAL_CXX) -std=c++14 -O2 -g -Wall -x c++ -DDS4_CUDA_EMULATION -I tests/cuda/include -c -o $@ ds4_cuda.cu
+
+$(TESTBIN)/test_cuda: tests/test_metal.c $(TESTBIN)/cuda_emulated.o $(SOURCES) | $(TESTBIN)
+	$(CC) $(CFLAGS) $(ARCH) $(WARN) -Wno-aggressive-loop-optimizations -o $@ $< $(TESTBIN)/cuda_emulated.o $(CXX_LIB) $(LIBS)
+
+$(TESTBIN)/test_cuda_model: tests/test_metal_model.c $(TESTBIN)/cuda_emulated.o $(SOURCES) | $(TESTBIN)
+	$(CC) $(CFLAGS) $(ARCH) $(WARN) -DDS4_GPU_NAME='"cuda"' -o $@ $< $(TESTBIN)/cuda_emulated.o $(CXX_LIB) $(LIBS)
+
+# On an NVIDIA machine with the toolkit (nvcc on PATH): make cuda builds ./ds4
+# with --backend cuda (the default stays cpu); make test-cuda runs the kernel
+# checks on the GPU and the oracle vectors through --backend cuda, with and
+# without MTP, and prints "N passed, N failed". Written for sm_90 (H200).
+# make cuda REPLACES ./ds4; plain make does not rebuild it afterwards (rm ds4).
+NVCC       ?= nvcc
+CUDA_ARCH  ?= sm_90
+CUDA_HOME  ?= $(patsubst %/bin/nvcc,%,$(shell command -v $(NVCC) 2>/dev/null))
+CUDA_LIBS  := -L$(CUDA_HOME)/lib64 -lcudart -lstdc++
+
+ds4_cuda.o: ds4_cuda.cu
+	@command -v $(NVCC) >/dev/null || { echo "make cuda: nvcc not found (install the CUDA toolkit)"; exit 1; }
+	$(NVCC) -O2 -std=c++14 -arch=$(CUDA_ARCH) -Xcompiler -Wall -c -o $@ ds4_cuda.cu
+
+cuda: ds4_cuda.o ds4-convert vectors/tiny.gguf
+	$(CC) $(CFLAGS) $(ARCH) $(WARN) -DDS4_GPU -DDS4_GPU_NAME='"cuda"' -o ds4 ds4.c ds4_cuda.o $(LIBS) $(CUDA_LIBS)
+
+$(TESTBIN)/test_cuda_gpu: tests/test_metal.c ds4_cuda.o $(SOURCES) | $(TESTBIN)
+	$(CC) $(CFLAGS) $(ARCH) $(WARN) -Wno-aggressive-loop-optimizations -DDS4_CUDA_GPU -o $@ $< ds4_cuda.o $(LIBS) $(CUDA_LIBS)
+
+test-cuda: cuda $(TESTBIN)/test_cuda_gpu
+	@$(TESTBIN)/test_cuda_gpu > $(TESTBIN)/test-cuda.log; k=$$?; cat $(TESTBIN)/test-cuda.log; \
+	 ./ds4 --backend cuda --check-vectors vectors/vectors.json -m vectors/tiny.gguf \
+	   > $(TESTBIN)/vectors-cuda.log; v=$$?; cat $(TESTBIN)/vectors-cuda.log; \
+	 ./ds4 --backend cuda --check-vectors vectors/vectors.json -m vectors/tiny.gguf \
+	   --mtp vectors/tiny-mtp.gguf > $(TESTBIN)/vectors-cuda-mtp.log; w=$$?; \
+	 cat $(TESTBIN)/vectors-cuda-mtp.log; p=0; f=0; \
+	 for l in test-cuda vectors-cuda vectors-cuda-mtp; do \
+	   line=$$(grep -E '^[0-9]+ passed, [0-9]+ failed' $(TESTBIN)/$$l.log | tail -n 1); \
+	   lp=$$(echo "$$line" | sed -n 's/^\([0-9]*\) passed.*/\1/p'); \
+	   lf=$$(echo "$$line" | sed -n 's/.* \([0-9]*\) failed.*/\1/p'); \
+	   p=$$((p + $${lp:-0})); f=$$((f + $${lf:-1})); done; \
+	 echo; echo "$$p passed, $$f failed"; \
+	 [ $$k -eq 0 ] && [ $$v -eq 0 ] && [ $$w -eq 0 ] && [ $$f -eq 0 ]
 
 $(TESTBIN)/kvdisk: tests/kvdisk_driver.c $(SOURCES) | $(TESTBIN)
 	$(CC) $(CFLAGS) $(ARCH) $(WARN) -o $@ $< $(LIBS)
@@ -173,6 +222,6 @@ book-check:
 	python3 tools/book.py --check ds4.c
 
 clean:
-	rm -rf ds4 ds4-convert ds4_metal.o $(TESTBIN) vectors/tiny.gguf vectors/tiny-mtp.gguf
+	rm -rf ds4 ds4-convert ds4_metal.o ds4_cuda.o $(TESTBIN) vectors/tiny.gguf vectors/tiny-mtp.gguf
 
-.PHONY: all test test-metal test-agents bench fuzz clean book book-check
+.PHONY: all test test-metal cuda test-cuda test-agents bench fuzz clean book book-check

@@ -4646,8 +4646,11 @@ static void backend_session_close(struct session *s) {
  * 6.14 The GPU backend: the story's steps as kernel dispatches.
  *
  * Built when DS4_GPU is defined: by `make` on macOS, where ds4_metal.m
- * implements the gpu_* dispatches on the GPU, and by tests/test_metal_model.c,
- * where tests/metal/harness.cpp runs the same kernels.metal on the CPU. So the
+ * implements the gpu_* dispatches on the GPU; by `make cuda`, where
+ * ds4_cuda.cu does (a discrete GPU: it uploads the mapped weights once and
+ * copies the other pointer arguments of each dispatch); and by
+ * tests/test_metal_model.c, where tests/metal/harness.cpp runs the same
+ * kernels.metal on the CPU (or ds4_cuda.cu runs emulated). So the
  * sequence below is the one the Mac runs and the one `make test` checks
  * against the oracle vectors.
  *
@@ -4704,14 +4707,27 @@ void gpu_topk_rows(const float *score, int *sel, int *n_sel, unsigned n_tok, uns
                    unsigned max_rows, unsigned k);
 int gpu_open(void);   /* device, queue, pipelines; 0 on failure (it says why) */
 void gpu_sync(void);  /* wait until every dispatch so far has completed */
+/* A mapped GGUF whose bytes the kernels will read: a discrete GPU (CUDA)
+ * uploads it once and translates pointers into it; unified memory (Metal)
+ * reads it in place. 0: not uploaded (the dispatches then copy). */
+int gpu_map_weights(const void *base, size_t size);
+
+/* Which GPU implements the gpu_* calls: make cuda builds with "cuda". */
+#ifndef DS4_GPU_NAME
+#define DS4_GPU_NAME "metal"
+#endif
 
 /* The device is opened with the first session; without one, nothing runs. */
 static void gpu_session_open(struct session *s) {
     static int opened;
+    const struct model *m = s->eng->model;
     if (!opened && !(opened = gpu_open())) {
-        fprintf(stderr, "ds4: the metal backend has no usable device; try --backend cpu\n");
+        fprintf(stderr, "ds4: the %s backend has no usable device; try --backend cpu\n",
+                DS4_GPU_NAME);
         exit(1);
     }
+    gpu_map_weights(m->file.map, (size_t)m->file.size);
+    if (m->has_mtp) gpu_map_weights(m->mtp_file.map, (size_t)m->mtp_file.size);
     cpu_session_open(s);
 }
 
@@ -5017,7 +5033,7 @@ static void gpu_end_chunk(struct step *st) {
 /* The session ops are the CPU's: in unified memory the host arrays are the
  * state the kernels read and write. */
 static const struct backend gpu_backend = {
-    .name = "metal",
+    .name = DS4_GPU_NAME,
     .session_open = gpu_session_open,
     .session_close = cpu_session_close,
     .state_pull = cpu_state_sync,
@@ -5039,7 +5055,7 @@ static const struct backend gpu_backend = {
 static const struct backend *backend_by_name(const char *name, struct ds4_error *e) {
     if (strcmp(name, "cpu") == 0) return &cpu_backend;
 #ifdef DS4_GPU
-    if (strcmp(name, "metal") == 0) return &gpu_backend;
+    if (strcmp(name, gpu_backend.name) == 0) return &gpu_backend;
 #endif
     if (strcmp(name, "cuda") == 0 || strcmp(name, "metal") == 0) {
         fail(e, "backend '%s' is not built into this binary (built with: cpu)", name);

@@ -48,6 +48,11 @@ suite "Metal: the tiny model through the GPU backend on the harness (vs CPU, vec
     $B/test_metal_model vectors/tiny.gguf vectors/tiny-mtp.gguf vectors/vectors.json \
     $B/tiny-q8_0.gguf $B/tiny-q2.gguf $B/tiny-q4.gguf
 suite "Metal host: ds4_metal.m syntax check, kernel table" sh tests/metal/syntax.sh
+suite "CUDA kernels (ds4_cuda.cu, emulated on the CPU) vs their CPU twins" $B/test_cuda
+suite "CUDA: the tiny model through ds4_cuda.cu emulated (vs CPU, vectors; short)" \
+    $B/test_cuda_model --short vectors/tiny.gguf vectors/tiny-mtp.gguf vectors/vectors.json \
+    $B/tiny-q2.gguf
+suite "CUDA host: ds4_cuda.cu syntax check as CUDA, kernel names" sh tests/cuda/syntax.sh
 suite "KV disk cache across processes: restart, kill -9, two writers" sh tests/kvdisk.sh
 suite "oracle vectors (tiny f16 + MTP)" \
     ./ds4 --check-vectors vectors/vectors.json -m vectors/tiny.gguf --mtp vectors/tiny-mtp.gguf

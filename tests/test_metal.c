@@ -1,5 +1,7 @@
 /* tests/test_metal.c -- every kernel of kernels.metal, run on the CPU through
  * the Metal-on-CPU harness (tests/metal/), against its CPU twin in ds4.c.
+ * Linked against ds4_cuda.cu instead (emulated: tests/bin/test_cuda; on a GPU:
+ * make test-cuda), the same checks run the CUDA twins of the same kernels.
  *
  * Build (make test does this):
  *
@@ -431,10 +433,14 @@ static void test_indexer_select(void) {
 #ifdef DS4_METAL_GPU
 bool ds4_metal_open(const char *kernels_path);
 #endif
+int gpu_open(void);
 
 int main(void) {
 #ifdef DS4_METAL_GPU
     if (!ds4_metal_open("kernels.metal")) return 1;   /* make test-metal, on a Mac */
+#endif
+#ifdef DS4_CUDA_GPU
+    if (!gpu_open()) return 1;                        /* make test-cuda, on an NVIDIA box */
 #endif
     quant_tables_init();
     test_matmul(TYPE_F32, "f32");
