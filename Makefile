@@ -216,6 +216,7 @@ BOOK_DIR ?= book
 BOOK_SRC := ds4.c tools/ds4_convert.c vectors/README.md docs/gguf-layout.md docs/forward.md docs/server-api.md docs/vectors.md
 
 book:
+	rm -f $(BOOK_DIR)/*.html
 	python3 tools/book.py --out $(BOOK_DIR) $(BOOK_SRC)
 
 book-check:
