@@ -206,7 +206,7 @@ int main(int argc, char **argv) {
         struct session s;
         struct sampler sp;
         struct generator g;
-        engine_init(&eng, &m, (struct engine_options){ 0, false });
+        engine_init(&eng, &m, (struct engine_options){ .threads = 0 });
         session_init(&s, &eng);
         sampler_init(&sp, (struct sampler_options){ .temperature = 0 }, m.cfg.vocab);
         generator_init(&g, &s, &sp, (struct spec_options){ 0 });

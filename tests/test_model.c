@@ -328,7 +328,7 @@ static void test_fast_vs_reference(const char *path) {
      * median row is held to 0.15 (a wrong kernel gives about 1), and the
      * chunked and one-token schedules must still agree exactly. */
     struct engine q8;
-    engine_init(&q8, &m, (struct engine_options){ 0, false, true });
+    engine_init(&q8, &m, (struct engine_options){ .q8_activations = true });
     float *b = run_chunks(&ref, tokens, n, n, false);
     float *q_whole = run_chunks(&q8, tokens, n, n, false);
     float *q_one = run_chunks(&q8, tokens, n, 1, false);
