@@ -12,7 +12,13 @@
 #   oracle  vectors from DIR/model.py on the GPU: (a) --mode f32, weights dequantized exactly
 #           (ds4's semantics), then (b) --mode fp8, DeepSeek's FP8 activations (reported only)
 #   f16 q8_0 q2   ds4-convert at that type, ds4 --check-vectors (CPU; and --backend cuda when
-#           ./ds4 has one) against (a) and (b); each GGUF is deleted after its check
+#           ./ds4 has one); f16 against (a) on every case (the bar) and against (b); q8_0 and
+#           q2 against (a) (their quantisation error); each GGUF is deleted after its check.
+#           The report-only checks run the decode-schedule case of each length up to
+#           FW_REPORT_MAXLEN (default 2500) and the greedy case, to fit the budget
+#
+# If the budget skips stages, run the rest on the still-warm machine (the checkpoint and the
+# vectors stay in FW_WORK):  FW_STAGES="q8_0 q2 summary" tools/fullwidth_check.sh
 #   summary the table, into $OUT/summary.txt
 #
 # Environment:
@@ -48,8 +54,8 @@ OUT=${OUT:-fw-out}
 CKPT=$WORK/ckpt-$WIDTH-$LAYERS
 mkdir -p "$WORK" "$OUT"
 LOG=$OUT/run.log
-RESULTS=$WORK/results.txt
-: > "$RESULTS"
+RESULTS=$WORK/results.txt     # kept across calls on a warm machine; a new checkpoint resets it
+touch "$RESULTS"
 
 say() { echo "[$(( $(date +%s) - T0 ))s] $*" | tee -a "$LOG"; }
 note() { echo "$*" >> "$RESULTS"; say "$*"; }
@@ -84,6 +90,8 @@ stage_make() {
     [ -f "$CKPT/config.json" ] && { echo "checkpoint $CKPT exists"; return 0; }
     need=$([ "$WIDTH" = full ] && echo $(( LAYERS * 4 + 5 )) || echo 1)
     [ "$(free_gb "$WORK")" -ge "$need" ] || { echo "need ${need} GB free in $WORK"; return 1; }
+    : > "$RESULTS"
+    rm -f "$WORK"/vectors-*.json "$WORK"/oracle-*.log
     PYTHONUNBUFFERED=1 $PY tools/fullwidth_oracle.py make --out "$CKPT" --width "$WIDTH" \
         --layers "$LAYERS" --device cuda
 }
@@ -92,6 +100,7 @@ ORACLE_KIND=official
 { [ -n "${DS4_OFFICIAL:-}" ] && [ -f "$DS4_OFFICIAL/model.py" ]; } || ORACLE_KIND=v4
 stage_oracle() {   # f32 | fp8
     mode=$1
+    [ -f "$WORK/vectors-$mode.json" ] && { echo "$WORK/vectors-$mode.json exists"; return 0; }
     rows=$([ "$WIDTH" = full ] && echo 3 || echo 0)
     if [ -n "${DS4_OFFICIAL:-}" ] && [ -f "$DS4_OFFICIAL/model.py" ]; then
         set -- --oracle official --official "$DS4_OFFICIAL" --mode "$mode"
@@ -100,7 +109,9 @@ stage_oracle() {   # f32 | fp8
         set -- --oracle v4 --mode f32
     fi
     PYTHONUNBUFFERED=1 $PY tools/fullwidth_oracle.py vectors --checkpoint "$CKPT" \
-        --out "$WORK/vectors-$mode.json" --lengths "$LENGTHS" --max-rows "$rows" --device cuda "$@"
+        --out "$WORK/vectors-$mode.json" --lengths "$LENGTHS" --max-rows "$rows" --device cuda \
+        "$@" 2>&1 | tee "$WORK/oracle-$mode.log"
+    [ -f "$WORK/vectors-$mode.json" ]
 }
 
 # ds4 --check-vectors of $1 (vectors) on model $2 (+ MTP $3); one summary line per case.
@@ -121,6 +132,7 @@ check_one() {
 
 stage_type() {   # f16 | q8_0 | q2
     type=$1
+    # shellcheck disable=SC2046
     set -- $(gguf_gb "$type")
     main_gb=$1 mtp_gb=$2
     dir=${FW_GGUF_DIR:-}
@@ -142,11 +154,29 @@ stage_type() {   # f16 | q8_0 | q2
     model=$dir/fw-$type.gguf
     vocab=$([ "$WIDTH" = full ] && echo vectors/ds4-vocab.gguf || echo vectors/tiny-vocab.gguf)
     ./ds4-convert "$CKPT" "$model" ${mtp:+--mtp "$mtp"} --type "$type" --vocab "$vocab" || return 1
-    for mode in f32 fp8; do
-        [ -f "$WORK/vectors-$mode.json" ] && check_one "$type-vs-$mode" "$WORK/vectors-$mode.json" \
-            "$model" "$mtp"
-    done
+    # The bar: f16 against (a), every case. Reported only (and so on fewer tokens, to stay in
+    # the budget): f16 against (b), and q8_0 / q2 against (a), on the decode-schedule case of
+    # each length up to FW_REPORT_MAXLEN plus the greedy case.
+    if [ "$type" = f16 ]; then
+        [ -f "$WORK/vectors-f32.json" ] && check_one f16-vs-f32 "$WORK/vectors-f32.json" "$model" "$mtp"
+        subset_vectors fp8 && check_one f16-vs-fp8 "$WORK/report-fp8.json" "$model" "$mtp"
+    else
+        subset_vectors f32 && check_one "$type-vs-f32" "$WORK/report-f32.json" "$model" "$mtp"
+    fi
     rm -f "$model" ${mtp:+"$mtp"}
+}
+
+# $WORK/report-$1.json: the cases of vectors-$1.json that the report-only checks run.
+subset_vectors() {
+    [ -f "$WORK/vectors-$1.json" ] || return 1
+    $PY - "$WORK/vectors-$1.json" "$WORK/report-$1.json" "${FW_REPORT_MAXLEN:-2500}" <<'EOF'
+import json, sys
+src, dst, maxlen = sys.argv[1], sys.argv[2], int(sys.argv[3])
+d = json.load(open(src))
+keep = [c for c in d["cases"] if "greedy" in c or
+        (len(c["tokens"]) <= maxlen and c["prefill"] < len(c["tokens"]))]
+json.dump(dict(d, cases=keep), open(dst, "w"))
+EOF
 }
 
 # Vectors back in $OUT: one gzip per prompt length and mode (a full-width row is 1.3 MB of
@@ -176,7 +206,10 @@ stage_summary() {
         [ "$ORACLE_KIND" = v4 ] && echo "NOTE: DS4_OFFICIAL unset: oracle is tools/v4_torch.py, not model.py"
         nvidia-smi --query-gpu=name,memory.used --format=csv,noheader 2>/dev/null
         echo "wall $(( $(date +%s) - T0 ))s"
-        grep -h "oracle prefill vs decode\|greedy .* tokens" "$LOG" | sed 's/^/oracle: /'
+        for f in "$WORK"/oracle-*.log; do
+            [ -f "$f" ] && grep -h "oracle prefill vs decode\|greedy .* tokens\|^model.py" "$f" |
+                sed "s/^/$(basename "$f" .log): /"
+        done
         cat "$RESULTS"
     } > "$OUT/summary.txt"
     split_vectors

@@ -575,8 +575,11 @@ def cmd_vectors(a):
             sys.exit("--oracle official needs --official DIR (DeepSeek's inference/model.py)")
         o = OfficialOracle(a.checkpoint, a.official, dev, a.mode,
                            128 * math.ceil((max(lengths) + 40) / 128))
-        desc = ("DeepSeek V4 official inference/model.py (%s), %s on %s (TF32 off)" %
-                (a.official, "weights dequantized to float32" if a.mode == "f32" else
+        import hashlib
+        sha = hashlib.sha256(open(os.path.join(a.official, "model.py"), "rb").read()).hexdigest()
+        print("model.py sha256 %s, mode %s, device %s" % (sha, a.mode, dev), flush=True)
+        desc = ("DeepSeek V4 official inference/model.py (sha256 %s), %s on %s (TF32 off)" %
+                (sha[:12], "weights dequantized to float32" if a.mode == "f32" else
                  "FP8/FP4 weights, FP8 activations before every FP8/FP4 product", dev))
     out_cases, full = [], {}
     for c in cases:
