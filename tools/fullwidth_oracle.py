@@ -80,10 +80,14 @@ def flash_ratios(n_layers):
     return r[:n_layers] + [0]
 
 
-def make_config(width, n_layers):
+def make_config(width, n_layers, experts=0):
     if n_layers < 4:
         sys.exit("--layers must be >= 4 to have layers of compress ratio 0, 4 and 128")
     cfg = dict(FLASH if width == "full" else SMALL)
+    if experts:         # --experts: every other width real, fewer experts (a CPU-sized test)
+        if experts < cfg["n_activated_experts"]:
+            sys.exit("--experts must be >= %d (the active count)" % cfg["n_activated_experts"])
+        cfg["n_routed_experts"] = experts
     cfg["n_layers"] = n_layers
     cfg["n_hash_layers"] = min(3, n_layers)
     cfg["compress_ratios"] = flash_ratios(n_layers)
@@ -322,7 +326,7 @@ def out_names(spec, cfg):
 
 
 def cmd_make(a):
-    cfg = make_config(a.width, a.layers)
+    cfg = make_config(a.width, a.layers, a.experts)
     os.makedirs(a.out, exist_ok=True)
     dev = a.device if (a.device != "cuda" or torch.cuda.is_available()) else "cpu"
     specs = tensor_specs(cfg)
@@ -629,6 +633,8 @@ def main():
     m.add_argument("--width", choices=("full", "small"), default="full")
     m.add_argument("--layers", type=int, default=4)
     m.add_argument("--seed", type=int, default=14)
+    m.add_argument("--experts", type=int, default=0,
+                   help="routed experts instead of the width's own (256 at full width)")
     m.add_argument("--device", default="cuda")
     v = sub.add_parser("vectors")
     v.add_argument("--checkpoint", required=True)
