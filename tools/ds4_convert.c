@@ -1533,8 +1533,8 @@ static void convert_vocab_write(struct convert_buf *kv, const struct convert_voc
  *   role          f16    q8_0   q2        q4      tensors
  *   vector        F32    F32    F32       F32     norms, biases, sinks, hc scale/base
  *   plain         F16    F16    F16       F16     embedding, compressors, indexer
- *   fn            F16    F16    F16       F16     hc fn matrices, router
- *                 (F32 in the MTP file)
+ *   fn            F32    F16    F16       F16     hc fn matrices, router
+ *                 (F32 in the MTP file at every type)
  *   projection    F16    Q8_0   Q8_0      Q8_0    attn q_a/q_b/kv/output_a/b,
  *                                                 shared expert, output, e/h_proj
  *   expert gate   F16    Q8_0   IQ2_XXS   Q4_K    ffn_{gate,up}_exps
@@ -1543,6 +1543,17 @@ static void convert_vocab_write(struct convert_buf *kv, const struct convert_voc
  *
  * The MTP file follows the published DeepSeek-V4-Flash-MTP-Q4K-Q8_0-F32:
  * its "fn" tensors are F32, and at q2 its experts are Q4_K.
+ *
+ * Why "fn" is F32 at f16 while the published main files store it F16: f16 is
+ * the type that keeps the checkpoint's values, and the hyper-connection fn
+ * matrices are float32 in the checkpoint (model.py builds them under
+ * float32). Rounding them to f16 (11 significant bits) moves every mix
+ * coefficient by up to 2^-12 relative, and that shows: on a random
+ * checkpoint in the release formats (tools/fullwidth_oracle.py, width
+ * small) it put the logits 5.5e-5 (median) from the float32 oracle and the
+ * MTP rows 6.6e-4; stored F32 they are 1.8e-6 and 3.7e-6. The matrices are
+ * small (24 x 16384 per block at full width, 1.5 MiB in F32), so the cost is
+ * nothing. q8_0/q2/q4 keep the published F16 layout.
  * A matrix whose rows are not a whole number of blocks of its type (Q8_0
  * needs 32 | ne0, the K and IQ2 types 256 | ne0) is written as F16 instead,
  * with a note; this only happens for small test models. BF16 is never
@@ -1611,7 +1622,7 @@ static uint32_t convert_pick_type(int role, int qtype, bool mtp) {
     switch (role) {
     case ROLE_VECTOR: return TYPE_F32;
     case ROLE_PLAIN: return TYPE_F16;
-    case ROLE_FN: return mtp ? TYPE_F32 : TYPE_F16;
+    case ROLE_FN: return mtp || qtype == CONVERT_Q_F16 ? TYPE_F32 : TYPE_F16;
     case ROLE_IDS: return TYPE_I32;
     case ROLE_PROJ: return qtype == CONVERT_Q_F16 ? TYPE_F16 : TYPE_Q8_0;
     case ROLE_EXP_GATE_UP: return mtp && qtype == CONVERT_Q_Q2 ? TYPE_Q4_K : gate[qtype];

@@ -6,9 +6,19 @@
 #   sparse_attn    attention over gathered top-k KV rows with a per-head sink logit
 #   hc_split_sinkhorn  hyper-connection pre/post/comb weights with Sinkhorn normalisation
 #   hadamard_transform unnormalised Walsh-Hadamard transform times `scale`
-# fp8_gemm/fp4_gemm are not needed: the tiny checkpoint has no FP8/FP4 weights.
+#   fp8_gemm, fp4_gemm  products with FP8 e4m3 (128x128 block scales) and FP4 e2m1 (per-32
+#                      scales) weights; the tiny checkpoint has none, tools/fullwidth_oracle.py
+#                      uses them on its release-format checkpoints
+# MODE picks what the FP8/FP4 products see as their input (set by the caller):
+#   "fp8"  DeepSeek's deployment numerics: `linear` quantizes x with act_quant (FP8 e4m3, one
+#          ue8m0 scale per 128 values) before every FP8/FP4 product;
+#   "f32"  ds4's semantics: act_quant called for a product (not in place) hands x through in
+#          float32 and the weight is dequantized exactly to float32. The in-place round trips
+#          (the FP8 KV rows, the indexer's FP4) are model numerics and stay in both modes.
 import torch
 import torch.nn.functional as F
+
+MODE = "fp8"
 
 FP8_MAX = 448.0
 FP4_MAX = 6.0
@@ -17,6 +27,8 @@ def _pow2_ceil(x):
     return torch.exp2(torch.ceil(torch.log2(x)))
 
 def act_quant(x, block_size=128, scale_fmt=None, scale_dtype=torch.float32, inplace=False):
+    if MODE == "f32" and not inplace:
+        return x.float(), None
     shp = x.shape
     xf = x.float().reshape(*shp[:-1], shp[-1] // block_size, block_size)
     amax = xf.abs().amax(-1, keepdim=True).clamp(min=1e-4)
@@ -55,11 +67,37 @@ def fp4_act_quant(x, block_size=32, inplace=False):
         return x
     return q.reshape(shp), s.squeeze(-1)
 
-def fp8_gemm(*a, **k):
-    raise NotImplementedError
+def _input(a, a_s):
+    # x [..., K] (FP8 codes with a_s [..., K/128], or float32 with a_s None) -> float32
+    if a_s is None:
+        return a.float()
+    k = a.shape[-1]
+    return (a.float().unflatten(-1, (k // 128, 128)) * a_s.float().unsqueeze(-1)).flatten(-2)
 
-def fp4_gemm(*a, **k):
-    raise NotImplementedError
+def _out_dtype():
+    return torch.float32 if MODE == "f32" else torch.get_default_dtype()
+
+def fp8_weight(b, b_s):
+    # W[o][i] = e4m3(b[o][i]) * b_s[o/128][i/128]; b [N,K], b_s [ceil(N/128), ceil(K/128)]
+    n, k = b.shape
+    s = b_s.float().repeat_interleave(128, 0)[:n].repeat_interleave(128, 1)[:, :k]
+    return b.float() * s
+
+_E2M1_SIGNED = torch.tensor([0., 0.5, 1., 1.5, 2., 3., 4., 6., -0., -0.5, -1., -1.5, -2., -3., -4., -6.])
+
+def fp4_weight(b, b_s):
+    # W[o][2j] = e2m1(low nibble of b[o][j]), W[o][2j+1] = e2m1(high nibble), times b_s[o][i/32]
+    u = b.view(torch.uint8).long()
+    n = u.shape[0]
+    lut = _E2M1_SIGNED.to(u.device)
+    w = torch.stack([lut[u & 15], lut[u >> 4]], -1).reshape(n, -1)
+    return w * b_s.float().repeat_interleave(32, 1)
+
+def fp8_gemm(a, a_s, b, b_s, scale_dtype=None):
+    return F.linear(_input(a, a_s), fp8_weight(b, b_s)).to(_out_dtype())
+
+def fp4_gemm(a, a_s, b, b_s, scale_dtype=None):
+    return F.linear(_input(a, a_s), fp4_weight(b, b_s)).to(_out_dtype())
 
 def sparse_attn(q, kv, attn_sink, topk_idxs, softmax_scale):
     # q [b,m,h,d], kv [b,n,d], attn_sink [h], topk_idxs [b,m,k] (-1 = invalid)
