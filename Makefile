@@ -84,16 +84,16 @@ METAL_CXX ?= clang++
 $(TESTBIN)/metal_harness.o: tests/metal/harness.cpp kernels.metal tests/metal/include/metal_stdlib | $(TESTBIN)
 	$(METAL_CXX) -std=c++14 -O2 -g -Wall -Wno-unknown-attributes -I tests/metal/include -c -o $@ $<
 
-$(TESTBIN)/test_metal: tests/test_metal.c $(TESTBIN)/metal_harness.o $(SOURCES) | $(TESTBIN)
+$(TESTBIN)/test_metal: tests/test_metal.c tests/harness.h $(TESTBIN)/metal_harness.o $(SOURCES) | $(TESTBIN)
 	$(CC) $(CFLAGS) $(ARCH) $(WARN) -Wno-aggressive-loop-optimizations -o $@ $< $(TESTBIN)/metal_harness.o $(CXX_LIB) $(LIBS)
 
 # The whole tiny model through the GPU backend (ds4.c 8.14) on the harness.
-$(TESTBIN)/test_metal_model: tests/test_metal_model.c $(TESTBIN)/metal_harness.o $(SOURCES) | $(TESTBIN)
+$(TESTBIN)/test_metal_model: tests/test_metal_model.c tests/harness.h $(TESTBIN)/metal_harness.o $(SOURCES) | $(TESTBIN)
 	$(CC) $(CFLAGS) $(ARCH) $(WARN) -o $@ $< $(TESTBIN)/metal_harness.o $(CXX_LIB) $(LIBS)
 
 # On a Mac: the same kernel checks on the real GPU (ds4_metal.m implements the
 # gpu_* dispatches the harness emulates). Prints "N passed, N failed".
-$(TESTBIN)/test_metal_gpu: tests/test_metal.c ds4_metal.m kernels.metal $(SOURCES) | $(TESTBIN)
+$(TESTBIN)/test_metal_gpu: tests/test_metal.c tests/harness.h ds4_metal.m kernels.metal $(SOURCES) | $(TESTBIN)
 	$(CC) $(CFLAGS) $(WARN) -DDS4_METAL_GPU -fobjc-arc -o $@ $< ds4_metal.m -framework Metal -framework Foundation $(LIBS)
 
 test-metal: all $(TESTBIN)/test_metal_gpu
@@ -114,10 +114,10 @@ test-metal: all $(TESTBIN)/test_metal_gpu
 $(TESTBIN)/cuda_emulated.o: ds4_cuda.cu tests/cuda/include/cuda_emulation.h tests/metal/include/metal_stdlib | $(TESTBIN)
 	$(METAL_CXX) -std=c++14 -O2 -g -Wall -x c++ -DDS4_CUDA_EMULATION -I tests/cuda/include -c -o $@ ds4_cuda.cu
 
-$(TESTBIN)/test_cuda: tests/test_metal.c $(TESTBIN)/cuda_emulated.o $(SOURCES) | $(TESTBIN)
+$(TESTBIN)/test_cuda: tests/test_metal.c tests/harness.h $(TESTBIN)/cuda_emulated.o $(SOURCES) | $(TESTBIN)
 	$(CC) $(CFLAGS) $(ARCH) $(WARN) -Wno-aggressive-loop-optimizations -o $@ $< $(TESTBIN)/cuda_emulated.o $(CXX_LIB) $(LIBS)
 
-$(TESTBIN)/test_cuda_model: tests/test_metal_model.c $(TESTBIN)/cuda_emulated.o $(SOURCES) | $(TESTBIN)
+$(TESTBIN)/test_cuda_model: tests/test_metal_model.c tests/harness.h $(TESTBIN)/cuda_emulated.o $(SOURCES) | $(TESTBIN)
 	$(CC) $(CFLAGS) $(ARCH) $(WARN) -DDS4_GPU_NAME='"cuda"' -o $@ $< $(TESTBIN)/cuda_emulated.o $(CXX_LIB) $(LIBS)
 
 # On an NVIDIA machine with the toolkit (nvcc on PATH): make cuda builds ./ds4
@@ -137,7 +137,7 @@ ds4_cuda.o: ds4_cuda.cu
 cuda: ds4_cuda.o ds4-convert vectors/tiny.gguf
 	$(CC) $(CFLAGS) $(ARCH) $(WARN) -DDS4_GPU -DDS4_GPU_NAME='"cuda"' -o ds4 ds4.c ds4_cuda.o $(LIBS) $(CUDA_LIBS)
 
-$(TESTBIN)/test_cuda_gpu: tests/test_metal.c ds4_cuda.o $(SOURCES) | $(TESTBIN)
+$(TESTBIN)/test_cuda_gpu: tests/test_metal.c tests/harness.h ds4_cuda.o $(SOURCES) | $(TESTBIN)
 	$(CC) $(CFLAGS) $(ARCH) $(WARN) -Wno-aggressive-loop-optimizations -DDS4_CUDA_GPU -o $@ $< ds4_cuda.o $(LIBS) $(CUDA_LIBS)
 
 test-cuda: cuda $(TESTBIN)/test_cuda_gpu
@@ -162,7 +162,7 @@ $(TESTBIN)/kvdisk: tests/kvdisk_driver.c $(SOURCES) | $(TESTBIN)
 $(TESTBIN)/test_json: tests/test_json.c tests/harness.h $(SOURCES) | $(TESTBIN)
 	$(CC) $(SAN) $(WARN) -o $@ $< $(LIBS)
 
-$(TESTBIN)/fuzz_http: tests/fuzz_http.c $(SOURCES) | $(TESTBIN)
+$(TESTBIN)/fuzz_http: tests/fuzz_http.c tests/harness.h $(SOURCES) | $(TESTBIN)
 	$(CC) $(SAN) $(WARN) -o $@ $< $(LIBS)
 
 $(TESTBIN)/test_gguf: tests/test_gguf.c tests/harness.h $(SOURCES) | $(TESTBIN)

@@ -24,19 +24,9 @@
 #define DS4_NO_MAIN
 #include "../ds4.c"
 
-static int tests_passed, tests_failed;
-static uint64_t rng;
+#include "harness.h"
 
-static void check(bool ok, const char *fmt, ...) {
-    va_list ap;
-    va_start(ap, fmt);
-    printf("%s ", ok ? "ok  " : "FAIL");
-    vprintf(fmt, ap);
-    printf("\n");
-    va_end(ap);
-    if (ok) tests_passed++;
-    else tests_failed++;
-}
+static uint64_t rng;
 
 static uint64_t next(void) {
     return splitmix64(&rng);

@@ -16,17 +16,11 @@
 #define DS4_NO_MAIN
 #include "../ds4.c"
 
-static int tests_passed, tests_failed;
-
-static void check(const char *what, double diff, double tol) {
-    bool ok = diff <= tol;
-    ok ? tests_passed++ : tests_failed++;
-    printf("%s %-66s maxdiff %.3e  tol %.1e\n", ok ? "ok  " : "FAIL", what, diff, tol);
-}
+#define HARNESS_CHECK_TOL
+#include "harness.h"
 
 static void check_count(const char *what, int64_t got, int64_t want) {
-    bool ok = got == want;
-    ok ? tests_passed++ : tests_failed++;
+    bool ok = harness_count(got == want);
     printf("%s %-66s got %lld  want %lld\n", ok ? "ok  " : "FAIL", what, (long long)got,
            (long long)want);
 }

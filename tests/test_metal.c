@@ -17,55 +17,10 @@
  * reductions). The last line is "N passed, N failed".
  */
 #define DS4_NO_MAIN
+#define DS4_GPU         /* the gpu_* dispatches' declarations (ds4.c 6.14) */
 #include "../ds4.c"
-
-/* One function per dispatch: tests/metal/harness.cpp runs it emulated on the
- * CPU (make test); ds4_metal.m runs it on a real GPU (make test-metal). */
-int gpu_matmul(int type, const void *w, const float *x, float *y, unsigned in, unsigned out,
-               unsigned n_tok, unsigned row_bytes, unsigned x_stride, unsigned y_stride);
-void gpu_rmsnorm(const float *x, const float *w, float *y, unsigned n, unsigned n_rows, float eps);
-void gpu_rope_tail(float *x, const float *freq, unsigned len, unsigned dims, unsigned n_heads,
-                   unsigned n_tok, long pos0, int inverse);
-void gpu_fp8_round_trip_nope(float *rows, unsigned len, unsigned rope_dims, unsigned n_rows);
-void gpu_indexer_round_trip(float *rows, unsigned n, unsigned n_rows);
-void gpu_hc_pre(const float *X, const float *raw_mix, const float *scale, const float *base,
-                float *mix_out, float *y, unsigned hc, unsigned dim, unsigned iters,
-                float norm_eps, float hc_eps, unsigned n_tok);
-void gpu_hc_post(float *X, const float *f, const float *mix, unsigned hc, unsigned dim,
-                 unsigned n_tok);
-void gpu_hc_head_collapse(const float *X, const float *raw_mix, const float *scale,
-                          const float *base, float *y, unsigned hc, unsigned dim,
-                          float norm_eps, float hc_eps, unsigned n_tok);
-void gpu_embed_tokens(const uint16_t *E, const int *tokens, float *out, unsigned dim,
-                      unsigned n_tok);
-void gpu_route_token(const float *logits, const int *tokens, const int *tid2eid,
-                     const float *bias, float *biased, int *sel, float *wt, unsigned n_tok,
-                     unsigned n_experts, unsigned n_used, float route_scale);
-void gpu_swiglu(float *g, const float *u, const float *weight, unsigned ffn, unsigned n,
-                float limit);
-void gpu_moe_gather_add(float *G, const float *Y, const int *slot_of, unsigned dim,
-                        unsigned n_used, unsigned n_tok);
-void gpu_add_rows(float *y, const float *x, unsigned n, unsigned x_period);
-void gpu_pool_channel(const float *kv, const float *score, float *pooled, unsigned ratio,
-                      unsigned coff, unsigned dc);
-void gpu_attend_one(const float *q, const float *chunk_kv, const float *ring, const float *comp,
-                    const int64_t *visible, const int *sel, const int *n_sel, const float *sinks,
-                    float *o, unsigned n_heads, unsigned head_dim, unsigned window, unsigned topk,
-                    long p0, unsigned compressed, unsigned max_rows, unsigned n_tok);
-void gpu_indexer_scores(const float *iq, const float *iw, const float *krows, float *score,
-                        unsigned heads, unsigned dim, unsigned n_rows, unsigned max_rows,
-                        float scale, unsigned n_tok);
-void gpu_topk_rows(const float *score, int *sel, int *n_sel, unsigned n_tok, unsigned n_rows,
-                   unsigned max_rows, unsigned k);
-
-static int tests_passed, tests_failed;
-
-static void check(const char *what, double diff, double tol) {
-    bool ok = diff <= tol;
-    if (ok) tests_passed++;
-    else tests_failed++;
-    printf("%s %-52s maxerr %.3e  tol %.1e\n", ok ? "ok  " : "FAIL", what, diff, tol);
-}
+#define HARNESS_CHECK_TOL
+#include "harness.h"
 
 /* xorshift64*: seeded, the same sequence on every machine. */
 static uint64_t rng_state = 0x2545F4914F6CDD1Dull;

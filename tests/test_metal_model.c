@@ -21,14 +21,8 @@
 void gpu_trace_start(const char **names, int cap);
 int gpu_trace_stop(int *syncs);
 
-static int tests_passed, tests_failed;
-
-static void check(const char *what, double diff, double tol) {
-    bool ok = diff <= tol;
-    if (ok) tests_passed++;
-    else tests_failed++;
-    printf("%s %-58s maxerr %.3e  tol %.1e\n", ok ? "ok  " : "FAIL", what, diff, tol);
-}
+#define HARNESS_CHECK_TOL
+#include "harness.h"
 
 /* max over rows of |a - b| / max |b|, a row = V logits. */
 static double row_err(const float *a, const float *b, int rows, int V) {
