@@ -140,20 +140,13 @@ cuda: ds4_cuda.o ds4-convert vectors/tiny.gguf
 $(TESTBIN)/test_cuda_gpu: tests/test_metal.c tests/harness.h ds4_cuda.o $(SOURCES) | $(TESTBIN)
 	$(CC) $(CFLAGS) $(ARCH) $(WARN) -Wno-aggressive-loop-optimizations -DDS4_CUDA_GPU -o $@ $< ds4_cuda.o $(LIBS) $(CUDA_LIBS)
 
-test-cuda: cuda $(TESTBIN)/test_cuda_gpu
-	@$(TESTBIN)/test_cuda_gpu > $(TESTBIN)/test-cuda.log; k=$$?; cat $(TESTBIN)/test-cuda.log; \
-	 ./ds4 --backend cuda --check-vectors vectors/vectors.json -m vectors/tiny.gguf \
-	   > $(TESTBIN)/vectors-cuda.log; v=$$?; cat $(TESTBIN)/vectors-cuda.log; \
-	 ./ds4 --backend cuda --check-vectors vectors/vectors.json -m vectors/tiny.gguf \
-	   --mtp vectors/tiny-mtp.gguf > $(TESTBIN)/vectors-cuda-mtp.log; w=$$?; \
-	 cat $(TESTBIN)/vectors-cuda-mtp.log; p=0; f=0; \
-	 for l in test-cuda vectors-cuda vectors-cuda-mtp; do \
-	   line=$$(grep -E '^[0-9]+ passed, [0-9]+ failed' $(TESTBIN)/$$l.log | tail -n 1); \
-	   lp=$$(echo "$$line" | sed -n 's/^\([0-9]*\) passed.*/\1/p'); \
-	   lf=$$(echo "$$line" | sed -n 's/.* \([0-9]*\) failed.*/\1/p'); \
-	   p=$$((p + $${lp:-0})); f=$$((f + $${lf:-1})); done; \
-	 echo; echo "$$p passed, $$f failed"; \
-	 [ $$k -eq 0 ] && [ $$v -eq 0 ] && [ $$w -eq 0 ] && [ $$f -eq 0 ]
+# The CUDA backend against the CPU on a full-width model (tests/cuda/device.sh
+# makes one with ds4-convert --synthetic full and runs it).
+$(TESTBIN)/test_cuda_full: tests/test_cuda_full.c tests/harness.h ds4_cuda.o $(SOURCES) | $(TESTBIN)
+	$(CC) $(CFLAGS) $(ARCH) $(WARN) -DDS4_GPU_NAME='"cuda"' -o $@ $< ds4_cuda.o $(LIBS) $(CUDA_LIBS)
+
+test-cuda: cuda $(TESTBIN)/test_cuda_gpu $(TESTBIN)/test_cuda_full
+	@sh tests/cuda/device.sh
 
 $(TESTBIN)/kvdisk: tests/kvdisk_driver.c $(SOURCES) | $(TESTBIN)
 	$(CC) $(CFLAGS) $(ARCH) $(WARN) -o $@ $< $(LIBS)

@@ -3373,6 +3373,11 @@ struct session {
     float *last_hc;               /* [n*D] main final HC state at pos-1 */
 };
 
+/* The floats of a compressor frontier (kv or score); 0 for none. */
+static size_t frontier_floats(const struct compressor_state *cs) {
+    return cs->kv ? (size_t)cs->coff * cs->ratio * cs->coff * cs->dc : 0;
+}
+
 static void compressor_init(struct compressor_state *cs, int ratio, int dc) {
     cs->ratio = ratio;
     cs->coff = compressor_coff(ratio);
@@ -3747,61 +3752,84 @@ struct chunk_work {
     float *hn;         /* [T][n*D]      MTP: normed main streams */
 };
 
-static void chunk_work_init(struct chunk_work *w, const struct ds4_config *c, int T) {
-    size_t t = (size_t)T, n_d = (size_t)c->hc * c->dim, D = (size_t)c->dim;
-    size_t heads = (size_t)c->n_heads * c->head_dim, K = (size_t)c->n_used;
-    memset(w, 0, sizeof *w);
-    w->T = T;
-    w->x = xcalloc(t * n_d, sizeof(float));
-    w->mix = xcalloc(t * (size_t)(2 + c->hc) * c->hc, sizeof(float));
-    w->hc = xcalloc(t, sizeof(struct hc_mix));
-    w->a = xcalloc(t * D, sizeof(float));
-    w->f = xcalloc(t * D, sizeof(float));
-    w->y = xcalloc(t * D, sizeof(float));
-    w->tmp = xcalloc(n_d, sizeof(float));
-    w->qr = xcalloc(t * (size_t)c->q_rank, sizeof(float));
-    w->q = xcalloc(t * heads, sizeof(float));
-    w->o = xcalloc(t * heads, sizeof(float));
-    w->kv = xcalloc(t * (size_t)c->head_dim, sizeof(float));
-    w->ck = xcalloc(t * 2 * (size_t)c->head_dim, sizeof(float));
-    w->cz = xcalloc(t * 2 * (size_t)c->head_dim, sizeof(float));
-    w->ik = xcalloc(t * 2 * (size_t)c->idx_dim, sizeof(float));
-    w->iz = xcalloc(t * 2 * (size_t)c->idx_dim, sizeof(float));
-    w->iq = xcalloc(t * (size_t)c->idx_heads * c->idx_dim, sizeof(float));
-    w->iw = xcalloc(t * (size_t)c->idx_heads, sizeof(float));
-    w->low = xcalloc(t * (size_t)c->o_groups * c->o_rank, sizeof(float));
-    w->pooled = xcalloc((size_t)c->head_dim, sizeof(float));
-    w->visible = xcalloc(t, sizeof(int64_t));
-    w->sel = xcalloc(t * (size_t)c->idx_topk, sizeof(int));
-    w->n_sel = xcalloc(t, sizeof(int));
-    w->router = xcalloc(t * (size_t)c->n_experts, sizeof(float));
-    w->route_sel = xcalloc(t * K, sizeof(int));
-    w->route_wt = xcalloc(t * K, sizeof(float));
-    w->expert_tokens = xcalloc(t * K, sizeof(int));
-    w->expert_count = xcalloc((size_t)c->n_experts + 1, sizeof(int));
-    w->xe = xcalloc(t * D, sizeof(float));
-    w->ye = xcalloc(t * D, sizeof(float));
-    w->hg = xcalloc(t * (size_t)c->ffn_dim, sizeof(float));
-    w->hu = xcalloc(t * (size_t)c->ffn_dim, sizeof(float));
-    w->xm = xcalloc(t * n_d, sizeof(float));
-    w->hn = xcalloc(t * n_d, sizeof(float));
+/* Where the buffers live. The activations come from the backend's
+ * allocator (host memory for the CPU, device memory for a GPU, 6.14); the
+ * few index arrays the host itself fills or reads (visible counts, the
+ * expert grouping, the decoded mixes) are always host memory. Allocators
+ * return zeroed memory and exit when there is none. */
+struct buffer_allocator {
+    void *(*alloc)(size_t bytes);
+    void (*release)(void *p);
+};
+
+static void *host_buffer_alloc(size_t bytes) {
+    return xcalloc(1, bytes);
 }
 
-static void chunk_work_free(struct chunk_work *w) {
-    void *all[] = { w->x, w->mix, w->hc, w->a, w->f, w->y, w->tmp, w->qr, w->q, w->o, w->kv, w->ck,
-                    w->cz, w->ik, w->iz, w->iq, w->iw, w->low, w->pooled, w->visible, w->sel,
-                    w->n_sel, w->router, w->route_sel, w->route_wt, w->expert_tokens,
-                    w->expert_count, w->xe, w->ye, w->hg, w->hu, w->xm, w->hn };
-    for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) free(all[i]);
+static const struct buffer_allocator host_buffers = { host_buffer_alloc, free };
+
+static void chunk_work_init(struct chunk_work *w, const struct ds4_config *c, int T,
+                            const struct buffer_allocator *ba) {
+    size_t t = (size_t)T, n_d = (size_t)c->hc * c->dim, D = (size_t)c->dim;
+    size_t heads = (size_t)c->n_heads * c->head_dim, K = (size_t)c->n_used, f = sizeof(float);
+    void *(*A)(size_t) = ba->alloc;
+    memset(w, 0, sizeof *w);
+    w->T = T;
+    w->x = A(t * n_d * f);
+    w->mix = A(t * (size_t)(2 + c->hc) * c->hc * f);
+    w->hc = xcalloc(t, sizeof(struct hc_mix));
+    w->a = A(t * D * f);
+    w->f = A(t * D * f);
+    w->y = A(t * D * f);
+    w->tmp = xcalloc(n_d, sizeof(float));
+    w->qr = A(t * (size_t)c->q_rank * f);
+    w->q = A(t * heads * f);
+    w->o = A(t * heads * f);
+    w->kv = A(t * (size_t)c->head_dim * f);
+    w->ck = A(t * 2 * (size_t)c->head_dim * f);
+    w->cz = A(t * 2 * (size_t)c->head_dim * f);
+    w->ik = A(t * 2 * (size_t)c->idx_dim * f);
+    w->iz = A(t * 2 * (size_t)c->idx_dim * f);
+    w->iq = A(t * (size_t)c->idx_heads * c->idx_dim * f);
+    w->iw = A(t * (size_t)c->idx_heads * f);
+    w->low = A(t * (size_t)c->o_groups * c->o_rank * f);
+    w->pooled = A((size_t)c->head_dim * f);
+    w->visible = xcalloc(t, sizeof(int64_t));
+    w->sel = A(t * (size_t)c->idx_topk * sizeof(int));
+    w->n_sel = A(t * sizeof(int));
+    w->router = A(t * (size_t)c->n_experts * f);
+    w->route_sel = A(t * K * sizeof(int));
+    w->route_wt = A(t * K * f);
+    w->expert_tokens = xcalloc(t * K, sizeof(int));
+    w->expert_count = xcalloc((size_t)c->n_experts + 1, sizeof(int));
+    w->xe = A(t * D * f);
+    w->ye = A(t * D * f);
+    w->hg = A(t * (size_t)c->ffn_dim * f);
+    w->hu = A(t * (size_t)c->ffn_dim * f);
+    w->xm = A(t * n_d * f);
+    w->hn = A(t * n_d * f);
+}
+
+static void chunk_work_free(struct chunk_work *w, const struct buffer_allocator *ba) {
+    void *backend[] = { w->x, w->mix, w->a, w->f, w->y, w->qr, w->q, w->o, w->kv, w->ck,
+                        w->cz, w->ik, w->iz, w->iq, w->iw, w->low, w->pooled, w->sel, w->n_sel,
+                        w->router, w->route_sel, w->route_wt, w->xe, w->ye, w->hg, w->hu,
+                        w->xm, w->hn };
+    void *host[] = { w->hc, w->tmp, w->visible, w->expert_tokens, w->expert_count };
+    if (w->T) {
+        for (size_t i = 0; i < sizeof backend / sizeof backend[0]; i++) ba->release(backend[i]);
+        for (size_t i = 0; i < sizeof host / sizeof host[0]; i++) free(host[i]);
+    }
     memset(w, 0, sizeof *w);
 }
 
 /* Make the buffers hold a chunk of T tokens. No code reads a working buffer
  * before writing it, so regrown buffers need no old contents. */
-static void chunk_work_reserve(struct chunk_work *w, const struct ds4_config *c, int T) {
+static void chunk_work_reserve(struct chunk_work *w, const struct ds4_config *c, int T,
+                               const struct buffer_allocator *ba) {
     if (T <= w->T) return;
-    chunk_work_free(w);
-    chunk_work_init(w, c, T);
+    chunk_work_free(w, ba);
+    chunk_work_init(w, c, T, ba);
 }
 
 /* Which of a block's two sublayers a hyper-connection collapse feeds. */
@@ -4592,7 +4620,7 @@ static void cpu_session_open(struct session *s) {
 
 static void cpu_session_close(struct session *s) {
     if (!s->work) return;
-    chunk_work_free(s->work);
+    chunk_work_free(s->work, &host_buffers);
     free(s->work);
     s->work = NULL;
 }
@@ -4603,7 +4631,7 @@ static void cpu_state_sync(struct session *s) {
 }
 
 static void cpu_begin_chunk(struct step *st) {
-    chunk_work_reserve(st->w, st->c, st->T);
+    chunk_work_reserve(st->w, st->c, st->T, &host_buffers);
 }
 
 static void cpu_end_chunk(struct step *st) {
@@ -4647,30 +4675,50 @@ static void backend_session_close(struct session *s) {
  *
  * Built when DS4_GPU is defined: by `make` on macOS, where ds4_metal.m
  * implements the gpu_* dispatches on the GPU; by `make cuda`, where
- * ds4_cuda.cu does (a discrete GPU: it uploads the mapped weights once and
- * copies the other pointer arguments of each dispatch); and by
- * tests/test_metal_model.c, where tests/metal/harness.cpp runs the same
- * kernels.metal on the CPU (or ds4_cuda.cu runs emulated). So the
- * sequence below is the one the Mac runs and the one `make test` checks
- * against the oracle vectors.
+ * ds4_cuda.cu does on an NVIDIA GPU; and by tests/test_metal_model.c, where
+ * tests/metal/harness.cpp runs the same kernels.metal on the CPU (or
+ * ds4_cuda.cu runs emulated). So the sequence below is the one the GPUs run
+ * and the one `make test` checks against the oracle vectors.
  *
  * Each gpu_* call is one dispatch of the kernel of the same name (it carries
- * the CPU function's name, and its formula, in kernels.metal). Pointers are
- * unified memory: on Apple silicon the session's arrays and the mapped
- * weights are what the GPU reads, so the session state keeps the CPU layout
- * and the CPU backend's session ops serve both. Steps still done by the
- * host between dispatches are marked HOST; each is a copy or a counting
- * sort, and each is a synchronisation point a later revision removes.
+ * the CPU function's name, and its formula, in kernels.metal and
+ * ds4_cuda.cu).
  *
- * gpu_sync() comes before every host access to memory a dispatch may still
- * read or write: once the dispatches of a step are batched into one command
- * buffer it is where the host waits. tests/test_metal_model.c prints how
- * many there are per decode token next to the dispatch count.
+ * Memory. Everything a dispatch reads or writes again and again lives in
+ * BACKEND memory, from gpu_alloc: the chunk's activations (`struct
+ * chunk_work`, allocated through the backend's buffer_allocator), the
+ * session's state (a device twin of every `struct layer_state`, kept in
+ * `struct gpu_state` at s->device), and the routed experts' slot buffers.
+ * On a discrete GPU that is device memory, which the host must not touch:
+ * the host moves bytes only through gpu_upload, gpu_download, gpu_copy and
+ * gpu_zero, which run in order with the dispatches. On unified memory
+ * (Apple silicon, the emulators) it is plain memory and those four are
+ * memcpy and memset. The weights stay in the mapped file; a discrete GPU
+ * uploads them once (gpu_map_weights) and translates pointers into them.
+ *
+ * The host keeps what only the host uses: the counts (rows per store,
+ * visible rows per token), the expert grouping of a long chunk, the logits
+ * the caller reads. A dispatch may also be handed host memory (a token
+ * list, a count array): it reads it when it is made, so the host may reuse
+ * the array at once. Only two places wait for the GPU: the logits (the
+ * caller reads them) and the expert grouping of chunks longer than
+ * GPU_SLOT_TOKENS (the host sorts the routing by expert). A decode token
+ * runs from embedding to head without the host waiting.
+ *
+ * The session state on the host (6.2) is the layout every backend agrees
+ * on; state_pull downloads the device twin into it, state_push uploads it
+ * (6.13), so a snapshot written from one backend loads in another.
  * ------------------------------------------------------------------------- */
 
 #ifdef DS4_GPU
 int gpu_matmul(int type, const void *w, const float *x, float *y, unsigned in, unsigned out,
                unsigned n_tok, unsigned row_bytes, unsigned x_stride, unsigned y_stride);
+int gpu_matmul_rows(int type, const void *w, const float *x, const int *x_rows, float *y,
+                    const int *y_rows, unsigned in, unsigned out, unsigned n_tok,
+                    unsigned row_bytes);
+int gpu_matmul_experts(int type, const void *w, size_t expert_bytes, const int *sel,
+                       const float *x, float *y, unsigned in, unsigned out, unsigned n_slots,
+                       unsigned row_bytes, unsigned x_div);
 void gpu_rmsnorm(const float *x, const float *w, float *y, unsigned n, unsigned n_rows, float eps);
 void gpu_rope_tail(float *x, const float *freq, unsigned len, unsigned dims, unsigned n_heads,
                    unsigned n_tok, long pos0, int inverse);
@@ -4711,16 +4759,178 @@ void gpu_sync(void);  /* wait until every dispatch so far has completed */
  * uploads it once and translates pointers into it; unified memory (Metal)
  * reads it in place. 0: not uploaded (the dispatches then copy). */
 int gpu_map_weights(const void *base, size_t size);
+/* Backend memory: zeroed; the program stops with a message when there is
+ * none. The copies run in order with the dispatches; gpu_upload has read
+ * `src` when it returns, gpu_download waits until `dst` holds the bytes. */
+void *gpu_alloc(size_t bytes);
+void gpu_free(void *p);
+void gpu_upload(void *dst, const void *src, size_t bytes);
+void gpu_download(void *dst, const void *src, size_t bytes);
+void gpu_copy(void *dst, const void *src, size_t bytes);
+void gpu_zero(void *dst, size_t bytes);
 
 /* Which GPU implements the gpu_* calls: make cuda builds with "cuda". */
 #ifndef DS4_GPU_NAME
 #define DS4_GPU_NAME "metal"
 #endif
 
+/* Chunks of at most this many tokens run the routed experts slot by slot,
+ * each slot reading its expert id on the GPU; longer chunks group their
+ * tokens by expert on the host, so each expert's weights are read once per
+ * tile of tokens. MTP verification (draft + 1 <= 4 tokens) stays below. */
+enum { GPU_SLOT_TOKENS = 8 };
+
+static const struct buffer_allocator gpu_buffers = { gpu_alloc, gpu_free };
+
+/* The backend's own part of a session: the device twins of the layer
+ * states ([n_layers] is the MTP block's), and working memory the CPU
+ * backend does not need, sized for `T` tokens with chunk_work. */
+struct gpu_state {
+    struct layer_state *layers;   /* [n_layers + 1], device arrays, host counts */
+    int T;                        /* capacity of the buffers below, in tokens */
+    float *slot_gate, *slot_up;   /* [T*K][F] routed experts, one row per slot */
+    float *slot_out;              /* [T*K][D] */
+    int *identity;                /* [T*K] = 0, 1, 2, ...: slot i's output is row i */
+    int *slot_token, *slot_list;  /* [T*K] grouped slots: their token, the slot itself */
+    float *slot_weight;           /* [T*K] their route weights, in grouped order */
+    float *bias;                  /* [T][2*max(Dh, DI)] compressor slot biases */
+    float *biased;                /* [T][E] route_token's biased scores */
+    float *score;                 /* [score_cap] the indexer's scores for one token */
+    int64_t score_cap;
+    /* host memory */
+    int *route_sel_host;          /* [T*K] the routing, for the grouping */
+    float *route_wt_host;         /* [T*K] */
+    int *slot_token_host, *list_host;   /* [T*K] */
+    float *weight_host, *bias_host;     /* [T*K], [T][2*max(Dh, DI)] */
+    int *n_sel_host;              /* [T] all -1: "every visible row" */
+};
+
+static struct gpu_state *gpu_state_of(const struct session *s) {
+    return (struct gpu_state *)s->device;
+}
+
+/* The device twin of the layer a step runs. */
+static struct layer_state *gpu_layer(const struct step *st) {
+    const struct ds4_config *c = st->c;
+    return &gpu_state_of(st->s)->layers[st->is_mtp ? c->n_layers : st->layer];
+}
+
+static size_t gpu_ring_bytes(const struct ds4_config *c) {
+    return (size_t)c->window * c->head_dim * sizeof(float);
+}
+
+static size_t row_bytes_of(const struct row_store *rs, int64_t n) {
+    return (size_t)n * (size_t)rs->width * sizeof(float);
+}
+
+/* A device twin with the host's shapes: ring and compressor frontiers
+ * allocated, no compressed rows yet. */
+static void gpu_layer_open(struct layer_state *d, const struct layer_state *h,
+                           const struct ds4_config *c) {
+    memset(d, 0, sizeof *d);
+    d->ring = gpu_alloc(gpu_ring_bytes(c));
+    d->comp_rows.width = h->comp_rows.width;
+    d->idx_rows.width = h->idx_rows.width;
+    d->comp = h->comp;
+    d->idx_comp = h->idx_comp;
+    if (h->comp.kv) d->comp.kv = gpu_alloc(frontier_floats(&h->comp) * sizeof(float));
+    if (h->comp.kv) d->comp.score = gpu_alloc(frontier_floats(&h->comp) * sizeof(float));
+    if (h->idx_comp.kv) d->idx_comp.kv = gpu_alloc(frontier_floats(&h->idx_comp) * sizeof(float));
+    if (h->idx_comp.kv)
+        d->idx_comp.score = gpu_alloc(frontier_floats(&h->idx_comp) * sizeof(float));
+}
+
+static void gpu_layer_close(struct layer_state *d) {
+    void *all[] = { d->ring, d->comp_rows.rows, d->idx_rows.rows, d->comp.kv, d->comp.score,
+                    d->idx_comp.kv, d->idx_comp.score };
+    for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) gpu_free(all[i]);
+    memset(d, 0, sizeof *d);
+}
+
+/* Room for n rows in a device row store; `keep` says whether the rows so
+ * far must survive (an append) or are about to be overwritten (a push). */
+static void gpu_rows_reserve(struct row_store *d, int64_t n, bool keep) {
+    if (n <= d->cap) return;
+    int64_t cap = d->cap ? d->cap : 64;
+    while (cap < n) cap *= 2;
+    float *rows = gpu_alloc(row_bytes_of(d, cap));
+    if (keep && d->n) gpu_copy(rows, d->rows, row_bytes_of(d, d->n));
+    gpu_free(d->rows);
+    d->rows = rows;
+    d->cap = cap;
+}
+
+/* row_store_append for a device twin: the count moves on the host copy too
+ * (the host's rows stay stale until the next state_pull). */
+static float *gpu_row_append(struct row_store *host, struct row_store *d) {
+    gpu_rows_reserve(d, d->n + 1, true);
+    host->n = d->n + 1;
+    return d->rows + d->n++ * d->width;
+}
+
+static void gpu_rows_push(struct row_store *d, const struct row_store *h) {
+    gpu_rows_reserve(d, h->n, false);
+    if (h->n) gpu_upload(d->rows, h->rows, row_bytes_of(h, h->n));
+    d->n = h->n;
+}
+
+static void gpu_rows_pull(struct row_store *h, const struct row_store *d) {
+    if (d->n > h->cap) {
+        h->cap = d->n;
+        h->rows = xrealloc(h->rows, row_bytes_of(h, h->cap));
+    }
+    if (d->n) gpu_download(h->rows, d->rows, row_bytes_of(d, d->n));
+    h->n = d->n;
+}
+
+static void gpu_frontier_move(struct compressor_state *to, const struct compressor_state *from,
+                              bool up) {
+    size_t bytes = frontier_floats(from) * sizeof(float);
+    if (!bytes) return;
+    (up ? gpu_upload : gpu_download)(to->kv, from->kv, bytes);
+    (up ? gpu_upload : gpu_download)(to->score, from->score, bytes);
+}
+
+static void gpu_layer_push(struct layer_state *d, const struct layer_state *h,
+                           const struct ds4_config *c) {
+    gpu_upload(d->ring, h->ring, gpu_ring_bytes(c));
+    gpu_rows_push(&d->comp_rows, &h->comp_rows);
+    gpu_rows_push(&d->idx_rows, &h->idx_rows);
+    gpu_frontier_move(&d->comp, &h->comp, true);
+    gpu_frontier_move(&d->idx_comp, &h->idx_comp, true);
+}
+
+static void gpu_layer_pull(struct layer_state *h, const struct layer_state *d,
+                           const struct ds4_config *c) {
+    gpu_download(h->ring, d->ring, gpu_ring_bytes(c));
+    gpu_rows_pull(&h->comp_rows, &d->comp_rows);
+    gpu_rows_pull(&h->idx_rows, &d->idx_rows);
+    gpu_frontier_move(&h->comp, &d->comp, false);
+    gpu_frontier_move(&h->idx_comp, &d->idx_comp, false);
+}
+
+/* The host state of layer l (l = n_layers: the MTP block's). */
+static struct layer_state *host_layer(struct session *s, int l) {
+    return l < s->eng->model->cfg.n_layers ? &s->layers[l] : &s->mtp_state;
+}
+
+static void gpu_state_push(struct session *s) {
+    const struct ds4_config *c = &s->eng->model->cfg;
+    for (int l = 0; l <= c->n_layers; l++)
+        gpu_layer_push(&gpu_state_of(s)->layers[l], host_layer(s, l), c);
+}
+
+static void gpu_state_pull(struct session *s) {
+    const struct ds4_config *c = &s->eng->model->cfg;
+    for (int l = 0; l <= c->n_layers; l++)
+        gpu_layer_pull(host_layer(s, l), &gpu_state_of(s)->layers[l], c);
+}
+
 /* The device is opened with the first session; without one, nothing runs. */
 static void gpu_session_open(struct session *s) {
     static int opened;
     const struct model *m = s->eng->model;
+    const struct ds4_config *c = &m->cfg;
     if (!opened && !(opened = gpu_open())) {
         fprintf(stderr, "ds4: the %s backend has no usable device; try --backend cpu\n",
                 DS4_GPU_NAME);
@@ -4728,7 +4938,67 @@ static void gpu_session_open(struct session *s) {
     }
     gpu_map_weights(m->file.map, (size_t)m->file.size);
     if (m->has_mtp) gpu_map_weights(m->mtp_file.map, (size_t)m->mtp_file.size);
-    cpu_session_open(s);
+    s->work = xcalloc(1, sizeof *s->work);
+    struct gpu_state *g = xcalloc(1, sizeof *g);
+    g->layers = xcalloc((size_t)c->n_layers + 1, sizeof *g->layers);
+    for (int l = 0; l <= c->n_layers; l++) gpu_layer_open(&g->layers[l], host_layer(s, l), c);
+    s->device = g;
+    gpu_state_push(s);
+}
+
+static void gpu_state_buffers_free(struct gpu_state *g) {
+    void *dev[] = { g->slot_gate, g->slot_up, g->slot_out, g->identity, g->slot_token,
+                    g->slot_list, g->slot_weight, g->bias, g->biased };
+    void *host[] = { g->route_sel_host, g->route_wt_host, g->slot_token_host, g->list_host,
+                     g->weight_host, g->bias_host, g->n_sel_host };
+    for (size_t i = 0; i < sizeof dev / sizeof dev[0]; i++) gpu_free(dev[i]);
+    for (size_t i = 0; i < sizeof host / sizeof host[0]; i++) free(host[i]);
+}
+
+static void gpu_session_close(struct session *s) {
+    struct gpu_state *g = gpu_state_of(s);
+    if (!g) return;
+    const struct ds4_config *c = &s->eng->model->cfg;
+    chunk_work_free(s->work, &gpu_buffers);
+    free(s->work);
+    s->work = NULL;
+    for (int l = 0; l <= c->n_layers; l++) gpu_layer_close(&g->layers[l]);
+    free(g->layers);
+    gpu_state_buffers_free(g);
+    gpu_free(g->score);
+    free(g);
+    s->device = NULL;
+}
+
+/* chunk_work in backend memory, and the backend's own buffers, for T tokens. */
+static void gpu_begin_chunk(struct step *st) {
+    const struct ds4_config *c = st->c;
+    struct gpu_state *g = gpu_state_of(st->s);
+    chunk_work_reserve(st->w, c, st->T, &gpu_buffers);
+    if (st->T <= g->T) return;
+    gpu_state_buffers_free(g);
+    size_t TK = (size_t)st->T * c->n_used, F = (size_t)c->ffn_dim, f = sizeof(float);
+    size_t bias = (size_t)st->T * 2 * (c->head_dim > c->idx_dim ? c->head_dim : c->idx_dim);
+    g->T = st->T;
+    g->slot_gate = gpu_alloc(TK * F * f);
+    g->slot_up = gpu_alloc(TK * F * f);
+    g->slot_out = gpu_alloc(TK * (size_t)c->dim * f);
+    g->slot_token = gpu_alloc(TK * sizeof(int));
+    g->slot_list = gpu_alloc(TK * sizeof(int));
+    g->slot_weight = gpu_alloc(TK * f);
+    g->bias = gpu_alloc(bias * f);
+    g->biased = gpu_alloc((size_t)st->T * c->n_experts * f);
+    g->route_sel_host = xcalloc(TK, sizeof(int));
+    g->route_wt_host = xcalloc(TK, f);
+    g->slot_token_host = xcalloc(TK, sizeof(int));
+    g->list_host = xcalloc(TK, sizeof(int));
+    g->weight_host = xcalloc(TK, f);
+    g->bias_host = xcalloc(bias, f);
+    g->n_sel_host = xcalloc((size_t)st->T, sizeof(int));
+    for (int t = 0; t < st->T; t++) g->n_sel_host[t] = -1;
+    for (size_t i = 0; i < TK; i++) g->list_host[i] = (int)i;
+    g->identity = gpu_alloc(TK * sizeof(int));
+    gpu_upload(g->identity, g->list_host, TK * sizeof(int));
 }
 
 /* y[t] = W x[t] for n tokens, contiguous rows: one matmul_<type> dispatch. */
@@ -4737,10 +5007,11 @@ static void gpu_mm(const struct matrix *m, const float *x, float *y, int n) {
                (unsigned)m->row_bytes, (unsigned)m->in, (unsigned)m->out);
 }
 
-/* The packed mixes hc_pre writes, [T][2n + n n], live in w->hc's memory
- * (an hc_mix is larger than one packed mix). */
+/* The packed mixes hc_pre writes, [T][2n + n n], live in w->y's memory
+ * ([T][D], larger than a packed mix; y is free between a collapse and its
+ * expansion). */
 static float *gpu_mixes(struct step *st) {
-    return (float *)st->w->hc;
+    return st->w->y;
 }
 
 /* X[t][h] = embed[tokens[t]] for every stream h. */
@@ -4749,8 +5020,7 @@ static void gpu_embed(struct step *st) {
     int64_t nD = (int64_t)c->hc * c->dim;
     gpu_embed_tokens((const uint16_t *)st->eng->model->token_embd.data, st->tokens, st->w->f,
                      (unsigned)c->dim, (unsigned)st->T);
-    gpu_sync();
-    memset(st->X, 0, (size_t)st->T * nD * sizeof(float));                     /* HOST */
+    gpu_zero(st->X, (size_t)st->T * nD * sizeof(float));
     for (int t = 0; t < st->T; t++)
         gpu_add_rows(st->X + t * nD, st->w->f + (size_t)t * c->dim, (unsigned)nD,
                      (unsigned)c->dim);
@@ -4794,21 +5064,21 @@ static void gpu_project_qkv(struct step *st) {
     gpu_fp8_round_trip_nope(w->kv, Dh, (unsigned)c->rope_dim, T);
 }
 
-/* compressor_push with its pooling on the GPU; true when a row finished. */
+/* compressor_push on a device frontier; true when a row finished. The
+ * ratio-4 compressor's second half becomes its first (the overlap). */
 static bool gpu_compressor_push(struct compressor_state *cs, const float *k, const float *z,
                                 int64_t pos, float *pooled) {
     int r = cs->ratio, width = cs->coff * cs->dc;
     int slot = (cs->coff == 2 ? r : 0) + (int)(pos % r);
-    memcpy(cs->kv + (size_t)slot * width, k, (size_t)width * sizeof(float));      /* HOST */
-    memcpy(cs->score + (size_t)slot * width, z, (size_t)width * sizeof(float));
+    gpu_copy(cs->kv + (size_t)slot * width, k, (size_t)width * sizeof(float));
+    gpu_copy(cs->score + (size_t)slot * width, z, (size_t)width * sizeof(float));
     if ((pos + 1) % r != 0) return false;
     gpu_pool_channel(cs->kv, cs->score, pooled, (unsigned)r, (unsigned)cs->coff,
                      (unsigned)cs->dc);
     if (cs->coff == 2) {
-        gpu_sync();
-        size_t half = (size_t)r * width;                                           /* HOST */
-        memcpy(cs->kv, cs->kv + half, half * sizeof(float));
-        memcpy(cs->score, cs->score + half, half * sizeof(float));
+        size_t half = (size_t)r * width;
+        gpu_copy(cs->kv, cs->kv + half, half * sizeof(float));
+        gpu_copy(cs->score, cs->score + half, half * sizeof(float));
     }
     return true;
 }
@@ -4825,18 +5095,33 @@ static void gpu_finish_row(struct step *st, const float *pooled, const float *no
     else gpu_fp8_round_trip_nope(row, (unsigned)width, (unsigned)c->rope_dim, 1);
 }
 
-/* z[t] += ape[(p0 + t) mod r]: the slot bias, decoded on the host (HOST). */
+/* z[t] += ape[(p0 + t) mod r]: the host decodes the chunk's bias rows, one
+ * upload, one add. */
 static void gpu_add_slot_bias(struct step *st, const struct matrix *ape, float *z, int width) {
-    for (int t = 0; t < st->T; t++) {
-        gpu_sync();
-        matrix_row_f32(ape, (st->p0 + t) % ape->out, st->w->tmp);
-        gpu_add_rows(z + (size_t)t * width, st->w->tmp, (unsigned)width, (unsigned)width);
-    }
+    struct gpu_state *g = gpu_state_of(st->s);
+    for (int t = 0; t < st->T; t++)
+        matrix_row_f32(ape, (st->p0 + t) % ape->out, g->bias_host + (size_t)t * width);
+    size_t n = (size_t)st->T * width;
+    gpu_upload(g->bias, g->bias_host, n * sizeof(float));
+    gpu_add_rows(z, g->bias, (unsigned)n, (unsigned)n);
+}
+
+/* journal_compressor_inputs, from device memory (chapter 9's rollback). */
+static void gpu_journal(const struct step *st) {
+    const struct chunk_work *w = st->w;
+    struct compressor_journal *j = st->journal;
+    int l = st->layer, r = st->L->ratio;
+    size_t width = (size_t)compressor_coff(r) * st->c->head_dim * st->T * sizeof(float);
+    size_t iwidth = 2 * (size_t)st->c->idx_dim * st->T * sizeof(float);
+    gpu_download(j->k[l], w->ck, width);
+    gpu_download(j->z[l], w->cz, width);
+    if (r == 4) gpu_download(j->ik[l], w->ik, iwidth);
+    if (r == 4) gpu_download(j->iz[l], w->iz, iwidth);
 }
 
 static void gpu_compress(struct step *st) {
     const struct layer_weights *L = st->L;
-    struct layer_state *ls = st->st;
+    struct layer_state *ls = st->st, *d = gpu_layer(st);
     struct chunk_work *w = st->w;
     int r = L->ratio, width = compressor_coff(r) * st->c->head_dim, iwidth = 2 * st->c->idx_dim;
     gpu_mm(&L->comp_kv, w->a, w->ck, st->T);
@@ -4847,20 +5132,29 @@ static void gpu_compress(struct step *st) {
         gpu_mm(&L->idx_gate, w->a, w->iz, st->T);
         gpu_add_slot_bias(st, &L->idx_ape, w->iz, iwidth);
     }
-    gpu_sync();
-    if (st->journal) journal_compressor_inputs(st);
+    if (st->journal) gpu_journal(st);
     for (int t = 0; t < st->T; t++) {
         int64_t p = st->p0 + t;
-        if (gpu_compressor_push(&ls->comp, w->ck + (size_t)t * width, w->cz + (size_t)t * width,
+        if (gpu_compressor_push(&d->comp, w->ck + (size_t)t * width, w->cz + (size_t)t * width,
                                 p, w->pooled))
             gpu_finish_row(st, w->pooled, L->comp_norm, st->c->head_dim, p + 1 - r, false,
-                           row_store_append(&ls->comp_rows));
-        if (r == 4 && gpu_compressor_push(&ls->idx_comp, w->ik + (size_t)t * iwidth,
+                           gpu_row_append(&ls->comp_rows, &d->comp_rows));
+        if (r == 4 && gpu_compressor_push(&d->idx_comp, w->ik + (size_t)t * iwidth,
                                           w->iz + (size_t)t * iwidth, p, w->pooled))
             gpu_finish_row(st, w->pooled, L->idx_norm, st->c->idx_dim, p + 1 - r, true,
-                           row_store_append(&ls->idx_rows));
+                           gpu_row_append(&ls->idx_rows, &d->idx_rows));
         w->visible[t] = ls->comp_rows.n;
     }
+}
+
+/* The indexer's score buffer holds one token's visible rows. */
+static float *gpu_score_buffer(struct gpu_state *g, int64_t n) {
+    if (n > g->score_cap) {
+        gpu_free(g->score);
+        g->score_cap = n > 2 * g->score_cap ? n : 2 * g->score_cap;
+        g->score = gpu_alloc((size_t)g->score_cap * sizeof(float));
+    }
+    return g->score;
 }
 
 /* select_compressed_rows: the indexer's queries, scores and top-k. */
@@ -4868,29 +5162,39 @@ static void gpu_select(struct step *st) {
     const struct ds4_config *c = st->c;
     const struct layer_weights *L = st->L;
     struct chunk_work *w = st->w;
+    struct gpu_state *g = gpu_state_of(st->s);
     unsigned T = (unsigned)st->T, HI = (unsigned)c->idx_heads, DI = (unsigned)c->idx_dim;
-    bool need_indexer = false;
-    for (int t = 0; t < st->T; t++) {
-        w->n_sel[t] = -1;
-        if (L->ratio == 4 && w->visible[t] > c->idx_topk) need_indexer = true;
-    }
-    if (!need_indexer) return;
+    gpu_upload(w->n_sel, g->n_sel_host, T * sizeof(int));
+    if (L->ratio != 4 || w->visible[st->T - 1] <= c->idx_topk) return;
     const struct rope *rope = &st->eng->rope_compressed;
     gpu_mm(&L->idx_q_b, w->qr, w->iq, st->T);
     gpu_rope_tail(w->iq, rope->freq, DI, (unsigned)rope->dims, HI, T, st->p0, 0);
     gpu_indexer_round_trip(w->iq, DI, T * HI);
     gpu_mm(&L->idx_proj, w->a, w->iw, st->T);
-    engine_reserve_attn_scratch(st->eng, w->visible[st->T - 1]);
-    float *score = st->eng->attn_scratch[0];
+    float *score = gpu_score_buffer(g, w->visible[st->T - 1]);
+    const float *krows = gpu_layer(st)->idx_rows.rows;
     float scale = 1.0f / sqrtf((float)DI * (float)HI);
     for (int t = 0; t < st->T; t++) {
         unsigned nv = (unsigned)w->visible[t];
         if (nv <= (unsigned)c->idx_topk) continue;
-        gpu_indexer_scores(w->iq + (size_t)t * HI * DI, w->iw + (size_t)t * HI,
-                           st->st->idx_rows.rows, score, HI, DI, nv, nv, scale, 1);
-        gpu_topk_rows(score, w->sel + (size_t)t * c->idx_topk, &w->n_sel[t], 1, nv, nv,
+        gpu_indexer_scores(w->iq + (size_t)t * HI * DI, w->iw + (size_t)t * HI, krows, score, HI,
+                           DI, nv, nv, scale, 1);
+        gpu_topk_rows(score, w->sel + (size_t)t * c->idx_topk, w->n_sel + t, 1, nv, nv,
                       (unsigned)c->idx_topk);
     }
+}
+
+/* The most compressed rows any token of the chunk attends to: all visible
+ * ones, or the indexer's top-k of them. */
+static int64_t gpu_most_rows(const struct step *st) {
+    const struct ds4_config *c = st->c;
+    int64_t most = 0;
+    for (int t = 0; t < st->T && st->L->ratio > 0; t++) {
+        int64_t n = st->w->visible[t];
+        if (st->L->ratio == 4 && n > c->idx_topk) n = c->idx_topk;
+        if (n > most) most = n;
+    }
+    return most;
 }
 
 /* attend_chunk, the inverse RoPE, the ring update, attention_output. */
@@ -4898,21 +5202,15 @@ static void gpu_attend_and_project(struct step *st) {
     const struct ds4_config *c = st->c;
     const struct layer_weights *L = st->L;
     struct chunk_work *w = st->w;
+    struct layer_state *d = gpu_layer(st);
     unsigned T = (unsigned)st->T, H = (unsigned)c->n_heads, Dh = (unsigned)c->head_dim;
-    int64_t most = 0;
-    gpu_sync();
-    for (int t = 0; t < st->T; t++) {
-        int64_t n = L->ratio == 0 ? 0 : w->n_sel[t] < 0 ? w->visible[t] : w->n_sel[t];
-        if (n > most) most = n;
-    }
-    gpu_attend_one(w->q, w->kv, st->st->ring, st->st->comp_rows.rows, w->visible, w->sel,
-                   w->n_sel, L->sinks, w->o, H, Dh, (unsigned)c->window,
-                   (unsigned)c->idx_topk, st->p0, L->ratio > 0, (unsigned)(c->window + most), T);
+    gpu_attend_one(w->q, w->kv, d->ring, d->comp_rows.rows, w->visible, w->sel, w->n_sel,
+                   L->sinks, w->o, H, Dh, (unsigned)c->window, (unsigned)c->idx_topk, st->p0,
+                   L->ratio > 0, (unsigned)(c->window + gpu_most_rows(st)), T);
     gpu_rope_tail(w->o, st->rope->freq, Dh, (unsigned)st->rope->dims, H, T, st->p0, 1);
-    gpu_sync();
-    for (int t = st->T > c->window ? st->T - c->window : 0; t < st->T; t++)      /* HOST */
-        memcpy(st->st->ring + (size_t)((st->p0 + t) % c->window) * c->head_dim,
-               w->kv + (size_t)t * c->head_dim, (size_t)c->head_dim * sizeof(float));
+    for (int t = st->T > c->window ? st->T - c->window : 0; t < st->T; t++)
+        gpu_copy(d->ring + (size_t)((st->p0 + t) % c->window) * c->head_dim,
+                 w->kv + (size_t)t * c->head_dim, (size_t)c->head_dim * sizeof(float));
     unsigned group_in = H / (unsigned)c->o_groups * Dh, low = (unsigned)(c->o_groups * c->o_rank);
     for (int g = 0; g < c->o_groups; g++)
         gpu_matmul((int)L->out_a.type, matrix_row(&L->out_a, (int64_t)g * c->o_rank),
@@ -4930,67 +5228,104 @@ static void gpu_attention(struct step *st) {
     gpu_attend_and_project(st);
 }
 
-/* run_expert: gate and up matmuls, swiglu, the down matmul. */
-static void gpu_expert(struct step *st, const struct expert_call *ex) {
-    struct chunk_work *w = st->w;
-    gpu_mm(&ex->gate, ex->x, w->hg, ex->n);
-    gpu_mm(&ex->up, ex->x, w->hu, ex->n);
-    gpu_swiglu(w->hg, w->hu, ex->weight, (unsigned)ex->gate.out, (unsigned)ex->n,
-               st->L->swiglu_limit);
-    gpu_mm(&ex->down, w->hg, ex->y, ex->n);
-}
-
-/* One routed expert for the m slots starting at expert_tokens[begin]:
- * gather (HOST), run, then G[t] += Y[i] through slot_of (all -1 but ours). */
-static void gpu_routed_expert(struct step *st, int e, int begin, int m, int *slot_of,
-                              float *weights) {
+/* run_expert for the shared expert: gate and up matmuls, swiglu, down. */
+static void gpu_shared_expert(struct step *st) {
     const struct layer_weights *L = st->L;
     struct chunk_work *w = st->w;
-    int D = st->c->dim, K = st->c->n_used;
-    gpu_sync();
-    for (int i = 0; i < st->T * K; i++) slot_of[i] = -1;
-    for (int i = 0; i < m; i++) {
-        int slot = w->expert_tokens[begin + i];
-        memcpy(w->xe + (size_t)i * D, w->a + (size_t)(slot / K) * D, (size_t)D * sizeof(float));
-        weights[i] = w->route_wt[slot];
-        slot_of[slot] = i;
-    }
-    struct expert_call ex = { expert_slice(&L->gate_exps, e), expert_slice(&L->up_exps, e),
-                              expert_slice(&L->down_exps, e), w->xe, weights, m, w->ye };
-    gpu_expert(st, &ex);
-    gpu_moe_gather_add(w->f, w->ye, slot_of, (unsigned)D, (unsigned)K, (unsigned)st->T);
+    gpu_mm(&L->gate_shexp, w->a, w->hg, st->T);
+    gpu_mm(&L->up_shexp, w->a, w->hu, st->T);
+    gpu_swiglu(w->hg, w->hu, NULL, (unsigned)L->gate_shexp.out, (unsigned)st->T,
+               st->L->swiglu_limit);
+    gpu_mm(&L->down_shexp, w->hg, w->ye, st->T);
 }
 
-/* moe_chunk: router, route_token, the routed experts in expert order (as
- * the CPU adds them), the shared expert. The counting sort is HOST. */
+static size_t expert_bytes(const struct matrix *stacked) {
+    return (size_t)stacked->out * stacked->row_bytes;
+}
+
+/* The routed experts slot by slot: slot i = t K + k runs expert sel[i] on
+ * token t, and its output is row i of slot_out. No host step. */
+static void gpu_experts_by_slot(struct step *st) {
+    const struct layer_weights *L = st->L;
+    struct chunk_work *w = st->w;
+    struct gpu_state *g = gpu_state_of(st->s);
+    unsigned K = (unsigned)st->c->n_used, n = (unsigned)st->T * K;
+    unsigned D = (unsigned)st->c->dim, F = (unsigned)L->gate_exps.out;
+    const struct matrix *gate = &L->gate_exps, *up = &L->up_exps, *down = &L->down_exps;
+    gpu_matmul_experts((int)gate->type, gate->data, expert_bytes(gate), w->route_sel, w->a,
+                       g->slot_gate, D, F, n, (unsigned)gate->row_bytes, K);
+    gpu_matmul_experts((int)up->type, up->data, expert_bytes(up), w->route_sel, w->a, g->slot_up,
+                       D, F, n, (unsigned)up->row_bytes, K);
+    gpu_swiglu(g->slot_gate, g->slot_up, w->route_wt, F, n, L->swiglu_limit);
+    gpu_matmul_experts((int)down->type, down->data, expert_bytes(down), w->route_sel,
+                       g->slot_gate, g->slot_out, F, D, n, (unsigned)down->row_bytes, 1);
+}
+
+/* The routed experts grouped by expert (HOST: download the routing, the
+ * counting sort of group_by_expert, one upload of the groups). Expert e
+ * reads its tokens' rows of a through slot_token and writes its outputs to
+ * their slots' rows of slot_out through slot_list. */
+static void gpu_experts_grouped(struct step *st) {
+    const struct ds4_config *c = st->c;
+    const struct layer_weights *L = st->L;
+    struct chunk_work *w = st->w;
+    struct gpu_state *g = gpu_state_of(st->s);
+    int K = c->n_used, n = st->T * K;
+    gpu_download(g->route_sel_host, w->route_sel, (size_t)n * sizeof(int));
+    gpu_download(g->route_wt_host, w->route_wt, (size_t)n * sizeof(float));
+    struct chunk_work grouped = { .route_sel = g->route_sel_host,
+                                  .expert_tokens = w->expert_tokens,
+                                  .expert_count = w->expert_count };
+    group_by_expert(c, st->T, &grouped);
+    for (int i = 0; i < n; i++) {
+        int slot = w->expert_tokens[i];
+        g->slot_token_host[i] = slot / K;
+        g->weight_host[i] = g->route_wt_host[slot];
+    }
+    gpu_upload(g->slot_token, g->slot_token_host, (size_t)n * sizeof(int));
+    gpu_upload(g->slot_list, w->expert_tokens, (size_t)n * sizeof(int));
+    gpu_upload(g->slot_weight, g->weight_host, (size_t)n * sizeof(float));
+    unsigned D = (unsigned)c->dim, F = (unsigned)L->gate_exps.out;
+    for (int e = 0; e < c->n_experts; e++) {
+        int begin = w->expert_count[e], m = w->expert_count[e + 1] - begin;
+        if (m == 0) continue;
+        struct matrix gate = expert_slice(&L->gate_exps, e), up = expert_slice(&L->up_exps, e);
+        struct matrix down = expert_slice(&L->down_exps, e);
+        gpu_matmul_rows((int)gate.type, gate.data, w->a, g->slot_token + begin, g->slot_gate,
+                        NULL, D, F, (unsigned)m, (unsigned)gate.row_bytes);
+        gpu_matmul_rows((int)up.type, up.data, w->a, g->slot_token + begin, g->slot_up, NULL, D,
+                        F, (unsigned)m, (unsigned)up.row_bytes);
+        gpu_swiglu(g->slot_gate, g->slot_up, g->slot_weight + begin, F, (unsigned)m,
+                   L->swiglu_limit);
+        gpu_matmul_rows((int)down.type, down.data, g->slot_gate, NULL, g->slot_out,
+                        g->slot_list + begin, F, D, (unsigned)m, (unsigned)down.row_bytes);
+    }
+}
+
+/* moe_chunk: router, route_token, the routed experts into slot_out, their
+ * sum per token in slot order (the CPU adds them in expert order: the two
+ * differ by rounding), then the shared expert. */
 static void gpu_moe(struct step *st) {
     const struct ds4_config *c = st->c;
     const struct layer_weights *L = st->L;
     struct chunk_work *w = st->w;
+    struct gpu_state *g = gpu_state_of(st->s);
     int E = c->n_experts, K = c->n_used, T = st->T;
-    int64_t scratch = (int64_t)T * (E > 2 * K ? E : 2 * K);
-    engine_reserve_attn_scratch(st->eng, scratch);
-    float *biased = st->eng->attn_scratch[0];
     gpu_mm(&L->router, w->a, w->router, T);
     gpu_route_token(w->router, st->tokens, L->hash_routed ? L->tid2eid : NULL, L->router_bias,
-                    biased, w->route_sel, w->route_wt, (unsigned)T, (unsigned)E, (unsigned)K,
+                    g->biased, w->route_sel, w->route_wt, (unsigned)T, (unsigned)E, (unsigned)K,
                     c->route_scale);
-    gpu_sync();
-    group_by_expert(c, T, w);
-    memset(w->f, 0, (size_t)T * c->dim * sizeof(float));                         /* HOST */
-    int *slot_of = (int *)biased;             /* the scores are consumed: reuse */
-    float *weights = biased + (size_t)T * K;
-    for (int e = 0; e < E; e++) {
-        int begin = w->expert_count[e], n = w->expert_count[e + 1] - begin;
-        if (n > 0) gpu_routed_expert(st, e, begin, n, slot_of, weights);
-    }
-    struct expert_call shared = { L->gate_shexp, L->up_shexp, L->down_shexp, w->a, NULL, T,
-                                  w->ye };
-    gpu_expert(st, &shared);
+    if (T <= GPU_SLOT_TOKENS) gpu_experts_by_slot(st);
+    else gpu_experts_grouped(st);
+    gpu_zero(w->f, (size_t)T * c->dim * sizeof(float));
+    gpu_moe_gather_add(w->f, g->slot_out, g->identity, (unsigned)c->dim, (unsigned)K,
+                       (unsigned)T);
+    gpu_shared_expert(st);
     gpu_add_rows(w->f, w->ye, (unsigned)(T * c->dim), (unsigned)(T * c->dim));
 }
 
-/* head_chunk: matmul, hc_head_collapse, rmsnorm, the output matmul. */
+/* head_chunk: matmul, hc_head_collapse, rmsnorm, the output matmul. The
+ * logits are host memory: the dispatch that writes them waits. */
 static void gpu_head(struct step *st, int64_t row0, int n, float *logits) {
     const struct model *m = st->eng->model;
     const struct ds4_config *c = st->c;
@@ -5007,7 +5342,8 @@ static void gpu_head(struct step *st, int64_t row0, int n, float *logits) {
     gpu_sync();                               /* the caller reads the logits */
 }
 
-/* mtp_input: Xm[i][h] = Wh . rmsnorm(Hin_i[h], hnorm) + We . rmsnorm(embed[tok_i], enorm). */
+/* mtp_input: Xm[i][h] = Wh . rmsnorm(Hin_i[h], hnorm) + We . rmsnorm(embed[tok_i], enorm).
+ * hin0 is s->last_hc (host) or a row of backend streams. */
 static void gpu_mtp_input(struct step *st, const float *hin0, const float *hin_next) {
     const struct mtp_weights *mw = &st->eng->model->mtp;
     const struct ds4_config *c = st->c;
@@ -5024,21 +5360,21 @@ static void gpu_mtp_input(struct step *st, const float *hin0, const float *hin_n
         gpu_add_rows(st->X + i * nD, w->f + (size_t)i * D, (unsigned)nD, D);
 }
 
-/* The chunk's last streams are copied by the host. */
+/* cpu_end_chunk from device streams. */
 static void gpu_end_chunk(struct step *st) {
-    gpu_sync();
-    cpu_end_chunk(st);
+    int64_t nD = (int64_t)st->c->hc * st->c->dim;
+    if (st->req && st->req->all_hc)
+        gpu_download(st->req->all_hc, st->X, (size_t)st->T * nD * sizeof(float));
+    gpu_download(st->s->last_hc, st->X + (st->T - 1) * nD, (size_t)nD * sizeof(float));
 }
 
-/* The session ops are the CPU's: in unified memory the host arrays are the
- * state the kernels read and write. */
 static const struct backend gpu_backend = {
     .name = DS4_GPU_NAME,
     .session_open = gpu_session_open,
-    .session_close = cpu_session_close,
-    .state_pull = cpu_state_sync,
-    .state_push = cpu_state_sync,
-    .begin_chunk = cpu_begin_chunk,
+    .session_close = gpu_session_close,
+    .state_pull = gpu_state_pull,
+    .state_push = gpu_state_push,
+    .begin_chunk = gpu_begin_chunk,
     .embed = gpu_embed,
     .hc_collapse = gpu_hc_collapse,
     .attention = gpu_attention,
@@ -5389,10 +5725,6 @@ struct checkpoint {
     float **frontier;          /* [layers] comp kv|score then idx kv|score */
 };
 
-static size_t frontier_floats(const struct compressor_state *cs) {
-    return cs->kv ? (size_t)cs->coff * cs->ratio * cs->coff * cs->dc : 0;
-}
-
 /* Room for checkpoints of up to `span` positions, allocated once (the
  * generator keeps two and reuses them every step). Drafting touches only the
  * MTP ring; a verification touches everything: `with_layers` says whether
@@ -5516,7 +5848,7 @@ static void session_rollback(struct session *s, const struct checkpoint *cp,
     const struct ds4_config *c = &s->eng->model->cfg;
     int W = c->window, Dh = c->head_dim;
     int64_t n_d = (int64_t)c->hc * c->dim, new_pos = cp->pos + keep;
-    float *pooled = s->work->pooled;   /* [Dh], idle between forwards */
+    float *pooled = s->work->tmp;   /* [n*D] >= [Dh], host memory idle between forwards */
     for (int l = 0; l < c->n_layers; l++) {
         for (int i = keep; i < cp->span && cp->pos + i < s->pos; i++)
             memcpy(s->layers[l].ring + (size_t)((cp->pos + i) % W) * Dh,
@@ -11085,12 +11417,14 @@ static void layer_state_copy(struct layer_state *dst, const struct layer_state *
 
 static void session_copy(struct session *dst, const struct session *src) {
     const struct ds4_config *c = &src->eng->model->cfg;
+    src->eng->be->state_pull((struct session *)src);   /* the host copies are the ones copied */
     for (int l = 0; l < c->n_layers; l++) layer_state_copy(&dst->layers[l], &src->layers[l], c);
     layer_state_copy(&dst->mtp_state, &src->mtp_state, c);
     memcpy(dst->logits, src->logits, (size_t)c->vocab * sizeof(float));
     memcpy(dst->last_hc, src->last_hc, (size_t)c->hc * c->dim * sizeof(float));
     dst->pos = src->pos;
     dst->mtp_pos = src->mtp_pos;
+    dst->eng->be->state_push(dst);
 }
 
 /* ============================================================================

@@ -287,10 +287,17 @@ struct matmul_args {
     unsigned x_stride, y_stride; // floats between tokens in x and in y
 };
 
+// Token j's row of x (or y): j itself, or rows[j] when the tokens are
+// gathered (an expert's share of a chunk, 6.9).
+__device__ unsigned token_row(const int *rows, unsigned j) {
+    return rows ? (unsigned)rows[j] : j;
+}
+
 // The decoder is a tag type, as in kernels.metal, so each kernel inlines its own.
 template <class Decoder>
 __device__ void matmul_rows(const uint8_t *w, const float *x, float *y, const matmul_args &a,
-                            unsigned row, unsigned lane) {
+                            unsigned row, unsigned lane, const int *x_rows = nullptr,
+                            const int *y_rows = nullptr) {
     if (row >= a.out) return;                       // the whole warp agrees
     const uint8_t *wr = w + (uint64_t)row * a.row_bytes;
     unsigned chunks = a.in / 32;
@@ -302,7 +309,7 @@ __device__ void matmul_rows(const uint8_t *w, const float *x, float *y, const ma
             float v[32];
             Decoder::decode(wr, c, v);
             for (unsigned j = 0; j < tile; j++) {
-                const float *xs = x + (uint64_t)(t0 + j) * a.x_stride + 32 * c;
+                const float *xs = x + (uint64_t)token_row(x_rows, t0 + j) * a.x_stride + 32 * c;
                 float s = 0.0f;
                 for (int i = 0; i < 32; i++) s += v[i] * xs[i];
                 acc[j] += s;
@@ -310,7 +317,7 @@ __device__ void matmul_rows(const uint8_t *w, const float *x, float *y, const ma
         }
         for (unsigned j = 0; j < tile; j++) {          // tile: the same in every lane
             float s = warp_sum(acc[j]);
-            if (lane == 0) y[(uint64_t)(t0 + j) * a.y_stride + row] = s;
+            if (lane == 0) y[(uint64_t)token_row(y_rows, t0 + j) * a.y_stride + row] = s;
         }
     }
 }
@@ -385,6 +392,49 @@ __global__ void matmul_q4_k(const uint8_t *w, const float *x, float *y, matmul_a
 __global__ void matmul_iq2_xxs(const uint8_t *w, const float *x, float *y, matmul_args a) {
     matmul_rows<decoder_iq2_xxs>(w, x, y, a, blockIdx.x * MATMUL_WARPS + threadIdx.x / 32,
                                  threadIdx.x % 32);
+}
+
+// ---- matmul_rows: an expert's tokens, gathered (ds4.c 6.9 run_expert) ----
+
+// y[y_rows[j]][r] = sum_i W[r][i] x[x_rows[j]][i]      j < n_tok
+//
+// matmul with the tokens gathered through index arrays (either may be NULL:
+// token j is row j): an expert reads its tokens' rows of the chunk and
+// writes its outputs to their slots, without a copy. Same threads as matmul.
+struct matmul_rows_args {
+    unsigned in, out, n_tok, row_bytes;
+};
+
+template <class Decoder>
+__global__ void matmul_rows_kernel(const uint8_t *w, const float *x, const int *x_rows, float *y,
+                                   const int *y_rows, matmul_rows_args r) {
+    matmul_args a = { r.in, r.out, r.n_tok, r.row_bytes, r.in, r.out };
+    matmul_rows<Decoder>(w, x, y, a, blockIdx.x * MATMUL_WARPS + threadIdx.x / 32,
+                         threadIdx.x % 32, x_rows, y_rows);
+}
+
+// ---- matmul_experts: the routed experts slot by slot (ds4.c 6.9) ----------
+
+// y[i][r] = sum_c W_e[r][c] x[i / x_div][c],   e = sel[i]        i < n_slots
+// W_e = w + e * expert_bytes (the stacked experts [E][out][in])
+//
+// threads: as matmul, one warp per row; grid.y = the slot. The expert id is
+// read on the GPU, so a decode token's routed experts need no host step:
+// gate and up take x = the chunk's rows (x_div = K: slot t K + k is token
+// t's k-th expert), down takes x = the slots' own hidden rows (x_div = 1).
+struct matmul_experts_args {
+    unsigned in, out, row_bytes, x_div;
+    uint64_t expert_bytes;
+};
+
+template <class Decoder>
+__global__ void matmul_experts_kernel(const uint8_t *w, const int *sel, const float *x, float *y,
+                                      matmul_experts_args e) {
+    unsigned slot = blockIdx.y;
+    matmul_args a = { e.in, e.out, 1, e.row_bytes, e.in, e.out };
+    matmul_rows<Decoder>(w + (uint64_t)sel[slot] * e.expert_bytes,
+                         x + (uint64_t)(slot / e.x_div) * e.in, y + (uint64_t)slot * e.out, a,
+                         blockIdx.x * MATMUL_WARPS + threadIdx.x / 32, threadIdx.x % 32);
 }
 
 // ---- rmsnorm (ds4.c chapter 5) --------------------------------------------
@@ -952,29 +1002,26 @@ __global__ void topk_rows(const float *score, int *sel, int *n_sel, topk_args a)
 }
 
 // ============================================================================
-// Part 2. The host code: device, weights, the gpu_* dispatches
+// Part 2. The host code: device, weights, memory, the gpu_* dispatches
 // ============================================================================
 //
-// ds4.c 6.14 calls the gpu_* functions with HOST pointers: the session's
-// arrays and the mapped GGUF (on Apple silicon those are what the GPU reads).
-// A discrete GPU needs device pointers, so every pointer argument is
-// translated here, in one place (cuda_bind):
+// ds4.c 6.14 hands the gpu_* functions three kinds of pointer, and every
+// pointer argument of a dispatch is sorted here, in one place (cuda_bind):
 //
+//   device    backend memory from gpu_alloc: the chunk's activations, the
+//             session's state, the expert slots. Passed through untouched;
+//             a decode token's dispatches are almost all of this kind.
 //   weights   gpu_map_weights(base, size) uploads a whole mapped GGUF once,
 //             at session open, into one cudaMalloc'd buffer; a pointer inside
 //             that mapping becomes dev + (p - base). No managed memory.
-//   the rest  activations, session state, small per-layer vectors: copied
-//             into a device arena before the launch and, for the buffers a
-//             kernel writes, back after it. The arena is cudaMalloc'd once
-//             and grows (rarely) to the largest dispatch seen.
+//   host      anything else (a token list, the visible counts, the logits,
+//             and every argument of the kernel checks): inputs are copied
+//             into pinned staging memory at once and from there to a device
+//             arena in stream order; outputs are copied back after the
+//             launch, and only then does the host wait.
 //
-// So each gpu_* call is one launch on one stream plus its copies, finished
-// before it returns: the "launch per dispatch" path, correct before fast.
-// The copies and the per-call synchronisation are what the next revision
-// removes, by keeping the session's arrays on the device (the backend's
-// state_push/state_pull then move the KV state) and capturing a decode
-// step's launches, which then all have fixed device pointers, into a CUDA
-// graph replayed per token. Neither is written yet.
+// So the host waits only where ds4.c asks for host memory back (the
+// logits, a download); everything else queues on one stream.
 
 // A CUDA call that fails stops the program with the call's name: a half
 // finished forward would hand wrong logits to the caller.
@@ -995,13 +1042,32 @@ struct cuda_weight_map {
 
 enum { CUDA_MAX_MAPS = 4 };
 
+// One live gpu_alloc range. The table is sorted by address, so that finding
+// the range a pointer falls in is a binary search (a decode token sorts a
+// few thousand pointers).
+struct cuda_range {
+    uint8_t *base;
+    size_t size;
+};
+
+// Pinned staging memory for host inputs, used as a ring: STAGING_PARTS
+// parts, each closed by an event when the ring moves past it, and waited on
+// before it is written again.
+enum { STAGING_BYTES = 32 << 20, STAGING_PARTS = 8 };
+
 struct cuda_device {
     bool open;
     cudaStream_t stream;
     struct cuda_weight_map maps[CUDA_MAX_MAPS];
     int n_maps;
-    uint8_t *arena;            // device scratch for the copied arguments
-    size_t arena_cap;
+    struct cuda_range *ranges;
+    int n_ranges, cap_ranges;
+    uint8_t *arena;            // device scratch for the copied host arguments
+    size_t arena_cap, arena_at;
+    uint8_t *staging;          // pinned, STAGING_BYTES
+    size_t staging_at;
+    cudaEvent_t part_done[STAGING_PARTS];
+    bool part_pending[STAGING_PARTS];
 };
 
 static struct cuda_device cuda;
@@ -1035,15 +1101,23 @@ extern "C" int gpu_open(void) {
     }
     cuda_check(cudaSetDevice(0), "cudaSetDevice");
     cuda_check(cudaStreamCreate(&cuda.stream), "cudaStreamCreate");
+    cuda_check(cudaHostAlloc((void **)&cuda.staging, STAGING_BYTES, cudaHostAllocDefault),
+               "cudaHostAlloc (staging)");
+    for (int i = 0; i < STAGING_PARTS; i++)
+        cuda_check(cudaEventCreateWithFlags(&cuda.part_done[i], cudaEventDisableTiming),
+                   "cudaEventCreate");
     cuda.open = true;
     return 1;
 }
 
-// Every dispatch below has finished when it returns; this is where a
-// batched step will wait.
-extern "C" void gpu_sync(void) {
+// Every dispatch so far has finished when it returns.
+static void cuda_wait(void) {
     if (tracing) trace_syncs++;
     cuda_check(cudaStreamSynchronize(cuda.stream), "cudaStreamSynchronize");
+}
+
+extern "C" void gpu_sync(void) {
+    cuda_wait();
 }
 
 // Upload [base, base + size) once. When the device has not the room (the
@@ -1088,7 +1162,7 @@ extern "C" int gpu_map_weights(const void *base, size_t size) {
     forget_overlapping(b, size);
     size_t free_bytes = 0, total = 0;
     cuda_check(cudaMemGetInfo(&free_bytes, &total), "cudaMemGetInfo");
-    if (cuda.n_maps == CUDA_MAX_MAPS || size + ((size_t)1 << 30) > free_bytes) {
+    if (cuda.n_maps == CUDA_MAX_MAPS || size + ((size_t)4 << 30) > free_bytes) {
         fprintf(stderr, "ds4: cuda: %zu MB of weights do not fit in %zu MB free; "
                 "they will be copied per dispatch\n", size >> 20, free_bytes >> 20);
         return 0;
@@ -1103,7 +1177,130 @@ extern "C" int gpu_map_weights(const void *base, size_t size) {
     return 1;
 }
 
-// ---- Binding host pointers to device memory ---------------------------------
+// ---- Backend memory (ds4.c 6.14: gpu_alloc and the four copies) -----------
+
+// The index of the first range whose base is above p.
+static int range_after(const void *p) {
+    int lo = 0, hi = cuda.n_ranges;
+    while (lo < hi) {
+        int mid = (lo + hi) / 2;
+        if ((const uint8_t *)p < cuda.ranges[mid].base) hi = mid;
+        else lo = mid + 1;
+    }
+    return lo;
+}
+
+// Is p inside memory from gpu_alloc?
+static bool is_device(const void *p) {
+    int i = range_after(p) - 1;
+    return i >= 0 && (const uint8_t *)p < cuda.ranges[i].base + cuda.ranges[i].size;
+}
+
+extern "C" void *gpu_alloc(size_t bytes) {
+    uint8_t *p = nullptr;
+    size_t size = bytes ? bytes : 16;
+    if (cudaMalloc((void **)&p, size) != cudaSuccess) {
+        size_t free_bytes = 0, total = 0;
+        cudaMemGetInfo(&free_bytes, &total);
+        fprintf(stderr, "ds4: cuda: out of device memory allocating %zu MB (%zu MB free)\n",
+                size >> 20, free_bytes >> 20);
+        exit(1);
+    }
+    cuda_check(cudaMemsetAsync(p, 0, size, cuda.stream), "cudaMemsetAsync (gpu_alloc)");
+    if (cuda.n_ranges == cuda.cap_ranges) {
+        cuda.cap_ranges = cuda.cap_ranges ? 2 * cuda.cap_ranges : 256;
+        cuda.ranges = (struct cuda_range *)realloc(cuda.ranges,
+                                                   cuda.cap_ranges * sizeof *cuda.ranges);
+        if (!cuda.ranges) cuda_check(cudaErrorMemoryAllocation, "the range table");
+    }
+    int at = range_after(p);
+    memmove(cuda.ranges + at + 1, cuda.ranges + at, (cuda.n_ranges - at) * sizeof *cuda.ranges);
+    cuda.ranges[at].base = p;
+    cuda.ranges[at].size = size;
+    cuda.n_ranges++;
+    return p;
+}
+
+extern "C" void gpu_free(void *p) {
+    if (!p) return;
+    int i = range_after(p) - 1;
+    if (i < 0 || cuda.ranges[i].base != p) {
+        fprintf(stderr, "ds4: cuda: gpu_free of memory gpu_alloc did not give\n");
+        exit(1);
+    }
+    memmove(cuda.ranges + i, cuda.ranges + i + 1, (cuda.n_ranges - i - 1) * sizeof *cuda.ranges);
+    cuda.n_ranges--;
+    cuda_check(cudaFree(p), "cudaFree");
+}
+
+// `bytes` of pinned staging, contiguous; NULL when more than one part.
+static uint8_t *staging_take(size_t bytes) {
+    const size_t part = STAGING_BYTES / STAGING_PARTS;
+    bytes = (bytes + 255) / 256 * 256;
+    if (bytes > part) return nullptr;
+    size_t at = cuda.staging_at;
+    if (at / part != (at + bytes - 1) / part || at + bytes > STAGING_BYTES) {
+        // Close the part we leave, open the next one (waiting if it is pending).
+        int done = (int)(at / part) % STAGING_PARTS, next = (done + 1) % STAGING_PARTS;
+        cuda_check(cudaEventRecord(cuda.part_done[done], cuda.stream), "cudaEventRecord");
+        cuda.part_pending[done] = true;
+        if (cuda.part_pending[next])
+            cuda_check(cudaEventSynchronize(cuda.part_done[next]), "cudaEventSynchronize");
+        cuda.part_pending[next] = false;
+        at = (size_t)next * part;
+    }
+    cuda.staging_at = at + bytes;
+    return cuda.staging + at;
+}
+
+// Host to device in stream order; `src` may be reused when this returns.
+static void copy_to_device(void *dst, const void *src, size_t bytes) {
+    uint8_t *stage = staging_take(bytes);
+    if (!stage) {                            // large: a plain, waiting copy
+        cuda_wait();
+        cuda_check(cudaMemcpy(dst, src, bytes, cudaMemcpyHostToDevice), "cudaMemcpy (upload)");
+        return;
+    }
+    memcpy(stage, src, bytes);
+    cuda_check(cudaMemcpyAsync(dst, stage, bytes, cudaMemcpyHostToDevice, cuda.stream),
+               "cudaMemcpyAsync (upload)");
+}
+
+static void require_device(const void *p, const char *what) {
+    if (is_device(p)) return;
+    fprintf(stderr, "ds4: cuda: %s: %p is not memory from gpu_alloc\n", what, p);
+    exit(1);
+}
+
+extern "C" void gpu_upload(void *dst, const void *src, size_t bytes) {
+    if (!bytes) return;
+    require_device(dst, "gpu_upload");
+    copy_to_device(dst, src, bytes);
+}
+
+extern "C" void gpu_download(void *dst, const void *src, size_t bytes) {
+    if (!bytes) return;
+    require_device(src, "gpu_download");
+    cuda_check(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, cuda.stream),
+               "cudaMemcpyAsync (download)");
+    cuda_wait();
+}
+
+extern "C" void gpu_copy(void *dst, const void *src, size_t bytes) {
+    if (!bytes) return;
+    require_device(dst, "gpu_copy");
+    require_device(src, "gpu_copy");
+    cuda_check(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, cuda.stream),
+               "cudaMemcpyAsync (device to device)");
+}
+
+extern "C" void gpu_zero(void *dst, size_t bytes) {
+    if (!bytes) return;
+    require_device(dst, "gpu_zero");
+    cuda_check(cudaMemsetAsync(dst, 0, bytes, cuda.stream), "cudaMemsetAsync");
+}
+
+// ---- Binding a dispatch's pointers ------------------------------------------
 
 // One pointer argument of a dispatch: its host extent, whether the kernel
 // writes it (then it is copied back), and the device pointer it became.
@@ -1121,8 +1318,8 @@ static struct span span_in(const void *p, size_t bytes) {
     return s;
 }
 
-// A written buffer is copied in too: kernels write part of some outputs
-// (strided matmul rows, one token's slot) and the rest must survive.
+// A written host buffer is copied in too: kernels write part of some
+// outputs (strided matmul rows, one token's slot) and the rest must survive.
 static struct span span_out(void *p, size_t bytes) {
     struct span s = { p, bytes, SPAN_WRITE, nullptr };
     return s;
@@ -1139,48 +1336,70 @@ static const uint8_t *mapped_device_address(const void *p, size_t bytes) {
 
 static size_t round_up_256(size_t n) { return (n + 255) / 256 * 256; }
 
-// The arena grows to `need` bytes; nothing in it is live between dispatches.
-static void arena_reserve(size_t need) {
-    if (need <= cuda.arena_cap) return;
-    size_t cap = cuda.arena_cap * 2 > need ? cuda.arena_cap * 2 : need;
-    cuda_check(cudaStreamSynchronize(cuda.stream), "cudaStreamSynchronize");
-    if (cuda.arena) cuda_check(cudaFree(cuda.arena), "cudaFree (arena)");
-    cuda_check(cudaMalloc((void **)&cuda.arena, cap), "cudaMalloc (arena)");
-    cuda.arena_cap = cap;
+// Arena room for this dispatch's host arguments. The arena is used as a
+// ring too: a region is rewritten only by a copy queued after the launch
+// that read it. Growing it waits for the stream first.
+static uint8_t *arena_take(size_t need) {
+    if (need > cuda.arena_cap) {
+        size_t cap = cuda.arena_cap * 2 > need ? cuda.arena_cap * 2 : need;
+        cap = cap < ((size_t)64 << 20) ? (size_t)64 << 20 : cap;
+        cuda_wait();
+        if (cuda.arena) cuda_check(cudaFree(cuda.arena), "cudaFree (arena)");
+        cuda_check(cudaMalloc((void **)&cuda.arena, cap), "cudaMalloc (arena)");
+        cuda.arena_cap = cap;
+        cuda.arena_at = 0;
+    }
+    if (cuda.arena_at + need > cuda.arena_cap) cuda.arena_at = 0;
+    uint8_t *p = cuda.arena + cuda.arena_at;
+    cuda.arena_at += need;
+    return p;
 }
 
-// Give every span a device pointer: NULL stays NULL (optional inputs), a
-// mapped weight is translated, the rest is copied into the arena.
+static bool is_host_span(const struct span &s) {
+    return s.host && s.bytes && !is_device(s.host) && !mapped_device_address(s.host, s.bytes);
+}
+
+// Give every span a device pointer: NULL stays NULL (optional inputs),
+// device memory passes, a mapped weight is translated, host memory is
+// copied into the arena.
 static void cuda_bind(struct span *s, int n) {
     size_t need = 0;
     for (int i = 0; i < n; i++)
-        if (s[i].host && s[i].bytes && !mapped_device_address(s[i].host, s[i].bytes))
-            need += round_up_256(s[i].bytes);
-    arena_reserve(need);
+        if (is_host_span(s[i])) need += round_up_256(s[i].bytes);
+    uint8_t *arena = need ? arena_take(need) : nullptr;
     size_t at = 0;
     for (int i = 0; i < n; i++) {
         s[i].dev = nullptr;
-        if (!s[i].host || !s[i].bytes) continue;
+        if (!s[i].host) continue;
+        if (is_device(s[i].host)) {
+            s[i].dev = (void *)s[i].host;
+            continue;
+        }
+        if (!s[i].bytes) continue;
         const uint8_t *mapped = mapped_device_address(s[i].host, s[i].bytes);
         if (mapped) {
             s[i].dev = (void *)mapped;
             continue;
         }
-        s[i].dev = cuda.arena + at;
+        s[i].dev = arena + at;
         at += round_up_256(s[i].bytes);
-        cuda_check(cudaMemcpyAsync(s[i].dev, s[i].host, s[i].bytes, cudaMemcpyHostToDevice,
-                                   cuda.stream), "copying a dispatch's input");
+        copy_to_device(s[i].dev, s[i].host, s[i].bytes);
     }
 }
 
-// Copy the written spans back and wait: the host reads them next.
+// Copy the written host spans back, and wait only then: the host reads them
+// next. Device outputs stay where they are, and nothing waits.
 static void cuda_unbind(const struct span *s, int n) {
+    bool copied = false;
     for (int i = 0; i < n; i++)
-        if (s[i].use == SPAN_WRITE && s[i].dev)
+        if (s[i].use == SPAN_WRITE && s[i].dev && s[i].dev != s[i].host &&
+            !mapped_device_address(s[i].host, s[i].bytes)) {
             cuda_check(cudaMemcpyAsync((void *)s[i].host, s[i].dev, s[i].bytes,
                                        cudaMemcpyDeviceToHost, cuda.stream),
                        "copying a dispatch's output");
-    cuda_check(cudaStreamSynchronize(cuda.stream), "cudaStreamSynchronize");
+            copied = true;
+        }
+    if (copied) cuda_wait();
 }
 
 // ---- One launch -----------------------------------------------------------
@@ -1229,31 +1448,110 @@ static int largest_index(const int *v, size_t n) {
 // Each: bind its pointers, launch with the block size of the kernel's
 // header, copy back. tests/test_metal.c calls the same list.
 
+// The kernels of one weight type. type: GGML type id (0 F32, 1 F16, 8 Q8_0,
+// 10 Q2_K, 12 Q4_K, 16 IQ2_XXS, 30 BF16).
+struct matmul_kernels {
+    const char *name, *rows_name, *experts_name;
+    void (*plain)(const uint8_t *, const float *, float *, matmul_args);
+    void (*rows)(const uint8_t *, const float *, const int *, float *, const int *,
+                 matmul_rows_args);
+    void (*experts)(const uint8_t *, const int *, const float *, float *, matmul_experts_args);
+};
+
+template <class D>
+static struct matmul_kernels kernels_of(const char *name, const char *rows, const char *experts,
+                                        void (*plain)(const uint8_t *, const float *, float *,
+                                                      matmul_args)) {
+    struct matmul_kernels k = { name, rows, experts, plain, matmul_rows_kernel<D>,
+                                matmul_experts_kernel<D> };
+    return k;
+}
+
+static bool matmul_kernels_for(int type, struct matmul_kernels *k) {
+    switch (type) {
+    case 0: *k = kernels_of<decoder_f32>("matmul_f32", "matmul_rows_f32", "matmul_experts_f32",
+                                         matmul_f32); return true;
+    case 1: *k = kernels_of<decoder_f16>("matmul_f16", "matmul_rows_f16", "matmul_experts_f16",
+                                         matmul_f16); return true;
+    case 30: *k = kernels_of<decoder_bf16>("matmul_bf16", "matmul_rows_bf16",
+                                           "matmul_experts_bf16", matmul_bf16); return true;
+    case 8: *k = kernels_of<decoder_q8_0>("matmul_q8_0", "matmul_rows_q8_0",
+                                          "matmul_experts_q8_0", matmul_q8_0); return true;
+    case 10: *k = kernels_of<decoder_q2_k>("matmul_q2_k", "matmul_rows_q2_k",
+                                           "matmul_experts_q2_k", matmul_q2_k); return true;
+    case 12: *k = kernels_of<decoder_q4_k>("matmul_q4_k", "matmul_rows_q4_k",
+                                           "matmul_experts_q4_k", matmul_q4_k); return true;
+    case 16: *k = kernels_of<decoder_iq2_xxs>("matmul_iq2_xxs", "matmul_rows_iq2_xxs",
+                                              "matmul_experts_iq2_xxs", matmul_iq2_xxs);
+        return true;
+    default: return false;
+    }
+}
+
 extern "C" {
 
-// type: GGML type id (0 F32, 1 F16, 8 Q8_0, 10 Q2_K, 12 Q4_K, 16 IQ2_XXS, 30 BF16).
 int gpu_matmul(int type, const void *w, const float *x, float *y, unsigned in, unsigned out,
                unsigned n_tok, unsigned row_bytes, unsigned x_stride, unsigned y_stride) {
-    void (*k)(const uint8_t *, const float *, float *, matmul_args) = nullptr;
-    const char *name = nullptr;
-    switch (type) {
-    case 0: k = matmul_f32, name = "matmul_f32"; break;
-    case 1: k = matmul_f16, name = "matmul_f16"; break;
-    case 30: k = matmul_bf16, name = "matmul_bf16"; break;
-    case 8: k = matmul_q8_0, name = "matmul_q8_0"; break;
-    case 10: k = matmul_q2_k, name = "matmul_q2_k"; break;
-    case 12: k = matmul_q4_k, name = "matmul_q4_k"; break;
-    case 16: k = matmul_iq2_xxs, name = "matmul_iq2_xxs"; break;
-    default: return -1;
-    }
+    struct matmul_kernels k;
+    if (!matmul_kernels_for(type, &k)) return -1;
     matmul_args a = { in, out, n_tok, row_bytes, x_stride, y_stride };
     struct span s[3] = { span_in(w, (size_t)out * row_bytes),
                          span_in(x, strided_bytes(n_tok, x_stride, in)),
                          span_out(y, strided_bytes(n_tok, y_stride, out)) };
     cuda_bind(s, 3);
-    cuda_run(name, k, dim3(groups_of(out, MATMUL_WARPS), 1, 1), 32 * MATMUL_WARPS, 0,
+    cuda_run(k.name, k.plain, dim3(groups_of(out, MATMUL_WARPS), 1, 1), 32 * MATMUL_WARPS, 0,
              (const uint8_t *)s[0].dev, (const float *)s[1].dev, dev_f(s[2]), a);
     cuda_unbind(s, 3);
+    return 0;
+}
+
+// The rows an index array reaches: n, or (host arrays) its largest entry + 1.
+static size_t rows_reached(const int *rows, unsigned n) {
+    if (!rows || is_device(rows)) return n;
+    return (size_t)largest_index(rows, n) + 1;
+}
+
+int gpu_matmul_rows(int type, const void *w, const float *x, const int *x_rows, float *y,
+                    const int *y_rows, unsigned in, unsigned out, unsigned n_tok,
+                    unsigned row_bytes) {
+    struct matmul_kernels k;
+    if (!matmul_kernels_for(type, &k)) return -1;
+    matmul_rows_args a = { in, out, n_tok, row_bytes };
+    struct span s[5] = { span_in(w, (size_t)out * row_bytes),
+                         span_in(x, rows_reached(x_rows, n_tok) * in * sizeof(float)),
+                         span_in(x_rows, x_rows ? n_tok * sizeof(int) : 0),
+                         span_out(y, rows_reached(y_rows, n_tok) * out * sizeof(float)),
+                         span_in(y_rows, y_rows ? n_tok * sizeof(int) : 0) };
+    cuda_bind(s, 5);
+    cuda_run(k.rows_name, k.rows, dim3(groups_of(out, MATMUL_WARPS), 1, 1), 32 * MATMUL_WARPS,
+             0, (const uint8_t *)s[0].dev, (const float *)s[1].dev, dev_i(s[2]), dev_f(s[3]),
+             dev_i(s[4]), a);
+    cuda_unbind(s, 5);
+    return 0;
+}
+
+int gpu_matmul_experts(int type, const void *w, size_t expert_bytes, const int *sel,
+                       const float *x, float *y, unsigned in, unsigned out, unsigned n_slots,
+                       unsigned row_bytes, unsigned x_div) {
+    struct matmul_kernels k;
+    if (!matmul_kernels_for(type, &k) || x_div == 0) return -1;
+    matmul_experts_args a = { in, out, row_bytes, x_div, (uint64_t)expert_bytes };
+    // The stacked experts reached: all of them up to the largest id (host
+    // sel), or the whole tensor's first expert onwards (device sel: mapped).
+    size_t experts = is_device(sel) ? 1 : (size_t)largest_index(sel, n_slots) + 1;
+    if (is_device(sel) && !mapped_device_address(w, expert_bytes)) {
+        fprintf(stderr, "ds4: cuda: matmul_experts needs the weights on the device\n");
+        exit(1);
+    }
+    struct span s[4] = { span_in(w, experts * expert_bytes),
+                         span_in(sel, n_slots * sizeof(int)),
+                         span_in(x, (size_t)((n_slots + x_div - 1) / x_div) * in * sizeof(float)),
+                         span_out(y, (size_t)n_slots * out * sizeof(float)) };
+    cuda_bind(s, 4);
+    cuda_run(k.experts_name, k.experts, dim3(groups_of(out, MATMUL_WARPS), n_slots, 1),
+             32 * MATMUL_WARPS, 0, (const uint8_t *)s[0].dev, dev_i(s[1]),
+             (const float *)s[2].dev, dev_f(s[3]), a);
+    cuda_unbind(s, 4);
     return 0;
 }
 
@@ -1410,7 +1708,8 @@ void gpu_swiglu(float *g, const float *u, const float *weight, unsigned ffn, uns
 void gpu_moe_gather_add(float *G, const float *Y, const int *slot_of, unsigned dim,
                         unsigned n_used, unsigned n_tok) {
     moe_add_args a = { dim, n_used };
-    size_t rows = (size_t)largest_index(slot_of, (size_t)n_tok * n_used) + 1;
+    size_t rows = is_device(slot_of) ? (size_t)n_tok * n_used     // the host cannot look
+                                     : (size_t)largest_index(slot_of, (size_t)n_tok * n_used) + 1;
     struct span s[3] = { span_out(G, (size_t)n_tok * dim * sizeof(float)),
                          span_in(Y, rows * dim * sizeof(float)),
                          span_in(slot_of, (size_t)n_tok * n_used * sizeof(int)) };

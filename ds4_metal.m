@@ -43,7 +43,12 @@
 // the `kernel void` names of kernels.metal are the same set.
 
 enum metal_kernel {
-    K_MATMUL_F32, K_MATMUL_BF16, K_MATMUL_F16, K_MATMUL_Q8_0, K_MATMUL_Q2_K, K_MATMUL_Q4_K, K_MATMUL_IQ2_XXS,
+    K_MATMUL_F32, K_MATMUL_BF16, K_MATMUL_F16, K_MATMUL_Q8_0, K_MATMUL_Q2_K, K_MATMUL_Q4_K,
+    K_MATMUL_IQ2_XXS,
+    K_MATMUL_ROWS_F32, K_MATMUL_ROWS_BF16, K_MATMUL_ROWS_F16, K_MATMUL_ROWS_Q8_0,
+    K_MATMUL_ROWS_Q2_K, K_MATMUL_ROWS_Q4_K, K_MATMUL_ROWS_IQ2_XXS,
+    K_MATMUL_EXPERTS_F32, K_MATMUL_EXPERTS_BF16, K_MATMUL_EXPERTS_F16, K_MATMUL_EXPERTS_Q8_0,
+    K_MATMUL_EXPERTS_Q2_K, K_MATMUL_EXPERTS_Q4_K, K_MATMUL_EXPERTS_IQ2_XXS,
     K_RMSNORM, K_ROPE_TAIL, K_FP8_ROUND_TRIP_NOPE, K_INDEXER_ROUND_TRIP,
     K_HC_PRE, K_HC_POST, K_HC_HEAD_COLLAPSE, K_EMBED_TOKENS, K_ROUTE_TOKEN,
     K_SWIGLU, K_MOE_GATHER_ADD, K_ADD_ROWS, K_POOL_CHANNEL, K_ATTEND_ONE,
@@ -64,6 +69,20 @@ static const struct metal_kernel_info metal_kernels[K_COUNT] = {
     [K_MATMUL_Q2_K] = { "matmul_q2_k", 64 },
     [K_MATMUL_Q4_K] = { "matmul_q4_k", 64 },
     [K_MATMUL_IQ2_XXS] = { "matmul_iq2_xxs", 64 },
+    [K_MATMUL_ROWS_F32] = { "matmul_rows_f32", 64 },
+    [K_MATMUL_ROWS_BF16] = { "matmul_rows_bf16", 64 },
+    [K_MATMUL_ROWS_F16] = { "matmul_rows_f16", 64 },
+    [K_MATMUL_ROWS_Q8_0] = { "matmul_rows_q8_0", 64 },
+    [K_MATMUL_ROWS_Q2_K] = { "matmul_rows_q2_k", 64 },
+    [K_MATMUL_ROWS_Q4_K] = { "matmul_rows_q4_k", 64 },
+    [K_MATMUL_ROWS_IQ2_XXS] = { "matmul_rows_iq2_xxs", 64 },
+    [K_MATMUL_EXPERTS_F32] = { "matmul_experts_f32", 64 },
+    [K_MATMUL_EXPERTS_BF16] = { "matmul_experts_bf16", 64 },
+    [K_MATMUL_EXPERTS_F16] = { "matmul_experts_f16", 64 },
+    [K_MATMUL_EXPERTS_Q8_0] = { "matmul_experts_q8_0", 64 },
+    [K_MATMUL_EXPERTS_Q2_K] = { "matmul_experts_q2_k", 64 },
+    [K_MATMUL_EXPERTS_Q4_K] = { "matmul_experts_q4_k", 64 },
+    [K_MATMUL_EXPERTS_IQ2_XXS] = { "matmul_experts_iq2_xxs", 64 },
     [K_RMSNORM] = { "rmsnorm", 256 },
     [K_ROPE_TAIL] = { "rope_tail", 64 },
     [K_FP8_ROUND_TRIP_NOPE] = { "fp8_round_trip_nope", 32 },
@@ -85,6 +104,8 @@ static const struct metal_kernel_info metal_kernels[K_COUNT] = {
 // The argument structs, field for field those of kernels.metal (MSL uint =
 // C unsigned, long = int64).
 struct matmul_args { unsigned in, out, n_tok, row_bytes, x_stride, y_stride; };
+struct matmul_rows_args { unsigned in, out, n_tok, row_bytes, has_x_rows, has_y_rows; };
+struct matmul_experts_args { unsigned in, out, row_bytes, x_div; uint64_t expert_bytes; };
 struct rmsnorm_args { unsigned n, has_weight; float eps; };
 struct rope_args { unsigned len, dims, n_heads; int inverse; int64_t pos0; };
 struct fp8_args { unsigned len, rope_dims; };
@@ -322,6 +343,83 @@ int gpu_matmul(int type, const void *w, const float *x, float *y, unsigned in, u
     metal_copy_out(y, b[2], y_bytes);
     return 0;
 }
+
+// The offset of a GGML type's kernel from its matmul_<type> (same order in
+// the three groups of the kernel table), or -1.
+static int metal_type_offset(int type) {
+    switch (type) {
+    case 0: return 0;
+    case 30: return 1;
+    case 1: return 2;
+    case 8: return 3;
+    case 10: return 4;
+    case 12: return 5;
+    case 16: return 6;
+    default: return -1;
+    }
+}
+
+static int metal_largest(const int *v, unsigned n) {
+    int most = 0;
+    for (unsigned i = 0; i < n; i++) most = v[i] > most ? v[i] : most;
+    return most;
+}
+
+int gpu_matmul_rows(int type, const void *w, const float *x, const int *x_rows, float *y,
+                    const int *y_rows, unsigned in, unsigned out, unsigned n_tok,
+                    unsigned row_bytes) {
+    int k = metal_type_offset(type);
+    if (k < 0) return -1;
+    struct matmul_rows_args a = { in, out, n_tok, row_bytes, x_rows != NULL, y_rows != NULL };
+    size_t x_n = x_rows ? (size_t)metal_largest(x_rows, n_tok) + 1 : n_tok;
+    size_t y_n = y_rows ? (size_t)metal_largest(y_rows, n_tok) + 1 : n_tok;
+    size_t y_bytes = y_n * out * sizeof(float);
+    struct metal_arg b[5] = { metal_copy_in(w, (size_t)out * row_bytes),
+                              metal_copy_in(x, x_n * in * sizeof(float)),
+                              metal_copy_in(x_rows, x_rows ? n_tok * sizeof(int) : 0),
+                              metal_copy_in(y, y_bytes),
+                              metal_copy_in(y_rows, y_rows ? n_tok * sizeof(int) : 0) };
+    metal_run_one((enum metal_kernel)(K_MATMUL_ROWS_F32 + k), MTLSizeMake(groups_of(out, 2), 1, 1),
+                  64, b, 5, &a, sizeof a, 0);
+    metal_copy_out(y, b[3], y_bytes);
+    return 0;
+}
+
+int gpu_matmul_experts(int type, const void *w, size_t expert_bytes, const int *sel,
+                       const float *x, float *y, unsigned in, unsigned out, unsigned n_slots,
+                       unsigned row_bytes, unsigned x_div) {
+    int k = metal_type_offset(type);
+    if (k < 0 || x_div == 0) return -1;
+    struct matmul_experts_args a = { in, out, row_bytes, x_div, (uint64_t)expert_bytes };
+    size_t experts = (size_t)metal_largest(sel, n_slots) + 1;
+    size_t y_bytes = (size_t)n_slots * out * sizeof(float);
+    struct metal_arg b[4] = { metal_copy_in(w, experts * expert_bytes),
+                              metal_copy_in(sel, n_slots * sizeof(int)),
+                              metal_copy_in(x, (size_t)((n_slots + x_div - 1) / x_div) * in *
+                                                   sizeof(float)),
+                              metal_copy_in(y, y_bytes) };
+    metal_run_one((enum metal_kernel)(K_MATMUL_EXPERTS_F32 + k),
+                  MTLSizeMake(groups_of(out, 2), n_slots, 1), 64, b, 4, &a, sizeof a, 0);
+    metal_copy_out(y, b[3], y_bytes);
+    return 0;
+}
+
+// Unified memory: backend memory is host memory the dispatches copy from
+// (each gpu_* waits for its own command buffer, so nothing is in flight).
+void *gpu_alloc(size_t bytes) {
+    void *p = calloc(bytes ? bytes : 1, 1);
+    if (!p) {
+        fprintf(stderr, "ds4: metal: out of memory allocating %zu bytes\n", bytes);
+        exit(1);
+    }
+    return p;
+}
+
+void gpu_free(void *p) { free(p); }
+void gpu_upload(void *dst, const void *src, size_t bytes) { memcpy(dst, src, bytes); }
+void gpu_download(void *dst, const void *src, size_t bytes) { memcpy(dst, src, bytes); }
+void gpu_copy(void *dst, const void *src, size_t bytes) { memmove(dst, src, bytes); }
+void gpu_zero(void *dst, size_t bytes) { memset(dst, 0, bytes); }
 
 void gpu_rmsnorm(const float *x, const float *w, float *y, unsigned n, unsigned n_rows,
                  float eps) {

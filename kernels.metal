@@ -241,11 +241,18 @@ struct matmul_args {
     uint x_stride, y_stride; // floats between tokens in x and in y
 };
 
+// Token j's row of x (or y): j itself, or rows[j] when the tokens are
+// gathered (an expert's share of a chunk, 6.9).
+static uint token_row(device const int *rows, uint j) {
+    return rows ? (uint)rows[j] : j;
+}
+
 // The decoder is a template argument (a tag type; MSL has no function
 // pointers as template arguments), so each kernel inlines its own.
 template <class Decoder>
 static void matmul_rows(device const uchar *w, device const float *x, device float *y,
-                        constant matmul_args &a, uint row, ushort lane) {
+                        constant matmul_args &a, uint row, ushort lane,
+                        device const int *x_rows, device const int *y_rows) {
     if (row >= a.out) return;                       // whole simdgroup agrees
     device const uchar *wr = w + (ulong)row * a.row_bytes;
     uint chunks = a.in / 32;
@@ -257,7 +264,7 @@ static void matmul_rows(device const uchar *w, device const float *x, device flo
             float v[32];
             Decoder::decode(wr, c, v);
             for (uint j = 0; j < tile; j++) {
-                device const float *xs = x + (ulong)(t0 + j) * a.x_stride + 32 * c;
+                device const float *xs = x + (ulong)token_row(x_rows, t0 + j) * a.x_stride + 32 * c;
                 float s = 0.0f;
                 for (int i = 0; i < 32; i++) s += v[i] * xs[i];
                 acc[j] += s;
@@ -265,7 +272,7 @@ static void matmul_rows(device const uchar *w, device const float *x, device flo
         }
         for (uint j = 0; j < tile; j++) {              // tile: the same in every lane
             float s = simd_sum(acc[j]);
-            if (lane == 0) y[(ulong)(t0 + j) * a.y_stride + row] = s;
+            if (lane == 0) y[(ulong)token_row(y_rows, t0 + j) * a.y_stride + row] = s;
         }
     }
 }
@@ -314,7 +321,8 @@ struct decoder_iq2_xxs {
                      uint3 tg [[threadgroup_position_in_grid]],                       \
                      ushort lane [[thread_index_in_simdgroup]],                       \
                      ushort simd [[simdgroup_index_in_threadgroup]]) {                \
-        matmul_rows<decoder>(w, x, y, a, tg.x * MATMUL_SIMDS + simd, lane);           \
+        matmul_rows<decoder>(w, x, y, a, tg.x * MATMUL_SIMDS + simd, lane, nullptr,    \
+                             nullptr);                                                \
     }
 
 MATMUL_KERNEL(matmul_f32, decoder_f32)
@@ -324,6 +332,96 @@ MATMUL_KERNEL(matmul_q8_0, decoder_q8_0)
 MATMUL_KERNEL(matmul_q2_k, decoder_q2_k)
 MATMUL_KERNEL(matmul_q4_k, decoder_q4_k)
 MATMUL_KERNEL(matmul_iq2_xxs, decoder_iq2_xxs)
+
+// ---- matmul_rows: an expert's tokens, gathered (ds4.c 6.9 run_expert) ----
+
+// y[y_rows[j]][r] = sum_i W[r][i] x[x_rows[j]][i]      j < n_tok
+//
+// matmul with the tokens gathered through index arrays (has_x_rows /
+// has_y_rows 0: token j is row j; the unused buffer slot is bound to x):
+// an expert reads its tokens' rows of the chunk and writes its outputs to
+// their slots, without a copy. Same threads as matmul.
+struct matmul_rows_args {
+    uint in, out, n_tok, row_bytes;
+    uint has_x_rows, has_y_rows;
+};
+
+template <class Decoder>
+static void matmul_gathered(device const uchar *w, device const float *x,
+                            device const int *x_rows, device float *y, device const int *y_rows,
+                            constant matmul_rows_args &r, uint row, ushort lane) {
+    matmul_args a = { r.in, r.out, r.n_tok, r.row_bytes, r.in, r.out };
+    matmul_rows<Decoder>(w, x, y, a, row, lane, r.has_x_rows ? x_rows : nullptr,
+                         r.has_y_rows ? y_rows : nullptr);
+}
+
+#define MATMUL_ROWS_KERNEL(name, decoder)                                              \
+    kernel void name(device const uchar *w [[buffer(0)]],                             \
+                     device const float *x [[buffer(1)]],                             \
+                     device const int *x_rows [[buffer(2)]],                          \
+                     device float *y [[buffer(3)]],                                   \
+                     device const int *y_rows [[buffer(4)]],                          \
+                     constant matmul_rows_args &a [[buffer(5)]],                      \
+                     uint3 tg [[threadgroup_position_in_grid]],                       \
+                     ushort lane [[thread_index_in_simdgroup]],                       \
+                     ushort simd [[simdgroup_index_in_threadgroup]]) {                \
+        matmul_gathered<decoder>(w, x, x_rows, y, y_rows, a, tg.x * MATMUL_SIMDS + simd,  \
+                                 lane);                                               \
+    }
+
+MATMUL_ROWS_KERNEL(matmul_rows_f32, decoder_f32)
+MATMUL_ROWS_KERNEL(matmul_rows_bf16, decoder_bf16)
+MATMUL_ROWS_KERNEL(matmul_rows_f16, decoder_f16)
+MATMUL_ROWS_KERNEL(matmul_rows_q8_0, decoder_q8_0)
+MATMUL_ROWS_KERNEL(matmul_rows_q2_k, decoder_q2_k)
+MATMUL_ROWS_KERNEL(matmul_rows_q4_k, decoder_q4_k)
+MATMUL_ROWS_KERNEL(matmul_rows_iq2_xxs, decoder_iq2_xxs)
+
+// ---- matmul_experts: the routed experts slot by slot (ds4.c 6.9) ----------
+
+// y[i][r] = sum_c W_e[r][c] x[i / x_div][c],   e = sel[i]        i < n_slots
+// W_e = w + e * expert_bytes (the stacked experts [E][out][in])
+//
+// threads: as matmul, one simdgroup per row; grid.y = the slot. The expert
+// id is read on the GPU, so a decode token's routed experts need no host
+// step: gate and up take x = the chunk's rows (x_div = K: slot t K + k is
+// token t's k-th expert), down takes the slots' own hidden rows (x_div = 1).
+struct matmul_experts_args {
+    uint in, out, row_bytes, x_div;
+    ulong expert_bytes;
+};
+
+template <class Decoder>
+static void matmul_expert_slot(device const uchar *w, device const int *sel,
+                               device const float *x, device float *y,
+                               constant matmul_experts_args &e, uint slot, uint row,
+                               ushort lane) {
+    matmul_args a = { e.in, e.out, 1, e.row_bytes, e.in, e.out };
+    matmul_rows<Decoder>(w + (ulong)sel[slot] * e.expert_bytes,
+                         x + (ulong)(slot / e.x_div) * e.in, y + (ulong)slot * e.out, a, row,
+                         lane, nullptr, nullptr);
+}
+
+#define MATMUL_EXPERTS_KERNEL(name, decoder)                                           \
+    kernel void name(device const uchar *w [[buffer(0)]],                             \
+                     device const int *sel [[buffer(1)]],                             \
+                     device const float *x [[buffer(2)]],                             \
+                     device float *y [[buffer(3)]],                                   \
+                     constant matmul_experts_args &a [[buffer(4)]],                   \
+                     uint3 tg [[threadgroup_position_in_grid]],                       \
+                     ushort lane [[thread_index_in_simdgroup]],                       \
+                     ushort simd [[simdgroup_index_in_threadgroup]]) {                \
+        matmul_expert_slot<decoder>(w, sel, x, y, a, tg.y, tg.x * MATMUL_SIMDS + simd,    \
+                                    lane);                                            \
+    }
+
+MATMUL_EXPERTS_KERNEL(matmul_experts_f32, decoder_f32)
+MATMUL_EXPERTS_KERNEL(matmul_experts_bf16, decoder_bf16)
+MATMUL_EXPERTS_KERNEL(matmul_experts_f16, decoder_f16)
+MATMUL_EXPERTS_KERNEL(matmul_experts_q8_0, decoder_q8_0)
+MATMUL_EXPERTS_KERNEL(matmul_experts_q2_k, decoder_q2_k)
+MATMUL_EXPERTS_KERNEL(matmul_experts_q4_k, decoder_q4_k)
+MATMUL_EXPERTS_KERNEL(matmul_experts_iq2_xxs, decoder_iq2_xxs)
 
 // ---- rmsnorm (ds4.c chapter 5) --------------------------------------------
 

@@ -36,16 +36,19 @@ if command -v nvcc >/dev/null 2>&1; then
     entries=$(echo "$out" | grep -c 'Compiling entry function')
     echo "nvcc: $entries kernels compiled for sm_90, $spills with register spills"
     result $rc "ds4_cuda.cu: nvcc -arch=sm_90 compiles it"
-    [ "$spills" -eq 0 ] && [ "$entries" -eq 23 ]
-    result $? "nvcc: 23 kernels, none spilling registers"
+    [ "$spills" -eq 0 ] && [ "$entries" -eq 37 ]
+    result $? "nvcc: 37 kernels (23 + 7 types x matmul_rows, matmul_experts), none spilling"
     rm -f "$o"
 else
     echo "skip nvcc not on PATH: ds4_cuda.cu not compiled for a GPU here"
 fi
 k=$(mktemp); c=$(mktemp)
 sed -n 's/^kernel void \([a-z0-9_]*\)(.*/\1/p' kernels.metal >"$k"
-sed -n 's/^MATMUL_KERNEL(\([a-z0-9_]*\),.*/\1/p' kernels.metal >>"$k"
-sed -n 's/^__global__ void \([a-z0-9_]*\)(.*/\1/p' ds4_cuda.cu >"$c"
+sed -n 's/^MATMUL\(_ROWS\|_EXPERTS\)*_KERNEL(\([a-z0-9_]*\),.*/\2/p' kernels.metal >>"$k"
+# CUDA: the plain kernels, and the per-type instances of the two matmul
+# templates by the names the host table gives them.
+sed -n 's/^__global__ void \([a-z0-9_]*\)(.*/\1/p' ds4_cuda.cu | grep -v '_kernel$' >"$c"
+grep -o '"matmul_\(rows\|experts\)_[a-z0-9_]*"' ds4_cuda.cu | tr -d '"' | sort -u >>"$c"
 sort -o "$k" "$k"; sort -o "$c" "$c"
 echo "kernels.metal: $(wc -l <"$k") kernels; ds4_cuda.cu: $(wc -l <"$c") __global__ kernels"
 diff "$k" "$c"

@@ -10,6 +10,9 @@
 // and metal::dispatch() runs the threads as fibers. tests/test_metal.c, a C
 // program that includes ds4.c, calls them and compares with the CPU twins.
 #include "../../kernels.metal"
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
 
 using metal::dispatch;
 using metal::thread_ids;
@@ -80,6 +83,83 @@ int gpu_matmul(int type, const void *w, const float *x, float *y, uint in, uint 
              [&](const thread_ids &t) { k(wb, x, y, a, t.tg, t.lane, t.simd); });
     return 0;
 }
+
+
+// The index of a GGML type in the kernel tables below, or -1.
+static int matmul_type_index(int type) {
+    switch (type) {
+    case 0: return 0;
+    case 1: return 1;
+    case 30: return 2;
+    case 8: return 3;
+    case 10: return 4;
+    case 12: return 5;
+    case 16: return 6;
+    default: return -1;
+    }
+}
+
+typedef void (*matmul_rows_fn)(const uchar *, const float *, const int *, float *, const int *,
+                               const matmul_rows_args &, uint3, ushort, ushort);
+typedef void (*matmul_experts_fn)(const uchar *, const int *, const float *, float *,
+                                  const matmul_experts_args &, uint3, ushort, ushort);
+
+int gpu_matmul_rows(int type, const void *w, const float *x, const int *x_rows, float *y,
+                    const int *y_rows, uint in, uint out, uint n_tok, uint row_bytes) {
+    static const matmul_rows_fn ks[] = { matmul_rows_f32, matmul_rows_f16, matmul_rows_bf16,
+                                         matmul_rows_q8_0, matmul_rows_q2_k, matmul_rows_q4_k,
+                                         matmul_rows_iq2_xxs };
+    static const char *const names[] = { "matmul_rows_f32", "matmul_rows_f16",
+                                         "matmul_rows_bf16", "matmul_rows_q8_0",
+                                         "matmul_rows_q2_k", "matmul_rows_q4_k",
+                                         "matmul_rows_iq2_xxs" };
+    int i = matmul_type_index(type);
+    if (i < 0) return -1;
+    matmul_rows_args a = { in, out, n_tok, row_bytes, x_rows != nullptr, y_rows != nullptr };
+    const uchar *wb = (const uchar *)w;
+    const int *xr = x_rows ? x_rows : (const int *)x, *yr = y_rows ? y_rows : (const int *)x;
+    trace(names[i]);
+    dispatch(uint3{groups_of(out, MATMUL_SIMDS), 1, 1}, 32 * MATMUL_SIMDS,
+             [&](const thread_ids &t) { ks[i](wb, x, xr, y, yr, a, t.tg, t.lane, t.simd); });
+    return 0;
+}
+
+int gpu_matmul_experts(int type, const void *w, size_t expert_bytes, const int *sel,
+                       const float *x, float *y, uint in, uint out, uint n_slots,
+                       uint row_bytes, uint x_div) {
+    static const matmul_experts_fn ks[] = { matmul_experts_f32, matmul_experts_f16,
+                                            matmul_experts_bf16, matmul_experts_q8_0,
+                                            matmul_experts_q2_k, matmul_experts_q4_k,
+                                            matmul_experts_iq2_xxs };
+    static const char *const names[] = { "matmul_experts_f32", "matmul_experts_f16",
+                                         "matmul_experts_bf16", "matmul_experts_q8_0",
+                                         "matmul_experts_q2_k", "matmul_experts_q4_k",
+                                         "matmul_experts_iq2_xxs" };
+    int i = matmul_type_index(type);
+    if (i < 0 || x_div == 0) return -1;
+    matmul_experts_args a = { in, out, row_bytes, x_div, (ulong)expert_bytes };
+    const uchar *wb = (const uchar *)w;
+    trace(names[i]);
+    dispatch(uint3{groups_of(out, MATMUL_SIMDS), n_slots, 1}, 32 * MATMUL_SIMDS,
+             [&](const thread_ids &t) { ks[i](wb, sel, x, y, a, t.tg, t.lane, t.simd); });
+    return 0;
+}
+
+// Unified memory: backend memory is host memory, and the copies are memcpy.
+void *gpu_alloc(size_t bytes) {
+    void *p = calloc(bytes ? bytes : 1, 1);
+    if (!p) {
+        fprintf(stderr, "metal harness: out of memory\n");
+        exit(1);
+    }
+    return p;
+}
+
+void gpu_free(void *p) { free(p); }
+void gpu_upload(void *dst, const void *src, size_t bytes) { memcpy(dst, src, bytes); }
+void gpu_download(void *dst, const void *src, size_t bytes) { memcpy(dst, src, bytes); }
+void gpu_copy(void *dst, const void *src, size_t bytes) { memmove(dst, src, bytes); }
+void gpu_zero(void *dst, size_t bytes) { memset(dst, 0, bytes); }
 
 void gpu_rmsnorm(const float *x, const float *w, float *y, uint n, uint n_rows, float eps) {
     trace("rmsnorm");

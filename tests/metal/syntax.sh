@@ -19,7 +19,7 @@ result $rc "ds4_metal.m: clang -fsyntax-only (Objective-C, ARC) against tests/me
 k=$(mktemp); t=$(mktemp)
 sed -n 's/^kernel void \([a-z0-9_]*\)(.*/\1/p; s/^ *kernel void name(.*/MACRO/p' kernels.metal \
     | grep -v MACRO >"$k"
-sed -n 's/^#define MATMUL_KERNEL.*//; s/^MATMUL_KERNEL(\([a-z0-9_]*\),.*/\1/p' kernels.metal >>"$k"
+sed -n 's/^MATMUL\(_ROWS\|_EXPERTS\)*_KERNEL(\([a-z0-9_]*\),.*/\2/p' kernels.metal >>"$k"
 sed -n 's/^    \[K_[A-Z0-9_]*\] = { "\([a-z0-9_]*\)".*/\1/p' ds4_metal.m >"$t"
 sort -o "$k" "$k"; sort -o "$t" "$t"
 echo "kernels.metal: $(wc -l <"$k") kernels; ds4_metal.m table: $(wc -l <"$t") entries"

@@ -19,12 +19,17 @@
 //   threadIdx ...  functions of the fiber in progress (x only: ds4's blocks
 //                  are one-dimensional; grids are 3-D).
 //   __half         the harness's software binary16.
-//   the runtime    cudaMalloc is malloc, recorded; cudaMemcpy is memcpy, and
+//   the runtime    cudaMalloc carves page-aligned ranges out of one mapping
+//                  (the emulated device memory); cudaMemcpy is memcpy, and
 //                  it checks that the side named "device" IS a cudaMalloc'd
 //                  range (and the host side is not): host code that passes a
 //                  host pointer where the device one belongs fails here
 //                  instead of on the GPU. launch_kernel checks every pointer
-//                  argument of a launch the same way.
+//                  argument of a launch the same way. Between runtime calls
+//                  the device mapping is PROT_NONE, so host code that reads
+//                  or writes device memory directly -- which on a real GPU
+//                  reads garbage or faults -- faults here too (SIGSEGV), at
+//                  the offending line. cudaHostAlloc is plain host memory.
 //
 // Nothing here knows anything about ds4; it is the GPU, not the program.
 #pragma once
@@ -35,6 +40,7 @@
 #include <math.h>
 #include <float.h>
 #include <initializer_list>
+#include <sys/mman.h>
 #include "../../metal/include/metal_stdlib"
 
 // The Metal address-space words are not CUDA's; free the names.
@@ -121,29 +127,62 @@ enum {
     cudaErrorLaunchFailure = 719
 };
 typedef void *cudaStream_t;
-enum cudaMemcpyKind { cudaMemcpyHostToDevice = 1, cudaMemcpyDeviceToHost = 2 };
+typedef void *cudaEvent_t;
+enum cudaMemcpyKind {
+    cudaMemcpyHostToDevice = 1, cudaMemcpyDeviceToHost = 2, cudaMemcpyDeviceToDevice = 3
+};
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
+#define cudaHostAllocDefault 0
 
-// The emulated device memory: every live cudaMalloc range.
+// The emulated device memory: one reserved mapping, handed out by a bump
+// pointer in whole pages (freed ranges are returned to the OS, not reused:
+// the tests allocate far less than the reservation), and every live range.
 struct emu_allocation {
     uint8_t *base;
     size_t size;
 };
 
-inline emu_allocation *emu_allocations(int **count) {
-    static emu_allocation table[4096];
-    static int n;
-    *count = &n;
-    return table;
+struct emu_device_memory {
+    uint8_t *base;
+    size_t reserved, used, top;   // guarded ranges grow up from base, big ones down
+    emu_allocation table[8192];
+    int n;
+};
+
+inline emu_device_memory &emu_memory() {
+    static emu_device_memory m;
+    if (!m.base) {
+        m.reserved = (size_t)64 << 30;
+        void *p = mmap(nullptr, m.reserved, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
+                       -1, 0);
+        if (p == MAP_FAILED) {
+            fprintf(stderr, "cuda emulation: cannot reserve the device memory\n");
+            abort();
+        }
+        m.base = (uint8_t *)p;
+    }
+    return m;
+}
+
+// The host may touch device memory only inside a runtime call: open it
+// for the call, close it after.
+// Ranges of EMU_GUARDED_MAX bytes or more (the uploaded weights) are carved
+// from the top of the reservation and never closed: the host never touches
+// them, and toggling them would cost most of the tests' time.
+#define EMU_GUARDED_MAX ((size_t)4 << 20)
+
+inline void emu_device_access(bool open) {
+    emu_device_memory &m = emu_memory();
+    if (m.used) mprotect(m.base, m.used, open ? PROT_READ | PROT_WRITE : PROT_NONE);
 }
 
 // Is [p, p + bytes) inside one cudaMalloc'd range?
 inline bool emu_is_device(const void *p, size_t bytes) {
-    int *n;
-    emu_allocation *t = emu_allocations(&n);
+    emu_device_memory &m = emu_memory();
     const uint8_t *b = (const uint8_t *)p;
-    for (int i = 0; i < *n; i++)
-        if (b >= t[i].base && b + bytes <= t[i].base + t[i].size) return true;
+    if (b < m.base || b >= m.base + m.reserved) return false;
+    for (int i = 0; i < m.n; i++)
+        if (b >= m.table[i].base && b + bytes <= m.table[i].base + m.table[i].size) return true;
     return false;
 }
 
@@ -160,46 +199,82 @@ inline cudaError_t cudaGetDeviceCount(int *n) { *n = 1; return cudaSuccess; }
 inline cudaError_t cudaSetDevice(int) { return cudaSuccess; }
 inline cudaError_t cudaStreamCreate(cudaStream_t *s) { *s = (void *)1; return cudaSuccess; }
 inline cudaError_t cudaStreamSynchronize(cudaStream_t) { return cudaSuccess; }
+inline cudaError_t cudaDeviceSynchronize() { return cudaSuccess; }
+inline cudaError_t cudaEventCreateWithFlags(cudaEvent_t *e, unsigned) {
+    *e = (void *)1;
+    return cudaSuccess;
+}
+inline cudaError_t cudaEventRecord(cudaEvent_t, cudaStream_t) { return cudaSuccess; }
+inline cudaError_t cudaEventSynchronize(cudaEvent_t) { return cudaSuccess; }
+#define cudaEventDisableTiming 2
 inline cudaError_t cudaMemGetInfo(size_t *free_bytes, size_t *total) {
     *free_bytes = *total = (size_t)64 << 30;
     return cudaSuccess;
 }
 
 inline cudaError_t cudaMalloc(void **p, size_t size) {
-    int *n;
-    emu_allocation *t = emu_allocations(&n);
-    if (*n == 4096) return cudaErrorMemoryAllocation;
-    uint8_t *b = (uint8_t *)calloc(size ? size : 1, 1);
-    if (!b) return cudaErrorMemoryAllocation;
-    t[(*n)++] = emu_allocation{ b, size };
+    emu_device_memory &m = emu_memory();
+    size_t pages = ((size ? size : 1) + 4095) / 4096 * 4096;
+    bool guarded = pages < EMU_GUARDED_MAX;
+    if (m.n == 8192 || m.used + m.top + pages > m.reserved) return cudaErrorMemoryAllocation;
+    uint8_t *b = guarded ? m.base + m.used : m.base + m.reserved - m.top - pages;
+    if (guarded) m.used += pages;
+    else m.top += pages;
+    mprotect(b, pages, PROT_READ | PROT_WRITE);
+    memset(b, 0, pages);
+    if (guarded) mprotect(b, pages, PROT_NONE);
+    m.table[m.n++] = emu_allocation{ b, size };
     *p = b;
     return cudaSuccess;
 }
 
 inline cudaError_t cudaFree(void *p) {
-    int *n;
-    emu_allocation *t = emu_allocations(&n);
-    for (int i = 0; i < *n; i++)
-        if (t[i].base == p) {
-            free(p);
-            t[i] = t[--(*n)];
+    emu_device_memory &m = emu_memory();
+    for (int i = 0; i < m.n; i++)
+        if (m.table[i].base == p) {
+            size_t pages = (m.table[i].size + 4095) / 4096 * 4096;
+            madvise(p, pages ? pages : 4096, MADV_DONTNEED);
+            m.table[i] = m.table[--m.n];
             return cudaSuccess;
         }
     return cudaErrorInvalidDevicePointer;
 }
 
+inline cudaError_t cudaHostAlloc(void **p, size_t size, unsigned) {
+    *p = calloc(size ? size : 1, 1);
+    return *p ? cudaSuccess : cudaErrorMemoryAllocation;
+}
+
+inline cudaError_t cudaFreeHost(void *p) {
+    free(p);
+    return cudaSuccess;
+}
+
 inline cudaError_t cudaMemcpy(void *to, const void *from, size_t bytes, cudaMemcpyKind kind) {
-    const void *dev = kind == cudaMemcpyHostToDevice ? to : from;
-    const void *host = kind == cudaMemcpyHostToDevice ? from : to;
-    if (!emu_is_device(dev, bytes) || emu_is_device(host, 1))
+    bool to_dev = kind != cudaMemcpyDeviceToHost, from_dev = kind != cudaMemcpyHostToDevice;
+    if (!bytes) return cudaSuccess;
+    if (emu_is_device(to, bytes) != to_dev || emu_is_device(from, bytes) != from_dev)
         return cudaErrorInvalidDevicePointer;
-    memcpy(to, from, bytes);
+    if (!to_dev && emu_is_device(to, 1)) return cudaErrorInvalidDevicePointer;
+    if (!from_dev && emu_is_device(from, 1)) return cudaErrorInvalidDevicePointer;
+    emu_device_access(true);
+    memmove(to, from, bytes);
+    emu_device_access(false);
     return cudaSuccess;
 }
 
 inline cudaError_t cudaMemcpyAsync(void *to, const void *from, size_t bytes,
                                    cudaMemcpyKind kind, cudaStream_t) {
     return cudaMemcpy(to, from, bytes, kind);
+}
+
+inline cudaError_t cudaMemsetAsync(void *p, int value, size_t bytes, cudaStream_t) {
+    if (!bytes) return cudaSuccess;
+    if (!emu_is_device(p, bytes)) return cudaErrorInvalidDevicePointer;
+    emu_device_access(true);
+    memset(p, value, bytes);
+    emu_device_access(false);
+    return cudaSuccess;
 }
 
 template <class F>
@@ -225,8 +300,10 @@ inline cudaError_t launch_kernel(void (*k)(Params...), dim3 grid, dim3 block, si
     emu_cuda_launch launch = { grid, block, nullptr };
     launch.dynamic_shared = shared ? (float *)calloc(shared, 1) : nullptr;
     emu_cuda_current() = &launch;
+    emu_device_access(true);
     metal::dispatch(uint3{ grid.x, grid.y, grid.z }, (int)block.x,
                     [&](const metal::thread_ids &) { k(args...); });
+    emu_device_access(false);
     emu_cuda_current() = nullptr;
     free(launch.dynamic_shared);
     return cudaSuccess;
