@@ -7,6 +7,11 @@
 #   PHASE=prepare tools/bench_side_by_side.sh      model + both builds only (a warm box keeps them)
 #   PHASE=bench   tools/bench_side_by_side.sh      the runs and the table only
 #
+# On the H200 machine (10 minutes a command), .antirez carried: first PHASE=prepare (writing
+# the 43-layer model is ~300 CPU seconds of the converter, overlapped with both builds), then
+# PHASE=bench (two loads of 81 GiB per case and round); CASES splits the runs over more calls,
+# and the table of the last call includes the cases of the earlier ones.
+#
 # The model is the synthetic full-width q2 file (ds4-convert --synthetic full --layers LAYERS
 # --type q2 --vocab vectors/ds4-vocab.gguf): the published tensor names, types and shapes with
 # random weights. At 43 layers it is 86.7 GB (80.8 GiB), more than the default /dev/shm (half
@@ -53,7 +58,9 @@ OURS_FLAGS=${OURS_FLAGS:-}
 THEIRS_FLAGS=${THEIRS_FLAGS:-}
 THREADS=${THREADS:-}
 OUT=${OUT:-bench-out}
-REPO=$(pwd)
+# Below 3 layers the converter writes hash_layer_count = LAYERS (the published file says 3, and
+# antirez/ds4 insists on 3), and antirez/ds4's layers 0-1 have no compressor at all.
+[ "$LAYERS" -ge 3 ] 2>/dev/null || { echo "LAYERS must be a number >= 3 (got $LAYERS)"; exit 2; }
 mkdir -p "$OUT/logs" || exit 1
 LOG=$OUT/run.log
 : > "$LOG"
@@ -64,12 +71,14 @@ say() { echo "[$(( $(date +%s) - T0 ))s] $*" | tee -a "$LOG"; }
 note() { say "NOTE: $*"; echo "$*" >> "$NOTES"; }
 die() { say "ERROR: $*"; exit 1; }
 left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
+lim() { l=$(left); [ "$l" -gt 1 ] && echo "$l" || echo 1; }     # a timeout of what is left
 gib() { awk -v b="$1" 'BEGIN { printf "%.1f", b / 1073741824 }'; }
 avail_kb() { df -Pk "$1" 2>/dev/null | awk 'NR == 2 { print $4 }'; }
 mem_kb() { awk -v k="$1:" '$1 == k { print $2 }' /proc/meminfo; }
 
 # The file's size, from the converter's layout (2026-12, measured on 2- and 4-layer files):
-# header + tokenizer 5,251,680 B; embedding, head and output 1,621,835,840 B; layers 0-1
+# header + tokenizer ~5.25 MB (it grows ~1.8 kB a layer: the size is right to within 1 MiB);
+# embedding, head and output 1,621,835,840 B; layers 0-1
 # (no compressor, hash-routed) 1,959,129,600 B each; layer 2 (ratio 4, hash) 1,997,415,424 B;
 # then ratio-4 layers 1,994,313,728 B and ratio-128 layers 1,964,549,632 B, alternating.
 model_bytes() {
@@ -124,12 +133,13 @@ write_model() {
     need=$(( $(model_bytes "$LAYERS") / 1024 + 1048576 ))
     [ "$have" -ge "$need" ] || { say "model: $(( have / 1048576 )) GiB free, need $(( need / 1048576 ))"; return 1; }
     t=$(date +%s)
-    timeout -k 5 "$(left)" ./ds4-convert --synthetic full --layers "$LAYERS" "$MODEL" --type q2 \
+    timeout -k 5 "$(lim)" ./ds4-convert --synthetic full --layers "$LAYERS" "$MODEL" --type q2 \
         --vocab vectors/ds4-vocab.gguf > "$OUT/logs/convert.log" 2>&1 || \
         { say "model: ds4-convert failed or ran out of time"; tail -3 "$OUT/logs/convert.log"; return 1; }
     got=$(stat -c %s "$MODEL")
     say "model written in $(( $(date +%s) - t )) s: $got B ($(gib "$got") GiB)"
-    [ "$got" = "$(model_bytes "$LAYERS")" ] || note "model is $got B, the layout table in this script says $(model_bytes "$LAYERS") B"
+    d=$(( got - $(model_bytes "$LAYERS") )); [ "$d" -lt 0 ] && d=$(( -d ))
+    [ "$d" -lt 1048576 ] || note "model is $got B, the layout table in this script says $(model_bytes "$LAYERS") B"
 }
 
 # theirs: a copy of .antirez with DS4_N_LAYER = LAYERS, built there.
@@ -146,7 +156,7 @@ build_theirs() {
     t=$(date +%s)
     if [ "$BACKEND" = cuda ]; then
         nvcc_path=$(command -v nvcc) || { say "theirs: nvcc not found"; return 1; }
-        (cd "$THEIRS_DIR" && timeout -k 5 "$(left)" make -j4 ds4-bench CUDA_ARCH=sm_90 \
+        (cd "$THEIRS_DIR" && timeout -k 5 "$(lim)" make -j4 ds4-bench CUDA_ARCH=sm_90 \
             NVCC="$nvcc_path" CUDA_HOME="$(dirname "$(dirname "$nvcc_path")")")
     else
         (cd "$THEIRS_DIR" && make -j2 ds4_cpu.o ds4_bench_cpu.o &&
@@ -158,7 +168,7 @@ build_theirs() {
 
 build_ours() {
     t=$(date +%s)
-    if [ "$BACKEND" = cuda ]; then timeout -k 5 "$(left)" make cuda; else make ds4; fi \
+    if [ "$BACKEND" = cuda ]; then timeout -k 5 "$(lim)" make cuda; else make ds4; fi \
         > "$OUT/logs/build-ours.log" 2>&1 || { say "ours: build failed"; tail -5 "$OUT/logs/build-ours.log"; return 1; }
     say "ours: built in $(( $(date +%s) - t )) s"
 }
@@ -205,7 +215,7 @@ run_one() {
     timeout -k 5 "$lim" env $envs stdbuf -oL "$@" > "$base.out" 2> "$base.err" &
     pid=$!
     while kill -0 $pid 2>/dev/null; do      # ours: stop after its decode figures
-        if [ "$eng" = ours ] && grep -q '^decode weight traffic' "$base.out"; then
+        if [ "$eng" = ours ] && grep -qs '^decode weight traffic' "$base.out"; then
             kill -TERM $pid 2>/dev/null; break
         fi
         sleep 0.5
@@ -216,6 +226,8 @@ run_one() {
         pf=$(sed -n 's/^prefill: .* = \([0-9.]*\) tokens\/s.*/\1/p' "$base.out")
         dc=$(sed -n 's/^decode:  *[0-9]* tokens in .* = \([0-9.]*\) tokens\/s.*/\1/p' "$base.out")
         bw=$(sed -n 's/^decode weight traffic: .* = \([0-9.]*\) GB\/s.*/\1/p' "$base.out")
+        mb=$(sed -n 's/^decode weight traffic: \([0-9.]*\) MB per token.*/\1/p' "$base.out")
+        [ -n "$mb" ] && echo "$mb" > "$WORK/mb-per-token-$BACKEND-L$LAYERS"
     else
         row=$(grep "^$n," "$base.out" | tail -n 1)
         pf=$(echo "$row" | cut -d, -f3); dc=$(echo "$row" | cut -d, -f5); bw=
@@ -283,12 +295,14 @@ row() {   # label column N
     extra=
     if [ "$2" = 5 ]; then
         ob=$(values 6 ours "$3" | median)
-        mb=$(sed -n 's/^decode weight traffic: \([0-9.]*\) MB per token.*/\1/p' "$OUT"/logs/ours-N*-r*.out 2>/dev/null | head -n 1)
+        mb=$(cat "$WORK/mb-per-token-$BACKEND-L$LAYERS" 2>/dev/null)
         tb=$(awk -v m="${mb:-}" -v d="$tv" 'BEGIN { if (m == "" || d == "-") print "-"; else printf "%.1f", m * d / 1000 }')
         extra=" $ob | $tb |"
     else extra=" | |"; fi
     echo "| $1 | $ov (${o#*|}) | $tv (${t#*|}) | $ratio |$extra"
 }
+# the cases of this call and of earlier calls on this model (RESULTS), shortest first
+ALL_CASES=$( { for n in $CASES; do echo "$n"; done; awk '{ print $2 }' "$RESULTS"; } | sort -n | uniq)
 label() { case $1 in 1) echo "ctx 0";; *) awk -v n="$1" 'BEGIN { if (n % 1024 == 0) printf "%dk", n / 1024; else print n }';; esac; }
 {
     echo "## ds4 vs antirez/ds4, side by side ($(date -u +%Y-%m-%d), $BACKEND)"
@@ -304,8 +318,8 @@ label() { case $1 in 1) echo "ctx 0";; *) awk -v n="$1" 'BEGIN { if (n % 1024 ==
     echo
     echo "| case | ours tok/s (n) | antirez/ds4 tok/s (n) | ours/theirs | ours GB/s | theirs GB/s |"
     echo "|---|---|---|---|---|---|"
-    for n in $CASES; do row "decode at $(label "$n")" 5 "$n"; done
-    for n in $CASES; do [ "$n" -ge 2 ] && row "prefill $(label "$n") prompt" 4 "$n"; done
+    for n in $ALL_CASES; do row "decode at $(label "$n")" 5 "$n"; done
+    for n in $ALL_CASES; do [ "$n" -ge 2 ] && row "prefill $(label "$n") prompt" 4 "$n"; done
     if [ -s "$NOTES" ]; then echo; sed 's/^/- /' "$NOTES"; fi
 } > "$OUT/bench.md"
 echo; cat "$OUT/bench.md" | tee -a "$LOG"
