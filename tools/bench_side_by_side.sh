@@ -103,9 +103,9 @@ pick_work() {
     if [ "$(avail_kb "$WORK")" -ge "$need_kb" ] 2>/dev/null && \
        [ "$(df -P "$WORK" | awk 'NR == 2 { print $6 }')" = "$WORK" ]; then return; fi
     size_g=$(( need_kb / 1048576 + 2 ))
-    total_kb=$(mem_kb MemTotal)
+    total_kb=$(mem_kb MemAvailable)
     [ $(( total_kb - size_g * 1048576 )) -ge $(( 16 * 1048576 )) ] || \
-        die "a ${size_g} GiB tmpfs leaves under 16 GiB of RAM (MemTotal $(( total_kb / 1048576 )) GiB); lower LAYERS"
+        die "a ${size_g} GiB tmpfs leaves under 16 GiB of RAM (MemAvailable $(( total_kb / 1048576 )) GiB); free memory (other tmpfs files?) or lower LAYERS"
     say "mount -t tmpfs -o size=${size_g}g,huge=within_size tmpfs $WORK (/dev/shm has $(( ${shm:-0} / 1048576 )) GiB free)"
     mount -t tmpfs -o "size=${size_g}g,huge=within_size" tmpfs "$WORK" 2>>"$LOG" || \
         mount -t tmpfs -o "size=${size_g}g" tmpfs "$WORK" || die "mount of a ${size_g} GiB tmpfs failed"
