@@ -538,10 +538,16 @@ class OfficialOracle:
                 continue
             kind, b, s = v
             if p.dtype in (torch.float8_e4m3fn, torch.float4_e2m1fn_x2):
-                p.data = b.view(p.dtype).to(device)
+                # Bytes go to the device as uint8 and are reinterpreted there: a float4 tensor
+                # has few kernels, so no copy or cast is asked of that dtype. A ue8m0 scale
+                # byte is the exponent + 127, which is what the checkpoint stores.
+                p.data = b.to(device).view(p.dtype)
                 sp = params.pop(name[:-len("weight")] + "scale")
-                sc = torch.ldexp(torch.ones(s.shape, device="cpu"), s.to(torch.int32) - 127)
-                sp.data = sc.to(sp.dtype).to(device)
+                if sp.element_size() == 1:      # float8_e8m0fnu: the bytes as they are
+                    sp.data = s.to(device).view(sp.dtype)
+                else:
+                    sc = torch.ldexp(torch.ones(s.shape, device="cpu"), s.to(torch.int32) - 127)
+                    sp.data = sc.to(sp.dtype).to(device)
                 p.scale = sp
             else:       # declared plain but stored FP8 in the release (wo_a): exact dequant
                 w = dequant_fp8(b, s, *b.shape) if kind == "fp8" else dequant_fp4(b, s)
