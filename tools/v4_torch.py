@@ -377,7 +377,7 @@ def forward(P, tokens, cfg, with_mtp=True):
         nxt = tokens[:, 1:]
         e = linear(rmsnorm(P["embed.weight"][nxt], P["mtp.0.enorm.weight"], eps), P["mtp.0.e_proj.weight"])
         Xm = linear(rmsnorm(X[:, :-1], P["mtp.0.hnorm.weight"], eps), P["mtp.0.h_proj.weight"])
-        Xm = Xm + e.unsqueeze(-2)
+        Xm = (Xm + e.unsqueeze(-2)).float()           # streams stay float32 under autocast
         Xm = block(P, "mtp.0.", Xm, nxt, cfg, cfg["compress_ratios"][cfg["n_layers"]], False, aux, stats)
         mtp = head(P, "mtp.0.", Xm, cfg)
     return logits, mtp, aux, stats
