@@ -10,8 +10,13 @@ DIR comes from tools/make_train_data.py (train.bin, heldout.bin: int32 token ids
 8192-token reduced vocabulary, vectors/train-vocab.gguf). CKPT_DIR receives config.json,
 model-00001-of-00001.safetensors and model.safetensors.index.json, the layout of vectors/tiny/,
 so `./ds4-convert CKPT_DIR OUT.gguf --mtp OUT-mtp.gguf --type f16 --vocab
-vectors/train-vocab.gguf` turns it into GGUFs. It also gets train_log.json (the loss curve,
-held-out figures, timings).
+vectors/train-vocab.gguf` turns it into GGUFs (the weights in shards under 12 MiB, the most a
+device run brings back per file). It also gets train_log.json (the loss curve, held-out
+figures, timings). The checkpoint is exported every --save-every minutes, at the end, on
+SIGTERM and on an error, so a cut run still leaves one; --deadline (a time.time() value) ends
+the training early enough for the final evaluation and export to finish before it.
+On cuda the products run under bf16 autocast (--bf16); parameters, optimizer state, residual
+streams, norms, the hyper-connection mixes, the router and the FP8/FP4 round trips stay float32.
 
 The model is tools/v4_torch.py: every piece of the V4 structure, trained end to end.
   * FP8 (KV rows, compressed rows) and Hadamard+FP4 (indexer) round trips: straight through.
@@ -24,14 +29,18 @@ The model is tools/v4_torch.py: every piece of the V4 structure, trained end to 
   * The MTP block is trained on its own objective: at position i it sees the main model's
     final streams at i and the embedding of token i+1 and predicts token i+2, with the same
     shared head; its loss is weighted 0.3.
+  * Rows of 1024 tokens, half of them starting at a conversation, and the targets inside
+    assistant turns (thinking, DSML tool calls, answers) weighted 3 (see PRESETS).
 `--check` instead loads vectors/tiny and compares this model's logits with the oracle vectors
 made by DeepSeek's own inference/model.py: the training model computes what the oracle does.
 Fixed seeds; the data order depends only on --seed.
 """
 import argparse
+import contextlib
 import json
 import math
 import os
+import signal
 import sys
 import time
 
@@ -50,22 +59,39 @@ COMMON = {
     "rope_factor": 16.0, "beta_fast": 32, "beta_slow": 1, "hc_mult": 4, "hc_sinkhorn_iters": 20,
     "hc_eps": 1e-06, "norm_eps": 1e-06, "dtype": "bf16", "scale_fmt": "ue8m0", "expert_dtype": None,
 }
+# Training settings, per preset:
+#   seq 1024: a whole tool conversation (system prompt with 2-4 tool schemas, user turn, DSML
+#     call, tool result, answer) is 750 tokens (median; 942 at most) in the reduced vocabulary,
+#     and the call itself starts near token 600. Rows of 512 never held a call behind its
+#     prompt; the served prompt always has it.
+#   conv_rows, doc_rows: shares of the rows that start at a conversation's BOS and at a text
+#     document's BOS; the rest start anywhere (BOS put in front, as ds4 --perplexity does).
+#     Few from document starts: rows from 573 starts would repeat the same first 1024 tokens
+#     of each document dozens of times in an 8-minute run.
+#   asst_weight: the loss weight of the targets inside assistant turns (after <｜Assistant｜>
+#     up to its EOS: thinking, DSML tool calls, answers), against 1 for every other token.
+#     They are about 8% of the tokens and are all the model is asked to produce when served.
 PRESETS = {
     # The shipped candidate: vectors/tiny's shape with the 8192-token vocabulary (~28 MB F16).
     "gpu": dict(COMMON, dim=256, moe_inter_dim=256, n_layers=6, n_hash_layers=3, n_heads=8,
                 n_routed_experts=4, n_activated_experts=2, q_lora_rank=128, head_dim=96, o_groups=4,
                 o_lora_rank=32, window_size=16, compress_ratios=[0, 0, 4, 128, 4, 128, 0],
                 index_n_heads=8, index_head_dim=64, index_topk=8,
-                train=dict(seq=512, batch=32, lr=3e-3, warmup=200, steps=6000)),
-    # The CPU smoke run: the same kinds of layer, narrower and shallower.
+                train=dict(seq=1024, batch=32, lr=3e-3, warmup=150, steps=100000, conv_rows=0.5,
+                           doc_rows=0.1, asst_weight=3.0)),
     # The CPU smoke run (2 shared cores): the same kinds of layer (hash + window, CSA with its
     # indexer, HCA, MTP), narrow and shallow, same vocabulary.
     "smoke": dict(COMMON, dim=64, moe_inter_dim=64, n_layers=3, n_hash_layers=1, n_heads=2,
                   n_routed_experts=4, n_activated_experts=2, q_lora_rank=32, head_dim=96, o_groups=2,
                   o_lora_rank=16, window_size=16, compress_ratios=[0, 4, 128, 0],
                   index_n_heads=2, index_head_dim=32, index_topk=4,
-                  train=dict(seq=256, batch=4, lr=4e-3, warmup=30, steps=100000)),
+                  train=dict(seq=1024, batch=2, lr=4e-3, warmup=30, steps=100000, conv_rows=0.5,
+                             doc_rows=0.1, asst_weight=3.0)),
 }
+
+# Token ids in the reduced vocabulary (vectors/train-vocab.gguf keeps DeepSeek's ids).
+BOS, EOS, USER, ASSISTANT = 0, 1, 8148, 8149
+SHARD_BYTES = 12 << 20     # checkpoint shards: the device tool brings back files under 16 MiB
 
 F32_NAMES = ("hc_", "attn_sink", "ape", "gate.bias")   # kept float32 in the checkpoint, as in vectors/tiny
 
@@ -159,40 +185,79 @@ def load_ids(path):
     return torch.tensor(a, dtype=torch.long)
 
 
-class Batches:
-    """Windows of seq+1 tokens: half start at a document's BOS, half at a random offset with
-    BOS put in front (as ds4 --perplexity and every prompt start)."""
+def document_starts(ids, seq):
+    """(conversation starts, text starts): the BOS positions with seq+1 tokens after them,
+    split by whether a <｜User｜> comes before the next BOS."""
+    bos = (ids == BOS).nonzero().flatten()
+    ends = torch.cat([bos[1:], torch.tensor([len(ids)])])
+    users = (ids == USER).long().cumsum(0)
+    conv = users[ends - 1] - users[bos] > 0
+    fits = bos <= len(ids) - seq - 1
+    return bos[conv & fits], bos[~conv & fits]
 
-    def __init__(self, ids, seq, batch, seed, bos=0):
-        self.ids, self.seq, self.batch, self.bos = ids, seq, batch, bos
-        self.starts = (ids[:-seq - 1] == bos).nonzero().flatten()
+
+class Batches:
+    """Rows of seq+1 tokens: a share conv_rows start at a conversation's BOS, doc_rows at a
+    text document's BOS, the rest at a random offset with BOS put in front (as ds4
+    --perplexity and every prompt start)."""
+
+    def __init__(self, ids, seq, batch, seed, conv_rows=0.5, doc_rows=0.1):
+        self.ids, self.seq, self.batch = ids, seq, batch
+        self.conv, self.docs = document_starts(ids, seq)
+        self.shares = (conv_rows, conv_rows + doc_rows)
         self.g = torch.Generator().manual_seed(seed)
+
+    def pick(self, starts):
+        return starts[torch.randint(len(starts), (1,), generator=self.g)].item()
 
     def next(self):
         rows = []
         for _ in range(self.batch):
-            if len(self.starts) and torch.rand(1, generator=self.g).item() < 0.5:
-                b = self.starts[torch.randint(len(self.starts), (1,), generator=self.g)].item()
+            r = torch.rand(1, generator=self.g).item()
+            starts = self.conv if r < self.shares[0] else self.docs if r < self.shares[1] else None
+            if starts is not None and len(starts):
+                b = self.pick(starts)
                 rows.append(self.ids[b:b + self.seq + 1])
             else:
                 o = torch.randint(len(self.ids) - self.seq, (1,), generator=self.g).item()
-                rows.append(torch.cat([torch.tensor([self.bos]), self.ids[o:o + self.seq]]))
+                rows.append(torch.cat([torch.tensor([BOS]), self.ids[o:o + self.seq]]))
         return torch.stack(rows)
 
 
 # ---------------------------------------------------------------- training
 
 
-def losses(P, x, cfg):
-    inp = x[:, :-1]
-    logits, mtp, aux, stats = V.forward(P, inp, cfg)
-    Vv = logits.shape[-1]
-    ce = F.cross_entropy(logits.reshape(-1, Vv), x[:, 1:].reshape(-1))
-    mce = F.cross_entropy(mtp.reshape(-1, Vv), x[:, 2:].reshape(-1))
+def in_assistant(x):
+    """[B,L] bool: after token k we are inside an assistant turn (the last <｜Assistant｜> up to
+    k is later than the last BOS, EOS or <｜User｜> up to k). Target k+1 is then the model's
+    own output when served."""
+    at = torch.arange(x.shape[1], device=x.device).expand_as(x)
+    opened = torch.where(x == ASSISTANT, at, -1).cummax(1).values
+    closed = torch.where((x == EOS) | (x == USER) | (x == BOS), at, -1).cummax(1).values
+    return opened > closed
+
+
+def weighted_ce(logits, target, w):
+    """(plain mean cross-entropy, sum(w ce) / sum(w), greedy accuracy where w > 1)."""
+    ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1),
+                         reduction="none").view(target.shape)
+    hit = (logits.argmax(-1) == target).float()
+    sel = (w > 1).float()
+    return ce.mean(), (ce * w).sum() / w.sum(), (hit * sel).sum() / sel.sum().clamp(min=1)
+
+
+def losses(P, x, cfg, tr):
+    """x [B,T+1]: main loss on targets x[:,1:], MTP on x[:,2:], each weighted by asst_weight
+    inside assistant turns; plus the indexer's KL and the teacher-forced draft acceptance."""
+    T = x.shape[1] - 1
+    logits, mtp, aux, stats = V.forward(P, x[:, :-1], cfg)
+    w = 1.0 + (tr.get("asst_weight", 1.0) - 1.0) * in_assistant(x).float()
+    ce, wce, asst_acc = weighted_ce(logits, x[:, 1:], w[:, :T])
+    mce, wmce, _ = weighted_ce(mtp, x[:, 2:], w[:, 1:T])
     # 1-token draft acceptance, teacher forced: MTP row i and main row i+1 both predict token i+2.
     acc = (mtp.argmax(-1) == logits[:, 1:].argmax(-1)).float().mean()
-    idx = torch.stack(aux).mean() if aux else torch.zeros(())
-    return ce, mce, idx, acc, stats
+    idx = torch.stack(aux).mean() if aux else torch.zeros((), device=x.device)
+    return dict(ce=ce, wce=wce, mce=mce, wmce=wmce, idx=idx, acc=acc, asst_acc=asst_acc), stats
 
 
 def balance_bias(P, stats, rate=1e-3):
@@ -202,13 +267,14 @@ def balance_bias(P, stats, rate=1e-3):
             b -= rate * torch.sign(load - load.mean())
 
 
-def evaluate(P, cfg, batches):
-    with torch.no_grad():
-        r = [losses(P, x, cfg)[:4] for x in batches]
-    ce = sum(float(a[0]) for a in r) / len(r)
-    mce = sum(float(a[1]) for a in r) / len(r)
-    acc = sum(float(a[3]) for a in r) / len(r)
-    return {"ppl": math.exp(ce), "mtp_ppl": math.exp(mce), "mtp_accept": acc}
+def evaluate(P, cfg, tr, batches, amp):
+    """Held-out figures: perplexity of every target and of the MTP's, teacher-forced draft
+    acceptance, and the greedy token accuracy inside assistant turns (tool calls included)."""
+    with torch.no_grad(), amp():
+        r = [losses(P, x, cfg, tr)[0] for x in batches]
+    mean = lambda k: sum(float(d[k]) for d in r) / len(r)
+    return {"ppl": round(math.exp(mean("ce")), 3), "mtp_ppl": round(math.exp(mean("mce")), 3),
+            "mtp_accept": round(mean("acc"), 4), "assistant_token_acc": round(mean("asst_acc"), 4)}
 
 
 def lr_at(step, tr, total, time_fraction=None):
@@ -221,14 +287,27 @@ def lr_at(step, tr, total, time_fraction=None):
     return tr["lr"] * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
 
 
-def train(a):
+def amp_context(a, dev):
+    """bf16 autocast for the big products on the GPU (--bf16 auto); the parameters, the
+    residual streams and everything v4_torch keeps in float32 stay float32."""
+    on = a.bf16 == "on" or (a.bf16 == "auto" and dev.type == "cuda")
+    if not on:
+        return contextlib.nullcontext, False
+    return (lambda: torch.autocast(dev.type, dtype=torch.bfloat16)), True
+
+
+def setup(a):
+    """The preset's config and training settings, the seeded parameters on the device, and
+    AdamW (weight decay on the matrices only)."""
     cfg = json.loads(json.dumps(PRESETS[a.preset]))
     tr = cfg.pop("train")
-    for k in ("seq", "batch", "steps"):
+    for k in ("seq", "batch", "steps", "lr"):
         if getattr(a, k):
             tr[k] = getattr(a, k)
     torch.manual_seed(a.seed)
     dev = torch.device(a.device if a.device != "cuda" or torch.cuda.is_available() else "cpu")
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False   # float32 stays float32 (hc, router)
     P = {k: v.to(dev) for k, v in init_params(cfg, a.seed).items()}
     V.prepare(cfg)
     cfg["_freqs"] = {k: v.to(dev) for k, v in cfg["_freqs"].items()}
@@ -241,59 +320,112 @@ def train(a):
     rest = [v for k, v in P.items() if v.requires_grad and not any(v is d for d in decay)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
                             lr=tr["lr"], betas=(0.9, 0.95), eps=1e-8)
+    return cfg, tr, dev, P, opt
+
+
+def time_budget(a, t0, reserve=30.0):
+    """Seconds of training: --minutes, cut so that the final evaluation and export (reserve)
+    end before --deadline (absolute, time.time() seconds; the shell step's hard end)."""
+    b = a.minutes * 60 if a.minutes else float("inf")
+    if a.deadline:
+        b = min(b, a.deadline - reserve - t0)
+    return b
+
+
+def train(a):
+    cfg, tr, dev, P, opt = setup(a)
+    amp, bf16 = amp_context(a, dev)
     ids = load_ids(os.path.join(a.data, "train.bin"))
     held = load_ids(os.path.join(a.data, "heldout.bin"))
     if int(ids.max()) >= cfg["vocab_size"]:
         sys.exit("token id %d outside the %d-token vocabulary" % (int(ids.max()), cfg["vocab_size"]))
-    data = Batches(ids, tr["seq"], tr["batch"], a.seed)
-    hb = Batches(held, tr["seq"], tr["batch"], a.seed + 1)
+    mix = (tr.get("conv_rows", 0.5), tr.get("doc_rows", 0.1))
+    data = Batches(ids, tr["seq"], tr["batch"], a.seed, *mix)
+    hb = Batches(held, tr["seq"], tr["batch"], a.seed + 1, *mix)
     held_batches = [hb.next().to(dev) for _ in range(a.eval_batches)]
     n_params = sum(v.numel() for v in P.values())
-    print("preset %s: %d parameters, %d train tokens, seq %d, batch %d, device %s" %
-          (a.preset, n_params, len(ids), tr["seq"], tr["batch"], dev), flush=True)
+    print("preset %s: %d parameters, %d train tokens (%d conversations, %d documents), seq %d, batch %d, "
+          "device %s, bf16 %s" % (a.preset, n_params, len(ids), len(data.conv), len(data.docs), tr["seq"],
+                                  tr["batch"], dev, bf16), flush=True)
     log = {"preset": a.preset, "config": {k: v for k, v in cfg.items() if not k.startswith("_")},
-           "train": tr, "seed": a.seed, "parameters": n_params, "train_tokens": len(ids), "curve": [],
-           "eval": []}
+           "train": tr, "seed": a.seed, "parameters": n_params, "train_tokens": len(ids), "bf16": bf16,
+           "curve": [], "eval": []}
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append("SIGTERM"))
     t0 = time.time()
-    step = 0
-    total = tr["steps"]
-    while step < total:
-        if a.minutes and time.time() - t0 > a.minutes * 60:
-            break
-        for grp in opt.param_groups:
-            grp["lr"] = lr_at(step, tr, total, (time.time() - t0) / (a.minutes * 60) if a.minutes else None)
-        x = data.next().to(dev)
-        ce, mce, idx, acc, stats = losses(P, x, cfg)
-        loss = ce + 0.3 * mce + 0.1 * idx
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([v for v in P.values() if v.requires_grad], 1.0)
-        opt.step()
-        balance_bias(P, stats)
-        step += 1
-        if step % a.log_every == 0 or step == 1:
+    budget = time_budget(a, t0)
+    log["budget_seconds"] = round(budget, 1) if budget != float("inf") else None
+    step, last_save = 0, t0
+    try:
+        while step < tr["steps"] and not stop:
             el = time.time() - t0
-            row = {"step": step, "tokens": step * tr["batch"] * tr["seq"], "seconds": round(el, 1),
-                   "loss": round(float(ce), 4), "mtp_loss": round(float(mce), 4),
-                   "indexer_kl": round(float(idx), 4), "mtp_accept": round(float(acc), 3)}
-            log["curve"].append(row)
-            print(json.dumps(row), flush=True)
-        if step % a.eval_every == 0:
-            ev = dict(step=step, **evaluate(P, cfg, held_batches))
-            log["eval"].append(ev)
-            print("eval", json.dumps(ev), flush=True)
-    ev = dict(step=step, **evaluate(P, cfg, held_batches))
-    log["eval"].append(ev)
-    log["seconds"] = round(time.time() - t0, 1)
-    log["steps"] = step
-    print("final eval", json.dumps(ev), "after %d steps, %.1f s" % (step, log["seconds"]), flush=True)
+            if el > budget:
+                break
+            for grp in opt.param_groups:
+                grp["lr"] = lr_at(step, tr, tr["steps"], el / budget if budget != float("inf") else None)
+            x = data.next().to(dev, non_blocking=True)
+            with amp():
+                L, stats = losses(P, x, cfg, tr)
+                loss = L["wce"] + 0.3 * L["wmce"] + 0.1 * L["idx"]
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([v for v in P.values() if v.requires_grad], 1.0)
+            opt.step()
+            balance_bias(P, stats)
+            step += 1
+            if step % a.log_every == 0 or step == 1:
+                el = time.time() - t0
+                row = {"step": step, "tokens": step * tr["batch"] * tr["seq"], "seconds": round(el, 1),
+                       "tok_per_s": round(step * tr["batch"] * tr["seq"] / max(el, 1e-9)),
+                       "loss": round(float(L["ce"]), 4), "weighted_loss": round(float(L["wce"]), 4),
+                       "mtp_loss": round(float(L["mce"]), 4), "indexer_kl": round(float(L["idx"]), 4),
+                       "mtp_accept": round(float(L["acc"]), 3),
+                       "assistant_token_acc": round(float(L["asst_acc"]), 3)}
+                log["curve"].append(row)
+                print(json.dumps(row), flush=True)
+            if step % a.eval_every == 0:
+                ev = dict(step=step, seconds=round(time.time() - t0, 1),
+                          **evaluate(P, cfg, tr, held_batches, amp))
+                log["eval"].append(ev)
+                print("eval", json.dumps(ev), flush=True)
+            if a.save_every and time.time() - last_save > a.save_every * 60:
+                log.update(steps=step, seconds=round(time.time() - t0, 1), partial=True)
+                export(P, cfg, a.out, log)
+                last_save = time.time()
+    except BaseException as e:   # keep what was learnt (an OOM, Ctrl+C), then fail as before
+        if step:
+            log.update(steps=step, seconds=round(time.time() - t0, 1), partial=True, error=repr(e))
+            export(P, cfg, a.out, log)
+        raise
+    if not stop:
+        ev = dict(step=step, seconds=round(time.time() - t0, 1), **evaluate(P, cfg, tr, held_batches, amp))
+        log["eval"].append(ev)
+        print("final eval", json.dumps(ev), flush=True)
+    log.update(steps=step, seconds=round(time.time() - t0, 1), partial=bool(stop))
+    print("after %d steps, %.1f s%s" % (step, log["seconds"], " (stopped by %s)" % stop[0] if stop else ""),
+          flush=True)
     export(P, cfg, a.out, log)
 
 
 # ---------------------------------------------------------------- export
 
 
+def shard(tensors, limit=SHARD_BYTES):
+    """Names grouped in order into shards of at most `limit` bytes (a bigger tensor alone)."""
+    groups, size = [[]], 0
+    for k in sorted(tensors):
+        n = tensors[k].numel() * tensors[k].element_size()
+        if groups[-1] and size + n > limit:
+            groups.append([])
+            size = 0
+        groups[-1].append(k)
+        size += n
+    return groups
+
+
 def export(P, cfg, out, log):
+    """The checkpoint in official naming, in shards under SHARD_BYTES, each file written
+    atomically; shards of an earlier export that this one does not name are removed."""
     os.makedirs(out, exist_ok=True)
     tensors = {}
     for k, v in P.items():
@@ -304,13 +436,20 @@ def export(P, cfg, out, log):
             tensors[k] = v.float().contiguous()
         else:
             tensors[k] = v.to(torch.bfloat16).contiguous()
-    fname = "model-00001-of-00001.safetensors"
-    V.write_safetensors(os.path.join(out, fname), tensors)
+    groups = shard(tensors)
+    names = ["model-%05d-of-%05d.safetensors" % (i + 1, len(groups)) for i in range(len(groups))]
+    weight_map = {}
+    for fname, keys in zip(names, groups):
+        V.write_safetensors(os.path.join(out, fname), {k: tensors[k] for k in keys})
+        weight_map.update({k: fname for k in keys})
     official = {k: v for k, v in cfg.items() if not k.startswith("_") and k != "n_mtp_layers"}
     official["n_mtp_layers"] = cfg.get("n_mtp_layers", 1)
     write_json(os.path.join(out, "config.json"), official)
     write_json(os.path.join(out, "model.safetensors.index.json"),
-               {"metadata": {}, "weight_map": {k: fname for k in sorted(tensors)}})
+               {"metadata": {}, "weight_map": dict(sorted(weight_map.items()))})
+    for f in os.listdir(out):
+        if f.startswith("model-") and f.endswith(".safetensors") and f not in names:
+            os.remove(os.path.join(out, f))
     write_json(os.path.join(out, "train_log.json"), log)
     print("exported %d tensors to %s" % (len(tensors), out), flush=True)
 
@@ -412,6 +551,12 @@ def main():
     ap.add_argument("--steps", type=int, default=0)
     ap.add_argument("--seq", type=int, default=0)
     ap.add_argument("--batch", type=int, default=0)
+    ap.add_argument("--lr", type=float, default=0)
+    ap.add_argument("--bf16", default="auto", choices=("auto", "on", "off"),
+                    help="bf16 autocast (auto: on for cuda)")
+    ap.add_argument("--deadline", type=float, default=0,
+                    help="time.time() by which training, final evaluation and export must be done")
+    ap.add_argument("--save-every", type=float, default=2.0, help="export every M minutes while training")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--seed", type=int, default=1)

@@ -13,7 +13,10 @@
 #   run(command="sh tools/train_tiny.sh gpu", carry=["build/train-data"], timeout_s=600)
 #
 # then copy the returned trained/ folder to build/trained and run `finish` here. One command
-# may run 10 minutes: with OFFICIAL set, give MINUTES=6 so the oracle run fits too.
+# may run 10 minutes: the gpu step ends within BUDGET_S (540) seconds of its start, whatever
+# MINUTES says (training stops early enough to evaluate and export; OFFICIAL takes OFFICIAL_S,
+# 120, of it); the checkpoint is also exported every 2 minutes and on SIGTERM, in shards under
+# 12 MiB (the device tool brings back files under 16 MiB).
 # Environment: MINUTES (training budget, default 8 on the GPU, 20 for smoke), SEED (1),
 # OFFICIAL (a directory holding DeepSeek's inference/model.py: the gpu step then also writes
 # oracle vectors for the trained checkpoint with vectors/gen_vectors.py; DeepSeek's code is
@@ -28,15 +31,20 @@ PY=${PYTHON:-python3}
 data() {
     make ds4 >/dev/null
     $PY tools/make_train_data.py --out $DATA --seed "$SEED" --text-mb "${TEXT_MB:-4}" \
-        --convs "${CONVS:-2500}" --eval-convs 200
+        --convs "${CONVS:-4000}" --eval-convs 200
 }
 
 gpu() {
+    start=$(date +%s)
     out=${OUT:-build}/trained
+    end=$((start + ${BUDGET_S:-540}))
+    [ -z "${OFFICIAL:-}" ] || end=$((end - ${OFFICIAL_S:-120}))
+    export PYTHONUNBUFFERED=1
     $PY -c 'import torch; print("torch", torch.__version__, "cuda", torch.cuda.is_available())'
     $PY tools/train_tiny.py --check
     $PY tools/train_tiny.py --data $DATA --out "$out" --preset "${PRESET:-gpu}" --device cuda \
-        --minutes "${MINUTES:-8}" --seed "$SEED" --log-every 50 --eval-every 500 --eval-batches 8
+        --minutes "${MINUTES:-8}" --deadline "$end" --save-every 2 --seed "$SEED" \
+        --log-every 50 --eval-every 250 --eval-batches 8
     if [ -n "${OFFICIAL:-}" ]; then
         $PY vectors/gen_vectors.py --official "$OFFICIAL" --checkpoint "$out" \
             --like vectors/vectors.json --out "$out/vectors.json" --device cuda
@@ -80,7 +88,7 @@ case "$stage" in
         [ -f $DATA/train.bin ] || data
         OPENBLAS_NUM_THREADS=1 nice -n 19 $PY tools/train_tiny.py --data $DATA --out build/trained \
             --preset smoke --device cpu --threads 1 --minutes "${MINUTES:-20}" --seed "$SEED" \
-            --log-every 10 --eval-every 100 --eval-batches 2
+            --log-every 10 --eval-every 100 --eval-batches 2 --save-every 5
         finish build/trained ;;
     *) sed -n '2,20p' "$0"; exit 2 ;;
 esac

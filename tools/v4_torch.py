@@ -55,7 +55,9 @@ def round_e2m1(v):
 
 
 def fp8_sim(x, block=64):
-    """FP8 e4m3 round trip of x [..., k*block] in blocks, power-of-two scale per block."""
+    """FP8 e4m3 round trip of x [..., k*block] in blocks, power-of-two scale per block.
+    Always in float32 (under bf16 autocast the input may be bf16; frexp wants float)."""
+    x = x.float()
     shp = x.shape
     xb = x.reshape(*shp[:-1], shp[-1] // block, block)
     sc = pow2_ceil(xb.detach().abs().amax(-1, keepdim=True).clamp(min=1e-4) / 448.0)
@@ -64,6 +66,7 @@ def fp8_sim(x, block=64):
 
 
 def fp4_sim(x, block=32):
+    x = x.float()
     shp = x.shape
     xb = x.reshape(*shp[:-1], shp[-1] // block, block)
     sc = pow2_ceil(xb.detach().abs().amax(-1, keepdim=True).clamp(min=1e-4) / 6.0)
@@ -86,6 +89,7 @@ def hadamard_matrix(n):
 
 
 def rmsnorm(x, w, eps):
+    x = x.float()
     y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
     return y * w if w is not None else y
 
@@ -128,6 +132,13 @@ def linear(x, w):
     return x @ w.t()
 
 
+def linear32(x, w):
+    """x @ w^T in float32 even under bf16 autocast: the hyper-connection mixes and the router
+    are small and sensitive (ds4 keeps their weights F32 too)."""
+    with torch.autocast(x.device.type, enabled=False):
+        return x.float() @ w.float().t()
+
+
 # ---------------------------------------------------------------- hyper-connections
 
 
@@ -145,7 +156,7 @@ def hc_pre(X, fn, scale, base, cfg):
     """X [B,T,n,D] -> y [B,T,D], post [B,T,n], C [B,T,n,n] (C[j][k]: source j, destination k)."""
     n = cfg["hc_mult"]
     flat = X.flatten(-2)
-    m = linear(flat, fn) * torch.rsqrt(flat.pow(2).mean(-1, keepdim=True) + cfg["norm_eps"])
+    m = linear32(flat, fn) * torch.rsqrt(flat.pow(2).mean(-1, keepdim=True) + cfg["norm_eps"])
     pre = torch.sigmoid(m[..., :n] * scale[0] + base[:n]) + cfg["hc_eps"]
     post = 2 * torch.sigmoid(m[..., n:2 * n] * scale[1] + base[n:2 * n])
     comb = (m[..., 2 * n:] * scale[2] + base[2 * n:]).unflatten(-1, (n, n))
@@ -155,13 +166,15 @@ def hc_pre(X, fn, scale, base, cfg):
 
 
 def hc_post(f, X, post, C):
-    """Xout[k] = post[k] f + sum_j C[j][k] X[j]."""
-    return post.unsqueeze(-1) * f.unsqueeze(-2) + torch.einsum("btjk,btjd->btkd", C, X)
+    """Xout[k] = post[k] f + sum_j C[j][k] X[j]. The residual streams stay float32."""
+    with torch.autocast(X.device.type, enabled=False):
+        mixed = torch.einsum("btjk,btjd->btkd", C.float(), X.float())
+    return post.unsqueeze(-1) * f.float().unsqueeze(-2) + mixed
 
 
 def hc_head(X, fn, scale, base, cfg):
     flat = X.flatten(-2)
-    m = linear(flat, fn) * torch.rsqrt(flat.pow(2).mean(-1, keepdim=True) + cfg["norm_eps"])
+    m = linear32(flat, fn) * torch.rsqrt(flat.pow(2).mean(-1, keepdim=True) + cfg["norm_eps"])
     w = torch.sigmoid(m * scale[0] + base) + cfg["hc_eps"]
     return (w.unsqueeze(-1) * X).sum(-2)
 
@@ -206,7 +219,7 @@ def finish_rows(P, pre, pooled, ratio, freqs, cfg, indexer):
 def topk_lower_first(x, k):
     """Indices of the k largest along the last axis; equal values go to the lower index, as
     in ds4. FP4-rounded indexer scores tie often, so the rule matters for parity."""
-    return torch.sort(x, stable=True, dim=-1, descending=True).indices[..., :k]
+    return torch.sort(x.float(), stable=True, dim=-1, descending=True).indices[..., :k]
 
 
 def visible_rows(T, nw, ratio, device):
@@ -225,7 +238,7 @@ def indexer_select(P, pre, a, qr, ratio, freqs, cfg, vis):
     q = linear(qr, P[pre + "wq_b.weight"]).view(B, T, HI, DI)
     q = fp4_sim(rope(q, torch.arange(T, device=a.device), freqs, R) @ cfg["_hadamard"])
     w = linear(a, P[pre + "weights_proj.weight"]) * (DI ** -0.5 * HI ** -0.5)
-    score = torch.einsum("bth,bthc->btc", w, F.relu(torch.einsum("bthd,bcd->bthc", q, krows)))
+    score = torch.einsum("bth,bthc->btc", w, F.relu(torch.einsum("bthd,bcd->bthc", q, krows))).float()
     k = min(cfg["index_topk"], score.shape[-1])
     sel = torch.zeros_like(score, dtype=torch.bool)
     if k > 0:
@@ -251,10 +264,13 @@ def attention(P, pre, a, cfg, ratio, freqs, aux):
     kv = rope(kv, pos, freqs, R)
     kv = torch.cat([fp8_sim(kv[..., :-R]), kv[..., -R:]], -1)   # [B,T,Dh]
 
-    scale = Dh ** -0.5
-    s_raw = torch.einsum("bthd,bsd->bhts", q, kv) * scale
-    t, s = pos[:, None], pos[None, :]
-    window = (s <= t) & (s > t - cfg["window_size"])
+    # The sliding window as a band: query t sees sources t-W+1 .. t (kvw[b,t,:,w] is source
+    # t-W+1+w; the W-1 rows in front of position 0 are padding, masked). Same numbers as a
+    # [T,T] score matrix masked to the window, at W/T of its cost.
+    scale, W = Dh ** -0.5, cfg["window_size"]
+    kvw = F.pad(kv, (0, 0, W - 1, 0)).unfold(1, W, 1)          # [B,T,Dh,W]
+    s_raw = torch.einsum("bthd,btdw->bhtw", q, kvw).float() * scale
+    window = (pos[:, None] - (W - 1) + torch.arange(W, device=a.device)[None, :]) >= 0   # [T,W]
     s_raw = s_raw.masked_fill(~window, float("-inf"))
     parts, values = [s_raw], [kv]
     if ratio > 0:
@@ -262,7 +278,7 @@ def attention(P, pre, a, cfg, ratio, freqs, aux):
                            ratio, freqs, cfg, False)        # [B,nw,Dh]
         nw = rows.shape[1]
         vis = visible_rows(T, nw, ratio, a.device).unsqueeze(0).expand(B, T, nw)
-        s_cmp = torch.einsum("bthd,bcd->bhtc", q, rows) * scale
+        s_cmp = torch.einsum("bthd,bcd->bhtc", q, rows).float() * scale
         if ratio == 4:
             sel, logq = indexer_select(P, pre + "indexer.", a, qr, ratio, freqs, cfg, vis)
             if nw > 0:                                       # the indexer's target: dense attention
@@ -274,11 +290,11 @@ def attention(P, pre, a, cfg, ratio, freqs, aux):
             vis = sel
         parts.append(s_cmp.masked_fill(~vis.unsqueeze(1), float("-inf")))
         values.append(rows)
-    sink = P[pre + "attn_sink"].view(1, H, 1, 1).expand(B, H, T, 1)
+    sink = P[pre + "attn_sink"].float().view(1, H, 1, 1).expand(B, H, T, 1)
     p = torch.cat(parts + [sink], -1).softmax(-1)
-    o = torch.einsum("bhts,bsd->bthd", p[..., :T], kv)
+    o = torch.einsum("bhtw,btdw->bthd", p[..., :W], kvw)
     if ratio > 0:
-        o = o + torch.einsum("bhtc,bcd->bthd", p[..., T:-1], values[1])
+        o = o + torch.einsum("bhtc,bcd->bthd", p[..., W:-1], values[1])
     o = rope(o, pos, freqs, R, inverse=True)
 
     G, O = cfg["o_groups"], cfg["o_lora_rank"]
@@ -302,7 +318,7 @@ def expert(P, pre, b, lim):
 
 def moe(P, pre, b, tokens, hashed, cfg, stats):
     E, K, lim = cfg["n_routed_experts"], cfg["n_activated_experts"], cfg["swiglu_limit"]
-    sc = torch.sqrt(F.softplus(linear(b, P[pre + "gate.weight"])))   # [B,T,E]
+    sc = torch.sqrt(F.softplus(linear32(b, P[pre + "gate.weight"])))   # [B,T,E]
     if hashed:
         sel = P[pre + "gate.tid2eid"].long()[tokens]                  # [B,T,K]
     else:
@@ -361,7 +377,7 @@ def forward(P, tokens, cfg, with_mtp=True):
         nxt = tokens[:, 1:]
         e = linear(rmsnorm(P["embed.weight"][nxt], P["mtp.0.enorm.weight"], eps), P["mtp.0.e_proj.weight"])
         Xm = linear(rmsnorm(X[:, :-1], P["mtp.0.hnorm.weight"], eps), P["mtp.0.h_proj.weight"])
-        Xm = Xm + e.unsqueeze(-2)
+        Xm = (Xm + e.unsqueeze(-2)).float()           # streams stay float32 under autocast
         Xm = block(P, "mtp.0.", Xm, nxt, cfg, cfg["compress_ratios"][cfg["n_layers"]], False, aux, stats)
         mtp = head(P, "mtp.0.", Xm, cfg)
     return logits, mtp, aux, stats
