@@ -4791,6 +4791,7 @@ struct gpu_state {
     float *slot_gate, *slot_up;   /* [T*K][F] routed experts, one row per slot */
     float *slot_out;              /* [T*K][D] */
     int *identity;                /* [T*K] = 0, 1, 2, ...: slot i's output is row i */
+    int *group_of;                /* [T*G] = i mod G: output group of slot i (6.8) */
     int *slot_token, *slot_list;  /* [T*K] grouped slots: their token, the slot itself */
     float *slot_weight;           /* [T*K] their route weights, in grouped order */
     float *bias;                  /* [T][2*max(Dh, DI)] compressor slot biases */
@@ -4947,8 +4948,8 @@ static void gpu_session_open(struct session *s) {
 }
 
 static void gpu_state_buffers_free(struct gpu_state *g) {
-    void *dev[] = { g->slot_gate, g->slot_up, g->slot_out, g->identity, g->slot_token,
-                    g->slot_list, g->slot_weight, g->bias, g->biased };
+    void *dev[] = { g->slot_gate, g->slot_up, g->slot_out, g->identity, g->group_of,
+                    g->slot_token, g->slot_list, g->slot_weight, g->bias, g->biased };
     void *host[] = { g->route_sel_host, g->route_wt_host, g->slot_token_host, g->list_host,
                      g->weight_host, g->bias_host, g->n_sel_host };
     for (size_t i = 0; i < sizeof dev / sizeof dev[0]; i++) gpu_free(dev[i]);
@@ -4999,6 +5000,12 @@ static void gpu_begin_chunk(struct step *st) {
     for (size_t i = 0; i < TK; i++) g->list_host[i] = (int)i;
     g->identity = gpu_alloc(TK * sizeof(int));
     gpu_upload(g->identity, g->list_host, TK * sizeof(int));
+    size_t TG = (size_t)st->T * c->o_groups;
+    int *groups = xcalloc(TG, sizeof(int));
+    for (size_t i = 0; i < TG; i++) groups[i] = (int)(i % (size_t)c->o_groups);
+    g->group_of = gpu_alloc(TG * sizeof(int));
+    gpu_upload(g->group_of, groups, TG * sizeof(int));
+    free(groups);
 }
 
 /* y[t] = W x[t] for n tokens, contiguous rows: one matmul_<type> dispatch. */
@@ -5197,6 +5204,27 @@ static int64_t gpu_most_rows(const struct step *st) {
     return most;
 }
 
+/* attention_output's first half: low[t][g] = Wo_a[g] o[t][g] for the G head
+ * groups. A short chunk runs it as one matmul_experts dispatch whose "experts"
+ * are the groups (slot t G + g reads group g's rows and o[t][g]); a long one
+ * as G matmuls, each reading its group's weights once per tile of tokens. */
+static void gpu_output_groups(struct step *st) {
+    const struct ds4_config *c = st->c;
+    const struct matrix *wa = &st->L->out_a;
+    struct chunk_work *w = st->w;
+    unsigned T = (unsigned)st->T, G = (unsigned)c->o_groups, O = (unsigned)c->o_rank;
+    unsigned HD = (unsigned)(c->n_heads * c->head_dim), group_in = HD / G;
+    if (st->T <= GPU_SLOT_TOKENS) {
+        gpu_matmul_experts((int)wa->type, wa->data, (size_t)O * wa->row_bytes,
+                           gpu_state_of(st->s)->group_of, w->o, w->low, group_in, O, T * G,
+                           (unsigned)wa->row_bytes, 1);
+        return;
+    }
+    for (unsigned g = 0; g < G; g++)
+        gpu_matmul((int)wa->type, matrix_row(wa, (int64_t)g * O), w->o + g * group_in,
+                   w->low + g * O, group_in, O, T, (unsigned)wa->row_bytes, HD, G * O);
+}
+
 /* attend_chunk, the inverse RoPE, the ring update, attention_output. */
 static void gpu_attend_and_project(struct step *st) {
     const struct ds4_config *c = st->c;
@@ -5211,11 +5239,7 @@ static void gpu_attend_and_project(struct step *st) {
     for (int t = st->T > c->window ? st->T - c->window : 0; t < st->T; t++)
         gpu_copy(d->ring + (size_t)((st->p0 + t) % c->window) * c->head_dim,
                  w->kv + (size_t)t * c->head_dim, (size_t)c->head_dim * sizeof(float));
-    unsigned group_in = H / (unsigned)c->o_groups * Dh, low = (unsigned)(c->o_groups * c->o_rank);
-    for (int g = 0; g < c->o_groups; g++)
-        gpu_matmul((int)L->out_a.type, matrix_row(&L->out_a, (int64_t)g * c->o_rank),
-                   w->o + g * group_in, w->low + g * c->o_rank, group_in, (unsigned)c->o_rank, T,
-                   (unsigned)L->out_a.row_bytes, H * Dh, low);
+    gpu_output_groups(st);
     gpu_mm(&L->out_b, w->low, w->f, st->T);
 }
 
@@ -6091,6 +6115,7 @@ static int generator_step(struct generator *g, int32_t *out, struct ds4_error *e
     if (session_forward(s, out, T, &req, e)) {
         kept = 1 + count_accepted(g, out + 1, n, g->all_logits);
         if (kept < T) {
+            s->eng->be->state_pull(s);    /* the kept positions' rows are on the backend */
             session_rollback(s, &g->verify_cp, &g->journal, kept, g->all_logits, g->all_hc);
             s->eng->be->state_push(s);
         }

@@ -107,7 +107,9 @@ struct block_iq2_xxs {
 
 // The IQ2_XXS codebook, byte j of entry g = magnitude of value j. Source:
 // `iq2xxs_grid` of GGML (MIT License), reproduced as data, as in ds4.c 3.4.
-__constant__ uint64_t iq2_xxs_grid[256] = {
+// In global memory, not __constant__: the 32 lanes of a warp look up 32
+// different entries, which the constant cache would serve one at a time.
+__device__ const uint64_t iq2_xxs_grid[256] = {
     0x0808080808080808ull, 0x080808080808082bull, 0x0808080808081919ull, 0x0808080808082b08ull,
     0x0808080808082b2bull, 0x0808080808190819ull, 0x0808080808191908ull, 0x08080808082b0808ull,
     0x08080808082b082bull, 0x08080808082b2b08ull, 0x08080808082b2b2bull, 0x0808080819080819ull,
@@ -293,26 +295,76 @@ __device__ unsigned token_row(const int *rows, unsigned j) {
     return rows ? (unsigned)rows[j] : j;
 }
 
-// The decoder is a tag type, as in kernels.metal, so each kernel inlines its own.
+// Staging. A lane's chunk is 34 bytes (Q8_0) to 128 (F32) at an odd
+// offset, which the decoders read byte by byte: straight from memory, a
+// warp's loads would touch each cache line many times. So a warp first
+// copies a segment of its row (MATMUL_SEG_CHUNKS chunks = 8 blocks of 256
+// weights) into its own shared memory with 16-byte loads, coalesced across
+// the warp, and the decoders read that copy. Lane l still decodes chunks
+// l, l + 32, ... in that order: the sums are the same as without staging.
+// Each decoder's seg_bytes = bytes_of(MATMUL_SEG_CHUNKS): 2176 for Q8_0, 528
+// for IQ2_XXS, so a block of the quantized kernels holds a few KB and the
+// multiprocessors keep many warps (their loads) in flight.
+#define MATMUL_SEG_CHUNKS 64
+
+struct __align__(16) bytes16 {
+    uint32_t word[4];
+};
+
+// dst[0 .. bytes) = src[0 .. bytes), the 32 lanes of a warp together.
+__device__ void warp_copy(uint8_t *dst, const uint8_t *src, unsigned bytes, unsigned lane) {
+    if ((((uintptr_t)src | bytes) & 15) == 0) {
+        const bytes16 *s = (const bytes16 *)src;
+        bytes16 *d = (bytes16 *)dst;
+        for (unsigned i = lane; i < bytes / 16; i += 32) d[i] = s[i];
+    } else {
+        for (unsigned i = lane; i < bytes; i += 32) dst[i] = src[i];
+    }
+}
+
+// sum_i v[i] x[i] over one chunk, x read 16 bytes at a time when aligned.
+__device__ float chunk_dot(const float *v, const float *x) {
+    float s = 0.0f;
+    if (((uintptr_t)x & 15) == 0) {
+        for (int i = 0; i < 32; i += 4) {
+            bytes16 q = *(const bytes16 *)(x + i);
+            s += v[i] * __uint_as_float(q.word[0]);
+            s += v[i + 1] * __uint_as_float(q.word[1]);
+            s += v[i + 2] * __uint_as_float(q.word[2]);
+            s += v[i + 3] * __uint_as_float(q.word[3]);
+        }
+    } else {
+        for (int i = 0; i < 32; i++) s += v[i] * x[i];
+    }
+    return s;
+}
+
+// The decoder is a tag type, as in kernels.metal, so each kernel inlines its
+// own; Decoder::bytes_of(n) is the size of n chunks from a block boundary.
 template <class Decoder>
 __device__ void matmul_rows(const uint8_t *w, const float *x, float *y, const matmul_args &a,
                             unsigned row, unsigned lane, const int *x_rows = nullptr,
                             const int *y_rows = nullptr) {
+    __shared__ __align__(16) uint8_t staged[MATMUL_WARPS][Decoder::seg_bytes];
     if (row >= a.out) return;                       // the whole warp agrees
+    uint8_t *seg = staged[(threadIdx.x / 32) % MATMUL_WARPS];
     const uint8_t *wr = w + (uint64_t)row * a.row_bytes;
     unsigned chunks = a.in / 32;
     for (unsigned t0 = 0; t0 < a.n_tok; t0 += MATMUL_TILE) {
         float acc[MATMUL_TILE];
         for (int j = 0; j < MATMUL_TILE; j++) acc[j] = 0.0f;
         unsigned tile = a.n_tok - t0 < MATMUL_TILE ? a.n_tok - t0 : MATMUL_TILE;
-        for (unsigned c = lane; c < chunks; c += 32) {
-            float v[32];
-            Decoder::decode(wr, c, v);
-            for (unsigned j = 0; j < tile; j++) {
-                const float *xs = x + (uint64_t)token_row(x_rows, t0 + j) * a.x_stride + 32 * c;
-                float s = 0.0f;
-                for (int i = 0; i < 32; i++) s += v[i] * xs[i];
-                acc[j] += s;
+        for (unsigned c0 = 0; c0 < chunks; c0 += MATMUL_SEG_CHUNKS) {
+            unsigned n = chunks - c0 < MATMUL_SEG_CHUNKS ? chunks - c0 : MATMUL_SEG_CHUNKS;
+            __syncwarp();                              // the last segment is decoded
+            warp_copy(seg, wr + Decoder::bytes_of(c0), Decoder::bytes_of(n), lane);
+            __syncwarp();
+            for (unsigned c = lane; c < n; c += 32) {
+                float v[32];
+                Decoder::decode(seg, c, v);
+                for (unsigned j = 0; j < tile; j++)
+                    acc[j] += chunk_dot(v, x + (uint64_t)token_row(x_rows, t0 + j) * a.x_stride +
+                                               32 * (c0 + c));
             }
         }
         for (unsigned j = 0; j < tile; j++) {          // tile: the same in every lane
@@ -326,36 +378,50 @@ struct decoder_f32 {
     __device__ static void decode(const uint8_t *r, unsigned c, float *v) {
         decode_chunk_f32(r, c, v);
     }
+    static const unsigned seg_bytes = 64 * 128;
+    __device__ static unsigned bytes_of(unsigned c) { return c * 128; }
 };
 struct decoder_bf16 {
     __device__ static void decode(const uint8_t *r, unsigned c, float *v) {
         decode_chunk_bf16(r, c, v);
     }
+    static const unsigned seg_bytes = 64 * 64;
+    __device__ static unsigned bytes_of(unsigned c) { return c * 64; }
 };
 struct decoder_f16 {
     __device__ static void decode(const uint8_t *r, unsigned c, float *v) {
         decode_chunk_f16(r, c, v);
     }
+    static const unsigned seg_bytes = 64 * 64;
+    __device__ static unsigned bytes_of(unsigned c) { return c * 64; }
 };
 struct decoder_q8_0 {
     __device__ static void decode(const uint8_t *r, unsigned c, float *v) {
         decode_chunk_q8_0(r, c, v);
     }
+    static const unsigned seg_bytes = 64 * 34;
+    __device__ static unsigned bytes_of(unsigned c) { return c * 34; }
 };
 struct decoder_q2_k {
     __device__ static void decode(const uint8_t *r, unsigned c, float *v) {
         decode_chunk_q2_k(r, c, v);
     }
+    static const unsigned seg_bytes = 8 * 84;
+    __device__ static unsigned bytes_of(unsigned c) { return c / 8 * 84; }
 };
 struct decoder_q4_k {
     __device__ static void decode(const uint8_t *r, unsigned c, float *v) {
         decode_chunk_q4_k(r, c, v);
     }
+    static const unsigned seg_bytes = 8 * 144;
+    __device__ static unsigned bytes_of(unsigned c) { return c / 8 * 144; }
 };
 struct decoder_iq2_xxs {
     __device__ static void decode(const uint8_t *r, unsigned c, float *v) {
         decode_chunk_iq2_xxs(r, c, v);
     }
+    static const unsigned seg_bytes = 8 * 66;
+    __device__ static unsigned bytes_of(unsigned c) { return c / 8 * 66; }
 };
 
 // One kernel per weight type, each named as its kernels.metal twin.

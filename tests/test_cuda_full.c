@@ -8,7 +8,15 @@
  * PREFILL = N/2 tokens, then one token at a time), through both backends.
  * Per row: relative error |gpu - cpu|_2 / |cpu|_2. Bars (issue 11): median
  * <= 1e-3, max <= 1e-2; argmax agreement is printed. The CPU is the
- * reference, run with every core. Prints "N passed, N failed".
+ * reference, run with every core.
+ *
+ * A random full-width model amplifies rounding: FP8/FP4 round trips and
+ * expert choices near a tie turn a last-bit difference into a visible one.
+ * So the same comparison is printed for the CPU against itself with its
+ * scalar reference kernels (--reference-kernels: another summation order,
+ * the same arithmetic): the reference's own disagreement, next to which the
+ * GPU's figures are read. The bars are not changed by it. Prints
+ * "N passed, N failed".
  */
 #define DS4_NO_MAIN
 #define DS4_GPU
@@ -27,10 +35,33 @@ static double row_rel_l2(const float *a, const float *b, int V) {
     return sqrt(d) / (sqrt(n) + 1e-30);
 }
 
+struct row_stats {
+    double median, p90, max;
+    int agree;
+};
+
+/* Per-row relative L2 error of a against b ([n][V]), its quantiles, and
+ * how many rows have the same argmax. */
+static struct row_stats compare_rows_l2(const float *a, const float *b, int n, int V) {
+    double *err = xcalloc((size_t)n, sizeof *err);
+    struct row_stats st = { 0, 0, 0, 0 };
+    for (int r = 0; r < n; r++) {
+        err[r] = row_rel_l2(a + (size_t)r * V, b + (size_t)r * V, V);
+        st.agree += argmax(a + (size_t)r * V, V) == argmax(b + (size_t)r * V, V);
+    }
+    qsort(err, (size_t)n, sizeof *err, cmp_double);
+    st.median = err[n / 2];
+    st.p90 = err[(n * 9) / 10];
+    st.max = err[n - 1];
+    free(err);
+    return st;
+}
+
 /* All-position logits: a prefill of `first` tokens, then one at a time. */
-static double run_logits(struct model *m, const struct backend *be, int threads,
+static double run_logits(struct model *m, const struct backend *be, int threads, bool reference,
                          const int32_t *tokens, int n, int first, float *logits) {
-    struct engine_options opt = { .threads = threads, .backend = be };
+    struct engine_options opt = { .threads = threads, .backend = be,
+                                  .reference_kernels = reference };
     struct engine eng;
     engine_init(&eng, m, opt);
     struct session s;
@@ -74,23 +105,21 @@ int main(int argc, char **argv) {
     for (int i = 0; i < N; i++) tokens[i] = (int32_t)(((int64_t)i * 7919 + 13) % V);
     float *cpu = xcalloc((size_t)N * V, sizeof(float)), *gpu = xcalloc((size_t)N * V, 4);
     long cores = sysconf(_SC_NPROCESSORS_ONLN);
-    double tc = run_logits(&m, backend_cpu(), (int)(cores > 0 ? cores : 1), tokens, N, FIRST, cpu);
-    double tg = run_logits(&m, &gpu_backend, 1, tokens, N, FIRST, gpu);
-    double *err = xcalloc((size_t)N, sizeof *err);
-    int agree = 0;
-    for (int r = 0; r < N; r++) {
-        err[r] = row_rel_l2(gpu + (size_t)r * V, cpu + (size_t)r * V, V);
-        agree += argmax(gpu + (size_t)r * V, V) == argmax(cpu + (size_t)r * V, V);
-    }
-    double worst = 0;
-    for (int r = 0; r < N; r++) worst = err[r] > worst ? err[r] : worst;
-    qsort(err, (size_t)N, sizeof *err, cmp_double);
-    printf("%s: %d layers, %d tokens (prefill %d, then decode); cpu %.1f s, cuda %.1f s\n",
-           argv[1], m.cfg.n_layers, N, FIRST, tc, tg);
-    printf("row relative L2 error: median %.3e p90 %.3e max %.3e; argmax agrees %d/%d\n",
-           err[N / 2], err[(N * 9) / 10], worst, agree, N);
-    check("cuda vs cpu, median row error", err[N / 2], 1e-3);
-    check("cuda vs cpu, max row error", worst, 1e-2);
+    float *ref = xcalloc((size_t)N * V, 4);
+    int threads = (int)(cores > 0 ? cores : 1);
+    double tc = run_logits(&m, backend_cpu(), threads, false, tokens, N, FIRST, cpu);
+    double tg = run_logits(&m, &gpu_backend, 1, false, tokens, N, FIRST, gpu);
+    double tr = run_logits(&m, backend_cpu(), threads, true, tokens, N, FIRST, ref);
+    printf("%s: %d layers, %d tokens (prefill %d, then decode); cpu %.1f s, cuda %.1f s, "
+           "cpu reference kernels %.1f s\n", argv[1], m.cfg.n_layers, N, FIRST, tc, tg, tr);
+    struct row_stats g = compare_rows_l2(gpu, cpu, N, V);
+    struct row_stats r = compare_rows_l2(ref, cpu, N, V);
+    printf("cuda vs cpu:                  row relative L2 median %.3e p90 %.3e max %.3e; "
+           "argmax agrees %d/%d\n", g.median, g.p90, g.max, g.agree, N);
+    printf("cpu reference kernels vs cpu: row relative L2 median %.3e p90 %.3e max %.3e; "
+           "argmax agrees %d/%d\n", r.median, r.p90, r.max, r.agree, N);
+    check("cuda vs cpu, median row error", g.median, 1e-3);
+    check("cuda vs cpu, max row error", g.max, 1e-2);
     printf("%d passed, %d failed\n", tests_passed, tests_failed);
     return tests_failed ? 1 : 0;
 }

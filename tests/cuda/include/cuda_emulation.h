@@ -67,6 +67,10 @@ inline float __uint_as_float(unsigned u) {
 inline int __popc(unsigned x) { return __builtin_popcount(x); }
 
 inline void __syncthreads() { metal::threadgroup_barrier(metal::mem_flags::mem_threadgroup); }
+inline void __syncwarp(unsigned = 0xffffffffu) {
+    metal::simdgroup_barrier(metal::mem_flags::mem_threadgroup);
+}
+#define __align__(n) __attribute__((aligned(n)))
 
 template <class T> inline T __shfl_xor_sync(unsigned, T v, int lane_mask) {
     return metal::simd_shuffle_xor(v, (ushort)lane_mask);

@@ -49,6 +49,8 @@ __device__ float rintf(float x);
 __device__ float copysignf(float x, float y);
 
 __device__ void __syncthreads(void);
+__device__ void __syncwarp(unsigned mask = 0xffffffffu);
+#define __align__(n) __attribute__((aligned(n)))
 __device__ float __shfl_xor_sync(unsigned mask, float v, int lane_mask, int width = 32);
 __device__ int __popc(unsigned x);
 __device__ float __uint_as_float(unsigned x);
