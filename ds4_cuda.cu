@@ -1041,30 +1041,107 @@ __global__ void indexer_scores(const float *iq, const float *iw, const float *kr
 
 // topk_indices over each token's scores [T][max_rows] (first n_rows valid):
 // the k highest, ties to the lower index, written in that order to
-// sel [T][k]; n_sel[t] = how many were found.
-// threads: one per token, blocks of ROUTE_THREADS. The insertion list is
-// O(n k) per token; a parallel radix select is the known next step for
-// long contexts (n in the hundreds of thousands).
+// sel [T][k]; n_sel[t] = min(k, n_rows).
+//
+// threads: one block per token, TOPK_THREADS(k) = the power of two >= k
+// (32 .. TOPK_MAX) threads. A radix select, then a sort of the k chosen:
+//   1. key(s) = the float's bits made monotonic as an unsigned (flip all
+//      bits of negatives, the sign bit of the rest): s > s' <=> key > key'.
+//   2. thr = the k-th largest key, found bit by bit from the top: keep a
+//      bit when at least k keys are >= the prefix with it set (32 counting
+//      passes over the row, each a block sum).
+//   3. Chosen: every key > thr, and the first (k - count(> thr)) keys == thr
+//      by index (the CPU's tie rule). Each thread owns a contiguous range of
+//      indices, so a scan of the per-thread counts keeps index order.
+//   4. A bitonic sort of the chosen (key descending, index ascending) in
+//      shared memory gives the CPU's output order.
+// The CPU's insertion list is O(n k); this is O(32 n / threads + k log^2 k).
+#define TOPK_MAX 1024
+
 struct topk_args {
     unsigned n_tok, n_rows, max_rows, k;
 };
 
-__global__ void topk_rows(const float *score, int *sel, int *n_sel, topk_args a) {
-    unsigned t = blockIdx.x * ROUTE_THREADS + threadIdx.x;
-    if (t >= a.n_tok) return;
-    const float *s = score + (uint64_t)t * a.max_rows;
-    int *out = sel + (uint64_t)t * a.k;
-    int found = 0, k = (int)a.k;
-    for (int i = 0; i < (int)a.n_rows; i++) {
-        if (found == k && !(s[i] > s[out[k - 1]])) continue;
-        int at = found < k ? found++ : k - 1;
-        while (at > 0 && s[i] > s[out[at - 1]]) {
-            out[at] = out[at - 1];
-            at--;
+__device__ unsigned monotonic_key(float f) {
+    unsigned u = __float_as_uint(f);
+    return u & 0x80000000u ? ~u : u | 0x80000000u;
+}
+
+// The sum of v over the block (blockDim.x a multiple of 32); every thread
+// gets it. `partial` holds 32 floats of shared memory.
+__device__ unsigned block_count(unsigned v, unsigned *partial) {
+    for (int o = 16; o >= 1; o /= 2) v += __shfl_xor_sync(FULL_WARP, v, o);
+    unsigned lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+    __syncthreads();
+    if (lane == 0) partial[warp] = v;
+    __syncthreads();
+    unsigned total = 0;
+    for (unsigned w = 0; w < warps; w++) total += partial[w];
+    return total;
+}
+
+// An exclusive scan of one value per thread (blockDim.x <= TOPK_MAX).
+__device__ unsigned block_scan(unsigned v, unsigned *buf) {
+    __syncthreads();
+    buf[threadIdx.x] = v;
+    __syncthreads();
+    unsigned before = 0;
+    for (unsigned i = 0; i < threadIdx.x; i++) before += buf[i];
+    return before;
+}
+
+// Sort (key, index) pairs [P] (P a power of two): key descending, index
+// ascending on equal keys.
+__device__ void bitonic_sort_desc(unsigned *key, int *idx, unsigned P) {
+    for (unsigned size = 2; size <= P; size *= 2)
+        for (unsigned stride = size / 2; stride > 0; stride /= 2) {
+            __syncthreads();
+            for (unsigned i = threadIdx.x; i < P; i += blockDim.x) {
+                unsigned j = i ^ stride;
+                if (j <= i) continue;
+                bool first = key[i] > key[j] || (key[i] == key[j] && idx[i] < idx[j]);
+                bool descending = (i & size) == 0;
+                if (first != descending) {
+                    unsigned tk = key[i]; key[i] = key[j]; key[j] = tk;
+                    int ti = idx[i]; idx[i] = idx[j]; idx[j] = ti;
+                }
+            }
         }
-        out[at] = i;
+    __syncthreads();
+}
+
+__global__ void topk_rows(const float *score, int *sel, int *n_sel, topk_args a) {
+    __shared__ unsigned keys[TOPK_MAX], scan[TOPK_MAX], partial[32];
+    __shared__ int ids[TOPK_MAX];
+    unsigned t = blockIdx.x, n = a.n_rows, k = a.k < a.n_rows ? a.k : a.n_rows;
+    const float *s = score + (uint64_t)t * a.max_rows;
+    unsigned thr = 0;
+    for (int bit = 31; bit >= 0; bit--) {
+        unsigned cand = thr | 1u << bit, mine = 0;
+        for (unsigned i = threadIdx.x; i < n; i += blockDim.x) mine += monotonic_key(s[i]) >= cand;
+        if (block_count(mine, partial) >= k) thr = cand;
     }
-    n_sel[t] = found;
+    unsigned per = (n + blockDim.x - 1) / blockDim.x, lo = threadIdx.x * per;
+    unsigned hi = lo + per < n ? lo + per : n, gt = 0, eq = 0;
+    for (unsigned i = lo; i < hi; i++) {
+        unsigned key = monotonic_key(s[i]);
+        gt += key > thr;
+        eq += key == thr;
+    }
+    unsigned n_gt = block_count(gt, partial);
+    unsigned at_gt = block_scan(gt, scan), at_eq = block_scan(eq, scan);
+    unsigned P = 32;
+    while (P < k) P *= 2;
+    for (unsigned i = threadIdx.x; i < P; i += blockDim.x) keys[i] = 0, ids[i] = 0x7fffffff;
+    __syncthreads();
+    for (unsigned i = lo; i < hi; i++) {
+        unsigned key = monotonic_key(s[i]);
+        if (key > thr) keys[at_gt] = key, ids[at_gt++] = (int)i;
+        else if (key == thr && n_gt + at_eq < k) keys[n_gt + at_eq] = key, ids[n_gt + at_eq++] = (int)i;
+    }
+    bitonic_sort_desc(keys, ids, P);
+    for (unsigned i = threadIdx.x; i < k; i += blockDim.x) sel[(uint64_t)t * a.k + i] = ids[i];
+    if (threadIdx.x == 0) n_sel[t] = (int)k;
 }
 
 // ============================================================================
@@ -1854,9 +1931,15 @@ void gpu_topk_rows(const float *score, int *sel, int *n_sel, unsigned n_tok, uns
     struct span s[3] = { span_in(score, strided_bytes(n_tok, max_rows, n_rows)),
                          span_out(sel, (size_t)n_tok * k * sizeof(int)),
                          span_out(n_sel, n_tok * sizeof(int)) };
+    if (k > TOPK_MAX) {
+        fprintf(stderr, "ds4: cuda: topk_rows selects at most %d rows, not %u\n", TOPK_MAX, k);
+        exit(1);
+    }
+    unsigned threads = 32;
+    while (threads < k) threads *= 2;
     cuda_bind(s, 3);
-    cuda_run("topk_rows", topk_rows, dim3(groups_of(n_tok, ROUTE_THREADS), 1, 1),
-             ROUTE_THREADS, 0, dev_f(s[0]), dev_i(s[1]), dev_i(s[2]), a);
+    cuda_run("topk_rows", topk_rows, dim3(n_tok, 1, 1), threads, 0, dev_f(s[0]), dev_i(s[1]),
+             dev_i(s[2]), a);
     cuda_unbind(s, 3);
 }
 

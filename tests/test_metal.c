@@ -406,6 +406,27 @@ static void test_attend(void) {
 
 /* select_rows_for_token's scores (the formula, with ds4's dot_f32), then
  * topk_indices itself, on scores with planted ties. */
+/* The indexer's real shape: 512 of 3000 rows (many per thread of the radix
+ * select), a run of equal scores straddling the k-th, and fewer rows than k. */
+static void test_topk_long(void) {
+    enum { N = 3000, K = 512 };
+    float *score = random_floats(N, 1.0f);
+    for (int i = 100; i < 3000; i += 9) score[i] = score[50];   /* ~330 equal scores */
+    static int sel[K], want[K];
+    int n_sel = 0, wrong = 0;
+    gpu_topk_rows(score, sel, &n_sel, 1, N, N, K);
+    int n = topk_indices(score, N, K, want);
+    wrong += n != n_sel;
+    for (int i = 0; i < K; i++) wrong += sel[i] != want[i];
+    gpu_topk_rows(score, sel, &n_sel, 1, 300, N, K);        /* n < k: all 300, sorted */
+    n = topk_indices(score, 300, K, want);
+    wrong += n != n_sel;
+    for (int i = 0; i < n; i++) wrong += sel[i] != want[i];
+    check("topk_rows (512 of 3000 with ties; 300 < 512) vs topk_indices: ids differing", wrong,
+          0);
+    free(score);
+}
+
 static void test_indexer_select(void) {
     enum { HI = 4, DI = 64, NV = 150, T = 3, KI = 16 };
     float *iq = random_floats(T * HI * DI, 1.0f), *iw = random_floats(T * HI, 1.0f);
@@ -433,6 +454,7 @@ static void test_indexer_select(void) {
         for (int i = 0; i < KI; i++) wrong += sel[t * KI + i] != want_sel[i];
     }
     check("topk_rows (16 of 150, ties) vs topk_indices: ids differing", wrong, 0);
+    test_topk_long();
     free(iq), free(iw), free(krows);
 }
 

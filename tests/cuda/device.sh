@@ -8,7 +8,8 @@
 #      back: the next 16 greedy tokens agree;
 #   5. compute-sanitizer (memcheck) on a short run, when installed;
 #   6. CUDA against CPU on a full-width synthetic model, every position of a
-#      300-token prompt (FULL_LAYERS layers, default 4; FULL_LAYERS=0 skips).
+#      300-token prompt (FULL_LAYERS layers, default 4; FULL_LAYERS=0 skips;
+#      FULL_REFERENCE=0 skips the CPU-against-itself figure, SANITIZE=0 step 5).
 # Prints "N passed, N failed". Run from the repository root.
 B=tests/bin
 passed=0
@@ -58,7 +59,9 @@ result $? "snapshot saved by cpu, loaded by cuda: the next 16 greedy tokens agre
 rm -rf "$D"
 
 # 5. compute-sanitizer.
-if command -v compute-sanitizer >/dev/null 2>&1; then
+if [ "${SANITIZE:-1}" = 0 ]; then
+    echo "skip compute-sanitizer (SANITIZE=0)"
+elif command -v compute-sanitizer >/dev/null 2>&1; then
     compute-sanitizer --tool memcheck --error-exitcode 3 ./ds4 --backend cuda $M $MTP \
         --tokens "$(seq -s ' ' 1 60)" -n 8 >$B/cuda-sanitizer.log 2>&1
     rc=$?
@@ -73,7 +76,8 @@ L=${FULL_LAYERS:-4}
 if [ "$L" -gt 0 ]; then
     F=${FULL_MODEL:-/dev/shm/ds4-full-$L.gguf}
     [ -f "$F" ] || ./ds4-convert --synthetic full --layers "$L" "$F" --type q2 >/dev/null
-    $B/test_cuda_full "$F" 300 >$B/cuda-full.log 2>&1
+    ref=$([ "${FULL_REFERENCE:-1}" = 0 ] && echo --no-reference)
+    $B/test_cuda_full "$F" 300 $ref >$B/cuda-full.log 2>&1
     cat $B/cuda-full.log; counts $B/cuda-full.log
 fi
 echo

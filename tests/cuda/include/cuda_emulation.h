@@ -64,6 +64,11 @@ inline float __uint_as_float(unsigned u) {
     memcpy(&f, &u, 4);
     return f;
 }
+inline unsigned __float_as_uint(float f) {
+    unsigned u;
+    memcpy(&u, &f, 4);
+    return u;
+}
 inline int __popc(unsigned x) { return __builtin_popcount(x); }
 
 inline void __syncthreads() { metal::threadgroup_barrier(metal::mem_flags::mem_threadgroup); }

@@ -54,6 +54,7 @@ __device__ void __syncwarp(unsigned mask = 0xffffffffu);
 __device__ float __shfl_xor_sync(unsigned mask, float v, int lane_mask, int width = 32);
 __device__ int __popc(unsigned x);
 __device__ float __uint_as_float(unsigned x);
+__device__ unsigned __float_as_uint(float x);
 
 extern "C" {
 cudaError_t cudaGetDeviceCount(int *count);
