@@ -9,7 +9,8 @@
     completions with their tools, greedy. A request counts as right when the reply has a
     well-formed `tool_calls` entry naming the expected tool whose JSON arguments validate
     against that tool's schema (required keys present, no unknown keys, types and enums
-    right).
+    right). The same requests then go to /v1/messages (Anthropic): right when the first
+    tool_use block names the tool and its input validates.
   * words: `ds4 -p PROMPT -n 64 --nothink` at temperature 0 for a few prompts; the share of
     the output's words that occur in the training text (DIR/train_words.txt).
 Standard library only. The server binds 127.0.0.1 on --port and is stopped at the end.
@@ -79,6 +80,41 @@ def tool_figures(port, reqs):
             "accuracy": right / max(1, len(reqs)), "details": rows}
 
 
+def anthropic_body(ev):
+    """The request as an Anthropic Messages body: system text on top, tools with input_schema."""
+    system = "\n\n".join(m["content"] for m in ev["messages"] if m["role"] == "system")
+    body = {"model": "deepseek-v4-flash" if ev.get("think") else "deepseek-chat", "max_tokens": 160,
+            "temperature": 0, "messages": [m for m in ev["messages"] if m["role"] != "system"],
+            "tools": [{"name": t["function"]["name"], "description": t["function"].get("description", ""),
+                       "input_schema": t["function"]["parameters"]} for t in ev["tools"]]}
+    if system:
+        body["system"] = system
+    return body
+
+
+def anthropic_figures(port, reqs):
+    """Right: the reply's first tool_use block names the expected tool, its input validates."""
+    right, formed, rows = 0, 0, []
+    for ev in reqs:
+        try:
+            content = post(port, "/v1/messages", anthropic_body(ev))["content"]
+        except Exception as e:
+            rows.append({"user": ev["user"], "error": str(e)})
+            continue
+        uses = [b for b in content if b.get("type") == "tool_use"]
+        ok = False
+        if uses:
+            formed += 1
+            schema = next((t["function"]["parameters"] for t in ev["tools"]
+                           if t["function"]["name"] == uses[0].get("name")), None)
+            ok = uses[0].get("name") == ev["tool"] and schema is not None and \
+                valid_args(uses[0].get("input"), schema)
+        right += ok
+        rows.append({"user": ev["user"], "want": ev["tool"], "got": uses[:1], "ok": ok})
+    return {"requests": len(reqs), "with_tool_use": formed, "right": right,
+            "accuracy": right / max(1, len(reqs)), "details": rows}
+
+
 def word_figures(ds4, model, reference_text):
     vocab = set(re.findall(r"[A-Za-z_]+", reference_text))
     out = []
@@ -118,6 +154,7 @@ def main():
                     sys.exit("ds4 --server exited: " + srv.stderr.read().decode()[-500:])
                 time.sleep(0.2)
         tools = tool_figures(a.port, reqs)
+        anthropic = anthropic_figures(a.port, reqs)
     finally:
         srv.send_signal(signal.SIGTERM)
         try:
@@ -125,9 +162,11 @@ def main():
         except subprocess.TimeoutExpired:
             srv.kill()
     words = word_figures(a.ds4, a.model, ref)
-    fig = {"tool_calls": tools, "greedy_words": words}
+    fig = {"tool_calls": tools, "anthropic_tool_use": anthropic, "greedy_words": words}
     print("tool calls: %d/%d right (%.0f%%), %d replies had tool_calls" % (
         tools["right"], tools["requests"], 100 * tools["accuracy"], tools["with_tool_calls"]))
+    print("anthropic tool_use: %d/%d right (%.0f%%), %d replies had a tool_use block" % (
+        anthropic["right"], anthropic["requests"], 100 * anthropic["accuracy"], anthropic["with_tool_use"]))
     for w in words:
         print("greedy %r: %d words, %.0f%% in the training text" % (w["prompt"], w["words"], 100 * w["known_share"]))
     if a.out:

@@ -19,9 +19,10 @@
 # 12 MiB (the device tool brings back files under 16 MiB).
 # Environment: MINUTES (training budget, default 8 on the GPU, 20 for smoke), SEED (1),
 # OFFICIAL (a directory holding DeepSeek's inference/model.py: the gpu step then also writes
-# oracle vectors for the trained checkpoint with vectors/gen_vectors.py; DeepSeek's code is
-# never committed here), PORT (18181, for the server during `finish`), PYTHON (the python3
-# that has torch; `finish` skips the training-model vectors check without one).
+# oracle vectors for the trained checkpoint with vectors/gen_vectors.py, or `finish` does on
+# the CPU when the gpu step brought none; DeepSeek's code is never committed here), PORT
+# (18181, for the server during `finish`), PYTHON (the python3 that has torch; `finish` skips
+# the training-model vectors check without one).
 set -eu
 stage=${1:-}
 DATA=build/train-data
@@ -47,7 +48,8 @@ gpu() {
         --log-every 50 --eval-every 250 --eval-batches 8
     if [ -n "${OFFICIAL:-}" ]; then
         $PY vectors/gen_vectors.py --official "$OFFICIAL" --checkpoint "$out" \
-            --like vectors/vectors.json --out "$out/vectors.json" --device cuda
+            --like vectors/vectors.json --out "$out/vectors.json" --device cuda \
+            --name "trained tiny" --digits 7
     fi
     ls -la "$out"
 }
@@ -71,8 +73,14 @@ finish() {
         ./ds4 --check-vectors build/trained-vectors.json -m build/trained.gguf \
             --mtp build/trained-mtp.gguf || echo "train_tiny.sh: ds4 != training model (see above)"
     fi
-    if [ -f "$ck/vectors.json" ]; then   # the official oracle, from the gpu step with OFFICIAL
-        ./ds4 --check-vectors "$ck/vectors.json" -m build/trained.gguf --mtp build/trained-mtp.gguf \
+    oracle=$ck/vectors.json   # the official oracle, from the gpu step with OFFICIAL
+    if [ ! -f "$oracle" ] && [ -n "${OFFICIAL:-}" ]; then   # or made here, on the CPU (~2 min)
+        oracle=build/trained-oracle.json
+        OMP_NUM_THREADS=1 $PY vectors/gen_vectors.py --official "$OFFICIAL" --checkpoint "$ck" \
+            --like vectors/vectors.json --out $oracle --device cpu --name "trained tiny" --digits 7
+    fi
+    if [ -f "$oracle" ]; then
+        ./ds4 --check-vectors "$oracle" -m build/trained.gguf --mtp build/trained-mtp.gguf \
             || echo "train_tiny.sh: ds4 != DeepSeek's model.py on the trained checkpoint (see above)"
     fi
     $PY tools/eval_tiny.py --model build/trained.gguf --mtp build/trained-mtp.gguf --data $DATA \

@@ -56,6 +56,12 @@ def load_module(name, path):
 
 def load_official(official_dir, kernels_path):
     """Import DIR/model.py with our kernel / Hadamard stand-ins registered for both import forms."""
+    import torch
+    for name in ("float8_e4m3fn", "float8_e8m0fnu", "float4_e2m1fn_x2"):
+        # torch < 2.1: model.py names these dtypes; with a bf16 checkpoint it only compares
+        # against them, and the kernel ports round to e4m3 by hand (official_kernels.py).
+        if not hasattr(torch, name):
+            setattr(torch, name, type("missing_" + name, (), {})())
     ours = load_module("ds4_official_kernels", os.path.join(HERE, "official_kernels.py"))
     kern = ours if os.path.abspath(kernels_path) == os.path.abspath(ours.__file__) \
         else load_module("ds4_user_kernel", kernels_path)
@@ -78,7 +84,11 @@ def load_official(official_dir, kernels_path):
 
 def build_model(M, ckpt_dir, max_seq_len):
     import torch
-    from safetensors.torch import load_file
+    try:
+        from safetensors.torch import load_file
+    except ImportError:  # no safetensors package: the reader of tools/v4_torch.py (no extra deps)
+        sys.path.insert(0, os.path.join(HERE, "..", "tools"))
+        from v4_torch import read_safetensors as load_file
     cfg = json.load(open(os.path.join(ckpt_dir, "config.json")))
     fields = M.ModelArgs.__dataclass_fields__
     kw = {k: v for k, v in cfg.items() if k in fields}
@@ -102,6 +112,8 @@ def build_model(M, ckpt_dir, max_seq_len):
     for p in model.parameters():
         if p.dtype.is_floating_point and p.dtype != torch.float32:
             p.data = p.data.float()
+        elif p.dtype == torch.int32:  # hash-routing tables: torch < 2 gathers only with int64
+            p.data = p.data.long()
     for name, b in model.named_buffers():
         if b.dtype.is_floating_point and b.dtype != torch.float32 and not b.is_complex():
             sys.exit("unexpected non-fp32 buffer %s %s" % (name, b.dtype))
@@ -159,8 +171,13 @@ def top2(row):
     return int(i[0]), float(v[0] - v[1])
 
 
+DIGITS = None  # --digits: significant digits kept in the JSON (None: every bit of the float)
+
+
 def fl(row):
-    return [float(x) for x in row.tolist()]
+    if DIGITS is None:
+        return [float(x) for x in row.tolist()]
+    return [float("%.*g" % (DIGITS, x)) for x in row.tolist()]
 
 
 def rel_err(ours, ref):
@@ -215,8 +232,13 @@ def main():
                     help="existing vectors.json whose cases (tokens, prefill, positions) are rerun")
     ap.add_argument("--out", required=True)
     ap.add_argument("--device", default="cuda", help="cuda (falls back to cpu) or cpu")
+    ap.add_argument("--digits", type=int, help="significant digits per logit (default all; 7 keeps "
+                    "1e-7 relative, far under the check bars, in half the bytes)")
+    ap.add_argument("--name", help="how the oracle line names the checkpoint (default its path)")
     ap.add_argument("--date", default=datetime.date.today().isoformat())
     a = ap.parse_args()
+    global DIGITS
+    DIGITS = a.digits
 
     import torch
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -225,7 +247,10 @@ def main():
     if a.device == "cuda" and not torch.cuda.is_available():
         a.device = "cpu"
     torch.set_default_dtype(torch.float32)
-    torch.set_default_device(a.device)
+    if hasattr(torch, "set_default_device"):  # torch >= 2.0; older ones run on the CPU anyway
+        torch.set_default_device(a.device)
+    elif a.device != "cpu":
+        sys.exit("torch %s has no set_default_device: use --device cpu" % torch.__version__)
 
     kernels = a.kernels or (os.path.join(a.official, "kernel.py") if os.path.exists(os.path.join(a.official, "kernel.py"))
                             else os.path.join(HERE, "official_kernels.py"))
@@ -240,11 +265,21 @@ def main():
     print("model.py sha256 %s, kernels %s, device %s, max_seq_len %d" % (msha, kernels, a.device, max_seq_len), flush=True)
 
     out = {k: v for k, v in like.items() if k != "cases"}
+    # --like may describe another checkpoint (the random tiny one, for the trained one): then its
+    # cases are only reused as inputs, its config is replaced and nothing is compared with it.
+    same_model = like.get("config", {}).get("vocab_size") == cfg["vocab_size"]
+    if "config" in like:
+        out["config"] = {k: cfg.get(k, v) for k, v in like["config"].items()}
+    if not same_model:
+        out.pop("seed", None)
+        print("--like describes another model (vocab %s, this one %d): its cases are inputs only" %
+              (like.get("config", {}).get("vocab_size"), cfg["vocab_size"]), flush=True)
     out["oracle"] = ("DeepSeek V4 official inference/model.py @%s (sha256 %s), float32 on %s%s, "
                      "FP8 e4m3 KV and Hadamard+FP4 e2m1 indexer round trips with ue8m0 power-of-two "
-                     "scales (pure-torch kernel ports), regenerated from the shipped vectors/tiny "
+                     "scales (pure-torch kernel ports), regenerated from the %s "
                      "checkpoint by vectors/gen_vectors.py on %s" %
-                     (a.official_rev, msha[:12], a.device, " (TF32 off)" if a.device == "cuda" else "", a.date))
+                     (a.official_rev, msha[:12], a.device, " (TF32 off)" if a.device == "cuda" else "",
+                      a.name or "shipped " + os.path.relpath(a.checkpoint), a.date))
     full = {}
     new_cases = []
     for c in cases:
@@ -252,7 +287,8 @@ def main():
         if "greedy" in c:
             g, gm = run_greedy(o, c["tokens"], len(c["greedy"]))
             same = sum(x == y for x, y in zip(g, c["greedy"]))
-            print("%-20s greedy: %d/%d tokens as in --like, first difference at %s" %
+            if same_model:
+                print("%-20s greedy: %d/%d tokens as in --like, first difference at %s" %
                   (name, same, len(g), next((i for i, (x, y) in enumerate(zip(g, c["greedy"])) if x != y), None)), flush=True)
             nc = {k: v for k, v in c.items()}
             nc["greedy"], nc["greedy_margin"] = g, gm
@@ -270,6 +306,9 @@ def main():
         nc["logits"] = [fl(logits[p]) for p in c["check_positions"]]
         nc["mtp_logits"] = [fl(mtp[p]) for p in c["mtp_check_positions"]]
         nc["mtp_argmax"] = [int(r.argmax()) for r in mtp] if mtp is not None else []
+        if not same_model:
+            new_cases.append(nc)
+            continue
         old0 = torch.tensor(c["logits"][0]) if c["check_positions"] and c["check_positions"][0] == 0 else None
         e = [rel_err(logits[p], torch.tensor(r)) for p, r in zip(c["check_positions"], c["logits"])]
         em = [rel_err(mtp[p], torch.tensor(r)) for p, r in zip(c["mtp_check_positions"], c["mtp_logits"])]

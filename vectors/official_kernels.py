@@ -26,6 +26,19 @@ FP4_MAX = 6.0
 def _pow2_ceil(x):
     return torch.exp2(torch.ceil(torch.log2(x)))
 
+def _round_e4m3(v):
+    # torch < 2.1 has no float8_e4m3fn: the same rounding by hand. e4m3fn has 3 mantissa bits,
+    # so the step of a value of exponent e (>= -6; below that the subnormal step 2^-9) is
+    # 2^(e-3); torch.round rounds half to even, as the cast does. |v| <= 448 is given.
+    _, e = torch.frexp(v.abs())                       # |v| = m * 2^e, m in [0.5, 1)
+    step = torch.ldexp(torch.ones_like(v), torch.clamp(e - 1, min=-6) - 3)
+    return torch.round(v / step) * step
+
+def _to_e4m3(v):
+    if isinstance(getattr(torch, "float8_e4m3fn", None), torch.dtype):
+        return v.to(torch.float8_e4m3fn)
+    return _round_e4m3(v)
+
 def act_quant(x, block_size=128, scale_fmt=None, scale_dtype=torch.float32, inplace=False):
     if MODE == "f32" and not inplace:
         return x.float(), None
@@ -35,7 +48,7 @@ def act_quant(x, block_size=128, scale_fmt=None, scale_dtype=torch.float32, inpl
     s = amax / FP8_MAX
     if scale_fmt is not None:
         s = _pow2_ceil(s)
-    q = (xf / s).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    q = _to_e4m3((xf / s).clamp(-FP8_MAX, FP8_MAX))
     if inplace:
         x.copy_((q.float() * s).reshape(shp).to(x.dtype))
         return x
