@@ -88,7 +88,7 @@ $(TESTBIN)/test_metal: tests/test_metal.c tests/harness.h $(TESTBIN)/metal_harne
 	$(CC) $(CFLAGS) $(ARCH) $(WARN) -Wno-aggressive-loop-optimizations -o $@ $< $(TESTBIN)/metal_harness.o $(CXX_LIB) $(LIBS)
 
 # The whole tiny model through the GPU backend (ds4.c 8.14) on the harness.
-$(TESTBIN)/test_metal_model: tests/test_metal_model.c tests/harness.h $(TESTBIN)/metal_harness.o $(SOURCES) | $(TESTBIN)
+$(TESTBIN)/test_metal_model: tests/test_metal_model.c tests/harness.h tests/forward_runs.h $(TESTBIN)/metal_harness.o $(SOURCES) | $(TESTBIN)
 	$(CC) $(CFLAGS) $(ARCH) $(WARN) -o $@ $< $(TESTBIN)/metal_harness.o $(CXX_LIB) $(LIBS)
 
 # On a Mac: the same kernel checks on the real GPU (ds4_metal.m implements the
@@ -117,7 +117,7 @@ $(TESTBIN)/cuda_emulated.o: ds4_cuda.cu tests/cuda/include/cuda_emulation.h test
 $(TESTBIN)/test_cuda: tests/test_metal.c tests/harness.h $(TESTBIN)/cuda_emulated.o $(SOURCES) | $(TESTBIN)
 	$(CC) $(CFLAGS) $(ARCH) $(WARN) -Wno-aggressive-loop-optimizations -o $@ $< $(TESTBIN)/cuda_emulated.o $(CXX_LIB) $(LIBS)
 
-$(TESTBIN)/test_cuda_model: tests/test_metal_model.c tests/harness.h $(TESTBIN)/cuda_emulated.o $(SOURCES) | $(TESTBIN)
+$(TESTBIN)/test_cuda_model: tests/test_metal_model.c tests/harness.h tests/forward_runs.h $(TESTBIN)/cuda_emulated.o $(SOURCES) | $(TESTBIN)
 	$(CC) $(CFLAGS) $(ARCH) $(WARN) -DDS4_GPU_NAME='"cuda"' -o $@ $< $(TESTBIN)/cuda_emulated.o $(CXX_LIB) $(LIBS)
 
 # On an NVIDIA machine with the toolkit (nvcc on PATH): make cuda builds ./ds4
@@ -142,7 +142,7 @@ $(TESTBIN)/test_cuda_gpu: tests/test_metal.c tests/harness.h ds4_cuda.o $(SOURCE
 
 # The CUDA backend against the CPU on a full-width model (tests/cuda/device.sh
 # makes one with ds4-convert --synthetic full and runs it).
-$(TESTBIN)/test_cuda_full: tests/test_cuda_full.c tests/harness.h ds4_cuda.o $(SOURCES) | $(TESTBIN)
+$(TESTBIN)/test_cuda_full: tests/test_cuda_full.c tests/harness.h tests/forward_runs.h ds4_cuda.o $(SOURCES) | $(TESTBIN)
 	$(CC) $(CFLAGS) $(ARCH) $(WARN) -DDS4_GPU_NAME='"cuda"' -o $@ $< ds4_cuda.o $(LIBS) $(CUDA_LIBS)
 
 test-cuda: cuda $(TESTBIN)/test_cuda_gpu $(TESTBIN)/test_cuda_full

@@ -4753,6 +4753,7 @@ void gpu_indexer_scores(const float *iq, const float *iw, const float *krows, fl
                         float scale, unsigned n_tok);
 void gpu_topk_rows(const float *score, int *sel, int *n_sel, unsigned n_tok, unsigned n_rows,
                    unsigned max_rows, unsigned k);
+int gpu_available(void);   /* is there a device? (quietly; opens nothing) */
 int gpu_open(void);   /* device, queue, pipelines; 0 on failure (it says why) */
 void gpu_sync(void);  /* wait until every dispatch so far has completed */
 /* A mapped GGUF whose bytes the kernels will read: a discrete GPU (CUDA)
@@ -17022,7 +17023,8 @@ static void print_usage(FILE *f) {
         "  -t, --threads N       worker threads (default: one per CPU)\n"
         "      --chunk N         prefill chunk size in tokens (default 128)\n"
         "      --reference-kernels  use the scalar reference dot products\n"
-        "      --backend B       cpu (default); cuda and metal when built in\n"
+        "      --backend B       cpu, or the GPU built in (make cuda: cuda; macOS: metal),\n"
+        "                        which is the default when its device is present\n"
         "      --fast            8-bit activations and integer kernels (see README)\n"
         "      --hugepages       ask for 2 MiB pages for the mapped weights\n"
         "      --populate        read the whole file into memory at start\n"
@@ -17187,7 +17189,8 @@ static bool parse_args(int argc, char **argv, struct cli_options *o, struct ds4_
     o->server_opt.chunk = o->chunk;
     o->server_opt.spec = o->spec;
 #ifdef DS4_GPU
-    if (!o->backend_name) o->backend_name = "metal";   /* a GPU build's default (macOS) */
+    /* A GPU build runs on its GPU when one is there, else on the CPU. */
+    if (!o->backend_name) o->backend_name = gpu_available() ? DS4_GPU_NAME : "cpu";
 #endif
     if (o->backend_name && !(o->engine.backend = backend_by_name(o->backend_name, e))) return false;
     return parse_kv(o, e) && parse_mode(o, e);

@@ -1237,6 +1237,11 @@ extern "C" int gpu_trace_stop(int *syncs) {
 
 // ---- Device and weights ---------------------------------------------------
 
+extern "C" int gpu_available(void) {
+    int n = 0;
+    return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
+}
+
 extern "C" int gpu_open(void) {
     int n = 0;
     if (cudaGetDeviceCount(&n) != cudaSuccess || n == 0) {

@@ -185,6 +185,12 @@ bool ds4_metal_open(const char *kernels_path) {
 #define DS4_KERNELS_PATH "kernels.metal"
 #endif
 
+int gpu_available(void) {
+    @autoreleasepool {
+        return MTLCreateSystemDefaultDevice() != nil;
+    }
+}
+
 int gpu_open(void) {
     return ds4_metal_open(DS4_KERNELS_PATH);
 }

@@ -24,6 +24,7 @@
 
 #define HARNESS_CHECK_TOL
 #include "harness.h"
+#include "forward_runs.h"
 
 static double row_rel_l2(const float *a, const float *b, int V) {
     double d = 0, n = 0;
@@ -57,33 +58,6 @@ static struct row_stats compare_rows_l2(const float *a, const float *b, int n, i
     return st;
 }
 
-/* All-position logits: a prefill of `first` tokens, then one at a time. */
-static double run_logits(struct model *m, const struct backend *be, int threads, bool reference,
-                         const int32_t *tokens, int n, int first, float *logits) {
-    struct engine_options opt = { .threads = threads, .backend = be,
-                                  .reference_kernels = reference };
-    struct engine eng;
-    engine_init(&eng, m, opt);
-    struct session s;
-    session_init(&s, &eng);
-    int V = m->cfg.vocab;
-    struct ds4_error e = { "" };
-    double t0 = now_seconds();
-    for (int at = 0; at < n;) {
-        int T = at == 0 ? first : 1;
-        struct forward_request req = { .all_logits = logits + (size_t)at * V };
-        if (!session_forward(&s, tokens + at, T, &req, &e)) {
-            fprintf(stderr, "forward: %s\n", e.msg);
-            exit(1);
-        }
-        at += T;
-    }
-    double dt = now_seconds() - t0;
-    session_free(&s);
-    engine_free(&eng);
-    return dt;
-}
-
 int main(int argc, char **argv) {
     if (argc < 2) {
         fprintf(stderr, "usage: %s MODEL.gguf [N_TOKENS [PREFILL]]\n", argv[0]);
@@ -109,9 +83,13 @@ int main(int argc, char **argv) {
     long cores = sysconf(_SC_NPROCESSORS_ONLN);
     float *ref = xcalloc((size_t)N * V, 4);
     int threads = (int)(cores > 0 ? cores : 1);
-    double tc = run_logits(&m, backend_cpu(), threads, false, tokens, N, FIRST, cpu);
-    double tg = run_logits(&m, &gpu_backend, 1, false, tokens, N, FIRST, gpu);
-    double tr = with_reference ? run_logits(&m, backend_cpu(), threads, true, tokens, N, FIRST, ref)
+    struct engine_options on_cpu = { .threads = threads, .backend = backend_cpu() };
+    struct engine_options on_gpu = { .threads = 1, .backend = &gpu_backend };
+    struct engine_options reference = { .threads = threads, .backend = backend_cpu(),
+                                        .reference_kernels = true };
+    double tc = run_prompt_logits(&m, on_cpu, tokens, N, FIRST, cpu, NULL);
+    double tg = run_prompt_logits(&m, on_gpu, tokens, N, FIRST, gpu, NULL);
+    double tr = with_reference ? run_prompt_logits(&m, reference, tokens, N, FIRST, ref, NULL)
                                : 0;
     printf("%s: %d layers, %d tokens (prefill %d, then decode); cpu %.1f s, cuda %.1f s, "
            "cpu reference kernels %.1f s\n", argv[1], m.cfg.n_layers, N, FIRST, tc, tg, tr);

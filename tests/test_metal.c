@@ -471,27 +471,14 @@ int main(void) {
     if (!gpu_open()) return 1;                        /* make test-cuda, on an NVIDIA box */
 #endif
     quant_tables_init();
-    test_matmul(TYPE_F32, "f32", 512);
-    test_matmul(TYPE_F32, "f32", 2304);
-    test_matmul_gathered(TYPE_F32, "f32");
-    test_matmul(TYPE_BF16, "bf16", 512);
-    test_matmul(TYPE_BF16, "bf16", 2304);
-    test_matmul_gathered(TYPE_BF16, "bf16");
-    test_matmul(TYPE_F16, "f16", 512);
-    test_matmul(TYPE_F16, "f16", 2304);
-    test_matmul_gathered(TYPE_F16, "f16");
-    test_matmul(TYPE_Q8_0, "q8_0", 512);
-    test_matmul(TYPE_Q8_0, "q8_0", 2304);
-    test_matmul_gathered(TYPE_Q8_0, "q8_0");
-    test_matmul(TYPE_Q2_K, "q2_k", 512);
-    test_matmul(TYPE_Q2_K, "q2_k", 2304);
-    test_matmul_gathered(TYPE_Q2_K, "q2_k");
-    test_matmul(TYPE_Q4_K, "q4_k", 512);
-    test_matmul(TYPE_Q4_K, "q4_k", 2304);
-    test_matmul_gathered(TYPE_Q4_K, "q4_k");
-    test_matmul(TYPE_IQ2_XXS, "iq2_xxs", 512);
-    test_matmul(TYPE_IQ2_XXS, "iq2_xxs", 2304);
-    test_matmul_gathered(TYPE_IQ2_XXS, "iq2_xxs");
+    static const struct { uint32_t type; const char *name; } types[] = {
+        { TYPE_F32, "f32" }, { TYPE_BF16, "bf16" }, { TYPE_F16, "f16" }, { TYPE_Q8_0, "q8_0" },
+        { TYPE_Q2_K, "q2_k" }, { TYPE_Q4_K, "q4_k" }, { TYPE_IQ2_XXS, "iq2_xxs" } };
+    for (size_t i = 0; i < sizeof types / sizeof types[0]; i++) {
+        test_matmul(types[i].type, types[i].name, 512);
+        test_matmul(types[i].type, types[i].name, 2304);
+        test_matmul_gathered(types[i].type, types[i].name);
+    }
     test_rmsnorm();
     test_rope();
     test_round_trips();

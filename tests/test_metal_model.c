@@ -23,6 +23,7 @@ int gpu_trace_stop(int *syncs);
 
 #define HARNESS_CHECK_TOL
 #include "harness.h"
+#include "forward_runs.h"
 
 /* max over rows of |a - b| / max |b|, a row = V logits. */
 static double row_err(const float *a, const float *b, int rows, int V) {
@@ -39,39 +40,16 @@ static double row_err(const float *a, const float *b, int rows, int V) {
     return worst;
 }
 
-/* All-position logits of `tokens` on backend be: prefill of `first`, then
- * one token at a time. */
-static void run_prompt_logits(struct model *m, const struct backend *be, const int32_t *tokens,
-                              int n, int first, float *logits, float *mtp) {
-    struct engine_options opt = { .threads = 1, .backend = be };
-    struct engine eng;
-    engine_init(&eng, m, opt);
-    struct session s;
-    session_init(&s, &eng);
-    int V = m->cfg.vocab;
-    struct ds4_error e = { "" };
-    for (int at = 0; at < n;) {
-        int T = at == 0 ? first : 1;
-        struct forward_request req = { .all_logits = logits + (size_t)at * V,
-                                       .mtp_logits = mtp ? mtp + (size_t)at * V : NULL };
-        if (!session_forward(&s, tokens + at, T, &req, &e)) {
-            fprintf(stderr, "forward: %s\n", e.msg);
-            break;
-        }
-        at += T;
-    }
-    session_free(&s);
-    engine_free(&eng);
-}
-
 static void test_against_cpu(struct model *m, const char *label, int N, int FIRST) {
     int V = m->cfg.vocab;
     int32_t tokens[128];
     for (int i = 0; i < N; i++) tokens[i] = (i * 131 + 7) % V;
     float *cpu = xcalloc((size_t)N * V, sizeof(float)), *gpu = xcalloc((size_t)N * V, 4);
     float *cpu_mtp = xcalloc((size_t)N * V, 4), *gpu_mtp = xcalloc((size_t)N * V, 4);
-    run_prompt_logits(m, backend_cpu(), tokens, N, FIRST, cpu, cpu_mtp);
-    run_prompt_logits(m, &gpu_backend, tokens, N, FIRST, gpu, gpu_mtp);
+    run_prompt_logits(m, (struct engine_options){ .threads = 1, .backend = backend_cpu() },
+                      tokens, N, FIRST, cpu, cpu_mtp);
+    run_prompt_logits(m, (struct engine_options){ .threads = 1, .backend = &gpu_backend },
+                      tokens, N, FIRST, gpu, gpu_mtp);
     char what[128];
     snprintf(what, sizeof what, "%s, %d tokens (prefill %d + decode): logits, gpu vs cpu", label,
              N, FIRST);
