@@ -316,7 +316,8 @@ IMP_FRAMES = ["{c}.", "Please {c}.", "{c}, please.", "Could you {c}?", "Can you 
 Q_FRAMES = ["{q}", "Quick question: {q}", "Hi, {q}", "Hey! {q}", "{q} Thanks.", "Hello. {q}",
             "{q} Please check.", "Tell me: {q}", "I wonder: {q}", "So, {q}", "Question: {q}",
             "{q} Thank you!", "Hi there. {q}", "Help me out: {q}", "{q} I need to know.",
-            "Sorry to bother you. {q}"]
+            "Sorry to bother you. {q}", "Hey, {q}", "Hello, {q}", "OK, {q}", "{q} Just curious.",
+            "Another one: {q}", "Please tell me. {q}", "{q} Can you check?", "Good evening. {q}"]
 PREFIXES = ["I'm working on a project. ", "I have a question. ", "Good morning! ", "Hello! ",
             "Thanks for the help so far. ", "One more thing. ", "OK. ", "I'm in a hurry. "]
 SUFFIXES = [" Thanks!", " Thank you.", " Cheers.", " That would help a lot.", " No rush."]
@@ -339,10 +340,13 @@ def cores(name):
 
 
 # split -> name -> cores; frames per split. A held-out request uses held-out parts only.
+# The bare frames ("{c}.", "{q}") always train: they are the plainest request of all.
 CORES = {s: {n: [c for c in cores(n) if held("core:" + n + ":" + c[1], 25) == bool(s)]
              for n in TOOL_DEFS} for s in (0, 1)}
-FRAMES = {s: {"imp": [f for f in IMP_FRAMES if held("imp:" + f, 25) == bool(s)],
-              "q": [f for f in Q_FRAMES if held("q:" + f, 25) == bool(s)]} for s in (0, 1)}
+FRAMES = {s: {"imp": [f for f in IMP_FRAMES
+                      if (held("imp:" + f, 25) and f != "{c}.") == bool(s)],
+              "q": [f for f in Q_FRAMES if (held("q:" + f, 25) and f != "{q}") == bool(s)]}
+          for s in (0, 1)}
 
 
 def fill(text, name, args):
@@ -368,7 +372,10 @@ def request(name, args, rng, split):
     else:
         if extra:
             core = core[:-1] + extra + core[-1]
-        text = rng.choice(FRAMES[split]["q"]).replace("{q}", core)
+        frame = rng.choice(FRAMES[split]["q"])
+        if frame.split("{q}")[0].endswith((", ", ": ")):
+            core = core[0].lower() + core[1:]   # "Hi, what is in notes.txt?"
+        text = frame.replace("{q}", core)
     text = text[0].upper() + text[1:]
     if rng.random() < 0.15:
         text = rng.choice(PREFIXES) + text
