@@ -366,7 +366,12 @@ def main():
     a = ap.parse_args()
     rng = random.Random(a.seed)
     os.makedirs(a.out, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix="ds4-data.")
+    with tempfile.TemporaryDirectory(prefix="ds4-data.") as tmp:   # removed at the end
+        build(a, rng, tmp)
+
+
+def build(a, rng, tmp):
+    """Everything main() describes, into a.out; tmp holds the files handed to ds4."""
     tok_bytes = gguf_token_bytes(a.vocab)
 
     train_docs, held_docs, docs = gather_text(rng, a.text_mb * 1e6)
