@@ -2,7 +2,7 @@
 """Training data for the tiny DeepSeek V4, made from what this machine has (nothing fetched).
 
     python3 tools/make_train_data.py --out DIR [--ds4 ./ds4] [--vocab vectors/train-vocab.gguf]
-                                     [--text-mb 6] [--convs 4000] [--seed 1]
+                                     [--text-mb 6] [--convs 10000] [--seed 1]
 
 Sources:
   * Python standard library sources and docstrings (/usr/lib/python3*/ *.py),
@@ -15,16 +15,21 @@ Sources:
     assistant answers in prose; and plain chat turns (docstring questions, small Python
     functions), with and without a thinking block.
 
-Held out for evaluation: whole stdlib modules and man pages (by a hash of the name), the
-conversation phrasings marked held-out below, tool *sets* (combinations) never offered in
-training, and argument values (paths, cities, commands) never seen in training.
+Held out for evaluation: whole stdlib modules and man pages (by a hash of the name), and for
+the tool conversations (composed in tools/tool_convs.py: its docstring gives the design) a
+disjoint template family of request frames and cores, tool *sets* (combinations) never
+offered in training, and argument values (paths, cities, commands) never seen in training.
 
 Everything is tokenized by ds4's own tokenizer (`ds4 --tokenize`, with the reduced
 vocabulary), so the model learns exactly the ids the engine feeds it.
 
-Writes DIR/train.bin and DIR/heldout.bin (int32 token ids, little endian), DIR/heldout_text.txt
-and DIR/heldout_chat.txt (for `ds4 --perplexity`), DIR/tool_eval.jsonl (held-out tool requests:
-tools, messages, expected tool and arguments), DIR/train_words.txt (every word of the training
+Writes DIR/train.bin and DIR/heldout.bin (uint16 token ids, little endian: stats.json's
+id_bytes), DIR/train_names.bin (uint32 positions in train.bin of the called tool's name in each
+training call, for its loss weight), DIR/heldout_text.txt and DIR/heldout_chat.txt (for
+`ds4 --perplexity`), DIR/tool_eval.jsonl (held-out tool requests for eval_tiny.py: tools,
+messages, expected tool and arguments; the six tools in turn), DIR/tool_val.json (other
+held-out requests rendered and tokenized with their call, and the positions of the tool's
+name: the checkpoint choice during training), DIR/train_words.txt (every word of the training
 text, one a line), DIR/stats.json (token counts and the unigram
 baseline perplexity of the held-out text). Standard library only; fixed seed.
 """
@@ -42,6 +47,10 @@ import re
 import subprocess
 import sys
 import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import tool_convs as T  # noqa: E402
+from make_vocab_gguf import mapped_to_bytes  # noqa: E402
 
 BOS, EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
 
@@ -113,169 +122,10 @@ def licences():
 
 
 # ---------------------------------------------------------------- tools and conversations
+# The tool-call conversations are composed in tools/tool_convs.py (phrasings, tools,
+# distractors, argument pools and the held-out template family).
 
-def tool(name, desc, props, required):
-    return {"type": "function", "function": {"name": name, "description": desc, "parameters": {
-        "type": "object", "properties": props, "required": required}}}
-
-
-S = lambda d: {"type": "string", "description": d}
-TOOLS = {
-    "read_file": tool("read_file", "Read a text file and return its contents", {"path": S("Path of the file")}, ["path"]),
-    "list_dir": tool("list_dir", "List the entries of a directory", {"path": S("Directory to list")}, ["path"]),
-    "run_command": tool("run_command", "Run a shell command and return its output",
-                        {"command": S("The command line to run")}, ["command"]),
-    "get_weather": tool("get_weather", "Get the current weather for a city",
-                        {"location": S("The city name"),
-                         "unit": {"type": "string", "enum": ["celsius", "fahrenheit"],
-                                  "description": "Temperature unit"}}, ["location"]),
-    "search": tool("search", "Search the web for information",
-                   {"query": S("Search query"),
-                    "num_results": {"type": "integer", "description": "Number of results"}}, ["query"]),
-    "write_file": tool("write_file", "Write text to a file", {"path": S("Path of the file"),
-                                                             "content": S("Text to write")}, ["path", "content"]),
-}
-
-# Phrasings: the last two of each list are held out.
-ASK = {
-    "read_file": ["Show me the contents of {path}.", "What is in {path}?", "Can you read {path} for me?",
-                  "Please open {path} and tell me what it says.", "Read the file {path}.",
-                  "I need to see {path}.", "Print {path}, please.", "Could you look inside {path}?"],
-    "list_dir": ["What files are in {path}?", "List the directory {path}.", "Show me what {path} contains.",
-                 "Which entries does {path} have?", "Can you list {path}?",
-                 "Give me a listing of {path}.", "What is inside the folder {path}?", "ls {path} please."],
-    "run_command": ["Run `{command}`.", "Please execute {command} and show me the output.",
-                    "What does `{command}` print?", "Can you run {command} for me?",
-                    "Execute the command {command}.", "Try running {command}.",
-                    "I want the output of {command}.", "Go ahead and run {command}."],
-    "get_weather": ["What's the weather in {location}?", "How is the weather in {location} today?",
-                    "Is it warm in {location} right now?", "Tell me the weather for {location}.",
-                    "What is the temperature in {location}?", "Weather in {location}, please.",
-                    "Should I take an umbrella in {location}?", "How hot is it in {location}?"],
-    "search": ["Search the web for {query}.", "Look up {query}.", "Find information about {query}.",
-               "Can you search for {query}?", "I want to know about {query}; search for it.",
-               "Do a web search on {query}.", "Please find {query} online.", "Google {query} for me."],
-    "write_file": ["Write '{content}' to {path}.", "Save the text '{content}' in {path}.",
-                   "Create {path} containing '{content}'.", "Put '{content}' into the file {path}.",
-                   "Please write {path} with the text '{content}'.", "Store '{content}' in {path}.",
-                   "Make a file {path} that says '{content}'.", "Fill {path} with '{content}'."],
-}
-
-PATHS = ["README.md", "setup.py", "src/main.c", "notes.txt", "config.json", "Makefile", "docs/index.md",
-         "tests/test_app.py", "/etc/hostname", "app/models.py", "data/input.csv", "LICENSE",
-         "scripts/build.sh", "lib/util.js", "pyproject.toml", "CHANGELOG.md", "src/server.go", "todo.txt"]
-DIRS = [".", "src", "tests", "docs", "/tmp", "/var/log", "scripts", "app", "lib", "data", "build", "~/projects"]
-COMMANDS = ["ls -la", "git status", "make test", "python3 --version", "df -h", "uname -a", "pwd", "date",
-            "git log --oneline -5", "npm test", "cargo build", "pytest -q", "free -m", "whoami", "uptime"]
-CITIES = ["Paris", "London", "Tokyo", "Berlin", "Madrid", "Rome", "Beijing", "Cairo", "Lima", "Oslo", "Sydney",
-          "Toronto", "Mumbai", "Seoul", "Lagos", "Vienna", "Dublin", "Prague", "Lisbon", "Athens"]
-QUERIES = ["the history of Unix", "how to sort a list in Python", "the boiling point of water",
-           "the tallest mountain in Europe", "how TCP works", "the population of Canada", "recipes with rice",
-           "the rules of chess", "what a hash table is", "how to learn Rust", "the speed of light",
-           "the best hiking trails", "how vaccines work", "the origin of the word robot"]
-CONTENTS = ["hello world", "TODO: fix the tests", "done", "version 1.2.0", "meeting at noon", "ok"]
-
-
-def split_values(values):
-    """Every fifth value is held out."""
-    return [v for i, v in enumerate(values) if i % 5 != 4], [v for i, v in enumerate(values) if i % 5 == 4]
-
-
-VALUES = {k: split_values(v) for k, v in
-          {"path": PATHS, "dir": DIRS, "command": COMMANDS, "location": CITIES, "query": QUERIES,
-           "content": CONTENTS}.items()}
-
-
-def make_args(name, rng, split):
-    pick = lambda k: rng.choice(VALUES[k][split])
-    if name == "read_file":
-        return {"path": pick("path")}
-    if name == "list_dir":
-        return {"path": pick("dir")}
-    if name == "run_command":
-        return {"command": pick("command")}
-    if name == "get_weather":
-        a = {"location": pick("location")}
-        if rng.random() < 0.5:
-            a["unit"] = rng.choice(["celsius", "fahrenheit"])
-        return a
-    if name == "search":
-        a = {"query": pick("query")}
-        if rng.random() < 0.3:
-            a["num_results"] = rng.choice([3, 5, 10])
-        return a
-    return {"path": pick("path"), "content": pick("content")}
-
-
-def fake_result(name, args, rng):
-    if name == "read_file":
-        return "# %s\n\nThis file has %d lines. The first one says: hello." % (args["path"], rng.randint(3, 200))
-    if name == "list_dir":
-        return "\n".join(rng.sample(["main.c", "README.md", "util.py", "a.txt", "build", "Makefile", "x.json"], 4))
-    if name == "run_command":
-        return "exit status 0\n" + rng.choice(["ok", "3 files changed", "all tests passed", "Linux", "12:00"])
-    if name == "get_weather":
-        unit = args.get("unit", "celsius")
-        t = rng.randint(-5, 35) if unit == "celsius" else rng.randint(25, 95)
-        return json.dumps({"temperature": t, "unit": unit, "condition": rng.choice(["sunny", "cloudy", "rain"])})
-    if name == "search":
-        return json.dumps({"results": [{"title": "About " + args["query"], "url": "https://example.org/1"}]})
-    return json.dumps({"written": len(args["content"]), "path": args["path"]})
-
-
-def final_answer(name, args, result):
-    if name == "get_weather":
-        r = json.loads(result)
-        return "In %s it is %s and %d degrees %s." % (args["location"], r["condition"], r["temperature"],
-                                                       r["unit"])
-    if name == "read_file":
-        return "Here is what %s contains: %s" % (args["path"], result.split("\n")[-1])
-    if name == "list_dir":
-        return "%s contains: %s." % (args["path"], ", ".join(result.split("\n")))
-    if name == "run_command":
-        return "I ran `%s`. It finished with %s" % (args["command"], result.replace("\n", ", output: ") + ".")
-    if name == "search":
-        return "I searched for %s. The top result is \"About %s\"." % (args["query"], args["query"])
-    return "Done: I wrote %d characters to %s." % (len(args["content"]), args["path"])
-
-
-def thought(name, args):
-    return "The user wants something the %s tool does. I will call it with %s." % (
-        name, ", ".join("%s %s" % kv for kv in args.items()))
-
-
-# Tool sets: every combination of 2..4 tools containing the target; a hash holds some out.
-def tool_set(name, rng, split):
-    for _ in range(100):
-        others = rng.sample([t for t in TOOLS if t != name], rng.randint(1, 3))
-        names = sorted(others + [name])
-        if held_out("|".join(names), 20) == (split == 1):
-            rng.shuffle(names)
-            return names
-    return [name]
-
-
-SYSTEMS = ["You are a helpful assistant.", "You are a coding assistant with access to tools.",
-           "You are a careful assistant. Use a tool when it helps."]
-
-
-def tool_conversation(rng, split, think):
-    name = rng.choice(sorted(TOOLS))
-    args = make_args(name, rng, split)
-    phr = ASK[name][:-2] if split == 0 else ASK[name][-2:]
-    user = rng.choice(phr).format(**{**args, "path": args.get("path", "")})
-    names = tool_set(name, rng, split)
-    result = fake_result(name, args, rng)
-    call = {"role": "assistant", "tool_calls": [{"id": "call_1", "type": "function", "function": {
-        "name": name, "arguments": json.dumps(args)}}]}
-    done = {"role": "assistant", "content": final_answer(name, args, result)}
-    if think:
-        call["reasoning_content"] = thought(name, args)
-        done["reasoning_content"] = "I have the result of %s. I will summarise it." % name
-    msgs = [{"role": "system", "content": rng.choice(SYSTEMS)}, {"role": "user", "content": user}, call,
-            {"role": "tool", "tool_call_id": "call_1", "content": result}, done]
-    tools = [TOOLS[n] for n in names]
-    return {"messages": msgs, "tools": tools}, {"tool": name, "arguments": args, "user": user}
+SYSTEMS = T.SYSTEMS
 
 
 CODE_TASKS = [
@@ -347,13 +197,90 @@ def tokenize(ds4, vocab, text, tmpdir):
     return [int(x) for x in r.stdout.split()]
 
 
-def write_ids(path, ids):
-    a = array.array("i", ids)
+def write_ids(path, ids, typecode="H"):
+    """Token ids, little endian: uint16 ("H", the 8192-token vocabulary fits) or int32 ("i")."""
+    a = array.array(typecode, ids)
     if sys.byteorder != "little":
         a.byteswap()
     with open(path + ".tmp", "wb") as f:
         a.tofile(f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(path + ".tmp", path)
+
+
+def gguf_token_bytes(path):
+    """The bytes each token id stands for, read from the vocabulary GGUF's
+    tokenizer.ggml.tokens and token_type (control tokens are their own UTF-8 text, the others
+    GPT-2 byte-mapped). Used to find where, in a token stream, a span of the text lies."""
+    import struct
+    data = open(path, "rb").read()
+    pos = [8]
+
+    def take(fmt):
+        v = struct.unpack_from("<" + fmt, data, pos[0])
+        pos[0] += struct.calcsize("<" + fmt)
+        return v[0]
+
+    def string():
+        n = take("Q")
+        pos[0] += n
+        return data[pos[0] - n:pos[0]].decode("utf-8")
+
+    sizes = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q",
+             12: "d"}
+
+    def value(t):
+        if t == 8:
+            return string()
+        if t == 9:
+            et, n = take("I"), take("Q")
+            return [value(et) for _ in range(n)]
+        return take(sizes[t])
+
+    take("Q")   # tensor count
+    kv = {}
+    for _ in range(take("Q")):
+        k = string()
+        kv[k] = value(take("I"))
+    toks, types = kv["tokenizer.ggml.tokens"], kv["tokenizer.ggml.token_type"]
+    return [t.encode() if ty == 3 else mapped_to_bytes(t) for t, ty in zip(toks, types)]
+
+
+def byte_starts(ids, tok_bytes):
+    """starts[k] = byte offset of token k in the decoded stream (len(ids)+1 entries)."""
+    out, at = [0], 0
+    for t in ids:
+        at += len(tok_bytes[t])
+        out.append(at)
+    return out
+
+
+def name_spans(rendered, name):
+    """Byte spans of the tool's name in the first assistant turn (the call): its mention in
+    the thinking and the DSML invoke. These are the tokens that choose the tool."""
+    b = rendered.encode()
+    start = b.index("<｜Assistant｜>".encode())
+    end = b.index("</｜DSML｜invoke>".encode(), start)
+    spans, at, n = [], start, name.encode()
+    while True:
+        k = b.find(n, at, end)
+        if k < 0:
+            return spans
+        spans.append((k, k + len(n)))
+        at = k + len(n)
+
+
+def tokens_in_spans(starts, spans, base=0):
+    """Indices of the tokens that overlap any byte span (spans relative to byte `base`)."""
+    import bisect
+    out = []
+    for s, e in spans:
+        k = bisect.bisect_right(starts, base + s) - 1
+        while k < len(starts) - 1 and starts[k] < base + e:
+            out.append(k)
+            k += 1
+    return out
 
 
 def gather_text(rng, budget):
@@ -389,47 +316,105 @@ def unigram_ppl(train_ids, held_ids, V):
     return math.exp(nll)
 
 
+def tool_records(a, rng, tmp):
+    """Held-out tool requests: `eval` for eval_tiny.py (the six main tools in turn, each
+    block of six in a random order, so any first 50 are balanced) and `val` (other draws of
+    the same held-out family) rendered with the call, for the checkpoint choice in training."""
+    evals, val = [], []
+    for i in range(a.eval_requests + a.val_requests):
+        if i % len(T.MAIN) == 0:
+            order = list(T.MAIN)
+            rng.shuffle(order)
+        think = rng.random() < 0.5
+        conv, ev = T.tool_conversation(rng, 1, think, order[i % len(T.MAIN)])
+        if i < a.eval_requests:
+            ev.update(messages=conv["messages"][:2], tools=conv["tools"], think=think)
+            evals.append(ev)
+        else:
+            conv["messages"] = conv["messages"][:3]
+            text = render(a.ds4, conv, think, tmp)
+            val.append((text, ev["tool"]))
+    return evals, val
+
+
+def val_rows(a, val, tok_bytes, tmp):
+    """[{"ids": prompt and call, "name": token positions of the tool's name}]."""
+    rows = []
+    for text, name in val:
+        ids = tokenize(a.ds4, a.vocab, text, tmp)
+        starts = byte_starts(ids, tok_bytes)
+        if starts[-1] != len(text.encode()):
+            sys.exit("token bytes do not add up to the rendered text")
+        pos = tokens_in_spans(starts, name_spans(text, name))
+        rows.append({"tool": name, "ids": ids, "name": pos})
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
     ap.add_argument("--ds4", default="./ds4")
     ap.add_argument("--vocab", default="vectors/train-vocab.gguf")
     ap.add_argument("--text-mb", type=float, default=6.0, help="bytes of natural text to gather (MB)")
-    ap.add_argument("--convs", type=int, default=4000, help="training conversations")
+    ap.add_argument("--convs", type=int, default=10000, help="training conversations")
+    ap.add_argument("--tool-share", type=float, default=0.65, help="share of tool conversations")
     ap.add_argument("--eval-convs", type=int, default=200, help="held-out conversations")
+    ap.add_argument("--eval-requests", type=int, default=120, help="held-out tool requests (eval)")
+    ap.add_argument("--val-requests", type=int, default=96,
+                    help="held-out tool requests rendered with their call (checkpoint choice)")
     ap.add_argument("--seed", type=int, default=1)
     a = ap.parse_args()
     rng = random.Random(a.seed)
     os.makedirs(a.out, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix="ds4-data.")
+    with tempfile.TemporaryDirectory(prefix="ds4-data.") as tmp:   # removed at the end
+        build(a, rng, tmp)
+
+
+def build(a, rng, tmp):
+    """Everything main() describes, into a.out; tmp holds the files handed to ds4."""
+    tok_bytes = gguf_token_bytes(a.vocab)
 
     train_docs, held_docs, docs = gather_text(rng, a.text_mb * 1e6)
     rng.shuffle(docs)
     doc_train, doc_held = [d for d in docs if not held_out(d[0])], [d for d in docs if held_out(d[0])]
 
-    train_chat, held_chat, evals = [], [], []
+    # Training pieces: (text, tool name or None). The tool's name tokens get their own loss
+    # weight in training (DIR/train_names.bin lists their positions).
+    pieces, held_chat = [(BOS + t + EOS, None) for t in train_docs], []
+    n_tool = 0
     for i in range(a.convs + a.eval_convs):
         split = 0 if i < a.convs else 1
         think = rng.random() < 0.5
-        if rng.random() < 0.6:
-            conv, ev = tool_conversation(rng, split, think)
-            if split:
-                ev["messages"] = conv["messages"][:2]
-                ev["tools"] = conv["tools"]
-                ev["think"] = think
-                evals.append(ev)
+        name = None
+        if rng.random() < a.tool_share:
+            conv, ev = T.tool_conversation(rng, split, think)
+            name = ev["tool"]
+            n_tool += split == 0
         else:
             conv = chat_conversation(rng, split, think, doc_train if split == 0 else doc_held)
-        (train_chat if split == 0 else held_chat).append(render(a.ds4, conv, think, tmp))
+        text = render(a.ds4, conv, think, tmp)
+        if split == 0:
+            pieces.append((text, name))
+        else:
+            held_chat.append(text)
+    evals, val = tool_records(a, rng, tmp)
+    rng.shuffle(pieces)
 
-    wrap = lambda t: BOS + t + EOS
-    train_text = [wrap(t) for t in train_docs] + train_chat
-    rng.shuffle(train_text)
-    held_text = "".join(wrap(t) for t in held_docs)
-    ids_train = tokenize(a.ds4, a.vocab, "".join(train_text), tmp)
+    train_text = "".join(t for t, _ in pieces)
+    held_text = "".join(BOS + t + EOS for t in held_docs)
+    ids_train = tokenize(a.ds4, a.vocab, train_text, tmp)
+    starts = byte_starts(ids_train, tok_bytes)
+    if starts[-1] != len(train_text.encode()):
+        sys.exit("token bytes do not add up to the training text")
+    names, base = [], 0
+    for text, name in pieces:
+        if name:
+            names += tokens_in_spans(starts, name_spans(text, name), base)
+        base += len(text.encode())
     ids_held_text = tokenize(a.ds4, a.vocab, held_text, tmp)
     ids_held_chat = tokenize(a.ds4, a.vocab, "".join(held_chat), tmp)
     write_ids(os.path.join(a.out, "train.bin"), ids_train)
+    write_ids(os.path.join(a.out, "train_names.bin"), names, "I")
     write_ids(os.path.join(a.out, "heldout.bin"), ids_held_text + ids_held_chat)
     # For --perplexity: plain held-out text without the BOS/EOS markers (ds4 adds BOS per window).
     with open(os.path.join(a.out, "heldout_text.txt"), "w") as f:
@@ -439,19 +424,23 @@ def main():
     with open(os.path.join(a.out, "tool_eval.jsonl"), "w") as f:
         for ev in evals:
             f.write(json.dumps(ev) + "\n")
+    with open(os.path.join(a.out, "tool_val.json"), "w") as f:
+        json.dump(val_rows(a, val, tok_bytes, tmp), f, separators=(",", ":"))
     # The words of the training text, for the test that greedy output is made of them.
-    words = sorted(set(re.findall(r"[A-Za-z_]+", "".join(train_text))))
+    words = sorted(set(re.findall(r"[A-Za-z_]+", train_text)))
     with open(os.path.join(a.out, "train_words.txt"), "w") as f:
         f.write("\n".join(words) + "\n")
     V = max(ids_train + [0]) + 1
     held_plain = tokenize(a.ds4, a.vocab, open(os.path.join(a.out, "heldout_text.txt")).read(), tmp)
     stats = {"train_tokens": len(ids_train), "heldout_text_tokens": len(ids_held_text),
-             "heldout_chat_tokens": len(ids_held_chat), "train_conversations": len(train_chat),
+             "heldout_chat_tokens": len(ids_held_chat), "train_conversations": a.convs,
+             "train_tool_conversations": n_tool, "train_name_tokens": len(names),
              "heldout_conversations": len(held_chat), "tool_eval_requests": len(evals),
+             "tool_val_requests": len(val), "request_shapes": T.counts(),
              "train_documents": len(train_docs), "heldout_documents": len(held_docs),
              "unigram_ppl_heldout_text": unigram_ppl(ids_train, held_plain, 8192),
              "unigram_ppl_heldout_chat": unigram_ppl(ids_train, ids_held_chat, 8192),
-             "max_id": V - 1, "seed": a.seed}
+             "id_bytes": 2, "max_id": V - 1, "seed": a.seed}
     with open(os.path.join(a.out, "stats.json"), "w") as f:
         json.dump(stats, f, indent=1)
     print(json.dumps(stats))

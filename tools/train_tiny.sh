@@ -25,14 +25,14 @@
 # the training-model vectors check without one).
 set -eu
 stage=${1:-}
-DATA=build/train-data
+DATA=${DATA:-build/train-data}
 SEED=${SEED:-1}
 PY=${PYTHON:-python3}
 
 data() {
     make ds4 >/dev/null
     $PY tools/make_train_data.py --out $DATA --seed "$SEED" --text-mb "${TEXT_MB:-4}" \
-        --convs "${CONVS:-4000}" --eval-convs 200
+        --convs "${CONVS:-10000}" --eval-convs 200 --eval-requests 120 --val-requests 96
 }
 
 gpu() {
