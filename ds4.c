@@ -3142,6 +3142,7 @@ struct engine_options {
     bool reference_kernels;       /* scalar dequant-then-f32 products */
     const struct backend *backend;   /* --backend; NULL = the CPU backend (6.13) */
     bool q8_activations;          /* 8-bit inputs and integer kernels (3.9) */
+    bool gpu_profile;             /* --profile: --bench prints GPU time per kernel (18.2) */
 };
 
 /* The table of operations the story calls (6.13); the CPU one is this chapter. */
@@ -4756,6 +4757,10 @@ void gpu_topk_rows(const float *score, int *sel, int *n_sel, unsigned n_tok, uns
 int gpu_available(void);   /* is there a device? (quietly; opens nothing) */
 int gpu_open(void);   /* device, queue, pipelines; 0 on failure (it says why) */
 void gpu_sync(void);  /* wait until every dispatch so far has completed */
+/* --bench --profile: GPU time per kernel name over the dispatches between
+ * begin and end, printed per token (CUDA: events around each launch). */
+void gpu_profile_begin(void);
+int gpu_profile_end(int tokens);   /* prints the table; returns the dispatches timed */
 /* A mapped GGUF whose bytes the kernels will read: a discrete GPU (CUDA)
  * uploads it once and translates pointers into it; unified memory (Metal)
  * reads it in place. 0: not uploaded (the dispatches then copy). */
@@ -17043,6 +17048,7 @@ static void print_usage(FILE *f) {
         "      --ppl-window N    tokens per --perplexity window, BOS included (default 512)\n"
         "      --tokenize F      print the token ids of text file F (-m: any GGUF with a vocab)\n"
         "      --roofline        with --bench: read bandwidth, kernel GB/s, decode vs ceiling\n"
+        "      --profile         with --bench on a GPU: GPU time per kernel of a decode token\n"
         "      --server          serve the OpenAI and Anthropic APIs (flags below)\n"
         "  -h, --help            this text\n\n%s",
         SERVER_USAGE);
@@ -17137,6 +17143,7 @@ static bool parse_args(int argc, char **argv, struct cli_options *o, struct ds4_
             continue;
         }
         if (flag_is(a, NULL, "--fast")) { o->engine.q8_activations = true; continue; }
+        if (flag_is(a, NULL, "--profile")) { o->engine.gpu_profile = true; continue; }
         if (flag_is(a, NULL, "--raw")) { o->raw = true; continue; }
         if (flag_is(a, NULL, "--server")) { o->server = true; continue; }
         if (flag_is(a, NULL, "--nothink")) { o->nothink = true; continue; }
@@ -18665,6 +18672,17 @@ static uint64_t decode_bytes_per_token(const struct model *m) {
 }
 
 /* Decode n tokens greedily after `prompt`; returns seconds, or -1. */
+/* --profile on a GPU backend: the decode's dispatches, timed by the GPU. */
+static void bench_profile(struct engine *eng, bool begin, int tokens) {
+#ifdef DS4_GPU
+    if (!eng->opt.gpu_profile || eng->be != &gpu_backend) return;
+    if (begin) gpu_profile_begin();
+    else gpu_profile_end(tokens);
+#else
+    (void)eng, (void)begin, (void)tokens;
+#endif
+}
+
 static double bench_decode(struct engine *eng, const int32_t *prompt, int n_prompt, int n,
                            struct spec_options spec, struct spec_stats *stats, double *prefill_s,
                            struct ds4_error *e) {
@@ -18679,12 +18697,14 @@ static double bench_decode(struct engine *eng, const int32_t *prompt, int n_prom
     double t1 = now_seconds(), cpu1 = cpu_seconds();
     int64_t allocs1 = heap_allocations;
     int32_t out[MATMUL_DECODE_PATH_MAX_TOKENS];
+    bench_profile(eng, true, 0);
     for (int done = 0; ok && done < n;) {
         int got = generator_step(&g, out, e);
         ok = got > 0;
         done += got;
     }
     double t2 = now_seconds();
+    bench_profile(eng, false, n);
     g.stats.cpu_seconds = cpu_seconds() - cpu1;
     g.stats.heap_allocations = heap_allocations - allocs1;
     *stats = g.stats;

@@ -1565,6 +1565,71 @@ static cudaError_t launch_kernel(void (*k)(Params...), dim3 grid, dim3 block, si
 }
 #endif
 
+// ---- --bench --profile: GPU time per kernel ---------------------------------
+
+// While profiling, each launch is bracketed by two events; gpu_profile_end
+// waits, sums cudaEventElapsedTime per kernel name and prints the table.
+enum { PROFILE_MAX = 1 << 15 };
+
+struct profile_mark {
+    const char *name;
+    cudaEvent_t start, end;
+};
+
+static struct profile_mark *marks;
+static int n_marks;
+static bool profiling;
+
+extern "C" void gpu_profile_begin(void) {
+    if (!marks) {
+        marks = (struct profile_mark *)calloc(PROFILE_MAX, sizeof *marks);
+        if (!marks) cuda_check(cudaErrorMemoryAllocation, "the profile marks");
+        for (int i = 0; i < PROFILE_MAX; i++) {
+            cuda_check(cudaEventCreateWithFlags(&marks[i].start, 0), "cudaEventCreate");
+            cuda_check(cudaEventCreateWithFlags(&marks[i].end, 0), "cudaEventCreate");
+        }
+    }
+    n_marks = 0;
+    profiling = true;
+}
+
+struct profile_row {
+    const char *name;
+    int count;
+    double ms;
+};
+
+static int by_time(const void *a, const void *b) {
+    double x = ((const struct profile_row *)a)->ms, y = ((const struct profile_row *)b)->ms;
+    return x < y ? 1 : x > y ? -1 : 0;
+}
+
+extern "C" int gpu_profile_end(int tokens) {
+    profiling = false;
+    cuda_wait();
+    struct profile_row rows[128];
+    int n_rows = 0;
+    double total = 0;
+    for (int i = 0; i < n_marks; i++) {
+        float ms = 0;
+        cuda_check(cudaEventElapsedTime(&ms, marks[i].start, marks[i].end), "cudaEventElapsedTime");
+        int r = 0;
+        while (r < n_rows && strcmp(rows[r].name, marks[i].name) != 0) r++;
+        if (r == n_rows && n_rows < 128) rows[n_rows++] = { marks[i].name, 0, 0.0 };
+        if (r < n_rows) rows[r].count++, rows[r].ms += ms;
+        total += ms;
+    }
+    qsort(rows, (size_t)n_rows, sizeof rows[0], by_time);
+    double per = tokens > 0 ? tokens : 1;
+    printf("gpu profile: %d tokens, %.1f dispatches and %.3f ms of kernel time per token%s\n",
+           tokens, n_marks / per, total / per, n_marks == PROFILE_MAX ? " (marks ran out)" : "");
+    for (int r = 0; r < n_rows; r++)
+        printf("  %-24s %7.1f per token %9.1f us per token %5.1f%%\n", rows[r].name,
+               rows[r].count / per, 1000.0 * rows[r].ms / per,
+               total > 0 ? 100.0 * rows[r].ms / total : 0.0);
+    return n_marks;
+}
+
 template <class... Params, class... Args>
 static void cuda_run(const char *name, void (*k)(Params...), dim3 grid, unsigned threads,
                      size_t shared, Args... args) {
@@ -1572,7 +1637,13 @@ static void cuda_run(const char *name, void (*k)(Params...), dim3 grid, unsigned
         if (trace_count < trace_cap) trace_names[trace_count] = name;
         trace_count++;
     }
+    bool timed = profiling && n_marks < PROFILE_MAX;
+    if (timed) cuda_check(cudaEventRecord(marks[n_marks].start, cuda.stream), "cudaEventRecord");
     cuda_check(launch_kernel(k, grid, dim3(threads, 1, 1), shared, cuda.stream, args...), name);
+    if (timed) {
+        cuda_check(cudaEventRecord(marks[n_marks].end, cuda.stream), "cudaEventRecord");
+        marks[n_marks++].name = name;
+    }
 }
 
 static unsigned groups_of(unsigned n, unsigned per) { return (n + per - 1) / per; }

@@ -82,11 +82,16 @@ static void test_decode_trace(struct model *m) {
     struct ds4_error e = { "" };
     static const char *names[CAP];
     int syncs = 0, n = 0;
+    int profiled = 0;
     if (session_forward(&s, tokens, P, NULL, &e)) {
         gpu_trace_start(names, CAP);
+        gpu_profile_begin();
         session_forward(&s, tokens + P, 1, NULL, &e);
         n = gpu_trace_stop(&syncs);
+        profiled = gpu_profile_end(1);
     }
+    /* --bench --profile times every launch (CUDA; the Metal harness has no clock). */
+    if (profiled >= 0) check("--profile: dispatches timed == dispatches traced", profiled - n, 0);
     printf("one decode token (position %d, %d layers + MTP): %d dispatches, %d host syncs\n",
            P, m->cfg.n_layers, n, syncs);
     printf("  embedding + block 0:");

@@ -36,6 +36,13 @@ extern "C" {
 
 // The emulated device is always there, and always idle between dispatches.
 int gpu_available(void) { return 1; }
+
+// --bench --profile: the harness runs on the CPU and keeps no GPU time.
+void gpu_profile_begin(void) {}
+int gpu_profile_end(int) {
+    printf("gpu profile: not measured by the Metal harness\n");
+    return -1;
+}
 int gpu_open(void) { return 1; }
 
 // Unified memory: the kernels read the mapping where it is.

@@ -215,6 +215,10 @@ inline cudaError_t cudaEventCreateWithFlags(cudaEvent_t *e, unsigned) {
 }
 inline cudaError_t cudaEventRecord(cudaEvent_t, cudaStream_t) { return cudaSuccess; }
 inline cudaError_t cudaEventSynchronize(cudaEvent_t) { return cudaSuccess; }
+inline cudaError_t cudaEventElapsedTime(float *ms, cudaEvent_t, cudaEvent_t) {
+    *ms = 0;      // the emulator keeps no GPU time
+    return cudaSuccess;
+}
 #define cudaEventDisableTiming 2
 inline cudaError_t cudaMemGetInfo(size_t *free_bytes, size_t *total) {
     *free_bytes = *total = (size_t)64 << 30;
