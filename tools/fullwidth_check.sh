@@ -31,6 +31,7 @@
 #   FW_GGUF_DIR   where the GGUFs go (default: /dev/shm when it has room, else FW_WORK)
 #   FW_BUDGET_S   seconds after which no new stage starts (default 540)
 #   FW_LENGTHS    prompt lengths (default 64,2500,4100); FW_STAGES: stages to run
+#   FW_BACKENDS   the ds4 backends that check the vectors (default cpu, and cuda when built in)
 #   OUT           results (default ./fw-out): summary.txt, run.log, vectors per length (.gz)
 #
 # Sizes at full width, 4 layers + MTP (256 experts of 3 x 2048 x 4096 per block):
@@ -117,7 +118,9 @@ stage_oracle() {   # f32 | fp8
 # ds4 --check-vectors of $1 (vectors) on model $2 (+ MTP $3); one summary line per case.
 check_one() {
     label=$1 vec=$2 model=$3 mtp=$4
-    for backend in cpu $(./ds4 --help 2>&1 | grep -q -- '--backend' && echo cuda); do
+    # cuda too when ./ds4 was built with it (make cuda); FW_BACKENDS overrides.
+    cuda=$(./ds4 --backend cuda --help 2>&1 | grep -q 'not built' || echo cuda)
+    for backend in ${FW_BACKENDS:-cpu $cuda}; do
         extra=$([ "$backend" = cpu ] || echo "--backend $backend")
         out=$WORK/check-$label-$backend.txt
         # shellcheck disable=SC2086
