@@ -98,7 +98,7 @@ static const struct metal_kernel_info metal_kernels[K_COUNT] = {
     [K_POOL_CHANNEL] = { "pool_channel", 64 },
     [K_ATTEND_ONE] = { "attend_one", 32 },
     [K_INDEXER_SCORES] = { "indexer_scores", 64 },
-    [K_TOPK_ROWS] = { "topk_rows", 32 },
+    [K_TOPK_ROWS] = { "topk_rows", 0 },
 };
 
 // The argument structs, field for field those of kernels.metal (MSL uint =
@@ -624,8 +624,11 @@ void gpu_topk_rows(const float *score, int *sel, int *n_sel, unsigned n_tok, uns
     struct topk_args a = { n_tok, n_rows, max_rows, k };
     struct metal_arg b[3] = { metal_copy_in(score, (size_t)n_tok * max_rows * 4),
                               metal_copy_in(NULL, n_tok * k * 4), metal_copy_in(NULL, n_tok * 4) };
-    metal_run_one(K_TOPK_ROWS, MTLSizeMake(groups_of(n_tok, 32), 1, 1), 32, b, 3, &a, sizeof a,
-                  0);
+    unsigned threads = 32, P = 32, kk = k < n_rows ? k : n_rows;
+    while (threads < k) threads *= 2;
+    while (P < kk) P *= 2;
+    metal_run_one(K_TOPK_ROWS, MTLSizeMake(n_tok, 1, 1), threads, b, 3, &a, sizeof a,
+                  (2 * P + threads + 32) * sizeof(unsigned));
     metal_copy_out(sel, b[1], n_tok * k * 4);
     metal_copy_out(n_sel, b[2], n_tok * 4);
 }

@@ -1034,33 +1034,111 @@ kernel void indexer_scores(device const float *iq [[buffer(0)]],
 
 // topk_indices over each token's scores [T][max_rows] (first n_rows valid):
 // the k highest, ties to the lower index, written in that order to
-// sel [T][k]; n_sel[t] = how many were found.
-// threads: one per token, threadgroups of ROUTE_THREADS. The insertion list
-// is O(n k) per token; a parallel radix select is the known next step for
-// long contexts (n in the hundreds of thousands).
+// sel [T][k]; n_sel[t] = min(k, n_rows).
+//
+// threads: one threadgroup per token, TOPK_THREADS(k) = the power of two
+// >= k (32 .. TOPK_MAX) threads. A radix select, then a sort of the k chosen:
+//   1. key(s) = the float's bits made monotonic as an unsigned (flip all
+//      bits of negatives, the sign bit of the rest): s > s' <=> key > key'.
+//   2. thr = the k-th largest key, found bit by bit from the top: keep a
+//      bit when at least k keys are >= the prefix with it set (32 counting
+//      passes over the row, each a threadgroup sum).
+//   3. Chosen: every key > thr, and the first (k - count(> thr)) keys == thr
+//      by index (the CPU's tie rule). Each thread owns a contiguous range of
+//      indices, so a scan of the per-thread counts keeps index order.
+//   4. A bitonic sort of the chosen (key descending, index ascending) in
+//      threadgroup memory gives the CPU's output order.
+// Threadgroup memory (TG_ARG 0): keys [P], ids [P], scan [threads],
+// partial [32], as uints (P = the power of two >= k, at least 32).
+#define TOPK_MAX 1024
+
 struct topk_args {
     uint n_tok, n_rows, max_rows, k;
 };
+
+static uint monotonic_key(float f) {
+    uint u = as_type<uint>(f);
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+// The sum of v over the threadgroup (n_threads a multiple of 32).
+static uint group_count(uint v, threadgroup uint *partial, uint tid, uint n_threads) {
+    v = simd_sum(v);
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    if (tid % 32 == 0) partial[tid / 32] = v;
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    uint total = 0;
+    for (uint w = 0; w < n_threads / 32; w++) total += partial[w];
+    return total;
+}
+
+// An exclusive scan of one value per thread.
+static uint group_scan(uint v, threadgroup uint *buf, uint tid) {
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    buf[tid] = v;
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    uint before = 0;
+    for (uint i = 0; i < tid; i++) before += buf[i];
+    return before;
+}
+
+// Sort (key, index) pairs [P]: key descending, index ascending on equal keys.
+static void bitonic_sort_desc(threadgroup uint *key, threadgroup uint *idx, uint P, uint tid,
+                              uint n_threads) {
+    for (uint size = 2; size <= P; size *= 2)
+        for (uint stride = size / 2; stride > 0; stride /= 2) {
+            threadgroup_barrier(mem_flags::mem_threadgroup);
+            for (uint i = tid; i < P; i += n_threads) {
+                uint j = i ^ stride;
+                if (j <= i) continue;
+                bool first = key[i] > key[j] || (key[i] == key[j] && idx[i] < idx[j]);
+                bool descending = (i & size) == 0;
+                if (first != descending) {
+                    uint tk = key[i]; key[i] = key[j]; key[j] = tk;
+                    uint ti = idx[i]; idx[i] = idx[j]; idx[j] = ti;
+                }
+            }
+        }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+}
 
 kernel void topk_rows(device const float *score [[buffer(0)]],
                       device int *sel [[buffer(1)]],
                       device int *n_sel [[buffer(2)]],
                       constant topk_args &a [[buffer(3)]],
+                      threadgroup uint *shared TG_ARG(0),
                       uint3 tg [[threadgroup_position_in_grid]],
-                      uint tid [[thread_index_in_threadgroup]]) {
-    uint t = tg.x * ROUTE_THREADS + tid;
-    if (t >= a.n_tok) return;
+                      uint tid [[thread_index_in_threadgroup]],
+                      uint n_threads [[threads_per_threadgroup]]) {
+    uint t = tg.x, n = a.n_rows, k = min(a.k, a.n_rows);
+    uint P = 32;
+    while (P < k) P *= 2;
+    threadgroup uint *keys = shared, *ids = shared + P, *scan = shared + 2 * P;
+    threadgroup uint *partial = scan + n_threads;
     device const float *s = score + (ulong)t * a.max_rows;
-    device int *out = sel + (ulong)t * a.k;
-    int found = 0, k = (int)a.k;
-    for (int i = 0; i < (int)a.n_rows; i++) {
-        if (found == k && !(s[i] > s[out[k - 1]])) continue;
-        int at = found < k ? found++ : k - 1;
-        while (at > 0 && s[i] > s[out[at - 1]]) {
-            out[at] = out[at - 1];
-            at--;
-        }
-        out[at] = i;
+    uint thr = 0;
+    for (int bit = 31; bit >= 0; bit--) {
+        uint cand = thr | 1u << bit, mine = 0;
+        for (uint i = tid; i < n; i += n_threads) mine += monotonic_key(s[i]) >= cand ? 1 : 0;
+        if (group_count(mine, partial, tid, n_threads) >= k) thr = cand;
     }
-    n_sel[t] = found;
+    uint per = (n + n_threads - 1) / n_threads, lo = tid * per;
+    uint hi = min(lo + per, n), gt = 0, eq = 0;
+    for (uint i = lo; i < hi; i++) {
+        uint key = monotonic_key(s[i]);
+        gt += key > thr ? 1 : 0;
+        eq += key == thr ? 1 : 0;
+    }
+    uint n_gt = group_count(gt, partial, tid, n_threads);
+    uint at_gt = group_scan(gt, scan, tid), at_eq = group_scan(eq, scan, tid);
+    for (uint i = tid; i < P; i += n_threads) keys[i] = 0, ids[i] = 0x7fffffffu;
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    for (uint i = lo; i < hi; i++) {
+        uint key = monotonic_key(s[i]);
+        if (key > thr) keys[at_gt] = key, ids[at_gt++] = i;
+        else if (key == thr && n_gt + at_eq < k) keys[n_gt + at_eq] = key, ids[n_gt + at_eq++] = i;
+    }
+    bitonic_sort_desc(keys, ids, P, tid, n_threads);
+    for (uint i = tid; i < k; i += n_threads) sel[(ulong)t * a.k + i] = (int)ids[i];
+    if (tid == 0) n_sel[t] = (int)k;
 }

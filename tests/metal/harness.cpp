@@ -312,8 +312,14 @@ void gpu_topk_rows(const float *score, int *sel, int *n_sel, uint n_tok, uint n_
                    uint max_rows, uint k) {
     trace("topk_rows");
     topk_args a = { n_tok, n_rows, max_rows, k };
-    dispatch(uint3{groups_of(n_tok, ROUTE_THREADS), 1, 1}, ROUTE_THREADS,
-             [&](const thread_ids &t) { topk_rows(score, sel, n_sel, a, t.tg, t.tid); });
+    uint threads = 32, P = 32;
+    while (threads < k) threads *= 2;
+    while (P < (k < n_rows ? k : n_rows)) P *= 2;
+    uint *shared = (uint *)calloc(2 * P + threads + 32, sizeof(uint));
+    dispatch(uint3{n_tok, 1, 1}, (int)threads, [&](const thread_ids &t) {
+        topk_rows(score, sel, n_sel, a, shared, t.tg, t.tid, threads);
+    });
+    free(shared);
 }
 
 } // extern "C"
