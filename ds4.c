@@ -4807,7 +4807,7 @@ struct gpu_state {
     /* host memory */
     int *route_sel_host;          /* [T*K] the routing, for the grouping */
     float *route_wt_host;         /* [T*K] */
-    int *slot_token_host, *list_host;   /* [T*K] */
+    int *slot_token_host;         /* [T*K] */
     float *weight_host, *bias_host;     /* [T*K], [T][2*max(Dh, DI)] */
     int *n_sel_host;              /* [T] all -1: "every visible row" */
 };
@@ -4956,8 +4956,8 @@ static void gpu_session_open(struct session *s) {
 static void gpu_state_buffers_free(struct gpu_state *g) {
     void *dev[] = { g->slot_gate, g->slot_up, g->slot_out, g->identity, g->group_of,
                     g->slot_token, g->slot_list, g->slot_weight, g->bias, g->biased };
-    void *host[] = { g->route_sel_host, g->route_wt_host, g->slot_token_host, g->list_host,
-                     g->weight_host, g->bias_host, g->n_sel_host };
+    void *host[] = { g->route_sel_host, g->route_wt_host, g->slot_token_host, g->weight_host,
+                     g->bias_host, g->n_sel_host };
     for (size_t i = 0; i < sizeof dev / sizeof dev[0]; i++) gpu_free(dev[i]);
     for (size_t i = 0; i < sizeof host / sizeof host[0]; i++) free(host[i]);
 }
@@ -4977,16 +4977,21 @@ static void gpu_session_close(struct session *s) {
     s->device = NULL;
 }
 
-/* chunk_work in backend memory, and the backend's own buffers, for T tokens. */
-static void gpu_begin_chunk(struct step *st) {
-    const struct ds4_config *c = st->c;
-    struct gpu_state *g = gpu_state_of(st->s);
-    chunk_work_reserve(st->w, c, st->T, &gpu_buffers);
-    if (st->T <= g->T) return;
-    gpu_state_buffers_free(g);
-    size_t TK = (size_t)st->T * c->n_used, F = (size_t)c->ffn_dim, f = sizeof(float);
-    size_t bias = (size_t)st->T * 2 * (c->head_dim > c->idx_dim ? c->head_dim : c->idx_dim);
-    g->T = st->T;
+/* An index table [n] in backend memory: entry i = i mod period. */
+static int *gpu_index_table(size_t n, size_t period) {
+    int *host = xcalloc(n, sizeof(int));
+    for (size_t i = 0; i < n; i++) host[i] = (int)(i % period);
+    int *dev = gpu_alloc(n * sizeof(int));
+    gpu_upload(dev, host, n * sizeof(int));
+    free(host);
+    return dev;
+}
+
+/* The backend's own buffers for chunks of up to T tokens. */
+static void gpu_state_buffers_alloc(struct gpu_state *g, const struct ds4_config *c, int T) {
+    size_t TK = (size_t)T * c->n_used, F = (size_t)c->ffn_dim, f = sizeof(float);
+    size_t bias = (size_t)T * 2 * (c->head_dim > c->idx_dim ? c->head_dim : c->idx_dim);
+    g->T = T;
     g->slot_gate = gpu_alloc(TK * F * f);
     g->slot_up = gpu_alloc(TK * F * f);
     g->slot_out = gpu_alloc(TK * (size_t)c->dim * f);
@@ -4994,24 +4999,25 @@ static void gpu_begin_chunk(struct step *st) {
     g->slot_list = gpu_alloc(TK * sizeof(int));
     g->slot_weight = gpu_alloc(TK * f);
     g->bias = gpu_alloc(bias * f);
-    g->biased = gpu_alloc((size_t)st->T * c->n_experts * f);
+    g->biased = gpu_alloc((size_t)T * c->n_experts * f);
+    g->identity = gpu_index_table(TK, TK);
+    g->group_of = gpu_index_table((size_t)T * c->o_groups, (size_t)c->o_groups);
     g->route_sel_host = xcalloc(TK, sizeof(int));
     g->route_wt_host = xcalloc(TK, f);
     g->slot_token_host = xcalloc(TK, sizeof(int));
-    g->list_host = xcalloc(TK, sizeof(int));
     g->weight_host = xcalloc(TK, f);
     g->bias_host = xcalloc(bias, f);
-    g->n_sel_host = xcalloc((size_t)st->T, sizeof(int));
-    for (int t = 0; t < st->T; t++) g->n_sel_host[t] = -1;
-    for (size_t i = 0; i < TK; i++) g->list_host[i] = (int)i;
-    g->identity = gpu_alloc(TK * sizeof(int));
-    gpu_upload(g->identity, g->list_host, TK * sizeof(int));
-    size_t TG = (size_t)st->T * c->o_groups;
-    int *groups = xcalloc(TG, sizeof(int));
-    for (size_t i = 0; i < TG; i++) groups[i] = (int)(i % (size_t)c->o_groups);
-    g->group_of = gpu_alloc(TG * sizeof(int));
-    gpu_upload(g->group_of, groups, TG * sizeof(int));
-    free(groups);
+    g->n_sel_host = xcalloc((size_t)T, sizeof(int));
+    for (int t = 0; t < T; t++) g->n_sel_host[t] = -1;
+}
+
+/* chunk_work in backend memory, and the backend's own buffers, for T tokens. */
+static void gpu_begin_chunk(struct step *st) {
+    struct gpu_state *g = gpu_state_of(st->s);
+    chunk_work_reserve(st->w, st->c, st->T, &gpu_buffers);
+    if (st->T <= g->T) return;
+    gpu_state_buffers_free(g);
+    gpu_state_buffers_alloc(g, st->c, st->T);
 }
 
 /* y[t] = W x[t] for n tokens, contiguous rows: one matmul_<type> dispatch. */
