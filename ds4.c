@@ -2241,43 +2241,104 @@ static float quant_avx2_q8_dot_q4_k(const struct block_q4_k *w, const struct act
     return quant_avx2_hsum(_mm256_add_ps(acc[0], acc[1])) - mins;
 }
 
-/* IQ2_XXS: four 8-byte table loads give a group's 32 grid magnitudes, four
- * more its 32 signs (3.4); the signs go onto the activations (psignb), the
- * magnitudes are the unsigned operand, and the group scale 2 ls + 1 is the
- * 16-bit factor. No value is touched one at a time. */
-static __m256i quant_avx2_iq2_grid(uint32_t a0) {
-    return _mm256_set_epi64x((long long)quant_iq2_xxs_grid[a0 >> 24],
-                             (long long)quant_iq2_xxs_grid[(a0 >> 16) & 255],
-                             (long long)quant_iq2_xxs_grid[(a0 >> 8) & 255],
-                             (long long)quant_iq2_xxs_grid[a0 & 255]);
+/* IQ2_XXS: the eight groups of a block are done together, so that the work
+ * which is not a product happens once per block and in vector registers:
+ *
+ *   A[g]     = sign word a1 of group g                           [8] uint32
+ *   S[g][t]  = ((A[g] >> 7t) & 127) | parity << 7                [8][4] bytes
+ *   sc[g]    = d/8 (2 (A[g] >> 28) + 1) dx[g]                     [8] float
+ *
+ * The sign bytes (3.4) come from shifts, ands and two 16-entry parity
+ * lookups by pshufb, no table load per piece; the scales are one float
+ * vector. What is left per group is four 8-byte loads of grid magnitudes,
+ * one shuffle that spreads its four sign bytes over 32 lanes, a compare that
+ * turns them into byte masks (-1 where negative), and the two multiply-adds:
+ *
+ *   sum_g  sc[g] sum_{i<32} grid[i] ((x[i] ^ neg[i]) - neg[i])
+ */
+static __m256i quant_avx2_iq2_sign_words(const struct block_iq2_xxs *w) {
+    __m256 lo = _mm256_castsi256_ps(quant_avx2_load_i8(&w->qs[0]));
+    __m256 hi = _mm256_castsi256_ps(quant_avx2_load_i8(&w->qs[16]));
+    /* the odd dwords, in the order g = 0, 1, 4, 5 | 2, 3, 6, 7, then sorted */
+    __m256i odd = _mm256_castps_si256(_mm256_shuffle_ps(lo, hi, _MM_SHUFFLE(3, 1, 3, 1)));
+    return _mm256_permute4x64_epi64(odd, _MM_SHUFFLE(3, 1, 2, 0));
 }
 
-static __m256i quant_avx2_iq2_signs(uint32_t a1) {
-    return _mm256_set_epi64x((long long)quant_iq2_sign_bytes[(a1 >> 21) & 127],
-                             (long long)quant_iq2_sign_bytes[(a1 >> 14) & 127],
-                             (long long)quant_iq2_sign_bytes[(a1 >> 7) & 127],
-                             (long long)quant_iq2_sign_bytes[a1 & 127]);
+/* S[g][t] as byte t of dword g. */
+static __m256i quant_avx2_iq2_sign_bytes(__m256i A) {
+    __m256i s = _mm256_or_si256(
+        _mm256_or_si256(_mm256_and_si256(A, _mm256_set1_epi32(0x7f)),
+                        _mm256_and_si256(_mm256_slli_epi32(A, 1), _mm256_set1_epi32(0x7f00))),
+        _mm256_or_si256(_mm256_and_si256(_mm256_slli_epi32(A, 2), _mm256_set1_epi32(0x7f0000)),
+                        _mm256_and_si256(_mm256_slli_epi32(A, 3),
+                                         _mm256_set1_epi32(0x7f000000))));
+    /* parity(n) << 7 for n = 0..15, looked up for both nibbles of each byte */
+    const __m256i odd = _mm256_setr_epi8(
+        0, -128, -128, 0, -128, 0, 0, -128, -128, 0, 0, -128, 0, -128, -128, 0,
+        0, -128, -128, 0, -128, 0, 0, -128, -128, 0, 0, -128, 0, -128, -128, 0);
+    __m256i nib = _mm256_set1_epi8(15);
+    __m256i p = _mm256_xor_si256(
+        _mm256_shuffle_epi8(odd, _mm256_and_si256(s, nib)),
+        _mm256_shuffle_epi8(odd, _mm256_and_si256(_mm256_srli_epi16(s, 4), nib)));
+    return _mm256_or_si256(s, p);
 }
 
-static __m256 quant_avx2_q8_group_iq2_xxs(const struct block_iq2_xxs *w, int group,
-                                           const int8_t *xq, float dx, __m256 acc) {
-    uint32_t a0, a1;
-    quant_iq2_group_words(w, group, &a0, &a1);
-    __m256i x8 = _mm256_sign_epi8(quant_avx2_load_i8(xq + 32 * group), quant_avx2_iq2_signs(a1));
-    __m256i f = _mm256_set1_epi16((short)(2 * (a1 >> 28) + 1));
-    __m256i isum = quant_avx2_madd_u8s8(quant_avx2_iq2_grid(a0), x8, f);
-    return quant_avx2_scaled(acc, quant_avx2_half(w->d) * 0.125f * dx, isum);
+/* -1 in lane 8t+j where value j of piece t of group g is negative. `half`
+ * holds S of the block's half that has g, in both 128-bit lanes, so that an
+ * in-lane byte shuffle reaches all four of g's sign bytes. */
+static inline __m256i quant_avx2_iq2_neg_mask(__m256i half, int g) {
+    int b = 4 * (g % 4);
+    __m256i spread = _mm256_setr_epi8(
+        b, b, b, b, b, b, b, b, b + 1, b + 1, b + 1, b + 1, b + 1, b + 1, b + 1, b + 1,
+        b + 2, b + 2, b + 2, b + 2, b + 2, b + 2, b + 2, b + 2,
+        b + 3, b + 3, b + 3, b + 3, b + 3, b + 3, b + 3, b + 3);
+    __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ull);
+    __m256i bytes = _mm256_shuffle_epi8(half, spread);
+    return _mm256_cmpeq_epi8(_mm256_and_si256(bytes, bit), bit);
+}
+
+/* Group g's eight int32 partial sums, grid magnitudes times signed x, as
+ * floats times sc[g] (lane g of sc) added to acc. */
+static inline __m256 quant_avx2_iq2_group(const struct block_iq2_xxs *w, int g, const int8_t *xq,
+                                          __m256i half, __m256 sc, __m256 acc) {
+    const uint8_t *idx = (const uint8_t *)&w->qs[4 * g];
+    __m256i grid = _mm256_set_epi64x((long long)quant_iq2_xxs_grid[idx[3]],
+                                     (long long)quant_iq2_xxs_grid[idx[2]],
+                                     (long long)quant_iq2_xxs_grid[idx[1]],
+                                     (long long)quant_iq2_xxs_grid[idx[0]]);
+    __m256i neg = quant_avx2_iq2_neg_mask(half, g);
+    __m256i x8 = _mm256_sub_epi8(_mm256_xor_si256(quant_avx2_load_i8(xq + 32 * g), neg), neg);
+    __m256i isum = _mm256_madd_epi16(_mm256_maddubs_epi16(grid, x8), _mm256_set1_epi16(1));
+    __m256 scale = _mm256_permutevar8x32_ps(sc, _mm256_set1_epi32(g));
+    return _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(isum), acc);
+}
+
+/* sc[g] for the eight groups of block w. */
+static inline __m256 quant_avx2_iq2_scales(const struct block_iq2_xxs *w, __m256i A,
+                                           const float *dx) {
+    __m256i ls2 = _mm256_add_epi32(_mm256_slli_epi32(_mm256_srli_epi32(A, 28), 1),
+                                   _mm256_set1_epi32(1));
+    return _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(ls2), _mm256_loadu_ps(dx)),
+                         _mm256_set1_ps(quant_avx2_half(w->d) * 0.125f));
 }
 
 static float quant_avx2_q8_dot_iq2_xxs(const struct block_iq2_xxs *w, const struct act_q8 *a) {
     __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
     for (int64_t i = 0; i < a->n / 256; i++, w++) {
         const int8_t *xq = a->q + 256 * i;
-        const float *dx = a->d + 8 * i;
-        for (int group = 0; group < 8; group += 2) {
-            acc0 = quant_avx2_q8_group_iq2_xxs(w, group, xq, dx[group], acc0);
-            acc1 = quant_avx2_q8_group_iq2_xxs(w, group + 1, xq, dx[group + 1], acc1);
-        }
+        __m256i A = quant_avx2_iq2_sign_words(w);
+        __m256i S = quant_avx2_iq2_sign_bytes(A);
+        __m256 sc = quant_avx2_iq2_scales(w, A, a->d + 8 * i);
+        __m256i first = _mm256_permute2x128_si256(S, S, 0x00);
+        __m256i second = _mm256_permute2x128_si256(S, S, 0x11);
+        acc0 = quant_avx2_iq2_group(w, 0, xq, first, sc, acc0);
+        acc1 = quant_avx2_iq2_group(w, 1, xq, first, sc, acc1);
+        acc0 = quant_avx2_iq2_group(w, 2, xq, first, sc, acc0);
+        acc1 = quant_avx2_iq2_group(w, 3, xq, first, sc, acc1);
+        acc0 = quant_avx2_iq2_group(w, 4, xq, second, sc, acc0);
+        acc1 = quant_avx2_iq2_group(w, 5, xq, second, sc, acc1);
+        acc0 = quant_avx2_iq2_group(w, 6, xq, second, sc, acc0);
+        acc1 = quant_avx2_iq2_group(w, 7, xq, second, sc, acc1);
     }
     return quant_avx2_hsum(_mm256_add_ps(acc0, acc1));
 }
