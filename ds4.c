@@ -2170,10 +2170,6 @@ static float quant_avx2_q8_dot_q8_0(const struct block_q8_0 *w, const struct act
 /* Q2_K: shift j of the 32 bytes of half h is one activation block, whose low
  * 16 lanes are sub-block 8h+2j and high 16 lanes sub-block 8h+2j+1; a
  * factor register with each sub-block's scale in its half applies both. */
-static __m256i quant_avx2_two_scales(int lo, int hi) {
-    return _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_set1_epi16((short)lo)),
-                                   _mm_set1_epi16((short)hi), 1);
-}
 
 /* dmin * sum_k m[k] s[k] of one Q2_K block, 16 mins at a time. */
 static __m256 quant_avx2_q2_k_mins(const struct block_q2_k *w, const float *s16, __m256 acc) {
@@ -2186,29 +2182,51 @@ static __m256 quant_avx2_q2_k_mins(const struct block_q2_k *w, const float *s16,
     return _mm256_fmadd_ps(_mm256_set1_ps(quant_avx2_half(w->dmin)), ms, acc);
 }
 
+/* Eight int32 partial sums of activation block 4h + j: the 2-bit values at
+ * shift 2j of the 32 bytes `bits`, times x, times the sub-block scales. The
+ * scale bytes of the block sit in both 128-bit lanes of `sc`; one in-lane
+ * byte shuffle puts sc[k] (k = 8h + 2j) in the low lane's 16-bit factors and
+ * sc[k + 1] in the high lane's, with zero high bytes. */
+static inline __m256i quant_avx2_q2_k_part(__m256i bits, int j, __m256i sc, int k,
+                                           const int8_t *x8) {
+    char lo = (char)k, hi = (char)(k + 1), z = (char)0x80;
+    __m256i pick = _mm256_setr_epi8(lo, z, lo, z, lo, z, lo, z, lo, z, lo, z, lo, z, lo, z,
+                                    hi, z, hi, z, hi, z, hi, z, hi, z, hi, z, hi, z, hi, z);
+    __m256i q = _mm256_and_si256(_mm256_srli_epi16(bits, 2 * j), _mm256_set1_epi8(3));
+    return quant_avx2_madd_u8s8(q, quant_avx2_load_i8(x8), _mm256_shuffle_epi8(sc, pick));
+}
+
+/* Half h (128 values, four activation blocks) of a Q2_K block, folded as in
+ * IQ2_XXS: lanes (j0, j1, j2, j3 | j0, j1, j2, j3) of partial sums. */
+static inline __m256i quant_avx2_q2_k_half(const struct block_q2_k *w, int h, __m256i sc,
+                                           const int8_t *xq) {
+    __m256i bits = quant_avx2_load_i8(w->qs + 32 * h);
+    const int8_t *x = xq + 128 * h;
+    __m256i s01 = _mm256_hadd_epi32(quant_avx2_q2_k_part(bits, 0, sc, 8 * h, x),
+                                    quant_avx2_q2_k_part(bits, 1, sc, 8 * h + 2, x + 32));
+    __m256i s23 = _mm256_hadd_epi32(quant_avx2_q2_k_part(bits, 2, sc, 8 * h + 4, x + 64),
+                                    quant_avx2_q2_k_part(bits, 3, sc, 8 * h + 6, x + 96));
+    return _mm256_hadd_epi32(s01, s23);
+}
+
+/* Per block: the eight activation blocks' integer sums in one vector,
+ * converted once, times d dx[b]; the mins as before. */
 static float quant_avx2_q8_dot_q2_k(const struct block_q2_k *w, const struct act_q8 *a) {
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps(), mins = _mm256_setzero_ps();
-    __m256i mask = _mm256_set1_epi8(3);
+    __m256 acc = _mm256_setzero_ps(), mins = _mm256_setzero_ps();
     for (int64_t i = 0; i < a->n / 256; i++, w++) {
         const int8_t *xq = a->q + 256 * i;
-        const float *dx = a->d + 8 * i;
-        float d = quant_avx2_half(w->d);
         mins = quant_avx2_q2_k_mins(w, a->sum16 + 16 * i, mins);
-        for (int h = 0; h < 2; h++) {
-            __m256i bits = quant_avx2_load_i8(w->qs + 32 * h);
-            for (int j = 0; j < 4; j++) {
-                int k = 8 * h + 2 * j;
-                __m256i shifted = _mm256_srl_epi16(bits, _mm_cvtsi32_si128(2 * j));
-                __m256i q = _mm256_and_si256(shifted, mask);
-                __m256i f = quant_avx2_two_scales(w->scales[k] & 15, w->scales[k + 1] & 15);
-                __m256i x8 = quant_avx2_load_i8(xq + 128 * h + 32 * j);
-                __m256i isum = quant_avx2_madd_u8s8(q, x8, f);
-                if (j & 1) acc1 = quant_avx2_scaled(acc1, d * dx[4 * h + j], isum);
-                else acc0 = quant_avx2_scaled(acc0, d * dx[4 * h + j], isum);
-            }
-        }
+        __m256i sc = _mm256_and_si256(
+            _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)w->scales)),
+            _mm256_set1_epi8(15));
+        __m256i f0 = quant_avx2_q2_k_half(w, 0, sc, xq), f1 = quant_avx2_q2_k_half(w, 1, sc, xq);
+        __m256i sums = _mm256_add_epi32(_mm256_permute2x128_si256(f0, f1, 0x20),
+                                        _mm256_permute2x128_si256(f0, f1, 0x31));
+        __m256 dx = _mm256_mul_ps(_mm256_loadu_ps(a->d + 8 * i),
+                                  _mm256_set1_ps(quant_avx2_half(w->d)));
+        acc = _mm256_fmadd_ps(dx, _mm256_cvtepi32_ps(sums), acc);
     }
-    return quant_avx2_hsum(_mm256_add_ps(acc0, acc1)) - quant_avx2_hsum(mins);
+    return quant_avx2_hsum(acc) - quant_avx2_hsum(mins);
 }
 
 /* Q4_K: the low nibbles of chunk c are sub-block 2c, the high ones 2c+1,
