@@ -2145,6 +2145,22 @@ static __m256 quant_avx2_scaled(__m256 acc, float scale, __m256i isum) {
     return _mm256_fmadd_ps(_mm256_set1_ps(scale), _mm256_cvtepi32_ps(isum), acc);
 }
 
+/* Four vectors of eight int32 partial sums, s0..s3, folded into one whose
+ * 128-bit lanes both read (s0, s1, s2, s3): the low lane sums lanes 0-3 of
+ * each, the high lane lanes 4-7; adding the two lanes finishes the sums.
+ * Unpacks and adds rather than phaddd, which costs three uops on x86. */
+static __m256i quant_avx2_fold4(__m256i s0, __m256i s1, __m256i s2, __m256i s3) {
+    __m256i t01 = _mm256_add_epi32(_mm256_unpacklo_epi32(s0, s1), _mm256_unpackhi_epi32(s0, s1));
+    __m256i t23 = _mm256_add_epi32(_mm256_unpacklo_epi32(s2, s3), _mm256_unpackhi_epi32(s2, s3));
+    return _mm256_add_epi32(_mm256_unpacklo_epi64(t01, t23), _mm256_unpackhi_epi64(t01, t23));
+}
+
+/* The eight sums of two folds f0 (sums 0-3) and f1 (sums 4-7), in order. */
+static __m256i quant_avx2_fold8(__m256i f0, __m256i f1) {
+    return _mm256_add_epi32(_mm256_permute2x128_si256(f0, f1, 0x20),
+                            _mm256_permute2x128_si256(f0, f1, 0x31));
+}
+
 /* Q8_0: both sides signed. |w| is unsigned, and w's sign moves onto q. */
 static __m256 quant_avx2_q8_block_q8_0(const struct block_q8_0 *w, const struct act_q8 *a,
                                         int64_t b, __m256 acc) {
@@ -2202,11 +2218,10 @@ static inline __m256i quant_avx2_q2_k_half(const struct block_q2_k *w, int h, __
                                            const int8_t *xq) {
     __m256i bits = quant_avx2_load_i8(w->qs + 32 * h);
     const int8_t *x = xq + 128 * h;
-    __m256i s01 = _mm256_hadd_epi32(quant_avx2_q2_k_part(bits, 0, sc, 8 * h, x),
-                                    quant_avx2_q2_k_part(bits, 1, sc, 8 * h + 2, x + 32));
-    __m256i s23 = _mm256_hadd_epi32(quant_avx2_q2_k_part(bits, 2, sc, 8 * h + 4, x + 64),
-                                    quant_avx2_q2_k_part(bits, 3, sc, 8 * h + 6, x + 96));
-    return _mm256_hadd_epi32(s01, s23);
+    return quant_avx2_fold4(quant_avx2_q2_k_part(bits, 0, sc, 8 * h, x),
+                            quant_avx2_q2_k_part(bits, 1, sc, 8 * h + 2, x + 32),
+                            quant_avx2_q2_k_part(bits, 2, sc, 8 * h + 4, x + 64),
+                            quant_avx2_q2_k_part(bits, 3, sc, 8 * h + 6, x + 96));
 }
 
 /* Per block: the eight activation blocks' integer sums in one vector,
@@ -2219,9 +2234,8 @@ static float quant_avx2_q8_dot_q2_k(const struct block_q2_k *w, const struct act
         __m256i sc = _mm256_and_si256(
             _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)w->scales)),
             _mm256_set1_epi8(15));
-        __m256i f0 = quant_avx2_q2_k_half(w, 0, sc, xq), f1 = quant_avx2_q2_k_half(w, 1, sc, xq);
-        __m256i sums = _mm256_add_epi32(_mm256_permute2x128_si256(f0, f1, 0x20),
-                                        _mm256_permute2x128_si256(f0, f1, 0x31));
+        __m256i sums = quant_avx2_fold8(quant_avx2_q2_k_half(w, 0, sc, xq),
+                                        quant_avx2_q2_k_half(w, 1, sc, xq));
         __m256 dx = _mm256_mul_ps(_mm256_loadu_ps(a->d + 8 * i),
                                   _mm256_set1_ps(quant_avx2_half(w->d)));
         acc = _mm256_fmadd_ps(dx, _mm256_cvtepi32_ps(sums), acc);
@@ -2315,20 +2329,33 @@ static inline __m256i quant_avx2_iq2_neg_mask(__m256i half, int g) {
     return _mm256_cmpeq_epi8(_mm256_and_si256(bytes, bit), bit);
 }
 
-/* Group g's eight int32 partial sums, grid magnitudes times signed x, as
- * floats times sc[g] (lane g of sc) added to acc. */
-static inline __m256 quant_avx2_iq2_group(const struct block_iq2_xxs *w, int g, const int8_t *xq,
-                                          __m256i half, __m256 sc, __m256 acc) {
+/* Two 8-byte loads into one register (movq, then movhps: a load and a
+ * merge, no shuffle). */
+static inline __m128i quant_avx2_two_u64(const uint64_t *lo, const uint64_t *hi) {
+    __m128 v = _mm_castsi128_ps(_mm_loadl_epi64((const __m128i *)lo));
+    return _mm_castps_si128(_mm_loadh_pi(v, (const __m64 *)hi));
+}
+
+/* Group g's eight int32 partial sums: grid magnitudes times signed x. */
+static inline __m256i quant_avx2_iq2_group(const struct block_iq2_xxs *w, int g,
+                                           const int8_t *xq, __m256i half) {
     const uint8_t *idx = (const uint8_t *)&w->qs[4 * g];
-    __m256i grid = _mm256_set_epi64x((long long)quant_iq2_xxs_grid[idx[3]],
-                                     (long long)quant_iq2_xxs_grid[idx[2]],
-                                     (long long)quant_iq2_xxs_grid[idx[1]],
-                                     (long long)quant_iq2_xxs_grid[idx[0]]);
+    __m256i grid = _mm256_setr_m128i(quant_avx2_two_u64(&quant_iq2_xxs_grid[idx[0]],
+                                                        &quant_iq2_xxs_grid[idx[1]]),
+                                     quant_avx2_two_u64(&quant_iq2_xxs_grid[idx[2]],
+                                                        &quant_iq2_xxs_grid[idx[3]]));
     __m256i neg = quant_avx2_iq2_neg_mask(half, g);
     __m256i x8 = _mm256_sub_epi8(_mm256_xor_si256(quant_avx2_load_i8(xq + 32 * g), neg), neg);
-    __m256i isum = _mm256_madd_epi16(_mm256_maddubs_epi16(grid, x8), _mm256_set1_epi16(1));
-    __m256 scale = _mm256_permutevar8x32_ps(sc, _mm256_set1_epi32(g));
-    return _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(isum), acc);
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(grid, x8), _mm256_set1_epi16(1));
+}
+
+/* Four groups' partial sums, folded (quant_avx2_fold4). */
+static inline __m256i quant_avx2_iq2_four(const struct block_iq2_xxs *w, int g,
+                                          const int8_t *xq, __m256i half) {
+    return quant_avx2_fold4(quant_avx2_iq2_group(w, g, xq, half),
+                            quant_avx2_iq2_group(w, g + 1, xq, half),
+                            quant_avx2_iq2_group(w, g + 2, xq, half),
+                            quant_avx2_iq2_group(w, g + 3, xq, half));
 }
 
 /* sc[g] for the eight groups of block w. */
@@ -2340,25 +2367,21 @@ static inline __m256 quant_avx2_iq2_scales(const struct block_iq2_xxs *w, __m256
                          _mm256_set1_ps(quant_avx2_half(w->d) * 0.125f));
 }
 
+/* Per block: the eight group sums (two folds, then the halves of each
+ * added), converted once and multiplied by sc. */
 static float quant_avx2_q8_dot_iq2_xxs(const struct block_iq2_xxs *w, const struct act_q8 *a) {
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    __m256 acc = _mm256_setzero_ps();
     for (int64_t i = 0; i < a->n / 256; i++, w++) {
         const int8_t *xq = a->q + 256 * i;
         __m256i A = quant_avx2_iq2_sign_words(w);
         __m256i S = quant_avx2_iq2_sign_bytes(A);
         __m256 sc = quant_avx2_iq2_scales(w, A, a->d + 8 * i);
-        __m256i first = _mm256_permute2x128_si256(S, S, 0x00);
-        __m256i second = _mm256_permute2x128_si256(S, S, 0x11);
-        acc0 = quant_avx2_iq2_group(w, 0, xq, first, sc, acc0);
-        acc1 = quant_avx2_iq2_group(w, 1, xq, first, sc, acc1);
-        acc0 = quant_avx2_iq2_group(w, 2, xq, first, sc, acc0);
-        acc1 = quant_avx2_iq2_group(w, 3, xq, first, sc, acc1);
-        acc0 = quant_avx2_iq2_group(w, 4, xq, second, sc, acc0);
-        acc1 = quant_avx2_iq2_group(w, 5, xq, second, sc, acc1);
-        acc0 = quant_avx2_iq2_group(w, 6, xq, second, sc, acc0);
-        acc1 = quant_avx2_iq2_group(w, 7, xq, second, sc, acc1);
+        __m256i f0 = quant_avx2_iq2_four(w, 0, xq, _mm256_permute2x128_si256(S, S, 0x00));
+        __m256i f1 = quant_avx2_iq2_four(w, 4, xq, _mm256_permute2x128_si256(S, S, 0x11));
+        __m256i sums = quant_avx2_fold8(f0, f1);
+        acc = _mm256_fmadd_ps(sc, _mm256_cvtepi32_ps(sums), acc);
     }
-    return quant_avx2_hsum(_mm256_add_ps(acc0, acc1));
+    return quant_avx2_hsum(acc);
 }
 
 static float quant_fast_vec_dot_q8(uint32_t type, const void *w, const struct act_q8 *a) {
