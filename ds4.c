@@ -2304,15 +2304,14 @@ static __m256i quant_avx2_iq2_sign_bytes(__m256i A) {
         _mm256_or_si256(_mm256_and_si256(_mm256_slli_epi32(A, 2), _mm256_set1_epi32(0x7f0000)),
                         _mm256_and_si256(_mm256_slli_epi32(A, 3),
                                          _mm256_set1_epi32(0x7f000000))));
-    /* parity(n) << 7 for n = 0..15, looked up for both nibbles of each byte */
+    /* a byte's parity is its two nibbles' xor's parity: parity(n) << 7 for
+     * n = 0..15, looked up once */
     const __m256i odd = _mm256_setr_epi8(
         0, -128, -128, 0, -128, 0, 0, -128, -128, 0, 0, -128, 0, -128, -128, 0,
         0, -128, -128, 0, -128, 0, 0, -128, -128, 0, 0, -128, 0, -128, -128, 0);
-    __m256i nib = _mm256_set1_epi8(15);
-    __m256i p = _mm256_xor_si256(
-        _mm256_shuffle_epi8(odd, _mm256_and_si256(s, nib)),
-        _mm256_shuffle_epi8(odd, _mm256_and_si256(_mm256_srli_epi16(s, 4), nib)));
-    return _mm256_or_si256(s, p);
+    __m256i nibbles = _mm256_and_si256(_mm256_xor_si256(s, _mm256_srli_epi16(s, 4)),
+                                       _mm256_set1_epi8(15));
+    return _mm256_or_si256(s, _mm256_shuffle_epi8(odd, nibbles));
 }
 
 /* -1 in lane 8t+j where value j of piece t of group g is negative. `half`
