@@ -366,11 +366,30 @@ static bool parse_float(const char *s, double lo, double hi, double *out) {
  *
  * The spin costs CPU time while the machine is idle between tokens, at most
  * one spin period per worker per pause, which is why it is short.
+ *
+ * WHY SMALL JOBS STAY ON ONE THREAD
+ *
+ * Handing out a job is not free even when nobody sleeps: the job's cache
+ * lines travel to the worker and back, the worker's share of the rows must
+ * travel to its cache, and the caller waits for the slowest joiner, who may
+ * have lost its core to another process. Measured on the tiny model (2
+ * cores), a product of a 12 KB matrix took 3 us on one thread and 14 us on
+ * two; only from about 128 KB of weights did two threads win. So a job may
+ * say how many threads are worth its work: parallel_for_threads() takes that
+ * count, and pool_threads_for_bytes() derives it from the bytes the job
+ * reads, one thread per POOL_BYTES_PER_THREAD. Workers past the count do not
+ * join (a late one that reads the next job's count instead is harmless: its
+ * claims carry the old job's number and fail). A worker that has gone to
+ * sleep costs a wake-up on top (a system call, then tens of microseconds
+ * or, on a busy machine, a whole time slice), so a job under POOL_WAKE_BYTES
+ * uses only workers that are still spinning: when all sleep, it runs on the
+ * caller. Small models then run their products on one thread while a large
+ * model's split as before.
  * ------------------------------------------------------------------------- */
 
 typedef void (*task_fn)(void *ctx, int64_t item, int worker);
 
-enum { POOL_SPIN_ROUNDS = 2000 };
+enum { POOL_SPIN_ROUNDS = 2000, POOL_BYTES_PER_THREAD = 96 << 10, POOL_WAKE_BYTES = 2 << 20 };
 
 struct thread_pool {
     int n_threads;                 /* including the calling thread */
@@ -381,6 +400,7 @@ struct thread_pool {
     uint64_t cursor;               /* atomic; job number << 32 | next item */
     int busy_workers;              /* atomic; workers that joined the job */
     int sleepers;                  /* atomic; workers asleep on work_ready */
+    int job_threads;               /* atomic; threads the job may use, caller included */
     bool quit;                     /* atomic */
     /* The job being run. */
     task_fn fn;
@@ -446,6 +466,7 @@ static void *pool_worker_main(void *arg) {
         pool_wait_for_job(pool, seen);
         if (__atomic_load_n(&pool->quit, __ATOMIC_ACQUIRE)) break;
         seen = __atomic_load_n(&pool->generation, __ATOMIC_ACQUIRE);
+        if (wa->index >= __atomic_load_n(&pool->job_threads, __ATOMIC_ACQUIRE)) continue;
         __atomic_fetch_add(&pool->busy_workers, 1, __ATOMIC_SEQ_CST);
         pool_run_items(pool, wa->index, (uint32_t)seen);
         __atomic_fetch_sub(&pool->busy_workers, 1, __ATOMIC_RELEASE);
@@ -503,17 +524,32 @@ static void pool_wait_for_workers(struct thread_pool *pool) {
     }
 }
 
-static void parallel_for(struct thread_pool *pool, int64_t n_items, task_fn fn, void *ctx) {
+/* The threads worth a job that reads `bytes` (1 .. n_threads). The count
+ * of sleepers is read without the lock: it is only a hint. */
+static int pool_threads_for_bytes(struct thread_pool *pool, double bytes) {
+    double n = bytes / POOL_BYTES_PER_THREAD;
+    if (n < 2) return 1;
+    if (bytes < POOL_WAKE_BYTES &&
+        __atomic_load_n(&pool->sleepers, __ATOMIC_RELAXED) >= pool->n_threads - 1)
+        return 1;
+    return n >= pool->n_threads ? pool->n_threads : (int)n;
+}
+
+/* parallel_for() on at most `threads` threads (the caller one of them). */
+static void parallel_for_threads(struct thread_pool *pool, int64_t n_items, task_fn fn, void *ctx,
+                                 int threads) {
     if (n_items <= 0) return;
-    if (pool->n_threads == 1 || n_items == 1 || n_items >= INT32_MAX) {
+    if (threads > pool->n_threads) threads = pool->n_threads;
+    if (threads <= 1 || n_items == 1 || n_items >= INT32_MAX) {
         for (int64_t i = 0; i < n_items; i++) fn(ctx, i, 0);
         return;
     }
     uint32_t job = (uint32_t)(__atomic_load_n(&pool->generation, __ATOMIC_RELAXED) + 1);
     __atomic_store_n(&pool->cursor, pool_cursor(job, UINT32_MAX), __ATOMIC_SEQ_CST);
     /* Batches of ~1/8 of a fair share keep the counter cold and the tail short. */
-    int64_t batch = n_items / ((int64_t)pool->n_threads * 8);
+    int64_t batch = n_items / ((int64_t)threads * 8);
     pool->batch = batch < 1 ? 1 : batch;
+    __atomic_store_n(&pool->job_threads, threads, __ATOMIC_RELAXED);
     pool->fn = fn;
     pool->ctx = ctx;
     pool->n_items = n_items;
@@ -524,6 +560,10 @@ static void parallel_for(struct thread_pool *pool, int64_t n_items, task_fn fn, 
     pool_run_items(pool, 0, job);
 
     pool_wait_for_workers(pool);
+}
+
+static void parallel_for(struct thread_pool *pool, int64_t n_items, task_fn fn, void *ctx) {
+    parallel_for_threads(pool, n_items, fn, ctx, pool->n_threads);
 }
 
 static int default_thread_count(void) {
@@ -3402,7 +3442,10 @@ static void matmul_strided(struct engine *eng, float *y, int64_t y_stride, const
     if (eng->opt.q8_activations && !eng->opt.reference_kernels && quant_has_q8_dot(w->type))
         matmul_prepare_q8(eng, &j);
     int64_t tok_items = (n_tok + j.tok_per_item - 1) / j.tok_per_item;
-    parallel_for(&eng->pool, j.row_items * tok_items, matmul_rows, &j);
+    /* every token reads the whole matrix (from cache after the first) */
+    double bytes = (double)w->out * (double)type_row_bytes(w->type, w->in) * n_tok;
+    parallel_for_threads(&eng->pool, j.row_items * tok_items, matmul_rows, &j,
+                         pool_threads_for_bytes(&eng->pool, bytes));
 }
 
 static void matmul(struct engine *eng, float *y, const struct matrix *w, const float *x,
@@ -4289,7 +4332,10 @@ static void attend_chunk(struct step *st) {
         if (n > most_comp) most_comp = n;
     }
     engine_reserve_attn_scratch(st->eng, c->window + most_comp);
-    parallel_for(&st->eng->pool, (int64_t)T * c->n_heads, attend_one, st);
+    /* each head reads its keys twice (logits, then the weighted sum) */
+    double bytes = 2.0 * T * c->n_heads * (double)(c->window + most_comp) * c->head_dim * 4;
+    parallel_for_threads(&st->eng->pool, (int64_t)T * c->n_heads, attend_one, st,
+                         pool_threads_for_bytes(&st->eng->pool, bytes));
 
     /* Only now may the chunk's rows enter the ring. */
     for (int t = T > c->window ? T - c->window : 0; t < T; t++)
