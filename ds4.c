@@ -1466,11 +1466,6 @@ static _Alignas(32) float quant_iq2_grid_f32[256][8];
 static _Alignas(32) uint32_t quant_iq2_sign_bits[128][8];
 static bool quant_tables_ready;
 
-/* For the integer kernels of 3.9 the signs are bytes instead: byte j of
- * quant_iq2_sign_bytes[s] is -1 (0xff) if value j is negative, else +1, the
- * form a "multiply by the sign of" instruction (psignb) takes. 1 KB. */
-static uint64_t quant_iq2_sign_bytes[128];
-
 static void quant_tables_init(void) {
     for (int g = 0; g < 256; g++)
         for (int j = 0; j < 8; j++)
@@ -1479,9 +1474,6 @@ static void quant_tables_init(void) {
         int signs = quant_iq2_signs(s);
         for (int j = 0; j < 8; j++)
             quant_iq2_sign_bits[s][j] = (signs >> j) & 1 ? 0x80000000u : 0;
-        quant_iq2_sign_bytes[s] = 0;
-        for (int j = 0; j < 8; j++)
-            quant_iq2_sign_bytes[s] |= (uint64_t)((signs >> j) & 1 ? 0xff : 0x01) << (8 * j);
     }
     quant_tables_ready = true;
 }
@@ -2320,14 +2312,23 @@ static float quant_avx2_q8_dot_q4_k(const struct block_q4_k *w, const struct act
  *   S[g][t]  = ((A[g] >> 7t) & 127) | parity << 7                [8][4] bytes
  *   sc[g]    = d/8 (2 (A[g] >> 28) + 1) dx[g]                     [8] float
  *
- * The sign bytes (3.4) come from shifts, ands and two 16-entry parity
- * lookups by pshufb, no table load per piece; the scales are one float
+ * The sign bytes (3.4) come from shifts, ands and one 16-entry parity
+ * lookup by pshufb, no table load per piece; the scales are one float
  * vector. What is left per group is four 8-byte loads of grid magnitudes,
  * one shuffle that spreads its four sign bytes over 32 lanes, a compare that
  * turns them into byte masks (-1 where negative), and the two multiply-adds:
  *
  *   sum_g  sc[g] sum_{i<32} grid[i] ((x[i] ^ neg[i]) - neg[i])
- */
+ *
+ * The eight groups' int32 sums are folded into one vector (fold4, fold8),
+ * converted and scaled once per block.
+ *
+ * WHERE THE TIME GOES. About 13 vector instructions per group of 32 and 50
+ * per block remain, some 6 cycles per group on a Zen 3 core: about 3x the
+ * float kernel, whose grid of floats (3.4) already spares it any decoding.
+ * Tried and no faster there: a hardware gather of the four grid entries,
+ * broadcasts and blends instead of movq/movhps and an insert, phaddd for
+ * the fold, per-group float scaling by a lane permute. */
 static __m256i quant_avx2_iq2_sign_words(const struct block_iq2_xxs *w) {
     __m256 lo = _mm256_castsi256_ps(quant_avx2_load_i8(&w->qs[0]));
     __m256 hi = _mm256_castsi256_ps(quant_avx2_load_i8(&w->qs[16]));
