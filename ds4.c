@@ -2339,12 +2339,12 @@ static __m256i quant_avx2_iq2_sign_words(const struct block_iq2_xxs *w) {
 
 /* S[g][t] as byte t of dword g. */
 static __m256i quant_avx2_iq2_sign_bytes(__m256i A) {
-    __m256i s = _mm256_or_si256(
-        _mm256_or_si256(_mm256_and_si256(A, _mm256_set1_epi32(0x7f)),
-                        _mm256_and_si256(_mm256_slli_epi32(A, 1), _mm256_set1_epi32(0x7f00))),
-        _mm256_or_si256(_mm256_and_si256(_mm256_slli_epi32(A, 2), _mm256_set1_epi32(0x7f0000)),
-                        _mm256_and_si256(_mm256_slli_epi32(A, 3),
-                                         _mm256_set1_epi32(0x7f000000))));
+    /* byte t wants A << t (its 7 bits then sit at 8t..8t+6): bytes 2 and 3
+     * take A << 2, then bytes 1 and 3 one shift more; the eighth bits go */
+    __m256i hi2 = _mm256_set1_epi32((int)0xffff0000u), odd1 = _mm256_set1_epi32((int)0xff00ff00u);
+    __m256i u = _mm256_blendv_epi8(A, _mm256_slli_epi32(A, 2), hi2);
+    __m256i s = _mm256_and_si256(_mm256_blendv_epi8(u, _mm256_slli_epi32(u, 1), odd1),
+                                 _mm256_set1_epi8(0x7f));
     /* a byte's parity is its two nibbles' xor's parity: parity(n) << 7 for
      * n = 0..15, looked up once */
     const __m256i odd = _mm256_setr_epi8(
@@ -2401,8 +2401,8 @@ static inline __m256i quant_avx2_iq2_four(const struct block_iq2_xxs *w, int g,
 /* sc[g] for the eight groups of block w. */
 static inline __m256 quant_avx2_iq2_scales(const struct block_iq2_xxs *w, __m256i A,
                                            const float *dx) {
-    __m256i ls2 = _mm256_add_epi32(_mm256_slli_epi32(_mm256_srli_epi32(A, 28), 1),
-                                   _mm256_set1_epi32(1));
+    /* 2 ls + 1 = (A >> 27) | 1: the sign bit below ls is overwritten */
+    __m256i ls2 = _mm256_or_si256(_mm256_srli_epi32(A, 27), _mm256_set1_epi32(1));
     return _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(ls2), _mm256_loadu_ps(dx)),
                          _mm256_set1_ps(quant_avx2_half(w->d) * 0.125f));
 }
