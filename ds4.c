@@ -366,11 +366,30 @@ static bool parse_float(const char *s, double lo, double hi, double *out) {
  *
  * The spin costs CPU time while the machine is idle between tokens, at most
  * one spin period per worker per pause, which is why it is short.
+ *
+ * WHY SMALL JOBS STAY ON ONE THREAD
+ *
+ * Handing out a job is not free even when nobody sleeps: the job's cache
+ * lines travel to the worker and back, the worker's share of the rows must
+ * travel to its cache, and the caller waits for the slowest joiner, who may
+ * have lost its core to another process. Measured on the tiny model (2
+ * cores), a product of a 12 KB matrix took 3 us on one thread and 14 us on
+ * two; only from about 128 KB of weights did two threads win. So a job may
+ * say how many threads are worth its work: parallel_for_threads() takes that
+ * count, and pool_threads_for_bytes() derives it from the bytes the job
+ * reads, one thread per POOL_BYTES_PER_THREAD. Workers past the count do not
+ * join (a late one that reads the next job's count instead is harmless: its
+ * claims carry the old job's number and fail). A worker that has gone to
+ * sleep costs a wake-up on top (a system call, then tens of microseconds
+ * or, on a busy machine, a whole time slice), so a job under POOL_WAKE_BYTES
+ * uses only workers that are still spinning: when all sleep, it runs on the
+ * caller. Small models then run their products on one thread while a large
+ * model's split as before.
  * ------------------------------------------------------------------------- */
 
 typedef void (*task_fn)(void *ctx, int64_t item, int worker);
 
-enum { POOL_SPIN_ROUNDS = 2000 };
+enum { POOL_SPIN_ROUNDS = 2000, POOL_BYTES_PER_THREAD = 96 << 10, POOL_WAKE_BYTES = 2 << 20 };
 
 struct thread_pool {
     int n_threads;                 /* including the calling thread */
@@ -381,6 +400,7 @@ struct thread_pool {
     uint64_t cursor;               /* atomic; job number << 32 | next item */
     int busy_workers;              /* atomic; workers that joined the job */
     int sleepers;                  /* atomic; workers asleep on work_ready */
+    int job_threads;               /* atomic; threads the job may use, caller included */
     bool quit;                     /* atomic */
     /* The job being run. */
     task_fn fn;
@@ -446,6 +466,7 @@ static void *pool_worker_main(void *arg) {
         pool_wait_for_job(pool, seen);
         if (__atomic_load_n(&pool->quit, __ATOMIC_ACQUIRE)) break;
         seen = __atomic_load_n(&pool->generation, __ATOMIC_ACQUIRE);
+        if (wa->index >= __atomic_load_n(&pool->job_threads, __ATOMIC_ACQUIRE)) continue;
         __atomic_fetch_add(&pool->busy_workers, 1, __ATOMIC_SEQ_CST);
         pool_run_items(pool, wa->index, (uint32_t)seen);
         __atomic_fetch_sub(&pool->busy_workers, 1, __ATOMIC_RELEASE);
@@ -503,17 +524,32 @@ static void pool_wait_for_workers(struct thread_pool *pool) {
     }
 }
 
-static void parallel_for(struct thread_pool *pool, int64_t n_items, task_fn fn, void *ctx) {
+/* The threads worth a job that reads `bytes` (1 .. n_threads). The count
+ * of sleepers is read without the lock: it is only a hint. */
+static int pool_threads_for_bytes(struct thread_pool *pool, double bytes) {
+    double n = bytes / POOL_BYTES_PER_THREAD;
+    if (n < 2) return 1;
+    if (bytes < POOL_WAKE_BYTES &&
+        __atomic_load_n(&pool->sleepers, __ATOMIC_RELAXED) >= pool->n_threads - 1)
+        return 1;
+    return n >= pool->n_threads ? pool->n_threads : (int)n;
+}
+
+/* parallel_for() on at most `threads` threads (the caller one of them). */
+static void parallel_for_threads(struct thread_pool *pool, int64_t n_items, task_fn fn, void *ctx,
+                                 int threads) {
     if (n_items <= 0) return;
-    if (pool->n_threads == 1 || n_items == 1 || n_items >= INT32_MAX) {
+    if (threads > pool->n_threads) threads = pool->n_threads;
+    if (threads <= 1 || n_items == 1 || n_items >= INT32_MAX) {
         for (int64_t i = 0; i < n_items; i++) fn(ctx, i, 0);
         return;
     }
     uint32_t job = (uint32_t)(__atomic_load_n(&pool->generation, __ATOMIC_RELAXED) + 1);
     __atomic_store_n(&pool->cursor, pool_cursor(job, UINT32_MAX), __ATOMIC_SEQ_CST);
     /* Batches of ~1/8 of a fair share keep the counter cold and the tail short. */
-    int64_t batch = n_items / ((int64_t)pool->n_threads * 8);
+    int64_t batch = n_items / ((int64_t)threads * 8);
     pool->batch = batch < 1 ? 1 : batch;
+    __atomic_store_n(&pool->job_threads, threads, __ATOMIC_RELAXED);
     pool->fn = fn;
     pool->ctx = ctx;
     pool->n_items = n_items;
@@ -524,6 +560,10 @@ static void parallel_for(struct thread_pool *pool, int64_t n_items, task_fn fn, 
     pool_run_items(pool, 0, job);
 
     pool_wait_for_workers(pool);
+}
+
+static void parallel_for(struct thread_pool *pool, int64_t n_items, task_fn fn, void *ctx) {
+    parallel_for_threads(pool, n_items, fn, ctx, pool->n_threads);
 }
 
 static int default_thread_count(void) {
@@ -1426,11 +1466,6 @@ static _Alignas(32) float quant_iq2_grid_f32[256][8];
 static _Alignas(32) uint32_t quant_iq2_sign_bits[128][8];
 static bool quant_tables_ready;
 
-/* For the integer kernels of 3.9 the signs are bytes instead: byte j of
- * quant_iq2_sign_bytes[s] is -1 (0xff) if value j is negative, else +1, the
- * form a "multiply by the sign of" instruction (psignb) takes. 1 KB. */
-static uint64_t quant_iq2_sign_bytes[128];
-
 static void quant_tables_init(void) {
     for (int g = 0; g < 256; g++)
         for (int j = 0; j < 8; j++)
@@ -1439,9 +1474,6 @@ static void quant_tables_init(void) {
         int signs = quant_iq2_signs(s);
         for (int j = 0; j < 8; j++)
             quant_iq2_sign_bits[s][j] = (signs >> j) & 1 ? 0x80000000u : 0;
-        quant_iq2_sign_bytes[s] = 0;
-        for (int j = 0; j < 8; j++)
-            quant_iq2_sign_bytes[s] |= (uint64_t)((signs >> j) & 1 ? 0xff : 0x01) << (8 * j);
     }
     quant_tables_ready = true;
 }
@@ -2145,6 +2177,22 @@ static __m256 quant_avx2_scaled(__m256 acc, float scale, __m256i isum) {
     return _mm256_fmadd_ps(_mm256_set1_ps(scale), _mm256_cvtepi32_ps(isum), acc);
 }
 
+/* Four vectors of eight int32 partial sums, s0..s3, folded into one whose
+ * 128-bit lanes both read (s0, s1, s2, s3): the low lane sums lanes 0-3 of
+ * each, the high lane lanes 4-7; adding the two lanes finishes the sums.
+ * Unpacks and adds rather than phaddd, which costs three uops on x86. */
+static __m256i quant_avx2_fold4(__m256i s0, __m256i s1, __m256i s2, __m256i s3) {
+    __m256i t01 = _mm256_add_epi32(_mm256_unpacklo_epi32(s0, s1), _mm256_unpackhi_epi32(s0, s1));
+    __m256i t23 = _mm256_add_epi32(_mm256_unpacklo_epi32(s2, s3), _mm256_unpackhi_epi32(s2, s3));
+    return _mm256_add_epi32(_mm256_unpacklo_epi64(t01, t23), _mm256_unpackhi_epi64(t01, t23));
+}
+
+/* The eight sums of two folds f0 (sums 0-3) and f1 (sums 4-7), in order. */
+static __m256i quant_avx2_fold8(__m256i f0, __m256i f1) {
+    return _mm256_add_epi32(_mm256_permute2x128_si256(f0, f1, 0x20),
+                            _mm256_permute2x128_si256(f0, f1, 0x31));
+}
+
 /* Q8_0: both sides signed. |w| is unsigned, and w's sign moves onto q. */
 static __m256 quant_avx2_q8_block_q8_0(const struct block_q8_0 *w, const struct act_q8 *a,
                                         int64_t b, __m256 acc) {
@@ -2170,10 +2218,6 @@ static float quant_avx2_q8_dot_q8_0(const struct block_q8_0 *w, const struct act
 /* Q2_K: shift j of the 32 bytes of half h is one activation block, whose low
  * 16 lanes are sub-block 8h+2j and high 16 lanes sub-block 8h+2j+1; a
  * factor register with each sub-block's scale in its half applies both. */
-static __m256i quant_avx2_two_scales(int lo, int hi) {
-    return _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_set1_epi16((short)lo)),
-                                   _mm_set1_epi16((short)hi), 1);
-}
 
 /* dmin * sum_k m[k] s[k] of one Q2_K block, 16 mins at a time. */
 static __m256 quant_avx2_q2_k_mins(const struct block_q2_k *w, const float *s16, __m256 acc) {
@@ -2186,29 +2230,49 @@ static __m256 quant_avx2_q2_k_mins(const struct block_q2_k *w, const float *s16,
     return _mm256_fmadd_ps(_mm256_set1_ps(quant_avx2_half(w->dmin)), ms, acc);
 }
 
+/* Eight int32 partial sums of activation block 4h + j: the 2-bit values at
+ * shift 2j of the 32 bytes `bits`, times x, times the sub-block scales. The
+ * scale bytes of the block sit in both 128-bit lanes of `sc`; one in-lane
+ * byte shuffle puts sc[k] (k = 8h + 2j) in the low lane's 16-bit factors and
+ * sc[k + 1] in the high lane's, with zero high bytes. */
+static inline __m256i quant_avx2_q2_k_part(__m256i bits, int j, __m256i sc, int k,
+                                           const int8_t *x8) {
+    char lo = (char)k, hi = (char)(k + 1), z = (char)0x80;
+    __m256i pick = _mm256_setr_epi8(lo, z, lo, z, lo, z, lo, z, lo, z, lo, z, lo, z, lo, z,
+                                    hi, z, hi, z, hi, z, hi, z, hi, z, hi, z, hi, z, hi, z);
+    __m256i q = _mm256_and_si256(_mm256_srli_epi16(bits, 2 * j), _mm256_set1_epi8(3));
+    return quant_avx2_madd_u8s8(q, quant_avx2_load_i8(x8), _mm256_shuffle_epi8(sc, pick));
+}
+
+/* Half h (128 values, four activation blocks) of a Q2_K block, folded as in
+ * IQ2_XXS: lanes (j0, j1, j2, j3 | j0, j1, j2, j3) of partial sums. */
+static inline __m256i quant_avx2_q2_k_half(const struct block_q2_k *w, int h, __m256i sc,
+                                           const int8_t *xq) {
+    __m256i bits = quant_avx2_load_i8(w->qs + 32 * h);
+    const int8_t *x = xq + 128 * h;
+    return quant_avx2_fold4(quant_avx2_q2_k_part(bits, 0, sc, 8 * h, x),
+                            quant_avx2_q2_k_part(bits, 1, sc, 8 * h + 2, x + 32),
+                            quant_avx2_q2_k_part(bits, 2, sc, 8 * h + 4, x + 64),
+                            quant_avx2_q2_k_part(bits, 3, sc, 8 * h + 6, x + 96));
+}
+
+/* Per block: the eight activation blocks' integer sums in one vector,
+ * converted once, times d dx[b]; the mins as before. */
 static float quant_avx2_q8_dot_q2_k(const struct block_q2_k *w, const struct act_q8 *a) {
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps(), mins = _mm256_setzero_ps();
-    __m256i mask = _mm256_set1_epi8(3);
+    __m256 acc = _mm256_setzero_ps(), mins = _mm256_setzero_ps();
     for (int64_t i = 0; i < a->n / 256; i++, w++) {
         const int8_t *xq = a->q + 256 * i;
-        const float *dx = a->d + 8 * i;
-        float d = quant_avx2_half(w->d);
         mins = quant_avx2_q2_k_mins(w, a->sum16 + 16 * i, mins);
-        for (int h = 0; h < 2; h++) {
-            __m256i bits = quant_avx2_load_i8(w->qs + 32 * h);
-            for (int j = 0; j < 4; j++) {
-                int k = 8 * h + 2 * j;
-                __m256i shifted = _mm256_srl_epi16(bits, _mm_cvtsi32_si128(2 * j));
-                __m256i q = _mm256_and_si256(shifted, mask);
-                __m256i f = quant_avx2_two_scales(w->scales[k] & 15, w->scales[k + 1] & 15);
-                __m256i x8 = quant_avx2_load_i8(xq + 128 * h + 32 * j);
-                __m256i isum = quant_avx2_madd_u8s8(q, x8, f);
-                if (j & 1) acc1 = quant_avx2_scaled(acc1, d * dx[4 * h + j], isum);
-                else acc0 = quant_avx2_scaled(acc0, d * dx[4 * h + j], isum);
-            }
-        }
+        __m256i sc = _mm256_and_si256(
+            _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)w->scales)),
+            _mm256_set1_epi8(15));
+        __m256i sums = quant_avx2_fold8(quant_avx2_q2_k_half(w, 0, sc, xq),
+                                        quant_avx2_q2_k_half(w, 1, sc, xq));
+        __m256 dx = _mm256_mul_ps(_mm256_loadu_ps(a->d + 8 * i),
+                                  _mm256_set1_ps(quant_avx2_half(w->d)));
+        acc = _mm256_fmadd_ps(dx, _mm256_cvtepi32_ps(sums), acc);
     }
-    return quant_avx2_hsum(_mm256_add_ps(acc0, acc1)) - quant_avx2_hsum(mins);
+    return quant_avx2_hsum(acc) - quant_avx2_hsum(mins);
 }
 
 /* Q4_K: the low nibbles of chunk c are sub-block 2c, the high ones 2c+1,
@@ -2241,45 +2305,123 @@ static float quant_avx2_q8_dot_q4_k(const struct block_q4_k *w, const struct act
     return quant_avx2_hsum(_mm256_add_ps(acc[0], acc[1])) - mins;
 }
 
-/* IQ2_XXS: four 8-byte table loads give a group's 32 grid magnitudes, four
- * more its 32 signs (3.4); the signs go onto the activations (psignb), the
- * magnitudes are the unsigned operand, and the group scale 2 ls + 1 is the
- * 16-bit factor. No value is touched one at a time. */
-static __m256i quant_avx2_iq2_grid(uint32_t a0) {
-    return _mm256_set_epi64x((long long)quant_iq2_xxs_grid[a0 >> 24],
-                             (long long)quant_iq2_xxs_grid[(a0 >> 16) & 255],
-                             (long long)quant_iq2_xxs_grid[(a0 >> 8) & 255],
-                             (long long)quant_iq2_xxs_grid[a0 & 255]);
+/* IQ2_XXS: the eight groups of a block are done together, so that the work
+ * which is not a product happens once per block and in vector registers:
+ *
+ *   A[g]     = sign word a1 of group g                           [8] uint32
+ *   S[g][t]  = ((A[g] >> 7t) & 127) | parity << 7                [8][4] bytes
+ *   sc[g]    = d/8 (2 (A[g] >> 28) + 1) dx[g]                     [8] float
+ *
+ * The sign bytes (3.4) come from shifts, ands and one 16-entry parity
+ * lookup by pshufb, no table load per piece; the scales are one float
+ * vector. What is left per group is four 8-byte loads of grid magnitudes,
+ * one shuffle that spreads its four sign bytes over 32 lanes, a compare that
+ * turns them into byte masks (-1 where negative), and the two multiply-adds:
+ *
+ *   sum_g  sc[g] sum_{i<32} grid[i] ((x[i] ^ neg[i]) - neg[i])
+ *
+ * The eight groups' int32 sums are folded into one vector (fold4, fold8),
+ * converted and scaled once per block.
+ *
+ * WHERE THE TIME GOES. About 13 vector instructions per group of 32 and 50
+ * per block remain, some 6 cycles per group on a Zen 3 core: about 3x the
+ * float kernel, whose grid of floats (3.4) already spares it any decoding.
+ * Tried and no faster there: a hardware gather of the four grid entries,
+ * broadcasts and blends instead of movq/movhps and an insert, phaddd for
+ * the fold, per-group float scaling by a lane permute. */
+static __m256i quant_avx2_iq2_sign_words(const struct block_iq2_xxs *w) {
+    __m256 lo = _mm256_castsi256_ps(quant_avx2_load_i8(&w->qs[0]));
+    __m256 hi = _mm256_castsi256_ps(quant_avx2_load_i8(&w->qs[16]));
+    /* the odd dwords, in the order g = 0, 1, 4, 5 | 2, 3, 6, 7, then sorted */
+    __m256i odd = _mm256_castps_si256(_mm256_shuffle_ps(lo, hi, _MM_SHUFFLE(3, 1, 3, 1)));
+    return _mm256_permute4x64_epi64(odd, _MM_SHUFFLE(3, 1, 2, 0));
 }
 
-static __m256i quant_avx2_iq2_signs(uint32_t a1) {
-    return _mm256_set_epi64x((long long)quant_iq2_sign_bytes[(a1 >> 21) & 127],
-                             (long long)quant_iq2_sign_bytes[(a1 >> 14) & 127],
-                             (long long)quant_iq2_sign_bytes[(a1 >> 7) & 127],
-                             (long long)quant_iq2_sign_bytes[a1 & 127]);
+/* S[g][t] as byte t of dword g. */
+static __m256i quant_avx2_iq2_sign_bytes(__m256i A) {
+    /* byte t wants A << t (its 7 bits then sit at 8t..8t+6): bytes 2 and 3
+     * take A << 2, then bytes 1 and 3 one shift more; the eighth bits go */
+    __m256i hi2 = _mm256_set1_epi32((int)0xffff0000u), odd1 = _mm256_set1_epi32((int)0xff00ff00u);
+    __m256i u = _mm256_blendv_epi8(A, _mm256_slli_epi32(A, 2), hi2);
+    __m256i s = _mm256_and_si256(_mm256_blendv_epi8(u, _mm256_slli_epi32(u, 1), odd1),
+                                 _mm256_set1_epi8(0x7f));
+    /* a byte's parity is its two nibbles' xor's parity: parity(n) << 7 for
+     * n = 0..15, looked up once */
+    const __m256i odd = _mm256_setr_epi8(
+        0, -128, -128, 0, -128, 0, 0, -128, -128, 0, 0, -128, 0, -128, -128, 0,
+        0, -128, -128, 0, -128, 0, 0, -128, -128, 0, 0, -128, 0, -128, -128, 0);
+    __m256i nibbles = _mm256_and_si256(_mm256_xor_si256(s, _mm256_srli_epi16(s, 4)),
+                                       _mm256_set1_epi8(15));
+    return _mm256_or_si256(s, _mm256_shuffle_epi8(odd, nibbles));
 }
 
-static __m256 quant_avx2_q8_group_iq2_xxs(const struct block_iq2_xxs *w, int group,
-                                           const int8_t *xq, float dx, __m256 acc) {
-    uint32_t a0, a1;
-    quant_iq2_group_words(w, group, &a0, &a1);
-    __m256i x8 = _mm256_sign_epi8(quant_avx2_load_i8(xq + 32 * group), quant_avx2_iq2_signs(a1));
-    __m256i f = _mm256_set1_epi16((short)(2 * (a1 >> 28) + 1));
-    __m256i isum = quant_avx2_madd_u8s8(quant_avx2_iq2_grid(a0), x8, f);
-    return quant_avx2_scaled(acc, quant_avx2_half(w->d) * 0.125f * dx, isum);
+/* -1 in lane 8t+j where value j of piece t of group g is negative. `half`
+ * holds S of the block's half that has g, in both 128-bit lanes, so that an
+ * in-lane byte shuffle reaches all four of g's sign bytes. */
+static inline __m256i quant_avx2_iq2_neg_mask(__m256i half, int g) {
+    int b = 4 * (g % 4);
+    __m256i spread = _mm256_setr_epi8(
+        b, b, b, b, b, b, b, b, b + 1, b + 1, b + 1, b + 1, b + 1, b + 1, b + 1, b + 1,
+        b + 2, b + 2, b + 2, b + 2, b + 2, b + 2, b + 2, b + 2,
+        b + 3, b + 3, b + 3, b + 3, b + 3, b + 3, b + 3, b + 3);
+    __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ull);
+    __m256i bytes = _mm256_shuffle_epi8(half, spread);
+    return _mm256_cmpeq_epi8(_mm256_and_si256(bytes, bit), bit);
 }
 
+/* Two 8-byte loads into one register (movq, then movhps: a load and a
+ * merge, no shuffle). */
+static inline __m128i quant_avx2_two_u64(const uint64_t *lo, const uint64_t *hi) {
+    __m128 v = _mm_castsi128_ps(_mm_loadl_epi64((const __m128i *)lo));
+    return _mm_castps_si128(_mm_loadh_pi(v, (const __m64 *)hi));
+}
+
+/* Group g's eight int32 partial sums: grid magnitudes times signed x. */
+static inline __m256i quant_avx2_iq2_group(const struct block_iq2_xxs *w, int g,
+                                           const int8_t *xq, __m256i half) {
+    const uint8_t *idx = (const uint8_t *)&w->qs[4 * g];
+    __m256i grid = _mm256_setr_m128i(quant_avx2_two_u64(&quant_iq2_xxs_grid[idx[0]],
+                                                        &quant_iq2_xxs_grid[idx[1]]),
+                                     quant_avx2_two_u64(&quant_iq2_xxs_grid[idx[2]],
+                                                        &quant_iq2_xxs_grid[idx[3]]));
+    __m256i neg = quant_avx2_iq2_neg_mask(half, g);
+    __m256i x8 = _mm256_sub_epi8(_mm256_xor_si256(quant_avx2_load_i8(xq + 32 * g), neg), neg);
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(grid, x8), _mm256_set1_epi16(1));
+}
+
+/* Four groups' partial sums, folded (quant_avx2_fold4). */
+static inline __m256i quant_avx2_iq2_four(const struct block_iq2_xxs *w, int g,
+                                          const int8_t *xq, __m256i half) {
+    return quant_avx2_fold4(quant_avx2_iq2_group(w, g, xq, half),
+                            quant_avx2_iq2_group(w, g + 1, xq, half),
+                            quant_avx2_iq2_group(w, g + 2, xq, half),
+                            quant_avx2_iq2_group(w, g + 3, xq, half));
+}
+
+/* sc[g] for the eight groups of block w. */
+static inline __m256 quant_avx2_iq2_scales(const struct block_iq2_xxs *w, __m256i A,
+                                           const float *dx) {
+    /* 2 ls + 1 = (A >> 27) | 1: the sign bit below ls is overwritten */
+    __m256i ls2 = _mm256_or_si256(_mm256_srli_epi32(A, 27), _mm256_set1_epi32(1));
+    return _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(ls2), _mm256_loadu_ps(dx)),
+                         _mm256_set1_ps(quant_avx2_half(w->d) * 0.125f));
+}
+
+/* Per block: the eight group sums (two folds, then the halves of each
+ * added), converted once and multiplied by sc. */
 static float quant_avx2_q8_dot_iq2_xxs(const struct block_iq2_xxs *w, const struct act_q8 *a) {
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    __m256 acc = _mm256_setzero_ps();
     for (int64_t i = 0; i < a->n / 256; i++, w++) {
         const int8_t *xq = a->q + 256 * i;
-        const float *dx = a->d + 8 * i;
-        for (int group = 0; group < 8; group += 2) {
-            acc0 = quant_avx2_q8_group_iq2_xxs(w, group, xq, dx[group], acc0);
-            acc1 = quant_avx2_q8_group_iq2_xxs(w, group + 1, xq, dx[group + 1], acc1);
-        }
+        __m256i A = quant_avx2_iq2_sign_words(w);
+        __m256i S = quant_avx2_iq2_sign_bytes(A);
+        __m256 sc = quant_avx2_iq2_scales(w, A, a->d + 8 * i);
+        __m256i f0 = quant_avx2_iq2_four(w, 0, xq, _mm256_permute2x128_si256(S, S, 0x00));
+        __m256i f1 = quant_avx2_iq2_four(w, 4, xq, _mm256_permute2x128_si256(S, S, 0x11));
+        __m256i sums = quant_avx2_fold8(f0, f1);
+        acc = _mm256_fmadd_ps(sc, _mm256_cvtepi32_ps(sums), acc);
     }
-    return quant_avx2_hsum(_mm256_add_ps(acc0, acc1));
+    return quant_avx2_hsum(acc);
 }
 
 static float quant_fast_vec_dot_q8(uint32_t type, const void *w, const struct act_q8 *a) {
@@ -3302,7 +3444,10 @@ static void matmul_strided(struct engine *eng, float *y, int64_t y_stride, const
     if (eng->opt.q8_activations && !eng->opt.reference_kernels && quant_has_q8_dot(w->type))
         matmul_prepare_q8(eng, &j);
     int64_t tok_items = (n_tok + j.tok_per_item - 1) / j.tok_per_item;
-    parallel_for(&eng->pool, j.row_items * tok_items, matmul_rows, &j);
+    /* every token reads the whole matrix (from cache after the first) */
+    double bytes = (double)w->out * (double)type_row_bytes(w->type, w->in) * n_tok;
+    parallel_for_threads(&eng->pool, j.row_items * tok_items, matmul_rows, &j,
+                         pool_threads_for_bytes(&eng->pool, bytes));
 }
 
 static void matmul(struct engine *eng, float *y, const struct matrix *w, const float *x,
@@ -4189,7 +4334,10 @@ static void attend_chunk(struct step *st) {
         if (n > most_comp) most_comp = n;
     }
     engine_reserve_attn_scratch(st->eng, c->window + most_comp);
-    parallel_for(&st->eng->pool, (int64_t)T * c->n_heads, attend_one, st);
+    /* each head reads its keys twice (logits, then the weighted sum) */
+    double bytes = 2.0 * T * c->n_heads * (double)(c->window + most_comp) * c->head_dim * 4;
+    parallel_for_threads(&st->eng->pool, (int64_t)T * c->n_heads, attend_one, st,
+                         pool_threads_for_bytes(&st->eng->pool, bytes));
 
     /* Only now may the chunk's rows enter the ring. */
     for (int t = T > c->window ? T - c->window : 0; t < T; t++)

@@ -19,7 +19,10 @@
  *      dequantize-then-f32 reference, whole model, relative row error <= 1e-3;
  *   9. --perplexity (11.3): windows of BOS + text fed in chunks give the same
  *      summed NLL, token count and MTP agreement as one-token decode with the
- *      log-softmax and argmax computed here.
+ *      log-softmax and argmax computed here;
+ *  10. the thread pool: every item runs exactly once, a job capped at one
+ *      thread never reaches a worker, and the size rule (one thread per
+ *      POOL_BYTES_PER_THREAD, no waking sleepers under POOL_WAKE_BYTES).
  *
  * Each check prints what it compared and the largest difference; the last
  * line is "N passed, N failed".
@@ -397,6 +400,54 @@ static void test_perplexity(struct engine *eng) {
           (double)llabs(st.mtp_rows - rows) + (double)llabs(st.mtp_agree - agree), 0);
 }
 
+/* ---- 10. The thread pool: items once, the thread cap, the size rule --------- */
+
+struct pool_probe { int *runs; int *worker; };
+
+static void pool_probe_item(void *ctx, int64_t item, int worker) {
+    struct pool_probe *p = ctx;
+    volatile double spin = 0;
+    for (int i = 0; i < 200; i++) spin += i;     /* enough work that a worker joins */
+    __atomic_fetch_add(&p->runs[item], 1, __ATOMIC_RELAXED);
+    p->worker[item] = worker;
+}
+
+/* Items run != once, and items run by a worker index >= cap, over `n` items. */
+static void pool_probe_run(struct thread_pool *pool, int n, int cap, double *wrong, double *over) {
+    struct pool_probe p = { calloc((size_t)n, sizeof(int)), calloc((size_t)n, sizeof(int)) };
+    parallel_for_threads(pool, n, pool_probe_item, &p, cap);
+    for (int i = 0; i < n; i++) {
+        *wrong += p.runs[i] != 1;
+        *over += p.worker[i] >= cap;
+    }
+    free(p.runs), free(p.worker);
+}
+
+static void test_pool(void) {
+    struct thread_pool pool;
+    pool_init(&pool, 3);
+    double wrong = 0, over_one = 0, over_two = 0;
+    for (int rep = 0; rep < 20; rep++) {
+        pool_probe_run(&pool, 5000, 1, &wrong, &over_one);
+        pool_probe_run(&pool, 5000, 2, &wrong, &over_two);
+    }
+    check("pool: items not run exactly once (200000 items, caps 1 and 2)", wrong, 0);
+    check("pool: items of a 1-thread job run by a worker, not the caller", over_one, 0);
+    check("pool (3 threads): items of a 2-thread job run by worker 2", over_two, 0);
+    /* let both workers fall asleep (bounded: 2 s) */
+    for (int i = 0; i < 2000 && __atomic_load_n(&pool.sleepers, __ATOMIC_SEQ_CST) < 2; i++)
+        usleep(1000);
+    int small = pool_threads_for_bytes(&pool, 64 << 10);
+    int asleep = pool_threads_for_bytes(&pool, POOL_WAKE_BYTES / 2);
+    int large = pool_threads_for_bytes(&pool, 64.0 * POOL_WAKE_BYTES);
+    printf("     threads for 64 KiB %d, for POOL_WAKE_BYTES/2 with workers asleep %d, for "
+           "64x POOL_WAKE_BYTES %d\n", small, asleep, large);
+    check("pool: threads for a 64 KiB job, and for a mid-size one while workers sleep, minus 1",
+          fabs(small - 1.0) + fabs(asleep - 1.0), 0);
+    check("pool: threads for a large job, minus the pool's 3", fabs(large - 3.0), 0);
+    pool_free(&pool);
+}
+
 int main(int argc, char **argv) {
     if (argc < 2) {
         fprintf(stderr, "usage: %s MODEL.gguf [MTP.gguf] [QUANTIZED.gguf ...]\n", argv[0]);
@@ -409,6 +460,7 @@ int main(int argc, char **argv) {
     test_sinkhorn();
     test_topk();
     test_compressor();
+    test_pool();
 
     struct model m;
     struct ds4_error e = { "" };
