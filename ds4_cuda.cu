@@ -1666,7 +1666,8 @@ static int largest_index(const int *v, size_t n) {
 
 // ---- The gpu_* dispatches of ds4.c 6.14 -----------------------------------
 // Each: bind its pointers, launch with the block size of the kernel's
-// header, copy back. tests/test_metal.c calls the same list.
+// header, copy host outputs back (device ones stay). tests/test_metal.c calls
+// the same list with host pointers.
 
 // The kernels of one weight type. type: GGML type id (0 F32, 1 F16, 8 Q8_0,
 // 10 Q2_K, 12 Q4_K, 16 IQ2_XXS, 30 BF16).
