@@ -346,8 +346,10 @@ static bool parse_float(const char *s, double lo, double hi, double *out) {
  * the worker runs, so a pool that sleeps between products makes two threads
  * slower than one. Here a job is published by bumping an atomic
  * `generation`; an idle worker watches it in a loop with the CPU's pause
- * hint for about POOL_SPIN_ROUNDS rounds (tens of microseconds, longer than
- * the gap between two products of one layer) and only then sleeps on the
+ * hint for about POOL_SPIN_ROUNDS rounds (about 6 ms on a Zen 3, longer
+ * than a whole decode token of a small model, so that a worker stays awake
+ * from one token to the next and small products can be split without a
+ * wake-up) and only then sleeps on the
  * condition variable, counting itself in `sleepers`. The publisher takes the
  * lock and broadcasts only when someone sleeps.
  *
@@ -365,7 +367,7 @@ static bool parse_float(const char *s, double lo, double hi, double *out) {
  * index past any end), so a late worker's claim on the old job fails.
  *
  * The spin costs CPU time while the machine is idle between tokens, at most
- * one spin period per worker per pause, which is why it is short.
+ * one spin period (some milliseconds) per worker per pause.
  *
  * WHY SMALL JOBS STAY ON ONE THREAD
  *
@@ -373,8 +375,11 @@ static bool parse_float(const char *s, double lo, double hi, double *out) {
  * lines travel to the worker and back, the worker's share of the rows must
  * travel to its cache, and the caller waits for the slowest joiner, who may
  * have lost its core to another process. Measured on the tiny model (2
- * cores), a product of a 12 KB matrix took 3 us on one thread and 14 us on
- * two; only from about 128 KB of weights did two threads win. So a job may
+ * cores, loaded by other jobs), a product of a 12 KB matrix took 3 us on
+ * one thread and 14 us on two. On the quiet machine, with the worker kept
+ * spinning, splitting the tiny model's 128 KB products in two made decode
+ * 1.3x faster than one thread (2026-12-02, README), and splitting from 64 KB
+ * about the same: hence one thread per 48 KB. So a job may
  * say how many threads are worth its work: parallel_for_threads() takes that
  * count, and pool_threads_for_bytes() derives it from the bytes the job
  * reads, one thread per POOL_BYTES_PER_THREAD. Workers past the count do not
@@ -389,7 +394,7 @@ static bool parse_float(const char *s, double lo, double hi, double *out) {
 
 typedef void (*task_fn)(void *ctx, int64_t item, int worker);
 
-enum { POOL_SPIN_ROUNDS = 2000, POOL_BYTES_PER_THREAD = 96 << 10, POOL_WAKE_BYTES = 2 << 20 };
+enum { POOL_SPIN_ROUNDS = 200000, POOL_BYTES_PER_THREAD = 48 << 10, POOL_WAKE_BYTES = 2 << 20 };
 
 struct thread_pool {
     int n_threads;                 /* including the calling thread */
