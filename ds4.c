@@ -346,8 +346,10 @@ static bool parse_float(const char *s, double lo, double hi, double *out) {
  * the worker runs, so a pool that sleeps between products makes two threads
  * slower than one. Here a job is published by bumping an atomic
  * `generation`; an idle worker watches it in a loop with the CPU's pause
- * hint for about POOL_SPIN_ROUNDS rounds (tens of microseconds, longer than
- * the gap between two products of one layer) and only then sleeps on the
+ * hint for about POOL_SPIN_ROUNDS rounds (about 6 ms on a Zen 3, longer
+ * than a whole decode token of a small model, so that a worker stays awake
+ * from one token to the next and small products can be split without a
+ * wake-up) and only then sleeps on the
  * condition variable, counting itself in `sleepers`. The publisher takes the
  * lock and broadcasts only when someone sleeps.
  *
@@ -365,7 +367,7 @@ static bool parse_float(const char *s, double lo, double hi, double *out) {
  * index past any end), so a late worker's claim on the old job fails.
  *
  * The spin costs CPU time while the machine is idle between tokens, at most
- * one spin period per worker per pause, which is why it is short.
+ * one spin period (some milliseconds) per worker per pause.
  *
  * WHY SMALL JOBS STAY ON ONE THREAD
  *
@@ -373,8 +375,11 @@ static bool parse_float(const char *s, double lo, double hi, double *out) {
  * lines travel to the worker and back, the worker's share of the rows must
  * travel to its cache, and the caller waits for the slowest joiner, who may
  * have lost its core to another process. Measured on the tiny model (2
- * cores), a product of a 12 KB matrix took 3 us on one thread and 14 us on
- * two; only from about 128 KB of weights did two threads win. So a job may
+ * cores, loaded by other jobs), a product of a 12 KB matrix took 3 us on
+ * one thread and 14 us on two. On the quiet machine, with the worker kept
+ * spinning, splitting the tiny model's 128 KB products in two made decode
+ * 1.3x faster than one thread (2026-12-02, README), and splitting from 64 KB
+ * about the same: hence one thread per 48 KB. So a job may
  * say how many threads are worth its work: parallel_for_threads() takes that
  * count, and pool_threads_for_bytes() derives it from the bytes the job
  * reads, one thread per POOL_BYTES_PER_THREAD. Workers past the count do not
@@ -389,7 +394,7 @@ static bool parse_float(const char *s, double lo, double hi, double *out) {
 
 typedef void (*task_fn)(void *ctx, int64_t item, int worker);
 
-enum { POOL_SPIN_ROUNDS = 2000, POOL_BYTES_PER_THREAD = 96 << 10, POOL_WAKE_BYTES = 2 << 20 };
+enum { POOL_SPIN_ROUNDS = 200000, POOL_BYTES_PER_THREAD = 48 << 10, POOL_WAKE_BYTES = 2 << 20 };
 
 struct thread_pool {
     int n_threads;                 /* including the calling thread */
@@ -2038,24 +2043,48 @@ static uint64_t tensor_bytes_for(uint32_t type, uint64_t n_elements, uint64_t ro
  * and the largest pair is 128 * 127 * 2 = 32512 (a Q8_0 weight of -128 made
  * positive), the rest far less (43 * 127 * 2 for IQ2_XXS). */
 
+/* The activations are quantized once per product and then read by every
+ * row, so anything that makes a row's work cheaper may be spent on them.
+ * The IQ2_XXS kernel (below) wants each block of 256 in another order,
+ * pairing group g with group g + 4, so `q_pairs` holds a second copy:
+ *
+ *     q_pairs[256 i + 32 (2g + h) + l] = q[256 i + 32 g + 16 h + l]         l < 16
+ *                                      = q[256 i + 32 (g + 4) + 16 h + l - 16]   l >= 16
+ *
+ * for g = 0..3, h = 0..1; a tail shorter than 256 is copied as it is. */
 struct act_q8 {
     int64_t n;          /* values; a multiple of 32 */
     int8_t *q;          /* [n] */
+    int8_t *q_pairs;    /* [n] q reordered for IQ2_XXS, as above */
     float *d;           /* [n / 32] */
     float *sum16;       /* [n / 16] */
 };
 
 /* Bytes of storage for one quantized vector of n values (act_q8_view). */
 static size_t act_q8_bytes(int64_t n) {
-    return (size_t)n + (size_t)(n / 32) * sizeof(float) + (size_t)(n / 16) * sizeof(float);
+    return 2 * (size_t)n + (size_t)(n / 32) * sizeof(float) + (size_t)(n / 16) * sizeof(float);
 }
 
 /* Lay a quantized vector of n values over `mem` (act_q8_bytes(n) bytes, float
  * aligned: the floats come first). */
 static struct act_q8 act_q8_view(void *mem, int64_t n) {
     float *f = mem;
-    struct act_q8 a = { n, (int8_t *)(f + n / 32 + n / 16), f, f + n / 32 };
+    int8_t *q = (int8_t *)(f + n / 32 + n / 16);
+    struct act_q8 a = { n, q, q + n, f, f + n / 32 };
     return a;
+}
+
+/* q_pairs from q, as defined above. */
+static void act_q8_pair_groups(struct act_q8 *a) {
+    int64_t i = 0;
+    for (; i + 256 <= a->n; i += 256)
+        for (int g = 0; g < 4; g++)
+            for (int h = 0; h < 2; h++) {
+                int8_t *dst = a->q_pairs + i + 32 * (2 * g + h);
+                memcpy(dst, a->q + i + 32 * g + 16 * h, 16);
+                memcpy(dst + 16, a->q + i + 32 * (g + 4) + 16 * h, 16);
+            }
+    memcpy(a->q_pairs + i, a->q + i, (size_t)(a->n - i));
 }
 
 /* d[b], q[i] and s[k] as defined above. */
@@ -2071,6 +2100,7 @@ static void act_quantize_q8(const float *x, struct act_q8 *a) {
         a->sum16[2 * b] = lo;
         a->sum16[2 * b + 1] = hi;
     }
+    act_q8_pair_groups(a);
 }
 
 /* The reference integer products, one term per sub-block, literally as in
@@ -2314,21 +2344,32 @@ static float quant_avx2_q8_dot_q4_k(const struct block_q4_k *w, const struct act
  *
  * The sign bytes (3.4) come from shifts, ands and one 16-entry parity
  * lookup by pshufb, no table load per piece; the scales are one float
- * vector. What is left per group is four 8-byte loads of grid magnitudes,
- * one shuffle that spreads its four sign bytes over 32 lanes, a compare that
- * turns them into byte masks (-1 where negative), and the two multiply-adds:
+ * vector. S keeps groups 0-3 in its low 128 bits and 4-7 in its high ones,
+ * and an in-lane byte shuffle reaches only its own half. So each 32-byte
+ * register holds half h (16 values) of group g in its low lane and half h of
+ * group g + 4 in its high lane, g = 0..3: the activations come in that
+ * order already (q_pairs, above), the grid entries are loaded into it, and
+ * one shuffle of S spreads the sign bytes of both. Per register that is
+ * four 8-byte grid loads, the shuffle, a compare that turns the signs into
+ * byte masks (-1 where negative), and one multiply-add:
  *
- *   sum_g  sc[g] sum_{i<32} grid[i] ((x[i] ^ neg[i]) - neg[i])
+ *   p[g][h] = sum_{pairs} grid[i] ((x[i] ^ neg[i]) - neg[i])      [16] int16
  *
- * The eight groups' int32 sums are folded into one vector (fold4, fold8),
- * converted and scaled once per block.
+ * The two halves of a pair of groups are added as 16-bit sums (each term is
+ * at most 2 * 43 * 127, two of them stay below 32767), widened once, and
+ * the four pairs folded (quant_avx2_fold4) straight into the order
+ * (g0, g1, g2, g3 | g4, g5, g6, g7) of sc: no lane crossing is left.
  *
- * WHERE THE TIME GOES. About 13 vector instructions per group of 32 and 50
- * per block remain, some 6 cycles per group on a Zen 3 core: about 3x the
- * float kernel, whose grid of floats (3.4) already spares it any decoding.
- * Tried and no faster there: a hardware gather of the four grid entries,
- * broadcasts and blends instead of movq/movhps and an insert, phaddd for
- * the fold, per-group float scaling by a lane permute. */
+ * WHERE THE TIME GOES. About 11 vector instructions per 32 values and 40
+ * per block remain; the pairing made the kernel some 10 % faster than
+ * folding each group's sums (2.95 against 2.62 GB/s from cache, 2026-12-02,
+ * Zen 3). Tried and no faster there: a hardware gather of the four grid
+ * entries, broadcasts and blends instead of movq/movhps and an insert,
+ * phaddd for the fold, per-group float scaling by a lane permute, the next
+ * block's sign bytes computed one block ahead (-4 %), a negated copy of x
+ * chosen by the masks with vpblendvb instead of the xor and subtract (-7 %),
+ * and grid entries pre-placed in 16- and 32-byte tables and or-ed instead
+ * of merged by shuffles (-6 %). */
 static __m256i quant_avx2_iq2_sign_words(const struct block_iq2_xxs *w) {
     __m256 lo = _mm256_castsi256_ps(quant_avx2_load_i8(&w->qs[0]));
     __m256 hi = _mm256_castsi256_ps(quant_avx2_load_i8(&w->qs[16]));
@@ -2355,17 +2396,16 @@ static __m256i quant_avx2_iq2_sign_bytes(__m256i A) {
     return _mm256_or_si256(s, _mm256_shuffle_epi8(odd, nibbles));
 }
 
-/* -1 in lane 8t+j where value j of piece t of group g is negative. `half`
- * holds S of the block's half that has g, in both 128-bit lanes, so that an
- * in-lane byte shuffle reaches all four of g's sign bytes. */
-static inline __m256i quant_avx2_iq2_neg_mask(__m256i half, int g) {
-    int b = 4 * (g % 4);
-    __m256i spread = _mm256_setr_epi8(
-        b, b, b, b, b, b, b, b, b + 1, b + 1, b + 1, b + 1, b + 1, b + 1, b + 1, b + 1,
-        b + 2, b + 2, b + 2, b + 2, b + 2, b + 2, b + 2, b + 2,
-        b + 3, b + 3, b + 3, b + 3, b + 3, b + 3, b + 3, b + 3);
+/* -1 in lane l of register (g, h) where its value is negative: lanes 0-7
+ * are piece 2h of group g, 8-15 piece 2h + 1, and the high lane the same
+ * pieces of group g + 4, whose sign bytes sit at the same offsets of S's
+ * high lane. */
+static inline __m256i quant_avx2_iq2_neg_mask(__m256i S, int g, int h) {
+    char b = (char)(4 * g + 2 * h), c = (char)(4 * g + 2 * h + 1);
+    __m256i spread = _mm256_setr_epi8(b, b, b, b, b, b, b, b, c, c, c, c, c, c, c, c,
+                                      b, b, b, b, b, b, b, b, c, c, c, c, c, c, c, c);
     __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ull);
-    __m256i bytes = _mm256_shuffle_epi8(half, spread);
+    __m256i bytes = _mm256_shuffle_epi8(S, spread);
     return _mm256_cmpeq_epi8(_mm256_and_si256(bytes, bit), bit);
 }
 
@@ -2376,26 +2416,26 @@ static inline __m128i quant_avx2_two_u64(const uint64_t *lo, const uint64_t *hi)
     return _mm_castps_si128(_mm_loadh_pi(v, (const __m64 *)hi));
 }
 
-/* Group g's eight int32 partial sums: grid magnitudes times signed x. */
-static inline __m256i quant_avx2_iq2_group(const struct block_iq2_xxs *w, int g,
-                                           const int8_t *xq, __m256i half) {
-    const uint8_t *idx = (const uint8_t *)&w->qs[4 * g];
-    __m256i grid = _mm256_setr_m128i(quant_avx2_two_u64(&quant_iq2_xxs_grid[idx[0]],
-                                                        &quant_iq2_xxs_grid[idx[1]]),
-                                     quant_avx2_two_u64(&quant_iq2_xxs_grid[idx[2]],
-                                                        &quant_iq2_xxs_grid[idx[3]]));
-    __m256i neg = quant_avx2_iq2_neg_mask(half, g);
-    __m256i x8 = _mm256_sub_epi8(_mm256_xor_si256(quant_avx2_load_i8(xq + 32 * g), neg), neg);
-    return _mm256_madd_epi16(_mm256_maddubs_epi16(grid, x8), _mm256_set1_epi16(1));
+/* The sixteen int16 sums of register (g, h): grid magnitudes times signed x. */
+static inline __m256i quant_avx2_iq2_half(const struct block_iq2_xxs *w, int g, int h,
+                                          const int8_t *xp, __m256i S) {
+    const uint8_t *lo = (const uint8_t *)&w->qs[4 * g] + 2 * h;
+    const uint8_t *hi = (const uint8_t *)&w->qs[4 * (g + 4)] + 2 * h;
+    const uint64_t *grid = quant_iq2_xxs_grid;
+    __m256i mag = _mm256_setr_m128i(quant_avx2_two_u64(&grid[lo[0]], &grid[lo[1]]),
+                                    quant_avx2_two_u64(&grid[hi[0]], &grid[hi[1]]));
+    __m256i neg = quant_avx2_iq2_neg_mask(S, g, h);
+    __m256i x8 = _mm256_sub_epi8(_mm256_xor_si256(quant_avx2_load_i8(xp + 32 * (2 * g + h)), neg),
+                                 neg);
+    return _mm256_maddubs_epi16(mag, x8);
 }
 
-/* Four groups' partial sums, folded (quant_avx2_fold4). */
-static inline __m256i quant_avx2_iq2_four(const struct block_iq2_xxs *w, int g,
-                                          const int8_t *xq, __m256i half) {
-    return quant_avx2_fold4(quant_avx2_iq2_group(w, g, xq, half),
-                            quant_avx2_iq2_group(w, g + 1, xq, half),
-                            quant_avx2_iq2_group(w, g + 2, xq, half),
-                            quant_avx2_iq2_group(w, g + 3, xq, half));
+/* Eight int32 sums: lanes 0-3 group g, lanes 4-7 group g + 4. */
+static inline __m256i quant_avx2_iq2_pair(const struct block_iq2_xxs *w, int g, const int8_t *xp,
+                                          __m256i S) {
+    __m256i p = _mm256_add_epi16(quant_avx2_iq2_half(w, g, 0, xp, S),
+                                 quant_avx2_iq2_half(w, g, 1, xp, S));
+    return _mm256_madd_epi16(p, _mm256_set1_epi16(1));
 }
 
 /* sc[g] for the eight groups of block w. */
@@ -2407,18 +2447,18 @@ static inline __m256 quant_avx2_iq2_scales(const struct block_iq2_xxs *w, __m256
                          _mm256_set1_ps(quant_avx2_half(w->d) * 0.125f));
 }
 
-/* Per block: the eight group sums (two folds, then the halves of each
- * added), converted once and multiplied by sc. */
+/* Per block: the eight group sums, converted once and multiplied by sc. */
 static float quant_avx2_q8_dot_iq2_xxs(const struct block_iq2_xxs *w, const struct act_q8 *a) {
     __m256 acc = _mm256_setzero_ps();
     for (int64_t i = 0; i < a->n / 256; i++, w++) {
-        const int8_t *xq = a->q + 256 * i;
+        const int8_t *xp = a->q_pairs + 256 * i;
         __m256i A = quant_avx2_iq2_sign_words(w);
         __m256i S = quant_avx2_iq2_sign_bytes(A);
         __m256 sc = quant_avx2_iq2_scales(w, A, a->d + 8 * i);
-        __m256i f0 = quant_avx2_iq2_four(w, 0, xq, _mm256_permute2x128_si256(S, S, 0x00));
-        __m256i f1 = quant_avx2_iq2_four(w, 4, xq, _mm256_permute2x128_si256(S, S, 0x11));
-        __m256i sums = quant_avx2_fold8(f0, f1);
+        __m256i sums = quant_avx2_fold4(quant_avx2_iq2_pair(w, 0, xp, S),
+                                        quant_avx2_iq2_pair(w, 1, xp, S),
+                                        quant_avx2_iq2_pair(w, 2, xp, S),
+                                        quant_avx2_iq2_pair(w, 3, xp, S));
         acc = _mm256_fmadd_ps(sc, _mm256_cvtepi32_ps(sums), acc);
     }
     return quant_avx2_hsum(acc);

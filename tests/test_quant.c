@@ -558,8 +558,8 @@ static void test_iq2_tables(void) {
 /* The quantized activations themselves: every value within half a step of
  * x, and the 16-value sums exact to float rounding. */
 static void test_act_quantize(void) {
-    static const int64_t lengths[] = { 32, 256, 4096 };
-    double step_err = 0, sum_err = 0;
+    static const int64_t lengths[] = { 32, 256, 4096, 4128 };
+    double step_err = 0, sum_err = 0, pair_wrong = 0;
     for (size_t li = 0; li < sizeof lengths / sizeof lengths[0]; li++) {
         int64_t n = lengths[li];
         float *x = malloc((size_t)n * sizeof(float));
@@ -578,10 +578,19 @@ static void test_act_quantize(void) {
             for (int l = 0; l < 16; l++) want += x[16 * k + l], mag += fabs(x[16 * k + l]);
             sum_err = fmax(sum_err, fabs(a.sum16[k] - want) / mag);
         }
+        /* q_pairs: register 2g+h of a block of 256 holds half h of group g,
+         * then half h of group g+4; a tail under 256 is q itself */
+        for (int64_t i = 0; i < n; i++) {
+            int64_t base = i / 256 * 256, r = (i % 256) / 32, l = i % 32, src = i;
+            if (base + 256 <= n)
+                src = base + 32 * (r / 2 + (l >= 16 ? 4 : 0)) + 16 * (r % 2) + l % 16;
+            pair_wrong += a.q_pairs[i] != a.q[src];
+        }
         free(x), free(mem);
     }
     check("act_quantize_q8: |x - d*q| in half steps (<= 1)", step_err, 1.0 + 1e-5);
     check("act_quantize_q8: 16-value sums vs double, rel. to sum|x|", sum_err, 1e-6);
+    check("act_quantize_q8: q_pairs values not where the IQ2_XXS kernel reads them", pair_wrong, 0);
 }
 
 /* One row: the integer kernel against the scalar integer reference (to
