@@ -2362,7 +2362,7 @@ static float quant_avx2_q8_dot_q4_k(const struct block_q4_k *w, const struct act
  *
  * WHERE THE TIME GOES. About 11 vector instructions per 32 values and 40
  * per block remain; the pairing made the kernel some 10 % faster than
- * folding each group's sums (2.95 against 2.62 GB/s from cache, 2026-12-02,
+ * folding each group's sums (from cache, 2.95 GB/s against 2.62 on 2026-12-02,
  * Zen 3). Tried and no faster there: a hardware gather of the four grid
  * entries, broadcasts and blends instead of movq/movhps and an insert,
  * phaddd for the fold, per-group float scaling by a lane permute, the next
