@@ -16085,6 +16085,9 @@ static void worker_run(struct server *srv, struct job *j) {
     job_flush_output(j);
     if (j->finish == FINISH_STOP && j->n_calls > 0) j->finish = FINISH_TOOLS;
     j->t_finished = now_seconds();
+    /* Before the reply leaves: the client's next request, which replays these
+     * calls, may be rendered by its connection thread the moment it arrives. */
+    if (!srv->opt->no_exact_replay) job_remember_calls(srv, j);
 
     if (j->finish == FINISH_CANCELLED) {
         if (j->p.stream) http_stream_end(j->conn);
@@ -16098,7 +16101,6 @@ static void worker_run(struct server *srv, struct job *j) {
         http_respond_json(j->conn, 200, &body);
         strbuf_free(&body);
     }
-    if (!srv->opt->no_exact_replay) job_remember_calls(srv, j);
 }
 
 static void *worker_main(void *arg) {
