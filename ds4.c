@@ -4889,10 +4889,11 @@ static void backend_session_close(struct session *s) {
  * visible rows per token), the expert grouping of a long chunk, the logits
  * the caller reads. A dispatch may also be handed host memory (a token
  * list, a count array): it reads it when it is made, so the host may reuse
- * the array at once. Only two places wait for the GPU: the logits (the
- * caller reads them) and the expert grouping of chunks longer than
- * GPU_SLOT_TOKENS (the host sorts the routing by expert). A decode token
- * runs from embedding to head without the host waiting.
+ * the array at once. The host waits only where it reads backend memory: the
+ * logits and the chunk's last streams (head, end_chunk), the routing of
+ * chunks longer than GPU_SLOT_TOKENS (the host sorts it by expert), and
+ * chapter 9's journal and state copies. A decode token runs from embedding
+ * to head without the host waiting.
  *
  * The session state on the host (6.2) is the layout every backend agrees
  * on; state_pull downloads the device twin into it, state_push uploads it
