@@ -18821,6 +18821,9 @@ static int check_vectors(struct engine *eng, const char *path) {
                 e.msg[0] = 0;
             }
             ok ? passed++ : failed++;
+            /* a case at full width can take minutes: a run cut short by a time
+             * limit keeps the lines of the cases it finished */
+            fflush(stdout);
         }
     }
     printf("%d passed, %d failed\n", passed, failed);

@@ -32,6 +32,8 @@
 #   FW_BUDGET_S   seconds after which no new stage starts (default 540)
 #   FW_LENGTHS    prompt lengths (default 64,2500,4100); FW_STAGES: stages to run
 #   FW_BACKENDS   the ds4 backends that check the vectors (default cpu, and cuda when built in)
+#   FW_KEEP       1: keep each GGUF after its check and reuse it in the next call (warm machine)
+#   FW_CASES      a Python regex: check only the cases whose name matches (e.g. 'len64|greedy')
 #   OUT           results (default ./fw-out): summary.txt, run.log, vectors per length (.gz)
 #
 # Sizes at full width, 4 layers + MTP (256 experts of 3 x 2048 x 4096 per block):
@@ -118,6 +120,17 @@ stage_oracle() {   # f32 | fp8
 # ds4 --check-vectors of $1 (vectors) on model $2 (+ MTP $3); one summary line per case.
 check_one() {
     label=$1 vec=$2 model=$3 mtp=$4
+    if [ -n "${FW_CASES:-}" ]; then
+        $PY - "$vec" "$WORK/cases-$label.json" "$FW_CASES" <<'EOF' || return 1
+import json, re, sys
+src, dst, pattern = sys.argv[1:]
+d = json.load(open(src))
+keep = [c for c in d["cases"] if re.search(pattern, c.get("name", ""))]
+json.dump(dict(d, cases=keep), open(dst, "w"))
+print("FW_CASES=%s: %d of %d cases" % (pattern, len(keep), len(d["cases"])))
+EOF
+        vec=$WORK/cases-$label.json
+    fi
     # cuda too when ./ds4 was built with it (make cuda); FW_BACKENDS overrides.
     cuda=$(./ds4 --backend cuda --help 2>&1 | grep -q 'not built' || echo cuda)
     for backend in ${FW_BACKENDS:-cpu $cuda}; do
@@ -156,7 +169,13 @@ stage_type() {   # f16 | q8_0 | q2
     fi
     model=$dir/fw-$type.gguf
     vocab=$([ "$WIDTH" = full ] && echo vectors/ds4-vocab.gguf || echo vectors/tiny-vocab.gguf)
-    ./ds4-convert "$CKPT" "$model" ${mtp:+--mtp "$mtp"} --type "$type" --vocab "$vocab" || return 1
+    if [ "${FW_KEEP:-0}" = 1 ] && [ -f "$model" ]; then
+        echo "$type: reusing $model (FW_KEEP=1)"
+        [ -n "$mtp" ] && [ ! -f "$mtp" ] && mtp=""
+    else
+        ./ds4-convert "$CKPT" "$model" ${mtp:+--mtp "$mtp"} --type "$type" --vocab "$vocab" ||
+            return 1
+    fi
     # The bar: f16 against (a), every case. Reported only (and so on fewer tokens, to stay in
     # the budget): f16 against (b), and q8_0 / q2 against (a), on the decode-schedule case of
     # each length up to FW_REPORT_MAXLEN plus the greedy case.
@@ -166,7 +185,7 @@ stage_type() {   # f16 | q8_0 | q2
     else
         subset_vectors f32 && check_one "$type-vs-f32" "$WORK/report-f32.json" "$model" "$mtp"
     fi
-    rm -f "$model" ${mtp:+"$mtp"}
+    [ "${FW_KEEP:-0}" = 1 ] || rm -f "$model" ${mtp:+"$mtp"}
 }
 
 # $WORK/report-$1.json: the cases of vectors-$1.json that the report-only checks run.
