@@ -1473,13 +1473,14 @@ static bool quant_tables_ready;
 
 /* The AVX-512 integer kernel (3.9) looks the codebook up by register
  * permutes instead of loads, so it wants the table small: each magnitude is
- * one of three levels, a 2-bit code, and an entry's 8 codes fit in 16 bits:
+ * one of three levels, a 2-bit code, and an entry's 8 codes fit in 16 bits,
+ * kept as a table of low bytes and one of high bytes:
  *
- *     quant_iq2_grid_codes[g] = sum_j level(grid[g][j]) << 2j      [256] u16, 512 bytes
- *     level(8) = 0, level(25) = 1, level(43) = 2
+ *     code[g] = sum_j level(grid[g][j]) << 2j,  level(8, 25, 43) = 0, 1, 2
+ *     quant_iq2_code_bytes[0][g] = code[g] & 255,  [1][g] = code[g] >> 8   [2][256]
  *
- * 512 bytes are eight 64-byte registers. */
-static _Alignas(64) uint16_t quant_iq2_grid_codes[256];
+ * Each table is 256 bytes, four 64-byte registers. */
+static _Alignas(64) uint8_t quant_iq2_code_bytes[2][256];
 
 static void quant_q8_choose_variant(void);
 
@@ -1489,12 +1490,13 @@ static int quant_iq2_level(int magnitude) {
 
 static void quant_tables_init(void) {
     for (int g = 0; g < 256; g++) {
-        quant_iq2_grid_codes[g] = 0;
+        int code = 0;
         for (int j = 0; j < 8; j++) {
             quant_iq2_grid_f32[g][j] = (float)quant_iq2_grid_byte(g, j);
-            quant_iq2_grid_codes[g] |= (uint16_t)(quant_iq2_level(quant_iq2_grid_byte(g, j))
-                                                  << (2 * j));
+            code |= quant_iq2_level(quant_iq2_grid_byte(g, j)) << (2 * j);
         }
+        quant_iq2_code_bytes[0][g] = (uint8_t)(code & 255);
+        quant_iq2_code_bytes[1][g] = (uint8_t)(code >> 8);
     }
     for (int s = 0; s < 128; s++) {
         int signs = quant_iq2_signs(s);
@@ -2540,8 +2542,8 @@ static float quant_avx2_q8_dot_iq2_xxs(const struct block_iq2_xxs *w, const stru
  * the -march of the rest, and run only where quant_q8_choose_variant()
  * (below) found the features at start-up; the AVX2 kernels stay the
  * fallback on other CPUs. */
-#define QUANT_AVX512 \
-    __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512vbmi,avx512bitalg")))
+#define QUANT_AVX512 __attribute__((target( \
+    "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512vbmi,avx512bitalg,gfni")))
 
 QUANT_AVX512 static inline __m512i quant_avx512_load(const void *p) {
     return _mm512_loadu_si512(p);
@@ -2727,93 +2729,103 @@ QUANT_AVX512 static float quant_avx512_q8_dot_q4_k(const struct block_q4_k *w,
 /* IQ2_XXS, the block of 256 as four registers of 64 values: register t
  * holds piece t (8 values) of each of the eight groups, 64-bit lane g for
  * group g, so that every 64-bit lane of every register belongs to one group
- * and group g's 64 code bytes Q (3.3: a0 in the low half of lane g, a1 in
- * the high half) already lie in the lane they serve. The activations come
- * in that order (q_pieces, above). Per block:
+ * and group g's 8 code bytes Q (3.3: a0 in the low half of lane g, a1 in the
+ * high half) already lie in the lane they serve. The activations come in
+ * that order (q_pieces, above). Two blocks A, B are done per step, which
+ * lets their 64 grid indices share the lookups and their 16 group sums one
+ * conversion:
  *
- *   Q[g]      = a1[g] << 32 | a0[g]                          [8] u64, one load
- *   C[g]      = codes(grid index t of a0[g]), t = 0..3       [8][4] u16, 4 permutes
- *   mag_t[g]  = level(C[g][t] >> 2j & 3), j = 0..7          [8][8] bytes
- *   neg_t     = sign bits of piece t of every group          64-bit mask
+ *   Q[g]      = a1[g] << 32 | a0[g]                   [8] u64, one load per block
+ *   C[g]      = code(grid index t of a0[g]), t = 0..3          [8][4] u16
+ *   mag_t[g]  = level(code bits 2j, 2j+1), j = 0..7           [8][8] bytes
+ *   neg_t     = the sign bits of piece t of every group          64-bit mask
  *   S[2g+h]  += sum_{4 values} mag_t (x_t negated under neg_t)   [16] int32, t = 0..3
- *   acc[g]   += d/8 (2 ls[g] + 1) dx[g] (S[2g] + S[2g+1])         [8] float
+ *   acc[8b+g] += d_b/8 (2 ls[g] + 1) dx[g] (S_b[2g] + S_b[2g+1])   [16] float, b = A, B
  *
- * THE LOOKUP. The word at 4g + t of a register of indices is grid index t
- * of group g (one `vpermb`, zeroing the high bytes). `vpermi2w` reads 64 of
- * the 256 codes by the index's low 6 bits; four of them, one per quarter
- * of the codebook, and blends by bits 6 and 7 give C, whose 64-bit lane g
- * is the four codes of group g. `vpmultishiftqb` then cuts the 2-bit code
- * of value j of piece t out of lane g into byte j (shift 16t + 2j), and a
- * `vpermb` over a 64-byte table of levels (by the low 6 bits, so a code's
- * higher neighbours do not matter) makes it the magnitude 8, 25 or 43.
+ * THE LOOKUP. One `vpermi2b` gathers the 64 grid-index bytes of A and B into
+ * a register I (A's group g piece t at byte 4g + t, B's at 32 + 4g + t). The
+ * codes' low and high bytes are two 256-byte tables, four registers each;
+ * `vpermi2b` reads 128 table bytes by the index's low 7 bits, so two of
+ * them and a blend by bit 7 (`vpmovb2m` puts the 64 top bits in a mask) look
+ * up 64 low bytes, as many again the high ones. A dword permute of the two
+ * results then gives C_A and C_B: lane g = the four low code bytes of group
+ * g, then its four high ones. `vpmultishiftqb` cuts the 2-bit code of value
+ * j of piece t out of lane g into byte j (bit 8t + 2j for j < 4, 32 + 8t +
+ * 2(j - 4) above), and one GF(2) affine byte transform (`vgf2p8affineqb`,
+ * GFNI: each output bit the xor of chosen input bits, plus a constant)
+ * maps the code's two bits c1 c0 to the level, ignoring the bits above:
+ *
+ *   level = 0b00001000 ^ (c0 ^ c1) << 0 ^ c1 << 1 ^ c0 << 4 ^ c1 << 5
+ *         = 8, 25, 43 for c = 0, 1, 2
  *
  * THE SIGNS. A piece stores 7 sign bits, s[t] = bits 7t..7t+6 of a1, and the
  * 8th is their parity (3.4). One multishift puts s[t] into byte t of lane g,
- * `vpopcntb` counts each, and a blend keeps the counts in the low half of
- * each lane and a1 in the high half:
+ * and one affine transform makes it the whole sign byte: bits 0-6 copied,
+ * bit 7 the xor of bits 0-6, the junk 8th bit dropped:
  *
- *   B[g] = a1[g] << 32 | sum_t popcount(s[t]) << 8t
+ *   B[g] byte t = s[t] | parity(s[t]) << 7
  *
- * Value j of piece t is negative where bit 32 + 7t + j of B[g] is set (j < 7)
- * or bit 8t (j = 7: the count's lowest bit, the parity); one `vpshufbitqmb`
- * with those 64 bit positions fills the mask neg_t.
+ * `vpshufbitqmb` with bit positions 8t + j then fills the mask neg_t.
  *
- * WHERE THE TIME GOES. About 48 instructions per block of 256, against some
- * 130 for the AVX2 kernel; none is a scalar load. The measurements are in
- * the comment of quant_avx512_q8_dot_iq2_xxs below. */
-struct quant_iq2_codebook { __m512i quarter[8]; };
+ * WHERE THE TIME GOES, measured from cache by CPU time, one thread, Zen 4
+ * (2026-12-02, best of 25 round-robin timings of 64 rows of 4096): the AVX2
+ * kernel 5.8 GB/s. One block per step with the codes as one u16 table of
+ * eight registers (four `vpermi2w` and three blends per block) and the
+ * parity by `vpopcntb`: 7.8. Grid entries by 64-bit gathers (`vpgatherqq`)
+ * instead of permutes: 3.8, gathers are slow on Zen 4. Two blocks per step
+ * with byte tables: 8.7; levels by the affine transform instead of a
+ * `vpermb` table: 8.9; parity by the affine transform instead of and,
+ * `vpopcntb` and a blend: 9.3 (this kernel). Left out, the lookups would
+ * give 10.9 and the float scaling 9.8, so those are what costs most. */
+struct quant_iq2_codebook { __m512i low[4], high[4]; };
 
-/* C as above, from the 64 bytes Q of a block. */
-QUANT_AVX512 static inline __m512i quant_avx512_iq2_codes(__m512i Q,
-                                                          const struct quant_iq2_codebook *cb) {
+/* C_A and C_B as above, from the 64 code bytes QA, QB of two blocks. */
+QUANT_AVX512 static inline void quant_avx512_iq2_codes(__m512i QA, __m512i QB,
+                                                       const struct quant_iq2_codebook *cb,
+                                                       __m512i *CA, __m512i *CB) {
     const __m512i index_bytes = _mm512_set_epi32(
-        0x003b003a, 0x00390038, 0x00330032, 0x00310030, 0x002b002a, 0x00290028,
-        0x00230022, 0x00210020, 0x001b001a, 0x00190018, 0x00130012, 0x00110010,
-        0x000b000a, 0x00090008, 0x00030002, 0x00010000);
-    __m512i idx = _mm512_maskz_permutexvar_epi8(0x5555555555555555ull, index_bytes, Q);
-    __m512i q0 = _mm512_permutex2var_epi16(cb->quarter[0], idx, cb->quarter[1]);
-    __m512i q1 = _mm512_permutex2var_epi16(cb->quarter[2], idx, cb->quarter[3]);
-    __m512i q2 = _mm512_permutex2var_epi16(cb->quarter[4], idx, cb->quarter[5]);
-    __m512i q3 = _mm512_permutex2var_epi16(cb->quarter[6], idx, cb->quarter[7]);
-    __mmask32 bit6 = _mm512_test_epi16_mask(idx, _mm512_set1_epi16(64));
-    __mmask32 bit7 = _mm512_test_epi16_mask(idx, _mm512_set1_epi16(128));
-    return _mm512_mask_blend_epi16(bit7, _mm512_mask_blend_epi16(bit6, q0, q1),
-                                   _mm512_mask_blend_epi16(bit6, q2, q3));
+        0x7b7a7978, 0x73727170, 0x6b6a6968, 0x63626160, 0x5b5a5958, 0x53525150,
+        0x4b4a4948, 0x43424140, 0x3b3a3938, 0x33323130, 0x2b2a2928, 0x23222120,
+        0x1b1a1918, 0x13121110, 0x0b0a0908, 0x03020100);
+    __m512i I = _mm512_permutex2var_epi8(QA, index_bytes, QB);
+    __mmask64 top = _mm512_movepi8_mask(I);
+    __m512i low = _mm512_mask_blend_epi8(top, _mm512_permutex2var_epi8(cb->low[0], I, cb->low[1]),
+                                         _mm512_permutex2var_epi8(cb->low[2], I, cb->low[3]));
+    __m512i high = _mm512_mask_blend_epi8(top,
+                                          _mm512_permutex2var_epi8(cb->high[0], I, cb->high[1]),
+                                          _mm512_permutex2var_epi8(cb->high[2], I, cb->high[3]));
+    const __m512i lanes_a = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19,
+                                              4, 20, 5, 21, 6, 22, 7, 23);
+    const __m512i lanes_b = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27,
+                                              12, 28, 13, 29, 14, 30, 15, 31);
+    *CA = _mm512_permutex2var_epi32(low, lanes_a, high);
+    *CB = _mm512_permutex2var_epi32(low, lanes_b, high);
 }
 
-/* B as above. */
-QUANT_AVX512 static inline __m512i quant_avx512_iq2_sign_source(__m512i Q) {
+/* An affine byte transform's matrix has one byte per output bit, most
+ * significant byte first: byte 7 - i holds the input bits whose xor is
+ * output bit i. */
+
+/* B as above: multishift by 32 + 7t into byte t, then bits 0-6 kept and
+ * bit 7 = xor of bits 0-6 (matrix bytes 0x01..0x40 and 0x7f). */
+QUANT_AVX512 static inline __m512i quant_avx512_iq2_sign_bytes(__m512i Q) {
     __m512i fields = _mm512_multishift_epi64_epi8(_mm512_set1_epi64(0x352e2720), Q);
-    __m512i seven = _mm512_and_si512(fields, _mm512_set1_epi64(0x7f7f7f7f));
-    return _mm512_mask_blend_epi32(0xaaaa, _mm512_popcnt_epi8(seven), Q);
-}
-
-/* mag_t as above. */
-QUANT_AVX512 static inline __m512i quant_avx512_iq2_magnitudes(__m512i C, int t) {
-    const __m512i levels = _mm512_set1_epi32(0x002b1908);
-    long long shifts = 0x0e0c0a0806040200ll + t * 0x1010101010101010ll;   /* 16t + 2j */
-    return _mm512_permutexvar_epi8(_mm512_multishift_epi64_epi8(_mm512_set1_epi64(shifts), C),
-                                   levels);
+    return _mm512_gf2p8affine_epi64_epi8(fields, _mm512_set1_epi64(0x010204081020407fll), 0);
 }
 
 /* neg_t as above. */
 QUANT_AVX512 static inline __mmask64 quant_avx512_iq2_signs(__m512i B, int t) {
-    /* byte j < 7: 32 + 7t + j; byte 7: 8t */
-    long long bits = 0x0026252423222120ll + t * 0x0807070707070707ll;
+    long long bits = 0x0706050403020100ll + t * 0x0808080808080808ll;    /* 8t + j */
     return _mm512_bitshuffle_epi64_mask(B, _mm512_set1_epi64(bits));
 }
 
-/* acc[g] += d/8 (2 ls[g] + 1) dx[g] (S[2g] + S[2g+1]), the factor 2 ls + 1
- * applied to the integer sums ((Q >> 59) | 1 as in the AVX2 kernel; the
- * product stays below 2^24, so its float is exact). */
-QUANT_AVX512 static inline __m256 quant_avx512_iq2_scaled(const struct block_iq2_xxs *w,
-                                                          __m512i Q, __m512i S,
-                                                          const float *dx, __m256 acc) {
-    __m512i pair = _mm512_add_epi32(S, _mm512_srli_epi64(S, 32));
-    __m512i ls2 = _mm512_or_si512(_mm512_srli_epi64(Q, 59), _mm512_set1_epi64(1));
-    __m256 sums = _mm512_cvtepi64_ps(_mm512_mul_epi32(pair, ls2));
-    __m256 scale = _mm256_mul_ps(_mm256_loadu_ps(dx), _mm256_set1_ps(quant_avx2_half(w->d) * 0.125f));
-    return _mm256_fmadd_ps(scale, sums, acc);
+/* mag_t as above: output bit 0 = c0 ^ c1 (matrix byte 7 = 0x03), bit 1 = c1
+ * (byte 6 = 0x02), bit 4 = c0 (byte 3 = 0x01), bit 5 = c1 (byte 2 = 0x02),
+ * bit 3 from the constant 8. */
+QUANT_AVX512 static inline __m512i quant_avx512_iq2_magnitudes(__m512i C, int t) {
+    long long shifts = 0x2624222006040200ll + t * 0x0808080808080808ll;
+    __m512i codes = _mm512_multishift_epi64_epi8(_mm512_set1_epi64(shifts), C);
+    return _mm512_gf2p8affine_epi64_epi8(codes, _mm512_set1_epi64(0x0302000001020000ll), 8);
 }
 
 /* S += the products of piece t of the eight groups. */
@@ -2823,53 +2835,65 @@ QUANT_AVX512 static inline __m512i quant_avx512_iq2_piece(__m512i C, __m512i B, 
     return _mm512_dpbusd_epi32(S, quant_avx512_iq2_magnitudes(C, t), x);
 }
 
-/* S for one block, the piece registers looked up by permutes. */
-QUANT_AVX512 static inline __m512i quant_avx512_iq2_block(__m512i Q, const int8_t *xt,
-                                                          const struct quant_iq2_codebook *cb) {
-    __m512i C = quant_avx512_iq2_codes(Q, cb), B = quant_avx512_iq2_sign_source(Q);
+/* S of one block. */
+QUANT_AVX512 static inline __m512i quant_avx512_iq2_block(__m512i C, __m512i Q,
+                                                          const int8_t *xt) {
+    __m512i B = quant_avx512_iq2_sign_bytes(Q);
     __m512i S = quant_avx512_iq2_piece(C, B, 0, xt, _mm512_setzero_si512());
     S = quant_avx512_iq2_piece(C, B, 1, xt, S);
     S = quant_avx512_iq2_piece(C, B, 2, xt, S);
     return quant_avx512_iq2_piece(C, B, 3, xt, S);
 }
 
+/* acc as above, without the common 1/8: the group sums of A and B side by
+ * side, the factors 2 ls + 1 from the a1 words ((a1 >> 27) | 1, as in the
+ * AVX2 kernel), d_A and d_B converted together. `dx_lanes` masks the load of
+ * dx when B is not there (a last odd block: SB = 0, dB = 0). */
+QUANT_AVX512 static inline __m512 quant_avx512_iq2_scaled(__m512i QA, __m512i QB, __m512i SA,
+                                                          __m512i SB, uint16_t dA, uint16_t dB,
+                                                          const float *dx, __mmask16 dx_lanes,
+                                                          __m512 acc) {
+    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14,
+                                           16, 18, 20, 22, 24, 26, 28, 30);
+    const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15,
+                                          17, 19, 21, 23, 25, 27, 29, 31);
+    const __m512i halves = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+    __m512i sums = _mm512_add_epi32(_mm512_permutex2var_epi32(SA, even, SB),
+                                    _mm512_permutex2var_epi32(SA, odd, SB));
+    __m512i a1 = _mm512_permutex2var_epi32(QA, odd, QB);
+    __m512i ls2 = _mm512_or_si512(_mm512_srli_epi32(a1, 27), _mm512_set1_epi32(1));
+    __m128 d = _mm_cvtph_ps(_mm_setr_epi16((short)dA, (short)dB, 0, 0, 0, 0, 0, 0));
+    __m512 db = _mm512_permutexvar_ps(halves, _mm512_castps128_ps512(d));
+    __m512 scale = _mm512_mul_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(dx_lanes, dx), db),
+                                 _mm512_cvtepi32_ps(ls2));
+    return _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(sums), acc);
+}
+
 QUANT_AVX512 static float quant_avx512_q8_dot_iq2_xxs(const struct block_iq2_xxs *w,
                                                       const struct act_q8 *a) {
     struct quant_iq2_codebook cb;
-    for (int k = 0; k < 8; k++) cb.quarter[k] = _mm512_load_si512(quant_iq2_grid_codes + 32 * k);
-    __m256 acc = _mm256_setzero_ps();
-    for (int64_t i = 0; i < a->n / 256; i++, w++) {
-        __m512i Q = quant_avx512_load(w->qs);
-        __m512i S = quant_avx512_iq2_block(Q, a->q_pieces + 256 * i, &cb);
-        acc = quant_avx512_iq2_scaled(w, Q, S, a->d + 8 * i, acc);
+    for (int k = 0; k < 4; k++) {
+        cb.low[k] = _mm512_load_si512(quant_iq2_code_bytes[0] + 64 * k);
+        cb.high[k] = _mm512_load_si512(quant_iq2_code_bytes[1] + 64 * k);
     }
-    return quant_avx2_hsum(acc);
-}
-
-/* The same with the grid entries fetched by 64-bit gathers (a variant
- * measured against the permutes, see above). */
-QUANT_AVX512 static inline __m512i quant_avx512_iq2_block_gather(__m512i Q, const int8_t *xt) {
-    __m512i B = quant_avx512_iq2_sign_source(Q);
-    __m512i S = _mm512_setzero_si512();
-    for (int t = 0; t < 4; t++) {
-        __m512i idx = _mm512_and_si512(_mm512_srli_epi64(Q, 8 * t), _mm512_set1_epi64(255));
-        __m512i mag = _mm512_i64gather_epi64(idx, (const void *)quant_iq2_xxs_grid, 8);
-        __m512i x = quant_avx512_negate(quant_avx512_load(xt + 64 * t),
-                                        quant_avx512_iq2_signs(B, t));
-        S = _mm512_dpbusd_epi32(S, mag, x);
+    __m512 acc = _mm512_setzero_ps();
+    int64_t nb = a->n / 256, i = 0;
+    for (; i + 2 <= nb; i += 2) {
+        __m512i QA = quant_avx512_load(w[i].qs), QB = quant_avx512_load(w[i + 1].qs), CA, CB;
+        quant_avx512_iq2_codes(QA, QB, &cb, &CA, &CB);
+        __m512i SA = quant_avx512_iq2_block(CA, QA, a->q_pieces + 256 * i);
+        __m512i SB = quant_avx512_iq2_block(CB, QB, a->q_pieces + 256 * i + 256);
+        acc = quant_avx512_iq2_scaled(QA, QB, SA, SB, w[i].d, w[i + 1].d, a->d + 8 * i, 0xffff,
+                                      acc);
     }
-    return S;
-}
-
-QUANT_AVX512 static float quant_avx512_q8_dot_iq2_xxs_gather(const struct block_iq2_xxs *w,
-                                                             const struct act_q8 *a) {
-    __m256 acc = _mm256_setzero_ps();
-    for (int64_t i = 0; i < a->n / 256; i++, w++) {
-        __m512i Q = quant_avx512_load(w->qs);
-        __m512i S = quant_avx512_iq2_block_gather(Q, a->q_pieces + 256 * i);
-        acc = quant_avx512_iq2_scaled(w, Q, S, a->d + 8 * i, acc);
+    if (i < nb) {
+        __m512i QA = quant_avx512_load(w[i].qs), CA, CB;
+        quant_avx512_iq2_codes(QA, QA, &cb, &CA, &CB);
+        __m512i SA = quant_avx512_iq2_block(CA, QA, a->q_pieces + 256 * i);
+        acc = quant_avx512_iq2_scaled(QA, QA, SA, _mm512_setzero_si512(), w[i].d, 0,
+                                      a->d + 8 * i, 0x00ff, acc);
     }
-    return quant_avx2_hsum(acc);
+    return _mm512_reduce_add_ps(acc) * 0.125f;
 }
 
 /* ---- Choosing the kernels once ---------------------------------------------
@@ -2904,7 +2928,7 @@ static bool quant_cpu_has_avx512_q8(void) {
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
            __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vbmi") &&
-           __builtin_cpu_supports("avx512bitalg");
+           __builtin_cpu_supports("avx512bitalg") && __builtin_cpu_supports("gfni");
 }
 
 static int quant_q8_variant_count(void) {
