@@ -2618,9 +2618,7 @@ QUANT_AVX512 static float quant_avx512_q8_dot_q8_0(const struct block_q8_0 *w,
  *
  *   S[4L + m] = sum_{i in sub-block 4m + L} q2[i] x[i]                [16] int32
  *   acc[p]   += d sc[k(p)] dx[k(p) / 2] S[p]      k(4L + m) = 4m + L  [16] float
- *   mins[k]  += dmin m[k] s[k]                                         [16] float
- *
- * The scales are put into S's order by one byte shuffle. */
+ *   mins[k]  += dmin m[k] s[k]                                         [16] float */
 QUANT_AVX512 static inline __m512i quant_avx512_q2_k_part(const struct block_q2_k *w, int m,
                                                           const int8_t *x) {
     int j = 2 * (m % 2);
@@ -2631,28 +2629,14 @@ QUANT_AVX512 static inline __m512i quant_avx512_q2_k_part(const struct block_q2_
     return _mm512_dpbusd_epi32(_mm512_setzero_si512(), q, quant_avx512_load(x + 64 * m));
 }
 
-/* d sc[k(p)] dx[k(p) / 2] in S's order. */
-QUANT_AVX512 static inline __m512 quant_avx512_q2_k_scales(const struct block_q2_k *w,
-                                                           const float *dx) {
-    const __m128i transpose = _mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
-    const __m512i dx_of = _mm512_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6, 1, 3, 5, 7, 1, 3, 5, 7);
-    __m128i sc = _mm_and_si128(_mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)w->scales),
-                                                transpose), _mm_set1_epi8(15));
-    __m512 dxs = _mm512_permutexvar_ps(dx_of, _mm512_castps256_ps512(_mm256_loadu_ps(dx)));
-    __m512 scf = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(sc));
-    return _mm512_mul_ps(_mm512_mul_ps(scf, dxs), _mm512_set1_ps(quant_avx2_half(w->d)));
-}
-
-QUANT_AVX512 static inline __m512 quant_avx512_q2_k_mins(const struct block_q2_k *w,
-                                                         const float *s16, __m512 mins) {
-    __m128i m = _mm_and_si128(_mm_srli_epi16(_mm_loadu_si128((const __m128i *)w->scales), 4),
-                              _mm_set1_epi8(15));
-    __m512 ms = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(m)), _mm512_loadu_ps(s16));
-    return _mm512_fmadd_ps(_mm512_set1_ps(quant_avx2_half(w->dmin)), ms, mins);
-}
-
+/* The 16 scale bytes widened once: sc[k] = low nibbles, moved into S's
+ * order by a dword permute, m[k] = high nibbles in natural order; d and
+ * dmin converted together. */
 QUANT_AVX512 static float quant_avx512_q8_dot_q2_k(const struct block_q2_k *w,
                                                    const struct act_q8 *a) {
+    const __m512i in_s_order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13,
+                                                 2, 6, 10, 14, 3, 7, 11, 15);
+    const __m512i dx_of = _mm512_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6, 1, 3, 5, 7, 1, 3, 5, 7);
     __m512 acc = _mm512_setzero_ps(), mins = _mm512_setzero_ps();
     for (int64_t i = 0; i < a->n / 256; i++, w++) {
         const int8_t *x = a->q + 256 * i;
@@ -2660,9 +2644,17 @@ QUANT_AVX512 static float quant_avx512_q8_dot_q2_k(const struct block_q2_k *w,
                                        quant_avx512_q2_k_part(w, 1, x),
                                        quant_avx512_q2_k_part(w, 2, x),
                                        quant_avx512_q2_k_part(w, 3, x));
-        acc = _mm512_fmadd_ps(quant_avx512_q2_k_scales(w, a->d + 8 * i), _mm512_cvtepi32_ps(S),
-                              acc);
-        mins = quant_avx512_q2_k_mins(w, a->sum16 + 16 * i, mins);
+        __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)w->scales));
+        __m512i sc = _mm512_and_si512(bytes, _mm512_set1_epi32(15));
+        __m512 sc_f = _mm512_cvtepi32_ps(_mm512_permutexvar_epi32(in_s_order, sc));
+        __m512 m_f = _mm512_cvtepi32_ps(_mm512_srli_epi32(bytes, 4));
+        __m128 d_dmin = _mm_cvtph_ps(_mm_setr_epi16((short)w->d, (short)w->dmin, 0, 0, 0, 0, 0, 0));
+        __m512 dx = _mm512_castps256_ps512(_mm256_loadu_ps(a->d + 8 * i));
+        __m512 dxs = _mm512_permutexvar_ps(dx_of, dx);
+        __m512 scale = _mm512_mul_ps(_mm512_mul_ps(sc_f, dxs), _mm512_broadcastss_ps(d_dmin));
+        acc = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(S), acc);
+        __m512 dmin = _mm512_permutexvar_ps(_mm512_set1_epi32(1), _mm512_castps128_ps512(d_dmin));
+        mins = _mm512_fmadd_ps(_mm512_mul_ps(m_f, _mm512_loadu_ps(a->sum16 + 16 * i)), dmin, mins);
     }
     return _mm512_reduce_add_ps(acc) - _mm512_reduce_add_ps(mins);
 }
