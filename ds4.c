@@ -2837,12 +2837,15 @@ QUANT_AVX512 static inline __m512i quant_avx512_iq2_block(__m512i C, __m512i Q,
     return quant_avx512_iq2_piece(C, B, 3, xt, S);
 }
 
+/* Two blocks' code bytes, integer sums and scales d, as the scaling reads
+ * them. */
+struct quant_iq2_pair { __m512i Q[2], S[2]; uint16_t d[2]; };
+
 /* acc as above, without the common 1/8: the group sums of A and B side by
  * side, the factors 2 ls + 1 from the a1 words ((a1 >> 27) | 1, as in the
  * AVX2 kernel), d_A and d_B converted together. `dx_lanes` masks the load of
- * dx when B is not there (a last odd block: SB = 0, dB = 0). */
-QUANT_AVX512 static inline __m512 quant_avx512_iq2_scaled(__m512i QA, __m512i QB, __m512i SA,
-                                                          __m512i SB, uint16_t dA, uint16_t dB,
+ * dx when B is not there (a last odd block: S[1] = 0, d[1] = 0). */
+QUANT_AVX512 static inline __m512 quant_avx512_iq2_scaled(const struct quant_iq2_pair *p,
                                                           const float *dx, __mmask16 dx_lanes,
                                                           __m512 acc) {
     const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14,
@@ -2850,15 +2853,35 @@ QUANT_AVX512 static inline __m512 quant_avx512_iq2_scaled(__m512i QA, __m512i QB
     const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15,
                                           17, 19, 21, 23, 25, 27, 29, 31);
     const __m512i halves = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
-    __m512i sums = _mm512_add_epi32(_mm512_permutex2var_epi32(SA, even, SB),
-                                    _mm512_permutex2var_epi32(SA, odd, SB));
-    __m512i a1 = _mm512_permutex2var_epi32(QA, odd, QB);
+    __m512i sums = _mm512_add_epi32(_mm512_permutex2var_epi32(p->S[0], even, p->S[1]),
+                                    _mm512_permutex2var_epi32(p->S[0], odd, p->S[1]));
+    __m512i a1 = _mm512_permutex2var_epi32(p->Q[0], odd, p->Q[1]);
     __m512i ls2 = _mm512_or_si512(_mm512_srli_epi32(a1, 27), _mm512_set1_epi32(1));
-    __m128 d = _mm_cvtph_ps(_mm_setr_epi16((short)dA, (short)dB, 0, 0, 0, 0, 0, 0));
+    __m128 d = _mm_cvtph_ps(_mm_setr_epi16((short)p->d[0], (short)p->d[1], 0, 0, 0, 0, 0, 0));
     __m512 db = _mm512_permutexvar_ps(halves, _mm512_castps128_ps512(d));
     __m512 scale = _mm512_mul_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(dx_lanes, dx), db),
                                  _mm512_cvtepi32_ps(ls2));
     return _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(sums), acc);
+}
+
+/* Blocks i and i + 1 (i alone when `pair` is false) into acc; inlined in
+ * both places, so that each copy knows `pair` (a call costs 10 %). */
+QUANT_AVX512 __attribute__((always_inline)) static inline __m512 quant_avx512_iq2_step(const struct block_iq2_xxs *w,
+                                                        const struct act_q8 *a, int64_t i,
+                                                        bool pair,
+                                                        const struct quant_iq2_codebook *cb,
+                                                        __m512 acc) {
+    struct quant_iq2_pair p = { { quant_avx512_load(w[i].qs) }, { _mm512_setzero_si512() },
+                                { w[i].d, 0 } };
+    p.Q[1] = pair ? quant_avx512_load(w[i + 1].qs) : p.Q[0];
+    __m512i C[2];
+    quant_avx512_iq2_codes(p.Q[0], p.Q[1], cb, &C[0], &C[1]);
+    p.S[0] = quant_avx512_iq2_block(C[0], p.Q[0], a->q_pieces + 256 * i);
+    if (pair) {
+        p.S[1] = quant_avx512_iq2_block(C[1], p.Q[1], a->q_pieces + 256 * i + 256);
+        p.d[1] = w[i + 1].d;
+    }
+    return quant_avx512_iq2_scaled(&p, a->d + 8 * i, pair ? 0xffff : 0x00ff, acc);
 }
 
 QUANT_AVX512 static float quant_avx512_q8_dot_iq2_xxs(const struct block_iq2_xxs *w,
@@ -2870,21 +2893,8 @@ QUANT_AVX512 static float quant_avx512_q8_dot_iq2_xxs(const struct block_iq2_xxs
     }
     __m512 acc = _mm512_setzero_ps();
     int64_t nb = a->n / 256, i = 0;
-    for (; i + 2 <= nb; i += 2) {
-        __m512i QA = quant_avx512_load(w[i].qs), QB = quant_avx512_load(w[i + 1].qs), CA, CB;
-        quant_avx512_iq2_codes(QA, QB, &cb, &CA, &CB);
-        __m512i SA = quant_avx512_iq2_block(CA, QA, a->q_pieces + 256 * i);
-        __m512i SB = quant_avx512_iq2_block(CB, QB, a->q_pieces + 256 * i + 256);
-        acc = quant_avx512_iq2_scaled(QA, QB, SA, SB, w[i].d, w[i + 1].d, a->d + 8 * i, 0xffff,
-                                      acc);
-    }
-    if (i < nb) {
-        __m512i QA = quant_avx512_load(w[i].qs), CA, CB;
-        quant_avx512_iq2_codes(QA, QA, &cb, &CA, &CB);
-        __m512i SA = quant_avx512_iq2_block(CA, QA, a->q_pieces + 256 * i);
-        acc = quant_avx512_iq2_scaled(QA, QA, SA, _mm512_setzero_si512(), w[i].d, 0,
-                                      a->d + 8 * i, 0x00ff, acc);
-    }
+    for (; i + 2 <= nb; i += 2) acc = quant_avx512_iq2_step(w, a, i, true, &cb, acc);
+    if (i < nb) acc = quant_avx512_iq2_step(w, a, i, false, &cb, acc);
     return _mm512_reduce_add_ps(acc) * 0.125f;
 }
 
