@@ -2866,11 +2866,10 @@ QUANT_AVX512 static inline __m512 quant_avx512_iq2_scaled(const struct quant_iq2
 
 /* Blocks i and i + 1 (i alone when `pair` is false) into acc; inlined in
  * both places, so that each copy knows `pair` (a call costs 10 %). */
-QUANT_AVX512 __attribute__((always_inline)) static inline __m512 quant_avx512_iq2_step(const struct block_iq2_xxs *w,
-                                                        const struct act_q8 *a, int64_t i,
-                                                        bool pair,
-                                                        const struct quant_iq2_codebook *cb,
-                                                        __m512 acc) {
+QUANT_AVX512 __attribute__((always_inline))
+static inline __m512 quant_avx512_iq2_step(const struct block_iq2_xxs *w, const struct act_q8 *a,
+                                           int64_t i, bool pair,
+                                           const struct quant_iq2_codebook *cb, __m512 acc) {
     struct quant_iq2_pair p = { { quant_avx512_load(w[i].qs) }, { _mm512_setzero_si512() },
                                 { w[i].d, 0 } };
     p.Q[1] = pair ? quant_avx512_load(w[i + 1].qs) : p.Q[0];
