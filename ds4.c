@@ -2063,9 +2063,21 @@ static uint64_t tensor_bytes_for(uint32_t type, uint64_t n_elements, uint64_t ro
  * to 3.7e-1 (top-k choices flip), so the 8-bit path stays an explicit choice,
  * `--fast`, and float activations remain the default and the reference.
  *
+ * The path is also chaotic in a way the float one is not: every product's
+ * output is rounded to 8 bits again as the next one's input, so a last-bit
+ * difference in a sum can move a value across a rounding boundary, and the
+ * step it then takes is a whole d[b] / 2. Kernels that add the same integer
+ * sums in another float order therefore print different --check-vectors
+ * figures: on the q8_0 tiny model, merely merging the AVX2 Q8_0 kernel's two
+ * accumulators into one moves the median of len600_prefill600 from 5.88e-2
+ * to 5.15e-2, and the AVX-512 kernels give 5.98e-2 (2026-12-02). Each
+ * product is still within 1e-7 of sum |w*x| of the reference; the float path
+ * prints the same figures with either kernel set.
+ *
  * The inner integer sums cannot overflow: `pmaddubsw` saturates at 32767,
  * and the largest pair is 128 * 127 * 2 = 32512 (a Q8_0 weight of -128 made
- * positive), the rest far less (43 * 127 * 2 for IQ2_XXS). */
+ * positive), the rest far less (43 * 127 * 2 for IQ2_XXS); `vpdpbusd` adds
+ * four products of at most 128 * 127 into 32 bits, without saturation. */
 
 /* The activations are quantized once per product and then read by every
  * row, so anything that makes a row's work cheaper may be spent on them.
@@ -2511,7 +2523,7 @@ static float quant_avx2_q8_dot_iq2_xxs(const struct block_iq2_xxs *w, const stru
 /* WHY AVX-512 HELPS IQ2_XXS MOST
  *
  * Zen 4 and the Intel server cores since Ice Lake add, beside the wider
- * registers, three things the 2-bit formats were waiting for:
+ * registers, four things the 2-bit formats were waiting for:
  *
  *   - `vpdpbusd` (VNNI) multiplies 64 unsigned bytes by 64 signed ones and
  *     adds each four products into an int32 lane, in one instruction where
@@ -2524,19 +2536,22 @@ static float quant_avx2_q8_dot_iq2_xxs(const struct block_iq2_xxs *w, const stru
  *     it gathers 8 chosen bits of each 64-bit lane of a register into the 8
  *     mask bits of that lane, so the stored sign fields are read where they
  *     lie, no byte masks are built.
- *   - Byte permutes across the whole register (VBMI): `vpermb` looks 64 bytes
- *     up in a 64-byte table, `vpermi2w` 32 words in a 64-word one, and
- *     `vpmultishiftqb` cuts 8 arbitrary bit fields out of each 64-bit lane.
- *     The IQ2_XXS codebook, written as 2-bit level codes (3.4), is 512
- *     bytes: eight registers. A block's 32 grid lookups become four word
- *     permutes and three blends, and the codes become bytes by one
- *     multishift and one `vpermb` per 64 values, with no load per piece.
+ *   - Byte permutes across the whole register (VBMI): `vpermi2b` looks 64
+ *     bytes up in a 128-byte table held in two registers, and
+ *     `vpmultishiftqb` cuts 8 arbitrary 8-bit fields out of each 64-bit
+ *     lane. The IQ2_XXS codebook, written as 2-bit level codes (3.4), is
+ *     512 bytes: eight registers. The 64 grid lookups of two blocks become
+ *     four byte permutes and two blends, with no load per piece.
+ *   - GF(2) affine byte transforms (GFNI): `vgf2p8affineqb` makes each
+ *     output bit the xor of any chosen bits of the same input byte. That is
+ *     a 2-bit code's level (8, 25, 43) in one instruction, and a piece's
+ *     eighth sign bit, the parity of the other seven, in another.
  *
- * So the IQ2_XXS kernel here does no scalar work at all per block: one load
- * of the 64 code bytes, the lookups, the signs and the products in
- * registers. The other three types gain less: their AVX2 kernels were not
- * held back by decoding, and here they save the `pmaddwd` of each product
- * and read 64 values per instruction.
+ * So the IQ2_XXS kernel here does no scalar work per block but the load of
+ * its scale: one load of the 64 code bytes, then the lookups, the signs and
+ * the products in registers. The other three types gain less: their AVX2
+ * kernels were not held back by decoding, and here they save the `pmaddwd`
+ * of each product and read 64 values per instruction.
  *
  * These functions are compiled for AVX-512 by a target attribute, whatever
  * the -march of the rest, and run only where quant_q8_choose_variant()

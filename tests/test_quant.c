@@ -639,8 +639,11 @@ static void test_q8_kernels(void) {
     static const uint32_t types[] = { TYPE_Q8_0, TYPE_Q2_K, TYPE_Q4_K, TYPE_IQ2_XXS };
     static const int64_t lengths_256[] = { 256, 768, 4096, 7168 };
     static const int64_t lengths_32[] = { 32, 96, 4096, 4128 };
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+    /* x86 builds always have the AVX2 row (3.9) */
     check_msg(quant_q8_variant_count() >= 1, "integer kernel variants on this CPU: %d",
               quant_q8_variant_count());
+#endif
     for (size_t ti = 0; ti < sizeof types / sizeof types[0]; ti++) {
         const int64_t *lengths = types[ti] == TYPE_Q8_0 ? lengths_32 : lengths_256;
         struct q8_errors err = { 0, 0, 0 };
