@@ -19556,37 +19556,51 @@ static double thread_cpu_seconds(void) {
     return ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
-/* GB/s of one kernel over `n_rows` rows: the best of `tries` timings, each
- * of `reps` passes over the rows. On a shared machine the best is the
- * figure least disturbed by other tenants (a preempted or cache-evicted
- * pass only ever makes a timing slower). a == NULL: float activations. */
-static double roof_kernel(uint32_t type, const uint8_t *rows, int64_t n_rows, int reps,
-                          int tries, const float *x, const struct act_q8 *a) {
+/* One pass of a kernel over `n_rows` rows; a == NULL: float activations. */
+static float roof_pass(uint32_t type, const uint8_t *rows, int64_t n_rows, const float *x,
+                       const struct act_q8 *a) {
     size_t row_bytes = type_row_bytes(type, ROOF_ROW);
+    float sum = 0;
+    for (int64_t i = 0; i < n_rows; i++)
+        sum += a ? vec_dot_q8(type, rows + i * row_bytes, a)
+                 : vec_dot(type, rows + i * row_bytes, x, ROOF_ROW);
+    return sum;
+}
+
+/* GB/s of one kernel over `n_rows` rows: the best of `tries` timings, each
+ * of as many passes as fill `min_seconds` of CPU time (at least one). On a
+ * shared machine the best is the figure least disturbed by other tenants: a
+ * core shared with another thread or a cache evicted by one only ever makes
+ * a timing slower. */
+static double roof_kernel(uint32_t type, const uint8_t *rows, int64_t n_rows,
+                          double min_seconds, int tries, const float *x,
+                          const struct act_q8 *a) {
+    double bytes = (double)type_row_bytes(type, ROOF_ROW) * (double)n_rows, best = 0;
     volatile float sink = 0;
-    double best = 0;
     for (int t = 0; t < tries; t++) {
-        double t0 = thread_cpu_seconds();
-        for (int r = 0; r < reps; r++)
-            for (int64_t i = 0; i < n_rows; i++)
-                sink += a ? vec_dot_q8(type, rows + i * row_bytes, a)
-                          : vec_dot(type, rows + i * row_bytes, x, ROOF_ROW);
-        double gbs = (double)row_bytes * n_rows * reps / (thread_cpu_seconds() - t0) / 1e9;
-        if (gbs > best) best = gbs;
+        double t0 = thread_cpu_seconds(), elapsed = 0;
+        int passes = 0;
+        do {
+            sink += roof_pass(type, rows, n_rows, x, a);
+            passes++;
+            elapsed = thread_cpu_seconds() - t0;
+        } while (elapsed < min_seconds);
+        if (bytes * passes / elapsed / 1e9 > best) best = bytes * passes / elapsed / 1e9;
     }
     (void)sink;
     return best;
 }
 
-/* From cache: 64 rows (at most 280 KB, in L2) 40 times per timing, best of
- * 9; from DRAM: one pass over the 256 MiB, best of 3. */
-enum { ROOF_CACHE_ROWS = 64, ROOF_CACHE_REPS = 40, ROOF_CACHE_TRIES = 9, ROOF_DRAM_TRIES = 3 };
+/* From cache: 64 rows (at most 280 KB, in L2), passes for 20 ms of CPU per
+ * timing, best of 7; from DRAM: one pass over the 256 MiB, best of 3. */
+enum { ROOF_CACHE_ROWS = 64, ROOF_CACHE_TRIES = 7, ROOF_DRAM_TRIES = 3 };
+static const double roof_cache_seconds = 0.02;
 
 static void roof_print_kernel(uint32_t type, const char *what, const uint8_t *rows,
                               int64_t n_big, const float *x, const struct act_q8 *a) {
-    double cache = roof_kernel(type, rows, ROOF_CACHE_ROWS, ROOF_CACHE_REPS, ROOF_CACHE_TRIES,
-                               x, a);
-    double dram = roof_kernel(type, rows, n_big, 1, ROOF_DRAM_TRIES, x, a);
+    double cache = roof_kernel(type, rows, ROOF_CACHE_ROWS, roof_cache_seconds,
+                               ROOF_CACHE_TRIES, x, a);
+    double dram = roof_kernel(type, rows, n_big, 0, ROOF_DRAM_TRIES, x, a);
     printf("roofline: kernel %-8s 1 thread, GB/s of weights: %-30s %6.2f cache %6.2f DRAM\n",
            type_traits_of(type)->name, what, cache, dram);
 }
@@ -19652,10 +19666,13 @@ static int run_bench(struct engine *eng, int n_prefill, int n_decode, struct spe
     }
     double per_token = (double)decode_bytes_per_token(eng->model);
     double decode_tps = plain_stats.emitted / plain_s;
+    char mode[80] = "";
+    if (eng->opt.reference_kernels) snprintf(mode, sizeof mode, ", reference kernels");
+    else if (eng->opt.q8_activations)
+        snprintf(mode, sizeof mode, ", 8-bit activations (--fast, %s kernels)",
+                 quant_q8_variant_count() > 0 ? quant_q8_variant_name(0) : "scalar");
     printf("model: %d layers, dim %d, %d experts (%d used), vocab %d; %d threads%s\n",
-           c->n_layers, c->dim, c->n_experts, c->n_used, c->vocab, eng->pool.n_threads,
-           eng->opt.reference_kernels ? ", reference kernels"
-           : eng->opt.q8_activations ? ", 8-bit activations (--fast)" : "");
+           c->n_layers, c->dim, c->n_experts, c->n_used, c->vocab, eng->pool.n_threads, mode);
     printf("prefill: %d tokens in %.3f s = %.2f tokens/s\n", n_prefill, prefill_s,
            n_prefill / prefill_s);
     printf("decode:  %lld tokens in %.3f s = %.2f tokens/s; %.2f ms CPU per token (all threads)\n",
