@@ -1503,7 +1503,7 @@ static void quant_tables_init(void) {
         for (int j = 0; j < 8; j++)
             quant_iq2_sign_bits[s][j] = (signs >> j) & 1 ? 0x80000000u : 0;
     }
-    quant_q8_choose_variant();
+    quant_q8_choose_variant();          /* the integer kernels for this CPU (3.9) */
     quant_tables_ready = true;
 }
 
@@ -2065,8 +2065,8 @@ static uint64_t tensor_bytes_for(uint32_t type, uint64_t n_elements, uint64_t ro
  *
  * The path is also chaotic in a way the float one is not: every product's
  * output is rounded to 8 bits again as the next one's input, so a last-bit
- * difference in a sum can move a value across a rounding boundary, and the
- * step it then takes is a whole d[b] / 2. Kernels that add the same integer
+ * difference in a sum can move a value across a rounding boundary, and its
+ * 8-bit copy then moves by a whole step d[b]. Kernels that add the same integer
  * sums in another float order therefore print different --check-vectors
  * figures: on the q8_0 tiny model, merely merging the AVX2 Q8_0 kernel's two
  * accumulators into one moves the median of len600_prefill600 from 5.88e-2

@@ -15,8 +15,9 @@
  *   4. quantize_row then dequant_row_ref, with an error bound per type;
  *   5. the IQ2_XXS codebook and sign tables;
  *   6. the 8-bit activations of 3.11: the quantizer, the integer kernels
- *      against their scalar reference, and that reference against the
- *      float one within the documented bound.
+ *      (every variant this CPU runs: AVX-512, AVX2, ...) against their
+ *      scalar reference, and that reference against the float one within
+ *      the documented bound.
  *
  * Every check prints what it compared, the largest difference and the
  * tolerance. The last line is "N passed, N failed"; the exit status is 0
