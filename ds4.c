@@ -2973,7 +2973,9 @@ static const char *quant_q8_variant_name(int v) {
     return quant_q8_variants[quant_q8_first + v].name;
 }
 
-/* v counts from the best this CPU runs; 0 is the start-up choice. */
+/* v counts from the best this CPU runs; 0 is the start-up choice. Like the
+ * tables, the choice is read without a lock: change it only while no
+ * product runs (the tests and the single-threaded roofline do). */
 static void quant_q8_use_variant(int v) {
     if (v < 0 || v >= quant_q8_variant_count()) {
         fprintf(stderr, "ds4: no integer kernel variant %d on this CPU\n", v);
@@ -3003,6 +3005,32 @@ static float quant_fast_vec_dot_q8(uint32_t type, const void *w, const struct ac
  * engine keeps float activations unless asked, and then gets the reference. */
 static float quant_fast_vec_dot_q8(uint32_t type, const void *w, const struct act_q8 *a) {
     return vec_dot_q8_ref(type, w, a);
+}
+
+#endif
+
+#if !(defined(__AVX2__) && defined(__FMA__) && defined(__F16C__))
+
+/* Where the block above compiled no integer kernels (x86 built without
+ * -march, as the sanitizer tests are, or a CPU with no SIMD block) there is
+ * no variant to choose: quant_fast_vec_dot_q8() is the reference, the tests
+ * and the roofline find no rows. (A SIMD block for another CPU brings its
+ * own four functions, and then this guard must exclude it too.) */
+static int quant_q8_variant_count(void) {
+    return 0;
+}
+
+static const char *quant_q8_variant_name(int v) {
+    (void)v;
+    return "scalar";
+}
+
+static void quant_q8_use_variant(int v) {
+    fprintf(stderr, "ds4: no integer kernel variant %d in this build\n", v);
+    abort();
+}
+
+static void quant_q8_choose_variant(void) {
 }
 
 #endif
@@ -19624,7 +19652,8 @@ static void roof_print_kernel(uint32_t type, const char *what, const uint8_t *ro
 }
 
 /* One line for float activations and one per integer kernel variant this
- * CPU runs (3.9), the start-up choice first; the choice is restored. */
+ * CPU runs (3.9), the start-up choice first; the choice is restored. A
+ * build without integer kernels shows its scalar reference instead. */
 static void roof_kernels(void) {
     static const uint32_t types[] = { TYPE_F16, TYPE_Q8_0, TYPE_Q4_K, TYPE_Q2_K, TYPE_IQ2_XXS };
     float *x = xmalloc(ROOF_ROW * sizeof(float));
@@ -19640,13 +19669,15 @@ static void roof_kernels(void) {
         int64_t n_big = (int64_t)(big / type_row_bytes(type, ROOF_ROW));
         roof_fill(type, rows, big, &rng);
         roof_print_kernel(type, "f32 activations", rows, n_big, x, NULL);
-        for (int v = 0; quant_has_q8_dot(type) && v < quant_q8_variant_count(); v++) {
+        int variants = quant_q8_variant_count();
+        for (int v = 0; quant_has_q8_dot(type) && v < (variants > 0 ? variants : 1); v++) {
             char what[64];
-            snprintf(what, sizeof what, "8-bit activations (%s)", quant_q8_variant_name(v));
-            quant_q8_use_variant(v);
+            if (variants > 0) quant_q8_use_variant(v);
+            snprintf(what, sizeof what, "8-bit activations (%s)",
+                     variants > 0 ? quant_q8_variant_name(v) : "scalar");
             roof_print_kernel(type, what, rows, n_big, x, &a);
         }
-        quant_q8_use_variant(0);
+        if (variants > 0) quant_q8_use_variant(0);
     }
     free(rows);
     free(mem);
