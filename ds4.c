@@ -1471,15 +1471,39 @@ static _Alignas(32) float quant_iq2_grid_f32[256][8];
 static _Alignas(32) uint32_t quant_iq2_sign_bits[128][8];
 static bool quant_tables_ready;
 
+/* The AVX-512 integer kernel (3.9) looks the codebook up by register
+ * permutes instead of loads, so it wants the table small: each magnitude is
+ * one of three levels, a 2-bit code, and an entry's 8 codes fit in 16 bits,
+ * kept as a table of low bytes and one of high bytes:
+ *
+ *     code[g] = sum_j level(grid[g][j]) << 2j,  level(8, 25, 43) = 0, 1, 2
+ *     quant_iq2_code_bytes[0][g] = code[g] & 255,  [1][g] = code[g] >> 8   [2][256]
+ *
+ * Each table is 256 bytes, four 64-byte registers. */
+static _Alignas(64) uint8_t quant_iq2_code_bytes[2][256];
+
+static void quant_q8_choose_variant(void);
+
+static int quant_iq2_level(int magnitude) {
+    return magnitude == 8 ? 0 : magnitude == 25 ? 1 : 2;
+}
+
 static void quant_tables_init(void) {
-    for (int g = 0; g < 256; g++)
-        for (int j = 0; j < 8; j++)
+    for (int g = 0; g < 256; g++) {
+        int code = 0;
+        for (int j = 0; j < 8; j++) {
             quant_iq2_grid_f32[g][j] = (float)quant_iq2_grid_byte(g, j);
+            code |= quant_iq2_level(quant_iq2_grid_byte(g, j)) << (2 * j);
+        }
+        quant_iq2_code_bytes[0][g] = (uint8_t)(code & 255);
+        quant_iq2_code_bytes[1][g] = (uint8_t)(code >> 8);
+    }
     for (int s = 0; s < 128; s++) {
         int signs = quant_iq2_signs(s);
         for (int j = 0; j < 8; j++)
             quant_iq2_sign_bits[s][j] = (signs >> j) & 1 ? 0x80000000u : 0;
     }
+    quant_q8_choose_variant();          /* the integer kernels for this CPU (3.9) */
     quant_tables_ready = true;
 }
 
@@ -2039,30 +2063,49 @@ static uint64_t tensor_bytes_for(uint32_t type, uint64_t n_elements, uint64_t ro
  * to 3.7e-1 (top-k choices flip), so the 8-bit path stays an explicit choice,
  * `--fast`, and float activations remain the default and the reference.
  *
+ * The path is also chaotic in a way the float one is not: every product's
+ * output is rounded to 8 bits again as the next one's input, so a last-bit
+ * difference in a sum can move a value across a rounding boundary, and its
+ * 8-bit copy then moves by a whole step d[b]. Kernels that add the same integer
+ * sums in another float order therefore print different --check-vectors
+ * figures: on the q8_0 tiny model, merely merging the AVX2 Q8_0 kernel's two
+ * accumulators into one moves the median of len600_prefill600 from 5.88e-2
+ * to 5.15e-2, and the AVX-512 kernels give 5.98e-2 (2026-12-02). Each
+ * product is still within 1e-7 of sum |w*x| of the reference; the float path
+ * prints the same figures with either kernel set.
+ *
  * The inner integer sums cannot overflow: `pmaddubsw` saturates at 32767,
  * and the largest pair is 128 * 127 * 2 = 32512 (a Q8_0 weight of -128 made
- * positive), the rest far less (43 * 127 * 2 for IQ2_XXS). */
+ * positive), the rest far less (43 * 127 * 2 for IQ2_XXS); `vpdpbusd` adds
+ * four products of at most 128 * 127 into 32 bits, without saturation. */
 
 /* The activations are quantized once per product and then read by every
  * row, so anything that makes a row's work cheaper may be spent on them.
- * The IQ2_XXS kernel (below) wants each block of 256 in another order,
- * pairing group g with group g + 4, so `q_pairs` holds a second copy:
+ * The IQ2_XXS kernels (below) want each block of 256 in other orders. The
+ * AVX2 one pairs group g with group g + 4, so `q_pairs` holds a second copy:
  *
  *     q_pairs[256 i + 32 (2g + h) + l] = q[256 i + 32 g + 16 h + l]         l < 16
  *                                      = q[256 i + 32 (g + 4) + 16 h + l - 16]   l >= 16
  *
- * for g = 0..3, h = 0..1; a tail shorter than 256 is copied as it is. */
+ * for g = 0..3, h = 0..1. The AVX-512 one reads piece t (8 values) of all
+ * eight groups as one register, so `q_pieces` holds a third, the block seen
+ * as an [8 groups][4 pieces][8] array and transposed to [4][8][8]:
+ *
+ *     q_pieces[256 i + 64 t + 8 g + j] = q[256 i + 32 g + 8 t + j]     t < 4, g < 8
+ *
+ * In both a tail shorter than 256 is copied as it is. */
 struct act_q8 {
     int64_t n;          /* values; a multiple of 32 */
     int8_t *q;          /* [n] */
-    int8_t *q_pairs;    /* [n] q reordered for IQ2_XXS, as above */
+    int8_t *q_pairs;    /* [n] q reordered for the AVX2 IQ2_XXS kernel, as above */
+    int8_t *q_pieces;   /* [n] q reordered for the AVX-512 IQ2_XXS kernel */
     float *d;           /* [n / 32] */
     float *sum16;       /* [n / 16] */
 };
 
 /* Bytes of storage for one quantized vector of n values (act_q8_view). */
 static size_t act_q8_bytes(int64_t n) {
-    return 2 * (size_t)n + (size_t)(n / 32) * sizeof(float) + (size_t)(n / 16) * sizeof(float);
+    return 3 * (size_t)n + (size_t)(n / 32) * sizeof(float) + (size_t)(n / 16) * sizeof(float);
 }
 
 /* Lay a quantized vector of n values over `mem` (act_q8_bytes(n) bytes, float
@@ -2070,7 +2113,7 @@ static size_t act_q8_bytes(int64_t n) {
 static struct act_q8 act_q8_view(void *mem, int64_t n) {
     float *f = mem;
     int8_t *q = (int8_t *)(f + n / 32 + n / 16);
-    struct act_q8 a = { n, q, q + n, f, f + n / 32 };
+    struct act_q8 a = { n, q, q + n, q + 2 * n, f, f + n / 32 };
     return a;
 }
 
@@ -2087,6 +2130,16 @@ static void act_q8_pair_groups(struct act_q8 *a) {
     memcpy(a->q_pairs + i, a->q + i, (size_t)(a->n - i));
 }
 
+/* q_pieces from q, as defined above. */
+static void act_q8_transpose_pieces(struct act_q8 *a) {
+    int64_t i = 0;
+    for (; i + 256 <= a->n; i += 256)
+        for (int t = 0; t < 4; t++)
+            for (int g = 0; g < 8; g++)
+                memcpy(a->q_pieces + i + 64 * t + 8 * g, a->q + i + 32 * g + 8 * t, 8);
+    memcpy(a->q_pieces + i, a->q + i, (size_t)(a->n - i));
+}
+
 /* d[b], q[i] and s[k] as defined above. */
 static void act_quantize_q8(const float *x, struct act_q8 *a) {
     for (int64_t b = 0; b < a->n / 32; b++) {
@@ -2101,6 +2154,7 @@ static void act_quantize_q8(const float *x, struct act_q8 *a) {
         a->sum16[2 * b + 1] = hi;
     }
     act_q8_pair_groups(a);
+    act_q8_transpose_pieces(a);
 }
 
 /* The reference integer products, one term per sub-block, literally as in
@@ -2464,12 +2518,483 @@ static float quant_avx2_q8_dot_iq2_xxs(const struct block_iq2_xxs *w, const stru
     return quant_avx2_hsum(acc);
 }
 
+/* ---- AVX-512: the same integer products, 64 values per register ---------- */
+
+/* WHY AVX-512 HELPS IQ2_XXS MOST
+ *
+ * Zen 4 and the Intel server cores since Ice Lake add, beside the wider
+ * registers, four things the 2-bit formats were waiting for:
+ *
+ *   - `vpdpbusd` (VNNI) multiplies 64 unsigned bytes by 64 signed ones and
+ *     adds each four products into an int32 lane, in one instruction where
+ *     AVX2 needs `pmaddubsw`, `pmaddwd` and an add.
+ *   - Mask registers: a 64-bit k register holds one bit per byte lane, and
+ *     most instructions take one. IQ2_XXS stores a sign bit per value, so
+ *     the 64 signs of a register's 64 values are exactly one mask, and
+ *     `_mm512_mask_sub_epi8(x, neg, 0, x)` negates the activations under it
+ *     in one instruction. `vpshufbitqmb` (BITALG) builds that mask directly:
+ *     it gathers 8 chosen bits of each 64-bit lane of a register into the 8
+ *     mask bits of that lane, so the stored sign fields are read where they
+ *     lie, no byte masks are built.
+ *   - Byte permutes across the whole register (VBMI): `vpermi2b` looks 64
+ *     bytes up in a 128-byte table held in two registers, and
+ *     `vpmultishiftqb` cuts 8 arbitrary 8-bit fields out of each 64-bit
+ *     lane. The IQ2_XXS codebook, written as 2-bit level codes (3.4), is
+ *     512 bytes: eight registers. The 64 grid lookups of two blocks become
+ *     four byte permutes and two blends, with no load per piece.
+ *   - GF(2) affine byte transforms (GFNI): `vgf2p8affineqb` makes each
+ *     output bit the xor of any chosen bits of the same input byte. That is
+ *     a 2-bit code's level (8, 25, 43) in one instruction, and a piece's
+ *     eighth sign bit, the parity of the other seven, in another.
+ *
+ * So the IQ2_XXS kernel here does no scalar work per block but the load of
+ * its scale: one load of the 64 code bytes, then the lookups, the signs and
+ * the products in registers. The other three types gain less: their AVX2
+ * kernels were not held back by decoding, and here they save the `pmaddwd`
+ * of each product and read 64 values per instruction.
+ *
+ * These functions are compiled for AVX-512 by a target attribute, whatever
+ * the -march of the rest, and run only where quant_q8_choose_variant()
+ * (below) found the features at start-up; the AVX2 kernels stay the
+ * fallback on other CPUs. */
+#define QUANT_AVX512 __attribute__((target( \
+    "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512vbmi,avx512bitalg,gfni")))
+
+QUANT_AVX512 static inline __m512i quant_avx512_load(const void *p) {
+    return _mm512_loadu_si512(p);
+}
+
+/* The 32 bytes at p in both halves of a register. */
+QUANT_AVX512 static inline __m512i quant_avx512_both_halves(const void *p) {
+    return _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)p));
+}
+
+/* x negated in the lanes whose bit in `neg` is set. */
+QUANT_AVX512 static inline __m512i quant_avx512_negate(__m512i x, __mmask64 neg) {
+    return _mm512_mask_sub_epi8(x, neg, _mm512_setzero_si512(), x);
+}
+
+/* Four registers of sixteen int32 partial sums, s0..s3, folded so that
+ * int32 lane 4L + m is the sum of 128-bit lane L of s_m (the AVX2 fold4,
+ * in each of the four lanes). */
+QUANT_AVX512 static inline __m512i quant_avx512_fold4(__m512i s0, __m512i s1, __m512i s2,
+                                                      __m512i s3) {
+    __m512i t01 = _mm512_add_epi32(_mm512_unpacklo_epi32(s0, s1), _mm512_unpackhi_epi32(s0, s1));
+    __m512i t23 = _mm512_add_epi32(_mm512_unpacklo_epi32(s2, s3), _mm512_unpackhi_epi32(s2, s3));
+    return _mm512_add_epi32(_mm512_unpacklo_epi64(t01, t23), _mm512_unpackhi_epi64(t01, t23));
+}
+
+/* Q8_0, two blocks per register: |w| against x carrying w's signs, which
+ * `vpmovb2m` takes straight into a mask; one scale per 256-bit half. Four
+ * blocks per step, so that their four half scales are converted by one
+ * `vcvtph2ps` and multiplied with dx by one multiply:
+ *
+ *   sc[l]   = d[b + l] dx[b + l]                                    [4] float
+ *   acc[l] += sc[l / 8] sum_{4 lanes} |w| (sign(w) x),  blocks b, b+1    [16]
+ *   acc'[l] += the same for blocks b + 2, b + 3
+ *
+ * (Two blocks per step, their scales converted one at a time, ran at 34.9
+ * GB/s from cache against 40.8 for this, and AVX2's 33.4; Zen 4.) */
+QUANT_AVX512 static inline __m512i quant_avx512_q8_0_pair_sums(const struct block_q8_0 *w,
+                                                               const int8_t *x) {
+    __m512i wq = _mm512_inserti64x4(_mm512_castsi256_si512(quant_avx2_load_i8(w[0].qs)),
+                                    quant_avx2_load_i8(w[1].qs), 1);
+    __m512i xs = quant_avx512_negate(quant_avx512_load(x), _mm512_movepi8_mask(wq));
+    return _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_abs_epi8(wq), xs);
+}
+
+QUANT_AVX512 static inline __m128 quant_avx512_q8_0_scales4(const struct block_q8_0 *w,
+                                                            const float *dx) {
+    __m128i d = _mm_setr_epi16((short)w[0].d, (short)w[1].d, (short)w[2].d, (short)w[3].d,
+                               0, 0, 0, 0);
+    return _mm_mul_ps(_mm_cvtph_ps(d), _mm_loadu_ps(dx));
+}
+
+QUANT_AVX512 static float quant_avx512_q8_dot_q8_0(const struct block_q8_0 *w,
+                                                   const struct act_q8 *a) {
+    const __m512i first = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+    const __m512i second = _mm512_setr_epi32(2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+    int64_t nb = a->n / 32, b = 0;
+    for (; b + 4 <= nb; b += 4) {
+        __m512 sc = _mm512_castps128_ps512(quant_avx512_q8_0_scales4(w + b, a->d + b));
+        __m512i s01 = quant_avx512_q8_0_pair_sums(w + b, a->q + 32 * b);
+        __m512i s23 = quant_avx512_q8_0_pair_sums(w + b + 2, a->q + 32 * b + 64);
+        acc0 = _mm512_fmadd_ps(_mm512_permutexvar_ps(first, sc), _mm512_cvtepi32_ps(s01), acc0);
+        acc1 = _mm512_fmadd_ps(_mm512_permutexvar_ps(second, sc), _mm512_cvtepi32_ps(s23), acc1);
+    }
+    __m256 tail = _mm256_setzero_ps();
+    for (; b < nb; b++) tail = quant_avx2_q8_block_q8_0(w + b, a, b, tail);
+    return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) + quant_avx2_hsum(tail);
+}
+
+/* Q2_K, 64 values per register. Register m holds the 2-bit values at shifts
+ * j = 2(m%2) and j + 1 of half m/2's 32 bytes (3.3), which are activations
+ * 64m .. 64m + 63 in order, so x is one plain load; each 128-bit lane L is
+ * sub-block k = 4m + L. The values are not shifted down: an and with
+ * 3 << 2j leaves 4^j q, at most 192, still an unsigned byte, and the power
+ * of 4 comes off with the float scale, exactly. The sums are taken without
+ * the scales (`vpdpbusd`) and folded so that int32 lane 4L + m is sub-block
+ * 4m + L:
+ *
+ *   S[4L + m] = sum_{i in sub-block 4m + L} 4^j(L, m) q2[i] x[i]        [16] int32
+ *   acc[p]   += d sc[k(p)] 4^-j(p) dx[k(p) / 2] S[p]     k(4L + m) = 4m + L  [16] float
+ *   mins[k]  += dmin m[k] s[k]                                         [16] float
+ *
+ * with j(L, m) = 2(m%2) + L/2. */
+QUANT_AVX512 static inline __m512i quant_avx512_q2_k_part(const struct block_q2_k *w, int m,
+                                                          const int8_t *x) {
+    int j = 2 * (m % 2);
+    __m512i keep = _mm512_mask_blend_epi8(0xffffffff00000000ull,
+                                          _mm512_set1_epi8((char)(3 << (2 * j))),
+                                          _mm512_set1_epi8((char)(3 << (2 * j + 2))));
+    __m512i q = _mm512_and_si512(quant_avx512_both_halves(w->qs + 32 * (m / 2)), keep);
+    return _mm512_dpbusd_epi32(_mm512_setzero_si512(), q, quant_avx512_load(x + 64 * m));
+}
+
+/* The 16 scale bytes widened once: sc[k] = low nibbles, moved into S's
+ * order by a dword permute, m[k] = high nibbles in natural order; d and
+ * dmin converted together. Shifting each value down (`vpsrlvw`) instead of
+ * the float 4^-j cost 10 % (12.3 GB/s from cache against 13.5, Zen 4). */
+QUANT_AVX512 static float quant_avx512_q8_dot_q2_k(const struct block_q2_k *w,
+                                                   const struct act_q8 *a) {
+    const __m512i in_s_order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13,
+                                                 2, 6, 10, 14, 3, 7, 11, 15);
+    const __m512i dx_of = _mm512_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6, 1, 3, 5, 7, 1, 3, 5, 7);
+    const __m512 unshift = _mm512_setr_ps(1, 1.f / 16, 1, 1.f / 16, 1, 1.f / 16, 1, 1.f / 16,
+                                          1.f / 4, 1.f / 64, 1.f / 4, 1.f / 64,
+                                          1.f / 4, 1.f / 64, 1.f / 4, 1.f / 64);     /* 4^-j(p) */
+    __m512 acc = _mm512_setzero_ps(), mins = _mm512_setzero_ps();
+    for (int64_t i = 0; i < a->n / 256; i++, w++) {
+        const int8_t *x = a->q + 256 * i;
+        __m512i S = quant_avx512_fold4(quant_avx512_q2_k_part(w, 0, x),
+                                       quant_avx512_q2_k_part(w, 1, x),
+                                       quant_avx512_q2_k_part(w, 2, x),
+                                       quant_avx512_q2_k_part(w, 3, x));
+        __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)w->scales));
+        __m512i sc = _mm512_and_si512(bytes, _mm512_set1_epi32(15));
+        __m512 sc_f = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_permutexvar_epi32(in_s_order, sc)),
+                                    unshift);
+        __m512 m_f = _mm512_cvtepi32_ps(_mm512_srli_epi32(bytes, 4));
+        __m128 d_dmin = _mm_cvtph_ps(_mm_setr_epi16((short)w->d, (short)w->dmin, 0, 0, 0, 0, 0, 0));
+        __m512 dx = _mm512_castps256_ps512(_mm256_loadu_ps(a->d + 8 * i));
+        __m512 dxs = _mm512_permutexvar_ps(dx_of, dx);
+        __m512 scale = _mm512_mul_ps(_mm512_mul_ps(sc_f, dxs), _mm512_broadcastss_ps(d_dmin));
+        acc = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(S), acc);
+        __m512 dmin = _mm512_permutexvar_ps(_mm512_set1_epi32(1), _mm512_castps128_ps512(d_dmin));
+        mins = _mm512_fmadd_ps(_mm512_mul_ps(m_f, _mm512_loadu_ps(a->sum16 + 16 * i)), dmin, mins);
+    }
+    return _mm512_reduce_add_ps(acc) - _mm512_reduce_add_ps(mins);
+}
+
+/* Q4_K, 64 values per register: chunk c's 32 bytes in both halves, the low
+ * half's low nibbles (sub-block 2c) and the high half's high nibbles
+ * (sub-block 2c + 1) are activations 64c .. 64c + 63 in order. The high
+ * nibbles are kept in place (16 q, an unsigned byte) and the 16 comes off
+ * with the float scale, as in Q2_K. Folded, the sums of the two halves of
+ * the four chunks land in the order (k0, k2, k4, k6 | k1, k3, k5, k7), and
+ * one permute sorts them:
+ *
+ *   S[k]   = sum_{i in sub-block k} 16^(k%2) q4[i] x[i]                 [8] int32
+ *   acc[k] += d sc[k] 16^-(k%2) dx[k] S[k]                             [8] float
+ *   mins[2k + h] += dmin m[k] s[2k + h]                                [16] float */
+QUANT_AVX512 static inline __m512i quant_avx512_q4_k_chunk(const struct block_q4_k *w, int c,
+                                                           const int8_t *x) {
+    __m512i keep = _mm512_mask_blend_epi8(0xffffffff00000000ull, _mm512_set1_epi8(0x0f),
+                                          _mm512_set1_epi8((char)0xf0));
+    __m512i q = _mm512_and_si512(quant_avx512_both_halves(w->qs + 32 * c), keep);
+    return _mm512_dpbusd_epi32(_mm512_setzero_si512(), q, quant_avx512_load(x + 64 * c));
+}
+
+/* The eight 6-bit scales (low 64 bits) and mins (high 64 bits) as bytes,
+ * unpacked four at a time from the three 32-bit words u of the packing in
+ * 3.3: bytes 0-3 keep their low 6 bits, bytes 4-7 take the low (scales) or
+ * high (mins) nibble of u[2] and the top two bits of u[0] or u[1]. */
+QUANT_AVX512 static inline __m128i quant_avx512_q4_k_scale_bytes(const uint8_t *scales) {
+    uint32_t u[3];
+    memcpy(u, scales, 12);
+    uint32_t sc_hi = (u[2] & 0x0f0f0f0f) | ((u[0] >> 2) & 0x30303030);
+    uint32_t m_hi = ((u[2] >> 4) & 0x0f0f0f0f) | ((u[1] >> 2) & 0x30303030);
+    return _mm_setr_epi32((int)(u[0] & 0x3f3f3f3f), (int)sc_hi, (int)(u[1] & 0x3f3f3f3f),
+                          (int)m_hi);
+}
+
+QUANT_AVX512 static float quant_avx512_q8_dot_q4_k(const struct block_q4_k *w,
+                                                   const struct act_q8 *a) {
+    const __m256i sorted = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    const __m256 unshift = _mm256_setr_ps(1, 1.f / 16, 1, 1.f / 16, 1, 1.f / 16, 1, 1.f / 16);
+    __m256 acc = _mm256_setzero_ps();
+    __m512 mins = _mm512_setzero_ps();
+    for (int64_t i = 0; i < a->n / 256; i++, w++) {
+        const int8_t *x = a->q + 256 * i;
+        __m512i F = quant_avx512_fold4(quant_avx512_q4_k_chunk(w, 0, x),
+                                       quant_avx512_q4_k_chunk(w, 1, x),
+                                       quant_avx512_q4_k_chunk(w, 2, x),
+                                       quant_avx512_q4_k_chunk(w, 3, x));
+        __m512i lanes = _mm512_shuffle_i64x2(F, F, _MM_SHUFFLE(3, 1, 2, 0));
+        __m256i S = _mm256_add_epi32(_mm512_castsi512_si256(lanes),
+                                     _mm512_extracti64x4_epi64(lanes, 1));
+        __m128i scm = quant_avx512_q4_k_scale_bytes(w->scales);
+        __m256 sc = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(scm)), unshift);
+        __m256 scale = _mm256_mul_ps(_mm256_mul_ps(sc, _mm256_loadu_ps(a->d + 8 * i)),
+                                     _mm256_set1_ps(quant_avx2_half(w->d)));
+        acc = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(_mm256_permutevar8x32_epi32(S, sorted)),
+                              acc);
+        __m128i m2 = _mm_unpackhi_epi8(scm, scm);
+        __m512 ms = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(m2)),
+                                  _mm512_loadu_ps(a->sum16 + 16 * i));
+        mins = _mm512_fmadd_ps(_mm512_set1_ps(quant_avx2_half(w->dmin)), ms, mins);
+    }
+    return quant_avx2_hsum(acc) - _mm512_reduce_add_ps(mins);
+}
+
+/* IQ2_XXS, the block of 256 as four registers of 64 values: register t
+ * holds piece t (8 values) of each of the eight groups, 64-bit lane g for
+ * group g, so that every 64-bit lane of every register belongs to one group
+ * and group g's 8 code bytes Q (3.3: a0 in the low half of lane g, a1 in the
+ * high half) already lie in the lane they serve. The activations come in
+ * that order (q_pieces, above). Two blocks A, B are done per step, which
+ * lets their 64 grid indices share the lookups and their 16 group sums one
+ * conversion:
+ *
+ *   Q[g]      = a1[g] << 32 | a0[g]                   [8] u64, one load per block
+ *   C[g]      = code(grid index t of a0[g]), t = 0..3          [8][4] u16
+ *   mag_t[g]  = level(code bits 2j, 2j+1), j = 0..7           [8][8] bytes
+ *   neg_t     = the sign bits of piece t of every group          64-bit mask
+ *   S[2g+h]  += sum_{4 values} mag_t (x_t negated under neg_t)   [16] int32, t = 0..3
+ *   acc[8b+g] += d_b/8 (2 ls[g] + 1) dx[g] (S_b[2g] + S_b[2g+1])   [16] float, b = A, B
+ *
+ * THE LOOKUP. One `vpermi2b` gathers the 64 grid-index bytes of A and B into
+ * a register I (A's group g piece t at byte 4g + t, B's at 32 + 4g + t). The
+ * codes' low and high bytes are two 256-byte tables, four registers each;
+ * `vpermi2b` reads 128 table bytes by the index's low 7 bits, so two of
+ * them and a blend by bit 7 (`vpmovb2m` puts the 64 top bits in a mask) look
+ * up 64 low bytes, as many again the high ones. A dword permute of the two
+ * results then gives C_A and C_B: lane g = the four low code bytes of group
+ * g, then its four high ones. `vpmultishiftqb` cuts the 2-bit code of value
+ * j of piece t out of lane g into byte j (bit 8t + 2j for j < 4, 32 + 8t +
+ * 2(j - 4) above), and one GF(2) affine byte transform (`vgf2p8affineqb`,
+ * GFNI: each output bit the xor of chosen input bits, plus a constant)
+ * maps the code's two bits c1 c0 to the level, ignoring the bits above:
+ *
+ *   level = 0b00001000 ^ (c0 ^ c1) << 0 ^ c1 << 1 ^ c0 << 4 ^ c1 << 5
+ *         = 8, 25, 43 for c = 0, 1, 2
+ *
+ * THE SIGNS. A piece stores 7 sign bits, s[t] = bits 7t..7t+6 of a1, and the
+ * 8th is their parity (3.4). One multishift puts s[t] into byte t of lane g,
+ * and one affine transform makes it the whole sign byte: bits 0-6 copied,
+ * bit 7 the xor of bits 0-6, the junk 8th bit dropped:
+ *
+ *   B[g] byte t = s[t] | parity(s[t]) << 7
+ *
+ * `vpshufbitqmb` with bit positions 8t + j then fills the mask neg_t.
+ *
+ * WHERE THE TIME GOES, measured from cache by CPU time, one thread, Zen 4
+ * (2026-12-02, best of 25 round-robin timings of 64 rows of 4096): the AVX2
+ * kernel 5.8 GB/s. One block per step with the codes as one u16 table of
+ * eight registers (four `vpermi2w` and three blends per block) and the
+ * parity by `vpopcntb`: 7.8. Grid entries by 64-bit gathers (`vpgatherqq`)
+ * instead of permutes: 3.8, gathers are slow on Zen 4. Two blocks per step
+ * with byte tables: 8.7; levels by the affine transform instead of a
+ * `vpermb` table: 8.9; parity by the affine transform instead of and,
+ * `vpopcntb` and a blend: 9.3 (this kernel). Left out, the lookups would
+ * give 10.9 and the float scaling 9.8, so those are what costs most. */
+struct quant_iq2_codebook { __m512i low[4], high[4]; };
+
+/* C_A and C_B as above, from the 64 code bytes QA, QB of two blocks. */
+QUANT_AVX512 static inline void quant_avx512_iq2_codes(__m512i QA, __m512i QB,
+                                                       const struct quant_iq2_codebook *cb,
+                                                       __m512i *CA, __m512i *CB) {
+    const __m512i index_bytes = _mm512_set_epi32(
+        0x7b7a7978, 0x73727170, 0x6b6a6968, 0x63626160, 0x5b5a5958, 0x53525150,
+        0x4b4a4948, 0x43424140, 0x3b3a3938, 0x33323130, 0x2b2a2928, 0x23222120,
+        0x1b1a1918, 0x13121110, 0x0b0a0908, 0x03020100);
+    __m512i I = _mm512_permutex2var_epi8(QA, index_bytes, QB);
+    __mmask64 top = _mm512_movepi8_mask(I);
+    __m512i low = _mm512_mask_blend_epi8(top, _mm512_permutex2var_epi8(cb->low[0], I, cb->low[1]),
+                                         _mm512_permutex2var_epi8(cb->low[2], I, cb->low[3]));
+    __m512i high = _mm512_mask_blend_epi8(top,
+                                          _mm512_permutex2var_epi8(cb->high[0], I, cb->high[1]),
+                                          _mm512_permutex2var_epi8(cb->high[2], I, cb->high[3]));
+    const __m512i lanes_a = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19,
+                                              4, 20, 5, 21, 6, 22, 7, 23);
+    const __m512i lanes_b = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27,
+                                              12, 28, 13, 29, 14, 30, 15, 31);
+    *CA = _mm512_permutex2var_epi32(low, lanes_a, high);
+    *CB = _mm512_permutex2var_epi32(low, lanes_b, high);
+}
+
+/* An affine byte transform's matrix has one byte per output bit, most
+ * significant byte first: byte 7 - i holds the input bits whose xor is
+ * output bit i. */
+
+/* B as above: multishift by 32 + 7t into byte t, then bits 0-6 kept and
+ * bit 7 = xor of bits 0-6 (matrix bytes 0x01..0x40 and 0x7f). */
+QUANT_AVX512 static inline __m512i quant_avx512_iq2_sign_bytes(__m512i Q) {
+    __m512i fields = _mm512_multishift_epi64_epi8(_mm512_set1_epi64(0x352e2720), Q);
+    return _mm512_gf2p8affine_epi64_epi8(fields, _mm512_set1_epi64(0x010204081020407fll), 0);
+}
+
+/* neg_t as above. */
+QUANT_AVX512 static inline __mmask64 quant_avx512_iq2_signs(__m512i B, int t) {
+    long long bits = 0x0706050403020100ll + t * 0x0808080808080808ll;    /* 8t + j */
+    return _mm512_bitshuffle_epi64_mask(B, _mm512_set1_epi64(bits));
+}
+
+/* mag_t as above: output bit 0 = c0 ^ c1 (matrix byte 7 = 0x03), bit 1 = c1
+ * (byte 6 = 0x02), bit 4 = c0 (byte 3 = 0x01), bit 5 = c1 (byte 2 = 0x02),
+ * bit 3 from the constant 8. */
+QUANT_AVX512 static inline __m512i quant_avx512_iq2_magnitudes(__m512i C, int t) {
+    long long shifts = 0x2624222006040200ll + t * 0x0808080808080808ll;
+    __m512i codes = _mm512_multishift_epi64_epi8(_mm512_set1_epi64(shifts), C);
+    return _mm512_gf2p8affine_epi64_epi8(codes, _mm512_set1_epi64(0x0302000001020000ll), 8);
+}
+
+/* S += the products of piece t of the eight groups. */
+QUANT_AVX512 static inline __m512i quant_avx512_iq2_piece(__m512i C, __m512i B, int t,
+                                                          const int8_t *xt, __m512i S) {
+    __m512i x = quant_avx512_negate(quant_avx512_load(xt + 64 * t), quant_avx512_iq2_signs(B, t));
+    return _mm512_dpbusd_epi32(S, quant_avx512_iq2_magnitudes(C, t), x);
+}
+
+/* S of one block. */
+QUANT_AVX512 static inline __m512i quant_avx512_iq2_block(__m512i C, __m512i Q,
+                                                          const int8_t *xt) {
+    __m512i B = quant_avx512_iq2_sign_bytes(Q);
+    __m512i S = quant_avx512_iq2_piece(C, B, 0, xt, _mm512_setzero_si512());
+    S = quant_avx512_iq2_piece(C, B, 1, xt, S);
+    S = quant_avx512_iq2_piece(C, B, 2, xt, S);
+    return quant_avx512_iq2_piece(C, B, 3, xt, S);
+}
+
+/* Two blocks' code bytes, integer sums and scales d, as the scaling reads
+ * them. */
+struct quant_iq2_pair { __m512i Q[2], S[2]; uint16_t d[2]; };
+
+/* acc as above, without the common 1/8: the group sums of A and B side by
+ * side, the factors 2 ls + 1 from the a1 words ((a1 >> 27) | 1, as in the
+ * AVX2 kernel), d_A and d_B converted together. `dx_lanes` masks the load of
+ * dx when B is not there (a last odd block: S[1] = 0, d[1] = 0). */
+QUANT_AVX512 static inline __m512 quant_avx512_iq2_scaled(const struct quant_iq2_pair *p,
+                                                          const float *dx, __mmask16 dx_lanes,
+                                                          __m512 acc) {
+    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14,
+                                           16, 18, 20, 22, 24, 26, 28, 30);
+    const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15,
+                                          17, 19, 21, 23, 25, 27, 29, 31);
+    const __m512i halves = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+    __m512i sums = _mm512_add_epi32(_mm512_permutex2var_epi32(p->S[0], even, p->S[1]),
+                                    _mm512_permutex2var_epi32(p->S[0], odd, p->S[1]));
+    __m512i a1 = _mm512_permutex2var_epi32(p->Q[0], odd, p->Q[1]);
+    __m512i ls2 = _mm512_or_si512(_mm512_srli_epi32(a1, 27), _mm512_set1_epi32(1));
+    __m128 d = _mm_cvtph_ps(_mm_setr_epi16((short)p->d[0], (short)p->d[1], 0, 0, 0, 0, 0, 0));
+    __m512 db = _mm512_permutexvar_ps(halves, _mm512_castps128_ps512(d));
+    __m512 scale = _mm512_mul_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(dx_lanes, dx), db),
+                                 _mm512_cvtepi32_ps(ls2));
+    return _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(sums), acc);
+}
+
+/* Blocks i and i + 1 (i alone when `pair` is false) into acc; inlined in
+ * both places, so that each copy knows `pair` (a call costs 10 %). */
+QUANT_AVX512 __attribute__((always_inline))
+static inline __m512 quant_avx512_iq2_step(const struct block_iq2_xxs *w, const struct act_q8 *a,
+                                           int64_t i, bool pair,
+                                           const struct quant_iq2_codebook *cb, __m512 acc) {
+    struct quant_iq2_pair p = { { quant_avx512_load(w[i].qs) }, { _mm512_setzero_si512() },
+                                { w[i].d, 0 } };
+    p.Q[1] = pair ? quant_avx512_load(w[i + 1].qs) : p.Q[0];
+    __m512i C[2];
+    quant_avx512_iq2_codes(p.Q[0], p.Q[1], cb, &C[0], &C[1]);
+    p.S[0] = quant_avx512_iq2_block(C[0], p.Q[0], a->q_pieces + 256 * i);
+    if (pair) {
+        p.S[1] = quant_avx512_iq2_block(C[1], p.Q[1], a->q_pieces + 256 * i + 256);
+        p.d[1] = w[i + 1].d;
+    }
+    return quant_avx512_iq2_scaled(&p, a->d + 8 * i, pair ? 0xffff : 0x00ff, acc);
+}
+
+QUANT_AVX512 static float quant_avx512_q8_dot_iq2_xxs(const struct block_iq2_xxs *w,
+                                                      const struct act_q8 *a) {
+    struct quant_iq2_codebook cb;
+    for (int k = 0; k < 4; k++) {
+        cb.low[k] = _mm512_load_si512(quant_iq2_code_bytes[0] + 64 * k);
+        cb.high[k] = _mm512_load_si512(quant_iq2_code_bytes[1] + 64 * k);
+    }
+    __m512 acc = _mm512_setzero_ps();
+    int64_t nb = a->n / 256, i = 0;
+    for (; i + 2 <= nb; i += 2) acc = quant_avx512_iq2_step(w, a, i, true, &cb, acc);
+    if (i < nb) acc = quant_avx512_iq2_step(w, a, i, false, &cb, acc);
+    return _mm512_reduce_add_ps(acc) * 0.125f;
+}
+
+/* ---- Choosing the kernels once ---------------------------------------------
+ *
+ * One row of function pointers per instruction set, best first; the
+ * start-up choice is the first row whose features the CPU reports
+ * (`__builtin_cpu_supports` reads what the C runtime learnt from cpuid once).
+ * Tests and --bench --roofline step through the rows this CPU can run.
+ * There is no AVX-VNNI row (the 256-bit VEX `vpdpbusd` of Alder Lake and
+ * Zen 5): no machine here has it, and a row that was never run would be a
+ * guess. */
+struct quant_q8_kernels {
+    const char *name;
+    float (*q8_0)(const struct block_q8_0 *w, const struct act_q8 *a);
+    float (*q2_k)(const struct block_q2_k *w, const struct act_q8 *a);
+    float (*q4_k)(const struct block_q4_k *w, const struct act_q8 *a);
+    float (*iq2_xxs)(const struct block_iq2_xxs *w, const struct act_q8 *a);
+};
+
+static const struct quant_q8_kernels quant_q8_variants[] = {
+    { "avx512vnni", quant_avx512_q8_dot_q8_0, quant_avx512_q8_dot_q2_k,
+      quant_avx512_q8_dot_q4_k, quant_avx512_q8_dot_iq2_xxs },
+    { "avx2", quant_avx2_q8_dot_q8_0, quant_avx2_q8_dot_q2_k, quant_avx2_q8_dot_q4_k,
+      quant_avx2_q8_dot_iq2_xxs },
+};
+enum { QUANT_Q8_VARIANTS = sizeof quant_q8_variants / sizeof quant_q8_variants[0] };
+
+/* The first row this CPU can run (the AVX2 row always: this code is only
+ * compiled for AVX2), and the row in use. */
+static int quant_q8_first;
+static const struct quant_q8_kernels *quant_q8_active = &quant_q8_variants[1];
+
+static bool quant_cpu_has_avx512_q8(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+           __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vbmi") &&
+           __builtin_cpu_supports("avx512bitalg") && __builtin_cpu_supports("gfni");
+}
+
+static int quant_q8_variant_count(void) {
+    return QUANT_Q8_VARIANTS - quant_q8_first;
+}
+
+static const char *quant_q8_variant_name(int v) {
+    return quant_q8_variants[quant_q8_first + v].name;
+}
+
+/* v counts from the best this CPU runs; 0 is the start-up choice. Like the
+ * tables, the choice is read without a lock: change it only while no
+ * product runs (the tests and the single-threaded roofline do). */
+static void quant_q8_use_variant(int v) {
+    if (v < 0 || v >= quant_q8_variant_count()) {
+        fprintf(stderr, "ds4: no integer kernel variant %d on this CPU\n", v);
+        abort();
+    }
+    quant_q8_active = &quant_q8_variants[quant_q8_first + v];
+}
+
+static void quant_q8_choose_variant(void) {
+    quant_q8_first = quant_cpu_has_avx512_q8() ? 0 : 1;
+    quant_q8_use_variant(0);
+}
+
 static float quant_fast_vec_dot_q8(uint32_t type, const void *w, const struct act_q8 *a) {
     switch (type) {
-    case TYPE_Q8_0: return quant_avx2_q8_dot_q8_0(w, a);
-    case TYPE_Q2_K: return quant_avx2_q8_dot_q2_k(w, a);
-    case TYPE_Q4_K: return quant_avx2_q8_dot_q4_k(w, a);
-    case TYPE_IQ2_XXS: return quant_avx2_q8_dot_iq2_xxs(w, a);
+    case TYPE_Q8_0: return quant_q8_active->q8_0(w, a);
+    case TYPE_Q2_K: return quant_q8_active->q2_k(w, a);
+    case TYPE_Q4_K: return quant_q8_active->q4_k(w, a);
+    case TYPE_IQ2_XXS: return quant_q8_active->iq2_xxs(w, a);
     default: return vec_dot_q8_ref(type, w, a);
     }
 }
@@ -2480,6 +3005,32 @@ static float quant_fast_vec_dot_q8(uint32_t type, const void *w, const struct ac
  * engine keeps float activations unless asked, and then gets the reference. */
 static float quant_fast_vec_dot_q8(uint32_t type, const void *w, const struct act_q8 *a) {
     return vec_dot_q8_ref(type, w, a);
+}
+
+#endif
+
+#if !(defined(__AVX2__) && defined(__FMA__) && defined(__F16C__))
+
+/* Where the block above compiled no integer kernels (x86 built without
+ * -march, as the sanitizer tests are, or a CPU with no SIMD block) there is
+ * no variant to choose: quant_fast_vec_dot_q8() is the reference, the tests
+ * and the roofline find no rows. (A SIMD block for another CPU brings its
+ * own four functions, and then this guard must exclude it too.) */
+static int quant_q8_variant_count(void) {
+    return 0;
+}
+
+static const char *quant_q8_variant_name(int v) {
+    (void)v;
+    return "scalar";
+}
+
+static void quant_q8_use_variant(int v) {
+    fprintf(stderr, "ds4: no integer kernel variant %d in this build\n", v);
+    abort();
+}
+
+static void quant_q8_choose_variant(void) {
 }
 
 #endif
@@ -18991,10 +19542,11 @@ static bool bench_snapshot(struct engine *eng, const int32_t *tokens, int n, str
  *
  * Beside it, each weight type's dot kernel is timed on one thread, both
  * from cache (the same 64 rows of 4096 values again and again) and from
- * DRAM (one pass over 256 MiB of rows), with float activations (15.1) and
- * with 8-bit ones (3.9), in GB/s of weight bytes per CPU second. The blocks hold random
- * bytes with sane scales: the kernels' speed does not depend on the
- * values. */
+ * DRAM (passes over 256 MiB of rows), with float activations (15.1) and
+ * with 8-bit ones (3.9), each integer kernel variant the CPU runs on a line
+ * of its own, in GB/s of weight bytes per CPU second, the best of several
+ * timings. The blocks hold random bytes with sane scales: the kernels'
+ * speed does not depend on the values. */
 enum { ROOF_BUFFER = 512 << 20, ROOF_ITEM = 64 << 10, ROOF_ROW = 4096 };
 
 struct roof_job {
@@ -19053,20 +19605,58 @@ static double thread_cpu_seconds(void) {
     return ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
-/* GB/s of one kernel over `n_rows` rows, repeated `reps` times. */
-static double roof_kernel(uint32_t type, const uint8_t *rows, int64_t n_rows, int reps,
-                          const float *x, const struct act_q8 *a) {
+/* One pass of a kernel over `n_rows` rows; a == NULL: float activations. */
+static float roof_pass(uint32_t type, const uint8_t *rows, int64_t n_rows, const float *x,
+                       const struct act_q8 *a) {
     size_t row_bytes = type_row_bytes(type, ROOF_ROW);
-    volatile float sink = 0;
-    double t0 = thread_cpu_seconds();
-    for (int r = 0; r < reps; r++)
-        for (int64_t i = 0; i < n_rows; i++)
-            sink += a ? vec_dot_q8(type, rows + i * row_bytes, a)
-                      : vec_dot(type, rows + i * row_bytes, x, ROOF_ROW);
-    (void)sink;
-    return (double)row_bytes * n_rows * reps / (thread_cpu_seconds() - t0) / 1e9;
+    float sum = 0;
+    for (int64_t i = 0; i < n_rows; i++)
+        sum += a ? vec_dot_q8(type, rows + i * row_bytes, a)
+                 : vec_dot(type, rows + i * row_bytes, x, ROOF_ROW);
+    return sum;
 }
 
+/* GB/s of one kernel over `n_rows` rows: the best of `tries` timings, each
+ * of as many passes as fill `min_seconds` of CPU time (at least one). On a
+ * shared machine the best is the figure least disturbed by other tenants: a
+ * core shared with another thread or a cache evicted by one only ever makes
+ * a timing slower. */
+static double roof_kernel(uint32_t type, const uint8_t *rows, int64_t n_rows,
+                          double min_seconds, int tries, const float *x,
+                          const struct act_q8 *a) {
+    double bytes = (double)type_row_bytes(type, ROOF_ROW) * (double)n_rows, best = 0;
+    volatile float sink = 0;
+    for (int t = 0; t < tries; t++) {
+        double t0 = thread_cpu_seconds(), elapsed = 0;
+        int passes = 0;
+        do {
+            sink += roof_pass(type, rows, n_rows, x, a);
+            passes++;
+            elapsed = thread_cpu_seconds() - t0;
+        } while (elapsed < min_seconds);
+        if (bytes * passes / elapsed / 1e9 > best) best = bytes * passes / elapsed / 1e9;
+    }
+    (void)sink;
+    return best;
+}
+
+/* From cache: 64 rows (at most 280 KB, in L2), passes for 20 ms of CPU per
+ * timing, best of 7; from DRAM: one pass over the 256 MiB, best of 3. */
+enum { ROOF_CACHE_ROWS = 64, ROOF_CACHE_TRIES = 7, ROOF_DRAM_TRIES = 3 };
+static const double roof_cache_seconds = 0.02;
+
+static void roof_print_kernel(uint32_t type, const char *what, const uint8_t *rows,
+                              int64_t n_big, const float *x, const struct act_q8 *a) {
+    double cache = roof_kernel(type, rows, ROOF_CACHE_ROWS, roof_cache_seconds,
+                               ROOF_CACHE_TRIES, x, a);
+    double dram = roof_kernel(type, rows, n_big, 0, ROOF_DRAM_TRIES, x, a);
+    printf("roofline: kernel %-8s 1 thread, GB/s of weights: %-30s %6.2f cache %6.2f DRAM\n",
+           type_traits_of(type)->name, what, cache, dram);
+}
+
+/* One line for float activations and one per integer kernel variant this
+ * CPU runs (3.9), the start-up choice first; the choice is restored. A
+ * build without integer kernels shows its scalar reference instead. */
 static void roof_kernels(void) {
     static const uint32_t types[] = { TYPE_F16, TYPE_Q8_0, TYPE_Q4_K, TYPE_Q2_K, TYPE_IQ2_XXS };
     float *x = xmalloc(ROOF_ROW * sizeof(float));
@@ -19081,16 +19671,16 @@ static void roof_kernels(void) {
         uint32_t type = types[i];
         int64_t n_big = (int64_t)(big / type_row_bytes(type, ROOF_ROW));
         roof_fill(type, rows, big, &rng);
-        bool q8 = quant_has_q8_dot(type);
-        double c32 = roof_kernel(type, rows, 64, 200, x, NULL);
-        double d32 = roof_kernel(type, rows, n_big, 1, x, NULL);
-        printf("roofline: kernel %-8s 1 thread, GB/s of weights: f32 activations %6.2f cache "
-               "%6.2f DRAM", type_traits_of(type)->name, c32, d32);
-        if (q8)
-            printf("; 8-bit activations %6.2f cache %6.2f DRAM",
-                   roof_kernel(type, rows, 64, 200, x, &a),
-                   roof_kernel(type, rows, n_big, 1, x, &a));
-        printf("\n");
+        roof_print_kernel(type, "f32 activations", rows, n_big, x, NULL);
+        int variants = quant_q8_variant_count();
+        for (int v = 0; quant_has_q8_dot(type) && v < (variants > 0 ? variants : 1); v++) {
+            char what[64];
+            if (variants > 0) quant_q8_use_variant(v);
+            snprintf(what, sizeof what, "8-bit activations (%s)",
+                     variants > 0 ? quant_q8_variant_name(v) : "scalar");
+            roof_print_kernel(type, what, rows, n_big, x, &a);
+        }
+        if (variants > 0) quant_q8_use_variant(0);
     }
     free(rows);
     free(mem);
@@ -19128,10 +19718,13 @@ static int run_bench(struct engine *eng, int n_prefill, int n_decode, struct spe
     }
     double per_token = (double)decode_bytes_per_token(eng->model);
     double decode_tps = plain_stats.emitted / plain_s;
+    char mode[80] = "";
+    if (eng->opt.reference_kernels) snprintf(mode, sizeof mode, ", reference kernels");
+    else if (eng->opt.q8_activations)
+        snprintf(mode, sizeof mode, ", 8-bit activations (--fast, %s kernels)",
+                 quant_q8_variant_count() > 0 ? quant_q8_variant_name(0) : "scalar");
     printf("model: %d layers, dim %d, %d experts (%d used), vocab %d; %d threads%s\n",
-           c->n_layers, c->dim, c->n_experts, c->n_used, c->vocab, eng->pool.n_threads,
-           eng->opt.reference_kernels ? ", reference kernels"
-           : eng->opt.q8_activations ? ", 8-bit activations (--fast)" : "");
+           c->n_layers, c->dim, c->n_experts, c->n_used, c->vocab, eng->pool.n_threads, mode);
     printf("prefill: %d tokens in %.3f s = %.2f tokens/s\n", n_prefill, prefill_s,
            n_prefill / prefill_s);
     printf("decode:  %lld tokens in %.3f s = %.2f tokens/s; %.2f ms CPU per token (all threads)\n",

@@ -66,6 +66,18 @@ grep -q "decode with MTP" "$tmp/bench" && grep -q "tokens/s" "$tmp/bench" && gre
     && ok "--bench with --mtp reports decode with and without MTP, and the snapshot size vs float32 rows" \
     || bad "--bench output: $(head -c 300 "$tmp/bench")"
 
+# --roofline: a float line per weight type, and on x86 an 8-bit line per integer kernel
+# variant (ds4.c 3.9), AVX2 always among them; --fast names the variant in use.
+./ds4 --bench --roofline --fast -t 1 -m $M --bench-prefill 4 --bench-decode 2 >"$tmp/roof" 2>&1
+if [ "$(uname -m)" = x86_64 ]; then
+    grep -q "kernel iq2_xxs .*8-bit activations (avx2) " "$tmp/roof" \
+        && grep -q "kernel q2_K .*f32 activations " "$tmp/roof" \
+        && grep -q "8-bit activations (--fast, $(grep -o 'iq2_xxs .*8-bit activations ([a-z0-9]*)' \
+            "$tmp/roof" | head -1 | sed 's/.*(\(.*\))/\1/') kernels)" "$tmp/roof" \
+        && ok "--roofline prints a kernel line per variant, the first one the variant --fast uses" \
+        || bad "--roofline output: $(grep 'kernel\|model:' "$tmp/roof" | head -c 600)"
+fi
+
 # The server decodes speculatively too, and logs the MTP statistics per request.
 ./ds4 --server -m $M --mtp vectors/tiny-mtp.gguf --mtp-draft 2 --port 0 --port-file "$tmp/port" \
     --log "$tmp/server.log" >"$tmp/server.out" 2>&1 &

@@ -15,8 +15,9 @@
  *   4. quantize_row then dequant_row_ref, with an error bound per type;
  *   5. the IQ2_XXS codebook and sign tables;
  *   6. the 8-bit activations of 3.11: the quantizer, the integer kernels
- *      against their scalar reference, and that reference against the
- *      float one within the documented bound.
+ *      (every variant this CPU runs: AVX-512, AVX2, ...) against their
+ *      scalar reference, and that reference against the float one within
+ *      the documented bound.
  *
  * Every check prints what it compared, the largest difference and the
  * tolerance. The last line is "N passed, N failed"; the exit status is 0
@@ -559,7 +560,7 @@ static void test_iq2_tables(void) {
  * x, and the 16-value sums exact to float rounding. */
 static void test_act_quantize(void) {
     static const int64_t lengths[] = { 32, 256, 4096, 4128 };
-    double step_err = 0, sum_err = 0, pair_wrong = 0;
+    double step_err = 0, sum_err = 0, pair_wrong = 0, piece_wrong = 0;
     for (size_t li = 0; li < sizeof lengths / sizeof lengths[0]; li++) {
         int64_t n = lengths[li];
         float *x = malloc((size_t)n * sizeof(float));
@@ -586,11 +587,20 @@ static void test_act_quantize(void) {
                 src = base + 32 * (r / 2 + (l >= 16 ? 4 : 0)) + 16 * (r % 2) + l % 16;
             pair_wrong += a.q_pairs[i] != a.q[src];
         }
+        /* q_pieces: register t of a block of 256 holds piece t (8 values)
+         * of groups 0..7 in turn; a tail under 256 is q itself */
+        for (int64_t i = 0; i < n; i++) {
+            int64_t base = i / 256 * 256, t = (i % 256) / 64, g = (i % 64) / 8, src = i;
+            if (base + 256 <= n) src = base + 32 * g + 8 * t + i % 8;
+            piece_wrong += a.q_pieces[i] != a.q[src];
+        }
         free(x), free(mem);
     }
     check("act_quantize_q8: |x - d*q| in half steps (<= 1)", step_err, 1.0 + 1e-5);
     check("act_quantize_q8: 16-value sums vs double, rel. to sum|x|", sum_err, 1e-6);
     check("act_quantize_q8: q_pairs values not where the IQ2_XXS kernel reads them", pair_wrong, 0);
+    check("act_quantize_q8: q_pieces values not where the AVX-512 IQ2_XXS kernel reads them",
+          piece_wrong, 0);
 }
 
 /* One row: the integer kernel against the scalar integer reference (to
@@ -621,18 +631,38 @@ static void compare_q8_row(uint32_t type, int64_t n, bool raw_bytes, struct q8_e
     free(row), free(x), free(w), free(mem);
 }
 
+/* Every kernel variant this CPU runs (3.9: quant_q8_variant_count), each
+ * held to the reference on the same kinds of rows. Q8_0 also gets lengths
+ * that end in an odd 32-value block, the tail its kernels do one at a time;
+ * the other types come in whole blocks of 256, and 256 and 768 give the
+ * AVX-512 IQ2_XXS kernel, which pairs blocks, its odd last one. */
 static void test_q8_kernels(void) {
     static const uint32_t types[] = { TYPE_Q8_0, TYPE_Q2_K, TYPE_Q4_K, TYPE_IQ2_XXS };
-    static const int64_t lengths[] = { 256, 1024, 4096, 7168 };
+    static const int64_t lengths_256[] = { 256, 768, 4096, 7168 };
+    static const int64_t lengths_32[] = { 32, 96, 4096, 4128 };
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+    /* x86 builds always have the AVX2 row (3.9) */
+    check_msg(quant_q8_variant_count() >= 1, "integer kernel variants on this CPU: %d",
+              quant_q8_variant_count());
+#endif
     for (size_t ti = 0; ti < sizeof types / sizeof types[0]; ti++) {
+        const int64_t *lengths = types[ti] == TYPE_Q8_0 ? lengths_32 : lengths_256;
         struct q8_errors err = { 0, 0, 0 };
-        for (size_t li = 0; li < sizeof lengths / sizeof lengths[0]; li++)
-            for (int rep = 0; rep < 8; rep++)
-                compare_q8_row(types[ti], lengths[li], rep % 2 == 1, &err);
         const char *name = type_traits_of(types[ti])->name;
-        char what[96];
-        snprintf(what, sizeof what, "%s vec_dot_q8 vs vec_dot_q8_ref, rel. to sum|wx|", name);
-        check(what, err.fast, 1e-5);
+        char what[128];
+        /* a build without integer kernels runs vec_dot_q8 (the reference) once */
+        int variants = quant_q8_variant_count();
+        for (int v = 0; v < (variants > 0 ? variants : 1); v++) {
+            if (variants > 0) quant_q8_use_variant(v);
+            err.fast = 0;
+            for (int li = 0; li < 4; li++)
+                for (int rep = 0; rep < 8; rep++)
+                    compare_q8_row(types[ti], lengths[li], rep % 2 == 1, &err);
+            snprintf(what, sizeof what, "%s vec_dot_q8 (%s) vs vec_dot_q8_ref, rel. to sum|wx|",
+                     name, variants > 0 ? quant_q8_variant_name(v) : "scalar");
+            check(what, err.fast, 1e-5);
+        }
+        if (variants > 0) quant_q8_use_variant(0);
         snprintf(what, sizeof what, "%s vec_dot_q8_ref vs vec_dot_ref, in bound units", name);
         check(what, err.bound_units, 1.0);
         snprintf(what, sizeof what, "%s vec_dot_q8_ref vs vec_dot_ref, rel. sum|wx|, normal", name);
