@@ -2007,7 +2007,9 @@ static uint64_t tensor_bytes_for(uint32_t type, uint64_t n_elements, uint64_t ro
  * to float altogether: an x86 `pmaddubsw` multiplies 32 unsigned bytes by 32
  * signed bytes and adds neighbouring pairs in one instruction, so a
  * sub-block of small integer weights meets an 8-bit copy of the activations
- * directly, and the block scales are applied once per 32 values.
+ * directly, and the block scales are applied once per 32 values. (arm64's
+ * `sdot` does the same for 16 signed bytes, adding fours into 32 bits; the
+ * NEON kernels follow the x86 ones below.)
  *
  * The price is a second source of error, which is why this path is a
  * choice (engine option q8_activations, 6.1) and the float kernels remain
