@@ -2544,9 +2544,10 @@ static void quant_q8_use_variant(int v) {
 /* Which variants this compiler can build. GCC's arm_neon.h declares every
  * intrinsic under its own target pragma, so a function marked with a target
  * attribute may use sdot whatever the command line says. Clang did the same
- * only from LLVM 19 (Apple clang 17); before that, sdot exists only when the
- * whole file is compiled for it (-march=...+dotprod, or Apple's default
- * -mcpu=apple-m1). The two compilers also spell the attribute differently,
+ * only from LLVM 19 (Apple clang 17, by Apple's version history; neither is
+ * tried here); before that, sdot exists only when the whole file is compiled
+ * for it (-march=...+dotprod, or Apple's default -mcpu=apple-m1; clang 14
+ * was tried both ways). The two compilers also spell the attribute differently,
  * and GCC wants the architecture its arm_neon.h names for sdot (v8.2), not
  * "+dotprod" on top of the default v8.0. Where the whole file has sdot, no
  * attribute is needed. */
@@ -2604,12 +2605,12 @@ static inline int32x4_t quant_neon_dot16_sdot(int32x4_t acc, int8x16_t a, int8x1
  * compiler then calls (and inlines) that variant's step directly. */
 #define QUANT_NEON_INLINE static inline __attribute__((always_inline))
 
-/* Lane k = the total of the four lanes of p_k: four sums side by side. */
 /* A half float by the hardware's conversion (exact, like f16_to_f32). */
 static inline float quant_neon_half(uint16_t h) {
     return vgetq_lane_f32(vcvt_f32_f16(vreinterpret_f16_u16(vdup_n_u16(h))), 0);
 }
 
+/* Lane k = the total of the four lanes of p_k: four sums side by side. */
 static inline int32x4_t quant_neon_fold4(int32x4_t p0, int32x4_t p1, int32x4_t p2,
                                          int32x4_t p3) {
     return vpaddq_s32(vpaddq_s32(p0, p1), vpaddq_s32(p2, p3));
