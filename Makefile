@@ -3,6 +3,8 @@
 #   make          ./ds4, ./ds4-convert, vectors/tiny.gguf + vectors/tiny-mtp.gguf
 #   make test     every test; the last line says "N passed, N failed"
 #   make cuda     ./ds4 with the NVIDIA backend (needs nvcc); make test-cuda on that box
+#   make test-arm64  the quant tests cross-built for arm64, run under qemu-aarch64
+#                    (make test-arm64-model adds the tiny model: slow)
 #   make bench    figures for the tiny model (see README for the full-width one)
 #   make fuzz     the request fuzzer for minutes (FUZZ_ROUNDS, FUZZ_SEED)
 #   make book     regenerate book/ (ds4.c as HTML); make book-check lints ds4.c
@@ -145,6 +147,15 @@ $(TESTBIN)/test_cuda_gpu: tests/test_metal.c tests/harness.h ds4_cuda.o $(SOURCE
 $(TESTBIN)/test_cuda_full: tests/test_cuda_full.c tests/harness.h tests/forward_runs.h ds4_cuda.o $(SOURCES) | $(TESTBIN)
 	$(CC) $(CFLAGS) $(ARCH) $(WARN) -DDS4_GPU_NAME='"cuda"' -o $@ $< ds4_cuda.o $(LIBS) $(CUDA_LIBS)
 
+# The NEON kernels (ds4.c 3.9, 16.1) on an x86 machine: tests/test_quant.c built with
+# aarch64-linux-gnu-gcc and run under qemu-aarch64 on CPU models with and without sdot.
+test-arm64:
+	@sh tests/arm64.sh
+
+# The same, plus tests/test_model.c on the tiny models under qemu (slow: about 12 minutes).
+test-arm64-model: vectors/tiny.gguf $(TEST_MODELS)
+	@sh tests/arm64.sh --model
+
 test-cuda: cuda $(TESTBIN)/test_cuda_gpu $(TESTBIN)/test_cuda_full
 	@sh tests/cuda/device.sh
 
@@ -218,4 +229,4 @@ book-check:
 clean:
 	rm -rf ds4 ds4-convert ds4_metal.o ds4_cuda.o $(TESTBIN) vectors/tiny.gguf vectors/tiny-mtp.gguf
 
-.PHONY: all test test-metal cuda test-cuda test-agents bench fuzz clean book book-check
+.PHONY: all test test-metal test-arm64 test-arm64-model cuda test-cuda test-agents bench fuzz clean book book-check

@@ -195,6 +195,12 @@
 #if defined(__ARM_NEON)
 #include <arm_neon.h>
 #endif
+#if defined(__aarch64__) && defined(__linux__)
+#include <sys/auxv.h>      /* getauxval: which arm64 extensions the CPU has (3.9) */
+#endif
+#if defined(__aarch64__) && defined(__APPLE__)
+#include <sys/sysctl.h>    /* sysctlbyname: the same on macOS */
+#endif
 
 /* ============================================================================
  * Chapter 1. The ground floor
@@ -1088,7 +1094,8 @@ static void quant_fast_dequant(uint32_t type, const void *src, float *y, int64_t
  *   multiple of the type's block size. type_row_bytes() returns 0 when it is
  *   not, so the loader can reject such a tensor; kernels do not check.
  * - Kernels hold no state. The only global state is the IQ2_XXS float tables
- *   (3.4), built once by quant_tables_init() before any thread starts.
+ *   (3.4) and the choice among the CPU's integer kernels (3.9), both made
+ *   once by quant_tables_init() before any thread starts.
  */
 
 /* ---- 3.1 Types and their sizes ------------------------------------------ */
@@ -2022,7 +2029,9 @@ static uint64_t tensor_bytes_for(uint32_t type, uint64_t n_elements, uint64_t ro
  * to float altogether: an x86 `pmaddubsw` multiplies 32 unsigned bytes by 32
  * signed bytes and adds neighbouring pairs in one instruction, so a
  * sub-block of small integer weights meets an 8-bit copy of the activations
- * directly, and the block scales are applied once per 32 values.
+ * directly, and the block scales are applied once per 32 values. (arm64's
+ * `sdot` does the same for 16 signed bytes, adding fours into 32 bits; the
+ * NEON kernels follow the x86 ones below.)
  *
  * The price is a second source of error, which is why this path is a
  * choice (engine option q8_activations, 6.1) and the float kernels remain
@@ -2999,38 +3008,481 @@ static float quant_fast_vec_dot_q8(uint32_t type, const void *w, const struct ac
     }
 }
 
+#elif defined(__aarch64__) && defined(__ARM_NEON)
+
+/* arm64 NEON. Every arm64 CPU has NEON; most made since 2017, and every
+ * Apple Silicon Mac, also have the dot-product extension (FEAT_DotProd, the
+ * `sdot` instruction), and the M2 and later Macs the 8-bit matrix multiply
+ * (FEAT_I8MM). So the kernels come in variants, chosen once at start-up
+ * from what the CPU reports, and each type's kernel is written once: the
+ * variants differ only in one step, the dot product of 16 signed bytes
+ *
+ *     dot16(acc, a, b)[j] = acc[j] + (partial sums of a[i] b[i])     [4] int32
+ *
+ * whose four lanes add up to sum_{i<16} a[i] b[i]. Nothing reads a lane by
+ * itself, so the two variants may split the sum differently:
+ *
+ *   neon-dotprod  sdot: lane j += sum_{i=4j..4j+3} a[i] b[i], one instruction;
+ *   neon          smull, smlal2 (16-bit products, the two halves added),
+ *                 sadalp (neighbours added into 32 bits): three instructions.
+ *
+ * WHY NO SIGN TRANSFER
+ *
+ * x86's pmaddubsw multiplies unsigned by signed bytes, so the AVX2 kernels
+ * first move the weights' signs onto the activations. sdot and smull are
+ * signed on both sides, and every weight integer here fits in a signed byte
+ * (Q8_0 -128..127, Q4_K 0..15, Q2_K 0..3, IQ2_XXS's grid +-8, 25, 43), so
+ * the weights meet the activations as they are.
+ *
+ * WHY NO I8MM VARIANT
+ *
+ * FEAT_I8MM adds usdot (unsigned by signed, which x86 needs and sdot makes
+ * unnecessary, see above) and smmla, a 2x8 by 8x2 product of bytes into a
+ * 2x2 block of int32: four 8-long dot products per instruction. It pays off
+ * when two weight rows meet two activation vectors at once (a batch of two
+ * tokens); a single row times a single vector would use one of the four
+ * results, or two on a diagonal, which is sdot's work at sdot's cost. The
+ * kernels here are row-times-vector, so an i8mm variant would be sdot under
+ * another name; the CPU's i8mm is not used (yet).
+ *
+ * OVERFLOW. The 16-bit step of the plain variant holds two products: at
+ * most 2 * 128 * 127 = 32512 < 32767 (Q8_0; the activations stay within
+ * +-127). sdot adds straight into 32 bits. */
+
+/* Which variants this compiler can build. GCC's arm_neon.h declares every
+ * intrinsic under its own target pragma, so a function marked with a target
+ * attribute may use sdot whatever the command line says. Clang did the same
+ * only from LLVM 19 (Apple clang 17, by Apple's version history; neither is
+ * tried here); before that, sdot exists only when the whole file is compiled
+ * for it (-march=...+dotprod, or Apple's default -mcpu=apple-m1; clang 14
+ * was tried both ways). The two compilers also spell the attribute differently,
+ * and GCC wants the architecture its arm_neon.h names for sdot (v8.2), not
+ * "+dotprod" on top of the default v8.0. Where the whole file has sdot, no
+ * attribute is needed. */
+#if defined(__ARM_FEATURE_DOTPROD) || (!defined(__clang__) && __GNUC__ >= 8) || \
+    (defined(__clang__) && !defined(__apple_build_version__) && __clang_major__ >= 19) || \
+    (defined(__clang__) && defined(__apple_build_version__) && __clang_major__ >= 17)
+#define QUANT_NEON_HAVE_SDOT 1
 #else
-
-/* No integer kernels for this CPU yet (arm64's sdot would be the place): the
- * engine keeps float activations unless asked, and then gets the reference. */
-static float quant_fast_vec_dot_q8(uint32_t type, const void *w, const struct act_q8 *a) {
-    return vec_dot_q8_ref(type, w, a);
-}
-
+#define QUANT_NEON_HAVE_SDOT 0
+#endif
+#if defined(__ARM_FEATURE_DOTPROD)
+#define QUANT_NEON_TARGET_SDOT
+#elif defined(__clang__)
+#define QUANT_NEON_TARGET_SDOT __attribute__((target("dotprod")))
+#else
+#define QUANT_NEON_TARGET_SDOT __attribute__((target("arch=armv8.2-a+dotprod")))
 #endif
 
-#if !(defined(__AVX2__) && defined(__FMA__) && defined(__F16C__))
+/* Whether this CPU runs sdot: the kernel's answer on Linux (hardware
+ * capability bits), sysctl on macOS, and "no" where neither can be asked,
+ * unless the compiler was told the CPU has it. */
+#if defined(__linux__) && !defined(HWCAP_ASIMDDP)
+#define HWCAP_ASIMDDP (1 << 20)
+#endif
+static bool quant_neon_cpu_has_sdot(void) {
+#if defined(__ARM_FEATURE_DOTPROD)
+    return true;
+#elif defined(__linux__)
+    return (getauxval(AT_HWCAP) & HWCAP_ASIMDDP) != 0;
+#elif defined(__APPLE__)
+    int value = 0;
+    size_t len = sizeof value;
+    return sysctlbyname("hw.optional.arm.FEAT_DotProd", &value, &len, NULL, 0) == 0 && value;
+#else
+    return false;
+#endif
+}
 
-/* Where the block above compiled no integer kernels (x86 built without
- * -march, as the sanitizer tests are, or a CPU with no SIMD block) there is
- * no variant to choose: quant_fast_vec_dot_q8() is the reference, the tests
- * and the roofline find no rows. (A SIMD block for another CPU brings its
- * own four functions, and then this guard must exclude it too.) */
+typedef int32x4_t (*quant_neon_dot16_fn)(int32x4_t acc, int8x16_t a, int8x16_t b);
+
+static inline int32x4_t quant_neon_dot16_mull(int32x4_t acc, int8x16_t a, int8x16_t b) {
+    int16x8_t pairs = vmlal_high_s8(vmull_s8(vget_low_s8(a), vget_low_s8(b)), a, b);
+    return vpadalq_s16(acc, pairs);
+}
+
+#if QUANT_NEON_HAVE_SDOT
+QUANT_NEON_TARGET_SDOT
+static inline int32x4_t quant_neon_dot16_sdot(int32x4_t acc, int8x16_t a, int8x16_t b) {
+    return vdotq_s32(acc, a, b);
+}
+#endif
+
+/* The kernels below take dot16 as an argument and are always inlined into
+ * one small function per variant, where the argument is a constant: the
+ * compiler then calls (and inlines) that variant's step directly. */
+#define QUANT_NEON_INLINE static inline __attribute__((always_inline))
+
+/* A half float by the hardware's conversion (exact, like f16_to_f32). */
+static inline float quant_neon_half(uint16_t h) {
+    return vgetq_lane_f32(vcvt_f32_f16(vreinterpret_f16_u16(vdup_n_u16(h))), 0);
+}
+
+/* Lane k = the total of the four lanes of p_k: four sums side by side. */
+static inline int32x4_t quant_neon_fold4(int32x4_t p0, int32x4_t p1, int32x4_t p2,
+                                         int32x4_t p3) {
+    return vpaddq_s32(vpaddq_s32(p0, p1), vpaddq_s32(p2, p3));
+}
+
+/* sum_{i<32} w[i] x[i] of two 16-byte halves, in four lanes. */
+QUANT_NEON_INLINE int32x4_t quant_neon_dot32(int8x16_t w0, int8x16_t w1, const int8_t *x,
+                                             quant_neon_dot16_fn dot16) {
+    return dot16(dot16(vdupq_n_s32(0), w0, vld1q_s8(x)), w1, vld1q_s8(x + 16));
+}
+
+/* 16 unsigned bytes to four float vectors. */
+static void quant_neon_q8_u8_f32(uint8x16_t bytes, float32x4_t f[4]) {
+    uint16x8_t lo = vmovl_u8(vget_low_u8(bytes)), hi = vmovl_high_u8(bytes);
+    f[0] = vcvtq_f32_u32(vmovl_u16(vget_low_u16(lo)));
+    f[1] = vcvtq_f32_u32(vmovl_high_u16(lo));
+    f[2] = vcvtq_f32_u32(vmovl_u16(vget_low_u16(hi)));
+    f[3] = vcvtq_f32_u32(vmovl_high_u16(hi));
+}
+
+/* Q8_0, per block b:  acc += (dw[b] dx[b]) * dot32(w, q)   (two accumulators) */
+QUANT_NEON_INLINE float quant_neon_q8_q8_0(const struct block_q8_0 *w, const struct act_q8 *a,
+                                           quant_neon_dot16_fn dot16) {
+    float32x4_t acc0 = vdupq_n_f32(0.0f), acc1 = vdupq_n_f32(0.0f);
+    int64_t nb = a->n / 32, b = 0;
+    for (; b + 2 <= nb; b += 2) {
+        int32x4_t p0 = quant_neon_dot32(vld1q_s8(w[b].qs), vld1q_s8(w[b].qs + 16),
+                                        a->q + 32 * b, dot16);
+        int32x4_t p1 = quant_neon_dot32(vld1q_s8(w[b + 1].qs), vld1q_s8(w[b + 1].qs + 16),
+                                        a->q + 32 * b + 32, dot16);
+        acc0 = vfmaq_n_f32(acc0, vcvtq_f32_s32(p0), quant_neon_half(w[b].d) * a->d[b]);
+        acc1 = vfmaq_n_f32(acc1, vcvtq_f32_s32(p1), quant_neon_half(w[b + 1].d) * a->d[b + 1]);
+    }
+    if (b < nb) {
+        int32x4_t p = quant_neon_dot32(vld1q_s8(w[b].qs), vld1q_s8(w[b].qs + 16),
+                                       a->q + 32 * b, dot16);
+        acc0 = vfmaq_n_f32(acc0, vcvtq_f32_s32(p), quant_neon_half(w[b].d) * a->d[b]);
+    }
+    return vaddvq_f32(vaddq_f32(acc0, acc1));
+}
+
+/* Q2_K. Shift j of the 16 bytes qs[32h + 16u ..] holds sub-block
+ * k = 8h + 2j + u (3.3), so one half h gives eight sub-blocks' 2-bit values,
+ * each 16 long. Their sums are folded four at a time, in the order of k,
+ * and scaled by a vector of the sixteen
+ *
+ *     scale[k] = d sc[k] dx[k / 2]                                    [16] float
+ *
+ * The mins come from the exact 16-value sums:  dmin sum_k m[k] s[k]. */
+static void quant_neon_q2_k_crumbs(const uint8_t *qs, int8x16_t q[4]) {
+    uint8x16_t bytes = vld1q_u8(qs), three = vdupq_n_u8(3);
+    q[0] = vreinterpretq_s8_u8(vandq_u8(bytes, three));
+    q[1] = vreinterpretq_s8_u8(vandq_u8(vshrq_n_u8(bytes, 2), three));
+    q[2] = vreinterpretq_s8_u8(vandq_u8(vshrq_n_u8(bytes, 4), three));
+    q[3] = vreinterpretq_s8_u8(vshrq_n_u8(bytes, 6));
+}
+
+/* scale[4r .. 4r+3] for r = 0..3, and the mins' contribution of one block. */
+static inline float32x4_t quant_neon_q2_k_scales(const struct block_q2_k *w, const float *dx,
+                                          const float *s16, float32x4_t scale[4],
+                                          float32x4_t mins) {
+    uint8x16_t packed = vld1q_u8(w->scales);
+    float32x4_t sc[4], m[4];
+    quant_neon_q8_u8_f32(vandq_u8(packed, vdupq_n_u8(15)), sc);
+    quant_neon_q8_u8_f32(vshrq_n_u8(packed, 4), m);
+    float32x4_t dx_lo = vld1q_f32(dx), dx_hi = vld1q_f32(dx + 4);
+    float32x4_t dx2[4] = { vzip1q_f32(dx_lo, dx_lo), vzip2q_f32(dx_lo, dx_lo),
+                           vzip1q_f32(dx_hi, dx_hi), vzip2q_f32(dx_hi, dx_hi) };
+    float d = quant_neon_half(w->d);
+    float32x4_t ms = vdupq_n_f32(0.0f);
+    for (int r = 0; r < 4; r++) {
+        scale[r] = vmulq_n_f32(vmulq_f32(sc[r], dx2[r]), d);
+        ms = vfmaq_f32(ms, m[r], vld1q_f32(s16 + 4 * r));
+    }
+    return vfmaq_n_f32(mins, ms, quant_neon_half(w->dmin));
+}
+
+/* The sums of sub-blocks 8h + 2j .. 8h + 2j + 3 (shifts j and j + 1). */
+QUANT_NEON_INLINE int32x4_t quant_neon_q2_k_four(const int8x16_t lo[4], const int8x16_t hi[4],
+                                                 int j, const int8_t *x,
+                                                 quant_neon_dot16_fn dot16) {
+    int32x4_t z = vdupq_n_s32(0);
+    return quant_neon_fold4(dot16(z, lo[j], vld1q_s8(x)), dot16(z, hi[j], vld1q_s8(x + 16)),
+                            dot16(z, lo[j + 1], vld1q_s8(x + 32)),
+                            dot16(z, hi[j + 1], vld1q_s8(x + 48)));
+}
+
+QUANT_NEON_INLINE float quant_neon_q8_q2_k(const struct block_q2_k *w, const struct act_q8 *a,
+                                           quant_neon_dot16_fn dot16) {
+    float32x4_t acc = vdupq_n_f32(0.0f), mins = vdupq_n_f32(0.0f), scale[4];
+    for (int64_t i = 0; i < a->n / 256; i++, w++) {
+        mins = quant_neon_q2_k_scales(w, a->d + 8 * i, a->sum16 + 16 * i, scale, mins);
+        for (int h = 0; h < 2; h++) {
+            int8x16_t lo[4], hi[4];
+            const int8_t *x = a->q + 256 * i + 128 * h;
+            quant_neon_q2_k_crumbs(w->qs + 32 * h, lo);
+            quant_neon_q2_k_crumbs(w->qs + 32 * h + 16, hi);
+            int32x4_t s0 = quant_neon_q2_k_four(lo, hi, 0, x, dot16);
+            int32x4_t s1 = quant_neon_q2_k_four(lo, hi, 2, x + 64, dot16);
+            acc = vfmaq_f32(acc, scale[2 * h], vcvtq_f32_s32(s0));
+            acc = vfmaq_f32(acc, scale[2 * h + 1], vcvtq_f32_s32(s1));
+        }
+    }
+    return vaddvq_f32(acc) - vaddvq_f32(mins);
+}
+
+/* Q4_K. Chunk c's low nibbles are sub-block 2c and its high ones 2c + 1,
+ * each one activation block; the eight sums are folded four at a time and
+ * scaled by
+ *
+ *     scale[k] = d sc[k] dx[k],   mins: dmin sum_k m[k] (s[2k] + s[2k+1])  [8] */
+QUANT_NEON_INLINE int32x4_t quant_neon_q4_k_two(const uint8_t *qs, const int8_t *x,
+                                                quant_neon_dot16_fn dot16, int32x4_t *high) {
+    uint8x16_t b0 = vld1q_u8(qs), b1 = vld1q_u8(qs + 16), low4 = vdupq_n_u8(15);
+    *high = quant_neon_dot32(vreinterpretq_s8_u8(vshrq_n_u8(b0, 4)),
+                             vreinterpretq_s8_u8(vshrq_n_u8(b1, 4)), x + 32, dot16);
+    return quant_neon_dot32(vreinterpretq_s8_u8(vandq_u8(b0, low4)),
+                            vreinterpretq_s8_u8(vandq_u8(b1, low4)), x, dot16);
+}
+
+/* The four sums of chunks c and c + 1 (sub-blocks 2c .. 2c + 3). */
+QUANT_NEON_INLINE int32x4_t quant_neon_q4_k_four(const struct block_q4_k *w, int c,
+                                                 const int8_t *xq, quant_neon_dot16_fn dot16) {
+    int32x4_t p1, p3;
+    int32x4_t p0 = quant_neon_q4_k_two(w->qs + 32 * c, xq + 64 * c, dot16, &p1);
+    int32x4_t p2 = quant_neon_q4_k_two(w->qs + 32 * c + 32, xq + 64 * c + 64, dot16, &p3);
+    return quant_neon_fold4(p0, p1, p2, p3);
+}
+
+/* scale[0..7] as two vectors, and the mins' contribution of one block. */
+static inline float32x4_t quant_neon_q4_k_scales(const struct block_q4_k *w, const float *dx,
+                                          const float *s16, float32x4_t scale[2],
+                                          float32x4_t mins) {
+    int32_t sc[8], m[8];
+    for (int k = 0; k < 8; k++) quant_q4_k_scale_min(w->scales, k, &sc[k], &m[k]);
+    float d = quant_neon_half(w->d), dmin = quant_neon_half(w->dmin);
+    for (int r = 0; r < 2; r++) {
+        float32x4_t pair_sums = vpaddq_f32(vld1q_f32(s16 + 8 * r), vld1q_f32(s16 + 8 * r + 4));
+        scale[r] = vmulq_n_f32(vmulq_f32(vcvtq_f32_s32(vld1q_s32(sc + 4 * r)),
+                                         vld1q_f32(dx + 4 * r)), d);
+        mins = vfmaq_f32(mins, vmulq_n_f32(vcvtq_f32_s32(vld1q_s32(m + 4 * r)), dmin),
+                         pair_sums);
+    }
+    return mins;
+}
+
+QUANT_NEON_INLINE float quant_neon_q8_q4_k(const struct block_q4_k *w, const struct act_q8 *a,
+                                           quant_neon_dot16_fn dot16) {
+    float32x4_t acc = vdupq_n_f32(0.0f), mins = vdupq_n_f32(0.0f), scale[2];
+    for (int64_t i = 0; i < a->n / 256; i++, w++) {
+        const int8_t *xq = a->q + 256 * i;
+        mins = quant_neon_q4_k_scales(w, a->d + 8 * i, a->sum16 + 16 * i, scale, mins);
+        acc = vfmaq_f32(acc, scale[0], vcvtq_f32_s32(quant_neon_q4_k_four(w, 0, xq, dot16)));
+        acc = vfmaq_f32(acc, scale[1], vcvtq_f32_s32(quant_neon_q4_k_four(w, 2, xq, dot16)));
+    }
+    return vaddvq_f32(acc) - vaddvq_f32(mins);
+}
+
+/* IQ2_XXS, four groups (128 values) at a time. Group g's two words a0, a1
+ * (3.3) sit at bytes 8g and 8g + 4 of the block, so two 16-byte loads and
+ * one unzip give the sign words of groups 0-3 (or 4-7) in one vector A:
+ *
+ *   A[g]       = a1 of group g                                    [4] uint32
+ *   S[4g + t]  = (A[g] >> 7t) & 127 | parity << 7                 [16] bytes
+ *   sc[g]      = d/8 (2 (A[g] >> 28) + 1) dx[g]                   [4] float
+ *
+ * The four 7-bit fields move to the four bytes of their word with three
+ * shifts, masks and ors; the eighth sign bit (3.4) is the parity of the
+ * other seven: cnt (popcount per byte), and 1, shift to bit 7.
+ *
+ * A register holds pieces 2h and 2h + 1 of group g: two 8-byte grid entries
+ * loaded side by side. Its signs come from S by a table lookup (tbl) that
+ * copies sign byte 4g + 2h into lanes 0-7 and 4g + 2h + 1 into lanes 8-15,
+ * then cmtst against (1, 2, 4, .. 128, 1, 2, .. 128): lane l becomes -1
+ * where its bit is set, i.e. where the value is negative. A bit-select then
+ * takes the negated grid byte there:
+ *
+ *   v[l] = neg[l] ? -grid[l] : grid[l],   sum = dot16(v, x)          [16] int8 */
+static uint8x16_t quant_neon_iq2_sign_bytes(uint32x4_t A) {
+    uint32x4_t s = vandq_u32(A, vdupq_n_u32(0x7f));
+    s = vorrq_u32(s, vandq_u32(vshlq_n_u32(A, 1), vdupq_n_u32(0x7f00)));
+    s = vorrq_u32(s, vandq_u32(vshlq_n_u32(A, 2), vdupq_n_u32(0x7f0000)));
+    s = vorrq_u32(s, vandq_u32(vshlq_n_u32(A, 3), vdupq_n_u32(0x7f000000)));
+    uint8x16_t bytes = vreinterpretq_u8_u32(s);
+    uint8x16_t odd = vandq_u8(vcntq_u8(bytes), vdupq_n_u8(1));
+    return vorrq_u8(bytes, vshlq_n_u8(odd, 7));
+}
+
+/* Pieces 2h, 2h + 1 of group g (grid indices at idx[0], idx[1]), signed. */
+static inline int8x16_t quant_neon_iq2_pieces(const uint8_t *idx, uint8x16_t S, int g, int h) {
+    const uint64_t *grid = quant_iq2_xxs_grid;
+    uint8x16_t mag = vreinterpretq_u8_u64(vcombine_u64(vld1_u64(&grid[idx[0]]),
+                                                       vld1_u64(&grid[idx[1]])));
+    uint8x16_t pick = vcombine_u8(vdup_n_u8((uint8_t)(4 * g + 2 * h)),
+                                  vdup_n_u8((uint8_t)(4 * g + 2 * h + 1)));
+    uint8x16_t bit = vreinterpretq_u8_u64(vdupq_n_u64(0x8040201008040201ull));
+    uint8x16_t neg = vtstq_u8(vqtbl1q_u8(S, pick), bit);
+    int8x16_t v = vreinterpretq_s8_u8(mag);
+    return vbslq_s8(neg, vnegq_s8(v), v);
+}
+
+/* The four lanes whose total is group g's integer sum. */
+QUANT_NEON_INLINE int32x4_t quant_neon_iq2_group(const uint8_t *words, uint8x16_t S, int g,
+                                                 const int8_t *x, quant_neon_dot16_fn dot16) {
+    const uint8_t *idx = words + 8 * g;     /* a0's bytes: the four grid indices */
+    return quant_neon_dot32(quant_neon_iq2_pieces(idx, S, g, 0),
+                            quant_neon_iq2_pieces(idx + 2, S, g, 1), x + 32 * g, dot16);
+}
+
+QUANT_NEON_INLINE float32x4_t quant_neon_iq2_four(const uint8_t *words, float d8,
+                                                  const float *dx, const int8_t *x,
+                                                  quant_neon_dot16_fn dot16, float32x4_t acc) {
+    uint32x4_t A = vuzp2q_u32(vreinterpretq_u32_u8(vld1q_u8(words)),
+                              vreinterpretq_u32_u8(vld1q_u8(words + 16)));
+    uint8x16_t S = quant_neon_iq2_sign_bytes(A);
+    /* 2 ls + 1 = (A >> 27) | 1: the sign bit below ls is overwritten */
+    uint32x4_t ls2 = vorrq_u32(vshrq_n_u32(A, 27), vdupq_n_u32(1));
+    float32x4_t sc = vmulq_n_f32(vmulq_f32(vcvtq_f32_u32(ls2), vld1q_f32(dx)), d8);
+    int32x4_t sums = quant_neon_fold4(quant_neon_iq2_group(words, S, 0, x, dot16),
+                                      quant_neon_iq2_group(words, S, 1, x, dot16),
+                                      quant_neon_iq2_group(words, S, 2, x, dot16),
+                                      quant_neon_iq2_group(words, S, 3, x, dot16));
+    return vfmaq_f32(acc, sc, vcvtq_f32_s32(sums));
+}
+
+QUANT_NEON_INLINE float quant_neon_q8_iq2_xxs(const struct block_iq2_xxs *w,
+                                              const struct act_q8 *a,
+                                              quant_neon_dot16_fn dot16) {
+    float32x4_t acc = vdupq_n_f32(0.0f);
+    for (int64_t i = 0; i < a->n / 256; i++, w++) {
+        const uint8_t *words = (const uint8_t *)w->qs;
+        const int8_t *x = a->q + 256 * i;
+        float d8 = quant_neon_half(w->d) * 0.125f;
+        acc = quant_neon_iq2_four(words, d8, a->d + 8 * i, x, dot16, acc);
+        acc = quant_neon_iq2_four(words + 32, d8, a->d + 8 * i + 4, x + 128, dot16, acc);
+    }
+    return vaddvq_f32(acc);
+}
+
+/* The variants: one function per type and step, and a table of them. */
+static float quant_neon_q8_0_mull(const struct block_q8_0 *w, const struct act_q8 *a) {
+    return quant_neon_q8_q8_0(w, a, quant_neon_dot16_mull);
+}
+static float quant_neon_q2_k_mull(const struct block_q2_k *w, const struct act_q8 *a) {
+    return quant_neon_q8_q2_k(w, a, quant_neon_dot16_mull);
+}
+static float quant_neon_q4_k_mull(const struct block_q4_k *w, const struct act_q8 *a) {
+    return quant_neon_q8_q4_k(w, a, quant_neon_dot16_mull);
+}
+static float quant_neon_iq2_xxs_mull(const struct block_iq2_xxs *w, const struct act_q8 *a) {
+    return quant_neon_q8_iq2_xxs(w, a, quant_neon_dot16_mull);
+}
+
+#if QUANT_NEON_HAVE_SDOT
+QUANT_NEON_TARGET_SDOT
+static float quant_neon_q8_0_sdot(const struct block_q8_0 *w, const struct act_q8 *a) {
+    return quant_neon_q8_q8_0(w, a, quant_neon_dot16_sdot);
+}
+QUANT_NEON_TARGET_SDOT
+static float quant_neon_q2_k_sdot(const struct block_q2_k *w, const struct act_q8 *a) {
+    return quant_neon_q8_q2_k(w, a, quant_neon_dot16_sdot);
+}
+QUANT_NEON_TARGET_SDOT
+static float quant_neon_q4_k_sdot(const struct block_q4_k *w, const struct act_q8 *a) {
+    return quant_neon_q8_q4_k(w, a, quant_neon_dot16_sdot);
+}
+QUANT_NEON_TARGET_SDOT
+static float quant_neon_iq2_xxs_sdot(const struct block_iq2_xxs *w, const struct act_q8 *a) {
+    return quant_neon_q8_iq2_xxs(w, a, quant_neon_dot16_sdot);
+}
+#endif
+
+struct quant_neon_q8_kernels {
+    const char *name;
+    bool needs_sdot;
+    float (*q8_0)(const struct block_q8_0 *w, const struct act_q8 *a);
+    float (*q2_k)(const struct block_q2_k *w, const struct act_q8 *a);
+    float (*q4_k)(const struct block_q4_k *w, const struct act_q8 *a);
+    float (*iq2_xxs)(const struct block_iq2_xxs *w, const struct act_q8 *a);
+};
+
+/* Best first; the last one runs on every arm64 CPU. */
+static const struct quant_neon_q8_kernels quant_neon_q8_all[] = {
+#if QUANT_NEON_HAVE_SDOT
+    { "neon-dotprod", true, quant_neon_q8_0_sdot, quant_neon_q2_k_sdot,
+      quant_neon_q4_k_sdot, quant_neon_iq2_xxs_sdot },
+#endif
+    { "neon", false, quant_neon_q8_0_mull, quant_neon_q2_k_mull,
+      quant_neon_q4_k_mull, quant_neon_iq2_xxs_mull },
+};
+enum { QUANT_NEON_Q8_ALL = sizeof quant_neon_q8_all / sizeof quant_neon_q8_all[0] };
+
+/* The variants this CPU runs, found once (quant_neon_q8_detect), and the
+ * one in use. Until quant_tables_init() runs, the plain one is in use. */
+static const struct quant_neon_q8_kernels *quant_neon_q8_usable[QUANT_NEON_Q8_ALL];
+static int quant_neon_q8_n_usable;
+static const struct quant_neon_q8_kernels *quant_neon_q8 =
+    &quant_neon_q8_all[QUANT_NEON_Q8_ALL - 1];
+
+static void quant_neon_q8_detect(void) {
+    if (quant_neon_q8_n_usable > 0) return;
+    bool sdot = quant_neon_cpu_has_sdot();
+    for (int v = 0; v < QUANT_NEON_Q8_ALL; v++)
+        if (!quant_neon_q8_all[v].needs_sdot || sdot)
+            quant_neon_q8_usable[quant_neon_q8_n_usable++] = &quant_neon_q8_all[v];
+}
+
 static int quant_q8_variant_count(void) {
-    return 0;
+    quant_neon_q8_detect();
+    return quant_neon_q8_n_usable;
 }
 
 static const char *quant_q8_variant_name(int v) {
-    (void)v;
-    return "scalar";
+    quant_neon_q8_detect();
+    return v >= 0 && v < quant_neon_q8_n_usable ? quant_neon_q8_usable[v]->name : NULL;
+}
+
+/* Not thread-safe: at start-up (quant_tables_init), or in tests and the
+ * bench between products. */
+static void quant_q8_use_variant(int v) {
+    quant_neon_q8_detect();
+    if (v < 0 || v >= quant_neon_q8_n_usable) {
+        fprintf(stderr, "ds4: no integer kernel variant %d on this CPU\n", v);
+        abort();
+    }
+    quant_neon_q8 = quant_neon_q8_usable[v];
+}
+
+static void quant_q8_choose_variant(void) {
+    quant_q8_use_variant(0);
+}
+
+static float quant_fast_vec_dot_q8(uint32_t type, const void *w, const struct act_q8 *a) {
+    switch (type) {
+    case TYPE_Q8_0: return quant_neon_q8->q8_0(w, a);
+    case TYPE_Q2_K: return quant_neon_q8->q2_k(w, a);
+    case TYPE_Q4_K: return quant_neon_q8->q4_k(w, a);
+    case TYPE_IQ2_XXS: return quant_neon_q8->iq2_xxs(w, a);
+    default: return vec_dot_q8_ref(type, w, a);
+    }
+}
+
+#else
+
+/* Any other CPU: the scalar reference is the only variant. */
+static int quant_q8_variant_count(void) {
+    return 1;
+}
+
+static const char *quant_q8_variant_name(int v) {
+    return v == 0 ? "scalar" : NULL;
 }
 
 static void quant_q8_use_variant(int v) {
-    fprintf(stderr, "ds4: no integer kernel variant %d in this build\n", v);
+    if (v == 0) return;
+    fprintf(stderr, "ds4: no integer kernel variant %d on this CPU\n", v);
     abort();
 }
 
 static void quant_q8_choose_variant(void) {
+}
+
+static float quant_fast_vec_dot_q8(uint32_t type, const void *w, const struct act_q8 *a) {
+    return vec_dot_q8_ref(type, w, a);
 }
 
 #endif

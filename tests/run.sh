@@ -30,6 +30,14 @@ suite() {
 
 B=tests/bin
 suite "quant blocks (fast kernels vs reference)" $B/test_quant
+# arm64 under emulation, where the cross compiler and qemu are installed (tests/arm64.sh).
+if command -v aarch64-linux-gnu-gcc >/dev/null 2>&1 && command -v qemu-aarch64 >/dev/null 2>&1
+then
+    suite "quant blocks on arm64 under qemu (NEON kernel variants, detection)" sh tests/arm64.sh
+else
+    echo "== quant blocks on arm64 under qemu: skipped" \
+         "(no aarch64-linux-gnu-gcc or qemu-aarch64 on PATH)"
+fi
 suite "JSON (ASan+UBSan)" $B/test_json
 suite "fuzz: JSON reader, HTTP head, chunked bodies (ASan+UBSan, seed 1)" $B/fuzz_http 20000 1
 suite "GGUF hostile files (ASan+UBSan)" $B/test_gguf vectors/tiny.gguf

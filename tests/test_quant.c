@@ -14,10 +14,10 @@
  *      worked out by hand in the comments;
  *   4. quantize_row then dequant_row_ref, with an error bound per type;
  *   5. the IQ2_XXS codebook and sign tables;
- *   6. the 8-bit activations of 3.11: the quantizer, the integer kernels
- *      (every variant this CPU runs: AVX-512, AVX2, ...) against their
- *      scalar reference, and that reference against the float one within
- *      the documented bound.
+ *   6. the 8-bit activations of 3.9: the quantizer, the integer kernels
+ *      (every variant this CPU runs: AVX-512, AVX2, NEON sdot, ...) against
+ *      their scalar reference, and that reference against the float one
+ *      within the documented bound.
  *
  * Every check prints what it compared, the largest difference and the
  * tolerance. The last line is "N passed, N failed"; the exit status is 0
@@ -554,7 +554,7 @@ static void test_iq2_tables(void) {
     check("IQ2 float grid and sign-bit tables match (count wrong)", bad_tables, 0);
 }
 
-/* ---- 6. Eight-bit activations (3.11) -------------------------------------- */
+/* ---- 6. Eight-bit activations (3.9) --------------------------------------- */
 
 /* The quantized activations themselves: every value within half a step of
  * x, and the 16-value sums exact to float rounding. */
@@ -603,10 +603,12 @@ static void test_act_quantize(void) {
           piece_wrong, 0);
 }
 
-/* One row: the integer kernel against the scalar integer reference (to
- * 1e-5 of sum |w*x|), and the reference against the float vec_dot_ref,
- * measured in units of the bound sum_b d[b]/2 sum_{i in b} |w[i]| (3.11). */
-struct q8_errors { double fast, bound_units, relative; };
+/* One row: every integer kernel variant this CPU runs (3.9) against the
+ * scalar integer reference (to 1e-5 of sum |w*x|), and the reference against
+ * the float vec_dot_ref, measured in units of the bound
+ * sum_b d[b]/2 sum_{i in b} |w[i]| (3.9). */
+enum { MAX_Q8_VARIANTS = 8 };
+struct q8_errors { double fast[MAX_Q8_VARIANTS], bound_units, relative; };
 
 static void compare_q8_row(uint32_t type, int64_t n, bool raw_bytes, struct q8_errors *err) {
     void *row = malloc(type_row_bytes(type, (uint64_t)n));
@@ -623,12 +625,39 @@ static void compare_q8_row(uint32_t type, int64_t n, bool raw_bytes, struct q8_e
         bound += a.d[i / 32] / 2 * fabs(w[i]);
     }
     double ref_q8 = vec_dot_q8_ref(type, row, &a), ref_f32 = vec_dot_ref(type, row, x, n);
-    err->fast = fmax(err->fast, fabs(vec_dot_q8(type, row, &a) - ref_q8) / abs_sum);
+    for (int v = 0; v < quant_q8_variant_count() && v < MAX_Q8_VARIANTS; v++) {
+        quant_q8_use_variant(v);
+        err->fast[v] = fmax(err->fast[v], fabs(vec_dot_q8(type, row, &a) - ref_q8) / abs_sum);
+    }
+    quant_q8_use_variant(0);
     /* the bound plus the float rounding of both sums */
     double diff = fabs(ref_q8 - ref_f32);
     err->bound_units = fmax(err->bound_units, diff / (bound + 2e-6 * abs_sum));
     if (!raw_bytes) err->relative = fmax(err->relative, diff / abs_sum);
     free(row), free(x), free(w), free(mem);
+}
+
+/* The variants this CPU offers, as "a,b,c"; when the caller says which to
+ * expect (tests/arm64.sh runs qemu with CPUs of known features), they must
+ * be exactly those, which tests the start-up detection. */
+static void test_q8_variants(const char *expected) {
+    char list[256] = "";
+    int count = quant_q8_variant_count(), bad = 0;
+    for (int v = 0; v < count; v++) {
+        const char *name = quant_q8_variant_name(v);
+        if (!name || !*name) { bad++; continue; }
+        for (int u = 0; u < v; u++) bad += strcmp(name, quant_q8_variant_name(u)) == 0;
+        snprintf(list + strlen(list), sizeof list - strlen(list), "%s%s", v ? "," : "", name);
+    }
+    bad += quant_q8_variant_name(count) != NULL;
+    check_true("integer kernel variants: at least one, named, distinct",
+               count >= 1 && count <= MAX_Q8_VARIANTS && !bad);
+    printf("     variants on this CPU: %s\n", list);
+    if (expected) {
+        char what[160];
+        snprintf(what, sizeof what, "integer kernel variants are \"%s\"", expected);
+        check_true(what, strcmp(list, expected) == 0);
+    }
 }
 
 /* Every kernel variant this CPU runs (3.9: quant_q8_variant_count), each
@@ -640,29 +669,19 @@ static void test_q8_kernels(void) {
     static const uint32_t types[] = { TYPE_Q8_0, TYPE_Q2_K, TYPE_Q4_K, TYPE_IQ2_XXS };
     static const int64_t lengths_256[] = { 256, 768, 4096, 7168 };
     static const int64_t lengths_32[] = { 32, 96, 4096, 4128 };
-#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-    /* x86 builds always have the AVX2 row (3.9) */
-    check_msg(quant_q8_variant_count() >= 1, "integer kernel variants on this CPU: %d",
-              quant_q8_variant_count());
-#endif
     for (size_t ti = 0; ti < sizeof types / sizeof types[0]; ti++) {
         const int64_t *lengths = types[ti] == TYPE_Q8_0 ? lengths_32 : lengths_256;
-        struct q8_errors err = { 0, 0, 0 };
+        struct q8_errors err = { { 0 }, 0, 0 };
+        for (int li = 0; li < 4; li++)
+            for (int rep = 0; rep < 8; rep++)
+                compare_q8_row(types[ti], lengths[li], rep % 2 == 1, &err);
         const char *name = type_traits_of(types[ti])->name;
         char what[128];
-        /* a build without integer kernels runs vec_dot_q8 (the reference) once */
-        int variants = quant_q8_variant_count();
-        for (int v = 0; v < (variants > 0 ? variants : 1); v++) {
-            if (variants > 0) quant_q8_use_variant(v);
-            err.fast = 0;
-            for (int li = 0; li < 4; li++)
-                for (int rep = 0; rep < 8; rep++)
-                    compare_q8_row(types[ti], lengths[li], rep % 2 == 1, &err);
+        for (int v = 0; v < quant_q8_variant_count() && v < MAX_Q8_VARIANTS; v++) {
             snprintf(what, sizeof what, "%s vec_dot_q8 (%s) vs vec_dot_q8_ref, rel. to sum|wx|",
-                     name, variants > 0 ? quant_q8_variant_name(v) : "scalar");
-            check(what, err.fast, 1e-5);
+                     name, quant_q8_variant_name(v));
+            check(what, err.fast[v], 1e-5);
         }
-        if (variants > 0) quant_q8_use_variant(0);
         snprintf(what, sizeof what, "%s vec_dot_q8_ref vs vec_dot_ref, in bound units", name);
         check(what, err.bound_units, 1.0);
         snprintf(what, sizeof what, "%s vec_dot_q8_ref vs vec_dot_ref, rel. sum|wx|, normal", name);
@@ -670,7 +689,14 @@ static void test_q8_kernels(void) {
     }
 }
 
-int main(void) {
+/* Usage: test_quant [--expect-q8-variants a,b,c] */
+int main(int argc, char **argv) {
+    const char *expect_variants = NULL;
+    if (argc == 3 && strcmp(argv[1], "--expect-q8-variants") == 0) expect_variants = argv[2];
+    else if (argc != 1) {
+        fprintf(stderr, "usage: %s [--expect-q8-variants a,b,c]\n", argv[0]);
+        return 2;
+    }
     quant_tables_init();
     printf("-- 1. half and bfloat16\n");
     test_f16_to_f32();
@@ -696,6 +722,7 @@ int main(void) {
     test_iq2_tables();
     printf("-- 6. eight-bit activations\n");
     test_act_quantize();
+    test_q8_variants(expect_variants);
     test_q8_kernels();
     printf("%d passed, %d failed\n", tests_passed, tests_failed);
     return tests_failed == 0 ? 0 : 1;
