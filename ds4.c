@@ -15331,11 +15331,12 @@ static bool jm_feed_string(struct json_machine *m, unsigned char c) {
         }
         m->mode = JM_STRING;
         return strchr("\"\\/bfnrt", c) != NULL && c != '\0';
-    default:   /* JM_HEX */
+    default: { /* JM_HEX (braces: a declaration after a label is C23, and clang 14 refuses it) */
         bool hex = (c >= '0' && c <= '9') || ((c | 0x20) >= 'a' && (c | 0x20) <= 'f');
         if (!hex) return false;
         if (--m->hex == 0) m->mode = JM_STRING;
         return true;
+    }
     }
 }
 
