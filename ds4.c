@@ -2491,6 +2491,321 @@ static float vec_dot_q8(uint32_t type, const void *w, const struct act_q8 *a) {
     return quant_fast_vec_dot_q8(type, w, a);
 }
 
+/* ---- 3.10 Many tokens at once: a weight row decoded once ------------------ */
+
+/* WHY A SECOND SET OF KERNELS
+ *
+ * In a prefill every weight row meets every token of the chunk, and the
+ * one-token kernels of 3.9 redo the row's work for each of them: the
+ * IQ2_XXS kernel spends most of its 11 instructions per 32 values turning
+ * grid indices and sign bits into bytes, the Q8_0 kernel converts the block
+ * scale and takes |w| again, and every kernel folds its partial sums across
+ * lanes once per block. Here a row is decoded ONCE into plain bytes,
+ *
+ *     v[i]      signed weight integer: Q8_0 qs, IQ2_XXS grid * sign,
+ *               Q2_K sc[k] * q2 (all |v| <= 128)                 [n] int8
+ *     mag[i]    |v[i]|                                            [n] uint8
+ *     scale[b]  Q8_0 d;  IQ2_XXS d (2 ls + 1) / 8;  Q2_K d         [n/32] float
+ *     min[k]    Q2_K dmin m[k], else absent                        [n/16] float
+ *
+ * so that for every token the row costs only the products:
+ *
+ *     y[t] = sum_b scale[b] d_t[b] sum_{i in b} v[i] q_t[i]  -  sum_k min[k] s_t[k]
+ *
+ * the same integer sums as 3.9's formulas (Q2_K's two sub-blocks of a block
+ * are summed as integers before the float scale, which is exact), so the
+ * float result differs from vec_dot_q8() only in the order of additions.
+ *
+ * NO FOLDS: THE BLOCKS TRANSPOSED. A 32-byte register of one block, after
+ * pmaddubsw and pmaddwd, holds eight int32 partial sums of that block, and
+ * adding them up costs shuffles per block and per token. Instead each group
+ * of 256 values (eight blocks b = 0..7) is stored transposed by dwords,
+ *
+ *     t[32 k + 4 b + l] = v[32 b + 4 k + l]        k, b < 8, l < 4
+ *
+ * for the weights and the same for the activations. Register k then holds
+ * dword k of all eight blocks, and its int32 lane b is a partial sum of
+ * block b alone: eight registers added lane by lane give the eight block
+ * sums in the order of scale[] and d[], and one multiply-add applies them.
+ * Per token and 32 values that is a load, a sign, pmaddubsw, pmaddwd and an
+ * add. The pairs cannot saturate (2 * 128 * 127 = 32512 < 32767). A tail
+ * shorter than 256 stays in plain order and is summed block by block.
+ *
+ * THE TILE. Four tokens share each load of v and mag, their inputs stay in
+ * L1 while the eight rows of a work item (6.1) are decoded in a scratch
+ * buffer that stays in L2. */
+struct q8_row {
+    int64_t n;
+    int8_t *v;          /* [n] */
+    uint8_t *mag;       /* [n] */
+    float *scale;       /* [n / 32] */
+    float *min;         /* [n / 16] (Q2_K) */
+};
+
+/* Bytes of storage for one decoded row of n values. */
+static size_t q8_row_bytes(int64_t n) {
+    return 2 * (size_t)n + (size_t)(n / 32 + n / 16) * sizeof(float);
+}
+
+static struct q8_row q8_row_view(void *mem, int64_t n) {
+    float *f = mem;
+    int8_t *v = (int8_t *)(f + n / 32 + n / 16);
+    struct q8_row r = { n, v, (uint8_t *)(v + n), f, f + n / 32 };
+    return r;
+}
+
+/* t from v as defined above, for n values (whole groups transposed, the
+ * tail copied): the activations' copy, made once per token and product. */
+static void q8_transpose_groups(const int8_t *v, int8_t *t, int64_t n) {
+    int64_t i = 0;
+    for (; i + 256 <= n; i += 256)
+        for (int k = 0; k < 8; k++)
+            for (int b = 0; b < 8; b++) memcpy(t + i + 32 * k + 4 * b, v + i + 32 * b + 4 * k, 4);
+    memcpy(t + i, v + i, (size_t)(n - i));
+}
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+
+static bool quant_has_q8_tile(uint32_t type) {
+    return type == TYPE_Q8_0 || type == TYPE_Q2_K || type == TYPE_IQ2_XXS;
+}
+
+/* The 8x8 dword transpose of one group: r[b] holds block b in plain order;
+ * t and mag receive register k = dword k of every block. Three rounds of
+ * unpacks and lane swaps (24 shuffles per 256 values, once per row). */
+static void quant_tile_store_group(const __m256i r[8], int8_t *t, uint8_t *mag) {
+    __m256i a[8], c[8];
+    for (int p = 0; p < 4; p++) {
+        a[2 * p] = _mm256_unpacklo_epi32(r[2 * p], r[2 * p + 1]);
+        a[2 * p + 1] = _mm256_unpackhi_epi32(r[2 * p], r[2 * p + 1]);
+    }
+    for (int h = 0; h < 2; h++)
+        for (int p = 0; p < 2; p++) {
+            c[4 * h + 2 * p] = _mm256_unpacklo_epi64(a[4 * h + p], a[4 * h + p + 2]);
+            c[4 * h + 2 * p + 1] = _mm256_unpackhi_epi64(a[4 * h + p], a[4 * h + p + 2]);
+        }
+    /* c[k] (k < 4) holds dword k of blocks 0-3 in its low lane and k + 4 in
+     * its high one; c[k + 4] the same of blocks 4-7 */
+    for (int k = 0; k < 4; k++) {
+        __m256i lo = _mm256_permute2x128_si256(c[k], c[k + 4], 0x20);
+        __m256i hi = _mm256_permute2x128_si256(c[k], c[k + 4], 0x31);
+        _mm256_storeu_si256((__m256i *)(t + 32 * k), lo);
+        _mm256_storeu_si256((__m256i *)(t + 32 * (k + 4)), hi);
+        _mm256_storeu_si256((__m256i *)(mag + 32 * k), _mm256_abs_epi8(lo));
+        _mm256_storeu_si256((__m256i *)(mag + 32 * (k + 4)), _mm256_abs_epi8(hi));
+    }
+}
+
+/* A plain tail of blocks b0..nb-1 (v and mag as they are). */
+static void quant_tile_store_plain(__m256i r, int8_t *v, uint8_t *mag) {
+    _mm256_storeu_si256((__m256i *)v, r);
+    _mm256_storeu_si256((__m256i *)mag, _mm256_abs_epi8(r));
+}
+
+/* Blocks [b, b + count) of the row, as plain registers, go to their place:
+ * a whole group transposed, anything shorter plain. */
+static void quant_tile_store(struct q8_row *row, int64_t b, const __m256i *r, int count) {
+    if (count == 8) {
+        quant_tile_store_group(r, row->v + 32 * b, row->mag + 32 * b);
+        return;
+    }
+    for (int i = 0; i < count; i++)
+        quant_tile_store_plain(r[i], row->v + 32 * (b + i), row->mag + 32 * (b + i));
+}
+
+static void quant_tile_decode_q8_0(const struct block_q8_0 *w, struct q8_row *row) {
+    int64_t nb = row->n / 32;
+    for (int64_t b = 0; b < nb; b += 8) {
+        int count = nb - b < 8 ? (int)(nb - b) : 8;
+        __m256i r[8];
+        for (int i = 0; i < count; i++) {
+            r[i] = quant_avx2_load_i8(w[b + i].qs);
+            row->scale[b + i] = quant_avx2_half(w[b + i].d);
+        }
+        quant_tile_store(row, b, r, count);
+    }
+}
+
+/* Q2_K: block 4h + j of a 256 is the 2-bit field at shift 2j of the 32
+ * bytes of half h; both bytes of a 16-bit lane belong to one sub-block, and
+ * sc * q2 <= 45 fits a byte, so one 16-bit multiply scales two values. */
+static void quant_tile_decode_q2_k(const struct block_q2_k *w, struct q8_row *row) {
+    for (int64_t i = 0; i < row->n / 256; i++, w++) {
+        __m256i sc = _mm256_and_si256(
+            _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)w->scales)),
+            _mm256_set1_epi8(15));
+        __m256i r[8], pick0 = _mm256_set1_epi16((short)0x8000);
+        pick0 = _mm256_blend_epi32(pick0, _mm256_set1_epi16((short)0x8001), 0xf0);
+        for (int h = 0; h < 2; h++) {
+            __m256i bits = quant_avx2_load_i8(w->qs + 32 * h);
+            for (int j = 0; j < 4; j++) {
+                /* sc[k] into the low lane's 16-bit factors, sc[k + 1] the high's */
+                __m256i pick = _mm256_add_epi8(pick0, _mm256_set1_epi16((short)(8 * h + 2 * j)));
+                __m256i q = _mm256_and_si256(_mm256_srli_epi16(bits, 2 * j), _mm256_set1_epi8(3));
+                r[4 * h + j] = _mm256_mullo_epi16(q, _mm256_shuffle_epi8(sc, pick));
+            }
+        }
+        float d = quant_avx2_half(w->d), dmin = quant_avx2_half(w->dmin);
+        for (int k = 0; k < 8; k++) row->scale[8 * i + k] = d;
+        for (int k = 0; k < 16; k++) row->min[16 * i + k] = dmin * (float)(w->scales[k] >> 4);
+        quant_tile_store(row, 8 * i, r, 8);
+    }
+}
+
+/* IQ2_XXS: the registers (g, h) of 3.9's kernel, with the signs applied to
+ * the grid magnitudes instead of to x; half h of group g is in the low 128
+ * bits and half h of group g + 4 in the high ones. */
+static inline void quant_tile_iq2_half(const struct block_iq2_xxs *w, int g, int h, __m256i S,
+                                       int8_t *plain) {
+    const uint8_t *lo = (const uint8_t *)&w->qs[4 * g] + 2 * h;
+    const uint8_t *hi = (const uint8_t *)&w->qs[4 * (g + 4)] + 2 * h;
+    const uint64_t *grid = quant_iq2_xxs_grid;
+    __m256i mag = _mm256_setr_m128i(quant_avx2_two_u64(&grid[lo[0]], &grid[lo[1]]),
+                                    quant_avx2_two_u64(&grid[hi[0]], &grid[hi[1]]));
+    __m256i neg = quant_avx2_iq2_neg_mask(S, g, h);
+    __m256i v = _mm256_sub_epi8(_mm256_xor_si256(mag, neg), neg);
+    _mm_storeu_si128((__m128i *)(plain + 32 * g + 16 * h), _mm256_castsi256_si128(v));
+    _mm_storeu_si128((__m128i *)(plain + 32 * (g + 4) + 16 * h), _mm256_extracti128_si256(v, 1));
+}
+
+/* Groups g and g + 4 of one block into plain order. */
+static inline void quant_tile_iq2_pair(const struct block_iq2_xxs *w, int g, __m256i S,
+                                       int8_t *plain) {
+    quant_tile_iq2_half(w, g, 0, S, plain);
+    quant_tile_iq2_half(w, g, 1, S, plain);
+}
+
+static void quant_tile_decode_iq2_xxs(const struct block_iq2_xxs *w, struct q8_row *row) {
+    for (int64_t i = 0; i < row->n / 256; i++, w++) {
+        __m256i A = quant_avx2_iq2_sign_words(w), S = quant_avx2_iq2_sign_bytes(A);
+        __m256i ls2 = _mm256_or_si256(_mm256_srli_epi32(A, 27), _mm256_set1_epi32(1));
+        float d = quant_avx2_half(w->d);
+        uint32_t ls[8];
+        _mm256_storeu_si256((__m256i *)ls, ls2);
+        int8_t plain[256];
+        quant_tile_iq2_pair(w, 0, S, plain);
+        quant_tile_iq2_pair(w, 1, S, plain);
+        quant_tile_iq2_pair(w, 2, S, plain);
+        quant_tile_iq2_pair(w, 3, S, plain);
+        __m256i r[8];
+        for (int g = 0; g < 8; g++) {
+            r[g] = quant_avx2_load_i8(plain + 32 * g);
+            row->scale[8 * i + g] = d * (float)ls[g] * 0.125f;
+        }
+        quant_tile_store(row, 8 * i, r, 8);
+    }
+}
+
+static void q8_row_decode(uint32_t type, const void *w, struct q8_row *row) {
+    switch (type) {
+    case TYPE_Q8_0: quant_tile_decode_q8_0(w, row); break;
+    case TYPE_Q2_K: quant_tile_decode_q2_k(w, row); break;
+    case TYPE_IQ2_XXS: quant_tile_decode_iq2_xxs(w, row); break;
+    default: quant_die_unsupported("q8_row_decode", type);
+    }
+    if (type != TYPE_Q2_K) row->min = NULL;
+}
+
+/* acc + the eight int32 lane sums of |v| times x signed like v. */
+static inline __m256i quant_tile_step(__m256i acc, __m256i mag, __m256i v, const int8_t *x) {
+    __m256i p = _mm256_maddubs_epi16(mag, _mm256_sign_epi8(quant_avx2_load_i8(x), v));
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(p, _mm256_set1_epi16(1)));
+}
+
+/* The inputs of one token: its transposed bytes and its act_q8 floats. */
+struct q8_token {
+    const int8_t *t;    /* [n], transposed as above */
+    const float *d;     /* [n / 32] */
+    const float *sum16; /* [n / 16] */
+};
+
+/* The plain tail blocks and the Q2_K mins of one token, added to `sum`. */
+static float quant_tile_finish(const struct q8_row *row, const struct q8_token *x, float sum) {
+    for (int64_t b = row->n / 256 * 8; b < row->n / 32; b++) {
+        __m256i isum = quant_tile_step(_mm256_setzero_si256(),
+                                       quant_avx2_load_i8(row->mag + 32 * b),
+                                       quant_avx2_load_i8(row->v + 32 * b), x->t + 32 * b);
+        sum += row->scale[b] * x->d[b] * quant_avx2_hsum(_mm256_cvtepi32_ps(isum));
+    }
+    if (row->min) sum -= quant_fast_dot_f32(row->min, x->sum16, row->n / 16);
+    return sum;
+}
+
+/* y[0..3] = the row against four tokens. */
+static void quant_tile_dot4(const struct q8_row *row, const struct q8_token *x, float *y) {
+    __m256 f0 = _mm256_setzero_ps(), f1 = f0, f2 = f0, f3 = f0;
+    for (int64_t g = 0; g < row->n / 256; g++) {
+        __m256i i0 = _mm256_setzero_si256(), i1 = i0, i2 = i0, i3 = i0;
+        for (int k = 0; k < 8; k++) {
+            int64_t o = 256 * g + 32 * k;
+            __m256i mag = quant_avx2_load_i8(row->mag + o), v = quant_avx2_load_i8(row->v + o);
+            i0 = quant_tile_step(i0, mag, v, x[0].t + o);
+            i1 = quant_tile_step(i1, mag, v, x[1].t + o);
+            i2 = quant_tile_step(i2, mag, v, x[2].t + o);
+            i3 = quant_tile_step(i3, mag, v, x[3].t + o);
+        }
+        __m256 sc = _mm256_loadu_ps(row->scale + 8 * g);
+        f0 = _mm256_fmadd_ps(_mm256_mul_ps(sc, _mm256_loadu_ps(x[0].d + 8 * g)),
+                             _mm256_cvtepi32_ps(i0), f0);
+        f1 = _mm256_fmadd_ps(_mm256_mul_ps(sc, _mm256_loadu_ps(x[1].d + 8 * g)),
+                             _mm256_cvtepi32_ps(i1), f1);
+        f2 = _mm256_fmadd_ps(_mm256_mul_ps(sc, _mm256_loadu_ps(x[2].d + 8 * g)),
+                             _mm256_cvtepi32_ps(i2), f2);
+        f3 = _mm256_fmadd_ps(_mm256_mul_ps(sc, _mm256_loadu_ps(x[3].d + 8 * g)),
+                             _mm256_cvtepi32_ps(i3), f3);
+    }
+    y[0] = quant_tile_finish(row, &x[0], quant_avx2_hsum(f0));
+    y[1] = quant_tile_finish(row, &x[1], quant_avx2_hsum(f1));
+    y[2] = quant_tile_finish(row, &x[2], quant_avx2_hsum(f2));
+    y[3] = quant_tile_finish(row, &x[3], quant_avx2_hsum(f3));
+}
+
+/* The row against one token (the tile's remainder). */
+static float quant_tile_dot1(const struct q8_row *row, const struct q8_token *x) {
+    __m256 f = _mm256_setzero_ps();
+    for (int64_t g = 0; g < row->n / 256; g++) {
+        __m256i isum = _mm256_setzero_si256();
+        for (int k = 0; k < 8; k++) {
+            int64_t o = 256 * g + 32 * k;
+            isum = quant_tile_step(isum, quant_avx2_load_i8(row->mag + o),
+                                   quant_avx2_load_i8(row->v + o), x->t + o);
+        }
+        f = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_loadu_ps(row->scale + 8 * g),
+                                          _mm256_loadu_ps(x->d + 8 * g)),
+                            _mm256_cvtepi32_ps(isum), f);
+    }
+    return quant_tile_finish(row, x, quant_avx2_hsum(f));
+}
+
+#else
+
+/* No tile kernels for this CPU: the engine dots each token with
+ * vec_dot_q8() (6.1), which is always correct. */
+static bool quant_has_q8_tile(uint32_t type) {
+    (void)type;
+    return false;
+}
+
+static void q8_row_decode(uint32_t type, const void *w, struct q8_row *row) {
+    (void)w, (void)row;
+    quant_die_unsupported("q8_row_decode", type);
+}
+
+#endif
+
+/* y[i] = the decoded row against tokens x[0 .. n_tok), four at a time. */
+static void q8_row_dot_tokens(const struct q8_row *row, const struct q8_token *x, int n_tok,
+                              float *y) {
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+    int t = 0;
+    for (; t + 4 <= n_tok; t += 4) quant_tile_dot4(row, x + t, y + t);
+    for (; t < n_tok; t++) y[t] = quant_tile_dot1(row, x + t);
+#else
+    (void)row, (void)x, (void)n_tok, (void)y;
+    quant_die_unsupported("q8_row_dot_tokens", 0);
+#endif
+}
+
 /* ============================================================================
  * Chapter 4. The model's shape and its weights
  * ============================================================================
@@ -3330,6 +3645,9 @@ struct engine_options {
 /* The table of operations the story calls (6.13); the CPU one is this chapter. */
 static const struct backend *backend_cpu(void);
 
+/* Rows in one work item of a product (WORK SPLIT above). */
+enum { MATMUL_ROWS_PER_ITEM = 8 };
+
 struct engine {
     struct model *model;
     struct engine_options opt;
@@ -3339,6 +3657,7 @@ struct engine {
     struct rope rope_compressed;  /* compressed layers, their compressors, the indexer */
     int64_t max_row;              /* longest weight row, for the dequant scratch */
     float **row_scratch;          /* [threads][max_row] */
+    void **tile_scratch;          /* [threads]: MATMUL_ROWS_PER_ITEM decoded rows (3.10) */
     float **attn_scratch;         /* [threads][attn_scratch_cap] */
     int64_t attn_scratch_cap;
     void *act_mem;                /* the 8-bit inputs of the running product */
@@ -3361,17 +3680,22 @@ static void engine_init(struct engine *eng, struct model *m, struct engine_optio
     for (size_t i = 0; i < sizeof sizes / sizeof sizes[0]; i++)
         if (sizes[i] > eng->max_row) eng->max_row = sizes[i];
     eng->row_scratch = xcalloc((size_t)threads, sizeof(float *));
+    eng->tile_scratch = xcalloc((size_t)threads, sizeof(void *));
     eng->attn_scratch = xcalloc((size_t)threads, sizeof(float *));
-    for (int i = 0; i < threads; i++)
+    for (int i = 0; i < threads; i++) {
         eng->row_scratch[i] = xmalloc((size_t)eng->max_row * sizeof(float));
+        eng->tile_scratch[i] = xmalloc(MATMUL_ROWS_PER_ITEM * q8_row_bytes(eng->max_row));
+    }
 }
 
 static void engine_free(struct engine *eng) {
     for (int i = 0; i < eng->pool.n_threads; i++) {
         free(eng->row_scratch[i]);
+        free(eng->tile_scratch[i]);
         free(eng->attn_scratch[i]);
     }
     free(eng->row_scratch);
+    free(eng->tile_scratch);
     free(eng->attn_scratch);
     free(eng->act_mem);
     pool_free(&eng->pool);
@@ -3403,9 +3727,9 @@ struct matmul_job {
     int64_t row_items;            /* row groups */
     const uint8_t *xq;            /* 8-bit inputs, xq_stride bytes apart, or NULL */
     size_t xq_stride;
+    bool per_token;               /* the chunk is a decode or a verification (below) */
+    bool tiles;                   /* rows decoded once for many tokens (3.10) */
 };
-
-enum { MATMUL_ROWS_PER_ITEM = 8 };
 
 /* Up to this many tokens, each row is dotted with the fused decode kernel
  * once per token instead of being dequantized once: the row is hot in L1
@@ -3415,6 +3739,19 @@ enum { MATMUL_DECODE_PATH_MAX_TOKENS = 16 };
 
 static struct act_q8 matmul_input_q8(const struct matmul_job *j, int t) {
     return act_q8_view((void *)(j->xq + (size_t)t * j->xq_stride), j->w->in);
+}
+
+/* With tiles, each token's slot holds its act_q8 and then, 32-byte aligned,
+ * the transposed copy of its bytes (3.10). */
+static size_t matmul_tile_offset(int64_t n) {
+    return (act_q8_bytes(n) + 31) / 32 * 32;
+}
+
+static struct q8_token matmul_input_tile(const struct matmul_job *j, int t) {
+    const uint8_t *slot = j->xq + (size_t)t * j->xq_stride;
+    struct act_q8 a = matmul_input_q8(j, t);
+    struct q8_token x = { (const int8_t *)(slot + matmul_tile_offset(j->w->in)), a.d, a.sum16 };
+    return x;
 }
 
 /* Y[t][r] for the rows and tokens of one item, by one of the three paths. */
@@ -3429,13 +3766,44 @@ static void matmul_row_tokens(const struct matmul_job *j, int64_t r, int t0, int
             struct act_q8 a = matmul_input_q8(j, t);
             j->y[t * j->y_stride + r] = vec_dot_q8(w->type, wr, &a);
         }
-    } else if (j->n_tok <= MATMUL_DECODE_PATH_MAX_TOKENS) {
+    } else if (j->per_token) {
         for (int t = t0; t < t1; t++)
             j->y[t * j->y_stride + r] = vec_dot(w->type, wr, j->x + t * j->x_stride, w->in);
     } else {
         dequant_row(w->type, wr, row, w->in);
         for (int t = t0; t < t1; t++)
             j->y[t * j->y_stride + r] = dot_f32(row, j->x + t * j->x_stride, w->in);
+    }
+}
+
+/* Rows r0..r1 against tokens t0..t1 by tiles (3.10): the rows are decoded
+ * into the worker's scratch once, then each group of up to 4 tokens, whose
+ * inputs stay in L1, meets all of them. */
+enum { MATMUL_TILE_TOKENS = 4 };
+
+/* Decoding a row costs about what two one-token products of it do (3.10),
+ * so a product of fewer tokens than this (an expert that few tokens chose)
+ * keeps the one-token kernels. */
+enum { MATMUL_TILE_MIN_TOKENS = 4 };
+
+static void matmul_rows_tiled(const struct matmul_job *j, int64_t r0, int64_t r1, int t0, int t1,
+                              int worker) {
+    const struct matrix *w = j->w;
+    struct q8_row rows[MATMUL_ROWS_PER_ITEM];
+    uint8_t *mem = j->eng->tile_scratch[worker];
+    for (int64_t r = r0; r < r1; r++) {
+        rows[r - r0] = q8_row_view(mem + (size_t)(r - r0) * q8_row_bytes(w->in), w->in);
+        q8_row_decode(w->type, matrix_row(w, r), &rows[r - r0]);
+    }
+    for (int t = t0; t < t1; t += MATMUL_TILE_TOKENS) {
+        int nt = t1 - t < MATMUL_TILE_TOKENS ? t1 - t : MATMUL_TILE_TOKENS;
+        struct q8_token x[MATMUL_TILE_TOKENS];
+        float y[MATMUL_TILE_TOKENS];
+        for (int i = 0; i < nt; i++) x[i] = matmul_input_tile(j, t + i);
+        for (int64_t r = r0; r < r1; r++) {
+            q8_row_dot_tokens(&rows[r - r0], x, nt, y);
+            for (int i = 0; i < nt; i++) j->y[(t + i) * j->y_stride + r] = y[i];
+        }
     }
 }
 
@@ -3446,6 +3814,10 @@ static void matmul_rows(void *ctx, int64_t item, int worker) {
     if (r1 > j->w->out) r1 = j->w->out;
     int t0 = (int)tg * j->tok_per_item, t1 = t0 + j->tok_per_item;
     if (t1 > j->n_tok) t1 = j->n_tok;
+    if (j->tiles) {
+        matmul_rows_tiled(j, r0, r1, t0, t1, worker);
+        return;
+    }
     for (int64_t r = r0; r < r1; r++) matmul_row_tokens(j, r, t0, t1, j->eng->row_scratch[worker]);
 }
 
@@ -3454,12 +3826,15 @@ static void matmul_quantize_input(void *ctx, int64_t t, int worker) {
     struct matmul_job *j = ctx;
     struct act_q8 a = matmul_input_q8(j, (int)t);
     act_quantize_q8(j->x + t * j->x_stride, &a);
+    if (j->tiles) q8_transpose_groups(a.q, (int8_t *)matmul_input_tile(j, (int)t).t, a.n);
 }
 
 /* Quantize the n_tok inputs into the engine's buffer (grown here, on the
  * main thread, only when a wider product comes along). */
 static void matmul_prepare_q8(struct engine *eng, struct matmul_job *j) {
-    j->xq_stride = (act_q8_bytes(j->w->in) + 63) / 64 * 64;
+    size_t slot = j->tiles ? matmul_tile_offset(j->w->in) + (size_t)j->w->in
+                           : act_q8_bytes(j->w->in);
+    j->xq_stride = (slot + 63) / 64 * 64;
     size_t need = j->xq_stride * (size_t)j->n_tok;
     if (need > eng->act_cap) {
         free(eng->act_mem);
@@ -3470,10 +3845,17 @@ static void matmul_prepare_q8(struct engine *eng, struct matmul_job *j) {
     parallel_for(&eng->pool, j->n_tok, matmul_quantize_input, j);
 }
 
-/* Y[t][o] = W[o] . X[t] for t < n_tok; strides are in floats. */
-static void matmul_strided(struct engine *eng, float *y, int64_t y_stride, const struct matrix *w,
-                           const float *x, int64_t x_stride, int n_tok) {
-    struct matmul_job j = { eng, w, x, x_stride, y, y_stride, n_tok, n_tok, 0, NULL, 0 };
+/* Y[t][o] = W[o] . X[t] for t < n_tok; strides are in floats. The product
+ * belongs to a chunk of chunk_tokens tokens (n_tok of them for most, fewer
+ * for an expert's share): a chunk of up to MATMUL_DECODE_PATH_MAX_TOKENS
+ * takes the one-token kernels for every product, so that a verification
+ * computes bit for bit what decode does; a longer one decodes each row
+ * once, even for an expert that only 10 of its tokens chose. */
+static void matmul_in_chunk(struct engine *eng, float *y, int64_t y_stride,
+                            const struct matrix *w, const float *x, int64_t x_stride, int n_tok,
+                            int chunk_tokens) {
+    struct matmul_job j = { eng, w, x, x_stride, y, y_stride, n_tok, n_tok, 0, NULL, 0,
+                            chunk_tokens <= MATMUL_DECODE_PATH_MAX_TOKENS, false };
     j.row_items = (w->out + MATMUL_ROWS_PER_ITEM - 1) / MATMUL_ROWS_PER_ITEM;
     int64_t want = 8 * (int64_t)eng->pool.n_threads;
     if (n_tok > 1 && eng->pool.n_threads > 1 && j.row_items < want) {
@@ -3481,13 +3863,20 @@ static void matmul_strided(struct engine *eng, float *y, int64_t y_stride, const
         if (groups > n_tok) groups = n_tok;
         j.tok_per_item = (int)((n_tok + groups - 1) / groups);
     }
-    if (eng->opt.q8_activations && !eng->opt.reference_kernels && quant_has_q8_dot(w->type))
+    if (eng->opt.q8_activations && !eng->opt.reference_kernels && quant_has_q8_dot(w->type)) {
+        j.tiles = !j.per_token && n_tok >= MATMUL_TILE_MIN_TOKENS && quant_has_q8_tile(w->type);
         matmul_prepare_q8(eng, &j);
+    }
     int64_t tok_items = (n_tok + j.tok_per_item - 1) / j.tok_per_item;
     /* every token reads the whole matrix (from cache after the first) */
     double bytes = (double)w->out * (double)type_row_bytes(w->type, w->in) * n_tok;
     parallel_for_threads(&eng->pool, j.row_items * tok_items, matmul_rows, &j,
                          pool_threads_for_bytes(&eng->pool, bytes));
+}
+
+static void matmul_strided(struct engine *eng, float *y, int64_t y_stride, const struct matrix *w,
+                           const float *x, int64_t x_stride, int n_tok) {
+    matmul_in_chunk(eng, y, y_stride, w, x, x_stride, n_tok, n_tok);
 }
 
 static void matmul(struct engine *eng, float *y, const struct matrix *w, const float *x,
@@ -4503,8 +4892,8 @@ static void run_expert(struct step *st, const struct expert_call *ex) {
     struct chunk_work *w = st->w;
     float limit = st->L->swiglu_limit;
     int F = (int)ex->gate.out, n = ex->n;
-    matmul(st->eng, w->hg, &ex->gate, ex->x, n);
-    matmul(st->eng, w->hu, &ex->up, ex->x, n);
+    matmul_in_chunk(st->eng, w->hg, F, &ex->gate, ex->x, ex->gate.in, n, st->T);
+    matmul_in_chunk(st->eng, w->hu, F, &ex->up, ex->x, ex->up.in, n, st->T);
     for (int i = 0; i < n; i++)
         for (int f = 0; f < F; f++) {
             float g = w->hg[(size_t)i * F + f], u = w->hu[(size_t)i * F + f];
@@ -4514,7 +4903,7 @@ static void run_expert(struct step *st, const struct expert_call *ex) {
             }
             w->hg[(size_t)i * F + f] = siluf(g) * u * (ex->weight ? ex->weight[i] : 1.0f);
         }
-    matmul(st->eng, ex->y, &ex->down, w->hg, n);
+    matmul_in_chunk(st->eng, ex->y, ex->down.out, &ex->down, w->hg, F, n, st->T);
 }
 
 /* Bucket the chunk's (token, k) choices by expert: a counting sort. */

@@ -640,6 +640,74 @@ static void test_q8_kernels(void) {
     }
 }
 
+/* ---- 7. many tokens at once (3.10) ---------------------------------------- */
+
+/* One row decoded once against n_tok tokens: every token's result against
+ * vec_dot_q8_ref() on the same 8-bit inputs, to 1e-5 of sum |w*x| (the
+ * integer sums are the same; only the float additions are reordered). */
+static double compare_q8_tile(uint32_t type, int64_t n, int n_tok, bool raw_bytes) {
+    void *row = malloc(type_row_bytes(type, (uint64_t)n));
+    float *x = malloc((size_t)n * sizeof(float)), *w = malloc((size_t)n * sizeof(float));
+    void *dec = malloc(q8_row_bytes(n));
+    void **mem = malloc((size_t)n_tok * sizeof(void *));
+    int8_t **xt = malloc((size_t)n_tok * sizeof(int8_t *));
+    struct act_q8 *a = malloc((size_t)n_tok * sizeof(struct act_q8));
+    struct q8_token *tok = malloc((size_t)n_tok * sizeof(struct q8_token));
+    float *y = malloc((size_t)n_tok * sizeof(float));
+    random_row(type, row, n, raw_bytes);
+    dequant_row_ref(type, row, w, n);
+    double worst = 0;
+    for (int t = 0; t < n_tok; t++) {
+        mem[t] = malloc(act_q8_bytes(n));
+        xt[t] = malloc((size_t)n);
+        fill_normal(x, n, 1.0f);
+        a[t] = act_q8_view(mem[t], n);
+        act_quantize_q8(x, &a[t]);
+        q8_transpose_groups(a[t].q, xt[t], n);
+        tok[t] = (struct q8_token){ xt[t], a[t].d, a[t].sum16 };
+    }
+    struct q8_row r = q8_row_view(dec, n);
+    q8_row_decode(type, row, &r);
+    q8_row_dot_tokens(&r, tok, n_tok, y);
+    for (int t = 0; t < n_tok; t++) {
+        double abs_sum = 1e-30;
+        for (int64_t i = 0; i < n; i++)
+            abs_sum += fabs((double)w[i] * a[t].d[i / 32] * a[t].q[i]);
+        worst = fmax(worst, fabs(y[t] - vec_dot_q8_ref(type, row, &a[t])) / abs_sum);
+        free(mem[t]), free(xt[t]);
+    }
+    free(row), free(x), free(w), free(dec), free(mem), free(xt), free(a), free(tok), free(y);
+    return worst;
+}
+
+static void test_q8_tiles(void) {
+    static const uint32_t types[] = { TYPE_Q8_0, TYPE_Q2_K, TYPE_IQ2_XXS };
+    static const int64_t lengths[] = { 32, 96, 256, 320, 1024, 4096, 7168 };
+    static const int tokens[] = { 1, 3, 4, 5, 17 };
+    for (size_t ti = 0; ti < sizeof types / sizeof types[0]; ti++) {
+        const char *name = type_traits_of(types[ti])->name;
+        if (!quant_has_q8_tile(types[ti])) {
+            printf("note: no tile kernel for %s on this CPU (the engine loops vec_dot_q8)\n",
+                   name);
+            continue;
+        }
+        double worst = 0;
+        int rows = 0;
+        for (size_t li = 0; li < sizeof lengths / sizeof lengths[0]; li++) {
+            if (lengths[li] % type_traits_of(types[ti])->block_values) continue;
+            for (size_t k = 0; k < sizeof tokens / sizeof tokens[0]; k++)
+                for (int rep = 0; rep < 4; rep++, rows++)
+                    worst = fmax(worst, compare_q8_tile(types[ti], lengths[li], tokens[k],
+                                                        rep % 2 == 1));
+        }
+        char what[128];
+        snprintf(what, sizeof what,
+                 "%s row decoded once x 1..17 tokens vs vec_dot_q8_ref, %d rows, rel. sum|wx|",
+                 name, rows);
+        check(what, worst, 1e-5);
+    }
+}
+
 int main(void) {
     quant_tables_init();
     printf("-- 1. half and bfloat16\n");
@@ -667,6 +735,8 @@ int main(void) {
     printf("-- 6. eight-bit activations\n");
     test_act_quantize();
     test_q8_kernels();
+    printf("-- 7. many tokens at once\n");
+    test_q8_tiles();
     printf("%d passed, %d failed\n", tests_passed, tests_failed);
     return tests_failed == 0 ? 0 : 1;
 }
