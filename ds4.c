@@ -2706,10 +2706,24 @@ static void q8_row_decode(uint32_t type, const void *w, struct q8_row *row) {
     if (type != TYPE_Q2_K) row->min = NULL;
 }
 
-/* acc + the eight int32 lane sums of |v| times x signed like v. */
+/* acc + the eight int32 lane sums of |v| times x signed like v. Where the
+ * CPU has AVX512-VNNI (with VL, for 256-bit registers), vpdpbusd does the
+ * multiply, the pairing and the add in one instruction and without the
+ * 16-bit step; the sums are the same integers. */
 static inline __m256i quant_tile_step(__m256i acc, __m256i mag, __m256i v, const int8_t *x) {
-    __m256i p = _mm256_maddubs_epi16(mag, _mm256_sign_epi8(quant_avx2_load_i8(x), v));
+    __m256i sx = _mm256_sign_epi8(quant_avx2_load_i8(x), v);
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return _mm256_dpbusd_epi32(acc, mag, sx);
+#else
+    __m256i p = _mm256_maddubs_epi16(mag, sx);
     return _mm256_add_epi32(acc, _mm256_madd_epi16(p, _mm256_set1_epi16(1)));
+#endif
+}
+
+/* f - the 16 Q2_K mins of group g against one token's sums. */
+static inline __m256 quant_tile_mins(__m256 f, const float *min, const float *sum16) {
+    f = _mm256_fnmadd_ps(_mm256_loadu_ps(min), _mm256_loadu_ps(sum16), f);
+    return _mm256_fnmadd_ps(_mm256_loadu_ps(min + 8), _mm256_loadu_ps(sum16 + 8), f);
 }
 
 /* The inputs of one token: its transposed bytes and its act_q8 floats. */
@@ -2719,7 +2733,8 @@ struct q8_token {
     const float *sum16; /* [n / 16] */
 };
 
-/* The plain tail blocks and the Q2_K mins of one token, added to `sum`. */
+/* The plain tail blocks of one token, added to `sum` (the Q2_K mins, whose
+ * rows have no tail, are taken group by group in the loops below). */
 static float quant_tile_finish(const struct q8_row *row, const struct q8_token *x, float sum) {
     for (int64_t b = row->n / 256 * 8; b < row->n / 32; b++) {
         __m256i isum = quant_tile_step(_mm256_setzero_si256(),
@@ -2727,7 +2742,6 @@ static float quant_tile_finish(const struct q8_row *row, const struct q8_token *
                                        quant_avx2_load_i8(row->v + 32 * b), x->t + 32 * b);
         sum += row->scale[b] * x->d[b] * quant_avx2_hsum(_mm256_cvtepi32_ps(isum));
     }
-    if (row->min) sum -= quant_fast_dot_f32(row->min, x->sum16, row->n / 16);
     return sum;
 }
 
@@ -2753,6 +2767,13 @@ static void quant_tile_dot4(const struct q8_row *row, const struct q8_token *x, 
                              _mm256_cvtepi32_ps(i2), f2);
         f3 = _mm256_fmadd_ps(_mm256_mul_ps(sc, _mm256_loadu_ps(x[3].d + 8 * g)),
                              _mm256_cvtepi32_ps(i3), f3);
+        if (row->min) {
+            const float *m = row->min + 16 * g;
+            f0 = quant_tile_mins(f0, m, x[0].sum16 + 16 * g);
+            f1 = quant_tile_mins(f1, m, x[1].sum16 + 16 * g);
+            f2 = quant_tile_mins(f2, m, x[2].sum16 + 16 * g);
+            f3 = quant_tile_mins(f3, m, x[3].sum16 + 16 * g);
+        }
     }
     y[0] = quant_tile_finish(row, &x[0], quant_avx2_hsum(f0));
     y[1] = quant_tile_finish(row, &x[1], quant_avx2_hsum(f1));
@@ -2773,6 +2794,7 @@ static float quant_tile_dot1(const struct q8_row *row, const struct q8_token *x)
         f = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_loadu_ps(row->scale + 8 * g),
                                           _mm256_loadu_ps(x->d + 8 * g)),
                             _mm256_cvtepi32_ps(isum), f);
+        if (row->min) f = quant_tile_mins(f, row->min + 16 * g, x->sum16 + 16 * g);
     }
     return quant_tile_finish(row, x, quant_avx2_hsum(f));
 }
@@ -17536,7 +17558,7 @@ struct tokenizer;
 static int check_vectors(struct engine *eng, const char *path);
 static double bench_decode(struct engine *eng, const int32_t *prompt, int n_prompt, int n,
                            struct spec_options spec, struct spec_stats *stats, double *prefill_s,
-                           struct ds4_error *e);
+                           double *prefill_cpu_s, struct ds4_error *e);
 static int run_bench(struct engine *eng, int n_prefill, int n_decode, struct spec_options spec,
                      bool roofline);
 static bool ppl_window(struct engine *eng, const int32_t *ids, int n, int chunk,
@@ -19271,16 +19293,17 @@ static void bench_profile(struct engine *eng, bool begin, int tokens) {
 
 static double bench_decode(struct engine *eng, const int32_t *prompt, int n_prompt, int n,
                            struct spec_options spec, struct spec_stats *stats, double *prefill_s,
-                           struct ds4_error *e) {
+                           double *prefill_cpu_s, struct ds4_error *e) {
     struct session s;
     struct sampler sp;
     struct generator g;
     session_init(&s, eng);
     sampler_init(&sp, (struct sampler_options){ 0, 1, 0, 0, 1 }, eng->model->cfg.vocab);
     generator_init(&g, &s, &sp, spec);
-    double t0 = now_seconds();
+    double t0 = now_seconds(), cpu0 = cpu_seconds();
     bool ok = session_forward(&s, prompt, n_prompt, NULL, e);
     double t1 = now_seconds(), cpu1 = cpu_seconds();
+    if (prefill_cpu_s) *prefill_cpu_s = cpu1 - cpu0;
     int64_t allocs1 = heap_allocations;
     int32_t out[MATMUL_DECODE_PATH_MAX_TOKENS];
     bench_profile(eng, true, 0);
@@ -19501,12 +19524,13 @@ static int run_bench(struct engine *eng, int n_prefill, int n_decode, struct spe
     for (int i = 0; i < n_prefill; i++)
         tokens[i] = (int32_t)(splitmix64(&rng) % (uint64_t)c->vocab);
     struct spec_stats plain_stats, spec_stats;
-    double prefill_s = 0;
+    double prefill_s = 0, prefill_cpu_s = 0;
     double plain_s = bench_decode(eng, tokens, n_prefill, n_decode, (struct spec_options){ 0, 0 },
-                                  &plain_stats, &prefill_s, &e);
+                                  &plain_stats, &prefill_s, &prefill_cpu_s, &e);
     bool with_mtp = eng->model->has_mtp && spec.draft > 0 && plain_s >= 0;
     double spec_s =
-        with_mtp ? bench_decode(eng, tokens, n_prefill, n_decode, spec, &spec_stats, NULL, &e) : 0;
+        with_mtp ? bench_decode(eng, tokens, n_prefill, n_decode, spec, &spec_stats, NULL, NULL, &e)
+                 : 0;
     if (plain_s < 0 || spec_s < 0) {
         free(tokens);
         fprintf(stderr, "ds4: bench failed: %s\n", e.msg);
@@ -19518,8 +19542,8 @@ static int run_bench(struct engine *eng, int n_prefill, int n_decode, struct spe
            c->n_layers, c->dim, c->n_experts, c->n_used, c->vocab, eng->pool.n_threads,
            eng->opt.reference_kernels ? ", reference kernels"
            : eng->opt.q8_activations ? ", 8-bit activations (--fast)" : "");
-    printf("prefill: %d tokens in %.3f s = %.2f tokens/s\n", n_prefill, prefill_s,
-           n_prefill / prefill_s);
+    printf("prefill: %d tokens in %.3f s = %.2f tokens/s; %.3f s CPU (all threads)\n", n_prefill,
+           prefill_s, n_prefill / prefill_s, prefill_cpu_s);
     printf("decode:  %lld tokens in %.3f s = %.2f tokens/s; %.2f ms CPU per token (all threads)\n",
            (long long)plain_stats.emitted, plain_s, decode_tps,
            1e3 * plain_stats.cpu_seconds /
