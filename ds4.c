@@ -2531,37 +2531,61 @@ static float vec_dot_q8(uint32_t type, const void *w, const struct act_q8 *a) {
  * add. The pairs cannot saturate (2 * 128 * 127 = 32512 < 32767). A tail
  * shorter than 256 stays in plain order and is summed block by block.
  *
+ * WITH VNNI. vpdpbusd multiplies unsigned by signed bytes into 32-bit sums
+ * without saturating, so there the sign trick goes too: the token's copy
+ * holds x + 128 as unsigned bytes (x ^ 0x80), and the row the correction
+ *
+ *     bias[b] = 128 sum_{i in b} v[i]:   sum (x[i] + 128) v[i] - bias[b] = sum x[i] v[i]
+ *
+ * one instruction per token and 32 values instead of two (mag is unused).
+ *
  * THE TILE. Four tokens share each load of v and mag, their inputs stay in
  * L1 while the eight rows of a work item (6.1) are decoded in a scratch
  * buffer that stays in L2. */
 struct q8_row {
     int64_t n;
     int8_t *v;          /* [n] */
-    uint8_t *mag;       /* [n] */
+    uint8_t *mag;       /* [n] (without VNNI) */
     float *scale;       /* [n / 32] */
     float *min;         /* [n / 16] (Q2_K) */
+    int32_t *bias;      /* [n / 32] (with VNNI) */
 };
 
 /* Bytes of storage for one decoded row of n values. */
 static size_t q8_row_bytes(int64_t n) {
-    return 2 * (size_t)n + (size_t)(n / 32 + n / 16) * sizeof(float);
+    return 2 * (size_t)n + (size_t)(2 * (n / 32) + n / 16) * sizeof(float);
 }
 
 static struct q8_row q8_row_view(void *mem, int64_t n) {
     float *f = mem;
-    int8_t *v = (int8_t *)(f + n / 32 + n / 16);
-    struct q8_row r = { n, v, (uint8_t *)(v + n), f, f + n / 32 };
+    int32_t *bias = (int32_t *)(f + n / 32 + n / 16);
+    int8_t *v = (int8_t *)(bias + n / 32);
+    struct q8_row r = { n, v, (uint8_t *)(v + n), f, f + n / 32, bias };
     return r;
 }
 
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+enum { QUANT_TILE_VNNI = 1 };
+#else
+enum { QUANT_TILE_VNNI = 0 };
+#endif
+
 /* t from v as defined above, for n values (whole groups transposed, the
- * tail copied): the activations' copy, made once per token and product. */
+ * tail copied). */
 static void q8_transpose_groups(const int8_t *v, int8_t *t, int64_t n) {
     int64_t i = 0;
     for (; i + 256 <= n; i += 256)
         for (int k = 0; k < 8; k++)
             for (int b = 0; b < 8; b++) memcpy(t + i + 32 * k + 4 * b, v + i + 32 * b + 4 * k, 4);
     memcpy(t + i, v + i, (size_t)(n - i));
+}
+
+/* A token's copy for the tile kernels, made once per token and product:
+ * transposed, and with VNNI offset to x + 128. */
+static void q8_tile_input(const int8_t *q, int8_t *t, int64_t n) {
+    q8_transpose_groups(q, t, n);
+    if (QUANT_TILE_VNNI)
+        for (int64_t i = 0; i < n; i++) t[i] = (int8_t)((uint8_t)t[i] ^ 0x80);
 }
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
@@ -2573,8 +2597,9 @@ static bool quant_has_q8_tile(uint32_t type) {
 /* The 8x8 dword transpose of one group: r[b] holds block b in plain order;
  * t and mag receive register k = dword k of every block. Three rounds of
  * unpacks and lane swaps (24 shuffles per 256 values, once per row). */
-static void quant_tile_store_group(const __m256i r[8], int8_t *t, uint8_t *mag) {
-    __m256i a[8], c[8];
+static void quant_tile_store_group(const __m256i r[8], int8_t *t, uint8_t *mag, int32_t *bias) {
+    __m256i a[8], c[8], sum = _mm256_setzero_si256();
+    (void)mag, (void)sum;
     for (int p = 0; p < 4; p++) {
         a[2 * p] = _mm256_unpacklo_epi32(r[2 * p], r[2 * p + 1]);
         a[2 * p + 1] = _mm256_unpackhi_epi32(r[2 * p], r[2 * p + 1]);
@@ -2591,26 +2616,37 @@ static void quant_tile_store_group(const __m256i r[8], int8_t *t, uint8_t *mag) 
         __m256i hi = _mm256_permute2x128_si256(c[k], c[k + 4], 0x31);
         _mm256_storeu_si256((__m256i *)(t + 32 * k), lo);
         _mm256_storeu_si256((__m256i *)(t + 32 * (k + 4)), hi);
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+        /* lane b of each register is 4 values of block b: their sums */
+        sum = _mm256_dpbusd_epi32(sum, _mm256_set1_epi8(1), lo);
+        sum = _mm256_dpbusd_epi32(sum, _mm256_set1_epi8(1), hi);
+#else
         _mm256_storeu_si256((__m256i *)(mag + 32 * k), _mm256_abs_epi8(lo));
         _mm256_storeu_si256((__m256i *)(mag + 32 * (k + 4)), _mm256_abs_epi8(hi));
+#endif
     }
+    _mm256_storeu_si256((__m256i *)bias, _mm256_slli_epi32(sum, 7));
 }
 
-/* A plain tail of blocks b0..nb-1 (v and mag as they are). */
-static void quant_tile_store_plain(__m256i r, int8_t *v, uint8_t *mag) {
+/* One plain tail block: v as it is, and mag or bias. */
+static void quant_tile_store_plain(__m256i r, int8_t *v, uint8_t *mag, int32_t *bias) {
     _mm256_storeu_si256((__m256i *)v, r);
     _mm256_storeu_si256((__m256i *)mag, _mm256_abs_epi8(r));
+    __m256i s = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_set1_epi8(1), r),
+                                  _mm256_set1_epi16(1));
+    *bias = 128 * (int32_t)quant_avx2_hsum(_mm256_cvtepi32_ps(s));
 }
 
 /* Blocks [b, b + count) of the row, as plain registers, go to their place:
  * a whole group transposed, anything shorter plain. */
 static void quant_tile_store(struct q8_row *row, int64_t b, const __m256i *r, int count) {
     if (count == 8) {
-        quant_tile_store_group(r, row->v + 32 * b, row->mag + 32 * b);
+        quant_tile_store_group(r, row->v + 32 * b, row->mag + 32 * b, row->bias + b);
         return;
     }
     for (int i = 0; i < count; i++)
-        quant_tile_store_plain(r[i], row->v + 32 * (b + i), row->mag + 32 * (b + i));
+        quant_tile_store_plain(r[i], row->v + 32 * (b + i), row->mag + 32 * (b + i),
+                               row->bias + b + i);
 }
 
 static void quant_tile_decode_q8_0(const struct block_q8_0 *w, struct q8_row *row) {
@@ -2711,13 +2747,20 @@ static void q8_row_decode(uint32_t type, const void *w, struct q8_row *row) {
  * multiply, the pairing and the add in one instruction and without the
  * 16-bit step; the sums are the same integers. */
 static inline __m256i quant_tile_step(__m256i acc, __m256i mag, __m256i v, const int8_t *x) {
-    __m256i sx = _mm256_sign_epi8(quant_avx2_load_i8(x), v);
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-    return _mm256_dpbusd_epi32(acc, mag, sx);
+    (void)mag;
+    return _mm256_dpbusd_epi32(acc, quant_avx2_load_i8(x), v);
 #else
+    __m256i sx = _mm256_sign_epi8(quant_avx2_load_i8(x), v);
     __m256i p = _mm256_maddubs_epi16(mag, sx);
     return _mm256_add_epi32(acc, _mm256_madd_epi16(p, _mm256_set1_epi16(1)));
 #endif
+}
+
+/* The block sums of group g with VNNI's offset taken out (see above). */
+static inline __m256i quant_tile_unbias(__m256i isum, const struct q8_row *row, int64_t g) {
+    if (!QUANT_TILE_VNNI) return isum;
+    return _mm256_sub_epi32(isum, _mm256_loadu_si256((const __m256i *)(row->bias + 8 * g)));
 }
 
 /* f - the 16 Q2_K mins of group g against one token's sums. */
@@ -2740,24 +2783,43 @@ static float quant_tile_finish(const struct q8_row *row, const struct q8_token *
         __m256i isum = quant_tile_step(_mm256_setzero_si256(),
                                        quant_avx2_load_i8(row->mag + 32 * b),
                                        quant_avx2_load_i8(row->v + 32 * b), x->t + 32 * b);
-        sum += row->scale[b] * x->d[b] * quant_avx2_hsum(_mm256_cvtepi32_ps(isum));
+        int32_t total = (int32_t)quant_avx2_hsum(_mm256_cvtepi32_ps(isum));
+        if (QUANT_TILE_VNNI) total -= row->bias[b];
+        sum += row->scale[b] * x->d[b] * (float)total;
     }
     return sum;
+}
+
+/* Registers k and k + 1 of a group for four tokens, into two sets of sums:
+ * eight independent chains, enough to hide vpdpbusd's latency. */
+static inline void quant_tile_two_steps(const struct q8_row *row, const struct q8_token *x,
+                                        int64_t o, __m256i *a, __m256i *b) {
+    __m256i mag = quant_avx2_load_i8(row->mag + o), v = quant_avx2_load_i8(row->v + o);
+    __m256i mag1 = quant_avx2_load_i8(row->mag + o + 32), v1 = quant_avx2_load_i8(row->v + o + 32);
+    a[0] = quant_tile_step(a[0], mag, v, x[0].t + o);
+    a[1] = quant_tile_step(a[1], mag, v, x[1].t + o);
+    a[2] = quant_tile_step(a[2], mag, v, x[2].t + o);
+    a[3] = quant_tile_step(a[3], mag, v, x[3].t + o);
+    b[0] = quant_tile_step(b[0], mag1, v1, x[0].t + o + 32);
+    b[1] = quant_tile_step(b[1], mag1, v1, x[1].t + o + 32);
+    b[2] = quant_tile_step(b[2], mag1, v1, x[2].t + o + 32);
+    b[3] = quant_tile_step(b[3], mag1, v1, x[3].t + o + 32);
 }
 
 /* y[0..3] = the row against four tokens. */
 static void quant_tile_dot4(const struct q8_row *row, const struct q8_token *x, float *y) {
     __m256 f0 = _mm256_setzero_ps(), f1 = f0, f2 = f0, f3 = f0;
     for (int64_t g = 0; g < row->n / 256; g++) {
-        __m256i i0 = _mm256_setzero_si256(), i1 = i0, i2 = i0, i3 = i0;
-        for (int k = 0; k < 8; k++) {
-            int64_t o = 256 * g + 32 * k;
-            __m256i mag = quant_avx2_load_i8(row->mag + o), v = quant_avx2_load_i8(row->v + o);
-            i0 = quant_tile_step(i0, mag, v, x[0].t + o);
-            i1 = quant_tile_step(i1, mag, v, x[1].t + o);
-            i2 = quant_tile_step(i2, mag, v, x[2].t + o);
-            i3 = quant_tile_step(i3, mag, v, x[3].t + o);
-        }
+        __m256i a[4], b[4];
+        for (int t = 0; t < 4; t++) a[t] = b[t] = _mm256_setzero_si256();
+        quant_tile_two_steps(row, x, 256 * g, a, b);
+        quant_tile_two_steps(row, x, 256 * g + 64, a, b);
+        quant_tile_two_steps(row, x, 256 * g + 128, a, b);
+        quant_tile_two_steps(row, x, 256 * g + 192, a, b);
+        __m256i i0 = quant_tile_unbias(_mm256_add_epi32(a[0], b[0]), row, g);
+        __m256i i1 = quant_tile_unbias(_mm256_add_epi32(a[1], b[1]), row, g);
+        __m256i i2 = quant_tile_unbias(_mm256_add_epi32(a[2], b[2]), row, g);
+        __m256i i3 = quant_tile_unbias(_mm256_add_epi32(a[3], b[3]), row, g);
         __m256 sc = _mm256_loadu_ps(row->scale + 8 * g);
         f0 = _mm256_fmadd_ps(_mm256_mul_ps(sc, _mm256_loadu_ps(x[0].d + 8 * g)),
                              _mm256_cvtepi32_ps(i0), f0);
@@ -2791,6 +2853,7 @@ static float quant_tile_dot1(const struct q8_row *row, const struct q8_token *x)
             isum = quant_tile_step(isum, quant_avx2_load_i8(row->mag + o),
                                    quant_avx2_load_i8(row->v + o), x->t + o);
         }
+        isum = quant_tile_unbias(isum, row, g);
         f = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_loadu_ps(row->scale + 8 * g),
                                           _mm256_loadu_ps(x->d + 8 * g)),
                             _mm256_cvtepi32_ps(isum), f);
@@ -3848,7 +3911,7 @@ static void matmul_quantize_input(void *ctx, int64_t t, int worker) {
     struct matmul_job *j = ctx;
     struct act_q8 a = matmul_input_q8(j, (int)t);
     act_quantize_q8(j->x + t * j->x_stride, &a);
-    if (j->tiles) q8_transpose_groups(a.q, (int8_t *)matmul_input_tile(j, (int)t).t, a.n);
+    if (j->tiles) q8_tile_input(a.q, (int8_t *)matmul_input_tile(j, (int)t).t, a.n);
 }
 
 /* Quantize the n_tok inputs into the engine's buffer (grown here, on the

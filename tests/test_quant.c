@@ -663,7 +663,7 @@ static double compare_q8_tile(uint32_t type, int64_t n, int n_tok, bool raw_byte
         fill_normal(x, n, 1.0f);
         a[t] = act_q8_view(mem[t], n);
         act_quantize_q8(x, &a[t]);
-        q8_transpose_groups(a[t].q, xt[t], n);
+        q8_tile_input(a[t].q, xt[t], n);
         tok[t] = (struct q8_token){ xt[t], a[t].d, a[t].sum16 };
     }
     struct q8_row r = q8_row_view(dec, n);
