@@ -2500,69 +2500,86 @@ static float vec_dot_q8(uint32_t type, const void *w, const struct act_q8 *a) {
  * IQ2_XXS kernel spends most of its 11 instructions per 32 values turning
  * grid indices and sign bits into bytes, the Q8_0 kernel converts the block
  * scale and takes |w| again, and every kernel folds its partial sums across
- * lanes once per block. Here a row is decoded ONCE into plain bytes,
+ * lanes once per block. Here a row's work is done once and shared by the
+ * tokens of a tile.
  *
- *     v[i]      signed weight integer: Q8_0 qs, IQ2_XXS grid * sign,
- *               Q2_K sc[k] * q2 (all |v| <= 128)                 [n] int8
- *     mag[i]    |v[i]|                                            [n] uint8
- *     scale[b]  Q8_0 d;  IQ2_XXS d (2 ls + 1) / 8;  Q2_K d         [n/32] float
- *     min[k]    Q2_K dmin m[k], else absent                        [n/16] float
+ * THE SAME FLOATS AS 3.9. The 8-bit path promises that prefill, chunked
+ * prefill and decode compute bit for bit the same products (6.1): one
+ * rounding of an 8-bit input that flips in a later layer moves a small
+ * model's logits by tenths. So these kernels produce, for every token,
+ * exactly the float that vec_dot_q8() returns: the same integer sums
+ * (exact), and the same float operations on them in the same order. Where
+ * 3.9's kernel changes its order, its twin here must follow (test_quant
+ * and test_model compare them for equality).
  *
- * so that for every token the row costs only the products:
+ * Q8_0 needs no decoding: its 32-byte blocks are read as stored, |w| once
+ * per tile of tokens instead of once per token, and only the block scales
+ * are converted once per row, so that the products dw dx[b] are formed
+ * eight at a time.
  *
- *     y[t] = sum_b scale[b] d_t[b] sum_{i in b} v[i] q_t[i]  -  sum_k min[k] s_t[k]
+ * Q2_K and IQ2_XXS are decoded once per row into plain bytes,
  *
- * the same integer sums as 3.9's formulas (Q2_K's two sub-blocks of a block
- * are summed as integers before the float scale, which is exact), so the
- * float result differs from vec_dot_q8() only in the order of additions.
+ *     v[i]      signed weight integer: IQ2_XXS grid * sign, Q2_K sc[k] * q2
+ *               (|v| <= 45)                                       [n] int8
+ *     mag[i]    |v[i]|                                             [n] uint8
  *
- * NO FOLDS: THE BLOCKS TRANSPOSED. A 32-byte register of one block, after
- * pmaddubsw and pmaddwd, holds eight int32 partial sums of that block, and
- * adding them up costs shuffles per block and per token. Instead each group
- * of 256 values (eight blocks b = 0..7) is stored transposed by dwords,
+ * whose block sums sum_{i in b} v[i] q[i] are 3.9's integer sums (Q2_K's two
+ * sub-blocks of a block are summed as integers before any float, as there).
+ * 3.9 ends each block of 256 with one vector of its eight block sums; here
+ * each group of 256 values (blocks b = 0..7) is stored transposed by dwords,
  *
  *     t[32 k + 4 b + l] = v[32 b + 4 k + l]        k, b < 8, l < 4
  *
  * for the weights and the same for the activations. Register k then holds
  * dword k of all eight blocks, and its int32 lane b is a partial sum of
- * block b alone: eight registers added lane by lane give the eight block
- * sums in the order of scale[] and d[], and one multiply-add applies them.
- * Per token and 32 values that is a load, a sign, pmaddubsw, pmaddwd and an
- * add. The pairs cannot saturate (2 * 128 * 127 = 32512 < 32767). A tail
- * shorter than 256 stays in plain order and is summed block by block.
+ * block b alone: eight registers added lane by lane give that vector of
+ * eight block sums with no folding. Per token and 32 values: a load, a
+ * sign, pmaddubsw, pmaddwd and an add.
  *
  * WITH VNNI. vpdpbusd multiplies unsigned by signed bytes into 32-bit sums
- * without saturating, so there the sign trick goes too: the token's copy
- * holds x + 128 as unsigned bytes (x ^ 0x80), and the row the correction
+ * without saturating, so there the sign goes too: the token's copy holds
+ * x + 128 as unsigned bytes (x ^ 0x80), and the row the correction
  *
  *     bias[b] = 128 sum_{i in b} v[i]:   sum (x[i] + 128) v[i] - bias[b] = sum x[i] v[i]
  *
- * one instruction per token and 32 values instead of two (mag is unused).
+ * one instruction per token and 32 values (mag is then unused).
  *
- * THE TILE. Four tokens share each load of v and mag, their inputs stay in
- * L1 while the eight rows of a work item (6.1) are decoded in a scratch
- * buffer that stays in L2. */
+ * THE TILE. Four tokens share each load of a row's bytes; their inputs stay
+ * in L1 while the eight rows of a work item (6.1) are decoded in a scratch
+ * buffer that stays in L2. A remainder of one to three tokens calls
+ * vec_dot_q8() itself. */
 struct q8_row {
+    uint32_t type;
     int64_t n;
-    int8_t *v;          /* [n] */
+    const void *w;      /* the row as stored */
+    int8_t *v;          /* [n] transposed (Q2_K, IQ2_XXS) */
     uint8_t *mag;       /* [n] (without VNNI) */
-    float *scale;       /* [n / 32] */
-    float *min;         /* [n / 16] (Q2_K) */
     int32_t *bias;      /* [n / 32] (with VNNI) */
+    float *ls;          /* [n / 32] IQ2_XXS 2 ls + 1; Q8_0 d */
+    float *m;           /* [n / 16] Q2_K mins m[k] */
+    float *d;           /* [n / 256] IQ2_XXS d / 8, Q2_K d */
+    float *dmin;        /* [n / 256] Q2_K dmin */
 };
 
 /* Bytes of storage for one decoded row of n values. */
 static size_t q8_row_bytes(int64_t n) {
-    return 2 * (size_t)n + (size_t)(2 * (n / 32) + n / 16) * sizeof(float);
+    return 2 * (size_t)n + (size_t)(2 * (n / 32) + n / 16 + 2 * (n / 256)) * sizeof(float);
 }
 
 static struct q8_row q8_row_view(void *mem, int64_t n) {
     float *f = mem;
-    int32_t *bias = (int32_t *)(f + n / 32 + n / 16);
+    int32_t *bias = (int32_t *)(f + n / 32 + n / 16 + 2 * (n / 256));
     int8_t *v = (int8_t *)(bias + n / 32);
-    struct q8_row r = { n, v, (uint8_t *)(v + n), f, f + n / 32, bias };
+    struct q8_row r = { 0, n, NULL, v, (uint8_t *)(v + n), bias, f, f + n / 32,
+                        f + n / 32 + n / 16, f + n / 32 + n / 16 + n / 256 };
     return r;
 }
+
+/* The inputs of one token: its act_q8 and the transposed copy. */
+struct q8_token {
+    struct act_q8 a;
+    const int8_t *t;    /* [n], transposed as above (Q2_K, IQ2_XXS) */
+};
 
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
 enum { QUANT_TILE_VNNI = 1 };
@@ -2588,6 +2605,11 @@ static void q8_tile_input(const int8_t *q, int8_t *t, int64_t n) {
         for (int64_t i = 0; i < n; i++) t[i] = (int8_t)((uint8_t)t[i] ^ 0x80);
 }
 
+/* Whether a type's tile kernel wants the transposed copies. */
+static bool q8_tile_wants_copy(uint32_t type) {
+    return type == TYPE_Q2_K || type == TYPE_IQ2_XXS;
+}
+
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 
 static bool quant_has_q8_tile(uint32_t type) {
@@ -2595,8 +2617,9 @@ static bool quant_has_q8_tile(uint32_t type) {
 }
 
 /* The 8x8 dword transpose of one group: r[b] holds block b in plain order;
- * t and mag receive register k = dword k of every block. Three rounds of
- * unpacks and lane swaps (24 shuffles per 256 values, once per row). */
+ * t receives register k = dword k of every block, and mag its |t| or bias
+ * the group's eight corrections. Three rounds of unpacks and lane swaps
+ * (24 shuffles per 256 values, once per row). */
 static void quant_tile_store_group(const __m256i r[8], int8_t *t, uint8_t *mag, int32_t *bias) {
     __m256i a[8], c[8], sum = _mm256_setzero_si256();
     (void)mag, (void)sum;
@@ -2628,40 +2651,6 @@ static void quant_tile_store_group(const __m256i r[8], int8_t *t, uint8_t *mag, 
     _mm256_storeu_si256((__m256i *)bias, _mm256_slli_epi32(sum, 7));
 }
 
-/* One plain tail block: v as it is, and mag or bias. */
-static void quant_tile_store_plain(__m256i r, int8_t *v, uint8_t *mag, int32_t *bias) {
-    _mm256_storeu_si256((__m256i *)v, r);
-    _mm256_storeu_si256((__m256i *)mag, _mm256_abs_epi8(r));
-    __m256i s = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_set1_epi8(1), r),
-                                  _mm256_set1_epi16(1));
-    *bias = 128 * (int32_t)quant_avx2_hsum(_mm256_cvtepi32_ps(s));
-}
-
-/* Blocks [b, b + count) of the row, as plain registers, go to their place:
- * a whole group transposed, anything shorter plain. */
-static void quant_tile_store(struct q8_row *row, int64_t b, const __m256i *r, int count) {
-    if (count == 8) {
-        quant_tile_store_group(r, row->v + 32 * b, row->mag + 32 * b, row->bias + b);
-        return;
-    }
-    for (int i = 0; i < count; i++)
-        quant_tile_store_plain(r[i], row->v + 32 * (b + i), row->mag + 32 * (b + i),
-                               row->bias + b + i);
-}
-
-static void quant_tile_decode_q8_0(const struct block_q8_0 *w, struct q8_row *row) {
-    int64_t nb = row->n / 32;
-    for (int64_t b = 0; b < nb; b += 8) {
-        int count = nb - b < 8 ? (int)(nb - b) : 8;
-        __m256i r[8];
-        for (int i = 0; i < count; i++) {
-            r[i] = quant_avx2_load_i8(w[b + i].qs);
-            row->scale[b + i] = quant_avx2_half(w[b + i].d);
-        }
-        quant_tile_store(row, b, r, count);
-    }
-}
-
 /* Q2_K: block 4h + j of a 256 is the 2-bit field at shift 2j of the 32
  * bytes of half h; both bytes of a 16-bit lane belong to one sub-block, and
  * sc * q2 <= 45 fits a byte, so one 16-bit multiply scales two values. */
@@ -2681,10 +2670,10 @@ static void quant_tile_decode_q2_k(const struct block_q2_k *w, struct q8_row *ro
                 r[4 * h + j] = _mm256_mullo_epi16(q, _mm256_shuffle_epi8(sc, pick));
             }
         }
-        float d = quant_avx2_half(w->d), dmin = quant_avx2_half(w->dmin);
-        for (int k = 0; k < 8; k++) row->scale[8 * i + k] = d;
-        for (int k = 0; k < 16; k++) row->min[16 * i + k] = dmin * (float)(w->scales[k] >> 4);
-        quant_tile_store(row, 8 * i, r, 8);
+        row->d[i] = quant_avx2_half(w->d);
+        row->dmin[i] = quant_avx2_half(w->dmin);
+        for (int k = 0; k < 16; k++) row->m[16 * i + k] = (float)(w->scales[k] >> 4);
+        quant_tile_store_group(r, row->v + 256 * i, row->mag + 256 * i, row->bias + 8 * i);
     }
 }
 
@@ -2715,37 +2704,36 @@ static void quant_tile_decode_iq2_xxs(const struct block_iq2_xxs *w, struct q8_r
     for (int64_t i = 0; i < row->n / 256; i++, w++) {
         __m256i A = quant_avx2_iq2_sign_words(w), S = quant_avx2_iq2_sign_bytes(A);
         __m256i ls2 = _mm256_or_si256(_mm256_srli_epi32(A, 27), _mm256_set1_epi32(1));
-        float d = quant_avx2_half(w->d);
-        uint32_t ls[8];
-        _mm256_storeu_si256((__m256i *)ls, ls2);
+        _mm256_storeu_ps(row->ls + 8 * i, _mm256_cvtepi32_ps(ls2));
+        row->d[i] = quant_avx2_half(w->d) * 0.125f;
         int8_t plain[256];
         quant_tile_iq2_pair(w, 0, S, plain);
         quant_tile_iq2_pair(w, 1, S, plain);
         quant_tile_iq2_pair(w, 2, S, plain);
         quant_tile_iq2_pair(w, 3, S, plain);
         __m256i r[8];
-        for (int g = 0; g < 8; g++) {
-            r[g] = quant_avx2_load_i8(plain + 32 * g);
-            row->scale[8 * i + g] = d * (float)ls[g] * 0.125f;
-        }
-        quant_tile_store(row, 8 * i, r, 8);
+        for (int g = 0; g < 8; g++) r[g] = quant_avx2_load_i8(plain + 32 * g);
+        quant_tile_store_group(r, row->v + 256 * i, row->mag + 256 * i, row->bias + 8 * i);
     }
 }
 
+/* Prepare one row of w for the tile kernels (Q8_0: nothing to decode). */
 static void q8_row_decode(uint32_t type, const void *w, struct q8_row *row) {
+    row->type = type;
+    row->w = w;
     switch (type) {
-    case TYPE_Q8_0: quant_tile_decode_q8_0(w, row); break;
+    case TYPE_Q8_0:
+        for (int64_t b = 0; b < row->n / 32; b++)
+            row->ls[b] = quant_avx2_half(((const struct block_q8_0 *)w)[b].d);
+        break;
     case TYPE_Q2_K: quant_tile_decode_q2_k(w, row); break;
     case TYPE_IQ2_XXS: quant_tile_decode_iq2_xxs(w, row); break;
     default: quant_die_unsupported("q8_row_decode", type);
     }
-    if (type != TYPE_Q2_K) row->min = NULL;
 }
 
-/* acc + the eight int32 lane sums of |v| times x signed like v. Where the
- * CPU has AVX512-VNNI (with VL, for 256-bit registers), vpdpbusd does the
- * multiply, the pairing and the add in one instruction and without the
- * 16-bit step; the sums are the same integers. */
+/* acc + the eight int32 lane sums of v times x (without VNNI: |v| times x
+ * signed like v; with it: v times the offset copy). */
 static inline __m256i quant_tile_step(__m256i acc, __m256i mag, __m256i v, const int8_t *x) {
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
     (void)mag;
@@ -2755,39 +2743,6 @@ static inline __m256i quant_tile_step(__m256i acc, __m256i mag, __m256i v, const
     __m256i p = _mm256_maddubs_epi16(mag, sx);
     return _mm256_add_epi32(acc, _mm256_madd_epi16(p, _mm256_set1_epi16(1)));
 #endif
-}
-
-/* The block sums of group g with VNNI's offset taken out (see above). */
-static inline __m256i quant_tile_unbias(__m256i isum, const struct q8_row *row, int64_t g) {
-    if (!QUANT_TILE_VNNI) return isum;
-    return _mm256_sub_epi32(isum, _mm256_loadu_si256((const __m256i *)(row->bias + 8 * g)));
-}
-
-/* f - the 16 Q2_K mins of group g against one token's sums. */
-static inline __m256 quant_tile_mins(__m256 f, const float *min, const float *sum16) {
-    f = _mm256_fnmadd_ps(_mm256_loadu_ps(min), _mm256_loadu_ps(sum16), f);
-    return _mm256_fnmadd_ps(_mm256_loadu_ps(min + 8), _mm256_loadu_ps(sum16 + 8), f);
-}
-
-/* The inputs of one token: its transposed bytes and its act_q8 floats. */
-struct q8_token {
-    const int8_t *t;    /* [n], transposed as above */
-    const float *d;     /* [n / 32] */
-    const float *sum16; /* [n / 16] */
-};
-
-/* The plain tail blocks of one token, added to `sum` (the Q2_K mins, whose
- * rows have no tail, are taken group by group in the loops below). */
-static float quant_tile_finish(const struct q8_row *row, const struct q8_token *x, float sum) {
-    for (int64_t b = row->n / 256 * 8; b < row->n / 32; b++) {
-        __m256i isum = quant_tile_step(_mm256_setzero_si256(),
-                                       quant_avx2_load_i8(row->mag + 32 * b),
-                                       quant_avx2_load_i8(row->v + 32 * b), x->t + 32 * b);
-        int32_t total = (int32_t)quant_avx2_hsum(_mm256_cvtepi32_ps(isum));
-        if (QUANT_TILE_VNNI) total -= row->bias[b];
-        sum += row->scale[b] * x->d[b] * (float)total;
-    }
-    return sum;
 }
 
 /* Registers k and k + 1 of a group for four tokens, into two sets of sums:
@@ -2806,60 +2761,155 @@ static inline void quant_tile_two_steps(const struct q8_row *row, const struct q
     b[3] = quant_tile_step(b[3], mag1, v1, x[3].t + o + 32);
 }
 
-/* y[0..3] = the row against four tokens. */
-static void quant_tile_dot4(const struct q8_row *row, const struct q8_token *x, float *y) {
-    __m256 f0 = _mm256_setzero_ps(), f1 = f0, f2 = f0, f3 = f0;
-    for (int64_t g = 0; g < row->n / 256; g++) {
-        __m256i a[4], b[4];
-        for (int t = 0; t < 4; t++) a[t] = b[t] = _mm256_setzero_si256();
-        quant_tile_two_steps(row, x, 256 * g, a, b);
-        quant_tile_two_steps(row, x, 256 * g + 64, a, b);
-        quant_tile_two_steps(row, x, 256 * g + 128, a, b);
-        quant_tile_two_steps(row, x, 256 * g + 192, a, b);
-        __m256i i0 = quant_tile_unbias(_mm256_add_epi32(a[0], b[0]), row, g);
-        __m256i i1 = quant_tile_unbias(_mm256_add_epi32(a[1], b[1]), row, g);
-        __m256i i2 = quant_tile_unbias(_mm256_add_epi32(a[2], b[2]), row, g);
-        __m256i i3 = quant_tile_unbias(_mm256_add_epi32(a[3], b[3]), row, g);
-        __m256 sc = _mm256_loadu_ps(row->scale + 8 * g);
-        f0 = _mm256_fmadd_ps(_mm256_mul_ps(sc, _mm256_loadu_ps(x[0].d + 8 * g)),
-                             _mm256_cvtepi32_ps(i0), f0);
-        f1 = _mm256_fmadd_ps(_mm256_mul_ps(sc, _mm256_loadu_ps(x[1].d + 8 * g)),
-                             _mm256_cvtepi32_ps(i1), f1);
-        f2 = _mm256_fmadd_ps(_mm256_mul_ps(sc, _mm256_loadu_ps(x[2].d + 8 * g)),
-                             _mm256_cvtepi32_ps(i2), f2);
-        f3 = _mm256_fmadd_ps(_mm256_mul_ps(sc, _mm256_loadu_ps(x[3].d + 8 * g)),
-                             _mm256_cvtepi32_ps(i3), f3);
-        if (row->min) {
-            const float *m = row->min + 16 * g;
-            f0 = quant_tile_mins(f0, m, x[0].sum16 + 16 * g);
-            f1 = quant_tile_mins(f1, m, x[1].sum16 + 16 * g);
-            f2 = quant_tile_mins(f2, m, x[2].sum16 + 16 * g);
-            f3 = quant_tile_mins(f3, m, x[3].sum16 + 16 * g);
-        }
-    }
-    y[0] = quant_tile_finish(row, &x[0], quant_avx2_hsum(f0));
-    y[1] = quant_tile_finish(row, &x[1], quant_avx2_hsum(f1));
-    y[2] = quant_tile_finish(row, &x[2], quant_avx2_hsum(f2));
-    y[3] = quant_tile_finish(row, &x[3], quant_avx2_hsum(f3));
+/* Four vectors, one per token of a tile, kept in named fields: a loop over
+ * an indexed array would keep them in memory and chain every step through
+ * a store and a load. */
+struct quant_tile_i4 { __m256i t0, t1, t2, t3; };
+struct quant_tile_f4 { __m256 t0, t1, t2, t3; };
+
+static inline __m256i quant_tile_unbias(__m256i sums, const struct q8_row *row, int64_t g) {
+    if (!QUANT_TILE_VNNI) return sums;
+    return _mm256_sub_epi32(sums, _mm256_loadu_si256((const __m256i *)(row->bias + 8 * g)));
 }
 
-/* The row against one token (the tile's remainder). */
-static float quant_tile_dot1(const struct q8_row *row, const struct q8_token *x) {
-    __m256 f = _mm256_setzero_ps();
+/* The eight block sums of group g for the four tokens: the vector 3.9's
+ * kernels fold into, here without a fold. */
+static inline struct quant_tile_i4 quant_tile_group_sums(const struct q8_row *row,
+                                                         const struct q8_token *x, int64_t g) {
+    __m256i a[4], b[4];
+    a[0] = a[1] = a[2] = a[3] = b[0] = b[1] = b[2] = b[3] = _mm256_setzero_si256();
+    quant_tile_two_steps(row, x, 256 * g, a, b);
+    quant_tile_two_steps(row, x, 256 * g + 64, a, b);
+    quant_tile_two_steps(row, x, 256 * g + 128, a, b);
+    quant_tile_two_steps(row, x, 256 * g + 192, a, b);
+    struct quant_tile_i4 s = { quant_tile_unbias(_mm256_add_epi32(a[0], b[0]), row, g),
+                               quant_tile_unbias(_mm256_add_epi32(a[1], b[1]), row, g),
+                               quant_tile_unbias(_mm256_add_epi32(a[2], b[2]), row, g),
+                               quant_tile_unbias(_mm256_add_epi32(a[3], b[3]), row, g) };
+    return s;
+}
+
+/* IQ2_XXS, one token's share of group g, as quant_avx2_q8_dot_iq2_xxs:
+ *     acc += ((2 ls + 1) dx) (d / 8) * sums */
+static inline __m256 quant_tile_iq2_acc(__m256 acc, __m256 ls, __m256 d8, const float *dx,
+                                        __m256i sums) {
+    __m256 sc = _mm256_mul_ps(_mm256_mul_ps(ls, _mm256_loadu_ps(dx)), d8);
+    return _mm256_fmadd_ps(sc, _mm256_cvtepi32_ps(sums), acc);
+}
+
+static void quant_tile_iq2_dot4(const struct q8_row *row, const struct q8_token *x, float *y) {
+    __m256 f0 = _mm256_setzero_ps(), f1 = f0, f2 = f0, f3 = f0;
     for (int64_t g = 0; g < row->n / 256; g++) {
-        __m256i isum = _mm256_setzero_si256();
-        for (int k = 0; k < 8; k++) {
-            int64_t o = 256 * g + 32 * k;
-            isum = quant_tile_step(isum, quant_avx2_load_i8(row->mag + o),
-                                   quant_avx2_load_i8(row->v + o), x->t + o);
-        }
-        isum = quant_tile_unbias(isum, row, g);
-        f = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_loadu_ps(row->scale + 8 * g),
-                                          _mm256_loadu_ps(x->d + 8 * g)),
-                            _mm256_cvtepi32_ps(isum), f);
-        if (row->min) f = quant_tile_mins(f, row->min + 16 * g, x->sum16 + 16 * g);
+        struct quant_tile_i4 s = quant_tile_group_sums(row, x, g);
+        __m256 ls = _mm256_loadu_ps(row->ls + 8 * g), d8 = _mm256_set1_ps(row->d[g]);
+        f0 = quant_tile_iq2_acc(f0, ls, d8, x[0].a.d + 8 * g, s.t0);
+        f1 = quant_tile_iq2_acc(f1, ls, d8, x[1].a.d + 8 * g, s.t1);
+        f2 = quant_tile_iq2_acc(f2, ls, d8, x[2].a.d + 8 * g, s.t2);
+        f3 = quant_tile_iq2_acc(f3, ls, d8, x[3].a.d + 8 * g, s.t3);
     }
-    return quant_tile_finish(row, x, quant_avx2_hsum(f));
+    y[0] = quant_avx2_hsum(f0), y[1] = quant_avx2_hsum(f1);
+    y[2] = quant_avx2_hsum(f2), y[3] = quant_avx2_hsum(f3);
+}
+
+/* Q2_K, one token's share of group g, as quant_avx2_q8_dot_q2_k:
+ *     acc  += (dx d) * sums
+ *     mins += dmin (m[0..8) s[0..8) + m[8..16) s[8..16)) */
+static inline void quant_tile_q2_k_acc(__m256 *acc, __m256 *mins, const struct q8_row *row,
+                                       int64_t g, const struct act_q8 *a, __m256i sums) {
+    const float *s16 = a->sum16 + 16 * g, *m = row->m + 16 * g;
+    __m256 ms = _mm256_fmadd_ps(_mm256_loadu_ps(m), _mm256_loadu_ps(s16),
+                                _mm256_mul_ps(_mm256_loadu_ps(m + 8), _mm256_loadu_ps(s16 + 8)));
+    *mins = _mm256_fmadd_ps(_mm256_set1_ps(row->dmin[g]), ms, *mins);
+    __m256 dx = _mm256_mul_ps(_mm256_loadu_ps(a->d + 8 * g), _mm256_set1_ps(row->d[g]));
+    *acc = _mm256_fmadd_ps(dx, _mm256_cvtepi32_ps(sums), *acc);
+}
+
+static void quant_tile_q2_k_dot4(const struct q8_row *row, const struct q8_token *x, float *y) {
+    __m256 f0 = _mm256_setzero_ps(), f1 = f0, f2 = f0, f3 = f0;
+    __m256 m0 = f0, m1 = f0, m2 = f0, m3 = f0;
+    for (int64_t g = 0; g < row->n / 256; g++) {
+        struct quant_tile_i4 s = quant_tile_group_sums(row, x, g);
+        quant_tile_q2_k_acc(&f0, &m0, row, g, &x[0].a, s.t0);
+        quant_tile_q2_k_acc(&f1, &m1, row, g, &x[1].a, s.t1);
+        quant_tile_q2_k_acc(&f2, &m2, row, g, &x[2].a, s.t2);
+        quant_tile_q2_k_acc(&f3, &m3, row, g, &x[3].a, s.t3);
+    }
+    y[0] = quant_avx2_hsum(f0) - quant_avx2_hsum(m0);
+    y[1] = quant_avx2_hsum(f1) - quant_avx2_hsum(m1);
+    y[2] = quant_avx2_hsum(f2) - quant_avx2_hsum(m2);
+    y[3] = quant_avx2_hsum(f3) - quant_avx2_hsum(m3);
+}
+
+/* Q8_0, one token's share of block b, as quant_avx2_q8_block_q8_0:
+ *     acc += (dw dx[b]) * sum_l |w| (x signed by w) */
+static inline __m256 quant_tile_q8_0_acc(__m256 acc, __m256i aw, __m256i wq, float sc,
+                                         const struct act_q8 *a, int64_t b) {
+    __m256i sx = _mm256_sign_epi8(quant_avx2_load_i8(a->q + 32 * b), wq);
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    __m256i isum = _mm256_dpbusd_epi32(_mm256_setzero_si256(), aw, sx);
+#else
+    __m256i isum = quant_avx2_madd_u8s8(aw, sx, _mm256_set1_epi16(1));
+#endif
+    return quant_avx2_scaled(acc, sc, isum);
+}
+
+/* One Q8_0 block for four tokens: |w| once; sc[t] = dw dx_t[b], the
+ * products 3.9 forms one at a time, made eight blocks at a time below. */
+static inline struct quant_tile_f4 quant_tile_q8_0_block(const struct block_q8_0 *w,
+                                                         const struct q8_token *x, int64_t b,
+                                                         const float sc[4][8], int j,
+                                                         struct quant_tile_f4 f) {
+    __m256i wq = quant_avx2_load_i8(w->qs), aw = _mm256_sign_epi8(wq, wq);
+    f.t0 = quant_tile_q8_0_acc(f.t0, aw, wq, sc[0][j], &x[0].a, b);
+    f.t1 = quant_tile_q8_0_acc(f.t1, aw, wq, sc[1][j], &x[1].a, b);
+    f.t2 = quant_tile_q8_0_acc(f.t2, aw, wq, sc[2][j], &x[2].a, b);
+    f.t3 = quant_tile_q8_0_acc(f.t3, aw, wq, sc[3][j], &x[3].a, b);
+    return f;
+}
+
+/* sc[t][j] = dw[b + j] dx_t[b + j] for the `count` blocks from b. */
+static void quant_tile_q8_0_scales(const struct q8_row *row, const struct q8_token *x, int64_t b,
+                                   int count, float sc[4][8]) {
+    for (int t = 0; t < 4; t++) {
+        if (count == 8) {
+            _mm256_storeu_ps(sc[t], _mm256_mul_ps(_mm256_loadu_ps(row->ls + b),
+                                                  _mm256_loadu_ps(x[t].a.d + b)));
+            continue;
+        }
+        for (int j = 0; j < count; j++) sc[t][j] = row->ls[b + j] * x[t].a.d[b + j];
+    }
+}
+
+/* Q8_0, four tokens: even blocks into one accumulator and odd ones into
+ * another, an odd last block into the first, as quant_avx2_q8_dot_q8_0. */
+static void quant_tile_q8_0_dot4(const struct q8_row *row, const struct q8_token *x, float *y) {
+    const struct block_q8_0 *w = row->w;
+    __m256 z = _mm256_setzero_ps();
+    struct quant_tile_f4 even = { z, z, z, z }, odd = even;
+    int64_t nb = row->n / 32;
+    float sc[4][8];
+    for (int64_t b8 = 0; b8 < nb; b8 += 8) {
+        int count = nb - b8 < 8 ? (int)(nb - b8) : 8, j = 0;
+        quant_tile_q8_0_scales(row, x, b8, count, sc);
+        for (; j + 2 <= count; j += 2) {
+            even = quant_tile_q8_0_block(w + b8 + j, x, b8 + j, sc, j, even);
+            odd = quant_tile_q8_0_block(w + b8 + j + 1, x, b8 + j + 1, sc, j + 1, odd);
+        }
+        if (j < count) even = quant_tile_q8_0_block(w + b8 + j, x, b8 + j, sc, j, even);
+    }
+    y[0] = quant_avx2_hsum(_mm256_add_ps(even.t0, odd.t0));
+    y[1] = quant_avx2_hsum(_mm256_add_ps(even.t1, odd.t1));
+    y[2] = quant_avx2_hsum(_mm256_add_ps(even.t2, odd.t2));
+    y[3] = quant_avx2_hsum(_mm256_add_ps(even.t3, odd.t3));
+}
+
+static void quant_tile_dot4(const struct q8_row *row, const struct q8_token *x, float *y) {
+    switch (row->type) {
+    case TYPE_Q8_0: quant_tile_q8_0_dot4(row, x, y); break;
+    case TYPE_Q2_K: quant_tile_q2_k_dot4(row, x, y); break;
+    case TYPE_IQ2_XXS: quant_tile_iq2_dot4(row, x, y); break;
+    default: quant_die_unsupported("quant_tile_dot4", row->type);
+    }
 }
 
 #else
@@ -2876,19 +2926,20 @@ static void q8_row_decode(uint32_t type, const void *w, struct q8_row *row) {
     quant_die_unsupported("q8_row_decode", type);
 }
 
+static void quant_tile_dot4(const struct q8_row *row, const struct q8_token *x, float *y) {
+    (void)x, (void)y;
+    quant_die_unsupported("quant_tile_dot4", row->type);
+}
+
 #endif
 
-/* y[i] = the decoded row against tokens x[0 .. n_tok), four at a time. */
+/* y[i] = the row against tokens x[0 .. n_tok): four at a time by the tile
+ * kernels, the remainder by vec_dot_q8() (the same floats either way). */
 static void q8_row_dot_tokens(const struct q8_row *row, const struct q8_token *x, int n_tok,
                               float *y) {
-#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
     int t = 0;
     for (; t + 4 <= n_tok; t += 4) quant_tile_dot4(row, x + t, y + t);
-    for (; t < n_tok; t++) y[t] = quant_tile_dot1(row, x + t);
-#else
-    (void)row, (void)x, (void)n_tok, (void)y;
-    quant_die_unsupported("q8_row_dot_tokens", 0);
-#endif
+    for (; t < n_tok; t++) y[t] = vec_dot_q8(row->type, row->w, &x[t].a);
 }
 
 /* ============================================================================
@@ -3707,7 +3758,10 @@ static int topk_indices(const float *score, int n, int k, int *out) {
  * weights quantize each input row X[t] to 8 bits first (3.9) and use the
  * integer kernels, for every chunk size: the row of W is hot in L1 while it
  * meets the T inputs, and prefill, chunked prefill and decode still compute
- * bit for bit the same products. F16 and F32 weights keep float inputs.
+ * bit for bit the same products. For 4 tokens or more the Q8_0, Q2_K and
+ * IQ2_XXS products go through the tiles of 3.10, which decode a row once
+ * for all the tokens and return the same floats. F16 and F32 weights keep
+ * float inputs.
  *
  * WORK SPLIT
  *
@@ -3834,8 +3888,8 @@ static size_t matmul_tile_offset(int64_t n) {
 
 static struct q8_token matmul_input_tile(const struct matmul_job *j, int t) {
     const uint8_t *slot = j->xq + (size_t)t * j->xq_stride;
-    struct act_q8 a = matmul_input_q8(j, t);
-    struct q8_token x = { (const int8_t *)(slot + matmul_tile_offset(j->w->in)), a.d, a.sum16 };
+    struct q8_token x = { matmul_input_q8(j, t),
+                          (const int8_t *)(slot + matmul_tile_offset(j->w->in)) };
     return x;
 }
 
@@ -3866,9 +3920,10 @@ static void matmul_row_tokens(const struct matmul_job *j, int64_t r, int t0, int
  * inputs stay in L1, meets all of them. */
 enum { MATMUL_TILE_TOKENS = 4 };
 
-/* Decoding a row costs about what two one-token products of it do (3.10),
- * so a product of fewer tokens than this (an expert that few tokens chose)
- * keeps the one-token kernels. */
+/* Decoding a Q2_K or IQ2_XXS row costs about what two or three one-token
+ * products of it do (3.10), so a product of fewer tokens than this (an
+ * expert that few tokens chose) keeps the one-token kernels. The tiles
+ * compute the same floats, so the choice never changes a result. */
 enum { MATMUL_TILE_MIN_TOKENS = 4 };
 
 static void matmul_rows_tiled(const struct matmul_job *j, int64_t r0, int64_t r1, int t0, int t1,
@@ -3911,14 +3966,16 @@ static void matmul_quantize_input(void *ctx, int64_t t, int worker) {
     struct matmul_job *j = ctx;
     struct act_q8 a = matmul_input_q8(j, (int)t);
     act_quantize_q8(j->x + t * j->x_stride, &a);
-    if (j->tiles) q8_tile_input(a.q, (int8_t *)matmul_input_tile(j, (int)t).t, a.n);
+    if (j->tiles && q8_tile_wants_copy(j->w->type))
+        q8_tile_input(a.q, (int8_t *)matmul_input_tile(j, (int)t).t, a.n);
 }
 
 /* Quantize the n_tok inputs into the engine's buffer (grown here, on the
  * main thread, only when a wider product comes along). */
 static void matmul_prepare_q8(struct engine *eng, struct matmul_job *j) {
-    size_t slot = j->tiles ? matmul_tile_offset(j->w->in) + (size_t)j->w->in
-                           : act_q8_bytes(j->w->in);
+    size_t slot = j->tiles && q8_tile_wants_copy(j->w->type)
+                      ? matmul_tile_offset(j->w->in) + (size_t)j->w->in
+                      : act_q8_bytes(j->w->in);
     j->xq_stride = (slot + 63) / 64 * 64;
     size_t need = j->xq_stride * (size_t)j->n_tok;
     if (need > eng->act_cap) {
@@ -3932,10 +3989,12 @@ static void matmul_prepare_q8(struct engine *eng, struct matmul_job *j) {
 
 /* Y[t][o] = W[o] . X[t] for t < n_tok; strides are in floats. The product
  * belongs to a chunk of chunk_tokens tokens (n_tok of them for most, fewer
- * for an expert's share): a chunk of up to MATMUL_DECODE_PATH_MAX_TOKENS
- * takes the one-token kernels for every product, so that a verification
- * computes bit for bit what decode does; a longer one decodes each row
- * once, even for an expert that only 10 of its tokens chose. */
+ * for an expert's share). With float inputs a chunk of up to
+ * MATMUL_DECODE_PATH_MAX_TOKENS takes the fused one-token kernels for every
+ * product, so that a verification computes bit for bit what decode does; a
+ * longer one dequantizes each row once, even for an expert that only 10 of
+ * its tokens chose. With 8-bit inputs the tiles (3.10) compute what the
+ * one-token kernels do, so they serve any chunk of 4 tokens or more. */
 static void matmul_in_chunk(struct engine *eng, float *y, int64_t y_stride,
                             const struct matrix *w, const float *x, int64_t x_stride, int n_tok,
                             int chunk_tokens) {
@@ -3949,7 +4008,7 @@ static void matmul_in_chunk(struct engine *eng, float *y, int64_t y_stride,
         j.tok_per_item = (int)((n_tok + groups - 1) / groups);
     }
     if (eng->opt.q8_activations && !eng->opt.reference_kernels && quant_has_q8_dot(w->type)) {
-        j.tiles = !j.per_token && n_tok >= MATMUL_TILE_MIN_TOKENS && quant_has_q8_tile(w->type);
+        j.tiles = n_tok >= MATMUL_TILE_MIN_TOKENS && quant_has_q8_tile(w->type);
         matmul_prepare_q8(eng, &j);
     }
     int64_t tok_items = (n_tok + j.tok_per_item - 1) / j.tok_per_item;
