@@ -3995,9 +3995,9 @@ static void matmul_prepare_q8(struct engine *eng, struct matmul_job *j) {
  * longer one dequantizes each row once, even for an expert that only 10 of
  * its tokens chose. With 8-bit inputs the tiles (3.10) compute what the
  * one-token kernels do, so they serve any chunk of 4 tokens or more. */
-static void matmul_in_chunk(struct engine *eng, float *y, int64_t y_stride,
-                            const struct matrix *w, const float *x, int64_t x_stride, int n_tok,
-                            int chunk_tokens) {
+static struct matmul_job matmul_job_for(struct engine *eng, float *y, int64_t y_stride,
+                                        const struct matrix *w, const float *x,
+                                        int64_t x_stride, int n_tok, int chunk_tokens) {
     struct matmul_job j = { eng, w, x, x_stride, y, y_stride, n_tok, n_tok, 0, NULL, 0,
                             chunk_tokens <= MATMUL_DECODE_PATH_MAX_TOKENS, false };
     j.row_items = (w->out + MATMUL_ROWS_PER_ITEM - 1) / MATMUL_ROWS_PER_ITEM;
@@ -4007,15 +4007,69 @@ static void matmul_in_chunk(struct engine *eng, float *y, int64_t y_stride,
         if (groups > n_tok) groups = n_tok;
         j.tok_per_item = (int)((n_tok + groups - 1) / groups);
     }
-    if (eng->opt.q8_activations && !eng->opt.reference_kernels && quant_has_q8_dot(w->type)) {
+    if (eng->opt.q8_activations && !eng->opt.reference_kernels && quant_has_q8_dot(w->type))
         j.tiles = n_tok >= MATMUL_TILE_MIN_TOKENS && quant_has_q8_tile(w->type);
-        matmul_prepare_q8(eng, &j);
+    return j;
+}
+
+static bool matmul_wants_q8(const struct matmul_job *j) {
+    const struct engine_options *o = &j->eng->opt;
+    return o->q8_activations && !o->reference_kernels && quant_has_q8_dot(j->w->type);
+}
+
+static int64_t matmul_items(const struct matmul_job *j) {
+    return j->row_items * ((j->n_tok + j->tok_per_item - 1) / j->tok_per_item);
+}
+
+/* Threads worth a job: every token reads the whole matrix (from cache after
+ * the first). */
+static int matmul_threads(struct engine *eng, const struct matmul_job *j, int matrices) {
+    const struct matrix *w = j->w;
+    double bytes = (double)w->out * (double)type_row_bytes(w->type, w->in) * j->n_tok;
+    return pool_threads_for_bytes(&eng->pool, bytes * matrices);
+}
+
+static void matmul_in_chunk(struct engine *eng, float *y, int64_t y_stride,
+                            const struct matrix *w, const float *x, int64_t x_stride, int n_tok,
+                            int chunk_tokens) {
+    struct matmul_job j = matmul_job_for(eng, y, y_stride, w, x, x_stride, n_tok, chunk_tokens);
+    if (matmul_wants_q8(&j)) matmul_prepare_q8(eng, &j);
+    parallel_for_threads(&eng->pool, matmul_items(&j), matmul_rows, &j,
+                         matmul_threads(eng, &j, 1));
+}
+
+/* Two products of one input (an expert's W1 and W3) as one job: the input
+ * is quantized once and the threads meet once, not twice. Items below
+ * first_items are the first product's. */
+struct matmul_pair { struct matmul_job a, b; int64_t first_items; };
+
+static void matmul_pair_rows(void *ctx, int64_t item, int worker) {
+    struct matmul_pair *p = ctx;
+    if (item < p->first_items) matmul_rows(&p->a, item, worker);
+    else matmul_rows(&p->b, item - p->first_items, worker);
+}
+
+/* Ya = Wa X and Yb = Wb X, Y [n_tok][out]; two jobs unless Wa and Wb have
+ * one type and shape (a file may mix them), since they share the input. */
+static void matmul_pair_in_chunk(struct engine *eng, float *ya, const struct matrix *wa,
+                                 float *yb, const struct matrix *wb, const float *x, int n_tok,
+                                 int chunk_tokens) {
+    if (wa->type != wb->type || wa->in != wb->in || wa->out != wb->out) {
+        matmul_in_chunk(eng, ya, wa->out, wa, x, wa->in, n_tok, chunk_tokens);
+        matmul_in_chunk(eng, yb, wb->out, wb, x, wb->in, n_tok, chunk_tokens);
+        return;
     }
-    int64_t tok_items = (n_tok + j.tok_per_item - 1) / j.tok_per_item;
-    /* every token reads the whole matrix (from cache after the first) */
-    double bytes = (double)w->out * (double)type_row_bytes(w->type, w->in) * n_tok;
-    parallel_for_threads(&eng->pool, j.row_items * tok_items, matmul_rows, &j,
-                         pool_threads_for_bytes(&eng->pool, bytes));
+    struct matmul_pair p = {
+        matmul_job_for(eng, ya, wa->out, wa, x, wa->in, n_tok, chunk_tokens),
+        matmul_job_for(eng, yb, wb->out, wb, x, wb->in, n_tok, chunk_tokens), 0 };
+    if (matmul_wants_q8(&p.a)) {
+        matmul_prepare_q8(eng, &p.a);
+        p.b.xq = p.a.xq;
+        p.b.xq_stride = p.a.xq_stride;
+    }
+    p.first_items = matmul_items(&p.a);
+    parallel_for_threads(&eng->pool, p.first_items + matmul_items(&p.b), matmul_pair_rows, &p,
+                         matmul_threads(eng, &p.a, 2));
 }
 
 static void matmul_strided(struct engine *eng, float *y, int64_t y_stride, const struct matrix *w,
@@ -5036,8 +5090,7 @@ static void run_expert(struct step *st, const struct expert_call *ex) {
     struct chunk_work *w = st->w;
     float limit = st->L->swiglu_limit;
     int F = (int)ex->gate.out, n = ex->n;
-    matmul_in_chunk(st->eng, w->hg, F, &ex->gate, ex->x, ex->gate.in, n, st->T);
-    matmul_in_chunk(st->eng, w->hu, F, &ex->up, ex->x, ex->up.in, n, st->T);
+    matmul_pair_in_chunk(st->eng, w->hg, &ex->gate, w->hu, &ex->up, ex->x, n, st->T);
     for (int i = 0; i < n; i++)
         for (int f = 0; f < F; f++) {
             float g = w->hg[(size_t)i * F + f], u = w->hu[(size_t)i * F + f];
