@@ -2951,13 +2951,14 @@ struct quant_q8_kernels {
     float (*q2_k)(const struct block_q2_k *w, const struct act_q8 *a);
     float (*q4_k)(const struct block_q4_k *w, const struct act_q8 *a);
     float (*iq2_xxs)(const struct block_iq2_xxs *w, const struct act_q8 *a);
+    bool tiles_twin;    /* 3.10's many-token kernels return this row's floats exactly */
 };
 
 static const struct quant_q8_kernels quant_q8_variants[] = {
     { "avx512vnni", quant_avx512_q8_dot_q8_0, quant_avx512_q8_dot_q2_k,
-      quant_avx512_q8_dot_q4_k, quant_avx512_q8_dot_iq2_xxs },
+      quant_avx512_q8_dot_q4_k, quant_avx512_q8_dot_iq2_xxs, false },
     { "avx2", quant_avx2_q8_dot_q8_0, quant_avx2_q8_dot_q2_k, quant_avx2_q8_dot_q4_k,
-      quant_avx2_q8_dot_iq2_xxs },
+      quant_avx2_q8_dot_iq2_xxs, true },
 };
 enum { QUANT_Q8_VARIANTS = sizeof quant_q8_variants / sizeof quant_q8_variants[0] };
 
@@ -2979,7 +2980,8 @@ static int quant_q8_variant_count(void) {
 }
 
 static const char *quant_q8_variant_name(int v) {
-    return quant_q8_variants[quant_q8_first + v].name;
+    return v >= 0 && v < quant_q8_variant_count() ? quant_q8_variants[quant_q8_first + v].name
+                                                  : NULL;
 }
 
 /* v counts from the best this CPU runs; 0 is the start-up choice. Like the
@@ -3492,6 +3494,464 @@ static float quant_fast_vec_dot_q8(uint32_t type, const void *w, const struct ac
 static float vec_dot_q8(uint32_t type, const void *w, const struct act_q8 *a) {
     if (type == TYPE_IQ2_XXS) quant_require_tables();
     return quant_fast_vec_dot_q8(type, w, a);
+}
+
+/* ---- 3.10 Many tokens at once: a weight row decoded once ------------------ */
+
+/* WHY A SECOND SET OF KERNELS
+ *
+ * In a prefill every weight row meets every token of the chunk, and the
+ * one-token kernels of 3.9 redo the row's work for each of them: the
+ * IQ2_XXS kernel spends most of its 11 instructions per 32 values turning
+ * grid indices and sign bits into bytes, the Q8_0 kernel converts the block
+ * scale and takes |w| again, and every kernel folds its partial sums across
+ * lanes once per block. Here a row's work is done once and shared by the
+ * tokens of a tile.
+ *
+ * THE SAME FLOATS AS 3.9. The 8-bit path promises that prefill, chunked
+ * prefill and decode compute bit for bit the same products (6.1): one
+ * rounding of an 8-bit input that flips in a later layer moves a small
+ * model's logits by tenths. So these kernels produce, for every token,
+ * exactly the float that vec_dot_q8() returns: the same integer sums
+ * (exact), and the same float operations on them in the same order. Where
+ * 3.9's kernel changes its order, its twin here must follow (test_quant
+ * and test_model compare them for equality).
+ *
+ * Q8_0 needs no decoding: its 32-byte blocks are read as stored, |w| once
+ * per tile of tokens instead of once per token, and only the block scales
+ * are converted once per row, so that the products dw dx[b] are formed
+ * eight at a time.
+ *
+ * Q2_K and IQ2_XXS are decoded once per row into plain bytes,
+ *
+ *     v[i]      signed weight integer: IQ2_XXS grid * sign, Q2_K sc[k] * q2
+ *               (|v| <= 45)                                       [n] int8
+ *     mag[i]    |v[i]|                                             [n] uint8
+ *
+ * whose block sums sum_{i in b} v[i] q[i] are 3.9's integer sums (Q2_K's two
+ * sub-blocks of a block are summed as integers before any float, as there).
+ * 3.9 ends each block of 256 with one vector of its eight block sums; here
+ * each group of 256 values (blocks b = 0..7) is stored transposed by dwords,
+ *
+ *     t[32 k + 4 b + l] = v[32 b + 4 k + l]        k, b < 8, l < 4
+ *
+ * for the weights and the same for the activations. Register k then holds
+ * dword k of all eight blocks, and its int32 lane b is a partial sum of
+ * block b alone: eight registers added lane by lane give that vector of
+ * eight block sums with no folding. Per token and 32 values: a load, a
+ * sign, pmaddubsw, pmaddwd and an add.
+ *
+ * WITH VNNI. vpdpbusd multiplies unsigned by signed bytes into 32-bit sums
+ * without saturating, so there the sign goes too: the token's copy holds
+ * x + 128 as unsigned bytes (x ^ 0x80), and the row the correction
+ *
+ *     bias[b] = 128 sum_{i in b} v[i]:   sum (x[i] + 128) v[i] - bias[b] = sum x[i] v[i]
+ *
+ * one instruction per token and 32 values (mag is then unused).
+ *
+ * THE TILE. Four tokens share each load of a row's bytes; their inputs stay
+ * in L1 while the eight rows of a work item (6.1) are decoded in a scratch
+ * buffer that stays in L2. A remainder of one to three tokens calls
+ * vec_dot_q8() itself. */
+struct q8_row {
+    uint32_t type;
+    int64_t n;
+    const void *w;      /* the row as stored */
+    int8_t *v;          /* [n] transposed (Q2_K, IQ2_XXS) */
+    uint8_t *mag;       /* [n] (without VNNI) */
+    int32_t *bias;      /* [n / 32] (with VNNI) */
+    float *ls;          /* [n / 32] IQ2_XXS 2 ls + 1; Q8_0 d */
+    float *m;           /* [n / 16] Q2_K mins m[k] */
+    float *d;           /* [n / 256] IQ2_XXS d / 8, Q2_K d */
+    float *dmin;        /* [n / 256] Q2_K dmin */
+};
+
+/* Bytes of storage for one decoded row of n values. */
+static size_t q8_row_bytes(int64_t n) {
+    return 2 * (size_t)n + (size_t)(2 * (n / 32) + n / 16 + 2 * (n / 256)) * sizeof(float);
+}
+
+static struct q8_row q8_row_view(void *mem, int64_t n) {
+    float *f = mem;
+    int32_t *bias = (int32_t *)(f + n / 32 + n / 16 + 2 * (n / 256));
+    int8_t *v = (int8_t *)(bias + n / 32);
+    struct q8_row r = { 0, n, NULL, v, (uint8_t *)(v + n), bias, f, f + n / 32,
+                        f + n / 32 + n / 16, f + n / 32 + n / 16 + n / 256 };
+    return r;
+}
+
+/* The inputs of one token: its act_q8 and the transposed copy. */
+struct q8_token {
+    struct act_q8 a;
+    const int8_t *t;    /* [n], transposed as above (Q2_K, IQ2_XXS) */
+};
+
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+enum { QUANT_TILE_VNNI = 1 };
+#else
+enum { QUANT_TILE_VNNI = 0 };
+#endif
+
+/* t from v as defined above, for n values (whole groups transposed, the
+ * tail copied). */
+static void q8_transpose_groups(const int8_t *v, int8_t *t, int64_t n) {
+    int64_t i = 0;
+    for (; i + 256 <= n; i += 256)
+        for (int k = 0; k < 8; k++)
+            for (int b = 0; b < 8; b++) memcpy(t + i + 32 * k + 4 * b, v + i + 32 * b + 4 * k, 4);
+    memcpy(t + i, v + i, (size_t)(n - i));
+}
+
+/* A token's copy for the tile kernels, made once per token and product:
+ * transposed, and with VNNI offset to x + 128. */
+static void q8_tile_input(const int8_t *q, int8_t *t, int64_t n) {
+    q8_transpose_groups(q, t, n);
+    if (QUANT_TILE_VNNI)
+        for (int64_t i = 0; i < n; i++) t[i] = (int8_t)((uint8_t)t[i] ^ 0x80);
+}
+
+/* Whether a type's tile kernel wants the transposed copies. */
+static bool q8_tile_wants_copy(uint32_t type) {
+    return type == TYPE_Q2_K || type == TYPE_IQ2_XXS;
+}
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+
+/* The tiles copy the AVX2 kernels' float steps, so they serve only while
+ * those kernels are the ones in use: with the AVX-512 row (which adds the
+ * same integer sums in another order) a prefill through tiles would differ
+ * from decode in the last bits, and through 8-bit inputs that grows to
+ * visible differences (test_model's chunk 1 == chunk 64). There the
+ * one-token AVX-512 kernels, about as fast per token, do prefill too. */
+static bool quant_has_q8_tile(uint32_t type) {
+    if (!quant_q8_active->tiles_twin) return false;
+    return type == TYPE_Q8_0 || type == TYPE_Q2_K || type == TYPE_IQ2_XXS;
+}
+
+/* The 8x8 dword transpose of one group: r[b] holds block b in plain order;
+ * t receives register k = dword k of every block, and mag its |t| or bias
+ * the group's eight corrections. Three rounds of unpacks and lane swaps
+ * (24 shuffles per 256 values, once per row). */
+static void quant_tile_store_group(const __m256i r[8], int8_t *t, uint8_t *mag, int32_t *bias) {
+    __m256i a[8], c[8], sum = _mm256_setzero_si256();
+    (void)mag, (void)sum;
+    for (int p = 0; p < 4; p++) {
+        a[2 * p] = _mm256_unpacklo_epi32(r[2 * p], r[2 * p + 1]);
+        a[2 * p + 1] = _mm256_unpackhi_epi32(r[2 * p], r[2 * p + 1]);
+    }
+    for (int h = 0; h < 2; h++)
+        for (int p = 0; p < 2; p++) {
+            c[4 * h + 2 * p] = _mm256_unpacklo_epi64(a[4 * h + p], a[4 * h + p + 2]);
+            c[4 * h + 2 * p + 1] = _mm256_unpackhi_epi64(a[4 * h + p], a[4 * h + p + 2]);
+        }
+    /* c[k] (k < 4) holds dword k of blocks 0-3 in its low lane and k + 4 in
+     * its high one; c[k + 4] the same of blocks 4-7 */
+    for (int k = 0; k < 4; k++) {
+        __m256i lo = _mm256_permute2x128_si256(c[k], c[k + 4], 0x20);
+        __m256i hi = _mm256_permute2x128_si256(c[k], c[k + 4], 0x31);
+        _mm256_storeu_si256((__m256i *)(t + 32 * k), lo);
+        _mm256_storeu_si256((__m256i *)(t + 32 * (k + 4)), hi);
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+        /* lane b of each register is 4 values of block b: their sums */
+        sum = _mm256_dpbusd_epi32(sum, _mm256_set1_epi8(1), lo);
+        sum = _mm256_dpbusd_epi32(sum, _mm256_set1_epi8(1), hi);
+#else
+        _mm256_storeu_si256((__m256i *)(mag + 32 * k), _mm256_abs_epi8(lo));
+        _mm256_storeu_si256((__m256i *)(mag + 32 * (k + 4)), _mm256_abs_epi8(hi));
+#endif
+    }
+    _mm256_storeu_si256((__m256i *)bias, _mm256_slli_epi32(sum, 7));
+}
+
+/* Q2_K: block 4h + j of a 256 is the 2-bit field at shift 2j of the 32
+ * bytes of half h; both bytes of a 16-bit lane belong to one sub-block, and
+ * sc * q2 <= 45 fits a byte, so one 16-bit multiply scales two values. */
+static void quant_tile_decode_q2_k(const struct block_q2_k *w, struct q8_row *row) {
+    for (int64_t i = 0; i < row->n / 256; i++, w++) {
+        __m256i sc = _mm256_and_si256(
+            _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)w->scales)),
+            _mm256_set1_epi8(15));
+        __m256i r[8], pick0 = _mm256_set1_epi16((short)0x8000);
+        pick0 = _mm256_blend_epi32(pick0, _mm256_set1_epi16((short)0x8001), 0xf0);
+        for (int h = 0; h < 2; h++) {
+            __m256i bits = quant_avx2_load_i8(w->qs + 32 * h);
+            for (int j = 0; j < 4; j++) {
+                /* sc[k] into the low lane's 16-bit factors, sc[k + 1] the high's */
+                __m256i pick = _mm256_add_epi8(pick0, _mm256_set1_epi16((short)(8 * h + 2 * j)));
+                __m256i q = _mm256_and_si256(_mm256_srli_epi16(bits, 2 * j), _mm256_set1_epi8(3));
+                r[4 * h + j] = _mm256_mullo_epi16(q, _mm256_shuffle_epi8(sc, pick));
+            }
+        }
+        row->d[i] = quant_avx2_half(w->d);
+        row->dmin[i] = quant_avx2_half(w->dmin);
+        for (int k = 0; k < 16; k++) row->m[16 * i + k] = (float)(w->scales[k] >> 4);
+        quant_tile_store_group(r, row->v + 256 * i, row->mag + 256 * i, row->bias + 8 * i);
+    }
+}
+
+/* IQ2_XXS: the registers (g, h) of 3.9's kernel, with the signs applied to
+ * the grid magnitudes instead of to x; half h of group g is in the low 128
+ * bits and half h of group g + 4 in the high ones. */
+static inline void quant_tile_iq2_half(const struct block_iq2_xxs *w, int g, int h, __m256i S,
+                                       int8_t *plain) {
+    const uint8_t *lo = (const uint8_t *)&w->qs[4 * g] + 2 * h;
+    const uint8_t *hi = (const uint8_t *)&w->qs[4 * (g + 4)] + 2 * h;
+    const uint64_t *grid = quant_iq2_xxs_grid;
+    __m256i mag = _mm256_setr_m128i(quant_avx2_two_u64(&grid[lo[0]], &grid[lo[1]]),
+                                    quant_avx2_two_u64(&grid[hi[0]], &grid[hi[1]]));
+    __m256i neg = quant_avx2_iq2_neg_mask(S, g, h);
+    __m256i v = _mm256_sub_epi8(_mm256_xor_si256(mag, neg), neg);
+    _mm_storeu_si128((__m128i *)(plain + 32 * g + 16 * h), _mm256_castsi256_si128(v));
+    _mm_storeu_si128((__m128i *)(plain + 32 * (g + 4) + 16 * h), _mm256_extracti128_si256(v, 1));
+}
+
+/* Groups g and g + 4 of one block into plain order. */
+static inline void quant_tile_iq2_pair(const struct block_iq2_xxs *w, int g, __m256i S,
+                                       int8_t *plain) {
+    quant_tile_iq2_half(w, g, 0, S, plain);
+    quant_tile_iq2_half(w, g, 1, S, plain);
+}
+
+static void quant_tile_decode_iq2_xxs(const struct block_iq2_xxs *w, struct q8_row *row) {
+    for (int64_t i = 0; i < row->n / 256; i++, w++) {
+        __m256i A = quant_avx2_iq2_sign_words(w), S = quant_avx2_iq2_sign_bytes(A);
+        __m256i ls2 = _mm256_or_si256(_mm256_srli_epi32(A, 27), _mm256_set1_epi32(1));
+        _mm256_storeu_ps(row->ls + 8 * i, _mm256_cvtepi32_ps(ls2));
+        row->d[i] = quant_avx2_half(w->d) * 0.125f;
+        int8_t plain[256];
+        quant_tile_iq2_pair(w, 0, S, plain);
+        quant_tile_iq2_pair(w, 1, S, plain);
+        quant_tile_iq2_pair(w, 2, S, plain);
+        quant_tile_iq2_pair(w, 3, S, plain);
+        __m256i r[8];
+        for (int g = 0; g < 8; g++) r[g] = quant_avx2_load_i8(plain + 32 * g);
+        quant_tile_store_group(r, row->v + 256 * i, row->mag + 256 * i, row->bias + 8 * i);
+    }
+}
+
+/* Prepare one row of w for the tile kernels (Q8_0: nothing to decode). */
+static void q8_row_decode(uint32_t type, const void *w, struct q8_row *row) {
+    row->type = type;
+    row->w = w;
+    switch (type) {
+    case TYPE_Q8_0:
+        for (int64_t b = 0; b < row->n / 32; b++)
+            row->ls[b] = quant_avx2_half(((const struct block_q8_0 *)w)[b].d);
+        break;
+    case TYPE_Q2_K: quant_tile_decode_q2_k(w, row); break;
+    case TYPE_IQ2_XXS: quant_tile_decode_iq2_xxs(w, row); break;
+    default: quant_die_unsupported("q8_row_decode", type);
+    }
+}
+
+/* acc + the eight int32 lane sums of v times x (without VNNI: |v| times x
+ * signed like v; with it: v times the offset copy). */
+static inline __m256i quant_tile_step(__m256i acc, __m256i mag, __m256i v, const int8_t *x) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    (void)mag;
+    return _mm256_dpbusd_epi32(acc, quant_avx2_load_i8(x), v);
+#else
+    __m256i sx = _mm256_sign_epi8(quant_avx2_load_i8(x), v);
+    __m256i p = _mm256_maddubs_epi16(mag, sx);
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(p, _mm256_set1_epi16(1)));
+#endif
+}
+
+/* Registers k and k + 1 of a group for four tokens, into two sets of sums:
+ * eight independent chains, enough to hide vpdpbusd's latency. */
+static inline void quant_tile_two_steps(const struct q8_row *row, const struct q8_token *x,
+                                        int64_t o, __m256i *a, __m256i *b) {
+    __m256i mag = quant_avx2_load_i8(row->mag + o), v = quant_avx2_load_i8(row->v + o);
+    __m256i mag1 = quant_avx2_load_i8(row->mag + o + 32), v1 = quant_avx2_load_i8(row->v + o + 32);
+    a[0] = quant_tile_step(a[0], mag, v, x[0].t + o);
+    a[1] = quant_tile_step(a[1], mag, v, x[1].t + o);
+    a[2] = quant_tile_step(a[2], mag, v, x[2].t + o);
+    a[3] = quant_tile_step(a[3], mag, v, x[3].t + o);
+    b[0] = quant_tile_step(b[0], mag1, v1, x[0].t + o + 32);
+    b[1] = quant_tile_step(b[1], mag1, v1, x[1].t + o + 32);
+    b[2] = quant_tile_step(b[2], mag1, v1, x[2].t + o + 32);
+    b[3] = quant_tile_step(b[3], mag1, v1, x[3].t + o + 32);
+}
+
+/* Four vectors, one per token of a tile, kept in named fields: a loop over
+ * an indexed array would keep them in memory and chain every step through
+ * a store and a load. */
+struct quant_tile_i4 { __m256i t0, t1, t2, t3; };
+struct quant_tile_f4 { __m256 t0, t1, t2, t3; };
+
+static inline __m256i quant_tile_unbias(__m256i sums, const struct q8_row *row, int64_t g) {
+    if (!QUANT_TILE_VNNI) return sums;
+    return _mm256_sub_epi32(sums, _mm256_loadu_si256((const __m256i *)(row->bias + 8 * g)));
+}
+
+/* The eight block sums of group g for the four tokens: the vector 3.9's
+ * kernels fold into, here without a fold. */
+static inline struct quant_tile_i4 quant_tile_group_sums(const struct q8_row *row,
+                                                         const struct q8_token *x, int64_t g) {
+    __m256i a[4], b[4];
+    a[0] = a[1] = a[2] = a[3] = b[0] = b[1] = b[2] = b[3] = _mm256_setzero_si256();
+    quant_tile_two_steps(row, x, 256 * g, a, b);
+    quant_tile_two_steps(row, x, 256 * g + 64, a, b);
+    quant_tile_two_steps(row, x, 256 * g + 128, a, b);
+    quant_tile_two_steps(row, x, 256 * g + 192, a, b);
+    struct quant_tile_i4 s = { quant_tile_unbias(_mm256_add_epi32(a[0], b[0]), row, g),
+                               quant_tile_unbias(_mm256_add_epi32(a[1], b[1]), row, g),
+                               quant_tile_unbias(_mm256_add_epi32(a[2], b[2]), row, g),
+                               quant_tile_unbias(_mm256_add_epi32(a[3], b[3]), row, g) };
+    return s;
+}
+
+/* IQ2_XXS, one token's share of group g, as quant_avx2_q8_dot_iq2_xxs:
+ *     acc += ((2 ls + 1) dx) (d / 8) * sums */
+static inline __m256 quant_tile_iq2_acc(__m256 acc, __m256 ls, __m256 d8, const float *dx,
+                                        __m256i sums) {
+    __m256 sc = _mm256_mul_ps(_mm256_mul_ps(ls, _mm256_loadu_ps(dx)), d8);
+    return _mm256_fmadd_ps(sc, _mm256_cvtepi32_ps(sums), acc);
+}
+
+static void quant_tile_iq2_dot4(const struct q8_row *row, const struct q8_token *x, float *y) {
+    __m256 f0 = _mm256_setzero_ps(), f1 = f0, f2 = f0, f3 = f0;
+    for (int64_t g = 0; g < row->n / 256; g++) {
+        struct quant_tile_i4 s = quant_tile_group_sums(row, x, g);
+        __m256 ls = _mm256_loadu_ps(row->ls + 8 * g), d8 = _mm256_set1_ps(row->d[g]);
+        f0 = quant_tile_iq2_acc(f0, ls, d8, x[0].a.d + 8 * g, s.t0);
+        f1 = quant_tile_iq2_acc(f1, ls, d8, x[1].a.d + 8 * g, s.t1);
+        f2 = quant_tile_iq2_acc(f2, ls, d8, x[2].a.d + 8 * g, s.t2);
+        f3 = quant_tile_iq2_acc(f3, ls, d8, x[3].a.d + 8 * g, s.t3);
+    }
+    y[0] = quant_avx2_hsum(f0), y[1] = quant_avx2_hsum(f1);
+    y[2] = quant_avx2_hsum(f2), y[3] = quant_avx2_hsum(f3);
+}
+
+/* Q2_K, one token's share of group g, as quant_avx2_q8_dot_q2_k:
+ *     acc  += (dx d) * sums
+ *     mins += dmin (m[0..8) s[0..8) + m[8..16) s[8..16)) */
+static inline void quant_tile_q2_k_acc(__m256 *acc, __m256 *mins, const struct q8_row *row,
+                                       int64_t g, const struct act_q8 *a, __m256i sums) {
+    const float *s16 = a->sum16 + 16 * g, *m = row->m + 16 * g;
+    __m256 ms = _mm256_fmadd_ps(_mm256_loadu_ps(m), _mm256_loadu_ps(s16),
+                                _mm256_mul_ps(_mm256_loadu_ps(m + 8), _mm256_loadu_ps(s16 + 8)));
+    *mins = _mm256_fmadd_ps(_mm256_set1_ps(row->dmin[g]), ms, *mins);
+    __m256 dx = _mm256_mul_ps(_mm256_loadu_ps(a->d + 8 * g), _mm256_set1_ps(row->d[g]));
+    *acc = _mm256_fmadd_ps(dx, _mm256_cvtepi32_ps(sums), *acc);
+}
+
+static void quant_tile_q2_k_dot4(const struct q8_row *row, const struct q8_token *x, float *y) {
+    __m256 f0 = _mm256_setzero_ps(), f1 = f0, f2 = f0, f3 = f0;
+    __m256 m0 = f0, m1 = f0, m2 = f0, m3 = f0;
+    for (int64_t g = 0; g < row->n / 256; g++) {
+        struct quant_tile_i4 s = quant_tile_group_sums(row, x, g);
+        quant_tile_q2_k_acc(&f0, &m0, row, g, &x[0].a, s.t0);
+        quant_tile_q2_k_acc(&f1, &m1, row, g, &x[1].a, s.t1);
+        quant_tile_q2_k_acc(&f2, &m2, row, g, &x[2].a, s.t2);
+        quant_tile_q2_k_acc(&f3, &m3, row, g, &x[3].a, s.t3);
+    }
+    y[0] = quant_avx2_hsum(f0) - quant_avx2_hsum(m0);
+    y[1] = quant_avx2_hsum(f1) - quant_avx2_hsum(m1);
+    y[2] = quant_avx2_hsum(f2) - quant_avx2_hsum(m2);
+    y[3] = quant_avx2_hsum(f3) - quant_avx2_hsum(m3);
+}
+
+/* Q8_0, one token's share of block b, as quant_avx2_q8_block_q8_0:
+ *     acc += (dw dx[b]) * sum_l |w| (x signed by w) */
+static inline __m256 quant_tile_q8_0_acc(__m256 acc, __m256i aw, __m256i wq, float sc,
+                                         const struct act_q8 *a, int64_t b) {
+    __m256i sx = _mm256_sign_epi8(quant_avx2_load_i8(a->q + 32 * b), wq);
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    __m256i isum = _mm256_dpbusd_epi32(_mm256_setzero_si256(), aw, sx);
+#else
+    __m256i isum = quant_avx2_madd_u8s8(aw, sx, _mm256_set1_epi16(1));
+#endif
+    return quant_avx2_scaled(acc, sc, isum);
+}
+
+/* One Q8_0 block for four tokens: |w| once; sc[t] = dw dx_t[b], the
+ * products 3.9 forms one at a time, made eight blocks at a time below. */
+static inline struct quant_tile_f4 quant_tile_q8_0_block(const struct block_q8_0 *w,
+                                                         const struct q8_token *x, int64_t b,
+                                                         const float sc[4][8], int j,
+                                                         struct quant_tile_f4 f) {
+    __m256i wq = quant_avx2_load_i8(w->qs), aw = _mm256_sign_epi8(wq, wq);
+    f.t0 = quant_tile_q8_0_acc(f.t0, aw, wq, sc[0][j], &x[0].a, b);
+    f.t1 = quant_tile_q8_0_acc(f.t1, aw, wq, sc[1][j], &x[1].a, b);
+    f.t2 = quant_tile_q8_0_acc(f.t2, aw, wq, sc[2][j], &x[2].a, b);
+    f.t3 = quant_tile_q8_0_acc(f.t3, aw, wq, sc[3][j], &x[3].a, b);
+    return f;
+}
+
+/* sc[t][j] = dw[b + j] dx_t[b + j] for the `count` blocks from b. */
+static void quant_tile_q8_0_scales(const struct q8_row *row, const struct q8_token *x, int64_t b,
+                                   int count, float sc[4][8]) {
+    for (int t = 0; t < 4; t++) {
+        if (count == 8) {
+            _mm256_storeu_ps(sc[t], _mm256_mul_ps(_mm256_loadu_ps(row->ls + b),
+                                                  _mm256_loadu_ps(x[t].a.d + b)));
+            continue;
+        }
+        for (int j = 0; j < count; j++) sc[t][j] = row->ls[b + j] * x[t].a.d[b + j];
+    }
+}
+
+/* Q8_0, four tokens: even blocks into one accumulator and odd ones into
+ * another, an odd last block into the first, as quant_avx2_q8_dot_q8_0. */
+static void quant_tile_q8_0_dot4(const struct q8_row *row, const struct q8_token *x, float *y) {
+    const struct block_q8_0 *w = row->w;
+    __m256 z = _mm256_setzero_ps();
+    struct quant_tile_f4 even = { z, z, z, z }, odd = even;
+    int64_t nb = row->n / 32;
+    float sc[4][8];
+    for (int64_t b8 = 0; b8 < nb; b8 += 8) {
+        int count = nb - b8 < 8 ? (int)(nb - b8) : 8, j = 0;
+        quant_tile_q8_0_scales(row, x, b8, count, sc);
+        for (; j + 2 <= count; j += 2) {
+            even = quant_tile_q8_0_block(w + b8 + j, x, b8 + j, sc, j, even);
+            odd = quant_tile_q8_0_block(w + b8 + j + 1, x, b8 + j + 1, sc, j + 1, odd);
+        }
+        if (j < count) even = quant_tile_q8_0_block(w + b8 + j, x, b8 + j, sc, j, even);
+    }
+    y[0] = quant_avx2_hsum(_mm256_add_ps(even.t0, odd.t0));
+    y[1] = quant_avx2_hsum(_mm256_add_ps(even.t1, odd.t1));
+    y[2] = quant_avx2_hsum(_mm256_add_ps(even.t2, odd.t2));
+    y[3] = quant_avx2_hsum(_mm256_add_ps(even.t3, odd.t3));
+}
+
+static void quant_tile_dot4(const struct q8_row *row, const struct q8_token *x, float *y) {
+    switch (row->type) {
+    case TYPE_Q8_0: quant_tile_q8_0_dot4(row, x, y); break;
+    case TYPE_Q2_K: quant_tile_q2_k_dot4(row, x, y); break;
+    case TYPE_IQ2_XXS: quant_tile_iq2_dot4(row, x, y); break;
+    default: quant_die_unsupported("quant_tile_dot4", row->type);
+    }
+}
+
+#else
+
+/* No tile kernels for this CPU: the engine dots each token with
+ * vec_dot_q8() (6.1), which is always correct. */
+static bool quant_has_q8_tile(uint32_t type) {
+    (void)type;
+    return false;
+}
+
+static void q8_row_decode(uint32_t type, const void *w, struct q8_row *row) {
+    (void)w, (void)row;
+    quant_die_unsupported("q8_row_decode", type);
+}
+
+static void quant_tile_dot4(const struct q8_row *row, const struct q8_token *x, float *y) {
+    (void)x, (void)y;
+    quant_die_unsupported("quant_tile_dot4", row->type);
+}
+
+#endif
+
+/* y[i] = the row against tokens x[0 .. n_tok): four at a time by the tile
+ * kernels, the remainder by vec_dot_q8() (the same floats either way). */
+static void q8_row_dot_tokens(const struct q8_row *row, const struct q8_token *x, int n_tok,
+                              float *y) {
+    int t = 0;
+    for (; t + 4 <= n_tok; t += 4) quant_tile_dot4(row, x + t, y + t);
+    for (; t < n_tok; t++) y[t] = vec_dot_q8(row->type, row->w, &x[t].a);
 }
 
 /* ============================================================================
@@ -4310,7 +4770,10 @@ static int topk_indices(const float *score, int n, int k, int *out) {
  * weights quantize each input row X[t] to 8 bits first (3.9) and use the
  * integer kernels, for every chunk size: the row of W is hot in L1 while it
  * meets the T inputs, and prefill, chunked prefill and decode still compute
- * bit for bit the same products. F16 and F32 weights keep float inputs.
+ * bit for bit the same products. For 4 tokens or more the Q8_0, Q2_K and
+ * IQ2_XXS products go through the tiles of 3.10, which decode a row once
+ * for all the tokens and return the same floats. F16 and F32 weights keep
+ * float inputs.
  *
  * WORK SPLIT
  *
@@ -4333,6 +4796,9 @@ struct engine_options {
 /* The table of operations the story calls (6.13); the CPU one is this chapter. */
 static const struct backend *backend_cpu(void);
 
+/* Rows in one work item of a product (WORK SPLIT above). */
+enum { MATMUL_ROWS_PER_ITEM = 8 };
+
 struct engine {
     struct model *model;
     struct engine_options opt;
@@ -4342,6 +4808,7 @@ struct engine {
     struct rope rope_compressed;  /* compressed layers, their compressors, the indexer */
     int64_t max_row;              /* longest weight row, for the dequant scratch */
     float **row_scratch;          /* [threads][max_row] */
+    void **tile_scratch;          /* [threads]: MATMUL_ROWS_PER_ITEM decoded rows (3.10) */
     float **attn_scratch;         /* [threads][attn_scratch_cap] */
     int64_t attn_scratch_cap;
     void *act_mem;                /* the 8-bit inputs of the running product */
@@ -4364,17 +4831,22 @@ static void engine_init(struct engine *eng, struct model *m, struct engine_optio
     for (size_t i = 0; i < sizeof sizes / sizeof sizes[0]; i++)
         if (sizes[i] > eng->max_row) eng->max_row = sizes[i];
     eng->row_scratch = xcalloc((size_t)threads, sizeof(float *));
+    eng->tile_scratch = xcalloc((size_t)threads, sizeof(void *));
     eng->attn_scratch = xcalloc((size_t)threads, sizeof(float *));
-    for (int i = 0; i < threads; i++)
+    for (int i = 0; i < threads; i++) {
         eng->row_scratch[i] = xmalloc((size_t)eng->max_row * sizeof(float));
+        eng->tile_scratch[i] = xmalloc(MATMUL_ROWS_PER_ITEM * q8_row_bytes(eng->max_row));
+    }
 }
 
 static void engine_free(struct engine *eng) {
     for (int i = 0; i < eng->pool.n_threads; i++) {
         free(eng->row_scratch[i]);
+        free(eng->tile_scratch[i]);
         free(eng->attn_scratch[i]);
     }
     free(eng->row_scratch);
+    free(eng->tile_scratch);
     free(eng->attn_scratch);
     free(eng->act_mem);
     pool_free(&eng->pool);
@@ -4406,9 +4878,9 @@ struct matmul_job {
     int64_t row_items;            /* row groups */
     const uint8_t *xq;            /* 8-bit inputs, xq_stride bytes apart, or NULL */
     size_t xq_stride;
+    bool per_token;               /* the chunk is a decode or a verification (below) */
+    bool tiles;                   /* rows decoded once for many tokens (3.10) */
 };
-
-enum { MATMUL_ROWS_PER_ITEM = 8 };
 
 /* Up to this many tokens, each row is dotted with the fused decode kernel
  * once per token instead of being dequantized once: the row is hot in L1
@@ -4418,6 +4890,19 @@ enum { MATMUL_DECODE_PATH_MAX_TOKENS = 16 };
 
 static struct act_q8 matmul_input_q8(const struct matmul_job *j, int t) {
     return act_q8_view((void *)(j->xq + (size_t)t * j->xq_stride), j->w->in);
+}
+
+/* With tiles, each token's slot holds its act_q8 and then, 32-byte aligned,
+ * the transposed copy of its bytes (3.10). */
+static size_t matmul_tile_offset(int64_t n) {
+    return (act_q8_bytes(n) + 31) / 32 * 32;
+}
+
+static struct q8_token matmul_input_tile(const struct matmul_job *j, int t) {
+    const uint8_t *slot = j->xq + (size_t)t * j->xq_stride;
+    struct q8_token x = { matmul_input_q8(j, t),
+                          (const int8_t *)(slot + matmul_tile_offset(j->w->in)) };
+    return x;
 }
 
 /* Y[t][r] for the rows and tokens of one item, by one of the three paths. */
@@ -4432,13 +4917,45 @@ static void matmul_row_tokens(const struct matmul_job *j, int64_t r, int t0, int
             struct act_q8 a = matmul_input_q8(j, t);
             j->y[t * j->y_stride + r] = vec_dot_q8(w->type, wr, &a);
         }
-    } else if (j->n_tok <= MATMUL_DECODE_PATH_MAX_TOKENS) {
+    } else if (j->per_token) {
         for (int t = t0; t < t1; t++)
             j->y[t * j->y_stride + r] = vec_dot(w->type, wr, j->x + t * j->x_stride, w->in);
     } else {
         dequant_row(w->type, wr, row, w->in);
         for (int t = t0; t < t1; t++)
             j->y[t * j->y_stride + r] = dot_f32(row, j->x + t * j->x_stride, w->in);
+    }
+}
+
+/* Rows r0..r1 against tokens t0..t1 by tiles (3.10): the rows are decoded
+ * into the worker's scratch once, then each group of up to 4 tokens, whose
+ * inputs stay in L1, meets all of them. */
+enum { MATMUL_TILE_TOKENS = 4 };
+
+/* Decoding a Q2_K or IQ2_XXS row costs about what two or three one-token
+ * products of it do (3.10), so a product of fewer tokens than this (an
+ * expert that few tokens chose) keeps the one-token kernels. The tiles
+ * compute the same floats, so the choice never changes a result. */
+enum { MATMUL_TILE_MIN_TOKENS = 4 };
+
+static void matmul_rows_tiled(const struct matmul_job *j, int64_t r0, int64_t r1, int t0, int t1,
+                              int worker) {
+    const struct matrix *w = j->w;
+    struct q8_row rows[MATMUL_ROWS_PER_ITEM];
+    uint8_t *mem = j->eng->tile_scratch[worker];
+    for (int64_t r = r0; r < r1; r++) {
+        rows[r - r0] = q8_row_view(mem + (size_t)(r - r0) * q8_row_bytes(w->in), w->in);
+        q8_row_decode(w->type, matrix_row(w, r), &rows[r - r0]);
+    }
+    for (int t = t0; t < t1; t += MATMUL_TILE_TOKENS) {
+        int nt = t1 - t < MATMUL_TILE_TOKENS ? t1 - t : MATMUL_TILE_TOKENS;
+        struct q8_token x[MATMUL_TILE_TOKENS];
+        float y[MATMUL_TILE_TOKENS];
+        for (int i = 0; i < nt; i++) x[i] = matmul_input_tile(j, t + i);
+        for (int64_t r = r0; r < r1; r++) {
+            q8_row_dot_tokens(&rows[r - r0], x, nt, y);
+            for (int i = 0; i < nt; i++) j->y[(t + i) * j->y_stride + r] = y[i];
+        }
     }
 }
 
@@ -4449,6 +4966,10 @@ static void matmul_rows(void *ctx, int64_t item, int worker) {
     if (r1 > j->w->out) r1 = j->w->out;
     int t0 = (int)tg * j->tok_per_item, t1 = t0 + j->tok_per_item;
     if (t1 > j->n_tok) t1 = j->n_tok;
+    if (j->tiles) {
+        matmul_rows_tiled(j, r0, r1, t0, t1, worker);
+        return;
+    }
     for (int64_t r = r0; r < r1; r++) matmul_row_tokens(j, r, t0, t1, j->eng->row_scratch[worker]);
 }
 
@@ -4457,12 +4978,17 @@ static void matmul_quantize_input(void *ctx, int64_t t, int worker) {
     struct matmul_job *j = ctx;
     struct act_q8 a = matmul_input_q8(j, (int)t);
     act_quantize_q8(j->x + t * j->x_stride, &a);
+    if (j->tiles && q8_tile_wants_copy(j->w->type))
+        q8_tile_input(a.q, (int8_t *)matmul_input_tile(j, (int)t).t, a.n);
 }
 
 /* Quantize the n_tok inputs into the engine's buffer (grown here, on the
  * main thread, only when a wider product comes along). */
 static void matmul_prepare_q8(struct engine *eng, struct matmul_job *j) {
-    j->xq_stride = (act_q8_bytes(j->w->in) + 63) / 64 * 64;
+    size_t slot = j->tiles && q8_tile_wants_copy(j->w->type)
+                      ? matmul_tile_offset(j->w->in) + (size_t)j->w->in
+                      : act_q8_bytes(j->w->in);
+    j->xq_stride = (slot + 63) / 64 * 64;
     size_t need = j->xq_stride * (size_t)j->n_tok;
     if (need > eng->act_cap) {
         free(eng->act_mem);
@@ -4473,10 +4999,19 @@ static void matmul_prepare_q8(struct engine *eng, struct matmul_job *j) {
     parallel_for(&eng->pool, j->n_tok, matmul_quantize_input, j);
 }
 
-/* Y[t][o] = W[o] . X[t] for t < n_tok; strides are in floats. */
-static void matmul_strided(struct engine *eng, float *y, int64_t y_stride, const struct matrix *w,
-                           const float *x, int64_t x_stride, int n_tok) {
-    struct matmul_job j = { eng, w, x, x_stride, y, y_stride, n_tok, n_tok, 0, NULL, 0 };
+/* Y[t][o] = W[o] . X[t] for t < n_tok; strides are in floats. The product
+ * belongs to a chunk of chunk_tokens tokens (n_tok of them for most, fewer
+ * for an expert's share). With float inputs a chunk of up to
+ * MATMUL_DECODE_PATH_MAX_TOKENS takes the fused one-token kernels for every
+ * product, so that a verification computes bit for bit what decode does; a
+ * longer one dequantizes each row once, even for an expert that only 10 of
+ * its tokens chose. With 8-bit inputs the tiles (3.10) compute what the
+ * one-token kernels do, so they serve any chunk of 4 tokens or more. */
+static struct matmul_job matmul_job_for(struct engine *eng, float *y, int64_t y_stride,
+                                        const struct matrix *w, const float *x,
+                                        int64_t x_stride, int n_tok, int chunk_tokens) {
+    struct matmul_job j = { eng, w, x, x_stride, y, y_stride, n_tok, n_tok, 0, NULL, 0,
+                            chunk_tokens <= MATMUL_DECODE_PATH_MAX_TOKENS, false };
     j.row_items = (w->out + MATMUL_ROWS_PER_ITEM - 1) / MATMUL_ROWS_PER_ITEM;
     int64_t want = 8 * (int64_t)eng->pool.n_threads;
     if (n_tok > 1 && eng->pool.n_threads > 1 && j.row_items < want) {
@@ -4485,12 +5020,73 @@ static void matmul_strided(struct engine *eng, float *y, int64_t y_stride, const
         j.tok_per_item = (int)((n_tok + groups - 1) / groups);
     }
     if (eng->opt.q8_activations && !eng->opt.reference_kernels && quant_has_q8_dot(w->type))
-        matmul_prepare_q8(eng, &j);
-    int64_t tok_items = (n_tok + j.tok_per_item - 1) / j.tok_per_item;
-    /* every token reads the whole matrix (from cache after the first) */
-    double bytes = (double)w->out * (double)type_row_bytes(w->type, w->in) * n_tok;
-    parallel_for_threads(&eng->pool, j.row_items * tok_items, matmul_rows, &j,
-                         pool_threads_for_bytes(&eng->pool, bytes));
+        j.tiles = n_tok >= MATMUL_TILE_MIN_TOKENS && quant_has_q8_tile(w->type);
+    return j;
+}
+
+static bool matmul_wants_q8(const struct matmul_job *j) {
+    const struct engine_options *o = &j->eng->opt;
+    return o->q8_activations && !o->reference_kernels && quant_has_q8_dot(j->w->type);
+}
+
+static int64_t matmul_items(const struct matmul_job *j) {
+    return j->row_items * ((j->n_tok + j->tok_per_item - 1) / j->tok_per_item);
+}
+
+/* Threads worth a job: every token reads the whole matrix (from cache after
+ * the first). */
+static int matmul_threads(struct engine *eng, const struct matmul_job *j, int matrices) {
+    const struct matrix *w = j->w;
+    double bytes = (double)w->out * (double)type_row_bytes(w->type, w->in) * j->n_tok;
+    return pool_threads_for_bytes(&eng->pool, bytes * matrices);
+}
+
+static void matmul_in_chunk(struct engine *eng, float *y, int64_t y_stride,
+                            const struct matrix *w, const float *x, int64_t x_stride, int n_tok,
+                            int chunk_tokens) {
+    struct matmul_job j = matmul_job_for(eng, y, y_stride, w, x, x_stride, n_tok, chunk_tokens);
+    if (matmul_wants_q8(&j)) matmul_prepare_q8(eng, &j);
+    parallel_for_threads(&eng->pool, matmul_items(&j), matmul_rows, &j,
+                         matmul_threads(eng, &j, 1));
+}
+
+/* Two products of one input (an expert's W1 and W3) as one job: the input
+ * is quantized once and the threads meet once, not twice. Items below
+ * first_items are the first product's. */
+struct matmul_pair { struct matmul_job a, b; int64_t first_items; };
+
+static void matmul_pair_rows(void *ctx, int64_t item, int worker) {
+    struct matmul_pair *p = ctx;
+    if (item < p->first_items) matmul_rows(&p->a, item, worker);
+    else matmul_rows(&p->b, item - p->first_items, worker);
+}
+
+/* Ya = Wa X and Yb = Wb X, Y [n_tok][out]; two jobs unless Wa and Wb have
+ * one type and shape (a file may mix them), since they share the input. */
+static void matmul_pair_in_chunk(struct engine *eng, float *ya, const struct matrix *wa,
+                                 float *yb, const struct matrix *wb, const float *x, int n_tok,
+                                 int chunk_tokens) {
+    if (wa->type != wb->type || wa->in != wb->in || wa->out != wb->out) {
+        matmul_in_chunk(eng, ya, wa->out, wa, x, wa->in, n_tok, chunk_tokens);
+        matmul_in_chunk(eng, yb, wb->out, wb, x, wb->in, n_tok, chunk_tokens);
+        return;
+    }
+    struct matmul_pair p = {
+        matmul_job_for(eng, ya, wa->out, wa, x, wa->in, n_tok, chunk_tokens),
+        matmul_job_for(eng, yb, wb->out, wb, x, wb->in, n_tok, chunk_tokens), 0 };
+    if (matmul_wants_q8(&p.a)) {
+        matmul_prepare_q8(eng, &p.a);
+        p.b.xq = p.a.xq;
+        p.b.xq_stride = p.a.xq_stride;
+    }
+    p.first_items = matmul_items(&p.a);
+    parallel_for_threads(&eng->pool, p.first_items + matmul_items(&p.b), matmul_pair_rows, &p,
+                         matmul_threads(eng, &p.a, 2));
+}
+
+static void matmul_strided(struct engine *eng, float *y, int64_t y_stride, const struct matrix *w,
+                           const float *x, int64_t x_stride, int n_tok) {
+    matmul_in_chunk(eng, y, y_stride, w, x, x_stride, n_tok, n_tok);
 }
 
 static void matmul(struct engine *eng, float *y, const struct matrix *w, const float *x,
@@ -5506,8 +6102,7 @@ static void run_expert(struct step *st, const struct expert_call *ex) {
     struct chunk_work *w = st->w;
     float limit = st->L->swiglu_limit;
     int F = (int)ex->gate.out, n = ex->n;
-    matmul(st->eng, w->hg, &ex->gate, ex->x, n);
-    matmul(st->eng, w->hu, &ex->up, ex->x, n);
+    matmul_pair_in_chunk(st->eng, w->hg, &ex->gate, w->hu, &ex->up, ex->x, n, st->T);
     for (int i = 0; i < n; i++)
         for (int f = 0; f < F; f++) {
             float g = w->hg[(size_t)i * F + f], u = w->hu[(size_t)i * F + f];
@@ -5517,7 +6112,7 @@ static void run_expert(struct step *st, const struct expert_call *ex) {
             }
             w->hg[(size_t)i * F + f] = siluf(g) * u * (ex->weight ? ex->weight[i] : 1.0f);
         }
-    matmul(st->eng, ex->y, &ex->down, w->hg, n);
+    matmul_in_chunk(st->eng, ex->y, ex->down.out, &ex->down, w->hg, F, n, st->T);
 }
 
 /* Bucket the chunk's (token, k) choices by expert: a counting sort. */
@@ -18151,7 +18746,7 @@ struct tokenizer;
 static int check_vectors(struct engine *eng, const char *path);
 static double bench_decode(struct engine *eng, const int32_t *prompt, int n_prompt, int n,
                            struct spec_options spec, struct spec_stats *stats, double *prefill_s,
-                           struct ds4_error *e);
+                           double *prefill_cpu_s, struct ds4_error *e);
 static int run_bench(struct engine *eng, int n_prefill, int n_decode, struct spec_options spec,
                      bool roofline);
 static bool ppl_window(struct engine *eng, const int32_t *ids, int n, int chunk,
@@ -19889,16 +20484,17 @@ static void bench_profile(struct engine *eng, bool begin, int tokens) {
 
 static double bench_decode(struct engine *eng, const int32_t *prompt, int n_prompt, int n,
                            struct spec_options spec, struct spec_stats *stats, double *prefill_s,
-                           struct ds4_error *e) {
+                           double *prefill_cpu_s, struct ds4_error *e) {
     struct session s;
     struct sampler sp;
     struct generator g;
     session_init(&s, eng);
     sampler_init(&sp, (struct sampler_options){ 0, 1, 0, 0, 1 }, eng->model->cfg.vocab);
     generator_init(&g, &s, &sp, spec);
-    double t0 = now_seconds();
+    double t0 = now_seconds(), cpu0 = cpu_seconds();
     bool ok = session_forward(&s, prompt, n_prompt, NULL, e);
     double t1 = now_seconds(), cpu1 = cpu_seconds();
+    if (prefill_cpu_s) *prefill_cpu_s = cpu1 - cpu0;
     int64_t allocs1 = heap_allocations;
     int32_t out[MATMUL_DECODE_PATH_MAX_TOKENS];
     bench_profile(eng, true, 0);
@@ -20158,12 +20754,13 @@ static int run_bench(struct engine *eng, int n_prefill, int n_decode, struct spe
     for (int i = 0; i < n_prefill; i++)
         tokens[i] = (int32_t)(splitmix64(&rng) % (uint64_t)c->vocab);
     struct spec_stats plain_stats, spec_stats;
-    double prefill_s = 0;
+    double prefill_s = 0, prefill_cpu_s = 0;
     double plain_s = bench_decode(eng, tokens, n_prefill, n_decode, (struct spec_options){ 0, 0 },
-                                  &plain_stats, &prefill_s, &e);
+                                  &plain_stats, &prefill_s, &prefill_cpu_s, &e);
     bool with_mtp = eng->model->has_mtp && spec.draft > 0 && plain_s >= 0;
     double spec_s =
-        with_mtp ? bench_decode(eng, tokens, n_prefill, n_decode, spec, &spec_stats, NULL, &e) : 0;
+        with_mtp ? bench_decode(eng, tokens, n_prefill, n_decode, spec, &spec_stats, NULL, NULL, &e)
+                 : 0;
     if (plain_s < 0 || spec_s < 0) {
         free(tokens);
         fprintf(stderr, "ds4: bench failed: %s\n", e.msg);
@@ -20178,8 +20775,8 @@ static int run_bench(struct engine *eng, int n_prefill, int n_decode, struct spe
                  quant_q8_variant_count() > 0 ? quant_q8_variant_name(0) : "scalar");
     printf("model: %d layers, dim %d, %d experts (%d used), vocab %d; %d threads%s\n",
            c->n_layers, c->dim, c->n_experts, c->n_used, c->vocab, eng->pool.n_threads, mode);
-    printf("prefill: %d tokens in %.3f s = %.2f tokens/s\n", n_prefill, prefill_s,
-           n_prefill / prefill_s);
+    printf("prefill: %d tokens in %.3f s = %.2f tokens/s; %.3f s CPU (all threads)\n", n_prefill,
+           prefill_s, n_prefill / prefill_s, prefill_cpu_s);
     printf("decode:  %lld tokens in %.3f s = %.2f tokens/s; %.2f ms CPU per token (all threads)\n",
            (long long)plain_stats.emitted, plain_s, decode_tps,
            1e3 * plain_stats.cpu_seconds /

@@ -689,6 +689,91 @@ static void test_q8_kernels(void) {
     }
 }
 
+/* ---- 7. many tokens at once (3.10) ---------------------------------------- */
+
+/* One row decoded once against n_tok tokens: every token's result must be
+ * the very float vec_dot_q8() returns (the tiles promise bit for bit, so
+ * that prefill and decode agree); the worst difference is reported
+ * relative to sum |w*x| and must be 0. */
+static double compare_q8_tile(uint32_t type, int64_t n, int n_tok, bool raw_bytes) {
+    void *row = malloc(type_row_bytes(type, (uint64_t)n));
+    float *x = malloc((size_t)n * sizeof(float)), *w = malloc((size_t)n * sizeof(float));
+    void *dec = malloc(q8_row_bytes(n));
+    void **mem = malloc((size_t)n_tok * sizeof(void *));
+    int8_t **xt = malloc((size_t)n_tok * sizeof(int8_t *));
+    struct q8_token *tok = malloc((size_t)n_tok * sizeof(struct q8_token));
+    float *y = malloc((size_t)n_tok * sizeof(float));
+    random_row(type, row, n, raw_bytes);
+    dequant_row_ref(type, row, w, n);
+    double worst = 0;
+    for (int t = 0; t < n_tok; t++) {
+        mem[t] = malloc(act_q8_bytes(n));
+        xt[t] = malloc((size_t)n);
+        fill_normal(x, n, 1.0f);
+        tok[t].a = act_q8_view(mem[t], n);
+        act_quantize_q8(x, &tok[t].a);
+        q8_tile_input(tok[t].a.q, xt[t], n);
+        tok[t].t = xt[t];
+    }
+    struct q8_row r = q8_row_view(dec, n);
+    q8_row_decode(type, row, &r);
+    q8_row_dot_tokens(&r, tok, n_tok, y);
+    for (int t = 0; t < n_tok; t++) {
+        double abs_sum = 1e-30;
+        for (int64_t i = 0; i < n; i++)
+            abs_sum += fabs((double)w[i] * tok[t].a.d[i / 32] * tok[t].a.q[i]);
+        worst = fmax(worst, fabs(y[t] - vec_dot_q8(type, row, &tok[t].a)) / abs_sum);
+        /* and the integer sums are right: against the scalar reference */
+        worst = fmax(worst, fabs(y[t] - vec_dot_q8_ref(type, row, &tok[t].a)) / abs_sum > 1e-5);
+        free(mem[t]), free(xt[t]);
+    }
+    free(row), free(x), free(w), free(dec), free(mem), free(xt), free(tok), free(y);
+    return worst;
+}
+
+/* One type under the variant in use: the tiles against vec_dot_q8. */
+static void check_q8_tiles(uint32_t type, const char *variant) {
+    static const int64_t lengths[] = { 32, 96, 256, 320, 1024, 4096, 7168 };
+    static const int tokens[] = { 1, 3, 4, 5, 17 };
+    double worst = 0;
+    int rows = 0;
+    for (size_t li = 0; li < sizeof lengths / sizeof lengths[0]; li++) {
+        if (lengths[li] % type_traits_of(type)->block_values) continue;
+        for (size_t k = 0; k < sizeof tokens / sizeof tokens[0]; k++)
+            for (int rep = 0; rep < 4; rep++, rows++)
+                worst = fmax(worst, compare_q8_tile(type, lengths[li], tokens[k], rep % 2 == 1));
+    }
+    char what[128];
+    snprintf(what, sizeof what, "%s row once x 1..17 tokens == vec_dot_q8 (%s), %d rows",
+             type_traits_of(type)->name, variant, rows);
+    check(what, worst, 0);
+}
+
+/* Every variant this CPU runs: where the tiles serve it (3.10: they copy
+ * one variant's float steps), they must return its floats exactly. */
+static void test_q8_tiles(void) {
+    static const uint32_t types[] = { TYPE_Q8_0, TYPE_Q2_K, TYPE_IQ2_XXS };
+    int served = 0;
+    for (int v = 0; v < quant_q8_variant_count(); v++) {
+        quant_q8_use_variant(v);
+        for (size_t ti = 0; ti < sizeof types / sizeof types[0]; ti++) {
+            if (quant_has_q8_tile(types[ti])) {
+                check_q8_tiles(types[ti], quant_q8_variant_name(v));
+                served++;
+            } else {
+                printf("note: no tile kernel for %s under %s (the engine loops vec_dot_q8)\n",
+                       type_traits_of(types[ti])->name, quant_q8_variant_name(v));
+            }
+        }
+    }
+    quant_q8_use_variant(0);
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+    check_msg(served == 3, "x86: the tiles serve the AVX2 row for all three types (%d)", served);
+#else
+    (void)served;
+#endif
+}
+
 /* Usage: test_quant [--expect-q8-variants a,b,c] */
 int main(int argc, char **argv) {
     const char *expect_variants = NULL;
@@ -724,6 +809,8 @@ int main(int argc, char **argv) {
     test_act_quantize();
     test_q8_variants(expect_variants);
     test_q8_kernels();
+    printf("-- 7. many tokens at once\n");
+    test_q8_tiles();
     printf("%d passed, %d failed\n", tests_passed, tests_failed);
     return tests_failed == 0 ? 0 : 1;
 }
