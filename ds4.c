@@ -3610,22 +3610,25 @@ static void q8_tile_input(const int8_t *q, int8_t *t, int64_t n) {
         for (int64_t i = 0; i < n; i++) t[i] = (int8_t)((uint8_t)t[i] ^ 0x80);
 }
 
-/* Whether a type's tile kernel wants the transposed copies. */
-static bool q8_tile_wants_copy(uint32_t type) {
-    return type == TYPE_Q2_K || type == TYPE_IQ2_XXS;
-}
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 
 /* The tiles copy the AVX2 kernels' float steps, so they serve only while
  * those kernels are the ones in use: with the AVX-512 row (which adds the
- * same integer sums in another order) a prefill through tiles would differ
+ * same integer sums in another order) a prefill through them would differ
  * from decode in the last bits, and through 8-bit inputs that grows to
- * visible differences (test_model's chunk 1 == chunk 64). There the
- * one-token AVX-512 kernels, about as fast per token, do prefill too. */
+ * visible differences (test_model's chunk 1 == chunk 64). The AVX-512 row
+ * has a twin for Q8_0 only (quant_tile_avx512_q8_0_dot4, below); its other
+ * types do prefill with the one-token kernels. */
 static bool quant_has_q8_tile(uint32_t type) {
-    if (!quant_q8_active->tiles_twin) return false;
+    if (!quant_q8_active->tiles_twin) return type == TYPE_Q8_0 || type == TYPE_IQ2_XXS;
     return type == TYPE_Q8_0 || type == TYPE_Q2_K || type == TYPE_IQ2_XXS;
+}
+
+/* Whether a type's tile kernel wants the decoded row and the transposed
+ * copies (the AVX2 twins; the AVX-512 ones read the blocks as stored). */
+static bool q8_tile_wants_copy(uint32_t type) {
+    return quant_q8_active->tiles_twin && (type == TYPE_Q2_K || type == TYPE_IQ2_XXS);
 }
 
 /* The 8x8 dword transpose of one group: r[b] holds block b in plain order;
@@ -3739,7 +3742,9 @@ static void q8_row_decode(uint32_t type, const void *w, struct q8_row *row) {
             row->ls[b] = quant_avx2_half(((const struct block_q8_0 *)w)[b].d);
         break;
     case TYPE_Q2_K: quant_tile_decode_q2_k(w, row); break;
-    case TYPE_IQ2_XXS: quant_tile_decode_iq2_xxs(w, row); break;
+    case TYPE_IQ2_XXS:
+        if (q8_tile_wants_copy(type)) quant_tile_decode_iq2_xxs(w, row);
+        break;
     default: quant_die_unsupported("q8_row_decode", type);
     }
 }
@@ -3915,11 +3920,117 @@ static void quant_tile_q8_0_dot4(const struct q8_row *row, const struct q8_token
     y[3] = quant_avx2_hsum(_mm256_add_ps(even.t3, odd.t3));
 }
 
+/* The AVX-512 row's Q8_0 twin, four tokens: quant_avx512_q8_dot_q8_0's
+ * steps exactly, per token, with what depends on the weights only (the
+ * bytes, |w|, the sign mask, dw) done once for the four. Per step of four
+ * blocks b..b+3 and token t:
+ *
+ *   sc_t[l]   = dw[b + l] dx_t[b + l]                              [4] float
+ *   S_t       = sum_{4 lanes} |w| (x_t signed by w), blocks b, b+1   [16] int32
+ *   acc0_t   += sc_t[lane / 8] S_t;  acc1_t the same for b+2, b+3    [16] float
+ *
+ * and the last blocks of an odd count one at a time, as the one-token
+ * kernel does. */
+QUANT_AVX512 static void quant_tile_avx512_q8_0_dot4(const struct q8_row *row,
+                                                    const struct q8_token *x, float *y) {
+    const struct block_q8_0 *w = row->w;
+    const __m512i first = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+    const __m512i second = _mm512_setr_epi32(2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+    __m512 acc0[4], acc1[4];
+    for (int t = 0; t < 4; t++) acc0[t] = acc1[t] = _mm512_setzero_ps();
+    int64_t nb = row->n / 32, b = 0;
+    for (; b + 4 <= nb; b += 4) {
+        __m512i w01 = _mm512_inserti64x4(_mm512_castsi256_si512(quant_avx2_load_i8(w[b].qs)),
+                                         quant_avx2_load_i8(w[b + 1].qs), 1);
+        __m512i w23 = _mm512_inserti64x4(_mm512_castsi256_si512(quant_avx2_load_i8(w[b + 2].qs)),
+                                         quant_avx2_load_i8(w[b + 3].qs), 1);
+        __mmask64 n01 = _mm512_movepi8_mask(w01), n23 = _mm512_movepi8_mask(w23);
+        __m512i a01 = _mm512_abs_epi8(w01), a23 = _mm512_abs_epi8(w23);
+        __m128 dw = _mm_cvtph_ps(_mm_setr_epi16((short)w[b].d, (short)w[b + 1].d,
+                                                (short)w[b + 2].d, (short)w[b + 3].d, 0, 0, 0, 0));
+        for (int t = 0; t < 4; t++) {
+            const int8_t *q = x[t].a.q + 32 * b;
+            __m512 sc = _mm512_castps128_ps512(_mm_mul_ps(dw, _mm_loadu_ps(x[t].a.d + b)));
+            __m512i s01 = _mm512_dpbusd_epi32(
+                _mm512_setzero_si512(), a01, quant_avx512_negate(quant_avx512_load(q), n01));
+            __m512i s23 = _mm512_dpbusd_epi32(
+                _mm512_setzero_si512(), a23, quant_avx512_negate(quant_avx512_load(q + 64), n23));
+            acc0[t] = _mm512_fmadd_ps(_mm512_permutexvar_ps(first, sc), _mm512_cvtepi32_ps(s01),
+                                      acc0[t]);
+            acc1[t] = _mm512_fmadd_ps(_mm512_permutexvar_ps(second, sc), _mm512_cvtepi32_ps(s23),
+                                      acc1[t]);
+        }
+    }
+    for (int t = 0; t < 4; t++) {
+        __m256 tail = _mm256_setzero_ps();
+        for (int64_t k = b; k < nb; k++) tail = quant_avx2_q8_block_q8_0(w + k, &x[t].a, k, tail);
+        y[t] = _mm512_reduce_add_ps(_mm512_add_ps(acc0[t], acc1[t])) + quant_avx2_hsum(tail);
+    }
+}
+
+/* The AVX-512 row's IQ2_XXS twin, four tokens: quant_avx512_q8_dot_iq2_xxs's
+ * steps exactly, per token, with the weights' part of a pair of blocks (the
+ * code lookups, the magnitudes M[b][p] of piece p and the sign masks N[b][p])
+ * done once for the four:
+ *
+ *   S_t[b]  = sum_p dpbusd(M[b][p], x_t pieces negated where N[b][p])  [16] int32
+ *   acc_t  += scale(b, b + 1, dx_t) (S_t[b], S_t[b + 1])                 [16] float
+ *   y_t     = sum acc_t / 8 */
+QUANT_AVX512 static void quant_tile_avx512_iq2_dot4(const struct q8_row *row,
+                                                   const struct q8_token *x, float *y) {
+    const struct block_iq2_xxs *w = row->w;
+    struct quant_iq2_codebook cb;
+    for (int k = 0; k < 4; k++) {
+        cb.low[k] = _mm512_load_si512(quant_iq2_code_bytes[0] + 64 * k);
+        cb.high[k] = _mm512_load_si512(quant_iq2_code_bytes[1] + 64 * k);
+    }
+    __m512 acc[4];
+    for (int t = 0; t < 4; t++) acc[t] = _mm512_setzero_ps();
+    int64_t nb = row->n / 256;
+    for (int64_t i = 0; i < nb; i += 2) {
+        bool pair = i + 1 < nb;
+        int blocks = pair ? 2 : 1;
+        struct quant_iq2_pair p = { { quant_avx512_load(w[i].qs) }, { _mm512_setzero_si512() },
+                                    { w[i].d, pair ? w[i + 1].d : 0 } };
+        p.Q[1] = pair ? quant_avx512_load(w[i + 1].qs) : p.Q[0];
+        __m512i C[2], M[2][4];
+        __mmask64 N[2][4];
+        quant_avx512_iq2_codes(p.Q[0], p.Q[1], &cb, &C[0], &C[1]);
+        for (int b = 0; b < blocks; b++) {
+            __m512i B = quant_avx512_iq2_sign_bytes(p.Q[b]);
+            for (int q = 0; q < 4; q++) {
+                M[b][q] = quant_avx512_iq2_magnitudes(C[b], q);
+                N[b][q] = quant_avx512_iq2_signs(B, q);
+            }
+        }
+        for (int t = 0; t < 4; t++) {
+            struct quant_iq2_pair pt = p;
+            for (int b = 0; b < blocks; b++) {
+                const int8_t *xt = x[t].a.q_pieces + 256 * (i + b);
+                __m512i S = _mm512_setzero_si512();
+                for (int q = 0; q < 4; q++)
+                    S = _mm512_dpbusd_epi32(
+                        S, M[b][q], quant_avx512_negate(quant_avx512_load(xt + 64 * q), N[b][q]));
+                pt.S[b] = S;
+            }
+            acc[t] = quant_avx512_iq2_scaled(&pt, x[t].a.d + 8 * i, pair ? 0xffff : 0x00ff,
+                                             acc[t]);
+        }
+    }
+    for (int t = 0; t < 4; t++) y[t] = _mm512_reduce_add_ps(acc[t]) * 0.125f;
+}
+
 static void quant_tile_dot4(const struct q8_row *row, const struct q8_token *x, float *y) {
     switch (row->type) {
-    case TYPE_Q8_0: quant_tile_q8_0_dot4(row, x, y); break;
+    case TYPE_Q8_0:
+        if (quant_q8_active->tiles_twin) quant_tile_q8_0_dot4(row, x, y);
+        else quant_tile_avx512_q8_0_dot4(row, x, y);
+        break;
     case TYPE_Q2_K: quant_tile_q2_k_dot4(row, x, y); break;
-    case TYPE_IQ2_XXS: quant_tile_iq2_dot4(row, x, y); break;
+    case TYPE_IQ2_XXS:
+        if (quant_q8_active->tiles_twin) quant_tile_iq2_dot4(row, x, y);
+        else quant_tile_avx512_iq2_dot4(row, x, y);
+        break;
     default: quant_die_unsupported("quant_tile_dot4", row->type);
     }
 }
@@ -3929,6 +4040,11 @@ static void quant_tile_dot4(const struct q8_row *row, const struct q8_token *x, 
 /* No tile kernels for this CPU: the engine dots each token with
  * vec_dot_q8() (6.1), which is always correct. */
 static bool quant_has_q8_tile(uint32_t type) {
+    (void)type;
+    return false;
+}
+
+static bool q8_tile_wants_copy(uint32_t type) {
     (void)type;
     return false;
 }

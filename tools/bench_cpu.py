@@ -97,12 +97,12 @@ def decode_fields(text):
             field(text, r"prefill:.*= *([0-9.]+) tokens/s"))
 
 
-def case_threads(binaries, a, model, extra, title, prefill_only=False):
+def case_threads(binaries, a, model, extra, title, prefill_only=False, threads=("1", "2")):
     print("\n### %s (median of %d alternating runs)\n" % (title, a.runs))
     print("| threads | binary | prefill tok/s | decode tok/s | decode ms CPU / token "
           "| decode % of ceiling |")
     print("|---|---|---|---|---|---|")
-    for t in ("1", "2"):
+    for t in threads:
         got = alternate(binaries, ["-m", model, "-t", t] + extra, a.runs, decode_fields)
         for b in binaries:
             cols = list(zip(*got[b]))
@@ -120,6 +120,7 @@ def main():
     p.add_argument("--full", default="/work/bench/fw4.gguf")
     p.add_argument("--tiny", default="vectors/tiny.gguf")
     p.add_argument("--prefill", type=int, default=512)
+    p.add_argument("--prefill-threads", default="1,2", help="thread counts of the prefill case")
     p.add_argument("--cases", default="kernels,decode,prefill,tiny")
     a = p.parse_args()
     cases = a.cases.split(",")
@@ -132,7 +133,8 @@ def main():
     if "prefill" in cases:
         case_threads(a.binaries, a, a.full, ["--bench", "--fast", "--bench-prefill",
                      str(a.prefill), "--bench-decode", "1"],
-                     "full width, --fast, prefill of %d tokens" % a.prefill, prefill_only=True)
+                     "full width, --fast, prefill of %d tokens" % a.prefill, prefill_only=True,
+                     threads=a.prefill_threads.split(","))
     if "tiny" in cases:
         case_threads(a.binaries, a, a.tiny, ["--bench", "--bench-decode", "200"],
                      "tiny model, default kernels")
