@@ -2252,6 +2252,20 @@ static float vec_dot_q8_ref(uint32_t type, const void *w, const struct act_q8 *a
     return 0.0f;
 }
 
+/* One row of integer kernels: an instruction set's four products with
+ * 8-bit activations. Each SIMD block below lists its rows best first and
+ * points quant_q8_active at the one in use; quant_fast_vec_dot_q8(), after
+ * the blocks, calls through it. */
+struct quant_q8_kernels {
+    const char *name;
+    float (*q8_0)(const struct block_q8_0 *w, const struct act_q8 *a);
+    float (*q2_k)(const struct block_q2_k *w, const struct act_q8 *a);
+    float (*q4_k)(const struct block_q4_k *w, const struct act_q8 *a);
+    float (*iq2_xxs)(const struct block_iq2_xxs *w, const struct act_q8 *a);
+    bool needs_sdot;    /* arm64: uses the dot-product extension */
+    bool tiles_twin;    /* x86: 3.10's many-token kernels return this row's floats exactly */
+};
+
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 
 /* x86-64 AVX2. Every kernel ends a 32-value block the same way: eight int32
@@ -2945,20 +2959,11 @@ QUANT_AVX512 static float quant_avx512_q8_dot_iq2_xxs(const struct block_iq2_xxs
  * There is no AVX-VNNI row (the 256-bit VEX `vpdpbusd` of Alder Lake and
  * Zen 5): no machine here has it, and a row that was never run would be a
  * guess. */
-struct quant_q8_kernels {
-    const char *name;
-    float (*q8_0)(const struct block_q8_0 *w, const struct act_q8 *a);
-    float (*q2_k)(const struct block_q2_k *w, const struct act_q8 *a);
-    float (*q4_k)(const struct block_q4_k *w, const struct act_q8 *a);
-    float (*iq2_xxs)(const struct block_iq2_xxs *w, const struct act_q8 *a);
-    bool tiles_twin;    /* 3.10's many-token kernels return this row's floats exactly */
-};
-
 static const struct quant_q8_kernels quant_q8_variants[] = {
     { "avx512vnni", quant_avx512_q8_dot_q8_0, quant_avx512_q8_dot_q2_k,
-      quant_avx512_q8_dot_q4_k, quant_avx512_q8_dot_iq2_xxs, false },
+      quant_avx512_q8_dot_q4_k, quant_avx512_q8_dot_iq2_xxs, false, false },
     { "avx2", quant_avx2_q8_dot_q8_0, quant_avx2_q8_dot_q2_k, quant_avx2_q8_dot_q4_k,
-      quant_avx2_q8_dot_iq2_xxs, true },
+      quant_avx2_q8_dot_iq2_xxs, false, true },
 };
 enum { QUANT_Q8_VARIANTS = sizeof quant_q8_variants / sizeof quant_q8_variants[0] };
 
@@ -2998,16 +3003,6 @@ static void quant_q8_use_variant(int v) {
 static void quant_q8_choose_variant(void) {
     quant_q8_first = quant_cpu_has_avx512_q8() ? 0 : 1;
     quant_q8_use_variant(0);
-}
-
-static float quant_fast_vec_dot_q8(uint32_t type, const void *w, const struct act_q8 *a) {
-    switch (type) {
-    case TYPE_Q8_0: return quant_q8_active->q8_0(w, a);
-    case TYPE_Q2_K: return quant_q8_active->q2_k(w, a);
-    case TYPE_Q4_K: return quant_q8_active->q4_k(w, a);
-    case TYPE_IQ2_XXS: return quant_q8_active->iq2_xxs(w, a);
-    default: return vec_dot_q8_ref(type, w, a);
-    }
 }
 
 #elif defined(__aarch64__) && defined(__ARM_NEON)
@@ -3393,31 +3388,22 @@ static float quant_neon_iq2_xxs_sdot(const struct block_iq2_xxs *w, const struct
 }
 #endif
 
-struct quant_neon_q8_kernels {
-    const char *name;
-    bool needs_sdot;
-    float (*q8_0)(const struct block_q8_0 *w, const struct act_q8 *a);
-    float (*q2_k)(const struct block_q2_k *w, const struct act_q8 *a);
-    float (*q4_k)(const struct block_q4_k *w, const struct act_q8 *a);
-    float (*iq2_xxs)(const struct block_iq2_xxs *w, const struct act_q8 *a);
-};
-
 /* Best first; the last one runs on every arm64 CPU. */
-static const struct quant_neon_q8_kernels quant_neon_q8_all[] = {
+static const struct quant_q8_kernels quant_neon_q8_all[] = {
 #if QUANT_NEON_HAVE_SDOT
-    { "neon-dotprod", true, quant_neon_q8_0_sdot, quant_neon_q2_k_sdot,
-      quant_neon_q4_k_sdot, quant_neon_iq2_xxs_sdot },
+    { "neon-dotprod", quant_neon_q8_0_sdot, quant_neon_q2_k_sdot, quant_neon_q4_k_sdot,
+      quant_neon_iq2_xxs_sdot, true, false },
 #endif
-    { "neon", false, quant_neon_q8_0_mull, quant_neon_q2_k_mull,
-      quant_neon_q4_k_mull, quant_neon_iq2_xxs_mull },
+    { "neon", quant_neon_q8_0_mull, quant_neon_q2_k_mull, quant_neon_q4_k_mull,
+      quant_neon_iq2_xxs_mull, false, false },
 };
 enum { QUANT_NEON_Q8_ALL = sizeof quant_neon_q8_all / sizeof quant_neon_q8_all[0] };
 
 /* The variants this CPU runs, found once (quant_neon_q8_detect), and the
  * one in use. Until quant_tables_init() runs, the plain one is in use. */
-static const struct quant_neon_q8_kernels *quant_neon_q8_usable[QUANT_NEON_Q8_ALL];
+static const struct quant_q8_kernels *quant_neon_q8_usable[QUANT_NEON_Q8_ALL];
 static int quant_neon_q8_n_usable;
-static const struct quant_neon_q8_kernels *quant_neon_q8 =
+static const struct quant_q8_kernels *quant_q8_active =
     &quant_neon_q8_all[QUANT_NEON_Q8_ALL - 1];
 
 static void quant_neon_q8_detect(void) {
@@ -3446,21 +3432,11 @@ static void quant_q8_use_variant(int v) {
         fprintf(stderr, "ds4: no integer kernel variant %d on this CPU\n", v);
         abort();
     }
-    quant_neon_q8 = quant_neon_q8_usable[v];
+    quant_q8_active = quant_neon_q8_usable[v];
 }
 
 static void quant_q8_choose_variant(void) {
     quant_q8_use_variant(0);
-}
-
-static float quant_fast_vec_dot_q8(uint32_t type, const void *w, const struct act_q8 *a) {
-    switch (type) {
-    case TYPE_Q8_0: return quant_neon_q8->q8_0(w, a);
-    case TYPE_Q2_K: return quant_neon_q8->q2_k(w, a);
-    case TYPE_Q4_K: return quant_neon_q8->q4_k(w, a);
-    case TYPE_IQ2_XXS: return quant_neon_q8->iq2_xxs(w, a);
-    default: return vec_dot_q8_ref(type, w, a);
-    }
 }
 
 #else
@@ -3487,6 +3463,19 @@ static float quant_fast_vec_dot_q8(uint32_t type, const void *w, const struct ac
     return vec_dot_q8_ref(type, w, a);
 }
 
+#endif
+
+#if (defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)) || \
+    (defined(__aarch64__) && defined(__ARM_NEON))
+static float quant_fast_vec_dot_q8(uint32_t type, const void *w, const struct act_q8 *a) {
+    switch (type) {
+    case TYPE_Q8_0: return quant_q8_active->q8_0(w, a);
+    case TYPE_Q2_K: return quant_q8_active->q2_k(w, a);
+    case TYPE_Q4_K: return quant_q8_active->q4_k(w, a);
+    case TYPE_IQ2_XXS: return quant_q8_active->iq2_xxs(w, a);
+    default: return vec_dot_q8_ref(type, w, a);
+    }
+}
 #endif
 
 /* Dot product of a weight row with 8-bit activations (for the types where
@@ -3737,7 +3726,8 @@ static void q8_row_decode(uint32_t type, const void *w, struct q8_row *row) {
     row->type = type;
     row->w = w;
     switch (type) {
-    case TYPE_Q8_0:
+    case TYPE_Q8_0:     /* the AVX-512 twin converts dw itself, four at a time */
+        if (!quant_q8_active->tiles_twin) break;
         for (int64_t b = 0; b < row->n / 32; b++)
             row->ls[b] = quant_avx2_half(((const struct block_q8_0 *)w)[b].d);
         break;
