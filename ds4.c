@@ -3541,7 +3541,13 @@ static float vec_dot_q8(uint32_t type, const void *w, const struct act_q8 *a) {
  * THE TILE. Four tokens share each load of a row's bytes; their inputs stay
  * in L1 while the eight rows of a work item (6.1) are decoded in a scratch
  * buffer that stays in L2. A remainder of one to three tokens calls
- * vec_dot_q8() itself. */
+ * vec_dot_q8() itself.
+ *
+ * WHICH TWIN. All of the above copies the AVX2 row of 3.9. When the
+ * AVX-512 row is in use, Q8_0 and IQ2_XXS have twins of its kernels
+ * instead, which read the blocks as stored and share the weights' part of
+ * each step (bytes, |w|, codes, sign masks) among the four tokens; its Q2_K
+ * has none, and that type's prefill then runs the one-token kernel. */
 struct q8_row {
     uint32_t type;
     int64_t n;
