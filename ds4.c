@@ -2957,8 +2957,8 @@ QUANT_AVX512 static float quant_avx512_q8_dot_iq2_xxs(const struct block_iq2_xxs
  * (`__builtin_cpu_supports` reads what the C runtime learnt from cpuid once).
  * Tests and --bench --roofline step through the rows this CPU can run.
  * There is no AVX-VNNI row (the 256-bit VEX `vpdpbusd` of Alder Lake and
- * Zen 5): no machine here has it, and a row that was never run would be a
- * guess. */
+ * Zen 5): the only machine here with AVX-VNNI also has AVX-512, which wins,
+ * and a row never measured where it would be chosen would be a guess. */
 static const struct quant_q8_kernels quant_q8_variants[] = {
     { "avx512vnni", quant_avx512_q8_dot_q8_0, quant_avx512_q8_dot_q2_k,
       quant_avx512_q8_dot_q4_k, quant_avx512_q8_dot_iq2_xxs, false, false },
@@ -4080,33 +4080,24 @@ static inline void quant_tile_avx512_q2_k_body(const struct q8_row *row,
  * unrolls the per-token loops and keeps the accumulators in registers (with
  * a variable count they lived on the stack: the Q8_0 twin of four tokens
  * took 138 ns per row and token instead of 91, 4096 values from cache). */
-QUANT_AVX512 static void quant_tile_avx512_q8_0_dot(const struct q8_row *row,
-                                                   const struct q8_token *x, int nt, float *y) {
-    switch (nt) {
-    case 1: quant_tile_avx512_q8_0_body(row, x, 1, y); break;
-    case 2: quant_tile_avx512_q8_0_body(row, x, 2, y); break;
-    case 3: quant_tile_avx512_q8_0_body(row, x, 3, y); break;
-    default: quant_tile_avx512_q8_0_body(row, x, 4, y); break;
+QUANT_AVX512 __attribute__((always_inline))
+static inline void quant_tile_avx512_body(const struct q8_row *row, const struct q8_token *x,
+                                          int nt, float *y) {
+    switch (row->type) {
+    case TYPE_Q8_0: quant_tile_avx512_q8_0_body(row, x, nt, y); break;
+    case TYPE_Q2_K: quant_tile_avx512_q2_k_body(row, x, nt, y); break;
+    case TYPE_IQ2_XXS: quant_tile_avx512_iq2_body(row, x, nt, y); break;
+    default: quant_die_unsupported("quant_tile_avx512_dot", row->type);
     }
 }
 
-QUANT_AVX512 static void quant_tile_avx512_q2_k_dot(const struct q8_row *row,
-                                                   const struct q8_token *x, int nt, float *y) {
+QUANT_AVX512 static void quant_tile_avx512_dot(const struct q8_row *row,
+                                              const struct q8_token *x, int nt, float *y) {
     switch (nt) {
-    case 1: quant_tile_avx512_q2_k_body(row, x, 1, y); break;
-    case 2: quant_tile_avx512_q2_k_body(row, x, 2, y); break;
-    case 3: quant_tile_avx512_q2_k_body(row, x, 3, y); break;
-    default: quant_tile_avx512_q2_k_body(row, x, 4, y); break;
-    }
-}
-
-QUANT_AVX512 static void quant_tile_avx512_iq2_dot(const struct q8_row *row,
-                                                  const struct q8_token *x, int nt, float *y) {
-    switch (nt) {
-    case 1: quant_tile_avx512_iq2_body(row, x, 1, y); break;
-    case 2: quant_tile_avx512_iq2_body(row, x, 2, y); break;
-    case 3: quant_tile_avx512_iq2_body(row, x, 3, y); break;
-    default: quant_tile_avx512_iq2_body(row, x, 4, y); break;
+    case 1: quant_tile_avx512_body(row, x, 1, y); break;
+    case 2: quant_tile_avx512_body(row, x, 2, y); break;
+    case 3: quant_tile_avx512_body(row, x, 3, y); break;
+    default: quant_tile_avx512_body(row, x, 4, y); break;
     }
 }
 
@@ -4124,20 +4115,14 @@ static int quant_tile_least_tokens(uint32_t type) {
 
 /* y[t] for nt tokens: four, or for the AVX-512 twins one to four. */
 static void quant_tile_dot(const struct q8_row *row, const struct q8_token *x, int nt, float *y) {
-    bool avx2 = quant_q8_active->avx2_tiles;
+    if (!quant_q8_active->avx2_tiles) {
+        quant_tile_avx512_dot(row, x, nt, y);
+        return;
+    }
     switch (row->type) {
-    case TYPE_Q8_0:
-        if (avx2) quant_tile_q8_0_dot4(row, x, y);
-        else quant_tile_avx512_q8_0_dot(row, x, nt, y);
-        break;
-    case TYPE_Q2_K:
-        if (avx2) quant_tile_q2_k_dot4(row, x, y);
-        else quant_tile_avx512_q2_k_dot(row, x, nt, y);
-        break;
-    case TYPE_IQ2_XXS:
-        if (avx2) quant_tile_iq2_dot4(row, x, y);
-        else quant_tile_avx512_iq2_dot(row, x, nt, y);
-        break;
+    case TYPE_Q8_0: quant_tile_q8_0_dot4(row, x, y); break;
+    case TYPE_Q2_K: quant_tile_q2_k_dot4(row, x, y); break;
+    case TYPE_IQ2_XXS: quant_tile_iq2_dot4(row, x, y); break;
     default: quant_die_unsupported("quant_tile_dot", row->type);
     }
 }
