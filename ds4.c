@@ -2241,6 +2241,36 @@ static bool quant_has_q8_dot(uint32_t type) {
     return type == TYPE_Q8_0 || type == TYPE_Q2_K || type == TYPE_Q4_K || type == TYPE_IQ2_XXS;
 }
 
+/* READING AHEAD IN THE ROW
+ *
+ * A one-token product reads each weight byte once, straight from DRAM, so
+ * on one core its speed is how many misses are in flight at a time. The
+ * hardware prefetcher follows a stream only inside a 4 KiB page and starts
+ * each page with misses of its own, and the integer kernels below compute
+ * enough per line that the out-of-order window holds few loads ahead. So
+ * each step of the x86 kernels asks for the lines a fixed distance ahead of
+ * the bytes it is reading (`prefetcht0`, every line of those bytes once):
+ *
+ *   step reads  w[p, p + n)        asks for  w[p + D, p + D + n)   D = 4 KiB
+ *
+ * The distance runs past the end of a row into the next one, which for a
+ * matrix is the next row in memory, and past the last row into whatever
+ * follows: a prefetch never faults and never changes a result. Measured on
+ * one core with the roofline's 256 MiB pass (Xeon with AVX-512, 2026-12-02,
+ * best of five, two runs), in GB/s of Q8_0 weights: no prefetch 8.15 and
+ * 8.21 GB/s; the whole next row asked for in one burst before each row,
+ * 7.38 GB/s and 7.52 GB/s (the burst takes the line buffers that the row
+ * being read needs); 2 KiB ahead in each step 9.39 and 10.18 GB/s; 4 KiB
+ * ahead 9.88 and 10.49 GB/s, against a plain read at 9.4-10.5 GB/s. From
+ * cache the prefetches cost at most a few per cent. */
+enum { QUANT_READ_AHEAD = 4096 };
+
+static inline void quant_read_ahead(const void *p, size_t n) {
+    const char *ahead = (const char *)p + QUANT_READ_AHEAD;
+    for (size_t at = 0; at < n; at += 64) __builtin_prefetch(ahead + at, 0, 3);
+    __builtin_prefetch(ahead + n - 1, 0, 3);
+}
+
 static float vec_dot_q8_ref(uint32_t type, const void *w, const struct act_q8 *a) {
     switch (type) {
     case TYPE_Q8_0: return quant_q8_ref_q8_0(w, a);
@@ -2315,6 +2345,7 @@ static float quant_avx2_q8_dot_q8_0(const struct block_q8_0 *w, const struct act
     __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
     int64_t nb = a->n / 32, b = 0;
     for (; b + 2 <= nb; b += 2) {
+        quant_read_ahead(w + b, 2 * sizeof *w);
         acc0 = quant_avx2_q8_block_q8_0(w + b, a, b, acc0);
         acc1 = quant_avx2_q8_block_q8_0(w + b + 1, a, b + 1, acc1);
     }
@@ -2369,6 +2400,7 @@ static float quant_avx2_q8_dot_q2_k(const struct block_q2_k *w, const struct act
     __m256 acc = _mm256_setzero_ps(), mins = _mm256_setzero_ps();
     for (int64_t i = 0; i < a->n / 256; i++, w++) {
         const int8_t *xq = a->q + 256 * i;
+        quant_read_ahead(w, sizeof *w);
         mins = quant_avx2_q2_k_mins(w, a->sum16 + 16 * i, mins);
         __m256i sc = _mm256_and_si256(
             _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)w->scales)),
@@ -2391,6 +2423,7 @@ static float quant_avx2_q8_dot_q4_k(const struct block_q4_k *w, const struct act
     for (int64_t i = 0; i < a->n / 256; i++, w++) {
         const int8_t *xq = a->q + 256 * i;
         const float *dx = a->d + 8 * i, *s16 = a->sum16 + 16 * i;
+        quant_read_ahead(w, sizeof *w);
         float d = quant_avx2_half(w->d), dmin = quant_avx2_half(w->dmin);
         int sc[8], m[8];
         for (int k = 0; k < 8; k++) {
@@ -2529,6 +2562,7 @@ static float quant_avx2_q8_dot_iq2_xxs(const struct block_iq2_xxs *w, const stru
     __m256 acc = _mm256_setzero_ps();
     for (int64_t i = 0; i < a->n / 256; i++, w++) {
         const int8_t *xp = a->q_pairs + 256 * i;
+        quant_read_ahead(w, sizeof *w);
         __m256i A = quant_avx2_iq2_sign_words(w);
         __m256i S = quant_avx2_iq2_sign_bytes(A);
         __m256 sc = quant_avx2_iq2_scales(w, A, a->d + 8 * i);
@@ -2640,6 +2674,7 @@ QUANT_AVX512 static float quant_avx512_q8_dot_q8_0(const struct block_q8_0 *w,
     __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
     int64_t nb = a->n / 32, b = 0;
     for (; b + 4 <= nb; b += 4) {
+        quant_read_ahead(w + b, 4 * sizeof *w);
         __m512 sc = _mm512_castps128_ps512(quant_avx512_q8_0_scales4(w + b, a->d + b));
         __m512i s01 = quant_avx512_q8_0_pair_sums(w + b, a->q + 32 * b);
         __m512i s23 = quant_avx512_q8_0_pair_sums(w + b + 2, a->q + 32 * b + 64);
@@ -2690,6 +2725,7 @@ QUANT_AVX512 static float quant_avx512_q8_dot_q2_k(const struct block_q2_k *w,
     __m512 acc = _mm512_setzero_ps(), mins = _mm512_setzero_ps();
     for (int64_t i = 0; i < a->n / 256; i++, w++) {
         const int8_t *x = a->q + 256 * i;
+        quant_read_ahead(w, sizeof *w);
         __m512i S = quant_avx512_fold4(quant_avx512_q2_k_part(w, 0, x),
                                        quant_avx512_q2_k_part(w, 1, x),
                                        quant_avx512_q2_k_part(w, 2, x),
@@ -2750,6 +2786,7 @@ QUANT_AVX512 static float quant_avx512_q8_dot_q4_k(const struct block_q4_k *w,
     __m512 mins = _mm512_setzero_ps();
     for (int64_t i = 0; i < a->n / 256; i++, w++) {
         const int8_t *x = a->q + 256 * i;
+        quant_read_ahead(w, sizeof *w);
         __m512i F = quant_avx512_fold4(quant_avx512_q4_k_chunk(w, 0, x),
                                        quant_avx512_q4_k_chunk(w, 1, x),
                                        quant_avx512_q4_k_chunk(w, 2, x),
@@ -2923,6 +2960,7 @@ QUANT_AVX512 __attribute__((always_inline))
 static inline __m512 quant_avx512_iq2_step(const struct block_iq2_xxs *w, const struct act_q8 *a,
                                            int64_t i, bool pair,
                                            const struct quant_iq2_codebook *cb, __m512 acc) {
+    quant_read_ahead(w + i, (pair ? 2 : 1) * sizeof *w);
     struct quant_iq2_pair p = { { quant_avx512_load(w[i].qs) }, { _mm512_setzero_si512() },
                                 { w[i].d, 0 } };
     p.Q[1] = pair ? quant_avx512_load(w[i + 1].qs) : p.Q[0];
@@ -5010,15 +5048,18 @@ static int topk_indices(const float *score, int n, int k, int *out) {
  *
  * READING AHEAD
  *
- * Before each row the product asks for the next row's bytes
- * (matrix_prefetch_row, one `prefetcht2` per 64-byte line). The hardware
- * prefetcher follows a stream only inside a 4 KiB page, and a Q8_0 row of
- * 4096 values is a page, so each row would start with misses in flight
- * that nobody asked for early. In the roofline's DRAM pass the Q8_0 kernel
- * went from 5.8-7.9 to 9.5-10.9 GB/s with it; in decode the gain is
- * smaller (full width, -t 1, median of 7 alternating runs: 60 to 63 % of
- * the ceiling, Xeon, 2026-12-02), as the engine's products already overlap
- * more of their misses. A prefetch is a hint: it never changes a result.
+ * A one-token product leaves reading ahead to its kernel: each step of the
+ * x86 integer kernels asks for the bytes 4 KiB ahead of the ones it reads
+ * (READING AHEAD IN THE ROW, 3.9), which runs from row to row without a
+ * seam. An earlier version asked, before each row, for the whole next row
+ * at once (matrix_prefetch_row, one `prefetcht2` per 64-byte line); timed
+ * against the in-kernel read-ahead that burst was slower than no prefetch
+ * at all, and decode at full width, -t 1, went from 67-69 % to 73-75 % of
+ * the ceiling when it gave way (three alternating runs, Xeon, 2026-12-02).
+ * The tiles of 3.10 still ask for each next row before decoding it: they
+ * read a row once for up to 512 tokens, so its misses are a small part of
+ * their time, and timings with and without it did not tell apart. A
+ * prefetch is a hint: it never changes a result.
  * ------------------------------------------------------------------------- */
 
 struct backend;
@@ -5209,10 +5250,8 @@ static void matmul_rows(void *ctx, int64_t item, int worker) {
         matmul_rows_tiled(j, r0, r1, t0, t1, worker);
         return;
     }
-    for (int64_t r = r0; r < r1; r++) {
-        matrix_prefetch_row(j->w, r + 1);
+    for (int64_t r = r0; r < r1; r++)
         matmul_row_tokens(j, r, t0, t1, j->eng->row_scratch[worker]);
-    }
 }
 
 static void matmul_quantize_input(void *ctx, int64_t t, int worker) {
