@@ -2248,7 +2248,8 @@ static bool quant_has_q8_dot(uint32_t type) {
  * hardware prefetcher follows a stream only inside a 4 KiB page and starts
  * each page with misses of its own, and the integer kernels below compute
  * enough per line that the out-of-order window holds few loads ahead. So
- * each step of the x86 kernels asks for the lines a fixed distance ahead of
+ * each step of the x86 kernels (these integer ones and the float ones of
+ * 15.1) asks for the lines a fixed distance ahead of
  * the bytes it is reading (`prefetcht0`, every line of those bytes once):
  *
  *   step reads  w[p, p + n)        asks for  w[p + D, p + D + n)   D = 4 KiB
@@ -5049,13 +5050,14 @@ static int topk_indices(const float *score, int n, int k, int *out) {
  * READING AHEAD
  *
  * A one-token product leaves reading ahead to its kernel: each step of the
- * x86 integer kernels asks for the bytes 4 KiB ahead of the ones it reads
+ * x86 kernels asks for the bytes 4 KiB ahead of the ones it reads
  * (READING AHEAD IN THE ROW, 3.9), which runs from row to row without a
  * seam. An earlier version asked, before each row, for the whole next row
  * at once (matrix_prefetch_row, one `prefetcht2` per 64-byte line); timed
  * against the in-kernel read-ahead that burst was slower than no prefetch
- * at all, and decode at full width, -t 1, went from 67-69 % to 73-75 % of
- * the ceiling when it gave way (three alternating runs, Xeon, 2026-12-02).
+ * at all. With both changes decode at full width (`--fast`) went from 60
+ * to 67 % of the ceiling at -t 1 and from 57 to 65 % at -t 2 (medians of 5
+ * alternating runs, Xeon, 2026-12-02).
  * The tiles of 3.10 still ask for each next row before decoding it: they
  * read a row once for up to 512 tokens, so its misses are a small part of
  * their time, and timings with and without it did not tell apart. A
@@ -19956,6 +19958,7 @@ static float quant_avx2_dot_q8_0(const struct block_q8_0 *b, const float *x, int
     __m256 acc[4] = { _mm256_setzero_ps(), _mm256_setzero_ps(),
                       _mm256_setzero_ps(), _mm256_setzero_ps() }, q[4];
     for (int64_t i = 0; i < nb; i++, x += 32) {
+        quant_read_ahead(b + i, sizeof *b);
         quant_avx2_q8_0(b + i, q);
         quant_avx2_dot(q, 4, quant_avx2_half(b[i].d), 0.0f, x, acc + 2 * (i % 2));
     }
@@ -19974,6 +19977,7 @@ static float quant_avx2_dot_q2_k(const struct block_q2_k *b, const float *x, int
     __m256 acc[4] = { _mm256_setzero_ps(), _mm256_setzero_ps(),
                       _mm256_setzero_ps(), _mm256_setzero_ps() }, q[2];
     for (int64_t i = 0; i < nb; i++, b++) {
+        quant_read_ahead(b, sizeof *b);
         float d = quant_avx2_half(b->d), dmin = quant_avx2_half(b->dmin);
         for (int k = 0; k < 16; k++, x += 16) {
             quant_avx2_q2_k(b, k, q);
@@ -20000,6 +20004,7 @@ static float quant_avx2_dot_q4_k(const struct block_q4_k *b, const float *x, int
     __m256 acc[4] = { _mm256_setzero_ps(), _mm256_setzero_ps(),
                       _mm256_setzero_ps(), _mm256_setzero_ps() }, q[4];
     for (int64_t i = 0; i < nb; i++, b++) {
+        quant_read_ahead(b, sizeof *b);
         float d = quant_avx2_half(b->d), dmin = quant_avx2_half(b->dmin);
         for (int k = 0; k < 8; k++, x += 32) {
             int sc, m;
@@ -20028,6 +20033,7 @@ static float quant_avx2_dot_iq2_xxs(const struct block_iq2_xxs *b, const float *
     __m256 acc[4] = { _mm256_setzero_ps(), _mm256_setzero_ps(),
                       _mm256_setzero_ps(), _mm256_setzero_ps() }, q[4];
     for (int64_t i = 0; i < nb; i++, b++) {
+        quant_read_ahead(b, sizeof *b);
         float d = quant_avx2_half(b->d);
         for (int group = 0; group < 8; group++, x += 32) {
             uint32_t a0, a1;
